@@ -1,0 +1,91 @@
+"""`sftlab` entry point: a registry of commands, each in its own module, imported lazily.
+
+`sftlab --help` must answer fast, so nothing heavy (torch, transformers, even typer) is
+imported until a command is chosen. Each module in `sftlab.commands` exposes a typer
+`app`; a user mistake raises `SftlabError` and is printed as one line, exit code 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line help). Order is the order shown by `sftlab --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("sftlab.commands.quickstart", "The whole path on the embedded default model: data, LoRA, eval."),
+    "data": ("sftlab.commands.data", "Datasets in, datasets out: inspect, validate, curate, augment, split, report."),
+    "train": ("sftlab.commands.train", "Supervised fine-tuning from a YAML config (full / LoRA / DoRA / QLoRA)."),
+    "eval": ("sftlab.commands.eval", "Evaluate a model or run on a dataset (EM, accuracy, F1, BLEU, ROUGE, perplexity)."),
+    "compare": ("sftlab.commands.compare", "Base vs tuned: metrics, confidence intervals, plots, HTML report."),
+    "estimate": ("sftlab.commands.estimate", "Memory estimate before training (weights, grads, optimizer, activations)."),
+    "export": ("sftlab.commands.export", "Export a run: merged safetensors, ONNX, or a Triton model repository."),
+    "serve": ("sftlab.commands.serve", "OpenAI-compatible HTTP server for a model or run."),
+    "chat": ("sftlab.commands.chat", "Chat with a model or run in the terminal."),
+}
+
+
+def _usage() -> str:
+    from sftlab import __version__
+
+    width = max(len(n) for n in COMMANDS)
+    lines = [
+        f"sftlab {__version__}: supervised fine-tuning of LLMs, end to end.",
+        "",
+        "Usage: sftlab COMMAND [ARGS]...   (sftlab COMMAND --help for a command's options)",
+        "",
+        "Commands:",
+    ]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _closest(name: str) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(name, COMMANDS, n=1)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from sftlab import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command '{name}'.{_closest(name)} See 'sftlab --help'.", file=sys.stderr)
+        return 2
+    from sftlab.errors import SftlabError
+
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        module.app(args=rest, prog_name=f"sftlab {name}", standalone_mode=False)
+    except SftlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # typer/click exit codes (e.g. --help)
+        return int(e.code or 0)
+    except Exception as e:  # click usage errors carry their own exit code and message
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        if isinstance(e, click.exceptions.Exit):
+            return e.exit_code
+        if isinstance(e, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

