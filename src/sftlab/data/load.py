@@ -1,0 +1,387 @@
+"""Read any supported dataset into `(source, record)` pairs, then into `Conversation`s.
+
+Inputs: JSONL (streamed line by line), JSON (an array; an object holding a list of records,
+e.g. under "data", or one list per split; an object of equal-length columns; or one
+record), CSV/TSV, Parquet (streamed by batches), a dataset saved with
+`datasets.save_to_disk`, and a Hugging Face dataset id (from the local cache when offline).
+
+Sources name where each record came from, so every error can point at it:
+  JSONL, JSON arrays  `path:LINE` (the 1-based line where the record starts)
+  CSV/TSV             `path:LINE` (the physical line where the record starts: a quoted
+                      field with embedded newlines spans several lines; the header is line 1)
+  JSON columns/lists, Parquet, HF datasets  `path:row N` (1-based record number)
+
+Bad records: with `on_error="raise"` the first one raises a `DataError` naming file and
+line; with `on_error="skip"` each one is written to a `RejectLog` (nothing dropped
+silently: records in = kept + rejected). A file that cannot be parsed at all (a broken
+.json document, a malformed CSV quote) raises in both modes, since no record boundary can
+be trusted after it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from sftlab.data.conversation import Conversation
+from sftlab.data.formats import RecordError, check_format_name, detect_format, to_conversation
+from sftlab.errors import DataError, SftlabError
+
+ON_ERROR = ("raise", "skip")
+BATCH_ROWS = 1024
+# CSV columns that may hold JSON lists (message lists) rather than plain strings.
+_JSON_COLUMNS = {"messages", "conversations", "chosen", "rejected", "prompt", "completion"}
+_HUB_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_WS = re.compile(r"\s*")
+
+
+@dataclass
+class _Bad:
+    """A record that could not be read (kept apart from good ones so skip mode can log it)."""
+
+    error: RecordError
+    raw: Any
+
+
+class RejectLog:
+    """Bad records in skip mode: one JSON line each in `path` (if given), counted by kind."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else None
+        self.counts: Counter[str] = Counter()
+        self._fh = None
+
+    def add(self, source: str, reason: str, raw: Any, kind: str | None = None) -> None:
+        self.counts[kind or reason] += 1
+        if self.path is None:
+            return
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "w", encoding="utf-8")
+        line = {"source": source, "kind": kind or reason, "reason": reason, "raw": raw}
+        self._fh.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+
+    def add_error(self, err: DataError, raw: Any) -> None:
+        self.add(err.source, err.reason, raw, getattr(err, "kind", None))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> dict[str, int]:
+        """Rejects by kind, most frequent first."""
+        return dict(self.counts.most_common())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> RejectLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _utf8_error(source: str, byte: int, column: int) -> RecordError:
+    return RecordError(source, "not UTF-8", f"invalid byte 0x{byte:02x} at column {column}; re-save the file as UTF-8")
+
+
+# ---------------------------------------------------------------- readers: path -> (source, record | _Bad)
+
+def _read_jsonl(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            if not raw.strip():
+                continue
+            source = f"{path}:{lineno}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield source, _Bad(_utf8_error(source, raw[e.start], e.start + 1), raw.decode("utf-8", "backslashreplace").rstrip("\r\n"))
+                continue
+            try:
+                yield source, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield source, _Bad(RecordError(source, "malformed JSON", f"{e.msg} (column {e.colno})"), text.rstrip("\r\n"))
+
+
+def _decode_file(path: Path) -> str:
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise _utf8_error(f"{path}:{line}", data[e.start], column) from None
+
+
+def _json_error(path: Path, e: json.JSONDecodeError) -> DataError:
+    return RecordError(f"{path}:{e.lineno}", "malformed JSON", f"{e.msg} (column {e.colno})")
+
+
+def _json_array(path: Path, text: str, pos: int) -> Iterator[tuple[str, Any]]:
+    """Elements of a top-level array, each with the line where it starts."""
+    decoder = json.JSONDecoder()
+    pos = _WS.match(text, pos + 1).end()
+    line, counted = 1 + text.count("\n", 0, pos), pos
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            line, counted = line + text.count("\n", counted, pos), pos
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise _json_error(path, e) from None
+            yield f"{path}:{line}", obj
+            pos = _WS.match(text, pos).end()
+            if text.startswith(",", pos):
+                pos = _WS.match(text, pos + 1).end()
+            elif text.startswith("]", pos):
+                pos += 1
+                break
+            else:
+                raise _json_error(path, json.JSONDecodeError("expected ',' or ']' between records", text, pos))
+    if text[pos:].strip():
+        raise _json_error(path, json.JSONDecodeError("extra data after the array", text, _WS.match(text, pos).end()))
+
+
+def _pick_split(available: list[str], split: str | None, where: str) -> str:
+    """`split` if given; else the only one; else "train"."""
+    if split is not None:
+        if split not in available:
+            raise SftlabError(f"{where} has no split '{split}'; it has: {', '.join(available)}")
+        return split
+    if len(available) == 1:
+        return available[0]
+    if "train" in available:
+        return "train"
+    raise SftlabError(f"{where} holds several splits ({', '.join(available)}): choose one with --split")
+
+
+def _json_object(path: Path, obj: dict, split: str | None) -> Iterator[tuple[str, Any]]:
+    values = list(obj.values())
+    if values and all(isinstance(v, list) for v in values) and len({len(v) for v in values}) == 1 \
+            and not any(isinstance(x, dict) for v in values for x in v):
+        for i, row in enumerate(zip(*values), 1):  # columns: {"instruction": [...], "output": [...]}
+            yield f"{path}:row {i}", _present(dict(zip(obj.keys(), row)))
+        return
+    try:
+        detect_format(obj)
+        yield f"{path}:1", obj  # the file is one record
+        return
+    except RecordError:
+        pass
+    record_lists = [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+    if not record_lists:
+        raise DataError(f"{path}:1", "a JSON object must be one record, hold a list of records "
+                                     "(e.g. under \"data\"), or hold columns (lists) of equal length")
+    key = _pick_split(record_lists, split, str(path))
+    for i, rec in enumerate(obj[key], 1):
+        yield f"{path}:{key} row {i}", rec
+
+
+def _read_json(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
+    text = _decode_file(path)
+    start = _WS.match(text).end()
+    if text.startswith("[", start):
+        yield from _json_array(path, text, start)
+        return
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _json_error(path, e) from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}:1", f"expected a JSON array or object, got {type(obj).__name__}")
+    yield from _json_object(path, obj, split)
+
+
+def _present(row: dict) -> dict:
+    """A columnar row without its null cells: a null means the field is absent for this record
+    (so a file mixing schemas still detects each record's own schema)."""
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def _csv_cell(column: str, value: str) -> Any:
+    """Empty cells are absent values; JSON lists in message columns are parsed."""
+    if value == "":
+        return None
+    if column in _JSON_COLUMNS and value.lstrip().startswith("["):
+        return json.loads(value)
+    return value
+
+
+def _read_csv(path: Path, split: str | None, delimiter: str = ",") -> Iterator[tuple[str, Any]]:
+    bad_lines: dict[int, RecordError] = {}
+
+    def lines() -> Iterator[str]:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if lineno == 1:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
+                try:
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    bad_lines[lineno] = _utf8_error(f"{path}:{lineno}", raw[e.start], e.start + 1)
+                    yield raw.decode("utf-8", "backslashreplace")
+
+    reader = csv.reader(lines(), delimiter=delimiter, strict=True)
+    prev = 0
+    header: list[str] | None = None
+    while True:
+        start = prev + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}:{start}", f"malformed CSV: {e} (check quotes)") from None
+        prev = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue
+        source = f"{path}:{start}"
+        bad = next((bad_lines[n] for n in range(start, prev + 1) if n in bad_lines), None)
+        if header is None:
+            if bad:
+                raise bad
+            header = [h.strip() for h in row]
+            dupes = [h for h, c in Counter(header).items() if c > 1 or not h]
+            if dupes:
+                raise DataError(source, f"CSV header has empty or repeated column names: {dupes}")
+            continue
+        if bad:
+            yield source, _Bad(bad, delimiter.join(row))
+        elif len(row) != len(header):
+            yield source, _Bad(RecordError(source, "wrong field count",
+                                           f"{len(row)} fields, the header has {len(header)}"), row)
+        else:
+            try:
+                yield source, _present({k: _csv_cell(k, v) for k, v in zip(header, row)})
+            except json.JSONDecodeError as e:
+                yield source, _Bad(RecordError(source, "malformed JSON", f"in a message column: {e.msg}"), row)
+
+
+def _read_parquet(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise SftlabError(f"{path}: not a readable Parquet file ({e})") from None
+    n = 0
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+        for rec in batch.to_pylist():
+            n += 1
+            yield f"{path}:row {n}", _present(rec)
+
+
+def _dataset_rows(ds, label: str) -> Iterator[tuple[str, Any]]:
+    n = 0
+    for batch in ds.iter(batch_size=BATCH_ROWS):
+        for values in zip(*batch.values()):
+            n += 1
+            yield f"{label}:row {n}", _present(dict(zip(batch.keys(), values)))
+
+
+def _read_saved_dataset(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
+    from datasets import DatasetDict, load_from_disk
+
+    ds = load_from_disk(str(path))
+    label = str(path)
+    if isinstance(ds, DatasetDict):
+        name = _pick_split(list(ds.keys()), split, str(path))
+        ds, label = ds[name], f"{path}[{name}]"
+    yield from _dataset_rows(ds, label)
+
+
+def _read_hub(name: str, split: str | None) -> Iterator[tuple[str, Any]]:
+    from datasets import DatasetDict, load_dataset
+
+    name = name.removeprefix("hf://")
+    try:
+        ds = load_dataset(name, split=split)
+    except (OSError, ValueError, ConnectionError) as e:
+        first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise SftlabError(f"cannot load dataset '{name}' (not a local file; as a Hugging Face dataset id it "
+                          f"needs the network or the local cache): {first}") from None
+    if isinstance(ds, DatasetDict):
+        chosen = _pick_split(list(ds.keys()), split, name)
+        ds, name = ds[chosen], f"{name}[{chosen}]"
+    yield from _dataset_rows(ds, name)
+
+
+READERS: dict[str, Callable[[Path, str | None], Iterator[tuple[str, Any]]]] = {
+    ".jsonl": _read_jsonl,
+    ".ndjson": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".tsv": partial(_read_csv, delimiter="\t"),
+    ".parquet": _read_parquet,
+}
+
+
+def _raw_records(path: str | Path, split: str | None) -> Iterator[tuple[str, Any]]:
+    p = Path(path)
+    if p.is_dir():
+        if any((p / f).exists() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
+            return _read_saved_dataset(p, split)
+        raise SftlabError(f"{p} is a folder but not a saved Hugging Face dataset (no dataset_info.json)")
+    suffix = p.suffix.lower()
+    if p.is_file():
+        if suffix not in READERS:
+            raise SftlabError(f"{p}: unsupported file type '{suffix}'; supported: {', '.join(READERS)}, "
+                              "a saved HF dataset folder, or an HF dataset id")
+        return READERS[suffix](p, split)
+    if suffix in READERS or not _HUB_ID.match(str(path)):
+        raise SftlabError(f"file not found: {p}")
+    return _read_hub(str(path), split)
+
+
+def _check_mode(on_error: str, rejects: RejectLog | None) -> None:
+    if on_error not in ON_ERROR:
+        raise SftlabError(f"on_error must be one of {ON_ERROR}, got '{on_error}'")
+    if on_error == "skip" and rejects is None:
+        raise ValueError("on_error='skip' needs a RejectLog to count (and write) the rejected records")
+
+
+def iter_records(path: str | Path, *, split: str | None = None, on_error: str = "raise",
+                 rejects: RejectLog | None = None) -> Iterator[tuple[str, Any]]:
+    """(source, raw record) pairs, streamed. Unreadable records raise or go to `rejects`."""
+    _check_mode(on_error, rejects)
+    for source, rec in _raw_records(path, split):
+        if isinstance(rec, _Bad):
+            if on_error == "raise":
+                raise rec.error
+            rejects.add_error(rec.error, rec.raw)
+        else:
+            yield source, rec
+
+
+def iter_conversations(path: str | Path, format: str | None = None, split: str | None = None,
+                       on_error: str = "raise", rejects: RejectLog | None = None) -> Iterator[Conversation]:
+    """Conversations from any supported input; `format` overrides per-record schema detection."""
+    check_format_name(format)
+    for source, rec in iter_records(path, split=split, on_error=on_error, rejects=rejects):
+        try:
+            yield to_conversation(rec, source, format)
+        except RecordError as e:
+            if on_error == "raise":
+                raise
+            rejects.add_error(e, rec)
+
+
+def load_conversations(path: str | Path, format: str | None = None, split: str | None = None,
+                       on_error: str = "raise", rejects: RejectLog | None = None) -> list[Conversation]:
+    return list(iter_conversations(path, format=format, split=split, on_error=on_error, rejects=rejects))

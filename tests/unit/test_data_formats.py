@@ -1,0 +1,156 @@
+"""Each schema converter, exactly; detection; the role/content rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from sftlab.data.formats import FORMATS, RecordError, detect_format, to_conversation
+from sftlab.errors import SftlabError
+
+SRC = "f.jsonl:3"
+
+
+def msgs(*pairs):
+    return [{"role": r, "content": c} for r, c in pairs]
+
+
+def test_alpaca_with_input_system_and_meta():
+    c = to_conversation({"instruction": "Reverse", "input": "abc", "output": "cba", "system": "Be exact.",
+                         "label": "x", "id": 3}, SRC)
+    assert c.messages == msgs(("system", "Be exact."), ("user", "Reverse\n\nabc"), ("assistant", "cba"))
+    assert c.meta == {"label": "x", "id": 3}
+    assert c.source == SRC and c.text is None
+
+
+def test_alpaca_empty_input_is_dropped():
+    c = to_conversation({"instruction": "Say hi", "input": "", "output": "hi"}, SRC)
+    assert c.messages == msgs(("user", "Say hi"), ("assistant", "hi"))
+
+
+def test_sharegpt_roles_and_messages_key():
+    rec = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"},
+                             {"from": "gpt", "value": "A"}, {"from": "user", "value": "Q2"},
+                             {"from": "assistant", "value": "A2"}], "task": "t"}
+    c = to_conversation(rec, SRC)
+    assert c.messages == msgs(("system", "S"), ("user", "Q"), ("assistant", "A"), ("user", "Q2"), ("assistant", "A2"))
+    assert c.meta == {"task": "t"}
+    c2 = to_conversation({"messages": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}, SRC)
+    assert detect_format({"messages": [{"from": "human", "value": "Q"}]}) == "sharegpt"
+    assert c2.messages == msgs(("user", "Q"), ("assistant", "A"))
+
+
+def test_sharegpt_tool_roles():
+    rec = {"conversations": [{"from": "human", "value": "Weather?"}, {"from": "gpt", "value": "call"},
+                             {"from": "function", "value": "{\"t\": 20}"}, {"from": "gpt", "value": "20 C"}]}
+    assert [m["role"] for m in to_conversation(rec, SRC).messages] == ["user", "assistant", "tool", "assistant"]
+
+
+def test_openai_messages_with_text_parts():
+    rec = {"messages": [{"role": "system", "content": "S"},
+                        {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]},
+                        {"role": "assistant", "content": "Hi"}], "id": "m1"}
+    c = to_conversation(rec, SRC)
+    assert c.messages == msgs(("system", "S"), ("user", "Hello there"), ("assistant", "Hi"))
+    assert c.meta == {"id": "m1"}
+
+
+@pytest.mark.parametrize("p,a", [("prompt", "completion"), ("prompt", "response"), ("question", "answer"), ("input", "output")])
+def test_prompt_completion_pairs(p, a):
+    c = to_conversation({p: "Q?", a: "A.", "label": "L"}, SRC)
+    assert detect_format({p: "Q?", a: "A."}) == "prompt_completion"
+    assert c.messages == msgs(("user", "Q?"), ("assistant", "A."))
+    assert c.meta == {"label": "L"}
+
+
+def test_prompt_completion_conversational():
+    rec = {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+           "completion": [{"role": "assistant", "content": "A"}]}
+    assert to_conversation(rec, SRC).messages == msgs(("system", "S"), ("user", "Q"), ("assistant", "A"))
+
+
+def test_text():
+    c = to_conversation({"text": "Once upon a time.", "id": 1}, SRC)
+    assert c.is_raw_text and c.text == "Once upon a time." and c.messages == [] and c.meta == {"id": 1}
+
+
+def test_preference_strings():
+    c = to_conversation({"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away.", "score": 1}, SRC)
+    assert c.messages == msgs(("user", "Hi?"), ("assistant", "Hello!"))
+    assert c.meta == {"score": 1, "rejected": msgs(("user", "Hi?"), ("assistant", "Go away."))}
+
+
+def test_preference_message_lists_without_prompt():
+    chosen = msgs(("user", "Q"), ("assistant", "good"))
+    rejected = msgs(("user", "Q"), ("assistant", "bad"))
+    c = to_conversation({"chosen": chosen, "rejected": rejected}, SRC)
+    assert c.messages == chosen and c.meta == {"rejected": rejected}
+
+
+def test_preference_round_trips_through_to_json():
+    c = to_conversation({"prompt": "Hi?", "chosen": "Hello!", "rejected": "No."}, SRC)
+    again = to_conversation(c.to_json(), SRC)
+    assert detect_format(c.to_json()) == "preference"
+    assert again.messages == c.messages and again.meta == c.meta
+
+
+@pytest.mark.parametrize("rec", [
+    {"instruction": "i", "output": "o", "label": 1},
+    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "task": "t"},
+    {"text": "raw", "id": 2},
+])
+def test_to_json_round_trip(rec):
+    c = to_conversation(rec, SRC)
+    again = to_conversation(c.to_json(), SRC)
+    assert (again.messages, again.text, again.meta) == (c.messages, c.text, c.meta)
+
+
+def test_format_override_and_unknown_format():
+    rec = {"input": "x", "output": "y", "instruction": "z"}
+    assert detect_format(rec) == "alpaca"
+    assert to_conversation(rec, SRC, format="prompt_completion").messages == msgs(("user", "x"), ("assistant", "y"))
+    with pytest.raises(SftlabError, match="unknown data format 'alpacca'.*Did you mean 'alpaca'"):
+        to_conversation(rec, SRC, format="alpacca")
+    with pytest.raises(RecordError, match="missing field: 'messages'"):
+        to_conversation(rec, SRC, format="messages")
+
+
+def test_registry_names():
+    assert set(FORMATS) == {"alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference"}
+
+
+@pytest.mark.parametrize("messages,kind,detail", [
+    (msgs(("bot", "x"), ("assistant", "y")), "unknown role", "'bot' in message 1"),
+    (msgs(("user", "q")), "no assistant turn", ""),
+    (msgs(("user", "q"), ("assistant", "  \n")), "empty content", "message 2 (assistant)"),
+    (msgs(("user", ""), ("assistant", "a")), "empty content", "message 1 (user)"),
+    (msgs(("assistant", "a"), ("user", "q")), "roles out of order", "assistant message 1 comes before any user"),
+    (msgs(("system", "s"), ("assistant", "a")), "roles out of order", "assistant message 2 comes before any user"),
+    (msgs(("user", "a"), ("user", "b"), ("assistant", "c")), "roles out of order", "two user messages in a row"),
+    (msgs(("user", "a"), ("assistant", "b"), ("assistant", "c")), "roles out of order", "two assistant messages"),
+    (msgs(("user", "q"), ("system", "s"), ("assistant", "a")), "roles out of order", "system message 2 is not first"),
+    (msgs(("user", "q"), ("tool", "t"), ("assistant", "a")), "roles out of order", "tool message 2"),
+    ([], "no messages", ""),
+])
+def test_message_rules(messages, kind, detail):
+    with pytest.raises(RecordError) as e:
+        to_conversation({"messages": messages}, SRC)
+    assert e.value.kind == kind
+    assert str(e.value).startswith(f"{SRC}: {kind}") and detail in str(e.value)
+
+
+@pytest.mark.parametrize("rec,kind", [
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 42}]}, "non-string content"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}, "non-string content"),
+    ({"messages": "hello"}, "mistyped field"),
+    ({"messages": [{"role": "user"}]}, "missing field"),
+    ({"instruction": 5, "output": "x"}, "mistyped field"),
+    ({"instruction": "i", "output": None}, "missing field"),
+    ({"text": "  "}, "empty content"),
+    ({"foo": 1}, "unknown schema"),
+    (["a list"], "not an object"),
+    ({"prompt": "p", "chosen": "c", "rejected": ""}, "empty content"),
+])
+def test_record_errors(rec, kind):
+    with pytest.raises(RecordError) as e:
+        to_conversation(rec, SRC)
+    assert e.value.kind == kind and e.value.source == SRC

@@ -1,0 +1,160 @@
+"""Loaders: every supported input gives the same Conversations, each with its source."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sftlab.data.load import iter_records, load_conversations
+from sftlab.errors import SftlabError
+
+DATA = Path(__file__).parents[1] / "fixtures" / "data"
+ROWS = [
+    {"instruction": "Add 1 and 2.", "output": "3", "label": "math"},
+    {"instruction": "Reverse", "input": "abc", "output": "cba", "label": "text"},
+]
+
+# Columnar files: every row has every column (a missing value is a null).
+FULL_ROWS = [{"input": None, **ROWS[0]}, ROWS[1]]
+
+
+def expected_messages():
+    return [
+        [{"role": "user", "content": "Add 1 and 2."}, {"role": "assistant", "content": "3"}],
+        [{"role": "user", "content": "Reverse\n\nabc"}, {"role": "assistant", "content": "cba"}],
+    ]
+
+
+def test_jsonl_mixed_schemas_and_line_numbers():
+    convs = load_conversations(DATA / "mixed.jsonl")
+    # line 4 is blank: skipped, later records keep their physical line numbers
+    assert [c.source for c in convs] == [f"{DATA / 'mixed.jsonl'}:{n}" for n in (1, 2, 3, 5, 6, 7)]
+    assert convs[0].meta == {"label": "positive", "task": "sentiment"}
+    assert convs[2].messages[0] == {"role": "user", "content": "2+2?"}
+    assert convs[4].text == "Raw pre-training text."
+    assert convs[5].meta["rejected"][-1] == {"role": "assistant", "content": "No."}
+
+
+def test_json_array_sources_are_start_lines():
+    convs = load_conversations(DATA / "alpaca.json")
+    assert [c.source.rsplit(":", 1)[1] for c in convs] == ["2", "6"]
+    assert convs[1].messages[0] == {"role": "system", "content": "You are exact."}
+
+
+@pytest.mark.parametrize("payload,sources", [
+    ({"data": ROWS}, ["data row 1", "data row 2"]),
+    ({"train": ROWS, "test": ROWS[:1]}, ["train row 1", "train row 2"]),
+    ({k: [r.get(k) for r in ROWS] for k in ("instruction", "input", "output", "label")}, ["row 1", "row 2"]),
+])
+def test_json_object_forms(tmp_path, payload, sources):
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps(payload))
+    convs = load_conversations(p)
+    assert [c.messages for c in convs] == expected_messages()
+    assert [c.source for c in convs] == [f"{p}:{s}" for s in sources]
+    assert [c.meta["label"] for c in convs] == ["math", "text"]
+
+
+def test_json_object_split_choice(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps({"dev": ROWS, "test": ROWS[:1]}))
+    assert len(load_conversations(p, split="test")) == 1
+    with pytest.raises(SftlabError, match="several splits"):
+        load_conversations(p)
+    with pytest.raises(SftlabError, match="no split 'valid'"):
+        load_conversations(p, split="valid")
+
+
+def test_json_single_record(tmp_path):
+    p = tmp_path / "one.json"
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}))
+    assert [c.source for c in load_conversations(p)] == [f"{p}:1"]
+
+
+def test_csv_embedded_newlines_and_quotes():
+    p = DATA / "embedded_newlines.csv"
+    convs = load_conversations(p)
+    assert [c.source for c in convs] == [f"{p}:2", f"{p}:5", f"{p}:6"]
+    assert convs[0].messages == [{"role": "user", "content": "Summarise:\n\nline one\nline two\nline three"},
+                                 {"role": "assistant", "content": "one, two, three"}]
+    assert convs[1].messages == [{"role": "user", "content": 'Quote "this"'},
+                                 {"role": "assistant", "content": 'He said "yes"'}]
+    assert [c.meta for c in convs] == [{"label": "a"}, {"label": "b"}, {"label": "c"}]
+
+
+def test_csv_message_column_holds_json(tmp_path):
+    p = tmp_path / "m.csv"
+    msgs = [{"role": "user", "content": "q, with comma"}, {"role": "assistant", "content": "a"}]
+    import csv
+
+    with open(p, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["messages", "id"])
+        w.writerow([json.dumps(msgs), "7"])
+    [c] = load_conversations(p)
+    assert c.messages == msgs and c.meta == {"id": "7"}
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(FULL_ROWS), p)
+    convs = load_conversations(p)
+    assert [c.messages for c in convs] == expected_messages()
+    assert [c.source for c in convs] == [f"{p}:row 1", f"{p}:row 2"]
+    assert [c.meta for c in convs] == [{"label": "math"}, {"label": "text"}]  # null cells are absent fields
+
+
+def test_saved_hf_dataset_and_dataset_dict(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    Dataset.from_list(FULL_ROWS).save_to_disk(str(tmp_path / "ds"))
+    assert [c.messages for c in load_conversations(tmp_path / "ds")] == expected_messages()
+    DatasetDict({"train": Dataset.from_list(FULL_ROWS), "test": Dataset.from_list(FULL_ROWS[1:])}).save_to_disk(str(tmp_path / "dd"))
+    test = load_conversations(tmp_path / "dd", split="test")
+    assert [c.messages for c in test] == expected_messages()[1:]
+    assert test[0].source == f"{tmp_path / 'dd'}[test]:row 1"
+    assert len(load_conversations(tmp_path / "dd")) == 2  # train by default
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(SftlabError, match="cannot load dataset 'sftlab-test/no-such-dataset'.*network or the local cache"):
+        load_conversations("sftlab-test/no-such-dataset")
+
+
+def test_missing_file_and_unsupported_type(tmp_path):
+    with pytest.raises(SftlabError, match="file not found"):
+        load_conversations(tmp_path / "nope.jsonl")
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(SftlabError, match="unsupported file type '.txt'"):
+        load_conversations(tmp_path / "x.txt")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(SftlabError, match="not a saved Hugging Face dataset"):
+        load_conversations(tmp_path / "folder")
+
+
+def test_bom_file_loads():
+    [c] = load_conversations(DATA / "bom.jsonl")
+    assert c.messages[0] == {"role": "user", "content": "Hi"}
+
+
+def test_bom_json_and_csv(tmp_path):
+    (tmp_path / "b.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS).encode())
+    (tmp_path / "b.csv").write_bytes(b"\xef\xbb\xbfinstruction,output\nHi,Hello\n")
+    assert len(load_conversations(tmp_path / "b.json")) == 2
+    [c] = load_conversations(tmp_path / "b.csv")
+    assert c.messages[0]["content"] == "Hi"
+
+
+def test_iter_records_streams_jsonl(tmp_path):
+    p = tmp_path / "big.jsonl"
+    p.write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(5000)))
+    it = iter_records(p)
+    assert next(it) == (f"{p}:1", {"text": "t0"})
+    assert sum(1 for _ in it) == 4999
