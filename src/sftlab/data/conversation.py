@@ -55,6 +55,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     source: str = "<memory>"
+    truncated: bool = False
 
     def __len__(self) -> int:
         return len(self.input_ids)

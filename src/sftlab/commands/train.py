@@ -1,0 +1,25 @@
+"""`sftlab train CONFIG [key.sub=value ...] [--resume]`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+
+
+@app.command()
+def train(
+    config: str = typer.Argument(..., help="YAML config (see configs/). Use '-' for none: give everything as overrides."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. training.learning_rate=1e-4"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in output_dir."),
+) -> None:
+    """Fine-tune a model: full, LoRA, DoRA or QLoRA, as the config says."""
+    from sftlab.config import load_config
+
+    cfg = load_config(None if config == "-" else config, overrides or [])
+    print("Resolved config:\n" + cfg.to_yaml(), flush=True)
+    from sftlab.train.trainer import train as run
+
+    run(cfg, resume=resume)

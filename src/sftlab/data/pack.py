@@ -1,0 +1,95 @@
+"""Packing and padding-free collation.
+
+`pack` groups examples into rows of at most `max_len` tokens (best-fit decreasing), so a
+micro-batch holds a steady number of tokens with almost no padding. `collate` turns rows
+into tensors: examples concatenated, `position_ids` restarting at 0 for each example, no
+attention mask. transformers detects the position resets and attends block-diagonally
+(flash-attention varlen on GPU, a block mask on SDPA/eager), so no example sees another.
+Row-end padding forms its own "example" (positions restart at 0) and is never trained.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+from sftlab.data.conversation import Example
+from sftlab.data.render import IGNORE
+
+
+def pack(lengths: Sequence[int], max_len: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing of example lengths into bins of capacity `max_len`.
+
+    Returns bins as lists of example indices. Deterministic: ties keep input order.
+    Every index appears exactly once; an example longer than `max_len` is an error
+    (render truncates or drops over-long examples first).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    # free space of each bin, kept sorted as (free, bin_index) for best-fit lookups
+    free: list[tuple[int, int]] = []
+    for i in order:
+        n = lengths[i]
+        if n > max_len:
+            raise ValueError(f"example {i} has {n} tokens > max_len {max_len}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, b = free.pop(k)
+            bins[b].append(i)
+            bisect.insort(free, (space - n, b))
+        else:
+            bins.append([i])
+            bisect.insort(free, (max_len - n, len(bins) - 1))
+    return bins
+
+
+def collate(rows: Sequence[Sequence[Example]], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Rows of examples -> {input_ids, labels, position_ids} tensors of shape [rows, longest]."""
+    import torch
+
+    flat = [_concat(row) for row in rows]
+    width = max(len(ids) for ids, _, _ in flat)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids, labels, position_ids = [], [], []
+    for ids, labs, pos in flat:
+        pad = width - len(ids)
+        input_ids.append(ids + [pad_token_id] * pad)
+        labels.append(labs + [IGNORE] * pad)
+        position_ids.append(pos + list(range(pad)))
+    return {
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "position_ids": torch.tensor(position_ids, dtype=torch.long),
+    }
+
+
+def _concat(row: Sequence[Example]) -> tuple[list[int], list[int], list[int]]:
+    ids: list[int] = []
+    labels: list[int] = []
+    pos: list[int] = []
+    for ex in row:
+        ids += ex.input_ids
+        # An example's first token has no predecessor inside the example: never a target.
+        labels += [IGNORE] + ex.labels[1:]
+        pos += range(len(ex.input_ids))
+    return ids, labels, pos
+
+
+def packing_stats(rows: Sequence[Sequence[Example]], batch_rows: int) -> dict[str, float]:
+    """Trained / real / computed token counts when rows are batched `batch_rows` at a time."""
+    real = trained = computed = 0
+    for start in range(0, len(rows), batch_rows):
+        batch = rows[start : start + batch_rows]
+        lengths = [sum(len(ex) for ex in row) for row in batch]
+        real += sum(lengths)
+        computed += max(lengths) * len(batch)
+        trained += sum(ex.num_trained - (ex.labels[0] != IGNORE) for row in batch for ex in row)
+    return {
+        "rows": len(rows),
+        "real_tokens": real,
+        "computed_tokens": computed,
+        "trained_tokens": trained,
+        "padding_ratio": 1 - real / computed if computed else 0.0,
+        "trained_per_computed": trained / computed if computed else 0.0,
+    }

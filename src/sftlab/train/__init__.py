@@ -1,0 +1,1 @@
+"""Training: a thin transformers.Trainer subclass fed by pure data functions."""

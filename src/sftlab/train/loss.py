@@ -1,0 +1,58 @@
+"""The SFT loss: lm_head + cross-entropy only where a trained token is predicted.
+
+Labels are shifted here and nowhere else: position t predicts the token at t+1, so a
+position is kept when labels[t+1] != -100. Only kept positions go through the lm_head
+(`logits_to_keep` with a boolean mask), so logits memory grows with trained tokens, not
+with sequence x vocabulary. The returned sum is normalised by the caller with the number
+of trained tokens in the whole gradient-accumulation window (and across processes).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from sftlab.data.render import IGNORE
+
+CE_CHUNK = 4096  # rows of logits upcast to fp32 at a time
+
+
+def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, targets): keep[b, t] is True when position t predicts trained token labels[b, t+1]."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep, labels[:, 1:][keep[:, :-1]]
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = CE_CHUNK) -> torch.Tensor:
+    """Summed CE over rows of `logits` [N, V], upcasting to fp32 one chunk at a time."""
+    total = logits.new_zeros((), dtype=torch.float32)
+    for s in range(0, targets.numel(), chunk):
+        total = total + F.cross_entropy(logits[s : s + chunk].float(), targets[s : s + chunk], reduction="sum")
+    return total
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    base = model
+    while hasattr(base, "get_base_model") or hasattr(base, "module"):
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base.module
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def selective_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed next-token CE over trained positions, and how many there were."""
+    labels = batch["labels"]
+    keep, targets = shifted_targets(labels)
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids"), "use_cache": False}
+    if batch.get("attention_mask") is not None:
+        inputs["attention_mask"] = batch["attention_mask"]
+    if _accepts_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=keep).logits
+        logits = logits.reshape(-1, logits.shape[-1])
+    else:  # architectures without logits_to_keep: full logits, then select
+        logits = model(**inputs).logits[keep]
+    if targets.numel() == 0:  # keep the graph connected so every process runs backward
+        return logits.sum() * 0.0, 0
+    return cross_entropy_sum(logits, targets), int(targets.numel())

@@ -1,0 +1,244 @@
+"""`train(config)`: SFT on a transformers.Trainer whose only override is the loss."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from sftlab.config import TrainConfig
+from sftlab.errors import SftlabError
+from sftlab.train.loss import selective_loss_sum
+
+
+class SFTTrainer(Trainer):
+    """Trainer with the selective, token-normalised SFT loss (see train/loss.py)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # We divide by the trained-token count of the whole accumulation window ourselves,
+        # so the Trainer must count it and must not divide again by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
+        self.trained_tokens_seen = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss_sum, n = selective_loss_sum(model, inputs)
+        if model.training:
+            self.trained_tokens_seen += n
+        denom = num_items_in_batch if num_items_in_batch is not None else n
+        if torch.is_tensor(denom):
+            denom = denom.to(loss_sum.device)
+        loss = loss_sum / (denom if (not isinstance(denom, int) or denom > 0) else 1)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1 and num_items_in_batch is not None:
+            loss = loss * self.args.world_size  # DDP averages gradients; the count was already global
+        return (loss, {}) if return_outputs else loss
+
+
+class RowDataset(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def device_supports_bf16() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def build_model(config: TrainConfig, use_bf16: bool):
+    """Base model, with LoRA / DoRA / QLoRA applied through PEFT."""
+    from sftlab.models import load_model
+
+    quant = None
+    if config.method == "qlora":
+        try:
+            from transformers import BitsAndBytesConfig
+        except ImportError as e:  # pragma: no cover
+            raise SftlabError("QLoRA needs bitsandbytes: pip install 'sftlab[qlora]'") from e
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16 else torch.float32,
+        )
+    m = config.model
+    model = load_model(m.name_or_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                       attn_implementation=m.attn_implementation, quantization_config=quant)
+    model.config.use_cache = False
+    if config.method == "full":
+        if config.training.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.training.gradient_checkpointing)
+    elif config.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = config.lora
+    peft_config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        use_dora=lora.use_dora, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def _training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: bool):
+    from transformers import TrainingArguments
+
+    t = config.training
+    eval_steps = t.eval_steps or t.logging_steps
+    save_steps = t.save_steps
+    if has_eval and t.load_best_model_at_end and save_steps % eval_steps:
+        save_steps = eval_steps * max(1, round(save_steps / eval_steps))  # HF needs save_steps % eval_steps == 0
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        load_best_model_at_end=bool(has_eval and (t.load_best_model_at_end or t.early_stopping_patience)),
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False if has_eval else None,
+        bf16=use_bf16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,  # applied in build_model (PEFT needs it before wrapping)
+        dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        report_to=t.report_to or "none",
+        disable_tqdm=False,
+    )
+
+
+def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
+    """Run SFT; returns the run summary written to RUN/run.json."""
+    from transformers import EarlyStoppingCallback
+
+    from sftlab.data.pack import collate, packing_stats
+    from sftlab.models import cache_dir, load_tokenizer
+    from sftlab.train.callbacks import MetricsJsonlCallback, OverfitWarningCallback
+    from sftlab.train.dataset import make_rows, prepare_examples
+    from sftlab.train.run_dir import atomic_write, model_card, write_run_json
+
+    out = Path(config.output_dir)
+    if out.exists() and (out / "run.json").exists() and not resume and any(out.glob("checkpoints/checkpoint-*")):
+        raise SftlabError(f"{out} already holds a run: pass --resume to continue it, or choose another output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "config.yaml", config.to_yaml())
+    t_start = time.perf_counter()
+
+    m = config.model
+    tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code, chat_template=m.chat_template)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cache_root = cache_dir() / "tokenized"
+    train_ex, train_stats = prepare_examples(config.data.train, tokenizer, config.data, cache_root, out / "rejects.jsonl")
+    log(train_stats.summary())
+    if not train_ex:
+        raise SftlabError(f"{config.data.train}: no usable training example (see the counts above)")
+    eval_ex, eval_stats = [], None
+    if config.data.validation:
+        eval_ex, eval_stats = prepare_examples(
+            config.data.validation, tokenizer, config.data, cache_root, out / "rejects.validation.jsonl"
+        )
+        log(eval_stats.summary())
+    rows = make_rows(train_ex, config.data.max_seq_length, config.data.packing)
+    pstats = packing_stats(rows, config.training.per_device_train_batch_size)
+    log(f"rows: {pstats['rows']} ({'packed' if config.data.packing else 'one example each'}), "
+        f"trained/computed tokens {pstats['trained_per_computed']:.3f}, padding {pstats['padding_ratio']:.3f}")
+
+    use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
+    model = build_model(config, use_bf16)
+    if hasattr(model, "print_trainable_parameters"):
+        model.print_trainable_parameters()
+    has_eval = bool(eval_ex)
+    args = _training_args(config, out, has_eval, use_bf16)
+    callbacks = [MetricsJsonlCallback(out / "metrics.jsonl"), OverfitWarningCallback()]
+    if has_eval and config.training.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.training.early_stopping_patience))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=RowDataset(rows),
+        eval_dataset=RowDataset([[e] for e in eval_ex]) if has_eval else None,
+        data_collator=partial(collate, pad_token_id=pad_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    checkpoint = None
+    if resume:
+        found = sorted(out.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        if not found:
+            raise SftlabError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+        checkpoint = str(found[-1])
+        log(f"resuming from {checkpoint}")
+    t_train = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - t_train
+
+    final = trainer.model
+    if config.method == "full":
+        final.save_pretrained(out / "model", safe_serialization=True)
+    else:
+        final.save_pretrained(out / "adapter", safe_serialization=True)
+    tokenizer.save_pretrained(out / "tokenizer")
+    info = {
+        "base_model": _portable_model_name(m.name_or_path),
+        "method": config.method,
+        "seed": config.training.seed,
+        "data_fingerprint": train_stats.fingerprint,
+        "train_data": {k: v for k, v in asdict(train_stats).items() if k != "dropped"},
+        "validation_data": {k: v for k, v in asdict(eval_stats).items() if k != "dropped"} if eval_stats else None,
+        "packing": pstats,
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "train_seconds": round(train_seconds, 2),
+        "total_seconds": round(time.perf_counter() - t_start, 2),
+        "bf16": use_bf16,
+        "trained_tokens_seen": trainer.trained_tokens_seen,
+        "trained_tokens_per_second": round(trainer.trained_tokens_seen / train_seconds, 1) if train_seconds else None,
+        "finished": True,
+    }
+    write_run_json(out, info)
+    atomic_write(out / "README.md", model_card(config, info))
+    log(f"run saved in {out} (train loss {result.training_loss:.4f}, {trainer.state.global_step} steps, {train_seconds:.0f}s)")
+    return info
+
+
+def _portable_model_name(name: str) -> str:
+    """Record local folders as absolute paths; ids and embedded names as they are."""
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
+
