@@ -1,0 +1,240 @@
+"""Batched text generation for serving: one engine interface over PyTorch and ONNX Runtime GenAI.
+
+This module imports nothing from sftlab on purpose: `sftlab export --to triton` copies it
+next to the Triton Python-backend `model.py`, so the same code serves inside Triton.
+
+An engine takes a batch of requests (prompt token ids, max_new_tokens, temperature) and
+decodes them together step by step; a request may carry an `on_token` callback, which is
+how streaming and batching share one loop.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+MARK = "\x1fsftlab-marker\x1f"
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token(s) the chat template puts right after an assistant message.
+
+    Found by rendering a conversation with a marker as the assistant's text: for ChatML
+    that is `<|im_end|>`, for Llama 3 `<|eot_id|>`. A model stops when it emits one.
+    """
+    ids: list[int] = []
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": MARK}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        if MARK in text:
+            tail = text.split(MARK, 1)[1]
+            special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+            for tok in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+                if tok in special:
+                    ids.append(tok)
+                    break
+    return ids
+
+
+def stop_token_ids(tokenizer, eos_token_id: int | list[int] | None = None) -> list[int]:
+    """Every token that ends a reply: the template's end-of-turn, the tokenizer's and the model's EOS."""
+    ids = end_of_turn_ids(tokenizer)
+    extra = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+    for tok in [tokenizer.eos_token_id, *extra]:
+        if tok is not None and tok not in ids:
+            ids.append(int(tok))
+    return ids
+
+
+def parse_text_input(text: str) -> tuple[list[dict] | None, str | None]:
+    """The Triton text input: a JSON list of chat messages, or else a raw prompt."""
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError:
+            return None, text
+        if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+            return value, None
+    return None, text
+
+
+def encode(tokenizer, messages: list[dict] | None = None, prompt: str | None = None) -> list[int]:
+    """Prompt token ids: chat messages through the chat template (with the generation prompt), or raw text."""
+    if messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; send a prompt instead of messages")
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+    return list(tokenizer(prompt or "", add_special_tokens=True)["input_ids"])
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.emitted = ""
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
+
+
+@dataclass
+class GenRequest:
+    ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    on_token: Callable[[int], None] | None = None
+
+
+@dataclass
+class GenResult:
+    tokens: list[int] = field(default_factory=list)  # generated tokens, stop token excluded
+    finish_reason: str = "length"  # "stop" when a stop token ended it
+
+
+class TorchEngine:
+    """Batched decoding with a KV cache on a transformers causal LM (left padding)."""
+
+    def __init__(self, model, tokenizer, stop_ids: list[int]):
+        import torch
+
+        self.torch = torch
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.stop_ids = set(stop_ids)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else stop_ids[0]
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        try:
+            eos = GenerationConfig.from_pretrained(path).eos_token_id
+        except OSError:
+            eos = model.config.eos_token_id
+        return cls(model, tokenizer, stop_token_ids(tokenizer, eos))
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        torch = self.torch
+        with torch.inference_mode():
+            n, width = len(requests), max(len(r.ids) for r in requests)
+            ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((n, width), dtype=torch.long)
+            for i, r in enumerate(requests):
+                ids[i, width - len(r.ids):] = torch.tensor(r.ids)
+                mask[i, width - len(r.ids):] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1)
+            results = [GenResult() for _ in requests]
+            active = [r.max_new_tokens > 0 for r in requests]
+            for _ in range(max(r.max_new_tokens for r in requests)):
+                if not any(active):
+                    break
+                nxt = self._pick(out.logits[:, -1, :].float(), requests)
+                for i, r in enumerate(requests):
+                    if not active[i]:
+                        continue
+                    tok = int(nxt[i])
+                    if tok in self.stop_ids:
+                        results[i].finish_reason, active[i] = "stop", False
+                        continue
+                    results[i].tokens.append(tok)
+                    if r.on_token:
+                        r.on_token(tok)
+                    if len(results[i].tokens) >= r.max_new_tokens:
+                        active[i] = False
+                if not any(active):
+                    break
+                mask = torch.cat([mask, mask.new_ones((n, 1))], dim=-1)
+                positions = positions[:, -1:] + 1
+                out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
+                                 cache=out.cache, use_cache=True)
+            return results
+
+    def _pick(self, logits, requests: list[GenRequest]):
+        torch = self.torch
+        tokens = logits.argmax(-1)
+        for i, r in enumerate(requests):
+            if r.temperature > 0:
+                probs = torch.softmax(logits[i] / r.temperature, -1)
+                if r.top_p < 1.0:
+                    sorted_p, order = probs.sort(descending=True)
+                    keep = sorted_p.cumsum(-1) - sorted_p < r.top_p
+                    probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+                tokens[i] = torch.multinomial(probs, 1)[0]
+        return tokens
+
+
+class OnnxEngine:
+    """ONNX Runtime GenAI (KV-cache model from its model builder); one generator per request,
+    stepped in lockstep so a batch shares the loop."""
+
+    def __init__(self, model_dir: str | Path, tokenizer, stop_ids: list[int]):
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.model = og.Model(str(model_dir))
+        self.tokenizer = tokenizer
+        self.stop_ids = set(stop_ids)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = json.loads((Path(path) / "genai_config.json").read_text())
+        return cls(path, tokenizer, stop_token_ids(tokenizer, config["model"].get("eos_token_id")))
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        og = self.og
+        gens: list[Any] = []
+        for r in requests:
+            params = og.GeneratorParams(self.model)
+            opts: dict[str, Any] = {"max_length": len(r.ids) + max(r.max_new_tokens, 1), "do_sample": r.temperature > 0}
+            if r.temperature > 0:
+                opts.update(temperature=r.temperature, top_p=r.top_p, top_k=0)
+            params.set_search_options(**opts)
+            gen = og.Generator(self.model, params)
+            gen.append_tokens([r.ids])
+            gens.append(gen)
+        results = [GenResult() for _ in requests]
+        active = [r.max_new_tokens > 0 for r in requests]
+        while any(active):
+            for i, (r, gen) in enumerate(zip(requests, gens)):
+                if not active[i]:
+                    continue
+                if gen.is_done():
+                    active[i] = False
+                    continue
+                gen.generate_next_token()
+                tok = int(gen.get_next_tokens()[0])
+                if tok in self.stop_ids:
+                    results[i].finish_reason, active[i] = "stop", False
+                    continue
+                results[i].tokens.append(tok)
+                if r.on_token:
+                    r.on_token(tok)
+                if len(results[i].tokens) >= r.max_new_tokens:
+                    active[i] = False
+        return results
