@@ -1,0 +1,93 @@
+"""`sftlab eval MODEL_OR_RUN --data FILE [--metrics ...] [--out DIR] [--probe bias]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+
+
+def split_names(values: Optional[list[str]]) -> Optional[list[str]]:
+    """`--metrics a,b --metrics c` -> [a, b, c]; None when not given."""
+    names = [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+    return names or None
+
+
+def load_eval_data(data: str, *, format: Optional[str], split: Optional[str], limit: Optional[int]):
+    from sftlab.data.load import load_conversations
+    from sftlab.errors import SftlabError
+
+    conversations = load_conversations(data, format=format, split=split)
+    if limit is not None:
+        conversations = conversations[:limit]
+    if not conversations:
+        raise SftlabError(f"{data}: no examples to evaluate")
+    return conversations
+
+
+def check_probe(probe: Optional[str]) -> None:
+    from sftlab.errors import SftlabError
+
+    if probe not in (None, "bias"):
+        raise SftlabError(f"unknown probe '{probe}': the available probe is 'bias'")
+
+
+@app.command()
+def run_eval(
+    model: str = typer.Argument(..., help="Model folder, hub id, .gguf file, run directory, or 'default'."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset file (any supported format) with reference answers."),
+    metrics: Optional[list[str]] = typer.Option(
+        None, "--metrics", help="Comma-separated metric names or 'module:function' (default: chosen from the data)."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/eval for a run, else ./eval-results)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per generation batch."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Longest answer generated."),
+    group_by: str = typer.Option("task", "--group-by", help="Record field to break metrics down by ('' for none)."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (with --sample)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (with --sample)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to read when the file holds several."),
+    format: Optional[str] = typer.Option(None, "--format", help="Input schema, when detection is not enough."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N examples."),
+    probe: Optional[str] = typer.Option(None, "--probe", help="Also run a probe set: 'bias'."),
+    probe_file: Optional[list[Path]] = typer.Option(None, "--probe-file", help="Extra bias probes (JSONL); repeatable."),
+) -> None:
+    """Evaluate a model or run: metrics table, metrics.json and predictions.jsonl (and bias.json)."""
+    from sftlab.errors import SftlabError
+
+    check_probe(probe)
+    if probe_file and probe is None:
+        probe = "bias"
+    if data is None and probe is None:
+        raise SftlabError("give --data FILE to evaluate on (or --probe bias to run only the bias probes)")
+    conversations = load_eval_data(data, format=format, split=split, limit=limit) if data else None
+    from sftlab.evaluation.metrics import MODEL_METRICS, resolve
+
+    names = split_names(metrics)
+    if names:
+        resolve([n for n in names if n not in MODEL_METRICS])  # fail on a bad name before loading the model
+
+    from sftlab.evaluation.console import print_bias, print_eval
+    from sftlab.models import is_run_dir, load_model, load_tokenizer
+
+    out_dir = out or (Path(model) / "eval" if is_run_dir(model) else Path("eval-results"))
+    tokenizer = load_tokenizer(model)
+    llm = load_model(model)
+    if conversations is not None:
+        from sftlab.evaluation.evaluate import evaluate
+
+        result = evaluate(llm, tokenizer, conversations, metrics=names, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, group_by=group_by or None, do_sample=sample,
+                          temperature=temperature, top_p=top_p)
+        result.save(out_dir)
+        print_eval({Path(model).name or model: result})
+        print(f"metrics: {out_dir / 'metrics.json'}  predictions: {out_dir / 'predictions.jsonl'}")
+    if probe == "bias":
+        from sftlab.evaluation.bias import bias_probe, load_probes
+
+        bias = bias_probe(llm, tokenizer, load_probes(probe_file or []), batch_size=batch_size)
+        print_bias({Path(model).name or model: bias.to_json()})
+        print(f"bias probes: {bias.save(out_dir)}")

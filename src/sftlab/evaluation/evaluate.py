@@ -1,0 +1,255 @@
+"""Evaluate a model on conversations: generate answers, score them, keep every prediction.
+
+Which metrics, when none are asked for (the same rule for the whole set and for each group):
+- always `exact_match`, and `perplexity` of the reference answers;
+- `accuracy`, `precision`, `recall`, `macro_f1` when the answers come from a closed label set:
+  every record has `meta["label"]`, or the references are at most 20 distinct one-line
+  strings of at most 4 words that repeat (no more distinct values than half the examples);
+- `choice` (log-likelihood multiple choice) when every record has `meta["choices"]`;
+- the metrics that every record of the set names in `meta["metrics"]` (e.g. `["bleu", "rouge"]`
+  on a rewriting task: its group gets them, a mixed whole set does not).
+Asked-for metrics replace this rule, for the whole set and every group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftlab.data.conversation import Conversation
+from sftlab.errors import DataError, SftlabError
+from sftlab.evaluation import metrics as M
+
+OVERALL = "overall"
+NO_GROUP = "(none)"
+MAX_LABELS = 20
+MAX_LABEL_WORDS = 4
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    by_group: dict[str, dict[str, float]]
+    records: list[dict[str, Any]]
+    selected: dict[str, list[str]] = field(default_factory=dict)  # "overall" / group -> metric names
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {"metrics": self.metrics, "by_group": self.by_group, "n": len(self.records),
+                "selected": self.selected, "settings": self.settings}
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write `metrics.json` and `predictions.jsonl` (one record per example) into `out_dir`."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "metrics.json", json.dumps(self.summary(), indent=2, allow_nan=True) + "\n")
+        write_atomic(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records))
+        return out
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> EvalResult:
+        out = Path(out_dir)
+        summary = json.loads((out / "metrics.json").read_text())
+        with open(out / "predictions.jsonl", encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        return cls(summary["metrics"], summary["by_group"], records, summary.get("selected", {}),
+                   summary.get("settings", {}))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def is_label_set(references: Sequence[str]) -> bool:
+    distinct = set(references)
+    return (
+        len(references) >= 2
+        and len(distinct) <= min(MAX_LABELS, len(references) / 2)
+        and all("\n" not in r and len(r.split()) <= MAX_LABEL_WORDS for r in distinct)
+    )
+
+
+def default_metrics(conversations: Sequence[Conversation]) -> list[str]:
+    """The metric names the module docstring's rule picks for these conversations."""
+    names = ["exact_match", "perplexity"]
+    if conversations and (
+        all("label" in c.meta for c in conversations) or is_label_set([c.reference() or "" for c in conversations])
+    ):
+        names += M.ALIASES["classification"]
+    if conversations and all("choices" in c.meta for c in conversations):
+        names.append("choice")
+    asked = [M.expand([a] if isinstance(a, str) else list(a)) for a in (c.meta.get("metrics", []) for c in conversations)]
+    if asked:
+        names += [n for n in asked[0] if all(n in a for a in asked[1:])]
+    return M.expand(names)
+
+
+def _text_metrics(names: Sequence[str]) -> list[M.Metric]:
+    return M.resolve([n for n in names if n not in M.MODEL_METRICS])
+
+
+def scores_of(records: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, float]:
+    """Corpus scores of `names` over saved records (mean metrics from their per-example scores).
+
+    Used for the overall and per-group numbers and, on resampled records, for bootstrap CIs.
+    """
+    from sftlab.evaluation.perplexity import LogLikelihood, aggregate
+
+    out: dict[str, float] = {}
+    text = _text_metrics(names)
+    if text:
+        preds = [r["prediction"] for r in records]
+        refs = [r.get("references") or [r["reference"]] for r in records]
+        for m in text:
+            if m.is_mean and all(m.name in r["scores"] for r in records):
+                out[m.name] = sum(r["scores"][m.name] for r in records) / len(records) if records else 0.0
+            else:
+                out.update(m.score(preds, refs))
+    if "perplexity" in names:
+        ppl, loss, _ = aggregate([LogLikelihood(r["logprob"], r["tokens"]) for r in records])
+        out.update(perplexity=ppl, loss=loss)
+    if "choice" in names:
+        out["choice_accuracy"] = sum(r["choice"]["correct"] for r in records) / len(records) if records else 0.0
+    return out
+
+
+def _check_conversations(conversations: Sequence[Conversation]) -> None:
+    if not conversations:
+        raise SftlabError("no conversations to evaluate")
+    for c in conversations:
+        if c.is_raw_text or c.reference() is None:
+            raise DataError(c.source, "no assistant answer to evaluate against")
+        if not c.prompt_messages():
+            raise DataError(c.source, "no prompt before the assistant answer")
+
+
+def evaluate(
+    model,
+    tokenizer,
+    conversations: list[Conversation],
+    *,
+    metrics: list[str] | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    group_by: str | None = "task",
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    progress: bool = True,
+) -> EvalResult:
+    """Answer every prompt, score the answers, and keep each prediction with its scores."""
+    from sftlab.evaluation.generate import generate_batch
+
+    _check_conversations(conversations)
+    groups = [str(c.meta[group_by]) if group_by and group_by in c.meta else NO_GROUP for c in conversations]
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    if set(members) == {NO_GROUP}:
+        members = {}
+    if metrics:
+        M.resolve([n for n in metrics if n not in M.MODEL_METRICS])  # fail on a bad name before any work
+        selected = {OVERALL: M.expand(metrics), **{g: M.expand(metrics) for g in members}}
+    else:
+        selected = {OVERALL: default_metrics(conversations)}
+        selected.update({g: default_metrics([conversations[i] for i in idx]) for g, idx in members.items()})
+    wanted = M.expand([n for names in selected.values() for n in names])
+
+    records: list[dict[str, Any]] = []
+    for c, g in zip(conversations, groups):
+        rec: dict[str, Any] = {"source": c.source, "prompt": c.prompt_messages(), "reference": c.reference()}
+        if isinstance(c.meta.get("references"), list):
+            rec["references"] = [str(x) for x in c.meta["references"]]
+        if g != NO_GROUP:
+            rec["group"] = g
+        rec["prediction"], rec["scores"] = None, {}
+        records.append(rec)
+
+    if _text_metrics(wanted):
+        predictions = generate_batch(
+            model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
+            batch_size=batch_size, do_sample=do_sample, temperature=temperature, top_p=top_p, progress=progress,
+        )
+        for rec, pred, g in zip(records, predictions, groups):
+            rec["prediction"] = pred
+            refs = rec.get("references") or [rec["reference"]]
+            for m in _text_metrics(M.expand(selected[OVERALL] + selected.get(g, []))):
+                if m.per_example is not None:
+                    rec["scores"].update(m.per_example(pred, refs))
+    if "perplexity" in wanted:
+        from sftlab.evaluation.perplexity import perplexity
+
+        result = perplexity(model, tokenizer, conversations, batch_size=batch_size, progress=progress)
+        for rec, ll in zip(records, result.per_example):
+            rec["logprob"], rec["tokens"] = ll.logprob, ll.tokens
+            rec["scores"]["perplexity"] = math.exp(-ll.logprob / ll.tokens) if ll.tokens else float("nan")
+    if "choice" in wanted:
+        from sftlab.evaluation.choice import score_choices
+
+        items = [i for i, c in enumerate(conversations) if "choices" in c.meta]
+        if len(items) < len(conversations) and "choice" in selected[OVERALL]:
+            missing = next(c for c in conversations if "choices" not in c.meta)
+            raise DataError(missing.source, "metric 'choice' needs 'choices' on every record")
+        chosen = score_choices(model, tokenizer, [conversations[i] for i in items], batch_size=batch_size,
+                               progress=progress)
+        for i, res in zip(items, chosen):
+            records[i]["choice"] = {"scores": res.scores, "predicted": res.predicted, "answer": res.answer,
+                                    "correct": res.correct}
+            records[i]["scores"]["choice_accuracy"] = float(res.correct)
+
+    overall = scores_of(records, selected[OVERALL])
+    by_group = {g: scores_of([records[i] for i in idx], selected[g]) for g, idx in members.items()}
+    settings = {"metrics": metrics, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                "group_by": group_by, "do_sample": do_sample, "temperature": temperature, "top_p": top_p}
+    return EvalResult(overall, by_group, records, selected, settings)
+
+
+def resampler(records: Sequence[dict[str, Any]], names: Sequence[str]):
+    """A function of per-example counts (a bootstrap resample: how often each record is drawn)
+    that returns the corpus scores of `names` on that resample.
+
+    Built-in metrics use summed per-example statistics (no library call per resample);
+    a user metric without statistics is recomputed on the resampled predictions.
+    """
+    import numpy as np
+
+    terms = []
+    text = _text_metrics(names)
+    preds = [r["prediction"] for r in records]
+    refs = [r.get("references") or [r["reference"]] for r in records]
+    for m in text:
+        per = [r["scores"][m.name] for r in records] if m.is_mean and all(m.name in r["scores"] for r in records) else None
+        stats = m.statistics(preds, refs, per)
+        if stats is not None:
+            terms.append(lambda c, m=m, stats=stats: m.score_from_stats(c @ stats))
+        else:
+            def recompute(c, m=m):
+                idx = np.repeat(np.arange(len(records)), c)
+                return m.score([preds[i] for i in idx], [refs[i] for i in idx])
+            terms.append(recompute)
+    if "perplexity" in names:
+        nll = np.array([[-r["logprob"], r["tokens"]] for r in records], dtype=np.float64)
+
+        def ppl(c):
+            total, tokens = c @ nll
+            loss = total / tokens if tokens else float("nan")
+            return {"perplexity": math.exp(loss) if tokens else float("nan"), "loss": loss}
+        terms.append(ppl)
+    if "choice" in names:
+        correct = np.array([float(r["choice"]["correct"]) for r in records])
+        terms.append(lambda c: {"choice_accuracy": float(c @ correct / c.sum()) if c.sum() else 0.0})
+
+    def scores(counts) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for term in terms:
+            out.update(term(counts))
+        return out
+
+    return scores

@@ -1,0 +1,141 @@
+"""Batched generation from chat prompts: left padding, KV cache, stop at end-of-turn.
+
+Prompts are sorted by length so a batch holds prompts of similar size (little padding),
+and the answers are returned in the caller's order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_SENTINEL = "SFTLAB_ANSWER_SENTINEL"
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special)
+    return ids
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Token ids that end an answer: EOS plus the special token the chat template puts right
+    after an assistant turn (e.g. <|im_end|>, <|eot_id|>, <end_of_turn>, <|end|>).
+
+    Found by rendering a one-turn chat with a sentinel answer and reading the first special
+    token after it, so it works for any template rather than a list of known names.
+    """
+    stops: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        stops.append(tokenizer.eos_token_id)
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops += gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
+    if tokenizer.chat_template:
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}], tokenize=False
+            )
+        except Exception:  # a template that rejects this minimal chat: fall back to EOS alone
+            text = ""
+        if _SENTINEL in text:
+            tail = tokenizer(text.split(_SENTINEL, 1)[1], add_special_tokens=False)["input_ids"]
+            special = _special_ids(tokenizer)
+            stops += [i for i in tail if i in special][:1]
+    return list(dict.fromkeys(stops))
+
+
+def _prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return ids
+
+
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    progress: bool = True,
+) -> list[str]:
+    """Answer each chat prompt (a list of messages) with the model; answers in input order."""
+    ids = generate_ids(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        do_sample=do_sample, temperature=temperature, top_p=top_p, progress=progress,
+    )
+    return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+
+
+def generate_ids(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    progress: bool = True,
+) -> list[list[int]]:
+    """The new token ids for each prompt, cut before the first stop token, in input order."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if not prompts:
+        return []
+    stops = stop_token_ids(tokenizer, model)
+    if not stops:
+        from sftlab.errors import SftlabError
+
+        raise SftlabError("the tokenizer has no EOS token and its chat template no end-of-turn token")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    answers: list[list[int]] = [[] for _ in prompts]
+    device = next(model.parameters()).device
+    gen_kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "eos_token_id": stops,
+        "pad_token_id": pad_id,
+        "use_cache": True,
+    }
+    if do_sample:
+        gen_kwargs.update(temperature=temperature, top_p=top_p)
+    else:  # neutralise sampling knobs a model's generation_config may carry
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                width = max(len(encoded[i]) for i in idx)
+                input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+                attention = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):  # left padding: the answer starts at the same column
+                    ids = encoded[i]
+                    input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                    attention[row, width - len(ids) :] = 1
+                out = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention.to(device), **gen_kwargs
+                )
+                stop_set = set(stops)
+                for row, i in enumerate(idx):
+                    answers[i] = _cut_at_stop(out[row, width:].tolist(), stop_set)
+                bar.update(len(idx))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return answers
