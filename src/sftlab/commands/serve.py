@@ -1,0 +1,37 @@
+"""`sftlab serve RUN_OR_MODEL`: an OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+
+
+@app.command()
+def serve(
+    source: str = typer.Argument(..., help="Run, model folder, .gguf, 'default', ONNX export or Triton repository."),
+    backend: str = typer.Option("torch", help="torch | onnx | triton"),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; the default accepts local connections only."),
+    port: int = typer.Option(8000, help="Port."),
+    api_key: str = typer.Option(None, envvar="SFTLAB_API_KEY", help="Require 'Authorization: Bearer KEY'."),
+    max_body_bytes: int = typer.Option(1_000_000, help="Reject larger request bodies (413)."),
+    max_prompt_tokens: int = typer.Option(4096, help="Reject longer prompts (400)."),
+    max_tokens_limit: int = typer.Option(1024, help="Largest max_tokens a request may ask for (400 above)."),
+    default_max_tokens: int = typer.Option(256, help="max_tokens when a request gives none."),
+    max_batch_size: int = typer.Option(8, help="Requests decoded together (torch/onnx)."),
+    batch_wait_ms: float = typer.Option(5.0, help="How long to collect requests into a batch (torch/onnx)."),
+    model_name: str = typer.Option(None, help="Model id reported by /v1/models (default: the source's name)."),
+) -> None:
+    """Serve /v1/chat/completions (SSE streaming too), /v1/completions, /v1/models and /health."""
+    from pathlib import Path
+
+    from sftlab.serve.backends import load_backend
+    from sftlab.serve.openai_api import Limits, create_app, run_server
+
+    be = load_backend(source, backend, max_batch_size=max_batch_size, max_wait_ms=batch_wait_ms)
+    limits = Limits(max_body_bytes, max_prompt_tokens, max_tokens_limit, default_max_tokens)
+    name = model_name or Path(source).name or source
+    try:
+        run_server(create_app(be, name, api_key=api_key, limits=limits), host=host, port=port)
+    finally:
+        be.close()

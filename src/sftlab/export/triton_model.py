@@ -1,0 +1,68 @@
+"""Triton Python-backend model serving a fine-tuned chat model (copied to `<model>/1/model.py`).
+
+Input `text` (BYTES): a JSON list of chat messages (rendered with the model's chat template)
+or a raw prompt. Request parameters: `max_tokens`, `temperature`, `top_p`.
+Outputs: `text` (BYTES), `finish_reason` (BYTES: "stop" or "length"), `prompt_tokens`
+and `completion_tokens` (INT32). Requests that Triton's dynamic batcher puts together are
+decoded as one batch. Needs torch + transformers (engine "torch") or onnxruntime-genai
+(engine "onnx") in the Python environment Triton runs its Python models in.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generation import GenRequest, OnnxEngine, TorchEngine, encode, parse_text_input  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        engine = OnnxEngine if params.get("engine", "torch") == "onnx" else TorchEngine
+        self.engine = engine.from_pretrained(Path(__file__).resolve().parent / "weights")
+        self.default_max_tokens = int(params.get("default_max_tokens", "256"))
+        self.max_tokens_limit = int(params.get("max_tokens_limit", "4096"))
+
+    def _parse(self, request):
+        params = json.loads(request.parameters() or "{}")
+        max_tokens = int(params.get("max_tokens", self.default_max_tokens))
+        temperature = float(params.get("temperature", 0.0))
+        top_p = float(params.get("top_p", 1.0))
+        if not 0 < max_tokens <= self.max_tokens_limit:
+            raise ValueError(f"max_tokens must be in 1..{self.max_tokens_limit}, got {max_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        texts = pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)
+        tokenizer = self.engine.tokenizer
+        return [GenRequest(encode(tokenizer, *parse_text_input(t.decode("utf-8"))), max_tokens, temperature, top_p)
+                for t in texts]
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        batch, owners = [], []
+        for i, request in enumerate(requests):
+            try:
+                items = self._parse(request)
+            except Exception as e:  # one bad request must not fail the others in its batch
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad request: {e}"))
+                continue
+            owners.append((i, len(batch), len(items)))
+            batch.extend(items)
+        results = self.engine.generate(batch) if batch else []
+        decode = self.engine.tokenizer.decode
+        for i, start, n in owners:
+            items, outs = batch[start:start + n], results[start:start + n]
+            tensors = [
+                pb_utils.Tensor("text", np.array([[decode(r.tokens, skip_special_tokens=True).encode()] for r in outs],
+                                                  dtype=np.object_)),
+                pb_utils.Tensor("finish_reason", np.array([[r.finish_reason.encode()] for r in outs], dtype=np.object_)),
+                pb_utils.Tensor("prompt_tokens", np.array([[len(q.ids)] for q in items], dtype=np.int32)),
+                pb_utils.Tensor("completion_tokens", np.array([[len(r.tokens)] for r in outs], dtype=np.int32)),
+            ]
+            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+        return responses

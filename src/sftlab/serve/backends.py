@@ -1,0 +1,164 @@
+"""Backends behind the HTTP server: local engines behind a small batching queue, or Triton.
+
+Batching: requests arriving within `max_wait_ms` of each other (up to `max_batch_size`) are
+decoded together in one engine call on a worker thread, so concurrent clients share the
+model's forward passes instead of queueing one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sftlab.errors import SftlabError
+from sftlab.serve.generation import GenRequest, OnnxEngine, TorchEngine, stop_token_ids
+
+BACKENDS = ("torch", "onnx", "triton")
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _settle(future: asyncio.Future, value=None, error: BaseException | None = None) -> None:
+    if future.done():  # the client went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+class BatchingBackend:
+    """A local engine (torch or onnx) fed by a batching queue on one worker thread."""
+
+    def __init__(self, engine, *, max_batch_size: int = 8, max_wait_ms: float = 5.0):
+        self.engine, self.tokenizer = engine, engine.tokenizer
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="sftlab-batcher", daemon=True)
+        self._thread.start()
+
+    async def generate(self, *, ids: list[int], messages=None, prompt=None, max_tokens: int, temperature: float,
+                       top_p: float, on_token: Callable[[int], None] | None = None) -> Completion:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((GenRequest(ids, max_tokens, temperature, top_p, on_token), future, loop))
+        result = await future
+        text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
+        return Completion(text, result.finish_reason, len(ids), len(result.tokens))
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch_size:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                batch.append(item)
+            try:
+                results = self.engine.generate([req for req, _, _ in batch])
+            except Exception as e:  # reported to every waiting request
+                for _, fut, loop in batch:
+                    loop.call_soon_threadsafe(_settle, fut, None, e)
+                continue
+            for (_, fut, loop), res in zip(batch, results):
+                loop.call_soon_threadsafe(_settle, fut, res)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+
+class TritonBackend:
+    """Forwards each request to a Triton server running an `sftlab export --to triton` repository;
+    Triton's dynamic batcher does the batching."""
+
+    def __init__(self, server, tokenizer, model_name: str, *, concurrency: int = 64):
+        import tritonclient.http as httpclient
+
+        self.server, self.tokenizer, self.model_name = server, tokenizer, model_name
+        self._client = httpclient.InferenceServerClient(server.url, concurrency=concurrency, network_timeout=600)
+        self._http = httpclient
+
+    async def generate(self, *, ids: list[int], messages=None, prompt=None, max_tokens: int, temperature: float,
+                       top_p: float, on_token=None) -> Completion:
+        import numpy as np
+
+        text = json.dumps(messages) if messages is not None else prompt
+        inp = self._http.InferInput("text", [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=np.object_))
+        params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
+        result = await asyncio.to_thread(self._client.infer, self.model_name, [inp], parameters=params)
+        return Completion(result.as_numpy("text")[0, 0].decode("utf-8"), result.as_numpy("finish_reason")[0, 0].decode(),
+                          int(result.as_numpy("prompt_tokens")[0, 0]), int(result.as_numpy("completion_tokens")[0, 0]))
+
+    def close(self) -> None:
+        self._client.close()
+        self.server.stop()
+
+
+def load_backend(source: str, backend: str = "torch", *, max_batch_size: int = 8, max_wait_ms: float = 5.0,
+                 precision: str = "fp32", workdir: Path | None = None):
+    """A ready backend for SOURCE (run, HF folder, GGUF, `default`, an ONNX export or a Triton repository)."""
+    from sftlab.models import load_model, load_tokenizer
+
+    if backend not in BACKENDS:
+        raise SftlabError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    path = Path(source).expanduser()
+    if backend == "triton":
+        from sftlab.serve.triton_server import TritonServer
+
+        repo = path
+        if not any(path.glob("*/config.pbtxt")):
+            from sftlab.export.triton import export_triton
+
+            repo = Path(workdir or _workdir()) / "triton-repo"
+            print("\n".join(export_triton(source, repo).lines()), flush=True)
+        name = next(repo.glob("*/config.pbtxt")).parent.name
+        tokenizer = load_tokenizer(str(repo / name / "1" / "weights"))
+        print("Starting the Triton server ...", flush=True)
+        return TritonBackend(TritonServer(repo).start(), tokenizer, name)
+    if backend == "onnx":
+        onnx_dir = path
+        if not (path / "genai_config.json").exists():
+            from sftlab.export.onnx import export_onnx
+
+            onnx_dir = Path(workdir or _workdir()) / "onnx"
+            print("\n".join(export_onnx(source, onnx_dir, precision=precision).lines()), flush=True)
+        engine = OnnxEngine.from_pretrained(onnx_dir)
+    else:
+        tokenizer = load_tokenizer(source)
+        model = load_model(source)
+        if hasattr(model, "merge_and_unload"):  # a run's adapter: merge in memory for speed
+            model = model.merge_and_unload()
+        engine = TorchEngine(model, tokenizer, stop_token_ids(tokenizer, model.generation_config.eos_token_id))
+    return BatchingBackend(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+
+
+def _workdir() -> Path:
+    import atexit
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="sftlab-serve-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path

@@ -1,0 +1,198 @@
+"""OpenAI-compatible HTTP API (FastAPI): /v1/chat/completions (with SSE streaming),
+/v1/completions, /v1/models, /health. Errors use OpenAI's JSON shape
+`{"error": {"message", "type", "param", "code"}}` so official clients raise the right exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from sftlab.serve.generation import IncrementalDecoder, encode
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1_000_000
+    max_prompt_tokens: int = 4096
+    max_tokens_limit: int = 1024
+    default_max_tokens: int = 256
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+
+
+def create_app(backend, model_name: str, *, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
+    limits = limits or Limits()
+    app = FastAPI(title="sftlab OpenAI-compatible server")
+    tokenizer = backend.tokenizer
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return _error(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, e: RequestValidationError):
+        first = e.errors()[0]
+        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return _error(400, f"invalid request: {param or 'body'}: {first.get('msg')}", param=param)
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/"):
+            if api_key is not None:
+                given = request.headers.get("authorization", "")
+                token = given[7:] if given.lower().startswith("bearer ") else ""
+                if not secrets.compare_digest(token.encode(), api_key.encode()):
+                    return _error(401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key")
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+                return _error(413, f"request body is {length} bytes; the limit is {limits.max_body_bytes}",
+                              code="request_too_large")
+            if request.method == "POST" and len(await request.body()) > limits.max_body_bytes:
+                return _error(413, f"request body exceeds {limits.max_body_bytes} bytes", code="request_too_large")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "sftlab"}]}
+
+    def _max_tokens(req: _Sampling) -> int:
+        value = req.max_completion_tokens or req.max_tokens or limits.default_max_tokens
+        if value > limits.max_tokens_limit:
+            raise APIError(400, f"max_tokens is {value}; this server allows at most {limits.max_tokens_limit}",
+                           param="max_tokens", code="max_tokens_too_large")
+        return value
+
+    def _check_prompt(ids: list[int]) -> None:
+        if len(ids) > limits.max_prompt_tokens:
+            raise APIError(400, f"the prompt is {len(ids)} tokens; this server allows at most "
+                                f"{limits.max_prompt_tokens}", param="messages", code="context_length_exceeded")
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        messages = [m.model_dump() for m in req.messages]
+        try:
+            ids = encode(tokenizer, messages=messages)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+        _check_prompt(ids)
+        kwargs = dict(ids=ids, messages=messages, max_tokens=_max_tokens(req), temperature=req.temperature,
+                      top_p=req.top_p)
+        return await _respond(req, kwargs, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise APIError(400, "send exactly one prompt per request", param="prompt")
+        ids = encode(tokenizer, prompt=prompts[0])
+        _check_prompt(ids)
+        kwargs = dict(ids=ids, prompt=prompts[0], max_tokens=_max_tokens(req), temperature=req.temperature,
+                      top_p=req.top_p)
+        return await _respond(req, kwargs, chat=False)
+
+    async def _respond(req: _Sampling, kwargs: dict, *, chat: bool):
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        if not req.stream:
+            out = await backend.generate(**kwargs)
+            usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                     "total_tokens": out.prompt_tokens + out.completion_tokens}
+            choice = ({"index": 0, "message": {"role": "assistant", "content": out.text}} if chat
+                      else {"index": 0, "text": out.text, "logprobs": None})
+            choice["finish_reason"] = out.finish_reason
+            return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
+                    "usage": usage}
+        return StreamingResponse(_stream(rid, created, kwargs, chat), media_type="text/event-stream")
+
+    async def _stream(rid: str, created: int, kwargs: dict, chat: bool):
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+        decoder = IncrementalDecoder(tokenizer)
+        task = asyncio.ensure_future(backend.generate(
+            **kwargs, on_token=lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t)))
+        task.add_done_callback(lambda _: tokens.put_nowait(None))
+
+        def chunk(text: str | None, finish: str | None = None, first: bool = False) -> str:
+            if chat:
+                delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish}
+            body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                    "created": created, "model": model_name, "choices": [choice]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            if chat:
+                yield chunk(None, first=True)
+            streamed = ""
+            while (tok := await tokens.get()) is not None:
+                if delta := decoder.add(tok):
+                    streamed += delta
+                    yield chunk(delta)
+            out = task.result()
+            if out.text.startswith(streamed) and out.text[len(streamed):]:  # backends that do not stream tokens
+                yield chunk(out.text[len(streamed):])
+            yield chunk(None, out.finish_reason)
+        except Exception as e:  # headers are sent already: report in-band like OpenAI does
+            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
+        finally:
+            task.cancel()
+        yield "data: [DONE]\n\n"
+
+    return app
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info")
