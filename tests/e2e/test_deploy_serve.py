@@ -1,0 +1,141 @@
+"""The OpenAI-compatible server on a tiny model, queried with the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+API_KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    import uvicorn
+
+    from sftlab.serve.backends import load_backend
+    from sftlab.serve.openai_api import Limits, create_app
+    from sftlab.serve.triton_server import free_port
+
+    backend = load_backend(str(tiny_model_dir), "torch", max_batch_size=8, max_wait_ms=10)
+    app = create_app(backend, "tiny", api_key=API_KEY,
+                     limits=Limits(max_body_bytes=20_000, max_prompt_tokens=64, max_tokens_limit=32, default_max_tokens=8))
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", backend
+    srv.should_exit = True
+    thread.join(timeout=10)
+    backend.close()
+
+
+@pytest.fixture
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def _reference(tiny_model_dir, messages, max_new_tokens):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_chat_completion_is_pytorch_greedy(client, tiny_model_dir):
+    messages = [{"role": "user", "content": "Tell me a fact about owls."}]
+    resp = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert resp.choices[0].message.content == _reference(tiny_model_dir, messages, 12)
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage.completion_tokens <= 12 and resp.usage.prompt_tokens > 5
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_streaming_equals_non_streaming(client):
+    messages = [{"role": "user", "content": "Count to five."}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10).choices[0].message.content
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, stream=True))
+    assert len(chunks) >= 3  # role chunk, content, finish
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_completions_endpoint(client):
+    resp = client.completions.create(model="tiny", prompt="The weather today is", max_tokens=5)
+    assert resp.choices[0].finish_reason in ("stop", "length") and resp.usage.completion_tokens <= 5
+
+
+def test_errors_are_openai_shaped(server, client):
+    import httpx
+    import openai
+
+    bad = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 200}])
+    assert e.value.body["code"] == "context_length_exceeded"
+
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1000)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "hi"}])
+
+    r = httpx.post(server[0] + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                   content=b"x" * 30_000)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(server[0] + "/health").json()["status"] == "ok"
+
+
+def test_32_concurrent_requests_are_all_answered(server):
+    import openai
+
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        prompts = [f"Question number {i}: what is {i} plus {i}?" for i in range(32)]
+        tasks = [aclient.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}], max_tokens=6)
+                 for p in prompts]
+        return await asyncio.gather(*tasks)
+
+    answers = asyncio.run(run())
+    assert len(answers) == 32 and len({a.id for a in answers}) == 32
+    assert all(a.choices[0].finish_reason in ("stop", "length") for a in answers)
+
+
+def test_batched_and_single_decoding_agree(server):
+    from sftlab.serve.generation import GenRequest, encode
+
+    engine = server[1].engine
+    prompts = [encode(engine.tokenizer, messages=[{"role": "user", "content": "x " * n}]) for n in (1, 7, 15)]
+    batched = engine.generate([GenRequest(p, 8) for p in prompts])
+    single = [engine.generate([GenRequest(p, 8)])[0] for p in prompts]
+    assert [b.tokens for b in batched] == [s.tokens for s in single]
+
+
+def test_chat_session_keeps_history_and_resets(tiny_model_dir, monkeypatch):
+    import sftlab.serve.chat as chat_mod
+
+    inputs = iter(["hello", "and again", "/reset", "fresh start", "/exit"])
+    seen = []
+    original = chat_mod.ChatSession.reply
+
+    def spy(self, text, emit):
+        seen.append(len(self.history))
+        return original(self, text, emit)
+
+    monkeypatch.setattr(chat_mod.ChatSession, "reply", spy)
+    chat_mod.chat_loop(str(tiny_model_dir), max_tokens=4, read=lambda _: next(inputs))
+    assert seen == [0, 2, 0]  # second turn sees the first exchange; /reset clears it
