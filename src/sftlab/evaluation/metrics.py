@@ -333,8 +333,9 @@ def resolve(names: Sequence[str]) -> list[Metric]:
             metrics.append(user_metric(name))
         else:
             known = [*REGISTRY, *ALIASES, *MODEL_METRICS]
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            lower = {k.casefold(): k for k in known}
+            close = difflib.get_close_matches(name.casefold(), list(lower), n=1)
+            hint = f" Did you mean '{lower[close[0]]}'?" if close else ""
             raise SftlabError(
                 f"unknown metric '{name}'.{hint} Known: {', '.join(known)}, "
                 "or a function as 'package.module:function'"
