@@ -1,0 +1,277 @@
+"""The docs stay true to the code.
+
+- docs/configuration.md holds a table of every config key generated from the pydantic
+  models in `sftlab.config` (type, default, description); the test regenerates it and
+  fails when the doc differs. Refresh it with `python tests/unit/test_docs_commands.py`.
+- Every `sftlab COMMAND` shown in README.md and docs/*.md names a registered command;
+  where that command's module exists, its subcommands and `--flags` exist too.
+- Every YAML in configs/ and every YAML snippet in the docs validates as a TrainConfig.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import shlex
+import sys
+import types
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from sftlab.cli import COMMANDS
+from sftlab.config import TrainConfig, TrainingConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DOC = ROOT / "docs" / "configuration.md"
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BEGIN = "<!-- BEGIN config-keys (generated from sftlab.config by `python tests/unit/test_docs_commands.py`; do not edit) -->"
+END = "<!-- END config-keys -->"
+
+
+# ---------------------------------------------------------------- the config table
+
+def config_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[tuple[str, type[BaseModel], str, object]]:
+    """(dotted key, owning model, field name, FieldInfo) for every leaf key, in declaration order."""
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += config_fields(ann, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", model, name, field))
+    return out
+
+
+def _type_text(ann) -> str:
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Literal:
+        return str(args[0]) if len(args) == 1 else "one of " + ", ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_text(a) for a in args)
+    if origin is list:
+        return f"list of {_type_text(args[0])}"
+    if ann is type(None):
+        return "null"
+    return ann.__name__
+
+
+_BOUNDS = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+
+
+def _bounds(field) -> str:
+    found = [f"{sym} {getattr(m, attr)}" for m in field.metadata for attr, sym in _BOUNDS.items()
+             if getattr(m, attr, None) is not None]
+    return f" ({', '.join(found)})" if found else ""
+
+
+def _value_text(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n").removesuffix("\n...")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def config_table() -> str:
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, owner, name, field in config_fields():
+        if field.is_required():
+            default = "**required**"
+        else:
+            value = field.default_factory() if field.default_factory is not None else field.default
+            default = f"`{_value_text(value)}`"
+        meaning = field.description
+        if not meaning and owner is TrainingConfig:
+            meaning = f"Same name and meaning as `transformers.TrainingArguments.{name}`."
+        rows.append(f"| `{key}` | {_cell(_type_text(field.annotation) + _bounds(field))} | {_cell(default)} "
+                    f"| {_cell(meaning or '')} |")
+    return "\n".join(rows)
+
+
+def _generated_block(text: str) -> str | None:
+    if BEGIN not in text or END not in text:
+        return None
+    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+
+
+def write_config_doc() -> None:
+    text = CONFIG_DOC.read_text(encoding="utf-8")
+    if _generated_block(text) is None:
+        raise SystemExit(f"{CONFIG_DOC}: no {BEGIN!r} ... {END!r} markers to fill")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    CONFIG_DOC.write_text(f"{head}{BEGIN}\n{config_table()}\n{END}{tail}", encoding="utf-8")
+
+
+def test_every_config_key_is_documented():
+    text = CONFIG_DOC.read_text(encoding="utf-8")
+    missing = [key for key, *_ in config_fields() if f"`{key}`" not in text]
+    assert not missing, f"docs/configuration.md does not mention: {missing}"
+
+
+def test_config_table_matches_the_models():
+    block = _generated_block(CONFIG_DOC.read_text(encoding="utf-8"))
+    assert block is not None, "docs/configuration.md lost its generated-table markers"
+    assert block == config_table(), "docs/configuration.md is stale: run `python tests/unit/test_docs_commands.py`"
+
+
+def test_config_table_shows_types_defaults_and_meanings():
+    table = config_table()
+    assert "| `data.train` | str | **required** |" in table
+    assert "| `training.learning_rate` | float (> 0) | `0.0002` |" in table
+    assert "| `method` | one of full, lora, dora, qlora | `lora` |" in table
+    assert "| `training.report_to` | list of str | `[]` |" in table
+    assert "| `training.bf16` | bool or auto | `auto` |" in table
+    assert "sdpa \\| eager" in table  # a '|' inside a description must not split the cell
+
+
+# ---------------------------------------------------------------- commands in the docs
+
+_FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+_INLINE = re.compile(r"`([^`\n]+)`")
+_INVOCATION = re.compile(r"(?:^|(?<=[\s/]))sftlab\s+[a-z][\w-]*.*")
+
+
+def invocations(text: str) -> list[str]:
+    """Every `sftlab COMMAND ...` in fenced code (comments and pipes cut off) or inline code."""
+    pieces: list[str] = []
+    for block in _FENCE.findall(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            pieces += re.split(r"&&|;|\s\|\s", re.split(r"\s#", line, maxsplit=1)[0])
+    pieces += _INLINE.findall(_FENCE.sub("", text))
+    found = (_INVOCATION.search(piece) for piece in pieces)
+    return [" ".join(m.group(0).split()) for m in found if m]
+
+
+def _doc_invocations() -> list[tuple[str, str]]:
+    return [(doc.relative_to(ROOT).as_posix(), inv) for doc in DOCS for inv in invocations(doc.read_text(encoding="utf-8"))]
+
+
+def test_invocations_are_found():
+    text = ("Run `sftlab data inspect x.jsonl --json` or\n```bash\nsftlab train a.yaml \\\n  --resume  # go\n"
+            "sftlab eval runs/x --data t.jsonl | head\n```\nnot src/sftlab/cli.py nor `sftlab`.\n")
+    assert sorted(invocations(text)) == ["sftlab data inspect x.jsonl --json", "sftlab eval runs/x --data t.jsonl",
+                                         "sftlab train a.yaml --resume"]
+
+
+def test_docs_name_only_registered_commands():
+    pairs = _doc_invocations()
+    assert len(pairs) >= 20, "expected the docs to show commands"
+    unknown = [(doc, inv) for doc, inv in pairs if inv.split()[1] not in COMMANDS]
+    assert not unknown, f"commands not in sftlab.cli.COMMANDS: {unknown}"
+    documented = {inv.split()[1] for _, inv in pairs}
+    assert documented == set(COMMANDS), f"commands never shown in the docs: {set(COMMANDS) - documented}"
+
+
+def _click_command(name: str):
+    """The click command behind `sftlab NAME`, or None while its module is not written yet."""
+    module_name = COMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            return None
+        raise
+    import typer.main
+
+    return typer.main.get_command(module.app)
+
+
+_FLAG = re.compile(r"(?:^|(?<=[\s\[(]))(--?[A-Za-z][\w-]*)")
+
+
+def _problems(invocation: str, command) -> list[str]:
+    """What in `invocation` the click command does not accept (typer vendors click, so duck-type)."""
+    try:
+        words = shlex.split(invocation)[2:]
+    except ValueError:
+        words = invocation.split()[2:]
+    path = invocation.split()[1]
+    while hasattr(command, "commands") and words and not words[0].startswith("-"):
+        sub = command.commands.get(words[0])
+        if sub is None:
+            return [f"'{path}' has no subcommand '{words[0]}'"]
+        path, command, words = f"{path} {words[0]}", sub, words[1:]
+    options = {"--help"}
+    for param in command.params:
+        if param.param_type_name == "option":
+            options.update(param.opts + param.secondary_opts)
+    flags = _FLAG.findall(" ".join(words))
+    return [f"'sftlab {path}' has no option {flag}" for flag in flags if flag.split("=")[0] not in options]
+
+
+def test_documented_subcommands_and_flags_exist():
+    problems, checked = [], 0
+    commands = {name: _click_command(name) for name in COMMANDS}
+    for doc, inv in _doc_invocations():
+        command = commands.get(inv.split()[1])
+        if command is not None:
+            checked += 1
+            problems += [f"{doc}: `{inv}`: {p}" for p in _problems(inv, command)]
+    assert checked, "no documented command could be checked"
+    assert not problems, "\n".join(problems)
+
+
+def test_flag_check_catches_a_wrong_flag():
+    command = _click_command("train")
+    assert _problems("sftlab train configs/lora.yaml --resume", command) == []
+    assert _problems("sftlab train configs/lora.yaml --resumee", command) == ["'sftlab train' has no option --resumee"]
+
+
+# ---------------------------------------------------------------- example records
+
+def test_every_schema_has_a_converting_example_in_data_formats():
+    """Each ```jsonl record in docs/data-formats.md converts; together they cover every schema."""
+    from sftlab.data.formats import FORMATS, detect_format, to_conversation
+
+    doc = ROOT / "docs" / "data-formats.md"
+    blocks = re.findall(r"^```jsonl\n(.*?)^```", doc.read_text(encoding="utf-8"), re.S | re.M)
+    seen = set()
+    for block in blocks:
+        for line in block.splitlines():
+            record = json.loads(line)
+            to_conversation(record, f"{doc.name} example")
+            seen.add(detect_format(record))
+    assert seen == set(FORMATS), f"schemas without an example: {set(FORMATS) - seen}"
+
+
+# ---------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_config_validates(path):
+    config = load_config(path)
+    assert isinstance(config, TrainConfig)
+
+
+def test_there_are_example_configs():
+    names = {p.name for p in (ROOT / "configs").glob("*.yaml")}
+    assert {"lora.yaml", "full.yaml"} <= names
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def test_yaml_snippets_in_docs_validate():
+    """Config snippets may be partial; merged into a minimal config they must validate."""
+    snippets = [(doc.name, block) for doc in DOCS
+                for block in re.findall(r"^```ya?ml\n(.*?)^```", doc.read_text(encoding="utf-8"), re.S | re.M)]
+    assert snippets, "expected YAML config examples in the docs"
+    for name, block in snippets:
+        try:
+            TrainConfig.model_validate(_deep_merge({"data": {"train": "train.jsonl"}}, yaml.safe_load(block)))
+        except ValidationError as e:
+            pytest.fail(f"{name}: a YAML snippet does not validate:\n{block}\n{e}")
+
+
+if __name__ == "__main__":
+    write_config_doc()
+    print(f"wrote {CONFIG_DOC.relative_to(ROOT)}", file=sys.stderr)
