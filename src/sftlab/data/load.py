@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from sftlab.data.conversation import Conversation
 from sftlab.data.formats import RecordError, check_format_name, detect_format, to_conversation
@@ -106,14 +106,14 @@ def _read_jsonl(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
                 continue
             source = f"{path}:{lineno}"
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 yield source, _Bad(_utf8_error(source, raw[e.start], e.start + 1), raw.decode("utf-8", "backslashreplace").rstrip("\r\n"))
                 continue
             try:
                 yield source, json.loads(text)
             except json.JSONDecodeError as e:
-                yield source, _Bad(RecordError(source, "malformed JSON", f"{e.msg} (column {e.colno})"), text.rstrip("\r\n"))
+                yield source, _Bad(RecordError(source, "malformed JSON", f"{e.msg} (column {e.colno})"), text)
 
 
 def _decode_file(path: Path) -> str:
@@ -385,3 +385,85 @@ def iter_conversations(path: str | Path, format: str | None = None, split: str |
 def load_conversations(path: str | Path, format: str | None = None, split: str | None = None,
                        on_error: str = "raise", rejects: RejectLog | None = None) -> list[Conversation]:
     return list(iter_conversations(path, format=format, split=split, on_error=on_error, rejects=rejects))
+
+
+class ConversationWriter:
+    """Stream conversations to JSONL, or to Parquet when the path ends in .parquet.
+
+    Written to a temporary file and renamed on a clean close, so a failed run never leaves a
+    half-written dataset behind.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.parquet = self.path.suffix.lower() == ".parquet"
+        if not self.parquet and self.path.suffix.lower() not in (".jsonl", ".ndjson"):
+            raise SftlabError(f"{self.path}: output must end in .jsonl or .parquet")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.count = 0
+        self._rows: list[dict] = []
+        self._writer = None
+        self._fh = None if self.parquet else open(self.tmp, "w", encoding="utf-8")
+
+    def write(self, conv: Conversation) -> None:
+        self.count += 1
+        if self._fh is not None:
+            self._fh.write(json.dumps(conv.to_json(), ensure_ascii=False) + "\n")
+            return
+        self._rows.append(conv.to_json())
+        if len(self._rows) >= BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._rows:
+            return
+        keys = list(dict.fromkeys(k for r in self._rows for k in r))  # every key, not just the first row's
+        if self._writer is not None and not set(keys) <= set(self._writer.schema.names):
+            extra = sorted(set(keys) - set(self._writer.schema.names))
+            raise SftlabError(f"{self.path}: later records add fields {extra} not in the Parquet schema; write .jsonl instead")
+        names = self._writer.schema.names if self._writer is not None else keys
+        try:
+            table = pa.table({k: [r.get(k) for r in self._rows] for k in names},
+                             schema=self._writer.schema if self._writer is not None else None)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise SftlabError(f"{self.path}: records do not share one Parquet schema ({e}); write .jsonl instead") from None
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.tmp, table.schema)
+        self._writer.write_table(table)
+        self._rows = []
+
+    def close(self, ok: bool = True) -> None:
+        if self.parquet:
+            if ok:
+                self._flush()
+                if self._writer is None:  # no records: still write a valid (empty) file
+                    import pyarrow as pa
+                    import pyarrow.parquet as pq
+
+                    pq.write_table(pa.table({}), self.tmp)
+            if self._writer is not None:
+                self._writer.close()
+        elif self._fh is not None:
+            self._fh.close()
+        if ok:
+            self.tmp.replace(self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ConversationWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(ok=exc_type is None)
+
+
+def save_conversations(path: str | Path, conversations: Iterable[Conversation]) -> int:
+    """Write conversations (JSONL or Parquet by extension); returns how many."""
+    with ConversationWriter(path) as w:
+        for conv in conversations:
+            w.write(conv)
+    return w.count

@@ -1,0 +1,263 @@
+"""`sftlab data inspect|validate|curate|augment|split|report`: datasets in, datasets out.
+
+Every command reads any supported input (JSON, JSONL, CSV, Parquet, a saved HF dataset, an
+HF id) and writes JSONL, or Parquet when the output path ends in .parquet. Each writes a
+JSON summary next to its output, which `sftlab data report` picks up.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+# Imported here (numpy, pydantic; no torch) so --help can list their fields.
+from sftlab.data.augment import AugmentOptions
+from sftlab.data.curate import CurateOptions
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Datasets in, datasets out.")
+
+FORMAT_HELP = "Input schema (alpaca, sharegpt, messages, prompt_completion, text, preference); detected per record when unset."
+SET_HELP = "Override an option: KEY=VALUE (YAML value; dotted keys for nested options). Repeatable."
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _options(model_cls, config: Optional[Path], sets: Optional[list[str]], **given):
+    """Build a pydantic options model from a YAML file, then --set KEY=VALUE, then explicit flags."""
+    import yaml
+    from pydantic import ValidationError
+
+    from sftlab.errors import SftlabError
+
+    data: dict = {}
+    if config is not None:
+        if not config.is_file():
+            raise SftlabError(f"config file not found: {config}")
+        data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SftlabError(f"--set needs KEY=VALUE, got '{item}'")
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    data.update({k: v for k, v in given.items() if v is not None})
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        import difflib
+
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        hint = ""
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(err["loc"][-1]), model_cls.model_fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(model_cls.model_fields)})"
+        raise SftlabError(f"option '{where}': {err['msg']}{hint}") from None
+
+
+def _field_help(model_cls) -> str:
+    """The options a --set can change, with defaults and descriptions (from the pydantic model)."""
+    lines = []
+    for name, f in model_cls.model_fields.items():
+        default = f.default_factory() if f.default_factory else f.default
+        lines.append(f"{name} (default {default!r}): {f.description or ''}".rstrip(": "))
+    return "\n\n".join(lines)
+
+
+def _tokenizer(model: Optional[str], chat_template: Optional[str]):
+    if model is None or model.lower() == "none":
+        return None
+    from sftlab.models import load_tokenizer
+
+    return load_tokenizer(model, chat_template=chat_template)
+
+
+def _sidecar(out: Path, name: str) -> Path:
+    return out.with_name(f"{out.name.rsplit('.', 1)[0]}.{name}.json")
+
+
+@app.command()
+def inspect(
+    file: str = typer.Argument(..., help="Dataset file (any supported format)."),
+    model: str = typer.Option("default", "--model", help="Model/tokenizer whose chat template renders the examples."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template (.jinja file) overriding the tokenizer's."),
+    json_: bool = typer.Option(False, "--json", help="One JSON object per example: source, input_ids, labels."),
+    limit: int = typer.Option(3, "--limit", help="How many examples to show."),
+    format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    last_turn_only: bool = typer.Option(False, "--last-turn-only", help="Train on the last assistant turn only."),
+) -> None:
+    """Show rendered examples with the trained tokens highlighted (or as JSON)."""
+    from sftlab.data.inspect import inspect_file
+
+    inspect_file(file, model=model, chat_template=chat_template, as_json=json_, limit=limit, format=format,
+                 train_on="last" if last_turn_only else "all")
+
+
+@app.command()
+def validate(
+    file: str = typer.Argument(..., help="Dataset file, saved HF dataset folder, or HF dataset id."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the kept records here (.jsonl or .parquet)."),
+    skip: bool = typer.Option(False, "--skip", help="Skip bad records into a rejects file instead of stopping at the first."),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Rejects file (skip mode; default OUT.rejects.jsonl or ./<FILE>.rejects.jsonl)."),
+    format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to read when the input holds several."),
+    no_dedup: bool = typer.Option(False, "--no-dedup", help="Keep exact duplicates."),
+    model: Optional[str] = typer.Option(None, "--model", help="Tokenizer for the token-length check (with --max-seq-length)."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template (.jinja) overriding the tokenizer's."),
+    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="Token limit, rendered as training renders."),
+    length_policy: str = typer.Option("drop", "--length-policy", help="Over-long conversations: drop (reject) or truncate."),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="Summary JSON (default OUT.validate.json when --out is given)."),
+) -> None:
+    """Check every record; strict (exit 1 at the first bad one) or --skip (rejects file + counts)."""
+    from sftlab.data.validate import ValidateOptions, validate as run
+    from sftlab.errors import SftlabError
+
+    if max_seq_length and not model:
+        raise SftlabError("--max-seq-length needs --model (the tokenizer that counts tokens)")
+    opts = _options(ValidateOptions, None, None, format=format, split=split, on_error="skip" if skip else "raise",
+                    dedup=not no_dedup, max_seq_length=max_seq_length, length_policy=length_policy)
+    if skip and rejects is None:
+        rejects = out.with_name(f"{out.name.rsplit('.', 1)[0]}.rejects.jsonl") if out else Path(f"{Path(file).stem}.rejects.jsonl")
+    report = run(file, opts, out=out, rejects_path=rejects, tokenizer=_tokenizer(model, chat_template), progress=True)
+    data = report.to_json()
+    print(f"records in {report.records_in}: kept {report.kept}, rejected {report.rejected_total}, "
+          f"exact duplicates {report.duplicates}" + (f", truncated {report.truncated}" if report.truncated else ""))
+    for kind, n in report.rejected.most_common():
+        print(f"  rejected  {n:>7}  {kind}")
+    if report.rejected_total:
+        print(f"rejects written to {rejects}")
+    summary = summary or (_sidecar(out, "validate") if out else None)
+    if summary:
+        _write_json(summary, data)
+    if out:
+        print(f"wrote {report.kept} records to {out}")
+
+
+@app.command(epilog="Options for --set / --config:\n\n" + _field_help(CurateOptions))
+def curate(
+    file: str = typer.Argument(..., help="Dataset (any supported format)."),
+    out: Path = typer.Option(..., "--out", help="Curated output (.jsonl or .parquet)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of curate options (as data.curate in a train config)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    decontaminate: Optional[list[str]] = typer.Option(None, "--decontaminate", help="Eval/test file to decontaminate against. Repeatable."),
+    pii: bool = typer.Option(False, "--pii", help="Scrub emails, phone numbers and API-key-like strings."),
+    model: Optional[str] = typer.Option(None, "--model", help="Tokenizer for min_tokens / max_tokens."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template (.jinja) overriding the tokenizer's."),
+    format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to read when the input holds several."),
+    removed: Optional[Path] = typer.Option(None, "--removed", help="Removed records with reasons (default OUT.removed.jsonl)."),
+) -> None:
+    """Exact and near-duplicate removal, quality and length filters, PII scrubbing, decontamination."""
+    from sftlab.data.curate import curate as run
+    from sftlab.data.load import load_conversations, save_conversations
+
+    opts = _options(CurateOptions, config, set_, decontaminate=decontaminate or None, pii=pii or None)
+    convs = load_conversations(file, format=format, split=split)
+    kept, report = run(convs, opts, tokenizer=_tokenizer(model, chat_template), progress=True)
+    save_conversations(out, kept)
+    removed = removed or out.with_name(f"{out.name.rsplit('.', 1)[0]}.removed.jsonl")
+    with open(removed, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in report.removals)
+    _write_json(_sidecar(out, "curate"), report.to_json())
+    print(f"records in {report.records_in}: kept {report.kept}, removed {report.records_in - report.kept}")
+    for reason, n in report.removed.most_common():
+        print(f"  removed  {n:>7}  {reason}")
+    for kind, n in report.pii.items():
+        print(f"  scrubbed {n:>7}  {kind}")
+    print(f"wrote {out} (removed records with reasons: {removed})")
+
+
+@app.command()
+def split(
+    file: str = typer.Argument(..., help="Dataset (any supported format)."),
+    out_dir: Path = typer.Option(..., "--out-dir", help="Folder for the split files and split.json."),
+    names: str = typer.Option("train,validation,test", "--names", help="Split names, comma-separated."),
+    ratios: str = typer.Option("0.8,0.1,0.1", "--ratios", help="Split proportions, comma-separated (normalised)."),
+    seed: int = typer.Option(0, "--seed", help="Shuffle seed: the same seed gives the same split."),
+    stratify: Optional[str] = typer.Option(None, "--stratify", help="Record field (e.g. label) to keep proportional per split."),
+    ext: str = typer.Option("jsonl", "--ext", help="Output format: jsonl or parquet."),
+    format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    from_split: Optional[str] = typer.Option(None, "--split", help="Split to read when the input holds several."),
+) -> None:
+    """Deterministic seeded train/validation/test split, optionally stratified by a field."""
+    from sftlab.data.load import load_conversations, save_conversations
+    from sftlab.data.split import parse_ratios, split_conversations
+    from sftlab.errors import SftlabError
+
+    if ext not in ("jsonl", "parquet"):
+        raise SftlabError(f"--ext must be jsonl or parquet, got '{ext}'")
+    split_names = [n.strip() for n in names.split(",") if n.strip()]
+    parts = split_conversations(load_conversations(file, format=format, split=from_split), split_names,
+                                parse_ratios(ratios, split_names), seed=seed, stratify=stratify)
+    sizes = {}
+    for name, convs in parts.items():
+        sizes[name] = save_conversations(out_dir / f"{name}.{ext}", convs)
+        print(f"{name:>12}  {sizes[name]:>7}  {out_dir / f'{name}.{ext}'}")
+    _write_json(out_dir / "split.json", {"input": file, "sizes": sizes, "ratios": ratios, "seed": seed, "stratify": stratify})
+
+
+@app.command(epilog="Options for --set / --config:\n\n" + _field_help(AugmentOptions))
+def augment(
+    file: str = typer.Argument(..., help="Dataset (any supported format)."),
+    out: Path = typer.Option(..., "--out", help="Output (.jsonl or .parquet): the originals plus the kept new records."),
+    strategy: Optional[list[str]] = typer.Option(None, "--strategy", help="paraphrase, system, noise, prefixes, model_paraphrase, self_instruct. Repeatable."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local model for model_paraphrase / self_instruct ('default': the embedded model)."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template (.jinja) overriding the model's."),
+    copies: Optional[int] = typer.Option(None, "--copies", help="Variants per conversation for each strategy."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of augment options."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    only_new: bool = typer.Option(False, "--only-new", help="Write only the new records, not the originals."),
+    format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+) -> None:
+    """Rule-based and model-based augmentation with provenance (augmented_from), then dedup/quality filtered."""
+    from sftlab.data.augment import augment as run
+    from sftlab.data.load import load_conversations, save_conversations
+
+    opts = _options(AugmentOptions, config, set_, strategies=strategy or None, model=model,
+                    chat_template=chat_template, copies=copies, seed=seed)
+    convs = load_conversations(file, format=format)
+    new, report = run(convs, opts)
+    n = save_conversations(out, new if only_new else [*convs, *new])
+    _write_json(_sidecar(out, "augment"), report.to_json())
+    for s in opts.strategies:
+        print(f"{s:>18}: generated {report.generated[s]:>6}, kept {report.kept[s]:>6}")
+    if report.unparseable:
+        print(f"{'unusable outputs':>18}: {report.unparseable}")
+    print(f"wrote {n} records to {out}")
+
+
+@app.command()
+def report(
+    file: str = typer.Argument(..., help="Dataset to describe (any supported format)."),
+    out_dir: Path = typer.Option(..., "--out-dir", help="Folder for report.html, report.md, summary.json, plots/."),
+    model: str = typer.Option("default", "--model", help="Tokenizer for token lengths ('none': count words)."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template (.jinja) overriding the tokenizer's."),
+    validate_summary: Optional[Path] = typer.Option(None, "--validate-summary", help="A validate summary JSON (default: FILE's X.validate.json if present)."),
+    curate_summary: Optional[Path] = typer.Option(None, "--curate-summary", help="A curate summary JSON (default: X.curate.json if present)."),
+    split_summary: Optional[Path] = typer.Option(None, "--split-summary", help="A split.json (default: split.json beside FILE if present)."),
+    format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+) -> None:
+    """Self-contained HTML + Markdown report with plots, and summary.json with every number."""
+    from sftlab.data.report import write_report
+    from sftlab.errors import SftlabError
+
+    given = {"validate": validate_summary, "curate": curate_summary, "split": split_summary}
+    missing = [str(p) for p in given.values() if p is not None and not p.is_file()]
+    if missing:
+        raise SftlabError(f"summary file not found: {', '.join(missing)}")
+    summary = write_report(file, out_dir, tokenizer=_tokenizer(model, chat_template),
+                           summaries={k: v for k, v in given.items() if v is not None}, format=format)
+    print(f"{summary['conversations']} conversations; steps included: {', '.join(summary['steps']) or 'none'}")
+    print(f"wrote {out_dir / 'report.html'} and {out_dir / 'report.md'}")

@@ -1,0 +1,215 @@
+"""Data report: one self-contained HTML page (plots embedded as base64 PNG), a Markdown
+summary with the PNG files beside it, and `summary.json` holding every number shown.
+
+Besides the dataset itself it shows what earlier steps recorded in their JSON summaries:
+`sftlab data validate` (rejects by reason, duplicates), `curate` (filter effects,
+duplicates and near-duplicates with examples) and `split` (split sizes).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from sftlab.data.conversation import Conversation
+
+
+def _lengths(texts: list[str], tokenizer) -> list[int]:
+    if tokenizer is None:
+        return [len(t.split()) for t in texts]
+    if not texts:
+        return []
+    return [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _stats(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {"count": 0}
+    ordered = sorted(values)
+    return {"count": len(values), "min": ordered[0], "median": statistics.median(ordered),
+            "mean": round(statistics.fmean(ordered), 2), "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+            "max": ordered[-1]}
+
+
+def dataset_summary(convs: list[Conversation], tokenizer=None) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """Numbers for the report, and the raw length lists the histograms are drawn from."""
+    chats = [c for c in convs if c.text is None]
+    prompts = ["\n".join(m["content"] for m in c.messages if m["role"] != "assistant") for c in chats]
+    responses = ["\n".join(m["content"] for m in c.messages if m["role"] == "assistant") for c in chats]
+    raw = [c.text for c in convs if c.text is not None]
+    series = {"prompt": _lengths(prompts, tokenizer), "response": _lengths(responses, tokenizer),
+              "raw_text": _lengths(raw, tokenizer)}
+    turns = Counter(sum(m["role"] == "assistant" for m in c.messages) for c in chats)
+    roles = Counter(m["role"] for c in chats for m in c.messages)
+    summary = {
+        "conversations": len(convs), "chat": len(chats), "raw_text": len(raw),
+        "length_unit": "tokens" if tokenizer is not None else "words",
+        "prompt_length": _stats(series["prompt"]), "response_length": _stats(series["response"]),
+        "raw_text_length": _stats(series["raw_text"]),
+        "turns_per_conversation": {str(k): v for k, v in sorted(turns.items())},
+        "role_counts": dict(roles.most_common()),
+    }
+    return summary, series
+
+
+# ------------------------------------------------------------------ plots
+
+def _plots(summary: dict[str, Any], series: dict[str, list[int]]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    unit = summary["length_unit"]
+    figs: dict[str, bytes] = {}
+
+    def save(name: str, fig) -> None:
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        figs[name] = buf.getvalue()
+
+    def bars(name: str, data: dict[str, int], title: str, horizontal: bool = False) -> None:
+        if not data:
+            return
+        fig, ax = plt.subplots(figsize=(6, max(2.5, 0.35 * len(data)) if horizontal else 3))
+        labels, values = list(data), list(data.values())
+        (ax.barh if horizontal else ax.bar)(labels, values, color="#4C72B0")
+        ax.set_title(title)
+        if horizontal:
+            ax.invert_yaxis()
+        save(name, fig)
+
+    hists = [(k, v) for k, v in series.items() if v]
+    if hists:
+        fig, axes = plt.subplots(1, len(hists), figsize=(4.5 * len(hists), 3), squeeze=False)
+        for ax, (name, values) in zip(axes[0], hists):
+            ax.hist(values, bins=min(40, max(5, len(set(values)))), color="#4C72B0")
+            ax.set_title(f"{name.replace('_', ' ')} length ({unit})")
+            ax.set_ylabel("conversations")
+        save("lengths", fig)
+    bars("turns", summary["turns_per_conversation"], "assistant turns per conversation")
+    bars("roles", summary["role_counts"], "messages by role")
+    steps = summary.get("steps", {})
+    if steps.get("validate"):
+        v = steps["validate"]
+        bars("rejects", {**v.get("rejected_by_reason", {}), **({"exact duplicate": v["duplicates"]} if v.get("duplicates") else {})},
+             "validate: rejected / removed by reason", horizontal=True)
+    if steps.get("curate"):
+        bars("filters", steps["curate"].get("removed", {}), "curate: removed by step", horizontal=True)
+    if steps.get("split"):
+        bars("splits", steps["split"].get("sizes", {}), "split sizes")
+    return figs
+
+
+# ------------------------------------------------------------------ rendering
+
+def _rows(items: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [(str(k), v) for k, v in items.items()]
+
+
+def _sections(summary: dict[str, Any]) -> list[tuple[str, list[tuple[str, Any]], list[dict[str, Any]]]]:
+    """(title, [(label, value)], examples) for each section: the one content both renderers show."""
+    unit = summary["length_unit"]
+    out = [("Dataset", [("Conversations", summary["conversations"]), ("Chat conversations", summary["chat"]),
+                        ("Raw-text records", summary["raw_text"]), ("Length unit", unit)], [])]
+    for key, title in (("prompt_length", "Prompt length"), ("response_length", "Response length"),
+                       ("raw_text_length", "Raw text length")):
+        if summary[key].get("count"):
+            out.append((f"{title} ({unit})", _rows(summary[key]), []))
+    out.append(("Assistant turns per conversation", _rows(summary["turns_per_conversation"]), []))
+    out.append(("Messages by role", _rows(summary["role_counts"]), []))
+    steps = summary.get("steps", {})
+    if steps.get("validate"):
+        v = steps["validate"]
+        rows = [("Records in", v["records_in"]), ("Kept", v["kept"]), ("Rejected", v["rejected"]),
+                ("Exact duplicates removed", v["duplicates"]), ("Truncated", v.get("truncated", 0))]
+        rows += [(f"Rejected: {k}", n) for k, n in v.get("rejected_by_reason", {}).items()]
+        out.append(("Validation", rows, v.get("duplicate_examples", [])))
+    if steps.get("curate"):
+        c = steps["curate"]
+        rows = [("Records in", c["records_in"]), ("Kept", c["kept"]), ("Removed", c["removed_total"])]
+        rows += [(f"Removed: {k}", n) for k, n in c.get("removed", {}).items()]
+        rows += [(f"PII replaced: {k}", n) for k, n in c.get("pii_replacements", {}).items()]
+        examples = [ex for exs in c.get("examples", {}).values() for ex in exs]
+        out.append(("Curation (duplicates, near-duplicates, filters)", rows, examples))
+    if steps.get("split"):
+        s = steps["split"]
+        rows = [(f"Split: {k}", n) for k, n in s.get("sizes", {}).items()]
+        rows += [("Seed", s.get("seed")), ("Stratified by", s.get("stratify") or "-")]
+        out.append(("Splits", rows, []))
+    return out
+
+
+def _markdown(summary: dict[str, Any], plots: dict[str, str]) -> str:
+    lines = [f"# Data report: {summary['dataset']}", ""]
+    for title, rows, examples in _sections(summary):
+        lines += [f"## {title}", "", "| | |", "|---|---|"]
+        lines += [f"| {label} | {value} |" for label, value in rows]
+        for ex in examples:
+            lines.append(f"\n- `{ex.get('source')}` ({ex.get('reason', 'exact duplicate')})"
+                         + (f", duplicate of `{ex['duplicate_of']}`" if ex.get("duplicate_of") else "")
+                         + (f": {ex['text']}" if ex.get("text") else ""))
+        lines.append("")
+    lines += [f"![{name}]({path})" for name, path in plots.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _html(summary: dict[str, Any], plots: dict[str, bytes]) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Data report: {e(summary['dataset'])}</title>",
+             "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0}td{border:1px solid #ccc;padding:3px 10px}"
+             "td.num{text-align:right}li{margin:.3em 0}.text{color:#555;font-size:90%}</style></head><body>",
+             f"<h1>Data report: {e(summary['dataset'])}</h1>"]
+    for title, rows, examples in _sections(summary):
+        parts.append(f"<h2>{e(title)}</h2><table>")
+        parts += [f"<tr><td>{e(label)}</td><td class='num' data-key='{e(title)}|{e(label)}'>{e(str(value))}</td></tr>"
+                  for label, value in rows]
+        parts.append("</table>")
+        if examples:
+            parts.append("<ul>")
+            for ex in examples:
+                dup = f" duplicate of <code>{e(ex['duplicate_of'])}</code>" if ex.get("duplicate_of") else ""
+                texts = "".join(f"<div class='text'>{e(ex[k])}</div>" for k in ("text", "duplicate_of_text") if ex.get(k))
+                parts.append(f"<li><code>{e(ex.get('source', ''))}</code> {e(ex.get('reason', 'exact duplicate'))}{dup}{texts}</li>")
+            parts.append("</ul>")
+    for name, png in plots.items():
+        parts.append(f"<h3>{e(name)}</h3><img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def find_summaries(data: str | Path) -> dict[str, Path]:
+    """Summaries written next to `data` by earlier steps: X.validate.json, X.curate.json, split.json."""
+    p = Path(data)
+    found = {name: p.with_suffix(f".{name}.json") for name in ("validate", "curate")}
+    found["split"] = p.parent / "split.json"
+    return {k: v for k, v in found.items() if v.is_file()}
+
+
+def write_report(data: str | Path, out_dir: str | Path, *, tokenizer=None, summaries: dict[str, Path] | None = None,
+                 format: str | None = None) -> dict[str, Any]:
+    """Write report.html, report.md, summary.json and plots/*.png into `out_dir`; return the summary."""
+    from sftlab.data.load import load_conversations
+
+    out = Path(out_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    summary, series = dataset_summary(load_conversations(data, format=format), tokenizer)
+    summary = {"dataset": str(data), **summary, "steps": {}}
+    for name, path in {**find_summaries(data), **(summaries or {})}.items():
+        summary["steps"][name] = json.loads(Path(path).read_text(encoding="utf-8"))
+    plots = _plots(summary, series)
+    for name, png in plots.items():
+        (out / "plots" / f"{name}.png").write_bytes(png)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out / "report.md").write_text(_markdown(summary, {n: f"plots/{n}.png" for n in plots}), encoding="utf-8")
+    (out / "report.html").write_text(_html(summary, plots), encoding="utf-8")
+    return summary
