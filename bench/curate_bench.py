@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import string
 import sys
 import tempfile
@@ -166,15 +167,17 @@ def bench_curate(n: int) -> dict:
     from sftlab.data.curate import CurateOptions, curate
 
     convs = make_corpus(n)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     kept, report = curate(convs, CurateOptions())
-    seconds = time.perf_counter() - t0
-    return {"conversations": n, "seconds": round(seconds, 1), "per_second": round(n / seconds),
-            "kept": len(kept), "removed": dict(report.removed)}
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"conversations": n, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+            "per_second": round(n / seconds), "kept": len(kept), "removed": dict(report.removed),
+            "peak_rss_mb_with_corpus": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
 def bench_validate_stream(rows: int, workdir: Path) -> dict:
-    """Peak RSS of `sftlab data validate --skip` on a `rows`-line JSONL, against a 1/10 size file."""
+    """Peak RSS of `sftlab data validate --skip` on a `rows`-line JSONL, against a 1/10 size file,
+    with and without exact dedup (whose index holds one entry per unique record)."""
     def write(path: Path, n: int) -> None:
         rng = random.Random(2)
         with open(path, "w") as f:
@@ -186,10 +189,12 @@ def bench_validate_stream(rows: int, workdir: Path) -> dict:
     for n in (rows // 10, rows):
         src = workdir / f"rows{n}.jsonl"
         write(src, n)
-        run = run_child([sys.executable, "-m", "sftlab.cli", "data", "validate", str(src), "--skip",
-                         "--out", str(workdir / f"clean{n}.jsonl")], echo=False)
-        out[n] = {"seconds": round(run.wall_s, 1), "peak_rss_mb": round(run.peak_rss / 2**20), "rc": run.returncode,
-                  "file_mb": round(src.stat().st_size / 2**20)}
+        for flags in ([], ["--no-dedup"]):
+            run = run_child([sys.executable, "-m", "sftlab.cli", "data", "validate", str(src), "--skip",
+                             "--out", str(workdir / f"clean{n}.jsonl"), *flags], echo=False)
+            out[f"{n} rows{' ' + flags[0] if flags else ''}"] = {
+                "seconds": round(run.wall_s, 1), "peak_rss_mb": round(run.peak_rss / 2**20), "rc": run.returncode,
+                "file_mb": round(src.stat().st_size / 2**20)}
     return out
 
 
@@ -202,15 +207,15 @@ def main() -> None:
     args = ap.parse_args()
 
     results = {}
+    if args.rows:  # first: a child forked from a big parent would inherit its peak RSS
+        with tempfile.TemporaryDirectory() as d:
+            results["validate_stream"] = bench_validate_stream(args.rows, Path(d))
+        print("validate streaming:", results["validate_stream"], flush=True)
     convs, truth = make_near_dup_set(args.pairs, args.negatives)
     results["near_dup"] = near_dup_scores(convs, truth)
     print("near-dup (default options):", results["near_dup"], flush=True)
     results["curate"] = bench_curate(args.n)
     print("curate:", results["curate"], flush=True)
-    if args.rows:
-        with tempfile.TemporaryDirectory() as d:
-            results["validate_stream"] = bench_validate_stream(args.rows, Path(d))
-        print("validate streaming:", results["validate_stream"], flush=True)
     print(json.dumps(results))
 
 
