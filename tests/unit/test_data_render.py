@@ -1,0 +1,154 @@
+"""Exact masks, token by token, on chat templates of several families."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from sftlab.data.conversation import Conversation
+from sftlab.data.render import IGNORE, RenderOptions, TooLong, render, render_many
+from sftlab.errors import SftlabError
+
+TEMPLATES = Path(__file__).parents[1] / "fixtures" / "templates"
+
+# family -> (template file or None for the tokenizer's own ChatML, special tokens, bos, eos, end-of-turn, system?)
+FAMILIES = {
+    "chatml": (None, [], None, None, "<|im_end|>", True),
+    "llama3": ("llama3.jinja", ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>", True),
+    "mistral": ("mistral.jinja", ["<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", "</s>", False),
+    "gemma": ("gemma.jinja", ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<end_of_turn>", True),
+}
+
+
+def family_tokenizer(base, family):
+    template, specials, bos, eos, _, _ = FAMILIES[family]
+    tok = copy.deepcopy(base)
+    if template:
+        tok.add_special_tokens({"additional_special_tokens": specials})
+        tok.bos_token, tok.eos_token = bos, eos
+        tok.chat_template = (TEMPLATES / template).read_text()
+    return tok
+
+
+def conversation(system: bool):
+    msgs = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "2+2 equals 4."},
+        {"role": "user", "content": "And times three?"},
+        {"role": "assistant", "content": "That makes 12, since 4 x 3 = 12."},
+    ]
+    if system:
+        msgs.insert(0, {"role": "system", "content": "You are terse."})
+    return Conversation(msgs, source="mem:1")
+
+
+def trained_runs(example):
+    """Contiguous runs of trained token ids."""
+    runs, cur = [], []
+    for tok, lab in zip(example.input_ids, example.labels):
+        if lab != IGNORE:
+            assert lab == tok
+            cur.append(tok)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return runs
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("system", [False, True])
+def test_mask_is_exactly_assistant_content_plus_end_of_turn(tokenizer, family, system):
+    if system and not FAMILIES[family][5]:
+        pytest.skip("template has no system role")
+    tok = family_tokenizer(tokenizer, family)
+    conv = conversation(system)
+    ex = render(conv, tok)
+    # The ids are exactly the template's own tokenization: nothing added or dropped.
+    assert ex.input_ids == tok.apply_chat_template(conv.messages, tokenize=True, return_dict=True)["input_ids"]
+    eot = FAMILIES[family][4]
+    answers = [m["content"] for m in conv.messages if m["role"] == "assistant"]
+    runs = trained_runs(ex)
+    assert [tok.decode(r) for r in runs] == [a + eot for a in answers]
+    # and the end-of-turn token is one trained token, not text
+    assert all(r[-1] == tok.convert_tokens_to_ids(eot) for r in runs)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_last_turn_only(tokenizer, family):
+    tok = family_tokenizer(tokenizer, family)
+    ex = render(conversation(False), tok, RenderOptions(train_on="last"))
+    runs = trained_runs(ex)
+    assert [tok.decode(r) for r in runs] == ["That makes 12, since 4 x 3 = 12." + FAMILIES[family][4]]
+
+
+def test_template_without_end_marker_gets_trained_eos(tokenizer):
+    """The classic silent bug: no EOS after the answer and the model never learns to stop."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = (TEMPLATES / "plain_no_eos.jinja").read_text()
+    conv = conversation(False)
+    ex = render(conv, tok)
+    runs = trained_runs(ex)
+    assert len(runs) == 2
+    for run, answer in zip(runs, ["2+2 equals 4.", "That makes 12, since 4 x 3 = 12."]):
+        assert run[-1] == tok.eos_token_id
+        assert tok.decode(run[:-1]).strip() == answer
+    # the EOS is inserted right after each answer, before the template's newline
+    text = tok.decode(ex.input_ids)
+    assert "2+2 equals 4.<|im_end|>\nUser:" in text
+    assert text.endswith("= 12.<|im_end|>\n")
+
+
+def test_template_not_prefix_stable_falls_back_to_ordered_search(tokenizer):
+    tok = family_tokenizer(tokenizer, "mistral")
+    tok.chat_template = (TEMPLATES / "mistral_v3_system_last.jinja").read_text()
+    conv = conversation(True)
+    with pytest.warns(UserWarning, match="not prefix-stable"):
+        ex = render(conv, tok)
+    runs = trained_runs(ex)
+    # " That" is one token: a space the template puts before the answer merges into the
+    # answer's first token, which must be trained (the model has to generate it).
+    assert [tok.decode(r) for r in runs] == ["2+2 equals 4.</s>", " That makes 12, since 4 x 3 = 12.</s>"]
+
+
+def test_template_that_rewrites_content_is_a_clear_error(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | upper }}\n{% endfor %}"
+    tok.name_or_path = "my-odd-model"
+    with pytest.raises(SftlabError, match="my-odd-model.*verbatim"):
+        render(conversation(False), tok)
+
+
+def test_answer_text_also_in_prompt_is_located_after_the_prompt(tokenizer):
+    conv = Conversation([{"role": "user", "content": "Say yes"}, {"role": "assistant", "content": "yes"}])
+    ex = render(conv, tokenizer)
+    assert [tokenizer.decode(r) for r in trained_runs(ex)] == ["yes<|im_end|>"]
+
+
+def test_raw_text_trains_every_token_and_ends_with_eos(tokenizer):
+    ex = render(Conversation(text="Plain text for continued pretraining."), tokenizer)
+    assert ex.input_ids[-1] == tokenizer.eos_token_id
+    assert ex.labels == ex.input_ids
+
+
+def test_truncation_policies(tokenizer):
+    conv = conversation(False)
+    n = len(render(conv, tokenizer))
+    with pytest.raises(TooLong, match="mem:1"):
+        render(conv, tokenizer, RenderOptions(max_seq_length=n - 1))
+    cut = render(conv, tokenizer, RenderOptions(max_seq_length=n - 1, truncation="truncate"))
+    assert len(cut) == n - 1 and cut.truncated
+    # render_many keeps order and returns rejects in place
+    out = render_many([conv, Conversation(text="x"), conv], tokenizer, RenderOptions(max_seq_length=n - 1))
+    assert isinstance(out[0], TooLong) and isinstance(out[2], TooLong) and out[1].input_ids
+
+
+def test_missing_chat_template_is_a_clear_error(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    with pytest.raises(SftlabError, match="no chat template"):
+        render(conversation(False), tok)
