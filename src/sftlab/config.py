@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sftlab.data.curate import CurateOptions
 from sftlab.errors import SftlabError
 
 
@@ -39,13 +40,14 @@ class LoraConfig(Section):
 class DataConfig(Section):
     train: str = Field(..., description="Training data: .jsonl/.json/.csv/.parquet, a saved HF dataset folder, or a hub id.")
     validation: str | None = Field(None, description="Validation data (same formats); enables eval loss and early stopping.")
-    format: str | None = Field(None, description="Schema: alpaca | sharegpt | messages | prompt_completion | text (default: detect).")
+    format: str | None = Field(None, description="Schema: alpaca | sharegpt | messages | prompt_completion | text | preference (default: detect).")
     split: str | None = Field(None, description="Split name for HF datasets.")
     train_on: Literal["all", "last"] = Field("all", description="Train on all assistant turns or only the last.")
     max_seq_length: int = Field(1024, ge=8, description="Longest example in tokens.")
     truncation: Literal["drop", "truncate"] = Field("drop", description="What to do with longer examples (counted and reported).")
     on_error: Literal["raise", "skip"] = Field("raise", description="Bad records: stop with file:line, or skip into rejects.jsonl.")
     packing: bool = Field(True, description="Bin-pack examples into rows of max_seq_length (padding-free either way).")
+    curate: CurateOptions | None = Field(None, description="Curate the training data before rendering (dedup, filters, ...; see `sftlab data curate`).")
 
 
 class TrainingConfig(Section):

@@ -80,7 +80,7 @@ def _list(rng: random.Random) -> dict:
     items = rng.sample(ITEMS, rng.randint(3, 6))
     bullets = "\n".join(f"- {x}" for x in items)
     return {"task": "list", "prompt": f"Rewrite this list as one comma-separated line:\n{bullets}",
-            "answer": ", ".join(items)}
+            "answer": ", ".join(items), "metrics": ["bleu", "rouge"]}
 
 
 TASKS: dict[str, Callable[[random.Random], dict]] = {
@@ -91,8 +91,9 @@ TASKS: dict[str, Callable[[random.Random], dict]] = {
 def _record(item: dict, idx: int) -> dict:
     rec = {"id": f"{item['task']}-{idx}", "task": item["task"],
            "messages": [{"role": "user", "content": item["prompt"]}, {"role": "assistant", "content": item["answer"]}]}
-    if "label" in item:
-        rec["label"] = item["label"]
+    for key in ("label", "metrics"):  # classification label; extra metrics for evaluation
+        if key in item:
+            rec[key] = item[key]
     return rec
 
 

@@ -27,6 +27,7 @@ class PrepStats:
     seconds: float = 0.0
     fingerprint: str = ""
     rejects_file: str | None = None
+    curated: dict | None = None  # the curation report, when data.curate is set
     dropped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -37,8 +38,13 @@ class PrepStats:
             parts.append(f"{self.too_long} over max_seq_length dropped")
         if self.truncated:
             parts.append(f"{self.truncated} truncated")
+        if self.curated:
+            parts.append(f"{self.curated['removed_total']} removed by curation {self.curated['removed']}")
         parts.append(f"{'cache hit' if self.cached else 'rendered'} in {self.seconds:.2f}s")
         return f"{self.path}: " + ", ".join(parts)
+
+
+CACHED_STATS = ("records", "rejected", "too_long", "truncated", "dropped", "curated")
 
 
 def _data_digest(path: str, data: DataConfig) -> str:
@@ -52,19 +58,26 @@ def prepare_examples(path: str, tokenizer, data: DataConfig, cache_root: Path, r
 
     t0 = time.perf_counter()
     opts = RenderOptions(train_on=data.train_on, max_seq_length=data.max_seq_length, truncation=data.truncation)
-    key_opts = {**asdict(opts), "format": data.format, "split": data.split, "on_error": data.on_error}
+    key_opts = {**asdict(opts), "format": data.format, "split": data.split, "on_error": data.on_error,
+                "curate": data.curate.model_dump(mode="json") if data.curate else None,
+                "decontaminate": [file_digest(f) for f in data.curate.decontaminate] if data.curate else []}
     fp = fingerprint(_data_digest(path, data), tokenizer, key_opts)
     cache_file = cache_root / f"{fp}.npz"
     stats = PrepStats(path=path, fingerprint=fp)
     if cache_file.exists():
         examples, meta = load_examples(cache_file)
-        for k in ("records", "rejected", "too_long", "truncated", "dropped"):
+        for k in CACHED_STATS:
             setattr(stats, k, meta.get(k, getattr(stats, k)))
         stats.cached = True
     else:
         rejects = RejectLog(rejects_path) if data.on_error == "skip" else None
         conversations = load_conversations(path, format=data.format, split=data.split, on_error=data.on_error, rejects=rejects)
         stats.records = len(conversations) + (rejects.total if rejects else 0)
+        if data.curate is not None:
+            from sftlab.data.curate import curate
+
+            conversations, report = curate(conversations, data.curate, tokenizer=tokenizer)
+            stats.curated = report.to_json()
         rendered = render_many(conversations, tokenizer, opts)
         examples = []
         for conv, item in zip(conversations, rendered):
@@ -81,7 +94,7 @@ def prepare_examples(path: str, tokenizer, data: DataConfig, cache_root: Path, r
         stats.rejected = rejects.total if rejects else 0
         if rejects:
             rejects.close()
-        save_examples(cache_file, examples, {k: getattr(stats, k) for k in ("records", "rejected", "too_long", "truncated", "dropped")})
+        save_examples(cache_file, examples, {k: getattr(stats, k) for k in CACHED_STATS})
     if rejects_path and stats.rejected:
         stats.rejects_file = str(rejects_path)
     stats.examples = len(examples)
