@@ -43,5 +43,6 @@ def _print_example(ex, tokenizer) -> None:
     for tok, lab in zip(ex.input_ids, ex.labels):
         piece = tokenizer.decode([tok])
         text.append(piece, style="bold green on grey15" if lab != IGNORE else "dim")
-    console.rule(f"{ex.source}  ·  {len(ex)} tokens, {ex.num_trained} trained (green)")
+    console.rule(ex.source)
     console.print(text)
+    console.print(f"[dim]{len(ex)} tokens, {ex.num_trained} trained (highlighted green)[/]")

@@ -1,0 +1,45 @@
+"""The render cache: a hit on the second run, a miss when any input changes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from sftlab.config import DataConfig
+from sftlab.train.dataset import prepare_examples
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    from sftlab.demo.dataset import write_demo_dataset
+
+    return write_demo_dataset(tmp_path / "demo", sizes={"train": 5})["train"]
+
+
+def prep(path, tokenizer, cache, **overrides):
+    return prepare_examples(str(path), tokenizer, DataConfig(train=str(path), **overrides), cache)
+
+
+def test_second_run_hits_and_returns_identical_examples(data_file, tokenizer, tmp_path):
+    first, s1 = prep(data_file, tokenizer, tmp_path / "cache")
+    second, s2 = prep(data_file, tokenizer, tmp_path / "cache")
+    assert not s1.cached and s2.cached
+    assert [(e.input_ids, e.labels, e.source) for e in first] == [(e.input_ids, e.labels, e.source) for e in second]
+    assert (s2.records, s2.examples, s2.trained_tokens) == (s1.records, s1.examples, s1.trained_tokens)
+
+
+def test_any_input_change_misses(data_file, tokenizer, tmp_path):
+    cache = tmp_path / "cache"
+    _, base = prep(data_file, tokenizer, cache)
+    # render option
+    assert not prep(data_file, tokenizer, cache, train_on="last")[1].cached
+    assert not prep(data_file, tokenizer, cache, max_seq_length=512)[1].cached
+    # chat template
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = tok.chat_template.replace("You are a helpful AI assistant", "You are a terse assistant")
+    assert not prep(data_file, tok, cache)[1].cached
+    # data content (same file name)
+    data_file.write_text(data_file.read_text().replace("Convert", "Turn"), encoding="utf-8")
+    changed = prep(data_file, tokenizer, cache)[1]
+    assert not changed.cached and changed.fingerprint != base.fingerprint
