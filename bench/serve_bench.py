@@ -55,6 +55,7 @@ async def level(url: str, clients: int, max_tokens: int) -> dict:
     t = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))
     wall = time.perf_counter() - t
+    await client.close()
     q = statistics.quantiles(latencies, n=20)
     return {"clients": clients, "requests": n, "req_s": n / wall, "tok_s": sum(tokens) / wall,
             "p50": statistics.median(latencies), "p95": q[18]}

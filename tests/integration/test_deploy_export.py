@@ -227,3 +227,27 @@ def test_triton_repository_served_by_tritonserver_matches_pytorch(triton_repo):
     with pytest.raises(Exception, match="max_tokens"):
         client.infer("sftlab", [bad], parameters={"max_tokens": 10**6})
     client.close()
+
+
+@pytest.mark.slow
+def test_openai_server_on_the_triton_backend_handles_concurrent_requests(triton_repo):
+    import asyncio
+
+    import httpx
+    from transformers import AutoTokenizer
+
+    from sftlab.serve.backends import TritonBackend
+    from sftlab.serve.openai_api import create_app
+
+    repo, server = triton_repo
+    backend = TritonBackend(server, AutoTokenizer.from_pretrained(repo / "sftlab" / "1" / "weights"), "sftlab")
+    app = create_app(backend, "tuned")
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=120) as c:
+            body = lambda i: {"messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 4}  # noqa: E731
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=body(i)) for i in range(8)))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 8
+    assert all(r.json()["usage"]["completion_tokens"] <= 4 for r in responses)

@@ -92,12 +92,18 @@ class TritonBackend:
     """Forwards each request to a Triton server running an `sftlab export --to triton` repository;
     Triton's dynamic batcher does the batching."""
 
-    def __init__(self, server, tokenizer, model_name: str, *, concurrency: int = 64):
+    def __init__(self, server, tokenizer, model_name: str):
         import tritonclient.http as httpclient
 
         self.server, self.tokenizer, self.model_name = server, tokenizer, model_name
-        self._client = httpclient.InferenceServerClient(server.url, concurrency=concurrency, network_timeout=600)
         self._http = httpclient
+        self._local = threading.local()  # tritonclient's http client (gevent) is not thread-safe
+
+    def _infer(self, inputs, params):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self._http.InferenceServerClient(self.server.url, network_timeout=600)
+        return client.infer(self.model_name, inputs, parameters=params)
 
     async def generate(self, *, ids: list[int], messages=None, prompt=None, max_tokens: int, temperature: float,
                        top_p: float, on_token=None) -> Completion:
@@ -107,12 +113,11 @@ class TritonBackend:
         inp = self._http.InferInput("text", [1, 1], "BYTES")
         inp.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=np.object_))
         params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
-        result = await asyncio.to_thread(self._client.infer, self.model_name, [inp], parameters=params)
+        result = await asyncio.to_thread(self._infer, [inp], params)
         return Completion(result.as_numpy("text")[0, 0].decode("utf-8"), result.as_numpy("finish_reason")[0, 0].decode(),
                           int(result.as_numpy("prompt_tokens")[0, 0]), int(result.as_numpy("completion_tokens")[0, 0]))
 
     def close(self) -> None:
-        self._client.close()
         self.server.stop()
 
 
