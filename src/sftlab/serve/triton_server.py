@@ -8,6 +8,7 @@ name its LIBDIR, or the stub loads the system libpython. Bound to 127.0.0.1 unle
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import shutil
@@ -100,6 +101,7 @@ class TritonServer:
         self._log = open(log, "wb")
         self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self._env(),
                                         start_new_session=True)
+        atexit.register(self.stop)  # never leave a tritonserver behind if the caller crashes
         try:
             self._wait_ready(log)
         except BaseException:
