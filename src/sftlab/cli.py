@@ -46,6 +46,14 @@ def _closest(name: str) -> str:
     return f" Did you mean '{match[0]}'?" if match else ""
 
 
+def _quiet_third_party_logs() -> None:
+    import logging
+
+    # bitsandbytes (imported by peft) warns at import that an optional CPU 4-bit kernel
+    # package is missing, on every run, LoRA ones included; its fallback works.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -62,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from sftlab.errors import SftlabError
 
+    _quiet_third_party_logs()
     module = importlib.import_module(COMMANDS[name][0])
     try:
         module.app(args=rest, prog_name=f"sftlab {name}", standalone_mode=False)
