@@ -89,7 +89,7 @@ def test_report_numbers_are_the_metrics_json(monkeypatch, model, tokenizer, tmp_
         assert rows[key][:3] == [fmt(value), fmt(saved["tuned"]["metrics"][key]), fmt_delta(d)]
         assert f"<td>{fmt(value)}</td>" in html and f"<td>{fmt_delta(d)}</td>" in html
     assert "overfitting started there" in md and "overfitting from step 10" in md
-    assert len(re.findall(r"src='data:image/png;base64,[A-Za-z0-9+/=]{200,}'", html)) == 2  # bars + loss curves
+    assert len(re.findall(r"src='data:image/png;base64,[A-Za-z0-9+/=]{200,}'", html)) == 3  # metrics, per task, loss curves
     assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -31,8 +31,9 @@ def test_a_new_best_resets_the_count():
 
 def test_read_metrics_jsonl_skips_broken_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    events = [{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 1.9}, {"step": 3, "overfit_warning": True,
-                                                                       "overfit_start_step": 2}]
+    events = [{"step": 1, "loss": 2.5}, {"step": 2, "eval_loss": 1.9}, {"step": 3, "overfit_warning": True,
+                                                                       "overfit_start_step": 2},
+              {"step": 1, "loss": 2.0}]  # resumed: step 1 logged again
     path.write_text("\n".join(json.dumps(e) for e in events) + '\n{"step": 4, "lo')
     curves = read_metrics_jsonl(path)
     assert curves.train == [(1, 2.0)]

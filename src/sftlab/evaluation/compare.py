@@ -166,6 +166,8 @@ def write_compare_report(
         if hasattr((bias or {}).get(name), "save"):
             bias[name].save(out / name)
     images = {"metrics.png": plots.metric_bars(data)}
+    if any("exact_match" in s for s in base.by_group.values()):
+        images["tasks.png"] = plots.group_bars(data, "exact_match")
     for name, curves in data["runs"].items():
         images[f"loss-{name}.png"] = plots.loss_curves(name, curves)
     for fname, png in images.items():

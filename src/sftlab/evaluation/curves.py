@@ -24,8 +24,12 @@ class Curves:
 
 
 def read_metrics_jsonl(path: str | Path) -> Curves:
-    """Train and validation losses by step; unreadable lines (a crash mid-write) are skipped."""
+    """Train and validation losses by step; unreadable lines (a crash mid-write) are skipped.
+
+    After a resumed run a step can appear twice: the later line wins."""
     curves = Curves()
+    train: dict[float, float] = {}
+    validation: dict[float, float] = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
@@ -38,9 +42,10 @@ def read_metrics_jsonl(path: str | Path) -> Curves:
             if event.get("overfit_warning"):
                 curves.flagged.append(event)
             elif isinstance(event.get("loss"), (int, float)):
-                curves.train.append((step, float(event["loss"])))
+                train[step] = float(event["loss"])
             if isinstance(event.get("eval_loss"), (int, float)):
-                curves.validation.append((step, float(event["eval_loss"])))
+                validation[step] = float(event["eval_loss"])
+    curves.train, curves.validation = sorted(train.items()), sorted(validation.items())
     return curves
 
 

@@ -62,3 +62,22 @@ def loss_curves(name: str, curves: dict[str, Any]) -> bytes:
     ax.set_title(f"{name}: training curves")
     ax.legend(fontsize=8)
     return _png(plt, fig)
+
+
+def group_bars(data: dict[str, Any], key: str) -> bytes:
+    """`key` (e.g. exact_match) per task, one colour per model."""
+    models = list(data["models"])
+    groups = list(dict.fromkeys(g for m in models for g, s in data["models"][m]["by_group"].items() if key in s))
+    plt, fig, ax = _figure(max(5.0, 1.1 * len(groups) + 2), 3.4)
+    width = 0.8 / len(models)
+    scale = 1 if key in PERCENT_SCALE else 100
+    for i, name in enumerate(models):
+        values = [data["models"][name]["by_group"].get(g, {}).get(key, 0.0) * scale for g in groups]
+        bars = ax.bar([x + i * width for x in range(len(groups))], values, width, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(groups))], groups, rotation=20)
+    ax.set_ylabel(f"{key} (0-100)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{key} per task")
+    return _png(plt, fig)

@@ -78,6 +78,8 @@ def blocks(data: dict[str, Any], images: list[str]) -> list[Block]:
     groups = list(dict.fromkeys(g for m in models for g in data["models"][m]["by_group"]))
     if groups:
         out.append(("h2", "Per task"))
+        if "tasks.png" in images:
+            out.append(("img", "tasks.png", "exact match per task"))
         for g in groups:
             out.append(("h3", g))
             gkeys = list(dict.fromkeys(k for m in models for k in data["models"][m]["by_group"].get(g, {})))
