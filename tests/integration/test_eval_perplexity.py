@@ -79,3 +79,23 @@ def test_multiple_choice_picks_the_best_length_normalised_option(model, tokenize
     assert result.scores == pytest.approx(expected, rel=1e-5)
     assert result.predicted == max(range(3), key=expected.__getitem__)
     assert result.answer == 0 and result.correct == (result.predicted == 0)
+
+
+def test_evaluate_with_choices_scores_without_generating(model, tokenizer, monkeypatch):
+    from sftlab.errors import DataError
+    from sftlab.evaluation.evaluate import evaluate
+
+    monkeypatch.setattr("sftlab.evaluation.generate.generate_batch", None)  # 'choice' alone must not generate
+    convs = [Conversation([{"role": "user", "content": f"Pick {i}"}, {"role": "assistant", "content": "b"}],
+                          f"mc:{i}", meta={"choices": ["a", "b", "c"], "task": "mc"}) for i in range(4)]
+    result = evaluate(model, tokenizer, convs, metrics=["choice"], progress=False)
+    correct = [r["choice"]["predicted"] == 1 for r in result.records]
+    assert result.metrics == {"choice_accuracy": sum(correct) / 4}
+    assert all(r["choice"]["answer"] == 1 for r in result.records)
+    convs.append(Conversation([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "mc:none"))
+    with pytest.raises(DataError, match="mc:none: metric 'choice' needs 'choices'"):
+        evaluate(model, tokenizer, convs, metrics=["choice"], progress=False)
+    bad = Conversation([{"role": "user", "content": "x"}, {"role": "assistant", "content": "z"}], "mc:bad",
+                       meta={"choices": ["a", "b"]})
+    with pytest.raises(DataError, match="mc:bad: answer 'z' is not one of the choices"):
+        evaluate(model, tokenizer, [bad], metrics=["choice"], progress=False)

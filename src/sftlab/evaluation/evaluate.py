@@ -96,10 +96,7 @@ def _text_metrics(names: Sequence[str]) -> list[M.Metric]:
 
 
 def scores_of(records: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, float]:
-    """Corpus scores of `names` over saved records (mean metrics from their per-example scores).
-
-    Used for the overall and per-group numbers and, on resampled records, for bootstrap CIs.
-    """
+    """Corpus scores of `names` over saved records (mean metrics from their per-example scores)."""
     from sftlab.evaluation.perplexity import LogLikelihood, aggregate
 
     out: dict[str, float] = {}
@@ -161,6 +158,10 @@ def evaluate(
         selected = {OVERALL: default_metrics(conversations)}
         selected.update({g: default_metrics([conversations[i] for i in idx]) for g, idx in members.items()})
     wanted = M.expand([n for names in selected.values() for n in names])
+    if "choice" in selected[OVERALL]:
+        missing = next((c for c in conversations if "choices" not in c.meta), None)
+        if missing is not None:
+            raise DataError(missing.source, "metric 'choice' needs 'choices' on every record")
 
     records: list[dict[str, Any]] = []
     for c, g in zip(conversations, groups):
@@ -177,10 +178,11 @@ def evaluate(
             model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
             batch_size=batch_size, do_sample=do_sample, temperature=temperature, top_p=top_p, progress=progress,
         )
+        per_group = {g: _text_metrics(M.expand(selected[OVERALL] + selected.get(g, []))) for g in set(groups)}
         for rec, pred, g in zip(records, predictions, groups):
             rec["prediction"] = pred
             refs = rec.get("references") or [rec["reference"]]
-            for m in _text_metrics(M.expand(selected[OVERALL] + selected.get(g, []))):
+            for m in per_group[g]:
                 if m.per_example is not None:
                     rec["scores"].update(m.per_example(pred, refs))
     if "perplexity" in wanted:
@@ -194,9 +196,6 @@ def evaluate(
         from sftlab.evaluation.choice import score_choices
 
         items = [i for i, c in enumerate(conversations) if "choices" in c.meta]
-        if len(items) < len(conversations) and "choice" in selected[OVERALL]:
-            missing = next(c for c in conversations if "choices" not in c.meta)
-            raise DataError(missing.source, "metric 'choice' needs 'choices' on every record")
         chosen = score_choices(model, tokenizer, [conversations[i] for i in items], batch_size=batch_size,
                                progress=progress)
         for i, res in zip(items, chosen):
