@@ -57,13 +57,16 @@ def test_perplexity_is_exp_of_training_loss(model, tokenizer, batch_size):
     assert result.perplexity == pytest.approx(math.exp(loss), rel=1e-5)
 
 
-def test_per_example_log_likelihoods_do_not_depend_on_batching(model, tokenizer):
+def test_per_example_log_likelihoods_do_not_depend_on_batching(model, tokenizer, monkeypatch):
     examples = [render(c, tokenizer) for c in conversations()]
     one = sequence_logprobs(model, examples, batch_size=1)
     many = sequence_logprobs(model, examples, batch_size=5)
-    for a, b in zip(one, many):
-        assert a.tokens == b.tokens
+    monkeypatch.setattr("sftlab.evaluation.perplexity.LOGITS_BUDGET", 1)  # one row per forward
+    split = sequence_logprobs(model, examples, batch_size=5)
+    for a, b, c in zip(one, many, split):
+        assert a.tokens == b.tokens == c.tokens
         assert a.logprob == pytest.approx(b.logprob, rel=1e-5, abs=1e-4)
+        assert a.logprob == pytest.approx(c.logprob, rel=1e-5, abs=1e-4)
 
 
 def test_multiple_choice_picks_the_best_length_normalised_option(model, tokenizer):

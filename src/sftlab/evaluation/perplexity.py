@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from sftlab.data.conversation import Conversation, Example
 
 IGNORE = -100
+LOGITS_BUDGET = 256 * 1024**2  # bytes of fp32 logits one forward may produce
 
 
 @dataclass
@@ -37,15 +38,20 @@ def sequence_logprobs(
     model, examples: Sequence[Example], *, batch_size: int = 8, progress: bool = False, desc: str = "score"
 ) -> list[LogLikelihood]:
     """Log-likelihood of each example's labelled tokens (labels are not shifted: position p
-    predicts token p+1, as in the training loss). Forwards use `use_cache=False`."""
+    predicts token p+1, as in the training loss). Forwards use `use_cache=False`.
+
+    Rows are left-padded (with explicit position ids), so answers, which end the sequences,
+    share columns and the vocabulary projection covers few positions; rows are split further
+    when those logits would exceed LOGITS_BUDGET bytes.
+    """
     import torch
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     for ex in examples:
         if len(ex.input_ids) != len(ex.labels):
             raise ValueError(f"{ex.source}: input_ids and labels differ in length")
     device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     out: list[LogLikelihood | None] = [None] * len(examples)
     was_training = model.training
@@ -58,38 +64,47 @@ def sequence_logprobs(
                 width = max(len(examples[i].input_ids) for i in idx)
                 input_ids = torch.zeros((len(idx), width), dtype=torch.long)
                 attention = torch.zeros((len(idx), width), dtype=torch.long)
+                positions = torch.zeros((len(idx), width), dtype=torch.long)
                 targets = torch.full((len(idx), width), IGNORE, dtype=torch.long)
-                for row, i in enumerate(idx):  # right padding; position p is scored on labels[p + 1]
+                for row, i in enumerate(idx):  # left padding; position p is scored on labels[p + 1]
                     ex = examples[i]
-                    n = len(ex.input_ids)
-                    input_ids[row, :n] = torch.tensor(ex.input_ids)
-                    attention[row, :n] = 1
-                    targets[row, : n - 1] = torch.tensor(ex.labels[1:])
+                    n, pad = len(ex.input_ids), width - len(ex.input_ids)
+                    input_ids[row, pad:] = torch.tensor(ex.input_ids)
+                    attention[row, pad:] = 1
+                    positions[row, pad:] = torch.arange(n)
+                    targets[row, pad : width - 1] = torch.tensor(ex.labels[1:])
                 keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    for i in idx:
-                        out[i] = LogLikelihood(0.0, 0)
-                    bar.update(len(idx))
-                    continue
-                logits = model(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention.to(device),
-                    use_cache=False,
-                    logits_to_keep=keep.to(device),
-                ).logits
-                tgt = targets[:, keep].to(device)
-                nll = F.cross_entropy(
-                    logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE, reduction="none"
-                ).view(tgt.shape)
-                sums = (-nll).sum(dim=1).tolist()
-                counts = (tgt != IGNORE).sum(dim=1).tolist()
-                for row, i in enumerate(idx):
-                    out[i] = LogLikelihood(sums[row], int(counts[row]))
+                rows_per_pass = max(1, LOGITS_BUDGET // max(1, keep.numel() * vocab * 4))
+                for lo in range(0, len(idx), rows_per_pass):
+                    part = slice(lo, lo + rows_per_pass)
+                    sums, counts = _score_rows(model, device, input_ids[part], attention[part], positions[part],
+                                               targets[part], keep)
+                    for row, i in enumerate(idx[part]):
+                        out[i] = LogLikelihood(sums[row], counts[row])
                 bar.update(len(idx))
     finally:
         bar.close()
         model.train(was_training)
     return out  # type: ignore[return-value]
+
+
+def _score_rows(model, device, input_ids, attention, positions, targets, keep) -> tuple[list[float], list[int]]:
+    import torch.nn.functional as F
+
+    if keep.numel() == 0:
+        return [0.0] * len(input_ids), [0] * len(input_ids)
+    logits = model(
+        input_ids=input_ids.to(device),
+        attention_mask=attention.to(device),
+        position_ids=positions.to(device),
+        use_cache=False,
+        logits_to_keep=keep.to(device),
+    ).logits
+    tgt = targets[:, keep].to(device)
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(tgt.shape)
+    return (-nll).sum(dim=1).tolist(), [int(c) for c in (tgt != IGNORE).sum(dim=1).tolist()]
 
 
 def aggregate(lls: Sequence[LogLikelihood]) -> tuple[float, float, int]:
