@@ -1,0 +1,98 @@
+"""Helpers shared by the benchmarks: child processes with their peak RSS, the CPU's
+measured matmul peak, machine load, and a results table.
+
+Peak RSS comes from the kernel (`wait4` rusage `ru_maxrss` of that one child), so it is
+the true high-water mark of the child's resident memory, not a sampled value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT_PREFIX = "BENCH_RESULT "  # a child prints one line `BENCH_RESULT {json}` with its numbers
+
+
+@dataclass
+class ChildRun:
+    returncode: int
+    wall_s: float
+    peak_rss: int  # bytes
+    result: dict  # the child's BENCH_RESULT payload ({} when it printed none)
+    output: str
+
+
+def run_child(cmd: list[str], *, env: dict[str, str] | None = None, echo: bool = True) -> ChildRun:
+    """Run `cmd`, stream its output, and return its wall time, peak RSS and BENCH_RESULT."""
+    full_env = {**os.environ, **(env or {})}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=ROOT)
+    lines = []
+    result: dict = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX):])
+        elif echo:
+            sys.stdout.write("    " + line)
+            sys.stdout.flush()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    return ChildRun(proc.returncode, wall, usage.ru_maxrss * 1024, result, "".join(lines))
+
+
+def report_result(payload: dict) -> None:
+    """Called in a child: hand numbers back to the parent."""
+    print(RESULT_PREFIX + json.dumps(payload), flush=True)
+
+
+def self_peak_rss() -> int:
+    """Peak RSS of the calling process so far, in bytes."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 8, dtype: str = "float32") -> float:
+    """Best achieved FLOP/s of an n x n x n matmul with the current torch thread count."""
+    import torch
+
+    a = torch.randn(n, n, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, dtype=getattr(torch, dtype))
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def load_note() -> str:
+    """The machine's load averages: other processes make timings noisy."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+
+
+def gib(n: float) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)

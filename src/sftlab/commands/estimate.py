@@ -1,0 +1,82 @@
+"""`sftlab estimate MODEL --method lora ...`: memory needed to train, from the config only."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+
+
+class Method(str, Enum):
+    full = "full"
+    lora = "lora"
+    qlora = "qlora"
+
+
+class Dtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class ComputeDtype(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Optimizer(str, Enum):
+    adamw = "adamw"
+    adamw_8bit = "adamw_8bit"
+    sgd = "sgd"
+
+
+class Loss(str, Enum):
+    selective = "selective"
+    full = "full"
+
+
+@app.command()
+def estimate(
+    model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, run directory, or 'default'."),
+    method: Method = typer.Option(Method.lora, help="full fine-tuning, LoRA, or QLoRA (4-bit nf4 base)."),
+    seq_len: int = typer.Option(1024, "--seq-len", min=1, help="Tokens per row (max_seq_length; a packed row is full)."),
+    batch: int = typer.Option(8, min=1, help="Rows per device per step."),
+    lora_r: int = typer.Option(16, "--lora-r", min=1, help="LoRA rank."),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout", min=0, max=1, help="LoRA dropout (> 0 keeps more activations)."),
+    target_modules: str = typer.Option("all-linear", "--target-modules", help="'all-linear' or comma-separated module names."),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in the backward pass."),
+    dtype: ComputeDtype = typer.Option(ComputeDtype.auto, help="Compute precision: fp32, bf16 mixed precision (autocast), or auto (bf16 where supported, as sftlab train)."),
+    weights_dtype: Dtype = typer.Option(Dtype.fp32, "--weights-dtype", help="How the weights are stored (sftlab loads fp32 on CPU)."),
+    optimizer: Optimizer = typer.Option(Optimizer.adamw, help="adamw (2 fp32 states), adamw_8bit, or sgd."),
+    trained_fraction: float = typer.Option(0.5, "--trained-fraction", min=0.001, max=1, help="Share of tokens that are trained (assistant tokens)."),
+    loss: Loss = typer.Option(Loss.selective, help="selective: sftlab's loss on trained positions; full: plain HF logits."),
+    memory: str = typer.Option(None, help="Memory to fit into, e.g. 24GiB or 80GB (default: this machine's RAM)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON (bytes) instead of a table."),
+) -> None:
+    """Estimate peak training memory (weights, gradients, optimizer, activations, logits) without loading weights."""
+    import json
+
+    from rich.console import Console
+
+    from sftlab.estimate import estimate_memory, parse_memory, system_memory
+
+    targets = "all-linear" if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
+    budget = parse_memory(memory) if memory else system_memory()
+    est = estimate_memory(
+        model, method.value, seq_len, batch,
+        lora_r=lora_r, lora_dropout=lora_dropout, target_modules=targets,
+        gradient_checkpointing=grad_checkpointing, dtype=dtype.value, weights_dtype=weights_dtype.value,
+        optimizer=optimizer.value, trained_fraction=trained_fraction, loss=loss.value,
+    )
+    if as_json:
+        print(json.dumps(est.as_dict() | {"memory": budget, "max_batch": est.max_batch(budget)}, indent=2))
+        return
+    console = Console()
+    console.print(est.table(memory=budget))
+    if loss is Loss.selective:
+        console.print(f"A plain HF forward would need {est.logits_full / 1024**3:.2f} GiB for the logits instead of "
+                      f"{est.logits / 1024**3:.2f} GiB.")
+    fits = "fits" if est.total <= budget else "does NOT fit"
+    console.print(f"Batch {batch} {fits} in {budget / 1024**3:.2f} GiB; the largest batch that fits is {est.max_batch(budget)}.")

@@ -1,0 +1,429 @@
+"""Training memory estimate from a model's config alone (no weights are read).
+
+The parameter count is exact: the model is instantiated on the meta device. Everything
+else is a formula over the config, written out below so it can be checked by hand:
+
+Fixed costs (do not grow with the batch), P = all parameters, N = trainable parameters:
+- weights: P x 4 bytes (fp32), or 2 (``weights_dtype="bf16"``). QLoRA: the linear weights
+  of the decoder layers in nf4, 0.5 byte each plus the quantisation state (one absmax per
+  block of 64 weights: 4 bytes, or 1 byte + a second-level fp32 absmax per 256 blocks with
+  double quantisation), the rest (embeddings, norms) in ``weights_dtype``.
+- LoRA parameters: ``r x (in + out)`` per adapted linear layer (all linear layers except
+  the output head by default, as PEFT's "all-linear"); always fp32.
+- gradients: N x bytes of the trainable weights. Optimizer: AdamW keeps 2 states per
+  trainable parameter in its dtype (8 bytes for fp32); ``adamw_8bit`` 2 bytes; SGD none.
+- mixed precision (``dtype="bf16"`` on fp32 weights, i.e. autocast): the fp32 weights are
+  the master copy and every linear weight gets a bf16 working copy that autograd keeps
+  until the backward pass (2 bytes per linear weight; with gradient checkpointing only one
+  layer's copies live at a time).
+- runtime: the process itself (Python, torch, transformers: ~0.45 GiB RSS measured on CPU;
+  the CUDA context on a GPU is of the same order).
+
+Per-token costs (grow with batch x seq_len). Activations saved for the backward pass of
+one Llama-style decoder layer (RMSNorm, attention with SDPA, gated MLP), per token, with
+h = hidden, i = intermediate, kv = key/value width, H = attention heads; ``a`` = bytes of
+the compute dtype (4 fp32, 2 bf16), ``s`` = bytes of the residual stream (the weights'
+dtype):
+- 2 RMSNorms: their input (2h x s), 1/rms (2 x 4), and when the norm weights train
+  (full fine-tuning) the normalised input in fp32 (2h x 4);
+- attention: rotated q (h x a), k and v (2kv x a), the output (h x a), log-sum-exp (H x 4);
+- inputs of the linear layers: in fp32 the norm outputs are shared (2h + i) x a; under
+  autocast (or with LoRA dropout) every reader keeps its own copy: sum of the in-features
+  of the linear layers reading it (q, k, v, gate, up: 5h; plus o and down for LoRA);
+- gated MLP: gate, up and act(gate) outputs (3i x a);
+- LoRA: the rank-r output of each lora_A (r x a); with dropout > 0 each adapted layer
+  keeps its own dropped input (in x a) and the dropout mask (in x 4 on CPU, where the
+  mask is a float tensor; 1 byte on CUDA, so this over-estimates a GPU slightly);
+- QLoRA: as LoRA, but bitsandbytes' 4-bit layers return the input's dtype, so under
+  autocast the MLP outputs stay fp32 (3i x 4).
+Checked term by term against the tensors autograd saves (tests/integration). With
+gradient checkpointing only each layer's input is kept (h x s per layer) and one layer's
+activations are rebuilt at a time during the backward pass.
+
+Logits: a plain HF forward materialises seq x vocab logits for every position, upcasts
+them to fp32 and keeps the log-softmax for the backward pass; at the peak of the backward
+pass three fp32 tokens x vocab tensors are alive (log-softmax, its gradient, the logits'
+gradient), plus the bf16 logits under autocast: (12 + 2) bytes x tokens x vocab.
+sftlab's loss (train/loss.py) runs the head only on trained positions (K =
+``trained_fraction`` of the tokens): the saved fp32 log-softmax (4 B) and the logits or
+their gradient in the compute dtype (2a B) per trained position and vocab entry, plus one
+fp32 cross-entropy chunk of ``loss_chunk`` rows and its gradient (8 B x chunk x vocab).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from sftlab.errors import SftlabError
+
+Method = Literal["full", "lora", "qlora"]
+GiB = 1024**3
+_OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "sgd": 0}  # per fp32 trainable parameter
+RUNTIME_BYTES = int(0.45 * GiB)  # RSS of a process that imported torch + transformers + peft (CPU)
+NF4_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs from a model, read from its config and a meta-device instance."""
+
+    n_params: int
+    n_layers: int
+    hidden: int
+    intermediate: int
+    n_heads: int
+    kv_width: int
+    vocab: int
+    decoder_linear_params: int  # weights of nn.Linear layers outside the output head
+    decoder_linear_weights: int  # same, weights only (what nf4 quantises)
+    layer_linears: tuple[tuple[str, int, int], ...]  # (name, in, out) of one decoder layer
+    lora_candidates: tuple[tuple[str, int, int], ...]  # every linear except the output head
+    architecture: str = ""
+
+
+def load_model_config(model: Any):
+    """A transformers config from a config object, a folder, a .gguf, a run dir, or an id."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model
+    from sftlab.models import is_run_dir, resolve_model_path, run_artifacts
+
+    name = str(model)
+    if is_run_dir(name):
+        art = run_artifacts(name)
+        name = art["model"] or art["base"]
+    path, gguf = resolve_model_path(name)
+    try:
+        # With gguf_file, transformers reads the GGUF metadata only, not the tensors.
+        return AutoConfig.from_pretrained(path, gguf_file=gguf, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise SftlabError(f"could not read the config of '{model}': {str(e).splitlines()[0]}") from e
+
+
+def model_shape(config) -> ModelShape:
+    """Instantiate the model on the meta device (no memory, no weights) and measure it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as e:
+        raise SftlabError(f"cannot build a causal LM from this config: {e}") from e
+    text = getattr(config, "get_text_config", lambda: config)()
+    h = text.hidden_size
+    n_heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or h // n_heads
+    n_kv = getattr(text, "num_key_value_heads", None) or n_heads
+    intermediate = getattr(text, "intermediate_size", None) or 4 * h
+    head = model.get_output_embeddings()
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    layer0 = _first_layer_prefix([n for n, _ in linears])
+    return ModelShape(
+        n_params=sum(p.numel() for p in model.parameters()),
+        n_layers=text.num_hidden_layers,
+        hidden=h,
+        intermediate=intermediate,
+        n_heads=n_heads,
+        kv_width=n_kv * head_dim,
+        vocab=text.vocab_size,
+        decoder_linear_params=sum(p.numel() for _, m in linears for p in m.parameters()),
+        decoder_linear_weights=sum(m.weight.numel() for _, m in linears),
+        layer_linears=tuple((n[len(layer0):], m.in_features, m.out_features) for n, m in linears if n.startswith(layer0)),
+        lora_candidates=tuple((n, m.in_features, m.out_features) for n, m in linears),
+        architecture=type(model).__name__,
+    )
+
+
+def _first_layer_prefix(names: list[str]) -> str:
+    for n in names:
+        m = re.search(r"^(.*?\.)0\.", n)
+        if m:
+            return m.group(0)
+    raise SftlabError("no repeated decoder layers (…layers.0.…) found: not a decoder-only transformer")
+
+
+def _targets(candidates, target_modules: str | list[str]) -> list[tuple[str, int, int]]:
+    """PEFT's matching: 'all-linear', or a module whose name equals or ends with '.<target>'."""
+    if target_modules == "all-linear":
+        return list(candidates)
+    wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    chosen = [c for c in candidates if any(c[0] == t or c[0].endswith("." + t) for t in wanted)]
+    if not chosen:
+        raise SftlabError(f"LoRA target modules {wanted} match no linear layer of this model")
+    return chosen
+
+
+@dataclass
+class Estimate:
+    """Peak training memory in bytes, by component, for one device/process."""
+
+    weights: int
+    weight_copies: int
+    lora_params: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    runtime: int
+    # context
+    n_params: int
+    trainable_params: int
+    method: str
+    batch: int
+    seq_len: int
+    dtype: str = "fp32"
+    per_row: int = 0  # bytes added by each extra row of the batch
+    logits_full: int = 0  # what a plain HF forward would need for the logits instead
+    notes: dict[str, str] = field(default_factory=dict)
+    rebuild: Callable[[int], Estimate] | None = field(default=None, repr=False, compare=False)  # same setup, another batch
+
+    COMPONENTS = ("weights", "weight_copies", "lora_params", "gradients", "optimizer", "activations", "logits", "runtime")
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, c) for c in self.COMPONENTS)
+
+    def max_batch(self, memory: int) -> int:
+        """Largest batch (rows of seq_len tokens) whose estimate fits in `memory` bytes; 0 if none."""
+        total = (lambda b: self.rebuild(b).total) if self.rebuild else (lambda b: self.total + (b - self.batch) * self.per_row)
+        if total(1) > memory:
+            return 0
+        lo, hi = 1, 2
+        while total(hi) <= memory:  # memory grows at least linearly with the batch
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if total(mid) <= memory else (lo, mid)
+        return lo
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rebuild"}
+        d["total"] = self.total
+        return d
+
+    def table(self, memory: int | None = None):
+        """A rich Table of the components (GiB) and what each one counts."""
+        from rich.table import Table
+
+        t = Table(title=f"{self.method} fine-tuning ({self.dtype}), batch {self.batch} x {self.seq_len} tokens")
+        t.add_column("component")
+        t.add_column("GiB", justify="right")
+        t.add_column("what it counts")
+        labels = {
+            "weights": "weights",
+            "weight_copies": "bf16 working copies",
+            "lora_params": "LoRA parameters",
+            "gradients": "gradients",
+            "optimizer": "optimizer states",
+            "activations": "activations",
+            "logits": "logits (loss)",
+            "runtime": "runtime",
+        }
+        for c in self.COMPONENTS:
+            value = getattr(self, c)
+            if value or c in ("weights", "activations", "logits"):
+                t.add_row(labels[c], _gib(value), self.notes.get(c, ""))
+        t.add_section()
+        t.add_row("total", _gib(self.total), f"{self.n_params:,} parameters, {self.trainable_params:,} trainable")
+        if memory is not None:
+            t.add_row("largest batch", str(self.max_batch(memory)), f"rows of {self.seq_len} tokens in {_gib(memory)} GiB")
+        return t
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def activation_bytes_per_token(
+    shape: ModelShape,
+    *,
+    method: Method,
+    compute_bytes: int,
+    stream_bytes: int,
+    lora_targets: list[tuple[str, int, int]],
+    lora_r: int,
+    lora_dropout: float,
+) -> int:
+    """Bytes autograd keeps per token for ONE decoder layer (see the module docstring)."""
+    h, i, a = shape.hidden, shape.intermediate, compute_bytes
+    autocast = compute_bytes < stream_bytes
+    norms = 2 * (h * stream_bytes + 4) + (2 * h * 4 if method == "full" else 0)
+    attention = (2 * h + shape.kv_width) * a + shape.kv_width * a + shape.n_heads * 4
+    # bitsandbytes' 4-bit layers return the dtype of their input (the fp32 stream), not bf16
+    mlp = 3 * i * (stream_bytes if method == "qlora" else a)
+    adapted = {n.split(".")[-1] for n, _, _ in lora_targets}
+    layer_adapted = [(n, fin) for n, fin, _ in shape.layer_linears if n.split(".")[-1] in adapted]
+    if method == "full":
+        # the norm outputs feed q/k/v and gate/up; the down input is the MLP product
+        readers = [fin for n, fin, _ in shape.layer_linears if fin == h and not _is_output_proj(n)]
+        inputs = (sum(readers) if autocast else 2 * h) * a + i * a
+        lora = 0
+    else:
+        if lora_dropout > 0:  # CPU dropout keeps an fp32 mask; lora_A keeps its (cast) output
+            inputs = sum(fin for _, fin in layer_adapted) * (4 + a)
+        elif autocast:
+            inputs = sum(fin for _, fin in layer_adapted) * a
+        else:
+            inputs = (2 * h + i) * a
+        lora = len(layer_adapted) * lora_r * a
+    return norms + attention + mlp + inputs + lora
+
+
+def _is_output_proj(name: str) -> bool:
+    return name.split(".")[-1] in ("o_proj", "out_proj", "dense", "c_proj", "wo")
+
+
+def estimate_memory(
+    config_or_path: Any,
+    method: Method = "lora",
+    seq_len: int = 1024,
+    batch: int = 8,
+    *,
+    lora_r: int = 16,
+    lora_dropout: float = 0.05,
+    target_modules: str | list[str] = "all-linear",
+    gradient_checkpointing: bool = False,
+    dtype: Literal["auto", "fp32", "bf16"] = "auto",
+    weights_dtype: Literal["fp32", "bf16"] = "fp32",
+    optimizer: str = "adamw",
+    trained_fraction: float = 0.5,
+    loss: Literal["selective", "full"] = "selective",
+    loss_chunk: int = 4096,
+    double_quant: bool = True,
+    runtime_bytes: int = RUNTIME_BYTES,
+    shape: ModelShape | None = None,
+) -> Estimate:
+    """Estimate the peak memory of training `config_or_path` with `method`.
+
+    `config_or_path`: a transformers config, a model folder / id / .gguf / run dir /
+    'default'. `dtype` is the compute precision (bf16 = autocast mixed precision over
+    `weights_dtype` weights; auto = bf16 where the device supports it, as `sftlab train`). `loss="full"` models a plain HF forward (logits for every
+    position); "selective" models sftlab's loss on trained positions only.
+    """
+    if method not in ("full", "lora", "qlora"):
+        raise SftlabError(f"method must be full, lora or qlora (got {method!r})")
+    if optimizer not in _OPTIMIZER_BYTES:
+        raise SftlabError(f"optimizer must be one of {', '.join(_OPTIMIZER_BYTES)} (got {optimizer!r})")
+    if seq_len < 1 or batch < 1 or lora_r < 1:
+        raise SftlabError("seq_len, batch and lora_r must be positive")
+    if not 0 < trained_fraction <= 1:
+        raise SftlabError(f"trained_fraction must be in (0, 1] (got {trained_fraction})")
+    if shape is None:
+        shape = model_shape(load_model_config(config_or_path))
+    if dtype == "auto":
+        from sftlab.train.trainer import device_supports_bf16
+
+        dtype = "bf16" if device_supports_bf16() else "fp32"
+    w_bytes = {"fp32": 4, "bf16": 2}[weights_dtype]
+    a_bytes = {"fp32": 4, "bf16": 2}[dtype]
+    a_bytes = min(a_bytes, w_bytes)  # fp32 compute on bf16 weights is not a mode anyone runs
+    autocast = a_bytes < w_bytes
+    notes: dict[str, str] = {}
+
+    targets = _targets(shape.lora_candidates, target_modules) if method != "full" else []
+    n_lora = sum(lora_r * (fin + fout) for _, fin, fout in targets)
+
+    if method == "qlora":
+        per_block = (1 + 4 / 256) if double_quant else 4
+        quantised = shape.decoder_linear_weights
+        weights = int(quantised * (0.5 + per_block / NF4_BLOCK)) + (shape.n_params - quantised) * w_bytes
+        notes["weights"] = f"{quantised:,} linear weights in nf4 (+ absmax per {NF4_BLOCK}), rest {weights_dtype}"
+    else:
+        weights = shape.n_params * w_bytes
+        notes["weights"] = f"{shape.n_params:,} x {w_bytes} B ({weights_dtype})"
+
+    trainable = shape.n_params if method == "full" else n_lora
+    t_bytes = w_bytes if method == "full" else 4  # adapters stay fp32
+    lora_params = n_lora * 4
+    if n_lora:
+        notes["lora_params"] = f"r={lora_r} on {len(targets)} linear layers: {n_lora:,} x 4 B"
+    gradients = trainable * t_bytes
+    notes["gradients"] = f"{trainable:,} x {t_bytes} B"
+    optimizer_bytes = trainable * _OPTIMIZER_BYTES[optimizer] * t_bytes // 4
+    notes["optimizer"] = f"{optimizer}: {_OPTIMIZER_BYTES[optimizer] * t_bytes // 4} B per trainable parameter"
+
+    weight_copies = 0
+    if autocast:
+        copies = 0 if method == "qlora" else shape.decoder_linear_weights  # nf4 weights are dequantised per call
+        copies += n_lora
+        weight_copies = 2 * (copies // max(shape.n_layers, 1) if gradient_checkpointing else copies)
+        notes["weight_copies"] = "autocast: bf16 copies of the linear weights kept for backward" + (
+            " (one layer at a time)" if gradient_checkpointing else ""
+        )
+
+    tokens_per_row = seq_len
+    per_layer = activation_bytes_per_token(
+        shape, method=method, compute_bytes=a_bytes, stream_bytes=w_bytes,
+        lora_targets=targets, lora_r=lora_r, lora_dropout=lora_dropout,
+    )
+    head = shape.hidden * (2 * w_bytes + a_bytes) + 4 + 8  # final norm, head input, input id
+    if gradient_checkpointing:
+        per_token = shape.n_layers * shape.hidden * w_bytes + per_layer + head
+        notes["activations"] = f"checkpointed: layer inputs + 1 layer rebuilt ({per_layer:,} B/token)"
+    else:
+        per_token = shape.n_layers * per_layer + head
+        notes["activations"] = f"{shape.n_layers} layers x {per_layer:,} B/token"
+    activations = per_token * tokens_per_row * batch
+
+    full_logits = (12 + (2 if autocast else 0)) * shape.vocab * tokens_per_row
+    if loss == "full":
+        logits_per_row, logits_fixed = full_logits, 0
+        notes["logits"] = f"every position: fp32 tokens x {shape.vocab:,} vocab, 3 alive at the peak"
+    else:
+        trained = tokens_per_row * trained_fraction
+        logits_per_row = int(trained * shape.vocab * (4 + 2 * a_bytes))
+        logits_fixed = 8 * min(loss_chunk, int(trained * batch) or 1) * shape.vocab
+        notes["logits"] = f"trained positions only ({trained_fraction:.0%} of tokens) x {shape.vocab:,} vocab"
+    logits = logits_per_row * batch + logits_fixed
+
+    options = dict(
+        lora_r=lora_r, lora_dropout=lora_dropout, target_modules=target_modules, gradient_checkpointing=gradient_checkpointing,
+        dtype=dtype, weights_dtype=weights_dtype, optimizer=optimizer, trained_fraction=trained_fraction, loss=loss,
+        loss_chunk=loss_chunk, double_quant=double_quant, runtime_bytes=runtime_bytes, shape=shape,
+    )
+    return Estimate(
+        rebuild=lambda b: estimate_memory(None, method, seq_len, b, **options),
+        weights=weights,
+        weight_copies=weight_copies,
+        lora_params=lora_params,
+        gradients=gradients,
+        optimizer=optimizer_bytes,
+        activations=activations,
+        logits=logits,
+        runtime=runtime_bytes,
+        n_params=shape.n_params,
+        trainable_params=trainable,
+        method=method,
+        batch=batch,
+        seq_len=seq_len,
+        dtype=dtype if not autocast else "bf16 mixed precision",
+        per_row=per_token * tokens_per_row + logits_per_row,
+        logits_full=full_logits * batch,
+        notes=notes | {"runtime": "Python + torch + transformers (CPU RSS) / CUDA context"},
+    )
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_memory(text: str) -> int:
+    """'24GiB', '24GB', '1.5 TiB', '8g', '512MiB' or a byte count -> bytes (G = GB = 10^9)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise SftlabError(f"cannot read the memory size {text!r} (examples: 24GiB, 80GB, 512MiB)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def system_memory() -> int:
+    """Total physical memory of this machine in bytes."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+

@@ -1,0 +1,84 @@
+"""The per-layer activation formula of `sftlab.estimate` equals what autograd really saves.
+
+Each case runs a forward pass of a small Llama with 2 and with 3 decoder layers under
+`saved_tensors_hooks` and takes the difference: the bytes one decoder layer keeps for the
+backward pass (distinct storages, parameters excluded, bf16 weight copies counted apart).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sftlab.estimate import _targets, activation_bytes_per_token, model_shape  # noqa: E402
+
+B, S, R = 2, 20, 8
+
+
+def _config(layers: int):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=96, intermediate_size=352, num_hidden_layers=layers,
+                         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _model(layers: int, method: str, autocast: bool, dropout: float, tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config(layers))
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+        path = tmp_path / f"q{layers}"
+        model.save_pretrained(path)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16 if autocast else torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32)
+    if method != "full":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=R, target_modules="all-linear", lora_dropout=dropout))
+    return model.train()
+
+
+def _saved_bytes(model, autocast: bool) -> tuple[int, int]:
+    """(activation bytes, bytes of weight-shaped tensors such as autocast's bf16 weight copies)."""
+    seen: dict[int, tuple[int, bool]] = {}
+
+    def pack(t):
+        per_token = t.dim() >= 2 and (t.shape[0] in (B, B * S))
+        seen[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), per_token)
+        return t
+
+    ids = torch.randint(0, 1000, (B, S))
+    decoder = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            decoder(input_ids=ids, use_cache=False)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = [v for k, v in seen.items() if k not in params]
+    return sum(n for n, tok in kept if tok), sum(n for n, tok in kept if not tok)
+
+
+CASES = [("full", False, 0.0), ("full", True, 0.0), ("lora", False, 0.0), ("lora", True, 0.0),
+         ("lora", False, 0.05), ("lora", True, 0.05), ("qlora", False, 0.05), ("qlora", True, 0.0)]
+
+
+@pytest.mark.parametrize("method,autocast,dropout", CASES)
+def test_one_layer_activations_match_autograd(method, autocast, dropout, tmp_path):
+    act3, copies3 = _saved_bytes(_model(3, method, autocast, dropout, tmp_path), autocast)
+    act2, copies2 = _saved_bytes(_model(2, method, autocast, dropout, tmp_path), autocast)
+    shape = model_shape(_config(2))
+    formula = activation_bytes_per_token(
+        shape, method=method, compute_bytes=2 if autocast else 4, stream_bytes=4,
+        lora_targets=_targets(shape.lora_candidates, "all-linear") if method != "full" else [],
+        lora_r=R, lora_dropout=dropout,
+    )
+    assert (act3 - act2) / (B * S) == formula
+    # autocast keeps a bf16 copy of each weight a matmul used (not of the nf4 ones)
+    base = 0 if method == "qlora" else sum(i * o for _, i, o in shape.layer_linears)
+    lora = sum(R * (i + o) for _, i, o in shape.layer_linears) if method != "full" else 0
+    assert copies3 - copies2 == (2 * (base + lora) if autocast else 0)
