@@ -18,7 +18,7 @@ def quickstart_config(train_path: Path, run_dir: Path, overrides: list[str]):
         return load_config(path, [f"data.train={train_path}", f"output_dir={run_dir}", *overrides])
 
 
-def run_quickstart(out: Path, overrides: list[str], eval_batch_size: int = 32, max_new_tokens: int = 48) -> dict:
+def run_quickstart(out: Path, overrides: list[str], eval_batch_size: int = 32, max_new_tokens: int = 32) -> dict:
     from rich.console import Console
 
     from sftlab.data.load import load_conversations
