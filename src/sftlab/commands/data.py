@@ -16,18 +16,12 @@ import typer
 # Imported here (numpy, pydantic; no torch) so --help can list their fields.
 from sftlab.data.augment import AugmentOptions
 from sftlab.data.curate import CurateOptions
+from sftlab.files import write_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Datasets in, datasets out.")
 
 FORMAT_HELP = "Input schema (alpaca, sharegpt, messages, prompt_completion, text, preference); detected per record when unset."
 SET_HELP = "Override an option: KEY=VALUE (YAML value; dotted keys for nested options). Repeatable."
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def _options(model_cls, config: Optional[Path], sets: Optional[list[str]], **given):
@@ -139,7 +133,7 @@ def validate(
         print(f"rejects written to {rejects}")
     summary = summary or (_sidecar(out, "validate") if out else None)
     if summary:
-        _write_json(summary, data)
+        write_json(summary, data)
     if out:
         print(f"wrote {report.kept} records to {out}")
 
@@ -169,7 +163,7 @@ def curate(
     removed = removed or out.with_name(f"{out.name.rsplit('.', 1)[0]}.removed.jsonl")
     with open(removed, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in report.removals)
-    _write_json(_sidecar(out, "curate"), report.to_json())
+    write_json(_sidecar(out, "curate"), report.to_json())
     print(f"records in {report.records_in}: kept {report.kept}, removed {report.records_in - report.kept}")
     for reason, n in report.removed.most_common():
         print(f"  removed  {n:>7}  {reason}")
@@ -204,7 +198,7 @@ def split(
     for name, convs in parts.items():
         sizes[name] = save_conversations(out_dir / f"{name}.{ext}", convs)
         print(f"{name:>12}  {sizes[name]:>7}  {out_dir / f'{name}.{ext}'}")
-    _write_json(out_dir / "split.json", {"input": file, "sizes": sizes, "ratios": ratios, "seed": seed, "stratify": stratify})
+    write_json(out_dir / "split.json", {"input": file, "sizes": sizes, "ratios": ratios, "seed": seed, "stratify": stratify})
 
 
 @app.command(epilog="Options for --set / --config:\n\n" + _field_help(AugmentOptions))
@@ -230,7 +224,7 @@ def augment(
     convs = load_conversations(file, format=format)
     new, report = run(convs, opts)
     n = save_conversations(out, new if only_new else [*convs, *new])
-    _write_json(_sidecar(out, "augment"), report.to_json())
+    write_json(_sidecar(out, "augment"), report.to_json())
     for s in opts.strategies:
         print(f"{s:>18}: generated {report.generated[s]:>6}, kept {report.kept[s]:>6}")
     if report.unparseable:

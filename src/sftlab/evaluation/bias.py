@@ -125,11 +125,11 @@ class BiasResult:
         return {"overall": self.overall, "by_category": self.by_category, "probes": self.probes}
 
     def save(self, out_dir: str | Path) -> Path:
-        from sftlab.evaluation.evaluate import write_atomic
+        from sftlab.files import write_json
 
         path = Path(out_dir) / "bias.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
+        write_json(path, self.to_json())
         return path
 
     @classmethod

@@ -10,7 +10,6 @@ Markdown and HTML show; both are rendered from it.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.errors import SftlabError
-from sftlab.evaluation.evaluate import OVERALL, EvalResult, evaluate, resampler, write_atomic
+from sftlab.evaluation.evaluate import OVERALL, EvalResult, evaluate, resampler
+from sftlab.files import atomic_write, write_json
 
 N_BOOTSTRAP = 1000
 MAX_EXAMPLES = 10  # per list (now right / now wrong) in the report
@@ -173,9 +173,9 @@ def write_compare_report(
     for fname, png in images.items():
         (out / fname).write_bytes(png)
     paths = {"json": out / "compare.json", "markdown": out / "report.md", "html": out / "report.html"}
-    write_atomic(paths["json"], json.dumps(data, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
-    write_atomic(paths["markdown"], report.markdown(data, list(images)))
-    write_atomic(paths["html"], report.html(data, images))
+    write_json(paths["json"], data)
+    atomic_write(paths["markdown"], report.markdown(data, list(images)))
+    atomic_write(paths["html"], report.html(data, images))
     return CompareResult(data, results, paths)
 
 

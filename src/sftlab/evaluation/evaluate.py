@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 from sftlab.data.conversation import Conversation
 from sftlab.errors import DataError, SftlabError
 from sftlab.evaluation import metrics as M
+from sftlab.files import atomic_write, write_json
 
 OVERALL = "overall"
 NO_GROUP = "(none)"
@@ -47,8 +47,8 @@ class EvalResult:
         """Write `metrics.json` and `predictions.jsonl` (one record per example) into `out_dir`."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "metrics.json", json.dumps(self.summary(), indent=2, allow_nan=True) + "\n")
-        write_atomic(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records))
+        write_json(out / "metrics.json", self.summary())
+        atomic_write(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records))
         return out
 
     @classmethod
@@ -59,12 +59,6 @@ class EvalResult:
             records = [json.loads(line) for line in f if line.strip()]
         return cls(summary["metrics"], summary["by_group"], records, summary.get("selected", {}),
                    summary.get("settings", {}))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def is_label_set(references: Sequence[str]) -> bool:

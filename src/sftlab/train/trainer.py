@@ -150,7 +150,8 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     from sftlab.models import cache_dir, load_tokenizer
     from sftlab.train.callbacks import MetricsJsonlCallback, OverfitWarningCallback
     from sftlab.train.dataset import make_rows, prepare_examples
-    from sftlab.train.run_dir import atomic_write, model_card, write_run_json
+    from sftlab.files import atomic_write
+    from sftlab.train.run_dir import model_card, write_run_json
 
     out = Path(config.output_dir)
     if out.exists() and (out / "run.json").exists() and not resume and any(out.glob("checkpoints/checkpoint-*")):
