@@ -10,17 +10,7 @@ import torch
 
 from sftlab.evaluation.curves import read_metrics_jsonl
 from sftlab.train.callbacks import MetricsJsonlCallback, OverfitWarningCallback
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
+from sftlab.train.trainer import RowDataset
 
 
 def _rows(prompts, answers):
@@ -49,8 +39,8 @@ def test_early_stopping_stops_a_planted_overfitting_run(tmp_path, tiny_model_dir
         disable_tqdm=True, seed=0, warmup_steps=0,
     )
     trainer = Trainer(
-        model=model, args=args, train_dataset=Rows(_rows(prompts, train_answers)),
-        eval_dataset=Rows(_rows(prompts, eval_answers)),
+        model=model, args=args, train_dataset=RowDataset(_rows(prompts, train_answers)),
+        eval_dataset=RowDataset(_rows(prompts, eval_answers)),
         callbacks=[MetricsJsonlCallback(metrics_path), warn, EarlyStoppingCallback(early_stopping_patience=2)],
     )
     trainer.train()
