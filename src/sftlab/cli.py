@@ -48,7 +48,10 @@ def _closest(name: str) -> str:
 
 def _quiet_third_party_logs() -> None:
     import logging
+    import warnings
 
+    # Deprecation notices about transformers' own internals: nothing a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     # bitsandbytes (imported by peft) warns at import that an optional CPU 4-bit kernel
     # package is missing, on every run, LoRA ones included; its fallback works.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -75,6 +75,6 @@ def _print_table(console, base, tuned) -> None:
     groups.append(("all", base.metrics, tuned.metrics))
     for group, b, t in groups:
         for name in b:
-            if name in t and isinstance(b[name], (int, float)):
+            if name in t and name != "loss" and isinstance(b[name], (int, float)):  # loss: see perplexity
                 table.add_row(group, name, f"{b[name]:.3f}", f"{t[name]:.3f}", f"{t[name] - b[name]:+.3f}")
     console.print(table)
