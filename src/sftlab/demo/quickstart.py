@@ -10,12 +10,13 @@ from pathlib import Path
 from sftlab.models import DEFAULT_MODEL, embedded_model_dir
 
 
-def quickstart_config(train_path: Path, run_dir: Path, overrides: list[str]):
+def quickstart_config(paths: dict[str, Path], run_dir: Path, overrides: list[str]):
     from sftlab.config import load_config
 
     recipe = resources.files("sftlab.demo").joinpath("quickstart.yaml")
     with resources.as_file(recipe) as path:
-        return load_config(path, [f"data.train={train_path}", f"output_dir={run_dir}", *overrides])
+        return load_config(path, [f"data.train={paths['train']}", f"data.validation={paths['validation']}",
+                                  f"output_dir={run_dir}", *overrides])
 
 
 def run_quickstart(out: Path, overrides: list[str], eval_batch_size: int = 32, max_new_tokens: int = 32) -> dict:
@@ -47,7 +48,7 @@ def run_quickstart(out: Path, overrides: list[str], eval_batch_size: int = 32, m
     run_dir = out / "run"
     if run_dir.exists():  # quickstart always trains afresh
         shutil.rmtree(run_dir)
-    config = quickstart_config(paths["train"], run_dir, overrides)
+    config = quickstart_config(paths, run_dir, overrides)
     console.print(f"[bold]4/5[/] fine-tuning with LoRA -> {run_dir}")
     info = train(config, resume=False, log=console.print)
 

@@ -104,7 +104,8 @@ def _training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: boo
     t = config.training
     eval_steps = t.eval_steps or t.logging_steps
     save_steps = t.save_steps
-    if has_eval and t.load_best_model_at_end and save_steps % eval_steps:
+    load_best = bool(has_eval and (t.load_best_model_at_end or t.early_stopping_patience))
+    if load_best and save_steps % eval_steps:
         save_steps = eval_steps * max(1, round(save_steps / eval_steps))  # HF needs save_steps % eval_steps == 0
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
@@ -128,7 +129,7 @@ def _training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: boo
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None,
-        load_best_model_at_end=bool(has_eval and (t.load_best_model_at_end or t.early_stopping_patience)),
+        load_best_model_at_end=load_best,
         metric_for_best_model="eval_loss" if has_eval else None,
         greater_is_better=False if has_eval else None,
         bf16=use_bf16,
