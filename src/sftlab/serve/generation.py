@@ -103,6 +103,17 @@ class GenResult:
     finish_reason: str = "length"  # "stop" when a stop token ended it
 
 
+def take_token(result: GenResult, request, tok: int, stop_ids) -> bool:
+    """Record one generated token for a request; False once the request is finished."""
+    if tok in stop_ids:
+        result.finish_reason = "stop"
+        return False
+    result.tokens.append(tok)
+    if request.on_token:
+        request.on_token(tok)
+    return len(result.tokens) < request.max_new_tokens
+
+
 class TorchEngine:
     """Batched decoding with a KV cache on a transformers causal LM (left padding)."""
 
@@ -155,15 +166,7 @@ class TorchEngine:
                 for i, r in enumerate(requests):
                     if not active[i]:
                         continue
-                    tok = int(nxt[i])
-                    if tok in self.stop_ids:
-                        results[i].finish_reason, active[i] = "stop", False
-                        continue
-                    results[i].tokens.append(tok)
-                    if r.on_token:
-                        r.on_token(tok)
-                    if len(results[i].tokens) >= r.max_new_tokens:
-                        active[i] = False
+                    active[i] = take_token(results[i], r, int(nxt[i]), self.stop_ids)
                 if not any(active):
                     break
                 mask = torch.cat([mask, mask.new_ones((n, 1))], dim=-1)
@@ -228,13 +231,5 @@ class OnnxEngine:
                     active[i] = False
                     continue
                 gen.generate_next_token()
-                tok = int(gen.get_next_tokens()[0])
-                if tok in self.stop_ids:
-                    results[i].finish_reason, active[i] = "stop", False
-                    continue
-                results[i].tokens.append(tok)
-                if r.on_token:
-                    r.on_token(tok)
-                if len(results[i].tokens) >= r.max_new_tokens:
-                    active[i] = False
+                active[i] = take_token(results[i], r, int(gen.get_next_tokens()[0]), self.stop_ids)
         return results
