@@ -25,7 +25,7 @@ class ModelConfig(Section):
     name_or_path: str = Field("default", description="HF folder, hub id, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct).")
     chat_template: str | None = Field(None, description="Override the tokenizer's chat template: Jinja text or a .jinja file.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub repo. Off unless you trust it.")
-    attn_implementation: str | None = Field(None, description="sdpa | eager | flash_attention_2 (default: transformers' choice).")
+    attn_implementation: str | None = Field(None, description="sftlab_varlen | sdpa | eager | flash_attention_2 (default: sftlab_varlen, padding-free, where the model supports it).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype on load (auto: fp32 on CPU).")
 
 

@@ -26,18 +26,24 @@ def examples(tokenizer):
 def load_tiny(path, attn):
     from transformers import AutoModelForCausalLM
 
+    from sftlab.train.attention import register
+
+    register()
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_loss_equals_unpacked_loss(tiny_model_dir, tokenizer, examples, attn):
+@pytest.mark.parametrize("attn,flatten", [("sdpa", False), ("eager", False), ("sftlab_varlen", False),
+                                          ("sftlab_varlen", True)])
+def test_packed_loss_equals_unpacked_loss(tiny_model_dir, tokenizer, examples, attn, flatten):
     model = load_tiny(tiny_model_dir, attn)
     with torch.no_grad():
         alone = [selective_loss_sum(model, collate([[e]], tokenizer.pad_token_id)) for e in examples]
         bins = pack([len(e) for e in examples], 160)
         assert any(len(b) > 1 for b in bins), "the test must really pack several examples into a row"
-        packed = selective_loss_sum(model, collate([[examples[i] for i in b] for b in bins], tokenizer.pad_token_id))
+        batch = collate([[examples[i] for i in b] for b in bins], tokenizer.pad_token_id, flatten=flatten)
+        assert batch["input_ids"].shape[0] == (1 if flatten else len(bins))
+        packed = selective_loss_sum(model, batch)
     total = sum(s for s, _ in alone)
     assert packed[1] == sum(n for _, n in alone)
     assert torch.allclose(packed[0], total, rtol=1e-5, atol=1e-5), (packed[0].item(), total.item())

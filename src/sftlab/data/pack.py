@@ -3,8 +3,10 @@
 `pack` groups examples into rows of at most `max_len` tokens (best-fit decreasing), so a
 micro-batch holds a steady number of tokens with almost no padding. `collate` turns rows
 into tensors: examples concatenated, `position_ids` restarting at 0 for each example, no
-attention mask. transformers detects the position resets and attends block-diagonally
-(flash-attention varlen on GPU, a block mask on SDPA/eager), so no example sees another.
+attention mask, so no example sees another: sftlab's varlen attention (train/attention.py)
+and flash-attention read the resets directly, and transformers builds a block-diagonal mask
+from them for SDPA/eager. With `flatten` all rows of a micro-batch become one row, so there is
+no padding at all (for the varlen attentions; SDPA/eager would attend over the whole row).
 Row-end padding forms its own "example" (positions restart at 0) and is never trained.
 """
 
@@ -43,10 +45,14 @@ def pack(lengths: Sequence[int], max_len: int) -> list[list[int]]:
     return bins
 
 
-def collate(rows: Sequence[Sequence[Example]], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """Rows of examples -> {input_ids, labels, position_ids} tensors of shape [rows, longest]."""
+def collate(rows: Sequence[Sequence[Example]], pad_token_id: int, pad_to_multiple_of: int | None = None,
+            flatten: bool = False) -> dict:
+    """Rows of examples -> {input_ids, labels, position_ids} tensors of shape [rows, longest]
+    (or [1, all tokens] with `flatten`)."""
     import torch
 
+    if flatten:
+        rows = [[ex for row in rows for ex in row]]
     flat = [_concat(row) for row in rows]
     width = max(len(ids) for ids, _, _ in flat)
     if pad_to_multiple_of:
@@ -76,14 +82,15 @@ def _concat(row: Sequence[Example]) -> tuple[list[int], list[int], list[int]]:
     return ids, labels, pos
 
 
-def packing_stats(rows: Sequence[Sequence[Example]], batch_rows: int) -> dict[str, float]:
-    """Trained / real / computed token counts when rows are batched `batch_rows` at a time."""
+def packing_stats(rows: Sequence[Sequence[Example]], batch_rows: int, flatten: bool = False) -> dict[str, float]:
+    """Trained / real / computed token counts when rows are batched `batch_rows` at a time
+    (computed = real when `collate` flattens each batch)."""
     real = trained = computed = 0
     for start in range(0, len(rows), batch_rows):
         batch = rows[start : start + batch_rows]
         lengths = [sum(len(ex) for ex in row) for row in batch]
         real += sum(lengths)
-        computed += max(lengths) * len(batch)
+        computed += sum(lengths) if flatten else max(lengths) * len(batch)
         trained += sum(ex.num_trained - (ex.labels[0] != IGNORE) for row in batch for ex in row)
     return {
         "rows": len(rows),

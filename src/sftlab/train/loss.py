@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from sftlab.data.render import IGNORE
+from sftlab.train.attention import NAME as VARLEN
+from sftlab.train.attention import segment_bounds
 
 CE_CHUNK = 4096  # rows of logits upcast to fp32 at a time
 
@@ -46,6 +48,9 @@ def selective_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     labels = batch["labels"]
     keep, targets = shifted_targets(labels)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids"), "use_cache": False}
+    if inputs["position_ids"] is not None and getattr(model.config, "_attn_implementation", None) == VARLEN:
+        # example bounds computed once per forward (one device sync), not in every layer
+        inputs["cu_seq_lens_q"] = segment_bounds(inputs["position_ids"])
     if batch.get("attention_mask") is not None:
         inputs["attention_mask"] = batch["attention_mask"]
     if _accepts_logits_to_keep(model):

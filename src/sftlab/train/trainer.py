@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 import time
 from dataclasses import asdict
 from functools import partial
@@ -12,7 +15,13 @@ from transformers import Trainer
 
 from sftlab.config import TrainConfig
 from sftlab.errors import SftlabError
+from sftlab.train.attention import NAME as VARLEN
+from sftlab.train.attention import can_flatten, choose_attention
+from sftlab.train.attention import register as register_varlen
 from sftlab.train.loss import selective_loss_sum
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 class SFTTrainer(Trainer):
@@ -59,6 +68,22 @@ def device_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def return_freed_memory_to_os() -> None:
+    """Fix glibc's mmap threshold at 1 MiB for this process.
+
+    By default glibc raises the threshold each time a large block is freed; after the first
+    steps, activations come from the heap and stay there when freed, so a CPU run's RSS sits
+    25-35 % above its live memory (bench/estimate_check.py). With a fixed threshold, blocks
+    over 1 MiB are mmapped and handed back on free. Honours MALLOC_MMAP_THRESHOLD_ if set.
+    """
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def build_model(config: TrainConfig, use_bf16: bool):
     """Base model, with LoRA / DoRA / QLoRA applied through PEFT."""
     from sftlab.models import load_model
@@ -76,9 +101,12 @@ def build_model(config: TrainConfig, use_bf16: bool):
             bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16 else torch.float32,
         )
     m = config.model
+    if m.attn_implementation == VARLEN:
+        register_varlen()  # before loading: transformers checks the name
     model = load_model(m.name_or_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                        attn_implementation=m.attn_implementation, quantization_config=quant)
     model.config.use_cache = False
+    choose_attention(model, m.attn_implementation)
     if config.method == "full":
         if config.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -160,6 +188,8 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.yaml", config.to_yaml())
     t_start = time.perf_counter()
+    if not torch.cuda.is_available():
+        return_freed_memory_to_os()
 
     m = config.model
     tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code, chat_template=m.chat_template)
@@ -175,14 +205,15 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
             config.data.validation, tokenizer, config.data, cache_root, out / "rejects.validation.jsonl"
         )
         log(eval_stats.summary())
-    rows = make_rows(train_ex, config.data.max_seq_length, config.data.packing)
-    pstats = packing_stats(rows, config.training.per_device_train_batch_size)
-    log(f"rows: {pstats['rows']} ({'packed' if config.data.packing else 'one example each'}), "
-        f"trained/computed tokens {pstats['trained_per_computed']:.3f}, padding {pstats['padding_ratio']:.3f}")
-
     use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
     set_seed(config.training.seed)  # LoRA's initialisation too must repeat for the same seed
     model = build_model(config, use_bf16)
+    flatten = can_flatten(model)
+    rows = make_rows(train_ex, config.data.max_seq_length, config.data.packing)
+    pstats = packing_stats(rows, config.training.per_device_train_batch_size, flatten=flatten)
+    log(f"rows: {pstats['rows']} ({'packed' if config.data.packing else 'one example each'}), "
+        f"attention {model.config._attn_implementation}{' (batches flattened, no padding)' if flatten else ''}, "
+        f"trained/computed tokens {pstats['trained_per_computed']:.3f}, padding {pstats['padding_ratio']:.3f}")
     if hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     has_eval = bool(eval_ex)
@@ -195,7 +226,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         args=args,
         train_dataset=RowDataset(rows),
         eval_dataset=RowDataset([[e] for e in eval_ex]) if has_eval else None,
-        data_collator=partial(collate, pad_token_id=pad_id),
+        data_collator=partial(collate, pad_token_id=pad_id, flatten=flatten),
         processing_class=tokenizer,
         callbacks=callbacks,
     )

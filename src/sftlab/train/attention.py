@@ -1,0 +1,113 @@
+"""Padding-free attention for packed training batches: "sftlab_varlen".
+
+A packed batch is one flat row of examples whose `position_ids` restart at 0 for each.
+transformers' sdpa/eager turn that into a 4D block-diagonal mask and then compute the
+whole (rows x length)^2 score matrix, most of it masked out. This attention function
+computes each example's causal attention alone instead:
+
+- CUDA: one fused call of PyTorch's variable-length flash attention
+  (`torch.nn.attention.varlen.varlen_attn`), given the cumulative example lengths;
+- otherwise (CPU, or a PyTorch without it): SDPA with `is_causal=True` per example.
+
+So a batch needs no padding at all (the collator flattens all rows into one) and the
+attention FLOPs are sum(len_i^2) instead of rows x max_len^2. The mask machinery is
+skipped: an implementation name that `AttentionMaskInterface` does not know gets no mask.
+Models with logit soft-capping (Gemma 2) keep their own attention.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+NAME = "sftlab_varlen"
+
+
+def segment_bounds(position_ids: torch.Tensor) -> list[int]:
+    """Start offsets of the examples in the flattened [B*L] sequence, plus its end."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().view(-1).tolist()
+    if not starts or starts[0] != 0:
+        starts.insert(0, 0)
+    return starts + [flat.numel()]
+
+
+def _varlen_cuda():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, sliding_window: int | None = None, **kwargs):
+    """query [B, Hq, L, D], key/value [B, Hkv, L, D] -> ([B, L, Hq, D], None)."""
+    b, hq, length, d = query.shape
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        pos = kwargs.get("position_ids")
+        bounds = segment_bounds(pos) if pos is not None else [i * length for i in range(b + 1)]
+    elif torch.is_tensor(bounds):
+        bounds = bounds.tolist()
+    if key.shape[2] != length:
+        raise ValueError(f"{NAME} is for training forwards (no KV cache); load the model with sdpa to generate")
+    q = query.transpose(1, 2).reshape(b * length, hq, d)
+    k = key.transpose(1, 2).reshape(b * length, key.shape[1], d)
+    v = value.transpose(1, 2).reshape(b * length, value.shape[1], d)
+    gqa = hq != k.shape[1]
+
+    varlen = _varlen_cuda() if q.is_cuda and dropout == 0.0 else None
+    if varlen is not None and q.dtype in (torch.float16, torch.bfloat16):
+        cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
+        max_len = max(e - s for s, e in zip(bounds, bounds[1:]))
+        extra = {"window_size": (sliding_window - 1, 0)} if sliding_window else {"window_size": (-1, 0)}
+        if gqa and "enable_gqa" in inspect.signature(varlen).parameters:
+            extra["enable_gqa"] = True
+        elif gqa:
+            k, v = (t.repeat_interleave(hq // t.shape[1], dim=1) for t in (k, v))
+        out = varlen(q, k, v, cu, cu, max_len, max_len, scale=scaling, **extra)
+    else:
+        pieces = []
+        for s, e in zip(bounds, bounds[1:]):
+            qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))  # [H, l, D]
+            mask = None
+            if sliding_window and e - s > sliding_window:
+                idx = torch.arange(e - s, device=q.device)
+                mask = (idx[:, None] >= idx[None, :]) & (idx[:, None] - idx[None, :] < sliding_window)
+            pieces.append(F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=gqa,
+            ).transpose(0, 1))
+        out = torch.cat(pieces, dim=0)
+    return out.reshape(b, length, hq, d), None
+
+
+def register() -> str:
+    """Make NAME a valid `attn_implementation` (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    return NAME
+
+
+def supports_varlen(model) -> bool:
+    """True for models that dispatch attention through transformers' interface and need no soft-capping."""
+    config = getattr(model, "config", None)
+    return bool(getattr(model, "_supports_attention_backend", False)) and config is not None and not (
+        getattr(config, "attn_logit_softcapping", None)
+    )
+
+
+def choose_attention(model, requested: str | None) -> None:
+    """Switch a model loaded without an explicit choice to NAME where it can run it."""
+    if requested is None and supports_varlen(model):
+        register()
+        model.set_attn_implementation(NAME)
+
+
+def can_flatten(model) -> bool:
+    """True when the model's attention reads example bounds from position_ids without building a
+    mask, so a whole micro-batch can be one padding-free row."""
+    return getattr(model.config, "_attn_implementation", None) in (NAME, "flash_attention_2", "flash_attention_3")
