@@ -61,17 +61,21 @@ def self_peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 8, dtype: str = "float32") -> float:
-    """Best achieved FLOP/s of an n x n x n matmul with the current torch thread count."""
+def matmul_peak_flops(n: int | None = None, repeats: int = 8, dtype: str = "float32", device: str = "cpu") -> float:
+    """Best achieved FLOP/s of an n x n x n matmul (CPU: with the current torch thread count)."""
     import torch
 
-    a = torch.randn(n, n, dtype=getattr(torch, dtype))
-    b = torch.randn(n, n, dtype=getattr(torch, dtype))
+    n = n or (8192 if device == "cuda" else 2048)
+    a = torch.randn(n, n, dtype=getattr(torch, dtype), device=device)
+    b = torch.randn(n, n, dtype=getattr(torch, dtype), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.mm(a, b)  # warm-up
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 

@@ -17,6 +17,7 @@ Models with logit soft-capping (Gemma 2) keep their own attention.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -26,7 +27,8 @@ NAME = "sftlab_varlen"
 
 
 def segment_bounds(position_ids: torch.Tensor) -> list[int]:
-    """Start offsets of the examples in the flattened [B*L] sequence, plus its end."""
+    """Start offsets of the examples in the flattened [B*L] sequence, plus its end
+    (cumulative lengths, as varlen kernels take them)."""
     flat = position_ids.reshape(-1)
     starts = (flat == 0).nonzero().view(-1).tolist()
     if not starts or starts[0] != 0:
@@ -34,53 +36,79 @@ def segment_bounds(position_ids: torch.Tensor) -> list[int]:
     return starts + [flat.numel()]
 
 
-def _varlen_cuda():
+@functools.cache
+def _cuda_varlen():
+    """PyTorch's varlen flash attention and the keyword arguments this version accepts (None if absent)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _fused(q, k, v, bounds, max_len, scaling, sliding_window):
+    """One varlen flash-attention call on CUDA, or None where this PyTorch cannot do the case."""
+    found = _cuda_varlen()
+    if found is None or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    varlen, params = found
+    extra = {}
+    if "window_size" in params:
+        extra["window_size"] = (sliding_window - 1, 0) if sliding_window else (-1, 0)
+    elif "is_causal" in params and not sliding_window:
+        extra["is_causal"] = True
+    else:
+        return None
+    if "scale" in params:
+        extra["scale"] = scaling
+    elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-12:
+        return None
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return varlen(q, k, v, bounds, bounds, max_len, max_len, **extra)
+
+
+def _per_example(q, k, v, bounds: list[int], dropout, scaling, sliding_window):
+    """SDPA on each example alone (CPU, or CUDA without a usable varlen kernel)."""
+    pieces = []
+    for s, e in zip(bounds, bounds[1:]):
+        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))  # [H, l, D]
+        mask = None
+        if sliding_window and e - s > sliding_window:
+            idx = torch.arange(e - s, device=q.device)
+            mask = (idx[:, None] >= idx[None, :]) & (idx[:, None] - idx[None, :] < sliding_window)
+        pieces.append(F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling,
+            enable_gqa=qs.shape[0] != ks.shape[0],
+        ).transpose(0, 1))
+    return torch.cat(pieces, dim=0)
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, sliding_window: int | None = None, **kwargs):
-    """query [B, Hq, L, D], key/value [B, Hkv, L, D] -> ([B, L, Hq, D], None)."""
+    """query [B, Hq, L, D], key/value [B, Hkv, L, D] -> ([B, L, Hq, D], None).
+
+    Example bounds come from `cu_seq_lens_q` (+ `max_length_q`), passed by the loss once per
+    forward, else from `position_ids`, else each row is one example."""
     b, hq, length, d = query.shape
+    if key.shape[2] != length:
+        raise ValueError(f"{NAME} is for training forwards (no KV cache); load the model with sdpa to generate")
     bounds = kwargs.get("cu_seq_lens_q")
     if bounds is None:
         pos = kwargs.get("position_ids")
         bounds = segment_bounds(pos) if pos is not None else [i * length for i in range(b + 1)]
-    elif torch.is_tensor(bounds):
-        bounds = bounds.tolist()
-    if key.shape[2] != length:
-        raise ValueError(f"{NAME} is for training forwards (no KV cache); load the model with sdpa to generate")
-    q = query.transpose(1, 2).reshape(b * length, hq, d)
-    k = key.transpose(1, 2).reshape(b * length, key.shape[1], d)
-    v = value.transpose(1, 2).reshape(b * length, value.shape[1], d)
-    gqa = hq != k.shape[1]
-
-    varlen = _varlen_cuda() if q.is_cuda and dropout == 0.0 else None
-    if varlen is not None and q.dtype in (torch.float16, torch.bfloat16):
-        cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
-        max_len = max(e - s for s, e in zip(bounds, bounds[1:]))
-        extra = {"window_size": (sliding_window - 1, 0)} if sliding_window else {"window_size": (-1, 0)}
-        if gqa and "enable_gqa" in inspect.signature(varlen).parameters:
-            extra["enable_gqa"] = True
-        elif gqa:
-            k, v = (t.repeat_interleave(hq // t.shape[1], dim=1) for t in (k, v))
-        out = varlen(q, k, v, cu, cu, max_len, max_len, scale=scaling, **extra)
-    else:
-        pieces = []
-        for s, e in zip(bounds, bounds[1:]):
-            qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))  # [H, l, D]
-            mask = None
-            if sliding_window and e - s > sliding_window:
-                idx = torch.arange(e - s, device=q.device)
-                mask = (idx[:, None] >= idx[None, :]) & (idx[:, None] - idx[None, :] < sliding_window)
-            pieces.append(F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=gqa,
-            ).transpose(0, 1))
-        out = torch.cat(pieces, dim=0)
+    q, k, v = (t.transpose(1, 2).reshape(b * length, t.shape[1], d) for t in (query, key, value))
+    out = None
+    if q.is_cuda and dropout == 0.0:
+        cu = torch.as_tensor(bounds, dtype=torch.int32, device=q.device)
+        max_len = kwargs.get("max_length_q") or int(cu.diff().max())
+        out = _fused(q, k, v, cu, max_len, scaling, sliding_window)
+    if out is None:
+        bounds = bounds.tolist() if torch.is_tensor(bounds) else bounds
+        out = _per_example(q, k, v, bounds, dropout, scaling, sliding_window)
     return out.reshape(b, length, hq, d), None
 
 

@@ -50,7 +50,9 @@ def selective_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids"), "use_cache": False}
     if inputs["position_ids"] is not None and getattr(model.config, "_attn_implementation", None) == VARLEN:
         # example bounds computed once per forward (one device sync), not in every layer
-        inputs["cu_seq_lens_q"] = segment_bounds(inputs["position_ids"])
+        bounds = segment_bounds(inputs["position_ids"])
+        inputs["cu_seq_lens_q"] = torch.tensor(bounds, dtype=torch.int32, device=labels.device)
+        inputs["max_length_q"] = max(e - s for s, e in zip(bounds, bounds[1:]))
     if batch.get("attention_mask") is not None:
         inputs["attention_mask"] = batch["attention_mask"]
     if _accepts_logits_to_keep(model):

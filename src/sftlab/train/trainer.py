@@ -261,6 +261,8 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         "train_seconds": round(train_seconds, 2),
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "bf16": use_bf16,
+        "attention": model.config._attn_implementation,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "trained_tokens_seen": trainer.trained_tokens_seen,
         "trained_tokens_per_second": round(trainer.trained_tokens_seen / train_seconds, 1) if train_seconds else None,
         "finished": True,
