@@ -17,6 +17,8 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from sftlab.errors import SftlabError
+
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
           "September", "October", "November", "December"]
 FIRST = ["Maria", "James", "Aisha", "Kenji", "Olga", "Pedro", "Fatima", "Liam", "Chen", "Sofia", "Omar",
@@ -97,6 +99,9 @@ def _record(item: dict, idx: int) -> dict:
     return rec
 
 
+MAX_MISSES = 10_000  # consecutive repeats before a task counts as exhausted
+
+
 def generate_demo(per_task: dict[str, int], seed: int = 0) -> dict[str, list[dict]]:
     """Records per split; `per_task` = examples per task for each split, e.g. {"train": 150}.
 
@@ -107,14 +112,19 @@ def generate_demo(per_task: dict[str, int], seed: int = 0) -> dict[str, list[dic
     out: dict[str, list[dict]] = {split: [] for split in per_task}
     for split, n in per_task.items():
         for task, make in TASKS.items():
-            made = 0
+            made = misses = 0
             while made < n:
                 item = make(rng)
                 if item["prompt"] in seen:
+                    misses += 1
+                    if misses > MAX_MISSES:  # the task's prompt space is used up
+                        raise SftlabError(f"the demo task {task!r} cannot make {n} more unique examples for "
+                                          f"{split!r} (made {made}); ask for fewer per task")
                     continue
                 seen.add(item["prompt"])
                 out[split].append(_record(item, len(seen)))
                 made += 1
+                misses = 0
         rng.shuffle(out[split])
     return out
 
