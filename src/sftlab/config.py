@@ -26,7 +26,7 @@ class ModelConfig(Section):
     chat_template: str | None = Field(None, description="Override the tokenizer's chat template: Jinja text or a .jinja file.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub repo. Off unless you trust it.")
     attn_implementation: str | None = Field(None, description="sftlab_varlen | sdpa | eager | flash_attention_2 (default: sftlab_varlen, padding-free, where the model supports it).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype on load (auto: fp32 on CPU).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype on load (auto: bf16 for a LoRA base when training in bf16, else fp32).")
 
 
 class LoraConfig(Section):

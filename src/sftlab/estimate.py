@@ -289,7 +289,7 @@ def estimate_memory(
     target_modules: str | list[str] = "all-linear",
     gradient_checkpointing: bool = False,
     dtype: Literal["auto", "fp32", "bf16"] = "auto",
-    weights_dtype: Literal["fp32", "bf16"] = "fp32",
+    weights_dtype: Literal["auto", "fp32", "bf16"] = "auto",
     optimizer: str = "adamw",
     trained_fraction: float = 0.5,
     loss: Literal["selective", "full"] = "selective",
@@ -319,6 +319,10 @@ def estimate_memory(
         from sftlab.train.trainer import device_supports_bf16
 
         dtype = "bf16" if device_supports_bf16() else "fp32"
+    if weights_dtype == "auto":
+        from sftlab.train.trainer import base_weights_dtype
+
+        weights_dtype = "bf16" if base_weights_dtype(method, dtype == "bf16") == "bfloat16" else "fp32"
     w_bytes = {"fp32": 4, "bf16": 2}[weights_dtype]
     a_bytes = {"fp32": 4, "bf16": 2}[dtype]
     a_bytes = min(a_bytes, w_bytes)  # fp32 compute on bf16 weights is not a mode anyone runs

@@ -16,11 +16,6 @@ class Method(str, Enum):
 
 
 class Dtype(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
-class ComputeDtype(str, Enum):
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
@@ -47,8 +42,8 @@ def estimate(
     lora_dropout: float = typer.Option(0.05, "--lora-dropout", min=0, max=1, help="LoRA dropout (> 0 keeps more activations)."),
     target_modules: str = typer.Option("all-linear", "--target-modules", help="'all-linear' or comma-separated module names."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in the backward pass."),
-    dtype: ComputeDtype = typer.Option(ComputeDtype.auto, help="Compute precision: fp32, bf16 mixed precision (autocast), or auto (bf16 where supported, as sftlab train)."),
-    weights_dtype: Dtype = typer.Option(Dtype.fp32, "--weights-dtype", help="How the weights are stored (sftlab loads fp32 on CPU)."),
+    dtype: Dtype = typer.Option(Dtype.auto, help="Compute precision: fp32, bf16 mixed precision (autocast), or auto (bf16 where supported, as sftlab train)."),
+    weights_dtype: Dtype = typer.Option(Dtype.auto, "--weights-dtype", help="How the weights are stored; auto as sftlab train: a LoRA base in bf16 when computing in bf16, else fp32."),
     optimizer: Optimizer = typer.Option(Optimizer.adamw, help="adamw (2 fp32 states), adamw_8bit, or sgd."),
     trained_fraction: float = typer.Option(0.5, "--trained-fraction", min=0.001, max=1, help="Share of tokens that are trained (assistant tokens)."),
     loss: Loss = typer.Option(Loss.selective, help="selective: sftlab's loss on trained positions; full: plain HF logits."),
