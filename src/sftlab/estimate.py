@@ -248,12 +248,17 @@ def activation_bytes_per_token(
     lora_targets: list[tuple[str, int, int]],
     lora_r: int,
     lora_dropout: float,
+    varlen: bool = True,
 ) -> int:
-    """Bytes autograd keeps per token for ONE decoder layer (see the module docstring)."""
+    """Bytes autograd keeps per token for ONE decoder layer (see the module docstring).
+
+    `varlen`: sftlab's per-example attention (train/attention.py), whose concatenated output
+    is one more copy than SDPA's where the output projection keeps its input (full fine-tuning)."""
     h, i, a = shape.hidden, shape.intermediate, compute_bytes
     autocast = compute_bytes < stream_bytes
-    norms = 2 * (h * stream_bytes + 4) + (2 * h * 4 if method == "full" else 0)
-    attention = (2 * h + shape.kv_width) * a + shape.kv_width * a + shape.n_heads * 4
+    # RMSNorm computes in fp32 whatever the stream's dtype; a trained norm weight also keeps its input
+    norms = 2 * (h * 4 + 4) + (2 * h * stream_bytes if method == "full" else 0)
+    attention = (2 * h + shape.kv_width) * a + shape.kv_width * a + shape.n_heads * 4 + (h * a if varlen and method == "full" else 0)
     # bitsandbytes' 4-bit layers return the dtype of their input (the fp32 stream), not bf16
     mlp = 3 * i * (stream_bytes if method == "qlora" else a)
     adapted = {n.split(".")[-1] for n, _, _ in lora_targets}
@@ -266,7 +271,7 @@ def activation_bytes_per_token(
     else:
         if lora_dropout > 0:  # CPU dropout keeps an fp32 mask; lora_A keeps its (cast) output
             inputs = sum(fin for _, fin in layer_adapted) * (4 + a)
-        elif autocast:
+        elif a < 4:  # fp32 adapters under bf16 autocast: each lora_A keeps its own bf16 copy of its input
             inputs = sum(fin for _, fin in layer_adapted) * a
         else:
             inputs = (2 * h + i) * a

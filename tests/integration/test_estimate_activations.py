@@ -16,20 +16,26 @@ from sftlab.estimate import _targets, activation_bytes_per_token, model_shape  #
 B, S, R = 2, 20, 8
 
 
-def _config(layers: int):
+def _config(layers: int, attn: str = "sdpa"):
     from transformers import LlamaConfig
 
+    from sftlab.train.attention import register
+
+    register()
     config = LlamaConfig(vocab_size=1000, hidden_size=96, intermediate_size=352, num_hidden_layers=layers,
                          num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn
     return config
 
 
-def _model(layers: int, method: str, autocast: bool, dropout: float, tmp_path):
+def _model(layers: int, method: str, autocast: bool, dropout: float, tmp_path, bf16_base: bool = False,
+           attn: str = "sdpa"):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(_config(layers))
+    model = LlamaForCausalLM(_config(layers, attn))
+    if bf16_base:  # what `sftlab train` loads for LoRA in bf16 (trainer.base_weights_dtype)
+        model = model.to(torch.bfloat16)
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
         path = tmp_path / f"q{layers}"
@@ -47,9 +53,10 @@ def _model(layers: int, method: str, autocast: bool, dropout: float, tmp_path):
 def _saved_bytes(model, autocast: bool) -> tuple[int, int]:
     """(activation bytes, bytes of weight-shaped tensors such as autocast's bf16 weight copies)."""
     seen: dict[int, tuple[int, bool]] = {}
+    weight_shapes = {s for p in model.parameters() for s in (tuple(p.shape), tuple(p.shape)[::-1])}
 
     def pack(t):
-        per_token = t.dim() >= 2 and (t.shape[0] in (B, B * S))
+        per_token = tuple(t.shape) not in weight_shapes
         seen[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), per_token)
         return t
 
@@ -63,22 +70,26 @@ def _saved_bytes(model, autocast: bool) -> tuple[int, int]:
     return sum(n for n, tok in kept if tok), sum(n for n, tok in kept if not tok)
 
 
-CASES = [("full", False, 0.0), ("full", True, 0.0), ("lora", False, 0.0), ("lora", True, 0.0),
-         ("lora", False, 0.05), ("lora", True, 0.05), ("qlora", False, 0.05), ("qlora", True, 0.0)]
+CASES = [("full", False, 0.0, False), ("full", True, 0.0, False), ("lora", False, 0.0, False),
+         ("lora", True, 0.0, False), ("lora", False, 0.05, False), ("lora", True, 0.05, False),
+         ("qlora", False, 0.05, False), ("qlora", True, 0.0, False), ("lora", True, 0.0, True), ("lora", True, 0.05, True)]
 
 
-@pytest.mark.parametrize("method,autocast,dropout", CASES)
-def test_one_layer_activations_match_autograd(method, autocast, dropout, tmp_path):
-    act3, copies3 = _saved_bytes(_model(3, method, autocast, dropout, tmp_path), autocast)
-    act2, copies2 = _saved_bytes(_model(2, method, autocast, dropout, tmp_path), autocast)
+@pytest.mark.parametrize("attn", ["sdpa", "sftlab_varlen"])
+@pytest.mark.parametrize("method,autocast,dropout,bf16_base", CASES)
+def test_one_layer_activations_match_autograd(method, autocast, dropout, bf16_base, attn, tmp_path):
+    if attn != "sdpa" and (method, bf16_base) not in (("full", False), ("lora", True)):
+        pytest.skip("the attention function is checked on one full and one LoRA set-up")
+    act3, copies3 = _saved_bytes(_model(3, method, autocast, dropout, tmp_path, bf16_base, attn), autocast)
+    act2, copies2 = _saved_bytes(_model(2, method, autocast, dropout, tmp_path, bf16_base, attn), autocast)
     shape = model_shape(_config(2))
     formula = activation_bytes_per_token(
-        shape, method=method, compute_bytes=2 if autocast else 4, stream_bytes=4,
+        shape, method=method, compute_bytes=2 if autocast else 4, stream_bytes=2 if bf16_base else 4,
         lora_targets=_targets(shape.lora_candidates, "all-linear") if method != "full" else [],
-        lora_r=R, lora_dropout=dropout,
+        lora_r=R, lora_dropout=dropout, varlen=attn == "sftlab_varlen",
     )
     assert (act3 - act2) / (B * S) == formula
-    # autocast keeps a bf16 copy of each weight a matmul used (not of the nf4 ones)
-    base = 0 if method == "qlora" else sum(i * o for _, i, o in shape.layer_linears)
+    # autocast keeps a bf16 copy of each fp32 weight a matmul used (not of the nf4 or bf16 ones)
+    base = 0 if method == "qlora" or bf16_base else sum(i * o for _, i, o in shape.layer_linears)
     lora = sum(R * (i + o) for _, i, o in shape.layer_linears) if method != "full" else 0
     assert copies3 - copies2 == (2 * (base + lora) if autocast else 0)
