@@ -43,3 +43,22 @@ def test_any_input_change_misses(data_file, tokenizer, tmp_path):
     data_file.write_text(data_file.read_text().replace("Convert", "Turn"), encoding="utf-8")
     changed = prep(data_file, tokenizer, cache)[1]
     assert not changed.cached and changed.fingerprint != base.fingerprint
+
+
+def test_every_record_is_counted_cold_and_cached(tokenizer, tmp_path):
+    """records in = examples + rejected + over-long + removed by curation, on both paths."""
+    import json
+
+    def chat(q, a):
+        return json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+
+    lines = [chat(f"Question {i}?", f"Answer {i}.") for i in range(4)]
+    lines += [chat("Question 0?", "Answer 0."), "{not json", chat("Long? " * 300, "Yes.")]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    opts = dict(on_error="skip", max_seq_length=256, curate={"near_dedup": False})
+    for cached in (False, True):
+        examples, s = prep(path, tokenizer, tmp_path / "cache", **opts)
+        assert s.cached == cached
+        assert (s.records, s.examples, s.rejected, s.too_long, s.curated["removed_total"]) == (7, 4, 1, 1, 1)
+        assert len(examples) == 4 and s.tokens == sum(len(e) for e in examples)

@@ -128,6 +128,23 @@ def test_answer_text_also_in_prompt_is_located_after_the_prompt(tokenizer):
     assert [tokenizer.decode(r) for r in trained_runs(ex)] == ["yes<|im_end|>"]
 
 
+def test_messages_with_other_fields_render_exactly_as_apply_chat_template(tokenizer):
+    """Plain {role, content} messages go straight to the compiled template; any other message
+    goes through apply_chat_template, which e.g. drops None-valued fields."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}{% if m.name is defined %} ({{ m.name }}){% endif %}:\n"
+        "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}assistant:\n{% endif %}"
+    )
+    plain = Conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    named = Conversation([{"role": "user", "content": "Hi", "name": "ann"},
+                          {"role": "assistant", "content": "Hello", "name": None}])
+    for conv in (plain, named):
+        ex = render(conv, tok)
+        assert ex.input_ids == tok.apply_chat_template(conv.messages, tokenize=True, return_dict=True)["input_ids"]
+        assert [tok.decode(r) for r in trained_runs(ex)] == ["Hello<|im_end|>"]
+
+
 def test_raw_text_trains_every_token_and_ends_with_eos(tokenizer):
     ex = render(Conversation(text="Plain text for continued pretraining."), tokenizer)
     assert ex.input_ids[-1] == tokenizer.eos_token_id
@@ -144,6 +161,22 @@ def test_truncation_policies(tokenizer):
     # render_many keeps order and returns rejects in place
     out = render_many([conv, Conversation(text="x"), conv], tokenizer, RenderOptions(max_seq_length=n - 1))
     assert isinstance(out[0], TooLong) and isinstance(out[2], TooLong) and out[1].input_ids
+
+
+def test_chunks_are_pipelined_without_changing_results(tokenizer, monkeypatch):
+    """Conversations are rendered and tokenized CHUNK at a time in a pipeline: the results, rejects
+    included, must be those of rendering each conversation alone, in input order."""
+    import sftlab.data.render as render_module
+
+    convs = [conversation(i % 2 == 0) for i in range(5)] + [Conversation(text="Raw text.")]
+    convs.insert(2, Conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey " * 400}]))
+    options = RenderOptions(max_seq_length=300)
+    alone = [render_many([c], tokenizer, options)[0] for c in convs]
+    monkeypatch.setattr(render_module, "CHUNK", 2)
+    chunked = render_many(convs, tokenizer, options)
+    assert [type(x) for x in chunked] == [type(x) for x in alone] and isinstance(chunked[2], TooLong)
+    assert [(x.input_ids, x.labels) for x in chunked if not isinstance(x, TooLong)] == \
+        [(x.input_ids, x.labels) for x in alone if not isinstance(x, TooLong)]
 
 
 def test_missing_chat_template_is_a_clear_error(tokenizer):

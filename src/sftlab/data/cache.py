@@ -1,19 +1,21 @@
 """Cache of rendered examples, keyed by a fingerprint of everything that decides them:
 the data files' content, the tokenizer (vocab + special tokens), the chat template and
-the render options. A second run with the same inputs loads in well under a second."""
+the render options. A second run with the same inputs loads in well under a second: the
+token arrays are memory-mapped, not read."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from sftlab.data.conversation import Example
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 def file_digest(path: str | Path) -> str:
@@ -45,25 +47,33 @@ def fingerprint(data_digest: str, tokenizer, options: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def save_examples(path: Path, examples: list[Example], extra: dict) -> None:
-    """Flat int32 arrays + offsets in one .npz, written atomically."""
-    lengths = np.array([len(e) for e in examples], dtype=np.int64)
-    ids = np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32, count=int(lengths.sum()))
-    labels = np.fromiter((t for e in examples for t in e.labels), dtype=np.int32, count=int(lengths.sum()))
-    meta = json.dumps({"sources": [e.source for e in examples], **extra})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, ids=ids, labels=labels, lengths=lengths, meta=np.array(meta))
-    os.replace(tmp, path)
+def save_examples(path: Path, examples: list[Example], meta: dict) -> None:
+    """Write a cache entry: a folder of flat int32 .npy arrays (ids, labels) + example
+    lengths, and meta.json (sources and `meta`). Written to a temporary folder and renamed,
+    so an entry that exists is complete."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True)
+    np.save(tmp / "ids.npy", _flat([e.ids for e in examples]))
+    np.save(tmp / "labels.npy", _flat([e.label_ids for e in examples]))
+    np.save(tmp / "lengths.npy", np.array([len(e) for e in examples], dtype=np.int64))
+    (tmp / "meta.json").write_text(json.dumps({"sources": [e.source for e in examples], **meta}), encoding="utf-8")
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process wrote the same entry first
+        shutil.rmtree(tmp)
+
+
+def _flat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
 
 
 def load_examples(path: Path) -> tuple[list[Example], dict]:
-    with np.load(path) as z:
-        ids, labels, lengths = z["ids"].tolist(), z["labels"].tolist(), z["lengths"]
-        meta = json.loads(str(z["meta"]))
+    """Examples that are views of the entry's memory-mapped arrays: loading reads no tokens."""
+    # plain ndarray views of the memmaps: slicing an np.memmap is ~30x slower
+    ids = np.asarray(np.load(path / "ids.npy", mmap_mode="r"))
+    labels = np.asarray(np.load(path / "labels.npy", mmap_mode="r"))
+    ends = np.cumsum(np.load(path / "lengths.npy")).tolist()
+    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
     sources = meta.pop("sources")
-    out, start = [], 0
-    for n, src in zip(lengths.tolist(), sources):
-        out.append(Example(ids[start : start + n], labels[start : start + n], src))
-        start += n
-    return out, meta
+    starts = [0, *ends[:-1]]
+    return [Example(ids[a:b], labels[a:b], src) for a, b, src in zip(starts, ends, sources)], meta

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -48,18 +51,39 @@ class Conversation:
         return out
 
 
-@dataclass
 class Example:
-    """A rendered conversation: token ids and labels (-100 where not trained)."""
+    """A rendered conversation: token ids and labels (-100 where not trained).
 
-    input_ids: list[int]
-    labels: list[int]
-    source: str = "<memory>"
-    truncated: bool = False
+    Held as two int32 arrays (`ids`, `label_ids`) so that tens of thousands of examples cost
+    no per-token Python objects: render fills them, and the render cache hands out views of
+    its memory-mapped files. `input_ids` and `labels` read them as lists.
+    """
+
+    __slots__ = ("ids", "label_ids", "source", "truncated")
+
+    def __init__(self, input_ids: Sequence[int], labels: Sequence[int], source: str = "<memory>",
+                 truncated: bool = False):
+        self.ids = np.asarray(input_ids, dtype=np.int32)
+        self.label_ids = np.asarray(labels, dtype=np.int32)
+        if self.ids.shape != self.label_ids.shape or self.ids.ndim != 1:
+            raise ValueError(f"{source}: input_ids and labels must be equal-length sequences")
+        self.source = source
+        self.truncated = truncated
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.ids.tolist()
+
+    @property
+    def labels(self) -> list[int]:
+        return self.label_ids.tolist()
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.ids)
 
     @property
     def num_trained(self) -> int:
-        return sum(1 for x in self.labels if x != -100)
+        return int(np.count_nonzero(self.label_ids != -100))
+
+    def __repr__(self) -> str:
+        return f"Example({len(self)} tokens, {self.num_trained} trained, source={self.source!r})"

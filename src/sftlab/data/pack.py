@@ -15,6 +15,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
+import numpy as np
+
 from sftlab.data.conversation import Example
 from sftlab.data.render import IGNORE
 
@@ -71,15 +73,16 @@ def collate(rows: Sequence[Sequence[Example]], pad_token_id: int, pad_to_multipl
 
 
 def _concat(row: Sequence[Example]) -> tuple[list[int], list[int], list[int]]:
-    ids: list[int] = []
-    labels: list[int] = []
-    pos: list[int] = []
-    for ex in row:
-        ids += ex.input_ids
-        # An example's first token has no predecessor inside the example: never a target.
-        labels += [IGNORE] + ex.labels[1:]
-        pos += range(len(ex.input_ids))
-    return ids, labels, pos
+    if not row:
+        return [], [], []
+    lengths = [len(ex) for ex in row]
+    ids = np.concatenate([ex.ids for ex in row])
+    labels = np.concatenate([ex.label_ids for ex in row])
+    starts = np.cumsum([0, *lengths[:-1]])
+    # An example's first token has no predecessor inside the example: never a target.
+    labels[starts[starts < len(ids)]] = IGNORE
+    pos = np.arange(len(ids)) - np.repeat(starts, lengths)
+    return ids.tolist(), labels.tolist(), pos.tolist()
 
 
 def packing_stats(rows: Sequence[Sequence[Example]], batch_rows: int, flatten: bool = False) -> dict[str, float]:

@@ -14,13 +14,21 @@ tokens with the fast tokenizer's offsets, so the ids are exactly the template's.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from functools import partial
+from itertools import islice
+from typing import Literal, NamedTuple
+
+import numpy as np
 
 from sftlab.data.conversation import Conversation, Example
 from sftlab.errors import DataError, SftlabError
 
 IGNORE = -100
+CHUNK = 2048  # conversations per tokenizer batch (see iter_rendered)
 
 
 @dataclass(frozen=True)
@@ -45,23 +53,15 @@ def _apply(tokenizer, messages, *, add_generation_prompt: bool) -> str:
         raise SftlabError(f"chat template of '{template_name(tokenizer)}' failed: {e}") from e
 
 
-def _end_markers(tokenizer) -> list[str]:
-    """Strings that can end an assistant turn: EOS and the tokenizer's special tokens."""
+def _end_marker_pattern(tokenizer) -> re.Pattern:
+    """Matches an end-of-turn marker (after optional spaces): EOS or any of the tokenizer's
+    special tokens, longest first."""
     marks = {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
     marks |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
     if tokenizer.eos_token:
         marks.add(tokenizer.eos_token)
-    return sorted(marks, key=len, reverse=True)
-
-
-def _turn_end(tail: str, markers: list[str]) -> int | None:
-    """Length of the end-of-turn marker at the start of `tail` (after optional spaces), or None."""
-    stripped = tail.lstrip(" \t\n")
-    offset = len(tail) - len(stripped)
-    for m in markers:
-        if stripped.startswith(m):
-            return offset + len(m)
-    return None
+    alternatives = "|".join(re.escape(m) for m in sorted(marks, key=len, reverse=True))
+    return re.compile(f"[ \t\n]*+(?:{alternatives or '(?!)'})")
 
 
 def _check_tokenizer(tokenizer) -> None:
@@ -85,71 +85,178 @@ def render(conversation: Conversation, tokenizer, options: RenderOptions = Rende
 def render_many(
     conversations: list[Conversation], tokenizer, options: RenderOptions = RenderOptions()
 ) -> list[Example | DataError]:
-    """Render many conversations, tokenizing them in one batch (the fast tokenizer runs in parallel).
+    """Render many conversations, tokenizing them in batches (see `iter_rendered`).
 
     Returns one item per conversation: its Example, or the DataError (e.g. TooLong) that
     rejected it, so the caller can count and report rejects without losing order.
     """
-    plans: list[tuple[str, list[tuple[int, int]], list[int]] | DataError] = []
-    for conv in conversations:
-        try:
-            plans.append(_render_text(conv, tokenizer, options) if conv.is_raw_text else _plan(conv, tokenizer, options))
-        except DataError as e:
-            plans.append(e)
-    texts = [p[0] for p in plans if isinstance(p, tuple)]
-    encodings = _encode(tokenizer, texts) if texts else iter(())
-    out: list[Example | DataError] = []
-    for conv, plan in zip(conversations, plans):
-        if isinstance(plan, (Example, DataError)):
-            out.append(plan)
+    return [item for _, item in iter_rendered(conversations, tokenizer, options)]
+
+
+def iter_rendered(
+    conversations: Iterable[Conversation], tokenizer, options: RenderOptions = RenderOptions()
+) -> Iterator[tuple[Conversation, Example | DataError]]:
+    """Each conversation with its Example or the DataError that rejected it, in order.
+
+    Conversations are taken CHUNK at a time and the work is pipelined: the fast tokenizer
+    releases the GIL, so while a worker thread tokenizes one chunk (Rust), the next chunk is
+    read (when `conversations` streams from a file) and its chat templates are rendered (Python).
+    """
+    template = backend = None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        previous = None
+        for chunk in _chunks(conversations, CHUNK):
+            if template is None and (chat := next((c for c in chunk if not c.is_raw_text), None)):
+                template, backend = _Template(tokenizer, chat.messages), _backend(tokenizer)
+            plans = [_plan_or_error(conv, tokenizer, template, options) for conv in chunk]
+            texts = [p.text for p in plans if isinstance(p, _Plan)]
+            job = (chunk, plans, pool.submit(backend.encode_batch, texts, add_special_tokens=False) if texts else None)
+            if previous:
+                yield from _finish(*previous, tokenizer, options)
+            previous = job
+        if previous:
+            yield from _finish(*previous, tokenizer, options)
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+class _Plan(NamedTuple):
+    """A conversation rendered to text, with the char spans to train."""
+
+    text: str
+    spans: list[tuple[int, int]]  # [start, end) of each trained turn, end-of-turn marker included
+    open_ends: list[bool]  # per span: the template wrote no end-of-turn marker, so an EOS is inserted
+
+
+def _plan_or_error(conv: Conversation, tokenizer, template: _Template | None, options: RenderOptions):
+    try:
+        return _render_text(conv, tokenizer, options) if conv.is_raw_text else _plan(conv, template, options)
+    except DataError as e:
+        return e
+
+
+def _finish(chunk, plans, encodings, tokenizer, options: RenderOptions
+            ) -> Iterator[tuple[Conversation, Example | DataError]]:
+    """Label a chunk once its tokenization is done."""
+    encoded = iter(encodings.result() if encodings else ())
+    for conv, plan in zip(chunk, plans):
+        if not isinstance(plan, _Plan):  # already an Example (raw text) or a DataError
+            yield conv, plan
             continue
-        ids, offsets = next(encodings)
         try:
-            out.append(_fit(_label(conv, tokenizer, plan, ids, offsets), options))
+            item = _fit(_label(conv, tokenizer, plan, next(encoded)), options)
         except DataError as e:
-            out.append(e)
-    return out
+            item = e
+        yield conv, item
 
 
-def _encode(tokenizer, texts: list[str]):
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return zip(enc["input_ids"], enc["offset_mapping"])
+def _backend(tokenizer):
+    """The fast tokenizer's Rust side, set up as `tokenizer(texts, add_special_tokens=False)` sets it
+    up (no truncation, no padding, the tokenizer's `split_special_tokens`).
+
+    Calling it directly skips transformers' conversion of every token's id, offsets and masks into
+    Python lists, which costs about a third of the tokenization itself.
+    """
+    backend = tokenizer.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    backend.encode_special_tokens = tokenizer.split_special_tokens
+    return backend
 
 
-def _plan(conversation: Conversation, tokenizer, options: RenderOptions):
+class _Template:
+    """The tokenizer's chat template, rendered as `apply_chat_template(..., tokenize=False)` renders it.
+
+    For messages that are plain `{role, content}` strings (what every loader produces),
+    apply_chat_template's per-call work (deep copies that turn message objects into plain
+    dicts, template lookup) takes longer than the template itself; such messages are passed
+    straight to the compiled (sandboxed) template with the variables apply_chat_template
+    passes: the special tokens, no tools, no documents. That shortcut is checked once against
+    apply_chat_template on a sample conversation; other messages, or a transformers version
+    where the two differ, go through apply_chat_template.
+    """
+
+    def __init__(self, tokenizer, sample: list[dict[str, str]]):
+        _check_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+        self.name = template_name(tokenizer)
+        self.end_marker = _end_marker_pattern(tokenizer)
+        self._compiled = self._compile()
+        if self._compiled is not None and _plain(sample) and \
+                self._direct(sample, add_generation_prompt=False) != self.slow(sample, add_generation_prompt=False):
+            self._compiled = None
+
+    def _compile(self):
+        """The template compiled in transformers' sandboxed environment, with its globals as a
+        plain dict: jinja copies a template's ChainMap of globals on every render, which takes
+        longer than rendering a short conversation."""
+        from jinja2 import TemplateError
+
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            source = self.tokenizer.get_chat_template()
+            template = _compile_jinja_template(source).environment.from_string(source)
+        except (ImportError, AttributeError, ValueError, TemplateError):  # the slow path works, or says why not
+            return None
+        template.globals = dict(template.globals)
+        return partial(template.render, tools=None, documents=None, **self.tokenizer.special_tokens_map)
+
+    def renderer(self, messages: list[dict[str, str]]) -> Callable[..., str]:
+        """The function that renders `messages` and its prefixes."""
+        return self._direct if self._compiled is not None and _plain(messages) else self.slow
+
+    def _direct(self, messages, *, add_generation_prompt: bool) -> str:
+        try:
+            return self._compiled(messages=messages, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja errors, raise_exception() in templates
+            raise SftlabError(f"chat template of '{self.name}' failed: {e}") from e
+
+    def slow(self, messages, *, add_generation_prompt: bool) -> str:
+        return _apply(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+
+
+def _plain(messages: list) -> bool:
+    return all(type(m) is dict and len(m) == 2 and type(m.get("role")) is str and type(m.get("content")) is str
+               for m in messages)
+
+
+def _plan(conversation: Conversation, template: _Template, options: RenderOptions) -> _Plan:
     """Render the text once and find the trained char spans (and turns lacking an end marker)."""
-    _check_tokenizer(tokenizer)
     messages = conversation.messages
-    full = _apply(tokenizer, messages, add_generation_prompt=False)
+    render = template.renderer(messages)
+    full = render(messages, add_generation_prompt=False)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         raise DataError(conversation.source, "no assistant turn to train on")
     if options.train_on == "last":
         turns = turns[-1:]
-    starts = _prefix_starts(tokenizer, messages, turns, full)
+    starts = _prefix_starts(render, messages, turns, full)
     if starts is None:
-        _warn_unstable(tokenizer)
+        _warn_unstable(template.name)
         starts = _sequential_starts(messages, turns, full)
-    markers = _end_markers(tokenizer)
     spans: list[tuple[int, int]] = []
-    missing_eos: list[int] = []  # char positions after which EOS must be inserted
+    open_ends: list[bool] = []
     for i, search_from in zip(turns, starts):
         content = messages[i]["content"].strip()
         start = full.find(content, search_from) if search_from is not None else -1
         if start < 0:
             raise SftlabError(
-                f"{conversation.source}: the chat template of '{template_name(tokenizer)}' does not render "
+                f"{conversation.source}: the chat template of '{template.name}' does not render "
                 f"assistant turn {i}'s content verbatim, so its tokens cannot be located"
             )
         end = start + len(content)
-        eot = _turn_end(full[end:], markers)
-        if eot is None:
-            missing_eos.append(end)
-        spans.append((start, end + (eot or 0)))
-    return full, spans, missing_eos
+        marker = template.end_marker.match(full, end)
+        open_ends.append(marker is None)
+        spans.append((start, marker.end() if marker else end))
+    return _Plan(full, spans, open_ends)
 
 
-def _prefix_starts(tokenizer, messages, turns, full) -> list[int] | None:
+def _prefix_starts(render, messages, turns, full) -> list[int] | None:
     """Where each trained turn begins: the end of its generation prompt, as inference sees it.
 
     None when the template is not prefix-stable (rendering messages[:i] with the generation
@@ -158,7 +265,7 @@ def _prefix_starts(tokenizer, messages, turns, full) -> list[int] | None:
     """
     starts = []
     for i in turns:
-        prefix = _apply(tokenizer, messages[:i], add_generation_prompt=True)
+        prefix = render(messages[:i], add_generation_prompt=True)
         if not full.startswith(prefix):
             return None
         starts.append(len(prefix))
@@ -184,8 +291,7 @@ def _sequential_starts(messages, turns, full) -> list[int | None]:
 _warned: set[str] = set()
 
 
-def _warn_unstable(tokenizer) -> None:
-    name = template_name(tokenizer)
+def _warn_unstable(name: str) -> None:
     if name not in _warned:
         _warned.add(name)
         import warnings
@@ -193,38 +299,63 @@ def _warn_unstable(tokenizer) -> None:
         warnings.warn(
             f"the chat template of '{name}' is not prefix-stable (earlier turns render differently once later "
             "turns exist); assistant turns are located in order in the full rendering instead",
-            stacklevel=3,
+            stacklevel=2,
         )
 
 
-def _label(conversation, tokenizer, plan, input_ids, offsets) -> Example:
-    _, spans, missing_eos = plan
-    input_ids = list(input_ids)
-    labels = [IGNORE] * len(input_ids)
-    for s, e in spans:
-        for k, (a, b) in enumerate(offsets):
-            if b > s and a < e and b > a:
-                labels[k] = input_ids[k]
-    if missing_eos:
-        input_ids, labels = _insert_eos(tokenizer, conversation, input_ids, labels, offsets, missing_eos)
-    return Example(input_ids, labels, conversation.source)
+def _label(conversation: Conversation, tokenizer, plan: _Plan, encoding) -> Example:
+    """ids from the tokenizer; labels = ids on the tokens of each trained span, -100 elsewhere."""
+    ids = encoding.ids
+    ranges = [_token_range(encoding, s, e, conversation.source) for s, e in plan.spans]
+    if any(plan.open_ends):
+        ids, ranges = _insert_eos(tokenizer, ids, ranges, plan.open_ends)
+    ids = np.array(ids, dtype=np.int32)
+    labels = np.full(len(ids), IGNORE, dtype=np.int32)
+    for a, b in ranges:
+        labels[a:b] = ids[a:b]
+    return Example(ids, labels, conversation.source)
 
 
-def _insert_eos(tokenizer, conversation, input_ids, labels, offsets, positions):
-    """The template ends an assistant turn with no marker: add a trained EOS after it."""
+def _token_range(encoding, start: int, end: int, source: str) -> tuple[int, int]:
+    """The tokens [first, stop) of the char span [start, end): from the token holding its first
+    char to the last token that begins before `end` (several tokens can hold one char, e.g. the
+    bytes of an emoji). A token straddling an edge is trained: the model has to produce it.
+    Token offsets run in text order, so a few lookups replace a scan over every token."""
+    first = _token_at(encoding, range(start, end))
+    last = _token_at(encoding, range(end - 1, start - 1, -1))
+    if first is None or last is None:
+        raise SftlabError(f"{source}: an assistant turn's text produced no tokens")
+    stop = last + 1
+    while stop < len(encoding) and (chars := encoding.token_to_chars(stop)) is not None and chars[0] < end:
+        stop += 1
+    return first, stop
+
+
+def _token_at(encoding, chars: range) -> int | None:
+    """The token holding the first of `chars` that a token holds (a normalizer may drop chars)."""
+    for c in chars:
+        k = encoding.char_to_token(c)
+        if k is not None:
+            return k
+    return None
+
+
+def _insert_eos(tokenizer, ids: list[int], ranges: list[tuple[int, int]], open_ends: list[bool]):
+    """The template ends some assistant turns with no marker: add a trained EOS after each."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise SftlabError(f"'{template_name(tokenizer)}' has no EOS token and its template writes no end of turn")
-    ids, labs = [], []
-    pending = sorted(positions)
-    for k, (tok, lab) in enumerate(zip(input_ids, labels)):
-        while pending and offsets[k][0] >= pending[0]:
-            ids.append(eos), labs.append(eos)
-            pending.pop(0)
-        ids.append(tok), labs.append(lab)
-    for _ in pending:
-        ids.append(eos), labs.append(eos)
-    return ids, labs
+    out: list[int] = []
+    moved: list[tuple[int, int]] = []
+    done = 0
+    for (a, b), open_end in zip(ranges, open_ends):
+        shift = len(out) - done  # EOS tokens inserted so far
+        out += ids[done:b]
+        done = b
+        if open_end:
+            out.append(eos)
+        moved.append((a + shift, len(out)))
+    return out + ids[done:], moved
 
 
 def _render_text(conversation: Conversation, tokenizer, options: RenderOptions) -> Example:
@@ -244,7 +375,7 @@ def _fit(example: Example, options: RenderOptions) -> Example:
         return example
     if options.truncation == "drop":
         raise TooLong(example.source, f"{len(example)} tokens > max_seq_length {limit} (policy: drop)")
-    cut = Example(example.input_ids[:limit], example.labels[:limit], example.source, truncated=True)
+    cut = Example(example.ids[:limit], example.label_ids[:limit], example.source, truncated=True)
     if cut.num_trained == 0:
         raise TooLong(example.source, f"no trained token left after truncating to {limit} tokens")
     return cut
