@@ -98,3 +98,18 @@ def test_grad_accumulation_equals_full_batch(tiny_model_dir, tmp_path, tokenizer
     assert moved > 1e-3  # the step really changed the weights
     for k in full:
         torch.testing.assert_close(accumulated[k], full[k], rtol=1e-4, atol=1e-5)
+
+
+def test_bucketed_keeps_every_trained_position_and_rounds_the_count():
+    from sftlab.data.pack import shape_bucket
+    from sftlab.train.loss import bucketed
+
+    assert [shape_bucket(n) for n in (1, 8, 9, 170, 1000, 2000, 2048)] == [8, 8, 16, 176, 1024, 2048, 2048]
+    keep = torch.zeros(2, 100, dtype=torch.bool)
+    keep[0, 10:30] = keep[1, 50:53] = True
+    rows = bucketed(keep)
+    assert int(rows.sum()) == 24 and bool(rows[keep].all())
+    assert bucketed(rows) is rows  # already a bucket size
+    small = torch.ones(1, 12, dtype=torch.bool)
+    small[0, 0] = False
+    assert bucketed(small) is small  # not enough free positions: unchanged

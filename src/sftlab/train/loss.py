@@ -14,6 +14,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from sftlab.data.pack import shape_bucket
 from sftlab.data.render import IGNORE
 from sftlab.train.attention import NAME as VARLEN
 from sftlab.train.attention import segment_bounds
@@ -36,6 +37,20 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 
     return total
 
 
+def bucketed(keep: torch.Tensor) -> torch.Tensor:
+    """`keep` plus the first untrained positions, so that the lm_head's row count is a
+    `shape_bucket` size (see data/pack.py). With rows and head inputs bucketed, a SmolLM2
+    LoRA run on CPU grew its RSS by 15 instead of 21 MB per step."""
+    n = int(keep.sum())
+    extra = shape_bucket(n) - n if n else 0
+    free = (~keep).reshape(-1).nonzero().squeeze(1)[:extra]
+    if extra == 0 or len(free) < extra:
+        return keep
+    rows = keep.clone().reshape(-1)
+    rows[free] = True
+    return rows.view_as(keep)
+
+
 def _accepts_logits_to_keep(model) -> bool:
     base = model
     while hasattr(base, "get_base_model") or hasattr(base, "module"):
@@ -56,8 +71,11 @@ def selective_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     if batch.get("attention_mask") is not None:
         inputs["attention_mask"] = batch["attention_mask"]
     if _accepts_logits_to_keep(model):
-        logits = model(**inputs, logits_to_keep=keep).logits
+        rows = bucketed(keep) if keep.device.type == "cpu" else keep
+        logits = model(**inputs, logits_to_keep=rows).logits
         logits = logits.reshape(-1, logits.shape[-1])
+        if rows is not keep:
+            logits = logits[keep[rows]]  # drop the filler rows
     else:  # architectures without logits_to_keep: full logits, then select
         logits = model(**inputs).logits[keep]
     if targets.numel() == 0:  # keep the graph connected so every process runs backward

@@ -221,10 +221,12 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     set_seed(config.training.seed)  # LoRA's initialisation too must repeat for the same seed
     model = build_model(config, use_bf16)
     flatten = can_flatten(model)
+    bucket = not torch.cuda.is_available()  # CPU kernels are built per matmul shape (data/pack.py shape_bucket)
     rows = make_rows(train_ex, config.data.max_seq_length, config.data.packing)
-    pstats = packing_stats(rows, config.training.per_device_train_batch_size, flatten=flatten)
+    pstats = packing_stats(rows, config.training.per_device_train_batch_size, flatten=flatten,
+                           bucket=bucket)
     log(f"rows: {pstats['rows']} ({'packed' if config.data.packing else 'one example each'}), "
-        f"attention {model.config._attn_implementation}{' (batches flattened, no padding)' if flatten else ''}, "
+        f"attention {model.config._attn_implementation}{' (batches flattened)' if flatten else ''}, "
         f"trained/computed tokens {pstats['trained_per_computed']:.3f}, padding {pstats['padding_ratio']:.3f}")
     if hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
@@ -238,7 +240,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         args=args,
         train_dataset=RowDataset(rows),
         eval_dataset=RowDataset([[e] for e in eval_ex]) if has_eval else None,
-        data_collator=partial(collate, pad_token_id=pad_id, flatten=flatten),
+        data_collator=partial(collate, pad_token_id=pad_id, flatten=flatten, bucket=bucket),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
