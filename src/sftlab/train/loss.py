@@ -51,11 +51,15 @@ def bucketed(keep: torch.Tensor) -> torch.Tensor:
     return rows.view_as(keep)
 
 
+def _unwrapped(model):
+    """The transformers model inside PEFT / DDP wrappers."""
+    while hasattr(model, "get_base_model") or hasattr(model, "module"):
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model.module
+    return model
+
+
 def _accepts_logits_to_keep(model) -> bool:
-    base = model
-    while hasattr(base, "get_base_model") or hasattr(base, "module"):
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base.module
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in inspect.signature(_unwrapped(model).forward).parameters
 
 
 def selective_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -63,7 +67,7 @@ def selective_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     labels = batch["labels"]
     keep, targets = shifted_targets(labels)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids"), "use_cache": False}
-    if inputs["position_ids"] is not None and getattr(model.config, "_attn_implementation", None) == VARLEN:
+    if inputs["position_ids"] is not None and _unwrapped(model).config._attn_implementation == VARLEN:
         # example bounds computed once per forward (one device sync), not in every layer
         bounds = segment_bounds(inputs["position_ids"])
         inputs["cu_seq_lens_q"] = torch.tensor(bounds, dtype=torch.int32, device=labels.device)
