@@ -6,7 +6,8 @@ into tensors: examples concatenated, `position_ids` restarting at 0 for each exa
 attention mask, so no example sees another: sftlab's varlen attention (train/attention.py)
 and flash-attention read the resets directly, and transformers builds a block-diagonal mask
 from them for SDPA/eager. With `flatten` all rows of a micro-batch become one row, so there is
-no padding at all (for the varlen attentions; SDPA/eager would attend over the whole row).
+no padding but `bucket`'s rounding (for the varlen attentions; SDPA/eager would attend over
+the whole row).
 Row-end padding forms its own "example" (positions restart at 0) and is never trained.
 """
 

@@ -9,8 +9,9 @@ computes each example's causal attention alone instead:
   (`torch.nn.attention.varlen.varlen_attn`), given the cumulative example lengths;
 - otherwise (CPU, or a PyTorch without it): SDPA with `is_causal=True` per example.
 
-So a batch needs no padding at all (the collator flattens all rows into one) and the
-attention FLOPs are sum(len_i^2) instead of rows x max_len^2. The mask machinery is
+So a batch needs no padding (the collator flattens all rows into one; on CPU it rounds the
+row's length, see data/pack.py `shape_bucket`) and the attention FLOPs are sum(len_i^2)
+instead of rows x max_len^2. The mask machinery is
 skipped: an implementation name that `AttentionMaskInterface` does not know gets no mask.
 Models with logit soft-capping (Gemma 2) keep their own attention.
 """
