@@ -43,8 +43,10 @@ def bucketed(keep: torch.Tensor) -> torch.Tensor:
     LoRA run on CPU grew its RSS by 15 instead of 21 MB per step."""
     n = int(keep.sum())
     extra = shape_bucket(n) - n if n else 0
+    if extra == 0:
+        return keep
     free = (~keep).reshape(-1).nonzero().squeeze(1)[:extra]
-    if extra == 0 or len(free) < extra:
+    if len(free) < extra:
         return keep
     rows = keep.clone().reshape(-1)
     rows[free] = True
