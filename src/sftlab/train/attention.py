@@ -11,8 +11,8 @@ computes each example's causal attention alone instead:
 
 So a batch needs no padding (the collator flattens all rows into one; on CPU it rounds the
 row's length, see data/pack.py `shape_bucket`) and the attention FLOPs are sum(len_i^2)
-instead of rows x max_len^2. The mask machinery is
-skipped: an implementation name that `AttentionMaskInterface` does not know gets no mask.
+instead of rows x max_len^2. The mask machinery is skipped: an implementation name that
+`AttentionMaskInterface` does not know gets no mask.
 
 It computes causal attention, optionally within a sliding window, optionally with attention
 sinks (gpt-oss), and nothing else. So it is the default only for the architectures in
@@ -227,12 +227,18 @@ def choose_attention(model, requested: str | None, packing: bool = False) -> Non
         else:
             register()
             model.set_attn_implementation(NAME)
-    if packing and not can_flatten(model) and packed_rows_isolated(model) is False:
+    if not packing or can_flatten(model):
+        return
+    isolated = packed_rows_isolated(model)
+    if isolated is False:
         raise SftlabError(
             f"data.packing: transformers' {model.config._attn_implementation} mask for {model_type} ignores the "
             "position_ids restarts, so examples packed in one row would attend to each other: set "
             "data.packing=false (or an attention that reads the restarts)"
         )
+    if isolated is None:
+        logger.warning("attention: could not check that %s's %s mask keeps packed examples apart "
+                       "(data.packing=false avoids the question)", model_type, model.config._attn_implementation)
 
 
 class _Reached(Exception):
