@@ -51,21 +51,22 @@ def _browser():
     return sync_playwright, exe
 
 
-def _cli(*args: str) -> subprocess.Popen:
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SFTLAB_API_KEY": KEY}
-    return subprocess.Popen([sys.executable, "-m", "sftlab.cli", "data", "review", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "sftlab.cli", "data", "review", *args], env=env, cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 class ReviewServer:
     """`sftlab data review DATA` as a subprocess on a free port."""
 
-    def __init__(self, data: Path, *extra: str):
+    def __init__(self, data: Path, *extra: str, cwd: Path | None = None):
         from sftlab.serve.triton_server import free_port
 
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = _cli(str(data), "--port", str(port), "--labels", "dates,sentiment,extraction", *extra)
+        self.proc = _cli(str(data), "--port", str(port), "--labels", "dates,sentiment,extraction", *extra,
+                         cwd=cwd)
         deadline = time.time() + 90
         while True:
             assert self.proc.poll() is None, self.proc.stdout.read()
@@ -170,34 +171,40 @@ def test_review_three_examples_with_keyboard_and_mouse(tmp_path):
 
 
 def screenshot(out: Path) -> None:
-    """A screenshot of the page mid-review (flags, a suggestion, labels, an edit) for the docs."""
+    """A screenshot of the page mid-review (a flag, a suggestion, labels, an edit, the trained
+    tokens) for the docs."""
     import tempfile
 
     sync_playwright, exe = _browser()
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_data(Path(tmp) / "demo.jsonl")
+        write_data(Path(tmp) / "demo.jsonl")
         from sftlab.data.review.session import ReviewSession
 
-        session = ReviewSession(data)
+        os.chdir(tmp)  # relative paths on the page, as a person would type them
+        session = ReviewSession("demo.jsonl")
         session.act(session.ids[0], {"action": "label", "label": "dates"})
         session.act(session.ids[0], {"action": "accept"})
         session.act(session.ids[1], {"action": "reject", "reason": "markup, not an answer"})
-        third = session.ids[2]
-        session.suggest(third, {"score": 4, "label": "sentiment", "raw": "score: 4\nlabel: sentiment", "by": "default"})
-        session.act(third, {"action": "edit", "message": 2, "content": "positive"})
-        server = ReviewServer(data, "--model", str(ROOT / "tests" / "fixtures" / "smollm2-tokenizer"))
+        session.act(session.ids[2], {"action": "accept"})
+        shown = session.ids[3]
+        session.suggest(shown, {"score": 4, "label": "extraction", "raw": "score: 4\nlabel: extraction", "by": "default"})
+        session.act(shown, {"action": "edit", "message": 0,
+                            "content": "Extract the name as JSON: 'Contact Ada Lovelace at [EMAIL]'"})
+        server = ReviewServer(Path("demo.jsonl"), "--model", str(ROOT / "tests" / "fixtures" / "smollm2-tokenizer"),
+                              cwd=Path(tmp))
         try:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
-                page = browser.new_page(viewport={"width": 1200, "height": 760})
+                page = browser.new_page(viewport={"width": 1200, "height": 780})
                 page.goto(server.url + "/#key=" + KEY)
-                page.locator("#source").filter(has_text="demo.jsonl:3").wait_for()
+                page.locator("#source").filter(has_text="demo.jsonl:4").wait_for()
                 page.keyboard.press("t")
                 page.locator("#tokens .trained").first.wait_for()
                 page.screenshot(path=str(out), full_page=True)
                 browser.close()
         finally:
             server.close()
+            os.chdir(ROOT)
 
 
 if __name__ == "__main__":

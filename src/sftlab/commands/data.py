@@ -308,6 +308,9 @@ def review(
         suggester = (LocalSuggester(suggest, chat_template) if suggest
                      else EndpointSuggester(suggest_url, suggest_model, suggest_api_key))
         start_suggestions(session, suggester)
+    if session.log.skipped:
+        print(f"warning: {session.log.path}: skipped {len(session.log.skipped)} unreadable line(s) "
+              f"(first: line {session.log.skipped[0]}; a write cut short by a crash)")
     progress = session.progress()
     print(f"{progress['total']} examples from {file}, {progress['reviewed']} reviewed; decisions go to {session.log.path}")
     print(f"review page: http://{host}:{port}/  (Ctrl+C stops; the log keeps every decision)")
