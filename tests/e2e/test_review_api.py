@@ -261,19 +261,41 @@ def test_suggestions_from_an_openai_compatible_endpoint(data):
         endpoint.should_exit = True
 
 
-def test_suggestions_from_a_local_model(tmp_path, tiny_model_dir):
+def test_suggestions_from_a_local_model_and_from_sftlab_serve_agree(tmp_path, tiny_model_dir):
+    """The same tiny model, run locally and behind our own OpenAI-compatible server, gives the
+    same (greedy) suggestions."""
+    import uvicorn
+
     from sftlab.data.review.session import ReviewSession
-    from sftlab.data.review.suggest import LocalSuggester, run_suggestions, suggestion_prompt
+    from sftlab.data.review.suggest import EndpointSuggester, LocalSuggester, run_suggestions, suggestion_prompt
     from sftlab.evaluation.generate import generate_batch
+    from sftlab.serve.backends import load_backend
+    from sftlab.serve.openai_api import create_app
+    from sftlab.serve.triton_server import free_port
 
     data = tmp_path / "three.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:3]), encoding="utf-8")
-    session = ReviewSession(data)
+    local = ReviewSession(data)
     suggester = LocalSuggester(str(tiny_model_dir))
-    run_suggestions(session, suggester, batch_size=2)
-    assert session.suggest_status["state"] == "done"
+    run_suggestions(local, suggester, batch_size=2)
+    assert local.suggest_status["state"] == "done"
     expected = generate_batch(suggester.model, suggester.tokenizer,
-                              [suggestion_prompt(c, []) for c in session.convs[:2]], max_new_tokens=24, progress=False)
-    got = [session.log.state(i).suggestion for i in session.ids[:2]]
+                              [suggestion_prompt(c, []) for c in local.convs], max_new_tokens=24, progress=False)
+    got = [local.log.state(i).suggestion for i in local.ids]
     assert [g["raw"] for g in got] == [e[:300] for e in expected] and all(g["by"] == str(tiny_model_dir) for g in got)
-    assert all(session.log.state(i).suggestion for i in session.ids)
+
+    backend = load_backend(str(tiny_model_dir), "torch", max_batch_size=4, max_wait_ms=5)
+    port = free_port()
+    served = uvicorn.Server(uvicorn.Config(create_app(backend, "tiny", api_key="k"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    threading.Thread(target=served.run, daemon=True).start()
+    while not served.started:
+        time.sleep(0.02)
+    try:
+        remote = ReviewSession(data, review_dir=tmp_path / "remote.review")
+        run_suggestions(remote, EndpointSuggester(f"http://127.0.0.1:{port}/v1", "tiny", api_key="k"))
+        assert remote.suggest_status["state"] == "done", remote.suggest_status
+        assert [remote.log.state(i).suggestion["raw"].strip() for i in remote.ids] == [g["raw"] for g in got]
+    finally:
+        served.should_exit = True
+        backend.close()

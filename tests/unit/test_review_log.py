@@ -49,14 +49,14 @@ def test_a_line_cut_short_by_a_kill_is_closed_and_skipped(tmp_path):
     path = tmp_path / "log.jsonl"
     log = ReviewLog(path)
     log.append({"id": "a", "action": "accept"})
-    with open(path, "ab") as f:  # the server died in the middle of writing its next action
-        f.write(b'{"time": "2026-01-01T00:00:00Z", "id": "b", "act')
+    with open(path, "ab") as f:  # a hand-edited line, then a write cut short by a kill
+        f.write(b'{"id": "a", "action": "edit", "message": 1}\n{"time": "2026-01-01T00:00:00Z", "id": "b", "act')
     reopened = ReviewLog(path)
-    assert reopened.state("a").status == "accepted" and reopened.skipped == [2]
+    assert reopened.state("a").status == "accepted" and reopened.skipped == [2, 3]
     reopened.append({"id": "b", "action": "reject", "reason": "r"})
     final = ReviewLog(path)
     assert final.state("b").status == "rejected" and final.state("a").status == "accepted"
-    assert final.skipped == [2] and final.seq == 3
+    assert final.skipped == [2, 3] and final.seq == 4 and final.state("a").edits == {}
 
 
 def test_two_writers_on_one_log_see_each_other(tmp_path):

@@ -89,7 +89,7 @@ def test_bad_actions_are_refused(data):
                             ({"action": "approve"}, "unknown action")]:
         with pytest.raises(SftlabError, match=message):
             session.act(item, action)
-    with pytest.raises(KeyError):
+    with pytest.raises(SftlabError, match="no example with id 'no-such-id'"):
         session.act("no-such-id", {"action": "accept"})
     assert session.log.seq == 0
     assert check_label(" ok ") == "ok"

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from sftlab.data.review.session import MAX_LABEL, MAX_REASON, Conflict, ReviewSession
+from sftlab.data.review.session import MAX_LABEL, MAX_REASON, Conflict, ReviewSession, UnknownExample
 from sftlab.errors import SftlabError
 from sftlab.serve.guard import add_request_guard, error_response
 
@@ -75,9 +75,9 @@ def create_app(session: ReviewSession, *, api_key: str | None = None, max_body_b
     async def _bad(_, e: SftlabError):
         return error_response(400, str(e))
 
-    @app.exception_handler(KeyError)
-    async def _missing(_, e: KeyError):
-        return error_response(404, f"no example with id {e.args[0]!r}", code="not_found")
+    @app.exception_handler(UnknownExample)
+    async def _missing(_, e: UnknownExample):
+        return error_response(404, str(e), code="not_found")
 
     add_request_guard(app, prefix="/api/", api_key=api_key, max_body_bytes=max_body_bytes)
 

@@ -41,18 +41,15 @@ class ItemState:
     edits: dict[int, str] = field(default_factory=dict)  # message index -> text
     suggestion: dict[str, Any] | None = None
     reviewed_at: str | None = None  # time of the last accept/reject
-    actions: int = 0  # human actions (suggestions not counted)
 
     def apply(self, entry: dict[str, Any]) -> None:
         action = entry["action"]
         if action == "suggest":
             self.suggestion = entry.get("suggestion")
-            return
-        self.actions += 1
-        if action in ("accept", "reject"):
+        elif action in ("accept", "reject"):
+            self.reviewed_at = entry["time"]
             self.status = "accepted" if action == "accept" else "rejected"
             self.reason = entry.get("reason") if action == "reject" else None
-            self.reviewed_at = entry["time"]
         elif action == "reset":
             self.status, self.reason, self.reviewed_at = "pending", None, None
         elif action == "edit":
@@ -116,12 +113,12 @@ class ReviewLog:
                 entry = json.loads(raw)
                 if entry.get("action") not in ACTIONS or not isinstance(entry.get("id"), str):
                     raise ValueError("not a review action")
-            except ValueError:
+                self.states.setdefault(entry["id"], ItemState()).apply(entry)
+            except (ValueError, KeyError, TypeError, AttributeError):  # cut short, or edited by hand
                 self.skipped.append(self.seq)
                 self._ids.append("")
                 continue
             self._ids.append(entry["id"])
-            self.states.setdefault(entry["id"], ItemState()).apply(entry)
         self._offset += end
 
     def refresh(self) -> None:

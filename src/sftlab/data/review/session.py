@@ -27,6 +27,10 @@ MAX_REASON = 1000
 _LABEL_BAD = re.compile(r"[\x00-\x1f\x7f]")
 
 
+class UnknownExample(SftlabError):
+    """An id that names no example of this dataset."""
+
+
 class Conflict(SftlabError):
     """An edit based on text that another tab (or server) has changed since."""
 
@@ -93,10 +97,11 @@ def flag_examples(convs: list[Conversation], *, tokenizer=None, max_seq_length: 
     return flags, tokens
 
 
-def _render(convs: list[Conversation], tokenizer, options=None) -> list:
-    from sftlab.data.render import RenderOptions, render_many
+def _render(convs: list[Conversation], tokenizer) -> list:
+    """Each conversation's Example (as training renders it) or the DataError that rejected it."""
+    from sftlab.data.render import render_many
 
-    return render_many(convs, tokenizer, options or RenderOptions())
+    return render_many(convs, tokenizer)
 
 
 def edited(conv: Conversation, state: ItemState) -> Conversation:
@@ -168,7 +173,7 @@ class ReviewSession:
 
     def position(self, item_id: str) -> int:
         if item_id not in self.index:
-            raise KeyError(item_id)
+            raise UnknownExample(f"no example with id {item_id!r} in {self.data}")
         return self.index[item_id]
 
     def current(self, i: int) -> Conversation:
@@ -182,7 +187,8 @@ class ReviewSession:
         originals = [conv.text] if conv.text is not None else [m["content"] for m in conv.messages]
         tokens = self.tokens[i]
         if state.edits and self.tokenizer is not None:
-            tokens = self.token_view(item_id)["tokens"]
+            ex = _render([shown], self.tokenizer)[0]
+            tokens = None if isinstance(ex, SftlabError) else len(ex)
         return {"id": item_id, "index": i, "source": conv.source, "flags": self.flags[i], "tokens": tokens,
                 "messages": [{**m, **({"original": originals[j]} if j in state.edits else {})}
                              for j, m in enumerate(messages)],
