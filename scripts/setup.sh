@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create a venv (.venv, or $VENV) with $PYTHON (default python3) and install sftlab with
 # everything its tests and quickstart need. Idempotent: a second run with unchanged
-# pyproject.toml does nothing. E.g. VENV=.venv-py310 PYTHON=python3.10 bash scripts/setup.sh
+# pyproject.toml does nothing. E.g. VENV=.venv-py313 PYTHON=python3.13 bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,12 +11,12 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi
-"$PY" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 13))' || {
-  echo "sftlab needs Python 3.10 to 3.13; $PY is $("$PY" -V 2>&1). Set PYTHON=python3.X" >&2; exit 1; }
+"$PY" -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' || {
+  echo "sftlab needs Python 3.11 to 3.13; $PY is $("$PY" -V 2>&1). Set PYTHON=python3.X" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip 2>/dev/null || true
-# The Triton extra (nvidia-pytriton 0.7) pins numpy<2, which has no wheel for Python 3.13+:
+# The Triton extra (nvidia-pytriton 0.7) pins numpy<2, which has no wheel for Python 3.13:
 # pip would compile numpy 1.26 from source there. Install it only where a wheel exists;
 # without it the Triton tests skip and say why.
 EXTRAS=dev
