@@ -8,11 +8,11 @@ for: a short answer that also occurs in the markup cannot be found there by mist
 For each trained turn the conversation up to it is also rendered with the generation
 prompt, which should be a text prefix of the whole (what inference sees); templates that
 are not prefix-stable (some move the system prompt to the last user turn) get a warning
-naming the template. The trained
-span is the assistant content plus the end-of-turn token the template writes after it
-(e.g. `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`); when a template writes none,
-the tokenizer's EOS is appended so the model learns to stop. Char spans are mapped to
-tokens with the fast tokenizer's offsets, so the ids are exactly the template's.
+naming the template. The trained span is the assistant content plus the end-of-turn token
+the template writes after it (e.g. `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`);
+when a template writes none, the tokenizer's EOS is appended so the model learns to stop.
+Char spans are mapped to tokens with the fast tokenizer's offsets, so the ids are exactly
+the template's.
 """
 
 from __future__ import annotations
