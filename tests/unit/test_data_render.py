@@ -102,7 +102,7 @@ def test_template_without_end_marker_gets_trained_eos(tokenizer):
     assert text.endswith("= 12.<|im_end|>\n")
 
 
-def test_template_not_prefix_stable_falls_back_to_ordered_search(tokenizer):
+def test_template_not_prefix_stable_warns_and_still_locates_answers(tokenizer):
     tok = family_tokenizer(tokenizer, "mistral")
     tok.chat_template = (TEMPLATES / "mistral_v3_system_last.jinja").read_text()
     conv = conversation(True)

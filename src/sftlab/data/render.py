@@ -325,7 +325,7 @@ def _warn_unstable(name: str) -> None:
 
         warnings.warn(
             f"the chat template of '{name}' is not prefix-stable (earlier turns render differently once later "
-            "turns exist); assistant turns are located in order in the full rendering instead",
+            "turns exist): earlier assistant turns are trained in a context that inference does not show",
             stacklevel=2,
         )
 
