@@ -73,6 +73,16 @@ def fingerprint(data_digest: str, tokenizer, options: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+def examples_digest(examples: list[Example]) -> str:
+    """Hash of what training sees: every example's token ids and labels, in order."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(len(e).to_bytes(8, "little"))
+        h.update(np.ascontiguousarray(e.ids, dtype=np.int32).tobytes())
+        h.update(np.ascontiguousarray(e.label_ids, dtype=np.int32).tobytes())
+    return h.hexdigest()
+
+
 def save_examples(path: Path, examples: list[Example], meta: dict) -> None:
     """Write a cache entry: a folder of flat int32 .npy arrays (ids, labels) + example
     lengths, and meta.json (sources and `meta`). Written to a temporary folder and renamed,
