@@ -279,9 +279,12 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         model.print_trainable_parameters()
     has_eval = bool(eval_ex)
     args = _training_args(config, out, has_eval, use_bf16)
-    callbacks = [MetricsJsonlCallback(out / "metrics.jsonl"), OverfitWarningCallback(metrics_path=out / "metrics.jsonl")]
-    if has_eval and config.training.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.training.early_stopping_patience))
+    patience = config.training.early_stopping_patience
+    # with early stopping, the warning marks the onset that stops the run
+    warn = OverfitWarningCallback(metrics_path=out / "metrics.jsonl", **({"patience": patience} if patience else {}))
+    callbacks = [MetricsJsonlCallback(out / "metrics.jsonl"), warn]
+    if has_eval and patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=patience))
     trainer = SFTTrainer(
         model=model,
         args=args,
