@@ -131,8 +131,9 @@ def base_weights_dtype(method: str, use_bf16: bool) -> str:
     A frozen base needs no fp32 master copy (checkpoints are bf16 anyway): bf16 halves the
     weights, drops autocast's per-step bf16 copies and the fp32 residual activations (peak
     RSS -13 % on SmolLM2, bench/README.md). PEFT keeps the adapters, DoRA's magnitude
-    vector included, in fp32, and DoRA's column norm of W + BA is taken in fp32; its
-    gradients stay as close to an fp32 base's as LoRA's do (tests/unit/test_train_args.py). Full fine-tuning keeps fp32 master weights under
+    vector included, in fp32, and takes DoRA's column norm of W + BA in fp32: DoRA's
+    gradients on a bf16 base stay as close to an fp32 base's as LoRA's do
+    (tests/integration/test_train_loop.py). Full fine-tuning keeps fp32 master weights under
     bf16 autocast (pure bf16 updates round away); QLoRA's base is 4-bit.
     """
     return "bfloat16" if use_bf16 and method in ("lora", "dora") else "float32"
