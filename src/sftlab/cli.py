@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_third_party_logs()
     module = importlib.import_module(COMMANDS[name][0])
     try:
-        module.app(args=rest, prog_name=f"sftlab {name}", standalone_mode=False)
+        code = module.app(args=rest, prog_name=f"sftlab {name}", standalone_mode=False)
     except SftlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, click.exceptions.Abort):
             return 1
         raise
-    return 0
+    return code if isinstance(code, int) else 0  # typer returns 130 for Ctrl-C when not standalone
 
 
 if __name__ == "__main__":

@@ -88,23 +88,84 @@ def test_adapter_reloads_with_plain_peft_and_matches_sftlab_loader(lora_run, tin
     assert (a - c).abs().max() > 1e-3  # the adapter really changed the model
 
 
-def test_rerun_without_resume_is_refused_and_resume_continues(lora_run, tiny_model_dir, demo_data, capsys):
-    args = train_args(tiny_model_dir, demo_data, lora_run, "training.max_steps=10", "training.save_steps=4")
-    assert main(args) == 1
-    assert "--resume" in capsys.readouterr().err
-    assert main([*args, "--resume"]) == 0
-    out = capsys.readouterr().out
-    assert "resuming from" in out and "checkpoint-8" in out
-    assert json.loads((lora_run / "run.json").read_text())["global_step"] == 10
+def adapter_weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(run / "adapter" / "adapter_model.safetensors")
 
 
-def test_full_finetune_saves_a_plain_model(tiny_model_dir, demo_data, tmp_path):
+def test_a_crashed_run_refuses_a_restart_and_resumes_to_the_uninterrupted_weights(
+        tiny_model_dir, demo_data, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from sftlab.train.trainer import SFTTrainer
+
+    train_file = tmp_path / "train.jsonl"
+    shutil.copy(demo_data["train"], train_file)
+    steps = ["training.max_steps=8", "training.save_steps=4", f"data.train={train_file}"]
+    straight = train_args(tiny_model_dir, demo_data, tmp_path / "straight", *steps)
+    assert main(straight) == 0
+    args = train_args(tiny_model_dir, demo_data, tmp_path / "crashed", *steps)
+
+    real_step = SFTTrainer.training_step
+
+    def crash_after_step_5(self, *a, **k):  # planted: the process dies during step 6, after checkpoint-4
+        if self.state.global_step == 5:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(SFTTrainer, "training_step", crash_after_step_5)
+        assert main(args) == 130
+    run = tmp_path / "crashed"
+    assert (run / "checkpoints" / "checkpoint-4").is_dir() and not (run / "run.json").exists()
+    capsys.readouterr()
+
+    assert main(args) == 1  # no --resume: the checkpoints are not overwritten
+    err = capsys.readouterr().err
+    assert "--resume" in err and "checkpoint-4" in err
+    assert main([*args, "training.learning_rate=0.05", "--resume"]) == 1
+    assert "training.learning_rate: 0.1 -> 0.05" in capsys.readouterr().err
+    original = train_file.read_text()
+    train_file.write_text(original.replace("Convert", "Turn"))
+    assert main([*args, "--resume"]) == 1
+    assert "the train data differ from checkpoint-4's" in capsys.readouterr().err
+    train_file.write_text(original)
+
+    steps_run = []
+
+    def counting(self, *a, **k):
+        steps_run.append(self.state.global_step)
+        return real_step(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(SFTTrainer, "training_step", counting)
+        assert main([*args, "--resume"]) == 0
+    assert steps_run == [4, 5, 6, 7]  # it went on from checkpoint-4, it did not start again
+    a, b = adapter_weights(tmp_path / "straight"), adapter_weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+    info_a, info_b = (json.loads((r / "run.json").read_text()) for r in (tmp_path / "straight", run))
+    assert info_b["global_step"] == 8
+    assert info_b["trained_tokens_seen"] == info_a["trained_tokens_seen"] > 0
+    state = json.loads((run / "checkpoints" / "checkpoint-4" / "sftlab.json").read_text())
+    assert 0 < state["trained_tokens_seen"] < info_a["trained_tokens_seen"]
+
+
+def test_full_finetune_changes_every_weight_lowers_the_loss_and_saves_a_plain_model(
+        tiny_model_dir, demo_data, tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "full"
-    assert main(train_args(tiny_model_dir, demo_data, out, "method=full", "training.max_steps=2")) == 0
-    model = AutoModelForCausalLM.from_pretrained(out / "model")
-    assert model.num_parameters() > 0
+    assert main(train_args(tiny_model_dir, demo_data, out, "method=full", "training.max_steps=4",
+                           "training.learning_rate=3e-3")) == 0
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    after = AutoModelForCausalLM.from_pretrained(out / "model")  # plain transformers, no PEFT
+    start = dict(before.named_parameters())
+    unchanged = [n for n, p in after.named_parameters() if torch.equal(p, start[n])]
+    assert not unchanged and len(start) == len(dict(after.named_parameters()))
+    assert train_set_loss(after, demo_data["train"], tokenizer) < train_set_loss(before, demo_data["train"], tokenizer) - 0.05
 
 
 @pytest.mark.parametrize("method", ["dora", "qlora"])

@@ -149,13 +149,70 @@ def test_onnx_export_matches_pytorch(onnx_export, lora_run, tmp_path):
     assert tok.decode(tokens, skip_special_tokens=True) == tok.decode(want, skip_special_tokens=True)
 
 
-def test_onnx_int4_reports_metric_delta(tmp_path, tiny_model_dir):
-    from sftlab.export.onnx import export_onnx
+def corrupt_onnx_weight(out: Path, name: str, factor: float) -> None:
+    """Planted fault: scale one fp32 initializer of an exported graph (weights in model.onnx.data)."""
+    import onnx
+    from onnx import numpy_helper
 
-    result = export_onnx(str(tiny_model_dir), tmp_path / "int4", precision="int4")
-    assert result.tokens_equal is None and "NLL delta" in result.metrics
-    assert abs(result.metrics["NLL delta"]) < 1.0  # quantisation moves the metric, it does not wreck it
-    assert (tmp_path / "int4" / "sftlab_export.json").exists()
+    model = onnx.load(str(out / "model.onnx"))  # reads the external data into memory
+    init = next(i for i in model.graph.initializer if i.name == name)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * factor, init.name))
+    (out / "model.onnx.data").unlink()
+    onnx.save_model(model, str(out / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data")
+
+
+def test_onnx_export_with_a_corrupted_weight_fails_and_exits_non_zero(tmp_path, lora_run, capsys, monkeypatch):
+    from sftlab.cli import main
+    from sftlab.export import onnx as onnx_export
+
+    real_build = onnx_export.build
+
+    def build_then_corrupt(hf_dir, out, precision, cache):
+        real_build(hf_dir, out, precision, cache)
+        corrupt_onnx_weight(out, "model.layers.1.post_attention_layernorm.weight", 1.05)
+
+    monkeypatch.setattr(onnx_export, "build", build_then_corrupt)
+    assert main(["export", str(lora_run), str(tmp_path / "bad"), "--to", "onnx"]) == 1
+    captured = capsys.readouterr()
+    assert "logits vs PyTorch, max abs diff on 5 prompts" in captured.out and "OUT OF BOUNDS" in captured.out
+    assert "VERIFICATION FAILED" in captured.out and "did not pass verification" in captured.err
+    report = json.loads((tmp_path / "bad" / "sftlab_export.json").read_text())["verification"]
+    assert report["ok"] is False and report["max_abs_diff"] > 1e-3
+
+
+@pytest.fixture(scope="module")
+def smollm2_int4(tmp_path_factory):
+    """SmolLM2-135M-Instruct (the embedded model) exported to int4: bounds on a random model
+    would mean nothing (its near-uniform predictions change top-1 at every quantisation)."""
+    from sftlab.export.onnx import export_onnx
+    from sftlab.models import embedded_model_dir
+
+    src = embedded_model_dir()
+    out = tmp_path_factory.mktemp("int4") / "model"
+    return src, out, export_onnx(str(src), out, precision="int4")
+
+
+@pytest.mark.slow
+def test_onnx_int4_on_smollm2_meets_its_bounds_and_a_corrupted_weight_does_not(smollm2_int4, tmp_path):
+    import shutil
+
+    from sftlab.export.onnx import BOUNDS, verify
+
+    src, out, result = smollm2_int4
+    checks = {c.name.split(" (")[0].split(" on ")[0]: c for c in result.all_checks()}
+    assert set(checks) == {"NLL increase", "top-1 agreement with PyTorch"}, checks
+    assert result.ok, result.lines()
+    assert 0 < checks["NLL increase"].value <= BOUNDS["int4"]["nll"]  # int4 costs something, within the bound
+    assert json.loads((out / "sftlab_export.json").read_text())["verification"]["ok"]
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    corrupt_onnx_weight(bad, "model.layers.10.post_attention_layernorm.weight", -1.0)  # one sign flip
+    failed = verify(src, bad, "int4")
+    assert not failed.ok
+    figures = {c.name.split(" (")[0].split(" on ")[0]: c for c in failed.all_checks()}
+    assert not figures["NLL increase"].ok and figures["NLL increase"].value > checks["NLL increase"].value
 
 
 def _triton_python_ok() -> str | None:

@@ -1,58 +1,84 @@
-"""A planted overfitting run: early stopping stops it, the warning callback flags it,
-and metrics.jsonl holds every log event plus the flag."""
+"""A planted overfitting run through sftlab's own training path (`train(config)`, SFTTrainer):
+early stopping stops it `patience` evaluations after the best per-token eval loss, the best
+checkpoint is the model saved, the warning callback flags it, and metrics.jsonl holds every
+log event plus the flag."""
 
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
 
 from sftlab.evaluation.curves import read_metrics_jsonl
-from sftlab.train.callbacks import MetricsJsonlCallback, OverfitWarningCallback
-from sftlab.train.trainer import RowDataset
+
+WORDS = ("apple river stone cloud maple ember violet harbor lantern meadow copper falcon "
+         "willow summit cedar orbit prairie quartz saffron tundra").split()
 
 
-def _rows(prompts, answers):
-    return [{"input_ids": torch.tensor(p + a), "labels": torch.tensor([-100] * len(p) + a)}
-            for p, a in zip(prompts, answers)]
+def _write(path, prompts, answers):
+    with open(path, "w", encoding="utf-8") as f:
+        for p, a in zip(prompts, answers):
+            f.write(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}) + "\n")
+    return path
 
 
-def test_early_stopping_stops_a_planted_overfitting_run(tmp_path, tiny_model_dir):
-    from transformers import AutoModelForCausalLM, EarlyStoppingCallback, Trainer, TrainingArguments
+def per_token_loss(model, path, tokenizer) -> float:
+    from sftlab.data.load import load_conversations
+    from sftlab.data.pack import collate
+    from sftlab.data.render import render_many
+    from sftlab.train.loss import selective_loss_sum
 
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 1000, (6,), generator=g).tolist() for _ in range(4)]
-    train_answers = [torch.randint(1000, 2000, (4,), generator=g).tolist() for _ in range(4)]
-    # Planted: validation asks the same prompts with other answers, so memorising the
-    # training answers makes validation loss rise while training loss falls.
-    eval_answers = [torch.randint(2000, 3000, (4,), generator=g).tolist() for _ in range(4)]
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    metrics_path = tmp_path / "metrics.jsonl"
-    warn = OverfitWarningCallback(patience=2, metrics_path=metrics_path)
-    max_steps = 60
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "checkpoints"), max_steps=max_steps, learning_rate=1e-2, lr_scheduler_type="constant",
-        per_device_train_batch_size=4, per_device_eval_batch_size=4, logging_steps=2, eval_strategy="steps",
-        eval_steps=2, save_strategy="steps", save_steps=2, save_total_limit=2, load_best_model_at_end=True,
-        metric_for_best_model="eval_loss", greater_is_better=False, report_to="none", use_cpu=True,
-        disable_tqdm=True, seed=0, warmup_steps=0,
-    )
-    trainer = Trainer(
-        model=model, args=args, train_dataset=RowDataset(_rows(prompts, train_answers)),
-        eval_dataset=RowDataset(_rows(prompts, eval_answers)),
-        callbacks=[MetricsJsonlCallback(metrics_path), warn, EarlyStoppingCallback(early_stopping_patience=2)],
-    )
-    trainer.train()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in render_many(load_conversations(path), tokenizer):
+            s, n = selective_loss_sum(model.eval(), collate([[ex]], tokenizer.pad_token_id))
+            total, count = total + s.item(), count + n
+    return total / count
 
-    assert trainer.state.global_step < max_steps  # stopped early
-    curves = read_metrics_jsonl(metrics_path)
+
+def test_early_stopping_stops_a_planted_overfitting_run(tmp_path, tiny_model_dir, tokenizer):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from sftlab.config import load_config
+    from sftlab.train.trainer import train
+
+    rng = random.Random(0)
+    phrase = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+    prompts = [phrase(6) for _ in range(4)]
+    # Planted: validation asks the same prompts with other answers (of other lengths, so the
+    # per-token figure matters), so memorising the training answers makes validation loss
+    # rise while training loss falls.
+    train_file = _write(tmp_path / "train.jsonl", prompts, [phrase(4) for _ in range(4)])
+    valid_file = _write(tmp_path / "valid.jsonl", prompts, [phrase(n) for n in (1, 2, 9, 12)])
+    out = tmp_path / "run"
+    patience, max_steps = 2, 60
+    config = load_config(None, [
+        f"model.name_or_path={tiny_model_dir}", f"data.train={train_file}", f"data.validation={valid_file}",
+        f"output_dir={out}", "method=full", f"training.max_steps={max_steps}", "training.learning_rate=1e-2",
+        "training.lr_scheduler_type=constant", "training.warmup_ratio=0", "training.per_device_train_batch_size=4",
+        "training.per_device_eval_batch_size=2", "training.logging_steps=2", "training.eval_steps=2",
+        "training.save_steps=2", f"training.early_stopping_patience={patience}", "training.bf16=false",
+    ])
+    info = train(config, log=lambda *_: None)
+
+    assert info["global_step"] < max_steps  # stopped early
+    curves = read_metrics_jsonl(out / "metrics.jsonl")
     assert curves.train[-1][1] < curves.train[0][1]  # training loss fell
+    steps = [s for s, _ in curves.validation]
+    assert steps == list(range(2, info["global_step"] + 1, 2))  # an evaluation every eval_steps, none lost
     best_step, best_loss = min(curves.validation, key=lambda p: p[1])
-    assert curves.validation[-1][1] > best_loss
-    assert warn.onset_step == best_step
+    # stopped exactly `patience` evaluations after the best one
+    assert steps.index(best_step) == len(steps) - 1 - patience
+    assert all(loss > best_loss for _, loss in curves.validation[steps.index(best_step) + 1:])
     assert curves.flagged and curves.flagged[0]["overfit_start_step"] == best_step
-    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
-    lines = metrics_path.read_text().splitlines()
-    assert all(json.loads(line)["step"] >= 0 for line in lines)  # one JSON object per line
-    assert trainer.state.best_metric == pytest.approx(best_loss)
+    assert info["best_checkpoint"].endswith(f"checkpoint-{best_step}")
+
+    # the saved model is the best checkpoint's, and its eval loss is the per-token loss of the set
+    saved = load_file(out / "model" / "model.safetensors")
+    best = load_file(out / "checkpoints" / f"checkpoint-{best_step}" / "model.safetensors")
+    assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in saved)
+    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+    assert per_token_loss(model, valid_file, tokenizer) == pytest.approx(best_loss, rel=1e-4)

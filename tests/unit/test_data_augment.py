@@ -86,11 +86,58 @@ def test_self_instruct_parses_filters_and_records_seeds():
     assert examples["exact duplicate"][0]["duplicate_of"] == "self_instruct#0"
 
 
-def test_model_paraphrase_with_a_real_tiny_model(tiny_model_dir):
-    opts = AugmentOptions(strategies=["model_paraphrase"], max_new_tokens=8, batch_size=2, model=str(tiny_model_dir))
+def _greedy_reply(model, tokenizer, text: str, max_new_tokens: int) -> str:
+    """Reference: transformers' own greedy generate on one unpadded prompt, cut at the end of turn."""
+    import torch
+
+    from sftlab.data.augment import PARAPHRASE_PROMPT
+
+    messages = [{"role": "user", "content": PARAPHRASE_PROMPT.format(text=text)}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stops, pad_token_id=stops[0])[0, len(ids):].tolist()
+    out = out[: next((i for i, t in enumerate(out) if t in stops), len(out))]
+    return tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
+def talkative_tiny_model(tiny_model_dir, out):
+    """The tiny random Llama with its own lm_head and larger random weights. As initialised,
+    with tied embeddings, it repeats the prompt's last token (a newline), so every reply strips
+    to nothing, and its replies hardly depend on the prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not name.startswith("lm_head"):
+                p.normal_(0, 0.2)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def test_model_paraphrase_with_a_real_tiny_model(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = talkative_tiny_model(tiny_model_dir, tmp_path / "model")
+    opts = AugmentOptions(strategies=["model_paraphrase"], max_new_tokens=8, batch_size=2, model=str(model_dir))
     new, report = augment(DATA[:2], opts)
-    assert report.generated["model_paraphrase"] + report.unparseable == 2
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # the replies of the model, one prompt at a time (the augmenter batches them with left padding)
+    want = {d.source: _greedy_reply(model, tokenizer, d.messages[-2]["content"], 8) for d in DATA[:2]}
+    assert all(want.values()) and len(set(want.values())) == 2  # real, prompt-dependent text
+    assert report.generated["model_paraphrase"] == sum(bool(w) for w in want.values())
+    assert report.unparseable == sum(not w for w in want.values())
+    assert report.kept["model_paraphrase"] == len(new) <= report.generated["model_paraphrase"]
     for c in new:
         src = next(d for d in DATA if d.source == c.meta["augmented_from"])
         assert c.meta["augmentation"] == "model_paraphrase"
         assert c.messages[-1] == src.messages[-1]  # the answer is kept
+        assert c.messages[-2]["content"] == want[src.source]  # the instruction is the model's rewrite

@@ -62,3 +62,46 @@ def test_every_record_is_counted_cold_and_cached(tokenizer, tmp_path):
         assert s.cached == cached
         assert (s.records, s.examples, s.rejected, s.too_long, s.curated["removed_total"]) == (7, 4, 1, 1, 1)
         assert len(examples) == 4 and s.tokens == sum(len(e) for e in examples)
+
+
+@pytest.mark.parametrize("package", ["transformers", "tokenizers"])
+def test_a_changed_library_version_misses(data_file, tokenizer, tmp_path, monkeypatch, package):
+    import importlib.metadata
+
+    from sftlab.data import cache as cache_mod
+
+    cache = tmp_path / "cache"
+    assert not prep(data_file, tokenizer, cache)[1].cached
+    assert prep(data_file, tokenizer, cache)[1].cached
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda pkg: "99.0" if pkg == package else real(pkg))
+    cache_mod.render_code_digest.cache_clear()
+    try:
+        assert not prep(data_file, tokenizer, cache)[1].cached
+    finally:
+        monkeypatch.undo()
+        cache_mod.render_code_digest.cache_clear()
+    assert prep(data_file, tokenizer, cache)[1].cached
+
+
+def test_a_changed_render_module_misses(data_file, tokenizer, tmp_path, monkeypatch):
+    """A fix in render.py (same sftlab version) must re-render: its source is in the key."""
+    from pathlib import Path
+
+    from sftlab.data import cache as cache_mod
+
+    cache = tmp_path / "cache"
+    prep(data_file, tokenizer, cache)
+    real_read = Path.read_bytes
+
+    def patched(self):
+        data = real_read(self)
+        return data + b"\n# a fix" if self.name == "render.py" else data
+
+    monkeypatch.setattr(Path, "read_bytes", patched)
+    cache_mod.render_code_digest.cache_clear()
+    try:
+        assert not prep(data_file, tokenizer, cache)[1].cached
+    finally:
+        monkeypatch.undo()
+        cache_mod.render_code_digest.cache_clear()

@@ -29,3 +29,40 @@ def test_early_stopping_loads_best_and_aligns_save_with_eval_steps(tmp_path):
 def test_no_validation_means_no_evaluation(tmp_path):
     a = args_for(tmp_path, "training.early_stopping_patience=2", has_eval=False)
     assert a.eval_strategy == "no" and not a.load_best_model_at_end
+
+
+def lr_schedule(tmp_path, steps, *overrides):
+    import torch
+
+    from sftlab.train.trainer import SFTTrainer
+
+    cfg = load_config(None, ["data.train=x.jsonl", "training.learning_rate=1.0", f"training.max_steps={steps}",
+                             *overrides])
+    trainer = SFTTrainer(model=torch.nn.Linear(2, 2), args=_training_args(cfg, tmp_path, False, False),
+                         warmup_ratio=cfg.training.warmup_ratio)
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    return lrs
+
+
+def test_warmup_ratio_is_a_ratio_of_the_steps_even_at_one(tmp_path):
+    import pytest
+
+    # warmup over the whole run: 0, 1/8, ..., 7/8 of the peak (transformers would read 1.0 as one step)
+    assert lr_schedule(tmp_path, 8, "training.warmup_ratio=1.0", "training.lr_scheduler_type=linear") == \
+        pytest.approx([i / 8 for i in range(8)])
+    # a quarter of 8 steps: 2 warm-up steps, then linear decay to 0 over the remaining 6
+    assert lr_schedule(tmp_path, 8, "training.warmup_ratio=0.25", "training.lr_scheduler_type=linear") == \
+        pytest.approx([0, 0.5, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+    assert lr_schedule(tmp_path, 4, "training.warmup_ratio=0", "training.lr_scheduler_type=constant") == [1.0] * 4
+
+
+def test_lora_and_dora_load_a_bf16_base_full_finetuning_fp32():
+    from sftlab.train.trainer import base_weights_dtype
+
+    assert base_weights_dtype("lora", True) == base_weights_dtype("dora", True) == "bfloat16"
+    assert base_weights_dtype("full", True) == base_weights_dtype("dora", False) == "float32"

@@ -1,6 +1,7 @@
 """Cache of rendered examples, keyed by a fingerprint of everything that decides them:
-the data files' content, the tokenizer (vocab + special tokens), the chat template and
-the render options. A second run with the same inputs loads in well under a second: the
+the data files' content, the tokenizer (vocab + special tokens), the chat template, the
+render options, and the code that renders (the source of sftlab's data modules and the
+transformers / tokenizers / jinja2 versions), so a fix in any of them re-renders. A second run with the same inputs loads in well under a second: the
 token arrays are memory-mapped, not read."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +42,45 @@ def tokenizer_digest(tokenizer) -> str:
     return h.hexdigest()
 
 
+# The modules whose code decides the examples: loading, schema conversion, curation, rendering.
+RENDER_MODULES = ("cache", "conversation", "curate", "formats", "load", "render")
+RENDER_PACKAGES = ("transformers", "tokenizers", "jinja2")
+
+
+@lru_cache(maxsize=1)
+def render_code_digest() -> dict[str, str]:
+    """Versions of the libraries that tokenize and apply chat templates, and a hash of the
+    source of sftlab's own render path (a version string does not change with each fix)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    h = hashlib.sha256()
+    for name in RENDER_MODULES:
+        h.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    out = {"sftlab_render_code": h.hexdigest()}
+    for pkg in RENDER_PACKAGES:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
 def fingerprint(data_digest: str, tokenizer, options: dict) -> str:
     payload = json.dumps(
-        {"v": CACHE_VERSION, "data": data_digest, "tok": tokenizer_digest(tokenizer), "opts": options}, sort_keys=True
+        {"v": CACHE_VERSION, "data": data_digest, "tok": tokenizer_digest(tokenizer), "opts": options,
+         "code": render_code_digest()}, sort_keys=True
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def examples_digest(examples: list[Example]) -> str:
+    """Hash of what training sees: every example's token ids and labels, in order."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(len(e).to_bytes(8, "little"))
+        h.update(np.ascontiguousarray(e.ids, dtype=np.int32).tobytes())
+        h.update(np.ascontiguousarray(e.label_ids, dtype=np.int32).tobytes())
+    return h.hexdigest()
 
 
 def save_examples(path: Path, examples: list[Example], meta: dict) -> None:

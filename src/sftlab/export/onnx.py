@@ -2,9 +2,13 @@
 genai config, tokenizer and chat template, so the folder is ready for generation
 (`onnxruntime_genai.Model(OUT)`, `sftlab serve OUT --backend onnx`).
 
-Every export verifies itself against the PyTorch model: logits on chat prompts (max abs
-diff) and greedy tokens; for int4, where logits are expected to move, the metric delta
-(mean token NLL / perplexity on the same prompts) and the greedy-token agreement.
+Every export verifies itself against the PyTorch model, with bounds that can fail (`BOUNDS`):
+fp32 and fp16 on the logits of chat prompts and a fixed text (max abs diff), fp32 also on
+identical greedy generations, fp16 on the top-1 agreement; int4, where logits are expected
+to move, on the NLL increase over a fixed English text and the top-1 (teacher-forced greedy)
+agreement. The int4 and fp16 bounds were set on SmolLM2-135M-Instruct, a real trained model
+(tests/integration/test_export_bounds.py): on a random model, near-uniform predictions make
+top-1 agreement meaningless.
 """
 
 from __future__ import annotations
@@ -20,10 +24,19 @@ import numpy as np
 
 from sftlab.errors import SftlabError
 from sftlab.export.merge import finish_out_dir, merge_run, prepare_out_dir
-from sftlab.export.verify import VerifyResult, mean_nll, prompt_ids, torch_greedy, torch_logits
+from sftlab.export.verify import (FIXED_TEXT, Check, VerifyResult, mean_nll, prompt_ids, top1_agreement,
+                                 torch_greedy, torch_logits)
 
 PRECISIONS = ("fp32", "fp16", "int4")
-TOLERANCE = {"fp32": 1e-3, "fp16": None, "int4": None}
+# logits: max abs diff (prompts + fixed text); top1: share of positions with the same argmax;
+# nll: mean NLL increase on FIXED_TEXT (nats per token).
+# Measured on SmolLM2-135M-Instruct (CPU): fp16 max abs diff 0.21, top-1 0.996; int4 NLL
+# +0.16 (2.94 -> 3.10), top-1 0.59; int4 with one layer norm's sign flipped: NLL +1.02, top-1 0.43.
+BOUNDS = {
+    "fp32": {"logits": 1e-3},
+    "fp16": {"logits": 1.0, "top1": 0.98},
+    "int4": {"nll": 0.5, "top1": 0.5},
+}
 GREEDY_TOKENS = 16
 
 
@@ -92,27 +105,40 @@ def verify(hf_dir: Path, out: Path, precision: str) -> VerifyResult:
     kv = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = prompt_ids(tokenizer)
-    diffs, nll_pt, nll_ox = [], [], []
-    for x in ids:
-        ref, got = torch_logits(model, x), onnx_logits(session, x, kv)
-        diffs.append(float(abs(ref - got).max()))
-        nll_pt.append(mean_nll(ref, x))
-        nll_ox.append(mean_nll(got, x))
+    text_ids = tokenizer(FIXED_TEXT)["input_ids"]
+    pairs = [(torch_logits(model, x), onnx_logits(session, x, kv)) for x in [*ids, text_ids]]
     del session
+    diff = max(float(abs(ref - got).max()) for ref, got in pairs)
+    top1 = top1_agreement(np.concatenate([r for r, _ in pairs]), np.concatenate([g for _, g in pairs]))
+    (ref_text, got_text) = pairs[-1]
+    nll_pt, nll_ox = mean_nll(ref_text, text_ids), mean_nll(got_text, text_ids)
     want = [torch_greedy(model, x, stops, GREEDY_TOKENS) for x in ids]
-    got = [r.tokens for r in engine.generate([GenRequest(x, GREEDY_TOKENS) for x in ids])]
-    result = VerifyResult(f"onnx {precision}", str(out), max_abs_diff=max(diffs), tolerance=TOLERANCE[precision],
-                          prompts=len(ids))
-    if precision == "int4":
-        pt, ox = float(np.mean(nll_pt)), float(np.mean(nll_ox))
-        same = sum(a == b for w, g in zip(want, got) for a, b in zip(w, g))
-        total = sum(max(len(w), len(g)) for w, g in zip(want, got))
-        result.metrics = {"mean NLL PyTorch": pt, "mean NLL ONNX int4": ox, "NLL delta": ox - pt,
-                          "perplexity delta": float(np.exp(ox) - np.exp(pt)),
-                          "greedy token agreement": f"{same}/{total}"}
-    else:
+    bounds = BOUNDS[precision]
+    result = VerifyResult(f"onnx {precision}", str(out), max_abs_diff=diff, tolerance=bounds.get("logits"),
+                          prompts=len(ids) + 1)
+    try:
+        got = [r.tokens for r in engine.generate([GenRequest(x, GREEDY_TOKENS) for x in ids])]
+    except RuntimeError as e:  # onnxruntime-genai could not run the graph: the export is not usable
+        result.checks.append(Check("onnxruntime-genai generation ran (1 = yes)", 0.0, 1.0, at_least=True))
+        result.metrics["generation error"] = str(e).splitlines()[0][:300]
+        got = [[] for _ in ids]
+    if precision == "fp32":
         result.tokens_equal = want == got
+    if "nll" in bounds:
+        result.checks.append(Check(f"NLL increase on a fixed text ({len(text_ids)} tokens), nats/token",
+                                   nll_ox - nll_pt, bounds["nll"]))
+    if "top1" in bounds:
+        result.checks.append(Check("top-1 agreement with PyTorch (teacher-forced greedy)", top1, bounds["top1"],
+                                   at_least=True))
+    result.metrics["top-1 agreement"] = top1
+    same = sum(_common_prefix(w, g) for w, g in zip(want, got))
+    result.metrics |= {"mean NLL PyTorch (fixed text)": nll_pt, f"mean NLL ONNX {precision} (fixed text)": nll_ox,
+                      "greedy generation: tokens before the first divergence": f"{same}/{sum(map(len, want))}"}
     return result
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def export_onnx(source: str, out_dir: str | Path, *, precision: str = "fp32") -> VerifyResult:

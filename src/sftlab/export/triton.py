@@ -10,13 +10,14 @@ The weights are verified on the way (merge: logits vs adapter model; ONNX: vs Py
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
 
 from sftlab.errors import SftlabError
 from sftlab.export.merge import finish_out_dir, prepare_out_dir
-from sftlab.export.verify import VerifyResult
+from sftlab.export.verify import VerifyResult, verify_saved
 
 ENGINES = ("torch", "onnx")
 
@@ -67,7 +68,7 @@ def export_triton(source: str, out_dir: str | Path, *, engine: str = "torch", na
             with tempfile.TemporaryDirectory(prefix="sftlab-triton-") as work:
                 hf_dir = hf_folder(source, Path(work))
                 shutil.copytree(hf_dir, version / "weights")
-            result = VerifyResult("model", str(version / "weights"))
+            result = verify_saved(source, version / "weights")
         here = Path(__file__).resolve().parent
         shutil.copy(here / "triton_model.py", version / "model.py")
         shutil.copy(here.parent / "serve" / "generation.py", version / "generation.py")
@@ -78,6 +79,4 @@ def export_triton(source: str, out_dir: str | Path, *, engine: str = "torch", na
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finish_out_dir(tmp, out)
-    return VerifyResult(f"triton ({engine})", str(out), max_abs_diff=result.max_abs_diff,
-                        tolerance=result.tolerance, tokens_equal=result.tokens_equal, prompts=result.prompts,
-                        metrics=result.metrics)
+    return dataclasses.replace(result, target=f"triton ({engine})", out_dir=str(out))

@@ -1,4 +1,5 @@
-"""What every export checks against PyTorch: logits on a few chat prompts, and greedy tokens."""
+"""What every export checks against PyTorch: logits on a few chat prompts, greedy tokens, and
+(for lossy precisions) the NLL of a fixed text and the top-1 agreement, each with a bound."""
 
 from __future__ import annotations
 
@@ -18,8 +19,31 @@ PROMPTS = [
 
 
 @dataclass
+class Check:
+    """One measured figure and the bound it must meet (`at_least`: a floor, else a ceiling)."""
+
+    name: str
+    value: float
+    bound: float
+    at_least: bool = False
+
+    @property
+    def ok(self) -> bool:
+        if not np.isfinite(self.value):
+            return False
+        return self.value >= self.bound if self.at_least else self.value <= self.bound
+
+    def line(self) -> str:
+        sign = ">=" if self.at_least else "<="
+        return f"  {self.name}: {self.value:.4g} (bound {sign} {self.bound:g}) {'ok' if self.ok else 'OUT OF BOUNDS'}"
+
+
+@dataclass
 class VerifyResult:
-    """The outcome of an export's self-check; `ok` is False when a bound was missed."""
+    """The outcome of an export's self-check. `ok` needs at least one check and every check
+    within its bound: an export that measured nothing is not verified.
+
+    `max_abs_diff` with `tolerance` and `tokens_equal` become checks; `metrics` are reported only."""
 
     target: str
     out_dir: str
@@ -28,26 +52,47 @@ class VerifyResult:
     tokens_equal: bool | None = None
     prompts: int = 0
     metrics: dict = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+
+    def all_checks(self) -> list[Check]:
+        out = []
+        if self.max_abs_diff is not None and self.tolerance is not None:
+            out.append(Check(f"logits vs PyTorch, max abs diff on {self.prompts} prompts", self.max_abs_diff,
+                             self.tolerance))
+        if self.tokens_equal is not None:
+            out.append(Check("greedy tokens identical to PyTorch (1 = yes)", float(self.tokens_equal), 1.0,
+                             at_least=True))
+        return out + self.checks
 
     @property
     def ok(self) -> bool:
-        diff_ok = self.tolerance is None or (self.max_abs_diff is not None and self.max_abs_diff <= self.tolerance)
-        return diff_ok and self.tokens_equal is not False
+        checks = self.all_checks()
+        return bool(checks) and all(c.ok for c in checks)
 
     def lines(self) -> list[str]:
         out = [f"{self.target} export -> {self.out_dir}"]
-        if self.max_abs_diff is not None:
-            bound = f" (bound {self.tolerance:g})" if self.tolerance is not None else ""
-            out.append(f"  logits vs PyTorch: max abs diff {self.max_abs_diff:.3g} on {self.prompts} prompts{bound}")
-        if self.tokens_equal is not None:
-            out.append(f"  greedy tokens identical to PyTorch: {'yes' if self.tokens_equal else 'NO'}")
+        if self.max_abs_diff is not None and self.tolerance is None:
+            out.append(f"  logits vs PyTorch: max abs diff {self.max_abs_diff:.3g} on {self.prompts} prompts (no bound)")
+        out += [c.line() for c in self.all_checks()]
         for k, v in self.metrics.items():
             out.append(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+        if not self.all_checks():
+            out.append("  nothing was measured")
         out.append("  verified" if self.ok else "  VERIFICATION FAILED")
         return out
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
+
+
+# A fixed English passage: the NLL of an export (lossy precisions) is measured on it.
+FIXED_TEXT = (
+    "The river rises in the hills to the north of the town and runs south through farmland for about forty "
+    "kilometres before it reaches the sea. In spring, when the snow melts, the water is high and fast, and the "
+    "old stone bridge near the market is sometimes closed for a few days. Most of the year, however, the river is "
+    "calm, and people walk along its banks in the evening. The town grew up around a mill that was built there "
+    "in the twelfth century; the mill is now a small museum that explains how grain was ground into flour."
+)
 
 
 def prompt_ids(tokenizer) -> list[list[int]]:
@@ -76,9 +121,30 @@ def torch_greedy(model, ids: list[int], stop_ids: list[int], max_new_tokens: int
     return out[: next((i for i, t in enumerate(out) if t in stop_ids), len(out))]
 
 
+def top1_agreement(ref: np.ndarray, got: np.ndarray) -> float:
+    """Share of positions where both logits pick the same next token (teacher-forced)."""
+    return float((ref.argmax(-1) == got.argmax(-1)).mean())
+
+
 def mean_nll(logits: np.ndarray, ids: list[int]) -> float:
     """Mean next-token negative log-likelihood of `ids` under `logits` (one row per position)."""
     x = logits[:-1].astype(np.float64)
     x = x - x.max(-1, keepdims=True)
     logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
     return float(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
+
+
+def verify_saved(source: str, saved_dir, target: str = "model", tolerance: float = 1e-4) -> VerifyResult:
+    """A written model folder, reloaded by plain transformers, against SOURCE as sftlab loads it
+    (a GGUF is dequantised and converted, an HF folder copied: both must give the same logits)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftlab.models import load_model
+
+    tokenizer = AutoTokenizer.from_pretrained(saved_dir)
+    ref = load_model(source, dtype="float32").eval()
+    got = AutoModelForCausalLM.from_pretrained(saved_dir, dtype=torch.float32).eval()
+    ids = prompt_ids(tokenizer)
+    diff = max(float(abs(torch_logits(ref, x) - torch_logits(got, x)).max()) for x in ids)
+    return VerifyResult(target, str(saved_dir), max_abs_diff=diff, tolerance=tolerance, prompts=len(ids))

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sftlab.config import DataConfig
-from sftlab.data.cache import file_digest, fingerprint, load_examples, save_examples
+from sftlab.data.cache import examples_digest, file_digest, fingerprint, load_examples, save_examples
 from sftlab.data.conversation import Example
 from sftlab.data.pack import pack
 from sftlab.data.render import RenderOptions, TooLong, iter_rendered
@@ -27,7 +27,8 @@ class PrepStats:
     trained_tokens: int = 0
     cached: bool = False
     seconds: float = 0.0
-    fingerprint: str = ""
+    fingerprint: str = ""  # the render cache key (inputs + code)
+    digest: str = ""  # hash of the rendered examples (what training sees)
     rejects_file: str | None = None
     curated: dict | None = None  # the curation report, when data.curate is set
     dropped: list[str] = field(default_factory=list)
@@ -46,7 +47,8 @@ class PrepStats:
         return f"{self.path}: " + ", ".join(parts)
 
 
-CACHED_STATS = ("records", "rejected", "too_long", "truncated", "dropped", "curated", "tokens", "trained_tokens")
+CACHED_STATS = ("records", "rejected", "too_long", "truncated", "dropped", "curated", "tokens", "trained_tokens",
+                "digest")
 
 
 def _data_digest(path: str, data: DataConfig) -> str:
@@ -72,6 +74,7 @@ def prepare_examples(path: str, tokenizer, data: DataConfig, cache_root: Path, r
     else:
         with _gc_paused():
             examples = _render_file(path, tokenizer, data, opts, stats, rejects_path)
+        stats.digest = examples_digest(examples)
         save_examples(entry, examples, {k: getattr(stats, k) for k in CACHED_STATS})
     if rejects_path and stats.rejected:
         stats.rejects_file = str(rejects_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 import time
@@ -25,19 +26,31 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 class SFTTrainer(Trainer):
-    """Trainer with the selective, token-normalised SFT loss (see train/loss.py)."""
+    """Trainer with the selective, token-normalised SFT loss (see train/loss.py).
 
-    def __init__(self, *args, **kwargs):
+    Also per token, not per batch: the eval loss (the sum of losses over the whole eval set
+    divided by its trained tokens, so early stopping and the best checkpoint do not weigh a
+    batch of 10 trained tokens like one of 1,000), the LR warm-up (`warmup_ratio` of the
+    real number of steps) and `trained_tokens_seen` (summed over processes).
+    """
+
+    def __init__(self, *args, warmup_ratio: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         # We divide by the trained-token count of the whole accumulation window ourselves,
         # so the Trainer must count it and must not divide again by the accumulation steps.
         self.model_accepts_loss_kwargs = True
-        self.trained_tokens_seen = 0
+        self.warmup_ratio = warmup_ratio
+        self.trained_tokens_restored = 0  # the count a resumed checkpoint had reached
+        self._trained_tokens_local = 0  # trained tokens this process has run since start
+        self._eval_totals: torch.Tensor | None = None  # [loss sum, trained tokens] during evaluation
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss_sum, n = selective_loss_sum(model, inputs)
         if model.training:
-            self.trained_tokens_seen += n
+            self._trained_tokens_local += n
+        elif self._eval_totals is not None:
+            self._eval_totals[0] += loss_sum.detach().to(self._eval_totals)
+            self._eval_totals[1] += n
         denom = num_items_in_batch if num_items_in_batch is not None else n
         if torch.is_tensor(denom):
             denom = denom.to(loss_sum.device)
@@ -45,6 +58,34 @@ class SFTTrainer(Trainer):
         if self.args.average_tokens_across_devices and self.args.world_size > 1 and num_items_in_batch is not None:
             loss = loss * self.args.world_size  # DDP averages gradients; the count was already global
         return (loss, {}) if return_outputs else loss
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """Replace transformers' mean of per-batch losses by the per-token loss of the eval set.
+        (Under several processes, the few examples accelerate repeats to even out the last
+        batch are counted too.)"""
+        self._eval_totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                             ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            loss_sum, tokens = self.accelerator.reduce(self._eval_totals, reduction="sum").tolist()
+        finally:
+            self._eval_totals = None
+        if tokens > 0:
+            output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / tokens
+        return output
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.warmup_ratio is not None:
+            # transformers reads a warmup_steps >= 1 as a step count (1.0 would be one step)
+            self.args.warmup_steps = math.ceil(self.warmup_ratio * num_training_steps)
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    @property
+    def trained_tokens_seen(self) -> int:
+        """Trained tokens over all processes since the run began (a collective call under DDP)."""
+        local = torch.tensor(self._trained_tokens_local, dtype=torch.int64, device=self.args.device)
+        return self.trained_tokens_restored + int(self.accelerator.reduce(local, reduction="sum"))
 
 
 class RowDataset(torch.utils.data.Dataset):
@@ -89,10 +130,13 @@ def base_weights_dtype(method: str, use_bf16: bool) -> str:
 
     A frozen base needs no fp32 master copy (checkpoints are bf16 anyway): bf16 halves the
     weights, drops autocast's per-step bf16 copies and the fp32 residual activations (peak
-    RSS -13 % on SmolLM2, bench/README.md). Full fine-tuning keeps fp32 master weights under
+    RSS -13 % on SmolLM2, bench/README.md). PEFT keeps the adapters, DoRA's magnitude
+    vector included, in fp32, and takes DoRA's column norm of W + BA in fp32: DoRA's
+    gradients on a bf16 base stay as close to an fp32 base's as LoRA's do
+    (tests/integration/test_train_loop.py). Full fine-tuning keeps fp32 master weights under
     bf16 autocast (pure bf16 updates round away); QLoRA's base is 4-bit.
     """
-    return "bfloat16" if use_bf16 and method == "lora" else "float32"
+    return "bfloat16" if use_bf16 and method in ("lora", "dora") else "float32"
 
 
 def build_model(config: TrainConfig, use_bf16: bool):
@@ -156,7 +200,7 @@ def _training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: boo
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
         lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of total steps
+        warmup_steps=0,  # SFTTrainer(warmup_ratio=...) sets it once the number of steps is known
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
@@ -189,16 +233,16 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
 
     from sftlab.data.pack import collate, packing_stats
     from sftlab.models import cache_dir, load_tokenizer
-    from sftlab.train.callbacks import MetricsJsonlCallback, OverfitWarningCallback
-    from sftlab.train.dataset import make_rows, prepare_examples
     from sftlab.files import atomic_write
-    from sftlab.train.run_dir import model_card, write_run_json
+    from sftlab.train.callbacks import CheckpointStateCallback, MetricsJsonlCallback, OverfitWarningCallback
+    from sftlab.train.dataset import make_rows, prepare_examples
+    from sftlab.train.run_dir import (checkpoint_state, model_card, refuse_existing_run, resume_checkpoint,
+                                      write_run_json)
 
     out = Path(config.output_dir)
-    if out.exists() and (out / "run.json").exists() and not resume and any(out.glob("checkpoints/checkpoint-*")):
-        raise SftlabError(f"{out} already holds a run: pass --resume to continue it, or choose another output_dir")
+    if not resume:
+        refuse_existing_run(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.yaml", config.to_yaml())
     t_start = time.perf_counter()
     if not torch.cuda.is_available():
         return_freed_memory_to_os()
@@ -217,6 +261,10 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
             config.data.validation, tokenizer, config.data, cache_root, out / "rejects.validation.jsonl"
         )
         log(eval_stats.summary())
+    digests = {"train": train_stats.digest, **({"validation": eval_stats.digest} if eval_stats else {})}
+    state = checkpoint_state(config, digests)
+    checkpoint, saved = resume_checkpoint(out, state) if resume else (None, {})
+    atomic_write(out / "config.yaml", config.to_yaml())
     use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
     set_seed(config.training.seed)  # LoRA's initialisation too must repeat for the same seed
     model = build_model(config, use_bf16)
@@ -232,9 +280,12 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         model.print_trainable_parameters()
     has_eval = bool(eval_ex)
     args = _training_args(config, out, has_eval, use_bf16)
-    callbacks = [MetricsJsonlCallback(out / "metrics.jsonl"), OverfitWarningCallback(metrics_path=out / "metrics.jsonl")]
-    if has_eval and config.training.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.training.early_stopping_patience))
+    patience = config.training.early_stopping_patience
+    # with early stopping, the warning marks the onset that stops the run
+    warn = OverfitWarningCallback(metrics_path=out / "metrics.jsonl", **({"patience": patience} if patience else {}))
+    callbacks = [MetricsJsonlCallback(out / "metrics.jsonl"), warn]
+    if has_eval and patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=patience))
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -243,18 +294,17 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         data_collator=partial(collate, pad_token_id=pad_id, flatten=flatten, bucket=bucket),
         processing_class=tokenizer,
         callbacks=callbacks,
+        warmup_ratio=config.training.warmup_ratio,
     )
-    checkpoint = None
-    if resume:
-        found = sorted(out.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        if not found:
-            raise SftlabError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-        checkpoint = str(found[-1])
-        log(f"resuming from {checkpoint}")
+    trainer.add_callback(CheckpointStateCallback(state, lambda: trainer.trained_tokens_seen))
+    if checkpoint is not None:
+        trainer.trained_tokens_restored = saved["trained_tokens_seen"]
+        log(f"resuming from {checkpoint} (step {saved['global_step']}, {saved['trained_tokens_seen']} trained tokens)")
     t_train = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - t_train
 
+    tokens_seen = trainer.trained_tokens_seen  # a collective call: before any rank-0-only work
     final = trainer.model
     if config.method == "full":
         final.save_pretrained(out / "model", safe_serialization=True)
@@ -277,8 +327,9 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         "bf16": use_bf16,
         "attention": model.config._attn_implementation,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "trained_tokens_seen": trainer.trained_tokens_seen,
-        "trained_tokens_per_second": round(trainer.trained_tokens_seen / train_seconds, 1) if train_seconds else None,
+        "trained_tokens_seen": tokens_seen,
+        "trained_tokens_per_second": round((tokens_seen - trainer.trained_tokens_restored) / train_seconds, 1)
+        if train_seconds else None,
         "finished": True,
     }
     write_run_json(out, info)
