@@ -144,6 +144,7 @@ def main() -> None:
     setups = [("sftlab", "-")] + [(f"trl num_proc={n.strip()}", None if n.strip() == "none" else int(n))
                                   for n in args.trl_num_proc.split(",") if n.strip()]
     results: dict[str, list[dict]] = {}
+    failed: list[str] = []
     for rnd in range(args.repeats):
         for name, num_proc in setups:
             cache = work / f"cache-{rnd}-{name.replace(' ', '_')}"  # empty for each round's cold run
@@ -154,8 +155,10 @@ def main() -> None:
                                 env={**env, "HF_DATASETS_CACHE": str(cache)}, echo=False)
                 if run.returncode != 0:
                     print(run.output[-4000:])
-                    raise SystemExit(f"{name} {phase} failed")
-                results.setdefault(f"{name} {phase}", []).append({**run.result, "peak_rss": run.peak_rss})
+                    print(f"round {rnd + 1} {name} {phase} failed (exit {run.returncode}); going on", flush=True)
+                    failed.append(f"{name} {phase}#{rnd + 1}")
+                    continue
+                results.setdefault(f"{name} {phase}", []).append({**run.result, "peak_rss": run.peak_rss, "round": rnd})
                 extra = (f" (read {run.result['read']:.2f} + construct {run.result['construct']:.2f} "
                          f"- construct without preparation {run.result['construct_skip']:.2f})") if num_proc != "-" else ""
                 print(f"round {rnd + 1}/{args.repeats} {name} {phase}: {run.result['seconds']:.2f} s{extra}; {load_note()}",
@@ -169,15 +172,21 @@ def main() -> None:
              str(rs[0]["rows"]), str(rs[0]["tokens"]), spread([r["peak_rss"] / 1024**3 for r in rs], ".2f")]
             for name, rs in results.items()]
     print_table(f"tokenize + mask + pack {args.examples:,} conversations (max_len {args.max_len}), "
-                f"median (min–max) of {args.repeats} rounds",
+                f"median (min–max) over {args.repeats} rounds",
                 ["", "seconds", "working processes", "examples", "packed rows", "tokens", "peak RSS (GiB)"], rows)
     median = {name: statistics.median(r["seconds"] for r in rs) for name, rs in results.items()}
     for name, _ in setups[1:]:
         for phase in ("cold", "cached"):
-            paired = [t["seconds"] / s["seconds"] for s, t in zip(results[f"sftlab {phase}"], results[f"{name} {phase}"])]
+            mine, theirs = results.get(f"sftlab {phase}"), results.get(f"{name} {phase}")
+            if not mine or not theirs:
+                continue
+            by_round = {r["round"]: r["seconds"] for r in mine}
+            paired = [t["seconds"] / by_round[t["round"]] for t in theirs if t["round"] in by_round]
             print(f"{name} {phase} / sftlab {phase}: x{median[f'{name} {phase}'] / median[f'sftlab {phase}']:.2f} "
                   f"(per round {min(paired):.2f}–{max(paired):.2f})")
     print(load_note() + " (other processes on the machine make timings noisy)")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
