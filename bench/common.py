@@ -99,4 +99,4 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
         table.add_column(c, justify="left" if i == 0 else "right")
     for r in rows:
         table.add_row(*r)
-    Console().print(table)
+    Console(width=max(Console().width, 160)).print(table)  # piped output: do not wrap the cells at 80 columns

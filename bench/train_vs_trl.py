@@ -1,32 +1,44 @@
 """sftlab vs TRL's SFTTrainer, side by side: same model, data and hyper-parameters.
 
-    python bench/train_vs_trl.py              # the real run on CPU: 40 steps each
-    python bench/train_vs_trl.py --steps 3    # smoke run
-    python bench/train_vs_trl.py --shape qwen2.5-0.5b --per-task 1500 --batch 8 --max-len 1024 \
-        --trl default,packed                  # on a GPU: a random Qwen2.5-0.5B-shaped model
+    python bench/train_vs_trl.py                  # CPU: 3 rounds x 3 set-ups, 12 steps x 4 x 512 each
+    python bench/train_vs_trl.py --steps 3 --repeats 1   # smoke run
+    python bench/train_vs_trl.py --shape qwen2.5-0.5b --per-task 200 --batch 8 --max-len 1024 --steps 30
+                                                  # on a GPU: a random Qwen2.5-0.5B-shaped model
 
-Both sides train LoRA (r=16, all linear layers; `--method full` for full fine-tuning) on
-the embedded SmolLM2-135M-Instruct (or a random model of `--shape`, with the SmolLM2
-tokenizer) with the demo dataset, one after the other, each in its own process. TRL runs
-as one or both of (`--trl`):
+Every set-up trains LoRA (r=16, all linear layers; `--method full` for full fine-tuning) on
+the embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised) (or a random model of
+`--shape`, with the SmolLM2 tokenizer) with the demo dataset, each run in a fresh process.
+The set-ups (`--sides`):
 
-- `packed`: its documented settings for this setup: `peft_config`, `packing=True`
-  (best-fit decreasing, which turns on padding-free batches), the loss on completions
-  only (the demo's chat records given as prompt/completion, as TRL documents for templates
-  without generation markers), its own defaults otherwise (bf16, gradient checkpointing);
-- `default`: the same without `packing` (TRL's default: one example per row, padded).
+- `trl`: TRL like for like, its fastest documented setting on the same terms as sftlab:
+  `packing=True` (best-fit decreasing, which turns on padding-free batches), gradient
+  checkpointing OFF (SFTConfig turns it on by default), the base loaded in the same dtype as
+  sftlab's (`model_init_kwargs.dtype`), bf16 autocast when sftlab uses it, and an attention
+  kernel of the same family (CPU: SDPA, which TRL's padding-free batches reach through a
+  block-diagonal mask; CUDA: flash varlen when `flash_attn` is installed, else SDPA, said so);
+- `trl-default`: TRL out of the box: `SFTConfig`'s defaults (no packing: one padded example
+  per row; gradient checkpointing on; bf16 autocast) and TRL's own model loading from the
+  folder (fp32 base unless told otherwise);
+- `sftlab`: `sftlab.train.trainer.train` with its defaults (bf16 where supported; a LoRA base
+  in bf16 then; packing; padding-free varlen attention: SDPA per example on CPU, fused varlen
+  flash on CUDA; no gradient checkpointing).
 
-sftlab runs `sftlab.train.trainer.train` with its defaults (bf16 where supported, packing,
-padding-free varlen attention). Both load the model in the same dtype (fp32 on CPU, bf16 on
-CUDA for LoRA).
+Both TRL set-ups get the data as prompt/completion records (TRL's documented way to train
+on completions only with a template that has no generation markers). Rounds are interleaved
+(each round runs every set-up once, in a rotating order) so a change of load on a shared
+machine hits all set-ups alike; the summary gives the median and range over the rounds.
 
-Printed for each side: trained tokens/s (label tokens, timed around `trainer.train()`),
-wall time, peak RSS of the process (on CUDA: peak allocated GPU memory), trained/computed tokens (trained = assistant tokens,
-so prompts count against it) and real/computed tokens (padding only), final loss; then the
-sftlab/TRL ratios, the device's fp32 and bf16 matmul peak measured in the same run, and each
-side's model FLOPs utilisation:
+What each set-up really ran with is read inside its process at the first training step
+(weights dtype, autocast, attention implementation, gradient checkpointing, batch shape,
+padding mask) and printed, so the set-up table is measured, not declared.
 
-    MFU = k x N x real tokens / train seconds / fp32 matmul peak
+Printed for each set-up: trained tokens/s (label tokens, timed around `trainer.train()`;
+and without the first step, which builds the CPU kernels), peak RSS of the process (on
+CUDA: peak allocated GPU memory), trained/computed and real/computed tokens, final loss;
+then sftlab/TRL ratios (of the medians, and the range of the per-round ratios), the
+device's fp32 and bf16 matmul peak measured in the same run, and each side's MFU:
+
+    MFU = k x N x real tokens / train seconds / matmul peak
 
 with N the parameters taking part in matmuls (all but the input embedding; a tied
 embedding counts once, as the output head), real = non-padding tokens, k = 6 for full
@@ -38,7 +50,9 @@ FLOPs and recomputation (gradient checkpointing) are not counted, as usual for M
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -59,6 +73,7 @@ SHAPES = {
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=4096, tie_word_embeddings=True, use_sliding_window=False),
 }
+SIDES = ("trl", "trl-default", "sftlab")
 
 
 def make_random_model(shape: str, out: Path) -> str:
@@ -78,6 +93,15 @@ def make_random_model(shape: str, out: Path) -> str:
     return str(out)
 
 
+def trl_attention(cuda: bool) -> tuple[str, str]:
+    """(attn_implementation for the like-for-like TRL set-up, why): the family sftlab's varlen uses."""
+    if not cuda:
+        return "sdpa", "sftlab runs SDPA per example on CPU"
+    if importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2", "sftlab runs fused varlen flash attention on CUDA"
+    return "sdpa", "NOT the same family: sftlab runs varlen flash on CUDA, flash_attn is not installed for TRL"
+
+
 def peak_device_memory() -> int | None:
     """Peak allocated CUDA memory of this process in bytes (None on CPU: the parent reads RSS)."""
     import torch
@@ -86,11 +110,15 @@ def peak_device_memory() -> int | None:
 
 
 class TokenCounter:
-    """Counts the tokens of every batch a Trainer trains on (patched into Trainer.training_step)."""
+    """Counts the tokens of every batch a Trainer trains on (patched into Trainer.training_step),
+    stamps the time each step starts, and records at the first step what the run really uses."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
         self.computed = self.real = self.trained = self.steps = 0
+        self.step_trained: list[int] = []
+        self.step_starts: list[float] = []
+        self.setup: dict = {}
 
     def install(self) -> None:
         from transformers import Trainer
@@ -99,6 +127,9 @@ class TokenCounter:
         counter = self
 
         def training_step(trainer, model, inputs, *args, **kwargs):
+            counter.step_starts.append(time.perf_counter())
+            if not counter.setup:
+                counter.setup = observed_setup(trainer, model, inputs)
             counter.add(inputs)
             return original(trainer, model, inputs, *args, **kwargs)
 
@@ -106,9 +137,11 @@ class TokenCounter:
 
     def add(self, inputs: dict) -> None:
         ids, labels = inputs["input_ids"], inputs["labels"]
+        trained = int((labels[:, 1:] != -100).sum())  # positions whose next token is trained
         self.steps += 1
         self.computed += ids.numel()
-        self.trained += int((labels[:, 1:] != -100).sum())  # positions whose next token is trained
+        self.trained += trained
+        self.step_trained.append(trained)
         self.real += ids.numel() - self._padding(inputs)
 
     def _padding(self, inputs: dict) -> int:
@@ -125,47 +158,75 @@ class TokenCounter:
         return pad
 
     def as_dict(self) -> dict:
-        return {"steps": self.steps, "computed_tokens": self.computed, "real_tokens": self.real, "trained_tokens": self.trained}
+        return {"steps": self.steps, "computed_tokens": self.computed, "real_tokens": self.real,
+                "trained_tokens": self.trained, "step_trained": self.step_trained, "step_starts": self.step_starts,
+                "setup": self.setup}
+
+
+def observed_setup(trainer, model, inputs: dict) -> dict:
+    """What a run trains with, read from the live model, trainer and first batch."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    frozen = next((p for p in base.parameters() if not p.requires_grad), None)
+    trainable = next(p for p in model.parameters() if p.requires_grad)
+    args = trainer.args
+    return {
+        "base weights": str((frozen if frozen is not None else trainable).dtype).removeprefix("torch."),
+        "trainable weights": str(trainable.dtype).removeprefix("torch."),
+        "autocast": "bf16" if args.bf16 else "fp16" if args.fp16 else "none",
+        "attention": base.config._attn_implementation,
+        "gradient checkpointing": bool(getattr(base, "is_gradient_checkpointing", False)),
+        "batch tensor (step 1)": "x".join(map(str, inputs["input_ids"].shape)),
+        "padding mask": inputs.get("attention_mask") is not None,
+        "position_ids (example starts)": inputs.get("position_ids") is not None,
+        "rows per step": args.per_device_train_batch_size,
+        "optimizer steps": args.max_steps,
+    }
+
+
+def load_messages_as_prompt_completion(path: str):
+    """The demo's chat records as prompt/completion: TRL then trains on the assistant reply only."""
+    from datasets import load_dataset
+
+    data = load_dataset("json", data_files=path, split="train")
+    return data.map(lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]},
+                    remove_columns=data.column_names)
 
 
 def run_trl(opts: dict) -> None:
     import torch
-    from datasets import load_dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from sftlab.models import load_model, load_tokenizer
-    from sftlab.train.trainer import device_supports_bf16
+    from sftlab.models import load_tokenizer
 
     tokenizer = load_tokenizer(opts["model"])
     counter = TokenCounter(tokenizer.pad_token_id)
     counter.install()
-    data = load_dataset("json", data_files=opts["train"], split="train")
-    # messages -> prompt/completion: TRL then trains on the assistant reply only
-    data = data.map(lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]},
-                    remove_columns=data.column_names)
-    model = load_model(opts["model"], dtype=opts["dtype"])
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    args = SFTConfig(
+    data = load_messages_as_prompt_completion(opts["train"])
+    shared = dict(
         output_dir=opts["out"], max_steps=opts["steps"], per_device_train_batch_size=opts["batch"],
         learning_rate=opts["lr"], lr_scheduler_type="cosine", warmup_steps=0.05, optim="adamw_torch",
-        logging_steps=1, save_strategy="no", report_to="none", seed=0, data_seed=0,
-        max_length=opts["max_len"], packing=opts["trl"] == "packed", bf16=device_supports_bf16(),
+        logging_steps=1, save_strategy="no", report_to="none", seed=0, data_seed=0, max_length=opts["max_len"],
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=opts["trl_gradient_checkpointing"],
     )
+    if opts["side"] == "trl":  # like for like: the settings that differ from TRL's defaults
+        args = SFTConfig(**shared, packing=True, packing_strategy="bfd", gradient_checkpointing=False,
+                         bf16=opts["bf16"], model_init_kwargs={"dtype": opts["dtype"], "attn_implementation": opts["trl_attn"]})
+    else:  # out of the box
+        args = SFTConfig(**shared)
     peft_config = LoraConfig(r=opts["lora_r"], lora_alpha=2 * opts["lora_r"], lora_dropout=opts["lora_dropout"],
                              target_modules="all-linear", task_type="CAUSAL_LM") if opts["method"] == "lora" else None
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
+    # TRL loads the model from the folder itself, as a user passing a model id would
+    trainer = SFTTrainer(model=opts["model"], args=args, train_dataset=data, processing_class=tokenizer,
+                         peft_config=peft_config)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    counter.setup["packing"] = (f"packing={args.packing} ({args.packing_strategy}), padding_free={trainer.padding_free}"
+                                if args.packing else f"packing=False, padding_free={trainer.padding_free}")
     report_result({**counter.as_dict(), "train_seconds": seconds, "losses": losses, "peak_device_memory": peak_device_memory(),
-                   "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-                   "gradient_checkpointing": args.gradient_checkpointing, "bf16": args.bf16,
-                   "attention": trainer.model.config._attn_implementation})
+                   "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)})
 
 
 def run_sftlab(opts: dict) -> None:
@@ -176,7 +237,7 @@ def run_sftlab(opts: dict) -> None:
     counter = TokenCounter(load_tokenizer(opts["model"]).pad_token_id)
     counter.install()
     config = TrainConfig.model_validate({
-        "model": {"name_or_path": opts["model"], "dtype": opts["dtype"]},
+        "model": {"name_or_path": opts["model"]},  # dtype auto: what a user gets
         "data": {"train": opts["train"], "max_seq_length": opts["max_len"], "packing": True},
         "method": opts["method"],
         "lora": {"r": opts["lora_r"], "alpha": 2 * opts["lora_r"], "dropout": opts["lora_dropout"], "target_modules": "all-linear"},
@@ -188,10 +249,10 @@ def run_sftlab(opts: dict) -> None:
     info = train(config, log=lambda msg: print(msg, flush=True))
     metrics = [json.loads(x) for x in (Path(opts["out"]) / "metrics.jsonl").read_text().splitlines() if x.strip()]
     losses = [m["loss"] for m in metrics if "loss" in m]
+    counter.setup["packing"] = "packing=True (bfd), batches flattened" if counter.setup.get("batch tensor (step 1)", "").startswith("1x") \
+        else "packing=True (bfd)"
     report_result({**counter.as_dict(), "train_seconds": info["train_seconds"], "losses": losses,
-                   "peak_device_memory": peak_device_memory(), "trainable": info["trainable_params"],
-                   "gradient_checkpointing": config.training.gradient_checkpointing, "bf16": info["bf16"],
-                   "attention": info["attention"]})
+                   "peak_device_memory": peak_device_memory(), "trainable": info["trainable_params"]})
 
 
 def matmul_flops(model: str) -> tuple[int, bool]:
@@ -204,22 +265,40 @@ def matmul_flops(model: str) -> tuple[int, bool]:
     return shape.n_params - (0 if tied else shape.vocab * shape.hidden), tied
 
 
+def summarise(r: dict, run, k: int, n_matmul: int, method: str, peak32: float, peak16: float) -> dict:
+    """One run's derived numbers."""
+    flops = (k * n_matmul + (6 * r["trainable"] if method == "lora" else 0)) * r["real_tokens"]
+    tail = r["losses"][-5:]
+    starts, per_step = r["step_starts"], r["step_trained"]
+    # steps 2..n-1 lie between the start of step 2 and the start of step n
+    steady = sum(per_step[1:-1]) / (starts[-1] - starts[1]) if len(starts) >= 3 else float("nan")
+    return {
+        **r, "wall_seconds": run.wall_s, "peak_memory": r["peak_device_memory"] or run.peak_rss,
+        "trained_tokens_per_s": r["trained_tokens"] / r["train_seconds"],
+        "steady_tokens_per_s": steady,
+        "trained_per_computed": r["trained_tokens"] / r["computed_tokens"],
+        "real_per_computed": r["real_tokens"] / r["computed_tokens"],
+        "final_loss": sum(tail) / len(tail),
+        "mfu_fp32": flops / r["train_seconds"] / peak32,
+        "mfu_bf16": flops / r["train_seconds"] / peak16,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default", help="model for both sides (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", default="default",
+                    help="model for all set-ups (default: embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised))")
     ap.add_argument("--shape", choices=sorted(SHAPES), help="instead of --model: a random model of this architecture")
     ap.add_argument("--method", choices=["lora", "full"], default="lora")
-    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per side (3 for a smoke run)")
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run (3 for a smoke run)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds: each runs every set-up once, in a fresh process")
     ap.add_argument("--batch", type=int, default=4, help="rows per step (packed rows of --max-len tokens)")
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-dropout", type=float, default=0.0)
     ap.add_argument("--per-task", type=int, default=200, help="demo examples per task (4 tasks)")
-    ap.add_argument("--trl", default="packed", help="TRL set-ups to run, comma-separated: packed, default")
-    ap.add_argument("--trl-gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                    help="TRL's default is on; --no-trl-gradient-checkpointing compares without it")
-    ap.add_argument("--only", choices=["trl", "sftlab"], help="run one side only")
+    ap.add_argument("--sides", default=",".join(SIDES), help=f"set-ups to run, comma-separated: {', '.join(SIDES)}")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -232,93 +311,124 @@ def main() -> None:
 
     from sftlab.demo.dataset import write_demo_dataset
     from sftlab.models import resolve_model_path
+    from sftlab.train.trainer import base_weights_dtype, device_supports_bf16
 
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if unknown := set(sides) - set(SIDES):
+        ap.error(f"unknown set-up(s) {sorted(unknown)}: choose from {', '.join(SIDES)}")
     cuda = torch.cuda.is_available()
     work = Path(tempfile.mkdtemp(prefix="sftlab-bench-"))
     if args.shape:
         model = make_random_model(args.shape, work / args.shape)
     else:
         model = resolve_model_path(args.model)[0]  # convert the embedded model once, outside the timed children
-    dtype = "bfloat16" if cuda and args.method == "lora" else "float32"  # full FT keeps fp32 master weights
+    bf16 = device_supports_bf16()
+    dtype = base_weights_dtype(args.method, bf16)  # what sftlab's `model.dtype: auto` loads; TRL like-for-like gets it too
+    trl_attn, trl_attn_why = trl_attention(cuda)
     train_path = write_demo_dataset(work / "data", seed=0, sizes={"train": args.per_task})["train"]
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device}; data: {train_path} ({4 * args.per_task} examples); {load_note()}", flush=True)
+    print(f"like-for-like TRL: base {dtype}, bf16 autocast {bf16}, attention {trl_attn} ({trl_attn_why})", flush=True)
     peak32 = matmul_peak_flops(dtype="float32", device="cuda" if cuda else "cpu")
     peak16 = matmul_peak_flops(dtype="bfloat16", device="cuda" if cuda else "cpu")
     print(f"matmul peak: fp32 {peak32 / 1e12:.2f} TFLOP/s, bf16 {peak16 / 1e12:.2f} TFLOP/s", flush=True)
     n_matmul, _ = matmul_flops(model)
+    k = 6 if args.method == "full" else 4  # frozen weights need no weight gradient
 
-    sides = [f"trl-{t.strip()}" for t in args.trl.split(",") if t.strip()] + ["sftlab"]
-    results, failed = {}, []
-    for side in sides:
-        if args.only and not side.startswith(args.only):
-            continue
-        opts = {"side": side, "trl": side.removeprefix("trl-"), "model": model, "dtype": dtype, "method": args.method,
-                "train": str(train_path), "out": str(work / side), "steps": args.steps, "batch": args.batch,
-                "max_len": args.max_len, "lr": args.lr, "lora_r": args.lora_r, "lora_dropout": args.lora_dropout,
-                "trl_gradient_checkpointing": args.trl_gradient_checkpointing}
-        print(f"== {side}", flush=True)
-        run = run_child([sys.executable, __file__, "--child", json.dumps(opts)],
-                        env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "SFTLAB_CACHE": str(work / "cache")},
-                        echo=False)
-        if run.returncode != 0:
-            print(run.output[-4000:])
-            print(f"{side} failed (exit {run.returncode}); going on with the other sides", flush=True)
-            failed.append(side)
-            continue
-        r = run.result
-        k = 6 if args.method == "full" else 4  # frozen weights need no weight gradient
-        flops = (k * n_matmul + (6 * r["trainable"] if args.method == "lora" else 0)) * r["real_tokens"]
-        tail = r["losses"][-5:]
-        results[side] = {
-            **r, "wall_seconds": run.wall_s, "peak_memory": r["peak_device_memory"] or run.peak_rss,
-            "trained_tokens_per_s": r["trained_tokens"] / r["train_seconds"],
-            "trained_per_computed": r["trained_tokens"] / r["computed_tokens"],
-            "final_loss": sum(tail) / len(tail),
-            "mfu_fp32": flops / r["train_seconds"] / peak32,
-            "mfu_bf16": flops / r["train_seconds"] / peak16,
-        }
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    failed = []
+    for rnd in range(args.repeats):
+        order = sides[rnd % len(sides):] + sides[:rnd % len(sides)]  # rotate, so no set-up always goes first
+        for side in order:
+            opts = {"side": side, "model": model, "dtype": dtype, "bf16": bf16, "trl_attn": trl_attn,
+                    "method": args.method, "train": str(train_path), "out": str(work / f"{side}-{rnd}"),
+                    "steps": args.steps, "batch": args.batch, "max_len": args.max_len, "lr": args.lr,
+                    "lora_r": args.lora_r, "lora_dropout": args.lora_dropout}
+            run = run_child([sys.executable, __file__, "--child", json.dumps(opts)],
+                            env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                 "SFTLAB_CACHE": str(work / "cache")},
+                            echo=False)
+            if run.returncode != 0:
+                print(run.output[-4000:])
+                print(f"round {rnd + 1} {side} failed (exit {run.returncode}); going on", flush=True)
+                failed.append(f"{side}#{rnd + 1}")
+                continue
+            res = summarise(run.result, run, k, n_matmul, args.method, peak32, peak16)
+            res["round"] = rnd
+            runs[side].append(res)
+            print(f"round {rnd + 1}/{args.repeats} {side}: {res['trained_tokens_per_s']:.1f} trained tokens/s, "
+                  f"train {res['train_seconds']:.1f} s, peak {gib(res['peak_memory'])}; {load_note()}", flush=True)
+    runs = {s: r for s, r in runs.items() if r}
     print(f"{load_note()} (other processes on the machine make timings noisy)", flush=True)
-    _print(results, args, device, cuda, peak32, peak16)
+    _print(runs, args, device, cuda, peak32, peak16)
     if args.json:
-        args.json.write_text(json.dumps({"device": device, "results": results, "peak_fp32": peak32, "peak_bf16": peak16,
+        args.json.write_text(json.dumps({"device": device, "runs": runs, "peak_fp32": peak32, "peak_bf16": peak16,
                                          "args": {k: str(v) for k, v in vars(args).items() if k not in ("json", "child")}},
                                         indent=2))
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
 
 
-def _print(results: dict, args, device: str, cuda: bool, peak32: float, peak16: float) -> None:
-    sides = list(results)
-    memory = "peak GPU memory (allocated)" if cuda else "peak RSS"
+def spread(values: list[float], fmt: str) -> str:
+    """median (min–max) of one set-up's runs."""
+    med = statistics.median(values)
+    if len(values) == 1:
+        return format(med, fmt)
+    return f"{med:{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+
+def _print(runs: dict[str, list[dict]], args, device: str, cuda: bool, peak32: float, peak16: float) -> None:
+    sides = list(runs)
+    setups = [runs[s][0]["setup"] for s in sides]
+    keys = list(dict.fromkeys(k for st in setups for k in st))
+    print_table(f"what each set-up ran with (read at its first training step); {args.steps} steps x {args.batch} rows "
+                f"x {args.max_len} tokens, lr {args.lr}, {args.method} (LoRA r={args.lora_r})",
+                ["", *sides], [[key] + [str(st.get(key, "")) for st in setups] for key in keys])
+    for s in sides:  # every round must have run the same set-up
+        if any(r["setup"] != runs[s][0]["setup"] for r in runs[s]):
+            print(f"WARNING: {s}'s set-up differed between rounds")
+
+    def row(label: str, key: str, fmt: str, scale: float = 1.0) -> list[str]:
+        return [label] + [spread([r[key] / scale for r in runs[s]], fmt) for s in sides]
+
+    memory = "peak GPU memory (allocated, GiB)" if cuda else "peak RSS (GiB)"
     rows = [
-        ["trained tokens/s"] + [f"{results[s]['trained_tokens_per_s']:.1f}" for s in sides],
-        ["train time (s)"] + [f"{results[s]['train_seconds']:.1f}" for s in sides],
-        ["process wall time (s)"] + [f"{results[s]['wall_seconds']:.1f}" for s in sides],
-        [memory] + [gib(results[s]["peak_memory"]) for s in sides],
-        ["trained / computed tokens"] + [f"{results[s]['trained_per_computed']:.3f}" for s in sides],
-        ["real / computed tokens (no padding)"] + [f"{results[s]['real_tokens'] / results[s]['computed_tokens']:.3f}" for s in sides],
-        ["trained tokens"] + [str(results[s]["trained_tokens"]) for s in sides],
-        ["computed tokens"] + [str(results[s]["computed_tokens"]) for s in sides],
-        ["final loss (mean of last 5 steps)"] + [f"{results[s]['final_loss']:.4f}" for s in sides],
-        ["MFU vs fp32 peak"] + [f"{results[s]['mfu_fp32']:.3f}" for s in sides],
-        ["MFU vs bf16 peak"] + [f"{results[s]['mfu_bf16']:.3f}" for s in sides],
-        ["bf16 / grad. checkpointing"] + [f"{results[s]['bf16']} / {results[s]['gradient_checkpointing']}" for s in sides],
-        ["attention"] + [str(results[s]["attention"]) for s in sides],
+        row("trained tokens/s", "trained_tokens_per_s", ".1f"),
+        row("trained tokens/s after step 1", "steady_tokens_per_s", ".1f"),
+        row("train time (s)", "train_seconds", ".1f"),
+        row("process wall time (s)", "wall_seconds", ".1f"),
+        row(memory, "peak_memory", ".2f", 1024**3),
+        row("trained / computed tokens", "trained_per_computed", ".3f"),
+        row("real / computed tokens (no padding)", "real_per_computed", ".3f"),
+        row("trained tokens", "trained_tokens", ".0f"),
+        row("final loss (mean of last 5 steps)", "final_loss", ".4f"),
+        row("MFU vs fp32 peak", "mfu_fp32", ".3f"),
+        row("MFU vs bf16 peak", "mfu_bf16", ".3f"),
     ]
-    print_table(f"{device}: {args.method} (LoRA r={args.lora_r}), {args.steps} steps x {args.batch} rows x {args.max_len} "
-                f"tokens, lr {args.lr} (fp32 peak {peak32 / 1e12:.2f}, bf16 peak {peak16 / 1e12:.2f} TFLOP/s)",
-                ["", *sides], rows)
-    if "sftlab" not in results:
+    n = min(len(r) for r in runs.values())
+    print_table(f"{device}: median (min–max) of {n}+ runs per set-up (fp32 peak {peak32 / 1e12:.2f}, "
+                f"bf16 peak {peak16 / 1e12:.2f} TFLOP/s)", ["", *sides], rows)
+    if "sftlab" not in runs:
         return
-    s = results["sftlab"]
-    for side in sides[:-1]:
-        t = results[side]
-        print(f"sftlab / {side}: trained tokens/s x{s['trained_tokens_per_s'] / t['trained_tokens_per_s']:.2f}, "
-              f"peak memory x{s['peak_memory'] / t['peak_memory']:.2f}, final loss {s['final_loss']:.4f} vs {t['final_loss']:.4f}")
+    s_runs = runs["sftlab"]
+    for side in sides:
+        if side == "sftlab":
+            continue
+        t_runs = runs[side]
+        label = "like for like" if side == "trl" else "out of the box"
+        parts = []
+        for key, name in (("trained_tokens_per_s", "trained tokens/s"), ("steady_tokens_per_s", "after step 1"),
+                          ("peak_memory", "peak memory")):
+            med = statistics.median(r[key] for r in s_runs) / statistics.median(r[key] for r in t_runs)
+            paired = [a[key] / b[key] for a in s_runs for b in t_runs if a["round"] == b["round"]]
+            rng = f" (per round {min(paired):.2f}–{max(paired):.2f})" if len(paired) > 1 else ""
+            parts.append(f"{name} x{med:.2f}{rng}")
+        print(f"sftlab / {side} ({label}): " + ", ".join(parts))
+        s, t = s_runs[0], t_runs[0]
         n = min(len(s["losses"]), len(t["losses"]))
         marks = sorted({0, n // 4, n // 2, 3 * n // 4, n - 1}) if n else []
-        print("  loss curve (step: sftlab / TRL): " + ", ".join(f"{i + 1}: {s['losses'][i]:.3f} / {t['losses'][i]:.3f}" for i in marks))
+        print("  loss curve, round 1 (step: sftlab / TRL): "
+              + ", ".join(f"{i + 1}: {s['losses'][i]:.3f} / {t['losses'][i]:.3f}" for i in marks))
 
 
 if __name__ == "__main__":

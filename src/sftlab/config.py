@@ -22,7 +22,7 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name_or_path: str = Field("default", description="HF folder, hub id, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct).")
+    name_or_path: str = Field("default", description="HF folder, hub id, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)).")
     chat_template: str | None = Field(None, description="Override the tokenizer's chat template: Jinja text or a .jinja file.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub repo. Off unless you trust it.")
     attn_implementation: str | None = Field(None, description="sftlab_varlen | sdpa | eager | flash_attention_2 (default: sftlab_varlen, padding-free, where the model supports it).")

@@ -1,5 +1,6 @@
-"""Deterministic demo dataset: four small task families that SmolLM2-135M-Instruct gets
-wrong out of the box (it answers in free prose) and learns in a few minutes of LoRA:
+"""Deterministic demo dataset: four small task families that the embedded
+SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised) gets wrong out of the box (it answers in
+free prose) and learns in a few minutes of LoRA:
 
 - `dates`     format conversion, any of four date styles -> ISO 8601 (exact match)
 - `sentiment` fixed-label classification: positive / negative / neutral (accuracy, F1)

@@ -35,7 +35,7 @@ def run_quickstart(out: Path, overrides: list[str], eval_batch_size: int = 32, m
     paths = write_demo_dataset(out / "data")
     console.print(f"[bold]1/5[/] demo dataset: {', '.join(f'{k} {v}' for k, v in paths.items())}")
     model_dir = embedded_model_dir()
-    console.print(f"[bold]2/5[/] base model {DEFAULT_MODEL} (SmolLM2-135M-Instruct) cached at {model_dir}")
+    console.print(f"[bold]2/5[/] base model {DEFAULT_MODEL} (SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)) cached at {model_dir}")
 
     test = load_conversations(paths["test"])
     tokenizer = load_tokenizer("default")
