@@ -16,6 +16,7 @@ from pydantic_core import PydanticCustomError
 
 from sftlab.data.curate import CurateOptions
 from sftlab.errors import SftlabError
+from sftlab.train.distributed import DEEPSPEED_CONFIGS
 
 
 class Section(BaseModel):
@@ -96,17 +97,22 @@ class TrainingConfig(Section):
         return self
 
     def passthrough(self) -> dict[str, Any]:
-        """The TrainingArguments fields given by their HF names beyond the typed ones above."""
-        return dict(self.model_extra or {})
+        """The TrainingArguments fields given by their HF names beyond the typed ones above.
+        YAML reads a bare `no` as false: for a string field (eval_strategy: no) it means "no"."""
+        extra = dict(self.model_extra or {})
+        strings = training_argument_names(str) if False in extra.values() else set()
+        return {k: "no" if v is False and k in strings else v for k, v in extra.items()}
 
 
-def training_argument_names() -> set[str]:
-    """Every field of transformers.TrainingArguments (imports transformers: only on demand)."""
+def training_argument_names(default_type: type | None = None) -> set[str]:
+    """Fields of transformers.TrainingArguments (all, or those whose default is a `default_type`);
+    imports transformers, so only on demand."""
     import dataclasses
 
     from transformers import TrainingArguments
 
-    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")}
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")
+            and (default_type is None or isinstance(f.default, default_type))}
 
 
 class DistributedConfig(Section):
@@ -119,6 +125,14 @@ class DistributedConfig(Section):
     deepspeed: str = Field("zero3", description="DeepSpeed config: zero2 | zero2_offload | zero3 | zero3_offload (shipped in configs/) or a path to a JSON file.")
     fsdp: str = Field("fsdp", description="FSDP config: 'fsdp' (shipped in configs/) or a path to a YAML/JSON fsdp_config file.")
 
+    @model_validator(mode="after")
+    def _files(self) -> DistributedConfig:
+        if self.deepspeed not in DEEPSPEED_CONFIGS and not self.deepspeed.endswith(".json"):
+            raise ValueError(f"deepspeed: '{self.deepspeed}' is not one of {', '.join(DEEPSPEED_CONFIGS)} nor a .json file")
+        if self.fsdp != "fsdp" and not self.fsdp.endswith((".yaml", ".yml", ".json")):
+            raise ValueError(f"fsdp: '{self.fsdp}' is neither 'fsdp' nor a .yaml/.json file")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
@@ -126,7 +140,7 @@ class DistributedConfig(Section):
             return value
         if value in ("ddp", "fsdp"):
             return {"engine": value}
-        if value.startswith("zero") or value.endswith(".json"):
+        if value in DEEPSPEED_CONFIGS or value.endswith(".json"):
             return {"engine": "deepspeed", "deepspeed": value}
         if value.endswith((".yaml", ".yml")):
             return {"engine": "fsdp", "fsdp": value}
