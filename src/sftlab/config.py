@@ -119,11 +119,12 @@ class DistributedConfig(Section):
     """How several processes train together (see docs/scaling.md). One process ignores it.
 
     Shorthand: `distributed: zero3` (or ddp, zero2, zero2_offload, zero3_offload, fsdp, or a
-    path to a DeepSpeed .json / FSDP .yaml file)."""
+    path to a DeepSpeed .json / FSDP .yaml file; a .json names DeepSpeed, set engine: fsdp with
+    fsdp: FILE.json for an FSDP one)."""
 
     engine: Literal["ddp", "deepspeed", "fsdp"] = Field("ddp", description="ddp: full copy per process; deepspeed: ZeRO-2/3 (+offload); fsdp: FSDP2 fully_shard.")
     deepspeed: str = Field("zero3", description="DeepSpeed config: zero2 | zero2_offload | zero3 | zero3_offload (shipped in configs/) or a path to a JSON file.")
-    fsdp: str = Field("fsdp", description="FSDP config: 'fsdp' (shipped in configs/) or a path to a YAML/JSON fsdp_config file.")
+    fsdp: str = Field("fsdp", description="FSDP config: 'fsdp' (configs/fsdp.json) or a path to a JSON/YAML fsdp_config file.")
 
     @model_validator(mode="after")
     def _files(self) -> DistributedConfig:

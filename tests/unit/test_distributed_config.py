@@ -80,7 +80,7 @@ def test_engine_files_by_name_match_configs_folder():
     assert distributed.deepspeed_config("zero3")["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
     fsdp = distributed.fsdp_config("fsdp")
     assert fsdp["version"] == 2 and fsdp["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    assert fsdp == distributed.fsdp_config(str(REPO / "configs" / "fsdp.yaml"))
+    assert fsdp == distributed.fsdp_config(str(REPO / "configs" / "fsdp.json"))
 
 
 def test_engine_file_errors(tmp_path):

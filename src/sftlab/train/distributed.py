@@ -98,10 +98,10 @@ def deepspeed_config(value: str) -> dict:
 
 
 def fsdp_config(value: str) -> dict:
-    """An fsdp_config by name ('fsdp' = configs/fsdp.yaml) or path (.yaml/.json), as a dict."""
+    """An fsdp_config by name ('fsdp' = configs/fsdp.json) or path (.json/.yaml), as a dict."""
     import yaml
 
-    path = _engine_file(value, ("fsdp",), "fsdp", (".yaml", ".yml", ".json"))
+    path = _engine_file(value, ("fsdp",), "fsdp", (".json", ".yaml", ".yml"))
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
