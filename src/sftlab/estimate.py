@@ -53,11 +53,14 @@ Several processes (``nproc``, ``distributed``), per process, n = nproc (docs/sca
 - ddp: everything replicated; DDP's all-reduce buckets hold a second copy of the gradients.
 - zero2 (DeepSpeed): weights replicated; gradients, optimizer states and DeepSpeed's fp32
   master copy of the trainable parameters (4 B each) split n ways.
-- zero3: weights too split n ways, plus the parameters gathered for compute: the larger of
-  two decoder layers (the one computing and the one prefetched) and the layers outside the
-  decoder stack (embeddings, final norm, head).
-- fsdp (FSDP2): as zero3 without the master copy (the optimizer steps the sharded
-  parameters themselves).
+- zero3: weights too split n ways, plus the parameters gathered for compute. DeepSpeed keeps
+  a gathered parameter until `stage3_max_live_parameters` are live when it is used again
+  within `stage3_max_reuse_distance` (both 1e9 in configs/zero3.json, as in the DeepSpeed
+  and transformers examples): up to min(all parameters, 1e9) stay gathered.
+- fsdp (FSDP2): weights, gradients and optimizer states split n ways, no master copy (the
+  optimizer steps the sharded parameters themselves); gathered: the larger of two decoder
+  layers (the one computing and the one prefetched) and the root unit outside the decoder
+  stack (embeddings, final norm, head), which FSDP2 keeps gathered between forward and backward.
 - ``_offload`` variants: optimizer states and master copy (zero2_offload), and the sharded
   weights too (zero3_offload), move to CPU memory: reported as ``offloaded``, not in the
   device total (on a CPU-only machine both are the same RAM).
@@ -77,6 +80,7 @@ Method = Literal["full", "lora", "qlora"]
 GiB = 1024**3
 _OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "sgd": 0}  # per fp32 trainable parameter
 ENGINES = ("none", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp")
+ZERO3_MAX_LIVE_PARAMETERS = 10**9  # stage3_max_live_parameters in configs/zero3.json
 RUNTIME_BYTES = int(0.45 * GiB)  # RSS of a process that imported torch + transformers + peft (CPU)
 NF4_BLOCK = 64
 
@@ -468,11 +472,16 @@ def _per_process(est: Estimate, shape: ModelShape, engine: str, n: int, w_bytes:
     notes["gradients"] += f", split {n} ways"
     notes["optimizer"] += f", split {n} ways" + (" (+ DeepSpeed's fp32 master copy, 4 B)" if master else "")
     if engine in ("zero3", "zero3_offload", "fsdp"):
-        outside = shape.n_params - shape.n_layers * shape.layer_params
         est.weights = split(est.weights)
-        est.gathered = max(2 * shape.layer_params, outside) * w_bytes
         notes["weights"] += f", split {n} ways"
-        notes["gathered"] = f"max(2 decoder layers, the {outside:,} parameters outside them) x {w_bytes} B"
+        if engine == "fsdp":
+            outside = shape.n_params - shape.n_layers * shape.layer_params
+            est.gathered = max(2 * shape.layer_params, outside) * w_bytes
+            notes["gathered"] = f"max(2 decoder layers, the {outside:,} parameters outside them) x {w_bytes} B"
+        else:
+            live = min(shape.n_params, ZERO3_MAX_LIVE_PARAMETERS)
+            est.gathered = live * w_bytes
+            notes["gathered"] = f"min(all, stage3_max_live_parameters) = {live:,} x {w_bytes} B"
     if engine.endswith("_offload"):
         est.offloaded = est.optimizer + (est.weights if engine == "zero3_offload" else 0)
         what = "optimizer states + fp32 master" + (" + sharded weights" if engine == "zero3_offload" else "")
