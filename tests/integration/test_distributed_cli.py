@@ -58,6 +58,7 @@ def test_sftlab_train_nproc_2(engine, label, lora_setup, tiny_model_dir, tmp_pat
     assert proc.stdout.count("Resolved config:") == 1  # one log, rank 0's
     info = json.loads((out / "run.json").read_text())
     assert info["processes"] == 2 and info["engine"] == f"{label} x 2 processes"
+    assert info["trainable_params"] == json.loads((ref / "run.json").read_text())["trainable_params"] > 0
     # one epoch: each rank saw half the rows; the reduced count is the whole data set's
     assert info["trained_tokens_seen"] == info["train_data"]["trained_tokens"] > 0
     assert (out / "adapter" / "adapter_model.safetensors").exists() and not (out / "model").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import typer
@@ -18,10 +19,13 @@ def train(
 ) -> None:
     """Fine-tune a model: full, LoRA, DoRA or QLoRA, as the config says."""
     from sftlab.config import load_config
+    from sftlab.errors import SftlabError
     from sftlab.train.distributed import is_main_process, launch
 
     cfg = load_config(None if config == "-" else config, overrides or [])  # checked before any process starts
     if nproc > 1:
+        if "WORLD_SIZE" in os.environ:
+            raise SftlabError("--nproc: this process was already started by a launcher (WORLD_SIZE is set); drop --nproc")
         argv = ["train", config, *(overrides or []), *(["--resume"] if resume else [])]
         code = launch(nproc, argv)
         if code:

@@ -68,6 +68,12 @@ def world_sum(value: int) -> int:
     return int(t.item())
 
 
+def parameter_count(model, trainable_only: bool = False) -> int:
+    """Parameters of the whole model, also after ZeRO-3 has partitioned them (`ds_numel`);
+    FSDP2's DTensor parameters report their full size anyway."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
 def engine_name(dist_config, passthrough: dict) -> str:
     """ddp | deepspeed | fsdp: the section's engine, or what training.deepspeed / training.fsdp say."""
     if passthrough.get("deepspeed"):

@@ -290,7 +290,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "bf16": use_bf16,
         "attention": model.config._attn_implementation,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_params": distributed.parameter_count(model, trainable_only=True),
         "trained_tokens_seen": trained_tokens,
         "trained_tokens_per_second": round(trained_tokens / train_seconds, 1) if train_seconds else None,
         "processes": trainer.args.world_size,
