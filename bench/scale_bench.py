@@ -92,7 +92,7 @@ def main() -> None:
                            "estimate": est.total + est.offloaded, "wall_s": round(run.wall_s, 1)}
         print(f"   {results[engine]}", flush=True)
 
-    rows = [[e, " / ".join(gib(x) for x in r["peak_rss"]), gib(r["estimate"]), f"{r['tokens_per_s']:.0f}",
+    rows = [[e, " / ".join(gib(x) for x in r["peak_rss"]), gib(r["estimate"]), f"{r['tokens_per_s']:.1f}",
              f"{r['train_loss']:.4f}", f"{r['wall_s']:.0f}"] for e, r in results.items()]
     print_table(f"SmolLM2-135M full fine-tuning, fp32, {args.nproc} processes x batch {args.batch} x {args.max_len} "
                 f"tokens, {args.steps} steps ({load_note()})",

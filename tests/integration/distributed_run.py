@@ -63,7 +63,8 @@ def holdings(model) -> dict:
             full += p.numel()
             local += p.numel()
             kinds.add("tensor")
-    return {"full": full, "local": local, "kinds": sorted(kinds), "wrapper": type(model).__name__}
+    units = sorted(type(m).__name__ for m in model.modules() if type(m).__name__.startswith("FSDP"))
+    return {"full": full, "local": local, "kinds": sorted(kinds), "wrapper": type(model).__name__, "fsdp_units": units}
 
 
 original = SFTTrainer.compute_loss
