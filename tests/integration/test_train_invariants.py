@@ -1,5 +1,6 @@
 """Loss invariants on a tiny random Llama: packed == unpacked, selective == full logits,
-gradient accumulation k x b == batch k*b."""
+gradient accumulation k x b == batch k*b (transformers' sdpa on separate rows, and the default
+path: sftlab_varlen on flattened, shape-rounded batches)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from sftlab.data.render import render_many
 from sftlab.train.loss import selective_loss_sum
 
 
-@pytest.fixture(scope="module")
-def examples(tokenizer):
+def demo_examples(tokenizer):
+    """Rendered demo conversations of different lengths and trained-token counts, plus a multi-turn one."""
     from sftlab.demo.dataset import generate_demo
 
     records = generate_demo({"train": 3}, seed=1)["train"]
@@ -23,14 +24,29 @@ def examples(tokenizer):
     return render_many(convs, tokenizer)
 
 
+def packed_rows(examples, max_len=160):
+    """Examples packed into rows as train() packs them; at least one row holds several."""
+    rows = [[examples[i] for i in b] for b in pack([len(e) for e in examples], max_len)]
+    assert any(len(r) > 1 for r in rows), "the test must really pack several examples into a row"
+    return rows
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer):
+    return demo_examples(tokenizer)
+
+
 def load_tiny(path, attn):
+    """The tiny model with attention `attn`; None: the default train() picks (choose_attention)."""
     from transformers import AutoModelForCausalLM
 
-    from sftlab.train.attention import register
+    from sftlab.train.attention import choose_attention, register
 
     register()
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).eval()
+    choose_attention(model, attn, packing=True)
+    return model
 
 
 @pytest.mark.parametrize("attn,flatten", [("sdpa", False), ("eager", False), ("sftlab_varlen", False),
@@ -39,10 +55,9 @@ def test_packed_loss_equals_unpacked_loss(tiny_model_dir, tokenizer, examples, a
     model = load_tiny(tiny_model_dir, attn)
     with torch.no_grad():
         alone = [selective_loss_sum(model, collate([[e]], tokenizer.pad_token_id)) for e in examples]
-        bins = pack([len(e) for e in examples], 160)
-        assert any(len(b) > 1 for b in bins), "the test must really pack several examples into a row"
-        batch = collate([[examples[i] for i in b] for b in bins], tokenizer.pad_token_id, flatten=flatten)
-        assert batch["input_ids"].shape[0] == (1 if flatten else len(bins))
+        rows = packed_rows(examples)
+        batch = collate(rows, tokenizer.pad_token_id, flatten=flatten)
+        assert batch["input_ids"].shape[0] == (1 if flatten else len(rows))
         packed = selective_loss_sum(model, batch)
     total = sum(s for s, _ in alone)
     assert packed[1] == sum(n for _, n in alone)
@@ -67,32 +82,40 @@ def test_selective_chunked_loss_equals_plain_full_logits_loss(tiny_model_dir, to
     assert s.item() == pytest.approx(ref_sum, rel=1e-5)
 
 
-def _one_step_params(tiny_model_dir, tmp_path, tokenizer, rows, batch, accum):
+def _one_step_params(tiny_model_dir, tmp_path, tokenizer, rows, batch, accum, attn):
+    """Weights after one SGD step of SFTTrainer; `attn` None: the default path, as train() collates it."""
     from functools import partial
 
     from transformers import TrainingArguments
 
+    from sftlab.train.attention import NAME, can_flatten
     from sftlab.train.trainer import RowDataset, SFTTrainer
 
-    model = load_tiny(tiny_model_dir, "sdpa").train()
+    model = load_tiny(tiny_model_dir, attn).train()
+    default = attn is None
+    assert can_flatten(model) == default and (model.config._attn_implementation == NAME) == default
     args = TrainingArguments(
-        output_dir=str(tmp_path / f"b{batch}a{accum}"), per_device_train_batch_size=batch,
+        output_dir=str(tmp_path / f"b{batch}a{accum}{attn}"), per_device_train_batch_size=batch,
         gradient_accumulation_steps=accum, max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant",
         max_grad_norm=0.0, use_cpu=True, report_to="none", save_strategy="no", remove_unused_columns=False,
         seed=0, data_seed=0, disable_tqdm=True, dataloader_drop_last=False,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=RowDataset(rows),
-                         data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id))
+                         data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id, flatten=default,
+                                               bucket=default))
     # no shuffling: both runs must see the same rows in the same window
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)
     trainer.train()
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def test_grad_accumulation_equals_full_batch(tiny_model_dir, tmp_path, tokenizer, examples):
-    rows = [[e] for e in examples]  # rows with very different trained-token counts
-    full = _one_step_params(tiny_model_dir, tmp_path, tokenizer, rows, batch=4, accum=1)
-    accumulated = _one_step_params(tiny_model_dir, tmp_path, tokenizer, rows, batch=2, accum=2)
+@pytest.mark.parametrize("attn", ["sdpa", None], ids=["sdpa-rows", "default-varlen-flattened"])
+def test_grad_accumulation_equals_full_batch(tiny_model_dir, tmp_path, tokenizer, examples, attn):
+    # one step's rows, with very different trained-token counts: one example each, or packed as train() packs them
+    rows = ([[e] for e in examples] if attn else packed_rows(examples))[:4]
+    assert len(rows) == 4 and len({sum(e.num_trained for e in r) for r in rows}) > 1
+    full = _one_step_params(tiny_model_dir, tmp_path, tokenizer, rows, batch=4, accum=1, attn=attn)
+    accumulated = _one_step_params(tiny_model_dir, tmp_path, tokenizer, rows, batch=2, accum=2, attn=attn)
     start = dict(load_tiny(tiny_model_dir, "sdpa").named_parameters())
     moved = max((full[k] - start[k]).abs().max().item() for k in full)
     assert moved > 1e-3  # the step really changed the weights

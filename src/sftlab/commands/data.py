@@ -255,3 +255,63 @@ def report(
                            summaries={k: v for k, v in given.items() if v is not None}, format=format)
     print(f"{summary['conversations']} conversations; steps included: {', '.join(summary['steps']) or 'none'}")
     print(f"wrote {out_dir / 'report.html'} and {out_dir / 'report.md'}")
+
+
+@app.command()
+def review(
+    file: str = typer.Argument(..., help="Dataset to review (any supported format)."),
+    port: int = typer.Option(8765, "--port", help="Port of the review page."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default accepts local connections only."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SFTLAB_API_KEY", help="Require 'Authorization: Bearer KEY' (the page asks for it)."),
+    max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", help="Reject larger request bodies (413)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Tokenizer whose chat template gives token counts and the trained-token view."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template (.jinja) overriding the tokenizer's."),
+    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="Flag examples longer than this many tokens (needs --model)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Label choices offered on the page (and to --suggest models), comma-separated."),
+    suggest: Optional[str] = typer.Option(None, "--suggest", help="Local model that pre-scores/labels every example ('default': the embedded model)."),
+    suggest_url: Optional[str] = typer.Option(None, "--suggest-url", help="OpenAI-compatible endpoint (base URL ending in /v1) that pre-scores every example."),
+    suggest_model: Optional[str] = typer.Option(None, "--suggest-model", help="Model name sent to --suggest-url."),
+    suggest_api_key: Optional[str] = typer.Option(None, "--suggest-api-key", envvar="SFTLAB_SUGGEST_API_KEY", help="API key for --suggest-url."),
+    review_dir: Optional[Path] = typer.Option(None, "--review-dir", help="Folder of the review log (default: FILE.review/ beside FILE)."),
+    export: Optional[Path] = typer.Option(None, "--export", help="Write the accepted (edited) records here (.jsonl or .parquet) and exit."),
+    format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to read when the input holds several."),
+) -> None:
+    """Local web page to read, label, score, fix and accept or reject examples; every decision is logged."""
+    from sftlab.data.review.session import ReviewSession
+    from sftlab.errors import SftlabError
+
+    if max_seq_length and not model:
+        raise SftlabError("--max-seq-length needs --model (the tokenizer that counts tokens)")
+    if suggest and suggest_url:
+        raise SftlabError("give --suggest (a local model) or --suggest-url (an endpoint), not both")
+    choices = [x.strip() for x in (labels or "").split(",") if x.strip()]
+    session = ReviewSession(file, review_dir=review_dir, format=format, split=split, labels=choices,
+                            tokenizer=None if export else _tokenizer(model, chat_template), max_seq_length=max_seq_length)
+    if export:
+        from sftlab.data.load import save_conversations
+
+        n = save_conversations(export, session.approved())
+        stats = session.stats()
+        write_json(_sidecar(export, "review"), stats)
+        print(f"reviewed {stats['reviewed']} / {stats['total']}: accepted {stats['accepted']}, "
+              f"rejected {stats['rejected']}, edited {stats['edited']}")
+        print(f"wrote {n} accepted records to {export}")
+        return
+    from sftlab.data.review.app import LOOPBACK_HOSTS, create_app
+    from sftlab.data.review.suggest import EndpointSuggester, LocalSuggester, start_suggestions
+    from sftlab.serve.openai_api import run_server
+
+    app_ = create_app(session, api_key=api_key, max_body_bytes=max_body_bytes,
+                      allowed_hosts=LOOPBACK_HOSTS if host in LOOPBACK_HOSTS else None)
+    if suggest or suggest_url:
+        suggester = (LocalSuggester(suggest, chat_template) if suggest
+                     else EndpointSuggester(suggest_url, suggest_model, suggest_api_key))
+        start_suggestions(session, suggester)
+    if session.log.skipped:
+        print(f"warning: {session.log.path}: skipped {len(session.log.skipped)} unreadable line(s) "
+              f"(first: line {session.log.skipped[0]}; a write cut short by a crash)")
+    progress = session.progress()
+    print(f"{progress['total']} examples from {file}, {progress['reviewed']} reviewed; decisions go to {session.log.path}")
+    print(f"review page: http://{host}:{port}/  (Ctrl+C stops; the log keeps every decision)")
+    run_server(app_, host=host, port=port)

@@ -34,15 +34,19 @@ def inspect_file(
             _print_example(ex, tokenizer)
 
 
+def token_pieces(ex, tokenizer) -> list[tuple[str, bool]]:
+    """The example's tokens as (decoded text, trained) pairs, in order."""
+    return [(tokenizer.decode([tok]), lab != IGNORE) for tok, lab in zip(ex.input_ids, ex.labels)]
+
+
 def _print_example(ex, tokenizer) -> None:
     from rich.console import Console
     from rich.text import Text
 
     console = Console(file=sys.stdout, highlight=False)
     text = Text()
-    for tok, lab in zip(ex.input_ids, ex.labels):
-        piece = tokenizer.decode([tok])
-        text.append(piece, style="bold green on grey15" if lab != IGNORE else "dim")
+    for piece, trained in token_pieces(ex, tokenizer):
+        text.append(piece, style="bold green on grey15" if trained else "dim")
     console.rule(ex.source)
     console.print(text)
     console.print(f"[dim]{len(ex)} tokens, {ex.num_trained} trained (highlighted green)[/]")

@@ -3,7 +3,9 @@ summary with the PNG files beside it, and `summary.json` holding every number sh
 
 Besides the dataset itself it shows what earlier steps recorded in their JSON summaries:
 `sftlab data validate` (rejects by reason, duplicates), `curate` (filter effects,
-duplicates and near-duplicates with examples) and `split` (split sizes).
+duplicates and near-duplicates with examples), `split` (split sizes) and `review`
+(decisions, labels and scores from the review log beside the data, or the summary an
+export of it wrote).
 """
 
 from __future__ import annotations
@@ -106,6 +108,9 @@ def _plots(summary: dict[str, Any], series: dict[str, list[int]]) -> dict[str, b
         bars("filters", steps["curate"].get("removed", {}), "curate: removed by step", horizontal=True)
     if steps.get("split"):
         bars("splits", steps["split"].get("sizes", {}), "split sizes")
+    if steps.get("review"):
+        r = steps["review"]
+        bars("review", {k: r[k] for k in ("accepted", "rejected", "pending")}, "review decisions")
     return figs
 
 
@@ -145,6 +150,19 @@ def _sections(summary: dict[str, Any]) -> list[tuple[str, list[tuple[str, Any]],
         rows = [(f"Split: {k}", n) for k, n in s.get("sizes", {}).items()]
         rows += [("Seed", s.get("seed")), ("Stratified by", s.get("stratify") or "-")]
         out.append(("Splits", rows, []))
+    if steps.get("review"):
+        r = steps["review"]
+        rows = [("Examples", r["total"]), ("Reviewed", r["reviewed"]), ("Accepted", r["accepted"]),
+                ("Rejected", r["rejected"]), ("Pending", r["pending"]), ("Edited", r["edited"]),
+                ("Labelled", r["labelled"]), ("Model suggestions", r["suggested"])]
+        if r.get("suggestion_score_agreement") is not None:
+            rows.append(("Suggested score = person's score", r["suggestion_score_agreement"]))
+        rows += [(f"Label: {k}", n) for k, n in r.get("labels", {}).items()]
+        rows += [(f"Score {k}", n) for k, n in r.get("scores", {}).items()]
+        rows += [(f"Rejected: {k}", n) for k, n in r.get("reject_reasons", {}).items()]
+        if r.get("decisions_not_in_data"):
+            rows.append(("Logged examples no longer in the data", r["decisions_not_in_data"]))
+        out.append(("Review", rows, []))
     return out
 
 
@@ -188,11 +206,21 @@ def _html(summary: dict[str, Any], plots: dict[str, bytes]) -> str:
 
 
 def find_summaries(data: str | Path) -> dict[str, Path]:
-    """Summaries written next to `data` by earlier steps: X.validate.json, X.curate.json, split.json."""
+    """Summaries written next to `data` by earlier steps: X.validate.json, X.curate.json,
+    X.review.json (a review export), split.json."""
     p = Path(data)
-    found = {name: p.with_suffix(f".{name}.json") for name in ("validate", "curate")}
+    found = {name: p.with_suffix(f".{name}.json") for name in ("validate", "curate", "review")}
     found["split"] = p.parent / "split.json"
     return {k: v for k, v in found.items() if v.is_file()}
+
+
+def _review_stats(data: str | Path, convs: list[Conversation]) -> dict[str, Any] | None:
+    """Statistics of the review log beside `data` (`sftlab data review`), if there is one."""
+    from sftlab.data.review.log import ReviewLog
+    from sftlab.data.review.session import LOG_NAME, review_dir_for, review_stats
+
+    path = review_dir_for(data) / LOG_NAME
+    return review_stats(convs, ReviewLog(path)) if path.is_file() else None
 
 
 def write_report(data: str | Path, out_dir: str | Path, *, tokenizer=None, summaries: dict[str, Path] | None = None,
@@ -202,10 +230,13 @@ def write_report(data: str | Path, out_dir: str | Path, *, tokenizer=None, summa
 
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    summary, series = dataset_summary(load_conversations(data, format=format), tokenizer)
+    convs = load_conversations(data, format=format)
+    summary, series = dataset_summary(convs, tokenizer)
     summary = {"dataset": str(data), **summary, "steps": {}}
     for name, path in {**find_summaries(data), **(summaries or {})}.items():
         summary["steps"][name] = json.loads(Path(path).read_text(encoding="utf-8"))
+    if "review" not in summary["steps"] and (stats := _review_stats(data, convs)) is not None:
+        summary["steps"]["review"] = stats
     plots = _plots(summary, series)
     for name, png in plots.items():
         (out / "plots" / f"{name}.png").write_bytes(png)

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sftlab.serve.generation import IncrementalDecoder, encode
+from sftlab.serve.guard import add_request_guard, error_response
 
 
 @dataclass
@@ -33,11 +33,6 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def _error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
 
 
 class Message(BaseModel):
@@ -71,29 +66,15 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
-        return _error(e.status, e.message, e.type, e.param, e.code)
+        return error_response(e.status, e.message, e.type, e.param, e.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_, e: RequestValidationError):
         first = e.errors()[0]
         param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        return _error(400, f"invalid request: {param or 'body'}: {first.get('msg')}", param=param)
+        return error_response(400, f"invalid request: {param or 'body'}: {first.get('msg')}", param=param)
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if api_key is not None:
-                given = request.headers.get("authorization", "")
-                token = given[7:] if given.lower().startswith("bearer ") else ""
-                if not secrets.compare_digest(token.encode(), api_key.encode()):
-                    return _error(401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key")
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-                return _error(413, f"request body is {length} bytes; the limit is {limits.max_body_bytes}",
-                              code="request_too_large")
-            if request.method == "POST" and len(await request.body()) > limits.max_body_bytes:
-                return _error(413, f"request body exceeds {limits.max_body_bytes} bytes", code="request_too_large")
-        return await call_next(request)
+    add_request_guard(app, prefix="/v1/", api_key=api_key, max_body_bytes=limits.max_body_bytes)
 
     @app.get("/health")
     async def health():

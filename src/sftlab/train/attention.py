@@ -11,20 +11,46 @@ computes each example's causal attention alone instead:
 
 So a batch needs no padding (the collator flattens all rows into one; on CPU it rounds the
 row's length, see data/pack.py `shape_bucket`) and the attention FLOPs are sum(len_i^2)
-instead of rows x max_len^2. The mask machinery is
-skipped: an implementation name that `AttentionMaskInterface` does not know gets no mask.
-Models with logit soft-capping (Gemma 2) keep their own attention.
+instead of rows x max_len^2. The mask machinery is skipped: an implementation name that
+`AttentionMaskInterface` does not know gets no mask.
+
+It computes causal attention, optionally within a sliding window, optionally with attention
+sinks (gpt-oss), and nothing else. So it is the default only for the architectures in
+`VERIFIED` (each tested equal to transformers' eager attention on every example alone,
+tests/integration/test_attention_archs.py) and only when nothing in the loaded model asks for
+more (`varlen_refusal`); other models keep transformers' attention, with one log line saying
+why. A keyword argument it does not know reaching it is an error, not something to ignore.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
 
+from sftlab.errors import SftlabError
+
 NAME = "sftlab_varlen"
+
+logger = logging.getLogger("sftlab.train")
+
+# config.model_type of the architectures whose packed, flattened, shape-rounded loss and
+# gradients are tested equal to eager attention on each example alone (test_attention_archs.py).
+VERIFIED = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt_oss"})
+
+# Attention layer kinds (config.layer_types) this function computes: causal, or causal in a window.
+LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
+
+# Keyword arguments transformers' models pass on to every attention function (TransformersKwargs,
+# FlashAttentionKwargs) that change nothing here: example bounds are read from cu_seq_lens_q,
+# max_length_q or position_ids; a KV cache is refused by the key length; the rest are output flags.
+PASSED_THROUGH = frozenset({
+    "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
+    "use_cache", "output_attentions", "output_hidden_states", "output_router_logits", "num_items_in_batch",
+})
 
 
 def segment_bounds(position_ids: torch.Tensor) -> list[int]:
@@ -72,7 +98,24 @@ def _fused(q, k, v, bounds, max_len, scaling, sliding_window):
     return varlen(q, k, v, bounds, bounds, max_len, max_len, **extra)
 
 
-def _per_example(query, key, value, bounds: list[int], dropout, scaling, sliding_window):
+def _sink_inputs(query, key, value, sinks, scaling):
+    """Attention sinks (gpt-oss's `s_aux`, one logit per head) as an extra key at position 0
+    that every query sees, with value 0: queries get one more dimension holding sink / scale,
+    real keys 0 there and the sink key 1, so its score is the head's sink logit and each softmax
+    denominator gains exp(sink), as in transformers' eager gpt-oss attention. The sink key is
+    shared by all heads, so grouped-query attention still needs no repeated keys."""
+    b, hq, length, d = query.shape
+    scaling = d**-0.5 if scaling is None else scaling
+    column = (sinks.to(query.dtype) / scaling).view(1, hq, 1, 1).expand(b, hq, length, 1)
+    query = torch.cat([query, column], dim=-1)
+    sink_key = key.new_zeros(b, key.shape[1], 1, d + 1)
+    sink_key[..., -1] = 1
+    key = torch.cat([sink_key, F.pad(key, (0, 1))], dim=2)
+    value = torch.cat([value.new_zeros(b, value.shape[1], 1, d), value], dim=2)
+    return query, key, value, scaling
+
+
+def _per_example(query, key, value, bounds: list[int], dropout, scaling, sliding_window, sinks=None):
     """SDPA on each example alone (CPU, or CUDA without a usable varlen kernel), on views of
     the [B, H, L, D] inputs: 4D, because with 3D inputs SDPA falls back to its math kernel,
     which keeps each l x l attention matrix for backward (17.7 vs 3.1 KB/token/layer on SmolLM2).
@@ -82,23 +125,47 @@ def _per_example(query, key, value, bounds: list[int], dropout, scaling, sliding
     for s, e in zip(bounds, bounds[1:]):
         row, s, e = s // length, s % length, e - (s // length) * length  # an example never spans rows
         qs, ks, vs = (t[row : row + 1, :, s:e] for t in (query, key, value))
-        mask = None
-        if sliding_window and e - s > sliding_window:
+        scale, mask = scaling, None
+        if (sliding_window and e - s > sliding_window) or sinks is not None:
             idx = torch.arange(e - s, device=query.device)
-            mask = (idx[:, None] >= idx[None, :]) & (idx[:, None] - idx[None, :] < sliding_window)
+            mask = idx[:, None] >= idx[None, :]
+            if sliding_window:
+                mask &= idx[:, None] - idx[None, :] < sliding_window
+        if sinks is not None:
+            qs, ks, vs, scale = _sink_inputs(qs, ks, vs, sinks, scaling)
+            mask = F.pad(mask, (1, 0), value=True)
         pieces.append(F.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling,
+            qs, ks, vs, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scale,
             enable_gqa=qs.shape[1] != ks.shape[1],
         ))
     return torch.cat(pieces, dim=2)
 
 
+def _check_arguments(module, is_causal, softcap, kwargs) -> None:
+    """Refuse what this function would otherwise ignore and so compute wrongly."""
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in PASSED_THROUGH)
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if softcap is not None:
+        unknown.insert(0, "softcap")
+    if not is_causal:
+        unknown.insert(0, "is_causal=False")
+    if unknown:
+        raise SftlabError(
+            f"{type(module).__name__} passes {', '.join(unknown)} to its attention, which {NAME} does not "
+            f"compute: set model.attn_implementation to sdpa or eager for this model"
+        )
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, sliding_window: int | None = None, **kwargs):
+                             scaling: float | None = None, sliding_window: int | None = None,
+                             s_aux: torch.Tensor | None = None, is_causal: bool | None = None,
+                             softcap: float | None = None, **kwargs):
     """query [B, Hq, L, D], key/value [B, Hkv, L, D] -> ([B, L, Hq, D], None).
 
     Example bounds come from `cu_seq_lens_q` (+ `max_length_q`), passed by the loss once per
-    forward, else from `position_ids`, else each row is one example."""
+    forward, else from `position_ids`, else each row is one example. `s_aux`: attention sinks."""
+    _check_arguments(module, is_causal, softcap, kwargs)
     b, hq, length, d = query.shape
     if key.shape[2] != length:
         raise ValueError(f"{NAME} is for training forwards (no KV cache); load the model with sdpa to generate")
@@ -106,7 +173,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if bounds is None:
         pos = kwargs.get("position_ids")  # [B, L], or [1, L] shared by all rows
         bounds = segment_bounds(pos.expand(b, -1)) if pos is not None else [i * length for i in range(b + 1)]
-    if query.is_cuda and dropout == 0.0:
+    if query.is_cuda and dropout == 0.0 and s_aux is None:
         q, k, v = (t.transpose(1, 2).reshape(b * length, t.shape[1], d) for t in (query, key, value))
         cu = torch.as_tensor(bounds, dtype=torch.int32, device=q.device)
         max_len = kwargs.get("max_length_q") or int(cu.diff().max())
@@ -114,7 +181,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         if out is not None:
             return out.reshape(b, length, hq, d), None
     bounds = bounds.tolist() if torch.is_tensor(bounds) else bounds
-    out = _per_example(query, key, value, bounds, dropout, scaling, sliding_window)  # [1, H, B*L, D]
+    out = _per_example(query, key, value, bounds, dropout, scaling, sliding_window, s_aux)  # [1, H, B*L, D]
     return out.view(hq, b, length, d).permute(1, 2, 0, 3), None
 
 
@@ -126,19 +193,91 @@ def register() -> str:
     return NAME
 
 
-def supports_varlen(model) -> bool:
-    """True for models that dispatch attention through transformers' interface and need no soft-capping."""
+def varlen_refusal(model) -> str | None:
+    """Why NAME would not compute this model's attention as transformers does (None if it would)."""
     config = getattr(model, "config", None)
-    return bool(getattr(model, "_supports_attention_backend", False)) and config is not None and not (
-        getattr(config, "attn_logit_softcapping", None)
-    )
+    if config is None or not getattr(model, "_supports_attention_backend", False):
+        return "it does not dispatch attention through transformers' AttentionInterface"
+    kinds = set(getattr(config, "layer_types", None) or ()) - LAYER_KINDS
+    if kinds:
+        return f"layer types {', '.join(sorted(kinds))}"
+    for key in ("attn_logit_softcapping", "attention_chunk_size", "use_bidirectional_attention"):
+        if getattr(config, key, None):
+            return f"{key}={getattr(config, key)}"
+    for name, module in model.named_modules():
+        if getattr(module, "is_causal", True) is False:
+            return f"{name} is not causal"
+    return None
 
 
-def choose_attention(model, requested: str | None) -> None:
-    """Switch a model loaded without an explicit choice to NAME where it can run it."""
-    if requested is None and supports_varlen(model):
-        register()
-        model.set_attn_implementation(NAME)
+def choose_attention(model, requested: str | None, packing: bool = False) -> None:
+    """Switch a model loaded without an explicit choice to NAME where it is verified equal; refuse
+    an explicit NAME for a model that needs more than it computes. With `packing`, refuse an
+    attention that would let the examples packed in one row see each other."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    reason = varlen_refusal(model) if requested in (None, NAME) else None
+    if requested == NAME and reason:
+        raise SftlabError(f"model.attn_implementation: {NAME} cannot run {model_type}: {reason}; use sdpa or eager")
+    if requested is None:
+        if reason is None and model_type not in VERIFIED:
+            reason = "its architecture is not among those tested equal to transformers' attention"
+        if reason:
+            logger.warning("attention: %s, not %s, for %s: %s", model.config._attn_implementation, NAME, model_type,
+                           reason)
+        else:
+            register()
+            model.set_attn_implementation(NAME)
+    if not packing or can_flatten(model):
+        return
+    isolated = packed_rows_isolated(model)
+    if isolated is False:
+        raise SftlabError(
+            f"data.packing: transformers' {model.config._attn_implementation} mask for {model_type} ignores the "
+            "position_ids restarts, so examples packed in one row would attend to each other: set "
+            "data.packing=false (or an attention that reads the restarts)"
+        )
+    if isolated is None:
+        logger.warning("attention: could not check that %s's %s mask keeps packed examples apart "
+                       "(data.packing=false avoids the question)", model_type, model.config._attn_implementation)
+
+
+class _Reached(Exception):
+    """Stops a probe forward at the first attention layer."""
+
+
+def packed_rows_isolated(model) -> bool | None:
+    """Whether the attention mask transformers builds for this model keeps two examples packed in one
+    row apart (its packed-sequence detection needs the model to hand position_ids to the mask
+    functions, which not every model does). Runs the model up to its first attention layer on a row
+    of two 4-token examples. None when that cannot be read."""
+    layers = [m for m in model.modules() if getattr(m, "layer_idx", None) is not None and hasattr(m, "is_causal")]
+    if not layers:
+        return None
+    seen = []
+
+    def grab(module, args, kwargs):
+        seen.append(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments.get("attention_mask"))
+        raise _Reached
+
+    device = model.get_input_embeddings().weight.device
+    position_ids = torch.arange(8, device=device).remainder(4)[None]
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros_like(position_ids), position_ids=position_ids, use_cache=False)
+    except _Reached:
+        pass
+    except Exception:  # a model this probe cannot drive (e.g. one that needs more inputs)
+        return None
+    finally:
+        handle.remove()
+    mask = seen[0] if seen else None
+    if mask is None:
+        return False if seen else None
+    if not torch.is_tensor(mask) or mask.dim() != 4:
+        return None
+    attend = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] > torch.finfo(mask.dtype).min / 2
+    return not bool(attend[4:, :4].any())
 
 
 def can_flatten(model) -> bool:

@@ -118,7 +118,7 @@ def build_model(config: TrainConfig, use_bf16: bool):
     model = load_model(m.name_or_path, dtype=dtype, trust_remote_code=m.trust_remote_code,
                        attn_implementation=m.attn_implementation, quantization_config=quant)
     model.config.use_cache = False
-    choose_attention(model, m.attn_implementation)
+    choose_attention(model, m.attn_implementation, packing=config.data.packing)
     if config.method == "full":
         if config.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

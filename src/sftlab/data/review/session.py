@@ -1,0 +1,315 @@
+"""A review session: a dataset read through the common loaders, its flags from the
+validate/curate checks, and the review log that holds every decision.
+
+Examples are keyed by a hash of their content (plus an occurrence number for exact
+repeats), not by their line, so decisions follow the records when lines are inserted
+into or removed from the file between sessions. Edits never touch the dataset: they live
+in the log and are applied when the reviewed records are exported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from sftlab.data.conversation import Conversation
+from sftlab.data.review.log import STATUSES, ItemState, ReviewLog
+from sftlab.errors import SftlabError
+
+LOG_NAME = "log.jsonl"
+MAX_LABEL = 64
+MAX_REASON = 1000
+_LABEL_BAD = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class UnknownExample(SftlabError):
+    """An id that names no example of this dataset."""
+
+
+class Conflict(SftlabError):
+    """An edit based on text that another tab (or server) has changed since."""
+
+    def __init__(self, current: str):
+        self.current = current
+        super().__init__("this message was changed elsewhere since you opened it")
+
+
+def review_dir_for(data: str | Path) -> Path:
+    """The review folder of a dataset: `<file>.review/` beside a file or saved dataset,
+    `./<id>.review/` for a Hugging Face dataset id."""
+    p = Path(data)
+    if p.exists():
+        return p.with_name(f"{p.name}.review")
+    return Path.cwd() / (re.sub(r"[^\w.-]+", "_", str(data)) + ".review")
+
+
+def item_ids(convs: list[Conversation]) -> list[str]:
+    """Stable ids from content: the same record gets the same id wherever it moves in the file."""
+    seen: Counter[str] = Counter()
+    ids = []
+    for conv in convs:
+        body = json.dumps(conv.to_json(), sort_keys=True, ensure_ascii=False, default=str)
+        key = hashlib.blake2b(body.encode(), digest_size=8).hexdigest()
+        seen[key] += 1
+        ids.append(key if seen[key] == 1 else f"{key}-{seen[key]}")
+    return ids
+
+
+def flag_examples(convs: list[Conversation], *, tokenizer=None, max_seq_length: int | None = None
+                  ) -> tuple[list[list[dict[str, str]]], list[int | None]]:
+    """Per example: the flags the curate/validate checks raise (duplicate or near-duplicate
+    of an earlier record, quality heuristics, PII, too long, augmentation provenance), and its
+    token count under the tokenizer's chat template (None without a tokenizer)."""
+    from sftlab.data.curate import CurateOptions, curate, scrub_pii
+
+    flags: list[list[dict[str, str]]] = [[] for _ in convs]
+    by_source = {c.source: i for i, c in enumerate(convs)}
+    _, report = curate(convs, CurateOptions())
+    for r in report.removals:
+        flag = {"kind": r["reason"], "detail": r["detail"]}
+        if r.get("duplicate_of"):
+            flag["detail"] = f"of {r['duplicate_of']} ({r['detail']})"
+        flags[by_source[r["source"]]].append(flag)
+    for i, conv in enumerate(convs):
+        found: Counter[str] = Counter()
+        for text in ([conv.text] if conv.text is not None else [m["content"] for m in conv.messages]):
+            scrub_pii(text, found)
+        if found:
+            flags[i].append({"kind": "PII", "detail": ", ".join(f"{k} x{n}" for k, n in found.items())})
+        if conv.meta.get("augmented_from"):
+            origin = conv.meta["augmented_from"]
+            origin = ", ".join(origin) if isinstance(origin, list) else str(origin)
+            flags[i].append({"kind": "augmented", "detail": f"from {origin} ({conv.meta.get('augmentation', '?')})"})
+    tokens: list[int | None] = [None] * len(convs)
+    if tokenizer is not None:
+        for i, result in enumerate(_render(convs, tokenizer)):
+            if isinstance(result, SftlabError):
+                flags[i].append({"kind": "cannot render", "detail": str(result)})
+                continue
+            tokens[i] = len(result)
+            if max_seq_length and len(result) > max_seq_length:
+                flags[i].append({"kind": "too long", "detail": f"{len(result)} tokens > {max_seq_length}"})
+    return flags, tokens
+
+
+def _render(convs: list[Conversation], tokenizer) -> list:
+    """Each conversation's Example (as training renders it) or the DataError that rejected it."""
+    from sftlab.data.render import render_many
+
+    return render_many(convs, tokenizer)
+
+
+def edited(conv: Conversation, state: ItemState) -> Conversation:
+    """The conversation with the review's edits applied (raw text is message 0)."""
+    if not state.edits:
+        return conv
+    if conv.text is not None:
+        return Conversation(source=conv.source, text=state.edits.get(0, conv.text), meta=conv.meta)
+    messages = [{**m, "content": state.edits.get(i, m["content"])} for i, m in enumerate(conv.messages)]
+    return Conversation(messages=messages, source=conv.source, meta=conv.meta)
+
+
+def review_stats(convs: list[Conversation], log: ReviewLog) -> dict[str, Any]:
+    """Review statistics of a dataset (what `sftlab data report` shows)."""
+    ids = item_ids(convs)
+    states = [log.state(i) for i in ids]
+    status = Counter(s.status for s in states)
+    labels: Counter[str] = Counter(label for s in states for label in s.labels)
+    scores = Counter(s.score for s in states if s.score is not None)
+    reasons = Counter(s.reason or "(no reason)" for s in states if s.status == "rejected")
+    suggested = [s for s in states if s.suggestion]
+    both = [s for s in suggested if s.score is not None and s.suggestion.get("score") is not None]
+    return {
+        "log": str(log.path), "total": len(convs), "reviewed": len(convs) - status["pending"],
+        **{name: status[name] for name in STATUSES},
+        "edited": sum(bool(s.edits) for s in states), "labelled": sum(bool(s.labels) for s in states),
+        "labels": dict(labels.most_common()), "scores": {str(k): scores[k] for k in sorted(scores)},
+        "reject_reasons": dict(reasons.most_common()), "suggested": len(suggested),
+        "suggestion_score_agreement": round(sum(s.score == s.suggestion["score"] for s in both) / len(both), 3) if both else None,
+        "decisions_not_in_data": len(set(log.states) - set(ids)),
+        "log_lines": log.seq, "unreadable_log_lines": len(log.skipped),
+    }
+
+
+class ReviewSession:
+    """The examples of one dataset and their review state."""
+
+    def __init__(self, data: str | Path, *, review_dir: str | Path | None = None, format: str | None = None,
+                 split: str | None = None, tokenizer=None, max_seq_length: int | None = None,
+                 labels: list[str] | tuple[str, ...] = ()):
+        from sftlab.data.load import load_conversations
+
+        self.data = str(data)
+        self.convs = load_conversations(data, format=format, split=split)
+        if not self.convs:
+            raise SftlabError(f"{data}: no records to review")
+        self.ids = item_ids(self.convs)
+        self.index = {item_id: i for i, item_id in enumerate(self.ids)}
+        self.dir = Path(review_dir) if review_dir else review_dir_for(data)
+        self.log = ReviewLog(self.dir / LOG_NAME)
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        self.labels = [check_label(label) for label in labels]
+        self.suggest_status: dict[str, Any] = {"state": "off"}
+
+    # ---------------------------------------------------------------- reading
+
+    @cached_property
+    def _checked(self) -> tuple[list[list[dict[str, str]]], list[int | None]]:
+        return flag_examples(self.convs, tokenizer=self.tokenizer, max_seq_length=self.max_seq_length)
+
+    @property
+    def flags(self) -> list[list[dict[str, str]]]:
+        return self._checked[0]
+
+    @property
+    def tokens(self) -> list[int | None]:
+        return self._checked[1]
+
+    def position(self, item_id: str) -> int:
+        if item_id not in self.index:
+            raise UnknownExample(f"no example with id {item_id!r} in {self.data}")
+        return self.index[item_id]
+
+    def current(self, i: int) -> Conversation:
+        return edited(self.convs[i], self.log.state(self.ids[i]))
+
+    def item(self, item_id: str) -> dict[str, Any]:
+        i = self.position(item_id)
+        conv, state = self.convs[i], self.log.state(item_id)
+        shown = self.current(i)
+        messages = [{"role": "text", "content": shown.text}] if shown.text is not None else shown.messages
+        originals = [conv.text] if conv.text is not None else [m["content"] for m in conv.messages]
+        tokens = self.tokens[i]
+        if state.edits and self.tokenizer is not None:
+            ex = _render([shown], self.tokenizer)[0]
+            tokens = None if isinstance(ex, SftlabError) else len(ex)
+        return {"id": item_id, "index": i, "source": conv.source, "flags": self.flags[i], "tokens": tokens,
+                "messages": [{**m, **({"original": originals[j]} if j in state.edits else {})}
+                             for j, m in enumerate(messages)],
+                "meta": conv.meta, **state.to_json()}
+
+    def token_view(self, item_id: str) -> dict[str, Any]:
+        """The rendered example as (text, trained) pieces: `sftlab data inspect`'s view."""
+        from sftlab.data.inspect import token_pieces
+
+        if self.tokenizer is None:
+            raise SftlabError("no tokenizer: start the review with --model to see the trained tokens")
+        ex = _render([self.current(self.position(item_id))], self.tokenizer)[0]
+        if isinstance(ex, SftlabError):
+            raise ex
+        return {"tokens": len(ex), "trained": ex.num_trained, "pieces": token_pieces(ex, self.tokenizer)}
+
+    def matching(self, *, status: str | None = None, flag: str | None = None, label: str | None = None,
+                 q: str | None = None) -> list[str]:
+        """Ids of the examples that pass every given filter, in file order."""
+        needle = q.casefold() if q else None
+        out = []
+        for i, item_id in enumerate(self.ids):
+            state = self.log.state(item_id)
+            if status and state.status != status:
+                continue
+            if flag and not any(f["kind"] == flag for f in self.flags[i]):
+                continue
+            if label and label not in state.labels:
+                continue
+            if needle:
+                conv = self.current(i)
+                texts = [conv.text] if conv.text is not None else [m["content"] for m in conv.messages]
+                if not any(needle in t.casefold() for t in [conv.source, *texts]):
+                    continue
+            out.append(item_id)
+        return out
+
+    def progress(self) -> dict[str, int]:
+        status = Counter(self.log.state(i).status for i in self.ids)
+        return {"total": len(self.ids), "reviewed": len(self.ids) - status["pending"],
+                **{name: status[name] for name in STATUSES}, "seq": self.log.seq}
+
+    def flag_counts(self) -> dict[str, int]:
+        return dict(Counter(f["kind"] for fl in self.flags for f in fl).most_common())
+
+    def known_labels(self) -> list[str]:
+        used = {label for s in self.log.states.values() for label in s.labels}
+        return [*self.labels, *sorted(used - set(self.labels))]
+
+    def stats(self) -> dict[str, Any]:
+        self.log.refresh()
+        return review_stats(self.convs, self.log)
+
+    # ---------------------------------------------------------------- acting
+
+    def act(self, item_id: str, action: dict[str, Any], by: str = "page") -> ItemState:
+        """Validate one person's action on an example and append it to the log."""
+        i = self.position(item_id)
+        kind = action.get("action")
+        entry: dict[str, Any] = {"id": item_id, "source": self.convs[i].source, "action": kind, "by": by}
+        check = None
+        if kind == "reject":
+            reason = (action.get("reason") or "").strip()
+            if len(reason) > MAX_REASON:
+                raise SftlabError(f"the reason is {len(reason)} characters; the limit is {MAX_REASON}")
+            entry["reason"] = reason or None
+        elif kind == "edit":
+            n = 1 if self.convs[i].text is not None else len(self.convs[i].messages)
+            j, content = action.get("message"), action.get("content")
+            if not isinstance(j, int) or not 0 <= j < n:
+                raise SftlabError(f"edit needs 'message', an index from 0 to {n - 1}")
+            if not isinstance(content, str):
+                raise SftlabError("edit needs 'content', the new text")
+            entry.update(message=j, content=content)
+            base = action.get("base")
+            if base is not None:
+                original = self.convs[i].text if self.convs[i].text is not None else self.convs[i].messages[j]["content"]
+
+                def check(state: ItemState) -> None:
+                    now = state.edits.get(j, original)
+                    if now != base and now != content:
+                        raise Conflict(now)
+        elif kind in ("label", "unlabel"):
+            entry["label"] = check_label(action.get("label"))
+        elif kind == "score":
+            score = action.get("score")
+            if score is not None and (not isinstance(score, int) or not 1 <= score <= 5):
+                raise SftlabError("score must be an integer from 1 to 5, or null to clear it")
+            entry["score"] = score
+        elif kind not in ("accept", "reset"):
+            raise SftlabError(f"unknown action {kind!r}: accept, reject, reset, edit, label, unlabel or score")
+        return self.log.append(entry, check)
+
+    def suggest(self, item_id: str, suggestion: dict[str, Any]) -> ItemState:
+        """Record a model's suggestion (shown to the person, who confirms it or not)."""
+        entry = {"id": item_id, "source": self.convs[self.position(item_id)].source, "action": "suggest",
+                 "by": f"model:{suggestion.get('by', '?')}", "suggestion": suggestion}
+        return self.log.append(entry)
+
+    # ---------------------------------------------------------------- export
+
+    def approved(self) -> list[Conversation]:
+        """The accepted examples, edits applied, with provenance and labels under `meta["review"]`."""
+        self.log.refresh()
+        out = []
+        for i, item_id in enumerate(self.ids):
+            state = self.log.state(item_id)
+            if state.status != "accepted":
+                continue
+            conv = self.current(i)
+            review = {"id": item_id, "source": conv.source, "labels": state.labels, "score": state.score,
+                      "edited_messages": sorted(state.edits), "reviewed_at": state.reviewed_at}
+            out.append(Conversation(messages=conv.messages, text=conv.text, source=conv.source,
+                                    meta={**conv.meta, "review": review}))
+        return out
+
+
+def check_label(label: Any) -> str:
+    if not isinstance(label, str) or not label.strip():
+        raise SftlabError("a label must be a non-empty string")
+    label = label.strip()
+    if len(label) > MAX_LABEL or _LABEL_BAD.search(label):
+        raise SftlabError(f"a label must be at most {MAX_LABEL} characters, without control characters")
+    return label

@@ -1,0 +1,301 @@
+"""`sftlab data review` over HTTP: decisions round-trip, survive a killed server, merge across
+tabs and servers, export through the CLI; the API key, limits and origin checks hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request  # module level: the stub endpoint's annotations must resolve
+
+from sftlab.data.load import load_conversations
+
+KEY = "review-key"
+RECORDS = [{"instruction": f"Question number {i}: what is {i} + {i}?", "output": f"{2 * i}"} for i in range(12)]
+
+
+def write_data(path: Path) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
+    return path
+
+
+class Server:
+    """A review app served by uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, data: Path, **kwargs):
+        import uvicorn
+
+        from sftlab.data.review.app import LOOPBACK_HOSTS, create_app
+        from sftlab.data.review.session import ReviewSession
+        from sftlab.serve.triton_server import free_port
+
+        self.session = ReviewSession(data, labels=["math"])
+        self.port = free_port()
+        app = create_app(self.session, api_key=KEY, max_body_bytes=20_000, allowed_hosts=LOOPBACK_HOSTS, **kwargs)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+
+    def act(self, item_id: str, **action) -> httpx.Response:
+        return self.client.post(f"/api/items/{item_id}/actions", json=action)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return write_data(tmp_path / "data.jsonl")
+
+
+@pytest.fixture
+def server(data):
+    srv = Server(data)
+    yield srv
+    srv.close()
+
+
+def test_accept_reject_edit_label_score_round_trip(server, data):
+    ids = server.client.get("/api/items").json()["ids"]
+    assert len(ids) == len(RECORDS)
+    a, b = ids[0], ids[1]
+    assert server.act(a, action="accept").json()["progress"] == {
+        "total": 12, "reviewed": 1, "pending": 11, "accepted": 1, "rejected": 0, "seq": 1}
+    assert server.act(b, action="reject", reason="wrong sum").json()["item"]["reason"] == "wrong sum"
+    item = server.act(a, action="edit", message=1, content="0, since 0 + 0 = 0", base="0").json()["item"]
+    assert item["messages"][1] == {"role": "assistant", "content": "0, since 0 + 0 = 0", "original": "0"}
+    server.act(a, action="label", label="math")
+    server.act(a, action="label", label="easy")
+    server.act(a, action="unlabel", label="easy")
+    assert server.act(a, action="score", score=5).json()["item"]["score"] == 5
+    got = server.client.get(f"/api/items/{a}").json()
+    assert (got["status"], got["labels"], got["score"], got["source"]) == ("accepted", ["math"], 5, f"{data}:1")
+    assert server.client.get("/api/items", params={"status": "rejected"}).json()["ids"] == [b]
+    assert server.client.get("/api/items", params={"label": "math"}).json()["ids"] == [a]
+    assert server.client.get("/api/items", params={"q": "since 0 + 0"}).json()["ids"] == [a]
+    assert server.client.get("/api/meta").json()["labels"] == ["math"]
+    # everything is in the log beside the data, one line per action
+    lines = [json.loads(x) for x in (data.with_name("data.jsonl.review") / "log.jsonl").read_text().splitlines()]
+    assert [x["action"] for x in lines] == ["accept", "reject", "edit", "label", "label", "unlabel", "score"]
+    assert {x["id"] for x in lines} == {a, b} and all(x["time"] for x in lines)
+    # the download holds exactly the accepted record, edited, with its review
+    exported = [json.loads(x) for x in server.client.get("/api/export.jsonl").text.splitlines()]
+    assert len(exported) == 1 and exported[0]["messages"][1]["content"] == "0, since 0 + 0 = 0"
+    assert exported[0]["review"]["labels"] == ["math"] and exported[0]["review"]["source"] == f"{data}:1"
+
+
+def test_edit_conflict_between_tabs_keeps_both_texts(server):
+    item = server.client.get("/api/items").json()["ids"][3]
+    assert server.act(item, action="edit", message=1, content="six", base="6").status_code == 200
+    stale = server.act(item, action="edit", message=1, content="6 (six)", base="6")  # the other tab saw "6"
+    assert stale.status_code == 409 and stale.json()["error"]["param"] == "six"
+    again = server.act(item, action="edit", message=1, content="6 (six)", base="six")
+    assert again.status_code == 200 and again.json()["item"]["messages"][1]["content"] == "6 (six)"
+
+
+def test_concurrent_decisions_from_two_servers_and_many_requests(data, server):
+    other = Server(data)  # a second server on the same file: two tabs pointed at different servers
+    try:
+        ids = server.client.get("/api/items").json()["ids"]
+
+        def decide(k: int) -> None:
+            srv = (server, other)[k % 2]
+            assert srv.act(ids[k], action="accept" if k % 3 else "reject", reason="r").status_code == 200
+            assert srv.act(ids[0], action="label", label=f"tab{k}").status_code == 200
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(decide, range(len(ids))))
+        for srv in (server, other):
+            progress = srv.client.get("/api/items").json()["progress"]
+            assert (progress["accepted"], progress["rejected"], progress["pending"]) == (8, 4, 0)
+            assert sorted(srv.client.get(f"/api/items/{ids[0]}").json()["labels"]) == sorted(f"tab{k}" for k in range(12))
+        since = other.client.get("/api/changes", params={"since": 0}).json()
+        assert set(since["changed"]) == set(ids) and since["progress"]["seq"] == 24
+    finally:
+        other.close()
+
+
+def test_guard_key_size_type_origin_host_and_headers(server):
+    item = server.client.get("/api/items").json()["ids"][0]
+    bare = httpx.Client(base_url=server.url, timeout=10)
+    assert bare.get("/api/items").status_code == 401
+    assert bare.get("/api/items", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    page = bare.get("/")  # the page holds no data: it loads without the key, then asks for it
+    assert page.status_code == 200 and "sftlab review" in page.text
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'sha256-" in csp and "unsafe-inline" not in csp and "default-src 'none'" in csp
+    assert page.headers["x-content-type-options"] == "nosniff"
+    huge = server.act(item, action="edit", message=1, content="x" * 30_000, base="0")
+    assert huge.status_code == 413
+    form = server.client.post(f"/api/items/{item}/actions", content="action=accept",
+                              headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 415
+    cross = server.client.post(f"/api/items/{item}/actions", json={"action": "accept"},
+                               headers={"Origin": "http://evil.example"})
+    assert cross.status_code == 403
+    rebound = server.client.get("/api/items", headers={"Host": f"evil.example:{server.port}"})
+    assert rebound.status_code == 400
+    assert server.act(item, action="score", score=9).status_code == 400
+    assert server.act("nope", action="accept").status_code == 404
+    assert server.client.get("/api/items").json()["progress"]["reviewed"] == 0
+    bare.close()
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "SFTLAB_API_KEY": KEY}
+    return subprocess.Popen([sys.executable, "-m", "sftlab.cli", "data", "review", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _wait_up(proc: subprocess.Popen, url: str) -> httpx.Client:
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if client.get("/api/meta").status_code == 200:
+                return client
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise AssertionError("the review server did not start")
+
+
+def test_resume_after_a_killed_server_and_export(tmp_path, data):
+    from sftlab.serve.triton_server import free_port
+
+    port = free_port()
+    proc = _cli(str(data), "--port", str(port))
+    try:
+        client = _wait_up(proc, f"http://127.0.0.1:{port}")
+        ids = client.get("/api/items").json()["ids"]
+        client.post(f"/api/items/{ids[0]}/actions", json={"action": "accept"}).raise_for_status()
+        client.post(f"/api/items/{ids[0]}/actions", json={"action": "label", "label": "math"}).raise_for_status()
+        client.post(f"/api/items/{ids[1]}/actions", json={"action": "reject", "reason": "bad"}).raise_for_status()
+        client.post(f"/api/items/{ids[2]}/actions",
+                    json={"action": "edit", "message": 1, "content": "four", "base": "4"}).raise_for_status()
+        client.post(f"/api/items/{ids[2]}/actions", json={"action": "accept"}).raise_for_status()
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no shutdown handler runs
+        proc.wait(timeout=10)
+    proc = _cli(str(data), "--port", str(port))
+    try:
+        client = _wait_up(proc, f"http://127.0.0.1:{port}")
+        assert client.get("/api/items", params={"status": "pending"}).json()["ids"][0] == ids[3]
+        assert client.get(f"/api/items/{ids[0]}").json()["labels"] == ["math"]
+        assert client.get(f"/api/items/{ids[1]}").json()["reason"] == "bad"
+        client.post(f"/api/items/{ids[3]}/actions", json={"action": "accept"}).raise_for_status()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=20)[0]
+    assert "review page: http://127.0.0.1:" in out
+    out_file = tmp_path / "reviewed.jsonl"
+    done = _cli(str(data), "--export", str(out_file))
+    assert done.wait(timeout=60) == 0, done.stdout.read()
+    assert "wrote 3 accepted records" in done.stdout.read()
+    back = load_conversations(out_file)
+    assert [c.meta["review"]["source"] for c in back] == [f"{data}:1", f"{data}:3", f"{data}:4"]
+    assert [c.messages[-1]["content"] for c in back] == ["0", "four", "6"]
+    assert back[0].meta["review"]["labels"] == ["math"] and back[1].meta["review"]["edited_messages"] == [1]
+    stats = json.loads((tmp_path / "reviewed.review.json").read_text())
+    assert (stats["accepted"], stats["rejected"], stats["pending"]) == (3, 1, 8)
+    # the server wrote nothing but its log, inside the review folder
+    assert sorted(p.name for p in data.parent.iterdir()) == ["data.jsonl", "data.jsonl.review", "reviewed.jsonl",
+                                                              "reviewed.review.json"]
+    assert [p.name for p in data.with_name("data.jsonl.review").iterdir()] == ["log.jsonl"]
+    assert data.read_text() == "".join(json.dumps(r) + "\n" for r in RECORDS)
+
+
+def test_suggestions_from_an_openai_compatible_endpoint(data):
+    """A stand-in endpoint answers in the OpenAI shape; suggestions reach the page, not the decisions."""
+    import uvicorn
+
+    from sftlab.data.review.suggest import EndpointSuggester, start_suggestions
+    from sftlab.serve.triton_server import free_port
+
+    seen = []
+    stub = FastAPI()
+
+    @stub.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        seen.append((request.headers.get("authorization"), body))
+        n = int(body["messages"][0]["content"].split("Question number ")[1].split(":")[0])
+        return {"choices": [{"message": {"role": "assistant", "content": f"score: {1 + n % 5}\nlabel: Math"}}]}
+
+    port = free_port()
+    endpoint = uvicorn.Server(uvicorn.Config(stub, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=endpoint.run, daemon=True).start()
+    while not endpoint.started:
+        time.sleep(0.02)
+    srv = Server(data)
+    try:
+        start_suggestions(srv.session, EndpointSuggester(f"http://127.0.0.1:{port}/v1", "tiny", api_key="s3"))
+        deadline = time.time() + 30
+        while srv.client.get("/api/changes").json()["suggest"]["state"] == "running" and time.time() < deadline:
+            time.sleep(0.1)
+        status = srv.client.get("/api/changes").json()["suggest"]
+        assert status == {"state": "done", "by": "tiny", "done": 12, "total": 12, "message": ""}
+        ids = srv.client.get("/api/items").json()["ids"]
+        for n, item_id in enumerate(ids):
+            got = srv.client.get(f"/api/items/{item_id}").json()
+            assert got["suggestion"]["score"] == 1 + n % 5 and got["suggestion"]["label"] == "math"
+            assert got["status"] == "pending" and got["score"] is None
+        assert seen[0][0] == "Bearer s3" and seen[0][1]["model"] == "tiny" and seen[0][1]["temperature"] == 0
+    finally:
+        srv.close()
+        endpoint.should_exit = True
+
+
+def test_suggestions_from_a_local_model_and_from_sftlab_serve_agree(tmp_path, tiny_model_dir):
+    """The same tiny model, run locally and behind our own OpenAI-compatible server, gives the
+    same (greedy) suggestions."""
+    import uvicorn
+
+    from sftlab.data.review.session import ReviewSession
+    from sftlab.data.review.suggest import EndpointSuggester, LocalSuggester, run_suggestions, suggestion_prompt
+    from sftlab.evaluation.generate import generate_batch
+    from sftlab.serve.backends import load_backend
+    from sftlab.serve.openai_api import create_app
+    from sftlab.serve.triton_server import free_port
+
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:3]), encoding="utf-8")
+    local = ReviewSession(data)
+    suggester = LocalSuggester(str(tiny_model_dir))
+    run_suggestions(local, suggester, batch_size=2)
+    assert local.suggest_status["state"] == "done"
+    expected = generate_batch(suggester.model, suggester.tokenizer,
+                              [suggestion_prompt(c, []) for c in local.convs], max_new_tokens=24, progress=False)
+    got = [local.log.state(i).suggestion for i in local.ids]
+    assert [g["raw"] for g in got] == [e[:300] for e in expected] and all(g["by"] == str(tiny_model_dir) for g in got)
+
+    backend = load_backend(str(tiny_model_dir), "torch", max_batch_size=4, max_wait_ms=5)
+    port = free_port()
+    served = uvicorn.Server(uvicorn.Config(create_app(backend, "tiny", api_key="k"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    threading.Thread(target=served.run, daemon=True).start()
+    while not served.started:
+        time.sleep(0.02)
+    try:
+        remote = ReviewSession(data, review_dir=tmp_path / "remote.review")
+        run_suggestions(remote, EndpointSuggester(f"http://127.0.0.1:{port}/v1", "tiny", api_key="k"))
+        assert remote.suggest_status["state"] == "done", remote.suggest_status
+        assert [remote.log.state(i).suggestion["raw"].strip() for i in remote.ids] == [g["raw"] for g in got]
+    finally:
+        served.should_exit = True
+        backend.close()
