@@ -12,9 +12,11 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from sftlab.data.curate import CurateOptions
 from sftlab.errors import SftlabError
+from sftlab.train.distributed import DEEPSPEED_CONFIGS
 
 
 class Section(BaseModel):
@@ -51,7 +53,11 @@ class DataConfig(Section):
 
 
 class TrainingConfig(Section):
-    """Subset of transformers.TrainingArguments, same names and meanings."""
+    """transformers.TrainingArguments by the same names: the fields below are typed and checked
+    here; any other TrainingArguments field passes through as given (checked by name against
+    TrainingArguments itself, with the closest-key hint for a misspelling)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     learning_rate: float = Field(2e-4, gt=0)
     per_device_train_batch_size: int = Field(8, ge=1, description="Rows per device per step (a row is one packed sequence, or one example without packing).")
@@ -70,11 +76,78 @@ class TrainingConfig(Section):
     save_total_limit: int | None = Field(2, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: logging_steps when validation data is given).")
     bf16: bool | Literal["auto"] = Field("auto", description="bf16 mixed precision (auto: on when the device supports bf16 matmuls).")
+    fp16: bool = Field(False, description="fp16 mixed precision with loss scaling, for GPUs without bf16 (turns bf16 auto off).")
     gradient_checkpointing: bool = False
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N evaluations without improving eval_loss.")
     load_best_model_at_end: bool = False
     dataloader_num_workers: int = Field(0, ge=0)
     report_to: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _passthrough_names(self) -> TrainingConfig:
+        extra = self.model_extra or {}
+        if extra:
+            known = training_argument_names()
+            for key in extra:
+                if key not in known:
+                    close = difflib.get_close_matches(key, [*type(self).model_fields, *known], n=1, cutoff=0.6)
+                    raise PydanticCustomError("unknown_training_argument", "unknown key", {"key": key, "hint": close[0] if close else ""})
+        if self.fp16 and self.bf16 is True:
+            raise ValueError("fp16 and bf16 are both on: choose one mixed precision")
+        return self
+
+    def passthrough(self) -> dict[str, Any]:
+        """The TrainingArguments fields given by their HF names beyond the typed ones above.
+        YAML reads a bare `no` as false: for a string field (eval_strategy: no) it means "no"."""
+        extra = dict(self.model_extra or {})
+        strings = training_argument_names(str) if False in extra.values() else set()
+        return {k: "no" if v is False and k in strings else v for k, v in extra.items()}
+
+
+def training_argument_names(default_type: type | None = None) -> set[str]:
+    """Fields of transformers.TrainingArguments (all, or those whose default is a `default_type`);
+    imports transformers, so only on demand."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")
+            and (default_type is None or isinstance(f.default, default_type))}
+
+
+class DistributedConfig(Section):
+    """How several processes train together (see docs/scaling.md). One process ignores it.
+
+    Shorthand: `distributed: zero3` (or ddp, zero2, zero2_offload, zero3_offload, fsdp, or a
+    path to a DeepSpeed .json / FSDP .yaml file; a .json names DeepSpeed, set engine: fsdp with
+    fsdp: FILE.json for an FSDP one)."""
+
+    engine: Literal["ddp", "deepspeed", "fsdp"] = Field("ddp", description="ddp: full copy per process; deepspeed: ZeRO-2/3 (+offload); fsdp: FSDP2 fully_shard.")
+    deepspeed: str = Field("zero3", description="DeepSpeed config: zero2 | zero2_offload | zero3 | zero3_offload (shipped in configs/) or a path to a JSON file.")
+    fsdp: str = Field("fsdp", description="FSDP config: 'fsdp' (configs/fsdp.json) or a path to a JSON/YAML fsdp_config file.")
+
+    @model_validator(mode="after")
+    def _files(self) -> DistributedConfig:
+        if self.deepspeed not in DEEPSPEED_CONFIGS and not self.deepspeed.endswith(".json"):
+            raise ValueError(f"deepspeed: '{self.deepspeed}' is not one of {', '.join(DEEPSPEED_CONFIGS)} nor a .json file")
+        if self.fsdp != "fsdp" and not self.fsdp.endswith((".yaml", ".yml", ".json")):
+            raise ValueError(f"fsdp: '{self.fsdp}' is neither 'fsdp' nor a .yaml/.json file")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value in ("ddp", "fsdp"):
+            return {"engine": value}
+        if value in DEEPSPEED_CONFIGS or value.endswith(".json"):
+            return {"engine": "deepspeed", "deepspeed": value}
+        if value.endswith((".yaml", ".yml")):
+            return {"engine": "fsdp", "fsdp": value}
+        raise PydanticCustomError(
+            "distributed", "'{value}' is not ddp, zero2, zero2_offload, zero3, zero3_offload, fsdp, or a .json/.yaml file", {"value": value}
+        )
 
 
 class TrainConfig(Section):
@@ -85,6 +158,7 @@ class TrainConfig(Section):
     method: Literal["full", "lora", "dora", "qlora"] = Field("lora", description="full fine-tuning, LoRA, DoRA, or QLoRA (4-bit base).")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Engine when started on several processes (sftlab train --nproc N, torchrun, accelerate launch).")
     output_dir: str = Field("runs/latest", description="Run directory (created; a resumed run continues in it).")
 
     @model_validator(mode="after")
@@ -145,7 +219,11 @@ def _explain(err: ValidationError, model: type[BaseModel], origin: str) -> str:
     for e in err.errors():
         loc = tuple(e["loc"])
         where = ".".join(str(p) for p in loc)
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "unknown_training_argument":
+            ctx = e["ctx"]
+            hint = f"; did you mean '{where}.{ctx['hint']}'?" if ctx["hint"] else " (not a TrainingArguments field either)"
+            lines.append(f"unknown key '{where}.{ctx['key']}'{hint}")
+        elif e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(loc[-1]), _field_names(model, loc), n=1, cutoff=0.5)
             hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
             lines.append(f"unknown key '{where}'{hint}")

@@ -48,6 +48,23 @@ sftlab's loss (train/loss.py) runs the head only on trained positions (K =
 ``trained_fraction`` of the tokens): the saved fp32 log-softmax (4 B) and the logits or
 their gradient in the compute dtype (2a B) per trained position and vocab entry, plus one
 fp32 cross-entropy chunk of ``loss_chunk`` rows and its gradient (8 B x chunk x vocab).
+
+Several processes (``nproc``, ``distributed``), per process, n = nproc (docs/scaling.md):
+- ddp: everything replicated; DDP's all-reduce buckets hold a second copy of the gradients.
+- zero2 (DeepSpeed): weights replicated; gradients, optimizer states and DeepSpeed's fp32
+  master copy of the trainable parameters (4 B each) split n ways.
+- zero3: weights too split n ways, plus the parameters gathered for compute. DeepSpeed keeps
+  a gathered parameter until `stage3_max_live_parameters` are live when it is used again
+  within `stage3_max_reuse_distance` (both 1e9 in configs/zero3.json, as in the DeepSpeed
+  and transformers examples): up to min(all parameters, 1e9) stay gathered.
+- fsdp (FSDP2): weights, gradients and optimizer states split n ways, no master copy (the
+  optimizer steps the sharded parameters themselves); gathered: the larger of two decoder
+  layers (the one computing and the one prefetched) and the root unit outside the decoder
+  stack (embeddings, final norm, head), which FSDP2 keeps gathered between forward and backward.
+- ``_offload`` variants: optimizer states and master copy (zero2_offload), and the sharded
+  weights too (zero3_offload), move to CPU memory: reported as ``offloaded``, not in the
+  device total (on a CPU-only machine both are the same RAM).
+Activations and logits are per process: each process computes its own micro-batch.
 """
 
 from __future__ import annotations
@@ -62,6 +79,8 @@ from sftlab.errors import SftlabError
 Method = Literal["full", "lora", "qlora"]
 GiB = 1024**3
 _OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "sgd": 0}  # per fp32 trainable parameter
+ENGINES = ("none", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp")
+ZERO3_MAX_LIVE_PARAMETERS = 10**9  # stage3_max_live_parameters in configs/zero3.json
 RUNTIME_BYTES = int(0.45 * GiB)  # RSS of a process that imported torch + transformers + peft (CPU)
 NF4_BLOCK = 64
 
@@ -80,6 +99,7 @@ class ModelShape:
     decoder_linear_params: int  # weights of nn.Linear layers outside the output head
     decoder_linear_weights: int  # same, weights only (what nf4 quantises)
     layer_linears: tuple[tuple[str, int, int], ...]  # (name, in, out) of one decoder layer
+    layer_params: int  # all parameters of one decoder layer
     lora_candidates: tuple[tuple[str, int, int], ...]  # every linear except the output head
     architecture: str = ""
 
@@ -123,6 +143,7 @@ def model_shape(config) -> ModelShape:
     head = model.get_output_embeddings()
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
     layer0 = _first_layer_prefix([n for n, _ in linears])
+    layer_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(layer0))
     return ModelShape(
         n_params=sum(p.numel() for p in model.parameters()),
         n_layers=text.num_hidden_layers,
@@ -134,6 +155,7 @@ def model_shape(config) -> ModelShape:
         decoder_linear_params=sum(p.numel() for _, m in linears for p in m.parameters()),
         decoder_linear_weights=sum(m.weight.numel() for _, m in linears),
         layer_linears=tuple((n[len(layer0):], m.in_features, m.out_features) for n, m in linears if n.startswith(layer0)),
+        layer_params=layer_params,
         lora_candidates=tuple((n, m.in_features, m.out_features) for n, m in linears),
         architecture=type(model).__name__,
     )
@@ -176,13 +198,17 @@ class Estimate:
     method: str
     batch: int
     seq_len: int
+    gathered: int = 0  # ZeRO-3 / FSDP: parameters gathered from the other processes for compute
+    offloaded: int = 0  # in CPU memory instead of the device (DeepSpeed offload); not in `total`
     dtype: str = "fp32"
+    processes: int = 1
+    engine: str = "none"
     per_row: int = 0  # bytes added by each extra row of the batch
     logits_full: int = 0  # what a plain HF forward would need for the logits instead
     notes: dict[str, str] = field(default_factory=dict)
     rebuild: Callable[[int], Estimate] | None = field(default=None, repr=False, compare=False)  # same setup, another batch
 
-    COMPONENTS = ("weights", "weight_copies", "lora_params", "gradients", "optimizer", "activations", "logits", "runtime")
+    COMPONENTS = ("weights", "gathered", "weight_copies", "lora_params", "gradients", "optimizer", "activations", "logits", "runtime")
 
     @property
     def total(self) -> int:
@@ -210,12 +236,14 @@ class Estimate:
         """A rich Table of the components (GiB) and what each one counts."""
         from rich.table import Table
 
-        t = Table(title=f"{self.method} fine-tuning ({self.dtype}), batch {self.batch} x {self.seq_len} tokens")
+        per = f", per process of {self.processes} ({self.engine})" if self.engine != "none" else ""
+        t = Table(title=f"{self.method} fine-tuning ({self.dtype}), batch {self.batch} x {self.seq_len} tokens{per}")
         t.add_column("component")
         t.add_column("GiB", justify="right")
         t.add_column("what it counts")
         labels = {
             "weights": "weights",
+            "gathered": "gathered for compute",
             "weight_copies": "bf16 working copies",
             "lora_params": "LoRA parameters",
             "gradients": "gradients",
@@ -230,6 +258,8 @@ class Estimate:
                 t.add_row(labels[c], _gib(value), self.notes.get(c, ""))
         t.add_section()
         t.add_row("total", _gib(self.total), f"{self.n_params:,} parameters, {self.trainable_params:,} trainable")
+        if self.offloaded:
+            t.add_row("offloaded to CPU", _gib(self.offloaded), self.notes.get("offloaded", ""))
         if memory is not None:
             t.add_row("largest batch", str(self.max_batch(memory)), f"rows of {self.seq_len} tokens in {_gib(memory)} GiB")
         return t
@@ -302,18 +332,27 @@ def estimate_memory(
     double_quant: bool = True,
     runtime_bytes: int = RUNTIME_BYTES,
     shape: ModelShape | None = None,
+    nproc: int = 1,
+    distributed: str = "none",
 ) -> Estimate:
     """Estimate the peak memory of training `config_or_path` with `method`.
 
     `config_or_path`: a transformers config, a model folder / id / .gguf / run dir /
     'default'. `dtype` is the compute precision (bf16 = autocast mixed precision over
     `weights_dtype` weights; auto = bf16 where the device supports it, as `sftlab train`). `loss="full"` models a plain HF forward (logits for every
-    position); "selective" models sftlab's loss on trained positions only.
+    position); "selective" models sftlab's loss on trained positions only. `nproc` and
+    `distributed` (one of ENGINES) give the memory of each of `nproc` processes.
     """
     if method not in ("full", "lora", "qlora"):
         raise SftlabError(f"method must be full, lora or qlora (got {method!r})")
     if optimizer not in _OPTIMIZER_BYTES:
         raise SftlabError(f"optimizer must be one of {', '.join(_OPTIMIZER_BYTES)} (got {optimizer!r})")
+    if distributed not in ENGINES:
+        raise SftlabError(f"distributed must be one of {', '.join(ENGINES)} (got {distributed!r})")
+    if nproc < 1:
+        raise SftlabError(f"nproc must be at least 1 (got {nproc})")
+    if nproc > 1 and distributed == "none":
+        distributed = "ddp"  # what several processes run without a distributed: section
     if seq_len < 1 or batch < 1 or lora_r < 1:
         raise SftlabError("seq_len, batch and lora_r must be positive")
     if not 0 < trained_fraction <= 1:
@@ -394,8 +433,9 @@ def estimate_memory(
         lora_r=lora_r, lora_dropout=lora_dropout, target_modules=target_modules, gradient_checkpointing=gradient_checkpointing,
         dtype=dtype, weights_dtype=weights_dtype, optimizer=optimizer, trained_fraction=trained_fraction, loss=loss,
         loss_chunk=loss_chunk, double_quant=double_quant, runtime_bytes=runtime_bytes, shape=shape,
+        nproc=nproc, distributed=distributed,
     )
-    return Estimate(
+    est = Estimate(
         rebuild=lambda b: estimate_memory(None, method, seq_len, b, **options),
         weights=weights,
         weight_copies=weight_copies,
@@ -415,6 +455,41 @@ def estimate_memory(
         logits_full=full_logits * batch,
         notes=notes | {"runtime": "Python + torch + transformers (CPU RSS) / CUDA context"},
     )
+    return _per_process(est, shape, distributed, nproc, w_bytes, t_bytes) if distributed != "none" else est
+
+
+def _per_process(est: Estimate, shape: ModelShape, engine: str, n: int, w_bytes: int, t_bytes: int) -> Estimate:
+    """The estimate of one of `n` processes under `engine` (module docstring)."""
+    est.processes, est.engine = n, engine
+    notes = est.notes
+    if engine == "ddp":
+        notes["gradients"] += f" + {est.gradients / GiB:.2f} GiB in DDP's all-reduce buckets"
+        est.gradients *= 2
+        return est
+    split = lambda b: -(-b // n)  # noqa: E731  (ceil: the last shard is padded)
+    master = split(est.trainable_params * 4) if engine.startswith("zero") else 0
+    est.gradients, est.optimizer = split(est.gradients), split(est.optimizer) + master
+    notes["gradients"] += f", split {n} ways"
+    notes["optimizer"] += f", split {n} ways" + (" (+ DeepSpeed's fp32 master copy, 4 B)" if master else "")
+    if engine in ("zero3", "zero3_offload", "fsdp"):
+        est.weights = split(est.weights)
+        notes["weights"] += f", split {n} ways"
+        if engine == "fsdp":
+            outside = shape.n_params - shape.n_layers * shape.layer_params
+            est.gathered = max(2 * shape.layer_params, outside) * w_bytes
+            notes["gathered"] = f"max(2 decoder layers, the {outside:,} parameters outside them) x {w_bytes} B"
+        else:
+            live = min(shape.n_params, ZERO3_MAX_LIVE_PARAMETERS)
+            est.gathered = live * w_bytes
+            notes["gathered"] = f"min(all, stage3_max_live_parameters) = {live:,} x {w_bytes} B"
+    if engine.endswith("_offload"):
+        est.offloaded = est.optimizer + (est.weights if engine == "zero3_offload" else 0)
+        what = "optimizer states + fp32 master" + (" + sharded weights" if engine == "zero3_offload" else "")
+        notes["offloaded"] = f"{what}, per process, in CPU memory"
+        est.optimizer = 0
+        if engine == "zero3_offload":
+            est.weights = 0
+    return est
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,

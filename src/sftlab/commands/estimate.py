@@ -27,6 +27,16 @@ class Optimizer(str, Enum):
     sgd = "sgd"
 
 
+class Engine(str, Enum):
+    none = "none"
+    ddp = "ddp"
+    zero2 = "zero2"
+    zero2_offload = "zero2_offload"
+    zero3 = "zero3"
+    zero3_offload = "zero3_offload"
+    fsdp = "fsdp"
+
+
 class Loss(str, Enum):
     selective = "selective"
     full = "full"
@@ -47,6 +57,8 @@ def estimate(
     optimizer: Optimizer = typer.Option(Optimizer.adamw, help="adamw (2 fp32 states), adamw_8bit, or sgd."),
     trained_fraction: float = typer.Option(0.5, "--trained-fraction", min=0.001, max=1, help="Share of tokens that are trained (assistant tokens)."),
     loss: Loss = typer.Option(Loss.selective, help="selective: sftlab's loss on trained positions; full: plain HF logits."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes (GPUs) training together; the estimate is per process."),
+    distributed: Engine = typer.Option(Engine.none, "--distributed", help="Engine: ddp, zero2/zero3 (+_offload, DeepSpeed), fsdp (FSDP2); none = one process (ddp when --nproc > 1)."),
     memory: str = typer.Option(None, help="Memory to fit into, e.g. 24GiB or 80GB (default: this machine's RAM)."),
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON (bytes) instead of a table."),
 ) -> None:
@@ -64,6 +76,7 @@ def estimate(
         lora_r=lora_r, lora_dropout=lora_dropout, target_modules=targets,
         gradient_checkpointing=grad_checkpointing, dtype=dtype.value, weights_dtype=weights_dtype.value,
         optimizer=optimizer.value, trained_fraction=trained_fraction, loss=loss.value,
+        nproc=nproc, distributed=distributed.value,
     )
     if as_json:
         print(json.dumps(est.as_dict() | {"memory": budget, "max_batch": est.max_batch(budget)}, indent=2))

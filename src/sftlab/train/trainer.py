@@ -185,13 +185,15 @@ def build_model(config: TrainConfig, use_bf16: bool):
 def _training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: bool):
     from transformers import TrainingArguments
 
+    from sftlab.train.distributed import engine_arguments
+
     t = config.training
     eval_steps = t.eval_steps or t.logging_steps
     save_steps = t.save_steps
     load_best = bool(has_eval and (t.load_best_model_at_end or t.early_stopping_patience))
     if load_best and save_steps % eval_steps:
         save_steps = eval_steps * max(1, round(save_steps / eval_steps))  # HF needs save_steps % eval_steps == 0
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=str(out / "checkpoints"),
         learning_rate=t.learning_rate,
         per_device_train_batch_size=t.per_device_train_batch_size,
@@ -217,6 +219,7 @@ def _training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: boo
         metric_for_best_model="eval_loss" if has_eval else None,
         greater_is_better=False if has_eval else None,
         bf16=use_bf16,
+        fp16=t.fp16,
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,  # applied in build_model (PEFT needs it before wrapping)
         dataloader_num_workers=t.dataloader_num_workers,
@@ -225,6 +228,12 @@ def _training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: boo
         report_to=t.report_to or "none",
         disable_tqdm=False,
     )
+    kwargs.update(engine_arguments(config))
+    kwargs.update(t.passthrough())  # TrainingArguments fields given by their HF names
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError, ImportError) as e:  # a value TrainingArguments itself refuses
+        raise SftlabError(f"training: {str(e).strip().splitlines()[0]}") from None
 
 
 def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
@@ -233,11 +242,15 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
 
     from sftlab.data.pack import collate, packing_stats
     from sftlab.models import cache_dir, load_tokenizer
+    from sftlab.train import distributed
     from sftlab.files import atomic_write
     from sftlab.train.callbacks import CheckpointStateCallback, MetricsJsonlCallback, OverfitWarningCallback
     from sftlab.train.dataset import make_rows, prepare_examples
     from sftlab.train.run_dir import (checkpoint_state, model_card, refuse_existing_run, resume_checkpoint,
                                       write_run_json)
+
+    main = distributed.is_main_process()
+    log = log if main else (lambda *a, **k: None)  # one log: rank 0's
 
     out = Path(config.output_dir)
     if not resume:
@@ -251,21 +264,23 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code, chat_template=m.chat_template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cache_root = cache_dir() / "tokenized"
-    train_ex, train_stats = prepare_examples(config.data.train, tokenizer, config.data, cache_root, out / "rejects.jsonl")
+    train_ex, train_stats = prepare_examples(config.data.train, tokenizer, config.data, cache_root,
+                                             out / "rejects.jsonl" if main else None)
     log(train_stats.summary())
     if not train_ex:
         raise SftlabError(f"{config.data.train}: no usable training example (see the counts above)")
     eval_ex, eval_stats = [], None
     if config.data.validation:
         eval_ex, eval_stats = prepare_examples(
-            config.data.validation, tokenizer, config.data, cache_root, out / "rejects.validation.jsonl"
+            config.data.validation, tokenizer, config.data, cache_root, out / "rejects.validation.jsonl" if main else None
         )
         log(eval_stats.summary())
     digests = {"train": train_stats.digest, **({"validation": eval_stats.digest} if eval_stats else {})}
     state = checkpoint_state(config, digests)
     checkpoint, saved = resume_checkpoint(out, state) if resume else (None, {})
-    atomic_write(out / "config.yaml", config.to_yaml())
+    distributed.on_main_process(atomic_write, out / "config.yaml", config.to_yaml())
     use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
+    use_bf16 = use_bf16 and not config.training.fp16
     set_seed(config.training.seed)  # LoRA's initialisation too must repeat for the same seed
     model = build_model(config, use_bf16)
     flatten = can_flatten(model)
@@ -277,7 +292,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         f"attention {model.config._attn_implementation}{' (batches flattened)' if flatten else ''}, "
         f"trained/computed tokens {pstats['trained_per_computed']:.3f}, padding {pstats['padding_ratio']:.3f}")
     if hasattr(model, "print_trainable_parameters"):
-        model.print_trainable_parameters()
+        distributed.on_main_process(model.print_trainable_parameters)
     has_eval = bool(eval_ex)
     args = _training_args(config, out, has_eval, use_bf16)
     patience = config.training.early_stopping_patience
@@ -296,6 +311,8 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         callbacks=callbacks,
         warmup_ratio=config.training.warmup_ratio,
     )
+    distributed.attach(trainer)
+    log(f"engine: {distributed.describe(trainer)}")
     trainer.add_callback(CheckpointStateCallback(state, lambda: trainer.trained_tokens_seen))
     if checkpoint is not None:
         trainer.trained_tokens_restored = saved["trained_tokens_seen"]
@@ -304,13 +321,9 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - t_train
 
-    tokens_seen = trainer.trained_tokens_seen  # a collective call: before any rank-0-only work
-    final = trainer.model
-    if config.method == "full":
-        final.save_pretrained(out / "model", safe_serialization=True)
-    else:
-        final.save_pretrained(out / "adapter", safe_serialization=True)
-    tokenizer.save_pretrained(out / "tokenizer")
+    tokens_seen = trainer.trained_tokens_seen  # a collective call: every rank takes part
+    distributed.save_final_model(trainer, out / ("model" if config.method == "full" else "adapter"))
+    distributed.on_main_process(tokenizer.save_pretrained, out / "tokenizer")
     info = {
         "base_model": _portable_model_name(m.name_or_path),
         "method": config.method,
@@ -326,14 +339,16 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "bf16": use_bf16,
         "attention": model.config._attn_implementation,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_params": distributed.parameter_count(model, trainable_only=True),
         "trained_tokens_seen": tokens_seen,
         "trained_tokens_per_second": round((tokens_seen - trainer.trained_tokens_restored) / train_seconds, 1)
         if train_seconds else None,
+        "processes": trainer.args.world_size,
+        "engine": distributed.describe(trainer),
         "finished": True,
     }
-    write_run_json(out, info)
-    atomic_write(out / "README.md", model_card(config, info))
+    distributed.on_main_process(write_run_json, out, info)
+    distributed.on_main_process(atomic_write, out / "README.md", model_card(config, info))
     log(f"run saved in {out} (train loss {result.training_loss:.4f}, {trainer.state.global_step} steps, {train_seconds:.0f}s)")
     return info
 

@@ -1,0 +1,109 @@
+"""Engines side by side: DDP, DeepSpeed ZeRO-2/3 and FSDP2 with 2 processes on this machine.
+
+    python bench/scale_bench.py                      # SmolLM2-135M full fine-tuning, 8 steps per engine
+    python bench/scale_bench.py --steps 2 --engines ddp,zero3   # smoke run
+
+Each engine is one `torchrun --nproc_per_node N` launch of `sftlab.train.trainer.train` on
+the embedded SmolLM2-135M-Instruct (full fine-tuning, fp32 so every engine computes the same
+thing, AdamW) with the demo dataset, packed rows of --max-len tokens, --batch rows per process
+per step. Printed per engine: each process's peak RSS (the kernel's high-water mark, read by
+the process itself at the end), trained tokens/s over all processes (run.json, timed around
+`trainer.train()`), the final loss, and `sftlab estimate --nproc N --distributed ENGINE` for
+the same set-up (device total + offloaded, which on a CPU is the same RAM).
+
+On a shared CPU machine the timings are noisy (the load average is printed); memory is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULT_PREFIX, gib, load_note, print_table, report_result, run_child, self_peak_rss  # noqa: E402
+
+ENGINES = ("ddp", "zero2", "zero3", "fsdp", "zero3_offload")
+
+
+def child(opts: dict) -> None:
+    """One process of an engine's run (started by torchrun)."""
+    from sftlab.config import TrainConfig
+    from sftlab.train.trainer import train
+
+    config = TrainConfig.model_validate({
+        "model": {"name_or_path": opts["model"]},
+        "method": "full",
+        "data": {"train": opts["train"], "max_seq_length": opts["max_len"]},
+        "training": {"learning_rate": 1e-5, "per_device_train_batch_size": opts["batch"], "max_steps": opts["steps"],
+                     "bf16": False, "logging_steps": 1, "save_steps": 10**6, "seed": 0},
+        "distributed": opts["engine"],
+        "output_dir": opts["out"],
+    })
+    info = train(config)
+    report_result({"rank": int(os.environ.get("RANK", 0)), "peak_rss": self_peak_rss(),
+                   "tokens_per_s": info["trained_tokens_per_second"], "train_loss": info["train_loss"],
+                   "engine": info["engine"]})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default", help="model (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--engines", default="ddp,zero2,zero3,fsdp", help=f"comma-separated, from {', '.join(ENGINES)}")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=1, help="rows per process per step")
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--per-task", type=int, default=100, help="demo examples per task (4 tasks)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+
+    from sftlab.demo.dataset import write_demo_dataset
+    from sftlab.estimate import estimate_memory
+
+    work = Path(tempfile.mkdtemp(prefix="scale-bench-"))
+    train_path = write_demo_dataset(work / "data", seed=0, sizes={"train": args.per_task})["train"]
+    threads = max(1, (os.cpu_count() or 1) // args.nproc)
+    print(f"{args.nproc} processes x {threads} thread(s); {load_note()}", flush=True)
+    results = {}
+    for engine in args.engines.split(","):
+        opts = {"model": args.model, "train": str(train_path), "max_len": args.max_len, "batch": args.batch,
+                "steps": args.steps, "engine": engine, "out": str(work / engine)}
+        print(f"== {engine}", flush=True)
+        run = run_child([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                         __file__, "--child", json.dumps(opts)],
+                        env={"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}, echo=False)
+        ranks = sorted((json.loads(line[len(RESULT_PREFIX):]) for line in run.output.splitlines()
+                        if line.startswith(RESULT_PREFIX)), key=lambda r: r["rank"])
+        if run.returncode or len(ranks) != args.nproc:
+            print(run.output[-3000:])
+            raise SystemExit(f"{engine}: failed (exit {run.returncode})")
+        est = estimate_memory(args.model, "full", args.max_len, args.batch, dtype="fp32", optimizer="adamw",
+                              nproc=args.nproc, distributed=engine)
+        results[engine] = {"peak_rss": [r["peak_rss"] for r in ranks], "tokens_per_s": ranks[0]["tokens_per_s"],
+                           "train_loss": ranks[0]["train_loss"], "engine": ranks[0]["engine"],
+                           "estimate": est.total + est.offloaded, "wall_s": round(run.wall_s, 1)}
+        print(f"   {results[engine]}", flush=True)
+
+    rows = [[e, " / ".join(gib(x) for x in r["peak_rss"]), gib(r["estimate"]), f"{r['tokens_per_s']:.1f}",
+             f"{r['train_loss']:.4f}", f"{r['wall_s']:.0f}"] for e, r in results.items()]
+    print_table(f"SmolLM2-135M full fine-tuning, fp32, {args.nproc} processes x batch {args.batch} x {args.max_len} "
+                f"tokens, {args.steps} steps ({load_note()})",
+                ["engine", "peak RSS per process", "estimate per process", "trained tokens/s", "train loss", "wall s"],
+                rows)
+    if "ddp" in results and "zero3" in results:
+        ratio = max(results["zero3"]["peak_rss"]) / max(results["ddp"]["peak_rss"])
+        print(f"ZeRO-3 / DDP peak RSS per process: {ratio:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

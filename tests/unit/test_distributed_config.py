@@ -1,0 +1,128 @@
+"""The `distributed:` section, engine files by name or path, TrainingArguments pass-through,
+and the per-process memory estimate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sftlab.config import load_config
+from sftlab.errors import SftlabError
+from sftlab.train import distributed
+from sftlab.train.trainer import _training_args
+
+REPO = Path(__file__).parents[2]
+
+
+def cfg(*overrides):
+    return load_config(None, ["data.train=x.jsonl", *overrides])
+
+
+def test_any_training_arguments_field_passes_through_typed_fields_stay_checked(tmp_path):
+    c = cfg("training.warmup_steps=10", "training.eval_strategy=no", "training.neftune_noise_alpha=5",
+            "training.torch_compile=false", "training.logging_steps=3")
+    assert c.training.passthrough() == {"warmup_steps": 10, "eval_strategy": "no", "neftune_noise_alpha": 5,
+                                        "torch_compile": False}
+    a = _training_args(c, tmp_path, has_eval=False, use_bf16=False)
+    assert (a.warmup_steps, a.neftune_noise_alpha, a.torch_compile, a.logging_steps) == (10, 5, False, 3)
+    with pytest.raises(SftlabError, match="logging_steps"):
+        cfg("training.logging_steps=zero")  # a typed field is still checked here
+
+
+def test_unknown_training_key_names_the_closest_field():
+    with pytest.raises(SftlabError, match=r"unknown key 'training.warmup_stepz'; did you mean 'training.warmup_steps'\?"):
+        cfg("training.warmup_stepz=3")
+    with pytest.raises(SftlabError, match=r"unknown key 'training.xyzzy' \(not a TrainingArguments field either\)"):
+        cfg("training.xyzzy=1")
+
+
+def test_a_value_training_arguments_refuses_is_one_line(tmp_path):
+    with pytest.raises(SftlabError, match=r"^training: .*sometimes") as e:
+        _training_args(cfg("training.eval_strategy=sometimes"), tmp_path, has_eval=False, use_bf16=False)
+    assert "\n" not in str(e.value)
+
+
+def test_fp16_is_typed_and_exclusive_with_bf16():
+    assert cfg("training.fp16=true").training.fp16 is True
+    with pytest.raises(SftlabError, match="fp16 and bf16"):
+        cfg("training.fp16=true", "training.bf16=true")
+
+
+@pytest.mark.parametrize("value,engine,ds,fsdp", [
+    ("ddp", "ddp", "zero3", "fsdp"),
+    ("zero2_offload", "deepspeed", "zero2_offload", "fsdp"),
+    ("my/ds.json", "deepspeed", "my/ds.json", "fsdp"),
+    ("fsdp", "fsdp", "zero3", "fsdp"),
+    ("my/fsdp.yaml", "fsdp", "zero3", "my/fsdp.yaml"),
+])
+def test_distributed_shorthand(value, engine, ds, fsdp):
+    d = cfg(f"distributed={value}").distributed
+    assert (d.engine, d.deepspeed, d.fsdp) == (engine, ds, fsdp)
+
+
+def test_distributed_bad_values():
+    with pytest.raises(SftlabError, match="'zero9' is not ddp, zero2"):
+        cfg("distributed=zero9")
+    with pytest.raises(SftlabError, match="distributed.engine"):
+        cfg("distributed.engine=horovod")
+    with pytest.raises(SftlabError, match="deepspeed: 'zero4' is not one of zero2, zero2_offload"):
+        cfg("distributed.engine=deepspeed", "distributed.deepspeed=zero4")
+
+
+def test_engine_files_by_name_match_configs_folder():
+    for name in distributed.DEEPSPEED_CONFIGS:
+        by_name = distributed.deepspeed_config(name)
+        assert by_name == json.loads((REPO / "configs" / f"{name}.json").read_text())
+        assert by_name["zero_optimization"]["stage"] == int(name[4])
+        assert ("offload_optimizer" in by_name["zero_optimization"]) == name.endswith("_offload")
+    assert distributed.deepspeed_config("zero3")["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    fsdp = distributed.fsdp_config("fsdp")
+    assert fsdp["version"] == 2 and fsdp["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp == distributed.fsdp_config(str(REPO / "configs" / "fsdp.json"))
+
+
+def test_engine_file_errors(tmp_path):
+    with pytest.raises(SftlabError, match="file not found"):
+        distributed.deepspeed_config(str(tmp_path / "missing.json"))
+    bad = tmp_path / "ds.json"
+    bad.write_text('{\n  "zero_optimization": {\n    "stage": 3,\n  }\n}\n')
+    with pytest.raises(SftlabError, match=rf"{bad}:4: invalid JSON"):
+        distributed.deepspeed_config(str(bad))
+    v1 = tmp_path / "f.yaml"
+    v1.write_text("version: 1\n")
+    with pytest.raises(SftlabError, match="only FSDP2"):
+        distributed.fsdp_config(str(v1))
+
+
+@pytest.mark.parametrize("engine", ["zero3", "zero3_offload", "fsdp"])
+def test_qlora_under_sharding_engines_fails_at_start(engine):
+    with pytest.raises(SftlabError, match="qlora cannot run under"):
+        distributed.engine_arguments(cfg("method=qlora", f"distributed={engine}"))
+
+
+def test_ddp_needs_no_arguments_and_launcher_command():
+    assert distributed.engine_arguments(cfg("distributed=ddp")) == {}
+    cmd = distributed.torchrun_command(2, ["train", "c.yaml", "a=1"])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sftlab.cli",
+                       "train", "c.yaml", "a=1"]
+
+
+def test_estimate_per_process(tiny_model_dir):
+    from sftlab.estimate import estimate_memory, load_model_config, model_shape
+
+    shape = model_shape(load_model_config(tiny_model_dir))
+    kw = dict(shape=shape, dtype="fp32", seq_len=64, batch=1)
+    one = estimate_memory(None, "full", **kw)
+    ddp = estimate_memory(None, "full", nproc=2, **kw)
+    z2, z3, z3o, fsdp = (estimate_memory(None, "full", nproc=2, distributed=e, **kw)
+                         for e in ("zero2", "zero3", "zero3_offload", "fsdp"))
+    assert ddp.engine == "ddp" and ddp.gradients == 2 * one.gradients  # + DDP's bucket copy
+    assert z2.weights == one.weights and z2.gradients == -(-one.gradients // 2)
+    assert z2.optimizer == -(-one.optimizer // 2) + -(-shape.n_params * 4 // 2)  # + fp32 master partition
+    assert z3.weights == -(-one.weights // 2) and z3.gathered > 0
+    assert fsdp.optimizer == -(-one.optimizer // 2)  # no master copy
+    assert z3o.weights == z3o.optimizer == 0 and z3o.offloaded == z3.weights + z3.optimizer
+    assert z3o.total < z3.total < ddp.total
+    assert estimate_memory(None, "full", nproc=4, distributed="zero3", **kw).total < z3.total
