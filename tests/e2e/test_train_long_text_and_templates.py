@@ -93,3 +93,5 @@ def test_a_base_model_trains_with_a_named_template_and_its_new_tokens(tiny_model
     changed = (tuned - base).abs().amax(-1)[0]
     assert (changed[:3] > 0).all(), "the added tokens' embeddings were not trained"
     assert (changed[3:] == 0).all(), "existing tokens' embeddings must stay the base's"
+    # merged, the trained rows are in the plain model (export checks merged == unmerged logits)
+    assert main(["export", str(out), "--to", "merged", str(tmp_path / "merged")]) == 0
