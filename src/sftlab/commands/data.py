@@ -20,7 +20,12 @@ from sftlab.files import write_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Datasets in, datasets out.")
 
-FORMAT_HELP = "Input schema (alpaca, sharegpt, messages, prompt_completion, text, preference); detected per record when unset."
+FORMAT_HELP = ("Input schema (alpaca, dolly, squad, sharegpt, messages, prompt_completion, text, preference); "
+               "detected per record when unset.")
+COLUMNS_HELP = ("Which column is which, for data in no detected schema: ROLE=COLUMN pairs, e.g. "
+                "prompt=question,input=passage,response=answer,system=sys (or messages=COL, or text=COL).")
+TEMPLATE_HELP = "Chat template: chatml, llama3, mistral, gemma, alpaca, or a .jinja file (default: the tokenizer's)."
+CONFIG_HELP = "A train config (YAML): model, chat template, data format/columns and train file are read from it; flags win."
 SET_HELP = "Override an option: KEY=VALUE (YAML value; dotted keys for nested options). Repeatable."
 
 
@@ -69,6 +74,38 @@ def _field_help(model_cls) -> str:
     return "\n\n".join(lines)
 
 
+def _schema(format: Optional[str], columns: Optional[str], config=None):
+    """The loaders' `format`: --format or --columns, else the config's data.format / data.columns."""
+    from sftlab.data.formats import Columns, schema
+
+    if format is None and columns is None and config is not None:
+        return schema(config.data.format, config.data.columns)
+    return schema(format, Columns.parse(columns) if columns else None)
+
+
+def _train_config(path: Optional[Path]):
+    if path is None:
+        return None
+    from sftlab.config import load_config
+
+    return load_config(path)
+
+
+def _model_and_template(model: Optional[str], chat_template: Optional[str], config) -> tuple[str, Optional[str]]:
+    """--model / --chat-template, else the config's model section, else the embedded default."""
+    if config is not None:
+        return model or config.model.name_or_path, chat_template or config.model.chat_template
+    return model or "default", chat_template
+
+
+def _data_file(file: Optional[str], config) -> str:
+    from sftlab.errors import SftlabError
+
+    if file is None and config is None:
+        raise SftlabError("give a dataset FILE, or --config with data.train")
+    return file or config.data.train
+
+
 def _tokenizer(model: Optional[str], chat_template: Optional[str]):
     if model is None or model.lower() == "none":
         return None
@@ -83,19 +120,24 @@ def _sidecar(out: Path, name: str) -> Path:
 
 @app.command()
 def inspect(
-    file: str = typer.Argument(..., help="Dataset file (any supported format)."),
-    model: str = typer.Option("default", "--model", help="Model/tokenizer whose chat template renders the examples."),
-    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template (.jinja file) overriding the tokenizer's."),
-    json_: bool = typer.Option(False, "--json", help="One JSON object per example: source, input_ids, labels."),
-    limit: int = typer.Option(3, "--limit", help="How many examples to show."),
+    file: Optional[str] = typer.Argument(None, help="Dataset file (any supported format); default: the config's data.train."),
+    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
+    model: Optional[str] = typer.Option(None, "--model", help="Model/tokenizer whose chat template renders the examples (default: the config's, else 'default')."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help=TEMPLATE_HELP),
+    json_: bool = typer.Option(False, "--json", help="One JSON object per example (all of them unless --limit): source, input_ids, labels."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="How many examples to show (default: 3 on screen, all with --json)."),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
     last_turn_only: bool = typer.Option(False, "--last-turn-only", help="Train on the last assistant turn only."),
 ) -> None:
     """Show rendered examples with the trained tokens highlighted (or as JSON)."""
     from sftlab.data.inspect import inspect_file
 
-    inspect_file(file, model=model, chat_template=chat_template, as_json=json_, limit=limit, format=format,
-                 train_on="last" if last_turn_only else "all")
+    cfg = _train_config(config)
+    model, chat_template = _model_and_template(model, chat_template, cfg)
+    train_on = "last" if last_turn_only else (cfg.data.train_on if cfg else "all")
+    inspect_file(_data_file(file, cfg), model=model, chat_template=chat_template, as_json=json_, limit=limit,
+                 format=_schema(format, columns, cfg), train_on=train_on)
 
 
 @app.command()
@@ -105,21 +147,24 @@ def validate(
     skip: bool = typer.Option(False, "--skip", help="Skip bad records into a rejects file instead of stopping at the first."),
     rejects: Optional[Path] = typer.Option(None, "--rejects", help="Rejects file (skip mode; default OUT.rejects.jsonl or ./<FILE>.rejects.jsonl)."),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
     split: Optional[str] = typer.Option(None, "--split", help="Split to read when the input holds several."),
     no_dedup: bool = typer.Option(False, "--no-dedup", help="Keep exact duplicates."),
     model: Optional[str] = typer.Option(None, "--model", help="Tokenizer for the token-length check (with --max-seq-length)."),
-    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template (.jinja) overriding the tokenizer's."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help=TEMPLATE_HELP),
     max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="Token limit, rendered as training renders."),
     length_policy: str = typer.Option("drop", "--length-policy", help="Over-long conversations: drop (reject) or truncate."),
     summary: Optional[Path] = typer.Option(None, "--summary", help="Summary JSON (default OUT.validate.json when --out is given)."),
 ) -> None:
     """Check every record; strict (exit 1 at the first bad one) or --skip (rejects file + counts)."""
+    from sftlab.data.formats import Columns
     from sftlab.data.validate import ValidateOptions, validate as run
     from sftlab.errors import SftlabError
 
     if max_seq_length and not model:
         raise SftlabError("--max-seq-length needs --model (the tokenizer that counts tokens)")
-    opts = _options(ValidateOptions, None, None, format=format, split=split, on_error="skip" if skip else "raise",
+    opts = _options(ValidateOptions, None, None, format=format, columns=Columns.parse(columns) if columns else None,
+                    split=split, on_error="skip" if skip else "raise",
                     dedup=not no_dedup, max_seq_length=max_seq_length, length_policy=length_policy)
     if skip and rejects is None:
         rejects = out.with_name(f"{out.name.rsplit('.', 1)[0]}.rejects.jsonl") if out else Path(f"{Path(file).stem}.rejects.jsonl")
@@ -147,8 +192,9 @@ def curate(
     decontaminate: Optional[list[str]] = typer.Option(None, "--decontaminate", help="Eval/test file to decontaminate against. Repeatable."),
     pii: bool = typer.Option(False, "--pii", help="Scrub emails, phone numbers and API-key-like strings."),
     model: Optional[str] = typer.Option(None, "--model", help="Tokenizer for min_tokens / max_tokens."),
-    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template (.jinja) overriding the tokenizer's."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help=TEMPLATE_HELP),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
     split: Optional[str] = typer.Option(None, "--split", help="Split to read when the input holds several."),
     removed: Optional[Path] = typer.Option(None, "--removed", help="Removed records with reasons (default OUT.removed.jsonl)."),
 ) -> None:
@@ -157,7 +203,7 @@ def curate(
     from sftlab.data.load import load_conversations, save_conversations
 
     opts = _options(CurateOptions, config, set_, decontaminate=decontaminate or None, pii=pii or None)
-    convs = load_conversations(file, format=format, split=split)
+    convs = load_conversations(file, format=_schema(format, columns), split=split)
     kept, report = run(convs, opts, tokenizer=_tokenizer(model, chat_template), progress=True)
     save_conversations(out, kept)
     removed = removed or out.with_name(f"{out.name.rsplit('.', 1)[0]}.removed.jsonl")
@@ -182,6 +228,7 @@ def split(
     stratify: Optional[str] = typer.Option(None, "--stratify", help="Record field (e.g. label) to keep proportional per split."),
     ext: str = typer.Option("jsonl", "--ext", help="Output format: jsonl or parquet."),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
     from_split: Optional[str] = typer.Option(None, "--split", help="Split to read when the input holds several."),
 ) -> None:
     """Deterministic seeded train/validation/test split, optionally stratified by a field."""
@@ -192,7 +239,7 @@ def split(
     if ext not in ("jsonl", "parquet"):
         raise SftlabError(f"--ext must be jsonl or parquet, got '{ext}'")
     split_names = [n.strip() for n in names.split(",") if n.strip()]
-    parts = split_conversations(load_conversations(file, format=format, split=from_split), split_names,
+    parts = split_conversations(load_conversations(file, format=_schema(format, columns), split=from_split), split_names,
                                 parse_ratios(ratios, split_names), seed=seed, stratify=stratify)
     sizes = {}
     for name, convs in parts.items():
@@ -207,13 +254,14 @@ def augment(
     out: Path = typer.Option(..., "--out", help="Output (.jsonl or .parquet): the originals plus the kept new records."),
     strategy: Optional[list[str]] = typer.Option(None, "--strategy", help="paraphrase, system, noise, prefixes, model_paraphrase, self_instruct. Repeatable."),
     model: Optional[str] = typer.Option(None, "--model", help="Local model for model_paraphrase / self_instruct ('default': the embedded model)."),
-    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template (.jinja) overriding the model's."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help=TEMPLATE_HELP),
     copies: Optional[int] = typer.Option(None, "--copies", help="Variants per conversation for each strategy."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of augment options."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     only_new: bool = typer.Option(False, "--only-new", help="Write only the new records, not the originals."),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
 ) -> None:
     """Rule-based and model-based augmentation with provenance (augmented_from), then dedup/quality filtered."""
     from sftlab.data.augment import augment as run
@@ -221,7 +269,7 @@ def augment(
 
     opts = _options(AugmentOptions, config, set_, strategies=strategy or None, model=model,
                     chat_template=chat_template, copies=copies, seed=seed)
-    convs = load_conversations(file, format=format)
+    convs = load_conversations(file, format=_schema(format, columns))
     new, report = run(convs, opts)
     n = save_conversations(out, new if only_new else [*convs, *new])
     write_json(_sidecar(out, "augment"), report.to_json())
@@ -234,25 +282,31 @@ def augment(
 
 @app.command()
 def report(
-    file: str = typer.Argument(..., help="Dataset to describe (any supported format)."),
+    file: Optional[str] = typer.Argument(None, help="Dataset to describe (any supported format); default: the config's data.train."),
     out_dir: Path = typer.Option(..., "--out-dir", help="Folder for report.html, report.md, summary.json, plots/."),
-    model: str = typer.Option("default", "--model", help="Tokenizer for token lengths ('none': count words)."),
-    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template (.jinja) overriding the tokenizer's."),
+    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
+    model: Optional[str] = typer.Option(None, "--model", help="Tokenizer for token lengths ('none': count words; default: the config's, else 'default')."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help=TEMPLATE_HELP),
     validate_summary: Optional[Path] = typer.Option(None, "--validate-summary", help="A validate summary JSON (default: FILE's X.validate.json if present)."),
     curate_summary: Optional[Path] = typer.Option(None, "--curate-summary", help="A curate summary JSON (default: X.curate.json if present)."),
     split_summary: Optional[Path] = typer.Option(None, "--split-summary", help="A split.json (default: split.json beside FILE if present)."),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
 ) -> None:
     """Self-contained HTML + Markdown report with plots, and summary.json with every number."""
     from sftlab.data.report import write_report
     from sftlab.errors import SftlabError
 
+    cfg = _train_config(config)
+    model, chat_template = _model_and_template(model, chat_template, cfg)
+    file = _data_file(file, cfg)
     given = {"validate": validate_summary, "curate": curate_summary, "split": split_summary}
     missing = [str(p) for p in given.values() if p is not None and not p.is_file()]
     if missing:
         raise SftlabError(f"summary file not found: {', '.join(missing)}")
     summary = write_report(file, out_dir, tokenizer=_tokenizer(model, chat_template),
-                           summaries={k: v for k, v in given.items() if v is not None}, format=format)
+                           summaries={k: v for k, v in given.items() if v is not None},
+                           format=_schema(format, columns, cfg))
     print(f"{summary['conversations']} conversations; steps included: {', '.join(summary['steps']) or 'none'}")
     print(f"wrote {out_dir / 'report.html'} and {out_dir / 'report.md'}")
 

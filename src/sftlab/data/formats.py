@@ -1,15 +1,21 @@
 """Input schemas -> `Conversation`: one small function per schema, chosen by detection or by name.
 
 Supported schemas (the `format` names):
-  alpaca             {"instruction", "input"?, "output", "system"?}
+  alpaca             {"instruction", "input"?, "output", "system"?}  (Alpaca, Alpaca-GPT4, CodeAlpaca, ...)
+  dolly              {"instruction", "context"?, "response"}  (Databricks Dolly-15k; `category` goes to meta)
+  squad              {"question", "context", "answers": {"text": [...]}}  (SQuAD-style reading comprehension)
   sharegpt           {"conversations" | "messages": [{"from", "value"}]}  (human/gpt/system/... roles)
   messages           {"messages": [{"role", "content"}]}  (OpenAI; content may be a list of text parts)
-  prompt_completion  {"prompt","completion"} | {"prompt","response"} | {"question","answer"} | {"input","output"}
-                     (prompt/completion may also be message lists, as in TRL's conversational form)
+  prompt_completion  {"prompt","completion"} | {"prompt","response"} | {"question","answer"} | {"question","response"}
+                     | {"query","response"} | {"problem","solution"} | {"inputs","targets"} | {"input","output"},
+                     with an optional "system" or "system_prompt" (OpenOrca); prompt/completion may also
+                     be message lists, as in TRL's conversational form
   text               {"text"}  -> raw text (continued pre-training)
   preference         {"prompt"?, "chosen", "rejected"} or {"messages", "rejected"}: the chosen
                      conversation becomes `messages`; the rejected one (full message list, prompt
                      included) goes to `meta["rejected"]`.
+Any other layout is read through a column mapping (`Columns`: `data.columns` in a config,
+`--columns prompt=question,response=answer` on the data commands), passed where a format name goes.
 Fields a schema does not use are kept in `meta` (e.g. `label`, `task`, `id`).
 Every problem raises `RecordError` (a `DataError`) naming the record's source and a `kind`
 (a short category that reject summaries count by).
@@ -17,7 +23,10 @@ Every problem raises `RecordError` (a `DataError`) naming the record's source an
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from functools import partial
+from typing import Any, Callable, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sftlab.data.conversation import ROLES, Conversation
 from sftlab.errors import DataError, SftlabError
@@ -43,11 +52,15 @@ SHAREGPT_ROLES = {
     "observation": "tool",
 }
 
-# OpenAI `role` values -> Conversation roles ("developer" is OpenAI's newer name for system).
-OPENAI_ROLES = {**{r: r for r in ROLES}, "developer": "system", "function": "tool"}
+# `role` values -> Conversation roles ("developer" is OpenAI's newer name for system; "prompter"
+# is OpenAssistant's name for the user).
+OPENAI_ROLES = {**{r: r for r in ROLES}, "developer": "system", "function": "tool", "prompter": "user"}
 
 # (prompt key, answer key) pairs recognised as prompt/completion, in detection order.
-PROMPT_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"), ("input", "output"))
+PROMPT_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"), ("question", "response"),
+                ("query", "response"), ("problem", "solution"), ("inputs", "targets"), ("input", "output"))
+# Optional system-prompt keys of prompt/completion records (OpenOrca writes `system_prompt`).
+SYSTEM_KEYS = ("system", "system_prompt")
 
 
 def _string(record: dict, key: str, source: str, *, required: bool = True) -> str | None:
@@ -98,11 +111,56 @@ def _message_list(value: Any, source: str, role_key: str, content_key: str, role
     return messages
 
 
+class _Shape(NamedTuple):
+    role_key: str
+    content_key: str
+    roles: dict[str, str]
+
+
+SHAREGPT = _Shape("from", "value", SHAREGPT_ROLES)
+OPENAI = _Shape("role", "content", OPENAI_ROLES)
+OASST = _Shape("role", "text", OPENAI_ROLES)  # OpenAssistant exports: {"role": "prompter", "text": ...}
+
+
+def _shape(value: Any) -> _Shape:
+    """The message layout of a list, judged by its first message."""
+    first = next(iter(value), None) if isinstance(value, list) else None
+    if isinstance(first, dict) and "from" in first:
+        return SHAREGPT
+    if isinstance(first, dict) and "text" in first and "content" not in first:
+        return OASST
+    return OPENAI
+
+
+def _messages_in(record: dict, key: str, source: str, shape: _Shape | None = None) -> list[dict[str, str]]:
+    shape = shape or _shape(record[key])
+    return _message_list(record[key], source, shape.role_key, shape.content_key, shape.roles, key)
+
+
 def _as_messages(value: Any, source: str, default_role: str, field: str) -> list[dict[str, str]]:
     """A string (one message of `default_role`) or a list of {role, content} messages."""
     if isinstance(value, str):
         return [{"role": default_role, "content": value}]
     return _message_list(value, source, "role", "content", None, field)
+
+
+def _optional_text(record: dict, key: str | None, source: str) -> str | None:
+    """An optional string field; absent, null, empty or whitespace-only all mean "not given"."""
+    value = _string(record, key, source, required=False) if key else None
+    return value if value and value.strip() else None
+
+
+def _answer(value: Any, source: str, key: str) -> str:
+    """A response column: a string, or the first answer of a list or of {"text": [...]} (SQuAD)."""
+    if isinstance(value, dict) and "text" in value:
+        value = value["text"]
+    if isinstance(value, list):
+        if not value:
+            raise RecordError(source, "empty content", f"'{key}' holds no answer")
+        value = value[0]
+    if not isinstance(value, str):
+        raise RecordError(source, "mistyped field", f"'{key}' must be a string, got {type(value).__name__}")
+    return value
 
 
 def check_messages(messages: list[dict[str, str]], source: str) -> None:
@@ -139,32 +197,40 @@ def _chat(messages: list[dict[str, str]], source: str, meta: dict[str, Any]) -> 
     return Conversation(messages=messages, source=source, meta=meta)
 
 
-def from_alpaca(record: dict, source: str) -> Conversation:
-    instruction = _string(record, "instruction", source)
-    extra = _string(record, "input", source, required=False)
-    output = _string(record, "output", source)
-    system = _string(record, "system", source, required=False)
-    user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-        {"role": "user", "content": user},
-        {"role": "assistant", "content": output},
+def from_instruction(record: dict, source: str, *, prompt: str, response: str, input: str | None = None,
+                     system: str | None = None) -> Conversation:
+    """One exchange from named columns: system? -> user: prompt (+ blank line + input) -> assistant: response.
+    An empty input or system column counts as absent."""
+    question = _string(record, prompt, source)
+    if response not in record or record[response] is None:
+        raise RecordError(source, "missing field", f"'{response}'")
+    answer = _answer(record[response], source, response)
+    extra = _optional_text(record, input, source)
+    system_text = _optional_text(record, system, source)
+    messages = ([{"role": "system", "content": system_text}] if system_text else []) + [
+        {"role": "user", "content": f"{question}\n\n{extra}" if extra else question},
+        {"role": "assistant", "content": answer},
     ]
-    return _chat(messages, source, _meta(record, ("instruction", "input", "output", "system")))
+    return _chat(messages, source, _meta(record, (prompt, response, input, system)))
+
+
+from_alpaca = partial(from_instruction, prompt="instruction", input="input", response="output", system="system")
+from_dolly = partial(from_instruction, prompt="instruction", input="context", response="response", system="system")
+from_squad = partial(from_instruction, prompt="question", input="context", response="answers")
 
 
 def from_sharegpt(record: dict, source: str) -> Conversation:
     key = "conversations" if "conversations" in record else "messages"
     if key not in record:
         raise RecordError(source, "missing field", "'conversations'")
-    messages = _message_list(record[key], source, "from", "value", SHAREGPT_ROLES, key)
-    return _chat(messages, source, _meta(record, (key,)))
+    return _chat(_messages_in(record, key, source, SHAREGPT), source, _meta(record, (key,)))
 
 
 def from_messages(record: dict, source: str) -> Conversation:
     if "messages" not in record:
         raise RecordError(source, "missing field", "'messages'")
-    messages = _message_list(record["messages"], source, "role", "content", None, "messages")
-    return _chat(messages, source, _meta(record, ("messages",)))
+    shape = OASST if _shape(record["messages"]) is OASST else OPENAI
+    return _chat(_messages_in(record, "messages", source, shape), source, _meta(record, ("messages",)))
 
 
 def _prompt_pair(record: dict) -> tuple[str, str] | None:
@@ -177,15 +243,18 @@ def from_prompt_completion(record: dict, source: str) -> Conversation:
         expected = " | ".join(f"{p}/{a}" for p, a in PROMPT_PAIRS)
         raise RecordError(source, "missing field", f"expected one of {expected}")
     p, a = pair
-    messages = _as_messages(record[p], source, "user", p) + _as_messages(record[a], source, "assistant", a)
-    return _chat(messages, source, _meta(record, pair))
+    system_key = next((k for k in SYSTEM_KEYS if k in record), None)
+    system = _optional_text(record, system_key, source)
+    messages = ([{"role": "system", "content": system}] if system else []) + \
+        _as_messages(record[p], source, "user", p) + _as_messages(record[a], source, "assistant", a)
+    return _chat(messages, source, _meta(record, (*pair, system_key)))
 
 
-def from_text(record: dict, source: str) -> Conversation:
-    text = _string(record, "text", source)
+def from_text(record: dict, source: str, key: str = "text") -> Conversation:
+    text = _string(record, key, source)
     if not text.strip():
-        raise RecordError(source, "empty content", "'text' is empty or whitespace")
-    return Conversation(source=source, text=text, meta=_meta(record, ("text",)))
+        raise RecordError(source, "empty content", f"'{key}' is empty or whitespace")
+    return Conversation(source=source, text=text, meta=_meta(record, (key,)))
 
 
 def from_preference(record: dict, source: str) -> Conversation:
@@ -206,6 +275,8 @@ Converter = Callable[[dict, str], Conversation]
 
 FORMATS: dict[str, Converter] = {
     "alpaca": from_alpaca,
+    "dolly": from_dolly,
+    "squad": from_squad,
     "sharegpt": from_sharegpt,
     "messages": from_messages,
     "prompt_completion": from_prompt_completion,
@@ -215,8 +286,7 @@ FORMATS: dict[str, Converter] = {
 
 
 def _messages_key_format(record: dict) -> str:
-    first = next(iter(record["messages"]), None) if isinstance(record["messages"], list) else None
-    return "sharegpt" if isinstance(first, dict) and "from" in first else "messages"
+    return "sharegpt" if _shape(record["messages"]) is SHAREGPT else "messages"
 
 
 # Detection rules, first match wins: (format, keys that must all be present) or a function.
@@ -226,6 +296,8 @@ _DETECT: tuple[tuple[tuple[str, ...], Callable[[dict], str]], ...] = (
     (("conversations",), lambda r: "sharegpt"),
     (("messages",), _messages_key_format),
     (("instruction", "output"), lambda r: "alpaca"),
+    (("instruction", "response"), lambda r: "dolly"),
+    (("question", "context", "answers"), lambda r: "squad"),
     *(((p, a), lambda r: "prompt_completion") for p, a in PROMPT_PAIRS),
     (("text",), lambda r: "text"),
 )
@@ -240,8 +312,8 @@ def detect_format(record: dict, source: str = "<record>") -> str:
                       f"keys {sorted(record)[:8]} match no format ({', '.join(FORMATS)})")
 
 
-def check_format_name(format: str | None) -> None:
-    if format is not None and format not in FORMATS:
+def check_format_name(format: str | Columns | None) -> None:
+    if isinstance(format, str) and format not in FORMATS:
         import difflib
 
         close = difflib.get_close_matches(format, FORMATS, n=1)
@@ -249,9 +321,80 @@ def check_format_name(format: str | None) -> None:
         raise SftlabError(f"unknown data format '{format}'; known: {', '.join(FORMATS)}.{hint}")
 
 
-def to_conversation(record: Any, source: str, format: str | None = None) -> Conversation:
-    """Convert one raw record; `format` (a key of FORMATS) overrides detection."""
+def to_conversation(record: Any, source: str, format: str | Columns | None = None) -> Conversation:
+    """Convert one raw record; `format` (a key of FORMATS, or a `Columns` mapping) overrides detection."""
     if not isinstance(record, dict):
         raise RecordError(source, "not an object", f"record is a JSON {type(record).__name__}, expected an object")
+    if isinstance(format, Columns):
+        return format.convert(record, source)
     check_format_name(format)
     return FORMATS[format or detect_format(record, source)](record, source)
+
+
+class Columns(BaseModel):
+    """Which column is which, for datasets in no detected schema (`data.columns` in a config,
+    `--columns prompt=question,response=answer` on the data commands). Give `prompt` and
+    `response` (with `input`, `system` if present), or `messages` (with `system`), or `text`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str | None = Field(None, description="The user's request (instruction, question).")
+    input: str | None = Field(None, description="Optional extra input appended to the prompt after a blank line (context, passage).")
+    response: str | None = Field(None, description="The answer trained on (a string, or the first of a list / {text: [...]}).")
+    system: str | None = Field(None, description="Optional system prompt.")
+    messages: str | None = Field(None, description="A message list (role/content, from/value or role/text).")
+    text: str | None = Field(None, description="Raw text (continued pre-training).")
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> Columns:
+        pair = self.prompt is not None or self.response is not None
+        if pair and (self.prompt is None or self.response is None):
+            raise ValueError("give both 'prompt' and 'response'")
+        if sum((pair, self.messages is not None, self.text is not None)) != 1:
+            raise ValueError("map 'prompt' + 'response', or 'messages', or 'text' (exactly one of these)")
+        if self.input is not None and not pair:
+            raise ValueError("'input' goes with 'prompt' and 'response'")
+        if self.system is not None and self.text is not None:
+            raise ValueError("'system' does not go with 'text'")
+        return self
+
+    @classmethod
+    def parse(cls, value: str) -> Columns:
+        """`prompt=question,response=answer` -> Columns (for --columns)."""
+        pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+        bad = [k for k, sep, v in pairs if not sep or not k.strip() or not v.strip()]
+        if bad or not pairs:
+            raise SftlabError(f"--columns '{value}': expected ROLE=COLUMN pairs, e.g. prompt=question,response=answer")
+        return cls.build({k.strip(): v.strip() for k, _, v in pairs}, "--columns")
+
+    @classmethod
+    def build(cls, mapping: dict, origin: str) -> Columns:
+        try:
+            return cls.model_validate(mapping)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            hint = f" (roles: {', '.join(cls.model_fields)})" if err["type"] == "extra_forbidden" else ""
+            raise SftlabError(f"{origin}: {where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}{hint}") from None
+
+    def convert(self, record: dict, source: str) -> Conversation:
+        if self.text is not None:
+            return from_text(record, source, self.text)
+        if self.messages is not None:
+            if self.messages not in record:
+                raise RecordError(source, "missing field", f"'{self.messages}'")
+            messages = _messages_in(record, self.messages, source)
+            system = _optional_text(record, self.system, source)
+            if system and (not messages or messages[0]["role"] != "system"):
+                messages = [{"role": "system", "content": system}, *messages]
+            return _chat(messages, source, _meta(record, (self.messages, self.system)))
+        return from_instruction(record, source, prompt=self.prompt, response=self.response, input=self.input,
+                                system=self.system)
+
+
+def schema(format: str | None, columns: Columns | None) -> str | Columns | None:
+    """What the loaders take as `format`: the column mapping, the format name, or None (detect)."""
+    if format is not None and columns is not None:
+        raise SftlabError(f"give a data format ('{format}') or a column mapping, not both: the mapping names the schema")
+    check_format_name(format)
+    return columns if columns is not None else format

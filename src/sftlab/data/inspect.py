@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from itertools import islice
 
-from sftlab.data.render import IGNORE, RenderOptions, render
+from sftlab.data.formats import Columns
+from sftlab.data.render import IGNORE, RenderOptions, iter_rendered
+from sftlab.errors import DataError
+
+SCREEN_LIMIT = 3  # examples shown on screen when no limit is given; JSON prints every one
 
 
 def inspect_file(
@@ -14,24 +19,36 @@ def inspect_file(
     model: str = "default",
     chat_template: str | None = None,
     as_json: bool = False,
-    limit: int | None = 3,
-    format: str | None = None,
+    limit: int | None = None,
+    format: str | Columns | None = None,
     train_on: str = "all",
-) -> None:
-    from sftlab.data.load import load_conversations
+) -> int:
+    """Print the examples of `path` rendered as training renders them; returns how many were shown.
+
+    `limit` None means every example with `as_json`, and the first SCREEN_LIMIT on screen
+    (saying how to see more), so a script reading the JSON never loses rows.
+    """
+    from sftlab.data.load import iter_conversations
     from sftlab.models import load_tokenizer
 
     tokenizer = load_tokenizer(model, chat_template=chat_template)
-    conversations = load_conversations(path, format=format)
-    if limit is not None:
-        conversations = conversations[:limit]
-    options = RenderOptions(train_on=train_on)
-    for conv in conversations:
-        ex = render(conv, tokenizer, options)
+    conversations = iter_conversations(path, format=format)
+    shown_limit = limit if limit is not None or as_json else SCREEN_LIMIT
+    if shown_limit is not None:
+        conversations = islice(conversations, shown_limit + (limit is None))  # one more: is there more?
+    shown = 0
+    for _, ex in iter_rendered(conversations, tokenizer, RenderOptions(train_on=train_on)):
+        if isinstance(ex, DataError):
+            raise ex
+        if shown_limit is not None and shown == shown_limit:
+            print(f"(first {shown} examples shown; --limit N shows more, --json prints all)")
+            break
+        shown += 1
         if as_json:
             print(json.dumps({"source": ex.source, "input_ids": ex.input_ids, "labels": ex.labels}))
         else:
             _print_example(ex, tokenizer)
+    return shown
 
 
 def token_pieces(ex, tokenizer) -> list[tuple[str, bool]]:

@@ -39,6 +39,7 @@ class RenderOptions:
     train_on: Literal["all", "last"] = "all"  # which assistant turns are trained
     max_seq_length: int | None = None
     truncation: Literal["drop", "truncate"] = "drop"  # policy for over-long examples
+    split_text: bool = False  # raw text is returned whole, to be split into blocks (train/dataset.py)
 
 
 class TooLong(DataError):
@@ -393,7 +394,8 @@ def _render_text(conversation: Conversation, tokenizer, options: RenderOptions) 
     labels = list(ids)
     if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
         labels[0] = IGNORE
-    return _fit(Example(ids, labels, conversation.source), options)
+    example = Example(ids, labels, conversation.source)
+    return example if options.split_text else _fit(example, options)
 
 
 def _fit(example: Example, options: RenderOptions) -> Example:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sftlab.data.conversation import Conversation
 from sftlab.data.curate import exact_key
-from sftlab.data.formats import RecordError, check_format_name, to_conversation
+from sftlab.data.formats import Columns, RecordError, schema, to_conversation
 from sftlab.data.load import ConversationWriter, RejectLog, iter_records
 from sftlab.errors import DataError, SftlabError
 
@@ -32,6 +32,7 @@ class ValidateOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: str | None = Field(None, description="Input schema; detected per record when unset.")
+    columns: Columns | None = Field(None, description="Column mapping for data in no detected schema.")
     split: str | None = Field(None, description="Split of a multi-split input (HF dataset, JSON object of lists).")
     on_error: Literal["raise", "skip"] = Field("raise", description="raise: stop at the first bad record; skip: reject it and go on.")
     dedup: bool = Field(True, description="Remove exact duplicates (normalised text), keeping the first.")
@@ -108,7 +109,8 @@ class _Validator:
         training cuts them at max_seq_length); a conversation the template cannot render is rejected."""
         from sftlab.data.render import RenderOptions, TooLong, render_many
 
-        options = RenderOptions(max_seq_length=self.opts.max_seq_length, truncation=self.opts.length_policy)
+        options = RenderOptions(max_seq_length=self.opts.max_seq_length, truncation=self.opts.length_policy,
+                                split_text=True)  # raw text is split into blocks by training, not cut
         out = []
         for (conv, raw), result in zip(batch, render_many([c for c, _ in batch], self.tokenizer, options)):
             if isinstance(result, DataError):
@@ -126,7 +128,7 @@ def validate(path: str | Path, options: ValidateOptions | None = None, *, out: s
     from tqdm import tqdm
 
     opts = options or ValidateOptions()
-    check_format_name(opts.format)
+    fmt = schema(opts.format, opts.columns)
     if opts.max_seq_length and tokenizer is None:
         raise SftlabError("max_seq_length needs a tokenizer: pass --model")
     report = ValidateReport(input=str(path), output=str(out) if out else None,
@@ -141,7 +143,7 @@ def validate(path: str | Path, options: ValidateOptions | None = None, *, out: s
             for source, raw in tqdm(reader, desc="validate", unit="rec", disable=not progress):
                 records += 1
                 try:
-                    batch.append((to_conversation(raw, source, opts.format), raw))
+                    batch.append((to_conversation(raw, source, fmt), raw))
                 except RecordError as e:
                     v.reject(e, raw)
                 if len(batch) >= BATCH:

@@ -12,7 +12,8 @@ from sftlab.config import DataConfig
 from sftlab.data.cache import examples_digest, file_digest, fingerprint, load_examples, save_examples
 from sftlab.data.conversation import Example
 from sftlab.data.pack import pack
-from sftlab.data.render import RenderOptions, TooLong, iter_rendered
+from sftlab.data.render import IGNORE, RenderOptions, TooLong, iter_rendered
+from sftlab.errors import SftlabError
 
 
 @dataclass
@@ -31,6 +32,8 @@ class PrepStats:
     digest: str = ""  # hash of the rendered examples (what training sees)
     rejects_file: str | None = None
     curated: dict | None = None  # the curation report, when data.curate is set
+    text_documents: int = 0  # raw-text records ...
+    text_blocks: int = 0  # ... and the blocks of at most max_seq_length tokens they were split into
     dropped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -41,6 +44,8 @@ class PrepStats:
             parts.append(f"{self.too_long} over max_seq_length dropped")
         if self.truncated:
             parts.append(f"{self.truncated} truncated")
+        if self.text_documents:
+            parts.append(f"{self.text_blocks} text blocks from {self.text_documents} documents")
         if self.curated:
             parts.append(f"{self.curated['removed_total']} removed by curation {self.curated['removed']}")
         parts.append(f"{'cache hit' if self.cached else 'rendered'} in {self.seconds:.2f}s")
@@ -48,7 +53,7 @@ class PrepStats:
 
 
 CACHED_STATS = ("records", "rejected", "too_long", "truncated", "dropped", "curated", "tokens", "trained_tokens",
-                "digest")
+                "digest", "text_documents", "text_blocks")
 
 
 def _data_digest(path: str, data: DataConfig) -> str:
@@ -59,8 +64,10 @@ def _data_digest(path: str, data: DataConfig) -> str:
 def prepare_examples(path: str, tokenizer, data: DataConfig, cache_root: Path, rejects_path: Path | None = None):
     """Load, validate, render (or load from cache) the examples of one data file."""
     t0 = time.perf_counter()
-    opts = RenderOptions(train_on=data.train_on, max_seq_length=data.max_seq_length, truncation=data.truncation)
+    opts = RenderOptions(train_on=data.train_on, max_seq_length=data.max_seq_length, truncation=data.truncation,
+                         split_text=True)
     key_opts = {**asdict(opts), "format": data.format, "split": data.split, "on_error": data.on_error,
+                "columns": data.columns.model_dump() if data.columns else None, "stride": data.stride,
                 "curate": data.curate.model_dump(mode="json") if data.curate else None,
                 "decontaminate": [file_digest(f) for f in data.curate.decontaminate] if data.curate else []}
     fp = fingerprint(_data_digest(path, data), tokenizer, key_opts)
@@ -87,11 +94,12 @@ def _render_file(path: str, tokenizer, data: DataConfig, opts: RenderOptions, st
                  rejects_path: Path | None) -> list[Example]:
     """Read, validate, curate and render one data file, counting every record in `stats`.
     Without curation the file streams into the renderer, so reading overlaps tokenization."""
+    from sftlab.data.formats import schema
     from sftlab.data.load import RejectLog, iter_conversations
 
     rejects = RejectLog(rejects_path) if data.on_error == "skip" else None
-    conversations = iter_conversations(path, format=data.format, split=data.split, on_error=data.on_error,
-                                       rejects=rejects)
+    conversations = iter_conversations(path, format=schema(data.format, data.columns), split=data.split,
+                                       on_error=data.on_error, rejects=rejects)
     if data.curate is not None:
         from sftlab.data.curate import curate
 
@@ -109,6 +117,11 @@ def _render_file(path: str, tokenizer, data: DataConfig, opts: RenderOptions, st
                 raise item
             rejects.add_error(item, conv.to_json())
             failed += 1
+        elif conv.is_raw_text:
+            blocks = text_blocks(item, data.max_seq_length, data.stride)
+            stats.text_documents += 1
+            stats.text_blocks += len(blocks)
+            examples += blocks
         else:
             examples.append(item)
             stats.truncated += item.truncated
@@ -120,6 +133,29 @@ def _render_file(path: str, tokenizer, data: DataConfig, opts: RenderOptions, st
     stats.tokens = sum(len(e) for e in examples)
     stats.trained_tokens = sum(e.num_trained for e in examples)
     return examples
+
+
+def text_blocks(example: Example, size: int, overlap: int) -> list[Example]:
+    """A raw-text example split into blocks of at most `size` tokens, so no token is cut away.
+
+    Each block after the first starts with the last `overlap` tokens of the block before, as
+    context that is not trained again (a row's first token is never a target, since nothing
+    precedes it: `overlap` >= 1 keeps that token trained in the previous block). So every
+    token of the document is trained exactly once.
+    """
+    n = len(example)
+    if n <= size:
+        return [example]
+    if not 1 <= overlap < size:
+        raise SftlabError(f"data.stride must be at least 1 and below data.max_seq_length ({size}), got {overlap}")
+    starts = range(0, n - overlap, size - overlap)
+    blocks = []
+    for k, a in enumerate(starts):
+        labels = example.label_ids[a:a + size].copy()
+        if k:
+            labels[:overlap] = IGNORE
+        blocks.append(Example(example.ids[a:a + size], labels, f"{example.source} block {k + 1}/{len(starts)}"))
+    return blocks
 
 
 @contextmanager

@@ -139,9 +139,9 @@ def base_weights_dtype(method: str, use_bf16: bool) -> str:
     return "bfloat16" if use_bf16 and method in ("lora", "dora") else "float32"
 
 
-def build_model(config: TrainConfig, use_bf16: bool):
-    """Base model, with LoRA / DoRA / QLoRA applied through PEFT."""
-    from sftlab.models import load_model
+def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
+    """Base model, with LoRA / DoRA / QLoRA applied through PEFT; embeddings fitted to `tokenizer`."""
+    from sftlab.models import fit_embeddings, load_model
 
     quant = None
     if config.method == "qlora":
@@ -162,6 +162,7 @@ def build_model(config: TrainConfig, use_bf16: bool):
     model = load_model(m.name_or_path, dtype=dtype, trust_remote_code=m.trust_remote_code,
                        attn_implementation=m.attn_implementation, quantization_config=quant)
     model.config.use_cache = False
+    new_token_kwargs = fit_embeddings(model, tokenizer) if tokenizer is not None else {}
     choose_attention(model, m.attn_implementation, packing=config.data.packing)
     if config.method == "full":
         if config.training.gradient_checkpointing:
@@ -177,7 +178,7 @@ def build_model(config: TrainConfig, use_bf16: bool):
     lora = config.lora
     peft_config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        use_dora=lora.use_dora, task_type="CAUSAL_LM",
+        use_dora=lora.use_dora, task_type="CAUSAL_LM", **new_token_kwargs,
     )
     return get_peft_model(model, peft_config)
 
@@ -282,7 +283,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
     use_bf16 = use_bf16 and not config.training.fp16
     set_seed(config.training.seed)  # LoRA's initialisation too must repeat for the same seed
-    model = build_model(config, use_bf16)
+    model = build_model(config, use_bf16, tokenizer)
     flatten = can_flatten(model)
     bucket = not torch.cuda.is_available()  # CPU kernels are built per matmul shape (data/pack.py shape_bucket)
     rows = make_rows(train_ex, config.data.max_seq_length, config.data.packing)

@@ -1,0 +1,97 @@
+"""Continued pre-training splits long documents so every token trains; a base model trains with a
+named chat template whose new special tokens are learned and saved with the LoRA adapter."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sftlab.cli import main
+from sftlab.config import DataConfig
+from sftlab.data.conversation import Conversation, Example
+from sftlab.data.render import IGNORE, RenderOptions, render
+from sftlab.train.dataset import prepare_examples, text_blocks
+
+WORDS = "river stone lantern orbit velvet quarry meadow cipher harbor tundra".split()
+
+
+@pytest.fixture(scope="module")
+def long_doc(tmp_path_factory, tokenizer):
+    """A JSONL file with one document of at least 10,000 tokens, and its rendered form."""
+    rng = np.random.default_rng(0)
+    text = " ".join(rng.choice(WORDS, size=9000))
+    while len(tokenizer(text)["input_ids"]) < 10_000:
+        text += " " + " ".join(rng.choice(WORDS, size=200))
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text(json.dumps({"text": text}) + "\n")
+    full = render(Conversation(text=text, source="doc"), tokenizer, RenderOptions(split_text=True))
+    assert len(full) >= 10_000
+    return path, full
+
+
+def targets(full: Example) -> int:
+    """Tokens of the document a model can be trained to predict: all trained labels but the first token's."""
+    return full.num_trained - int(full.label_ids[0] != IGNORE)
+
+
+def test_blocks_cover_every_token_once():
+    ex = Example(list(range(10)), list(range(10)), "d")
+    blocks = text_blocks(ex, 4, 1)
+    assert [b.input_ids for b in blocks] == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
+    assert [b.labels for b in blocks] == [[0, 1, 2, 3], [IGNORE, 4, 5, 6], [IGNORE, 7, 8, 9]]
+    assert [b.source for b in blocks] == ["d block 1/3", "d block 2/3", "d block 3/3"]
+    wide = text_blocks(ex, 5, 2)
+    assert [b.input_ids[0] for b in wide] == [0, 3, 6] and wide[-1].input_ids == [6, 7, 8, 9]
+    assert [lab for b in wide for lab in b.labels[1:] if lab != IGNORE] == list(range(1, 10))
+    assert text_blocks(ex, 10, 1) == [ex]
+
+
+def test_a_10000_token_document_is_split_not_cut(long_doc, tokenizer, tmp_path):
+    path, full = long_doc
+    data = DataConfig(train=str(path), format="text", max_seq_length=512, stride=16)
+    examples, stats = prepare_examples(str(path), tokenizer, data, tmp_path / "cache")
+    assert all(len(e) <= 512 for e in examples)
+    assert (stats.text_documents, stats.text_blocks) == (1, len(examples)) and len(examples) >= 20
+    trained = [lab for e in examples for lab in e.labels[1:] if lab != IGNORE]  # a row's first label is never a target
+    assert trained == [lab for lab in full.labels[1:] if lab != IGNORE]  # every token, once, in order
+    assert stats.truncated == 0 and stats.too_long == 0
+
+
+def test_training_on_a_10000_token_document_trains_all_its_tokens(long_doc, tiny_model_dir, tmp_path):
+    path, full = long_doc
+    out = tmp_path / "run"
+    assert main(["train", "-", f"model.name_or_path={tiny_model_dir}", f"data.train={path}", "data.format=text",
+                 "data.max_seq_length=256", "training.per_device_train_batch_size=8", "training.num_train_epochs=1",
+                 "training.bf16=false", f"output_dir={out}"]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["train_data"]["text_documents"] == 1 and info["train_data"]["text_blocks"] >= 40
+    assert info["trained_tokens_seen"] == targets(full)
+
+
+def test_a_base_model_trains_with_a_named_template_and_its_new_tokens(tiny_model_dir, tmp_path, tokenizer):
+    import torch
+
+    from sftlab.models import load_model
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Echo {w}", "output": w}) + "\n" for w in WORDS))
+    out = tmp_path / "run"
+    assert main(["train", "-", f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "model.chat_template=llama3",
+                 "data.max_seq_length=64", "training.max_steps=3", "training.learning_rate=1e-1",
+                 "training.bf16=false", "lora.r=4", f"output_dir={out}"]) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    new_ids = [len(tokenizer), len(tokenizer) + 1, len(tokenizer) + 2]
+    assert config["trainable_token_indices"] == {"embed_tokens": new_ids}
+    model = load_model(str(out))  # the base grows to the run's tokenizer before the adapter loads
+    ids = torch.tensor([new_ids + [1, 2]])
+    with torch.no_grad():
+        tuned = model.get_input_embeddings()(ids)
+        with model.disable_adapter():
+            base = model.get_input_embeddings()(ids)
+    changed = (tuned - base).abs().amax(-1)[0]
+    assert (changed[:3] > 0).all(), "the added tokens' embeddings were not trained"
+    assert (changed[3:] == 0).all(), "existing tokens' embeddings must stay the base's"
+    # merged, the trained rows are in the plain model (export checks merged == unmerged logits)
+    assert main(["export", str(out), "--to", "merged", str(tmp_path / "merged")]) == 0
