@@ -94,3 +94,28 @@ def test_a_trial_worse_than_the_median_is_pruned_and_its_training_stopped(tmp_pa
     last = study.trials[-1]
     assert last.state.name == "PRUNED" and last.intermediate_values == {1: 9.0}
     assert children[0].poll() is not None  # the child was stopped
+
+
+def test_reopening_marks_a_killed_trial_failed_and_queues_its_parameters(tmp_path):
+    # What a resumed sweep sees after a kill: one finished trial, one left RUNNING.
+    from sftlab.train.sweep import finished, open_study
+
+    cfg = config(tmp_path, {"lora.r": [4, 8, 16]}, sampler="random")
+    study = open_study(tmp_path / "sweep", cfg.sweep)
+    done = study.ask()
+    done.suggest_categorical("lora.r", [4, 8, 16])
+    study.tell(done, 1.0)
+    killed = study.ask()
+    r = killed.suggest_categorical("lora.r", [4, 8, 16])
+    assert finished(study) == 1
+
+    again = open_study(tmp_path / "sweep", cfg.sweep)
+    states = [t.state.name for t in again.get_trials()]
+    assert states == ["COMPLETE", "FAIL", "WAITING"]
+    assert finished(again) == 1  # the killed trial does not count: its retry will
+    retry = again.ask()
+    assert retry.number == 2 and retry.user_attrs["retry_of"] == 1
+    assert retry.suggest_categorical("lora.r", [4, 8, 16]) == r
+    again.tell(retry, 0.5)
+    assert finished(again) == 2
+    assert finished(open_study(tmp_path / "sweep", cfg.sweep)) == 2  # nothing left RUNNING: nothing re-queued
