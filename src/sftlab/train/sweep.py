@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import yaml
 
-from sftlab.config import SweepConfig, TrainConfig, _set_path
+from sftlab.config import SweepConfig, TrainConfig
 from sftlab.errors import SftlabError
 from sftlab.files import atomic_write
 
@@ -48,15 +48,16 @@ def direction_of(sweep: SweepConfig) -> str:
 
 def trial_config(config: TrainConfig, params: dict[str, Any], out: Path) -> TrainConfig:
     """The base config with `params` (dotted keys) set, no sweep section, writing to `out`."""
-    tree = config.model_dump(mode="json")
-    tree["sweep"] = None
+    from pydantic import ValidationError
+
+    tree = _base_tree(config)
     tree["output_dir"] = str(out)
     for key, value in params.items():
-        _set_path(tree, key, value)
+        _set(tree, key, value)
     try:
         return TrainConfig.model_validate(tree)
-    except Exception as e:
-        raise SftlabError(f"sweep.space: {', '.join(params)} = {params}: {e}") from None
+    except ValidationError as e:
+        raise TrialError(f"{_fmt(params)}: {e.errors()[0]['msg']}") from None
 
 
 def check_space(config: TrainConfig) -> None:
@@ -68,16 +69,22 @@ def check_space(config: TrainConfig) -> None:
             raise SftlabError(f"sweep.space: '{key}' is not a config key to search (e.g. training.learning_rate, lora.r)")
         values = spec if isinstance(spec, list) else [int(v) if "int" in spec else v for v in next(iter(spec.values()))]
         for v in values:
-            tree = _tree_with(config, key, v)
+            tree = _base_tree(config)
+            _set(tree, key, v)
             try:
                 TrainConfig.model_validate(tree)
             except ValidationError as e:
                 raise SftlabError(f"sweep.space: '{key}' = {v!r} is not valid: {e.errors()[0]['msg']}") from None
 
 
-def _tree_with(config: TrainConfig, key: str, value: Any) -> dict:
+def _base_tree(config: TrainConfig) -> dict:
     tree = config.model_dump(mode="json")
     tree["sweep"] = None
+    return tree
+
+
+def _set(tree: dict, key: str, value: Any) -> None:
+    """Set an existing dotted key: a search over a misspelled key must fail, not add a field."""
     node = tree
     for k in key.split(".")[:-1]:
         if not isinstance(node.get(k), dict):
@@ -86,7 +93,6 @@ def _tree_with(config: TrainConfig, key: str, value: Any) -> dict:
     if key.split(".")[-1] not in node:
         raise SftlabError(f"sweep.space: '{key}' is not a config key")
     node[key.split(".")[-1]] = value
-    return tree
 
 
 def suggest(trial, space: dict[str, Any]) -> dict[str, Any]:
