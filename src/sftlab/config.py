@@ -119,7 +119,7 @@ class TrainConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output_dir: str = Field("runs/latest", description="Run directory (created; a resumed run continues in it).")
-    sweep: SweepConfig | None = Field(None, description="Search space and objective for `sftlab sweep`.")
+    sweep: SweepConfig | None = Field(None, description="Search space and objective for `sftlab sweep` (its keys: docs/sweep.md).")
 
     @model_validator(mode="after")
     def _dora(self) -> TrainConfig:
