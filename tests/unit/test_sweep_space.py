@@ -119,3 +119,30 @@ def test_reopening_marks_a_killed_trial_failed_and_queues_its_parameters(tmp_pat
     again.tell(retry, 0.5)
     assert finished(again) == 2
     assert finished(open_study(tmp_path / "sweep", cfg.sweep)) == 2  # nothing left RUNNING: nothing re-queued
+
+
+def test_a_trial_stopped_by_ctrl_c_is_retried_on_resume(tmp_path, monkeypatch):
+    from sftlab.train import sweep as sw
+
+    cfg = config(tmp_path, {"lora.r": [4, 8, 16]}, sampler="random")
+    study = sw.open_study(tmp_path / "sweep", cfg.sweep)
+    children = []
+
+    def fake_child(args, log_path):
+        children.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        return children[-1]
+
+    def interrupted(trial, proc, metrics_path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sw, "_child", fake_child)
+    monkeypatch.setattr(sw, "_follow", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(lambda t: sw.run_trial(t, cfg, tmp_path / "sweep", log=lambda _: None), n_trials=1)
+    assert children[0].poll() is not None
+    stopped = study.trials[0]
+    assert stopped.state.name == "FAIL" and stopped.user_attrs["interrupted"]
+    again = sw.open_study(tmp_path / "sweep", cfg.sweep)
+    assert [t.state.name for t in again.get_trials()] == ["FAIL", "WAITING"]
+    assert sw.finished(again) == 0
+    assert len(sw.open_study(tmp_path / "sweep", cfg.sweep).get_trials()) == 2  # queued once only

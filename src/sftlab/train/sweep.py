@@ -140,8 +140,13 @@ def open_study(sweep_dir: Path, sweep: SweepConfig):
     if study.direction.name.lower() != direction_of(sweep):
         raise SftlabError(f"{sweep_dir / 'sweep.db'} holds a sweep that {study.direction.name.lower()}s; "
                           f"this config asks to {direction_of(sweep)}: use another output_dir")
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(t.number, state=TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for t in trials:
+        if t.state == TrialState.RUNNING:  # its sweep was killed
+            study.tell(t.number, state=TrialState.FAIL)
+        elif not (t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried):
+            continue  # (interrupted: Ctrl-C, see run_trial)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
     return study
 
@@ -192,8 +197,6 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def run_trial(trial, config: TrainConfig, sweep_dir: Path, log: Callable[[str], None] = print) -> float:
     """Train (and evaluate) one trial in a child process; report eval_loss as it is logged."""
-    import optuna
-
     params = suggest(trial, config.sweep.space)
     out = sweep_dir / f"trial-{trial.number:03d}"
     log(f"trial {trial.number}: {_fmt(params)}")
@@ -201,23 +204,17 @@ def run_trial(trial, config: TrainConfig, sweep_dir: Path, log: Callable[[str], 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "trial.yaml", cfg.to_yaml())
     trial.set_user_attr("run_dir", str(out))
-    log = out / "train.log"
-    proc = _child(["train", str(out / "trial.yaml")], log)
-    offset, losses = 0, []
-    while True:
-        code = proc.poll()
-        new, offset = eval_losses(out / "metrics.jsonl", offset)
-        for step, loss in new:
-            losses.append((step, loss))
-            trial.report(loss, step)
-            if trial.should_prune():
-                _stop(proc)
-                raise optuna.TrialPruned(f"eval_loss {loss:.4f} at step {step}")
-        if code is not None:
-            break
-        time.sleep(POLL_SECONDS)
+    log_path = out / "train.log"
+    proc = _child(["train", str(out / "trial.yaml")], log_path)
+    try:
+        losses = _follow(trial, proc, out / "metrics.jsonl")
+    except KeyboardInterrupt:  # Optuna records the trial as failed: mark it for a retry on resume
+        _stop(proc)
+        trial.set_user_attr("interrupted", True)
+        raise
+    code = proc.returncode
     if code != 0:
-        raise TrialError(f"trial {trial.number}: `sftlab train` exited with {code}; see {log}")
+        raise TrialError(f"trial {trial.number}: `sftlab train` exited with {code}; see {log_path}")
     objective = config.sweep.objective
     if objective == "eval_loss":
         if not losses:
@@ -226,13 +223,32 @@ def run_trial(trial, config: TrainConfig, sweep_dir: Path, log: Callable[[str], 
     args = ["eval", str(out), "--data", config.data.validation, "--metrics", objective, "--out", str(out / "eval")]
     if config.sweep.eval_limit:
         args += ["--limit", str(config.sweep.eval_limit)]
-    proc = _child(args, log)
+    proc = _child(args, log_path)
     if proc.wait() != 0:
-        raise TrialError(f"trial {trial.number}: `sftlab eval` exited with {proc.returncode}; see {log}")
+        raise TrialError(f"trial {trial.number}: `sftlab eval` exited with {proc.returncode}; see {log_path}")
     metrics = json.loads((out / "eval" / "metrics.json").read_text())["metrics"]
     if objective not in metrics:
         raise TrialError(f"trial {trial.number}: `sftlab eval` gave no '{objective}' (got {', '.join(metrics)})")
     return float(metrics[objective])
+
+
+def _follow(trial, proc: subprocess.Popen, metrics_path: Path) -> list[tuple[int, float]]:
+    """Report each eval_loss the child logs until it exits; stop it when the pruner says so."""
+    import optuna
+
+    offset, losses = 0, []
+    while True:
+        code = proc.poll()
+        new, offset = eval_losses(metrics_path, offset)
+        for step, loss in new:
+            losses.append((step, loss))
+            trial.report(loss, step)
+            if trial.should_prune():
+                _stop(proc)
+                raise optuna.TrialPruned(f"eval_loss {loss:.4f} at step {step}")
+        if code is not None:
+            return losses
+        time.sleep(POLL_SECONDS)
 
 
 class TrialError(Exception):
