@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -153,6 +153,39 @@ class DistributedConfig(Section):
         )
 
 
+SpaceRange = dict[Literal["log_uniform", "uniform", "int"], tuple[float, float]]
+
+
+class SweepConfig(Section):
+    """Hyper-parameter search for `sftlab sweep` (ignored by `sftlab train`)."""
+
+    space: dict[str, list[Any] | SpaceRange] = Field(..., description="Dotted config key -> list of choices, or {log_uniform|uniform|int: [low, high]}.")
+    objective: str = Field("eval_loss", description="eval_loss (last evaluation of the run), or a metric of `sftlab eval` on data.validation (exact_match, f1, rouge_l, ...).")
+    direction: Literal["minimize", "maximize"] | None = Field(None, description="Default: minimize for a loss or perplexity, maximize for any other metric.")
+    sampler: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna sampler; grid needs a space of choices only.")
+    pruner: Literal["median", "none"] = Field("median", description="Stop a trial whose eval_loss is worse than the median of earlier trials at the same step.")
+    prune_after_trials: int = Field(2, ge=0, description="Trials that run to the end before pruning starts.")
+    seed: int = Field(0, description="Sampler seed.")
+    eval_limit: int | None = Field(None, ge=1, description="Validation examples scored by `sftlab eval` per trial (metric objectives).")
+
+    @model_validator(mode="after")
+    def _check_space(self) -> SweepConfig:
+        if not self.space:
+            raise ValueError("the search space is empty")
+        for key, spec in self.space.items():
+            if isinstance(spec, list) and not spec:
+                raise ValueError(f"'{key}': no choices")
+            if isinstance(spec, dict):
+                if len(spec) != 1:
+                    raise ValueError(f"'{key}': give exactly one of log_uniform, uniform, int")
+                (kind, (low, high)), = spec.items()
+                if not low < high or (kind == "log_uniform" and low <= 0):
+                    raise ValueError(f"'{key}': {kind} needs 0 < low < high" if kind == "log_uniform" else f"'{key}': {kind} needs low < high")
+        if self.sampler == "grid" and any(isinstance(s, dict) for s in self.space.values()):
+            raise ValueError("sampler 'grid' needs every parameter as a list of choices")
+        return self
+
+
 class TrainConfig(Section):
     """Everything `sftlab train` needs; `sftlab train CONFIG key.sub=value ...`."""
 
@@ -163,6 +196,7 @@ class TrainConfig(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Engine when started on several processes (sftlab train --nproc N, torchrun, accelerate launch).")
     output_dir: str = Field("runs/latest", description="Run directory (created; a resumed run continues in it).")
+    sweep: SweepConfig | None = Field(None, description="Search space and objective for `sftlab sweep` (its keys: docs/sweep.md).")
 
     @model_validator(mode="after")
     def _dora(self) -> TrainConfig:
@@ -211,9 +245,10 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None) if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        models = [a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not models:  # `Section | None` counts as the section
             return []
-        model = ann
+        model = models[0]
     return list(model.model_fields)
 
 

@@ -1,0 +1,86 @@
+"""Summaries of run directories (run.json + config.yaml + metrics.jsonl) for `sftlab runs`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sftlab.errors import SftlabError
+
+COLUMNS = ("run", "method", "data", "steps", "final_loss", "best_eval_loss", "best_eval_step", "train_seconds", "finished")
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every folder under `root` (itself included) holding run.json and config.yaml."""
+    if not root.is_dir():
+        raise SftlabError(f"{root}: not a folder")
+    return sorted(p.parent for p in root.rglob("run.json") if (p.parent / "config.yaml").exists())
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SftlabError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
+def summarize(run: Path, root: Path) -> dict[str, Any]:
+    info = _read_json(run / "run.json")
+    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    losses, evals = [], []
+    metrics = run / "metrics.jsonl"
+    if metrics.exists():
+        for n, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SftlabError(f"{metrics}:{n}: invalid JSON: {e.msg}") from None
+            if isinstance(event.get("loss"), (int, float)):
+                losses.append(event["loss"])
+            if isinstance(event.get("eval_loss"), (int, float)):
+                evals.append((event["eval_loss"], event.get("step")))
+    best = min(evals, key=lambda e: e[0]) if evals else (None, None)
+    data = (config.get("data") or {}).get("train")
+    return {
+        "run": str(run.relative_to(root)) if run != root else run.name,
+        "method": info.get("method", config.get("method")),
+        "data": Path(data).name if data else None,
+        "steps": info.get("global_step"),
+        "final_loss": losses[-1] if losses else info.get("train_loss"),
+        "best_eval_loss": best[0],
+        "best_eval_step": best[1],
+        "train_seconds": info.get("train_seconds"),
+        "finished": bool(info.get("finished")),
+    }
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def render(rows: list[dict[str, Any]], fmt: str) -> str:
+    """`table` (aligned text), `csv` or `markdown`."""
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buf.getvalue()
+    cells = [list(COLUMNS)] + [[_cell(r[c]) for c in COLUMNS] for r in rows]
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+        lines.insert(1, "|" + "|".join("---" for _ in COLUMNS) + "|")
+        return "\n".join(lines) + "\n"
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells) + "\n"

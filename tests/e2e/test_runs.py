@@ -1,0 +1,63 @@
+"""`sftlab runs DIR`: one line per run, as a table, CSV and Markdown, from two tiny runs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from sftlab.cli import main
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory, tiny_model_dir):
+    from sftlab.demo.dataset import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("runs")
+    data = write_demo_dataset(root.parent / "data", sizes={"train": 8, "validation": 2, "test": 2})
+    common = ["train", "-", f"model.name_or_path={tiny_model_dir}", f"data.train={data['train']}",
+              f"data.validation={data['validation']}", "data.max_seq_length=128",
+              "training.per_device_train_batch_size=4", "training.logging_steps=1", "training.eval_steps=1",
+              "training.bf16=false", "training.learning_rate=1e-1", "training.warmup_ratio=0"]
+    assert main([*common, f"output_dir={root / 'a-lora'}", "training.max_steps=2"]) == 0
+    assert main([*common, f"output_dir={root / 'nested' / 'b-full'}", "method=full", "training.max_steps=3"]) == 0
+    (root / "not-a-run").mkdir()
+    return root
+
+
+def metrics(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_runs_csv_has_one_row_per_run_with_its_numbers(runs_root, capsys):
+    assert main(["runs", str(runs_root), "--csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["run"] for r in rows] == ["a-lora", "nested/b-full"]
+    for row, method, steps in zip(rows, ["lora", "full"], [2, 3]):
+        run = runs_root / row["run"]
+        events = metrics(run)
+        assert row["method"] == method and int(row["steps"]) == steps and row["data"] == "train.jsonl"
+        assert float(row["final_loss"]) == pytest.approx([e["loss"] for e in events if "loss" in e][-1])
+        best = min((e["eval_loss"], e["step"]) for e in events if "eval_loss" in e)
+        assert float(row["best_eval_loss"]) == pytest.approx(best[0]) and int(row["best_eval_step"]) == best[1]
+        assert float(row["train_seconds"]) == json.loads((run / "run.json").read_text())["train_seconds"]
+        assert row["finished"] == "True"
+
+
+def test_runs_table_and_markdown(runs_root, capsys):
+    assert main(["runs", str(runs_root), "--markdown"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| run | method | data | steps |") and lines[1].startswith("|---|")
+    assert len(lines) == 4 and lines[3].startswith("| nested/b-full | full |")
+    assert main(["runs", str(runs_root)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 3 and table[1].split()[:2] == ["a-lora", "lora"]
+
+
+def test_runs_errors_are_one_line(tmp_path, capsys):
+    assert main(["runs", str(tmp_path)]) == 1
+    assert "no run directory" in capsys.readouterr().err
+    assert main(["runs", str(tmp_path / "missing")]) == 1
+    assert "not a folder" in capsys.readouterr().err
