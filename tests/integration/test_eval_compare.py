@@ -89,7 +89,7 @@ def test_report_numbers_are_the_metrics_json(monkeypatch, model, tokenizer, tmp_
         assert rows[key][:3] == [fmt(value), fmt(saved["tuned"]["metrics"][key]), fmt_delta(d)]
         assert f"<td>{fmt(value)}</td>" in html and f"<td>{fmt_delta(d)}</td>" in html
     assert "overfitting started there" in md and "overfitting from step 10" in md
-    assert len(re.findall(r"src='data:image/png;base64,[A-Za-z0-9+/=]{200,}'", html)) == 3  # metrics, per task, loss curves
+    assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', html)) == 3  # metrics, per task, loss curves
     assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -108,3 +108,14 @@ def test_eval_result_save_load_round_trip(monkeypatch, model, tokenizer, tmp_pat
     assert result.metrics["exact_match"] == 1.0
     assert result.records[0]["scores"]["perplexity"] == pytest.approx(
         __import__("math").exp(-result.records[0]["logprob"] / result.records[0]["tokens"]))
+
+
+def test_html_report_escapes_model_text():
+    from sftlab.evaluation.report import html
+
+    data = {"base": "base", "n": 1, "models": {"base": {"source": "<script>alert(1)</script>", "metrics": {"em": 0.5},
+                                                        "by_group": {}}},
+            "runs": {}, "settings": {"confidence": 0.95, "n_bootstrap": 10}, "deltas": {}, "examples": {}, "bias": {}}
+    page = html(data, {})
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<td>0.5000</td>" in page

@@ -87,7 +87,7 @@ def _family(base, template, specials, eos):
 ])
 def test_stop_tokens_come_from_the_template(tokenizer, template, specials, end):
     tok = _family(tokenizer, template, specials, "<|endoftext|>")
-    assert stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids(end)]
+    assert stop_token_ids(tok) == [tok.convert_tokens_to_ids(end), tok.convert_tokens_to_ids("<|endoftext|>")]
 
 
 def test_chatml_stop_is_im_end(tokenizer):

@@ -52,18 +52,19 @@ def paired_bootstrap(
     out = {k: {"base": point_b[k], "tuned": point_t[k], "delta": point_t[k] - point_b[k]} for k in keys}
     if size < 2 or n < 1:
         return out
-    counts = np.random.default_rng(seed).multinomial(size, np.full(size, 1.0 / size), size=n)
+    from scipy.stats import bootstrap
+
     score_b, score_t = resampler(base.records, names), resampler(tuned.records, names)
-    draws: dict[str, list[float]] = {k: [] for k in keys}
-    for c in counts:
-        sb, st = score_b(c), score_t(c)
-        for k in keys:
-            d = st[k] - sb[k]
-            if math.isfinite(d):
-                draws[k].append(d)
-    for k in keys:
-        if draws[k]:
-            low, high = np.percentile(draws[k], [2.5, 97.5])
+
+    def deltas(idx_b, idx_t):  # paired: scipy draws the same example indices for base and tuned
+        sb, st = score_b(np.bincount(idx_b, minlength=size)), score_t(np.bincount(idx_t, minlength=size))
+        return np.array([st[k] - sb[k] for k in keys], dtype=np.float64)
+
+    index = np.arange(size)
+    ci = bootstrap((index, index), deltas, paired=True, vectorized=False, n_resamples=n, method="percentile",
+                   confidence_level=0.95, rng=np.random.default_rng(seed)).confidence_interval
+    for k, low, high in zip(keys, np.atleast_1d(ci.low), np.atleast_1d(ci.high)):
+        if math.isfinite(low) and math.isfinite(high):
             out[k].update(low=float(low), high=float(high))
     return out
 

@@ -8,39 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-_SENTINEL = "SFTLAB_ANSWER_SENTINEL"
-
-
-def _special_ids(tokenizer) -> set[int]:
-    ids = set(tokenizer.all_special_ids)
-    ids.update(i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special)
-    return ids
-
-
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """Token ids that end an answer: EOS plus the special token the chat template puts right
-    after an assistant turn (e.g. <|im_end|>, <|eot_id|>, <end_of_turn>, <|end|>).
-
-    Found by rendering a one-turn chat with a sentinel answer and reading the first special
-    token after it, so it works for any template rather than a list of known names.
-    """
-    stops: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        stops.append(tokenizer.eos_token_id)
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stops += gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
-    if tokenizer.chat_template:
-        try:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}], tokenize=False
-            )
-        except Exception:  # a template that rejects this minimal chat: fall back to EOS alone
-            text = ""
-        if _SENTINEL in text:
-            tail = tokenizer(text.split(_SENTINEL, 1)[1], add_special_tokens=False)["input_ids"]
-            special = _special_ids(tokenizer)
-            stops += [i for i in tail if i in special][:1]
-    return list(dict.fromkeys(stops))
+from sftlab.serve.generation import stop_token_ids
 
 
 def _prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -93,7 +61,7 @@ def generate_ids(
 
     if not prompts:
         return []
-    stops = stop_token_ids(tokenizer, model)
+    stops = stop_token_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
     if not stops:
         from sftlab.errors import SftlabError
 

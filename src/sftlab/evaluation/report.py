@@ -7,7 +7,6 @@ images); each output format only renders blocks, so both always show the same nu
 from __future__ import annotations
 
 import base64
-import html as _html
 import math
 from typing import Any
 
@@ -155,23 +154,10 @@ padding:.6em 1em}img{max-width:100%}"""
 
 
 def html(data: dict[str, Any], images: dict[str, bytes]) -> str:
-    e = _html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>sftlab comparison</title>",
-             f"<style>{_CSS}</style></head><body>"]
-    for b in blocks(data, list(images)):
-        kind = b[0]
-        if kind in ("h1", "h2", "h3"):
-            parts.append(f"<{kind}>{e(b[1])}</{kind}>")
-        elif kind == "p":
-            parts.append(f"<p>{e(b[1])}</p>")
-        elif kind == "warn":
-            parts.append(f"<p class='warn'><strong>Warning:</strong> {e(b[1])}</p>")
-        elif kind == "table":
-            head = "".join(f"<th>{e(str(h))}</th>" for h in b[1])
-            body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in b[2])
-            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif kind == "img":
-            data_uri = base64.b64encode(images[b[1]]).decode("ascii")
-            parts.append(f"<img alt='{e(b[2])}' src='data:image/png;base64,{data_uri}'>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    """The same blocks through templates/compare.html.jinja (jinja2, autoescaping on)."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(loader=PackageLoader("sftlab.evaluation", "templates"), autoescape=True,
+                      undefined=StrictUndefined)
+    encoded = {name: base64.b64encode(png).decode("ascii") for name, png in images.items()}
+    return env.get_template("compare.html.jinja").render(blocks=blocks(data, list(images)), images=encoded, css=_CSS)

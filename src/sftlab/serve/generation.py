@@ -15,31 +15,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-MARK = "\x1fsftlab-marker\x1f"
+MARK = "SFTLAB_ANSWER_SENTINEL"  # plain word characters: templates that trim content keep it whole
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
-    """The special token(s) the chat template puts right after an assistant message.
+    """The special token the chat template puts right after an assistant message.
 
     Found by rendering a conversation with a marker as the assistant's text: for ChatML
     that is `<|im_end|>`, for Llama 3 `<|eot_id|>`. A model stops when it emits one.
     """
-    ids: list[int] = []
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": MARK}]
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": MARK}]
+    try:
         text = tokenizer.apply_chat_template(messages, tokenize=False)
-        if MARK in text:
-            tail = text.split(MARK, 1)[1]
-            special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-            for tok in tokenizer(tail, add_special_tokens=False)["input_ids"]:
-                if tok in special:
-                    ids.append(tok)
-                    break
-    return ids
+    except Exception:  # a template that rejects this minimal chat: EOS alone ends a reply
+        return []
+    if MARK not in text:
+        return []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    tail = tokenizer(text.split(MARK, 1)[1], add_special_tokens=False)["input_ids"]
+    return [tok for tok in tail if tok in special][:1]
 
 
 def stop_token_ids(tokenizer, eos_token_id: int | list[int] | None = None) -> list[int]:
-    """Every token that ends a reply: the template's end-of-turn, the tokenizer's and the model's EOS."""
+    """Every token that ends a reply: the template's end-of-turn, the tokenizer's and the model's EOS
+    (`eos_token_id`: the model's generation_config/config value). The one definition used by
+    evaluation, serving, chat and every export."""
     ids = end_of_turn_ids(tokenizer)
     extra = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
     for tok in [tokenizer.eos_token_id, *extra]:
@@ -72,20 +74,17 @@ def encode(tokenizer, messages: list[dict] | None = None, prompt: str | None = N
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8."""
+    """Turns generated token ids into text deltas with `tokenizers.decoders.DecodeStream`, which
+    keeps a small window instead of re-decoding the whole answer and holds back incomplete UTF-8."""
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.emitted = ""
+        from tokenizers.decoders import DecodeStream
+
+        self.backend = tokenizer.backend_tokenizer
+        self.stream = DecodeStream(skip_special_tokens=True)
 
     def add(self, token: int) -> str:
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.emitted = text[len(self.emitted):], text
-        return delta
+        return self.stream.step(self.backend, token) or ""
 
 
 @dataclass
