@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("sftlab.commands.quickstart", "The whole path on the embedded default model: data, LoRA, eval."),
     "data": ("sftlab.commands.data", "Datasets in, datasets out: inspect, validate, curate, augment, split, report."),
     "train": ("sftlab.commands.train", "Supervised fine-tuning from a YAML config (full / LoRA / DoRA / QLoRA)."),
+    "align": ("sftlab.commands.align", "Preference tuning after SFT: DPO, ORPO or KTO on chosen/rejected data."),
     "eval": ("sftlab.commands.eval", "Evaluate a model or run on a dataset (EM, accuracy, F1, BLEU, ROUGE, perplexity)."),
     "compare": ("sftlab.commands.compare", "Base vs tuned: metrics, confidence intervals, plots, HTML report."),
     "estimate": ("sftlab.commands.estimate", "Memory estimate before training (weights, grads, optimizer, activations)."),
