@@ -119,3 +119,42 @@ def test_kto_runs_on_unpaired_data(tiny_model_dir, unpaired_file, tmp_path):
     info = json.loads((out / "run.json").read_text())
     assert info["train_data"]["rows"] == 8
     assert info["eval_after"]["rewards/margins"] > info["eval_before"]["rewards/margins"] + 0.01
+
+
+def _answer_logps(model, batch) -> torch.Tensor:
+    """Summed log-probs of the answer tokens, by a plain forward (no TRL code)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logps = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    return (logps * batch["completion_mask"][:, 1:]).sum(-1)
+
+
+def test_dpo_on_an_sft_lora_run_uses_the_sft_model_as_reference(tiny_model_dir, pairs_file, tmp_path, tokenizer):
+    from sftlab.data.load import load_conversations
+    from sftlab.models import load_model
+    from sftlab.train.align import build_trainer, load_policy
+    from sftlab.train.preference import render_preferences
+
+    sft = tmp_path / "sft"
+    assert main(["train", "-", f"model.name_or_path={tiny_model_dir}", f"data.train={pairs_file}", "lora.r=8",
+                 "training.max_steps=3", "training.learning_rate=1e-2", "training.bf16=false",
+                 f"output_dir={sft}"]) == 0
+    cfg = _config(sft, pairs_file, tmp_path / "dpo", **{"training.max_steps": 2})
+    rows = render_preferences(load_conversations(pairs_file), tokenizer, paired=True)
+    model, peft_config, base = load_policy(cfg, "float32")
+    assert peft_config is None and str(base) == str(tiny_model_dir)  # the SFT adapter keeps training
+    trainer = build_trainer(cfg, model, peft_config, tokenizer, rows, [], tmp_path / "dpo", False)
+    batch = trainer.data_collator(rows[:4])
+    reference = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+    sft_model = load_model(str(sft)).eval()
+    torch.testing.assert_close(reference, _answer_logps(sft_model, batch), atol=2e-4, rtol=0)
+    base_model = load_model(str(tiny_model_dir)).eval()
+    assert not torch.allclose(reference, _answer_logps(base_model, batch), atol=1e-2)  # not the bare base
+
+    out = tmp_path / "dpo-run"
+    assert main(["align", "-", *_overrides(sft, pairs_file, out, **{"training.max_steps": 2})]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["align"]["reference"] == "frozen copy of the SFT adapter"
+    assert not (out / "adapter" / "ref").exists()
+    tuned = load_model(str(out)).eval()  # base + the DPO-trained adapter, as any run loads
+    assert not torch.allclose(_answer_logps(tuned, batch), _answer_logps(sft_model, batch), atol=1e-4)
