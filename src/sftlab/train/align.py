@@ -90,8 +90,7 @@ def trl_args(cls, config: AlignConfig, out: Path, has_eval: bool, use_bf16: bool
 
     base = _training_args(config, out, has_eval, use_bf16)
     shared = {f.name: getattr(base, f.name) for f in fields(TrainingArguments) if f.init}
-    shared.update(metric_for_best_model="eval_loss" if has_eval else None,
-                  gradient_checkpointing=config.training.gradient_checkpointing, **extra)
+    shared.update(gradient_checkpointing=config.training.gradient_checkpointing, **extra)
     return cls(**shared)
 
 
