@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sftlab.commands.train", "Supervised fine-tuning from a YAML config (full / LoRA / DoRA / QLoRA)."),
     "sweep": ("sftlab.commands.sweep", "Hyper-parameter search with Optuna: each trial a run, HTML report, best config."),
     "runs": ("sftlab.commands.runs", "One line per run in a folder: method, data, steps, losses, time (table, CSV, Markdown)."),
+    "align": ("sftlab.commands.align", "Preference tuning after SFT: DPO, ORPO or KTO on chosen/rejected data."),
     "eval": ("sftlab.commands.eval", "Evaluate a model or run on a dataset (EM, accuracy, F1, BLEU, ROUGE, perplexity)."),
     "compare": ("sftlab.commands.compare", "Base vs tuned: metrics, confidence intervals, plots, HTML report."),
     "estimate": ("sftlab.commands.estimate", "Memory estimate before training (weights, grads, optimizer, activations)."),

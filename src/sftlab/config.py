@@ -208,6 +208,23 @@ class TrainConfig(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+class AlignOptions(Section):
+    """The preference-tuning step of `sftlab align` (the `align:` section)."""
+
+    loss: Literal["dpo", "orpo", "kto"] = Field("dpo", description="dpo: pairs vs a reference model; orpo: pairs, no reference model (SFT + odds ratio); kto: unpaired good/bad answers vs a reference model.")
+    beta: float = Field(0.1, gt=0, description="DPO/KTO: how far from the reference the model may move (higher: less); ORPO: weight of the odds-ratio term (lambda).")
+    precompute_ref_log_probs: bool = Field(False, description="Full fine-tuning with DPO/KTO: score the data with the reference once before training instead of keeping a frozen copy in memory.")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the desirable (label true) examples.")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the undesirable (label false) examples.")
+
+
+class AlignConfig(TrainConfig):
+    """Everything `sftlab align` needs: the training config plus `align:`. `model.name_or_path`
+    may be a base model or an SFT run directory (its adapter keeps training, or its merged model)."""
+
+    align: AlignOptions = Field(default_factory=AlignOptions)
+
+
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree

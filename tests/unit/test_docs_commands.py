@@ -5,7 +5,8 @@
   fails when the doc differs. Refresh it with `python tests/unit/test_docs_commands.py`.
 - Every `sftlab COMMAND` shown in README.md and docs/*.md names a registered command;
   where that command's module exists, its subcommands and `--flags` exist too.
-- Every YAML in configs/ and every YAML snippet in the docs validates as a TrainConfig.
+- Every YAML in configs/ and every YAML snippet in the docs validates as a TrainConfig (an
+  AlignConfig when it has an `align:` section).
 - Every documented command line runs, offline, in a sandbox on tiny data, unless it is on a
   short list of lines that cannot (each with the reason): see "running the documented commands".
 """
@@ -26,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from sftlab.cli import COMMANDS
-from sftlab.config import TrainConfig, TrainingConfig, load_config
+from sftlab.config import AlignConfig, TrainConfig, TrainingConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DOC = ROOT / "docs" / "configuration.md"
@@ -246,8 +247,12 @@ def test_every_schema_has_a_converting_example_in_data_formats():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_example_config_validates(path):
-    config = load_config(path)
+    config = load_config(path, cls=_config_class(yaml.safe_load(path.read_text(encoding="utf-8"))))
     assert isinstance(config, TrainConfig)
+
+
+def _config_class(tree: dict) -> type[TrainConfig]:
+    return AlignConfig if "align" in tree else TrainConfig
 
 
 def test_there_are_example_configs():
@@ -269,7 +274,8 @@ def test_yaml_snippets_in_docs_validate():
     assert snippets, "expected YAML config examples in the docs"
     for name, block in snippets:
         try:
-            TrainConfig.model_validate(_deep_merge({"data": {"train": "train.jsonl"}}, yaml.safe_load(block)))
+            tree = yaml.safe_load(block)
+            _config_class(tree).model_validate(_deep_merge({"data": {"train": "train.jsonl"}}, tree))
         except ValidationError as e:
             pytest.fail(f"{name}: a YAML snippet does not validate:\n{block}\n{e}")
 

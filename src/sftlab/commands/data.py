@@ -1,4 +1,4 @@
-"""`sftlab data inspect|validate|curate|augment|split|report`: datasets in, datasets out.
+"""`sftlab data inspect|validate|curate|augment|split|report|pairs`: datasets in, datasets out.
 
 Every command reads any supported input (JSON, JSONL, CSV, Parquet, a saved HF dataset, an
 HF id) and writes JSONL, or Parquet when the output path ends in .parquet. Each writes a
@@ -369,3 +369,32 @@ def review(
     print(f"{progress['total']} examples from {file}, {progress['reviewed']} reviewed; decisions go to {session.log.path}")
     print(f"review page: http://{host}:{port}/  (Ctrl+C stops; the log keeps every decision)")
     run_server(app_, host=host, port=port)
+
+
+@app.command()
+def pairs(
+    model: str = typer.Argument(..., help="Model or run whose mistakes to collect (e.g. an SFT run directory)."),
+    data: str = typer.Option(..., "--data", help="Examples with reference answers (any supported format)."),
+    out: Path = typer.Option(..., "--out", help="Preference pairs to write (.jsonl or .parquet)."),
+    format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N examples."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest generated answer."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts generated together."),
+) -> None:
+    """Preference pairs from a model's mistakes: reference answer chosen, the model's wrong answer rejected."""
+    from sftlab.data.load import load_conversations, save_conversations
+    from sftlab.data.formats import to_conversation
+    from sftlab.errors import SftlabError
+    from sftlab.models import load_model, load_tokenizer
+    from sftlab.train.mistake_pairs import pairs_from_model
+
+    conversations = [c for c in load_conversations(data, format=format) if c.reference() is not None]
+    conversations = conversations[:limit] if limit else conversations
+    if not conversations:
+        raise SftlabError(f"{data}: no example with a reference answer")
+    found, stats = pairs_from_model(load_model(model), load_tokenizer(model), conversations,
+                                    max_new_tokens=max_new_tokens, batch_size=batch_size)
+    written = save_conversations(out, (to_conversation(p, p["source"]) for p in found))
+    write_json(_sidecar(out, "pairs"), {"model": model, "data": data, **stats.to_json()})
+    print(f"{stats.examples} examples: {stats.correct} right, {stats.empty} empty answers, "
+          f"{written} pairs from wrong answers -> {out}")

@@ -11,9 +11,14 @@ Supported schemas (the `format` names):
                      with an optional "system" or "system_prompt" (OpenOrca); prompt/completion may also
                      be message lists, as in TRL's conversational form
   text               {"text"}  -> raw text (continued pre-training)
-  preference         {"prompt"?, "chosen", "rejected"} or {"messages", "rejected"}: the chosen
-                     conversation becomes `messages`; the rejected one (full message list, prompt
-                     included) goes to `meta["rejected"]`.
+  preference         paired: {"prompt"?, "chosen", "rejected"}, {"messages", "rejected"}, or ShareGPT
+                     pairs {"conversations", "chosen": {"from", "value"}, "rejected": {...}}; each side
+                     is a string (the answer), one message, or a message list (the answer, or the whole
+                     conversation with its prompt). The chosen conversation becomes `messages`; the
+                     rejected one (full message list, prompt included) goes to `meta["rejected"]`.
+                     The prompt must be the same on both sides, and the answers must differ.
+                     unpaired (KTO): {"prompt", "completion", "label": true|false} -> `messages`
+                     and `meta["label"]` (a bool).
 Any other layout is read through a column mapping (`Columns`: `data.columns` in a config,
 `--columns prompt=question,response=answer` on the data commands), passed where a format name goes.
 Fields a schema does not use are kept in `meta` (e.g. `label`, `task`, `id`).
@@ -257,18 +262,85 @@ def from_text(record: dict, source: str, key: str = "text") -> Conversation:
     return Conversation(source=source, text=text, meta=_meta(record, (key,)))
 
 
+def _side(value: Any, source: str, field: str) -> list[dict[str, str]]:
+    """One side of a pair: an answer string, one message object, or a message list
+    ({role, content} or ShareGPT {from, value})."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list) and value and isinstance(value[0], dict) and "from" in value[0]:
+        return _message_list(value, source, "from", "value", SHAREGPT_ROLES, field)
+    return _as_messages(value, source, "assistant", field)
+
+
+def _answer_start(messages: list[dict[str, str]]) -> int:
+    """Index of the last assistant message (len(messages) when there is none)."""
+    return max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+
+
+def _shared_prompt(record: dict, source: str) -> list[dict[str, str]] | None:
+    if "prompt" in record:
+        return _as_messages(record["prompt"], source, "user", "prompt")
+    if "conversations" in record:
+        return _message_list(record["conversations"], source, "from", "value", SHAREGPT_ROLES, "conversations")
+    return None
+
+
+def _with_prompt(side: list[dict[str, str]], prompt: list[dict[str, str]] | None, source: str,
+                 field: str) -> list[dict[str, str]]:
+    """A side that holds only the answer gets the shared prompt in front of it."""
+    if not any(m["role"] == "assistant" for m in side):
+        raise RecordError(source, "empty side", f"'{field}' holds no assistant answer")
+    if any(m["role"] != "assistant" for m in side):  # a whole conversation, prompt included
+        return side
+    if prompt is None:
+        raise RecordError(source, "missing prompt", f"'{field}' is only an answer and the record has no 'prompt'")
+    return prompt + side
+
+
 def from_preference(record: dict, source: str) -> Conversation:
+    if "completion" in record and "label" in record and "chosen" not in record:
+        return _from_unpaired(record, source)
     chosen_key = "chosen" if "chosen" in record else "messages"
     for key in (chosen_key, "rejected"):
         if key not in record:
             raise RecordError(source, "missing field", f"'{key}'")
-    prompt = _as_messages(record["prompt"], source, "user", "prompt") if "prompt" in record else []
-    chosen = prompt + _as_messages(record[chosen_key], source, "assistant", chosen_key)
-    rejected = prompt + _as_messages(record["rejected"], source, "assistant", "rejected")
+    prompt = _shared_prompt(record, source)
+    chosen_side = _side(record[chosen_key], source, chosen_key)
+    rejected_side = _side(record["rejected"], source, "rejected")
+    if prompt is None:  # {"messages", "rejected": answer}: the prompt comes from the whole conversation
+        whole = next((s for s in (chosen_side, rejected_side) if any(m["role"] != "assistant" for m in s)), None)
+        prompt = whole[:_answer_start(whole)] if whole else None
+    chosen = _with_prompt(chosen_side, prompt, source, chosen_key)
+    rejected = _with_prompt(rejected_side, prompt, source, "rejected")
+    check_messages(chosen, source)
     check_messages(rejected, source)
-    meta = _meta(record, ("prompt", chosen_key, "rejected"))
+    for side, key in ((chosen, chosen_key), (rejected, "rejected")):
+        if side[-1]["role"] != "assistant":
+            raise RecordError(source, "empty side", f"'{key}' does not end with an assistant answer")
+    c_cut, r_cut = _answer_start(chosen), _answer_start(rejected)
+    if chosen[:c_cut] != rejected[:r_cut]:
+        raise RecordError(source, "prompt mismatch", "chosen and rejected continue different prompts")
+    if chosen[-1]["content"].strip() == rejected[-1]["content"].strip():
+        raise RecordError(source, "identical pair", "chosen and rejected answers are the same")
+    meta = _meta(record, ("prompt", "conversations", chosen_key, "rejected"))
     meta["rejected"] = rejected
-    return _chat(chosen, source, meta)
+    return Conversation(messages=chosen, source=source, meta=meta)
+
+
+def _from_unpaired(record: dict, source: str) -> Conversation:
+    """KTO's unpaired form: one answer and whether it is desirable."""
+    label = record["label"]
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+        label = label.strip().lower() == "true"
+    if not isinstance(label, bool):
+        raise RecordError(source, "mistyped field", f"'label' must be true or false, got {label!r}")
+    if "prompt" not in record:
+        raise RecordError(source, "missing prompt", "an unpaired record needs a 'prompt'")
+    messages = _as_messages(record["prompt"], source, "user", "prompt")
+    messages = _with_prompt(_side(record["completion"], source, "completion"), messages, source, "completion")
+    conv = _chat(messages, source, _meta(record, ("prompt", "completion", "label")))
+    conv.meta["label"] = label
+    return conv
 
 
 Converter = Callable[[dict, str], Conversation]
@@ -292,6 +364,7 @@ def _messages_key_format(record: dict) -> str:
 # Detection rules, first match wins: (format, keys that must all be present) or a function.
 _DETECT: tuple[tuple[tuple[str, ...], Callable[[dict], str]], ...] = (
     (("chosen", "rejected"), lambda r: "preference"),
+    (("prompt", "completion", "label"), lambda r: "preference" if isinstance(r["label"], bool) else "prompt_completion"),
     (("messages", "rejected"), lambda r: "preference"),
     (("conversations",), lambda r: "sharegpt"),
     (("messages",), _messages_key_format),

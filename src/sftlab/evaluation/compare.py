@@ -10,6 +10,8 @@ Markdown and HTML show; both are rendered from it.
 
 from __future__ import annotations
 
+import json
+
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,8 +109,31 @@ def run_curves(run_dir: str | Path) -> dict[str, Any] | None:
     curves = read_metrics_jsonl(path)
     flagged = curves.flagged[0]["overfit_start_step"] if curves.flagged else None
     onset = flagged if flagged is not None else overfitting_onset(curves.train, curves.validation)
-    return {"run_dir": str(run_dir), "train": curves.train, "validation": curves.validation,
-            "overfit_start_step": onset, "flagged_during_training": bool(curves.flagged)}
+    out = {"run_dir": str(run_dir), "train": curves.train, "validation": curves.validation,
+           "overfit_start_step": onset, "flagged_during_training": bool(curves.flagged)}
+    alignment = alignment_metrics(path)
+    if alignment:
+        out["alignment"] = alignment
+    return out
+
+
+ALIGNMENT_KEYS = ("rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+
+
+def alignment_metrics(metrics_path: str | Path) -> dict[str, Any] | None:
+    """Held-out preference metrics of an `sftlab align` run: its first and last evaluation
+    (`{"first": {"step", metric: value}, "last": {...}}`), or None for other runs."""
+    evals = []
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event.get("eval_rewards/margins"), (int, float)):
+                evals.append({"step": event.get("step"), **{k: event[f"eval_{k}"] for k in ALIGNMENT_KEYS
+                                                             if f"eval_{k}" in event}})
+    return {"first": evals[0], "last": evals[-1]} if evals else None
 
 
 def _check_aligned(results: dict[str, EvalResult]) -> None:

@@ -106,6 +106,13 @@ def blocks(data: dict[str, Any], images: list[str]) -> list[Block]:
                              + (f"overfitting from step {onset:g}." if onset is not None else "no overfitting detected.")))
             if f"loss-{name}.png" in images:
                 out.append(("img", f"loss-{name}.png", f"{name} loss curves"))
+            if run.get("alignment"):
+                first, last = run["alignment"]["first"], run["alignment"]["last"]
+                out.append(("p", f"{name}: preference metrics on its held-out pairs, first and last evaluation "
+                                 "(reward = beta x log-prob ratio to the reference; accuracy = share of pairs whose "
+                                 "chosen answer out-rewards the rejected one)."))
+                out.append(("table", ["metric", f"step {first['step']}", f"step {last['step']}"],
+                            [[k, fmt(first.get(k)), fmt(last.get(k))] for k in first if k != "step"]))
 
     if data["bias"]:
         bias_models = [m for m in models if m in data["bias"]]

@@ -1,0 +1,239 @@
+"""`align(config)`: DPO / ORPO / KTO after SFT, on TRL's trainers fed by our loaders and renderer.
+
+- Data: preference files load through `sftlab.data.load` (same schemas, same file:line
+  errors) and render through `sftlab.data.render` (train/preference.py); TRL's trainers get
+  token ids, and their own tokenisation step (`_prepare_dataset`) is replaced by a pass-through.
+- DPO: `trl.DPOTrainer`; KTO: `trl.KTOTrainer`; ORPO: our loss (train/orpo.py says why).
+- Start: a base model, or an SFT run. From a LoRA run its adapter keeps training, and TRL keeps
+  the adapter's starting weights as a frozen "ref" adapter (megabytes, not a model copy); from a
+  run with a merged model, or a base, a new LoRA is added and the reference is the same weights
+  with the adapter disabled. Full fine-tuning: a frozen copy of the starting model, or reference
+  log-probs computed once before training (`align.precompute_ref_log_probs`).
+- Metrics: rewards/margins, rewards/accuracies, logps/chosen, logps/rejected (train, and eval_*
+  on the validation pairs, also once before the first step) go to RUN/metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+from sftlab.config import AlignConfig
+from sftlab.errors import SftlabError
+
+ALIGN_METRICS = ("rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+
+
+class RenderedDPOTrainer(DPOTrainer):
+    """DPOTrainer on rows that are already token ids (prompt_ids, chosen_ids, rejected_ids)."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
+
+
+class RenderedKTOTrainer(KTOTrainer):
+    """KTOTrainer on rows that are already token ids (prompt_ids, completion_ids, label)."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if not self.calculate_KL:
+            return dataset
+
+        def mismatched(batch):  # KTO's KL estimate: each prompt with its neighbour's completion, as TRL builds it
+            return {"KL_completion_ids": batch["completion_ids"][-1:] + batch["completion_ids"][:-1]}
+
+        return dataset.map(mismatched, batched=True, batch_size=args.per_device_train_batch_size)
+
+
+def _peft_config(config: AlignConfig):
+    from peft import LoraConfig
+
+    lora = config.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                      use_dora=lora.use_dora, task_type="CAUSAL_LM")
+
+
+def load_policy(config: AlignConfig, dtype: str):
+    """(model, peft_config for the trainer or None, where the saved weights apply).
+
+    A LoRA run's adapter is loaded trainable; otherwise LoRA is left to the trainer (peft_config),
+    so that TRL computes the reference with the adapter disabled."""
+    from peft import PeftModel
+
+    from sftlab.models import is_run_dir, load_model, run_artifacts
+
+    m = config.model
+    attn = None if m.attn_implementation == "sftlab_varlen" else m.attn_implementation
+    kwargs = {"dtype": dtype, "trust_remote_code": m.trust_remote_code, "attn_implementation": attn}
+    name = m.name_or_path
+    art = run_artifacts(name) if is_run_dir(name) else None
+    if art and art["adapter"] and not art["model"]:
+        base = load_model(art["base"], **kwargs)
+        if config.method == "full":
+            return PeftModel.from_pretrained(base, art["adapter"]).merge_and_unload(), None, art["base"]
+        return PeftModel.from_pretrained(base, art["adapter"], is_trainable=True), None, art["base"]
+    start = art["model"] if art else name
+    model = load_model(start, **kwargs)
+    return model, (None if config.method == "full" else _peft_config(config)), start
+
+
+def trl_args(cls, config: AlignConfig, out: Path, has_eval: bool, use_bf16: bool, **extra):
+    """`cls` (TrainingArguments or a TRL config) with the same values `sftlab train` uses."""
+    from transformers import TrainingArguments
+
+    from sftlab.train.trainer import _training_args
+
+    base = _training_args(config, out, has_eval, use_bf16)
+    shared = {f.name: getattr(base, f.name) for f in fields(TrainingArguments) if f.init}
+    shared.update(gradient_checkpointing=config.training.gradient_checkpointing, **extra)
+    return cls(**shared)
+
+
+def build_trainer(config: AlignConfig, model, peft_config, tokenizer, train_rows, eval_rows, out: Path,
+                  use_bf16: bool, callbacks=()):
+    from datasets import Dataset
+
+    a = config.align
+    has_eval = bool(eval_rows)
+    train_ds = Dataset.from_list(train_rows)
+    eval_ds = Dataset.from_list(eval_rows) if has_eval else None
+    common = dict(train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, callbacks=list(callbacks))
+    full = config.method == "full"
+    ref_model = None
+    if full and a.loss != "orpo" and not a.precompute_ref_log_probs:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    max_len = config.data.max_seq_length
+    if a.loss == "dpo":
+        args = trl_args(DPOConfig, config, out, has_eval, use_bf16, beta=a.beta, max_length=max_len,
+                        precompute_ref_log_probs=a.precompute_ref_log_probs)
+        return RenderedDPOTrainer(model=model, ref_model=ref_model, args=args, peft_config=peft_config, **common)
+    if a.loss == "kto":
+        # TRL's KL estimate pairs each row with its neighbour in a fixed-order batch, so the
+        # sampler is sequential: the rows are shuffled once here instead.
+        if config.training.per_device_train_batch_size < 2:
+            raise SftlabError("align.loss kto needs training.per_device_train_batch_size >= 2 (its KL estimate "
+                              "pairs each example with another one of the batch)")
+        train_rows = list(train_rows)
+        random.Random(config.training.seed).shuffle(train_rows)
+        common["train_dataset"] = Dataset.from_list(train_rows)
+        args = trl_args(KTOConfig, config, out, has_eval, use_bf16, beta=a.beta, max_length=max_len,
+                        train_sampling_strategy="sequential",
+                        precompute_ref_log_probs=a.precompute_ref_log_probs, desirable_weight=a.desirable_weight,
+                        undesirable_weight=a.undesirable_weight)
+        return RenderedKTOTrainer(model=model, ref_model=ref_model, args=args, peft_config=peft_config, **common)
+    from transformers import TrainingArguments
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from sftlab.train.orpo import ORPOTrainer
+
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    args = trl_args(TrainingArguments, config, out, has_eval, use_bf16)
+    return ORPOTrainer(model=model, args=args, beta=a.beta, data_collator=DataCollatorForPreference(pad_token_id=pad),
+                       **common)
+
+
+def align(config: AlignConfig, log=print) -> dict:
+    """Run preference tuning; returns the run summary written to RUN/run.json."""
+    from transformers import set_seed
+
+    from sftlab.files import atomic_write
+    from sftlab.models import load_tokenizer
+    from sftlab.train.callbacks import MetricsJsonlCallback
+    from sftlab.train.preference import load_preferences
+    from sftlab.train.run_dir import model_card, write_run_json
+    from sftlab.train.trainer import base_weights_dtype, device_supports_bf16
+
+    if config.method == "qlora":
+        raise SftlabError("align: method 'qlora' is not supported yet; use lora, dora or full")
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "config.yaml", config.to_yaml())
+    t_start = time.perf_counter()
+    m, a = config.model, config.align
+    tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code, chat_template=m.chat_template)
+    paired = a.loss != "kto"
+    train_rows, train_stats = load_preferences(config.data.train, tokenizer, config.data, paired=paired,
+                                               rejects_path=out / "rejects.jsonl")
+    log(train_stats.summary())
+    eval_rows, eval_stats = [], None
+    if config.data.validation:
+        eval_rows, eval_stats = load_preferences(config.data.validation, tokenizer, config.data, paired=paired,
+                                                 rejects_path=out / "rejects.validation.jsonl")
+        log(eval_stats.summary())
+    use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
+    dtype = base_weights_dtype(config.method, use_bf16) if m.dtype == "auto" else m.dtype
+    set_seed(config.training.seed)
+    model, peft_config, base = load_policy(config, dtype)
+    model.config.use_cache = False
+    trainer = build_trainer(config, model, peft_config, tokenizer, train_rows, eval_rows, out, use_bf16,
+                            callbacks=[MetricsJsonlCallback(out / "metrics.jsonl")])
+    before = trainer.evaluate() if eval_rows else {}
+    t_train = time.perf_counter()
+    result = trainer.train()
+    train_seconds = time.perf_counter() - t_train
+    after = _final_eval(trainer) if eval_rows else {}
+
+    final = trainer.model
+    if config.method == "full":
+        final.save_pretrained(out / "model", safe_serialization=True)
+    else:
+        final.save_pretrained(out / "adapter", safe_serialization=True, selected_adapters=["default"])
+    tokenizer.save_pretrained(out / "tokenizer")
+    from sftlab.train.trainer import _portable_model_name
+
+    info = {
+        "base_model": _portable_model_name(base),
+        "method": config.method,
+        "align": {"loss": a.loss, "beta": a.beta, "start": _portable_model_name(m.name_or_path),
+                  "reference": _reference_kind(config, peft_config)},
+        "seed": config.training.seed,
+        "train_data": vars(train_stats) | {"dropped": len(train_stats.dropped)},
+        "validation_data": (vars(eval_stats) | {"dropped": len(eval_stats.dropped)}) if eval_stats else None,
+        "eval_before": _align_metrics(before),
+        "eval_after": _align_metrics(after),
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "train_seconds": round(train_seconds, 2),
+        "total_seconds": round(time.perf_counter() - t_start, 2),
+        "bf16": use_bf16,
+        "trainable_params": sum(p.numel() for p in final.parameters() if p.requires_grad),
+        "finished": True,
+    }
+    write_run_json(out, info)
+    atomic_write(out / "README.md", model_card(config, info))
+    log(f"run saved in {out} ({a.loss}, train loss {result.training_loss:.4f}, {trainer.state.global_step} steps, "
+        f"{train_seconds:.0f}s)")
+    if after:
+        log("held-out pairs: " + ", ".join(f"{k} {before.get('eval_' + k, float('nan')):.3f} -> "
+                                           f"{after.get('eval_' + k, float('nan')):.3f}"
+                                           for k in ALIGN_METRICS if "eval_" + k in after))
+    return info
+
+
+def _reference_kind(config: AlignConfig, peft_config) -> str:
+    if config.align.loss == "orpo":
+        return "none"
+    if config.method == "full":
+        return "precomputed log-probs" if config.align.precompute_ref_log_probs else "frozen copy"
+    return "adapter disabled" if peft_config is not None else "frozen copy of the SFT adapter"
+
+
+def _final_eval(trainer) -> dict:
+    """The evaluation at the last step: the one logged there, or a new one."""
+    last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return last
+    return trainer.evaluate()
+
+
+def _align_metrics(metrics: dict) -> dict:
+    return {k: metrics["eval_" + k] for k in ALIGN_METRICS if "eval_" + k in metrics}

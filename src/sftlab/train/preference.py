@@ -1,0 +1,136 @@
+"""Preference records -> token ids for TRL's trainers, through the SFT renderer.
+
+Each side of a pair (prompt + chosen, prompt + rejected) is rendered by `render` exactly as SFT
+renders it, training on the last assistant turn only. The prompt is every token before the
+first trained one; the completion is the trained span (the answer and its end-of-turn token),
+so preference losses score the very tokens SFT trains on. Both sides must yield the same
+prompt tokens. TRL's collators take these ids as they are (`prompt_ids` + `chosen_ids` /
+`rejected_ids` for DPO and ORPO, `prompt_ids` + `completion_ids` + `label` for KTO).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sftlab.data.conversation import Conversation, Example
+from sftlab.data.render import RenderOptions, TooLong, iter_rendered
+from sftlab.errors import DataError, SftlabError
+
+
+def split_prompt(example: Example) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of an example rendered with train_on="last"."""
+    trained = np.flatnonzero(example.label_ids != -100)
+    if not len(trained):
+        raise DataError(example.source, "no trained answer tokens left (truncated away?)")
+    first, last = int(trained[0]), int(trained[-1])
+    return example.ids[:first].tolist(), example.ids[first:last + 1].tolist()
+
+
+@dataclass
+class PreferenceStats:
+    path: str
+    records: int = 0
+    rows: int = 0
+    rejected: int = 0
+    too_long: int = 0
+    dropped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{self.rows} rows from {self.records} records"]
+        if self.rejected:
+            parts.append(f"{self.rejected} rejected")
+        if self.too_long:
+            parts.append(f"{self.too_long} over max_seq_length dropped")
+        return f"{self.path}: " + ", ".join(parts)
+
+
+def _sides(conv: Conversation, paired: bool) -> list[tuple[list[dict], object]]:
+    """The conversations to render for one record, each with what it is: "chosen"/"rejected" for
+    pairs, or True/False (desirable or not) for KTO rows."""
+    rejected = conv.meta.get("rejected")
+    if paired:
+        if rejected is None:
+            raise DataError(conv.source, "not a preference pair: needs 'chosen' and 'rejected'")
+        return [(conv.messages, "chosen"), (rejected, "rejected")]
+    if rejected is not None:  # a pair gives KTO one desirable and one undesirable row
+        return [(conv.messages, True), (rejected, False)]
+    if not isinstance(conv.meta.get("label"), bool):
+        raise DataError(conv.source, "KTO needs pairs or 'completion' + 'label' (true/false) records")
+    return [(conv.messages, conv.meta["label"])]
+
+
+def render_preferences(conversations, tokenizer, *, paired: bool, max_seq_length: int | None = None,
+                       on_error: str = "raise", rejects=None, stats: PreferenceStats | None = None) -> list[dict]:
+    """Rows of token ids for TRL: paired -> {prompt_ids, chosen_ids, rejected_ids};
+    unpaired -> {prompt_ids, completion_ids, label}. Over-long records are dropped and counted;
+    bad records raise (on_error="raise") or go to `rejects`."""
+    stats = stats or PreferenceStats(path="<memory>")
+    options = RenderOptions(train_on="last", max_seq_length=max_seq_length, truncation="drop")
+    records: list[tuple[Conversation, list]] = []
+    flat: list[Conversation] = []
+    for conv in conversations:
+        stats.records += 1
+        try:
+            sides = _sides(conv, paired)
+        except DataError as e:
+            _reject(e, conv, on_error, rejects, stats)
+            continue
+        records.append((conv, [what for _, what in sides]))
+        flat += [Conversation(messages=m, source=conv.source) for m, _ in sides]
+    rendered = iter(item for _, item in iter_rendered(flat, tokenizer, options))
+    rows: list[dict] = []
+    for conv, whats in records:
+        items = [next(rendered) for _ in whats]
+        try:
+            rows += _rows(conv, items, whats, paired)
+        except TooLong as e:
+            stats.too_long += 1
+            stats.dropped.append(f"{e.source}: {e.reason}")
+        except DataError as e:
+            _reject(e, conv, on_error, rejects, stats)
+    stats.rows = len(rows)
+    return rows
+
+
+def _rows(conv: Conversation, items: list, whats: list, paired: bool) -> list[dict]:
+    for item in items:
+        if isinstance(item, Exception):
+            raise item
+    splits = [split_prompt(e) for e in items]
+    if paired:
+        (prompt, chosen), (other_prompt, rejected) = splits
+        if prompt != other_prompt:
+            raise DataError(conv.source, "chosen and rejected render different prompt tokens")
+        return [{"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}]
+    return [{"prompt_ids": p, "completion_ids": c, "label": label} for (p, c), label in zip(splits, whats)]
+
+
+def _reject(err: DataError, conv: Conversation, on_error: str, rejects, stats: PreferenceStats) -> None:
+    if on_error == "raise":
+        raise err
+    stats.rejected += 1
+    rejects.add_error(err, conv.to_json())
+
+
+def load_preferences(path: str, tokenizer, data, *, paired: bool, rejects_path: Path | None = None):
+    """Read and render one preference file as the config's `data:` section says."""
+    from sftlab.data.load import RejectLog, iter_conversations
+
+    rejects = RejectLog(rejects_path) if data.on_error == "skip" else None
+    stats = PreferenceStats(path=path)
+    try:
+        conversations = iter_conversations(path, format=data.format, split=data.split, on_error=data.on_error,
+                                           rejects=rejects)
+        rows = render_preferences(conversations, tokenizer, paired=paired, max_seq_length=data.max_seq_length,
+                                  on_error=data.on_error, rejects=rejects, stats=stats)
+    finally:
+        if rejects is not None:
+            rejects.close()
+    if rejects is not None:
+        stats.rejected = rejects.total
+    if not rows:
+        raise SftlabError(f"{path}: no usable preference record ({stats.summary()})")
+    return rows, stats

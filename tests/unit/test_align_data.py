@@ -1,0 +1,94 @@
+"""Preference data: pair checks with file:line errors, and one render path shared with SFT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sftlab.config import DataConfig
+from sftlab.data.conversation import Conversation
+from sftlab.data.formats import to_conversation
+from sftlab.data.load import load_conversations
+from sftlab.data.render import RenderOptions, render
+from sftlab.errors import DataError
+from sftlab.train.preference import load_preferences, render_preferences
+
+GOOD = {"prompt": "What is 2 plus 2?", "chosen": "4", "rejected": "5"}
+
+
+def _write(tmp_path, rows, name="pairs.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("bad, kind", [
+    ({"prompt": "Q?", "chosen": "same", "rejected": " same "}, "identical pair"),
+    ({"prompt": "Q?", "chosen": "ok", "rejected": []}, "empty side"),
+    ({"prompt": "Q?", "chosen": "ok", "rejected": ""}, "empty content"),
+    ({"chosen": "ok", "rejected": "bad"}, "missing prompt"),
+    ({"chosen": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "b"}]}, "prompt mismatch"),
+    ({"prompt": "Q?", "completion": "a", "label": "maybe"}, "mistyped field"),
+])
+def test_malformed_pair_names_file_and_line(tmp_path, tokenizer, bad, kind):
+    path = _write(tmp_path, [GOOD, GOOD, bad, GOOD])
+    data = DataConfig(train=str(path), format="preference")
+    with pytest.raises(DataError) as err:
+        load_preferences(str(path), tokenizer, data, paired=True)
+    assert str(err.value).startswith(f"{path}:3: {kind}")
+
+
+def test_skip_mode_counts_the_bad_pair_and_keeps_the_rest(tmp_path, tokenizer):
+    path = _write(tmp_path, [GOOD, {"prompt": "Q?", "chosen": "x", "rejected": "x"}, GOOD])
+    data = DataConfig(train=str(path), on_error="skip")
+    rows, stats = load_preferences(str(path), tokenizer, data, paired=True, rejects_path=tmp_path / "rejects.jsonl")
+    assert (len(rows), stats.rejected) == (2, 1)
+    assert json.loads((tmp_path / "rejects.jsonl").read_text())["kind"] == "identical pair"
+
+
+def test_schemas_give_the_same_pair():
+    """Strings, message lists with the prompt inside, {messages, rejected} and ShareGPT pairs."""
+    user = {"role": "user", "content": "Hi?"}
+    want = [user, {"role": "assistant", "content": "Hello!"}]
+    forms = [
+        {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."},
+        {"chosen": want, "rejected": [user, {"role": "assistant", "content": "Go away."}]},
+        {"messages": want, "rejected": "Go away."},
+        {"conversations": [{"from": "human", "value": "Hi?"}], "chosen": {"from": "gpt", "value": "Hello!"},
+         "rejected": {"from": "gpt", "value": "Go away."}},
+    ]
+    for record in forms:
+        c = to_conversation(record, "f:1")
+        assert c.messages == want and c.meta["rejected"] == [user, {"role": "assistant", "content": "Go away."}]
+
+
+def test_unpaired_record_keeps_its_label():
+    c = to_conversation({"prompt": "Hi?", "completion": "Hello!", "label": False}, "f:1")
+    assert c.messages[-1]["content"] == "Hello!" and c.meta["label"] is False
+
+
+def test_same_pair_gives_identical_prompt_tokens_for_sft_and_dpo(tmp_path, tokenizer):
+    record = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}],
+              "chosen": "Paris.", "rejected": "Lyon, I think."}
+    conv = load_conversations(_write(tmp_path, [record]))[0]
+    (row,) = render_preferences([conv], tokenizer, paired=True)
+    sft = render(conv, tokenizer, RenderOptions(train_on="last"))
+    first = sft.labels.index(next(t for t in sft.labels if t != -100))
+    assert row["prompt_ids"] == sft.input_ids[:first]
+    assert row["chosen_ids"] == [t for t in sft.labels if t != -100]  # DPO scores what SFT trains
+    rejected = render(Conversation(conv.meta["rejected"], source=conv.source), tokenizer, RenderOptions(train_on="last"))
+    assert rejected.input_ids[:first] == row["prompt_ids"]
+    assert row["rejected_ids"] == [t for t in rejected.labels if t != -100]
+    assert tokenizer.decode(row["chosen_ids"]).startswith("Paris.")
+
+
+def test_kto_unpairs_pairs_and_takes_labels(tokenizer):
+    pair = to_conversation(GOOD, "f:1")
+    single = to_conversation({"prompt": "Hi?", "completion": "Hello!", "label": True}, "f:2")
+    rows = render_preferences([pair, single], tokenizer, paired=False)
+    assert [r["label"] for r in rows] == [True, False, True]
+    assert rows[0]["prompt_ids"] == rows[1]["prompt_ids"]
+    with pytest.raises(DataError, match="f:2: not a preference pair"):
+        render_preferences([single], tokenizer, paired=True)

@@ -1,0 +1,26 @@
+"""Pairs from a model's mistakes: the wrong answers, and only they, become rejected sides."""
+
+from __future__ import annotations
+
+from sftlab.data.formats import to_conversation
+from sftlab.train.mistake_pairs import mistake_pairs
+
+
+def _conv(i: int, answer: str):
+    return to_conversation({"prompt": f"Q{i}?", "completion": answer, "task": "t"}, f"f:{i}")
+
+
+def test_wrong_answers_become_pairs_right_and_empty_ones_do_not():
+    convs = [_conv(1, "2021-03-05"), _conv(2, "Paris"), _conv(3, "42")]
+    pairs, stats = mistake_pairs(convs, [" 2021-03-05 ", "  ", "41"])
+    assert (stats.examples, stats.correct, stats.empty, stats.pairs) == (3, 1, 1, 1)
+    (p,) = pairs
+    assert p == {"prompt": [{"role": "user", "content": "Q3?"}], "chosen": "42", "rejected": "41", "source": "f:3",
+                 "task": "t"}
+    back = to_conversation(p, p["source"])  # a valid preference record
+    assert back.reference() == "42" and back.meta["rejected"][-1]["content"] == "41"
+
+
+def test_case_and_whitespace_do_not_make_a_mistake():
+    pairs, stats = mistake_pairs([_conv(1, "Paris")], ["paris"])
+    assert pairs == [] and stats.correct == 1
