@@ -146,6 +146,8 @@ def _as_messages(value: Any, source: str, default_role: str, field: str) -> list
     """A string (one message of `default_role`) or a list of {role, content} messages."""
     if isinstance(value, str):
         return [{"role": default_role, "content": value}]
+    if not isinstance(value, list):
+        raise RecordError(source, "mistyped field", f"'{field}' must be a string or a list of messages, got {type(value).__name__}")
     return _message_list(value, source, "role", "content", None, field)
 
 
@@ -168,6 +170,16 @@ def _answer(value: Any, source: str, key: str) -> str:
     return value
 
 
+def _check_encodable(text: str, source: str, where: str) -> None:
+    """Python strings may hold lone UTF-16 surrogates (e.g. from a JSON `\\ud800` escape), which no
+    tokenizer, hash or UTF-8 file accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordError(source, "invalid unicode",
+                          f"{where} holds a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start + 1}") from None
+
+
 def check_messages(messages: list[dict[str, str]], source: str) -> None:
     """Roles in a trainable order, non-empty contents, at least one assistant turn.
 
@@ -182,6 +194,7 @@ def check_messages(messages: list[dict[str, str]], source: str) -> None:
         role, n = m["role"], i + 1
         if not m["content"].strip():
             raise RecordError(source, "empty content", f"message {n} ({role}) is empty or whitespace")
+        _check_encodable(m["content"], source, f"message {n} ({role})")
         if role == "system" and i > 0:
             raise RecordError(source, "roles out of order", f"system message {n} is not first")
         if role == "assistant" and prev in (None, "system"):
@@ -259,6 +272,7 @@ def from_text(record: dict, source: str, key: str = "text") -> Conversation:
     text = _string(record, key, source)
     if not text.strip():
         raise RecordError(source, "empty content", f"'{key}' is empty or whitespace")
+    _check_encodable(text, source, f"'{key}'")
     return Conversation(source=source, text=text, meta=_meta(record, (key,)))
 
 

@@ -13,9 +13,13 @@ Sources name where each record came from, so every error can point at it:
 
 Bad records: with `on_error="raise"` the first one raises a `DataError` naming file and
 line; with `on_error="skip"` each one is written to a `RejectLog` (nothing dropped
-silently: records in = kept + rejected). A file that cannot be parsed at all (a broken
-.json document, a malformed CSV quote) raises in both modes, since no record boundary can
-be trusted after it.
+silently: records in = kept + rejected). A file that cannot be parsed at all (an empty or
+broken .json document, a UTF-16 file, a Parquet file without its footer) raises in both
+modes. A file that breaks part-way (a JSON array cut off, an unbalanced CSV quote, corrupt
+Parquet pages) keeps, in skip mode, the records read before the break and rejects the rest
+of the file as one record, since no record boundary can be trusted after it.
+JSON that Python parses but no model can take is rejected per record: nesting deeper than
+the parser's recursion limit, and lone UTF-16 surrogates written as `\\udXXX` escapes.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ BATCH_ROWS = 1024
 _JSON_COLUMNS = {"messages", "conversations", "chosen", "rejected", "prompt", "completion"}
 _HUB_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _WS = re.compile(r"\s*")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_WIDE_BOMS = {codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32", codecs.BOM_UTF16_LE: "UTF-16",
+              codecs.BOM_UTF16_BE: "UTF-16"}  # UTF-32 first: its LE mark starts with UTF-16's
 
 
 @dataclass
@@ -95,6 +102,45 @@ def _utf8_error(source: str, byte: int, column: int) -> RecordError:
     return RecordError(source, "not UTF-8", f"invalid byte 0x{byte:02x} at column {column}; re-save the file as UTF-8")
 
 
+def _check_not_wide(path: Path) -> None:
+    """A UTF-16/32 text file (Windows tools write them) would otherwise fail on every line."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    encoding = next((name for bom, name in _WIDE_BOMS.items() if head.startswith(bom)), None)
+    if encoding:
+        raise RecordError(f"{path}:1", "not UTF-8", f"the file is {encoding} (byte-order mark at the start); re-save it as UTF-8")
+
+
+def _loads(text: str, source: str):
+    """json.loads, with the problems it lets through or raises oddly turned into RecordErrors."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(source, "malformed JSON", f"{e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise RecordError(source, "malformed JSON", "nested too deeply to parse") from None
+    _check_unicode(obj, text, source)
+    return obj
+
+
+def _check_unicode(obj: Any, text: str, source: str) -> None:
+    """JSON may escape half of a UTF-16 surrogate pair (`\\ud800`): Python keeps it as a lone
+    surrogate, which no UTF-8 file, hash or tokenizer accepts. Only text holding such an escape
+    is checked."""
+    if not _SURROGATE_ESCAPE.search(text):
+        return
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        lone = e.object[e.start]
+        raise RecordError(source, "invalid unicode", f"lone surrogate \\u{ord(lone):04x} (half of a UTF-16 pair)") from None
+
+
+def _rest_of_file(error: RecordError) -> _Bad:
+    """The remainder of a file that broke part-way (from `error.source` on), rejected as one record."""
+    return _Bad(error, f"<the rest of the file from {error.source}>")
+
+
 # ---------------------------------------------------------------- readers: path -> (source, record | _Bad)
 
 def _read_jsonl(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
@@ -111,9 +157,9 @@ def _read_jsonl(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
                 yield source, _Bad(_utf8_error(source, raw[e.start], e.start + 1), raw.decode("utf-8", "backslashreplace").rstrip("\r\n"))
                 continue
             try:
-                yield source, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield source, _Bad(RecordError(source, "malformed JSON", f"{e.msg} (column {e.colno})"), text)
+                yield source, _loads(text, source)
+            except RecordError as e:
+                yield source, _Bad(e, text)
 
 
 def _decode_file(path: Path) -> str:
@@ -126,12 +172,13 @@ def _decode_file(path: Path) -> str:
         raise _utf8_error(f"{path}:{line}", data[e.start], column) from None
 
 
-def _json_error(path: Path, e: json.JSONDecodeError) -> DataError:
+def _json_error(path: Path, e: json.JSONDecodeError) -> RecordError:
     return RecordError(f"{path}:{e.lineno}", "malformed JSON", f"{e.msg} (column {e.colno})")
 
 
 def _json_array(path: Path, text: str, pos: int) -> Iterator[tuple[str, Any]]:
-    """Elements of a top-level array, each with the line where it starts."""
+    """Elements of a top-level array, each with the line where it starts. Where the array breaks,
+    the rest of the file is one bad record (the elements before it are whole)."""
     decoder = json.JSONDecoder()
     pos = _WS.match(text, pos + 1).end()
     line, counted = 1 + text.count("\n", 0, pos), pos
@@ -140,11 +187,22 @@ def _json_array(path: Path, text: str, pos: int) -> Iterator[tuple[str, Any]]:
     else:
         while True:
             line, counted = line + text.count("\n", counted, pos), pos
+            source = f"{path}:{line}"
             try:
+                start = pos
                 obj, pos = decoder.raw_decode(text, pos)
+                _check_unicode(obj, text[start:pos], source)
             except json.JSONDecodeError as e:
-                raise _json_error(path, e) from None
-            yield f"{path}:{line}", obj
+                error = _json_error(path, e)
+                yield error.source, _rest_of_file(error)
+                return
+            except RecursionError:
+                yield source, _rest_of_file(RecordError(source, "malformed JSON", "nested too deeply to parse"))
+                return
+            except RecordError as e:  # the element is whole: only it is bad
+                yield source, _Bad(e, text[start:pos])
+            else:
+                yield source, obj
             pos = _WS.match(text, pos).end()
             if text.startswith(",", pos):
                 pos = _WS.match(text, pos + 1).end()
@@ -152,9 +210,12 @@ def _json_array(path: Path, text: str, pos: int) -> Iterator[tuple[str, Any]]:
                 pos += 1
                 break
             else:
-                raise _json_error(path, json.JSONDecodeError("expected ',' or ']' between records", text, pos))
+                error = _json_error(path, json.JSONDecodeError("expected ',' or ']' between records", text, pos))
+                yield error.source, _rest_of_file(error)
+                return
     if text[pos:].strip():
-        raise _json_error(path, json.JSONDecodeError("extra data after the array", text, _WS.match(text, pos).end()))
+        error = _json_error(path, json.JSONDecodeError("extra data after the array", text, _WS.match(text, pos).end()))
+        yield error.source, _rest_of_file(error)
 
 
 def _pick_split(available: list[str], split: str | None, where: str) -> str:
@@ -172,8 +233,10 @@ def _pick_split(available: list[str], split: str | None, where: str) -> str:
 
 def _json_object(path: Path, obj: dict, split: str | None) -> Iterator[tuple[str, Any]]:
     values = list(obj.values())
-    if values and all(isinstance(v, list) for v in values) and len({len(v) for v in values}) == 1 \
-            and not any(isinstance(x, dict) for v in values for x in v):
+    if values and all(isinstance(v, list) for v in values) and not any(isinstance(x, dict) for v in values for x in v):
+        lengths = {k: len(v) for k, v in obj.items()}
+        if len(set(lengths.values())) > 1:
+            raise DataError(f"{path}:1", f"a JSON object of columns needs lists of equal length, got {lengths}")
         for i, row in enumerate(zip(*values), 1):  # columns: {"instruction": [...], "output": [...]}
             yield f"{path}:row {i}", _present(dict(zip(obj.keys(), row)))
         return
@@ -198,10 +261,15 @@ def _read_json(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
     if text.startswith("[", start):
         yield from _json_array(path, text, start)
         return
+    if not text[start:]:
+        raise DataError(f"{path}:1", "empty file: expected a JSON array or object")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise _json_error(path, e) from None
+    except RecursionError:
+        raise DataError(f"{path}:1", "malformed JSON: nested too deeply to parse") from None
+    _check_unicode(obj, text, f"{path}:1")
     if not isinstance(obj, dict):
         raise DataError(f"{path}:1", f"expected a JSON array or object, got {type(obj).__name__}")
     yield from _json_object(path, obj, split)
@@ -246,7 +314,11 @@ def _read_csv(path: Path, split: str | None, delimiter: str = ",") -> Iterator[t
         except StopIteration:
             return
         except csv.Error as e:
-            raise DataError(f"{path}:{start}", f"malformed CSV: {e} (check quotes)") from None
+            error = RecordError(f"{path}:{start}", "malformed CSV", f"{e} (check quotes)")
+            if header is None:
+                raise error from None
+            yield error.source, _rest_of_file(error)
+            return
         prev = reader.line_num
         if not any(cell.strip() for cell in row):
             continue
@@ -281,7 +353,16 @@ def _read_parquet(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
     except (pa.ArrowInvalid, OSError) as e:
         raise SftlabError(f"{path}: not a readable Parquet file ({e})") from None
     n = 0
-    for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+    batches = pf.iter_batches(batch_size=BATCH_ROWS)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as e:  # corrupt pages: the footer was readable, the data is not
+            source = f"{path}:row {n + 1}"
+            yield source, _rest_of_file(RecordError(source, "corrupt Parquet", str(e).strip().splitlines()[0]))
+            return
         for rec in batch.to_pylist():
             n += 1
             yield f"{path}:row {n}", _present(rec)
@@ -343,6 +424,8 @@ def _raw_records(path: str | Path, split: str | None) -> Iterator[tuple[str, Any
         if suffix not in READERS:
             raise SftlabError(f"{p}: unsupported file type '{suffix}'; supported: {', '.join(READERS)}, "
                               "a saved HF dataset folder, or an HF dataset id")
+        if suffix != ".parquet":
+            _check_not_wide(p)
         return READERS[suffix](p, split)
     if suffix in READERS or not _HUB_ID.match(str(path)):
         raise SftlabError(f"file not found: {p}")
