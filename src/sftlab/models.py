@@ -173,7 +173,10 @@ def use_chat_template(tokenizer, value: str) -> list[int]:
     """Set the tokenizer's chat template; for a named one, add the special tokens it writes that
     the tokenizer lacks. Returns the ids of the added tokens (also remembered on the tokenizer for
     `fit_embeddings`): new embedding rows that training must learn."""
+    from sftlab.data.render import TEMPLATE_ORIGIN
+
     tokenizer.chat_template = read_chat_template(value)
+    setattr(tokenizer, TEMPLATE_ORIGIN, value if "{" not in value else "<inline template>")
     missing = [t for t in NAMED_TEMPLATES.get(value, ())
                if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
     if missing:

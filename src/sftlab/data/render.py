@@ -46,15 +46,34 @@ class TooLong(DataError):
     """Raised for an over-long example under the `drop` policy (counted by the caller)."""
 
 
+class TemplateFailed(SftlabError):
+    """The chat template raised while rendering one conversation (its `raise_exception()`, a
+    missing key): the caller names the record, and in skip mode rejects only that one."""
+
+
+TEMPLATE_ORIGIN = "_sftlab_template_origin"  # set on a tokenizer whose template was given (models.use_chat_template)
+
+
 def template_name(tokenizer) -> str:
-    return getattr(tokenizer, "name_or_path", "") or tokenizer.__class__.__name__
+    """The given template's name or file, else the tokenizer's (its template's origin)."""
+    return getattr(tokenizer, TEMPLATE_ORIGIN, "") or getattr(tokenizer, "name_or_path", "") or tokenizer.__class__.__name__
+
+
+def _template_error(name: str, e: Exception) -> SftlabError:
+    """A syntax error breaks every conversation (one plain error naming the template line); anything
+    else, this one conversation."""
+    from jinja2 import TemplateSyntaxError
+
+    if isinstance(e, TemplateSyntaxError):
+        return SftlabError(f"chat template of '{name}' does not parse: {e.message} (template line {e.lineno})")
+    return TemplateFailed(f"chat template of '{name}' failed: {e}")
 
 
 def _apply(tokenizer, messages, *, add_generation_prompt: bool) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja errors, raise_exception() in templates
-        raise SftlabError(f"chat template of '{template_name(tokenizer)}' failed: {e}") from e
+        raise _template_error(template_name(tokenizer), e) from e
 
 
 def _end_marker_pattern(tokenizer) -> re.Pattern:
@@ -141,6 +160,10 @@ def _plan_or_error(conv: Conversation, tokenizer, template: _Template | None, op
         return _render_text(conv, tokenizer, options) if conv.is_raw_text else _plan(conv, template, options)
     except DataError as e:
         return e
+    except TemplateFailed as e:
+        from sftlab.data.formats import RecordError
+
+        return RecordError(conv.source, "chat template error", str(e))
 
 
 def _finish(chunk, plans, encodings, tokenizer, options: RenderOptions
@@ -190,9 +213,14 @@ class _Template:
         self.name = template_name(tokenizer)
         self.end_marker = _end_marker_pattern(tokenizer)
         self._compiled = self._compile()
-        if self._compiled is not None and _plain(sample) and \
-                self._direct(sample, add_generation_prompt=False) != self.slow(sample, add_generation_prompt=False):
+        if self._compiled is not None and _plain(sample) and not self._same_as_slow(sample):
             self._compiled = None
+
+    def _same_as_slow(self, sample: list[dict[str, str]]) -> bool:
+        try:
+            return self._direct(sample, add_generation_prompt=False) == self.slow(sample, add_generation_prompt=False)
+        except TemplateFailed:  # the template refuses this sample: the shortcut stays unchecked, so unused
+            return False
 
     def _compile(self):
         """The template compiled in transformers' sandboxed environment, with its globals as a
@@ -218,7 +246,7 @@ class _Template:
         try:
             return self._compiled(messages=messages, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # jinja errors, raise_exception() in templates
-            raise SftlabError(f"chat template of '{self.name}' failed: {e}") from e
+            raise _template_error(self.name, e) from e
 
     def slow(self, messages, *, add_generation_prompt: bool) -> str:
         return _apply(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
@@ -311,9 +339,8 @@ _VERBATIM = "does not render assistant turn {}'s content verbatim"
 _CHANGES = "writes other text around assistant turn {} depending on its content"
 
 
-def _unlocatable(conversation: Conversation, name: str, problem: str) -> SftlabError:
-    return SftlabError(f"{conversation.source}: the chat template of '{name}' {problem}, "
-                       "so its tokens cannot be located")
+def _unlocatable(conversation: Conversation, name: str, problem: str) -> DataError:
+    return DataError(conversation.source, f"the chat template of '{name}' {problem}, so its tokens cannot be located")
 
 
 _warned: set[str] = set()
@@ -352,7 +379,7 @@ def _token_range(encoding, start: int, end: int, source: str) -> tuple[int, int]
     first = _token_at(encoding, range(start, end))
     last = _token_at(encoding, range(end - 1, start - 1, -1))
     if first is None or last is None:
-        raise SftlabError(f"{source}: an assistant turn's text produced no tokens")
+        raise DataError(source, "an assistant turn's text produced no tokens")
     stop = last + 1
     while stop < len(encoding) and (chars := encoding.token_to_chars(stop)) is not None and chars[0] < end:
         stop += 1

@@ -171,6 +171,7 @@ def evaluate(
         predictions = generate_batch(
             model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
             batch_size=batch_size, do_sample=do_sample, temperature=temperature, top_p=top_p, progress=progress,
+            sources=[r["source"] for r in records],
         )
         per_group = {g: _text_metrics(M.expand(selected[OVERALL] + selected.get(g, []))) for g in set(groups)}
         for rec, pred, g in zip(records, predictions, groups):

@@ -11,9 +11,32 @@ from typing import Any
 from sftlab.serve.generation import stop_token_ids
 
 
-def _prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+def _prompt_ids(tokenizer, messages: list[dict], source: str) -> list[int]:
+    from sftlab.data.render import template_name
+    from sftlab.errors import DataError
+
+    try:
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # jinja errors, raise_exception() in templates, no template at all
+        raise DataError(source, f"chat template of '{template_name(tokenizer)}' failed: {e}") from e
     return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model takes (its config's max_position_embeddings), if it says."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def check_fits(model, tokens: int, source: str, what: str, new_tokens: int = 0) -> None:
+    """Refuse a sequence longer than the model's context: it would be scored out of range, and its
+    attention mask alone can take more memory than the machine has."""
+    limit = context_length(model)
+    if limit and tokens + new_tokens > limit:
+        from sftlab.errors import DataError
+
+        plus = f" + {new_tokens} new tokens" if new_tokens else ""
+        raise DataError(source, f"{what} is {tokens} tokens{plus}, longer than the model's context of {limit} "
+                                "(max_position_embeddings): shorten it or leave it out")
 
 
 def _cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
@@ -34,11 +57,12 @@ def generate_batch(
     temperature: float = 1.0,
     top_p: float = 1.0,
     progress: bool = True,
+    sources: list[str] | None = None,
 ) -> list[str]:
     """Answer each chat prompt (a list of messages) with the model; answers in input order."""
     ids = generate_ids(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        do_sample=do_sample, temperature=temperature, top_p=top_p, progress=progress,
+        do_sample=do_sample, temperature=temperature, top_p=top_p, progress=progress, sources=sources,
     )
     return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
 
@@ -54,8 +78,10 @@ def generate_ids(
     temperature: float = 1.0,
     top_p: float = 1.0,
     progress: bool = True,
+    sources: list[str] | None = None,
 ) -> list[list[int]]:
-    """The new token ids for each prompt, cut before the first stop token, in input order."""
+    """The new token ids for each prompt, cut before the first stop token, in input order.
+    `sources` name the prompts in errors (e.g. one longer than the model's context)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -67,7 +93,11 @@ def generate_ids(
 
         raise SftlabError("the tokenizer has no EOS token and its chat template no end-of-turn token")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
+    encoded = []
+    for i, p in enumerate(prompts):
+        source = sources[i] if sources else f"prompt {i + 1}"
+        encoded.append(_prompt_ids(tokenizer, p, source))
+        check_fits(model, len(encoded[-1]), source, "the prompt", max_new_tokens)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     answers: list[list[int]] = [[] for _ in prompts]
     device = next(model.parameters()).device

@@ -47,9 +47,12 @@ def sequence_logprobs(
     import torch
     from tqdm.auto import tqdm
 
+    from sftlab.evaluation.generate import check_fits
+
     for ex in examples:
         if len(ex.input_ids) != len(ex.labels):
             raise ValueError(f"{ex.source}: input_ids and labels differ in length")
+        check_fits(model, len(ex.input_ids), ex.source, "the example")
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
