@@ -83,12 +83,15 @@ def examples_digest(examples: list[Example]) -> str:
     return h.hexdigest()
 
 
-def save_examples(path: Path, examples: list[Example], meta: dict) -> None:
+def save_examples(path: Path, examples: list[Example], meta: dict, files: dict[str, Path] | None = None) -> None:
     """Write a cache entry: a folder of flat int32 .npy arrays (ids, labels) + example
-    lengths, and meta.json (sources and `meta`). Written to a temporary folder and renamed,
+    lengths, and meta.json (sources and `meta`), plus copies of `files` (name -> path; e.g. the
+    rejects log, which a cache hit hands out again). Written to a temporary folder and renamed,
     so an entry that exists is complete."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True)
+    for name, src in (files or {}).items():
+        shutil.copyfile(src, tmp / name)
     np.save(tmp / "ids.npy", _flat([e.ids for e in examples]))
     np.save(tmp / "labels.npy", _flat([e.label_ids for e in examples]))
     np.save(tmp / "lengths.npy", np.array([len(e) for e in examples], dtype=np.int64))

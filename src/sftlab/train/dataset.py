@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -52,6 +53,7 @@ class PrepStats:
         return f"{self.path}: " + ", ".join(parts)
 
 
+REJECTS = "rejects.jsonl"  # the rejects log kept in a cache entry
 CACHED_STATS = ("records", "rejected", "too_long", "truncated", "dropped", "curated", "tokens", "trained_tokens",
                 "digest", "text_documents", "text_blocks")
 
@@ -78,11 +80,15 @@ def prepare_examples(path: str, tokenizer, data: DataConfig, cache_root: Path, r
         for k in CACHED_STATS:
             setattr(stats, k, meta.get(k, getattr(stats, k)))
         stats.cached = True
+        if rejects_path and (entry / REJECTS).exists():  # this run's folder gets the rejects too
+            rejects_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(entry / REJECTS, rejects_path)
     else:
         with _gc_paused():
             examples = _render_file(path, tokenizer, data, opts, stats, rejects_path)
         stats.digest = examples_digest(examples)
-        save_examples(entry, examples, {k: getattr(stats, k) for k in CACHED_STATS})
+        kept = {REJECTS: rejects_path} if rejects_path and stats.rejected and rejects_path.exists() else {}
+        save_examples(entry, examples, {k: getattr(stats, k) for k in CACHED_STATS}, files=kept)
     if rejects_path and stats.rejected:
         stats.rejects_file = str(rejects_path)
     stats.examples = len(examples)
