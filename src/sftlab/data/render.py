@@ -77,14 +77,15 @@ def _apply(tokenizer, messages, *, add_generation_prompt: bool) -> str:
 
 
 def _end_marker_pattern(tokenizer) -> re.Pattern:
-    """Matches an end-of-turn marker (after optional spaces): EOS or any of the tokenizer's
-    special tokens, longest first."""
+    """Matches an end-of-turn marker (after optional whitespace: any that `str.strip` takes off an
+    answer, e.g. a trailing "\\r", "\\x1f" or no-break space, as `\\s` matches): EOS or any of the
+    tokenizer's special tokens, longest first."""
     marks = {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
     marks |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
     if tokenizer.eos_token:
         marks.add(tokenizer.eos_token)
     alternatives = "|".join(re.escape(m) for m in sorted(marks, key=len, reverse=True))
-    return re.compile(f"[ \t\n]*(?:{alternatives or '(?!)'})")
+    return re.compile(rf"\s*(?:{alternatives or '(?!)'})")
 
 
 def _check_tokenizer(tokenizer) -> None:
