@@ -44,6 +44,7 @@ BATCH_ROWS = 1024
 _JSON_COLUMNS = {"messages", "conversations", "chosen", "rejected", "prompt", "completion"}
 _HUB_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _WS = re.compile(r"\s*")
+_CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default, 128 KiB, is shorter than many documents
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _WIDE_BOMS = {codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32", codecs.BOM_UTF16_LE: "UTF-16",
               codecs.BOM_UTF16_BE: "UTF-16"}  # UTF-32 first: its LE mark starts with UTF-16's
@@ -304,6 +305,7 @@ def _read_csv(path: Path, split: str | None, delimiter: str = ",") -> Iterator[t
                     bad_lines[lineno] = _utf8_error(f"{path}:{lineno}", raw[e.start], e.start + 1)
                     yield raw.decode("utf-8", "backslashreplace")
 
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))  # a long document is one field
     reader = csv.reader(lines(), delimiter=delimiter, strict=True)
     prev = 0
     header: list[str] | None = None

@@ -93,6 +93,7 @@ FILES: dict[str, bytes] = {
     "latin1_mixed.csv": b"prompt,completion\nWhat is 1 plus 1?,2.\nCaf\xe9?,Oui.\nWhat is 3 plus 3?,6.\n",
     "ragged.csv": b"prompt,completion\nWhat is 1 plus 1?,2.\nonly one field\nWhat is 3 plus 3?,6.,extra\nWhat is 4 plus 4?,8.\n\n"
                   b'"multi\nline prompt",fine\n',
+    "long_field.csv": b"prompt,completion\nSummarise:" + b" word" * 30_000 + b",A short summary.\nWhat is 2 plus 2?,4.\n",
     "ragged.tsv": b"prompt\tcompletion\nWhat is 1 plus 1?\t2.\nonly one field\nWhat is 3 plus 3?\t6.\n",
     "bad_message_json.csv": b'messages\n"[{""role"": ""user"", ""content"": ""hi""}, {""role"": ""assistant"", ""content"": ""hello""}]"\n'
                             b'"[{""role"": ""user"", ""content"": ""hi""},"\n',
