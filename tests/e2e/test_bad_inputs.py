@@ -301,6 +301,13 @@ def test_eval_names_the_bad_record(name, message, tiny_model_dir, tmp_path, caps
     assert code == 1 and f"error: {BAD / name}{message}" in one_line_error(err)
 
 
+def test_pairs_names_the_bad_record(tiny_model_dir, tmp_path, capsys):
+    for name, message in (("long_line.jsonl", ":2: the prompt is "), ("cut_array.json", ":6: malformed JSON")):
+        code, _, err = run(capsys, "data", "pairs", tiny_model_dir, "--data", BAD / name, "--out", tmp_path / "p.jsonl",
+                           "--max-new-tokens", "2")
+        assert code == 1 and f"error: {BAD / name}{message}" in one_line_error(err)
+
+
 def test_eval_on_odd_but_readable_data(tiny_model_dir, tmp_path, capsys):
     code, _, err = run(capsys, "eval", tiny_model_dir, "--data", BAD / "numbers_and_dupes.jsonl", "--out", tmp_path,
                        "--max-new-tokens", "2", "--metrics", "exact_match,perplexity")

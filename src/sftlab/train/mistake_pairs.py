@@ -53,5 +53,6 @@ def pairs_from_model(model, tokenizer, conversations: Sequence[Conversation], *,
     from sftlab.evaluation.generate import generate_batch
 
     predictions = generate_batch(model, tokenizer, [c.prompt_messages() for c in conversations],
-                                 max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                                 sources=[c.source for c in conversations])
     return mistake_pairs(conversations, predictions)
