@@ -186,6 +186,25 @@ def test_empty_inputs_report(tmp_path, capsys):
     assert json.loads((tmp_path / "summary.json").read_text())["conversations"] == 0
 
 
+def test_damaged_saved_dataset_folders(tmp_path, capsys):
+    from datasets import Dataset
+
+    good = tmp_path / "good"
+    Dataset.from_list([{"prompt": "What is 1 plus 1?", "completion": "2."}, {"prompt": "q", "completion": " "}]).save_to_disk(good)
+    code, _, err = run(capsys, "data", "validate", good)
+    assert code == 1 and f"error: {good}:row 2: empty content" in one_line_error(err)
+    no_data = tmp_path / "no_data"
+    no_data.mkdir()
+    (no_data / "dataset_info.json").write_text("{")
+    cut = tmp_path / "cut"
+    shutil.copytree(good, cut)
+    for arrow in cut.glob("*.arrow"):
+        arrow.write_bytes(arrow.read_bytes()[:200])
+    for folder in (no_data, cut):
+        code, _, err = run(capsys, "data", "validate", folder, "--skip")
+        assert code == 1 and f"error: {folder}: not a readable saved Hugging Face dataset" in one_line_error(err)
+
+
 # --------------------------------------------------------------------------- templates and tokenizers
 
 def test_template_that_raises_rejects_only_its_record(tmp_path, capsys):

@@ -363,7 +363,7 @@ def _read_parquet(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
             return
         except (pa.ArrowException, OSError) as e:  # corrupt pages: the footer was readable, the data is not
             source = f"{path}:row {n + 1}"
-            yield source, _rest_of_file(RecordError(source, "corrupt Parquet", str(e).strip().splitlines()[0]))
+            yield source, _rest_of_file(RecordError(source, "corrupt Parquet", _first_line(e)))
             return
         for rec in batch.to_pylist():
             n += 1
@@ -371,17 +371,36 @@ def _read_parquet(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
 
 
 def _dataset_rows(ds, label: str) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
+
     n = 0
-    for batch in ds.iter(batch_size=BATCH_ROWS):
+    batches = ds.iter(batch_size=BATCH_ROWS)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as e:  # a damaged Arrow file
+            source = f"{label}:row {n + 1}"
+            yield source, _rest_of_file(RecordError(source, "corrupt Arrow data", _first_line(e)))
+            return
         for values in zip(*batch.values()):
             n += 1
             yield f"{label}:row {n}", _present(dict(zip(batch.keys(), values)))
 
 
+def _first_line(e: Exception) -> str:
+    return next((ln for ln in str(e).splitlines() if ln.strip()), e.__class__.__name__).strip()
+
+
 def _read_saved_dataset(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
     from datasets import DatasetDict, load_from_disk
 
-    ds = load_from_disk(str(path))
+    try:
+        ds = load_from_disk(str(path))
+    except (pa.ArrowException, OSError, ValueError) as e:  # missing or damaged files in the folder
+        raise SftlabError(f"{path}: not a readable saved Hugging Face dataset ({_first_line(e)})") from None
     label = str(path)
     if isinstance(ds, DatasetDict):
         name = _pick_split(list(ds.keys()), split, str(path))
@@ -396,9 +415,8 @@ def _read_hub(name: str, split: str | None) -> Iterator[tuple[str, Any]]:
     try:
         ds = load_dataset(name, split=split)
     except (OSError, ValueError, ConnectionError) as e:
-        first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         raise SftlabError(f"cannot load dataset '{name}' (not a local file; as a Hugging Face dataset id it "
-                          f"needs the network or the local cache): {first}") from None
+                          f"needs the network or the local cache): {_first_line(e)}") from None
     if isinstance(ds, DatasetDict):
         chosen = _pick_split(list(ds.keys()), split, name)
         ds, name = ds[chosen], f"{name}[{chosen}]"
