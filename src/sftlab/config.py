@@ -251,10 +251,11 @@ def parse_overrides(items: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_trees(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, nested sections merged key by key."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_trees(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -289,24 +290,29 @@ def _explain(err: ValidationError, model: type[BaseModel], origin: str) -> str:
     return f"{origin}: " + "; ".join(lines)
 
 
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file of options; a missing file, bad YAML (file:line) or a non-mapping is one error."""
+    p = Path(path)
+    if not p.is_file():
+        raise SftlabError(f"config file not found: {p}")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise SftlabError(f"{p}{where}: invalid YAML: {getattr(e, 'problem', e)}") from e
+    except UnicodeDecodeError as e:
+        raise SftlabError(f"{p}: not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+    if not isinstance(tree, dict):
+        raise SftlabError(f"{p}: a config must be a mapping of keys to values")
+    return tree
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None, cls: type[BaseModel] = TrainConfig):
     """Read YAML (optional) + overrides into a validated config; errors are one line."""
-    tree: dict = {}
-    origin = "overrides"
-    if path is not None:
-        p = Path(path)
-        origin = str(p)
-        if not p.exists():
-            raise SftlabError(f"config file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise SftlabError(f"{p}{where}: invalid YAML: {getattr(e, 'problem', e)}") from e
-        if not isinstance(tree, dict):
-            raise SftlabError(f"{p}: a config must be a mapping of keys to values")
-    tree = _merge(tree, parse_overrides(overrides or []))
+    tree = read_yaml_mapping(path) if path is not None else {}
+    origin = str(path) if path is not None else "overrides"
+    tree = merge_trees(tree, parse_overrides(overrides or []))
     try:
         return cls.model_validate(tree)
     except ValidationError as e:

@@ -205,6 +205,21 @@ def test_damaged_saved_dataset_folders(tmp_path, capsys):
         assert code == 1 and f"error: {folder}: not a readable saved Hugging Face dataset" in one_line_error(err)
 
 
+@pytest.mark.parametrize("command", ["curate", "augment"])
+def test_bad_option_files_and_sets(command, tmp_path, capsys):
+    (tmp_path / "tab.yaml").write_text("near_dedup: false\n\tpii: [\n")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "latin1.yaml").write_bytes(b"pii: true # caf\xe9\n")
+    argv = [*DATA_COMMANDS[command](BAD / "bom.jsonl", tmp_path)]
+    for extra, message in ((["--config", tmp_path / "tab.yaml"], f"{tmp_path / 'tab.yaml'}:2: invalid YAML"),
+                           (["--config", tmp_path / "list.yaml"], "a config must be a mapping"),
+                           (["--config", tmp_path / "latin1.yaml"], "not UTF-8"),
+                           (["--set", "seed=[unclosed"], "option 'seed'"),
+                           (["--set", "seed"], "--set needs KEY=VALUE")):
+        code, _, err = run(capsys, *argv, *extra)
+        assert code == 1 and message in one_line_error(err), (extra, err)
+
+
 # --------------------------------------------------------------------------- templates and tokenizers
 
 def test_template_that_raises_rejects_only_its_record(tmp_path, capsys):

@@ -31,25 +31,16 @@ SET_HELP = "Override an option: KEY=VALUE (YAML value; dotted keys for nested op
 
 def _options(model_cls, config: Optional[Path], sets: Optional[list[str]], **given):
     """Build a pydantic options model from a YAML file, then --set KEY=VALUE, then explicit flags."""
-    import yaml
     from pydantic import ValidationError
 
+    from sftlab.config import merge_trees, parse_overrides, read_yaml_mapping
     from sftlab.errors import SftlabError
 
-    data: dict = {}
-    if config is not None:
-        if not config.is_file():
-            raise SftlabError(f"config file not found: {config}")
-        data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-    for item in sets or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SftlabError(f"--set needs KEY=VALUE, got '{item}'")
-        *parents, leaf = key.strip().split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+    data: dict = read_yaml_mapping(config) if config is not None else {}
+    bad = next((item for item in sets or [] if "=" not in item), None)
+    if bad is not None:
+        raise SftlabError(f"--set needs KEY=VALUE, got '{bad}'")
+    data = merge_trees(data, parse_overrides(sets or []))
     data.update({k: v for k, v in given.items() if v is not None})
     try:
         return model_cls.model_validate(data)
