@@ -83,23 +83,38 @@ def main(argv: list[str] | None = None) -> int:
     except SftlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:  # a path the user gave
+        paths = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        print(f"error: {e.strerror}: {paths}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except SystemExit as e:  # typer/click exit codes (e.g. --help)
         return int(e.code or 0)
-    except Exception as e:  # click usage errors carry their own exit code and message
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Exit):
-            return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
-            return 1
-        raise
+    except Exception as e:  # usage errors carry their own exit code and message
+        usage = _usage_error_code(e)
+        if usage is None:
+            raise
+        return usage
     return code if isinstance(code, int) else 0  # typer returns 130 for Ctrl-C when not standalone
+
+
+def _usage_error_code(e: Exception) -> int | None:
+    """Show a click/typer usage error (missing option, bad value) and return its exit code; None
+    for any other exception. typer >= 0.20 carries its own copy of click, whose exceptions are not
+    click's: both families are checked."""
+    import click
+    import typer
+
+    if isinstance(e, click.exceptions.ClickException) or (isinstance(e, typer.TyperException) and hasattr(e, "show")):
+        e.show()
+        return e.exit_code
+    if isinstance(e, (click.exceptions.Exit, typer.Exit)):
+        return e.exit_code
+    if isinstance(e, (click.exceptions.Abort, typer.Abort)):
+        return 1
+    return None
 
 
 if __name__ == "__main__":

@@ -220,6 +220,31 @@ def test_bad_option_files_and_sets(command, tmp_path, capsys):
         assert code == 1 and message in one_line_error(err), (extra, err)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["data", "curate", "x.jsonl"], "Missing option '--out'"),
+    (["data", "inspect", "x.jsonl", "--limit", "-1"], "Invalid value for '--limit'"),
+    (["data", "pairs", "m", "--data", "x.jsonl", "--out", "p.jsonl", "--limit", "0"], "Invalid value for '--limit'"),
+    (["eval", "m", "--batch-size", "abc"], "Invalid value for '--batch-size'"),
+    (["data", "nosuch"], "No such command 'nosuch'"),
+])
+def test_usage_errors_are_messages_not_tracebacks(argv, message, capsys):
+    """typer carries its own copy of click: its usage errors must be caught too."""
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and f"Error: {message}" in err
+
+
+def test_unusable_output_paths(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    folder = tmp_path / "out.jsonl"
+    folder.mkdir()
+    for argv, message in ((["data", "report", BAD / "bom.jsonl", "--out-dir", blocker / "sub", "--model", "none"], "Not a directory"),
+                          (["data", "validate", BAD / "bom.jsonl", "--out", folder], f"Is a directory: {tmp_path / '.out.jsonl.tmp'} -> {folder}"),
+                          (["data", "split", BAD / "bom.jsonl", "--out-dir", tmp_path, "--names", "a,a", "--ratios", "1,1"], "split names must differ")):
+        code, _, err = run(capsys, *argv)
+        assert code == 1 and message in one_line_error(err), err
+
+
 # --------------------------------------------------------------------------- templates and tokenizers
 
 def test_template_that_raises_rejects_only_its_record(tmp_path, capsys):

@@ -116,7 +116,7 @@ def inspect(
     model: Optional[str] = typer.Option(None, "--model", help="Model/tokenizer whose chat template renders the examples (default: the config's, else 'default')."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help=TEMPLATE_HELP),
     json_: bool = typer.Option(False, "--json", help="One JSON object per example (all of them unless --limit): source, input_ids, labels."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="How many examples to show (default: 3 on screen, all with --json)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="How many examples to show (default: 3 on screen, all with --json)."),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
     last_turn_only: bool = typer.Option(False, "--last-turn-only", help="Train on the last assistant turn only."),
@@ -368,7 +368,7 @@ def pairs(
     data: str = typer.Option(..., "--data", help="Examples with reference answers (any supported format)."),
     out: Path = typer.Option(..., "--out", help="Preference pairs to write (.jsonl or .parquet)."),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N examples."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N examples."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest generated answer."),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts generated together."),
 ) -> None:

@@ -45,6 +45,8 @@ def split_conversations(convs: list[Conversation], names: list[str], ratios: lis
     """{name: conversations}; the same input, ratios and seed always give the same split."""
     if len(names) != len(ratios):
         raise SftlabError(f"{len(names)} split names but {len(ratios)} ratios")
+    if len(set(names)) != len(names):
+        raise SftlabError(f"split names must differ, got {', '.join(names)}")
     groups: dict[str, list[int]] = defaultdict(list)
     for i, conv in enumerate(convs):
         groups[_stratum(conv, stratify) if stratify else ""].append(i)
