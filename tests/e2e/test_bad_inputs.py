@@ -60,7 +60,8 @@ CASES: dict[str, Case] = {
     "crlf_and_cr.jsonl": Case(good=2, bad=1, where=":3"),
     "ragged.csv": Case(good=3, bad=2, where=":3"),
     "ragged.tsv": Case(good=2, bad=1, where=":3"),
-    "bad_message_json.csv": Case(good=1, bad=1, where=":3"),
+    "bad_message_json.csv": Case(good=1, bad=3, where=":3"),
+    "huge_number.jsonl": Case(good=2, bad=1, where=":2"),  # an integer past Python's 4300-digit limit
     "missing_fields.jsonl": Case(good=2, bad=7, where=":2"),
     "wrong_types.jsonl": Case(good=2, bad=17, where=":2"),
     "wrong_types.parquet": Case(good=1, bad=3, where=":row 2"),

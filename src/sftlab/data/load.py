@@ -118,10 +118,17 @@ def _loads(text: str, source: str):
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise RecordError(source, "malformed JSON", f"{e.msg} (column {e.colno})") from None
-    except RecursionError:
-        raise RecordError(source, "malformed JSON", "nested too deeply to parse") from None
+    except (RecursionError, ValueError) as e:
+        raise _unparsable(source, e) from None
     _check_unicode(obj, text, source)
     return obj
+
+
+def _unparsable(source: str, e: Exception) -> RecordError:
+    """JSON the parser gives up on without a JSONDecodeError: deep nesting (RecursionError) or an
+    integer longer than Python's int-conversion limit (ValueError)."""
+    detail = "nested too deeply to parse" if isinstance(e, RecursionError) else _first_line(e).split(":")[0]
+    return RecordError(source, "malformed JSON", detail)
 
 
 def _check_unicode(obj: Any, text: str, source: str) -> None:
@@ -197,11 +204,11 @@ def _json_array(path: Path, text: str, pos: int) -> Iterator[tuple[str, Any]]:
                 error = _json_error(path, e)
                 yield error.source, _rest_of_file(error)
                 return
-            except RecursionError:
-                yield source, _rest_of_file(RecordError(source, "malformed JSON", "nested too deeply to parse"))
-                return
             except RecordError as e:  # the element is whole: only it is bad
                 yield source, _Bad(e, text[start:pos])
+            except (RecursionError, ValueError) as e:
+                yield source, _rest_of_file(_unparsable(source, e))
+                return
             else:
                 yield source, obj
             pos = _WS.match(text, pos).end()
@@ -268,8 +275,8 @@ def _read_json(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise _json_error(path, e) from None
-    except RecursionError:
-        raise DataError(f"{path}:1", "malformed JSON: nested too deeply to parse") from None
+    except (RecursionError, ValueError) as e:
+        raise _unparsable(f"{path}:1", e) from None
     _check_unicode(obj, text, f"{path}:1")
     if not isinstance(obj, dict):
         raise DataError(f"{path}:1", f"expected a JSON array or object, got {type(obj).__name__}")
@@ -282,12 +289,15 @@ def _present(row: dict) -> dict:
     return {k: v for k, v in row.items() if v is not None}
 
 
-def _csv_cell(column: str, value: str) -> Any:
+def _csv_cell(column: str, value: str, source: str) -> Any:
     """Empty cells are absent values; JSON lists in message columns are parsed."""
     if value == "":
         return None
     if column in _JSON_COLUMNS and value.lstrip().startswith("["):
-        return json.loads(value)
+        try:
+            return _loads(value, source)
+        except RecordError as e:
+            raise RecordError(source, e.kind, f"in column '{column}': {e.reason.removeprefix(e.kind + ': ')}") from None
     return value
 
 
@@ -341,9 +351,11 @@ def _read_csv(path: Path, split: str | None, delimiter: str = ",") -> Iterator[t
                                            f"{len(row)} fields, the header has {len(header)}"), row)
         else:
             try:
-                yield source, _present({k: _csv_cell(k, v) for k, v in zip(header, row)})
-            except json.JSONDecodeError as e:
-                yield source, _Bad(RecordError(source, "malformed JSON", f"in a message column: {e.msg}"), row)
+                record = _present({k: _csv_cell(k, v, source) for k, v in zip(header, row)})
+            except RecordError as e:
+                yield source, _Bad(e, row)
+            else:
+                yield source, record
 
 
 def _read_parquet(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:

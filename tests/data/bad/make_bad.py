@@ -96,7 +96,9 @@ FILES: dict[str, bytes] = {
     "long_field.csv": b"prompt,completion\nSummarise:" + b" word" * 30_000 + b",A short summary.\nWhat is 2 plus 2?,4.\n",
     "ragged.tsv": b"prompt\tcompletion\nWhat is 1 plus 1?\t2.\nonly one field\nWhat is 3 plus 3?\t6.\n",
     "bad_message_json.csv": b'messages\n"[{""role"": ""user"", ""content"": ""hi""}, {""role"": ""assistant"", ""content"": ""hello""}]"\n'
-                            b'"[{""role"": ""user"", ""content"": ""hi""},"\n',
+                            b'"[{""role"": ""user"", ""content"": ""hi""},"\n'
+                            b'"[{""role"": ""user"", ""content"": ""\\ud800""}, {""role"": ""assistant"", ""content"": ""a""}]"\n'
+                            b'"' + b"[" * 5_000 + b"]" * 5_000 + b'"\n',
     "missing_fields.jsonl": jsonl(
         good(1), {"prompt": "no answer"}, {"completion": "no question"}, {"instruction": "alpaca without output"},
         {"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]},
@@ -132,6 +134,7 @@ FILES: dict[str, bytes] = {
         b'{"prompt": "What is 2 plus 2?", "completion": "4.", "score": Infinity}\n'
         b'{"prompt": "What is 3 plus 3?", "completion": "6.", "score": 1e999999}\n'
         b'{"prompt": "dup", "prompt": "What is 4 plus 4?", "completion": "8."}\n'),
+    "huge_number.jsonl": jsonl(good(1)) + b'{"prompt": "q", "completion": "a", "n": ' + b"7" * 5000 + b"}\n" + jsonl(good(3)),
     "crlf_and_cr.jsonl": jsonl(good(1)).replace(b"\n", b"\r\n") + jsonl(good(2)).replace(b"\n", b"\r\n")
                          + line(good(3)).encode() + b"\r" + line(good(4)).encode() + b"\n",
     "columns_unequal.json": json.dumps({"prompt": ["a", "b", "c"], "completion": ["x", "y"]}).encode(),
