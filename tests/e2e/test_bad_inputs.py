@@ -77,6 +77,7 @@ CASES: dict[str, Case] = {
     "long_line.jsonl": Case(good=3),
     "long_field.csv": Case(good=2),  # a field longer than the csv module's 128 KiB default limit
     "numbers_and_dupes.jsonl": Case(good=4),
+    "arrow_types.parquet": Case(good=2),  # timestamp, bytes and decimal columns
     "forbidden_answer.jsonl": Case(good=3),  # bad only under raising_template.jinja
 }
 FILES = sorted(CASES)

@@ -51,6 +51,22 @@ class Conversation:
         return out
 
 
+def jsonable(value: Any) -> Any:
+    """`json.dumps(default=...)` for the values Parquet/Arrow columns hold and JSON lacks (a
+    timestamp, a decimal, bytes), kept in a conversation's `meta` when it is written as JSONL."""
+    import base64
+    import datetime
+    import decimal
+
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, (decimal.Decimal, datetime.timedelta)):
+        return str(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 class Example:
     """A rendered conversation: token ids and labels (-100 where not trained).
 

@@ -34,7 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from sftlab.data.conversation import Conversation
+from sftlab.data.conversation import Conversation, jsonable
 from sftlab.data.formats import RecordError, check_format_name, detect_format, to_conversation
 from sftlab.errors import DataError, SftlabError
 
@@ -524,7 +524,7 @@ class ConversationWriter:
     def write(self, conv: Conversation) -> None:
         self.count += 1
         if self._fh is not None:
-            self._fh.write(json.dumps(conv.to_json(), ensure_ascii=False) + "\n")
+            self._fh.write(json.dumps(conv.to_json(), ensure_ascii=False, default=jsonable) + "\n")
             return
         self._rows.append(conv.to_json())
         if len(self._rows) >= BATCH_ROWS:

@@ -7,6 +7,8 @@ should do in every command is in tests/e2e/test_bad_inputs.py (CASES).
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import io
 import json
 from pathlib import Path
@@ -140,6 +142,10 @@ FILES: dict[str, bytes] = {
     "columns_unequal.json": json.dumps({"prompt": ["a", "b", "c"], "completion": ["x", "y"]}).encode(),
     "wrong_types.parquet": parquet({"prompt": ["What is 1 plus 1?", None, "What is 3 plus 3?", "q"],
                                     "completion": ["2.", "x", None, ""]}),
+    "arrow_types.parquet": parquet({  # extra columns JSON has no type for: kept in meta, written as strings
+        "prompt": ["What is 1 plus 1?", "What is 2 plus 2?"], "completion": ["2.", "4."],
+        "when": [datetime.datetime(2020, 1, 1), datetime.datetime(2021, 6, 1, 12)], "blob": [b"\x00\xff", b"x"],
+        "price": [decimal.Decimal("1.50"), decimal.Decimal("2.00")]}),
     "nested_columns.parquet": parquet({"messages": [chat("q1", "a1")["messages"], [], chat("q3", "")["messages"],
                                                     chat("q4", "a4")["messages"]]}),
     "preference_bad.jsonl": jsonl(

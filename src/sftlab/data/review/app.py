@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from sftlab.data.conversation import jsonable
 from sftlab.data.review.session import MAX_LABEL, MAX_REASON, Conflict, ReviewSession, UnknownExample
 from sftlab.errors import SftlabError
 from sftlab.serve.guard import add_request_guard, error_response
@@ -136,7 +137,7 @@ def create_app(session: ReviewSession, *, api_key: str | None = None, max_body_b
 
     @app.get("/api/export.jsonl")
     def export():
-        body = "".join(json.dumps(c.to_json(), ensure_ascii=False) + "\n" for c in session.approved())
+        body = "".join(json.dumps(c.to_json(), ensure_ascii=False, default=jsonable) + "\n" for c in session.approved())
         return Response(body, media_type="application/x-ndjson",
                         headers={"Content-Disposition": 'attachment; filename="reviewed.jsonl"'})
 
