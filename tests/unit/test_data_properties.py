@@ -170,3 +170,33 @@ def test_lone_surrogates_are_rejected_by_the_converters(content):
         to_conversation({"prompt": "q", "completion": content}, "m:1")
     with pytest.raises(DataError, match="invalid unicode"):
         to_conversation({"text": content}, "m:1")
+
+
+cells = st.one_of(st.text(max_size=8), st.sampled_from(["", " ", '"', '""', "a,b", "x\ny", "\r\n", "[1,", "é"]))
+
+
+@SETTINGS
+@given(rows=st.lists(st.tuples(cells, cells), max_size=6))
+def test_csv_written_by_the_csv_module_reads_back_row_for_row(rows, tmp_path_factory):
+    """Any cells (quotes, commas, newlines) written by Python's csv writer: each row is one record,
+    kept with its cells or rejected, and the sources are the physical lines where rows start."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)  # "\r\n" ends rows, so a cell holding "\r" or "\n" is quoted
+    writer.writerow(["prompt", "completion"])
+    writer.writerows(rows)
+    path = tmp_path_factory.mktemp("p") / "x.csv"
+    path.write_bytes(buf.getvalue().encode("utf-8", "surrogatepass"))
+    rejects = RejectLog()
+    convs = load_conversations(path, on_error="skip", rejects=rejects)
+    written = [r for r in rows if any(c.strip() for c in r)]  # whitespace-only rows are skipped like blank lines
+    assert len(convs) + rejects.total == len(written)
+    kept = {c.source: c for c in convs}
+    line = 2
+    for prompt, completion in rows:
+        source = f"{path}:{line}"
+        if source in kept:
+            assert kept[source].messages[0]["content"] == prompt and kept[source].messages[-1]["content"] == completion
+        line += 1 + prompt.count("\n") + completion.count("\n")  # lines end at "\n" (a "\r" alone ends none)
