@@ -235,16 +235,18 @@ def split(
     from sftlab.data.load import load_conversations, save_conversations
     from sftlab.data.split import parse_ratios, split_conversations
     from sftlab.errors import SftlabError
+    from sftlab.files import inside
 
     if ext not in ("jsonl", "parquet"):
         raise SftlabError(f"--ext must be jsonl or parquet, got '{ext}'")
     split_names = [n.strip() for n in names.split(",") if n.strip()]
+    paths = {n: inside(out_dir, f"{n}.{ext}", "split name") for n in split_names}
     parts = split_conversations(load_conversations(file, format=_schema(format, columns), split=from_split), split_names,
                                 parse_ratios(ratios, split_names), seed=seed, stratify=stratify)
     sizes = {}
     for name, convs in parts.items():
-        sizes[name] = save_conversations(out_dir / f"{name}.{ext}", convs)
-        print(f"{name:>12}  {sizes[name]:>7}  {out_dir / f'{name}.{ext}'}")
+        sizes[name] = save_conversations(paths[name], convs)
+        print(f"{name:>12}  {sizes[name]:>7}  {paths[name]}")
     write_json(out_dir / "split.json", {"input": file, "sizes": sizes, "ratios": ratios, "seed": seed, "stratify": stratify})
 
 
