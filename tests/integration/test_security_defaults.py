@@ -171,6 +171,11 @@ def test_the_server_answers_a_sandbox_violation_with_400(tiny_model_dir):
     class Backend:
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
 
+        async def generate(self, **_):
+            from sftlab.serve.backends import Completion
+
+            return Completion("ok", "stop", 1, 1)
+
     Backend.tokenizer.chat_template = ESCAPES[0]
 
     async def post():
