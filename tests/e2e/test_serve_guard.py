@@ -205,3 +205,23 @@ def test_cli_reads_the_key_file_named_in_the_environment(tmp_path, tiny_model_di
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("url, body, where", [
+    ("/v1/chat/completions", b"[" * 50_000, "error parsing the body"),  # nested past Python's recursion limit
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "lone surrogate"),
+    ("/v1/completions", b'{"prompt": ["fine", "x\\udfff"]}', "lone surrogate"),
+    ("/v1/chat/completions", b'{"messages": []}', "messages"),
+    ("/v1/chat/completions", b"\xff\xfe not UTF-8", "JSON decode error"),  # read as UTF-16 (its BOM): garbage
+    ("/v1/chat/completions", b"\xff\xfe not json", "error parsing the body"),  # odd length: not even UTF-16
+])
+def test_malformed_bodies_get_openai_shaped_400s(tokenizer, url, body, where):
+    from sftlab.serve.openai_api import create_app
+
+    async def post():
+        transport = httpx.ASGITransport(app=create_app(StubBackend(tokenizer), "stub"), raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await c.post(url, content=body, headers={"Content-Type": "application/json"})
+
+    r = asyncio.run(post())
+    assert r.status_code == 400 and where in r.json()["error"]["message"], r.text[:300]

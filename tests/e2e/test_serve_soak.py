@@ -35,9 +35,9 @@ async def _chunked(total: int):
 
 
 # kind -> (weight, expected status)
-KINDS = {"chat": (8, 200), "stream": (3, 200), "completion": (3, 200), "bad_json": (1, 400),
-         "bad_role": (1, 400), "too_long_prompt": (1, 400), "too_many_tokens": (1, 400), "no_key": (1, 401),
-         "huge_declared": (1, 413), "huge_chunked": (1, 413)}
+KINDS = {"chat": (8, 200), "stream": (3, 200), "completion": (3, 200), "bad_json": (1, 400), "bad_role": (1, 400),
+         "deep_json": (1, 400), "surrogate": (1, 400), "too_long_prompt": (1, 400), "too_many_tokens": (1, 400),
+         "no_key": (1, 401), "huge_declared": (1, 413), "huge_chunked": (1, 413)}
 
 
 async def _one(client: httpx.AsyncClient, kind: str, rng: random.Random):
@@ -58,6 +58,11 @@ async def _one(client: httpx.AsyncClient, kind: str, rng: random.Random):
         return r.status_code, None
     if kind == "bad_json":
         r = await client.post(url, content=b'{"messages": [{"role": "user", "content": ', headers={"Content-Type": "application/json"})
+    elif kind == "deep_json":
+        r = await client.post(url, content=b"[" * 50_000, headers={"Content-Type": "application/json"})
+    elif kind == "surrogate":
+        r = await client.post(url, content=b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+                              headers={"Content-Type": "application/json"})
     elif kind == "bad_role":
         r = await client.post(url, json={"messages": [{"role": "wizard", "content": prompt}]})
     elif kind == "too_long_prompt":
