@@ -225,3 +225,24 @@ def test_malformed_bodies_get_openai_shaped_400s(tokenizer, url, body, where):
 
     r = asyncio.run(post())
     assert r.status_code == 400 and where in r.json()["error"]["message"], r.text[:300]
+
+
+def test_review_refuses_bad_text_with_400_and_keeps_its_log(tmp_path):
+    import json
+
+    from starlette.testclient import TestClient
+
+    from sftlab.data.review.app import create_app
+    from sftlab.data.review.session import ReviewSession
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    session = ReviewSession(data)
+    with TestClient(create_app(session), raise_server_exceptions=False) as client:
+        item = client.get("/api/items").json()["ids"][0]
+        for body in (b'{"action": "edit", "message": 1, "content": "x\\ud800", "base": "a"}',
+                     b'{"action": "reject", "reason": "\\udfff"}', b"[" * 50_000):
+            r = client.post(f"/api/items/{item}/actions", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and "error" in r.json(), r.text[:300]
+        assert client.post(f"/api/items/{item}/actions", json={"action": "accept"}).status_code == 200
+    assert [json.loads(line)["action"] for line in session.log.path.read_text().splitlines()] == ["accept"]

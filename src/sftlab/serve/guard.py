@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sftlab.errors import SftlabError
@@ -34,6 +35,22 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
                    code=None, headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def http_error_handler(_, e: HTTPException) -> JSONResponse:
+    """FastAPI's own errors (an unparsable body, e.g. JSON nested too deep; 404; 405) in OpenAI's shape."""
+    return error_response(e.status_code, str(e.detail), headers=e.headers)
+
+
+def encodable(value: str | list[str] | None):
+    """A pydantic field validator: JSON may carry lone surrogates (\\ud800) that no tokenizer or
+    UTF-8 file can take; refuse them at the door (400) instead of failing later (500)."""
+    for text in [value] if isinstance(value, str) else value or []:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"not valid Unicode at character {e.start} (a lone surrogate)") from None
+    return value
 
 
 class _Refused(Exception):

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from sftlab.serve.generation import IncrementalDecoder, encode
-from sftlab.serve.guard import GuardLimits, add_request_guard, error_response, warn_if_exposed
+from sftlab.serve.guard import (GuardLimits, add_request_guard, encodable, error_response, http_error_handler,
+                                warn_if_exposed)
 
 
 @dataclass
@@ -36,21 +37,11 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
-def _encodable(value: str | list[str]) -> str | list[str]:
-    """JSON may carry lone surrogates (\\ud800) that no tokenizer can encode."""
-    for text in [value] if isinstance(value, str) else value:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"not valid Unicode at character {e.start} (a lone surrogate)") from None
-    return value
-
-
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
     content: str
 
-    _check_content = field_validator("content")(_encodable)
+    _check_content = field_validator("content")(encodable)
 
 
 class _Sampling(BaseModel):
@@ -71,7 +62,7 @@ class ChatRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
 
-    _check_prompt = field_validator("prompt")(_encodable)
+    _check_prompt = field_validator("prompt")(encodable)
 
 
 def create_app(backend, model_name: str, *, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
@@ -89,9 +80,7 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
         return error_response(400, f"invalid request: {param or 'body'}: {first.get('msg')}", param=param)
 
-    @app.exception_handler(HTTPException)
-    async def _http(_, e: HTTPException):  # FastAPI's own: unparsable body (e.g. nested too deep), 404, 405
-        return error_response(e.status_code, str(e.detail), headers=e.headers)
+    app.add_exception_handler(HTTPException, http_error_handler)
 
     add_request_guard(app, prefix="/v1/", api_key=api_key, limits=limits)
 

@@ -21,11 +21,12 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException
 
 from sftlab.data.review.session import MAX_LABEL, MAX_REASON, Conflict, ReviewSession, UnknownExample
 from sftlab.errors import SftlabError
-from sftlab.serve.guard import GuardLimits, add_request_guard, error_response
+from sftlab.serve.guard import GuardLimits, add_request_guard, encodable, error_response, http_error_handler
 
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 
@@ -40,6 +41,8 @@ class Action(BaseModel):
     base: str | None = None  # the text the edit started from (a changed one is a conflict)
     label: str | None = Field(None, max_length=MAX_LABEL)
     score: int | None = Field(None, ge=1, le=5)
+
+    _check_text = field_validator("reason", "content", "base", "label")(encodable)
 
 
 def _page() -> tuple[str, str]:
@@ -80,6 +83,7 @@ def create_app(session: ReviewSession, *, api_key: str | None = None, max_body_b
     async def _missing(_, e: UnknownExample):
         return error_response(404, str(e), code="not_found")
 
+    app.add_exception_handler(HTTPException, http_error_handler)
     add_request_guard(app, prefix="/api/", api_key=api_key, limits=limits or GuardLimits(max_body_bytes=max_body_bytes))
 
     @app.middleware("http")
