@@ -59,7 +59,7 @@ async def _one(client: httpx.AsyncClient, kind: str, rng: random.Random):
     if kind == "bad_json":
         r = await client.post(url, content=b'{"messages": [{"role": "user", "content": ', headers={"Content-Type": "application/json"})
     elif kind == "deep_json":
-        r = await client.post(url, content=b"[" * 50_000, headers={"Content-Type": "application/json"})
+        r = await client.post(url, content=b"[" * 10_000, headers={"Content-Type": "application/json"})  # < MAX_BODY
     elif kind == "surrogate":
         r = await client.post(url, content=b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
                               headers={"Content-Type": "application/json"})
