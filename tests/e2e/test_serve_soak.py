@@ -57,7 +57,8 @@ async def _one(client: httpx.AsyncClient, kind: str, rng: random.Random):
         r = await client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 6})
         return r.status_code, None
     if kind == "bad_json":
-        r = await client.post(url, content=b'{"messages": [{"role": "user", "content": ', headers={"Content-Type": "application/json"})
+        r = await client.post(url, content=b'{"messages": [{"role": "user", "content": ',
+                              headers={"Content-Type": "application/json"})
     elif kind == "deep_json":
         r = await client.post(url, content=b"[" * 10_000, headers={"Content-Type": "application/json"})  # < MAX_BODY
     elif kind == "surrogate":

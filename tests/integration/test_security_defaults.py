@@ -217,7 +217,8 @@ def test_split_names_cannot_escape_the_output_folder(tmp_path):
     out = subprocess.run([sys.executable, "-m", "sftlab.cli", "data", "split", str(tmp_path / "d.jsonl"),
                           "--out-dir", str(tmp_path / "out"), "--names", "train,../../escaped", "--ratios", "0.5,0.5"],
                          env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and "split name '../../escaped.jsonl' must be a plain file name" in out.stderr, out.stderr
+    assert out.returncode == 1, out.stderr
+    assert "split name '../../escaped.jsonl' must be a plain file name" in out.stderr
     assert not list(tmp_path.rglob("escaped*"))
 
 

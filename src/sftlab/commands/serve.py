@@ -17,7 +17,7 @@ def serve(
     port: int = typer.Option(8000, help="Port."),
     api_key: str = typer.Option(None, envvar="SFTLAB_API_KEY", help="Require 'Authorization: Bearer KEY'."),
     api_key_file: Path = typer.Option(None, envvar="SFTLAB_API_KEY_FILE",
-                                      help="Read the API key from this file's first line (keeps it out of the process list)."),
+                                      help="Read the API key from this file's first line (not shown in `ps`)."),
     max_body_bytes: int = typer.Option(1_000_000, help="Reject larger request bodies (413), while they stream in."),
     max_concurrent: int = typer.Option(64, min=1, help="Requests in flight at once (streams included); more get 429."),
     body_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a request body may take to arrive (408 after)."),
