@@ -28,6 +28,7 @@ class ModelConfig(Section):
     name_or_path: str = Field("default", description="HF folder, hub id, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)).")
     chat_template: str | None = Field(None, description="Chat template: a named one (chatml, llama3, mistral, gemma, alpaca; adds the special tokens it needs), a .jinja file, or Jinja text. Default: the tokenizer's.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub repo. Off unless you trust it.")
+    allow_pickle: bool = Field(False, description="Also load pickle weights (pytorch_model.bin, ...), which can run code when loaded. Off: safetensors only.")
     attn_implementation: str | None = Field(None, description="sftlab_varlen | sdpa | eager | flash_attention_2 (default: sftlab_varlen, padding-free, where the model supports it).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype on load (auto: bf16 for a LoRA base when training in bf16, else fp32).")
 

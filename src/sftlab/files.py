@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written report, config or run.json."""
+"""Atomic file writes (a reader never sees a half-written report, config or run.json), and
+file names given by a user that must stay inside their folder."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ import os
 import threading
 from pathlib import Path
 from typing import Any
+
+from sftlab.errors import SftlabError
+
+
+def inside(folder: str | Path, name: str, what: str = "name") -> Path:
+    """`folder / name` for a user-given `name` that must name a file directly inside `folder`."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute():
+        raise SftlabError(f"{what} '{name}' must be a plain file name (no '/', '\\' or '..'): it names a file "
+                          f"inside {folder}")
+    return Path(folder) / name
 
 
 def atomic_write(path: str | Path, text: str) -> None:

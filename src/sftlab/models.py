@@ -1,7 +1,9 @@
 """Load base models and tokenizers: a local HF folder, an HF id (from the local cache
 when offline), a GGUF file, a finished sftlab run, or the embedded default.
 
-Safe defaults: `trust_remote_code` is off unless asked, and only safetensors weights load.
+Safe defaults: `trust_remote_code` is off unless asked, and only safetensors weights load:
+pickle files (pytorch_model.bin, ...) can run code when unpickled, so they load only with
+`model.allow_pickle: true` in a config or SFTLAB_ALLOW_PICKLE=1 in the environment.
 """
 
 from __future__ import annotations
@@ -126,7 +128,34 @@ def run_artifacts(run_dir: str | Path) -> dict[str, Any]:
     }
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+ALLOW_PICKLE_ENV = "SFTLAB_ALLOW_PICKLE"
+
+
+def pickle_allowed(allow_pickle: bool | None = None) -> bool:
+    """The explicit argument, else SFTLAB_ALLOW_PICKLE=1|true|yes."""
+    if allow_pickle is not None:
+        return allow_pickle
+    return os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_weights(folder: str | Path, allow_pickle: bool | None = None) -> None:
+    """Refuse a local folder whose weights are only pickle files, unless pickle is allowed."""
+    folder = Path(folder)
+    if not folder.is_dir() or pickle_allowed(allow_pickle) or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise SftlabError(
+            f"{folder} holds only pickle weights ({', '.join(pickles[:3])}), which can run code when loaded; "
+            "sftlab loads safetensors only. Convert them to safetensors, or, if you trust the files, set "
+            f"model.allow_pickle: true (training config) or {ALLOW_PICKLE_ENV}=1 (any command)")
+
+
 def _hub_error(name: str, err: Exception) -> SftlabError:
+    if "trust_remote_code" in str(err):
+        return SftlabError(f"'{name}' needs its own Python code (auto_map in its config), which sftlab runs only "
+                           "when told: set model.trust_remote_code: true if you trust it")
     return SftlabError(
         f"could not load '{name}': {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''} "
         "(offline? a hub id only loads from the local cache; pass a local folder instead)"
@@ -215,17 +244,21 @@ def load_model(
     attn_implementation: str | None = None,
     quantization_config: Any = None,
     device_map: Any = None,
+    allow_pickle: bool | None = None,
 ):
-    """A causal LM from a folder/id/GGUF, or a run (base + adapter, or its full model)."""
+    """A causal LM from a folder/id/GGUF, or a run (base + adapter, or its full model).
+    `allow_pickle` (default: SFTLAB_ALLOW_PICKLE) lets non-safetensors weights load."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if is_run_dir(name_or_path):
         art = run_artifacts(name_or_path)
         if art["model"]:
-            return load_model(art["model"], dtype=dtype, attn_implementation=attn_implementation)
+            return load_model(art["model"], dtype=dtype, attn_implementation=attn_implementation,
+                              allow_pickle=allow_pickle)
         base = load_model(art["base"], dtype=dtype, trust_remote_code=trust_remote_code,
-                          attn_implementation=attn_implementation)
+                          attn_implementation=attn_implementation, allow_pickle=allow_pickle)
+        check_weights(art["adapter"], allow_pickle)
         tok_dir = Path(name_or_path) / "tokenizer"
         if tok_dir.exists():  # a named template may have added tokens: the adapter holds their rows
             from transformers import AutoTokenizer
@@ -239,7 +272,8 @@ def load_model(
     if gguf:
         kwargs["gguf_file"] = gguf
     else:
-        kwargs["use_safetensors"] = True
+        check_weights(path, allow_pickle)
+        kwargs["use_safetensors"] = None if pickle_allowed(allow_pickle) else True
     if dtype != "auto":
         kwargs["dtype"] = getattr(torch, dtype)
     else:

@@ -24,9 +24,19 @@ def tracked_files() -> set[str]:
     return set(out.splitlines())
 
 
+def _load(path, overrides=None):
+    """The config as its command reads it: an AlignConfig for `sftlab align` configs."""
+    import yaml
+
+    from sftlab.config import AlignConfig, TrainConfig
+
+    cls = AlignConfig if "align" in (yaml.safe_load(path.read_text()) or {}) else TrainConfig
+    return load_config(path, overrides, cls=cls)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_example_config_data_ships_with_the_repository(path):
-    data = load_config(path).data
+    data = _load(path).data
     files = tracked_files()
     for name in filter(None, (data.train, data.validation)):
         assert name in files, f"{path.name}: {name} is not in the repository (a clean clone lacks it)"
@@ -34,12 +44,15 @@ def test_example_config_data_ships_with_the_repository(path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_example_config_trains_one_step(path, tiny_model_dir, tmp_path, monkeypatch):
+    from sftlab.config import AlignConfig
+    from sftlab.train.align import align
     from sftlab.train.trainer import train
 
     monkeypatch.chdir(ROOT)  # the configs' data paths are relative to the repository root
     monkeypatch.setenv("SFTLAB_CACHE", str(tmp_path / "cache"))
-    config = load_config(path, [f"model.name_or_path={tiny_model_dir}", "training.max_steps=1",
-                                f"output_dir={tmp_path / 'run'}"])
-    info = train(config, log=lambda *a: None)
+    config = _load(path, [f"model.name_or_path={tiny_model_dir}", "training.max_steps=1",
+                          f"output_dir={tmp_path / 'run'}"])
+    info = (align if isinstance(config, AlignConfig) else train)(config, log=lambda *a: None)
     assert info["global_step"] == 1 and info["finished"]
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["train_data"]["examples"] > 0
+    train_data = json.loads((tmp_path / "run" / "run.json").read_text())["train_data"]
+    assert train_data["rows" if isinstance(config, AlignConfig) else "examples"] > 0

@@ -338,6 +338,10 @@ def not_run_reason(invocation: str) -> str | None:
         return "a command named in prose, not a command line"
     if "$" in invocation:
         return "uses a shell variable of the surrounding script"
+    if "--nproc" in words:
+        return "launches several processes under torchrun; tests/integration/test_distributed_cli.py runs `--nproc 2`"
+    if invocation.startswith("sftlab data review") and "--export" not in words:
+        return "starts the review page, which runs until stopped; tests/e2e/test_review_api.py starts one and uses it"
     return None
 
 
@@ -392,24 +396,36 @@ def sandbox(tmp_path_factory, tiny_model_dir):
         shutil.copy(ROOT / "examples" / "data" / "corpus.jsonl", work / "corpus.jsonl")
         shutil.copy(ROOT / "examples" / "data" / "reading.csv", work / "qa.csv")
         shutil.copy(ROOT / "src" / "sftlab" / "templates" / "chatml.jinja", work / "my_template.jinja")
+        shutil.copy(work / "data.jsonl", work / "reviewed.jsonl")
         from datasets import load_dataset
 
         load_dataset("json", data_files=str(work / "train.jsonl")).save_to_disk(str(work / "ds"))
         assert main(["train", "configs/lora.yaml", "training.max_steps=2"]) == 0  # -> runs/lora
-        shutil.copytree(work / "runs" / "lora", work / "runs" / "my-lora")
+        for copy in ("my-lora", "quickstart/run"):
+            shutil.copytree(work / "runs" / "lora", work / "runs" / copy)
+        assert main(["align", "configs/dpo.yaml", "training.max_steps=2"]) == 0  # -> runs/dpo
+        assert main(["sweep", "configs/sweep.yaml", "--trials", "2", "training.max_steps=2"]) == 0  # -> runs/sweep
     return work, cache
 
 
 def _runnable(invocation: str) -> list[str]:
-    """The argv to run; for a training line, also clear its output_dir (unless it resumes)."""
+    """The argv to run; a training line (train, align, sweep) trains 2 steps (a sweep 2 trials) and
+    starts from a clear output_dir unless it resumes."""
     argv = shlex.split(invocation)[1:]
-    if argv[0] != "train":
+    if argv[0] not in ("train", "align", "sweep"):
         return argv
+    if "--trials" in argv:
+        argv[argv.index("--trials") + 1] = "2"
+    elif argv[0] == "sweep":
+        argv += ["--trials", "2"]
     if "--resume" not in argv:
         import shutil
 
-        config, overrides = argv[1], [a for a in argv[2:] if not a.startswith("-")]
-        shutil.rmtree(load_config(None if config == "-" else config, overrides).output_dir, ignore_errors=True)
+        config = argv[1]
+        overrides = [a for a in argv[2:] if "=" in a and not a.startswith("-")]
+        tree = {} if config == "-" else yaml.safe_load(Path(config).read_text()) or {}
+        cfg = load_config(None if config == "-" else config, overrides, cls=_config_class(tree))
+        shutil.rmtree(cfg.output_dir, ignore_errors=True)
     return [*argv, "training.max_steps=2"]
 
 

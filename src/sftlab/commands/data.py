@@ -226,16 +226,18 @@ def split(
     from sftlab.data.load import load_conversations, save_conversations
     from sftlab.data.split import parse_ratios, split_conversations
     from sftlab.errors import SftlabError
+    from sftlab.files import inside
 
     if ext not in ("jsonl", "parquet"):
         raise SftlabError(f"--ext must be jsonl or parquet, got '{ext}'")
     split_names = [n.strip() for n in names.split(",") if n.strip()]
+    paths = {n: inside(out_dir, f"{n}.{ext}", "split name") for n in split_names}
     parts = split_conversations(load_conversations(file, format=_schema(format, columns), split=from_split), split_names,
                                 parse_ratios(ratios, split_names), seed=seed, stratify=stratify)
     sizes = {}
     for name, convs in parts.items():
-        sizes[name] = save_conversations(out_dir / f"{name}.{ext}", convs)
-        print(f"{name:>12}  {sizes[name]:>7}  {out_dir / f'{name}.{ext}'}")
+        sizes[name] = save_conversations(paths[name], convs)
+        print(f"{name:>12}  {sizes[name]:>7}  {paths[name]}")
     write_json(out_dir / "split.json", {"input": file, "sizes": sizes, "ratios": ratios, "seed": seed, "stratify": stratify})
 
 
@@ -308,7 +310,10 @@ def review(
     port: int = typer.Option(8765, "--port", help="Port of the review page."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default accepts local connections only."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SFTLAB_API_KEY", help="Require 'Authorization: Bearer KEY' (the page asks for it)."),
-    max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", help="Reject larger request bodies (413)."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", envvar="SFTLAB_API_KEY_FILE", help="Read the API key from this file's first line (keeps it out of the process list)."),
+    max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", help="Reject larger request bodies (413), while they stream in."),
+    max_concurrent: int = typer.Option(64, "--max-concurrent", min=1, help="Requests in flight at once; more get 429."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.1, help="Seconds a request body may take to arrive (408 after)."),
     model: Optional[str] = typer.Option(None, "--model", help="Tokenizer whose chat template gives token counts and the trained-token view."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template (.jinja) overriding the tokenizer's."),
     max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="Flag examples longer than this many tokens (needs --model)."),
@@ -330,6 +335,10 @@ def review(
         raise SftlabError("--max-seq-length needs --model (the tokenizer that counts tokens)")
     if suggest and suggest_url:
         raise SftlabError("give --suggest (a local model) or --suggest-url (an endpoint), not both")
+    if not export:
+        from sftlab.serve.guard import read_api_key
+
+        api_key = read_api_key(api_key, api_key_file)
     choices = [x.strip() for x in (labels or "").split(",") if x.strip()]
     session = ReviewSession(file, review_dir=review_dir, format=format, split=split, labels=choices,
                             tokenizer=None if export else _tokenizer(model, chat_template), max_seq_length=max_seq_length)
@@ -345,10 +354,11 @@ def review(
         return
     from sftlab.data.review.app import LOOPBACK_HOSTS, create_app
     from sftlab.data.review.suggest import EndpointSuggester, LocalSuggester, start_suggestions
+    from sftlab.serve.guard import GuardLimits
     from sftlab.serve.openai_api import run_server
 
-    app_ = create_app(session, api_key=api_key, max_body_bytes=max_body_bytes,
-                      allowed_hosts=LOOPBACK_HOSTS if host in LOOPBACK_HOSTS else None)
+    app_ = create_app(session, api_key=api_key, allowed_hosts=LOOPBACK_HOSTS if host in LOOPBACK_HOSTS else None,
+                      limits=GuardLimits(max_body_bytes, max_concurrent, body_timeout))
     if suggest or suggest_url:
         suggester = (LocalSuggester(suggest, chat_template) if suggest
                      else EndpointSuggester(suggest_url, suggest_model, suggest_api_key))
@@ -359,7 +369,7 @@ def review(
     progress = session.progress()
     print(f"{progress['total']} examples from {file}, {progress['reviewed']} reviewed; decisions go to {session.log.path}")
     print(f"review page: http://{host}:{port}/  (Ctrl+C stops; the log keeps every decision)")
-    run_server(app_, host=host, port=port)
+    run_server(app_, host=host, port=port, api_key=api_key)
 
 
 @app.command()

@@ -46,24 +46,10 @@ def _cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
     return ids
 
 
-def generate_batch(
-    model,
-    tokenizer,
-    prompts: list[list[dict]],
-    *,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    progress: bool = True,
-    sources: list[str] | None = None,
-) -> list[str]:
-    """Answer each chat prompt (a list of messages) with the model; answers in input order."""
-    ids = generate_ids(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        do_sample=do_sample, temperature=temperature, top_p=top_p, progress=progress, sources=sources,
-    )
+def generate_batch(model, tokenizer, prompts: list[list[dict]], **options) -> list[str]:
+    """Answer each chat prompt (a list of messages) with the model; answers in input order.
+    `options` as for `generate_ids`."""
+    ids = generate_ids(model, tokenizer, prompts, **options)
     return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
 
 

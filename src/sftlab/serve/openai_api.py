@@ -15,15 +15,17 @@ from typing import Literal
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from jinja2 import TemplateError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException
 
 from sftlab.serve.generation import IncrementalDecoder, encode
-from sftlab.serve.guard import add_request_guard, error_response
+from sftlab.serve.guard import (GuardLimits, add_request_guard, encodable, error_response, http_error_handler,
+                                warn_if_exposed)
 
 
 @dataclass
-class Limits:
-    max_body_bytes: int = 1_000_000
+class Limits(GuardLimits):
     max_prompt_tokens: int = 4096
     max_tokens_limit: int = 1024
     default_max_tokens: int = 256
@@ -38,6 +40,8 @@ class APIError(Exception):
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
     content: str
+
+    _check_content = field_validator("content")(encodable)
 
 
 class _Sampling(BaseModel):
@@ -58,6 +62,8 @@ class ChatRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
 
+    _check_prompt = field_validator("prompt")(encodable)
+
 
 def create_app(backend, model_name: str, *, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
@@ -74,7 +80,9 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
         return error_response(400, f"invalid request: {param or 'body'}: {first.get('msg')}", param=param)
 
-    add_request_guard(app, prefix="/v1/", api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    app.add_exception_handler(HTTPException, http_error_handler)
+
+    add_request_guard(app, prefix="/v1/", api_key=api_key, limits=limits)
 
     @app.get("/health")
     async def health():
@@ -103,6 +111,8 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
             ids = encode(tokenizer, messages=messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
+        except TemplateError as e:  # raise_exception() in the template, or the sandbox's SecurityError
+            raise APIError(400, f"the chat template failed: {e}", param="messages") from e
         _check_prompt(ids)
         kwargs = dict(ids=ids, messages=messages, max_tokens=_max_tokens(req), temperature=req.temperature,
                       top_p=req.top_p)
@@ -173,7 +183,22 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
     return app
 
 
-def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
+def server_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, keep_alive_timeout: int = 5,
+                  log_level: str = "info"):
+    """uvicorn settings against slow clients: idle keep-alive connections close after
+    `keep_alive_timeout` s, request lines + headers are capped at 16 KiB (h11), and a stop
+    waits at most 10 s for open streams."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http="h11",
+                          timeout_keep_alive=keep_alive_timeout, h11_max_incomplete_event_size=16 * 1024,
+                          timeout_graceful_shutdown=10)
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
+               keep_alive_timeout: int = 5) -> None:
+    """Serve `app`; `api_key` only decides the warning for a reachable address without one."""
+    import uvicorn
+
+    warn_if_exposed(host, api_key)
+    uvicorn.Server(server_config(app, host, port, keep_alive_timeout=keep_alive_timeout)).run()

@@ -65,15 +65,17 @@ def load_policy(config: AlignConfig, dtype: str):
     so that TRL computes the reference with the adapter disabled."""
     from peft import PeftModel
 
-    from sftlab.models import is_run_dir, load_model, run_artifacts
+    from sftlab.models import check_weights, is_run_dir, load_model, run_artifacts
 
     m = config.model
     attn = None if m.attn_implementation == "sftlab_varlen" else m.attn_implementation
-    kwargs = {"dtype": dtype, "trust_remote_code": m.trust_remote_code, "attn_implementation": attn}
+    kwargs = {"dtype": dtype, "trust_remote_code": m.trust_remote_code, "attn_implementation": attn,
+              "allow_pickle": m.allow_pickle or None}
     name = m.name_or_path
     art = run_artifacts(name) if is_run_dir(name) else None
     if art and art["adapter"] and not art["model"]:
         base = load_model(art["base"], **kwargs)
+        check_weights(art["adapter"], kwargs["allow_pickle"])
         if config.method == "full":
             return PeftModel.from_pretrained(base, art["adapter"]).merge_and_unload(), None, art["base"]
         return PeftModel.from_pretrained(base, art["adapter"], is_trainable=True), None, art["base"]

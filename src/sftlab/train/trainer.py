@@ -160,7 +160,8 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
         register_varlen()  # before loading: transformers checks the name
     dtype = base_weights_dtype(config.method, use_bf16) if m.dtype == "auto" else m.dtype
     model = load_model(m.name_or_path, dtype=dtype, trust_remote_code=m.trust_remote_code,
-                       attn_implementation=m.attn_implementation, quantization_config=quant)
+                       attn_implementation=m.attn_implementation, quantization_config=quant,
+                       allow_pickle=m.allow_pickle or None)
     model.config.use_cache = False
     new_token_kwargs = fit_embeddings(model, tokenizer) if tokenizer is not None else {}
     choose_attention(model, m.attn_implementation, packing=config.data.packing)

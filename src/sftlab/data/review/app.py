@@ -2,8 +2,8 @@
 
 Safety: the page puts every text into the DOM as text (never as HTML), and its Content
 Security Policy allows only the page's own inline script and style (by hash), so even a
-record holding `<script>` cannot run. /api/ takes the same optional API key and body size
-limit as `sftlab serve`; POSTs must be JSON (a cross-site form cannot send that without a
+record holding `<script>` cannot run. /api/ takes the same optional API key, body size
+limit, body timeout and concurrency cap as `sftlab serve` (serve/guard.py); POSTs must be JSON (a cross-site form cannot send that without a
 CORS preflight, which this server never grants) and come from the page's own origin; on a
 loopback address only loopback Host names are answered (no DNS rebinding). The server
 writes nothing but the review log, inside the review folder.
@@ -21,12 +21,13 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException
 
 from sftlab.data.conversation import jsonable
 from sftlab.data.review.session import MAX_LABEL, MAX_REASON, Conflict, ReviewSession, UnknownExample
 from sftlab.errors import SftlabError
-from sftlab.serve.guard import add_request_guard, error_response
+from sftlab.serve.guard import GuardLimits, add_request_guard, encodable, error_response, http_error_handler
 
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 
@@ -41,6 +42,8 @@ class Action(BaseModel):
     base: str | None = None  # the text the edit started from (a changed one is a conflict)
     label: str | None = Field(None, max_length=MAX_LABEL)
     score: int | None = Field(None, ge=1, le=5)
+
+    _check_text = field_validator("reason", "content", "base", "label")(encodable)
 
 
 def _page() -> tuple[str, str]:
@@ -57,8 +60,9 @@ def _page() -> tuple[str, str]:
 
 
 def create_app(session: ReviewSession, *, api_key: str | None = None, max_body_bytes: int = 1_000_000,
-               allowed_hosts: list[str] | None = None) -> FastAPI:
-    """The review app for `session`. `allowed_hosts`: Host names answered (None: any)."""
+               allowed_hosts: list[str] | None = None, limits: GuardLimits | None = None) -> FastAPI:
+    """The review app for `session`. `allowed_hosts`: Host names answered (None: any); `limits`
+    (concurrency, body timeout) default to GuardLimits with `max_body_bytes`."""
     page, csp = _page()
     app = FastAPI(title="sftlab data review", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -80,7 +84,8 @@ def create_app(session: ReviewSession, *, api_key: str | None = None, max_body_b
     async def _missing(_, e: UnknownExample):
         return error_response(404, str(e), code="not_found")
 
-    add_request_guard(app, prefix="/api/", api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_exception_handler(HTTPException, http_error_handler)
+    add_request_guard(app, prefix="/api/", api_key=api_key, limits=limits or GuardLimits(max_body_bytes=max_body_bytes))
 
     @app.middleware("http")
     async def _same_origin(request: Request, call_next):
