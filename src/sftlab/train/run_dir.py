@@ -103,6 +103,10 @@ def commit_checkpoint(staged: Path, final: Path) -> None:
     else:
         os.replace(staged, final)
     _fsync(final.parent)
+    try:
+        staged.parent.rmdir()  # .saving/, when no other process still writes there
+    except OSError:
+        pass
 
 
 def _fsync(path: Path) -> None:

@@ -56,6 +56,7 @@ class SFTTrainer(Trainer):
         if nonfinite is not None:
             self.add_callback(nonfinite)
         self.trained_tokens_restored = 0  # the count a resumed checkpoint had reached
+        self.loss_sum_restored = 0.0  # its sum of step losses (transformers reports this call's mean only)
         self._trained_tokens_local = 0  # trained tokens this process has run since start
         self._eval_totals: torch.Tensor | None = None  # [loss sum, trained tokens] during evaluation
         self._staging: Path | None = None  # set while a checkpoint is being written
@@ -121,6 +122,7 @@ class SFTTrainer(Trainer):
             if self.checkpoint_state is not None:
                 record = {**self.checkpoint_state, "global_step": self.state.global_step,
                           "trained_tokens_seen": self.trained_tokens_seen,  # collective: every process
+                          "train_loss_sum": self.train_loss_sum,
                           "nonfinite_skipped_steps": self.nonfinite.skipped if self.nonfinite else []}
             if self.args.should_save:
                 from transformers.trainer import TRAINER_STATE_NAME
@@ -149,6 +151,11 @@ class SFTTrainer(Trainer):
             # transformers reads a warmup_steps >= 1 as a step count (1.0 would be one step)
             self.args.warmup_steps = math.ceil(self.warmup_ratio * num_training_steps)
         return super().create_scheduler(num_training_steps, optimizer)
+
+    @property
+    def train_loss_sum(self) -> float:
+        """Sum of the step losses since the run began (resumes included), as transformers sums them."""
+        return self.loss_sum_restored + self._total_loss_scalar + float(self._tr_loss)
 
     @property
     def trained_tokens_seen(self) -> int:
@@ -393,11 +400,16 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     log(f"engine: {distributed.describe(trainer)}")
     if checkpoint is not None:
         trainer.trained_tokens_restored = saved["trained_tokens_seen"]
+        trainer.loss_sum_restored = saved.get("train_loss_sum", 0.0)
         nonfinite.skipped = list(saved.get("nonfinite_skipped_steps", []))
         log(f"resuming from {checkpoint} (step {saved['global_step']}, {saved['trained_tokens_seen']} trained tokens)")
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - t_train
+    train_loss = result.training_loss  # the mean over this call's steps: over the whole run when resumed
+    if checkpoint is not None and trainer.state.global_step:
+        steps_now = trainer.state.global_step - saved["global_step"]
+        train_loss = (trainer.loss_sum_restored + result.training_loss * steps_now) / trainer.state.global_step
 
     tokens_seen = trainer.trained_tokens_seen  # a collective call: every rank takes part
     distributed.save_final_model(trainer, out / ("model" if config.method == "full" else "adapter"))
@@ -411,7 +423,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         "validation_data": {k: v for k, v in asdict(eval_stats).items() if k != "dropped"} if eval_stats else None,
         "packing": pstats,
         "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss,
+        "train_loss": train_loss,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "train_seconds": round(train_seconds, 2),
         "total_seconds": round(time.perf_counter() - t_start, 2),
@@ -429,7 +441,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     }
     distributed.on_main_process(write_run_json, out, info)
     distributed.on_main_process(atomic_write, out / "README.md", model_card(config, info))
-    log(f"run saved in {out} (train loss {result.training_loss:.4f}, {trainer.state.global_step} steps, {train_seconds:.0f}s)")
+    log(f"run saved in {out} (train loss {train_loss:.4f}, {trainer.state.global_step} steps, {train_seconds:.0f}s)")
     return info
 
 
