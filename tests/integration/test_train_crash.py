@@ -52,10 +52,12 @@ def straight(tmp_path_factory, tiny_model_dir, demo_data):
     return out
 
 
-def weights(run: Path) -> dict[str, torch.Tensor]:
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The adapter in a run's adapter/ folder or in a checkpoint folder."""
     from safetensors.torch import load_file
 
-    return load_file(run / "adapter" / "adapter_model.safetensors")
+    return load_file(next(p for p in (folder / "adapter" / "adapter_model.safetensors",
+                                      folder / "adapter_model.safetensors") if p.exists()))
 
 
 def max_weight_difference(a: Path, b: Path) -> float:
@@ -106,7 +108,7 @@ def test_killed_during_a_step_or_a_save_resumes_to_the_uninterrupted_weights(
         tiny_model_dir, demo_data, tmp_path, straight, capsys):
     # during step 4's second micro-batch (checkpoint-2 saved); at the rename that would commit
     # checkpoint-4, its files all written (save_total_limit=1: checkpoint-2 must survive)
-    points = [("step", 3 * ACCUM + 2), ("save", 2 * SAVE_EVENTS)]
+    points = [("step", 3 * ACCUM + 2), ("commit", 4)]
     runs = kill_runs(points, tiny_model_dir, demo_data, tmp_path)
     for run in runs:
         assert [c.name for c in (run / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
@@ -136,3 +138,104 @@ def test_random_kill_points_resume_to_the_uninterrupted_weights(tiny_model_dir, 
     for point, d in zip(points, diffs):
         print(f"KILL {point}: max |weight difference| {d:.3g}")
     assert max(diffs) <= 1e-6, diffs
+
+
+def plant_in_forward(monkeypatch, at_call: int, fault) -> list[list[str]]:
+    """On the `at_call`-th training forward, `fault(embeddings)` replaces the model's input
+    embeddings (or raises); returns the sources of every training micro-batch, in order."""
+    from sftlab.train import trainer as trainer_module
+
+    real_build, real_loss = trainer_module.build_model, trainer_module.SFTTrainer.compute_loss
+    calls, seen = [0], []
+
+    def build_model(*a, **k):
+        model = real_build(*a, **k)
+
+        def hook(module, inputs, output):
+            if module.training:
+                calls[0] += 1
+                if calls[0] == at_call:
+                    return fault(output)
+        model.get_input_embeddings().register_forward_hook(hook)
+        return model
+
+    def compute_loss(self, model, inputs, *a, **k):
+        if model.training:
+            seen.append(inputs["sources"])
+        return real_loss(self, model, inputs, *a, **k)
+
+    monkeypatch.setattr(trainer_module, "build_model", build_model)
+    monkeypatch.setattr(trainer_module.SFTTrainer, "compute_loss", compute_loss)
+    return seen
+
+
+def checkpoint_names(run: Path) -> list[str]:
+    return sorted(c.name for c in (run / "checkpoints").glob("checkpoint-*"))
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_the_batch(tiny_model_dir, demo_data, tmp_path, monkeypatch,
+                                                                capsys):
+    seen = plant_in_forward(monkeypatch, 3 * ACCUM + 1, lambda emb: emb * float("inf"))  # step 4, first micro-batch
+    run = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, demo_data, run)) == 1
+    err = capsys.readouterr().err
+    assert "step 4: non-finite loss" in err and "Traceback" not in err
+    assert seen[3 * ACCUM] and all(f"train.jsonl:{s.split(':')[-1]}" in err for s in seen[3 * ACCUM])
+    assert "the last good checkpoint is" in err and "checkpoint-2" in err and "skip_nonfinite_steps" in err
+    assert checkpoint_names(run) == ["checkpoint-2"] and (run / "checkpoints" / "checkpoint-2" / "sftlab.json").exists()
+    assert not (run / "run.json").exists()
+
+
+def test_skip_nonfinite_steps_leaves_weights_and_moments_alone_and_counts_the_step(
+        tiny_model_dir, demo_data, tmp_path, monkeypatch):
+    plant_in_forward(monkeypatch, 3 * ACCUM + 1, lambda emb: emb * float("inf"))
+    run = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, demo_data, run, "training.skip_nonfinite_steps=true", "training.max_steps=5",
+                           "training.save_steps=1", "training.save_total_limit=5")) == 0
+    info = json.loads((run / "run.json").read_text())
+    assert (info["global_step"], info["nonfinite_steps_skipped"], info["nonfinite_skipped_steps"]) == (5, 1, [4])
+    ckpt = {n: weights(run / "checkpoints" / f"checkpoint-{n}") for n in (2, 3, 4, 5)}
+    opt = {n: torch.load(run / "checkpoints" / f"checkpoint-{n}" / "optimizer.pt")["state"] for n in (3, 4)}
+    for k in ckpt[3]:
+        assert torch.equal(ckpt[3][k], ckpt[4][k]) and torch.isfinite(ckpt[5][k]).all()
+    assert any(not torch.equal(ckpt[2][k], ckpt[3][k]) for k in ckpt[3])  # the other steps do move them
+    assert any(not torch.equal(ckpt[4][k], ckpt[5][k]) for k in ckpt[3])
+    for i, state in opt[3].items():
+        assert all(torch.equal(v, opt[4][i][k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("fault, says", [
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "no space left on the device"),
+    (MemoryError(), "out of memory"),
+])
+def test_a_failed_save_is_a_clear_error_and_keeps_the_previous_checkpoint(
+        tiny_model_dir, demo_data, tmp_path, monkeypatch, capsys, fault, says):
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if f"checkpoint-4{os.sep}optimizer.pt" in str(f):  # half of checkpoint-4 already written
+            raise fault
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    run = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, demo_data, run, "training.max_steps=4")) == 1
+    err = capsys.readouterr().err
+    assert f"saving checkpoint-4 failed: {says}" in err and "Traceback" not in err
+    assert "the previous checkpoint" in err and "checkpoint-2 is intact" in err and "--resume" in err
+    assert checkpoint_names(run) == ["checkpoint-2"] and not (run / "checkpoints" / ".saving" / "checkpoint-4").exists()
+    assert (run / "checkpoints" / "checkpoint-2" / "sftlab.json").exists()
+
+
+@pytest.mark.parametrize("fault", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")])
+def test_out_of_memory_in_a_step_says_what_to_lower(tiny_model_dir, demo_data, tmp_path, monkeypatch, capsys, fault):
+    def oom(emb):
+        raise fault
+
+    plant_in_forward(monkeypatch, ACCUM + 1, oom)  # step 2
+    assert main(train_args(tiny_model_dir, demo_data, tmp_path / "run", "training.max_steps=2")) == 1
+    err = capsys.readouterr().err
+    assert "step 2: out of memory" in err and "Traceback" not in err
+    assert "per_device_train_batch_size (now 2" in err and "max_seq_length (now 128)" in err
+    assert "gradient_checkpointing=true" in err
