@@ -54,8 +54,11 @@ class NonFiniteGuard(TrainerCallback):
             return
         loss_ok = torch.stack(losses).isfinite()
         grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
-        grad_ok = (torch.nn.utils.get_total_norm(grads).isfinite().reshape(1) if grads and not self.scaler_active
-                   else loss_ok.new_ones(1))
+        if grads and not self.scaler_active:
+            norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads])
+            grad_ok = norms.isfinite().all().reshape(1).to(loss_ok.device)
+        else:
+            grad_ok = loss_ok.new_ones(1)
         flags = torch.cat([loss_ok.all().reshape(1), grad_ok]).to(torch.int32)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)  # every process decides alike

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from sftlab.config import TrainConfig
 from sftlab.errors import SftlabError
+from sftlab.files import write_json
 from sftlab.train.attention import NAME as VARLEN
 from sftlab.train.attention import can_flatten, choose_attention
 from sftlab.train.attention import register as register_varlen
@@ -125,10 +127,6 @@ class SFTTrainer(Trainer):
                           "train_loss_sum": self.train_loss_sum,
                           "nonfinite_skipped_steps": self.nonfinite.skipped if self.nonfinite else []}
             if self.args.should_save:
-                from transformers.trainer import TRAINER_STATE_NAME
-
-                from sftlab.files import write_json
-
                 self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
                 if record is not None:
                     write_json(staged / CHECKPOINT_STATE, record)
