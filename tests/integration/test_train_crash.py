@@ -140,9 +140,11 @@ def test_random_kill_points_resume_to_the_uninterrupted_weights(tiny_model_dir, 
     assert max(diffs) <= 1e-6, diffs
 
 
-def plant_in_forward(monkeypatch, at_call: int, fault) -> list[list[str]]:
-    """On the `at_call`-th training forward, `fault(embeddings)` replaces the model's input
-    embeddings (or raises); returns the sources of every training micro-batch, in order."""
+def plant_in_forward(monkeypatch, at_call: int, fault, module=lambda model: model.get_input_embeddings()
+                     ) -> list[list[str]]:
+    """On the `at_call`-th training forward, `fault(output)` replaces the output of the model's
+    input embeddings (or of `module(model)`), or raises; returns the sources of every training
+    micro-batch, in order."""
     from sftlab.train import trainer as trainer_module
 
     real_build, real_loss = trainer_module.build_model, trainer_module.SFTTrainer.compute_loss
@@ -156,7 +158,7 @@ def plant_in_forward(monkeypatch, at_call: int, fault) -> list[list[str]]:
                 calls[0] += 1
                 if calls[0] == at_call:
                     return fault(output)
-        model.get_input_embeddings().register_forward_hook(hook)
+        module(model).register_forward_hook(hook)
         return model
 
     def compute_loss(self, model, inputs, *a, **k):
@@ -173,13 +175,22 @@ def checkpoint_names(run: Path) -> list[str]:
     return sorted(c.name for c in (run / "checkpoints").glob("checkpoint-*"))
 
 
-def test_a_nan_loss_stops_the_run_naming_the_step_and_the_batch(tiny_model_dir, demo_data, tmp_path, monkeypatch,
-                                                                capsys):
-    seen = plant_in_forward(monkeypatch, 3 * ACCUM + 1, lambda emb: emb * float("inf"))  # step 4, first micro-batch
+def poisoned_gradient(hidden):
+    hidden.register_hook(lambda grad: grad * float("inf"))  # the loss stays finite
+    return hidden
+
+
+@pytest.mark.parametrize("what, fault, module", [
+    ("loss", lambda emb: emb * float("inf"), lambda model: model.get_input_embeddings()),
+    ("gradients", poisoned_gradient, lambda model: model.get_base_model().model.norm),
+])
+def test_a_nonfinite_step_stops_the_run_naming_the_step_and_the_batch(
+        tiny_model_dir, demo_data, tmp_path, monkeypatch, capsys, what, fault, module):
+    seen = plant_in_forward(monkeypatch, 3 * ACCUM + 1, fault, module)  # step 4, first micro-batch
     run = tmp_path / "run"
     assert main(train_args(tiny_model_dir, demo_data, run)) == 1
     err = capsys.readouterr().err
-    assert "step 4: non-finite loss" in err and "Traceback" not in err
+    assert f"step 4: non-finite {what}" in err and "Traceback" not in err
     assert seen[3 * ACCUM] and all(f"train.jsonl:{s.split(':')[-1]}" in err for s in seen[3 * ACCUM])
     assert "the last good checkpoint is" in err and "checkpoint-2" in err and "skip_nonfinite_steps" in err
     assert checkpoint_names(run) == ["checkpoint-2"] and (run / "checkpoints" / "checkpoint-2" / "sftlab.json").exists()

@@ -136,12 +136,15 @@ def refuse_existing_run(run_dir: Path) -> None:
                           "or choose another output_dir")
 
 
-def resume_checkpoint(run_dir: Path, state: dict) -> tuple[Path, dict]:
+def resume_checkpoint(run_dir: Path, state: dict) -> tuple[Path | None, dict]:
     """The last checkpoint and its saved state, after checking that the config and the
-    data are the ones it was trained with (`state` as `checkpoint_state` builds it)."""
+    data are the ones it was trained with (`state` as `checkpoint_state` builds it).
+    (None, {}) for a run stopped before its first checkpoint: it starts again from step 0."""
     found = checkpoints(run_dir)
     if not found:
-        raise SftlabError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        if (run_dir / "run.json").exists():
+            raise SftlabError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        return None, {}
     last = last_good_checkpoint(run_dir)
     if last is None:
         raise SftlabError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} holds {CHECKPOINT_STATE} (they were "

@@ -356,6 +356,8 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     digests = {"train": train_stats.digest, **({"validation": eval_stats.digest} if eval_stats else {})}
     state = checkpoint_state(config, digests)
     checkpoint, saved = resume_checkpoint(out, state) if resume else (None, {})
+    if resume and checkpoint is None:
+        log(f"--resume: no checkpoint saved yet in {out / 'checkpoints'}: starting from step 0")
     distributed.on_main_process(atomic_write, out / "config.yaml", config.to_yaml())
     use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
     use_bf16 = use_bf16 and not config.training.fp16
