@@ -4,6 +4,7 @@
     python killed_train.py step N -- TRAIN_ARGS   # at the N-th training forward (micro-batch)
     python killed_train.py save N -- TRAIN_ARGS   # at the N-th filesystem event of checkpointing
     python killed_train.py commit N -- TRAIN_ARGS # at the rename that would commit checkpoint-N
+    python killed_train.py rotate N -- TRAIN_ARGS # as rotation starts deleting checkpoint-N
     python killed_train.py count 0 -- TRAIN_ARGS  # no kill: print the event counts at exit
 
 Checkpointing events: a folder made, a file opened for writing or a tensor file saved under
@@ -53,7 +54,8 @@ def main() -> int:
         return real_save(obj, f, *a, **k)
 
     def audit(event: str, args: tuple) -> None:
-        if target == "commit" and event == "os.rename" and str(args[0]).endswith(f"{STAGE}checkpoint-{n}"):
+        if (target == "commit" and event == "os.rename" and str(args[0]).endswith(f"{STAGE}checkpoint-{n}")) or \
+                (target == "rotate" and event == "shutil.rmtree" and str(args[0]).endswith(f"{os.sep}checkpoint-{n}")):
             os.kill(os.getpid(), signal.SIGKILL)
         if event == "open" and STAGE in str(args[0]):
             mode, flags = args[1], args[2]

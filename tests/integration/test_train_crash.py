@@ -27,7 +27,7 @@ from sftlab.cli import main
 
 KILLED = Path(__file__).with_name("killed_train.py")
 STEPS, SAVE_EVERY, ACCUM = 6, 2, 2
-SAVE_EVENTS = 21  # filesystem events of one save in this set-up (count them: killed_train.py count 0)
+SAVE_EVENTS = 21  # filesystem events of one save, rotation aside (count them: killed_train.py count 0)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,10 @@ def last_loss(run: Path) -> float:
     return [m["loss"] for m in lines if "loss" in m and m["step"] == STEPS][-1]
 
 
+def checkpoint_names(run: Path) -> list[str]:
+    return sorted(c.name for c in (run / "checkpoints").glob("checkpoint-*"))
+
+
 def start_killed(kind: str, n: int, args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2] / "src"),
                                                          os.environ.get("PYTHONPATH", "")])}
@@ -80,7 +84,7 @@ def start_killed(kind: str, n: int, args: list[str]) -> subprocess.Popen:
 
 def kill_runs(points, tiny_model_dir, demo_data, tmp_path) -> list[Path]:
     """One run per (kind, n) kill point, killed there (two at a time: one per core)."""
-    runs = [tmp_path / f"{kind}-{n}" for kind, n in points]
+    runs = [tmp_path / f"{i}-{kind}-{n}" for i, (kind, n) in enumerate(points)]
     for start in range(0, len(points), 2):
         batch = list(zip(points, runs))[start:start + 2]
         procs = [(point, start_killed(*point, train_args(tiny_model_dir, demo_data, run))) for point, run in batch]
@@ -107,21 +111,24 @@ def resume_and_compare(run: Path, straight: Path, tiny_model_dir, demo_data) -> 
 def test_killed_during_a_step_or_a_save_resumes_to_the_uninterrupted_weights(
         tiny_model_dir, demo_data, tmp_path, straight, capsys):
     # during step 4's second micro-batch (checkpoint-2 saved); at the rename that would commit
-    # checkpoint-4, its files all written (save_total_limit=1: checkpoint-2 must survive)
-    points = [("step", 3 * ACCUM + 2), ("commit", 4)]
+    # checkpoint-4, its files all written (save_total_limit=1: checkpoint-2 must survive); after
+    # the last checkpoint is committed, as rotation starts (nothing left to train, only to save)
+    points = [("step", 3 * ACCUM + 2), ("commit", 4), ("rotate", 4)]
     runs = kill_runs(points, tiny_model_dir, demo_data, tmp_path)
-    for run in runs:
-        assert [c.name for c in (run / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
+    for run in runs[:2]:
+        assert checkpoint_names(run) == ["checkpoint-2"]
     staged = runs[1] / "checkpoints" / ".saving" / "checkpoint-4"
     assert (staged / "sftlab.json").exists() and (staged / "adapter_model.safetensors").exists()
+    assert checkpoint_names(runs[2]) == ["checkpoint-4", "checkpoint-6"]
 
-    diffs = []
+    diffs, outs = [], []
     for run in runs:
         capsys.readouterr()
         diffs.append(resume_and_compare(run, straight, tiny_model_dir, demo_data))
-        out = capsys.readouterr().out
-        assert "resuming from" in out and "checkpoint-2 (step 2" in out
-    assert "discarded checkpoint-4" in out  # the interrupted save is thrown away, not resumed from
+        outs.append(capsys.readouterr().out)
+    assert all("resuming from" in out for out in outs)
+    assert "checkpoint-2 (step 2" in outs[0] and "checkpoint-2 (step 2" in outs[1] and "checkpoint-6 (step 6" in outs[2]
+    assert "discarded checkpoint-4" in outs[1]  # the interrupted save is thrown away, not resumed from
     print(f"kill points {points}: max |weight difference| {diffs}")
     assert max(diffs) <= 1e-6, diffs
 
@@ -169,10 +176,6 @@ def plant_in_forward(monkeypatch, at_call: int, fault, module=lambda model: mode
     monkeypatch.setattr(trainer_module, "build_model", build_model)
     monkeypatch.setattr(trainer_module.SFTTrainer, "compute_loss", compute_loss)
     return seen
-
-
-def checkpoint_names(run: Path) -> list[str]:
-    return sorted(c.name for c in (run / "checkpoints").glob("checkpoint-*"))
 
 
 def poisoned_gradient(hidden):

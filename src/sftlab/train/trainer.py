@@ -144,6 +144,14 @@ class SFTTrainer(Trainer):
                                use_mtime=True)
         self.accelerator.wait_for_everyone()
 
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from the last step's checkpoint (a run stopped between it and the final save):
+        # transformers would take one step past max_steps before checking it.
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return
+        return super()._run_epoch(*args, **kwargs)
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.warmup_ratio is not None:
             # transformers reads a warmup_steps >= 1 as a step count (1.0 would be one step)
