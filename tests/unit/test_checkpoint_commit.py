@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sftlab.errors import SftlabError
-from sftlab.train.guards import is_out_of_memory
+from sftlab.train.guards import is_out_of_memory, save_failure_message
 from sftlab.train.run_dir import (CHECKPOINT_STATE, STAGING, commit_checkpoint, discard_interrupted_saves,
                                   last_good_checkpoint, resume_checkpoint)
 
@@ -53,9 +53,16 @@ def test_resume_before_the_first_checkpoint_starts_over_but_not_after_a_finished
         resume_checkpoint(tmp_path, STATE)
 
 
+def test_a_failed_save_says_why_and_what_is_left():
+    full = save_failure_message("checkpoint-4", OSError(28, "No space left on device", "/r/optimizer.pt"), "/r/checkpoint-2")
+    assert full.startswith("saving checkpoint-4 failed: no space left on the device (/r/optimizer.pt); "
+                           "the previous checkpoint /r/checkpoint-2 is intact")
+    assert "failed: out of memory; no earlier checkpoint exists" in save_failure_message("checkpoint-2", MemoryError(), None)
+
+
 def test_out_of_memory_is_recognised_on_cpu_and_gpu_and_nothing_else():
     with pytest.raises(RuntimeError) as cpu:
         torch.empty(10**13, dtype=torch.float32)  # 40 TB: the CPU allocator refuses
     assert is_out_of_memory(cpu.value)
-    assert is_out_of_memory(MemoryError()) and is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(MemoryError()) and is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(ValueError("out of memory"))

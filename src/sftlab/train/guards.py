@@ -31,7 +31,8 @@ class NonFiniteGuard(TrainerCallback):
     dropped instead (the optimizer leaves every weight and moment as it was; the step still
     counts and the learning-rate schedule moves on) and `skipped` lists the steps.
     Under a GradScaler (fp16) overflowing gradients are the scaler's business: only the
-    loss is checked, and the scaler itself skips a step whose gradients overflow.
+    loss is checked, and the scaler itself skips a step whose gradients overflow. Under
+    several processes all decide alike (one all-reduce), and each names its own batches.
     """
 
     def __init__(self, skip: bool, last_good: Callable[[], Path | None] = lambda: None):
@@ -83,7 +84,7 @@ class NonFiniteGuard(TrainerCallback):
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
