@@ -1,7 +1,7 @@
 """Crash safety of `sftlab train` on the tiny model, fp32 on CPU:
 - a run killed with SIGKILL during a step, or during a checkpoint save, resumes with
   `--resume` to the final weights and loss of an uninterrupted run;
-- a NaN/inf loss stops the run naming the step and the batch's examples (file:line), with the
+- a NaN/inf loss or gradient stops the run naming the step and the batch's examples (file:line), with the
   last good checkpoint kept, or, with `training.skip_nonfinite_steps`, the step is skipped;
 - a full disk during a save, or running out of memory in a step, is a clear message, and the
   previous checkpoint stays intact.
