@@ -56,7 +56,8 @@ class NonFiniteGuard(TrainerCallback):
         loss_ok = torch.stack(losses).isfinite()
         grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
         if grads and not self.scaler_active:
-            norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads])
+            local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this rank's shard
+            norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in local])
             grad_ok = norms.isfinite().all().reshape(1).to(loss_ok.device)
         else:
             grad_ok = loss_ok.new_ones(1)
