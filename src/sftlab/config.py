@@ -84,6 +84,7 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = False
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N evaluations without improving eval_loss.")
     load_best_model_at_end: bool = False
+    skip_nonfinite_steps: bool = Field(False, description="On a NaN/inf loss or gradient, skip the step (no weight update; counted in run.json) instead of stopping the run.")
     dataloader_num_workers: int = Field(0, ge=0)
     report_to: list[str] = Field(default_factory=list)
 

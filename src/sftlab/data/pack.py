@@ -58,10 +58,13 @@ def shape_bucket(n: int) -> int:
 
 
 def collate(rows: Sequence[Sequence[Example]], pad_token_id: int, bucket: bool = False,
-            flatten: bool = False) -> dict:
+            flatten: bool = False, sources: bool = False) -> dict:
     """Rows of examples -> {input_ids, labels, position_ids} tensors of shape [rows, longest]
-    (or [1, all tokens] with `flatten`)."""
+    (or [1, all tokens] with `flatten`); with `sources`, also the examples' `file:line` list
+    (the loss ignores it; a training error names the batch with it)."""
     import torch
+
+    names = [ex.source for row in rows for ex in row] if sources else None
 
     if flatten:
         rows = [[ex for row in rows for ex in row]]
@@ -75,11 +78,14 @@ def collate(rows: Sequence[Sequence[Example]], pad_token_id: int, bucket: bool =
         input_ids.append(ids + [pad_token_id] * pad)
         labels.append(labs + [IGNORE] * pad)
         position_ids.append(pos + list(range(pad)))
-    return {
+    batch = {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
     }
+    if names is not None:
+        batch["sources"] = names
+    return batch
 
 
 def _concat(row: Sequence[Example]) -> tuple[list[int], list[int], list[int]]:

@@ -1,5 +1,4 @@
-"""Trainer callbacks: every log event to RUN/metrics.jsonl, an overfitting warning, and
-each checkpoint's own record.
+"""Trainer callbacks: every log event to RUN/metrics.jsonl and an overfitting warning.
 
 What they expect from the Trainer set-up:
 - `MetricsJsonlCallback(path)` writes one JSON object per log event (`step`, `epoch` and the
@@ -13,9 +12,6 @@ What they expect from the Trainer set-up:
   "overfit_start_step", ...}` to metrics.jsonl; the comparison report marks that step.
   Stopping is left to `transformers.EarlyStoppingCallback` (with `load_best_model_at_end`,
   `metric_for_best_model="eval_loss"`), so the best checkpoint is the one kept.
-- `CheckpointStateCallback(state, tokens_seen)` writes `state` plus `trained_tokens_seen`
-  into each checkpoint-N folder (`run_dir.CHECKPOINT_STATE`), which `--resume` checks and
-  restores. `tokens_seen` is called on every process (it may be a collective reduction).
 """
 
 from __future__ import annotations
@@ -24,11 +20,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sftlab.evaluation.curves import DEFAULT_PATIENCE, overfitting_onset
 
@@ -96,18 +90,3 @@ class OverfitWarningCallback(TrainerCallback):
                 "overfit_start_step": onset, "best_eval_loss": best, "eval_loss_now": float(eval_loss),
             })
 
-
-class CheckpointStateCallback(TrainerCallback):
-    def __init__(self, state: dict, tokens_seen: Callable[[], int]):
-        self.state = state
-        self.tokens_seen = tokens_seen
-
-    def on_save(self, args, state, control, **kwargs):
-        from sftlab.files import write_json
-        from sftlab.train.run_dir import CHECKPOINT_STATE
-
-        tokens = self.tokens_seen()  # every process takes part in the reduction
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            write_json(folder / CHECKPOINT_STATE, {**self.state, "global_step": state.global_step,
-                                                   "trained_tokens_seen": tokens})

@@ -1,22 +1,26 @@
 """The run directory: resolved config, run.json, model card, all written atomically; the
-checkpoints' own record (config, data digests, trained tokens) and the checks before a
-run starts or resumes in it."""
+checkpoints' own record (config, data digests, trained tokens), their atomic commit, and the
+checks before a run starts or resumes in it."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
 from pathlib import Path
 
 from sftlab.errors import SftlabError
 from sftlab.files import atomic_write
 
 CHECKPOINT_STATE = "sftlab.json"  # beside transformers' files in each checkpoint-N folder
+# RUN/checkpoints/.saving/checkpoint-N: a checkpoint being written; renamed into place when whole
+STAGING = ".saving"
 # What a resumed run may change: how long it goes on, and how often it logs, evaluates and saves.
 RESUMABLE_KEYS = frozenset({
     "training.max_steps", "training.num_train_epochs", "training.logging_steps", "training.save_steps",
     "training.save_total_limit", "training.eval_steps", "training.early_stopping_patience",
-    "training.report_to", "training.dataloader_num_workers",
+    "training.report_to", "training.dataloader_num_workers", "training.skip_nonfinite_steps",
 })
 
 
@@ -79,6 +83,50 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def last_good_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that `--resume` would pick (one holding sftlab's record)."""
+    good = [p for p in checkpoints(run_dir) if (p / CHECKPOINT_STATE).is_file()]
+    return good[-1] if good else None
+
+
+def commit_checkpoint(staged: Path, final: Path) -> None:
+    """Make a fully written checkpoint visible under its final name with one rename (after
+    syncing its files to disk), so a checkpoint-N folder is always complete."""
+    for f in staged.rglob("*"):
+        if f.is_file():
+            _fsync(f)
+    if final.exists():  # the same step saved again after resuming from an earlier checkpoint
+        old = staged.with_name(staged.name + ".replaced")
+        os.replace(final, old)
+        os.replace(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+    _fsync(final.parent)
+    try:
+        staged.parent.rmdir()  # .saving/, when no other process still writes there
+    except OSError:
+        pass
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def discard_interrupted_saves(run_dir: Path) -> list[str]:
+    """Delete checkpoints whose saving was interrupted (still under checkpoints/.saving/)."""
+    staging = run_dir / "checkpoints" / STAGING
+    if not staging.is_dir():
+        return []
+    names = sorted(p.name for p in staging.iterdir())
+    shutil.rmtree(staging, ignore_errors=True)
+    return names
+
+
 def refuse_existing_run(run_dir: Path) -> None:
     """A new run must not write into a folder that holds another (finished or crashed) run."""
     found = checkpoints(run_dir)
@@ -88,28 +136,31 @@ def refuse_existing_run(run_dir: Path) -> None:
                           "or choose another output_dir")
 
 
-def resume_checkpoint(run_dir: Path, state: dict) -> tuple[Path, dict]:
+def resume_checkpoint(run_dir: Path, state: dict) -> tuple[Path | None, dict]:
     """The last checkpoint and its saved state, after checking that the config and the
-    data are the ones it was trained with (`state` as `checkpoint_state` builds it)."""
+    data are the ones it was trained with (`state` as `checkpoint_state` builds it).
+    (None, {}) for a run stopped before its first checkpoint: it starts again from step 0."""
     found = checkpoints(run_dir)
     if not found:
-        raise SftlabError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-    path = found[-1] / CHECKPOINT_STATE
-    if not path.exists():
-        raise SftlabError(f"--resume: {path} is missing (the checkpoint was not written by this sftlab, or "
-                          "its saving was interrupted): cannot check that config and data match")
-    saved = json.loads(path.read_text(encoding="utf-8"))
+        if (run_dir / "run.json").exists():
+            raise SftlabError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        return None, {}
+    last = last_good_checkpoint(run_dir)
+    if last is None:
+        raise SftlabError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} holds {CHECKPOINT_STATE} (they were "
+                          "not written by this sftlab): cannot check that config and data match")
+    saved = json.loads((last / CHECKPOINT_STATE).read_text(encoding="utf-8"))
     old, new = _flatten(saved["config"]), _flatten(state["config"])
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS)
     if changed:
         diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise SftlabError(f"--resume: the config differs from {found[-1].name}'s ({diffs}); only "
+        raise SftlabError(f"--resume: the config differs from {last.name}'s ({diffs}); only "
                           f"{', '.join(sorted(RESUMABLE_KEYS))} may change on resume")
     for split, digest in state["data"].items():
         if saved["data"].get(split) != digest:
-            raise SftlabError(f"--resume: the {split} data differ from {found[-1].name}'s (the rendered token ids "
+            raise SftlabError(f"--resume: the {split} data differ from {last.name}'s (the rendered token ids "
                               "or labels changed: data file, tokenizer, chat template or render code)")
-    return found[-1], saved
+    return last, saved
 
 
 def checkpoint_state(config, data_digests: dict[str, str]) -> dict:

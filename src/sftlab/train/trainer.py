@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -13,13 +14,18 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from sftlab.config import TrainConfig
 from sftlab.errors import SftlabError
+from sftlab.files import write_json
 from sftlab.train.attention import NAME as VARLEN
 from sftlab.train.attention import can_flatten, choose_attention
 from sftlab.train.attention import register as register_varlen
+from sftlab.train.guards import NonFiniteGuard, is_out_of_memory, out_of_memory_message, save_failure_message
 from sftlab.train.loss import selective_loss_sum
+from sftlab.train.run_dir import CHECKPOINT_STATE, STAGING, commit_checkpoint, last_good_checkpoint
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -32,22 +38,37 @@ class SFTTrainer(Trainer):
     divided by its trained tokens, so early stopping and the best checkpoint do not weigh a
     batch of 10 trained tokens like one of 1,000), the LR warm-up (`warmup_ratio` of the
     real number of steps) and `trained_tokens_seen` (summed over processes).
+
+    Crash-safe: each checkpoint is written under checkpoints/.saving/ and renamed into place
+    whole, with sftlab's record (`checkpoint_state` plus the step, trained tokens and skipped
+    steps) inside; `nonfinite` checks each step for NaN/inf (train/guards.py); running out of
+    memory or disk becomes an SftlabError saying what to change.
     """
 
-    def __init__(self, *args, warmup_ratio: float | None = None, **kwargs):
+    def __init__(self, *args, warmup_ratio: float | None = None, checkpoint_state: dict | None = None,
+                 nonfinite: NonFiniteGuard | None = None, oom_message=None, **kwargs):
         super().__init__(*args, **kwargs)
         # We divide by the trained-token count of the whole accumulation window ourselves,
         # so the Trainer must count it and must not divide again by the accumulation steps.
         self.model_accepts_loss_kwargs = True
         self.warmup_ratio = warmup_ratio
+        self.checkpoint_state = checkpoint_state
+        self.nonfinite = nonfinite
+        self.oom_message = oom_message  # step -> the advice for an out-of-memory step
+        if nonfinite is not None:
+            self.add_callback(nonfinite)
         self.trained_tokens_restored = 0  # the count a resumed checkpoint had reached
+        self.loss_sum_restored = 0.0  # its sum of step losses (transformers reports this call's mean only)
         self._trained_tokens_local = 0  # trained tokens this process has run since start
         self._eval_totals: torch.Tensor | None = None  # [loss sum, trained tokens] during evaluation
+        self._staging: Path | None = None  # set while a checkpoint is being written
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss_sum, n = selective_loss_sum(model, inputs)
         if model.training:
             self._trained_tokens_local += n
+            if self.nonfinite is not None:
+                self.nonfinite.record(loss_sum, inputs.get("sources"))
         elif self._eval_totals is not None:
             self._eval_totals[0] += loss_sum.detach().to(self._eval_totals)
             self._eval_totals[1] += n
@@ -75,11 +96,72 @@ class SFTTrainer(Trainer):
             output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / tokens
         return output
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        except (MemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e) or self.oom_message is None:
+                raise
+            raise SftlabError(self.oom_message(self.state.global_step + 1)) from None
+
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """transformers' checkpoint, written into checkpoints/.saving/checkpoint-N with sftlab's
+        record, then renamed into place (run_dir.commit_checkpoint) and only then the old ones
+        rotated out: a kill or a failed write never leaves a checkpoint that --resume picks."""
+        folder = Path(super()._get_output_dir(trial))  # RUN/checkpoints
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged = folder / STAGING / name
+        record = None
+        self._staging = staged.parent
+        try:
+            super()._save_checkpoint(model, trial)  # its own rotation sees only the staged checkpoint
+            best = self.state.best_model_checkpoint
+            if best and Path(best).parent == staged.parent:  # transformers named the staged path
+                self.state.best_model_checkpoint = str(folder / Path(best).name)
+            if self.checkpoint_state is not None:
+                record = {**self.checkpoint_state, "global_step": self.state.global_step,
+                          "trained_tokens_seen": self.trained_tokens_seen,  # collective: every process
+                          "train_loss_sum": self.train_loss_sum,
+                          "nonfinite_skipped_steps": self.nonfinite.skipped if self.nonfinite else []}
+            if self.args.should_save:
+                self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+                if record is not None:
+                    write_json(staged / CHECKPOINT_STATE, record)
+        except (OSError, MemoryError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not is_out_of_memory(e):
+                raise
+            shutil.rmtree(staged, ignore_errors=True)
+            raise SftlabError(save_failure_message(name, e, last_good_checkpoint(folder.parent))) from None
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()  # every process has written its part
+        if self.args.should_save:
+            commit_checkpoint(staged, folder / name)
+            rotate_checkpoints(str(folder), self.args.save_total_limit, self.state.best_model_checkpoint,
+                               use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from the last step's checkpoint (a run stopped between it and the final save):
+        # transformers would take one step past max_steps before checking it.
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return
+        return super()._run_epoch(*args, **kwargs)
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.warmup_ratio is not None:
             # transformers reads a warmup_steps >= 1 as a step count (1.0 would be one step)
             self.args.warmup_steps = math.ceil(self.warmup_ratio * num_training_steps)
         return super().create_scheduler(num_training_steps, optimizer)
+
+    @property
+    def train_loss_sum(self) -> float:
+        """Sum of the step losses since the run began (resumes included), as transformers sums them."""
+        return self.loss_sum_restored + self._total_loss_scalar + float(self._tr_loss)
 
     @property
     def trained_tokens_seen(self) -> int:
@@ -246,10 +328,10 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     from sftlab.models import cache_dir, load_tokenizer
     from sftlab.train import distributed
     from sftlab.files import atomic_write
-    from sftlab.train.callbacks import CheckpointStateCallback, MetricsJsonlCallback, OverfitWarningCallback
+    from sftlab.train.callbacks import MetricsJsonlCallback, OverfitWarningCallback
     from sftlab.train.dataset import make_rows, prepare_examples
-    from sftlab.train.run_dir import (checkpoint_state, model_card, refuse_existing_run, resume_checkpoint,
-                                      write_run_json)
+    from sftlab.train.run_dir import (checkpoint_state, discard_interrupted_saves, model_card, refuse_existing_run,
+                                      resume_checkpoint, write_run_json)
 
     main = distributed.is_main_process()
     log = log if main else (lambda *a, **k: None)  # one log: rank 0's
@@ -258,6 +340,9 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     if not resume:
         refuse_existing_run(out)
     out.mkdir(parents=True, exist_ok=True)
+    if main:
+        for name in discard_interrupted_saves(out):
+            log(f"discarded {name}: its saving was interrupted")
     t_start = time.perf_counter()
     if not torch.cuda.is_available():
         return_freed_memory_to_os()
@@ -280,6 +365,8 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     digests = {"train": train_stats.digest, **({"validation": eval_stats.digest} if eval_stats else {})}
     state = checkpoint_state(config, digests)
     checkpoint, saved = resume_checkpoint(out, state) if resume else (None, {})
+    if resume and checkpoint is None:
+        log(f"--resume: no checkpoint saved yet in {out / 'checkpoints'}: starting from step 0")
     distributed.on_main_process(atomic_write, out / "config.yaml", config.to_yaml())
     use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
     use_bf16 = use_bf16 and not config.training.fp16
@@ -303,25 +390,35 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     callbacks = [MetricsJsonlCallback(out / "metrics.jsonl"), warn]
     if has_eval and patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=patience))
+    nonfinite = NonFiniteGuard(config.training.skip_nonfinite_steps, last_good=lambda: last_good_checkpoint(out))
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=RowDataset(rows),
         eval_dataset=RowDataset([[e] for e in eval_ex]) if has_eval else None,
-        data_collator=partial(collate, pad_token_id=pad_id, flatten=flatten, bucket=bucket),
+        data_collator=partial(collate, pad_token_id=pad_id, flatten=flatten, bucket=bucket, sources=True),
         processing_class=tokenizer,
         callbacks=callbacks,
         warmup_ratio=config.training.warmup_ratio,
+        checkpoint_state=state,
+        nonfinite=nonfinite,
+        oom_message=partial(out_of_memory_message, config),
     )
+    nonfinite.scaler_active = getattr(trainer.accelerator, "scaler", None) is not None
     distributed.attach(trainer)
     log(f"engine: {distributed.describe(trainer)}")
-    trainer.add_callback(CheckpointStateCallback(state, lambda: trainer.trained_tokens_seen))
     if checkpoint is not None:
         trainer.trained_tokens_restored = saved["trained_tokens_seen"]
+        trainer.loss_sum_restored = saved.get("train_loss_sum", 0.0)
+        nonfinite.skipped = list(saved.get("nonfinite_skipped_steps", []))
         log(f"resuming from {checkpoint} (step {saved['global_step']}, {saved['trained_tokens_seen']} trained tokens)")
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - t_train
+    train_loss = result.training_loss  # the mean over this call's steps: over the whole run when resumed
+    if checkpoint is not None and trainer.state.global_step:
+        steps_now = trainer.state.global_step - saved["global_step"]
+        train_loss = (trainer.loss_sum_restored + result.training_loss * steps_now) / trainer.state.global_step
 
     tokens_seen = trainer.trained_tokens_seen  # a collective call: every rank takes part
     distributed.save_final_model(trainer, out / ("model" if config.method == "full" else "adapter"))
@@ -335,7 +432,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         "validation_data": {k: v for k, v in asdict(eval_stats).items() if k != "dropped"} if eval_stats else None,
         "packing": pstats,
         "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss,
+        "train_loss": train_loss,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "train_seconds": round(train_seconds, 2),
         "total_seconds": round(time.perf_counter() - t_start, 2),
@@ -345,13 +442,15 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         "trained_tokens_seen": tokens_seen,
         "trained_tokens_per_second": round((tokens_seen - trainer.trained_tokens_restored) / train_seconds, 1)
         if train_seconds else None,
+        "nonfinite_steps_skipped": len(nonfinite.skipped),
+        "nonfinite_skipped_steps": nonfinite.skipped,
         "processes": trainer.args.world_size,
         "engine": distributed.describe(trainer),
         "finished": True,
     }
     distributed.on_main_process(write_run_json, out, info)
     distributed.on_main_process(atomic_write, out / "README.md", model_card(config, info))
-    log(f"run saved in {out} (train loss {result.training_loss:.4f}, {trainer.state.global_step} steps, {train_seconds:.0f}s)")
+    log(f"run saved in {out} (train loss {train_loss:.4f}, {trainer.state.global_step} steps, {train_seconds:.0f}s)")
     return info
 
 
