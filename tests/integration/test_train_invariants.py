@@ -136,3 +136,58 @@ def test_bucketed_keeps_every_trained_position_and_rounds_the_count():
     small = torch.ones(1, 12, dtype=torch.bool)
     small[0, 0] = False
     assert bucketed(small) is small  # not enough free positions: unchanged
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, True)])
+def test_fused_linear_cross_entropy_equals_lm_head_then_cross_entropy(dtype, autocast):
+    """Loss and gradients (hidden and a trainable head weight) of the chunked head+loss equal
+    F.linear + F.cross_entropy on full logits, over several chunks and with IGNORE rows."""
+    from sftlab.train.loss import linear_cross_entropy_sum
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=dtype)
+    weight = torch.randn(50, 16, dtype=dtype)
+    targets = torch.randint(0, 50, (37,))
+    targets[[0, 5, 36]] = -100
+
+    def run(fn):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(h, w)
+        (loss * 0.5).backward()
+        return loss.detach(), h.grad, w.grad
+
+    fused = run(lambda h, w: linear_cross_entropy_sum(h, w, targets, chunk=8))
+    plain = run(lambda h, w: torch.nn.functional.cross_entropy(
+        torch.nn.functional.linear(h, w).float(), targets, reduction="sum"))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(fused, plain):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_fused_head_is_used_on_the_default_path_and_equals_full_logits(tiny_model_dir, tokenizer, examples):
+    """The default path (varlen, flattened, bucketed) takes the fused head; its loss and LoRA-free
+    gradients (every weight, the tied head/embedding included) equal the plain logits path."""
+    import sftlab.train.loss as loss_mod
+
+    model = load_tiny(tiny_model_dir, None).train()
+    assert loss_mod.fused_head(model) is model.lm_head
+    batch = collate(packed_rows(examples), tokenizer.pad_token_id, flatten=True, bucket=True)
+
+    def run(fused):
+        model.zero_grad()
+        original = loss_mod.fused_head
+        loss_mod.fused_head = original if fused else (lambda m: None)
+        try:
+            s, n = selective_loss_sum(model, batch)
+        finally:
+            loss_mod.fused_head = original
+        s.backward()
+        return s.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    s1, n1, g1 = run(True)
+    s2, n2, g2 = run(False)
+    assert n1 == n2 and torch.allclose(s1, s2, rtol=1e-5)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
