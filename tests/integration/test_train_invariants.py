@@ -191,3 +191,49 @@ def test_fused_head_is_used_on_the_default_path_and_equals_full_logits(tiny_mode
     assert n1 == n2 and torch.allclose(s1, s2, rtol=1e-5)
     for k in g1:
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_under_autocast_without_input_casts_is_bit_identical_and_saves_less(tiny_model_dir, tokenizer, examples):
+    """bf16 base, fp32 adapters, bf16 autocast (sftlab's LoRA default where bf16 runs): with PEFT's
+    input casts off, loss and adapter gradients are bit for bit those with the casts, and autograd
+    keeps fewer bytes for backward (the casts' copies are gone)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import sftlab.train.loss as loss_mod
+    from sftlab.train.attention import choose_attention, register
+
+    register()
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    choose_attention(base, None, packing=True)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
+                                            init_lora_weights=False))
+    batch = collate(packed_rows(examples), tokenizer.pad_token_id, flatten=True, bucket=True)
+
+    def run(casts_off):
+        model.zero_grad()
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        original = loss_mod.lora_input_casts_off
+        if not casts_off:
+            loss_mod.lora_input_casts_off = lambda m: __import__("contextlib").nullcontext()
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                s, _ = selective_loss_sum(model, batch)
+        finally:
+            loss_mod.lora_input_casts_off = original
+        s.backward()
+        return s.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, sum(saved.values())
+
+    s_off, g_off, saved_off = run(True)
+    s_on, g_on, saved_on = run(False)
+    assert torch.equal(s_off, s_on)
+    assert g_off.keys() == g_on.keys() and g_off
+    for k in g_off:
+        assert torch.equal(g_off[k], g_on[k]), k
+    assert saved_off < 0.9 * saved_on, (saved_off, saved_on)
