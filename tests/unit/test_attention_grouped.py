@@ -70,8 +70,9 @@ def test_varlen_cpu_paths_equal_each_example_alone(rows, length, lengths, kv_hea
 
 def test_padded_layout_maps_every_position_once_and_groups_similar_lengths():
     bounds = (0, 100, 180, 181, 241, 300, 302)  # lengths 100, 80, 1, 60, 59, 2
-    groups, gather, inverse = _padded_layout(bounds, torch.device("cpu"))
+    groups, gather, inverse, back = _padded_layout(bounds, torch.device("cpu"))
     assert groups == [(2, 100), (2, 60), (1, 2), (1, 1)]  # within 1.5x: 100 & 80, 60 & 59; 1 is not within 1.5x of 2
     assert gather[inverse].tolist() == list(range(300 + 2))  # each flat position is picked back from its own copy
     assert sorted(set(gather.tolist())) == list(range(302))
     assert len(gather) == sum(c * n for c, n in groups)
+    assert back[inverse].tolist() == list(range(302)) and int((back == 302).sum()) == len(gather) - 302

@@ -126,8 +126,10 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 def _padded_layout(bounds: tuple[int, ...], device: torch.device):
     """Examples sorted by length and cut into groups whose lengths lie within GROUP_RATIO of the
     group's longest; each group is one [count, longest] batch, shorter examples padded at the end
-    by repeating their last token. Returns ([(count, longest)...], gather, inverse): `gather` picks
-    the padded layout's positions from the flat sequence, `inverse` picks each flat position back."""
+    by repeating their last token. Returns ([(count, longest)...], gather, inverse, back): `gather`
+    picks the padded layout's positions from the flat sequence, `inverse` picks each flat position
+    back; `back` sends each padded position's gradient to its flat position, the padding copies'
+    to one past the end (see `_Pick`)."""
     segments = sorted(((e - s, s) for s, e in zip(bounds, bounds[1:]) if e > s), key=lambda x: (-x[0], x[1]))
     groups, gather = [], []
     inverse = torch.empty(bounds[-1], dtype=torch.long)
@@ -144,7 +146,29 @@ def _padded_layout(bounds: tuple[int, ...], device: torch.device):
         groups.append((j - i, longest))
         offset += (j - i) * longest
         i = j
-    return groups, torch.cat(gather).to(device), inverse.to(device)
+    back = torch.full((offset,), bounds[-1], dtype=torch.long)
+    back[inverse] = torch.arange(bounds[-1])
+    return groups, torch.cat(gather).to(device), inverse.to(device), back.to(device)
+
+
+class _Pick(torch.autograd.Function):
+    """`src.index_select(0, index)` whose backward is a gather too, not index_select's scatter-add
+    (several times slower on CPU): row i of src gets the gradient of output row back[i], or zero
+    where back[i] == len(index). Each src row must reach its output row once, all other copies of
+    it (the padding of `_padded_layout`) having exactly zero gradient: causal attention's padding
+    positions are seen by no real query, so their q, k and v gradients are exact zeros."""
+
+    @staticmethod
+    def forward(ctx, src, index, back):
+        ctx.save_for_backward(back)
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (back,) = ctx.saved_tensors
+        if int(back.max()) == len(grad):  # some src rows went nowhere: they read a zero row
+            grad = torch.cat([grad, grad.new_zeros(1, *grad.shape[1:])])
+        return grad.index_select(0, back), None, None
 
 
 # Examples whose lengths differ by up to this factor share one padded SDPA call. Causal attention
@@ -156,9 +180,9 @@ GROUP_RATIO = 1.5
 def _grouped(query, key, value, bounds: list[int], dropout, scaling):
     """Causal SDPA over the examples, one call per group of similar lengths (`_padded_layout`):
     [B, H, L, D] inputs -> [B*L, H, D]. Far fewer calls than one per example for short examples;
-    the padded copies are made by one gather per tensor, and their backward is one scatter."""
-    groups, gather, inverse = _padded_layout(tuple(bounds), query.device)
-    q, k, v = (_flat(t).index_select(0, gather) for t in (query, key, value))  # [P, H, D], padded layout
+    the padded copies are made by one gather per tensor, and so is their backward (`_Pick`)."""
+    groups, gather, inverse, back = _padded_layout(tuple(bounds), query.device)
+    q, k, v = (_Pick.apply(_flat(t), gather, inverse) for t in (query, key, value))  # [P, H, D], padded layout
     sizes = [count * longest for count, longest in groups]
     outs = []
     for (count, longest), qg, kg, vg in zip(groups, q.split(sizes), k.split(sizes), v.split(sizes)):
@@ -166,7 +190,7 @@ def _grouped(query, key, value, bounds: list[int], dropout, scaling):
         out = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, is_causal=True, scale=scaling,
                                              enable_gqa=qg.shape[1] != kg.shape[1])
         outs.append(out.transpose(1, 2).reshape(count * longest, out.shape[1], out.shape[3]))
-    return torch.cat(outs).index_select(0, inverse)
+    return _Pick.apply(torch.cat(outs), inverse, back)
 
 
 def _per_example(query, key, value, bounds: list[int], dropout, scaling, sliding_window, sinks=None):
