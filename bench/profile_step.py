@@ -126,6 +126,8 @@ class Scopes:
         import sftlab.train.loss as loss
 
         loss.cross_entropy_sum = self.wrap(loss.cross_entropy_sum, "lm_head")
+        if hasattr(loss, "linear_cross_entropy_sum"):  # the fused head + loss
+            loss.linear_cross_entropy_sum = self.wrap(loss.linear_cross_entropy_sum, "lm_head")
         pack.collate = self.wrap(pack.collate, "data")
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 

@@ -193,10 +193,14 @@ def test_fused_head_is_used_on_the_default_path_and_equals_full_logits(tiny_mode
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
 
 
-def test_lora_under_autocast_without_input_casts_is_bit_identical_and_saves_less(tiny_model_dir, tokenizer, examples):
-    """bf16 base, fp32 adapters, bf16 autocast (sftlab's LoRA default where bf16 runs): with PEFT's
-    input casts off, loss and adapter gradients are bit for bit those with the casts, and autograd
-    keeps fewer bytes for backward (the casts' copies are gone)."""
+@pytest.mark.parametrize("where", ["around", "accelerate"])
+def test_lora_under_autocast_without_input_casts_is_bit_identical_and_saves_less(tiny_model_dir, tokenizer, examples,
+                                                                                  where, monkeypatch):
+    """bf16 base, fp32 adapters, bf16 autocast (sftlab's LoRA default where bf16 runs), autocast
+    around the loss or, as the Trainer has it, entered by accelerate inside the model's forward
+    (outputs upcast to fp32): with PEFT's input casts off, loss and adapter gradients are bit for
+    bit those with the casts, autograd keeps fewer bytes, and the fused head computes in bf16."""
+    from accelerate.utils import convert_outputs_to_fp32
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -209,24 +213,32 @@ def test_lora_under_autocast_without_input_casts_is_bit_identical_and_saves_less
     choose_attention(base, None, packing=True)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
                                             init_lora_weights=False))
+    if where == "accelerate":  # what accelerate's prepare_model does under mixed precision
+        model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
     batch = collate(packed_rows(examples), tokenizer.pad_token_id, flatten=True, bucket=True)
+    head_dtypes = []
+    fused = loss_mod.linear_cross_entropy_sum
+    monkeypatch.setattr(loss_mod, "linear_cross_entropy_sum",
+                        lambda *a, dtype=None, **k: head_dtypes.append(dtype) or fused(*a, dtype=dtype, **k))
 
     def run(casts_off):
         model.zero_grad()
+        for m in model.modules():
+            if hasattr(m, "cast_input_dtype_enabled"):
+                m.cast_input_dtype_enabled = True
         saved = {}
 
         def pack(t):
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        original = loss_mod.lora_input_casts_off
+        skip = loss_mod.skip_lora_input_casts_under_autocast
         if not casts_off:
-            loss_mod.lora_input_casts_off = lambda m: __import__("contextlib").nullcontext()
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                s, _ = selective_loss_sum(model, batch)
-        finally:
-            loss_mod.lora_input_casts_off = original
+            monkeypatch.setattr(loss_mod, "skip_lora_input_casts_under_autocast", lambda m: None)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=where == "around"), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            s, _ = selective_loss_sum(model, batch)
+        monkeypatch.setattr(loss_mod, "skip_lora_input_casts_under_autocast", skip)
         s.backward()
         return s.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, sum(saved.values())
 
@@ -237,3 +249,4 @@ def test_lora_under_autocast_without_input_casts_is_bit_identical_and_saves_less
     for k in g_off:
         assert torch.equal(g_off[k], g_on[k]), k
     assert saved_off < 0.9 * saved_on, (saved_off, saved_on)
+    assert head_dtypes == [torch.bfloat16, torch.bfloat16]

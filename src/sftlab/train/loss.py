@@ -12,7 +12,6 @@ the whole gradient-accumulation window (and across processes).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 
 import torch
@@ -23,7 +22,7 @@ from sftlab.data.render import IGNORE
 from sftlab.train.attention import NAME as VARLEN
 from sftlab.train.attention import segment_bounds
 
-CE_CHUNK = 1024  # rows of logits upcast to fp32 at a time (200 MB for a 49k vocabulary)
+CE_CHUNK = 512  # rows of logits upcast to fp32 at a time (100 MB for a 49k vocabulary)
 
 # Architectures whose causal-LM forward returns lm_head(hidden) unchanged, unless the config
 # names a softcapping or scaling (checked in `fused_head`).
@@ -41,8 +40,8 @@ def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = CE_CHUNK) -> torch.Tensor:
     """Summed CE over rows of `logits` [N, V], upcasting to fp32 one chunk at a time."""
     total = logits.new_zeros((), dtype=torch.float32)
-    for s in range(0, targets.numel(), chunk):
-        total = total + F.cross_entropy(logits[s : s + chunk].float(), targets[s : s + chunk], reduction="sum")
+    for part, target in zip(logits.split(chunk), targets.split(chunk)):  # split: one concatenation in backward
+        total = total + F.cross_entropy(part.float(), target, reduction="sum")
     return total
 
 
@@ -86,11 +85,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             chunk: int | None = None) -> torch.Tensor:
+                             chunk: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Summed CE of the logits hidden [N, H] @ weight.T [H, V] against targets [N] (IGNORE rows
-    count for nothing), never holding more than `chunk` rows of logits."""
+    count for nothing), never holding more than `chunk` rows of logits. The matmuls run in
+    `dtype`, by default autocast's if it is on, else hidden's."""
     device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    if dtype is None:
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk or CE_CHUNK, need_grad)
@@ -113,33 +114,47 @@ def fused_head(model) -> torch.nn.Linear | None:
     return head
 
 
-def lora_input_casts_off(model):
-    """Context: under autocast, PEFT's LoRA layers stop casting their input to the adapters'
-    dtype. A bf16 activation cast to the fp32 adapters is cast straight back to bf16 by autocast
-    (bit for bit the same values), so the two copies per adapter and step buy nothing, and the
-    second one is saved for backward next to the original (SmolLM2 LoRA: ~10 of ~32 KB saved per
-    token and layer, and 16 % of a step's time in copies; bench/README.md). DoRA keeps its casts."""
+class _CastUnlessAutocast:
+    """A PEFT layer's `cast_input_dtype_enabled`, false while autocast is on for `device`."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __bool__(self) -> bool:
+        return not torch.is_autocast_enabled(self.device)
+
+
+def skip_lora_input_casts_under_autocast(model) -> None:
+    """PEFT's LoRA layers cast their input to the adapters' dtype; under autocast a bf16 activation
+    cast to the fp32 adapters is cast straight back to bf16 by autocast (the same values, bit for
+    bit), so the two copies per adapter buy nothing, and the second one is saved for backward next
+    to the original. This turns the cast off while autocast runs (it is read at each call: accelerate
+    enters autocast inside the model's forward). DoRA layers keep their casts. Idempotent."""
     device = _unwrapped(model).device.type
-    peft = model
-    while not hasattr(peft, "peft_config") and hasattr(peft, "module"):
-        peft = peft.module
-    configs = getattr(peft, "peft_config", None)
-    if not torch.is_autocast_enabled(device) or not isinstance(configs, dict) or any(
-            getattr(c, "use_dora", False) for c in configs.values()):
-        return contextlib.nullcontext()
-    from peft.helpers import disable_input_dtype_casting
-
-    return disable_input_dtype_casting(model)
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled") and hasattr(module, "lora_A") and not any(
+                getattr(module, "use_dora", {}).values()) and module.cast_input_dtype_enabled is True:
+            module.cast_input_dtype_enabled = _CastUnlessAutocast(device)
 
 
-@contextlib.contextmanager
-def _head_returns_hidden(head: torch.nn.Linear):
-    """While inside, the model's `.logits` are the hidden states its lm_head would have read."""
-    head.forward = lambda x: x
-    try:
-        yield
-    finally:
-        del head.forward
+class _HiddenTap:
+    """While inside, the model's `.logits` are the hidden states its lm_head would have read, and
+    `dtype` is the dtype the head would have computed in (autocast's, seen inside the forward)."""
+
+    def __init__(self, head: torch.nn.Linear):
+        self.head, self.dtype = head, None
+
+    def _forward(self, x):
+        device = x.device.type
+        self.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return x
+
+    def __enter__(self):
+        self.head.forward = self._forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.head.forward
 
 
 def bucketed(keep: torch.Tensor) -> torch.Tensor:
@@ -173,6 +188,7 @@ def selective_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """Summed next-token CE over trained positions, and how many there were."""
     labels = batch["labels"]
     keep, targets = shifted_targets(labels)
+    skip_lora_input_casts_under_autocast(model)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids"), "use_cache": False}
     if inputs["position_ids"] is not None and _unwrapped(model).config._attn_implementation == VARLEN:
         # example bounds computed once per forward (one device sync), not in every layer
@@ -184,21 +200,21 @@ def selective_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     head = fused_head(model) if _accepts_logits_to_keep(model) else None
     if head is not None:
         rows = bucketed(keep) if keep.device.type == "cpu" else keep
-        with _head_returns_hidden(head), lora_input_casts_off(model):
+        with _HiddenTap(head) as tap:
             hidden = model(**inputs, logits_to_keep=rows).logits
         row_targets = torch.full((int(rows.sum()),), IGNORE, dtype=targets.dtype, device=targets.device)
         row_targets[keep[rows]] = targets  # filler rows (bucketing) stay IGNORE
-        loss = linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), head.weight, row_targets)
+        loss = linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), head.weight, row_targets,
+                                        dtype=tap.dtype)
         return loss, int(targets.numel())
-    with lora_input_casts_off(model):
-        if _accepts_logits_to_keep(model):
-            rows = bucketed(keep) if keep.device.type == "cpu" else keep
-            logits = model(**inputs, logits_to_keep=rows).logits
-            logits = logits.reshape(-1, logits.shape[-1])
-            if rows is not keep:
-                logits = logits[keep[rows]]  # drop the filler rows
-        else:  # architectures without logits_to_keep: full logits, then select
-            logits = model(**inputs).logits[keep]
+    if _accepts_logits_to_keep(model):
+        rows = bucketed(keep) if keep.device.type == "cpu" else keep
+        logits = model(**inputs, logits_to_keep=rows).logits
+        logits = logits.reshape(-1, logits.shape[-1])
+        if rows is not keep:
+            logits = logits[keep[rows]]  # drop the filler rows
+    else:  # architectures without logits_to_keep: full logits, then select
+        logits = model(**inputs).logits[keep]
     if targets.numel() == 0:  # keep the graph connected so every process runs backward
         return logits.sum() * 0.0, 0
     return cross_entropy_sum(logits, targets), int(targets.numel())
