@@ -139,7 +139,6 @@ class Scopes:
 
 def attribute(events) -> dict[str, float]:
     """Self CPU microseconds per category (see the module docstring)."""
-    by_id = {id(e): e for e in events}
     forward_category: dict[int, str] = {}
 
     def scope_of(e) -> str | None:
@@ -163,7 +162,6 @@ def attribute(events) -> dict[str, float]:
         if e.name in CASTS and category not in ("optimizer", "data"):
             category = "cast"
         totals[category] += e.self_cpu_time_total
-    del by_id
     return totals
 
 
@@ -266,9 +264,6 @@ def main() -> None:
     trainer_mod.SFTTrainer.compute_loss = compute_loss
 
     class Profile(TrainerCallback):
-        def on_train_begin(self, targs, state, control, model=None, optimizer=None, **kw):
-            self.model = model
-
         def on_step_end(self, targs, state, control, model=None, optimizer=None, **kw):
             if state.global_step == args.warmup:
                 opt_state = sum(t.numel() * t.element_size() for s in optimizer.state.values()
