@@ -2,12 +2,15 @@
 
     python bench/train_vs_trl.py                  # CPU: 3 rounds x 3 set-ups, 12 steps x 4 x 512 each
     python bench/train_vs_trl.py --steps 3 --repeats 1   # smoke run
+    python bench/train_vs_trl.py --workload alpaca --batch 8 --steps 14   # Alpaca-shaped records
     python bench/train_vs_trl.py --shape qwen2.5-0.5b --per-task 200 --batch 8 --max-len 1024 --steps 30
                                                   # on a GPU: a random Qwen2.5-0.5B-shaped model
 
 Every set-up trains LoRA (r=16, all linear layers; `--method full` for full fine-tuning) on
 the embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised) (or a random model of
-`--shape`, with the SmolLM2 tokenizer) with the demo dataset, each run in a fresh process.
+`--shape`, with the SmolLM2 tokenizer) with the demo dataset (`--workload demo`: four short
+uniform tasks) or Alpaca-shaped records (`--workload alpaca`, bench/alpaca_data.py: short
+instructions, answers of 20-300 tokens, ~15 % multi-turn), each run in a fresh process.
 The set-ups (`--sides`):
 
 - `trl`: TRL like for like, its fastest documented setting on the same terms as sftlab:
@@ -59,6 +62,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from alpaca_data import write_alpaca_dataset  # noqa: E402
 from common import gib, load_note, matmul_peak_flops, print_table, report_result, run_child  # noqa: E402
 
 
@@ -297,7 +301,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-dropout", type=float, default=0.0)
-    ap.add_argument("--per-task", type=int, default=200, help="demo examples per task (4 tasks)")
+    ap.add_argument("--workload", choices=["demo", "alpaca"], default="demo",
+                    help="demo tasks, or Alpaca-shaped records (bench/alpaca_data.py)")
+    ap.add_argument("--per-task", type=int, default=200,
+                    help="demo examples per task (4 tasks); with --workload alpaca, 4x this many records")
     ap.add_argument("--sides", default=",".join(SIDES), help=f"set-ups to run, comma-separated: {', '.join(SIDES)}")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -325,9 +332,13 @@ def main() -> None:
     bf16 = device_supports_bf16()
     dtype = base_weights_dtype(args.method, bf16)  # what sftlab's `model.dtype: auto` loads; TRL like-for-like gets it too
     trl_attn, trl_attn_why = trl_attention(cuda)
-    train_path = write_demo_dataset(work / "data", seed=0, sizes={"train": args.per_task})["train"]
+    if args.workload == "alpaca":
+        train_path = write_alpaca_dataset(work / "data" / "alpaca.jsonl", 4 * args.per_task)
+    else:
+        train_path = write_demo_dataset(work / "data", seed=0, sizes={"train": args.per_task})["train"]
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {device}; data: {train_path} ({4 * args.per_task} examples); {load_note()}", flush=True)
+    print(f"device: {device}; data: {train_path} ({4 * args.per_task} {args.workload} records); {load_note()}",
+          flush=True)
     print(f"like-for-like TRL: base {dtype}, bf16 autocast {bf16}, attention {trl_attn} ({trl_attn_why})", flush=True)
     peak32 = matmul_peak_flops(dtype="float32", device="cuda" if cuda else "cpu")
     peak16 = matmul_peak_flops(dtype="bfloat16", device="cuda" if cuda else "cpu")

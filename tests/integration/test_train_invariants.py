@@ -136,3 +136,117 @@ def test_bucketed_keeps_every_trained_position_and_rounds_the_count():
     small = torch.ones(1, 12, dtype=torch.bool)
     small[0, 0] = False
     assert bucketed(small) is small  # not enough free positions: unchanged
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, True)])
+def test_fused_linear_cross_entropy_equals_lm_head_then_cross_entropy(dtype, autocast):
+    """Loss and gradients (hidden and a trainable head weight) of the chunked head+loss equal
+    F.linear + F.cross_entropy on full logits, over several chunks and with IGNORE rows."""
+    from sftlab.train.loss import linear_cross_entropy_sum
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=dtype)
+    weight = torch.randn(50, 16, dtype=dtype)
+    targets = torch.randint(0, 50, (37,))
+    targets[[0, 5, 36]] = -100
+
+    def run(fn):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(h, w)
+        (loss * 0.5).backward()
+        return loss.detach(), h.grad, w.grad
+
+    fused = run(lambda h, w: linear_cross_entropy_sum(h, w, targets, chunk=8))
+    plain = run(lambda h, w: torch.nn.functional.cross_entropy(
+        torch.nn.functional.linear(h, w).float(), targets, reduction="sum"))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(fused, plain):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_fused_head_is_used_on_the_default_path_and_equals_full_logits(tiny_model_dir, tokenizer, examples):
+    """The default path (varlen, flattened, bucketed) takes the fused head; its loss and LoRA-free
+    gradients (every weight, the tied head/embedding included) equal the plain logits path."""
+    import sftlab.train.loss as loss_mod
+
+    model = load_tiny(tiny_model_dir, None).train()
+    assert loss_mod.fused_head(model) is model.lm_head
+    batch = collate(packed_rows(examples), tokenizer.pad_token_id, flatten=True, bucket=True)
+
+    def run(fused):
+        model.zero_grad()
+        original = loss_mod.fused_head
+        loss_mod.fused_head = original if fused else (lambda m: None)
+        try:
+            s, n = selective_loss_sum(model, batch)
+        finally:
+            loss_mod.fused_head = original
+        s.backward()
+        return s.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    s1, n1, g1 = run(True)
+    s2, n2, g2 = run(False)
+    assert n1 == n2 and torch.allclose(s1, s2, rtol=1e-5)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("where", ["around", "accelerate"])
+def test_lora_under_autocast_without_input_casts_is_bit_identical_and_saves_less(tiny_model_dir, tokenizer, examples,
+                                                                                  where, monkeypatch):
+    """bf16 base, fp32 adapters, bf16 autocast (sftlab's LoRA default where bf16 runs), autocast
+    around the loss or, as the Trainer has it, entered by accelerate inside the model's forward
+    (outputs upcast to fp32): with PEFT's input casts off, loss and adapter gradients are bit for
+    bit those with the casts, autograd keeps fewer bytes, and the fused head computes in bf16."""
+    from accelerate.utils import convert_outputs_to_fp32
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import sftlab.train.loss as loss_mod
+    from sftlab.train.attention import choose_attention, register
+
+    register()
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    choose_attention(base, None, packing=True)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
+                                            init_lora_weights=False))
+    if where == "accelerate":  # what accelerate's prepare_model does under mixed precision
+        model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
+    batch = collate(packed_rows(examples), tokenizer.pad_token_id, flatten=True, bucket=True)
+    head_dtypes = []
+    fused = loss_mod.linear_cross_entropy_sum
+    monkeypatch.setattr(loss_mod, "linear_cross_entropy_sum",
+                        lambda *a, dtype=None, **k: head_dtypes.append(dtype) or fused(*a, dtype=dtype, **k))
+
+    def run(casts_off):
+        model.zero_grad()
+        for m in model.modules():
+            if hasattr(m, "cast_input_dtype_enabled"):
+                m.cast_input_dtype_enabled = True
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        skip = loss_mod.skip_lora_input_casts_under_autocast
+        if not casts_off:
+            monkeypatch.setattr(loss_mod, "skip_lora_input_casts_under_autocast", lambda m: None)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=where == "around"), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            s, _ = selective_loss_sum(model, batch)
+        monkeypatch.setattr(loss_mod, "skip_lora_input_casts_under_autocast", skip)
+        s.backward()
+        return s.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, sum(saved.values())
+
+    s_off, g_off, saved_off = run(True)
+    s_on, g_on, saved_on = run(False)
+    assert torch.equal(s_off, s_on)
+    assert g_off.keys() == g_on.keys() and g_off
+    for k in g_off:
+        assert torch.equal(g_off[k], g_on[k]), k
+    assert saved_off < 0.9 * saved_on, (saved_off, saved_on)
+    assert head_dtypes == [torch.bfloat16, torch.bfloat16]

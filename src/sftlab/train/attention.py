@@ -7,11 +7,13 @@ computes each example's causal attention alone instead:
 
 - CUDA: one fused call of PyTorch's variable-length flash attention
   (`torch.nn.attention.varlen.varlen_attn`), given the cumulative example lengths;
-- otherwise (CPU, or a PyTorch without it): SDPA with `is_causal=True` per example.
+- otherwise (CPU, or a PyTorch without it): causal SDPA on padded batches of examples of similar
+  length (`_grouped`), or, where a mask is needed (a sliding window shorter than an example,
+  attention sinks), SDPA per example.
 
 So a batch needs no padding (the collator flattens all rows into one; on CPU it rounds the
-row's length, see data/pack.py `shape_bucket`) and the attention FLOPs are sum(len_i^2)
-instead of rows x max_len^2. The mask machinery is skipped: an implementation name that
+row's length, see data/pack.py `shape_bucket`) and the attention FLOPs are about sum(len_i^2)
+(the CPU path pads an example to at most GROUP_RATIO times its length) instead of rows x max_len^2. The mask machinery is skipped: an implementation name that
 `AttentionMaskInterface` does not know gets no mask.
 
 It computes causal attention, optionally within a sliding window, optionally with attention
@@ -115,19 +117,95 @@ def _sink_inputs(query, key, value, sinks, scaling):
     return query, key, value, scaling
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, D] -> [B*L, H, D] (rows one after the other; a view when the layout allows)."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])
+
+
+@functools.lru_cache(maxsize=16)
+def _padded_layout(bounds: tuple[int, ...], device: torch.device):
+    """Examples sorted by length and cut into groups whose lengths lie within GROUP_RATIO of the
+    group's longest; each group is one [count, longest] batch, shorter examples padded at the end
+    by repeating their last token. Returns ([(count, longest)...], gather, inverse, back): `gather`
+    picks the padded layout's positions from the flat sequence, `inverse` picks each flat position
+    back; `back` sends each padded position's gradient to its flat position, the padding copies'
+    to one past the end (see `_Pick`)."""
+    segments = sorted(((e - s, s) for s, e in zip(bounds, bounds[1:]) if e > s), key=lambda x: (-x[0], x[1]))
+    groups, gather = [], []
+    inverse = torch.empty(bounds[-1], dtype=torch.long)
+    offset = i = 0
+    while i < len(segments):
+        longest = segments[i][0]
+        j = i
+        while j < len(segments) and segments[j][0] * GROUP_RATIO >= longest:
+            j += 1
+        steps = torch.arange(longest)
+        for k, (n, s) in enumerate(segments[i:j]):
+            gather.append(s + steps.clamp(max=n - 1))
+            inverse[s : s + n] = offset + k * longest + steps[:n]
+        groups.append((j - i, longest))
+        offset += (j - i) * longest
+        i = j
+    back = torch.full((offset,), bounds[-1], dtype=torch.long)
+    back[inverse] = torch.arange(bounds[-1])
+    return groups, torch.cat(gather).to(device), inverse.to(device), back.to(device)
+
+
+class _Pick(torch.autograd.Function):
+    """`src.index_select(0, index)` whose backward is a gather too, not index_select's scatter-add
+    (several times slower on CPU): row i of src gets the gradient of output row back[i], or zero
+    where back[i] == len(index). Each src row must reach its output row once, all other copies of
+    it (the padding of `_padded_layout`) having exactly zero gradient: causal attention's padding
+    positions are seen by no real query, so their q, k and v gradients are exact zeros."""
+
+    @staticmethod
+    def forward(ctx, src, index, back):
+        ctx.save_for_backward(back)
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (back,) = ctx.saved_tensors
+        if int(back.max()) == len(grad):  # some src rows went nowhere: they read a zero row
+            grad = torch.cat([grad, grad.new_zeros(1, *grad.shape[1:])])
+        return grad.index_select(0, back), None, None
+
+
+# Examples whose lengths differ by up to this factor share one padded SDPA call. Causal attention
+# needs no mask for end padding (no real query sees a later position), so padding costs only the
+# padded positions' FLOPs, while each call saves a round of per-example slicing and kernel set-up.
+GROUP_RATIO = 1.5
+
+
+def _grouped(query, key, value, bounds: list[int], dropout, scaling):
+    """Causal SDPA over the examples, one call per group of similar lengths (`_padded_layout`):
+    [B, H, L, D] inputs -> [B*L, H, D]. Far fewer calls than one per example for short examples;
+    the padded copies are made by one gather per tensor, and so is their backward (`_Pick`)."""
+    groups, gather, inverse, back = _padded_layout(tuple(bounds), query.device)
+    q, k, v = (_Pick.apply(_flat(t), gather, inverse) for t in (query, key, value))  # [P, H, D], padded layout
+    sizes = [count * longest for count, longest in groups]
+    outs = []
+    for (count, longest), qg, kg, vg in zip(groups, q.split(sizes), k.split(sizes), v.split(sizes)):
+        qg, kg, vg = (t.view(count, longest, t.shape[1], t.shape[2]).transpose(1, 2) for t in (qg, kg, vg))
+        out = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, is_causal=True, scale=scaling,
+                                             enable_gqa=qg.shape[1] != kg.shape[1])
+        outs.append(out.transpose(1, 2).reshape(count * longest, out.shape[1], out.shape[3]))
+    return _Pick.apply(torch.cat(outs), inverse, back)
+
+
 def _per_example(query, key, value, bounds: list[int], dropout, scaling, sliding_window, sinks=None):
-    """SDPA on each example alone (CPU, or CUDA without a usable varlen kernel), on views of
-    the [B, H, L, D] inputs: 4D, because with 3D inputs SDPA falls back to its math kernel,
-    which keeps each l x l attention matrix for backward (17.7 vs 3.1 KB/token/layer on SmolLM2).
-    Returns [1, H, B*L, D] (rows one after the other)."""
-    length = query.shape[2]
+    """SDPA on each example alone, with an explicit mask (a sliding window shorter than the
+    example, or attention sinks): [B, H, L, D] inputs -> [B*L, H, D]. The examples are `split`
+    views of the flat sequence (one concatenation in backward, where slices would each add a
+    zero-filled copy of the whole sequence), kept 4D: with 3D inputs SDPA falls back to its math
+    kernel, which keeps each l x l attention matrix for backward."""
+    lengths = [e - s for s, e in zip(bounds, bounds[1:])]
+    flat = [_flat(t).transpose(0, 1).unsqueeze(0).split(lengths, dim=2) for t in (query, key, value)]  # [1, H, l, D]
     pieces = []
-    for s, e in zip(bounds, bounds[1:]):
-        row, s, e = s // length, s % length, e - (s // length) * length  # an example never spans rows
-        qs, ks, vs = (t[row : row + 1, :, s:e] for t in (query, key, value))
-        scale, mask = scaling, None
-        if (sliding_window and e - s > sliding_window) or sinks is not None:
-            idx = torch.arange(e - s, device=query.device)
+    for qs, ks, vs in zip(*flat):
+        n, scale, mask = qs.shape[2], scaling, None
+        if (sliding_window and n > sliding_window) or sinks is not None:
+            idx = torch.arange(n, device=query.device)
             mask = idx[:, None] >= idx[None, :]
             if sliding_window:
                 mask &= idx[:, None] - idx[None, :] < sliding_window
@@ -138,7 +216,7 @@ def _per_example(query, key, value, bounds: list[int], dropout, scaling, sliding
             qs, ks, vs, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scale,
             enable_gqa=qs.shape[1] != ks.shape[1],
         ))
-    return torch.cat(pieces, dim=2)
+    return torch.cat(pieces, dim=2)[0].transpose(0, 1)
 
 
 def _check_arguments(module, is_causal, softcap, kwargs) -> None:
@@ -181,8 +259,12 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         if out is not None:
             return out.reshape(b, length, hq, d), None
     bounds = bounds.tolist() if torch.is_tensor(bounds) else bounds
-    out = _per_example(query, key, value, bounds, dropout, scaling, sliding_window, s_aux)  # [1, H, B*L, D]
-    return out.view(hq, b, length, d).permute(1, 2, 0, 3), None
+    longest = max(e - s for s, e in zip(bounds, bounds[1:]))
+    if s_aux is None and not (sliding_window and longest > sliding_window):
+        out = _grouped(query, key, value, bounds, dropout, scaling)
+    else:
+        out = _per_example(query, key, value, bounds, dropout, scaling, sliding_window, s_aux)
+    return out.view(b, length, hq, d), None
 
 
 def register() -> str:

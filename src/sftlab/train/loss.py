@@ -3,8 +3,11 @@
 Labels are shifted here and nowhere else: position t predicts the token at t+1, so a
 position is kept when labels[t+1] != -100. Only kept positions go through the lm_head
 (`logits_to_keep` with a boolean mask), so logits memory grows with trained tokens, not
-with sequence x vocabulary. The returned sum is normalised by the caller with the number
-of trained tokens in the whole gradient-accumulation window (and across processes).
+with sequence x vocabulary. Where the model's logits are exactly `lm_head(hidden)` (no
+softcapping or scaling) and one process holds the whole head, the head and the loss are one
+chunked function (`linear_cross_entropy_sum`): no logits tensor of all kept positions is
+ever made. The returned sum is normalised by the caller with the number of trained tokens in
+the whole gradient-accumulation window (and across processes).
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ from sftlab.data.render import IGNORE
 from sftlab.train.attention import NAME as VARLEN
 from sftlab.train.attention import segment_bounds
 
-CE_CHUNK = 4096  # rows of logits upcast to fp32 at a time
+CE_CHUNK = 512  # rows of logits upcast to fp32 at a time (100 MB for a 49k vocabulary)
+
+# Architectures whose causal-LM forward returns lm_head(hidden) unchanged, unless the config
+# names a softcapping or scaling (checked in `fused_head`).
+PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt_oss"})
+LOGIT_CHANGES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,9 +40,121 @@ def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = CE_CHUNK) -> torch.Tensor:
     """Summed CE over rows of `logits` [N, V], upcasting to fp32 one chunk at a time."""
     total = logits.new_zeros((), dtype=torch.float32)
-    for s in range(0, targets.numel(), chunk):
-        total = total + F.cross_entropy(logits[s : s + chunk].float(), targets[s : s + chunk], reduction="sum")
+    for part, target in zip(logits.split(chunk), targets.split(chunk)):  # split: one concatenation in backward
+        total = total + F.cross_entropy(part.float(), target, reduction="sum")
     return total
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed CE of hidden @ weight.T against targets (IGNORE rows skipped), CE_CHUNK rows at a
+    time: each chunk's logits exist only while its loss and its gradients are computed, in the
+    forward (as Liger's fused linear cross-entropy does); backward only scales them. The matmuls
+    run in `dtype` (autocast's), the softmax in fp32, as lm_head + F.cross_entropy would."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype, chunk, need_grad):
+        w = weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.zeros_like(hidden) if need_grad and ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad and ctx.needs_input_grad[1] else None
+        for s in range(0, len(targets), chunk):
+            h, t = hidden[s : s + chunk].to(dtype), targets[s : s + chunk]
+            logits = (h @ w.T).float()
+            used = t != IGNORE
+            picked = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - picked) * used).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad[torch.arange(len(t), device=t.device), t.clamp(min=0)] -= 1
+            grad = (grad * used[:, None]).to(dtype)
+            if grad_h is not None:
+                grad_h[s : s + chunk] = grad @ w
+            if grad_w is not None:
+                grad_w += (grad.T @ h).float()
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+        grad_w = None if grad_w is None else grad_w * grad_out.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             chunk: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Summed CE of the logits hidden [N, H] @ weight.T [H, V] against targets [N] (IGNORE rows
+    count for nothing), never holding more than `chunk` rows of logits. The matmuls run in
+    `dtype`, by default autocast's if it is on, else hidden's."""
+    device = hidden.device.type
+    if dtype is None:
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk or CE_CHUNK, need_grad)
+
+
+def fused_head(model) -> torch.nn.Linear | None:
+    """The lm_head to fuse with the loss, or None where logits are not exactly lm_head(hidden)
+    or the head's weight is not all here (sharded or split across processes)."""
+    base = _unwrapped(model)
+    config = base.config
+    if getattr(config, "model_type", None) not in PLAIN_HEAD or any(getattr(config, k, None) for k in LOGIT_CHANGES):
+        return None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return None
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None or "forward" in vars(head):
+        return None
+    if type(head.weight) is not torch.nn.Parameter or head.weight.dim() != 2 or not head.weight.numel():
+        return None
+    return head
+
+
+class _CastUnlessAutocast:
+    """A PEFT layer's `cast_input_dtype_enabled`, false while autocast is on for `device`."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __bool__(self) -> bool:
+        return not torch.is_autocast_enabled(self.device)
+
+
+def skip_lora_input_casts_under_autocast(model) -> None:
+    """PEFT's LoRA layers cast their input to the adapters' dtype; under autocast a bf16 activation
+    cast to the fp32 adapters is cast straight back to bf16 by autocast (the same values, bit for
+    bit), so the two copies per adapter buy nothing, and the second one is saved for backward next
+    to the original. This turns the cast off while autocast runs (it is read at each call: accelerate
+    enters autocast inside the model's forward). DoRA layers keep their casts. Idempotent."""
+    device = _unwrapped(model).device.type
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled") and hasattr(module, "lora_A") and not any(
+                getattr(module, "use_dora", {}).values()) and module.cast_input_dtype_enabled is True:
+            module.cast_input_dtype_enabled = _CastUnlessAutocast(device)
+
+
+class _HiddenTap:
+    """While inside, the model's `.logits` are the hidden states its lm_head would have read, and
+    `dtype` is the dtype the head would have computed in (autocast's, seen inside the forward)."""
+
+    def __init__(self, head: torch.nn.Linear):
+        self.head, self.dtype = head, None
+
+    def _forward(self, x):
+        device = x.device.type
+        self.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return x
+
+    def __enter__(self):
+        self.head.forward = self._forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.head.forward
 
 
 def bucketed(keep: torch.Tensor) -> torch.Tensor:
@@ -68,6 +188,7 @@ def selective_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """Summed next-token CE over trained positions, and how many there were."""
     labels = batch["labels"]
     keep, targets = shifted_targets(labels)
+    skip_lora_input_casts_under_autocast(model)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids"), "use_cache": False}
     if inputs["position_ids"] is not None and _unwrapped(model).config._attn_implementation == VARLEN:
         # example bounds computed once per forward (one device sync), not in every layer
@@ -76,6 +197,16 @@ def selective_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
         inputs["max_length_q"] = max(e - s for s, e in zip(bounds, bounds[1:]))
     if batch.get("attention_mask") is not None:
         inputs["attention_mask"] = batch["attention_mask"]
+    head = fused_head(model) if _accepts_logits_to_keep(model) else None
+    if head is not None:
+        rows = bucketed(keep) if keep.device.type == "cpu" else keep
+        with _HiddenTap(head) as tap:
+            hidden = model(**inputs, logits_to_keep=rows).logits
+        row_targets = torch.full((int(rows.sum()),), IGNORE, dtype=targets.dtype, device=targets.device)
+        row_targets[keep[rows]] = targets  # filler rows (bucketing) stay IGNORE
+        loss = linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), head.weight, row_targets,
+                                        dtype=tap.dtype)
+        return loss, int(targets.numel())
     if _accepts_logits_to_keep(model):
         rows = bucketed(keep) if keep.device.type == "cpu" else keep
         logits = model(**inputs, logits_to_keep=rows).logits
