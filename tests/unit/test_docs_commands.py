@@ -297,6 +297,8 @@ NOT_RUN = {
     "sftlab serve": "starts a server that runs until stopped; tests/e2e/test_deploy_serve.py starts one and queries it",
     "sftlab export runs/my-lora --to triton": "starts Triton Inference Server to verify the repository; "
                                                "tests/integration/test_deploy_export.py does",
+    "sftlab export runs/my-lora --to gguf": "the same GGUF build and check as README.md's `sftlab export runs/lora "
+                                            "--to gguf out/gguf --quant q8_0`, which runs here",
     "sftlab export runs/my-lora --to onnx": "the same ONNX build and check as docs/guide.md's `sftlab export runs/lora "
                                             "runs/lora-onnx --to onnx`, which runs here (about a minute each on CPU)",
 }
@@ -389,6 +391,8 @@ def sandbox(tmp_path_factory, tiny_model_dir):
         mp.chdir(work)
         for folder in ("configs", "examples"):
             shutil.copytree(ROOT / folder, work / folder)
+        for path in (work / "examples" / "data").glob("*.jsonl"):  # the shipped data, cut short
+            path.write_text("".join(path.read_text().splitlines(keepends=True)[:16]))
         demo = write_demo_dataset(work / "runs" / "quickstart" / "data", sizes={"train": 6, "validation": 2, "test": 2})
         shutil.copytree(work / "runs" / "quickstart" / "data", work / "data")
         for name, split in (("data.jsonl", "train"), ("train.jsonl", "train"), ("test.jsonl", "test")):
@@ -397,6 +401,8 @@ def sandbox(tmp_path_factory, tiny_model_dir):
         shutil.copy(ROOT / "examples" / "data" / "reading.csv", work / "qa.csv")
         shutil.copy(ROOT / "src" / "sftlab" / "templates" / "chatml.jinja", work / "my_template.jinja")
         shutil.copy(work / "data.jsonl", work / "reviewed.jsonl")
+        for split in ("train", "validation"):  # what docs/alignment.md's `sftlab data pairs` lines write
+            shutil.copy(work / "examples" / "data" / f"pairs.{split}.jsonl", work / "data" / f"pairs.{split}.jsonl")
         from datasets import load_dataset
 
         load_dataset("json", data_files=str(work / "train.jsonl")).save_to_disk(str(work / "ds"))
@@ -404,20 +410,22 @@ def sandbox(tmp_path_factory, tiny_model_dir):
         for copy in ("my-lora", "quickstart/run"):
             shutil.copytree(work / "runs" / "lora", work / "runs" / copy)
         assert main(["align", "configs/dpo.yaml", "training.max_steps=2"]) == 0  # -> runs/dpo
-        assert main(["sweep", "configs/sweep.yaml", "--trials", "2", "training.max_steps=2"]) == 0  # -> runs/sweep
+        assert main(["sweep", "configs/sweep.yaml", "--trials", "1", "training.max_steps=2"]) == 0  # -> runs/sweep
     return work, cache
 
 
 def _runnable(invocation: str) -> list[str]:
-    """The argv to run; a training line (train, align, sweep) trains 2 steps (a sweep 2 trials) and
+    """The argv to run; a training line (train, align, sweep) trains 2 steps (a sweep 1 trial) and
     starts from a clear output_dir unless it resumes."""
     argv = shlex.split(invocation)[1:]
+    if ">" in argv:  # `... > file`: the shell's redirection; the output is captured here
+        argv = argv[: argv.index(">")]
     if argv[0] not in ("train", "align", "sweep"):
         return argv
     if "--trials" in argv:
-        argv[argv.index("--trials") + 1] = "2"
+        argv[argv.index("--trials") + 1] = "1"
     elif argv[0] == "sweep":
-        argv += ["--trials", "2"]
+        argv += ["--trials", "1"]
     if "--resume" not in argv:
         import shutil
 
