@@ -51,3 +51,20 @@ def make_tiny_llama(path: Path, tokenizer, seed: int = 0) -> Path:
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny random Llama with SmolLM2's tokenizer and chat template (read-only: copy to modify)."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+def train_set_loss(model, path, tokenizer) -> float:
+    """Mean loss per trained token over a whole data file: deterministic, unlike batch losses."""
+    from sftlab.data.load import load_conversations
+    from sftlab.data.pack import collate
+    from sftlab.data.render import render_many
+    from sftlab.train.loss import selective_loss_sum
+
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in render_many(load_conversations(path), tokenizer):
+            s, n = selective_loss_sum(model.eval(), collate([[ex]], tokenizer.pad_token_id))
+            total, count = total + s.item(), count + n
+    return total / count

@@ -48,6 +48,10 @@ sftlab's loss (train/loss.py) runs the head only on trained positions (K =
 ``trained_fraction`` of the tokens): the saved fp32 log-softmax (4 B) and the logits or
 their gradient in the compute dtype (2a B) per trained position and vocab entry, plus one
 fp32 cross-entropy chunk of ``loss_chunk`` rows and its gradient (8 B x chunk x vocab).
+Where the head is fused with the loss (plain-head architectures in one process), no logits
+of all trained positions exist: the head's input rows and their gradient (2a B x hidden per
+trained position), one CE_CHUNK-row chunk of fp32 logits and its gradient, the head's weight
+cast to the compute dtype, and with full fine-tuning its fp32 gradient.
 
 Several processes (``nproc``, ``distributed``), per process, n = nproc (docs/scaling.md):
 - ddp: everything replicated; DDP's all-reduce buckets hold a second copy of the gradients.
@@ -102,6 +106,7 @@ class ModelShape:
     layer_params: int  # all parameters of one decoder layer
     lora_candidates: tuple[tuple[str, int, int], ...]  # every linear except the output head
     architecture: str = ""
+    fused_head: bool = False  # the loss fuses lm_head and cross-entropy (train/loss.py fused_head)
 
 
 def load_model_config(model: Any):
@@ -128,6 +133,8 @@ def model_shape(config) -> ModelShape:
     """Instantiate the model on the meta device (no memory, no weights) and measure it."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from sftlab.train.loss import fused_head
 
     try:
         with torch.device("meta"):
@@ -158,6 +165,7 @@ def model_shape(config) -> ModelShape:
         layer_params=layer_params,
         lora_candidates=tuple((n, m.in_features, m.out_features) for n, m in linears),
         architecture=type(model).__name__,
+        fused_head=fused_head(model) is not None,
     )
 
 
@@ -422,6 +430,16 @@ def estimate_memory(
     if loss == "full":
         logits_per_row, logits_fixed = full_logits, 0
         notes["logits"] = f"every position: fp32 tokens x {shape.vocab:,} vocab, 3 alive at the peak"
+    elif shape.fused_head and nproc == 1:
+        from sftlab.train.loss import CE_CHUNK
+
+        trained = tokens_per_row * trained_fraction
+        logits_per_row = int(trained * shape.hidden * 2 * a_bytes)  # the head's input rows and their gradient
+        chunk = min(CE_CHUNK, int(trained * batch) or 1)
+        head_weights = shape.vocab * shape.hidden
+        logits_fixed = chunk * shape.vocab * (4 + a_bytes) + (head_weights * a_bytes if autocast else 0) \
+            + (head_weights * 4 if method == "full" else 0)  # one fp32 chunk + its gradient; cast head; its fp32 gradient
+        notes["logits"] = f"head fused with the loss: {chunk}-row chunks of {shape.vocab:,} logits"
     else:
         trained = tokens_per_row * trained_fraction
         logits_per_row = int(trained * shape.vocab * (4 + 2 * a_bytes))

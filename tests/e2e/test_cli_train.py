@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import train_set_loss
 import torch
 
 from sftlab.cli import main
@@ -45,21 +46,6 @@ def test_train_writes_a_complete_run_and_loss_falls(lora_run):
     info = json.loads((lora_run / "run.json").read_text())
     assert info["global_step"] == 8 and info["method"] == "lora" and info["train_data"]["examples"] == 48
     assert info["versions"]["transformers"]
-
-
-def train_set_loss(model, path, tokenizer) -> float:
-    """Mean loss per trained token over a whole data file: deterministic, unlike batch losses."""
-    from sftlab.data.load import load_conversations
-    from sftlab.data.pack import collate
-    from sftlab.data.render import render_many
-    from sftlab.train.loss import selective_loss_sum
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ex in render_many(load_conversations(path), tokenizer):
-            s, n = selective_loss_sum(model.eval(), collate([[ex]], tokenizer.pad_token_id))
-            total, count = total + s.item(), count + n
-    return total / count
 
 
 def test_training_lowers_the_loss_on_the_training_data(lora_run, tiny_model_dir, demo_data, tokenizer):

@@ -9,6 +9,7 @@ import json
 import random
 
 import pytest
+from conftest import train_set_loss
 import torch
 
 from sftlab.evaluation.curves import read_metrics_jsonl
@@ -22,20 +23,6 @@ def _write(path, prompts, answers):
         for p, a in zip(prompts, answers):
             f.write(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}) + "\n")
     return path
-
-
-def per_token_loss(model, path, tokenizer) -> float:
-    from sftlab.data.load import load_conversations
-    from sftlab.data.pack import collate
-    from sftlab.data.render import render_many
-    from sftlab.train.loss import selective_loss_sum
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ex in render_many(load_conversations(path), tokenizer):
-            s, n = selective_loss_sum(model.eval(), collate([[ex]], tokenizer.pad_token_id))
-            total, count = total + s.item(), count + n
-    return total / count
 
 
 def test_early_stopping_stops_a_planted_overfitting_run(tmp_path, tiny_model_dir, tokenizer):
@@ -81,4 +68,4 @@ def test_early_stopping_stops_a_planted_overfitting_run(tmp_path, tiny_model_dir
     best = load_file(out / "checkpoints" / f"checkpoint-{best_step}" / "model.safetensors")
     assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in saved)
     model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
-    assert per_token_loss(model, valid_file, tokenizer) == pytest.approx(best_loss, rel=1e-4)
+    assert train_set_loss(model, valid_file, tokenizer) == pytest.approx(best_loss, rel=1e-4)
