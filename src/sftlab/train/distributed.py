@@ -181,8 +181,10 @@ def describe(trainer) -> str:
         engine = f"DeepSpeed ZeRO-{stage}"
     elif trainer.is_fsdp_enabled:
         engine = "FSDP2"
+    elif trainer.args.world_size == 1:
+        return "one process"
     else:
-        engine = "DDP" if trainer.args.world_size > 1 else "one process"
+        engine = "DDP"
     n = trainer.args.world_size
     return f"{engine} x {n} process{'es' if n > 1 else ''}"
 
