@@ -366,39 +366,33 @@ def _read_parquet(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
         pf = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise SftlabError(f"{path}: not a readable Parquet file ({e})") from None
-    n = 0
-    batches = pf.iter_batches(batch_size=BATCH_ROWS)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except (pa.ArrowException, OSError) as e:  # corrupt pages: the footer was readable, the data is not
-            source = f"{path}:row {n + 1}"
-            yield source, _rest_of_file(RecordError(source, "corrupt Parquet", _first_line(e)))
-            return
-        for rec in batch.to_pylist():
-            n += 1
-            yield f"{path}:row {n}", _present(rec)
+    yield from _batched_rows(pf.iter_batches(batch_size=BATCH_ROWS), str(path), "corrupt Parquet",
+                             lambda batch: batch.to_pylist())
 
 
 def _dataset_rows(ds, label: str) -> Iterator[tuple[str, Any]]:
+    yield from _batched_rows(ds.iter(batch_size=BATCH_ROWS), label, "corrupt Arrow data",
+                             lambda batch: (dict(zip(batch.keys(), values)) for values in zip(*batch.values())))
+
+
+def _batched_rows(batches: Iterator, label: str, kind: str, records) -> Iterator[tuple[str, Any]]:
+    """(label:row N, record) for the `records(batch)` of each batch; a batch that cannot be read
+    (corrupt pages: the footer was readable, the data is not) rejects the rest of the file."""
     import pyarrow as pa
 
     n = 0
-    batches = ds.iter(batch_size=BATCH_ROWS)
     while True:
         try:
             batch = next(batches)
         except StopIteration:
             return
-        except (pa.ArrowException, OSError) as e:  # a damaged Arrow file
+        except (pa.ArrowException, OSError) as e:
             source = f"{label}:row {n + 1}"
-            yield source, _rest_of_file(RecordError(source, "corrupt Arrow data", _first_line(e)))
+            yield source, _rest_of_file(RecordError(source, kind, _first_line(e)))
             return
-        for values in zip(*batch.values()):
+        for rec in records(batch):
             n += 1
-            yield f"{label}:row {n}", _present(dict(zip(batch.keys(), values)))
+            yield f"{label}:row {n}", _present(rec)
 
 
 def _first_line(e: Exception) -> str:
