@@ -10,7 +10,6 @@ Markdown and HTML show; both are rendered from it.
 
 from __future__ import annotations
 
-import json
 
 import math
 from collections.abc import Sequence
@@ -123,16 +122,10 @@ ALIGNMENT_KEYS = ("rewards/margins", "rewards/accuracies", "logps/chosen", "logp
 def alignment_metrics(metrics_path: str | Path) -> dict[str, Any] | None:
     """Held-out preference metrics of an `sftlab align` run: its first and last evaluation
     (`{"first": {"step", metric: value}, "last": {...}}`), or None for other runs."""
-    evals = []
-    with open(metrics_path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(event.get("eval_rewards/margins"), (int, float)):
-                evals.append({"step": event.get("step"), **{k: event[f"eval_{k}"] for k in ALIGNMENT_KEYS
-                                                             if f"eval_{k}" in event}})
+    from sftlab.evaluation.curves import metric_events
+
+    evals = [{"step": event.get("step"), **{k: event[f"eval_{k}"] for k in ALIGNMENT_KEYS if f"eval_{k}" in event}}
+             for event in metric_events(metrics_path) if isinstance(event.get("eval_rewards/margins"), (int, float))]
     return {"first": evals[0], "last": evals[-1]} if evals else None
 
 

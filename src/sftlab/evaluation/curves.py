@@ -9,7 +9,7 @@ comparison report use this one rule.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,18 @@ class Curves:
     flagged: list[dict] = field(default_factory=list)  # overfit warnings written during training
 
 
+def metric_events(path: str | Path) -> Iterator[dict]:
+    """The events of a metrics.jsonl in order; unreadable lines (a crash mid-write) are skipped."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                yield event
+
+
 def read_metrics_jsonl(path: str | Path) -> Curves:
     """Train and validation losses by step; unreadable lines (a crash mid-write) are skipped.
 
@@ -30,21 +42,16 @@ def read_metrics_jsonl(path: str | Path) -> Curves:
     curves = Curves()
     train: dict[float, float] = {}
     validation: dict[float, float] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            step = event.get("step")
-            if step is None:
-                continue
-            if event.get("overfit_warning"):
-                curves.flagged.append(event)
-            elif isinstance(event.get("loss"), (int, float)):
-                train[step] = float(event["loss"])
-            if isinstance(event.get("eval_loss"), (int, float)):
-                validation[step] = float(event["eval_loss"])
+    for event in metric_events(path):
+        step = event.get("step")
+        if step is None:
+            continue
+        if event.get("overfit_warning"):
+            curves.flagged.append(event)
+        elif isinstance(event.get("loss"), (int, float)):
+            train[step] = float(event["loss"])
+        if isinstance(event.get("eval_loss"), (int, float)):
+            validation[step] = float(event["eval_loss"])
     curves.train, curves.validation = sorted(train.items()), sorted(validation.items())
     return curves
 
