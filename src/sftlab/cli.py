@@ -61,7 +61,16 @@ def _quiet_third_party_logs() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        if "torch.distributed" in sys.modules:  # a rank under torchrun: see distributed.shutdown
+            from sftlab.train.distributed import shutdown
+
+            shutdown()
+
+
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

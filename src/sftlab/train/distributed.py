@@ -56,6 +56,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits: left to interpreter shutdown,
+    gloo's worker threads are sometimes destroyed while still joinable, and the process dies
+    with "terminate called without an active exception" after training has finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def parameter_count(model, trainable_only: bool = False) -> int:
     """Parameters of the whole model, also after ZeRO-3 has partitioned them (`ds_numel`);
     FSDP2's DTensor parameters report their full size anyway."""
