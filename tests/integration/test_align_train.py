@@ -69,6 +69,31 @@ def test_dpo_raises_margin_and_accuracy_on_training_pairs(tiny_model_dir, pairs_
     assert (out / "adapter" / "adapter_config.json").exists() and info["align"]["reference"] == "adapter disabled"
 
 
+def test_qlora_dpo_trains_adapters_on_a_4bit_base(tiny_model_dir, pairs_file, tmp_path, tokenizer):
+    import bitsandbytes as bnb
+
+    from sftlab.data.load import load_conversations
+    from sftlab.train.align import build_trainer, load_policy
+    from sftlab.train.preference import render_preferences
+
+    cfg = _config(tiny_model_dir, pairs_file, tmp_path / "built", method="qlora")
+    model, peft_config, _ = load_policy(cfg, "float32", False)
+    rows = render_preferences(load_conversations(pairs_file), tokenizer, paired=True)
+    trainer = build_trainer(cfg, model, peft_config, tokenizer, rows, [], tmp_path / "built", False)
+    linears = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linears and all(not p.requires_grad for m in linears for p in m.parameters(recurse=False))
+    assert trainer.ref_model is None  # the reference is the 4-bit base with the adapter disabled
+
+    out = tmp_path / "qlora"
+    assert main(["align", "-", *_overrides(tiny_model_dir, pairs_file, out, method="qlora",
+                                           **{"training.max_steps": 6})]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["method"] == "qlora" and info["align"]["reference"] == "adapter disabled"
+    assert info["eval_before"]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert info["eval_after"]["rewards/margins"] > 0.05
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_reference_log_probs_do_not_move(tiny_model_dir, pairs_file, tmp_path, tokenizer, method):
     from sftlab.data.load import load_conversations
@@ -77,7 +102,7 @@ def test_reference_log_probs_do_not_move(tiny_model_dir, pairs_file, tmp_path, t
 
     cfg = _config(tiny_model_dir, pairs_file, tmp_path / "run", method=method, **{"training.max_steps": 3})
     rows = render_preferences(load_conversations(pairs_file), tokenizer, paired=True)
-    model, peft_config, _ = load_policy(cfg, "float32")
+    model, peft_config, _ = load_policy(cfg, "float32", False)
     trainer = build_trainer(cfg, model, peft_config, tokenizer, rows, [], tmp_path / "run", False)
     assert (trainer.ref_model is None) == (method == "lora")  # LoRA: no second model, the adapter is disabled
     reference = trainer.ref_model or trainer.model
@@ -99,7 +124,7 @@ def test_orpo_runs_without_a_reference_model(tiny_model_dir, pairs_file, tmp_pat
 
     cfg = _config(tiny_model_dir, pairs_file, tmp_path / "built", method="full", **{"align.loss": "orpo"})
     rows = render_preferences(load_conversations(pairs_file), tokenizer, paired=True)
-    model, peft_config, _ = load_policy(cfg, "float32")
+    model, peft_config, _ = load_policy(cfg, "float32", False)
     trainer = build_trainer(cfg, model, peft_config, tokenizer, rows, [], tmp_path / "built", False)
     assert isinstance(trainer, ORPOTrainer) and getattr(trainer, "ref_model", None) is None
     assert len({id(m) for m in trainer.__dict__.values() if isinstance(m, torch.nn.Module)}) == 1  # the policy only
@@ -141,7 +166,7 @@ def test_dpo_on_an_sft_lora_run_uses_the_sft_model_as_reference(tiny_model_dir, 
                  f"output_dir={sft}"]) == 0
     cfg = _config(sft, pairs_file, tmp_path / "dpo", **{"training.max_steps": 2})
     rows = render_preferences(load_conversations(pairs_file), tokenizer, paired=True)
-    model, peft_config, base = load_policy(cfg, "float32")
+    model, peft_config, base = load_policy(cfg, "float32", False)
     assert peft_config is None and str(base) == str(tiny_model_dir)  # the SFT adapter keeps training
     trainer = build_trainer(cfg, model, peft_config, tokenizer, rows, [], tmp_path / "dpo", False)
     batch = trainer.data_collator(rows[:4])

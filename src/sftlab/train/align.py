@@ -58,30 +58,41 @@ def _peft_config(config: AlignConfig):
                       use_dora=lora.use_dora, task_type="CAUSAL_LM")
 
 
-def load_policy(config: AlignConfig, dtype: str):
+def load_policy(config: AlignConfig, dtype: str, use_bf16: bool):
     """(model, peft_config for the trainer or None, where the saved weights apply).
 
     A LoRA run's adapter is loaded trainable; otherwise LoRA is left to the trainer (peft_config),
-    so that TRL computes the reference with the adapter disabled."""
-    from peft import PeftModel
+    so that TRL computes the reference with the adapter disabled. QLoRA: the same on a 4-bit base
+    (a LoRA run's adapter keeps training on its base quantised)."""
+    from peft import PeftModel, prepare_model_for_kbit_training
 
     from sftlab.models import check_weights, is_run_dir, load_model, run_artifacts
+    from sftlab.train.trainer import keep_4bit_layers_differentiable, quantization_config
 
     m = config.model
     attn = None if m.attn_implementation == "sftlab_varlen" else m.attn_implementation
     kwargs = {"dtype": dtype, "trust_remote_code": m.trust_remote_code, "attn_implementation": attn,
-              "allow_pickle": m.allow_pickle or None}
+              "allow_pickle": m.allow_pickle or None,
+              "quantization_config": quantization_config(config.method, use_bf16)}
+
+    def load_base(path):
+        model = load_model(path, **kwargs)
+        if config.method == "qlora":
+            keep_4bit_layers_differentiable(model)
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=config.training.gradient_checkpointing)
+        return model
+
     name = m.name_or_path
     art = run_artifacts(name) if is_run_dir(name) else None
     if art and art["adapter"] and not art["model"]:
-        base = load_model(art["base"], **kwargs)
+        base = load_base(art["base"])
         check_weights(art["adapter"], kwargs["allow_pickle"])
         if config.method == "full":
             return PeftModel.from_pretrained(base, art["adapter"]).merge_and_unload(), None, art["base"]
         return PeftModel.from_pretrained(base, art["adapter"], is_trainable=True), None, art["base"]
     start = art["model"] if art else name
-    model = load_model(start, **kwargs)
-    return model, (None if config.method == "full" else _peft_config(config)), start
+    return load_base(start), (None if config.method == "full" else _peft_config(config)), start
 
 
 def trl_args(cls, config: AlignConfig, out: Path, has_eval: bool, use_bf16: bool, **extra):
@@ -154,8 +165,6 @@ def align(config: AlignConfig, log=print) -> dict:
     from sftlab.train.run_dir import model_card, write_run_json
     from sftlab.train.trainer import base_weights_dtype, device_supports_bf16
 
-    if config.method == "qlora":
-        raise SftlabError("align: method 'qlora' is not supported yet; use lora, dora or full")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.yaml", config.to_yaml())
@@ -174,7 +183,7 @@ def align(config: AlignConfig, log=print) -> dict:
     use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
     dtype = base_weights_dtype(config.method, use_bf16) if m.dtype == "auto" else m.dtype
     set_seed(config.training.seed)
-    model, peft_config, base = load_policy(config, dtype)
+    model, peft_config, base = load_policy(config, dtype, use_bf16)
     model.config.use_cache = False
     trainer = build_trainer(config, model, peft_config, tokenizer, train_rows, eval_rows, out, use_bf16,
                             callbacks=[MetricsJsonlCallback(out / "metrics.jsonl")])

@@ -221,22 +221,41 @@ def base_weights_dtype(method: str, use_bf16: bool) -> str:
     return "bfloat16" if use_bf16 and method in ("lora", "dora") else "float32"
 
 
+def quantization_config(method: str, use_bf16: bool):
+    """QLoRA's 4-bit NF4 base (double quantisation, computing in the training dtype); None otherwise."""
+    if method != "qlora":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:  # pragma: no cover
+        raise SftlabError("QLoRA needs bitsandbytes: pip install 'sftlab[qlora]'") from e
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16 else torch.float32,
+    )
+
+
+def keep_4bit_layers_differentiable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, a `Linear4bit` in eval mode repacks its weight in place for
+    `gemv_4bit`, which has no backward: after the first evaluation, training would go on with no
+    gradient flowing through the frozen base layers, silently (tests/integration/test_qlora_eval.py)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
     """Base model, with LoRA / DoRA / QLoRA applied through PEFT; embeddings fitted to `tokenizer`."""
     from sftlab.models import fit_embeddings, load_model
 
-    quant = None
-    if config.method == "qlora":
-        try:
-            from transformers import BitsAndBytesConfig
-        except ImportError as e:  # pragma: no cover
-            raise SftlabError("QLoRA needs bitsandbytes: pip install 'sftlab[qlora]'") from e
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16 else torch.float32,
-        )
+    quant = quantization_config(config.method, use_bf16)
     m = config.model
     if m.attn_implementation == VARLEN:
         register_varlen()  # before loading: transformers checks the name
@@ -254,6 +273,7 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.method == "qlora":
+        keep_4bit_layers_differentiable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.training.gradient_checkpointing)
     elif config.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
