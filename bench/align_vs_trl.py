@@ -7,8 +7,10 @@ Pairs come from the demo dataset: the reference answer is chosen, another exampl
 same task is rejected. Both sides train LoRA (r=16, all linear layers) with the reference = the
 model with the adapter disabled, the same learning rate, batch, steps, precision (bf16 where the
 CPU supports it) and no gradient checkpointing (TRL turns it on by default; off on both sides here,
-like for like). sftlab runs `sftlab.train.align.align` (our loader and chat-template rendering,
-TRL's DPOTrainer on the token ids); TRL gets the same pairs as conversational prompt/chosen/rejected
+like for like), the same base dtype (bf16 under bf16 autocast, as `model.dtype: auto` loads a
+LoRA base; fp32 adapters on both sides), AdamW (`adamw_torch`), cosine schedule, seed 0. sftlab
+runs `sftlab.train.align.align` (our loader and chat-template rendering, TRL's DPOTrainer on the
+token ids); TRL gets the same pairs as conversational prompt/chosen/rejected
 records and tokenises them itself.
 
 Each run is its own process. Printed per side, median of `--repeats` runs: seconds per optimizer
@@ -79,11 +81,11 @@ def child_trl(args) -> None:
     rows = [json.loads(line) for line in Path(args.pairs).read_text().splitlines()]
     data = Dataset.from_list([{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
-    model = load_model(args.model, dtype="float32")
+    model = load_model(args.model, dtype="bfloat16" if args.bf16 else "float32")  # the base sftlab loads
     config = DPOConfig(output_dir=args.out, learning_rate=LR, beta=BETA, per_device_train_batch_size=BATCH,
                        max_steps=args.steps, logging_steps=1, warmup_steps=0, save_strategy="no", max_length=MAX_LEN,
                        bf16=args.bf16, gradient_checkpointing=False, use_cpu=True, report_to="none",
-                       lr_scheduler_type="cosine")
+                       lr_scheduler_type="cosine", optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, seed=0)
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=load_tokenizer(args.model),
                          peft_config=peft)
@@ -122,17 +124,20 @@ def main() -> None:
                     sys.exit(f"{side} run failed:\n{run.output[-3000:]}")
                 runs[side].append(run)
 
-    def med(side, f):
-        return statistics.median(f(r) for r in runs[side])
+    def spread(values, fmt):
+        return f"{fmt(statistics.median(values))} ({fmt(min(values))}-{fmt(max(values))})"
 
-    step = {s: med(s, lambda r: r.result["seconds"] / args.steps) for s in runs}
-    rss = {s: med(s, lambda r: r.peak_rss) for s in runs}
-    loss = {s: med(s, lambda r: r.result["loss"]) for s in runs}
+    step = {s: [r.result["seconds"] / args.steps for r in runs[s]] for s in runs}
+    rss = {s: [r.peak_rss for r in runs[s]] for s in runs}
+    loss = {s: [r.result["loss"] for r in runs[s]] for s in runs}
+    ratio = {k: [a / b for a, b in zip(v["sftlab"], v["trl"])] for k, v in (("step", step), ("rss", rss))}
     print_table(f"DPO, LoRA r=16, {args.model}, batch {BATCH} pairs, {args.steps} steps, bf16={bf16}, "
-                f"median of {args.repeats}",
+                f"median (range) of {args.repeats}",
                 ["", "s/step", "peak RSS", "train loss"],
-                [[s, f"{step[s]:.2f}", gib(rss[s]), f"{loss[s]:.4f}"] for s in runs]
-                + [["sftlab / TRL", f"{step['sftlab'] / step['trl']:.2f}x", f"{rss['sftlab'] / rss['trl']:.2f}x", ""]])
+                [[s, spread(step[s], "{:.2f}".format), spread(rss[s], gib), spread(loss[s], "{:.4f}".format)]
+                 for s in runs]
+                + [["sftlab / TRL (per round)", spread(ratio["step"], "{:.2f}x".format),
+                    spread(ratio["rss"], "{:.2f}x".format), ""]])
     print(load_note())
 
 
