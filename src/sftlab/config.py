@@ -215,9 +215,16 @@ class AlignOptions(Section):
 
     loss: Literal["dpo", "orpo", "kto"] = Field("dpo", description="dpo: pairs vs a reference model; orpo: pairs, no reference model (SFT + odds ratio); kto: unpaired good/bad answers vs a reference model.")
     beta: float = Field(0.1, gt=0, description="DPO/KTO: how far from the reference the model may move (higher: less); ORPO: weight of the odds-ratio term (lambda).")
+    sft_weight: float = Field(0.0, ge=0, description="DPO: weight of an SFT term (mean NLL of the chosen answer) added to the DPO loss, as in RPO; keeps the chosen answer likely while the margin grows (0: plain DPO).")
     precompute_ref_log_probs: bool = Field(False, description="Full fine-tuning with DPO/KTO: score the data with the reference once before training instead of keeping a frozen copy in memory.")
     desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the desirable (label true) examples.")
     undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the undesirable (label false) examples.")
+
+    @model_validator(mode="after")
+    def _sft_weight_is_dpo_only(self) -> AlignOptions:
+        if self.sft_weight and self.loss != "dpo":
+            raise ValueError(f"align.sft_weight applies to loss dpo only (ORPO has its own SFT term; this is {self.loss})")
+        return self
 
 
 class AlignConfig(TrainConfig):

@@ -64,15 +64,20 @@ def embedded_model_dir(name: str = "smollm2-135m-instruct", *, quiet: bool = Fal
     gguf = _package_file(package, filename)
     if not quiet:
         print(f"Converting the embedded model {gguf.name} to a HF folder (once) -> {out}", flush=True)
+    import shutil
+    import tempfile
+
     model, tokenizer = _load_gguf(gguf)
-    tmp = out.with_name(out.name + ".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out.parent))  # own folder: two processes may convert at once
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    if out.exists() and not (out / "model.safetensors").exists():
+        shutil.rmtree(out)  # a partial folder from an older version
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first: keep its folder
+        shutil.rmtree(tmp)
     return out
 
 

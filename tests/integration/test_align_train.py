@@ -146,12 +146,16 @@ def test_kto_runs_on_unpaired_data(tiny_model_dir, unpaired_file, tmp_path):
     assert info["eval_after"]["rewards/margins"] > info["eval_before"]["rewards/margins"] + 0.01
 
 
-def _answer_logps(model, batch) -> torch.Tensor:
-    """Summed log-probs of the answer tokens, by a plain forward (no TRL code)."""
+def _token_logps(model, batch) -> torch.Tensor:
+    """Log-prob of each next token, by a plain forward (no TRL code)."""
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logps = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
-    return (logps * batch["completion_mask"][:, 1:]).sum(-1)
+    return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+
+
+def _answer_logps(model, batch) -> torch.Tensor:
+    """Summed log-probs of the answer tokens."""
+    return (_token_logps(model, batch) * batch["completion_mask"][:, 1:]).sum(-1)
 
 
 def test_dpo_on_an_sft_lora_run_uses_the_sft_model_as_reference(tiny_model_dir, pairs_file, tmp_path, tokenizer):
@@ -183,3 +187,31 @@ def test_dpo_on_an_sft_lora_run_uses_the_sft_model_as_reference(tiny_model_dir, 
     assert not (out / "adapter" / "ref").exists()
     tuned = load_model(str(out)).eval()  # base + the DPO-trained adapter, as any run loads
     assert not torch.allclose(_answer_logps(tuned, batch), _answer_logps(sft_model, batch), atol=1e-4)
+
+
+def test_sft_weight_adds_the_chosen_answers_mean_nll_to_the_dpo_loss(tiny_model_dir, pairs_file, tmp_path, tokenizer):
+    from sftlab.data.load import load_conversations
+    from sftlab.train.align import build_trainer, load_policy
+    from sftlab.train.preference import render_preferences
+
+    rows = render_preferences(load_conversations(pairs_file), tokenizer, paired=True)
+    losses = []
+    for weight in (0.0, 0.5):
+        cfg = _config(tiny_model_dir, pairs_file, tmp_path / str(weight), **{"align.sft_weight": weight})
+        model, peft_config, _ = load_policy(cfg, "float32", False)
+        trainer = build_trainer(cfg, model, peft_config, tokenizer, rows, [], tmp_path / str(weight), False)
+        batch = trainer.data_collator(rows[:4])
+        with torch.no_grad():
+            losses.append(trainer.compute_loss(trainer.model.eval(), batch).item())
+    logps = _token_logps(trainer.model, batch)
+    chosen = batch["completion_mask"][:4, 1:].bool()
+    nll = -logps[:4][chosen].mean().item()
+    assert nll > 1.0  # a random model: the term is large enough to see
+    assert losses[1] - losses[0] == pytest.approx(0.5 * nll, rel=1e-4)
+
+
+def test_sft_weight_is_refused_for_losses_other_than_dpo(tiny_model_dir, pairs_file, tmp_path):
+    from sftlab.errors import SftlabError
+
+    with pytest.raises(SftlabError, match="sft_weight applies to loss dpo only"):
+        _config(tiny_model_dir, pairs_file, tmp_path, **{"align.loss": "orpo", "align.sft_weight": 1.0})

@@ -122,8 +122,9 @@ def build_trainer(config: AlignConfig, model, peft_config, tokenizer, train_rows
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     max_len = config.data.max_seq_length
     if a.loss == "dpo":
+        losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, a.sft_weight]} if a.sft_weight else {}
         args = trl_args(DPOConfig, config, out, has_eval, use_bf16, beta=a.beta, max_length=max_len,
-                        precompute_ref_log_probs=a.precompute_ref_log_probs)
+                        precompute_ref_log_probs=a.precompute_ref_log_probs, **losses)
         return RenderedDPOTrainer(model=model, ref_model=ref_model, args=args, peft_config=peft_config, **common)
     if a.loss == "kto":
         # TRL's KL estimate pairs each row with its neighbour in a fixed-order batch, so the
@@ -204,7 +205,7 @@ def align(config: AlignConfig, log=print) -> dict:
     info = {
         "base_model": _portable_model_name(base),
         "method": config.method,
-        "align": {"loss": a.loss, "beta": a.beta, "start": _portable_model_name(m.name_or_path),
+        "align": {"loss": a.loss, "beta": a.beta, "sft_weight": a.sft_weight, "start": _portable_model_name(m.name_or_path),
                   "reference": _reference_kind(config, peft_config)},
         "seed": config.training.seed,
         "train_data": vars(train_stats) | {"dropped": len(train_stats.dropped)},
