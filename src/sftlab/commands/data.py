@@ -381,6 +381,10 @@ def pairs(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N examples."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest generated answer."),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts generated together."),
+    anchors: float = typer.Option(0.0, "--anchors", min=0.0,
+                                  help="Also R x as many anchor pairs from right answers (the right answer chosen, "
+                                       "another reference of the same group rejected), so DPO keeps them right."),
+    group: str = typer.Option("task", "--group", help="Field whose value groups examples for anchor pairs."),
 ) -> None:
     """Preference pairs from a model's mistakes: reference answer chosen, the model's wrong answer rejected."""
     from sftlab.data.load import load_conversations, save_conversations
@@ -394,8 +398,9 @@ def pairs(
     if not conversations:
         raise SftlabError(f"{data}: no example with a reference answer")
     found, stats = pairs_from_model(load_model(model), load_tokenizer(model), conversations,
-                                    max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                    max_new_tokens=max_new_tokens, batch_size=batch_size, anchors=anchors, group=group)
     written = save_conversations(out, (to_conversation(p, p["source"]) for p in found))
     write_json(_sidecar(out, "pairs"), {"model": model, "data": data, **stats.to_json()})
     print(f"{stats.examples} examples: {stats.correct} right, {stats.empty} empty answers, "
-          f"{written} pairs from wrong answers -> {out}")
+          f"{stats.pairs} pairs from wrong answers" + (f" + {stats.anchors} anchor pairs" if anchors else "")
+          + f" -> {out} ({written} written)")
