@@ -32,7 +32,7 @@ ENGINES = ("ddp", "zero2", "zero3", "fsdp", "zero3_offload")
 def child(opts: dict) -> None:
     """One process of an engine's run (started by torchrun)."""
     from sftlab.config import TrainConfig
-    from sftlab.train.distributed import shutdown
+    from sftlab.train.distributed import end_rank
     from sftlab.train.trainer import train
 
     config = TrainConfig.model_validate({
@@ -48,7 +48,7 @@ def child(opts: dict) -> None:
     report_result({"rank": int(os.environ.get("RANK", 0)), "peak_rss": self_peak_rss(),
                    "tokens_per_s": info["trained_tokens_per_second"], "train_loss": info["train_loss"],
                    "engine": info["engine"]})
-    shutdown()
+    end_rank(0)
 
 
 def main() -> None:

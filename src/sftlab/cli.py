@@ -61,13 +61,13 @@ def _quiet_third_party_logs() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _run(list(sys.argv[1:] if argv is None else argv))
-    finally:
-        if "torch.distributed" in sys.modules:  # a rank under torchrun: see distributed.shutdown
-            from sftlab.train.distributed import shutdown
+    code = _run(list(sys.argv[1:] if argv is None else argv))
+    if "torch.distributed" in sys.modules:
+        from sftlab.train import distributed
 
-            shutdown()
+        if distributed.world_size() > 1:  # a rank under torchrun (or another launcher)
+            distributed.end_rank(code)
+    return code
 
 
 def _run(argv: list[str]) -> int:

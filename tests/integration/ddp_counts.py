@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from sftlab.data.load import load_conversations
 from sftlab.data.pack import collate
 from sftlab.data.render import render_many
-from sftlab.train.distributed import shutdown
+from sftlab.train.distributed import end_rank
 from sftlab.train.trainer import RowDataset, SFTTrainer
 
 model_dir, data, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -35,4 +35,4 @@ counts = {"trained_tokens_seen": trainer.trained_tokens_seen, "eval_loss": train
 if trainer.args.process_index == 0:
     with open(out, "w") as f:
         json.dump(counts, f)
-shutdown()
+end_rank(0)

@@ -15,7 +15,7 @@ from sftlab.data.load import load_conversations
 from sftlab.data.pack import collate
 from sftlab.data.render import render_many
 from sftlab.train.attention import NAME, can_flatten, choose_attention
-from sftlab.train.distributed import shutdown
+from sftlab.train.distributed import end_rank
 from sftlab.train.trainer import RowDataset, SFTTrainer
 
 model_dir, data, out, batch, path = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
@@ -40,4 +40,4 @@ trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(
 trainer.train()
 if trainer.args.process_index == 0:
     torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, out)
-shutdown()
+end_rank(0)

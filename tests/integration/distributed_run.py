@@ -92,4 +92,4 @@ report = {"rank": rank, "world_size": distributed.world_size(), "writes": run_wr
           "trained_tokens_seen": info["trained_tokens_seen"], "engine": info["engine"],
           "threads": torch.get_num_threads()}
 (report_dir / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
-distributed.shutdown()
+distributed.end_rank(0)

@@ -24,7 +24,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from sftlab.errors import SftlabError
 
@@ -56,14 +56,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    """Tear the process group down before the interpreter exits: left to interpreter shutdown,
-    gloo's worker threads are sometimes destroyed while still joinable, and the process dies
-    with "terminate called without an active exception" after training has finished."""
+def end_rank(code: int) -> NoReturn:
+    """Leave a process started by torchrun: process group torn down, output flushed, os._exit(code).
+
+    Left to the interpreter's normal exit, a rank that finished its work sometimes aborts after
+    the last Python frame ("terminate called without an active exception": a C++ thread object
+    of torch's destroyed while still joinable), and torchrun then reports the whole run as failed.
+    Skipping the static destructors avoids it; nothing of ours runs there."""
+    import logging
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def parameter_count(model, trainable_only: bool = False) -> int:
