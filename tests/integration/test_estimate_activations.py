@@ -30,7 +30,7 @@ def _config(layers: int, attn: str = "sdpa"):
 
 def _model(layers: int, method: str, autocast: bool, dropout: float, tmp_path, bf16_base: bool = False,
            attn: str = "sdpa"):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(_config(layers, attn))
@@ -40,9 +40,10 @@ def _model(layers: int, method: str, autocast: bool, dropout: float, tmp_path, b
         pytest.importorskip("bitsandbytes")
         path = tmp_path / f"q{layers}"
         model.save_pretrained(path)
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16 if autocast else torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32)
+        from sftlab.train.trainer import quantization_config
+
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config("qlora", autocast),
+                                                     dtype=torch.float32)
     if method != "full":
         from peft import LoraConfig, get_peft_model
 

@@ -10,7 +10,6 @@ Markdown and HTML show; both are rendered from it.
 
 from __future__ import annotations
 
-
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass

@@ -64,10 +64,10 @@ def load_policy(config: AlignConfig, dtype: str, use_bf16: bool):
     A LoRA run's adapter is loaded trainable; otherwise LoRA is left to the trainer (peft_config),
     so that TRL computes the reference with the adapter disabled. QLoRA: the same on a 4-bit base
     (a LoRA run's adapter keeps training on its base quantised)."""
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel
 
     from sftlab.models import check_weights, is_run_dir, load_model, run_artifacts
-    from sftlab.train.trainer import keep_4bit_layers_differentiable, quantization_config
+    from sftlab.train.trainer import prepare_4bit_base, quantization_config
 
     m = config.model
     attn = None if m.attn_implementation == "sftlab_varlen" else m.attn_implementation
@@ -77,11 +77,7 @@ def load_policy(config: AlignConfig, dtype: str, use_bf16: bool):
 
     def load_base(path):
         model = load_model(path, **kwargs)
-        if config.method == "qlora":
-            keep_4bit_layers_differentiable(model)
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=config.training.gradient_checkpointing)
-        return model
+        return prepare_4bit_base(model, config.training.gradient_checkpointing) if config.method == "qlora" else model
 
     name = m.name_or_path
     art = run_artifacts(name) if is_run_dir(name) else None

@@ -238,17 +238,20 @@ def quantization_config(method: str, use_bf16: bool):
     )
 
 
-def keep_4bit_layers_differentiable(model) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+def prepare_4bit_base(model, gradient_checkpointing: bool):
+    """A 4-bit base made ready for QLoRA training (PEFT's `prepare_model_for_kbit_training`).
 
-    On a CPU with AVX512-BF16, a `Linear4bit` in eval mode repacks its weight in place for
-    `gemv_4bit`, which has no backward: after the first evaluation, training would go on with no
+    bitsandbytes' repacking of 4-bit weights for its CPU inference kernel is turned off first: on
+    a CPU with AVX512-BF16, a `Linear4bit` in eval mode repacks its weight in place for
+    `gemv_4bit`, which has no backward, so after the first evaluation training would go on with no
     gradient flowing through the frozen base layers, silently (tests/integration/test_qlora_eval.py)."""
     import bitsandbytes as bnb
+    from peft import prepare_model_for_kbit_training
 
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
 def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
@@ -270,11 +273,10 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
         if config.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     if config.method == "qlora":
-        keep_4bit_layers_differentiable(model)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.training.gradient_checkpointing)
+        model = prepare_4bit_base(model, config.training.gradient_checkpointing)
     elif config.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
