@@ -64,7 +64,7 @@ def test_every_record_is_counted_cold_and_cached(tokenizer, tmp_path):
         assert len(examples) == 4 and s.tokens == sum(len(e) for e in examples)
 
 
-@pytest.mark.parametrize("package", ["transformers", "tokenizers"])
+@pytest.mark.parametrize("package", ["transformers", "tokenizers", "datasketch"])
 def test_a_changed_library_version_misses(data_file, tokenizer, tmp_path, monkeypatch, package):
     import importlib.metadata
 
@@ -84,8 +84,10 @@ def test_a_changed_library_version_misses(data_file, tokenizer, tmp_path, monkey
     assert prep(data_file, tokenizer, cache)[1].cached
 
 
-def test_a_changed_render_module_misses(data_file, tokenizer, tmp_path, monkeypatch):
-    """A fix in render.py (same sftlab version) must re-render: its source is in the key."""
+@pytest.mark.parametrize("module", ["render.py", "dataset.py", "validate.py", "curate.py"])
+def test_a_changed_render_module_misses(data_file, tokenizer, tmp_path, monkeypatch, module):
+    """A fix in any module on the cached path (same sftlab version) must re-render: the source of
+    train/dataset.py and of every sftlab module it imports is in the key."""
     from pathlib import Path
 
     from sftlab.data import cache as cache_mod
@@ -96,7 +98,7 @@ def test_a_changed_render_module_misses(data_file, tokenizer, tmp_path, monkeypa
 
     def patched(self):
         data = real_read(self)
-        return data + b"\n# a fix" if self.name == "render.py" else data
+        return data + b"\n# a fix" if self.name == module else data
 
     monkeypatch.setattr(Path, "read_bytes", patched)
     cache_mod.render_code_digest.cache_clear()

@@ -1,11 +1,13 @@
 """Cache of rendered examples, keyed by a fingerprint of everything that decides them:
 the data files' content, the tokenizer (vocab + special tokens), the chat template, the
-render options, and the code that renders (the source of sftlab's data modules and the
-transformers / tokenizers / jinja2 versions), so a fix in any of them re-renders. A second run with the same inputs loads in well under a second: the
-token arrays are memory-mapped, not read."""
+render options, and the code that renders (the source of every sftlab module on the cached
+path and the transformers / tokenizers / jinja2 / datasketch versions), so a fix in any of them
+re-renders. A second run with the same inputs loads in well under a second: the token arrays
+are memory-mapped, not read."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -42,20 +44,51 @@ def tokenizer_digest(tokenizer) -> str:
     return h.hexdigest()
 
 
-# The modules whose code decides the examples: loading, schema conversion, curation, rendering.
-RENDER_MODULES = ("cache", "conversation", "curate", "formats", "load", "render")
-RENDER_PACKAGES = ("transformers", "tokenizers", "jinja2")
+# The cached examples are what sftlab.train.dataset makes of a file, through every sftlab module it
+# imports (loading, schema conversion, validation, curation, rendering, text blocks, error texts that
+# go into the rejects log): the source of all of them is in the key. They are found by following the
+# imports, so a module that joins the path later is covered without a list to keep up to date.
+RENDER_ENTRY = "sftlab.train.dataset"
+RENDER_PACKAGES = ("transformers", "tokenizers", "jinja2", "datasketch")  # datasketch: near-dup removal
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of sftlab module NAME (a package's __init__.py), None if not one."""
+    base = Path(__file__).parents[1].joinpath(*name.split(".")[1:])
+    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+
+
+def _sftlab_imports(source: bytes) -> set[str]:
+    """sftlab modules that SOURCE imports anywhere (function-level imports included)."""
+    out = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return {m for m in out if m.split(".")[0] == "sftlab" and _module_file(m)}
+
+
+def render_sources(entry: str = RENDER_ENTRY) -> dict[str, bytes]:
+    """Module name -> source of ENTRY and every sftlab module it imports, at any depth."""
+    sources, todo = {}, [entry]
+    while todo:
+        name = todo.pop()
+        if name not in sources:
+            sources[name] = _module_file(name).read_bytes()
+            todo += _sftlab_imports(sources[name])
+    return sources
 
 
 @lru_cache(maxsize=1)
 def render_code_digest() -> dict[str, str]:
-    """Versions of the libraries that tokenize and apply chat templates, and a hash of the
-    source of sftlab's own render path (a version string does not change with each fix)."""
+    """Versions of the libraries that tokenize, apply chat templates and find near-duplicates, and a
+    hash of the source of sftlab's own render path (a version string does not change with each fix)."""
     from importlib.metadata import PackageNotFoundError, version
 
     h = hashlib.sha256()
-    for name in RENDER_MODULES:
-        h.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    for name, source in sorted(render_sources().items()):
+        h.update(name.encode() + b"\0" + source)
     out = {"sftlab_render_code": h.hexdigest()}
     for pkg in RENDER_PACKAGES:
         try:
