@@ -1,5 +1,6 @@
 """Under two processes (torchrun, gloo on CPU) the run's figures cover both: trained tokens
-seen and the per-token eval loss are the ones a single process reports on the same rows."""
+seen and the per-token eval loss are the ones a single process reports on the same rows (an
+odd number of eval rows: the example accelerate repeats to even out the last batch must not count)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def test_two_processes_count_every_trained_token_and_the_whole_eval_set(tiny_mod
         {"messages": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."}]},
         {"messages": [{"role": "user", "content": "Count to five."},
                       {"role": "assistant", "content": "One, two, three, four, five, six, seven, eight."}]},
-    ]
+        {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]},
+    ]  # trained on the first two; evaluated on all three, so under 2 x batch 1 the last batch is evened out
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     single, multi = tmp_path / "single.json", tmp_path / "multi.json"
@@ -35,5 +37,5 @@ def test_two_processes_count_every_trained_token_and_the_whole_eval_set(tiny_mod
     a, b = json.loads(single.read_text()), json.loads(multi.read_text())
     trained = [e.num_trained for e in render_many(load_conversations(data), tokenizer)]
     assert trained[0] != trained[1]  # one process alone would count a different number
-    assert a["trained_tokens_seen"] == b["trained_tokens_seen"] == 2 * sum(trained)  # 2 steps over both rows
-    assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+    assert a["trained_tokens_seen"] == b["trained_tokens_seen"] == 2 * sum(trained[:2])  # 2 steps over both rows
+    assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5), (a, b)

@@ -18,6 +18,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from sftlab.config import TrainConfig
+from sftlab.data.conversation import Example
+from sftlab.data.render import IGNORE
 from sftlab.errors import SftlabError
 from sftlab.files import write_json
 from sftlab.train.attention import NAME as VARLEN
@@ -80,11 +82,18 @@ class SFTTrainer(Trainer):
             loss = loss * self.args.world_size  # DDP averages gradients; the count was already global
         return (loss, {}) if return_outputs else loss
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        """Under several processes, the eval set padded to a whole number of batches on every
+        process (`EvenedEvalSet`), so accelerate repeats no example into the eval loss."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        multiple = self.args.eval_batch_size * self.args.world_size
+        if self.args.world_size > 1 and isinstance(dataset, RowDataset) and len(dataset) % multiple:
+            eval_dataset = EvenedEvalSet(dataset, multiple)
+        return super().get_eval_dataloader(eval_dataset)
+
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        """Replace transformers' mean of per-batch losses by the per-token loss of the eval set.
-        (Under several processes, the few examples accelerate repeats to even out the last
-        batch are counted too.)"""
+        """Replace transformers' mean of per-batch losses by the per-token loss of the eval set."""
         self._eval_totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
@@ -179,6 +188,19 @@ class RowDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.rows[i]
+
+
+class EvenedEvalSet(RowDataset):
+    """Eval rows grown to a multiple of `multiple` by one-token rows that train nothing.
+
+    accelerate evens out the last eval batch across processes by repeating examples from the
+    start, and their loss would count again in the per-token eval loss; with a length that
+    divides evenly it repeats none, and the filler rows add no loss and no trained token."""
+
+    def __init__(self, rows: RowDataset, multiple: int):
+        first = rows[0][0]
+        filler = [Example(first.ids[:1], [IGNORE], "(eval filler: trains nothing)")]
+        super().__init__([*rows.rows, *[filler] * (-len(rows) % multiple)])
 
 
 def device_supports_bf16() -> bool:
