@@ -1,8 +1,9 @@
 """`sftlab align` (DPO) vs TRL's DPOTrainer run directly, side by side: same model, pairs and settings.
 
-    python bench/align_vs_trl.py                    # embedded SmolLM2-135M-Instruct, 12 steps, 3 repeats
+    python bench/align_vs_trl.py                    # embedded model, 12 steps, 3 repeats
     python bench/align_vs_trl.py --model PATH --steps 3 --repeats 1   # smoke run (e.g. a tiny model folder)
 
+The default model is the embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised).
 Pairs come from the demo dataset: the reference answer is chosen, another example's answer of the
 same task is rejected. Both sides train LoRA (r=16, all linear layers) with the reference = the
 model with the adapter disabled, the same learning rate, batch, steps, precision (bf16 where the

@@ -1,7 +1,7 @@
 """Batched generation (sftlab.evaluation.generate) vs plain HF `generate` one prompt at a time.
 
-Same model (the embedded SmolLM2-135M-Instruct), same prompts, same greedy decoding and
-stop tokens, same run. Prints both throughputs (generated tokens/s) and their ratio; the
+Same model (the embedded SmolLM2-135M-Instruct: Q4_1 GGUF, dequantised), same prompts, same
+greedy decoding and stop tokens, same run. Prints both throughputs (generated tokens/s) and their ratio; the
 goal is >= 4x. Also reports how many answers are identical (left padding can flip a
 near-tied greedy choice in a real model, so equality is reported, not assumed).
 

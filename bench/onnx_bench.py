@@ -1,4 +1,5 @@
-"""ONNX (onnxruntime-genai, fp32 and int4) vs PyTorch generation speed on SmolLM2-135M-Instruct.
+"""ONNX (onnxruntime-genai, fp32 and int4) vs PyTorch generation speed on
+SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised).
 
     python bench/onnx_bench.py [--new-tokens 64] [--out bench/.cache/onnx]
 
@@ -90,8 +91,8 @@ def main() -> None:
         set_onnx_threads(out, args.threads)
         rows.append((f"ONNX {precision} (onnxruntime-genai)", onnx_speed(out, args.new_tokens)))
     base = rows[0][1]
-    print(f"\nSmolLM2-135M-Instruct, greedy, batch 1, {args.new_tokens} new tokens, median of {len(PROMPTS)} prompts, "
-          f"{args.threads} thread(s)")
+    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), greedy, batch 1, {args.new_tokens} new tokens, "
+          f"median of {len(PROMPTS)} prompts, {args.threads} thread(s)")
     print(f"{'engine':40s} {'tokens/s':>9s} {'vs PyTorch':>10s}")
     for name, rate in rows:
         print(f"{name:40s} {rate:9.1f} {rate / base:9.2f}x")

