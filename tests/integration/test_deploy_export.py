@@ -181,38 +181,55 @@ def test_onnx_export_with_a_corrupted_weight_fails_and_exits_non_zero(tmp_path, 
     assert report["ok"] is False and report["max_abs_diff"] > 1e-3
 
 
-@pytest.fixture(scope="module")
-def smollm2_int4(tmp_path_factory):
-    """SmolLM2-135M-Instruct (the embedded model) exported to int4: bounds on a random model
-    would mean nothing (its near-uniform predictions change top-1 at every quantisation)."""
+@pytest.fixture(scope="module", params=["fp16", "int4"])
+def smollm2_lossy(request, tmp_path_factory):
+    """SmolLM2-135M-Instruct (the embedded model) exported at a lossy precision: bounds on a random
+    model would mean nothing (its near-uniform predictions change top-1 at every rounding)."""
     from sftlab.export.onnx import export_onnx
     from sftlab.models import embedded_model_dir
 
     src = embedded_model_dir()
-    out = tmp_path_factory.mktemp("int4") / "model"
-    return src, out, export_onnx(str(src), out, precision="int4")
+    out = tmp_path_factory.mktemp(request.param) / "model"
+    return request.param, src, out, export_onnx(str(src), out, precision=request.param)
+
+
+# Per precision: the checks it must report, and the one a planted fault must push out of bounds
+# (with its key in BOUNDS).
+LOSSY_CHECKS = {
+    "fp16": ({"logits vs PyTorch, max abs diff", "top-1 agreement with PyTorch"},
+             ("logits vs PyTorch, max abs diff", "logits")),
+    "int4": ({"NLL increase", "top-1 agreement with PyTorch"}, ("NLL increase", "nll")),
+}
+
+
+def _by_name(result) -> dict:
+    return {c.name.split(" (")[0].split(" on ")[0]: c for c in result.all_checks()}
 
 
 @pytest.mark.slow
-def test_onnx_int4_on_smollm2_meets_its_bounds_and_a_corrupted_weight_does_not(smollm2_int4, tmp_path):
+def test_onnx_lossy_export_on_smollm2_meets_its_bounds_and_a_corrupted_weight_does_not(smollm2_lossy, tmp_path):
     import shutil
 
     from sftlab.export.onnx import BOUNDS, verify
 
-    src, out, result = smollm2_int4
-    checks = {c.name.split(" (")[0].split(" on ")[0]: c for c in result.all_checks()}
-    assert set(checks) == {"NLL increase", "top-1 agreement with PyTorch"}, checks
-    assert result.ok, result.lines()
-    assert 0 < checks["NLL increase"].value <= BOUNDS["int4"]["nll"]  # int4 costs something, within the bound
-    assert json.loads((out / "sftlab_export.json").read_text())["verification"]["ok"]
+    precision, src, out, result = smollm2_lossy
+    names, (planted, bound) = LOSSY_CHECKS[precision]
+    checks = _by_name(result)
+    generation = checks.pop("onnxruntime-genai generation ran", None)
+    assert set(checks) == names and all(c.ok for c in checks.values()), result.lines()
+    assert 0 < checks[planted].value <= BOUNDS[precision][bound]  # the precision costs something, within the bound
+    # On CPU, onnxruntime-genai 0.18 cannot decode with the fp16 graph (docs/deploy.md): that check
+    # fails and with it the export; every other check must pass.
+    assert result.ok == (generation is None or generation.ok), result.lines()
+    assert json.loads((out / "sftlab_export.json").read_text())["verification"]["ok"] == result.ok
 
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
     corrupt_onnx_weight(bad, "model.layers.10.post_attention_layernorm.weight", -1.0)  # one sign flip
-    failed = verify(src, bad, "int4")
-    assert not failed.ok
-    figures = {c.name.split(" (")[0].split(" on ")[0]: c for c in failed.all_checks()}
-    assert not figures["NLL increase"].ok and figures["NLL increase"].value > checks["NLL increase"].value
+    failed = verify(src, bad, precision)
+    assert not failed.ok, failed.lines()
+    figures = _by_name(failed)
+    assert not figures[planted].ok and figures[planted].value > checks[planted].value
 
 
 def _triton_python_ok() -> str | None:

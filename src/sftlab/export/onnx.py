@@ -6,8 +6,9 @@ Every export verifies itself against the PyTorch model, with bounds that can fai
 fp32 and fp16 on the logits of chat prompts and a fixed text (max abs diff), fp32 also on
 identical greedy generations, fp16 on the top-1 agreement; int4, where logits are expected
 to move, on the NLL increase over a fixed English text and the top-1 (teacher-forced greedy)
-agreement. The int4 and fp16 bounds were set on SmolLM2-135M-Instruct, a real trained model
-(tests/integration/test_export_bounds.py): on a random model, near-uniform predictions make
+agreement. The int4 and fp16 bounds were set on SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised),
+a real trained model, and are tested there, each also against a planted corrupted weight
+(tests/integration/test_deploy_export.py): on a random model, near-uniform predictions make
 top-1 agreement meaningless.
 """
 
@@ -30,8 +31,9 @@ from sftlab.export.verify import (FIXED_TEXT, Check, VerifyResult, mean_nll, pro
 PRECISIONS = ("fp32", "fp16", "int4")
 # logits: max abs diff (prompts + fixed text); top1: share of positions with the same argmax;
 # nll: mean NLL increase on FIXED_TEXT (nats per token).
-# Measured on SmolLM2-135M-Instruct (CPU): fp16 max abs diff 0.21, top-1 0.996; int4 NLL
-# +0.16 (2.94 -> 3.10), top-1 0.59; int4 with one layer norm's sign flipped: NLL +1.02, top-1 0.43.
+# Measured on SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised; CPU): fp16 max abs diff 0.21,
+# top-1 0.996; int4 NLL +0.16 (2.94 -> 3.10), top-1 0.59; int4 with one layer norm's sign
+# flipped: NLL +1.02, top-1 0.43.
 BOUNDS = {
     "fp32": {"logits": 1e-3},
     "fp16": {"logits": 1.0, "top1": 0.98},
