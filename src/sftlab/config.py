@@ -146,7 +146,8 @@ def training_argument_names(default_type: type | None = None) -> set[str]:
 
 
 class DistributedConfig(Section):
-    """How several processes train together (see docs/scaling.md). One process ignores it.
+    """How several processes train together (see docs/scaling.md). With one process, ddp is plain
+    single-process training, while deepspeed and fsdp still run, as a world of one.
 
     Shorthand: `distributed: zero3` (or ddp, zero2, zero2_offload, zero3_offload, fsdp, or a
     path to a DeepSpeed .json / FSDP .yaml file; a .json names DeepSpeed, set engine: fsdp with
