@@ -139,6 +139,11 @@ def test_a_shipped_deepspeed_config_by_name_or_path_wherever_one_is_accepted(key
         distributed.engine_settings(cfg(f"{key}=zero9.json"))
 
 
+def test_training_fsdp_config_by_name_is_the_shipped_one():
+    got = distributed.engine_settings(cfg("training.fsdp=full_shard", "training.fsdp_config=fsdp"))
+    assert got == {"fsdp": "full_shard", "fsdp_config": distributed.fsdp_config("fsdp")}
+
+
 def test_zero3_without_the_gather_flag_gets_it_and_false_is_refused_at_start(tmp_path):
     ds = json.loads(Path(ZERO3_FILE).read_text())
     del ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
