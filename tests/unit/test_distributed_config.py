@@ -173,6 +173,21 @@ def test_fp16_without_a_gpu_is_refused_at_start_not_trained_in_fp32():
     preflight(cfg("training.fp16=false"))
 
 
+def test_align_refuses_fp16_without_a_gpu_before_writing_anything(tmp_path):
+    import torch
+
+    from sftlab.config import AlignConfig
+    from sftlab.train.align import align
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 runs on a CUDA GPU")
+    config = load_config(None, ["data.train=x.jsonl", "training.fp16=true", f"output_dir={tmp_path / 'run'}"],
+                         cls=AlignConfig)
+    with pytest.raises(SftlabError, match="fp16 mixed precision needs a CUDA GPU"):
+        align(config)
+    assert not (tmp_path / "run").exists()
+
+
 def test_ddp_needs_no_arguments_and_launcher_command():
     assert distributed.engine_arguments(cfg("distributed=ddp")) == {}
     cmd = distributed.torchrun_command(2, ["train", "c.yaml", "a=1"])
