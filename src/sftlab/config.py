@@ -56,6 +56,21 @@ class DataConfig(Section):
     curate: CurateOptions | None = Field(None, description="Curate the training data before rendering (dedup, filters, ...; see `sftlab data curate`).")
 
 
+# TrainingArguments fields that sftlab sets itself, and where to say what they would say.
+SET_BY_SFTLAB = {
+    "output_dir": "the top-level output_dir (checkpoints go to OUTPUT_DIR/checkpoints)",
+    "remove_unused_columns": "nothing: sftlab's collator needs every column it is given",
+    "use_cpu": "nothing: sftlab uses the GPU when there is one; hide it with CUDA_VISIBLE_DEVICES=''",
+    "data_seed": "training.seed (it seeds the data order too)",
+    "save_strategy": "training.save_steps",
+    "logging_first_step": "nothing: the first step is always logged",
+    "prediction_loss_only": "nothing: evaluation computes the loss only",
+    "metric_for_best_model": "nothing: the best checkpoint is the one with the lowest eval_loss",
+    "greater_is_better": "nothing: the best checkpoint is the one with the lowest eval_loss",
+    "accelerator_config": "distributed: (sftlab configures accelerate for the engine)",
+}
+
+
 class TrainingConfig(Section):
     """transformers.TrainingArguments by the same names: the fields below are typed and checked
     here; any other TrainingArguments field passes through as given (checked by name against
@@ -94,12 +109,22 @@ class TrainingConfig(Section):
         if extra:
             known = training_argument_names()
             for key in extra:
+                if key in SET_BY_SFTLAB:
+                    raise PydanticCustomError("set_by_sftlab", "set by sftlab", {"key": key, "instead": SET_BY_SFTLAB[key]})
                 if key not in known:
                     close = difflib.get_close_matches(key, [*type(self).model_fields, *known], n=1, cutoff=0.6)
                     raise PydanticCustomError("unknown_training_argument", "unknown key", {"key": key, "hint": close[0] if close else ""})
         if self.fp16 and self.bf16 is True:
             raise ValueError("fp16 and bf16 are both on: choose one mixed precision")
+        if "warmup_steps" in extra and self.warmup_ratio != type(self).model_fields["warmup_ratio"].default:
+            raise ValueError("warmup_steps and warmup_ratio are both given: choose one")
         return self
+
+    @property
+    def scheduled_warmup_ratio(self) -> float | None:
+        """The warm-up as a ratio of the run's steps, or None when `warmup_steps` gives it in steps
+        (an explicit warmup_steps wins over warmup_ratio's default)."""
+        return None if "warmup_steps" in (self.model_extra or {}) else self.warmup_ratio
 
     def passthrough(self) -> dict[str, Any]:
         """The TrainingArguments fields given by their HF names beyond the typed ones above.
@@ -121,7 +146,8 @@ def training_argument_names(default_type: type | None = None) -> set[str]:
 
 
 class DistributedConfig(Section):
-    """How several processes train together (see docs/scaling.md). One process ignores it.
+    """How several processes train together (see docs/scaling.md). With one process, ddp is plain
+    single-process training, while deepspeed and fsdp still run, as a world of one.
 
     Shorthand: `distributed: zero3` (or ddp, zero2, zero2_offload, zero3_offload, fsdp, or a
     path to a DeepSpeed .json / FSDP .yaml file; a .json names DeepSpeed, set engine: fsdp with
@@ -288,6 +314,8 @@ def _explain(err: ValidationError, model: type[BaseModel], origin: str) -> str:
             ctx = e["ctx"]
             hint = f"; did you mean '{where}.{ctx['hint']}'?" if ctx["hint"] else " (not a TrainingArguments field either)"
             lines.append(f"unknown key '{where}.{ctx['key']}'{hint}")
+        elif e["type"] == "set_by_sftlab":
+            lines.append(f"'{where}.{e['ctx']['key']}' is set by sftlab; use {e['ctx']['instead']}")
         elif e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(loc[-1]), _field_names(model, loc), n=1, cutoff=0.5)
             hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""

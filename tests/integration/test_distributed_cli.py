@@ -13,18 +13,9 @@ import pytest
 import torch
 import yaml
 
-from test_distributed_engines import env, probe_batch, write_data
+from test_distributed_engines import env, lora_logits, probe_batch, write_data
 
 pytestmark = pytest.mark.slow
-
-
-def lora_logits(base_dir: Path, adapter: Path, batch: dict) -> torch.Tensor:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter)
-    with torch.no_grad():
-        return model(**batch, use_cache=False).logits
 
 
 @pytest.fixture(scope="module")

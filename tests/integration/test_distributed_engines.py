@@ -68,17 +68,37 @@ def env(cache: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model_dir):
-    """One process, batch 2: the run every engine must reproduce with 2 processes x batch 1."""
+def engines_root(tmp_path_factory, tiny_model_dir) -> Path:
     root = tmp_path_factory.mktemp("engines")
     data = write_data(root / "train.jsonl")
-    config = base_config(tiny_model_dir, data)
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    out = root / "reference"
+    (root / "config.yaml").write_text(yaml.safe_dump(base_config(tiny_model_dir, data)))
+    return root
+
+
+def one_process(root: Path, name: str, *overrides: str) -> Path:
+    """One process, batch 2: the run every engine must reproduce with 2 processes x batch 1."""
+    out = root / name
     subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(root / "config.yaml"),
-                    "training.per_device_train_batch_size=2", f"output_dir={out}"],
+                    "training.per_device_train_batch_size=2", *overrides, f"output_dir={out}"],
                    check=True, env=env(root / "cache"), timeout=600, capture_output=True)
-    return root, out
+    return out
+
+
+def two_processes(root: Path, out: Path, report: Path, *overrides: str) -> list[dict]:
+    """distributed_run.py under torchrun (train, then resume): each rank's report."""
+    report.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+         str(root / "config.yaml"), str(report), *overrides, f"output_dir={out}"],
+        env=env(root / "cache"), timeout=900, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def reference(engines_root):
+    return engines_root, one_process(engines_root, "reference")
 
 
 def metrics_losses(run: Path) -> list[float]:
@@ -95,6 +115,15 @@ def logits_and_loss(model_dir: Path, batch: dict):
     return out.logits, out.loss
 
 
+def lora_logits(base_dir: Path, adapter: Path, batch: dict) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter)
+    with torch.no_grad():
+        return model(**batch, use_cache=False).logits
+
+
 def probe_batch(root: Path, tiny_model_dir: Path) -> dict:
     from transformers import AutoTokenizer
 
@@ -108,14 +137,7 @@ def probe_batch(root: Path, tiny_model_dir: Path) -> dict:
 def test_two_processes_equal_one_process(engine, reference, tiny_model_dir, tmp_path):
     root, ref = reference
     out, report = tmp_path / "run", tmp_path / "report"
-    report.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-         str(root / "config.yaml"), str(report), f"distributed={engine}", f"output_dir={out}"],
-        env=env(root / "cache"), timeout=900, capture_output=True, text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = two_processes(root, out, report, f"distributed={engine}")
     label, sharded = ENGINES[engine]
     ref_info = json.loads((ref / "run.json").read_text())
 
@@ -151,3 +173,30 @@ def test_two_processes_equal_one_process(engine, reference, tiny_model_dir, tmp_
     # resumed from the step-2 checkpoint: the same final weights as the uninterrupted run
     resumed, _ = logits_and_loss(out / "model", batch)
     torch.testing.assert_close(resumed, logits, rtol=0, atol=1e-5)
+
+
+LORA = ("method=lora", "lora.r=8", "lora.alpha=16", "lora.dropout=0", "training.learning_rate=1e-2")
+
+
+@pytest.fixture(scope="module")
+def lora_reference(engines_root):
+    return one_process(engines_root, "lora_reference", *LORA)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_lora_two_processes_equal_one_process_and_resume(engine, engines_root, lora_reference, tiny_model_dir, tmp_path):
+    """LoRA on the default packed path under the engines that keep full weights (ZeRO-3 and
+    FSDP2 LoRA: test_distributed_cli.py); the adapter resumes from its step-2 checkpoint."""
+    root, ref = engines_root, lora_reference
+    out, report = tmp_path / "run", tmp_path / "report"
+    ranks = two_processes(root, out, report, *LORA, f"distributed={engine}")
+    assert all(r["engine"] == f"{ENGINES[engine][0]} x 2 processes" for r in ranks)
+    assert metrics_losses(out)[:4] == pytest.approx(metrics_losses(ref)[:4], abs=1e-4)
+    batch = probe_batch(root, tiny_model_dir)
+    expected = lora_logits(tiny_model_dir, ref / "adapter", batch)
+    base_logits, _ = logits_and_loss(tiny_model_dir, batch)
+    assert (expected - base_logits).abs().max() > 1e-3  # the adapter does something
+    first = lora_logits(tiny_model_dir, report / "first_model", batch)
+    torch.testing.assert_close(first, expected, rtol=0, atol=1e-4)
+    # resumed from the step-2 checkpoint: the same adapter as the uninterrupted run
+    torch.testing.assert_close(lora_logits(tiny_model_dir, out / "adapter", batch), first, rtol=0, atol=1e-5)

@@ -66,3 +66,24 @@ def test_out_of_memory_is_recognised_on_cpu_and_gpu_and_nothing_else():
     assert is_out_of_memory(cpu.value)
     assert is_out_of_memory(MemoryError()) and is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(ValueError("out of memory"))
+
+
+def test_resume_refuses_another_process_count_or_engine(tmp_path, monkeypatch):
+    from sftlab.config import load_config
+    from sftlab.train.run_dir import checkpoint_state
+
+    def state(world: int, engine: str) -> dict:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        return checkpoint_state(load_config(None, ["data.train=x.jsonl", f"distributed={engine}"]), {"train": "abc"})
+
+    saved = state(2, "zero2")
+    assert (saved["engine"], saved["processes"]) == ("deepspeed", 2)
+    folder = tmp_path / "checkpoints" / "checkpoint-2"
+    folder.mkdir(parents=True)
+    (folder / CHECKPOINT_STATE).write_text(json.dumps({**saved, "global_step": 2, "trained_tokens_seen": 1}))
+    assert resume_checkpoint(tmp_path, state(2, "zero2"))[0] == folder
+    with pytest.raises(SftlabError, match=r"^--resume: checkpoint-2 was saved by deepspeed x 2 processes, this run has "
+                                          r"deepspeed x 1 process: resume with the same engine and --nproc 2$"):
+        resume_checkpoint(tmp_path, state(1, "zero2"))
+    with pytest.raises(SftlabError, match="this run has fsdp x 2 processes"):
+        resume_checkpoint(tmp_path, state(2, "fsdp"))

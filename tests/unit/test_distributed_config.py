@@ -38,6 +38,19 @@ def test_unknown_training_key_names_the_closest_field():
         cfg("training.xyzzy=1")
 
 
+@pytest.mark.parametrize("key,value,instead", [
+    ("output_dir", "elsewhere", "the top-level output_dir"),
+    ("remove_unused_columns", "true", "sftlab's collator needs every column"),
+    ("use_cpu", "true", "CUDA_VISIBLE_DEVICES"),
+    ("data_seed", "3", "training.seed"),
+    ("save_strategy", "epoch", "training.save_steps"),
+])
+def test_training_keys_sftlab_sets_itself_are_refused_with_where_instead(key, value, instead):
+    with pytest.raises(SftlabError, match=rf"^overrides: 'training.{key}' is set by sftlab; use .*{instead}") as e:
+        cfg(f"training.{key}={value}")
+    assert "\n" not in str(e.value)
+
+
 def test_a_value_training_arguments_refuses_is_one_line(tmp_path):
     with pytest.raises(SftlabError, match=r"^training: .*sometimes") as e:
         _training_args(cfg("training.eval_strategy=sometimes"), tmp_path, has_eval=False, use_bf16=False)
@@ -96,10 +109,83 @@ def test_engine_file_errors(tmp_path):
         distributed.fsdp_config(str(v1))
 
 
-@pytest.mark.parametrize("engine", ["zero3", "zero3_offload", "fsdp"])
+ZERO3_FILE = str(REPO / "configs" / "zero3.json")
+
+
+@pytest.mark.parametrize("engine", ["distributed=zero3", "distributed=zero3_offload", "distributed=fsdp",
+                                    f"distributed={ZERO3_FILE}", "training.deepspeed=zero3",
+                                    f"training.deepspeed={ZERO3_FILE}", "training.fsdp=full_shard"])
 def test_qlora_under_sharding_engines_fails_at_start(engine):
     with pytest.raises(SftlabError, match="qlora cannot run under"):
-        distributed.engine_arguments(cfg("method=qlora", f"distributed={engine}"))
+        distributed.engine_settings(cfg("method=qlora", engine))
+    distributed.engine_settings(cfg("method=lora", engine))
+
+
+def test_qlora_under_zero3_is_refused_before_any_process_starts(monkeypatch, capsys):
+    from sftlab.cli import main
+
+    monkeypatch.setattr(distributed, "launch", lambda *a: pytest.fail("torchrun was started"))
+    assert main(["train", "-", "data.train=x.jsonl", "method=qlora", f"training.deepspeed={ZERO3_FILE}",
+                 "--nproc", "2"]) == 1
+    assert "error: method qlora cannot run under ZeRO-3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["distributed", "training.deepspeed"])
+def test_a_shipped_deepspeed_config_by_name_or_path_wherever_one_is_accepted(key):
+    by_name = distributed.engine_settings(cfg(f"{key}=zero3"))
+    assert by_name == {"deepspeed": distributed.deepspeed_config("zero3")}
+    assert distributed.engine_settings(cfg(f"{key}={ZERO3_FILE}")) == by_name
+    with pytest.raises(SftlabError, match=rf"^{key}(\.deepspeed)?: file not found: zero9.json"):
+        distributed.engine_settings(cfg(f"{key}=zero9.json"))
+
+
+def test_training_fsdp_config_by_name_is_the_shipped_one():
+    got = distributed.engine_settings(cfg("training.fsdp=full_shard", "training.fsdp_config=fsdp"))
+    assert got == {"fsdp": "full_shard", "fsdp_config": distributed.fsdp_config("fsdp")}
+
+
+def test_zero3_without_the_gather_flag_gets_it_and_false_is_refused_at_start(tmp_path):
+    ds = json.loads(Path(ZERO3_FILE).read_text())
+    del ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    user = tmp_path / "my_zero3.json"
+    user.write_text(json.dumps(ds))
+    for engine in (f"distributed={user}", f"training.deepspeed={user}"):
+        got = distributed.engine_settings(cfg(engine))["deepspeed"]["zero_optimization"]
+        assert got["stage3_gather_16bit_weights_on_model_save"] is True
+    ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    user.write_text(json.dumps(ds))
+    with pytest.raises(SftlabError, match=r"my_zero3.json\): zero_optimization.stage3_gather_16bit_weights_on_model_save "
+                                          r"is False: set it to true"):
+        distributed.engine_settings(cfg(f"training.deepspeed={user}"))
+    zero2 = distributed.engine_settings(cfg("distributed=zero2"))["deepspeed"]["zero_optimization"]
+    assert "stage3_gather_16bit_weights_on_model_save" not in zero2  # only ZeRO-3 gathers
+
+
+def test_fp16_without_a_gpu_is_refused_at_start_not_trained_in_fp32():
+    import torch
+
+    from sftlab.train.trainer import preflight
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 runs on a CUDA GPU")
+    with pytest.raises(SftlabError, match=r"^training.fp16: fp16 mixed precision needs a CUDA GPU"):
+        preflight(cfg("training.fp16=true"))
+    preflight(cfg("training.fp16=false"))
+
+
+def test_align_refuses_fp16_without_a_gpu_before_writing_anything(tmp_path):
+    import torch
+
+    from sftlab.config import AlignConfig
+    from sftlab.train.align import align
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 runs on a CUDA GPU")
+    config = load_config(None, ["data.train=x.jsonl", "training.fp16=true", f"output_dir={tmp_path / 'run'}"],
+                         cls=AlignConfig)
+    with pytest.raises(SftlabError, match="fp16 mixed precision needs a CUDA GPU"):
+        align(config)
+    assert not (tmp_path / "run").exists()
 
 
 def test_ddp_needs_no_arguments_and_launcher_command():

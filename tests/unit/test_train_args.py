@@ -39,7 +39,7 @@ def lr_schedule(tmp_path, steps, *overrides):
     cfg = load_config(None, ["data.train=x.jsonl", "training.learning_rate=1.0", f"training.max_steps={steps}",
                              *overrides])
     trainer = SFTTrainer(model=torch.nn.Linear(2, 2), args=_training_args(cfg, tmp_path, False, False),
-                         warmup_ratio=cfg.training.warmup_ratio)
+                         warmup_ratio=cfg.training.scheduled_warmup_ratio)
     trainer.create_optimizer_and_scheduler(num_training_steps=steps)
     lrs = []
     for _ in range(steps):
@@ -59,6 +59,18 @@ def test_warmup_ratio_is_a_ratio_of_the_steps_even_at_one(tmp_path):
     assert lr_schedule(tmp_path, 8, "training.warmup_ratio=0.25", "training.lr_scheduler_type=linear") == \
         pytest.approx([0, 0.5, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
     assert lr_schedule(tmp_path, 4, "training.warmup_ratio=0", "training.lr_scheduler_type=constant") == [1.0] * 4
+
+
+def test_explicit_warmup_steps_win_over_the_default_warmup_ratio(tmp_path):
+    import pytest
+
+    from sftlab.errors import SftlabError
+
+    # 4 warm-up steps of 8 (the default warmup_ratio 0.05 would give 1), then linear decay over 4
+    assert lr_schedule(tmp_path, 8, "training.warmup_steps=4", "training.lr_scheduler_type=linear") == \
+        pytest.approx([0, 0.25, 0.5, 0.75, 1, 0.75, 0.5, 0.25])
+    with pytest.raises(SftlabError, match="warmup_steps and warmup_ratio are both given: choose one"):
+        load_config(None, ["data.train=x.jsonl", "training.warmup_steps=4", "training.warmup_ratio=0.1"])
 
 
 def test_lora_and_dora_load_a_bf16_base_full_finetuning_fp32():

@@ -160,8 +160,9 @@ def align(config: AlignConfig, log=print) -> dict:
     from sftlab.train.callbacks import MetricsJsonlCallback
     from sftlab.train.preference import load_preferences
     from sftlab.train.run_dir import model_card, write_run_json
-    from sftlab.train.trainer import base_weights_dtype, device_supports_bf16
+    from sftlab.train.trainer import base_weights_dtype, device_supports_bf16, preflight
 
+    preflight(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.yaml", config.to_yaml())

@@ -1,8 +1,9 @@
 """Several processes through the existing engines: DDP, DeepSpeed ZeRO-2/3, FSDP2.
 
-- `engine_arguments(config)`: the config's `distributed:` section as TrainingArguments keywords
-  (`deepspeed=` a ZeRO JSON, or `fsdp=True, fsdp_config=`); the Trainer and accelerate do the
-  sharding, sftlab adds none of its own.
+- `engine_arguments(config)`: the config's `distributed:` section (or `training.deepspeed` /
+  `training.fsdp_config`) as TrainingArguments keywords (`deepspeed=` a ZeRO JSON, or
+  `fsdp=True, fsdp_config=`), checked before anything starts (`engine_settings`); the Trainer
+  and accelerate do the sharding, sftlab adds none of its own.
 - `launch(nproc, argv)`: `sftlab train --nproc N` starts the same command under torchrun.
   Whatever the launcher (torchrun, accelerate launch, deepspeed, a scheduler), the processes
   find each other through the usual variables: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT.
@@ -90,31 +91,53 @@ def engine_name(dist_config, passthrough: dict) -> str:
     return dist_config.engine
 
 
-def _engine_file(value: str, names: tuple[str, ...], kind: str, suffixes: tuple[str, ...]) -> Path:
+def _engine_file(value: str, names: tuple[str, ...], key: str, suffixes: tuple[str, ...]) -> Path:
     if value in names:
         return ENGINE_DIR / f"{value}{suffixes[0]}"
     path = Path(value).expanduser()
     if path.suffix not in suffixes:
-        raise SftlabError(f"distributed.{kind}: '{value}' is not one of {', '.join(names)} nor a {'/'.join(suffixes)} file")
+        raise SftlabError(f"{key}: '{value}' is not one of {', '.join(names)} nor a {'/'.join(suffixes)} file")
     if not path.is_file():
-        raise SftlabError(f"distributed.{kind}: file not found: {path}")
+        raise SftlabError(f"{key}: file not found: {path}")
     return path
 
 
-def deepspeed_config(value: str) -> dict:
+def deepspeed_config(value: str, key: str = "distributed.deepspeed") -> dict:
     """A ZeRO config by name (configs/zero3.json, ...) or path, as a dict."""
-    path = _engine_file(value, DEEPSPEED_CONFIGS, "deepspeed", (".json",))
+    path = _engine_file(value, DEEPSPEED_CONFIGS, key, (".json",))
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise SftlabError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise SftlabError(f"{path}: a DeepSpeed config must be a JSON object")
+    return data
 
 
-def fsdp_config(value: str) -> dict:
+def with_zero3_final_save(ds: dict, origin: str) -> dict:
+    """A ZeRO-3 config that gathers the weights for the final save.
+
+    accelerate gathers a ZeRO-3 model only with `stage3_gather_16bit_weights_on_model_save`;
+    without it the final save fails after the whole training. Unset, it is turned on here
+    (the weights gathered are the engine's working copy: 16-bit under bf16/fp16); set to
+    anything but true, the run is refused before it starts."""
+    zero = ds.get("zero_optimization") or {}
+    if zero.get("stage") != 3:
+        return ds
+    flag = zero.get("stage3_gather_16bit_weights_on_model_save")
+    if flag is None:
+        return {**ds, "zero_optimization": {**zero, "stage3_gather_16bit_weights_on_model_save": True}}
+    if flag is not True:
+        raise SftlabError(f"{origin}: zero_optimization.stage3_gather_16bit_weights_on_model_save is {flag!r}: "
+                          "set it to true (or leave it out); the final model is gathered from the shards with it")
+    return ds
+
+
+def fsdp_config(value: str, key: str = "distributed.fsdp") -> dict:
     """An fsdp_config by name ('fsdp' = configs/fsdp.json) or path (.json/.yaml), as a dict."""
     import yaml
 
-    path = _engine_file(value, ("fsdp",), "fsdp", (".json", ".yaml", ".yml"))
+    path = _engine_file(value, ("fsdp",), key, (".json", ".yaml", ".yml"))
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
@@ -138,11 +161,12 @@ def _single_process_rendezvous() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def engine_arguments(config) -> dict[str, Any]:
-    """TrainingArguments keywords for the config's engine (none for DDP: the Trainer wraps the
-    model in DistributedDataParallel whenever WORLD_SIZE > 1)."""
-    import torch
-
+def engine_settings(config) -> dict[str, Any]:
+    """TrainingArguments keywords for the config's engine, checked, with nothing started yet
+    (`sftlab train` calls it before launching processes): none for DDP (the Trainer wraps the
+    model in DistributedDataParallel whenever WORLD_SIZE > 1); `deepspeed=` the ZeRO config as
+    a dict and `fsdp_config=` the FSDP one, from the `distributed:` section or from
+    `training.deepspeed` / `training.fsdp_config` (a dict, a file, or a shipped config's name)."""
     passthrough = config.training.passthrough()
     engine = engine_name(config.distributed, passthrough)
     if engine == "ddp":
@@ -152,19 +176,42 @@ def engine_arguments(config) -> dict[str, Any]:
             import deepspeed  # noqa: F401
         except ImportError:
             raise SftlabError("distributed: deepspeed needs DeepSpeed: pip install 'sftlab[scale]'") from None
-        ds = passthrough.get("deepspeed") or deepspeed_config(config.distributed.deepspeed)
-        sharded = isinstance(ds, dict) and ds.get("zero_optimization", {}).get("stage") == 3
+        given = passthrough.get("deepspeed")
+        if isinstance(given, dict):
+            ds, origin = given, "training.deepspeed"
+        elif given:
+            ds, origin = deepspeed_config(str(given), "training.deepspeed"), f"training.deepspeed ({given})"
+        else:
+            ds, origin = deepspeed_config(config.distributed.deepspeed), f"distributed.deepspeed ({config.distributed.deepspeed})"
+        ds = with_zero3_final_save(ds, origin)
+        sharded = ds.get("zero_optimization", {}).get("stage") == 3
         kwargs: dict[str, Any] = {"deepspeed": ds}
     else:
+        given = passthrough.get("fsdp_config")
+        if isinstance(given, dict):
+            fsdp = given
+        else:
+            fsdp = fsdp_config(str(given), "training.fsdp_config") if given else fsdp_config(config.distributed.fsdp)
         sharded = True
-        kwargs = {"fsdp": True, "fsdp_config": passthrough.get("fsdp_config") or fsdp_config(config.distributed.fsdp)}
+        kwargs = {"fsdp": passthrough.get("fsdp") or True, "fsdp_config": fsdp}
     if config.method == "qlora" and sharded:
         raise SftlabError(
             f"method qlora cannot run under {'ZeRO-3' if engine == 'deepspeed' else 'FSDP'} in sftlab: "
             "its 4-bit weights are not shardable here. Use method: lora, or QLoRA with distributed: zero2 or ddp"
         )
+    return kwargs
+
+
+def engine_arguments(config) -> dict[str, Any]:
+    """`engine_settings`, with what the engine needs in this process set up: a process group
+    of one for a single process, and accelerate's state for DeepSpeed on CPU."""
+    import torch
+
+    kwargs = engine_settings(config)
+    if not kwargs:
+        return kwargs
     _single_process_rendezvous()
-    if engine == "deepspeed" and not torch.cuda.is_available():
+    if "deepspeed" in kwargs and not torch.cuda.is_available():
         kwargs.update(_deepspeed_on_cpu())
     return kwargs
 

@@ -150,6 +150,7 @@ def resume_checkpoint(run_dir: Path, state: dict) -> tuple[Path | None, dict]:
         raise SftlabError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} holds {CHECKPOINT_STATE} (they were "
                           "not written by this sftlab): cannot check that config and data match")
     saved = json.loads((last / CHECKPOINT_STATE).read_text(encoding="utf-8"))
+    _refuse_other_world(last, saved, state)
     old, new = _flatten(saved["config"]), _flatten(state["config"])
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS)
     if changed:
@@ -163,9 +164,29 @@ def resume_checkpoint(run_dir: Path, state: dict) -> tuple[Path | None, dict]:
     return last, saved
 
 
+def _refuse_other_world(last: Path, saved: dict, state: dict) -> None:
+    """A checkpoint resumes only with the engine and process count that saved it: DeepSpeed's and
+    FSDP's states are split per process, and under DDP the global batch and the position in the
+    data depend on the count. (Checkpoints from before the count was recorded are not checked.)"""
+    if "processes" not in saved:
+        return
+    then, now = (saved["engine"], saved["processes"]), (state["engine"], state["processes"])
+    if then != now:
+        raise SftlabError(f"--resume: {last.name} was saved by {_world(*then)}, this run has {_world(*now)}: "
+                          f"resume with the same engine and --nproc {then[1]}")
+
+
+def _world(engine: str, processes: int) -> str:
+    return f"{engine} x {processes} process{'es' if processes > 1 else ''}"
+
+
 def checkpoint_state(config, data_digests: dict[str, str]) -> dict:
-    """What each checkpoint records besides the weights (trained_tokens_seen is added when saving)."""
-    return {"config": config.model_dump(mode="json"), "data": data_digests}
+    """What each checkpoint records besides the weights (trained_tokens_seen is added when saving):
+    the config, the data digests, and the engine and process count it was trained with."""
+    from sftlab.train.distributed import engine_name, world_size
+
+    return {"config": config.model_dump(mode="json"), "data": data_digests,
+            "engine": engine_name(config.distributed, config.training.passthrough()), "processes": world_size()}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -310,6 +310,18 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
     return get_peft_model(model, peft_config)
 
 
+def preflight(config: TrainConfig) -> None:
+    """Refuse, before any data, model or process is touched, what would fail later or silently
+    train otherwise: fp16 without a CUDA GPU (accelerate would train in fp32 without loss
+    scaling, and say nothing) and the engine's settings (distributed.engine_settings)."""
+    from sftlab.train.distributed import engine_settings
+
+    if config.training.fp16 and not torch.cuda.is_available():
+        raise SftlabError("training.fp16: fp16 mixed precision needs a CUDA GPU (on CPU it would train in fp32 "
+                          "without loss scaling); on CPU use training.bf16 or neither")
+    engine_settings(config)
+
+
 def _training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: bool):
     from transformers import TrainingArguments
 
@@ -330,7 +342,8 @@ def _training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: boo
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
         lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=0,  # SFTTrainer(warmup_ratio=...) sets it once the number of steps is known
+        warmup_steps=0,  # SFTTrainer(warmup_ratio=...) sets it once the number of steps is known,
+        # unless training.warmup_steps (pass-through) gives it
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
@@ -356,8 +369,8 @@ def _training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: boo
         report_to=t.report_to or "none",
         disable_tqdm=False,
     )
-    kwargs.update(engine_arguments(config))
     kwargs.update(t.passthrough())  # TrainingArguments fields given by their HF names
+    kwargs.update(engine_arguments(config))  # training.deepspeed / fsdp_config resolved and checked
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError, ImportError) as e:  # a value TrainingArguments itself refuses
@@ -377,6 +390,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     from sftlab.train.run_dir import (checkpoint_state, discard_interrupted_saves, model_card, refuse_existing_run,
                                       resume_checkpoint, write_run_json)
 
+    preflight(config)
     main = distributed.is_main_process()
     log = log if main else (lambda *a, **k: None)  # one log: rank 0's
 
@@ -443,7 +457,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         data_collator=partial(collate, pad_token_id=pad_id, flatten=flatten, bucket=bucket, sources=True),
         processing_class=tokenizer,
         callbacks=callbacks,
-        warmup_ratio=config.training.warmup_ratio,
+        warmup_ratio=config.training.scheduled_warmup_ratio,
         checkpoint_state=state,
         nonfinite=nonfinite,
         oom_message=partial(out_of_memory_message, config),
