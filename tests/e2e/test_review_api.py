@@ -261,9 +261,11 @@ def test_suggestions_from_an_openai_compatible_endpoint(data):
         endpoint.should_exit = True
 
 
-def test_suggestions_from_a_local_model_and_from_sftlab_serve_agree(tmp_path, tiny_model_dir):
-    """The same tiny model, run locally and behind our own OpenAI-compatible server, gives the
-    same (greedy) suggestions."""
+def test_a_local_model_scores_and_labels_every_example_from_its_next_token_probabilities(tmp_path, tiny_model_dir):
+    """Even a random tiny model, whose free text never follows the reply format, gives every
+    example a score 1-5 (its most likely digit after "score: ") and one of the labels; and our own
+    `sftlab serve` works as the suggestion endpoint (its greedy reply is what gets parsed)."""
+    import torch
     import uvicorn
 
     from sftlab.data.review.session import ReviewSession
@@ -275,14 +277,24 @@ def test_suggestions_from_a_local_model_and_from_sftlab_serve_agree(tmp_path, ti
 
     data = tmp_path / "three.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:3]), encoding="utf-8")
-    local = ReviewSession(data)
+    labels = ["math", "geography", "small talk"]
+    local = ReviewSession(data, labels=labels)
     suggester = LocalSuggester(str(tiny_model_dir))
     run_suggestions(local, suggester, batch_size=2)
     assert local.suggest_status["state"] == "done"
-    expected = generate_batch(suggester.model, suggester.tokenizer,
-                              [suggestion_prompt(c, []) for c in local.convs], max_new_tokens=24, progress=False)
     got = [local.log.state(i).suggestion for i in local.ids]
-    assert [g["raw"] for g in got] == [e[:300] for e in expected] and all(g["by"] == str(tiny_model_dir) for g in got)
+    assert all(g["score"] in range(1, 6) and g["label"] in labels and g["by"] == str(tiny_model_dir) for g in got)
+    tok = suggester.tokenizer
+    digits = [tok.convert_tokens_to_ids(d) for d in "12345"]
+    for conv, g in zip(local.convs, got):  # the score is the most likely digit right after "score: "
+        text = tok.apply_chat_template(suggestion_prompt(conv, labels), add_generation_prompt=True, tokenize=False)
+        ids = tok(text + "score: ", add_special_tokens=False)["input_ids"]
+        assert tok(text + "score: 3", add_special_tokens=False)["input_ids"] == ids + [digits[2]]
+        with torch.no_grad():
+            logits = suggester.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        assert g["score"] == int(logits[digits].argmax()) + 1
+    expected = generate_batch(suggester.model, suggester.tokenizer,
+                              [suggestion_prompt(c, labels) for c in local.convs], max_new_tokens=24, progress=False)
 
     backend = load_backend(str(tiny_model_dir), "torch", max_batch_size=4, max_wait_ms=5)
     port = free_port()
@@ -292,10 +304,26 @@ def test_suggestions_from_a_local_model_and_from_sftlab_serve_agree(tmp_path, ti
     while not served.started:
         time.sleep(0.02)
     try:
-        remote = ReviewSession(data, review_dir=tmp_path / "remote.review")
+        remote = ReviewSession(data, review_dir=tmp_path / "remote.review", labels=labels)
         run_suggestions(remote, EndpointSuggester(f"http://127.0.0.1:{port}/v1", "tiny", api_key="k"))
         assert remote.suggest_status["state"] == "done", remote.suggest_status
-        assert [remote.log.state(i).suggestion["raw"].strip() for i in remote.ids] == [g["raw"] for g in got]
+        assert [remote.log.state(i).suggestion["raw"].strip() for i in remote.ids] == [e[:300] for e in expected]
     finally:
         served.should_exit = True
         backend.close()
+
+
+@pytest.mark.slow
+def test_the_embedded_default_model_gives_every_example_a_score_and_a_label(tmp_path):
+    """The embedded SmolLM2-135M (`--suggest default`): a usable suggestion for every example."""
+    from sftlab.data.review.session import ReviewSession
+    from sftlab.data.review.suggest import LocalSuggester, run_suggestions
+
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:2]), encoding="utf-8")
+    session = ReviewSession(data, labels=["math", "geography"])
+    run_suggestions(session, LocalSuggester("default"))
+    assert session.suggest_status["state"] == "done", session.suggest_status
+    for item_id in session.ids:
+        got = session.log.state(item_id).suggestion
+        assert got["score"] in range(1, 6) and got["label"] in ("math", "geography") and got["by"] == "default", got

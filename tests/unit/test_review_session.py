@@ -135,9 +135,9 @@ def test_suggestions_are_parsed_logged_and_resumed(data):
     assert "[user]\nWhat is 2+2?" in prompt and "math, geography" in prompt
     asked = []
 
-    def fake_model(prompts):
+    def fake_model(prompts, labels):
         asked.extend(prompts)
-        return ["score: 3\nlabel: math"] * len(prompts)
+        return [parse_suggestion("score: 3\nlabel: math", labels)] * len(prompts)
 
     run_suggestions(session, fake_model, batch_size=3)
     assert len(asked) == len(RECORDS) and session.suggest_status["state"] == "done"
@@ -147,7 +147,7 @@ def test_suggestions_are_parsed_logged_and_resumed(data):
     run_suggestions(ReviewSession(data, labels=["math"]), fake_model)  # a restarted session skips them
     assert len(asked) == len(RECORDS)
 
-    def broken(prompts):
+    def broken(prompts, labels):
         raise SftlabError("endpoint down")
 
     session.act(session.ids[0], {"action": "reset"})

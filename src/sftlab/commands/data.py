@@ -320,6 +320,7 @@ def review(
     labels: Optional[str] = typer.Option(None, "--labels", help="Label choices offered on the page (and to --suggest models), comma-separated."),
     suggest: Optional[str] = typer.Option(None, "--suggest", help="Local model that pre-scores/labels every example ('default': the embedded model)."),
     suggest_url: Optional[str] = typer.Option(None, "--suggest-url", help="OpenAI-compatible endpoint (base URL ending in /v1) that pre-scores every example."),
+    suggest_chat_template: Optional[str] = typer.Option(None, "--suggest-chat-template", help="Chat template (.jinja) for the --suggest model (--chat-template is --model's)."),
     suggest_model: Optional[str] = typer.Option(None, "--suggest-model", help="Model name sent to --suggest-url."),
     suggest_api_key: Optional[str] = typer.Option(None, "--suggest-api-key", envvar="SFTLAB_SUGGEST_API_KEY", help="API key for --suggest-url."),
     review_dir: Optional[Path] = typer.Option(None, "--review-dir", help="Folder of the review log (default: FILE.review/ beside FILE)."),
@@ -360,7 +361,7 @@ def review(
     app_ = create_app(session, api_key=api_key, allowed_hosts=LOOPBACK_HOSTS if host in LOOPBACK_HOSTS else None,
                       limits=GuardLimits(max_body_bytes, max_concurrent, body_timeout))
     if suggest or suggest_url:
-        suggester = (LocalSuggester(suggest, chat_template) if suggest
+        suggester = (LocalSuggester(suggest, suggest_chat_template) if suggest
                      else EndpointSuggester(suggest_url, suggest_model, suggest_api_key))
         start_suggestions(session, suggester)
     if session.log.skipped:
