@@ -220,14 +220,13 @@ def test_resume_after_a_killed_server_and_export(tmp_path, data):
     assert data.read_text() == "".join(json.dumps(r) + "\n" for r in RECORDS)
 
 
-def test_suggestions_from_an_openai_compatible_endpoint(data):
-    """A stand-in endpoint answers in the OpenAI shape; suggestions reach the page, not the decisions."""
+def _stub_endpoint(seen: list) -> tuple[str, object]:
+    """A stand-in OpenAI-compatible endpoint in a thread: it scores "Question number N" as
+    1 + N % 5 and labels it "Math". Returns its base URL (ending in /v1) and its server."""
     import uvicorn
 
-    from sftlab.data.review.suggest import EndpointSuggester, start_suggestions
     from sftlab.serve.triton_server import free_port
 
-    seen = []
     stub = FastAPI()
 
     @stub.post("/v1/chat/completions")
@@ -242,23 +241,83 @@ def test_suggestions_from_an_openai_compatible_endpoint(data):
     threading.Thread(target=endpoint.run, daemon=True).start()
     while not endpoint.started:
         time.sleep(0.02)
+    return f"http://127.0.0.1:{port}/v1", endpoint
+
+
+def _suggestions_done(client: httpx.Client, timeout: float = 60) -> dict:
+    deadline = time.time() + timeout
+    while client.get("/api/changes").json()["suggest"]["state"] in ("off", "running") and time.time() < deadline:
+        time.sleep(0.1)
+    return client.get("/api/changes").json()["suggest"]
+
+
+def _assert_stub_suggestions(client: httpx.Client) -> None:
+    for n, item_id in enumerate(client.get("/api/items").json()["ids"]):
+        got = client.get(f"/api/items/{item_id}").json()
+        assert got["suggestion"]["score"] == 1 + n % 5 and got["suggestion"]["label"] == "math"
+        assert got["status"] == "pending" and got["score"] is None
+
+
+def test_suggestions_from_an_openai_compatible_endpoint(data):
+    """A stand-in endpoint answers in the OpenAI shape; suggestions reach the page, not the decisions."""
+    from sftlab.data.review.suggest import EndpointSuggester, start_suggestions
+
+    seen = []
+    url, endpoint = _stub_endpoint(seen)
     srv = Server(data)
     try:
-        start_suggestions(srv.session, EndpointSuggester(f"http://127.0.0.1:{port}/v1", "tiny", api_key="s3"))
-        deadline = time.time() + 30
-        while srv.client.get("/api/changes").json()["suggest"]["state"] == "running" and time.time() < deadline:
-            time.sleep(0.1)
-        status = srv.client.get("/api/changes").json()["suggest"]
-        assert status == {"state": "done", "by": "tiny", "done": 12, "total": 12, "message": ""}
-        ids = srv.client.get("/api/items").json()["ids"]
-        for n, item_id in enumerate(ids):
-            got = srv.client.get(f"/api/items/{item_id}").json()
-            assert got["suggestion"]["score"] == 1 + n % 5 and got["suggestion"]["label"] == "math"
-            assert got["status"] == "pending" and got["score"] is None
+        start_suggestions(srv.session, EndpointSuggester(url, "tiny", api_key="s3"))
+        assert _suggestions_done(srv.client) == {"state": "done", "by": "tiny", "done": 12, "total": 12, "message": ""}
+        _assert_stub_suggestions(srv.client)
         assert seen[0][0] == "Bearer s3" and seen[0][1]["model"] == "tiny" and seen[0][1]["temperature"] == 0
     finally:
         srv.close()
         endpoint.should_exit = True
+
+
+def test_the_command_pre_scores_every_example_from_a_suggest_url(data):
+    """`sftlab data review FILE --suggest-url URL` as a user starts it: suggestions complete."""
+    from sftlab.serve.triton_server import free_port
+
+    seen = []
+    url, endpoint = _stub_endpoint(seen)
+    port = free_port()
+    proc = _cli(str(data), "--port", str(port), "--labels", "math", "--suggest-url", url, "--suggest-model", "stub",
+                "--suggest-api-key", "s3")
+    try:
+        client = _wait_up(proc, f"http://127.0.0.1:{port}")
+        assert _suggestions_done(client) == {"state": "done", "by": "stub", "done": 12, "total": 12, "message": ""}
+        _assert_stub_suggestions(client)
+        assert {auth for auth, _ in seen} == {"Bearer s3"} and len(seen) == 12
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
+        endpoint.should_exit = True
+
+
+def test_chat_template_is_the_tokenizer_s_and_suggest_chat_template_the_suggest_model_s(tmp_path, data, monkeypatch):
+    """--chat-template belongs to --model; the --suggest model gets only --suggest-chat-template."""
+    from sftlab import cli
+
+    asked = []
+
+    class Recorder:
+        def __init__(self, model, chat_template=None):
+            asked.append((model, chat_template))
+            self.name = model
+
+        def __call__(self, prompts, labels):
+            return [{"score": 1, "label": None, "raw": ""} for _ in prompts]
+
+    monkeypatch.setattr("sftlab.data.review.suggest.LocalSuggester", Recorder)
+    monkeypatch.setattr("sftlab.serve.openai_api.run_server", lambda *a, **kw: None)
+    template = Path(__file__).resolve().parents[1] / "fixtures" / "templates" / "llama3.jinja"
+    base = ["data", "review", str(data), "--model", str(Path(__file__).resolve().parents[1] / "fixtures" /
+                                                         "smollm2-tokenizer"), "--chat-template", str(template),
+            "--suggest", "some-model"]
+    assert cli.main(base) == 0
+    assert cli.main([*base, "--suggest-chat-template", "own.jinja"]) == 0
+    assert asked == [("some-model", None), ("some-model", "own.jinja")]
 
 
 def test_a_local_model_scores_and_labels_every_example_from_its_next_token_probabilities(tmp_path, tiny_model_dir):
