@@ -170,3 +170,32 @@ def test_data_report_shows_the_review(tmp_path, data):
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Review" in md and "| Rejected: too easy | 1 |" in md and "| Accepted | 1 |" in md
     assert (tmp_path / "report" / "plots" / "review.png").is_file()
+
+
+def test_data_report_finds_a_moved_review_log_and_only_reads_it(tmp_path, data, capsys):
+    from sftlab import cli
+    from sftlab.data.review.log import ReviewLog
+    from sftlab.data.report import write_report
+
+    moved = tmp_path / "decisions"
+    session = ReviewSession(data, review_dir=moved)
+    session.act(session.ids[0], {"action": "accept"})
+    session.act(session.ids[1], {"action": "reject", "reason": "dup"})
+    log = moved / "log.jsonl"
+    with log.open("ab") as fh:
+        fh.write(b'{"id": "cut sh')  # a writer killed mid-line: a reader must leave it as it is
+    before = log.read_bytes()
+    assert cli.main(["data", "report", str(data), "--out-dir", str(tmp_path / "r"), "--model", "none",
+                     "--review-dir", str(moved)]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Review" in md and "| Accepted | 1 |" in md and "| Rejected: dup | 1 |" in md
+    assert log.read_bytes() == before and sorted(p.name for p in moved.iterdir()) == ["log.jsonl"]
+    assert "review" not in write_report(data, tmp_path / "r2")["steps"]  # not beside the data: none
+    assert not review_dir_for(data).exists()  # and nothing made there
+    with pytest.raises(SftlabError, match="read-only"):
+        ReviewLog(log, read_only=True).append({"id": "x", "action": "accept"})
+    assert log.read_bytes() == before
+    assert cli.main(["data", "report", str(data), "--out-dir", str(tmp_path / "r3"), "--model", "none",
+                     "--review-dir", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere: no review log (log.jsonl) there" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()

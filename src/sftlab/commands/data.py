@@ -283,6 +283,7 @@ def report(
     validate_summary: Optional[Path] = typer.Option(None, "--validate-summary", help="A validate summary JSON (default: FILE's X.validate.json if present)."),
     curate_summary: Optional[Path] = typer.Option(None, "--curate-summary", help="A curate summary JSON (default: X.curate.json if present)."),
     split_summary: Optional[Path] = typer.Option(None, "--split-summary", help="A split.json (default: split.json beside FILE if present)."),
+    review_dir: Optional[Path] = typer.Option(None, "--review-dir", help="Review folder given to 'data review --review-dir' (default: FILE.review/ if present)."),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
 ) -> None:
@@ -299,7 +300,7 @@ def report(
         raise SftlabError(f"summary file not found: {', '.join(missing)}")
     summary = write_report(file, out_dir, tokenizer=_tokenizer(model, chat_template),
                            summaries={k: v for k, v in given.items() if v is not None},
-                           format=_schema(format, columns, cfg))
+                           format=_schema(format, columns, cfg), review_dir=review_dir)
     print(f"{summary['conversations']} conversations; steps included: {', '.join(summary['steps']) or 'none'}")
     print(f"wrote {out_dir / 'report.html'} and {out_dir / 'report.md'}")
 
