@@ -66,6 +66,26 @@ def test_flags_come_from_the_curate_and_validate_checks(data, tokenizer):
     assert session.matching(flag="PII") == [session.ids[3]]
 
 
+def test_flags_follow_edits(data, tokenizer):
+    """Own checks (quality, PII, length) rerun on the edited text; flags that compared the
+    original with other records stay, marked "(before edit)"."""
+    session = ReviewSession(data, tokenizer=tokenizer, max_seq_length=41)
+    ids = session.ids
+    session.act(ids[3], {"action": "edit", "message": 1, "content": "Write to us through the contact form"})
+    assert [f["kind"] for f in session.flags[3]] == ["PII", "too long"]
+    assert session.item(ids[3])["flags"] == [] and session.matching(flag="PII") == []  # both fixed by the edit
+    session.act(ids[2], {"action": "edit", "message": 0, "content": "France's capital?"})
+    item = session.item(ids[2])
+    assert [f["kind"] for f in item["flags"]] == ["near duplicate"]  # and no longer too long
+    assert item["flags"][0]["detail"].startswith(f"of {data}:2 (") and item["flags"][0]["detail"].endswith(") (before edit)")
+    assert item["tokens"] < session.tokens[2]
+    session.act(ids[0], {"action": "edit", "message": 1, "content": "As an AI language model I cannot"})
+    assert [f["kind"] for f in session.item(ids[0])["flags"]] == ["boilerplate refusal", "too long"]
+    assert session.matching(flag="boilerplate refusal") == [ids[0], ids[4]]
+    session.act(ids[0], {"action": "edit", "message": 1, "content": "4"})  # back to the original text
+    assert session.item(ids[0])["flags"] == []
+
+
 def test_filters_and_search_read_the_edited_text(data):
     session = ReviewSession(data)
     a, b = session.ids[0], session.ids[1]
