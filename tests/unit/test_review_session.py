@@ -219,3 +219,33 @@ def test_data_report_finds_a_moved_review_log_and_only_reads_it(tmp_path, data, 
                      "--review-dir", str(tmp_path / "nowhere")]) == 1
     assert "nowhere: no review log (log.jsonl) there" in capsys.readouterr().err
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_export_refuses_the_dataset_itself_and_the_review_folder(tmp_path, data, capsys):
+    from sftlab import cli
+
+    ReviewSession(data).act(item_ids(load_conversations(data))[0], {"action": "accept"})
+    before = data.read_bytes()
+    for out in (data, review_dir_for(data) / "out.jsonl", tmp_path / "data.jsonl.review"):
+        assert cli.main(["data", "review", str(data), "--export", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --export {out}: ") and ("dataset being reviewed" in err or "review folder" in err)
+    assert data.read_bytes() == before and sorted(p.name for p in review_dir_for(data).iterdir()) == ["log.jsonl"]
+    assert cli.main(["data", "review", str(data), "--export", str(tmp_path / "ok.jsonl")]) == 0
+
+
+def test_a_second_review_keeps_the_first_as_history(tmp_path, data):
+    first = ReviewSession(data)
+    first.act(first.ids[0], {"action": "label", "label": "math"})
+    first.act(first.ids[0], {"action": "accept"})
+    once = tmp_path / "once.jsonl"
+    save_conversations(once, first.approved())
+    earlier = load_conversations(once)[0].meta["review"]
+    second = ReviewSession(once)
+    second.act(second.ids[0], {"action": "score", "score": 2})
+    second.act(second.ids[0], {"action": "accept"})
+    twice = tmp_path / "twice.jsonl"
+    save_conversations(twice, second.approved())
+    review = load_conversations(twice)[0].meta["review"]
+    assert (review["source"], review["score"], review["labels"]) == (f"{once}:1", 2, [])
+    assert review["previous"] == earlier and earlier["source"] == f"{data}:1" and earlier["labels"] == ["math"]

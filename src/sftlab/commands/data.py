@@ -347,6 +347,7 @@ def review(
     if export:
         from sftlab.data.load import save_conversations
 
+        session.check_export(export, _sidecar(export, "review"))
         n = save_conversations(export, session.approved())
         stats = session.stats()
         write_json(_sidecar(export, "review"), stats)

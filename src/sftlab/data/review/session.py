@@ -327,8 +327,21 @@ class ReviewSession:
 
     # ---------------------------------------------------------------- export
 
+    def check_export(self, out: str | Path, *also: str | Path) -> None:
+        """Refuse to export (`out` and the `also` files written with it) onto the dataset being
+        reviewed or into its review folder: either would destroy what the review is based on."""
+        data, folder = Path(self.data).resolve(), self.dir.resolve()
+        for path in (Path(out), *map(Path, also)):
+            target = path.resolve()
+            if target == data or (data.is_dir() and data in target.parents):
+                raise SftlabError(f"--export {out}: {path} would overwrite the dataset being reviewed; "
+                                  "export to a new file")
+            if target == folder or folder in target.parents:
+                raise SftlabError(f"--export {out}: {path} is inside the review folder {self.dir}; export elsewhere")
+
     def approved(self) -> list[Conversation]:
-        """The accepted examples, edits applied, with provenance and labels under `meta["review"]`."""
+        """The accepted examples, edits applied, with provenance and labels under `meta["review"]`
+        (a record's own earlier `review` goes under `review.previous`)."""
         self.log.refresh()
         out = []
         for i, item_id in enumerate(self.ids):
@@ -338,6 +351,8 @@ class ReviewSession:
             conv = self.current(i)
             review = {"id": item_id, "source": conv.source, "labels": state.labels, "score": state.score,
                       "edited_messages": sorted(state.edits), "reviewed_at": state.reviewed_at}
+            if "review" in conv.meta:  # reviewed before (an earlier export): keep that as history
+                review["previous"] = conv.meta["review"]
             out.append(Conversation(messages=conv.messages, text=conv.text, source=conv.source,
                                     meta={**conv.meta, "review": review}))
         return out
