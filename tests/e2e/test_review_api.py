@@ -31,14 +31,14 @@ def write_data(path: Path) -> Path:
 class Server:
     """A review app served by uvicorn in a thread, on a free loopback port."""
 
-    def __init__(self, data: Path, **kwargs):
+    def __init__(self, data: Path, session_options: dict | None = None, **kwargs):
         import uvicorn
 
         from sftlab.data.review.app import LOOPBACK_HOSTS, create_app
         from sftlab.data.review.session import ReviewSession
         from sftlab.serve.triton_server import free_port
 
-        self.session = ReviewSession(data, labels=["math"])
+        self.session = ReviewSession(data, labels=["math"], **(session_options or {}))
         self.port = free_port()
         app = create_app(self.session, api_key=KEY, max_body_bytes=20_000, allowed_hosts=LOOPBACK_HOSTS, **kwargs)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -97,6 +97,34 @@ def test_accept_reject_edit_label_score_round_trip(server, data):
     exported = [json.loads(x) for x in server.client.get("/api/export.jsonl").text.splitlines()]
     assert len(exported) == 1 and exported[0]["messages"][1]["content"] == "0, since 0 + 0 = 0"
     assert exported[0]["review"]["labels"] == ["math"] and exported[0]["review"]["source"] == f"{data}:1"
+
+
+def test_trained_tokens_and_the_flag_filter(tmp_path, data, tokenizer, server):
+    """GET /api/items/{id}/tokens gives `sftlab data inspect`'s view; ?flag= filters by flag."""
+    pii = {"instruction": "Who do I write to?", "output": "Write to jane.roe@example.org"}
+    flagged = write_data(tmp_path / "flagged.jsonl")
+    with flagged.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(pii) + "\n")
+    srv = Server(flagged, session_options={"tokenizer": tokenizer, "max_seq_length": 40})
+    try:
+        ids = srv.client.get("/api/items").json()["ids"]
+        assert srv.client.get("/api/items", params={"flag": "PII"}).json()["ids"] == [ids[-1]]
+        assert srv.client.get("/api/items", params={"flag": "no such flag"}).json()["ids"] == []
+        assert srv.client.get("/api/meta").json()["flags"]["PII"] == 1
+        view = srv.client.get(f"/api/items/{ids[3]}/tokens").json()
+        assert view["tokens"] == srv.client.get(f"/api/items/{ids[3]}").json()["tokens"]
+        assert "Question number 3: what is 3 + 3?" in "".join(text for text, _ in view["pieces"])
+        assert "".join(text for text, trained in view["pieces"] if trained).startswith("6")
+        assert view["trained"] == sum(trained for _, trained in view["pieces"]) > 0
+        srv.act(ids[3], action="edit", message=1, content="six, since 3 + 3 = 6", base="6")  # the view follows edits
+        edited = srv.client.get(f"/api/items/{ids[3]}/tokens").json()
+        assert "".join(text for text, trained in edited["pieces"] if trained).startswith("six, since")
+        assert edited["tokens"] > view["tokens"]
+        assert srv.client.get("/api/items/nope/tokens").status_code == 404
+    finally:
+        srv.close()
+    bare = server.client.get(f"/api/items/{ids[0]}/tokens")  # started without --model
+    assert bare.status_code == 400 and "--model" in bare.json()["error"]["message"]
 
 
 def test_edit_conflict_between_tabs_keeps_both_texts(server):
