@@ -196,8 +196,8 @@ def test_review_three_examples_with_keyboard_and_mouse(tmp_path):
 
 
 def screenshot(out: Path) -> None:
-    """A screenshot of the page mid-review (a flag, a suggestion, labels, an edit, the trained
-    tokens) for the docs."""
+    """A screenshot of the page mid-review for the docs: a flag, the embedded default model's
+    real suggestion (`--suggest default`), labels, an edit and the trained tokens."""
     import tempfile
 
     sync_playwright, exe = _browser()
@@ -211,12 +211,15 @@ def screenshot(out: Path) -> None:
         session.act(session.ids[0], {"action": "accept"})
         session.act(session.ids[1], {"action": "reject", "reason": "markup, not an answer"})
         session.act(session.ids[2], {"action": "accept"})
-        shown = session.ids[3]
-        session.suggest(shown, {"score": 4, "label": "extraction", "raw": "score: 4\nlabel: extraction", "by": "default"})
-        session.act(shown, {"action": "edit", "message": 0,
-                            "content": "Extract the name as JSON: 'Contact Ada Lovelace at [EMAIL]'"})
-        server = ReviewServer(Path("demo.jsonl"), "--model", TOKENIZER, cwd=Path(tmp))
+        session.act(session.ids[3], {"action": "edit", "message": 1, "content": '{"name": "Ada Lovelace", "title": null}'})
+        server = ReviewServer(Path("demo.jsonl"), "--model", TOKENIZER, "--suggest", "default", cwd=Path(tmp))
         try:
+            deadline = time.time() + 900
+            while (suggest := httpx.get(server.url + "/api/changes", headers={"Authorization": f"Bearer {KEY}"}
+                                        ).json()["suggest"])["state"] in ("off", "running"):
+                assert time.time() < deadline, suggest
+                time.sleep(1)
+            assert suggest["state"] == "done", suggest
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
                 page = browser.new_page(viewport={"width": 1200, "height": 780})
