@@ -348,6 +348,18 @@ def test_chat_template_is_the_tokenizer_s_and_suggest_chat_template_the_suggest_
     assert asked == [("some-model", None), ("some-model", "own.jinja")]
 
 
+def _likelihood(suggester, prefix: str, option: str) -> float:
+    """Log-probability of `option`'s tokens after `prefix`, from one plain forward pass over both."""
+    import torch
+
+    tok = suggester.tokenizer
+    base, full = (tok(t, add_special_tokens=False)["input_ids"] for t in (prefix, prefix + option))
+    start = next(j for j, (a, b) in enumerate(zip(base + [-1], full)) if a != b)
+    with torch.no_grad():
+        logp = suggester.model(input_ids=torch.tensor([full])).logits[0].float().log_softmax(-1)
+    return sum(logp[j - 1, full[j]].item() for j in range(start, len(full)))
+
+
 def test_a_local_model_scores_and_labels_every_example_from_its_next_token_probabilities(tmp_path, tiny_model_dir):
     """Even a random tiny model, whose free text never follows the reply format, gives every
     example a score 1-5 (its most likely digit after "score: ") and one of the labels; and our own
@@ -380,6 +392,9 @@ def test_a_local_model_scores_and_labels_every_example_from_its_next_token_proba
         with torch.no_grad():
             logits = suggester.model(input_ids=torch.tensor([ids])).logits[0, -1]
         assert g["score"] == int(logits[digits].argmax()) + 1
+        chances = torch.tensor([_likelihood(suggester, f"{text}score: {g['score']}\nlabel: ", x) for x in labels]).softmax(-1)
+        assert g["label"] == labels[int(chances.argmax())]  # the most likely label, all its tokens counted
+        assert abs(float(g["raw"].split("(p=")[-1].rstrip(")")) - float(chances.max())) < 0.006
     expected = generate_batch(suggester.model, suggester.tokenizer,
                               [suggestion_prompt(c, labels) for c in local.convs], max_new_tokens=24, progress=False)
 
