@@ -31,14 +31,14 @@ def write_data(path: Path) -> Path:
 class Server:
     """A review app served by uvicorn in a thread, on a free loopback port."""
 
-    def __init__(self, data: Path, **kwargs):
+    def __init__(self, data: Path, session_options: dict | None = None, **kwargs):
         import uvicorn
 
         from sftlab.data.review.app import LOOPBACK_HOSTS, create_app
         from sftlab.data.review.session import ReviewSession
         from sftlab.serve.triton_server import free_port
 
-        self.session = ReviewSession(data, labels=["math"])
+        self.session = ReviewSession(data, labels=["math"], **(session_options or {}))
         self.port = free_port()
         app = create_app(self.session, api_key=KEY, max_body_bytes=20_000, allowed_hosts=LOOPBACK_HOSTS, **kwargs)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -97,6 +97,34 @@ def test_accept_reject_edit_label_score_round_trip(server, data):
     exported = [json.loads(x) for x in server.client.get("/api/export.jsonl").text.splitlines()]
     assert len(exported) == 1 and exported[0]["messages"][1]["content"] == "0, since 0 + 0 = 0"
     assert exported[0]["review"]["labels"] == ["math"] and exported[0]["review"]["source"] == f"{data}:1"
+
+
+def test_trained_tokens_and_the_flag_filter(tmp_path, data, tokenizer, server):
+    """GET /api/items/{id}/tokens gives `sftlab data inspect`'s view; ?flag= filters by flag."""
+    pii = {"instruction": "Who do I write to?", "output": "Write to jane.roe@example.org"}
+    flagged = write_data(tmp_path / "flagged.jsonl")
+    with flagged.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(pii) + "\n")
+    srv = Server(flagged, session_options={"tokenizer": tokenizer, "max_seq_length": 40})
+    try:
+        ids = srv.client.get("/api/items").json()["ids"]
+        assert srv.client.get("/api/items", params={"flag": "PII"}).json()["ids"] == [ids[-1]]
+        assert srv.client.get("/api/items", params={"flag": "no such flag"}).json()["ids"] == []
+        assert srv.client.get("/api/meta").json()["flags"]["PII"] == 1
+        view = srv.client.get(f"/api/items/{ids[3]}/tokens").json()
+        assert view["tokens"] == srv.client.get(f"/api/items/{ids[3]}").json()["tokens"]
+        assert "Question number 3: what is 3 + 3?" in "".join(text for text, _ in view["pieces"])
+        assert "".join(text for text, trained in view["pieces"] if trained).startswith("6")
+        assert view["trained"] == sum(trained for _, trained in view["pieces"]) > 0
+        srv.act(ids[3], action="edit", message=1, content="six, since 3 + 3 = 6", base="6")  # the view follows edits
+        edited = srv.client.get(f"/api/items/{ids[3]}/tokens").json()
+        assert "".join(text for text, trained in edited["pieces"] if trained).startswith("six, since")
+        assert edited["tokens"] > view["tokens"]
+        assert srv.client.get("/api/items/nope/tokens").status_code == 404
+    finally:
+        srv.close()
+    bare = server.client.get(f"/api/items/{ids[0]}/tokens")  # started without --model
+    assert bare.status_code == 400 and "--model" in bare.json()["error"]["message"]
 
 
 def test_edit_conflict_between_tabs_keeps_both_texts(server):
@@ -220,14 +248,13 @@ def test_resume_after_a_killed_server_and_export(tmp_path, data):
     assert data.read_text() == "".join(json.dumps(r) + "\n" for r in RECORDS)
 
 
-def test_suggestions_from_an_openai_compatible_endpoint(data):
-    """A stand-in endpoint answers in the OpenAI shape; suggestions reach the page, not the decisions."""
+def _stub_endpoint(seen: list) -> tuple[str, object]:
+    """A stand-in OpenAI-compatible endpoint in a thread: it scores "Question number N" as
+    1 + N % 5 and labels it "Math". Returns its base URL (ending in /v1) and its server."""
     import uvicorn
 
-    from sftlab.data.review.suggest import EndpointSuggester, start_suggestions
     from sftlab.serve.triton_server import free_port
 
-    seen = []
     stub = FastAPI()
 
     @stub.post("/v1/chat/completions")
@@ -242,28 +269,102 @@ def test_suggestions_from_an_openai_compatible_endpoint(data):
     threading.Thread(target=endpoint.run, daemon=True).start()
     while not endpoint.started:
         time.sleep(0.02)
+    return f"http://127.0.0.1:{port}/v1", endpoint
+
+
+def _suggestions_done(client: httpx.Client, timeout: float = 60) -> dict:
+    deadline = time.time() + timeout
+    while client.get("/api/changes").json()["suggest"]["state"] in ("off", "running") and time.time() < deadline:
+        time.sleep(0.1)
+    return client.get("/api/changes").json()["suggest"]
+
+
+def _assert_stub_suggestions(client: httpx.Client) -> None:
+    for n, item_id in enumerate(client.get("/api/items").json()["ids"]):
+        got = client.get(f"/api/items/{item_id}").json()
+        assert got["suggestion"]["score"] == 1 + n % 5 and got["suggestion"]["label"] == "math"
+        assert got["status"] == "pending" and got["score"] is None
+
+
+def test_suggestions_from_an_openai_compatible_endpoint(data):
+    """A stand-in endpoint answers in the OpenAI shape; suggestions reach the page, not the decisions."""
+    from sftlab.data.review.suggest import EndpointSuggester, start_suggestions
+
+    seen = []
+    url, endpoint = _stub_endpoint(seen)
     srv = Server(data)
     try:
-        start_suggestions(srv.session, EndpointSuggester(f"http://127.0.0.1:{port}/v1", "tiny", api_key="s3"))
-        deadline = time.time() + 30
-        while srv.client.get("/api/changes").json()["suggest"]["state"] == "running" and time.time() < deadline:
-            time.sleep(0.1)
-        status = srv.client.get("/api/changes").json()["suggest"]
-        assert status == {"state": "done", "by": "tiny", "done": 12, "total": 12, "message": ""}
-        ids = srv.client.get("/api/items").json()["ids"]
-        for n, item_id in enumerate(ids):
-            got = srv.client.get(f"/api/items/{item_id}").json()
-            assert got["suggestion"]["score"] == 1 + n % 5 and got["suggestion"]["label"] == "math"
-            assert got["status"] == "pending" and got["score"] is None
+        start_suggestions(srv.session, EndpointSuggester(url, "tiny", api_key="s3"))
+        assert _suggestions_done(srv.client) == {"state": "done", "by": "tiny", "done": 12, "total": 12, "message": ""}
+        _assert_stub_suggestions(srv.client)
         assert seen[0][0] == "Bearer s3" and seen[0][1]["model"] == "tiny" and seen[0][1]["temperature"] == 0
     finally:
         srv.close()
         endpoint.should_exit = True
 
 
-def test_suggestions_from_a_local_model_and_from_sftlab_serve_agree(tmp_path, tiny_model_dir):
-    """The same tiny model, run locally and behind our own OpenAI-compatible server, gives the
-    same (greedy) suggestions."""
+def test_the_command_pre_scores_every_example_from_a_suggest_url(data):
+    """`sftlab data review FILE --suggest-url URL` as a user starts it: suggestions complete."""
+    from sftlab.serve.triton_server import free_port
+
+    seen = []
+    url, endpoint = _stub_endpoint(seen)
+    port = free_port()
+    proc = _cli(str(data), "--port", str(port), "--labels", "math", "--suggest-url", url, "--suggest-model", "stub",
+                "--suggest-api-key", "s3")
+    try:
+        client = _wait_up(proc, f"http://127.0.0.1:{port}")
+        assert _suggestions_done(client) == {"state": "done", "by": "stub", "done": 12, "total": 12, "message": ""}
+        _assert_stub_suggestions(client)
+        assert {auth for auth, _ in seen} == {"Bearer s3"} and len(seen) == 12
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
+        endpoint.should_exit = True
+
+
+def test_chat_template_is_the_tokenizer_s_and_suggest_chat_template_the_suggest_model_s(tmp_path, data, monkeypatch):
+    """--chat-template belongs to --model; the --suggest model gets only --suggest-chat-template."""
+    from sftlab import cli
+
+    asked = []
+
+    class Recorder:
+        def __init__(self, model, chat_template=None):
+            asked.append((model, chat_template))
+            self.name = model
+
+        def __call__(self, prompts, labels):
+            return [{"score": 1, "label": None, "raw": ""} for _ in prompts]
+
+    monkeypatch.setattr("sftlab.data.review.suggest.LocalSuggester", Recorder)
+    monkeypatch.setattr("sftlab.serve.openai_api.run_server", lambda *a, **kw: None)
+    template = Path(__file__).resolve().parents[1] / "fixtures" / "templates" / "llama3.jinja"
+    base = ["data", "review", str(data), "--model", str(Path(__file__).resolve().parents[1] / "fixtures" /
+                                                         "smollm2-tokenizer"), "--chat-template", str(template),
+            "--suggest", "some-model"]
+    assert cli.main(base) == 0
+    assert cli.main([*base, "--suggest-chat-template", "own.jinja"]) == 0
+    assert asked == [("some-model", None), ("some-model", "own.jinja")]
+
+
+def _likelihood(suggester, prefix: str, option: str) -> float:
+    """Log-probability of `option`'s tokens after `prefix`, from one plain forward pass over both."""
+    import torch
+
+    tok = suggester.tokenizer
+    base, full = (tok(t, add_special_tokens=False)["input_ids"] for t in (prefix, prefix + option))
+    start = next(j for j, (a, b) in enumerate(zip(base + [-1], full)) if a != b)
+    with torch.no_grad():
+        logp = suggester.model(input_ids=torch.tensor([full])).logits[0].float().log_softmax(-1)
+    return sum(logp[j - 1, full[j]].item() for j in range(start, len(full)))
+
+
+def test_a_local_model_scores_and_labels_every_example_from_its_next_token_probabilities(tmp_path, tiny_model_dir):
+    """Even a random tiny model, whose free text never follows the reply format, gives every
+    example a score 1-5 (its most likely digit after "score: ") and one of the labels; and our own
+    `sftlab serve` works as the suggestion endpoint (its greedy reply is what gets parsed)."""
+    import torch
     import uvicorn
 
     from sftlab.data.review.session import ReviewSession
@@ -275,14 +376,27 @@ def test_suggestions_from_a_local_model_and_from_sftlab_serve_agree(tmp_path, ti
 
     data = tmp_path / "three.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:3]), encoding="utf-8")
-    local = ReviewSession(data)
+    labels = ["math", "geography", "small talk"]
+    local = ReviewSession(data, labels=labels)
     suggester = LocalSuggester(str(tiny_model_dir))
     run_suggestions(local, suggester, batch_size=2)
     assert local.suggest_status["state"] == "done"
-    expected = generate_batch(suggester.model, suggester.tokenizer,
-                              [suggestion_prompt(c, []) for c in local.convs], max_new_tokens=24, progress=False)
     got = [local.log.state(i).suggestion for i in local.ids]
-    assert [g["raw"] for g in got] == [e[:300] for e in expected] and all(g["by"] == str(tiny_model_dir) for g in got)
+    assert all(g["score"] in range(1, 6) and g["label"] in labels and g["by"] == str(tiny_model_dir) for g in got)
+    tok = suggester.tokenizer
+    digits = [tok.convert_tokens_to_ids(d) for d in "12345"]
+    for conv, g in zip(local.convs, got):  # the score is the most likely digit right after "score: "
+        text = tok.apply_chat_template(suggestion_prompt(conv, labels), add_generation_prompt=True, tokenize=False)
+        ids = tok(text + "score: ", add_special_tokens=False)["input_ids"]
+        assert tok(text + "score: 3", add_special_tokens=False)["input_ids"] == ids + [digits[2]]
+        with torch.no_grad():
+            logits = suggester.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        assert g["score"] == int(logits[digits].argmax()) + 1
+        chances = torch.tensor([_likelihood(suggester, f"{text}score: {g['score']}\nlabel: ", x) for x in labels]).softmax(-1)
+        assert g["label"] == labels[int(chances.argmax())]  # the most likely label, all its tokens counted
+        assert abs(float(g["raw"].split("(p=")[-1].rstrip(")")) - float(chances.max())) < 0.006
+    expected = generate_batch(suggester.model, suggester.tokenizer,
+                              [suggestion_prompt(c, labels) for c in local.convs], max_new_tokens=24, progress=False)
 
     backend = load_backend(str(tiny_model_dir), "torch", max_batch_size=4, max_wait_ms=5)
     port = free_port()
@@ -292,10 +406,26 @@ def test_suggestions_from_a_local_model_and_from_sftlab_serve_agree(tmp_path, ti
     while not served.started:
         time.sleep(0.02)
     try:
-        remote = ReviewSession(data, review_dir=tmp_path / "remote.review")
+        remote = ReviewSession(data, review_dir=tmp_path / "remote.review", labels=labels)
         run_suggestions(remote, EndpointSuggester(f"http://127.0.0.1:{port}/v1", "tiny", api_key="k"))
         assert remote.suggest_status["state"] == "done", remote.suggest_status
-        assert [remote.log.state(i).suggestion["raw"].strip() for i in remote.ids] == [g["raw"] for g in got]
+        assert [remote.log.state(i).suggestion["raw"].strip() for i in remote.ids] == [e[:300] for e in expected]
     finally:
         served.should_exit = True
         backend.close()
+
+
+@pytest.mark.slow
+def test_the_embedded_default_model_gives_every_example_a_score_and_a_label(tmp_path):
+    """The embedded SmolLM2-135M (`--suggest default`): a usable suggestion for every example."""
+    from sftlab.data.review.session import ReviewSession
+    from sftlab.data.review.suggest import LocalSuggester, run_suggestions
+
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:2]), encoding="utf-8")
+    session = ReviewSession(data, labels=["math", "geography"])
+    run_suggestions(session, LocalSuggester("default"))
+    assert session.suggest_status["state"] == "done", session.suggest_status
+    for item_id in session.ids:
+        got = session.log.state(item_id).suggestion
+        assert got["score"] in range(1, 6) and got["label"] in ("math", "geography") and got["by"] == "default", got

@@ -1,6 +1,7 @@
 """The review page in a real browser (Debian's Chromium driven by Playwright): three examples
 reviewed with the keyboard and the mouse, the export holds exactly those decisions, a second
-tab sees them, and a record holding `<script>` shows as text without running.
+tab sees them, a record holding `<script>` shows as text without running, and the filters,
+the search (`/`) and the trained-token view (`t`) work.
 
 Needs the `chromium` apt package (`bash scripts/install_browser.sh`); skips without it.
 `python tests/e2e/test_review_browser.py` refreshes the screenshot in docs/review.png.
@@ -22,6 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "browser-key"
+TOKENIZER = str(ROOT / "tests" / "fixtures" / "smollm2-tokenizer")
 HOSTILE = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 RECORDS = [
     {"instruction": "Convert this date to ISO format: March 5, 2021", "output": "2021-03-05", "task": "dates"},
@@ -91,7 +93,7 @@ def write_data(path: Path) -> Path:
 def test_review_three_examples_with_keyboard_and_mouse(tmp_path):
     sync_playwright, exe = _browser()
     data = write_data(tmp_path / "data.jsonl")
-    server = ReviewServer(data)
+    server = ReviewServer(data, "--model", TOKENIZER)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
@@ -151,6 +153,29 @@ def test_review_three_examples_with_keyboard_and_mouse(tmp_path):
             source.filter(has_text=f"{data}:3").wait_for()
             page.click("#prev")
             page.locator("#reason-shown").filter(has_text="Rejected: answer is markup, not help").wait_for()
+
+            # filters (status, flag), the text search (/) and the trained tokens (t)
+            position = page.locator("#position")
+            page.select_option("#f-status", "accepted")
+            position.filter(has_text="Example 1 of 2").wait_for()
+            assert source.text_content() == f"{data}:1"
+            page.select_option("#f-status", "")
+            page.select_option("#f-flag", "PII")  # the e-mail address in record 4
+            source.filter(has_text=f"{data}:4").wait_for()
+            position.filter(has_text="Example 1 of 1").wait_for()
+            page.select_option("#f-flag", "")
+            page.keyboard.press("Escape")  # leave the select, so keys act on the page again
+            page.keyboard.press("/")
+            page.keyboard.type("5 march")
+            source.filter(has_text=f"{data}:5").wait_for()
+            position.filter(has_text="Example 1 of 1").wait_for()
+            page.keyboard.press("Escape")
+            page.keyboard.press("t")
+            page.locator("#tokens .trained").first.wait_for()
+            trained = "".join(page.locator("#tokens .trained").all_text_contents())
+            assert trained.startswith("2021-03-05") and "March" not in trained
+            tokens = int(page.locator("#token-count").text_content().split()[1])
+            assert page.locator("#tokens div").first.text_content().startswith(f"{tokens} tokens, ")
             assert page.evaluate("window.__pwned") is None and other.evaluate("window.__pwned") is None
             assert errors == []
             browser.close()
@@ -171,8 +196,8 @@ def test_review_three_examples_with_keyboard_and_mouse(tmp_path):
 
 
 def screenshot(out: Path) -> None:
-    """A screenshot of the page mid-review (a flag, a suggestion, labels, an edit, the trained
-    tokens) for the docs."""
+    """A screenshot of the page mid-review for the docs: a flag, the embedded default model's
+    real suggestion (`--suggest default`), labels, an edit and the trained tokens."""
     import tempfile
 
     sync_playwright, exe = _browser()
@@ -186,13 +211,15 @@ def screenshot(out: Path) -> None:
         session.act(session.ids[0], {"action": "accept"})
         session.act(session.ids[1], {"action": "reject", "reason": "markup, not an answer"})
         session.act(session.ids[2], {"action": "accept"})
-        shown = session.ids[3]
-        session.suggest(shown, {"score": 4, "label": "extraction", "raw": "score: 4\nlabel: extraction", "by": "default"})
-        session.act(shown, {"action": "edit", "message": 0,
-                            "content": "Extract the name as JSON: 'Contact Ada Lovelace at [EMAIL]'"})
-        server = ReviewServer(Path("demo.jsonl"), "--model", str(ROOT / "tests" / "fixtures" / "smollm2-tokenizer"),
-                              cwd=Path(tmp))
+        session.act(session.ids[3], {"action": "edit", "message": 1, "content": '{"name": "Ada Lovelace", "title": null}'})
+        server = ReviewServer(Path("demo.jsonl"), "--model", TOKENIZER, "--suggest", "default", cwd=Path(tmp))
         try:
+            deadline = time.time() + 900
+            while (suggest := httpx.get(server.url + "/api/changes", headers={"Authorization": f"Bearer {KEY}"}
+                                        ).json()["suggest"])["state"] in ("off", "running"):
+                assert time.time() < deadline, suggest
+                time.sleep(1)
+            assert suggest["state"] == "done", suggest
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
                 page = browser.new_page(viewport={"width": 1200, "height": 780})

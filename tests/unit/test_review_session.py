@@ -66,6 +66,26 @@ def test_flags_come_from_the_curate_and_validate_checks(data, tokenizer):
     assert session.matching(flag="PII") == [session.ids[3]]
 
 
+def test_flags_follow_edits(data, tokenizer):
+    """Own checks (quality, PII, length) rerun on the edited text; flags that compared the
+    original with other records stay, marked "(before edit)"."""
+    session = ReviewSession(data, tokenizer=tokenizer, max_seq_length=41)
+    ids = session.ids
+    session.act(ids[3], {"action": "edit", "message": 1, "content": "Write to us through the contact form"})
+    assert [f["kind"] for f in session.flags[3]] == ["PII", "too long"]
+    assert session.item(ids[3])["flags"] == [] and session.matching(flag="PII") == []  # both fixed by the edit
+    session.act(ids[2], {"action": "edit", "message": 0, "content": "France's capital?"})
+    item = session.item(ids[2])
+    assert [f["kind"] for f in item["flags"]] == ["near duplicate"]  # and no longer too long
+    assert item["flags"][0]["detail"].startswith(f"of {data}:2 (") and item["flags"][0]["detail"].endswith(") (before edit)")
+    assert item["tokens"] < session.tokens[2]
+    session.act(ids[0], {"action": "edit", "message": 1, "content": "As an AI language model I cannot"})
+    assert [f["kind"] for f in session.item(ids[0])["flags"]] == ["boilerplate refusal", "too long"]
+    assert session.matching(flag="boilerplate refusal") == [ids[0], ids[4]]
+    session.act(ids[0], {"action": "edit", "message": 1, "content": "4"})  # back to the original text
+    assert session.item(ids[0])["flags"] == []
+
+
 def test_filters_and_search_read_the_edited_text(data):
     session = ReviewSession(data)
     a, b = session.ids[0], session.ids[1]
@@ -135,9 +155,9 @@ def test_suggestions_are_parsed_logged_and_resumed(data):
     assert "[user]\nWhat is 2+2?" in prompt and "math, geography" in prompt
     asked = []
 
-    def fake_model(prompts):
+    def fake_model(prompts, labels):
         asked.extend(prompts)
-        return ["score: 3\nlabel: math"] * len(prompts)
+        return [parse_suggestion("score: 3\nlabel: math", labels)] * len(prompts)
 
     run_suggestions(session, fake_model, batch_size=3)
     assert len(asked) == len(RECORDS) and session.suggest_status["state"] == "done"
@@ -147,7 +167,7 @@ def test_suggestions_are_parsed_logged_and_resumed(data):
     run_suggestions(ReviewSession(data, labels=["math"]), fake_model)  # a restarted session skips them
     assert len(asked) == len(RECORDS)
 
-    def broken(prompts):
+    def broken(prompts, labels):
         raise SftlabError("endpoint down")
 
     session.act(session.ids[0], {"action": "reset"})
@@ -170,3 +190,62 @@ def test_data_report_shows_the_review(tmp_path, data):
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Review" in md and "| Rejected: too easy | 1 |" in md and "| Accepted | 1 |" in md
     assert (tmp_path / "report" / "plots" / "review.png").is_file()
+
+
+def test_data_report_finds_a_moved_review_log_and_only_reads_it(tmp_path, data, capsys):
+    from sftlab import cli
+    from sftlab.data.review.log import ReviewLog
+    from sftlab.data.report import write_report
+
+    moved = tmp_path / "decisions"
+    session = ReviewSession(data, review_dir=moved)
+    session.act(session.ids[0], {"action": "accept"})
+    session.act(session.ids[1], {"action": "reject", "reason": "dup"})
+    log = moved / "log.jsonl"
+    with log.open("ab") as fh:
+        fh.write(b'{"id": "cut sh')  # a writer killed mid-line: a reader must leave it as it is
+    before = log.read_bytes()
+    assert cli.main(["data", "report", str(data), "--out-dir", str(tmp_path / "r"), "--model", "none",
+                     "--review-dir", str(moved)]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Review" in md and "| Accepted | 1 |" in md and "| Rejected: dup | 1 |" in md
+    assert log.read_bytes() == before and sorted(p.name for p in moved.iterdir()) == ["log.jsonl"]
+    assert "review" not in write_report(data, tmp_path / "r2")["steps"]  # not beside the data: none
+    assert not review_dir_for(data).exists()  # and nothing made there
+    with pytest.raises(SftlabError, match="read-only"):
+        ReviewLog(log, read_only=True).append({"id": "x", "action": "accept"})
+    assert log.read_bytes() == before
+    assert cli.main(["data", "report", str(data), "--out-dir", str(tmp_path / "r3"), "--model", "none",
+                     "--review-dir", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere: no review log (log.jsonl) there" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_export_refuses_the_dataset_itself_and_the_review_folder(tmp_path, data, capsys):
+    from sftlab import cli
+
+    ReviewSession(data).act(item_ids(load_conversations(data))[0], {"action": "accept"})
+    before = data.read_bytes()
+    for out in (data, review_dir_for(data) / "out.jsonl", tmp_path / "data.jsonl.review"):
+        assert cli.main(["data", "review", str(data), "--export", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --export {out}: ") and ("dataset being reviewed" in err or "review folder" in err)
+    assert data.read_bytes() == before and sorted(p.name for p in review_dir_for(data).iterdir()) == ["log.jsonl"]
+    assert cli.main(["data", "review", str(data), "--export", str(tmp_path / "ok.jsonl")]) == 0
+
+
+def test_a_second_review_keeps_the_first_as_history(tmp_path, data):
+    first = ReviewSession(data)
+    first.act(first.ids[0], {"action": "label", "label": "math"})
+    first.act(first.ids[0], {"action": "accept"})
+    once = tmp_path / "once.jsonl"
+    save_conversations(once, first.approved())
+    earlier = load_conversations(once)[0].meta["review"]
+    second = ReviewSession(once)
+    second.act(second.ids[0], {"action": "score", "score": 2})
+    second.act(second.ids[0], {"action": "accept"})
+    twice = tmp_path / "twice.jsonl"
+    save_conversations(twice, second.approved())
+    review = load_conversations(twice)[0].meta["review"]
+    assert (review["source"], review["score"], review["labels"]) == (f"{once}:1", 2, [])
+    assert review["previous"] == earlier and earlier["source"] == f"{data}:1" and earlier["labels"] == ["math"]

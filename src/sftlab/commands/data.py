@@ -283,6 +283,7 @@ def report(
     validate_summary: Optional[Path] = typer.Option(None, "--validate-summary", help="A validate summary JSON (default: FILE's X.validate.json if present)."),
     curate_summary: Optional[Path] = typer.Option(None, "--curate-summary", help="A curate summary JSON (default: X.curate.json if present)."),
     split_summary: Optional[Path] = typer.Option(None, "--split-summary", help="A split.json (default: split.json beside FILE if present)."),
+    review_dir: Optional[Path] = typer.Option(None, "--review-dir", help="Review folder given to 'data review --review-dir' (default: FILE.review/ if present)."),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
 ) -> None:
@@ -299,7 +300,7 @@ def report(
         raise SftlabError(f"summary file not found: {', '.join(missing)}")
     summary = write_report(file, out_dir, tokenizer=_tokenizer(model, chat_template),
                            summaries={k: v for k, v in given.items() if v is not None},
-                           format=_schema(format, columns, cfg))
+                           format=_schema(format, columns, cfg), review_dir=review_dir)
     print(f"{summary['conversations']} conversations; steps included: {', '.join(summary['steps']) or 'none'}")
     print(f"wrote {out_dir / 'report.html'} and {out_dir / 'report.md'}")
 
@@ -320,6 +321,7 @@ def review(
     labels: Optional[str] = typer.Option(None, "--labels", help="Label choices offered on the page (and to --suggest models), comma-separated."),
     suggest: Optional[str] = typer.Option(None, "--suggest", help="Local model that pre-scores/labels every example ('default': the embedded model)."),
     suggest_url: Optional[str] = typer.Option(None, "--suggest-url", help="OpenAI-compatible endpoint (base URL ending in /v1) that pre-scores every example."),
+    suggest_chat_template: Optional[str] = typer.Option(None, "--suggest-chat-template", help="Chat template (.jinja) for the --suggest model (--chat-template is --model's)."),
     suggest_model: Optional[str] = typer.Option(None, "--suggest-model", help="Model name sent to --suggest-url."),
     suggest_api_key: Optional[str] = typer.Option(None, "--suggest-api-key", envvar="SFTLAB_SUGGEST_API_KEY", help="API key for --suggest-url."),
     review_dir: Optional[Path] = typer.Option(None, "--review-dir", help="Folder of the review log (default: FILE.review/ beside FILE)."),
@@ -345,6 +347,7 @@ def review(
     if export:
         from sftlab.data.load import save_conversations
 
+        session.check_export(export, _sidecar(export, "review"))
         n = save_conversations(export, session.approved())
         stats = session.stats()
         write_json(_sidecar(export, "review"), stats)
@@ -360,7 +363,7 @@ def review(
     app_ = create_app(session, api_key=api_key, allowed_hosts=LOOPBACK_HOSTS if host in LOOPBACK_HOSTS else None,
                       limits=GuardLimits(max_body_bytes, max_concurrent, body_timeout))
     if suggest or suggest_url:
-        suggester = (LocalSuggester(suggest, chat_template) if suggest
+        suggester = (LocalSuggester(suggest, suggest_chat_template) if suggest
                      else EndpointSuggester(suggest_url, suggest_model, suggest_api_key))
         start_suggestions(session, suggester)
     if session.log.skipped:

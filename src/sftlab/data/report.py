@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.data.conversation import Conversation
+from sftlab.errors import SftlabError
 
 
 def _lengths(texts: list[str], tokenizer) -> list[int]:
@@ -214,18 +215,25 @@ def find_summaries(data: str | Path) -> dict[str, Path]:
     return {k: v for k, v in found.items() if v.is_file()}
 
 
-def _review_stats(data: str | Path, convs: list[Conversation]) -> dict[str, Any] | None:
-    """Statistics of the review log beside `data` (`sftlab data review`), if there is one."""
+def _review_stats(data: str | Path, convs: list[Conversation], review_dir: str | Path | None = None
+                  ) -> dict[str, Any] | None:
+    """Statistics of the review log (`sftlab data review`) in `review_dir`, by default the one
+    beside `data`, if there is one; read without writing anything."""
     from sftlab.data.review.log import ReviewLog
     from sftlab.data.review.session import LOG_NAME, review_dir_for, review_stats
 
-    path = review_dir_for(data) / LOG_NAME
-    return review_stats(convs, ReviewLog(path)) if path.is_file() else None
+    path = Path(review_dir or review_dir_for(data)) / LOG_NAME
+    if not path.is_file():
+        if review_dir is not None:
+            raise SftlabError(f"{review_dir}: no review log ({LOG_NAME}) there")
+        return None
+    return review_stats(convs, ReviewLog(path, read_only=True))
 
 
 def write_report(data: str | Path, out_dir: str | Path, *, tokenizer=None, summaries: dict[str, Path] | None = None,
-                 format: str | None = None) -> dict[str, Any]:
-    """Write report.html, report.md, summary.json and plots/*.png into `out_dir`; return the summary."""
+                 format: str | None = None, review_dir: str | Path | None = None) -> dict[str, Any]:
+    """Write report.html, report.md, summary.json and plots/*.png into `out_dir`; return the summary.
+    `review_dir`: the review folder, when `sftlab data review --review-dir` moved it."""
     from sftlab.data.load import load_conversations
 
     out = Path(out_dir)
@@ -235,8 +243,9 @@ def write_report(data: str | Path, out_dir: str | Path, *, tokenizer=None, summa
     summary = {"dataset": str(data), **summary, "steps": {}}
     for name, path in {**find_summaries(data), **(summaries or {})}.items():
         summary["steps"][name] = json.loads(Path(path).read_text(encoding="utf-8"))
-    if "review" not in summary["steps"] and (stats := _review_stats(data, convs)) is not None:
-        summary["steps"]["review"] = stats
+    if review_dir is not None or "review" not in summary["steps"]:  # a log named outright comes first
+        if (stats := _review_stats(data, convs, review_dir)) is not None:
+            summary["steps"]["review"] = stats
     plots = _plots(summary, series)
     for name, png in plots.items():
         (out / "plots" / f"{name}.png").write_bytes(png)

@@ -76,15 +76,21 @@ class ReviewLog:
     `changed_since(seq)` names the ids touched after a given point (for the page's polling).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, read_only: bool = False):
+        """`read_only`: only read (as `sftlab data report` does): no folder or file is made, no
+        unfinished line closed, and `append` refuses."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         self.states: dict[str, ItemState] = {}
         self.seq = 0
         self.skipped: list[int] = []  # line numbers that could not be read (a write cut short)
         self._ids: list[str] = []  # id of each folded line, in order
         self._offset = 0
         self._lock = threading.Lock()
+        if read_only:
+            self.refresh()
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._locked(fcntl.LOCK_EX) as fh:
             size = fh.seek(0, os.SEEK_END)
             if size:
@@ -96,7 +102,7 @@ class ReviewLog:
     @contextmanager
     def _locked(self, mode: int) -> Iterator[BinaryIO]:
         """The log file, held under this process's lock and a `flock` (shared or exclusive)."""
-        with self._lock, open(self.path, "a+b") as fh:
+        with self._lock, open(self.path, "rb" if self.read_only else "a+b") as fh:
             fcntl.flock(fh, mode)
             try:
                 yield fh
@@ -132,6 +138,8 @@ class ReviewLog:
         `check(state)` runs on the up-to-date state under the lock, before writing; it may raise
         to refuse the action (e.g. an edit based on text another tab has changed since).
         """
+        if self.read_only:
+            raise SftlabError(f"{self.path} is open read-only")
         if entry.get("action") not in ACTIONS:
             raise SftlabError(f"unknown review action {entry.get('action')!r}; known: {', '.join(ACTIONS)}")
         entry = {"time": now(), **entry}

@@ -60,41 +60,54 @@ def item_ids(convs: list[Conversation]) -> list[str]:
     return ids
 
 
-def flag_examples(convs: list[Conversation], *, tokenizer=None, max_seq_length: int | None = None
-                  ) -> tuple[list[list[dict[str, str]]], list[int | None]]:
-    """Per example: the flags the curate/validate checks raise (duplicate or near-duplicate
-    of an earlier record, quality heuristics, PII, too long, augmentation provenance), and its
-    token count under the tokenizer's chat template (None without a tokenizer)."""
-    from sftlab.data.curate import CurateOptions, curate, scrub_pii
+def own_flags(conv: Conversation) -> list[dict[str, str]]:
+    """The flags an example raises on its own (curate's quality heuristics, PII, augmentation
+    provenance): recomputed on the edited text after an edit."""
+    from sftlab.data.curate import QUALITY_FILTERS, CurateOptions, answer_pairs, scrub_pii
 
+    opts = CurateOptions()
+    flags = []
+    quality = [(reason, check) for name, (reason, check) in QUALITY_FILTERS.items() if getattr(opts, name)]
+    bad = next(((reason, d) for reason, check in quality for p, a in answer_pairs(conv) if (d := check(p, a, opts))),
+               None)
+    if bad:
+        flags.append({"kind": bad[0], "detail": bad[1]})
+    found: Counter[str] = Counter()
+    for text in ([conv.text] if conv.text is not None else [m["content"] for m in conv.messages]):
+        scrub_pii(text, found)
+    if found:
+        flags.append({"kind": "PII", "detail": ", ".join(f"{k} x{n}" for k, n in found.items())})
+    if conv.meta.get("augmented_from"):
+        origin = conv.meta["augmented_from"]
+        origin = ", ".join(origin) if isinstance(origin, list) else str(origin)
+        flags.append({"kind": "augmented", "detail": f"from {origin} ({conv.meta.get('augmentation', '?')})"})
+    return flags
+
+
+def compared_flags(convs: list[Conversation]) -> list[list[dict[str, str]]]:
+    """Per example, the flags that compare it with the others (exact or near duplicate *of* an
+    earlier record), from `sftlab data curate`'s checks."""
+    from sftlab.data.curate import QUALITY_FILTERS, CurateOptions, curate
+
+    own = {reason for reason, _ in QUALITY_FILTERS.values()}
     flags: list[list[dict[str, str]]] = [[] for _ in convs]
     by_source = {c.source: i for i, c in enumerate(convs)}
     _, report = curate(convs, CurateOptions())
     for r in report.removals:
-        flag = {"kind": r["reason"], "detail": r["detail"]}
-        if r.get("duplicate_of"):
-            flag["detail"] = f"of {r['duplicate_of']} ({r['detail']})"
-        flags[by_source[r["source"]]].append(flag)
-    for i, conv in enumerate(convs):
-        found: Counter[str] = Counter()
-        for text in ([conv.text] if conv.text is not None else [m["content"] for m in conv.messages]):
-            scrub_pii(text, found)
-        if found:
-            flags[i].append({"kind": "PII", "detail": ", ".join(f"{k} x{n}" for k, n in found.items())})
-        if conv.meta.get("augmented_from"):
-            origin = conv.meta["augmented_from"]
-            origin = ", ".join(origin) if isinstance(origin, list) else str(origin)
-            flags[i].append({"kind": "augmented", "detail": f"from {origin} ({conv.meta.get('augmentation', '?')})"})
-    tokens: list[int | None] = [None] * len(convs)
-    if tokenizer is not None:
-        for i, result in enumerate(_render(convs, tokenizer)):
-            if isinstance(result, SftlabError):
-                flags[i].append({"kind": "cannot render", "detail": str(result)})
-                continue
-            tokens[i] = len(result)
-            if max_seq_length and len(result) > max_seq_length:
-                flags[i].append({"kind": "too long", "detail": f"{len(result)} tokens > {max_seq_length}"})
-    return flags, tokens
+        if r["reason"] in own:
+            continue
+        detail = f"of {r['duplicate_of']} ({r['detail']})" if r.get("duplicate_of") else r["detail"]
+        flags[by_source[r["source"]]].append({"kind": r["reason"], "detail": detail})
+    return flags
+
+
+def length_flags(rendered, max_seq_length: int | None) -> tuple[list[dict[str, str]], int | None]:
+    """Flags of one rendered example (or the DataError that rejected it), and its token count."""
+    if isinstance(rendered, SftlabError):
+        return [{"kind": "cannot render", "detail": str(rendered)}], None
+    n = len(rendered)
+    return ([{"kind": "too long", "detail": f"{n} tokens > {max_seq_length}"}] if max_seq_length and n > max_seq_length
+            else []), n
 
 
 def _render(convs: list[Conversation], tokenizer) -> list:
@@ -156,20 +169,32 @@ class ReviewSession:
         self.max_seq_length = max_seq_length
         self.labels = [check_label(label) for label in labels]
         self.suggest_status: dict[str, Any] = {"state": "off"}
+        self._rechecked: dict[tuple, tuple[list[dict[str, str]], int | None]] = {}  # see checked()
 
     # ---------------------------------------------------------------- reading
 
     @cached_property
-    def _checked(self) -> tuple[list[list[dict[str, str]]], list[int | None]]:
-        return flag_examples(self.convs, tokenizer=self.tokenizer, max_seq_length=self.max_seq_length)
+    def _checked(self) -> tuple[list[tuple[list[dict[str, str]], int | None]], list[list[dict[str, str]]]]:
+        """Every example's (flags, token count) as read from the file, and its flags that
+        compare it with the other records."""
+        compared = compared_flags(self.convs)
+        rendered = _render(self.convs, self.tokenizer) if self.tokenizer is not None else [None] * len(self.convs)
+        return [self._check(*args) for args in zip(self.convs, compared, rendered)], compared
+
+    def _check(self, conv: Conversation, compared: list[dict[str, str]], rendered) -> tuple[list[dict[str, str]], int | None]:
+        flags = own_flags(conv) + compared
+        if rendered is None:
+            return flags, None
+        more, tokens = length_flags(rendered, self.max_seq_length)
+        return flags + more, tokens
 
     @property
     def flags(self) -> list[list[dict[str, str]]]:
-        return self._checked[0]
+        return [flags for flags, _ in self._checked[0]]
 
     @property
     def tokens(self) -> list[int | None]:
-        return self._checked[1]
+        return [tokens for _, tokens in self._checked[0]]
 
     def position(self, item_id: str) -> int:
         if item_id not in self.index:
@@ -179,17 +204,29 @@ class ReviewSession:
     def current(self, i: int) -> Conversation:
         return edited(self.convs[i], self.log.state(self.ids[i]))
 
+    def checked(self, i: int) -> tuple[list[dict[str, str]], int | None]:
+        """Example i's flags and token count as it reads now: after an edit, its own checks
+        (quality, PII, length) run on the edited text, and the flags that compared the original
+        with other records are kept, marked "(before edit)"."""
+        edits = self.log.state(self.ids[i]).edits
+        if not edits:
+            return self._checked[0][i]
+        key = (i, tuple(sorted(edits.items())))
+        if key not in self._rechecked:
+            conv = self.current(i)
+            compared = [{**f, "detail": f"{f['detail']} (before edit)"} for f in self._checked[1][i]]
+            rendered = _render([conv], self.tokenizer)[0] if self.tokenizer is not None else None
+            self._rechecked[key] = self._check(conv, compared, rendered)
+        return self._rechecked[key]
+
     def item(self, item_id: str) -> dict[str, Any]:
         i = self.position(item_id)
         conv, state = self.convs[i], self.log.state(item_id)
         shown = self.current(i)
         messages = [{"role": "text", "content": shown.text}] if shown.text is not None else shown.messages
         originals = [conv.text] if conv.text is not None else [m["content"] for m in conv.messages]
-        tokens = self.tokens[i]
-        if state.edits and self.tokenizer is not None:
-            ex = _render([shown], self.tokenizer)[0]
-            tokens = None if isinstance(ex, SftlabError) else len(ex)
-        return {"id": item_id, "index": i, "source": conv.source, "flags": self.flags[i], "tokens": tokens,
+        flags, tokens = self.checked(i)
+        return {"id": item_id, "index": i, "source": conv.source, "flags": flags, "tokens": tokens,
                 "messages": [{**m, **({"original": originals[j]} if j in state.edits else {})}
                              for j, m in enumerate(messages)],
                 "meta": conv.meta, **state.to_json()}
@@ -214,7 +251,7 @@ class ReviewSession:
             state = self.log.state(item_id)
             if status and state.status != status:
                 continue
-            if flag and not any(f["kind"] == flag for f in self.flags[i]):
+            if flag and not any(f["kind"] == flag for f in self.checked(i)[0]):
                 continue
             if label and label not in state.labels:
                 continue
@@ -290,8 +327,21 @@ class ReviewSession:
 
     # ---------------------------------------------------------------- export
 
+    def check_export(self, out: str | Path, *also: str | Path) -> None:
+        """Refuse to export (`out` and the `also` files written with it) onto the dataset being
+        reviewed or into its review folder: either would destroy what the review is based on."""
+        data, folder = Path(self.data).resolve(), self.dir.resolve()
+        for path in (Path(out), *map(Path, also)):
+            target = path.resolve()
+            if target == data or (data.is_dir() and data in target.parents):
+                raise SftlabError(f"--export {out}: {path} would overwrite the dataset being reviewed; "
+                                  "export to a new file")
+            if target == folder or folder in target.parents:
+                raise SftlabError(f"--export {out}: {path} is inside the review folder {self.dir}; export elsewhere")
+
     def approved(self) -> list[Conversation]:
-        """The accepted examples, edits applied, with provenance and labels under `meta["review"]`."""
+        """The accepted examples, edits applied, with provenance and labels under `meta["review"]`
+        (a record's own earlier `review` goes under `review.previous`)."""
         self.log.refresh()
         out = []
         for i, item_id in enumerate(self.ids):
@@ -301,6 +351,8 @@ class ReviewSession:
             conv = self.current(i)
             review = {"id": item_id, "source": conv.source, "labels": state.labels, "score": state.score,
                       "edited_messages": sorted(state.edits), "reviewed_at": state.reviewed_at}
+            if "review" in conv.meta:  # reviewed before (an earlier export): keep that as history
+                review["previous"] = conv.meta["review"]
             out.append(Conversation(messages=conv.messages, text=conv.text, source=conv.source,
                                     meta={**conv.meta, "review": review}))
         return out

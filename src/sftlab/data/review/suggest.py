@@ -1,9 +1,9 @@
 """Model-assisted pre-labelling: a model scores (and, given categories, labels) each
 example; the result goes to the review log as a suggestion the person confirms or not.
 
-Two sources: a local model (a folder, run, .gguf or the embedded `default`), generating
-through `sftlab.evaluation.generate`, or any OpenAI-compatible endpoint (`sftlab serve`
-included). Suggestions run in a background thread while the page is in use, and an
+Two sources: a local model (a folder, run, .gguf or the embedded `default`), which picks
+the score and label it finds most likely (so even a small model gives one), or any
+OpenAI-compatible endpoint (`sftlab serve` included), whose greedy reply is parsed. Suggestions run in a background thread while the page is in use, and an
 example that already has one is skipped, so a restarted session carries on.
 """
 
@@ -18,6 +18,7 @@ from sftlab.errors import SftlabError
 
 MAX_TRANSCRIPT = 4000  # characters of the conversation shown to the model
 MAX_NEW_TOKENS = 24
+SCORES = ["1", "2", "3", "4", "5"]
 BATCH = 8
 
 PROMPT = """You review training examples for a chat assistant. Rate how good the assistant's \
@@ -55,7 +56,11 @@ def parse_suggestion(reply: str, labels: list[str]) -> dict[str, Any]:
 
 
 class LocalSuggester:
-    """Greedy answers from a local model, in batches."""
+    """Scores from a local model's next-token probabilities, not from free text: after the
+    prompt and the answer's start "score: ", the most likely of the tokens "1".."5" is the
+    score, and after "score: N\nlabel: " the most likely of the configured labels is the
+    label. So every example gets a score, even from a small model whose free-text replies
+    would not follow the format (the embedded default mostly answers the example instead)."""
 
     def __init__(self, model: str, chat_template: str | None = None):
         from sftlab.models import load_model, load_tokenizer
@@ -63,14 +68,52 @@ class LocalSuggester:
         self.name = model
         self.tokenizer = load_tokenizer(model, chat_template=chat_template)
         if not self.tokenizer.chat_template:
-            raise SftlabError(f"model '{model}' has no chat template: pass --chat-template FILE.jinja")
-        self.model = load_model(model)
+            raise SftlabError(f"model '{model}' has no chat template: pass --suggest-chat-template FILE.jinja")
+        self.model = load_model(model).eval()
 
-    def __call__(self, prompts: list[list[dict[str, str]]]) -> list[str]:
-        from sftlab.evaluation.generate import generate_batch
+    def __call__(self, prompts: list[list[dict[str, str]]], labels: list[str]) -> list[dict[str, Any]]:
+        return [self._suggest(messages, labels) for messages in prompts]
 
-        return generate_batch(self.model, self.tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS,
-                              batch_size=BATCH, progress=False)
+    def _suggest(self, messages: list[dict[str, str]], labels: list[str]) -> dict[str, Any]:
+        start = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + "score: "
+        k, p = self.choose(start, SCORES)
+        out = {"score": int(SCORES[k]), "label": None, "raw": f"score: {SCORES[k]} (p={p:.2f})"}
+        if labels:
+            j, q = self.choose(f"{start}{SCORES[k]}\nlabel: ", labels)
+            out.update(label=labels[j], raw=f"{out['raw']}\nlabel: {labels[j]} (p={q:.2f})")
+        return out
+
+    def choose(self, prefix: str, options: list[str]) -> tuple[int, float]:
+        """The option the model most likely writes after `prefix` (summed log-probability of its
+        tokens), and its probability relative to the other options. The shared prefix runs once;
+        each option's few tokens run on a copy of its key/value cache."""
+        import copy
+
+        import torch
+
+        from sftlab.evaluation.generate import check_fits
+
+        base = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        seqs = [self.tokenizer(prefix + o, add_special_tokens=False)["input_ids"] for o in options]
+        # where each option's own tokens start (a merge across the boundary moves it back)
+        starts = [max(1, next((j for j, (a, b) in enumerate(zip(base, s)) if a != b), min(len(base), len(s))))
+                  for s in seqs]
+        m = min(starts)
+        check_fits(self.model, max(map(len, seqs)), "a review suggestion", "the prompt")
+        with torch.inference_mode():
+            shared = self.model(input_ids=torch.tensor([base[:m]]), use_cache=True)
+            totals = []
+            for s, st in zip(seqs, starts):
+                rows = shared.logits[0, -1:]  # predicts token m
+                if len(s) > m + 1:  # the option's tokens after m predict the rest
+                    tail = self.model(input_ids=torch.tensor([s[m:-1]]), use_cache=True,
+                                      cache=copy.deepcopy(shared.cache))
+                    rows = torch.cat([rows, tail.logits[0]])
+                logp = rows.float().log_softmax(-1)
+                totals.append(sum(logp[j - m, s[j]].item() for j in range(st, len(s))))
+        probs = torch.tensor(totals).softmax(-1)
+        best = int(probs.argmax())
+        return best, float(probs[best])
 
 
 class EndpointSuggester:
@@ -85,7 +128,8 @@ class EndpointSuggester:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(headers=headers, timeout=timeout)
 
-    def __call__(self, prompts: list[list[dict[str, str]]]) -> list[str]:
+    def __call__(self, prompts: list[list[dict[str, str]]], labels: list[str]) -> list[dict[str, Any]]:
+        """The score and label parsed from each greedy reply (None where the reply has none)."""
         import httpx
 
         out = []
@@ -98,11 +142,14 @@ class EndpointSuggester:
                 raise SftlabError(f"suggestion endpoint {self.url}: {e}") from None
             if resp.status_code != 200:
                 raise SftlabError(f"suggestion endpoint {self.url} answered {resp.status_code}: {resp.text[:200]}")
-            out.append(resp.json()["choices"][0]["message"]["content"] or "")
+            out.append(parse_suggestion(resp.json()["choices"][0]["message"]["content"] or "", labels))
         return out
 
 
-def run_suggestions(session, suggester: Callable[[list[list[dict[str, str]]]], list[str]], *,
+Suggester = Callable[[list[list[dict[str, str]]], list[str]], list[dict[str, Any]]]
+
+
+def run_suggestions(session, suggester: Suggester, *,
                     batch_size: int = BATCH) -> None:
     """Suggest for every example that has no suggestion yet, `batch_size` at a time.
     Progress and failures go to `session.suggest_status` (shown on the page)."""
@@ -114,8 +161,8 @@ def run_suggestions(session, suggester: Callable[[list[list[dict[str, str]]]], l
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             prompts = [suggestion_prompt(session.current(session.position(i)), session.labels) for i in batch]
-            for item_id, reply in zip(batch, suggester(prompts)):
-                session.suggest(item_id, {**parse_suggestion(reply, session.labels), "by": name})
+            for item_id, suggestion in zip(batch, suggester(prompts, session.labels)):
+                session.suggest(item_id, {**suggestion, "by": name})
             status["done"] += len(batch)
         status["state"] = "done"
     except Exception as e:  # shown on the page; the review itself goes on
