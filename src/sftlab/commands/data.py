@@ -445,12 +445,20 @@ def pairs(
     from sftlab.train.mistake_pairs import pairs_from_model
 
     reading = _reading(data, _schema(format, columns), skip=skip, rejects=rejects, out=out)
-    conversations = [c for c in reading.load() if c.reference() is not None]
-    _print_rejects(reading)
+    conversations = reading.load()
+    if not skip:  # skip mode rejects (and counts) them with the prompts the model cannot take, below
+        conversations = [c for c in conversations if c.reference() is not None]
     conversations = conversations[:limit] if limit else conversations
     if not conversations:
         raise SftlabError(f"{data}: no example with a reference answer")
-    found, stats = pairs_from_model(load_model(model), load_tokenizer(model), conversations,
+    llm, tokenizer = load_model(model), load_tokenizer(model)
+    if skip:
+        from sftlab.evaluation.evaluate import answerable
+
+        with reading:
+            conversations = answerable(conversations, llm, tokenizer, max_new_tokens=max_new_tokens, reject=reading.reject)
+        _print_rejects(reading)
+    found, stats = pairs_from_model(llm, tokenizer, conversations,
                                     max_new_tokens=max_new_tokens, batch_size=batch_size, anchors=anchors, group=group)
     written = save_conversations(out, (to_conversation(p, p["source"]) for p in found))
     write_json(_sidecar(out, "pairs"), {"model": model, "data": data, **stats.to_json(), "reading": reading.to_json()})

@@ -18,20 +18,17 @@ def split_names(values: Optional[list[str]]) -> Optional[list[str]]:
     return names or None
 
 
-def load_eval_data(data: str, *, format: Optional[str], split: Optional[str], limit: Optional[int],
-                   skip: bool = False, rejects: Optional[Path] = None):
-    """The examples to evaluate on; in skip mode bad records go to `rejects` and the counts are printed."""
-    from sftlab.data.load import Reading
+def load_eval_data(data, *, format: Optional[str], split: Optional[str], limit: Optional[int]):
+    """The examples to evaluate on: `data` a path, read strictly, or a Reading (e.g. in skip mode)."""
+    from sftlab.data.load import as_reading
     from sftlab.errors import SftlabError
 
-    reading = Reading(data, format=format, split=split, skip=skip, rejects_path=rejects)
+    reading = as_reading(data, format, split)
     conversations = reading.load()
-    if skip:
-        print("\n".join(reading.report_lines()))
     if limit is not None:
         conversations = conversations[:limit]
     if not conversations:
-        raise SftlabError(f"{data}: no examples to evaluate")
+        raise SftlabError(f"{reading.path}: no examples to evaluate")
     return conversations
 
 
@@ -72,11 +69,12 @@ def run_eval(
         probe = "bias"
     if data is None and probe is None:
         raise SftlabError("give --data FILE to evaluate on (or --probe bias to run only the bias probes)")
+    from sftlab.data.load import Reading
     from sftlab.models import is_run_dir, load_model, load_tokenizer
 
     out_dir = out or (Path(model) / "eval" if is_run_dir(model) else Path("eval-results"))
-    conversations = load_eval_data(data, format=format, split=split, limit=limit, skip=skip,
-                                   rejects=rejects or out_dir / "rejects.jsonl") if data else None
+    reading = Reading(data, format=format, split=split, skip=skip, rejects_path=rejects or out_dir / "rejects.jsonl") if data else None
+    conversations = load_eval_data(reading, format=format, split=split, limit=limit) if reading else None
     from sftlab.evaluation.metrics import MODEL_METRICS, resolve
 
     names = split_names(metrics)
@@ -88,7 +86,13 @@ def run_eval(
     tokenizer = load_tokenizer(model)
     llm = load_model(model)
     if conversations is not None:
-        from sftlab.evaluation.evaluate import evaluate
+        from sftlab.evaluation.evaluate import answerable, evaluate
+
+        if skip:
+            with reading:
+                conversations = answerable(conversations, llm, tokenizer, max_new_tokens=max_new_tokens,
+                                           reject=reading.reject)
+            print("\n".join(reading.report_lines()))
 
         result = evaluate(llm, tokenizer, conversations, metrics=names, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, group_by=group_by or None, do_sample=sample,

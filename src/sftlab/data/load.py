@@ -65,6 +65,7 @@ class RejectLog:
         self.path = Path(path) if path else None
         self.counts: Counter[str] = Counter()
         self._fh = None
+        self._mode = "w"  # the first open starts the file; a reopen after close() appends
 
     def add(self, source: str, reason: str, raw: Any, kind: str | None = None) -> None:
         self.counts[kind or reason] += 1
@@ -72,7 +73,8 @@ class RejectLog:
             return
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "w", encoding="utf-8")
+            self._fh = open(self.path, self._mode, encoding="utf-8")
+            self._mode = "a"
         line = {"source": source, "kind": kind or reason, "reason": reason, "raw": raw}
         self._fh.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
 
