@@ -237,21 +237,24 @@ def test_skip_data_commands(name, tmp_path, capsys, quick):
             assert code == 1 and f"{path}: no records to review" in one_line_error(err)
             continue
         assert code == 0, (command, err)
-        assert printed_counts(err if command == "inspect" else stdout) == (case.good + case.bad, case.good, case.bad), command
+        printed = err if command == "inspect" else stdout
+        assert printed_counts(printed) == (case.good + case.bad, case.good, case.bad), command
         assert count_lines(out / rejects_name) == case.bad, command
         if case.bad:
-            assert f"rejects written to {out / rejects_name}" in (err if command == "inspect" else stdout), command
+            assert f"rejects written to {out / rejects_name}" in printed, command
         for reject in map(json.loads, (out / rejects_name).read_text().splitlines() if case.bad else []):
             assert reject["source"].startswith(f"{path}:") and reject["reason"], command
         if summary_name:
             reading = json.loads((out / summary_name).read_text())["reading"]
-            assert (reading["records_in"], reading["kept"], reading["rejected"]) == (case.good + case.bad, case.good, case.bad)
+            counts = (reading["records_in"], reading["kept"], reading["rejected"])
+            assert counts == (case.good + case.bad, case.good, case.bad), command
         if command == "split":
             assert sum(json.loads((out / "split.json").read_text())["sizes"].values()) == case.good
         if command == "inspect":
             assert len(stdout.splitlines()) == case.good
         if command == "report":
             assert json.loads((out / "summary.json").read_text())["conversations"] == case.good
+            assert ("Rejected on reading" in (out / "report.md").read_text()) == bool(case.bad)
         if command == "review":
             assert json.loads((out / summary_name).read_text())["total"] == case.good
 

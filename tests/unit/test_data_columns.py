@@ -157,10 +157,10 @@ def test_pairs_takes_columns(tmp_path, tiny_model_dir, capsys):
 
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"q": f"Question {i}?", "a": f"Answer {i}."}) + "\n" for i in range(3)))
-    out = tmp_path / "p.jsonl"
-    assert main(["data", "pairs", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", "2"]) == 1
+    argv = ["data", "pairs", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "p.jsonl"),
+            "--max-new-tokens", "2"]
+    assert main(argv) == 1
     assert "unknown schema" in capsys.readouterr().err
-    assert main(["data", "pairs", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", "2",
-                 "--columns", "prompt=q,response=a"]) == 0
+    assert main([*argv, "--columns", "prompt=q,response=a"]) == 0
     stats = json.loads((tmp_path / "p.pairs.json").read_text())
     assert stats["examples"] == 3 and stats["reading"]["kept"] == 3

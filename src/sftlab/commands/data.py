@@ -131,7 +131,7 @@ def _reading(file: str, fmt, *, skip: bool, rejects: Optional[Path], split: Opti
     return Reading(file, format=fmt, split=split, skip=skip, rejects_path=_rejects_path(skip, rejects, file, **beside))
 
 
-def _print_rejects(reading, stderr: bool = False) -> None:
+def print_rejects(reading, stderr: bool = False) -> None:
     """In skip mode: records in, kept, rejected by kind, and where the rejects went."""
     if reading.skip:
         typer.echo("\n".join(reading.report_lines()), err=stderr)
@@ -159,7 +159,7 @@ def inspect(
     train_on = "last" if last_turn_only else (cfg.data.train_on if cfg else "all")
     reading = _reading(_data_file(file, cfg), _schema(format, columns, cfg), skip=skip, rejects=rejects)
     inspect_file(reading, model=model, chat_template=chat_template, as_json=json_, limit=limit, train_on=train_on)
-    _print_rejects(reading, stderr=True)
+    print_rejects(reading, stderr=True)
 
 
 @app.command()
@@ -227,7 +227,7 @@ def curate(
     opts = _options(CurateOptions, config, set_, decontaminate=decontaminate or None, pii=pii or None)
     reading = _reading(file, _schema(format, columns), skip=skip, rejects=rejects, split=split, out=out)
     kept, report = run(reading.load(), opts, tokenizer=_tokenizer(model, chat_template), progress=True)
-    _print_rejects(reading)
+    print_rejects(reading)
     save_conversations(out, kept)
     removed = removed or _sidecar(out, "removed", "jsonl")
     with open(removed, "w", encoding="utf-8") as f:
@@ -267,14 +267,15 @@ def split(
     split_names = [n.strip() for n in names.split(",") if n.strip()]
     paths = {n: inside(out_dir, f"{n}.{ext}", "split name") for n in split_names}
     reading = _reading(file, _schema(format, columns), skip=skip, rejects=rejects, split=from_split, out_dir=out_dir)
-    parts = split_conversations(reading.load(), split_names, parse_ratios(ratios, split_names), seed=seed, stratify=stratify)
-    _print_rejects(reading)
+    parts = split_conversations(reading.load(), split_names, parse_ratios(ratios, split_names), seed=seed,
+                                stratify=stratify)
+    print_rejects(reading)
     sizes = {}
     for name, convs in parts.items():
         sizes[name] = save_conversations(paths[name], convs)
         print(f"{name:>12}  {sizes[name]:>7}  {paths[name]}")
-    write_json(out_dir / "split.json", {"input": file, "sizes": sizes, "ratios": ratios, "seed": seed, "stratify": stratify,
-                                        "reading": reading.to_json()})
+    write_json(out_dir / "split.json", {"input": file, "sizes": sizes, "ratios": ratios, "seed": seed,
+                                        "stratify": stratify, "reading": reading.to_json()})
 
 
 @app.command(epilog="Options for --set / --config:\n\n" + _field_help(AugmentOptions))
@@ -302,7 +303,7 @@ def augment(
                     chat_template=chat_template, copies=copies, seed=seed)
     reading = _reading(file, _schema(format, columns), skip=skip, rejects=rejects, out=out)
     convs = reading.load()
-    _print_rejects(reading)
+    print_rejects(reading)
     new, report = run(convs, opts)
     n = save_conversations(out, new if only_new else [*convs, *new])
     write_json(_sidecar(out, "augment"), {**report.to_json(), "reading": reading.to_json()})
@@ -342,7 +343,7 @@ def report(
     reading = _reading(file, _schema(format, columns, cfg), skip=skip, rejects=rejects, out_dir=out_dir)
     summary = write_report(reading, out_dir, tokenizer=_tokenizer(model, chat_template),
                            summaries={k: v for k, v in given.items() if v is not None})
-    _print_rejects(reading)
+    print_rejects(reading)
     print(f"{summary['conversations']} conversations; steps included: {', '.join(summary['steps']) or 'none'}")
     print(f"wrote {out_dir / 'report.html'} and {out_dir / 'report.md'}")
 
@@ -389,7 +390,7 @@ def review(
     reading = _reading(file, _schema(format, columns), skip=skip, rejects=rejects, split=split, out=export)
     session = ReviewSession(reading, review_dir=review_dir, labels=choices,
                             tokenizer=None if export else _tokenizer(model, chat_template), max_seq_length=max_seq_length)
-    _print_rejects(reading)
+    print_rejects(reading)
     if export:
         from sftlab.data.load import save_conversations
 
@@ -456,8 +457,9 @@ def pairs(
         from sftlab.evaluation.evaluate import answerable
 
         with reading:
-            conversations = answerable(conversations, llm, tokenizer, max_new_tokens=max_new_tokens, reject=reading.reject)
-        _print_rejects(reading)
+            conversations = answerable(conversations, llm, tokenizer, max_new_tokens=max_new_tokens,
+                                       reject=reading.reject)
+        print_rejects(reading)
     found, stats = pairs_from_model(llm, tokenizer, conversations,
                                     max_new_tokens=max_new_tokens, batch_size=batch_size, anchors=anchors, group=group)
     written = save_conversations(out, (to_conversation(p, p["source"]) for p in found))

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sftlab.commands.data import REJECTS_HELP, SKIP_HELP
+from sftlab.commands.data import REJECTS_HELP, SKIP_HELP, print_rejects
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
@@ -73,7 +73,8 @@ def run_eval(
     from sftlab.models import is_run_dir, load_model, load_tokenizer
 
     out_dir = out or (Path(model) / "eval" if is_run_dir(model) else Path("eval-results"))
-    reading = Reading(data, format=format, split=split, skip=skip, rejects_path=rejects or out_dir / "rejects.jsonl") if data else None
+    reading = (Reading(data, format=format, split=split, skip=skip, rejects_path=rejects or out_dir / "rejects.jsonl")
+               if data else None)
     conversations = load_eval_data(reading, format=format, split=split, limit=limit) if reading else None
     from sftlab.evaluation.metrics import MODEL_METRICS, resolve
 
@@ -92,7 +93,7 @@ def run_eval(
             with reading:
                 conversations = answerable(conversations, llm, tokenizer, max_new_tokens=max_new_tokens,
                                            reject=reading.reject)
-            print("\n".join(reading.report_lines()))
+            print_rejects(reading)
 
         result = evaluate(llm, tokenizer, conversations, metrics=names, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, group_by=group_by or None, do_sample=sample,

@@ -507,8 +507,8 @@ class Reading:
     that finds a conversation unusable (a chat template that raises) passes it to `reject`.
     """
 
-    def __init__(self, path: str | Path, *, format: str | Columns | None = None, split: str | None = None, skip: bool = False,
-                 rejects_path: str | Path | None = None):
+    def __init__(self, path: str | Path, *, format: str | Columns | None = None, split: str | None = None,
+                 skip: bool = False, rejects_path: str | Path | None = None):
         self.path, self.format, self.split, self.skip = str(path), format, split, skip
         self.rejects = RejectLog(rejects_path if skip else None)
         self.read = 0  # conversations handed on, including those rejected later by `reject`

@@ -125,7 +125,7 @@ def load_preferences(path: str, tokenizer, data, *, paired: bool, rejects_path: 
                  rejects_path=rejects_path) as reading:
         rows = render_preferences(reading, tokenizer, paired=paired, max_seq_length=data.max_seq_length,
                                   on_error=data.on_error, rejects=reading.rejects, stats=stats)
-    stats.records += reading.rejected - stats.rejected  # records rejected while reading never reached render_preferences
+    stats.records += reading.rejected - stats.rejected  # those rejected while reading never reached render_preferences
     stats.rejected = reading.rejected
     if not rows:
         raise SftlabError(f"{path}: no usable preference record ({stats.summary()})")
