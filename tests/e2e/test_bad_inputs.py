@@ -207,7 +207,7 @@ SKIP_OUTPUTS = {  # where each command, given --skip, writes its rejects and its
     "augment": ("a.rejects.jsonl", "a.augment.json"),
     "report": ("rejects.jsonl", "summary.json"),
     "review": ("r.rejects.jsonl", "r.review.json"),
-    "inspect": ("rejects.jsonl", None),
+    "inspect": ("{stem}.rejects.jsonl", None),  # inspect writes no file: ./<FILE>.rejects.jsonl
 }
 COUNTS = re.compile(r"^records in (\d+): kept (\d+), rejected (\d+)$", re.M)
 
@@ -220,15 +220,17 @@ def printed_counts(text: str) -> tuple[int, int, int]:
 
 
 @pytest.mark.parametrize("name", FILES)
-def test_skip_data_commands(name, tmp_path, capsys, quick):
+def test_skip_data_commands(name, tmp_path, capsys, quick, monkeypatch):
     """The same commands with --skip: every good record is kept, every bad one is in the rejects
-    file with its file:line, records in == kept + rejected, printed and in the summary JSON."""
+    file (by default beside the output) with its file:line, records in == kept + rejected,
+    printed and in the summary JSON."""
     case, path = CASES[name], BAD / name
+    monkeypatch.chdir(tmp_path)
     for command, argv in DATA_COMMANDS.items():
         out = tmp_path / command
         rejects_name, summary_name = SKIP_OUTPUTS[command]
-        extra = ["--rejects", out / rejects_name] if command == "inspect" else []
-        code, stdout, err = run(capsys, *argv(path, out), "--skip", *extra)
+        rejects = (Path() if command == "inspect" else out) / rejects_name.format(stem=path.stem)
+        code, stdout, err = run(capsys, *argv(path, out), "--skip")
         if case.fatal:
             assert code == 1, (command, err)
             assert_names_record(err, name)
@@ -239,10 +241,10 @@ def test_skip_data_commands(name, tmp_path, capsys, quick):
         assert code == 0, (command, err)
         printed = err if command == "inspect" else stdout
         assert printed_counts(printed) == (case.good + case.bad, case.good, case.bad), command
-        assert count_lines(out / rejects_name) == case.bad, command
+        assert count_lines(rejects) == case.bad, command
         if case.bad:
-            assert f"rejects written to {out / rejects_name}" in printed, command
-        for reject in map(json.loads, (out / rejects_name).read_text().splitlines() if case.bad else []):
+            assert f"rejects written to {rejects}" in printed, command
+        for reject in map(json.loads, rejects.read_text().splitlines() if case.bad else []):
             assert reject["source"].startswith(f"{path}:") and reject["reason"], command
         if summary_name:
             reading = json.loads((out / summary_name).read_text())["reading"]
