@@ -7,7 +7,9 @@ records in == kept + rejected. CASES says what each file holds; make_bad.py how 
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from sftlab.cli import main
+from sftlab.models import load_model, load_tokenizer
 
 BAD = Path(__file__).parents[1] / "data" / "bad"
 TOKENIZER = Path(__file__).parents[1] / "fixtures" / "smollm2-tokenizer"
@@ -157,8 +160,24 @@ DATA_COMMANDS = {
 }
 
 
+@pytest.fixture
+def quick(monkeypatch):
+    """The data commands without the parts that are slow and read no data: drawing the report's
+    plots, and loading the same tokenizer again for every file."""
+    import sftlab.data.report
+    import sftlab.models
+
+    monkeypatch.setattr(sftlab.data.report, "_plots", lambda summary, series: {})
+    monkeypatch.setattr(sftlab.models, "load_tokenizer", _cached_tokenizer)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(name_or_path, **options):
+    return load_tokenizer(name_or_path, **options)
+
+
 @pytest.mark.parametrize("name", FILES)
-def test_strict_data_commands(name, tmp_path, capsys):
+def test_strict_data_commands(name, tmp_path, capsys, quick):
     """curate, split, augment, report, review --export and inspect read strictly: a bad record stops
     them with its file:line; a clean file goes through with all its records."""
     case, path = CASES[name], BAD / name
@@ -180,6 +199,66 @@ def test_strict_data_commands(name, tmp_path, capsys):
                 assert len(stdout.splitlines()) == case.good
             if command == "report":
                 assert json.loads((out / "summary.json").read_text())["conversations"] == case.good
+
+
+SKIP_OUTPUTS = {  # where each command, given --skip, writes its rejects and its summary (with "reading")
+    "curate": ("c.rejects.jsonl", "c.curate.json"),
+    "split": ("rejects.jsonl", "split.json"),
+    "augment": ("a.rejects.jsonl", "a.augment.json"),
+    "report": ("rejects.jsonl", "summary.json"),
+    "review": ("r.rejects.jsonl", "r.review.json"),
+    "inspect": ("{stem}.rejects.jsonl", None),  # inspect writes no file: ./<FILE>.rejects.jsonl
+}
+COUNTS = re.compile(r"^records in (\d+): kept (\d+), rejected (\d+)$", re.M)
+
+
+def printed_counts(text: str) -> tuple[int, int, int]:
+    """The skip-mode line every command prints: records in, kept, rejected."""
+    match = COUNTS.search(text)
+    assert match, text
+    return tuple(map(int, match.groups()))
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_skip_data_commands(name, tmp_path, capsys, quick, monkeypatch):
+    """The same commands with --skip: every good record is kept, every bad one is in the rejects
+    file (by default beside the output) with its file:line, records in == kept + rejected,
+    printed and in the summary JSON."""
+    case, path = CASES[name], BAD / name
+    monkeypatch.chdir(tmp_path)
+    for command, argv in DATA_COMMANDS.items():
+        out = tmp_path / command
+        rejects_name, summary_name = SKIP_OUTPUTS[command]
+        rejects = (Path() if command == "inspect" else out) / rejects_name.format(stem=path.stem)
+        code, stdout, err = run(capsys, *argv(path, out), "--skip")
+        if case.fatal:
+            assert code == 1, (command, err)
+            assert_names_record(err, name)
+            continue
+        if command == "review" and case.good == 0:
+            assert code == 1 and f"{path}: no records to review" in one_line_error(err)
+            continue
+        assert code == 0, (command, err)
+        printed = err if command == "inspect" else stdout
+        assert printed_counts(printed) == (case.good + case.bad, case.good, case.bad), command
+        assert count_lines(rejects) == case.bad, command
+        if case.bad:
+            assert f"rejects written to {rejects}" in printed, command
+        for reject in map(json.loads, rejects.read_text().splitlines() if case.bad else []):
+            assert reject["source"].startswith(f"{path}:") and reject["reason"], command
+        if summary_name:
+            reading = json.loads((out / summary_name).read_text())["reading"]
+            counts = (reading["records_in"], reading["kept"], reading["rejected"])
+            assert counts == (case.good + case.bad, case.good, case.bad), command
+        if command == "split":
+            assert sum(json.loads((out / "split.json").read_text())["sizes"].values()) == case.good
+        if command == "inspect":
+            assert len(stdout.splitlines()) == case.good
+        if command == "report":
+            assert json.loads((out / "summary.json").read_text())["conversations"] == case.good
+            assert ("Rejected on reading" in (out / "report.md").read_text()) == bool(case.bad)
+        if command == "review":
+            assert json.loads((out / summary_name).read_text())["total"] == case.good
 
 
 def test_empty_inputs_report(tmp_path, capsys):
@@ -351,22 +430,89 @@ def test_train_strict_and_template_errors_name_the_record(tiny_model_dir, tmp_pa
     assert (info["records"], info["examples"], info["rejected"]) == (3, 2, 1)
 
 
-@pytest.mark.parametrize("name,message", [
-    ("long_line.jsonl", ":2: the prompt is "),  # longer than the model's context: not a 60 GB attention mask
-    ("bad_middle.jsonl", ":3: malformed JSON"),
-    ("truncated.parquet", ": not a readable Parquet file"),
-])
-def test_eval_names_the_bad_record(name, message, tiny_model_dir, tmp_path, capsys):
-    code, _, err = run(capsys, "eval", tiny_model_dir, "--data", BAD / name, "--out", tmp_path, "--max-new-tokens", "2",
-                       "--metrics", "exact_match")
-    assert code == 1 and f"error: {BAD / name}{message}" in one_line_error(err)
+EVAL_UNUSABLE: dict[str, tuple[int, str]] = {  # good records eval cannot ask the model: how many, the first
+    "long_line.jsonl": (1, ":2: the prompt is "),  # longer than the tiny model's context
+    "long_field.csv": (1, ":2: the prompt is "),
+    "mixed_schemas.jsonl": (1, ":6: no assistant answer"),  # raw text: no answer to compare with
+}
 
 
-def test_pairs_names_the_bad_record(tiny_model_dir, tmp_path, capsys):
-    for name, message in (("long_line.jsonl", ":2: the prompt is "), ("cut_array.json", ":6: malformed JSON")):
-        code, _, err = run(capsys, "data", "pairs", tiny_model_dir, "--data", BAD / name, "--out", tmp_path / "p.jsonl",
-                           "--max-new-tokens", "2")
-        assert code == 1 and f"error: {BAD / name}{message}" in one_line_error(err)
+@functools.lru_cache(maxsize=1)
+def _cached_model(name_or_path, **options):
+    return load_model(name_or_path, **options)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_eval_strict_and_skip(name, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """`sftlab eval` on every file (the model loaded once): strict stops at the first bad record;
+    --skip evaluates every usable record and rejects the rest, records in == kept + rejected."""
+    import sftlab.models
+
+    monkeypatch.setattr(sftlab.models, "load_model", _cached_model)
+    monkeypatch.setattr(sftlab.models, "load_tokenizer", _cached_tokenizer)
+    case, path = CASES[name], BAD / name
+    unusable, where = EVAL_UNUSABLE.get(name, (0, None))
+    argv = ["eval", tiny_model_dir, "--data", path, "--max-new-tokens", "1", "--metrics", "exact_match"]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "strict")
+    if case.bad or case.fatal:
+        assert code == 1
+        assert_names_record(err, name)
+    elif unusable:
+        assert code == 1 and f"error: {path}{where}" in one_line_error(err)
+    elif case.good == 0:
+        assert code == 1 and f"{path}: no examples to evaluate" in one_line_error(err)
+    else:
+        assert code == 0, err
+        assert count_lines(tmp_path / "strict" / "predictions.jsonl") == case.good
+    out = tmp_path / "skip"
+    code, stdout, err = run(capsys, *argv, "--out", out, "--skip")
+    if assert_skip_counts(name, code, stdout, err, out / "rejects.jsonl"):
+        assert count_lines(out / "predictions.jsonl") == case.good - unusable
+
+
+def assert_skip_counts(name: str, code: int, stdout: str, err: str, rejects: Path) -> bool:
+    """eval or pairs in skip mode: every usable record answered, the rest rejected and counted.
+    False where there was nothing to answer (an unreadable or empty file: exit 1)."""
+    case, path = CASES[name], BAD / name
+    unusable, where = EVAL_UNUSABLE.get(name, (0, None))
+    if case.fatal:
+        assert code == 1
+        assert_names_record(err, name)
+        return False
+    if case.good == 0:
+        assert code == 1 and f"{path}: no exam" in one_line_error(err)
+        return False
+    assert code == 0, err
+    assert printed_counts(stdout) == (case.good + case.bad, case.good - unusable, case.bad + unusable)
+    assert count_lines(rejects) == case.bad + unusable
+    lines = [json.loads(x) for x in rejects.read_text(encoding="utf-8").splitlines()] if rejects.exists() else []
+    assert all(r["source"].startswith(f"{path}:") for r in lines)
+    if unusable:
+        assert any(f"{r['source']}: {r['reason']}".startswith(f"{path}{where}") for r in lines), lines
+    return True
+
+
+def test_pairs_strict_and_skip(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """`sftlab data pairs` (it asks the model, as eval does) on every file, strict and --skip."""
+    import sftlab.models
+
+    monkeypatch.setattr(sftlab.models, "load_model", _cached_model)
+    monkeypatch.setattr(sftlab.models, "load_tokenizer", _cached_tokenizer)
+    for name in FILES:
+        case, path = CASES[name], BAD / name
+        argv = ["data", "pairs", tiny_model_dir, "--data", path, "--max-new-tokens", "1"]
+        code, _, err = run(capsys, *argv, "--out", tmp_path / "strict.jsonl")
+        unusable, where = EVAL_UNUSABLE.get(name, (0, None))
+        if case.bad or case.fatal:
+            assert code == 1, name
+            assert_names_record(err, name)
+        elif unusable and "prompt" in where:  # strict pairs leaves out records without an answer
+            assert code == 1 and f"error: {path}{where}" in one_line_error(err)
+        out = tmp_path / name / "pairs.jsonl"
+        code, stdout, err = run(capsys, *argv, "--out", out, "--skip")
+        if assert_skip_counts(name, code, stdout, err, tmp_path / name / "pairs.rejects.jsonl"):
+            reading = json.loads((tmp_path / name / "pairs.pairs.json").read_text())["reading"]
+            assert reading["kept"] == json.loads((tmp_path / name / "pairs.pairs.json").read_text())["examples"]
 
 
 def test_eval_on_odd_but_readable_data(tiny_model_dir, tmp_path, capsys):
@@ -374,6 +520,34 @@ def test_eval_on_odd_but_readable_data(tiny_model_dir, tmp_path, capsys):
                        "--max-new-tokens", "2", "--metrics", "exact_match,perplexity")
     assert code == 0, err
     assert count_lines(tmp_path / "predictions.jsonl") == 4
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_align_data_path_counts_every_record(on_error, tokenizer, tmp_path):
+    """What `sftlab align` does with each file (load_preferences: read, pair, render), in both modes.
+    Only preference pairs are usable: any other record is one more reject, never a silent drop."""
+    from sftlab.config import DataConfig
+    from sftlab.errors import SftlabError
+    from sftlab.train.preference import load_preferences
+
+    for name in FILES:
+        case, path = CASES[name], BAD / name
+        data = DataConfig(train=str(path), max_seq_length=512, on_error=on_error)
+        rejects = tmp_path / f"{name}.rejects.jsonl"
+        try:
+            rows, stats = load_preferences(data.train, tokenizer, data, paired=True, rejects_path=rejects)
+        except SftlabError as e:
+            message = str(e)
+            assert message.startswith(f"{path}:") and "\n" not in message, (name, message)
+            if case.fatal:
+                assert message.startswith(f"{path}{case.where}"), (name, message)
+            elif on_error == "skip":  # no pair among them: every record is in the rejects file
+                assert "no usable preference record" in message and count_lines(rejects) == case.good + case.bad, name
+            continue
+        assert stats.records == case.good + case.bad, name
+        assert stats.records == len(rows) + stats.rejected + stats.too_long, name
+        assert stats.rejected >= case.bad and count_lines(rejects) == stats.rejected, name
+        assert on_error == "skip" or stats.rejected == 0, name
 
 
 def test_align_skip_counts_and_strict_error(tiny_model_dir, tmp_path, capsys):

@@ -140,3 +140,27 @@ def test_the_data_commands_take_columns(tmp_path, tokenizer, capsys):
     assert main(["data", "inspect", str(data), "--columns", "prompt=q,response=a", "--model", str(TOKENIZER_DIR)]) == 0
     out = capsys.readouterr().out
     assert out.count("trained (highlighted green)") == 3 and "first 3 examples shown" in out
+    cols = ["--columns", "prompt=q,response=a"]
+    assert main(["data", "curate", str(data), *cols, "--out", str(tmp_path / "c.jsonl")]) == 0
+    assert main(["data", "augment", str(data), *cols, "--out", str(tmp_path / "a.jsonl"), "--strategy", "system"]) == 0
+    assert main(["data", "review", str(data), *cols, "--export", str(tmp_path / "r.jsonl")]) == 0
+    assert main(["data", "report", str(data), *cols, "--out-dir", str(tmp_path / "report"), "--model", "none"]) == 0
+    capsys.readouterr()
+    for name, n in (("c.curate.json", 5), ("a.augment.json", 5), ("r.review.json", 5), ("report/summary.json", 5)):
+        assert json.loads((tmp_path / name).read_text())["reading"]["kept"] == n, name
+    first = json.loads((tmp_path / "c.jsonl").open().readline())["messages"]
+    assert first == msgs(("user", "Question 0?"), ("assistant", "Answer 0."))
+
+
+def test_pairs_takes_columns(tmp_path, tiny_model_dir, capsys):
+    from sftlab.cli import main
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": f"Question {i}?", "a": f"Answer {i}."}) + "\n" for i in range(3)))
+    argv = ["data", "pairs", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "p.jsonl"),
+            "--max-new-tokens", "2"]
+    assert main(argv) == 1
+    assert "unknown schema" in capsys.readouterr().err
+    assert main([*argv, "--columns", "prompt=q,response=a"]) == 0
+    stats = json.loads((tmp_path / "p.pairs.json").read_text())
+    assert stats["examples"] == 3 and stats["reading"]["kept"] == 3

@@ -27,6 +27,8 @@ COLUMNS_HELP = ("Which column is which, for data in no detected schema: ROLE=COL
 TEMPLATE_HELP = "Chat template: chatml, llama3, mistral, gemma, alpaca, or a .jinja file (default: the tokenizer's)."
 CONFIG_HELP = "A train config (YAML): model, chat template, data format/columns and train file are read from it; flags win."
 SET_HELP = "Override an option: KEY=VALUE (YAML value; dotted keys for nested options). Repeatable."
+SKIP_HELP = "Skip bad records into a rejects file instead of stopping at the first."
+REJECTS_HELP = "Rejects file (skip mode; default {}).".format
 
 
 def _options(model_cls, config: Optional[Path], sets: Optional[list[str]], **given):
@@ -105,8 +107,34 @@ def _tokenizer(model: Optional[str], chat_template: Optional[str]):
     return load_tokenizer(model, chat_template=chat_template)
 
 
-def _sidecar(out: Path, name: str) -> Path:
-    return out.with_name(f"{out.name.rsplit('.', 1)[0]}.{name}.json")
+def _sidecar(out: Path, name: str, ext: str = "json") -> Path:
+    return out.with_name(f"{out.name.rsplit('.', 1)[0]}.{name}.{ext}")
+
+
+def _rejects_path(skip: bool, rejects: Optional[Path], file: str, *, out: Optional[Path] = None,
+                  out_dir: Optional[Path] = None) -> Optional[Path]:
+    """--rejects, else in skip mode beside the output: OUT.rejects.jsonl, OUT_DIR/rejects.jsonl,
+    or ./<FILE>.rejects.jsonl for a command that writes no file."""
+    if not skip or rejects is not None:
+        return rejects
+    if out is not None:
+        return _sidecar(out, "rejects", "jsonl")
+    if out_dir is not None:
+        return out_dir / "rejects.jsonl"
+    return Path(f"{Path(file).stem}.rejects.jsonl")
+
+
+def _reading(file: str, fmt, *, skip: bool, rejects: Optional[Path], split: Optional[str] = None, **beside):
+    """The input in strict or skip mode (the one reader every data command shares)."""
+    from sftlab.data.load import Reading
+
+    return Reading(file, format=fmt, split=split, skip=skip, rejects_path=_rejects_path(skip, rejects, file, **beside))
+
+
+def print_rejects(reading, stderr: bool = False) -> None:
+    """In skip mode: records in, kept, rejected by kind, and where the rejects went."""
+    if reading.skip:
+        typer.echo("\n".join(reading.report_lines()), err=stderr)
 
 
 @app.command()
@@ -120,6 +148,8 @@ def inspect(
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
     last_turn_only: bool = typer.Option(False, "--last-turn-only", help="Train on the last assistant turn only."),
+    skip: bool = typer.Option(False, "--skip", help=SKIP_HELP + " Counts go to stderr."),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help=REJECTS_HELP("./<FILE>.rejects.jsonl")),
 ) -> None:
     """Show rendered examples with the trained tokens highlighted (or as JSON)."""
     from sftlab.data.inspect import inspect_file
@@ -127,16 +157,17 @@ def inspect(
     cfg = _train_config(config)
     model, chat_template = _model_and_template(model, chat_template, cfg)
     train_on = "last" if last_turn_only else (cfg.data.train_on if cfg else "all")
-    inspect_file(_data_file(file, cfg), model=model, chat_template=chat_template, as_json=json_, limit=limit,
-                 format=_schema(format, columns, cfg), train_on=train_on)
+    reading = _reading(_data_file(file, cfg), _schema(format, columns, cfg), skip=skip, rejects=rejects)
+    inspect_file(reading, model=model, chat_template=chat_template, as_json=json_, limit=limit, train_on=train_on)
+    print_rejects(reading, stderr=True)
 
 
 @app.command()
 def validate(
     file: str = typer.Argument(..., help="Dataset file, saved HF dataset folder, or HF dataset id."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the kept records here (.jsonl or .parquet)."),
-    skip: bool = typer.Option(False, "--skip", help="Skip bad records into a rejects file instead of stopping at the first."),
-    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Rejects file (skip mode; default OUT.rejects.jsonl or ./<FILE>.rejects.jsonl)."),
+    skip: bool = typer.Option(False, "--skip", help=SKIP_HELP),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help=REJECTS_HELP("OUT.rejects.jsonl or ./<FILE>.rejects.jsonl")),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
     split: Optional[str] = typer.Option(None, "--split", help="Split to read when the input holds several."),
@@ -149,6 +180,7 @@ def validate(
 ) -> None:
     """Check every record; strict (exit 1 at the first bad one) or --skip (rejects file + counts)."""
     from sftlab.data.formats import Columns
+    from sftlab.data.load import reject_lines
     from sftlab.data.validate import ValidateOptions, validate as run
     from sftlab.errors import SftlabError
 
@@ -157,16 +189,13 @@ def validate(
     opts = _options(ValidateOptions, None, None, format=format, columns=Columns.parse(columns) if columns else None,
                     split=split, on_error="skip" if skip else "raise",
                     dedup=not no_dedup, max_seq_length=max_seq_length, length_policy=length_policy)
-    if skip and rejects is None:
-        rejects = out.with_name(f"{out.name.rsplit('.', 1)[0]}.rejects.jsonl") if out else Path(f"{Path(file).stem}.rejects.jsonl")
+    rejects = _rejects_path(skip, rejects, file, out=out)
     report = run(file, opts, out=out, rejects_path=rejects, tokenizer=_tokenizer(model, chat_template), progress=True)
     data = report.to_json()
     print(f"records in {report.records_in}: kept {report.kept}, rejected {report.rejected_total}, "
           f"exact duplicates {report.duplicates}" + (f", truncated {report.truncated}" if report.truncated else ""))
-    for kind, n in report.rejected.most_common():
-        print(f"  rejected  {n:>7}  {kind}")
-    if report.rejected_total:
-        print(f"rejects written to {rejects}")
+    for line in reject_lines(dict(report.rejected.most_common()), rejects):
+        print(line)
     summary = summary or (_sidecar(out, "validate") if out else None)
     if summary:
         write_json(summary, data)
@@ -188,19 +217,22 @@ def curate(
     columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
     split: Optional[str] = typer.Option(None, "--split", help="Split to read when the input holds several."),
     removed: Optional[Path] = typer.Option(None, "--removed", help="Removed records with reasons (default OUT.removed.jsonl)."),
+    skip: bool = typer.Option(False, "--skip", help=SKIP_HELP),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help=REJECTS_HELP("OUT.rejects.jsonl")),
 ) -> None:
     """Exact and near-duplicate removal, quality and length filters, PII scrubbing, decontamination."""
     from sftlab.data.curate import curate as run
-    from sftlab.data.load import load_conversations, save_conversations
+    from sftlab.data.load import save_conversations
 
     opts = _options(CurateOptions, config, set_, decontaminate=decontaminate or None, pii=pii or None)
-    convs = load_conversations(file, format=_schema(format, columns), split=split)
-    kept, report = run(convs, opts, tokenizer=_tokenizer(model, chat_template), progress=True)
+    reading = _reading(file, _schema(format, columns), skip=skip, rejects=rejects, split=split, out=out)
+    kept, report = run(reading.load(), opts, tokenizer=_tokenizer(model, chat_template), progress=True)
+    print_rejects(reading)
     save_conversations(out, kept)
-    removed = removed or out.with_name(f"{out.name.rsplit('.', 1)[0]}.removed.jsonl")
+    removed = removed or _sidecar(out, "removed", "jsonl")
     with open(removed, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in report.removals)
-    write_json(_sidecar(out, "curate"), report.to_json())
+    write_json(_sidecar(out, "curate"), {**report.to_json(), "reading": reading.to_json()})
     print(f"records in {report.records_in}: kept {report.kept}, removed {report.records_in - report.kept}")
     for reason, n in report.removed.most_common():
         print(f"  removed  {n:>7}  {reason}")
@@ -221,9 +253,11 @@ def split(
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
     from_split: Optional[str] = typer.Option(None, "--split", help="Split to read when the input holds several."),
+    skip: bool = typer.Option(False, "--skip", help=SKIP_HELP),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help=REJECTS_HELP("OUT_DIR/rejects.jsonl")),
 ) -> None:
     """Deterministic seeded train/validation/test split, optionally stratified by a field."""
-    from sftlab.data.load import load_conversations, save_conversations
+    from sftlab.data.load import save_conversations
     from sftlab.data.split import parse_ratios, split_conversations
     from sftlab.errors import SftlabError
     from sftlab.files import inside
@@ -232,13 +266,16 @@ def split(
         raise SftlabError(f"--ext must be jsonl or parquet, got '{ext}'")
     split_names = [n.strip() for n in names.split(",") if n.strip()]
     paths = {n: inside(out_dir, f"{n}.{ext}", "split name") for n in split_names}
-    parts = split_conversations(load_conversations(file, format=_schema(format, columns), split=from_split), split_names,
-                                parse_ratios(ratios, split_names), seed=seed, stratify=stratify)
+    reading = _reading(file, _schema(format, columns), skip=skip, rejects=rejects, split=from_split, out_dir=out_dir)
+    parts = split_conversations(reading.load(), split_names, parse_ratios(ratios, split_names), seed=seed,
+                                stratify=stratify)
+    print_rejects(reading)
     sizes = {}
     for name, convs in parts.items():
         sizes[name] = save_conversations(paths[name], convs)
         print(f"{name:>12}  {sizes[name]:>7}  {paths[name]}")
-    write_json(out_dir / "split.json", {"input": file, "sizes": sizes, "ratios": ratios, "seed": seed, "stratify": stratify})
+    write_json(out_dir / "split.json", {"input": file, "sizes": sizes, "ratios": ratios, "seed": seed,
+                                        "stratify": stratify, "reading": reading.to_json()})
 
 
 @app.command(epilog="Options for --set / --config:\n\n" + _field_help(AugmentOptions))
@@ -255,17 +292,21 @@ def augment(
     only_new: bool = typer.Option(False, "--only-new", help="Write only the new records, not the originals."),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
+    skip: bool = typer.Option(False, "--skip", help=SKIP_HELP),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help=REJECTS_HELP("OUT.rejects.jsonl")),
 ) -> None:
     """Rule-based and model-based augmentation with provenance (augmented_from), then dedup/quality filtered."""
     from sftlab.data.augment import augment as run
-    from sftlab.data.load import load_conversations, save_conversations
+    from sftlab.data.load import save_conversations
 
     opts = _options(AugmentOptions, config, set_, strategies=strategy or None, model=model,
                     chat_template=chat_template, copies=copies, seed=seed)
-    convs = load_conversations(file, format=_schema(format, columns))
+    reading = _reading(file, _schema(format, columns), skip=skip, rejects=rejects, out=out)
+    convs = reading.load()
+    print_rejects(reading)
     new, report = run(convs, opts)
     n = save_conversations(out, new if only_new else [*convs, *new])
-    write_json(_sidecar(out, "augment"), report.to_json())
+    write_json(_sidecar(out, "augment"), {**report.to_json(), "reading": reading.to_json()})
     for s in opts.strategies:
         print(f"{s:>18}: generated {report.generated[s]:>6}, kept {report.kept[s]:>6}")
     if report.unparseable:
@@ -286,6 +327,8 @@ def report(
     review_dir: Optional[Path] = typer.Option(None, "--review-dir", help="Review folder given to 'data review --review-dir' (default: FILE.review/ if present)."),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
+    skip: bool = typer.Option(False, "--skip", help=SKIP_HELP),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help=REJECTS_HELP("OUT_DIR/rejects.jsonl")),
 ) -> None:
     """Self-contained HTML + Markdown report with plots, and summary.json with every number."""
     from sftlab.data.report import write_report
@@ -298,9 +341,10 @@ def report(
     missing = [str(p) for p in given.values() if p is not None and not p.is_file()]
     if missing:
         raise SftlabError(f"summary file not found: {', '.join(missing)}")
-    summary = write_report(file, out_dir, tokenizer=_tokenizer(model, chat_template),
-                           summaries={k: v for k, v in given.items() if v is not None},
-                           format=_schema(format, columns, cfg), review_dir=review_dir)
+    reading = _reading(file, _schema(format, columns, cfg), skip=skip, rejects=rejects, out_dir=out_dir)
+    summary = write_report(reading, out_dir, tokenizer=_tokenizer(model, chat_template),
+                           summaries={k: v for k, v in given.items() if v is not None}, review_dir=review_dir)
+    print_rejects(reading)
     print(f"{summary['conversations']} conversations; steps included: {', '.join(summary['steps']) or 'none'}")
     print(f"wrote {out_dir / 'report.html'} and {out_dir / 'report.md'}")
 
@@ -327,7 +371,10 @@ def review(
     review_dir: Optional[Path] = typer.Option(None, "--review-dir", help="Folder of the review log (default: FILE.review/ beside FILE)."),
     export: Optional[Path] = typer.Option(None, "--export", help="Write the accepted (edited) records here (.jsonl or .parquet) and exit."),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
     split: Optional[str] = typer.Option(None, "--split", help="Split to read when the input holds several."),
+    skip: bool = typer.Option(False, "--skip", help=SKIP_HELP + " Only the good ones are reviewed."),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help=REJECTS_HELP("EXPORT.rejects.jsonl or ./<FILE>.rejects.jsonl")),
 ) -> None:
     """Local web page to read, label, score, fix and accept or reject examples; every decision is logged."""
     from sftlab.data.review.session import ReviewSession
@@ -342,15 +389,17 @@ def review(
 
         api_key = read_api_key(api_key, api_key_file)
     choices = [x.strip() for x in (labels or "").split(",") if x.strip()]
-    session = ReviewSession(file, review_dir=review_dir, format=format, split=split, labels=choices,
+    reading = _reading(file, _schema(format, columns), skip=skip, rejects=rejects, split=split, out=export)
+    session = ReviewSession(reading, review_dir=review_dir, labels=choices,
                             tokenizer=None if export else _tokenizer(model, chat_template), max_seq_length=max_seq_length)
+    print_rejects(reading)
     if export:
         from sftlab.data.load import save_conversations
 
         session.check_export(export, _sidecar(export, "review"))
         n = save_conversations(export, session.approved())
         stats = session.stats()
-        write_json(_sidecar(export, "review"), stats)
+        write_json(_sidecar(export, "review"), {**stats, "reading": reading.to_json()})
         print(f"reviewed {stats['reviewed']} / {stats['total']}: accepted {stats['accepted']}, "
               f"rejected {stats['rejected']}, edited {stats['edited']}")
         print(f"wrote {n} accepted records to {export}")
@@ -381,6 +430,9 @@ def pairs(
     data: str = typer.Option(..., "--data", help="Examples with reference answers (any supported format)."),
     out: Path = typer.Option(..., "--out", help="Preference pairs to write (.jsonl or .parquet)."),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
+    skip: bool = typer.Option(False, "--skip", help=SKIP_HELP),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help=REJECTS_HELP("OUT.rejects.jsonl")),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N examples."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest generated answer."),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts generated together."),
@@ -390,20 +442,31 @@ def pairs(
     group: str = typer.Option("task", "--group", help="Field whose value groups examples for anchor pairs."),
 ) -> None:
     """Preference pairs from a model's mistakes: reference answer chosen, the model's wrong answer rejected."""
-    from sftlab.data.load import load_conversations, save_conversations
+    from sftlab.data.load import save_conversations
     from sftlab.data.formats import to_conversation
     from sftlab.errors import SftlabError
     from sftlab.models import load_model, load_tokenizer
     from sftlab.train.mistake_pairs import pairs_from_model
 
-    conversations = [c for c in load_conversations(data, format=format) if c.reference() is not None]
+    reading = _reading(data, _schema(format, columns), skip=skip, rejects=rejects, out=out)
+    conversations = reading.load()
+    if not skip:  # skip mode rejects (and counts) them with the prompts the model cannot take, below
+        conversations = [c for c in conversations if c.reference() is not None]
     conversations = conversations[:limit] if limit else conversations
     if not conversations:
         raise SftlabError(f"{data}: no example with a reference answer")
-    found, stats = pairs_from_model(load_model(model), load_tokenizer(model), conversations,
+    llm, tokenizer = load_model(model), load_tokenizer(model)
+    if skip:
+        from sftlab.evaluation.evaluate import answerable
+
+        with reading:
+            conversations = answerable(conversations, llm, tokenizer, max_new_tokens=max_new_tokens,
+                                       reject=reading.reject)
+        print_rejects(reading)
+    found, stats = pairs_from_model(llm, tokenizer, conversations,
                                     max_new_tokens=max_new_tokens, batch_size=batch_size, anchors=anchors, group=group)
     written = save_conversations(out, (to_conversation(p, p["source"]) for p in found))
-    write_json(_sidecar(out, "pairs"), {"model": model, "data": data, **stats.to_json()})
+    write_json(_sidecar(out, "pairs"), {"model": model, "data": data, **stats.to_json(), "reading": reading.to_json()})
     print(f"{stats.examples} examples: {stats.correct} right, {stats.empty} empty answers, "
           f"{stats.pairs} pairs from wrong answers" + (f" + {stats.anchors} anchor pairs" if anchors else "")
           + f" -> {out} ({written} written)")

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from sftlab.commands.data import REJECTS_HELP, SKIP_HELP, print_rejects
+
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
 
@@ -16,15 +18,17 @@ def split_names(values: Optional[list[str]]) -> Optional[list[str]]:
     return names or None
 
 
-def load_eval_data(data: str, *, format: Optional[str], split: Optional[str], limit: Optional[int]):
-    from sftlab.data.load import load_conversations
+def load_eval_data(data, *, format: Optional[str], split: Optional[str], limit: Optional[int]):
+    """The examples to evaluate on: `data` a path, read strictly, or a Reading (e.g. in skip mode)."""
+    from sftlab.data.load import as_reading
     from sftlab.errors import SftlabError
 
-    conversations = load_conversations(data, format=format, split=split)
+    reading = as_reading(data, format, split)
+    conversations = reading.load()
     if limit is not None:
         conversations = conversations[:limit]
     if not conversations:
-        raise SftlabError(f"{data}: no examples to evaluate")
+        raise SftlabError(f"{reading.path}: no examples to evaluate")
     return conversations
 
 
@@ -52,6 +56,8 @@ def run_eval(
     split: Optional[str] = typer.Option(None, "--split", help="Split to read when the file holds several."),
     format: Optional[str] = typer.Option(None, "--format", help="Input schema, when detection is not enough."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N examples."),
+    skip: bool = typer.Option(False, "--skip", help=SKIP_HELP),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help=REJECTS_HELP("OUT/rejects.jsonl")),
     probe: Optional[str] = typer.Option(None, "--probe", help="Also run a probe set: 'bias'."),
     probe_file: Optional[list[Path]] = typer.Option(None, "--probe-file", help="Extra bias probes (JSONL); repeatable."),
 ) -> None:
@@ -63,7 +69,13 @@ def run_eval(
         probe = "bias"
     if data is None and probe is None:
         raise SftlabError("give --data FILE to evaluate on (or --probe bias to run only the bias probes)")
-    conversations = load_eval_data(data, format=format, split=split, limit=limit) if data else None
+    from sftlab.data.load import Reading
+    from sftlab.models import is_run_dir, load_model, load_tokenizer
+
+    out_dir = out or (Path(model) / "eval" if is_run_dir(model) else Path("eval-results"))
+    reading = (Reading(data, format=format, split=split, skip=skip, rejects_path=rejects or out_dir / "rejects.jsonl")
+               if data else None)
+    conversations = load_eval_data(reading, format=format, split=split, limit=limit) if reading else None
     from sftlab.evaluation.metrics import MODEL_METRICS, resolve
 
     names = split_names(metrics)
@@ -71,13 +83,17 @@ def run_eval(
         resolve([n for n in names if n not in MODEL_METRICS])  # fail on a bad name before loading the model
 
     from sftlab.evaluation.console import print_bias, print_eval
-    from sftlab.models import is_run_dir, load_model, load_tokenizer
 
-    out_dir = out or (Path(model) / "eval" if is_run_dir(model) else Path("eval-results"))
     tokenizer = load_tokenizer(model)
     llm = load_model(model)
     if conversations is not None:
-        from sftlab.evaluation.evaluate import evaluate
+        from sftlab.evaluation.evaluate import answerable, evaluate
+
+        if skip:
+            with reading:
+                conversations = answerable(conversations, llm, tokenizer, max_new_tokens=max_new_tokens,
+                                           reject=reading.reject)
+            print_rejects(reading)
 
         result = evaluate(llm, tokenizer, conversations, metrics=names, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, group_by=group_by or None, do_sample=sample,

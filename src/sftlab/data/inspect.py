@@ -7,6 +7,7 @@ import sys
 from itertools import islice
 
 from sftlab.data.formats import Columns
+from sftlab.data.load import Reading, as_reading
 from sftlab.data.render import IGNORE, RenderOptions, iter_rendered
 from sftlab.errors import DataError
 
@@ -14,7 +15,7 @@ SCREEN_LIMIT = 3  # examples shown on screen when no limit is given; JSON prints
 
 
 def inspect_file(
-    path: str,
+    path: str | Reading,
     *,
     model: str = "default",
     chat_template: str | None = None,
@@ -26,20 +27,27 @@ def inspect_file(
     """Print the examples of `path` rendered as training renders them; returns how many were shown.
 
     `limit` None means every example with `as_json`, and the first SCREEN_LIMIT on screen
-    (saying how to see more), so a script reading the JSON never loses rows.
+    (saying how to see more), so a script reading the JSON never loses rows. Given a Reading
+    in skip mode, a conversation the chat template cannot render is rejected, not fatal.
     """
-    from sftlab.data.load import iter_conversations
     from sftlab.models import load_tokenizer
 
     tokenizer = load_tokenizer(model, chat_template=chat_template)
-    conversations = iter_conversations(path, format=format)
+    reading = as_reading(path, format)
     shown_limit = limit if limit is not None or as_json else SCREEN_LIMIT
+    with reading:
+        return _show(reading, tokenizer, as_json, limit, shown_limit, train_on)
+
+
+def _show(reading: Reading, tokenizer, as_json: bool, limit: int | None, shown_limit: int | None, train_on: str) -> int:
+    conversations = iter(reading)
     if shown_limit is not None:
         conversations = islice(conversations, shown_limit + (limit is None))  # one more: is there more?
     shown = 0
-    for _, ex in iter_rendered(conversations, tokenizer, RenderOptions(train_on=train_on)):
+    for conv, ex in iter_rendered(conversations, tokenizer, RenderOptions(train_on=train_on)):
         if isinstance(ex, DataError):
-            raise ex
+            reading.reject(ex, conv.to_json())
+            continue
         if shown_limit is not None and shown == shown_limit:
             print(f"(first {shown} examples shown; --limit N shows more, --json prints all)")
             break

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from sftlab.data.conversation import Conversation, jsonable
-from sftlab.data.formats import RecordError, check_format_name, detect_format, to_conversation
+from sftlab.data.formats import Columns, RecordError, check_format_name, detect_format, to_conversation
 from sftlab.errors import DataError, SftlabError
 
 ON_ERROR = ("raise", "skip")
@@ -65,6 +65,7 @@ class RejectLog:
         self.path = Path(path) if path else None
         self.counts: Counter[str] = Counter()
         self._fh = None
+        self._mode = "w"  # the first open starts the file; a reopen after close() appends
 
     def add(self, source: str, reason: str, raw: Any, kind: str | None = None) -> None:
         self.counts[kind or reason] += 1
@@ -72,7 +73,8 @@ class RejectLog:
             return
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "w", encoding="utf-8")
+            self._fh = open(self.path, self._mode, encoding="utf-8")
+            self._mode = "a"
         line = {"source": source, "kind": kind or reason, "reason": reason, "raw": raw}
         self._fh.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
 
@@ -494,6 +496,84 @@ def iter_conversations(path: str | Path, format: str | None = None, split: str |
 def load_conversations(path: str | Path, format: str | None = None, split: str | None = None,
                        on_error: str = "raise", rejects: RejectLog | None = None) -> list[Conversation]:
     return list(iter_conversations(path, format=format, split=split, on_error=on_error, rejects=rejects))
+
+
+class Reading:
+    """Conversations read from one input in strict mode (the first bad record raises) or skip
+    mode (bad records go to a `RejectLog`, written to `rejects_path` if given), with the counts
+    every command reports: records in = kept + rejected.
+
+    Iterate it to stream the conversations (or call `load()` for a list); a step after reading
+    that finds a conversation unusable (a chat template that raises) passes it to `reject`.
+    """
+
+    def __init__(self, path: str | Path, *, format: str | Columns | None = None, split: str | None = None,
+                 skip: bool = False, rejects_path: str | Path | None = None):
+        self.path, self.format, self.split, self.skip = str(path), format, split, skip
+        self.rejects = RejectLog(rejects_path if skip else None)
+        self.read = 0  # conversations handed on, including those rejected later by `reject`
+        self.later = 0  # of those, rejected after reading
+
+    def __iter__(self) -> Iterator[Conversation]:
+        for conv in iter_conversations(self.path, format=self.format, split=self.split,
+                                       on_error="skip" if self.skip else "raise", rejects=self.rejects):
+            self.read += 1
+            yield conv
+
+    def load(self) -> list[Conversation]:
+        with self:
+            return list(self)
+
+    def __enter__(self) -> Reading:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.rejects.close()
+
+    def reject(self, err: DataError, raw: Any) -> None:
+        """A conversation found unusable after reading: raises in strict mode, else is counted."""
+        if not self.skip:
+            raise err
+        self.rejects.add_error(err, raw)
+        self.later += 1
+
+    @property
+    def rejected(self) -> int:
+        return self.rejects.total
+
+    @property
+    def kept(self) -> int:
+        return self.read - self.later
+
+    @property
+    def records_in(self) -> int:
+        return self.kept + self.rejected
+
+    @property
+    def rejects_file(self) -> str | None:
+        return str(self.rejects.path) if self.rejected and self.rejects.path else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"input": self.path, "records_in": self.records_in, "kept": self.kept, "rejected": self.rejected,
+                "rejected_by_reason": self.rejects.summary(), "rejects_file": self.rejects_file}
+
+    def report_lines(self) -> list[str]:
+        """What skip mode tells the user: the counts, the rejects by kind, where they were written."""
+        return [f"records in {self.records_in}: kept {self.kept}, rejected {self.rejected}",
+                *reject_lines(self.rejects.summary(), self.rejects_file)]
+
+
+def as_reading(data: str | Path | Reading, format: str | Columns | None = None, split: str | None = None) -> Reading:
+    """`data` itself when it is a Reading (the caller chose the mode), else a strict one of it."""
+    return data if isinstance(data, Reading) else Reading(data, format=format, split=split)
+
+
+def reject_lines(by_kind: dict[str, int], rejects_file: str | Path | None) -> list[str]:
+    """Rejects by kind, most frequent first, and where they were written."""
+    lines = [f"  rejected  {n:>7}  {kind}" for kind, n in by_kind.items()]
+    if rejects_file and by_kind:
+        lines.append(f"rejects written to {rejects_file}")
+    return lines
 
 
 class ConversationWriter:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.data.conversation import Conversation
+from sftlab.data.load import Reading, as_reading
 from sftlab.errors import SftlabError
 
 
@@ -126,6 +127,9 @@ def _sections(summary: dict[str, Any]) -> list[tuple[str, list[tuple[str, Any]],
     unit = summary["length_unit"]
     out = [("Dataset", [("Conversations", summary["conversations"]), ("Chat conversations", summary["chat"]),
                         ("Raw-text records", summary["raw_text"]), ("Length unit", unit)], [])]
+    reading = summary.get("reading", {})
+    if reading.get("rejected"):  # read in skip mode: what was left out of the numbers below
+        out[0][1].extend([("Rejected on reading", reading["rejected"]), ("Rejects file", reading["rejects_file"])])
     for key, title in (("prompt_length", "Prompt length"), ("response_length", "Response length"),
                        ("raw_text_length", "Raw text length")):
         if summary[key].get("count"):
@@ -230,17 +234,19 @@ def _review_stats(data: str | Path, convs: list[Conversation], review_dir: str |
     return review_stats(convs, ReviewLog(path, read_only=True))
 
 
-def write_report(data: str | Path, out_dir: str | Path, *, tokenizer=None, summaries: dict[str, Path] | None = None,
-                 format: str | None = None, review_dir: str | Path | None = None) -> dict[str, Any]:
+def write_report(data: str | Path | Reading, out_dir: str | Path, *, tokenizer=None,
+                 summaries: dict[str, Path] | None = None, format: str | None = None,
+                 review_dir: str | Path | None = None) -> dict[str, Any]:
     """Write report.html, report.md, summary.json and plots/*.png into `out_dir`; return the summary.
+    `data`: a dataset path, read strictly, or a Reading (e.g. in skip mode: its counts go in `reading`).
     `review_dir`: the review folder, when `sftlab data review --review-dir` moved it."""
-    from sftlab.data.load import load_conversations
-
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    convs = load_conversations(data, format=format)
+    reading = as_reading(data, format)
+    data = reading.path
+    convs = reading.load()
     summary, series = dataset_summary(convs, tokenizer)
-    summary = {"dataset": str(data), **summary, "steps": {}}
+    summary = {"dataset": data, **summary, "reading": reading.to_json(), "steps": {}}
     for name, path in {**find_summaries(data), **(summaries or {})}.items():
         summary["steps"][name] = json.loads(Path(path).read_text(encoding="utf-8"))
     if review_dir is not None or "review" not in summary["steps"]:  # a log named outright comes first

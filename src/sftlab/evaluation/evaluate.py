@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,14 +111,38 @@ def scores_of(records: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[s
     return out
 
 
+def check_evaluable(c: Conversation) -> None:
+    if c.is_raw_text or c.reference() is None:
+        raise DataError(c.source, "no assistant answer to evaluate against")
+    if not c.prompt_messages():
+        raise DataError(c.source, "no prompt before the assistant answer")
+
+
 def _check_conversations(conversations: Sequence[Conversation]) -> None:
     if not conversations:
         raise SftlabError("no conversations to evaluate")
     for c in conversations:
-        if c.is_raw_text or c.reference() is None:
-            raise DataError(c.source, "no assistant answer to evaluate against")
-        if not c.prompt_messages():
-            raise DataError(c.source, "no prompt before the assistant answer")
+        check_evaluable(c)
+
+
+def answerable(conversations: Sequence[Conversation], model, tokenizer, *, max_new_tokens: int,
+               reject: Callable[[DataError, Any], None]) -> list[Conversation]:
+    """The conversations the model can be asked (skip mode, before generating): each other one
+    (no answer to compare with, no prompt, a prompt the chat template cannot render or that
+    with `max_new_tokens` overflows the model's context) goes to `reject(error, record)`."""
+    from sftlab.evaluation.generate import check_fits, prompt_ids
+
+    kept = []
+    for c in conversations:
+        try:
+            check_evaluable(c)
+            check_fits(model, len(prompt_ids(tokenizer, c.prompt_messages(), c.source)), c.source, "the prompt",
+                       max_new_tokens)
+        except DataError as e:
+            reject(e, c.to_json())
+        else:
+            kept.append(c)
+    return kept
 
 
 def evaluate(

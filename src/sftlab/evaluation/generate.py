@@ -11,7 +11,7 @@ from typing import Any
 from sftlab.serve.generation import stop_token_ids
 
 
-def _prompt_ids(tokenizer, messages: list[dict], source: str) -> list[int]:
+def prompt_ids(tokenizer, messages: list[dict], source: str) -> list[int]:
     from sftlab.data.render import template_name
     from sftlab.errors import DataError
 
@@ -82,7 +82,7 @@ def generate_ids(
     encoded = []
     for i, p in enumerate(prompts):
         source = sources[i] if sources else f"prompt {i + 1}"
-        encoded.append(_prompt_ids(tokenizer, p, source))
+        encoded.append(prompt_ids(tokenizer, p, source))
         check_fits(model, len(encoded[-1]), source, "the prompt", max_new_tokens)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     answers: list[list[int]] = [[] for _ in prompts]

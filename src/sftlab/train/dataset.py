@@ -101,41 +101,34 @@ def _render_file(path: str, tokenizer, data: DataConfig, opts: RenderOptions, st
     """Read, validate, curate and render one data file, counting every record in `stats`.
     Without curation the file streams into the renderer, so reading overlaps tokenization."""
     from sftlab.data.formats import schema
-    from sftlab.data.load import RejectLog, iter_conversations
+    from sftlab.data.load import Reading
 
-    rejects = RejectLog(rejects_path) if data.on_error == "skip" else None
-    conversations = iter_conversations(path, format=schema(data.format, data.columns), split=data.split,
-                                       on_error=data.on_error, rejects=rejects)
+    reading = Reading(path, format=schema(data.format, data.columns), split=data.split,
+                      skip=data.on_error == "skip", rejects_path=rejects_path)
+    conversations = iter(reading)
     if data.curate is not None:
         from sftlab.data.curate import curate
 
         conversations, report = curate(list(conversations), data.curate, tokenizer=tokenizer)
         stats.curated = report.to_json()
     examples = []
-    rendered = failed = 0
-    for conv, item in iter_rendered(conversations, tokenizer, opts):
-        rendered += 1
-        if isinstance(item, TooLong):
-            stats.too_long += 1
-            stats.dropped.append(f"{item.source}: {item.reason}")
-        elif isinstance(item, Exception):
-            if rejects is None:
-                raise item
-            rejects.add_error(item, conv.to_json())
-            failed += 1
-        elif conv.is_raw_text:
-            blocks = text_blocks(item, data.max_seq_length, data.stride)
-            stats.text_documents += 1
-            stats.text_blocks += len(blocks)
-            examples += blocks
-        else:
-            examples.append(item)
-            stats.truncated += item.truncated
-    stats.rejected = rejects.total if rejects else 0
-    if rejects:
-        rejects.close()
-    loaded = stats.curated["records_in"] if stats.curated else rendered
-    stats.records = loaded + stats.rejected - failed  # + the records that did not load
+    with reading:
+        for conv, item in iter_rendered(conversations, tokenizer, opts):
+            if isinstance(item, TooLong):
+                stats.too_long += 1
+                stats.dropped.append(f"{item.source}: {item.reason}")
+            elif isinstance(item, Exception):
+                reading.reject(item, conv.to_json())
+            elif conv.is_raw_text:
+                blocks = text_blocks(item, data.max_seq_length, data.stride)
+                stats.text_documents += 1
+                stats.text_blocks += len(blocks)
+                examples += blocks
+            else:
+                examples.append(item)
+                stats.truncated += item.truncated
+    stats.rejected = reading.rejected
+    stats.records = reading.records_in  # curation's removals included: they were read
     stats.tokens = sum(len(e) for e in examples)
     stats.trained_tokens = sum(e.num_trained for e in examples)
     return examples

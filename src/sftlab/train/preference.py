@@ -118,21 +118,15 @@ def _reject(err: DataError, conv: Conversation, on_error: str, rejects, stats: P
 def load_preferences(path: str, tokenizer, data, *, paired: bool, rejects_path: Path | None = None):
     """Read and render one preference file as the config's `data:` section says."""
     from sftlab.data.formats import schema
-    from sftlab.data.load import RejectLog, iter_conversations
+    from sftlab.data.load import Reading
 
-    rejects = RejectLog(rejects_path) if data.on_error == "skip" else None
     stats = PreferenceStats(path=path)
-    try:
-        conversations = iter_conversations(path, format=schema(data.format, data.columns), split=data.split,
-                                           on_error=data.on_error, rejects=rejects)
-        rows = render_preferences(conversations, tokenizer, paired=paired, max_seq_length=data.max_seq_length,
-                                  on_error=data.on_error, rejects=rejects, stats=stats)
-    finally:
-        if rejects is not None:
-            rejects.close()
-    if rejects is not None:  # records rejected while loading never reached render_preferences
-        stats.records += rejects.total - stats.rejected
-        stats.rejected = rejects.total
+    with Reading(path, format=schema(data.format, data.columns), split=data.split, skip=data.on_error == "skip",
+                 rejects_path=rejects_path) as reading:
+        rows = render_preferences(reading, tokenizer, paired=paired, max_seq_length=data.max_seq_length,
+                                  on_error=data.on_error, rejects=reading.rejects, stats=stats)
+    stats.records += reading.rejected - stats.rejected  # those rejected while reading never reached render_preferences
+    stats.rejected = reading.rejected
     if not rows:
         raise SftlabError(f"{path}: no usable preference record ({stats.summary()})")
     return rows, stats

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.data.conversation import Conversation
+from sftlab.data.load import Reading, as_reading
 from sftlab.data.review.log import STATUSES, ItemState, ReviewLog
 from sftlab.errors import SftlabError
 
@@ -152,18 +153,18 @@ def review_stats(convs: list[Conversation], log: ReviewLog) -> dict[str, Any]:
 class ReviewSession:
     """The examples of one dataset and their review state."""
 
-    def __init__(self, data: str | Path, *, review_dir: str | Path | None = None, format: str | None = None,
+    def __init__(self, data: str | Path | Reading, *, review_dir: str | Path | None = None, format: str | None = None,
                  split: str | None = None, tokenizer=None, max_seq_length: int | None = None,
                  labels: list[str] | tuple[str, ...] = ()):
-        from sftlab.data.load import load_conversations
-
-        self.data = str(data)
-        self.convs = load_conversations(data, format=format, split=split)
+        """`data`: a dataset path, read strictly, or a Reading (e.g. in skip mode)."""
+        reading = as_reading(data, format, split)
+        self.data = reading.path
+        self.convs = reading.load()
         if not self.convs:
-            raise SftlabError(f"{data}: no records to review")
+            raise SftlabError(f"{self.data}: no records to review")
         self.ids = item_ids(self.convs)
         self.index = {item_id: i for i, item_id in enumerate(self.ids)}
-        self.dir = Path(review_dir) if review_dir else review_dir_for(data)
+        self.dir = Path(review_dir) if review_dir else review_dir_for(self.data)
         self.log = ReviewLog(self.dir / LOG_NAME)
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
