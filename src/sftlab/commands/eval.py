@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from sftlab.commands.data import COLUMNS_HELP
+
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
 
@@ -16,11 +18,13 @@ def split_names(values: Optional[list[str]]) -> Optional[list[str]]:
     return names or None
 
 
-def load_eval_data(data: str, *, format: Optional[str], split: Optional[str], limit: Optional[int]):
+def load_eval_data(data: str, *, format: Optional[str], columns: Optional[str], split: Optional[str],
+                   limit: Optional[int]):
+    from sftlab.commands.data import _schema
     from sftlab.data.load import load_conversations
     from sftlab.errors import SftlabError
 
-    conversations = load_conversations(data, format=format, split=split)
+    conversations = load_conversations(data, format=_schema(format, columns), split=split)
     if limit is not None:
         conversations = conversations[:limit]
     if not conversations:
@@ -51,6 +55,7 @@ def run_eval(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (with --sample)."),
     split: Optional[str] = typer.Option(None, "--split", help="Split to read when the file holds several."),
     format: Optional[str] = typer.Option(None, "--format", help="Input schema, when detection is not enough."),
+    columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N examples."),
     probe: Optional[str] = typer.Option(None, "--probe", help="Also run a probe set: 'bias'."),
     probe_file: Optional[list[Path]] = typer.Option(None, "--probe-file", help="Extra bias probes (JSONL); repeatable."),
@@ -63,7 +68,7 @@ def run_eval(
         probe = "bias"
     if data is None and probe is None:
         raise SftlabError("give --data FILE to evaluate on (or --probe bias to run only the bias probes)")
-    conversations = load_eval_data(data, format=format, split=split, limit=limit) if data else None
+    conversations = load_eval_data(data, format=format, columns=columns, split=split, limit=limit) if data else None
     from sftlab.evaluation.metrics import MODEL_METRICS, resolve
 
     names = split_names(metrics)
