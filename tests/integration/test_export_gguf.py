@@ -188,7 +188,6 @@ def test_unknown_quant_and_architecture_are_clear_errors(tmp_path, small_tokeniz
 def fake_quantize(bin_dir: Path, monkeypatch, exit_code: int = 0) -> Path:
     """A `llama-quantize` on PATH that records its arguments and copies the f16 file (or fails)."""
     import os
-    import sys
 
     bin_dir.mkdir()
     script = bin_dir / "llama-quantize"
@@ -236,7 +235,8 @@ def save_tiny(path: Path, model_type: str, tokenizer) -> Path:
 
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                  max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

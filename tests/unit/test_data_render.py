@@ -287,4 +287,5 @@ def test_the_compiled_template_fast_path_is_active(tokenizer, family):
     assert template._compiled is not None, "the fast path is off: see _Template._compile"
     assert template.renderer(messages) == template._direct
     for prompt in (False, True):
-        assert template._direct(messages, add_generation_prompt=prompt) == template.slow(messages, add_generation_prompt=prompt)
+        fast = template._direct(messages, add_generation_prompt=prompt)
+        assert fast == template.slow(messages, add_generation_prompt=prompt)
