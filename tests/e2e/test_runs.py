@@ -61,3 +61,24 @@ def test_runs_errors_are_one_line(tmp_path, capsys):
     assert "no run directory" in capsys.readouterr().err
     assert main(["runs", str(tmp_path / "missing")]) == 1
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_runs_show_the_metrics_of_sftlab_eval_beside_the_eval_loss(runs_root, tmp_path, capsys):
+    from sftlab.demo.dataset import write_demo_dataset
+
+    data = write_demo_dataset(tmp_path, sizes={"train": 2, "validation": 2, "test": 2})
+    run = runs_root / "a-lora"
+    assert main(["eval", str(run), "--data", str(data["test"]), "--metrics", "exact_match,f1", "--limit", "2",
+                 "--max-new-tokens", "4"]) == 0
+    evaluated = json.loads((run / "eval" / "metrics.json").read_text())["metrics"]
+    capsys.readouterr()
+    assert main(["runs", str(runs_root), "--csv"]) == 0
+    rows = {r["run"]: r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    assert "exact_match" in evaluated and len(evaluated) == 2
+    for name, value in evaluated.items():
+        assert float(rows["a-lora"][f"eval_{name}"]) == pytest.approx(value)
+        assert rows["nested/b-full"][f"eval_{name}"] == ""
+    assert rows["a-lora"]["best_eval_loss"]
+    assert main(["runs", str(runs_root), "--markdown"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.endswith("| finished | " + " | ".join(f"eval_{name}" for name in evaluated) + " |")

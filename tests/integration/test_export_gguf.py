@@ -7,6 +7,7 @@ that reading the GGUF back (transformers parses the whole vocabulary in Python) 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,34 +93,224 @@ def test_q8_0_round_trip_within_looser_bounds(tmp_path, small_tokenizer, run_dir
     assert 0 < result.max_abs_diff <= 0.1  # quantized: not exact, but close
 
 
-def test_a_corrupted_tensor_fails_the_check(tmp_path, f16_export, run_dir):
+def corrupted_copy(gguf_path: Path, tmp_path: Path, tensor_name: str) -> Path:
+    """A copy of GGUF_PATH with one tensor's rows in reverse order: the same values, still a valid file."""
     import shutil
 
     import gguf
+
+    copy = tmp_path / "corrupted" / "model.gguf"
+    copy.parent.mkdir()
+    shutil.copy(gguf_path, copy)
+    reader = gguf.GGUFReader(copy, "r+")
+    tensor = next(t for t in reader.tensors if t.name == tensor_name)
+    tensor.data[...] = tensor.data[::-1].copy()
+    reader.data.flush()
+    del reader
+    return copy
+
+
+def verify_file(path: Path, run: Path, tmp_path: Path, quant: str):
+    from transformers import AutoTokenizer
 
     from sftlab.export.gguf import verify_gguf
     from sftlab.export.onnx import hf_folder
     from sftlab.serve.generation import stop_token_ids
 
-    out, _ = f16_export
-    shutil.copy(out / "model.gguf", tmp_path / "model.gguf")
-    reader = gguf.GGUFReader(tmp_path / "model.gguf", "r+")
-    tensor = next(t for t in reader.tensors if t.name == "blk.1.attn_v.weight")
-    tensor.data[...] = tensor.data[::-1]  # the same values in the wrong rows: still a valid file
-    reader.data.flush()
-    del reader
-    hf_dir = hf_folder(str(run_dir), tmp_path / "work")
-    from transformers import AutoTokenizer
-
-    result = verify_gguf(hf_dir, tmp_path / "model.gguf", "f16", stop_token_ids(AutoTokenizer.from_pretrained(hf_dir)))
+    hf_dir = hf_folder(str(run), tmp_path / "work")
+    result = verify_gguf(hf_dir, path, quant, stop_token_ids(AutoTokenizer.from_pretrained(hf_dir)))
     print("\n".join(result.lines()))
+    return result
+
+
+def test_a_corrupted_tensor_fails_the_check(tmp_path, f16_export, run_dir):
+    out, _ = f16_export
+    result = verify_file(corrupted_copy(out / "model.gguf", tmp_path, "blk.1.attn_v.weight"), run_dir, tmp_path, "f16")
     assert not result.ok
     assert result.max_abs_diff > 2e-2
+
+
+@pytest.fixture(scope="module")
+def trained_llama(tmp_path_factory, small_tokenizer) -> Path:
+    """A tiny Llama that has learnt the check prompts (mean NLL well under 1), so that a wrong weight
+    shows in the NLL; a random model's NLL is about log(vocab) whatever its weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sftlab.export.verify import prompt_ids
+
+    ids = prompt_ids(small_tokenizer)
+    width = max(map(len, ids))
+    batch = torch.tensor([x + [small_tokenizer.pad_token_id] * (width - len(x)) for x in ids])
+    labels = torch.tensor([x + [-100] * (width - len(x)) for x in ids])
+    config = LlamaConfig(vocab_size=len(small_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, eos_token_id=small_tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        loss = model(input_ids=batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5
+    path = tmp_path_factory.mktemp("trained") / "model"
+    model.save_pretrained(path)
+    small_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_q4_0_passes_its_nll_bound_and_a_corrupted_weight_does_not(tmp_path, trained_llama):
+    """q4_0 has no logit bound, only the NLL change and the tokenizer read back: both must be able to
+    pass (this was once impossible) and the NLL change must catch one tensor in the wrong order."""
+    from sftlab.export.gguf import NLL_BOUND, export_gguf
+
+    result = export_gguf(str(trained_llama), tmp_path / "q4", quant="q4_0")
+    print("\n".join(result.lines()))
+    assert result.ok, result.lines()
+    assert "Q4_0" in result.metrics["tensor types"] and result.lines()[-1] == "  verified"
+    assert 0 < abs(result.metrics["NLL delta"]) <= NLL_BOUND["q4_0"]
+    bad = verify_file(corrupted_copy(tmp_path / "q4" / "model.gguf", tmp_path, "blk.1.attn_v.weight"),
+                      trained_llama, tmp_path, "q4_0")
+    assert not bad.ok and abs(bad.metrics["NLL delta"]) > NLL_BOUND["q4_0"]
+    assert "OUT OF BOUNDS" in "\n".join(bad.lines())
 
 
 def test_unknown_quant_and_architecture_are_clear_errors(tmp_path, small_tokenizer):
     from sftlab.errors import SftlabError
     from sftlab.export.gguf import export_gguf
 
-    with pytest.raises(SftlabError, match="unknown GGUF quantization 'q4_k_m'.*llama-quantize"):
-        export_gguf("default", tmp_path / "x", quant="q4_k_m")
+    with pytest.raises(SftlabError, match="unknown GGUF quantization 'q3_x'.*llama-quantize"):
+        export_gguf("default", tmp_path / "x", quant="q3_x")
+
+
+def fake_quantize(bin_dir: Path, monkeypatch, exit_code: int = 0) -> Path:
+    """A `llama-quantize` on PATH that records its arguments and copies the f16 file (or fails)."""
+    import os
+
+    bin_dir.mkdir()
+    script = bin_dir / "llama-quantize"
+    script.write_text(f"""#!{sys.executable}
+import json, shutil, sys
+open({str(bin_dir / "args.json")!r}, "w").write(json.dumps(sys.argv[1:]))
+if {exit_code}:
+    sys.exit("main: invalid quantization type")
+shutil.copy(sys.argv[1], sys.argv[2])
+""")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return bin_dir / "args.json"
+
+
+def test_k_quants_run_llama_quantize_when_it_is_on_path(tmp_path, run_dir, monkeypatch):
+    from sftlab.errors import SftlabError
+    from sftlab.export.gguf import export_gguf
+
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    with pytest.raises(SftlabError, match="q4_k_m needs llama.cpp's llama-quantize on PATH"):
+        export_gguf(str(run_dir), tmp_path / "none", quant="q4_k_m")
+
+    args = fake_quantize(tmp_path / "bin", monkeypatch)
+    result = export_gguf(str(run_dir), tmp_path / "k", quant="q4_k_m")
+    print("\n".join(result.lines()))
+    source, target, kind = json.loads(args.read_text())
+    assert source.endswith("f16.gguf") and Path(target).name == "model.gguf" and kind == "Q4_K_M"
+    assert result.ok and (tmp_path / "k" / "model.gguf").exists()
+
+
+def test_a_failing_llama_quantize_is_a_one_line_error(tmp_path, run_dir, monkeypatch):
+    from sftlab.errors import SftlabError
+    from sftlab.export.gguf import export_gguf
+
+    fake_quantize(tmp_path / "bin", monkeypatch, exit_code=1)
+    with pytest.raises(SftlabError, match=r"^llama-quantize Q6_K failed \(exit 1\): main: invalid quantization type$"):
+        export_gguf(str(run_dir), tmp_path / "k", quant="q6_k")
+    assert not (tmp_path / "k").exists() or not any((tmp_path / "k").iterdir())
+
+
+def save_tiny(path: Path, model_type: str, tokenizer) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen3", "phi3"])
+def test_f16_round_trip_per_architecture(tmp_path, small_tokenizer, model_type):
+    """Each source sits in a folder named after its architecture: a folder named "mistral" once made
+    transformers read the file back as a Mistral GGUF, which it cannot load."""
+    import gguf
+
+    from sftlab.export.gguf import export_gguf
+
+    result = export_gguf(str(save_tiny(tmp_path / model_type, model_type, small_tokenizer)), tmp_path / "out")
+    print("\n".join(result.lines()))
+    assert result.ok, result.lines()
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "out" / "model.gguf").fields.items()}
+    assert model_type not in fields["general.name"].lower()
+
+
+def test_a_file_transformers_cannot_read_back_is_a_one_line_error(tmp_path, small_tokenizer, monkeypatch):
+    """Gemma (1) is written by llama.cpp's converter but transformers' GGUF loader refuses it: a
+    verification that cannot run is a one-line error, and Gemma is not offered."""
+    from sftlab.errors import SftlabError
+    from sftlab.export import gguf as export
+
+    assert "gemma" not in export.ARCHS
+    monkeypatch.setitem(export.ARCHS, "gemma", export.Arch("GEMMA"))
+    with pytest.raises(SftlabError, match=r"^model\.gguf: transformers' GGUF loader cannot read the file back") as err:
+        export.export_gguf(str(save_tiny(tmp_path / "gemma", "gemma", small_tokenizer)), tmp_path / "out")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out" / "model.gguf").exists()
+
+
+class FakeLlama:
+    """llama_cpp.Llama as `llama_cpp_greedy` uses it, generating greedily with transformers from the
+    same GGUF file; `wrong_at` plants a different token at that step."""
+
+    wrong_at: int | None = None
+
+    def __init__(self, model_path: str, **_):
+        from transformers import AutoModelForCausalLM
+
+        path = Path(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+
+    def reset(self):
+        pass
+
+    def generate(self, ids, **_):
+        import torch
+
+        ids = list(ids)
+        for step in range(64):  # llama.cpp's generator is endless; the caller stops it
+            with torch.inference_mode():
+                tok = int(self.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            if step == self.wrong_at:
+                tok = (tok + 1) % self.model.config.vocab_size
+            ids.append(tok)
+            yield tok
+
+
+@pytest.mark.parametrize("wrong_at", [None, 2])
+def test_llama_cpp_greedy_tokens_are_compared(tmp_path, f16_export, run_dir, monkeypatch, wrong_at):
+    """llama-cpp-python cannot be installed here: a stand-in module checks the comparison logic."""
+    import sys
+    import types
+
+    monkeypatch.setattr(FakeLlama, "wrong_at", wrong_at)
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    out, _ = f16_export
+    result = verify_file(out / "model.gguf", run_dir, tmp_path, "f16")
+    agreement = next(v for k, v in result.metrics.items() if k.startswith("llama.cpp greedy tokens agreeing"))
+    same, total = map(int, agreement.split("/"))
+    assert total > 0 and result.tokens_equal is (wrong_at is None) and result.ok is (wrong_at is None)
+    assert (same == total) is (wrong_at is None)

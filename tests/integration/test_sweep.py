@@ -102,3 +102,26 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(tmp_path, tiny_m
     assert not (out / "trial-003").exists()
     assert main(["sweep", str(cfg), "--trials", "2"]) == 0  # nothing left to do
     assert len(study_trials(out)) == 3
+
+
+def test_a_metric_objective_evaluates_column_mapped_validation_data(tmp_path, tiny_model_dir):
+    """`sftlab eval` in each trial reads data.validation as training reads it: here through a column
+    mapping (ask/reply are in no detected schema), so the metric objective can be computed."""
+    rows = [{"ask": f"What is {i} plus {i}?", "reply": str(2 * i)} for i in range(8)]
+    files = {}
+    for name, part in (("train", rows[:6]), ("validation", rows[6:])):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in part))
+    out = tmp_path / "sweep"
+    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, files, out,
+                       {"space": {"training.learning_rate": [1e-3]}, "sampler": "grid", "pruner": "none",
+                        "objective": "exact_match", "eval_limit": 1}, max_steps=2, eval_steps=2)
+    config = yaml.safe_load(cfg.read_text())
+    config["data"]["columns"] = {"prompt": "ask", "response": "reply"}
+    cfg.write_text(yaml.safe_dump(config))
+    assert main(["sweep", str(cfg), "--trials", "1"]) == 0
+    (trial,) = json.loads((out / "sweep.json").read_text())["trials"]
+    assert trial["state"] == "complete", (out / "trial-000" / "train.log").read_text()[-2000:]
+    evaluated = json.loads((out / "trial-000" / "eval" / "metrics.json").read_text())
+    assert trial["value"] == evaluated["metrics"]["exact_match"] and 0 <= trial["value"] <= 1
+    assert len((out / "trial-000" / "eval" / "predictions.jsonl").read_text().splitlines()) == 1

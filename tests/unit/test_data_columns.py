@@ -91,6 +91,20 @@ def test_bad_column_mappings_are_one_line_errors(value, error):
         Columns.parse(value)
 
 
+@pytest.mark.parametrize("cols", [Columns(prompt="question", input="passage", response="answer", system="sys"),
+                                  Columns(messages="dialog"), Columns(text="body")])
+def test_a_mapping_passes_to_a_child_command_unchanged(cols):
+    """`sftlab sweep` hands data.columns to `sftlab eval --columns` in this form."""
+    assert Columns.parse(cols.to_arg()) == cols
+
+
+def test_eval_and_compare_take_columns():
+    from sftlab.commands import compare, eval
+
+    for command in (eval.run_eval, compare.compare):
+        assert "columns" in command.__code__.co_varnames[:command.__code__.co_argcount]
+
+
 def test_format_and_columns_are_exclusive():
     assert schema(None, None) is None and schema("alpaca", None) == "alpaca"
     cols = Columns.parse("prompt=q,response=a")

@@ -273,3 +273,19 @@ def test_missing_chat_template_is_a_clear_error(tokenizer):
     tok.chat_template = None
     with pytest.raises(SftlabError, match="no chat template"):
         render(conversation(False), tok)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_compiled_template_fast_path_is_active(tokenizer, family):
+    """Rendering takes the compiled template (transformers' private `_compile_jinja_template`) for
+    plain messages. Should a transformers release rename it or change what it returns, rendering
+    would silently fall back to apply_chat_template, several times slower: this fails instead."""
+    from sftlab.data.render import _Template
+
+    messages = conversation(FAMILIES[family][5]).messages
+    template = _Template(family_tokenizer(tokenizer, family), messages)
+    assert template._compiled is not None, "the fast path is off: see _Template._compile"
+    assert template.renderer(messages) == template._direct
+    for prompt in (False, True):
+        fast = template._direct(messages, add_generation_prompt=prompt)
+        assert fast == template.slow(messages, add_generation_prompt=prompt)

@@ -60,3 +60,24 @@ def test_report_finds_sidecar_summaries_and_counts_words(tmp_path):
     summary = write_report(data, tmp_path / "r")
     assert list(summary["steps"]) == ["curate"] and summary["length_unit"] == "words"
     assert summary["raw_text_length"] == {"count": 1, "min": 3, "median": 3, "mean": 3.0, "p95": 3, "max": 3}
+
+
+def test_html_in_the_data_is_shown_as_text(tmp_path):
+    """The page is built by a jinja2 template with autoescaping: markup in a file name, a record or a
+    step summary is shown, never run."""
+    data = tmp_path / "<script>x.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "<img src=x onerror=alert(1)>"},
+                                             {"role": "assistant", "content": "ok"}]}) + "\n")
+    curate = {"records_in": 2, "kept": 1, "removed_total": 1, "removed": {"<b>near</b>": 1},
+              "examples": {"near": [{"source": "<i>a</i>:2", "reason": "near duplicate", "duplicate_of": "<u>b</u>",
+                                     "text": "<script>alert(2)</script>", "duplicate_of_text": "x'y\"z"}]}}
+    (tmp_path / "c.json").write_text(json.dumps(curate))
+    out = tmp_path / "report"
+    write_report(data, out, summaries={"curate": tmp_path / "c.json"})
+    page = (out / "report.html").read_text()
+    body = page.split("<body>", 1)[1]
+    for markup in ("<script", "<b>", "<i>", "<u>", "<img src=x"):
+        assert markup not in body
+    assert "&lt;script&gt;alert(2)&lt;/script&gt;" in body and "&lt;script&gt;x.jsonl" in body
+    assert "x&#39;y&#34;z" in body
+    assert not list(out.glob(".*.tmp"))  # written atomically, no temp file left behind

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from sftlab.commands.data import COLUMNS_HELP, _schema
+
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
 
@@ -34,6 +36,7 @@ def compare(
     group_by: str = typer.Option("task", "--group-by", help="Record field to break metrics down by ('' for none)."),
     split: Optional[str] = typer.Option(None, "--split", help="Split to read when the file holds several."),
     format: Optional[str] = typer.Option(None, "--format", help="Input schema, when detection is not enough."),
+    columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N examples."),
     bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Bootstrap resamples for the confidence intervals."),
     probe: Optional[str] = typer.Option(None, "--probe", help="Also run a probe set on every model: 'bias'."),
@@ -50,7 +53,7 @@ def compare(
         from sftlab.evaluation.metrics import MODEL_METRICS, resolve
 
         resolve([n for n in names if n not in MODEL_METRICS])
-    conversations = load_eval_data(data, format=format, split=split, limit=limit)
+    conversations = load_eval_data(data, format=_schema(format, columns), split=split, limit=limit)
     probes = None
     if probe == "bias":
         from sftlab.evaluation.bias import load_probes

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sftlab.commands.data import REJECTS_HELP, SKIP_HELP, print_rejects
+from sftlab.commands.data import COLUMNS_HELP, REJECTS_HELP, SKIP_HELP, print_rejects
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
@@ -18,8 +18,9 @@ def split_names(values: Optional[list[str]]) -> Optional[list[str]]:
     return names or None
 
 
-def load_eval_data(data, *, format: Optional[str], split: Optional[str], limit: Optional[int]):
-    """The examples to evaluate on: `data` a path, read strictly, or a Reading (e.g. in skip mode)."""
+def load_eval_data(data, *, format, split: Optional[str], limit: Optional[int]):
+    """The examples to evaluate on: `data` a path, read strictly, or a Reading (e.g. in skip mode);
+    `format` as the loaders take it (a name or a column mapping)."""
     from sftlab.data.load import as_reading
     from sftlab.errors import SftlabError
 
@@ -55,6 +56,7 @@ def run_eval(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (with --sample)."),
     split: Optional[str] = typer.Option(None, "--split", help="Split to read when the file holds several."),
     format: Optional[str] = typer.Option(None, "--format", help="Input schema, when detection is not enough."),
+    columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N examples."),
     skip: bool = typer.Option(False, "--skip", help=SKIP_HELP),
     rejects: Optional[Path] = typer.Option(None, "--rejects", help=REJECTS_HELP("OUT/rejects.jsonl")),
@@ -69,13 +71,15 @@ def run_eval(
         probe = "bias"
     if data is None and probe is None:
         raise SftlabError("give --data FILE to evaluate on (or --probe bias to run only the bias probes)")
+    from sftlab.commands.data import _schema
     from sftlab.data.load import Reading
     from sftlab.models import is_run_dir, load_model, load_tokenizer
 
     out_dir = out or (Path(model) / "eval" if is_run_dir(model) else Path("eval-results"))
-    reading = (Reading(data, format=format, split=split, skip=skip, rejects_path=rejects or out_dir / "rejects.jsonl")
+    schema = _schema(format, columns)
+    reading = (Reading(data, format=schema, split=split, skip=skip, rejects_path=rejects or out_dir / "rejects.jsonl")
                if data else None)
-    conversations = load_eval_data(reading, format=format, split=split, limit=limit) if reading else None
+    conversations = load_eval_data(reading, format=schema, split=split, limit=limit) if reading else None
     from sftlab.evaluation.metrics import MODEL_METRICS, resolve
 
     names = split_names(metrics)

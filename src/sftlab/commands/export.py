@@ -20,7 +20,8 @@ def export(
     name: str = typer.Option("sftlab", help="Triton: model name in the repository."),
     max_batch_size: int = typer.Option(8, help="Triton: dynamic batching maximum batch size."),
     queue_delay_us: int = typer.Option(5000, help="Triton: dynamic batching queue delay (microseconds)."),
-    quant: str = typer.Option("f16", "--quant", help="GGUF: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1."),
+    quant: str = typer.Option("f16", "--quant", help="GGUF: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1; k-quants "
+                               "(q4_k_m ...) with llama.cpp's llama-quantize on PATH."),
 ) -> None:
     """Export and verify: merged safetensors, an ONNX KV-cache model, a Triton model repository, or GGUF."""
     if to not in TARGETS:

@@ -15,7 +15,7 @@ def runs(
     as_csv: bool = typer.Option(False, "--csv", help="CSV instead of an aligned table."),
     markdown: bool = typer.Option(False, "--markdown", help="A Markdown table."),
 ) -> None:
-    """One line per run: method, data, steps, final loss, best eval loss, training time."""
+    """One line per run: method, data, steps, final loss, best eval loss, training time, `sftlab eval` metrics."""
     from sftlab.errors import SftlabError
     from sftlab.train.runs import find_runs, render, summarize
 

@@ -454,6 +454,10 @@ class Columns(BaseModel):
             raise SftlabError(f"--columns '{value}': expected ROLE=COLUMN pairs, e.g. prompt=question,response=answer")
         return cls.build({k.strip(): v.strip() for k, _, v in pairs}, "--columns")
 
+    def to_arg(self) -> str:
+        """The `--columns` form of this mapping (the inverse of `parse`), for child commands."""
+        return ",".join(f"{role}={column}" for role, column in self.model_dump(exclude_none=True).items())
+
     @classmethod
     def build(cls, mapping: dict, origin: str) -> Columns:
         try:

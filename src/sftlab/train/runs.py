@@ -29,6 +29,13 @@ def _read_json(path: Path) -> dict:
         raise SftlabError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
 
 
+def _eval_metrics(run: Path) -> dict[str, float]:
+    """What `sftlab eval RUN` wrote to RUN/eval/metrics.json, as eval_<metric> columns."""
+    path = run / "eval" / "metrics.json"
+    metrics = _read_json(path).get("metrics", {}) if path.is_file() else {}
+    return {f"eval_{name}": v for name, v in metrics.items() if isinstance(v, (int, float))}
+
+
 def summarize(run: Path, root: Path) -> dict[str, Any]:
     info = _read_json(run / "run.json")
     config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
@@ -58,6 +65,7 @@ def summarize(run: Path, root: Path) -> dict[str, Any]:
         "best_eval_step": best[1],
         "train_seconds": info.get("train_seconds"),
         "finished": bool(info.get("finished")),
+        **_eval_metrics(run),
     }
 
 
@@ -70,17 +78,18 @@ def _cell(value: Any) -> str:
 
 
 def render(rows: list[dict[str, Any]], fmt: str) -> str:
-    """`table` (aligned text), `csv` or `markdown`."""
+    """`table` (aligned text), `csv` or `markdown`; the eval metric columns are those any run has."""
+    columns = [*COLUMNS, *dict.fromkeys(k for r in rows for k in r if k not in COLUMNS)]
     if fmt == "csv":
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         return buf.getvalue()
-    cells = [list(COLUMNS)] + [[_cell(r[c]) for c in COLUMNS] for r in rows]
+    cells = [columns] + [[_cell(r.get(c)) for c in columns] for r in rows]
     if fmt == "markdown":
         lines = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
-        lines.insert(1, "|" + "|".join("---" for _ in COLUMNS) + "|")
+        lines.insert(1, "|" + "|".join("---" for _ in columns) + "|")
         return "\n".join(lines) + "\n"
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells) + "\n"

@@ -220,9 +220,8 @@ def run_trial(trial, config: TrainConfig, sweep_dir: Path, log: Callable[[str], 
         if not losses:
             raise TrialError(f"trial {trial.number}: no eval_loss in {out / 'metrics.jsonl'} (set data.validation)")
         return losses[-1][1]
-    args = ["eval", str(out), "--data", config.data.validation, "--metrics", objective, "--out", str(out / "eval")]
-    if config.sweep.eval_limit:
-        args += ["--limit", str(config.sweep.eval_limit)]
+    args = ["eval", str(out), "--data", config.data.validation, "--metrics", objective, "--out", str(out / "eval"),
+            *eval_data_args(config)]
     proc = _child(args, log_path)
     if proc.wait() != 0:
         raise TrialError(f"trial {trial.number}: `sftlab eval` exited with {proc.returncode}; see {log_path}")
@@ -230,6 +229,16 @@ def run_trial(trial, config: TrainConfig, sweep_dir: Path, log: Callable[[str], 
     if objective not in metrics:
         raise TrialError(f"trial {trial.number}: `sftlab eval` gave no '{objective}' (got {', '.join(metrics)})")
     return float(metrics[objective])
+
+
+def eval_data_args(config: TrainConfig) -> list[str]:
+    """`sftlab eval` flags that read the validation data as training read it."""
+    data, args = config.data, []
+    for flag, value in (("--format", data.format), ("--columns", data.columns and data.columns.to_arg()),
+                        ("--split", data.split), ("--limit", config.sweep.eval_limit)):
+        if value:
+            args += [flag, str(value)]
+    return args
 
 
 def _follow(trial, proc: subprocess.Popen, metrics_path: Path) -> list[tuple[int, float]]:
