@@ -3,8 +3,8 @@
   `--resume` to the final weights and loss of an uninterrupted run;
 - a NaN/inf loss or gradient stops the run naming the step and the batch's examples (file:line), with the
   last good checkpoint kept, or, with `training.skip_nonfinite_steps`, the step is skipped;
-- a full disk during a save, or running out of memory in a step, is a clear message, and the
-  previous checkpoint stays intact.
+- a full disk or no memory during a save (of a checkpoint, or of the final adapter), or running
+  out of memory in a step, is a clear message, and the previous checkpoint stays intact.
 tests/integration/killed_train.py does the killing; more random kill points:
 `SFTLAB_KILL_TRIALS=6 pytest tests/integration/test_train_crash.py -k random`.
 """
@@ -218,23 +218,68 @@ def test_skip_nonfinite_steps_leaves_weights_and_moments_alone_and_counts_the_st
         assert all(torch.equal(v, opt[4][i][k]) for k, v in state.items())
 
 
-def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(
-        tiny_model_dir, demo_data, tmp_path, monkeypatch, capsys):
-    real_save = torch.save
+def fail_writes(monkeypatch, path_part: str, error: BaseException) -> None:
+    """Make the weights (safetensors) and torch.save writes whose path contains `path_part`
+    write half a file, then raise `error`, as a full disk or a failed allocation would."""
+    import safetensors.torch
 
-    def save(obj, f, *a, **k):
-        if f"checkpoint-4{os.sep}optimizer.pt" in str(f):  # half of checkpoint-4 already written
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
-        return real_save(obj, f, *a, **k)
+    real_save, real_serialize = torch.save, safetensors.torch.serialize_file
 
-    monkeypatch.setattr(torch, "save", save)
+    def failing(real):
+        def write(obj, f, *a, **k):
+            if path_part in str(f):
+                Path(f).write_bytes(b"\0" * 100)
+                raise error
+            return real(obj, f, *a, **k)
+        return write
+
+    monkeypatch.setattr(torch, "save", failing(real_save))
+    monkeypatch.setattr(safetensors.torch, "serialize_file", failing(real_serialize))  # peft and transformers
+
+
+def enospc(path: str = "") -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+@pytest.mark.parametrize("file, error, reason", [
+    ("optimizer.pt", enospc("optimizer.pt"), "no space left on the device (optimizer.pt)"),
+    # safetensors reports a failed write as SafetensorError, not OSError
+    ("adapter_model.safetensors", "SafetensorError", "no space left on the device"),
+    ("adapter_model.safetensors", MemoryError(), "out of memory"),
+])
+def test_a_full_disk_or_no_memory_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(
+        tiny_model_dir, demo_data, tmp_path, monkeypatch, capsys, file, error, reason):
+    from safetensors import SafetensorError
+
+    if error == "SafetensorError":
+        error = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    fail_writes(monkeypatch, f"checkpoint-4{os.sep}{file}", error)
     run = tmp_path / "run"
     assert main(train_args(tiny_model_dir, demo_data, run, "training.max_steps=4")) == 1
     err = capsys.readouterr().err
-    assert "saving checkpoint-4 failed: no space left on the device" in err and "Traceback" not in err
+    assert f"saving checkpoint-4 failed: {reason};" in err and "Traceback" not in err
     assert "the previous checkpoint" in err and "checkpoint-2 is intact" in err and "--resume" in err
     assert checkpoint_names(run) == ["checkpoint-2"] and not (run / "checkpoints" / ".saving" / "checkpoint-4").exists()
     assert (run / "checkpoints" / "checkpoint-2" / "sftlab.json").exists()
+    assert weights(run / "checkpoints" / "checkpoint-2")  # still loads
+
+
+def test_a_full_disk_at_the_final_save_leaves_no_half_adapter_and_resume_finishes(
+        tiny_model_dir, demo_data, tmp_path, monkeypatch, capsys, straight):
+    from safetensors import SafetensorError
+
+    error = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with monkeypatch.context() as patched:
+        fail_writes(patched, f".adapter.saving{os.sep}adapter_model.safetensors", error)
+        run = tmp_path / "run"
+        assert main(train_args(tiny_model_dir, demo_data, run)) == 1
+    err = capsys.readouterr().err
+    assert "saving the final adapter/, tokenizer/ failed: no space left on the device;" in err
+    assert "checkpoint-6 is intact" in err and "Traceback" not in err
+    assert not [p.name for p in run.iterdir() if "adapter" in p.name or "tokenizer" in p.name]
+    assert not (run / "run.json").exists()
+    assert main([*train_args(tiny_model_dir, demo_data, run), "--resume"]) == 0  # nothing left to train: saves
+    assert max_weight_difference(straight, run) == 0 and (run / "tokenizer" / "tokenizer.json").exists()
 
 
 def test_out_of_memory_in_a_step_says_what_to_lower(tiny_model_dir, demo_data, tmp_path, monkeypatch, capsys):
