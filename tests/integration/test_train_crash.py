@@ -11,10 +11,12 @@ tests/integration/killed_train.py does the killing; more random kill points:
 
 from __future__ import annotations
 
+import ast
 import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +29,6 @@ from sftlab.cli import main
 
 KILLED = Path(__file__).with_name("killed_train.py")
 STEPS, SAVE_EVERY, ACCUM = 6, 2, 2
-SAVE_EVENTS = 21  # filesystem events of one save, rotation aside (count them: killed_train.py count 0)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +47,19 @@ def train_args(model, data, out, *extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, tiny_model_dir, demo_data):
+def straight_run(tmp_path_factory, tiny_model_dir, demo_data) -> tuple[Path, dict[str, int]]:
+    """The uninterrupted run, through killed_train.py without a kill: its folder, and how many
+    training forwards ("step") and checkpointing events ("save") it had, where kill points are drawn."""
     out = tmp_path_factory.mktemp("straight") / "run"
-    assert main(train_args(tiny_model_dir, demo_data, out)) == 0
-    return out
+    err = start_killed("count", 0, train_args(tiny_model_dir, demo_data, out)).communicate(timeout=900)[1]
+    counts = re.search(r"^KILL-POINTS (\{.*\})$", err, re.MULTILINE)
+    assert counts and (out / "run.json").exists(), err[-2000:]
+    return out, ast.literal_eval(counts[1])
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run) -> Path:
+    return straight_run[0]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -134,12 +144,13 @@ def test_killed_during_a_step_or_a_save_resumes_to_the_uninterrupted_weights(
 
 
 @pytest.mark.skipif(not os.environ.get("SFTLAB_KILL_TRIALS"), reason="set SFTLAB_KILL_TRIALS=N for N random kill points")
-def test_random_kill_points_resume_to_the_uninterrupted_weights(tiny_model_dir, demo_data, tmp_path, straight):
+def test_random_kill_points_resume_to_the_uninterrupted_weights(tiny_model_dir, demo_data, tmp_path, straight_run):
+    straight, counts = straight_run
+    assert counts["step"] == STEPS * ACCUM and counts["save"] > STEPS // SAVE_EVERY, counts
     rng = random.Random(int(os.environ.get("SFTLAB_KILL_SEED", "0")))
-    trials = int(os.environ["SFTLAB_KILL_TRIALS"])
-    saves = STEPS // SAVE_EVERY
-    points = [("step", rng.randint(1, STEPS * ACCUM)) if i % 2 == 0 else ("save", rng.randint(1, saves * SAVE_EVENTS))
-              for i in range(trials)]
+    kinds = ["step", "save"]  # during a training forward, or at any filesystem event of checkpointing
+    points = [(kinds[i % 2], rng.randint(1, counts[kinds[i % 2]])) for i in range(int(os.environ["SFTLAB_KILL_TRIALS"]))]
+    print(f"\nevents of the uninterrupted run: {counts}")
     runs = kill_runs(points, tiny_model_dir, demo_data, tmp_path)
     diffs = [resume_and_compare(run, straight, tiny_model_dir, demo_data) for run in runs]
     for point, d in zip(points, diffs):
