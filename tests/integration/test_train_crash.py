@@ -76,9 +76,9 @@ def max_weight_difference(a: Path, b: Path) -> float:
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
-def last_loss(run: Path) -> float:
+def last_loss(run: Path, step: int = STEPS) -> float:
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [m["loss"] for m in lines if "loss" in m and m["step"] == STEPS][-1]
+    return [m["loss"] for m in lines if "loss" in m and m["step"] == step][-1]
 
 
 def checkpoint_names(run: Path) -> list[str]:
@@ -156,6 +156,76 @@ def test_random_kill_points_resume_to_the_uninterrupted_weights(tiny_model_dir, 
     for point, d in zip(points, diffs):
         print(f"KILL {point}: max |weight difference| {d:.3g}")
     assert max(diffs) <= 1e-6, diffs
+
+
+ALIGN_STEPS = 4
+
+
+def align_args(model, pairs: Path, out: Path, loss: str) -> list[str]:
+    return ["align", "-", f"model.name_or_path={model}", f"data.train={pairs}", f"output_dir={out}",
+            f"align.loss={loss}", "data.max_seq_length=96", "lora.r=8", "lora.alpha=16", "lora.dropout=0.1",
+            "training.learning_rate=5e-3", "training.per_device_train_batch_size=2", "training.warmup_ratio=0",
+            f"training.gradient_accumulation_steps={ACCUM}", f"training.max_steps={ALIGN_STEPS}",
+            "training.save_steps=2", "training.save_total_limit=1", "training.logging_steps=1", "training.bf16=false"]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    rows = [{"prompt": f"What is {a} plus {a + 3}?", "chosen": f"{2 * a + 3}", "rejected": f"{a * (a + 3)}, I think"}
+            for a in range(1, 9)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("loss", ["dpo"])
+def test_align_killed_during_a_step_resumes_to_the_uninterrupted_adapter(tiny_model_dir, pairs, tmp_path, capsys, loss):
+    straight, run = tmp_path / "straight", tmp_path / "killed"
+    assert main(align_args(tiny_model_dir, pairs, straight, loss)) == 0
+    killed = start_killed("step", 3 * ACCUM + 1, align_args(tiny_model_dir, pairs, run, loss))  # in step 4
+    err = killed.communicate(timeout=600)[1]
+    assert killed.returncode == -signal.SIGKILL, err[-2000:]
+    assert checkpoint_names(run) == ["checkpoint-2"] and not (run / "run.json").exists()
+    capsys.readouterr()
+    assert main(align_args(tiny_model_dir, pairs, run, loss)) == 1  # not over a run without --resume
+    assert "already holds a run" in capsys.readouterr().err
+    assert main([*align_args(tiny_model_dir, pairs, run, loss), "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged if "loss" in m].count(1) == 1  # continued, not started over
+    a, b = (json.loads((r / "run.json").read_text()) for r in (straight, run))
+    assert b["global_step"] == a["global_step"] == ALIGN_STEPS
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)  # over the whole run, not since resuming
+    assert last_loss(run, ALIGN_STEPS) == pytest.approx(last_loss(straight, ALIGN_STEPS), rel=1e-6)
+    diff = max_weight_difference(straight, run)
+    print(f"align {loss}: killed in step 4, resumed: max |weight difference| {diff:.3g}")
+    assert diff <= 1e-6
+
+
+def test_align_stops_at_a_nonfinite_loss_keeping_the_last_good_checkpoint(
+        tiny_model_dir, pairs, tmp_path, monkeypatch, capsys):
+    from sftlab.train import align as align_module
+
+    real_load, calls = align_module.load_policy, [0]
+
+    def load_policy(*a, **k):
+        model, peft_config, base = real_load(*a, **k)
+
+        def hook(module, inputs, output):
+            if module.training and torch.is_grad_enabled():  # the policy's forward, not the reference's
+                calls[0] += 1
+                if calls[0] == 3 * ACCUM + 1:  # step 4
+                    return output * float("inf")
+        model.get_input_embeddings().register_forward_hook(hook)
+        return model, peft_config, base
+
+    monkeypatch.setattr(align_module, "load_policy", load_policy)
+    run = tmp_path / "run"
+    assert main(align_args(tiny_model_dir, pairs, run, "dpo")) == 1
+    err = capsys.readouterr().err
+    assert "step 4: non-finite loss" in err and "Traceback" not in err
+    assert "the last good checkpoint is" in err and "checkpoint-2" in err
+    assert checkpoint_names(run) == ["checkpoint-2"] and not (run / "run.json").exists()
 
 
 def plant_in_forward(monkeypatch, at_call: int, fault, module=lambda model: model.get_input_embeddings()

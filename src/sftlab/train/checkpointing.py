@@ -45,14 +45,34 @@ class AtomicCheckpoints:
     checkpoint_state: dict | None = None  # config + data digests (run_dir.checkpoint_state)
     nonfinite = None  # the NonFiniteGuard, when one runs
     resume_command = "sftlab train CONFIG --resume"  # what the failure messages suggest
+    loss_sum_restored = 0.0  # the resumed checkpoint's sum of step losses
     _staging: Path | None = None  # set while a checkpoint is being written
+
+    @property
+    def train_loss_sum(self) -> float:
+        """Sum of the step losses since the run began (resumes included), as transformers sums them."""
+        return self.loss_sum_restored + self._total_loss_scalar + float(self._tr_loss)
 
     def checkpoint_record(self) -> dict | None:
         """sftlab's record written into each checkpoint (called on every process)."""
         if self.checkpoint_state is None:
             return None
-        return {**self.checkpoint_state, "global_step": self.state.global_step,
+        return {**self.checkpoint_state, "global_step": self.state.global_step, "train_loss_sum": self.train_loss_sum,
                 "nonfinite_skipped_steps": self.nonfinite.skipped if self.nonfinite else []}
+
+    def restore_record(self, saved: dict) -> None:
+        """Take up the record of the checkpoint a run resumes from."""
+        self.loss_sum_restored = saved.get("train_loss_sum", 0.0)
+        if self.nonfinite is not None:
+            self.nonfinite.skipped = list(saved.get("nonfinite_skipped_steps", []))
+
+    def run_train_loss(self, training_loss: float, resumed_step: int) -> float:
+        """The mean step loss over the whole run from `train()`'s `training_loss`, which is the
+        mean over this call's steps only (those after `resumed_step`)."""
+        if not resumed_step or not self.state.global_step:
+            return training_loss
+        steps_now = self.state.global_step - resumed_step
+        return (self.loss_sum_restored + training_loss * steps_now) / self.state.global_step
 
     def _get_output_dir(self, trial) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)

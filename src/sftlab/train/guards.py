@@ -87,6 +87,20 @@ class NonFiniteGuard(TrainerCallback):
                           f"{kept}. Check those examples, lower the learning rate, or {how}")
 
 
+class RecordsStepLosses:
+    """Mixin, before a Trainer whose loss sftlab does not compute (the align trainers): hands
+    each training micro-batch's loss to the NonFiniteGuard in `nonfinite` (without sources:
+    their batches do not carry them)."""
+
+    nonfinite: NonFiniteGuard | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.nonfinite is not None:
+            self.nonfinite.record(loss, None)
+        return loss
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
         return True

@@ -59,7 +59,6 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
         if nonfinite is not None:
             self.add_callback(nonfinite)
         self.trained_tokens_restored = 0  # the count a resumed checkpoint had reached
-        self.loss_sum_restored = 0.0  # its sum of step losses (transformers reports this call's mean only)
         self._trained_tokens_local = 0  # trained tokens this process has run since start
         self._eval_totals: torch.Tensor | None = None  # [loss sum, trained tokens] during evaluation
 
@@ -107,20 +106,18 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
     def checkpoint_record(self) -> dict | None:
         record = super().checkpoint_record()
         if record is not None:
-            record.update(trained_tokens_seen=self.trained_tokens_seen,  # collective: every process
-                          train_loss_sum=self.train_loss_sum)
+            record["trained_tokens_seen"] = self.trained_tokens_seen  # collective: every process
         return record
+
+    def restore_record(self, saved: dict) -> None:
+        super().restore_record(saved)
+        self.trained_tokens_restored = saved["trained_tokens_seen"]
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.warmup_ratio is not None:
             # transformers reads a warmup_steps >= 1 as a step count (1.0 would be one step)
             self.args.warmup_steps = math.ceil(self.warmup_ratio * num_training_steps)
         return super().create_scheduler(num_training_steps, optimizer)
-
-    @property
-    def train_loss_sum(self) -> float:
-        """Sum of the step losses since the run began (resumes included), as transformers sums them."""
-        return self.loss_sum_restored + self._total_loss_scalar + float(self._tr_loss)
 
     @property
     def trained_tokens_seen(self) -> int:
@@ -389,17 +386,12 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     distributed.attach(trainer)
     log(f"engine: {distributed.describe(trainer)}")
     if checkpoint is not None:
-        trainer.trained_tokens_restored = saved["trained_tokens_seen"]
-        trainer.loss_sum_restored = saved.get("train_loss_sum", 0.0)
-        nonfinite.skipped = list(saved.get("nonfinite_skipped_steps", []))
+        trainer.restore_record(saved)
         log(f"resuming from {checkpoint} (step {saved['global_step']}, {saved['trained_tokens_seen']} trained tokens)")
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - t_train
-    train_loss = result.training_loss  # the mean over this call's steps: over the whole run when resumed
-    if checkpoint is not None and trainer.state.global_step:
-        steps_now = trainer.state.global_step - saved["global_step"]
-        train_loss = (trainer.loss_sum_restored + result.training_loss * steps_now) / trainer.state.global_step
+    train_loss = trainer.run_train_loss(result.training_loss, saved.get("global_step", 0))
 
     tokens_seen = trainer.trained_tokens_seen  # a collective call: every rank takes part
     save_outputs(out, {"model" if config.method == "full" else "adapter": partial(distributed.save_final_model, trainer),
