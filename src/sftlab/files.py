@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,18 +21,36 @@ def inside(folder: str | Path, name: str, what: str = "name") -> Path:
     return Path(folder) / name
 
 
-def atomic_write(path: str | Path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, then rename it over `path`."""
+def atomic_write(path: str | Path, content: str | bytes) -> None:
+    """Write `content` (text as UTF-8) to a temp file beside `path`, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A plain open (not mkstemp) so the file gets the usual umask permissions, not 0600.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def staging_name(name: str) -> str:
+    """The temporary name beside a folder `name` while it is being written."""
+    return f".{name}.saving"
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Put the folder `new` in place of `final` (which may exist) with renames only, so `final`
+    is at every moment either the old folder or the new one."""
+    if final.exists():
+        old = new.with_name(new.name + ".replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, final)
 
 
 def write_json(path: str | Path, data: Any) -> None:

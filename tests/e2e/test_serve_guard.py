@@ -147,6 +147,45 @@ def test_oversized_headers_and_idle_connections_are_cut(server):
         assert 0.9 < time.monotonic() - start < 3
 
 
+def _closed_after(s: socket.socket, drip: bytes = b"") -> float:
+    """Send `drip` a byte every 0.2 s until the server closes the connection; the seconds it took."""
+    start = time.monotonic()
+    for i in range(200):
+        try:
+            if i < len(drip):
+                s.sendall(drip[i:i + 1])
+            s.settimeout(0.2)
+            if s.recv(65536) == b"":
+                return time.monotonic() - start
+        except socket.timeout:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            return time.monotonic() - start
+    return float("inf")
+
+
+def test_slow_headers_are_cut_at_the_header_deadline(tokenizer):
+    from sftlab.serve.openai_api import create_app
+
+    app = create_app(StubBackend(tokenizer, delay=1.5), "stub")
+    srv = ThreadServer(app, keep_alive_timeout=30, header_timeout=1.0)
+    slow = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as silent, \
+                socket.create_connection(("127.0.0.1", srv.port), timeout=5) as dripping:
+            assert _closed_after(silent) < 3  # no byte at all
+            assert _closed_after(dripping, slow) < 3  # a byte every 0.2 s, never the blank line
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            assert _closed_after(s, slow) < 3  # the next request on a kept-alive connection too
+        # headers in time, answer slower than the deadline (delay=1.5): the deadline no longer applies
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=10)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ok"
+    finally:
+        srv.close()
+
+
 def test_api_key_from_a_file_or_the_environment(tmp_path, monkeypatch):
     from sftlab.errors import SftlabError
     from sftlab.serve.guard import read_api_key
@@ -177,7 +216,8 @@ def test_warning_for_a_reachable_address_without_a_key(capsys, monkeypatch, toke
         run_server(app, host=host, port=1, api_key=key)
         err = capsys.readouterr().err
         assert ("without an API key" in err) == warned, (host, key, err)
-    assert {(c.timeout_keep_alive, c.h11_max_incomplete_event_size, c.http) for c in configs} == {(5, 16384, "h11")}
+    assert {(c.timeout_keep_alive, c.h11_max_incomplete_event_size, c.limit_concurrency, c.http.keywords["header_timeout"])
+            for c in configs} == {(5, 16384, 512, 10.0)}
 
 
 def test_cli_reads_the_key_file_named_in_the_environment(tmp_path, tiny_model_dir):

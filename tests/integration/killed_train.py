@@ -1,7 +1,7 @@
-"""Run `sftlab train ...` in this process and kill it with SIGKILL at a chosen point, as
-`kill -9` would: no exception, no `finally`, no flush. Used by test_train_crash.py.
+"""Run `sftlab train ...` (or `sftlab align ...`) in this process and kill it with SIGKILL at a
+chosen point, as `kill -9` would: no exception, no `finally`, no flush. Used by test_train_crash.py.
 
-    python killed_train.py step N -- TRAIN_ARGS   # at the N-th training forward (micro-batch)
+    python killed_train.py step N -- TRAIN_ARGS   # at the N-th training micro-batch
     python killed_train.py save N -- TRAIN_ARGS   # at the N-th filesystem event of checkpointing
     python killed_train.py commit N -- TRAIN_ARGS # at the rename that would commit checkpoint-N
     python killed_train.py rotate N -- TRAIN_ARGS # as rotation starts deleting checkpoint-N
@@ -38,15 +38,15 @@ def main() -> int:
     assert sys.argv[3] == "--", sys.argv
     import torch
 
+    from transformers import Trainer
+
     from sftlab.cli import main as sftlab
-    from sftlab.train.trainer import SFTTrainer
 
-    real_loss, real_save = SFTTrainer.compute_loss, torch.save
+    real_step, real_save = Trainer.training_step, torch.save
 
-    def compute_loss(self, model, inputs, *a, **k):
-        if model.training:
-            tick("step", target, n)
-        return real_loss(self, model, inputs, *a, **k)
+    def training_step(self, *a, **k):  # the train and align trainers all end up here
+        tick("step", target, n)
+        return real_step(self, *a, **k)
 
     def save(obj, f, *a, **k):
         if STAGE in str(f):
@@ -66,7 +66,7 @@ def main() -> int:
         elif event == "shutil.rmtree" and f"{os.sep}checkpoint-" in str(args[0]):
             tick("save", target, n, f"{event} {args[0]}")
 
-    SFTTrainer.compute_loss = compute_loss
+    Trainer.training_step = training_step
     torch.save = save
     sys.addaudithook(audit)
     if target == "count":

@@ -119,3 +119,27 @@ def test_html_report_escapes_model_text():
     page = html(data, {})
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<td>0.5000</td>" in page
+
+
+def test_a_failed_png_write_leaves_the_previous_report_images_whole(monkeypatch, model, tokenizer, tmp_path):
+    from pathlib import Path
+
+    convs = data()[:6]
+    a = evaluate_planted(monkeypatch, model, tokenizer, convs, lambda i, c: c.reference())
+    b = evaluate_planted(monkeypatch, model, tokenizer, convs, lambda i, c: "x")
+    out = tmp_path / "report"
+    write_compare_report({"a": a, "b": b}, out, n_bootstrap=50)
+    before = (out / "metrics.png").read_bytes()
+    real = Path.write_bytes
+
+    def full_disk(self, content):  # half the image reaches the disk, then the disk is full
+        if ".png" in self.name:
+            real(self, content[:len(content) // 2])
+            raise OSError(28, "No space left on device", str(self))
+        return real(self, content)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError):
+        write_compare_report({"a": a, "b": b}, out, n_bootstrap=50)
+    assert (out / "metrics.png").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary file left

@@ -3,18 +3,20 @@
   `--resume` to the final weights and loss of an uninterrupted run;
 - a NaN/inf loss or gradient stops the run naming the step and the batch's examples (file:line), with the
   last good checkpoint kept, or, with `training.skip_nonfinite_steps`, the step is skipped;
-- a full disk during a save, or running out of memory in a step, is a clear message, and the
-  previous checkpoint stays intact.
+- a full disk or no memory during a save (of a checkpoint, or of the final adapter), or running
+  out of memory in a step, is a clear message, and the previous checkpoint stays intact.
 tests/integration/killed_train.py does the killing; more random kill points:
 `SFTLAB_KILL_TRIALS=6 pytest tests/integration/test_train_crash.py -k random`.
 """
 
 from __future__ import annotations
 
+import ast
 import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +29,6 @@ from sftlab.cli import main
 
 KILLED = Path(__file__).with_name("killed_train.py")
 STEPS, SAVE_EVERY, ACCUM = 6, 2, 2
-SAVE_EVENTS = 21  # filesystem events of one save, rotation aside (count them: killed_train.py count 0)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +47,19 @@ def train_args(model, data, out, *extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, tiny_model_dir, demo_data):
+def straight_run(tmp_path_factory, tiny_model_dir, demo_data) -> tuple[Path, dict[str, int]]:
+    """The uninterrupted run, through killed_train.py without a kill: its folder, and how many
+    training forwards ("step") and checkpointing events ("save") it had, where kill points are drawn."""
     out = tmp_path_factory.mktemp("straight") / "run"
-    assert main(train_args(tiny_model_dir, demo_data, out)) == 0
-    return out
+    err = start_killed("count", 0, train_args(tiny_model_dir, demo_data, out)).communicate(timeout=900)[1]
+    counts = re.search(r"^KILL-POINTS (\{.*\})$", err, re.MULTILINE)
+    assert counts and (out / "run.json").exists(), err[-2000:]
+    return out, ast.literal_eval(counts[1])
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run) -> Path:
+    return straight_run[0]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -66,9 +76,9 @@ def max_weight_difference(a: Path, b: Path) -> float:
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
-def last_loss(run: Path) -> float:
+def last_loss(run: Path, step: int = STEPS) -> float:
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [m["loss"] for m in lines if "loss" in m and m["step"] == STEPS][-1]
+    return [m["loss"] for m in lines if "loss" in m and m["step"] == step][-1]
 
 
 def checkpoint_names(run: Path) -> list[str]:
@@ -134,17 +144,88 @@ def test_killed_during_a_step_or_a_save_resumes_to_the_uninterrupted_weights(
 
 
 @pytest.mark.skipif(not os.environ.get("SFTLAB_KILL_TRIALS"), reason="set SFTLAB_KILL_TRIALS=N for N random kill points")
-def test_random_kill_points_resume_to_the_uninterrupted_weights(tiny_model_dir, demo_data, tmp_path, straight):
+def test_random_kill_points_resume_to_the_uninterrupted_weights(tiny_model_dir, demo_data, tmp_path, straight_run):
+    straight, counts = straight_run
+    assert counts["step"] == STEPS * ACCUM and counts["save"] > STEPS // SAVE_EVERY, counts
     rng = random.Random(int(os.environ.get("SFTLAB_KILL_SEED", "0")))
-    trials = int(os.environ["SFTLAB_KILL_TRIALS"])
-    saves = STEPS // SAVE_EVERY
-    points = [("step", rng.randint(1, STEPS * ACCUM)) if i % 2 == 0 else ("save", rng.randint(1, saves * SAVE_EVENTS))
-              for i in range(trials)]
+    kinds = ["step", "save"]  # during a training forward, or at any filesystem event of checkpointing
+    points = [(kinds[i % 2], rng.randint(1, counts[kinds[i % 2]])) for i in range(int(os.environ["SFTLAB_KILL_TRIALS"]))]
+    print(f"\nevents of the uninterrupted run: {counts}")
     runs = kill_runs(points, tiny_model_dir, demo_data, tmp_path)
     diffs = [resume_and_compare(run, straight, tiny_model_dir, demo_data) for run in runs]
     for point, d in zip(points, diffs):
         print(f"KILL {point}: max |weight difference| {d:.3g}")
     assert max(diffs) <= 1e-6, diffs
+
+
+ALIGN_STEPS = 4
+
+
+def align_args(model, pairs: Path, out: Path, loss: str) -> list[str]:
+    return ["align", "-", f"model.name_or_path={model}", f"data.train={pairs}", f"output_dir={out}",
+            f"align.loss={loss}", "data.max_seq_length=96", "lora.r=8", "lora.alpha=16", "lora.dropout=0.1",
+            "training.learning_rate=5e-3", "training.per_device_train_batch_size=2", "training.warmup_ratio=0",
+            f"training.gradient_accumulation_steps={ACCUM}", f"training.max_steps={ALIGN_STEPS}",
+            "training.save_steps=2", "training.save_total_limit=1", "training.logging_steps=1", "training.bf16=false"]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    rows = [{"prompt": f"What is {a} plus {a + 3}?", "chosen": f"{2 * a + 3}", "rejected": f"{a * (a + 3)}, I think"}
+            for a in range(1, 9)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("loss", ["dpo"])
+def test_align_killed_during_a_step_resumes_to_the_uninterrupted_adapter(tiny_model_dir, pairs, tmp_path, capsys, loss):
+    straight, run = tmp_path / "straight", tmp_path / "killed"
+    assert main(align_args(tiny_model_dir, pairs, straight, loss)) == 0
+    killed = start_killed("step", 3 * ACCUM + 1, align_args(tiny_model_dir, pairs, run, loss))  # in step 4
+    err = killed.communicate(timeout=600)[1]
+    assert killed.returncode == -signal.SIGKILL, err[-2000:]
+    assert checkpoint_names(run) == ["checkpoint-2"] and not (run / "run.json").exists()
+    capsys.readouterr()
+    assert main(align_args(tiny_model_dir, pairs, run, loss)) == 1  # not over a run without --resume
+    assert "already holds a run" in capsys.readouterr().err
+    assert main([*align_args(tiny_model_dir, pairs, run, loss), "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged if "loss" in m].count(1) == 1  # continued, not started over
+    a, b = (json.loads((r / "run.json").read_text()) for r in (straight, run))
+    assert b["global_step"] == a["global_step"] == ALIGN_STEPS
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)  # over the whole run, not since resuming
+    assert last_loss(run, ALIGN_STEPS) == pytest.approx(last_loss(straight, ALIGN_STEPS), rel=1e-6)
+    diff = max_weight_difference(straight, run)
+    print(f"align {loss}: killed in step 4, resumed: max |weight difference| {diff:.3g}")
+    assert diff <= 1e-6
+
+
+def test_align_stops_at_a_nonfinite_loss_keeping_the_last_good_checkpoint(
+        tiny_model_dir, pairs, tmp_path, monkeypatch, capsys):
+    from sftlab.train import align as align_module
+
+    real_load, calls = align_module.load_policy, [0]
+
+    def load_policy(*a, **k):
+        model, peft_config, base = real_load(*a, **k)
+
+        def hook(module, inputs, output):
+            if module.training and torch.is_grad_enabled():  # the policy's forward, not the reference's
+                calls[0] += 1
+                if calls[0] == 3 * ACCUM + 1:  # step 4
+                    return output * float("inf")
+        model.get_input_embeddings().register_forward_hook(hook)
+        return model, peft_config, base
+
+    monkeypatch.setattr(align_module, "load_policy", load_policy)
+    run = tmp_path / "run"
+    assert main(align_args(tiny_model_dir, pairs, run, "dpo")) == 1
+    err = capsys.readouterr().err
+    assert "step 4: non-finite loss" in err and "Traceback" not in err
+    assert "the last good checkpoint is" in err and "checkpoint-2" in err
+    assert checkpoint_names(run) == ["checkpoint-2"] and not (run / "run.json").exists()
 
 
 def plant_in_forward(monkeypatch, at_call: int, fault, module=lambda model: model.get_input_embeddings()
@@ -218,23 +299,68 @@ def test_skip_nonfinite_steps_leaves_weights_and_moments_alone_and_counts_the_st
         assert all(torch.equal(v, opt[4][i][k]) for k, v in state.items())
 
 
-def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(
-        tiny_model_dir, demo_data, tmp_path, monkeypatch, capsys):
-    real_save = torch.save
+def fail_writes(monkeypatch, path_part: str, error: BaseException) -> None:
+    """Make the weights (safetensors) and torch.save writes whose path contains `path_part`
+    write half a file, then raise `error`, as a full disk or a failed allocation would."""
+    import safetensors.torch
 
-    def save(obj, f, *a, **k):
-        if f"checkpoint-4{os.sep}optimizer.pt" in str(f):  # half of checkpoint-4 already written
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
-        return real_save(obj, f, *a, **k)
+    real_save, real_serialize = torch.save, safetensors.torch.serialize_file
 
-    monkeypatch.setattr(torch, "save", save)
+    def failing(real):
+        def write(obj, f, *a, **k):
+            if path_part in str(f):
+                Path(f).write_bytes(b"\0" * 100)
+                raise error
+            return real(obj, f, *a, **k)
+        return write
+
+    monkeypatch.setattr(torch, "save", failing(real_save))
+    monkeypatch.setattr(safetensors.torch, "serialize_file", failing(real_serialize))  # peft and transformers
+
+
+def enospc(path: str = "") -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+@pytest.mark.parametrize("file, error, reason", [
+    ("optimizer.pt", enospc("optimizer.pt"), "no space left on the device (optimizer.pt)"),
+    # safetensors reports a failed write as SafetensorError, not OSError
+    ("adapter_model.safetensors", "SafetensorError", "no space left on the device"),
+    ("adapter_model.safetensors", MemoryError(), "out of memory"),
+])
+def test_a_full_disk_or_no_memory_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(
+        tiny_model_dir, demo_data, tmp_path, monkeypatch, capsys, file, error, reason):
+    from safetensors import SafetensorError
+
+    if error == "SafetensorError":
+        error = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    fail_writes(monkeypatch, f"checkpoint-4{os.sep}{file}", error)
     run = tmp_path / "run"
     assert main(train_args(tiny_model_dir, demo_data, run, "training.max_steps=4")) == 1
     err = capsys.readouterr().err
-    assert "saving checkpoint-4 failed: no space left on the device" in err and "Traceback" not in err
+    assert f"saving checkpoint-4 failed: {reason};" in err and "Traceback" not in err
     assert "the previous checkpoint" in err and "checkpoint-2 is intact" in err and "--resume" in err
     assert checkpoint_names(run) == ["checkpoint-2"] and not (run / "checkpoints" / ".saving" / "checkpoint-4").exists()
     assert (run / "checkpoints" / "checkpoint-2" / "sftlab.json").exists()
+    assert weights(run / "checkpoints" / "checkpoint-2")  # still loads
+
+
+def test_a_full_disk_at_the_final_save_leaves_no_half_adapter_and_resume_finishes(
+        tiny_model_dir, demo_data, tmp_path, monkeypatch, capsys, straight):
+    from safetensors import SafetensorError
+
+    error = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with monkeypatch.context() as patched:
+        fail_writes(patched, f".adapter.saving{os.sep}adapter_model.safetensors", error)
+        run = tmp_path / "run"
+        assert main(train_args(tiny_model_dir, demo_data, run)) == 1
+    err = capsys.readouterr().err
+    assert "saving the final adapter/, tokenizer/ failed: no space left on the device;" in err
+    assert "checkpoint-6 is intact" in err and "Traceback" not in err
+    assert not [p.name for p in run.iterdir() if "adapter" in p.name or "tokenizer" in p.name]
+    assert not (run / "run.json").exists()
+    assert main([*train_args(tiny_model_dir, demo_data, run), "--resume"]) == 0  # nothing left to train: saves
+    assert max_weight_difference(straight, run) == 0 and (run / "tokenizer" / "tokenizer.json").exists()
 
 
 def test_out_of_memory_in_a_step_says_what_to_lower(tiny_model_dir, demo_data, tmp_path, monkeypatch, capsys):

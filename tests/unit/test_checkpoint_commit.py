@@ -5,6 +5,8 @@ tests/integration/test_train_crash.py.)"""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -87,3 +89,23 @@ def test_resume_refuses_another_process_count_or_engine(tmp_path, monkeypatch):
         resume_checkpoint(tmp_path, state(1, "zero2"))
     with pytest.raises(SftlabError, match="this run has fsdp x 2 processes"):
         resume_checkpoint(tmp_path, state(2, "fsdp"))
+
+
+def test_a_real_failed_safetensors_write_is_recognised_and_explained(tmp_path):
+    """safetensors raises SafetensorError, not OSError, when the file system refuses a write: here
+    a file size limit (RLIMIT_FSIZE, as a nearly full quota would) in a child process."""
+    script = f"""
+import resource, signal, torch
+from safetensors.torch import save_file
+from sftlab.train.guards import is_save_failure, save_failure_message
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    save_file({{"w": torch.zeros(10_000)}}, {str(tmp_path / "adapter_model.safetensors")!r})
+except Exception as e:
+    print(type(e).__name__, is_save_failure(e), save_failure_message("checkpoint-4", e, None), sep="|")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    kind, recognised, message = out.stdout.strip().split("|")
+    assert (kind, recognised) == ("SafetensorError", "True"), out.stderr[-2000:]
+    assert message.startswith("saving checkpoint-4 failed: file too large; no earlier checkpoint exists")

@@ -22,6 +22,9 @@ def serve(
     max_concurrent: int = typer.Option(64, min=1, help="Requests in flight at once (streams included); more get 429."),
     body_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a request body may take to arrive (408 after)."),
     keep_alive_timeout: int = typer.Option(5, min=1, help="Seconds an idle keep-alive connection stays open."),
+    header_timeout: float = typer.Option(10.0, min=0.1, help="Seconds a request's headers may take to arrive "
+                                                                "(the connection is closed after)."),
+    max_connections: int = typer.Option(512, min=1, help="Open connections served at once; requests on more get 503."),
     max_prompt_tokens: int = typer.Option(4096, help="Reject longer prompts (400)."),
     max_tokens_limit: int = typer.Option(1024, help="Largest max_tokens a request may ask for (400 above)."),
     default_max_tokens: int = typer.Option(256, help="max_tokens when a request gives none."),
@@ -42,6 +45,6 @@ def serve(
     name = model_name or Path(source).name or source
     try:
         run_server(create_app(be, name, api_key=api_key, limits=limits), host=host, port=port, api_key=api_key,
-                   keep_alive_timeout=keep_alive_timeout)
+                   keep_alive_timeout=keep_alive_timeout, header_timeout=header_timeout, max_connections=max_connections)
     finally:
         be.close()

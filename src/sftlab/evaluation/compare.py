@@ -189,7 +189,7 @@ def write_compare_report(
     for name, curves in data["runs"].items():
         images[f"loss-{name}.png"] = plots.loss_curves(name, curves)
     for fname, png in images.items():
-        (out / fname).write_bytes(png)
+        atomic_write(out / fname, png)
     paths = {"json": out / "compare.json", "markdown": out / "report.md", "html": out / "report.html"}
     write_json(paths["json"], data)
     atomic_write(paths["markdown"], report.markdown(data, list(images)))

@@ -184,21 +184,27 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
 
 
 def server_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, keep_alive_timeout: int = 5,
-                  log_level: str = "info"):
-    """uvicorn settings against slow clients: idle keep-alive connections close after
-    `keep_alive_timeout` s, request lines + headers are capped at 16 KiB (h11), and a stop
-    waits at most 10 s for open streams."""
+                  header_timeout: float = 10.0, max_connections: int = 512, log_level: str = "info"):
+    """uvicorn settings against slow clients: a connection whose request headers are not in
+    `header_timeout` s after it opens (or after its previous response) is closed (slowloris),
+    idle keep-alive connections close after `keep_alive_timeout` s, request lines + headers are
+    capped at 16 KiB (h11), requests on connections beyond `max_connections` get 503, and a
+    stop waits at most 10 s for open streams."""
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http="h11",
+    from sftlab.serve.connection import protocol_with_header_deadline
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          http=protocol_with_header_deadline(header_timeout),
                           timeout_keep_alive=keep_alive_timeout, h11_max_incomplete_event_size=16 * 1024,
-                          timeout_graceful_shutdown=10)
+                          limit_concurrency=max_connections, timeout_graceful_shutdown=10)
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
-               keep_alive_timeout: int = 5) -> None:
-    """Serve `app`; `api_key` only decides the warning for a reachable address without one."""
+               **config) -> None:
+    """Serve `app` with `server_config(**config)`; `api_key` only decides the warning for a
+    reachable address without one."""
     import uvicorn
 
     warn_if_exposed(host, api_key)
-    uvicorn.Server(server_config(app, host, port, keep_alive_timeout=keep_alive_timeout)).run()
+    uvicorn.Server(server_config(app, host, port, **config)).run()

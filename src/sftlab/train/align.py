@@ -9,6 +9,10 @@
   run with a merged model, or a base, a new LoRA is added and the reference is the same weights
   with the adapter disabled. Full fine-tuning: a frozen copy of the starting model, or reference
   log-probs computed once before training (`align.precompute_ref_log_probs`).
+- Crash safety as in `sftlab train` (train/checkpointing.py): checkpoints staged and renamed
+  into place, `--resume` from the last good one (config and data checked), the non-finite
+  guard, the final adapter or model written under a temporary name, clear messages on a full
+  disk or no memory.
 - Metrics: rewards/margins, rewards/accuracies, logps/chosen, logps/rejected (train, and eval_*
   on the validation pairs, also once before the first step) go to RUN/metrics.jsonl.
 """
@@ -16,9 +20,12 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import random
 import time
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,18 +33,20 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from sftlab.config import AlignConfig
 from sftlab.errors import SftlabError
+from sftlab.train.checkpointing import AtomicCheckpoints, explained_save_failure, save_outputs
+from sftlab.train.guards import RecordsStepLosses
 
 ALIGN_METRICS = ("rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
 
 
-class RenderedDPOTrainer(DPOTrainer):
+class RenderedDPOTrainer(AtomicCheckpoints, RecordsStepLosses, DPOTrainer):
     """DPOTrainer on rows that are already token ids (prompt_ids, chosen_ids, rejected_ids)."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset
 
 
-class RenderedKTOTrainer(KTOTrainer):
+class RenderedKTOTrainer(AtomicCheckpoints, RecordsStepLosses, KTOTrainer):
     """KTOTrainer on rows that are already token ids (prompt_ids, completion_ids, label)."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -151,21 +160,35 @@ def build_trainer(config: AlignConfig, model, peft_config, tokenizer, train_rows
                        **common)
 
 
-def align(config: AlignConfig, log=print) -> dict:
-    """Run preference tuning; returns the run summary written to RUN/run.json."""
+RESUME = "sftlab align CONFIG --resume"  # what a message about a failed save suggests
+
+
+def rows_digest(rows: list[dict]) -> str:
+    """Hash of what training sees: every row's token ids (and label), in order."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
+    """Run preference tuning (or continue it from its last checkpoint); returns the run summary
+    written to RUN/run.json."""
     from transformers import set_seed
 
     from sftlab.files import atomic_write
     from sftlab.models import load_tokenizer
     from sftlab.train.callbacks import MetricsJsonlCallback
+    from sftlab.train.guards import NonFiniteGuard
     from sftlab.train.preference import load_preferences
-    from sftlab.train.run_dir import model_card, write_run_json
+    from sftlab.train.run_dir import (checkpoint_state, discard_interrupted_saves, last_good_checkpoint, model_card,
+                                      refuse_existing_run, resume_checkpoint, write_run_json)
     from sftlab.train.trainer import base_weights_dtype, device_supports_bf16, preflight
 
     preflight(config)
     out = Path(config.output_dir)
+    if not resume:
+        refuse_existing_run(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.yaml", config.to_yaml())
+    for name in discard_interrupted_saves(out):
+        log(f"discarded {name}: its saving was interrupted")
     t_start = time.perf_counter()
     m, a = config.model, config.align
     tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code, chat_template=m.chat_template)
@@ -178,25 +201,37 @@ def align(config: AlignConfig, log=print) -> dict:
         eval_rows, eval_stats = load_preferences(config.data.validation, tokenizer, config.data, paired=paired,
                                                  rejects_path=out / "rejects.validation.jsonl")
         log(eval_stats.summary())
+    state = checkpoint_state(config, {"train": rows_digest(train_rows),
+                                      **({"validation": rows_digest(eval_rows)} if eval_rows else {})})
+    checkpoint, saved = resume_checkpoint(out, state) if resume else (None, {})
+    if resume and checkpoint is None:
+        log(f"--resume: no checkpoint saved yet in {out / 'checkpoints'}: starting from step 0")
+    atomic_write(out / "config.yaml", config.to_yaml())
     use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
     dtype = base_weights_dtype(config.method, use_bf16) if m.dtype == "auto" else m.dtype
     set_seed(config.training.seed)
     model, peft_config, base = load_policy(config, dtype, use_bf16)
     model.config.use_cache = False
+    nonfinite = NonFiniteGuard(config.training.skip_nonfinite_steps, last_good=lambda: last_good_checkpoint(out))
     trainer = build_trainer(config, model, peft_config, tokenizer, train_rows, eval_rows, out, use_bf16,
-                            callbacks=[MetricsJsonlCallback(out / "metrics.jsonl")])
-    before = trainer.evaluate() if eval_rows else {}
+                            callbacks=[MetricsJsonlCallback(out / "metrics.jsonl"), nonfinite])
+    trainer.checkpoint_state, trainer.nonfinite, trainer.resume_command = state, nonfinite, RESUME
+    if checkpoint is not None:
+        trainer.restore_record(saved)
+        log(f"resuming from {checkpoint} (step {saved['global_step']})")
+    before = trainer.evaluate() if eval_rows else {}  # the starting weights: a resume loads its checkpoint later
     t_train = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - t_train
+    train_loss = trainer.run_train_loss(result.training_loss, saved.get("global_step", 0))
     after = _final_eval(trainer) if eval_rows else {}
 
     final = trainer.model
     if config.method == "full":
-        final.save_pretrained(out / "model", safe_serialization=True)
+        weights = {"model": partial(final.save_pretrained, safe_serialization=True)}
     else:
-        final.save_pretrained(out / "adapter", safe_serialization=True, selected_adapters=["default"])
-    tokenizer.save_pretrained(out / "tokenizer")
+        weights = {"adapter": partial(final.save_pretrained, safe_serialization=True, selected_adapters=["default"])}
+    save_outputs(out, {**weights, "tokenizer": tokenizer.save_pretrained}, RESUME)
     from sftlab.train.trainer import _portable_model_name
 
     info = {
@@ -210,16 +245,19 @@ def align(config: AlignConfig, log=print) -> dict:
         "eval_before": _align_metrics(before),
         "eval_after": _align_metrics(after),
         "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss,
+        "train_loss": train_loss,
         "train_seconds": round(train_seconds, 2),
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "bf16": use_bf16,
         "trainable_params": sum(p.numel() for p in final.parameters() if p.requires_grad),
+        "nonfinite_steps_skipped": len(nonfinite.skipped),
+        "nonfinite_skipped_steps": nonfinite.skipped,
         "finished": True,
     }
-    write_run_json(out, info)
-    atomic_write(out / "README.md", model_card(config, info))
-    log(f"run saved in {out} ({a.loss}, train loss {result.training_loss:.4f}, {trainer.state.global_step} steps, "
+    with explained_save_failure("run.json and README.md", out, RESUME):
+        write_run_json(out, info)
+        atomic_write(out / "README.md", model_card(config, info))
+    log(f"run saved in {out} ({a.loss}, train loss {train_loss:.4f}, {trainer.state.global_step} steps, "
         f"{train_seconds:.0f}s)")
     if after:
         log("held-out pairs: " + ", ".join(f"{k} {before.get('eval_' + k, float('nan')):.3f} -> "

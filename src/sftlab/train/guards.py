@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import TrainerCallback
 
 from sftlab.errors import SftlabError
@@ -84,6 +87,20 @@ class NonFiniteGuard(TrainerCallback):
                           f"{kept}. Check those examples, lower the learning rate, or {how}")
 
 
+class RecordsStepLosses:
+    """Mixin, before a Trainer whose loss sftlab does not compute (the align trainers): hands
+    each training micro-batch's loss to the NonFiniteGuard in `nonfinite` (without sources:
+    their batches do not carry them)."""
+
+    nonfinite: NonFiniteGuard | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.nonfinite is not None:
+            self.nonfinite.record(loss, None)
+        return loss
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
         return True
@@ -104,14 +121,33 @@ def out_of_memory_message(config, step: int) -> str:
     return f"step {step}: out of memory; lower " + ", ".join(hints) + " (`sftlab estimate` shows the memory a setting needs)"
 
 
-def save_failure_message(name: str, exc: BaseException, last_good) -> str:
-    """A checkpoint write that failed: the reason in a few words, and what is left intact."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        reason = f"no space left on the device{f' ({exc.filename})' if exc.filename else ''}"
+def is_save_failure(exc: BaseException) -> bool:
+    """A write that failed for want of disk or memory, or an I/O error, rather than a bug.
+    safetensors reports I/O errors as SafetensorError, not OSError."""
+    return isinstance(exc, (OSError, SafetensorError)) or is_out_of_memory(exc)
+
+
+def _os_errno(exc: BaseException) -> int | None:
+    if isinstance(exc, OSError):
+        return exc.errno
+    found = re.search(r"\(os error (\d+)\)", str(exc))  # safetensors: "I/O error: ... (os error 28)"
+    return int(found[1]) if found else None
+
+
+def save_failure_message(name: str, exc: BaseException, last_good,
+                         resume_command: str = "sftlab train CONFIG --resume") -> str:
+    """A write that failed: the reason in a few words, and what is left intact."""
+    code = _os_errno(exc)
+    filename = getattr(exc, "filename", None)
+    where = f" ({filename})" if filename else ""
+    if code == errno.ENOSPC:
+        reason = f"no space left on the device{where}"
     elif is_out_of_memory(exc):
         reason = "out of memory"
+    elif code:
+        reason = f"{os.strerror(code).lower()}{where}"
     else:
         reason = f"{type(exc).__name__}: {exc}"
     kept = f"the previous checkpoint {last_good} is intact" if last_good else "no earlier checkpoint exists"
     return (f"saving {name} failed: {reason}; {kept}. Free some space or memory, then continue with "
-            "`sftlab train CONFIG --resume`")
+            f"`{resume_command}`")

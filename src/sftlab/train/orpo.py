@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from sftlab.train.checkpointing import AtomicCheckpoints
+from sftlab.train.guards import RecordsStepLosses
+
 
 def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
     """log(p / (1 - p)) from log p, stable for p near 0 and 1."""
@@ -31,8 +34,9 @@ def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_n
     return chosen_nll - lam * F.logsigmoid(ratio).mean(), ratio
 
 
-class ORPOTrainer(Trainer):
-    """A Trainer whose loss is ORPO's; logs the same reward metrics as TRL's DPOTrainer."""
+class ORPOTrainer(AtomicCheckpoints, RecordsStepLosses, Trainer):
+    """A Trainer whose loss is ORPO's; logs the same reward metrics as TRL's DPOTrainer.
+    Checkpoints and the non-finite guard as in `sftlab train`."""
 
     def __init__(self, *args, beta: float = 0.1, **kwargs):
         super().__init__(*args, **kwargs)

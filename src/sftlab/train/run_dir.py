@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from sftlab.errors import SftlabError
-from sftlab.files import atomic_write
+from sftlab.files import atomic_write, replace_folder
 
 CHECKPOINT_STATE = "sftlab.json"  # beside transformers' files in each checkpoint-N folder
 # RUN/checkpoints/.saving/checkpoint-N: a checkpoint being written; renamed into place when whole
@@ -89,20 +89,20 @@ def last_good_checkpoint(run_dir: Path) -> Path | None:
     return good[-1] if good else None
 
 
-def commit_checkpoint(staged: Path, final: Path) -> None:
-    """Make a fully written checkpoint visible under its final name with one rename (after
-    syncing its files to disk), so a checkpoint-N folder is always complete."""
+def commit_folder(staged: Path, final: Path) -> None:
+    """Make a fully written folder visible under its final name with renames only, after
+    syncing its files to disk, so `final` is always complete (the old one or the new one)."""
     for f in staged.rglob("*"):
         if f.is_file():
             _fsync(f)
-    if final.exists():  # the same step saved again after resuming from an earlier checkpoint
-        old = staged.with_name(staged.name + ".replaced")
-        os.replace(final, old)
-        os.replace(staged, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, final)
+    replace_folder(staged, final)
     _fsync(final.parent)
+
+
+def commit_checkpoint(staged: Path, final: Path) -> None:
+    """Commit checkpoints/.saving/checkpoint-N as checkpoints/checkpoint-N (which exists when the
+    same step is saved again after resuming from an earlier checkpoint)."""
+    commit_folder(staged, final)
     try:
         staged.parent.rmdir()  # .saving/, when no other process still writes there
     except OSError:

@@ -1,11 +1,12 @@
-"""`train(config)`: SFT on a transformers.Trainer whose only override is the loss."""
+"""`train(config)`: SFT on a transformers.Trainer with sftlab's loss (per trained token), the
+per-token eval loss and warm-up, and crash-safe checkpoints (train/checkpointing.py, which
+overrides private Trainer methods: tests/unit/test_trainer_contract.py checks them)."""
 
 from __future__ import annotations
 
 import ctypes
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -14,26 +15,26 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from sftlab.config import TrainConfig
 from sftlab.data.conversation import Example
 from sftlab.data.render import IGNORE
 from sftlab.errors import SftlabError
-from sftlab.files import write_json
 from sftlab.train.attention import NAME as VARLEN
 from sftlab.train.attention import can_flatten, choose_attention
 from sftlab.train.attention import register as register_varlen
-from sftlab.train.guards import NonFiniteGuard, is_out_of_memory, out_of_memory_message, save_failure_message
+from sftlab.train.checkpointing import AtomicCheckpoints, explained_save_failure, save_outputs
+from sftlab.train.guards import NonFiniteGuard, is_out_of_memory, out_of_memory_message
 from sftlab.train.loss import selective_loss_sum
-from sftlab.train.run_dir import CHECKPOINT_STATE, STAGING, commit_checkpoint, last_good_checkpoint
+from sftlab.train.run_dir import last_good_checkpoint
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+RESUME = "sftlab train CONFIG --resume"  # what a message about a failed save suggests
+RESUME = "sftlab train CONFIG --resume"  # what a message about a failed save suggests
 
 
-class SFTTrainer(Trainer):
+class SFTTrainer(AtomicCheckpoints, Trainer):
     """Trainer with the selective, token-normalised SFT loss (see train/loss.py).
 
     Also per token, not per batch: the eval loss (the sum of losses over the whole eval set
@@ -54,16 +55,14 @@ class SFTTrainer(Trainer):
         # so the Trainer must count it and must not divide again by the accumulation steps.
         self.model_accepts_loss_kwargs = True
         self.warmup_ratio = warmup_ratio
-        self.checkpoint_state = checkpoint_state
+        self.checkpoint_state = checkpoint_state  # AtomicCheckpoints writes it into each checkpoint
         self.nonfinite = nonfinite
         self.oom_message = oom_message  # step -> the advice for an out-of-memory step
         if nonfinite is not None:
             self.add_callback(nonfinite)
         self.trained_tokens_restored = 0  # the count a resumed checkpoint had reached
-        self.loss_sum_restored = 0.0  # its sum of step losses (transformers reports this call's mean only)
         self._trained_tokens_local = 0  # trained tokens this process has run since start
         self._eval_totals: torch.Tensor | None = None  # [loss sum, trained tokens] during evaluation
-        self._staging: Path | None = None  # set while a checkpoint is being written
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss_sum, n = selective_loss_sum(model, inputs)
@@ -113,64 +112,21 @@ class SFTTrainer(Trainer):
                 raise
             raise SftlabError(self.oom_message(self.state.global_step + 1)) from None
 
-    def _get_output_dir(self, trial) -> str:
-        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+    def checkpoint_record(self) -> dict | None:
+        record = super().checkpoint_record()
+        if record is not None:
+            record["trained_tokens_seen"] = self.trained_tokens_seen  # collective: every process
+        return record
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """transformers' checkpoint, written into checkpoints/.saving/checkpoint-N with sftlab's
-        record, then renamed into place (run_dir.commit_checkpoint) and only then the old ones
-        rotated out: a kill or a failed write never leaves a checkpoint that --resume picks."""
-        folder = Path(super()._get_output_dir(trial))  # RUN/checkpoints
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staged = folder / STAGING / name
-        record = None
-        self._staging = staged.parent
-        try:
-            super()._save_checkpoint(model, trial)  # its own rotation sees only the staged checkpoint
-            best = self.state.best_model_checkpoint
-            if best and Path(best).parent == staged.parent:  # transformers named the staged path
-                self.state.best_model_checkpoint = str(folder / Path(best).name)
-            if self.checkpoint_state is not None:
-                record = {**self.checkpoint_state, "global_step": self.state.global_step,
-                          "trained_tokens_seen": self.trained_tokens_seen,  # collective: every process
-                          "train_loss_sum": self.train_loss_sum,
-                          "nonfinite_skipped_steps": self.nonfinite.skipped if self.nonfinite else []}
-            if self.args.should_save:
-                self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
-                if record is not None:
-                    write_json(staged / CHECKPOINT_STATE, record)
-        except (OSError, MemoryError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and not is_out_of_memory(e):
-                raise
-            shutil.rmtree(staged, ignore_errors=True)
-            raise SftlabError(save_failure_message(name, e, last_good_checkpoint(folder.parent))) from None
-        finally:
-            self._staging = None
-        self.accelerator.wait_for_everyone()  # every process has written its part
-        if self.args.should_save:
-            commit_checkpoint(staged, folder / name)
-            rotate_checkpoints(str(folder), self.args.save_total_limit, self.state.best_model_checkpoint,
-                               use_mtime=True)
-        self.accelerator.wait_for_everyone()
-
-    def _run_epoch(self, *args, **kwargs):
-        # Resumed from the last step's checkpoint (a run stopped between it and the final save):
-        # transformers would take one step past max_steps before checking it.
-        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
-            self.control.should_training_stop = True
-            return
-        return super()._run_epoch(*args, **kwargs)
+    def restore_record(self, saved: dict) -> None:
+        super().restore_record(saved)
+        self.trained_tokens_restored = saved["trained_tokens_seen"]
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.warmup_ratio is not None:
             # transformers reads a warmup_steps >= 1 as a step count (1.0 would be one step)
             self.args.warmup_steps = math.ceil(self.warmup_ratio * num_training_steps)
         return super().create_scheduler(num_training_steps, optimizer)
-
-    @property
-    def train_loss_sum(self) -> float:
-        """Sum of the step losses since the run began (resumes included), as transformers sums them."""
-        return self.loss_sum_restored + self._total_loss_scalar + float(self._tr_loss)
 
     @property
     def trained_tokens_seen(self) -> int:
@@ -466,21 +422,17 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     distributed.attach(trainer)
     log(f"engine: {distributed.describe(trainer)}")
     if checkpoint is not None:
-        trainer.trained_tokens_restored = saved["trained_tokens_seen"]
-        trainer.loss_sum_restored = saved.get("train_loss_sum", 0.0)
-        nonfinite.skipped = list(saved.get("nonfinite_skipped_steps", []))
+        trainer.restore_record(saved)
         log(f"resuming from {checkpoint} (step {saved['global_step']}, {saved['trained_tokens_seen']} trained tokens)")
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - t_train
-    train_loss = result.training_loss  # the mean over this call's steps: over the whole run when resumed
-    if checkpoint is not None and trainer.state.global_step:
-        steps_now = trainer.state.global_step - saved["global_step"]
-        train_loss = (trainer.loss_sum_restored + result.training_loss * steps_now) / trainer.state.global_step
+    train_loss = trainer.run_train_loss(result.training_loss, saved.get("global_step", 0))
 
     tokens_seen = trainer.trained_tokens_seen  # a collective call: every rank takes part
-    distributed.save_final_model(trainer, out / ("model" if config.method == "full" else "adapter"))
-    distributed.on_main_process(tokenizer.save_pretrained, out / "tokenizer")
+    save_outputs(out, {"model" if config.method == "full" else "adapter": partial(distributed.save_final_model, trainer),
+                       "tokenizer": partial(distributed.on_main_process, tokenizer.save_pretrained)},
+                 RESUME, main=main)
     info = {
         "base_model": _portable_model_name(m.name_or_path),
         "method": config.method,
@@ -506,8 +458,9 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         "engine": distributed.describe(trainer),
         "finished": True,
     }
-    distributed.on_main_process(write_run_json, out, info)
-    distributed.on_main_process(atomic_write, out / "README.md", model_card(config, info))
+    with explained_save_failure("run.json and README.md", out, RESUME):
+        distributed.on_main_process(write_run_json, out, info)
+        distributed.on_main_process(atomic_write, out / "README.md", model_card(config, info))
     log(f"run saved in {out} (train loss {train_loss:.4f}, {trainer.state.global_step} steps, {train_seconds:.0f}s)")
     return info
 
