@@ -215,3 +215,18 @@ def test_sft_weight_is_refused_for_losses_other_than_dpo(tiny_model_dir, pairs_f
 
     with pytest.raises(SftlabError, match="sft_weight applies to loss dpo only"):
         _config(tiny_model_dir, pairs_file, tmp_path, **{"align.loss": "orpo", "align.sft_weight": 1.0})
+
+
+@pytest.mark.parametrize("loss", ["dpo", "orpo", "kto"])
+def test_warmup_ratio_shapes_the_learning_rate_of_every_loss(tiny_model_dir, pairs_file, unpaired_file, tmp_path,
+                                                              loss):
+    """configs/dpo.yaml's warmup_ratio: half of 4 steps warm up, then linear decay; each step logs
+    the rate it used (without the warm-up: 1, 3/4, 1/2, 1/4 of the peak)."""
+    out = tmp_path / loss
+    data = unpaired_file if loss == "kto" else pairs_file
+    assert main(["align", "-", *_overrides(tiny_model_dir, data, out, **{
+        "align.loss": loss, "training.warmup_ratio": 0.5, "training.lr_scheduler_type": "linear",
+        "training.logging_steps": 1, "training.eval_steps": 1000, "data.validation": "null"})]) == 0
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [e["learning_rate"] for e in events if "learning_rate" in e]
+    assert rates == pytest.approx([0.0, 2.5e-3, 5e-3, 2.5e-3], abs=1e-9)

@@ -35,18 +35,19 @@ from sftlab.config import AlignConfig
 from sftlab.errors import SftlabError
 from sftlab.train.checkpointing import AtomicCheckpoints, explained_save_failure, save_outputs
 from sftlab.train.guards import RecordsStepLosses
+from sftlab.train.schedule import RatioWarmup
 
 ALIGN_METRICS = ("rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
 
 
-class RenderedDPOTrainer(AtomicCheckpoints, RecordsStepLosses, DPOTrainer):
+class RenderedDPOTrainer(AtomicCheckpoints, RatioWarmup, RecordsStepLosses, DPOTrainer):
     """DPOTrainer on rows that are already token ids (prompt_ids, chosen_ids, rejected_ids)."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset
 
 
-class RenderedKTOTrainer(AtomicCheckpoints, RecordsStepLosses, KTOTrainer):
+class RenderedKTOTrainer(AtomicCheckpoints, RatioWarmup, RecordsStepLosses, KTOTrainer):
     """KTOTrainer on rows that are already token ids (prompt_ids, completion_ids, label)."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -216,6 +217,7 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     trainer = build_trainer(config, model, peft_config, tokenizer, train_rows, eval_rows, out, use_bf16,
                             callbacks=[MetricsJsonlCallback(out / "metrics.jsonl"), nonfinite])
     trainer.checkpoint_state, trainer.nonfinite, trainer.resume_command = state, nonfinite, RESUME
+    trainer.warmup_ratio = config.training.scheduled_warmup_ratio
     if checkpoint is not None:
         trainer.restore_record(saved)
         log(f"resuming from {checkpoint} (step {saved['global_step']})")

@@ -21,6 +21,7 @@ from transformers import Trainer
 
 from sftlab.train.checkpointing import AtomicCheckpoints
 from sftlab.train.guards import RecordsStepLosses
+from sftlab.train.schedule import RatioWarmup
 
 
 def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
@@ -34,7 +35,7 @@ def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_n
     return chosen_nll - lam * F.logsigmoid(ratio).mean(), ratio
 
 
-class ORPOTrainer(AtomicCheckpoints, RecordsStepLosses, Trainer):
+class ORPOTrainer(AtomicCheckpoints, RatioWarmup, RecordsStepLosses, Trainer):
     """A Trainer whose loss is ORPO's; logs the same reward metrics as TRL's DPOTrainer.
     Checkpoints and the non-finite guard as in `sftlab train`."""
 

@@ -5,7 +5,6 @@ overrides private Trainer methods: tests/unit/test_trainer_contract.py checks th
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import sys
 import time
@@ -27,14 +26,14 @@ from sftlab.train.checkpointing import AtomicCheckpoints, explained_save_failure
 from sftlab.train.guards import NonFiniteGuard, is_out_of_memory, out_of_memory_message
 from sftlab.train.loss import selective_loss_sum
 from sftlab.train.run_dir import last_good_checkpoint
+from sftlab.train.schedule import RatioWarmup
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 RESUME = "sftlab train CONFIG --resume"  # what a message about a failed save suggests
-RESUME = "sftlab train CONFIG --resume"  # what a message about a failed save suggests
 
 
-class SFTTrainer(AtomicCheckpoints, Trainer):
+class SFTTrainer(AtomicCheckpoints, RatioWarmup, Trainer):
     """Trainer with the selective, token-normalised SFT loss (see train/loss.py).
 
     Also per token, not per batch: the eval loss (the sum of losses over the whole eval set
@@ -121,12 +120,6 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
     def restore_record(self, saved: dict) -> None:
         super().restore_record(saved)
         self.trained_tokens_restored = saved["trained_tokens_seen"]
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.warmup_ratio is not None:
-            # transformers reads a warmup_steps >= 1 as a step count (1.0 would be one step)
-            self.args.warmup_steps = math.ceil(self.warmup_ratio * num_training_steps)
-        return super().create_scheduler(num_training_steps, optimizer)
 
     @property
     def trained_tokens_seen(self) -> int:
