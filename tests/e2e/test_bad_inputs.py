@@ -193,12 +193,17 @@ def test_strict_data_commands(name, tmp_path, capsys, quick):
             assert code == 1 and f"{path}: no records to review" in one_line_error(err)
         else:
             assert code == 0, (command, err)
-            if command == "split":
-                assert sum(json.loads((out / "split.json").read_text())["sizes"].values()) == case.good
-            if command == "inspect":
-                assert len(stdout.splitlines()) == case.good
-            if command == "report":
-                assert json.loads((out / "summary.json").read_text())["conversations"] == case.good
+            assert_kept_rows(command, out, stdout, case.good)
+
+
+def assert_kept_rows(command: str, out: Path, stdout: str, good: int) -> None:
+    """What split, inspect and report produced holds every good record."""
+    if command == "split":
+        assert sum(json.loads((out / "split.json").read_text())["sizes"].values()) == good
+    if command == "inspect":
+        assert len(stdout.splitlines()) == good
+    if command == "report":
+        assert json.loads((out / "summary.json").read_text())["conversations"] == good
 
 
 SKIP_OUTPUTS = {  # where each command, given --skip, writes its rejects and its summary (with "reading")
@@ -250,12 +255,8 @@ def test_skip_data_commands(name, tmp_path, capsys, quick, monkeypatch):
             reading = json.loads((out / summary_name).read_text())["reading"]
             counts = (reading["records_in"], reading["kept"], reading["rejected"])
             assert counts == (case.good + case.bad, case.good, case.bad), command
-        if command == "split":
-            assert sum(json.loads((out / "split.json").read_text())["sizes"].values()) == case.good
-        if command == "inspect":
-            assert len(stdout.splitlines()) == case.good
+        assert_kept_rows(command, out, stdout, case.good)
         if command == "report":
-            assert json.loads((out / "summary.json").read_text())["conversations"] == case.good
             assert ("Rejected on reading" in (out / "report.md").read_text()) == bool(case.bad)
         if command == "review":
             assert json.loads((out / summary_name).read_text())["total"] == case.good
