@@ -100,7 +100,7 @@ def test_engine_file_errors(tmp_path):
     with pytest.raises(SftlabError, match="file not found"):
         distributed.deepspeed_config(str(tmp_path / "missing.json"))
     bad = tmp_path / "ds.json"
-    bad.write_text('{\n  "zero_optimization": {\n    "stage": 3,\n  }\n}\n')
+    bad.write_text('{\n  "zero_optimization": {\n    "stage": 3\n    "offload_param": {}\n  }\n}\n')  # no comma
     with pytest.raises(SftlabError, match=rf"{bad}:4: invalid JSON"):
         distributed.deepspeed_config(str(bad))
     v1 = tmp_path / "f.yaml"
