@@ -11,7 +11,7 @@ import pytest
 from sftlab.config import load_config
 from sftlab.errors import SftlabError
 from sftlab.train import distributed
-from sftlab.train.trainer import _training_args
+from sftlab.train.trainer import training_args
 
 REPO = Path(__file__).parents[2]
 
@@ -25,7 +25,7 @@ def test_any_training_arguments_field_passes_through_typed_fields_stay_checked(t
             "training.torch_compile=false", "training.logging_steps=3")
     assert c.training.passthrough() == {"warmup_steps": 10, "eval_strategy": "no", "neftune_noise_alpha": 5,
                                         "torch_compile": False}
-    a = _training_args(c, tmp_path, has_eval=False, use_bf16=False)
+    a = training_args(c, tmp_path, has_eval=False, use_bf16=False)
     assert (a.warmup_steps, a.neftune_noise_alpha, a.torch_compile, a.logging_steps) == (10, 5, False, 3)
     with pytest.raises(SftlabError, match="logging_steps"):
         cfg("training.logging_steps=zero")  # a typed field is still checked here
@@ -53,7 +53,7 @@ def test_training_keys_sftlab_sets_itself_are_refused_with_where_instead(key, va
 
 def test_a_value_training_arguments_refuses_is_one_line(tmp_path):
     with pytest.raises(SftlabError, match=r"^training: .*sometimes") as e:
-        _training_args(cfg("training.eval_strategy=sometimes"), tmp_path, has_eval=False, use_bf16=False)
+        training_args(cfg("training.eval_strategy=sometimes"), tmp_path, has_eval=False, use_bf16=False)
     assert "\n" not in str(e.value)
 
 

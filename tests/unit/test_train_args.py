@@ -4,12 +4,12 @@ brings what transformers needs with it."""
 from __future__ import annotations
 
 from sftlab.config import load_config
-from sftlab.train.trainer import _training_args
+from sftlab.train.trainer import training_args
 
 
 def args_for(tmp_path, *overrides, has_eval=True):
     cfg = load_config(None, ["data.train=x.jsonl", *overrides])
-    return _training_args(cfg, tmp_path, has_eval=has_eval, use_bf16=False)
+    return training_args(cfg, tmp_path, has_eval=has_eval, use_bf16=False)
 
 
 def test_training_fields_pass_through(tmp_path):
@@ -38,7 +38,7 @@ def lr_schedule(tmp_path, steps, *overrides):
 
     cfg = load_config(None, ["data.train=x.jsonl", "training.learning_rate=1.0", f"training.max_steps={steps}",
                              *overrides])
-    trainer = SFTTrainer(model=torch.nn.Linear(2, 2), args=_training_args(cfg, tmp_path, False, False),
+    trainer = SFTTrainer(model=torch.nn.Linear(2, 2), args=training_args(cfg, tmp_path, False, False),
                          warmup_ratio=cfg.training.scheduled_warmup_ratio)
     trainer.create_optimizer_and_scheduler(num_training_steps=steps)
     lrs = []

@@ -105,9 +105,9 @@ def trl_args(cls, config: AlignConfig, out: Path, has_eval: bool, use_bf16: bool
     """`cls` (TrainingArguments or a TRL config) with the same values `sftlab train` uses."""
     from transformers import TrainingArguments
 
-    from sftlab.train.trainer import _training_args
+    from sftlab.train.trainer import training_args
 
-    base = _training_args(config, out, has_eval, use_bf16)
+    base = training_args(config, out, has_eval, use_bf16)
     shared = {f.name: getattr(base, f.name) for f in fields(TrainingArguments) if f.init}
     shared.update(gradient_checkpointing=config.training.gradient_checkpointing, **extra)
     return cls(**shared)
@@ -181,7 +181,7 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     from sftlab.train.preference import load_preferences
     from sftlab.train.run_dir import (checkpoint_state, discard_interrupted_saves, last_good_checkpoint, model_card,
                                       refuse_existing_run, resume_checkpoint, write_run_json)
-    from sftlab.train.trainer import base_weights_dtype, device_supports_bf16, preflight
+    from sftlab.train.trainer import base_weights_dtype, device_supports_bf16, portable_model_name, preflight
 
     preflight(config)
     out = Path(config.output_dir)
@@ -234,12 +234,11 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     else:
         weights = {"adapter": partial(final.save_pretrained, safe_serialization=True, selected_adapters=["default"])}
     save_outputs(out, {**weights, "tokenizer": tokenizer.save_pretrained}, RESUME)
-    from sftlab.train.trainer import _portable_model_name
-
     info = {
-        "base_model": _portable_model_name(base),
+        "base_model": portable_model_name(base),
         "method": config.method,
-        "align": {"loss": a.loss, "beta": a.beta, "sft_weight": a.sft_weight, "start": _portable_model_name(m.name_or_path),
+        "align": {"loss": a.loss, "beta": a.beta, "sft_weight": a.sft_weight,
+                  "start": portable_model_name(m.name_or_path),
                   "reference": _reference_kind(config, peft_config)},
         "seed": config.training.seed,
         "train_data": vars(train_stats) | {"dropped": len(train_stats.dropped)},

@@ -271,7 +271,7 @@ def preflight(config: TrainConfig) -> None:
     engine_settings(config)
 
 
-def _training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: bool):
+def training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: bool):
     from transformers import TrainingArguments
 
     from sftlab.train.distributed import engine_arguments
@@ -390,7 +390,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     if hasattr(model, "print_trainable_parameters"):
         distributed.on_main_process(model.print_trainable_parameters)
     has_eval = bool(eval_ex)
-    args = _training_args(config, out, has_eval, use_bf16)
+    args = training_args(config, out, has_eval, use_bf16)
     patience = config.training.early_stopping_patience
     # with early stopping, the warning marks the onset that stops the run
     warn = OverfitWarningCallback(metrics_path=out / "metrics.jsonl", **({"patience": patience} if patience else {}))
@@ -427,7 +427,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
                        "tokenizer": partial(distributed.on_main_process, tokenizer.save_pretrained)},
                  RESUME, main=main)
     info = {
-        "base_model": _portable_model_name(m.name_or_path),
+        "base_model": portable_model_name(m.name_or_path),
         "method": config.method,
         "seed": config.training.seed,
         "data_fingerprint": train_stats.fingerprint,
@@ -458,7 +458,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     return info
 
 
-def _portable_model_name(name: str) -> str:
+def portable_model_name(name: str) -> str:
     """Record local folders as absolute paths; ids and embedded names as they are."""
     p = Path(name).expanduser()
     return str(p.resolve()) if p.exists() else name
