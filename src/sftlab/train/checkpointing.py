@@ -14,7 +14,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from sftlab.errors import SftlabError
 from sftlab.files import staging_name, write_json
-from sftlab.train.guards import is_save_failure, save_failure_message
+from sftlab.train.guards import TRAIN_RESUME, is_save_failure, save_failure_message
 from sftlab.train.run_dir import CHECKPOINT_STATE, STAGING, commit_checkpoint, commit_folder, last_good_checkpoint
 
 
@@ -44,7 +44,7 @@ class AtomicCheckpoints:
 
     checkpoint_state: dict | None = None  # config + data digests (run_dir.checkpoint_state)
     nonfinite = None  # the NonFiniteGuard, when one runs
-    resume_command = "sftlab train CONFIG --resume"  # what the failure messages suggest
+    resume_command = TRAIN_RESUME  # what the failure messages suggest (align sets its own)
     loss_sum_restored = 0.0  # the resumed checkpoint's sum of step losses
     _staging: Path | None = None  # set while a checkpoint is being written
 

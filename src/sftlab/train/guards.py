@@ -134,8 +134,10 @@ def _os_errno(exc: BaseException) -> int | None:
     return int(found[1]) if found else None
 
 
-def save_failure_message(name: str, exc: BaseException, last_good,
-                         resume_command: str = "sftlab train CONFIG --resume") -> str:
+TRAIN_RESUME = "sftlab train CONFIG --resume"  # what a message about a failed save suggests
+
+
+def save_failure_message(name: str, exc: BaseException, last_good, resume_command: str = TRAIN_RESUME) -> str:
     """A write that failed: the reason in a few words, and what is left intact."""
     code = _os_errno(exc)
     filename = getattr(exc, "filename", None)

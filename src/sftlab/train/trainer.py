@@ -23,14 +23,13 @@ from sftlab.train.attention import NAME as VARLEN
 from sftlab.train.attention import can_flatten, choose_attention
 from sftlab.train.attention import register as register_varlen
 from sftlab.train.checkpointing import AtomicCheckpoints, explained_save_failure, save_outputs
-from sftlab.train.guards import NonFiniteGuard, is_out_of_memory, out_of_memory_message
+from sftlab.train.guards import TRAIN_RESUME, NonFiniteGuard, is_out_of_memory, out_of_memory_message
 from sftlab.train.loss import selective_loss_sum
 from sftlab.train.run_dir import last_good_checkpoint
 from sftlab.train.schedule import RatioWarmup
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-RESUME = "sftlab train CONFIG --resume"  # what a message about a failed save suggests
 
 
 class SFTTrainer(AtomicCheckpoints, RatioWarmup, Trainer):
@@ -425,7 +424,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     tokens_seen = trainer.trained_tokens_seen  # a collective call: every rank takes part
     save_outputs(out, {"model" if config.method == "full" else "adapter": partial(distributed.save_final_model, trainer),
                        "tokenizer": partial(distributed.on_main_process, tokenizer.save_pretrained)},
-                 RESUME, main=main)
+                 TRAIN_RESUME, main=main)
     info = {
         "base_model": portable_model_name(m.name_or_path),
         "method": config.method,
@@ -451,7 +450,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         "engine": distributed.describe(trainer),
         "finished": True,
     }
-    with explained_save_failure("run.json and README.md", out, RESUME):
+    with explained_save_failure("run.json and README.md", out, TRAIN_RESUME):
         distributed.on_main_process(write_run_json, out, info)
         distributed.on_main_process(atomic_write, out / "README.md", model_card(config, info))
     log(f"run saved in {out} (train loss {train_loss:.4f}, {trainer.state.global_step} steps, {train_seconds:.0f}s)")
