@@ -3,7 +3,9 @@ random Llama (hidden 64, 2 layers) built from it, so tests are offline and fast.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,24 @@ TOKENIZER_DIR = FIXTURES / "smollm2-tokenizer"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each of the pytest-xdist workers gets one core's worth of threads (the processes
+    # it starts inherit it): two workers at two threads each would oversubscribe the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under pytest-xdist, a test marked `all_cores` (torchrun's two processes) runs alone: its
+    ranks wait for each other at every collective, so a third busy process on two cores made
+    a ZeRO-3 test 4x slower. Other tests share the lock: any number of them run together."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of one run
+    if not run:
+        return (yield)
+    lock = Path(tempfile.gettempdir()) / f"sftlab-tests-{run}.lock"
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if item.get_closest_marker("all_cores") else fcntl.LOCK_SH)
+        return (yield)
 
 
 @pytest.fixture(scope="session")

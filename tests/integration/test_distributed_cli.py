@@ -15,7 +15,7 @@ import yaml
 
 from test_distributed_engines import env, lora_logits, probe_batch, write_data
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.all_cores]
 
 
 @pytest.fixture(scope="module")

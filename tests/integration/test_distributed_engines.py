@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.all_cores]
 
 SCRIPT = Path(__file__).with_name("distributed_run.py")
 ENGINES = {  # distributed: value -> (engine label, parameters sharded)

@@ -16,6 +16,7 @@ SCRIPT = Path(__file__).with_name("ddp_counts.py")
 
 
 @pytest.mark.slow
+@pytest.mark.all_cores
 def test_two_processes_count_every_trained_token_and_the_whole_eval_set(tiny_model_dir, tmp_path, tokenizer):
     from sftlab.data.load import load_conversations
     from sftlab.data.render import render_many

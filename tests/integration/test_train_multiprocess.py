@@ -16,6 +16,7 @@ import torch
 SCRIPT = Path(__file__).with_name("ddp_step.py")
 
 
+@pytest.mark.all_cores
 @pytest.mark.parametrize("path,port", [("sdpa-rows", 29533), ("default", 29534)])
 def test_two_processes_equal_one_process(tiny_model_dir, tmp_path, path, port):
     data = tmp_path / "d.jsonl"
