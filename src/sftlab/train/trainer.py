@@ -24,6 +24,7 @@ from sftlab.train.attention import can_flatten, choose_attention
 from sftlab.train.attention import register as register_varlen
 from sftlab.train.checkpointing import AtomicCheckpoints, explained_save_failure, save_outputs
 from sftlab.train.guards import TRAIN_RESUME, NonFiniteGuard, is_out_of_memory, out_of_memory_message
+from sftlab.train.lora_fused import fuse_lora_layers
 from sftlab.train.loss import selective_loss_sum
 from sftlab.train.run_dir import last_good_checkpoint
 from sftlab.train.schedule import RatioWarmup
@@ -255,7 +256,9 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         use_dora=lora.use_dora, task_type="CAUSAL_LM", **new_token_kwargs,
     )
-    return get_peft_model(model, peft_config)
+    model = get_peft_model(model, peft_config)
+    fuse_lora_layers(model)
+    return model
 
 
 def preflight(config: TrainConfig) -> None:

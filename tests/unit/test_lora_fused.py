@@ -1,0 +1,91 @@
+"""The fused LoRA forward (train/lora_fused.py) against PEFT's own: the same outputs and the same
+adapter gradients, in fp32 and under bf16 autocast, and PEFT's path wherever fusing would not be
+the same computation (adapters off, merged, DoRA, several adapters)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sftlab.train.lora_fused import fuse_lora_layers
+
+
+def lora_model(model_dir, seed: int = 1, **lora):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=24, lora_dropout=0.0, target_modules="all-linear",
+                                            task_type="CAUSAL_LM", **lora))
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero: the adapter would add nothing
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def loss_and_grads(model, ids, autocast: bool):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.float(), grads
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fused_lora_gives_peft_outputs_and_gradients(tiny_model_dir, autocast):
+    peft_model = lora_model(tiny_model_dir)
+    fused = copy.deepcopy(peft_model)
+    assert fuse_lora_layers(fused) == 2 * 7  # every linear of both layers
+    assert fuse_lora_layers(fused) == 14  # idempotent
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits, grads = loss_and_grads(peft_model, ids, autocast)
+    fused_logits, fused_grads = loss_and_grads(fused, ids, autocast)
+    # fp32: rounding order only; bf16: PEFT rounds the adapter's product, its scaling and the sum
+    # to bf16 one after the other, the fused sum once
+    tol = {"rtol": 0, "atol": 1e-5} if not autocast else {"rtol": 0.05, "atol": 0.05}
+    torch.testing.assert_close(fused_logits, logits, **tol)
+    assert grads.keys() == fused_grads.keys() and len(grads) == 28
+    for name, g in grads.items():
+        scale = g.abs().max().item()
+        assert (fused_grads[name] - g).abs().max().item() <= (1e-5 if not autocast else 0.05) * scale, name
+
+
+def test_fused_lora_leaves_adapters_off_merged_and_other_adapters_to_peft(tiny_model_dir):
+    model = lora_model(tiny_model_dir)
+    fuse_lora_layers(model)
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            off = model(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)(input_ids=ids).logits
+        torch.testing.assert_close(off, base, rtol=0, atol=0)
+        assert (adapted - base).abs().max() > 1e-2
+        model.merge_adapter()
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=0, atol=1e-5)  # not added twice
+        model.unmerge_adapter()  # W + BA - BA: the base weights' rounding moved
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=0, atol=1e-5)
+
+
+def test_dora_layers_are_not_fused(tiny_model_dir):
+    model = lora_model(tiny_model_dir, use_dora=True)
+    reference = copy.deepcopy(model)
+    assert fuse_lora_layers(model) == 14  # the same layer type: the DoRA check is made in each call
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # PEFT's DoRA forward, bit for bit
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_the_model_train_builds_has_its_lora_layers_fused(tiny_model_dir, tmp_path):
+    from sftlab.config import load_config
+    from sftlab.train.lora_fused import _FusedForward
+    from sftlab.train.trainer import build_model
+
+    config = load_config(None, [f"model.name_or_path={tiny_model_dir}", "method=lora", f"data.train={tmp_path / 'x.jsonl'}"])
+    model = build_model(config, use_bf16=False)
+    fused = [m for m in model.modules() if isinstance(vars(m).get("forward"), _FusedForward)]
+    assert len(fused) == 14
