@@ -41,13 +41,18 @@ CUDA: peak allocated GPU memory), trained/computed and real/computed tokens, fin
 then sftlab/TRL ratios (of the medians, and the range of the per-round ratios), the
 device's fp32 and bf16 matmul peak measured in the same run, and each side's MFU:
 
-    MFU = k x N x real tokens / train seconds / matmul peak
+    MFU = useful FLOPs / train seconds / matmul peak, with useful FLOPs, written out:
+      k x N_body x real tokens                 (decoder linear layers)
+    + 6 x N_lora x real tokens                 (LoRA adapters: forward, input and weight gradients)
+    + k_head x N_head x trained positions      (the output head, needed on trained positions only)
+    + 12 x hidden x layers x causal pairs      (attention scores and values: 4 forward, 8 backward)
 
-with N the parameters taking part in matmuls (all but the input embedding; a tied
-embedding counts once, as the output head), real = non-padding tokens, k = 6 for full
-fine-tuning (forward 2N, backward 4N) and k = 4 for LoRA (the frozen weights need no
-weight gradient: forward 2N + input gradients 2N), plus 6 x N_lora. Attention-score
-FLOPs and recomputation (gradient checkpointing) are not counted, as usual for MFU.
+N_body = the decoder's linear weights, N_head = vocab x hidden, k = 6 for full fine-tuning
+(forward 2N, backward 4N) and 4 for LoRA (a frozen weight needs no weight gradient: forward 2N +
+input gradient 2N); k_head = 6 where the head is trained, else 4; causal pairs = the sum over
+examples of L(L+1)/2 (each example attends only to itself). Work a set-up does beyond these
+(the head on untrained positions, attention across packed examples, padding, recomputation under
+gradient checkpointing) is not useful work and is not counted.
 """
 
 from __future__ import annotations
@@ -119,7 +124,7 @@ class TokenCounter:
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
-        self.computed = self.real = self.trained = self.steps = 0
+        self.computed = self.real = self.trained = self.steps = self.causal_pairs = 0
         self.step_trained: list[int] = []
         self.step_starts: list[float] = []
         self.setup: dict = {}
@@ -147,6 +152,23 @@ class TokenCounter:
         self.trained += trained
         self.step_trained.append(trained)
         self.real += ids.numel() - self._padding(inputs)
+        self.causal_pairs += sum(n * (n + 1) // 2 for n in self._example_lengths(inputs))
+
+    @staticmethod
+    def _example_lengths(inputs: dict) -> list[int]:
+        """Each example's tokens: packed rows split where position_ids restart, else a row's
+        unmasked tokens (trailing padding of a packed row counts as one more, short, example)."""
+        pos = inputs.get("position_ids")
+        if pos is not None:
+            lengths = []
+            for row in pos:
+                starts = (row == 0).nonzero().flatten().tolist() + [len(row)]
+                lengths += [b - a for a, b in zip(starts, starts[1:])]
+            return lengths
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            return [int(m.sum()) for m in mask]
+        return [inputs["input_ids"].shape[1]] * inputs["input_ids"].shape[0]
 
     def _padding(self, inputs: dict) -> int:
         if inputs.get("attention_mask") is not None:
@@ -163,7 +185,7 @@ class TokenCounter:
 
     def as_dict(self) -> dict:
         return {"steps": self.steps, "computed_tokens": self.computed, "real_tokens": self.real,
-                "trained_tokens": self.trained, "step_trained": self.step_trained, "step_starts": self.step_starts,
+                "trained_tokens": self.trained, "causal_pairs": self.causal_pairs, "step_trained": self.step_trained, "step_starts": self.step_starts,
                 "setup": self.setup}
 
 
@@ -259,19 +281,24 @@ def run_sftlab(opts: dict) -> None:
                    "peak_device_memory": peak_device_memory(), "trainable": info["trainable_params"]})
 
 
-def matmul_flops(model: str) -> tuple[int, bool]:
-    """(parameters in matmuls, tied) from the config: every weight but the input embedding."""
+def flop_shape(model: str) -> dict:
+    """The sizes the useful-FLOP count needs, from the model's config (see the module docstring)."""
     from sftlab.estimate import load_model_config, model_shape
 
-    config = load_model_config(model)
-    shape = model_shape(config)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    return shape.n_params - (0 if tied else shape.vocab * shape.hidden), tied
+    shape = model_shape(load_model_config(model))
+    return {"body": shape.decoder_linear_params, "head": shape.vocab * shape.hidden, "hidden": shape.hidden,
+            "layers": shape.n_layers}
 
 
-def summarise(r: dict, run, k: int, n_matmul: int, method: str, peak32: float, peak16: float) -> dict:
+def useful_flops(r: dict, f: dict, method: str) -> float:
+    lora = method == "lora"
+    return ((4 if lora else 6) * f["body"] * r["real_tokens"] + (6 * r["trainable"] if lora else 0) * r["real_tokens"]
+            + (4 if lora else 6) * f["head"] * r["trained_tokens"] + 12 * f["hidden"] * f["layers"] * r["causal_pairs"])
+
+
+def summarise(r: dict, run, shape: dict, method: str, peak32: float, peak16: float) -> dict:
     """One run's derived numbers."""
-    flops = (k * n_matmul + (6 * r["trainable"] if method == "lora" else 0)) * r["real_tokens"]
+    flops = useful_flops(r, shape, method)
     tail = r["losses"][-5:]
     starts, per_step = r["step_starts"], r["step_trained"]
     # steps 2..n-1 lie between the start of step 2 and the start of step n
@@ -343,8 +370,7 @@ def main() -> None:
     peak32 = matmul_peak_flops(dtype="float32", device="cuda" if cuda else "cpu")
     peak16 = matmul_peak_flops(dtype="bfloat16", device="cuda" if cuda else "cpu")
     print(f"matmul peak: fp32 {peak32 / 1e12:.2f} TFLOP/s, bf16 {peak16 / 1e12:.2f} TFLOP/s", flush=True)
-    n_matmul, _ = matmul_flops(model)
-    k = 6 if args.method == "full" else 4  # frozen weights need no weight gradient
+    shape = flop_shape(model)
 
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     failed = []
@@ -364,7 +390,7 @@ def main() -> None:
                 print(f"round {rnd + 1} {side} failed (exit {run.returncode}); going on", flush=True)
                 failed.append(f"{side}#{rnd + 1}")
                 continue
-            res = summarise(run.result, run, k, n_matmul, args.method, peak32, peak16)
+            res = summarise(run.result, run, shape, args.method, peak32, peak16)
             res["round"] = rnd
             runs[side].append(res)
             print(f"round {rnd + 1}/{args.repeats} {side}: {res['trained_tokens_per_s']:.1f} trained tokens/s, "

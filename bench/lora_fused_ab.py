@@ -1,0 +1,89 @@
+"""What the fused LoRA forward (train/lora_fused.py) gives: A/B in one process, interleaved.
+
+    python bench/lora_fused_ab.py                 # SmolLM2-135M LoRA r16 all-linear, ~4,096 Alpaca-shaped tokens
+    python bench/lora_fused_ab.py --rounds 10
+
+The model is the one `sftlab train` builds (`build_model`: bf16 base, LoRA r16 all-linear,
+dropout 0, fused layers), trained under bf16 autocast; each round times one forward + backward
+of sftlab's loss on one flattened row of Alpaca-shaped examples with PEFT's own forward and with
+the fused one, in alternating order. lora_B is drawn at random first (PEFT starts it at zero,
+where both forwards would add nothing) and the two losses are printed: they agree to bf16
+rounding. Medians and ranges exclude round 1 (warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from alpaca_data import write_alpaca_dataset  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--tokens", type=int, default=4096)
+    args = ap.parse_args()
+
+    import torch
+
+    from sftlab.config import load_config
+    from sftlab.data.load import load_conversations
+    from sftlab.data.pack import collate
+    from sftlab.data.render import render_many
+    from sftlab.models import load_tokenizer, resolve_model_path
+    from sftlab.train.loss import selective_loss_sum
+    from sftlab.train.trainer import build_model
+
+    work = Path(tempfile.mkdtemp(prefix="sftlab-lora-ab-"))
+    data = write_alpaca_dataset(work / "train.jsonl", 200)
+    config = load_config(None, ["model.name_or_path=default", "method=lora", "lora.r=16", "lora.alpha=32",
+                                "lora.dropout=0", f"data.train={data}"])
+    tokenizer = load_tokenizer(resolve_model_path("default")[0])
+    row, n = [], 0
+    for ex in render_many(load_conversations(data), tokenizer):
+        if n + len(ex.input_ids) > args.tokens:
+            break
+        row.append(ex)
+        n += len(ex.input_ids)
+    batch = collate([row], tokenizer.pad_token_id, flatten=True)
+    model = build_model(config, use_bf16=True, tokenizer=tokenizer).train()
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    layers = [m for m in model.modules() if "forward" in vars(m)]
+    fused_forwards = {m: vars(m)["forward"] for m in layers}
+    print(f"{n} tokens, {len(row)} examples, {len(layers)} fused LoRA layers", flush=True)
+
+    def use(fused: bool) -> None:
+        for m in layers:
+            if fused:
+                m.forward = fused_forwards[m]
+            else:
+                vars(m).pop("forward", None)
+
+    times: dict[str, list[float]] = {"peft": [], "fused": []}
+    for rnd in range(args.rounds):
+        for side in ("peft", "fused") if rnd % 2 == 0 else ("fused", "peft"):
+            use(side == "fused")
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, count = selective_loss_sum(model, batch)
+            (loss / count).backward()
+            model.zero_grad(set_to_none=True)
+            times[side].append(time.perf_counter() - t0)
+            print(f"round {rnd + 1} {side}: {times[side][-1]:.2f} s, loss {loss.item() / count:.5f}", flush=True)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    for k, v in times.items():
+        print(f"{k}: median {med[k]:.2f} s ({min(v[1:]):.2f}-{max(v[1:]):.2f})")
+    print(f"PEFT / fused: {med['peft'] / med['fused']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
