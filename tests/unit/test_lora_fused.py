@@ -89,3 +89,19 @@ def test_the_model_train_builds_has_its_lora_layers_fused(tiny_model_dir, tmp_pa
     model = build_model(config, use_bf16=False)
     fused = [m for m in model.modules() if isinstance(vars(m).get("forward"), _FusedForward)]
     assert len(fused) == 14
+
+
+def test_several_active_adapters_go_to_peft(tiny_model_dir):
+    from peft import LoraConfig
+
+    model = lora_model(tiny_model_dir)
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():
+        if "lora_B.second" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    model.base_model.set_adapter(["default", "second"])
+    reference = copy.deepcopy(model)
+    assert fuse_lora_layers(model) == 14
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # both adapters added, as PEFT adds them, bit for bit
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=0)
