@@ -7,10 +7,13 @@ the true high-water mark of the child's resident memory, not a sampled value.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +50,17 @@ def run_child(cmd: list[str], *, env: dict[str, str] | None = None, echo: bool =
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     return ChildRun(proc.returncode, wall, usage.ru_maxrss * 1024, result, "".join(lines))
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder for a benchmark's models, data and checkpoints (gigabytes over a few
+    rounds), removed when the benchmark exits; SFTLAB_BENCH_KEEP=1 keeps it to look into."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    if os.environ.get("SFTLAB_BENCH_KEEP") == "1":
+        print(f"keeping {path} (SFTLAB_BENCH_KEEP=1)")
+    else:
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def report_result(payload: dict) -> None:

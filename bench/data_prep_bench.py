@@ -37,12 +37,11 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_note, print_table, report_result, run_child  # noqa: E402
+from common import load_note, print_table, report_result, run_child, scratch_dir  # noqa: E402
 from train_vs_trl import load_messages_as_prompt_completion  # noqa: E402
 
 
@@ -133,7 +132,7 @@ def main() -> None:
         {"sftlab": prep_sftlab, "trl": prep_trl, "warmup": warm_up}[opts["side"]](opts)
         return
 
-    work = Path(tempfile.mkdtemp(prefix="sftlab-prep-"))
+    work = scratch_dir("sftlab-prep-")
     data = work / "conversations.jsonl"
     write_conversations(data, args.examples)
     print(f"data: {data} ({args.examples} conversations, {data.stat().st_size / 1e6:.1f} MB); {load_note()}", flush=True)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alpaca_data import write_alpaca_dataset  # noqa: E402
+from common import scratch_dir  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     from sftlab.train.loss import selective_loss_sum
     from sftlab.train.trainer import build_model
 
-    work = Path(tempfile.mkdtemp(prefix="sftlab-lora-ab-"))
+    work = scratch_dir("sftlab-lora-ab-")
     data = write_alpaca_dataset(work / "train.jsonl", 200)
     config = load_config(None, ["model.name_or_path=default", "method=lora", "lora.r=16", "lora.alpha=32",
                                 "lora.dropout=0", f"data.train={data}"])

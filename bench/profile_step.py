@@ -29,13 +29,13 @@ import argparse
 import ctypes
 import re
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alpaca_data import write_alpaca_dataset, write_long_dataset  # noqa: E402
+from common import scratch_dir  # noqa: E402
 
 CATEGORIES = {
     "base": "base matmuls (frozen linear layers)",
@@ -239,7 +239,7 @@ def main() -> None:
     from sftlab.config import TrainConfig
     from sftlab.train import trainer as trainer_mod
 
-    work = Path(tempfile.mkdtemp(prefix="sftlab-profile-"))
+    work = scratch_dir("sftlab-profile-")
     n = args.batch * (args.warmup + args.steps) * (args.max_len // 100 + 1) * 2
     data = (write_alpaca_dataset if args.workload == "alpaca" else write_long_dataset)(work / "train.jsonl", n)
     scopes = Scopes()

@@ -20,7 +20,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alpaca_data import write_alpaca_dataset  # noqa: E402
+from common import scratch_dir  # noqa: E402
 
 GIB = 1024 ** 3
 
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=Path("rss_flat.png"))
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="sftlab-rss-"))
+    work = scratch_dir("sftlab-rss-")
     data = write_alpaca_dataset(work / "train.jsonl", args.steps * args.batch * (args.max_len // 100 + 2))
     run = work / "run"
     config = {
@@ -117,7 +117,8 @@ def main() -> None:
             samples.append((step, mem["VmRSS"], mem["VmHWM"]))
         time.sleep(0.1)
     if proc.returncode != 0:
-        sys.exit(f"sftlab train exited {proc.returncode}; run it by hand: sftlab train {work / 'config.yaml'}")
+        sys.exit(f"sftlab train exited {proc.returncode}; rerun with SFTLAB_BENCH_KEEP=1 to keep {work} and "
+                 f"run `sftlab train {work / 'config.yaml'}` by hand")
     info = json.loads((run / "run.json").read_text())
     counts = info["train_data"]
     fraction = counts["trained_tokens"] / counts["tokens"]

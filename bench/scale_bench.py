@@ -26,11 +26,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULT_PREFIX, gib, load_note, print_table, report_result, run_child, self_peak_rss  # noqa: E402
+from common import (RESULT_PREFIX, gib, load_note, print_table, report_result, run_child,  # noqa: E402
+                    scratch_dir, self_peak_rss)
 from train_vs_trl import SHAPES, make_random_model, peak_device_memory  # noqa: E402
 
 ENGINES = ("ddp", "zero2", "zero3", "fsdp", "zero2_offload", "zero3_offload")
@@ -81,7 +81,7 @@ def main() -> None:
     from sftlab.demo.dataset import write_demo_dataset
     from sftlab.estimate import estimate_memory
 
-    work = Path(tempfile.mkdtemp(prefix="scale-bench-"))
+    work = scratch_dir("scale-bench-")
     model = make_random_model(args.shape, work / args.shape) if args.shape else args.model
     train_path = write_demo_dataset(work / "data", seed=0, sizes={"train": args.per_task})["train"]
     threads = max(1, (os.cpu_count() or 1) // args.nproc)

@@ -62,13 +62,12 @@ import importlib.util
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alpaca_data import write_alpaca_dataset  # noqa: E402
-from common import gib, load_note, matmul_peak_flops, print_table, report_result, run_child  # noqa: E402
+from common import gib, load_note, matmul_peak_flops, print_table, report_result, run_child, scratch_dir  # noqa: E402
 
 
 SHAPES = {
@@ -351,7 +350,7 @@ def main() -> None:
     if unknown := set(sides) - set(SIDES):
         ap.error(f"unknown set-up(s) {sorted(unknown)}: choose from {', '.join(SIDES)}")
     cuda = torch.cuda.is_available()
-    work = Path(tempfile.mkdtemp(prefix="sftlab-bench-"))
+    work = scratch_dir("sftlab-bench-")
     if args.shape:
         model = make_random_model(args.shape, work / args.shape)
     else:
