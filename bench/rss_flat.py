@@ -109,10 +109,12 @@ def main() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "sftlab.cli", "train", str(work / "config.yaml")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples: list[tuple[int, int, int]] = []  # (step, RSS, high-water mark)
+    logged_at: dict[int, float] = {}  # step -> when its metrics line was first seen
     t0 = time.time()
     while proc.poll() is None:
         mem = status_bytes(proc.pid)
         step = steps_logged(run / "metrics.jsonl")
+        logged_at.setdefault(step, time.time())
         if "VmRSS" in mem:
             samples.append((step, mem["VmRSS"], mem["VmHWM"]))
         time.sleep(0.1)
@@ -125,6 +127,9 @@ def main() -> None:
     est = estimate(args, fraction)
     print(f"{args.method}, {args.steps} steps x {args.batch} rows x {args.max_len} tokens, "
           f"{time.time() - t0:.0f} s; trained fraction {fraction:.3f}; sftlab estimate {est / GIB:.2f} GiB")
+    last = max(logged_at)
+    if 10 in logged_at and last > 10:  # the steps after the first ten, without loading and saving
+        print(f"steps 11-{last}: {(logged_at[last] - logged_at[10]) / (last - 10):.2f} s a step")
     per_step: dict[int, list[tuple[int, int]]] = {}  # step being trained (last logged + 1) -> (RSS, HWM)
     for step, rss, hwm in samples:
         per_step.setdefault(step + 1, []).append((rss, hwm))
