@@ -52,6 +52,20 @@ def run_child(cmd: list[str], *, env: dict[str, str] | None = None, echo: bool =
     return ChildRun(proc.returncode, wall, usage.ru_maxrss * 1024, result, "".join(lines))
 
 
+def status_bytes(pid: int | str = "self") -> dict[str, int]:
+    """VmRSS and VmHWM (the kernel's high-water mark) of a process, in bytes, from
+    /proc/PID/status; {} once the process is gone."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
 def scratch_dir(prefix: str) -> Path:
     """A temporary folder for a benchmark's models, data and checkpoints (gigabytes over a few
     rounds), removed when the benchmark exits; SFTLAB_BENCH_KEEP=1 keeps it to look into."""

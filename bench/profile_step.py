@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import re
 import sys
 import time
 from collections import defaultdict
@@ -35,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alpaca_data import write_alpaca_dataset, write_long_dataset  # noqa: E402
-from common import scratch_dir  # noqa: E402
+from common import scratch_dir, status_bytes  # noqa: E402
 
 CATEGORIES = {
     "base": "base matmuls (frozen linear layers)",
@@ -180,11 +179,6 @@ def mallinfo_free_bytes() -> int | None:
     return fn().fordblks
 
 
-def rss_bytes(field: str = "VmRSS") -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) * 1024
-
-
 class Probe:
     """Memory in the warm-up steps, then the profiler over the next `steps` steps."""
 
@@ -271,8 +265,8 @@ def main() -> None:
                                 for t in s.values() if torch.is_tensor(t))
                 params = list(model.parameters())
                 probe.memory = {
-                    "peak RSS (kernel high-water mark)": rss_bytes("VmHWM"),
-                    "RSS at the end of the step": rss_bytes("VmRSS"),
+                    "peak RSS (kernel high-water mark)": status_bytes()["VmHWM"],
+                    "RSS at the end of the step": status_bytes()["VmRSS"],
                     "weights": sum(p.numel() * p.element_size() for p in params),
                     "gradients + AdamW state": opt_state + sum(p.numel() * p.element_size()
                                                                for p in params if p.requires_grad),

@@ -27,21 +27,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alpaca_data import write_alpaca_dataset  # noqa: E402
-from common import scratch_dir  # noqa: E402
+from common import scratch_dir, status_bytes  # noqa: E402
 
 GIB = 1024 ** 3
-
-
-def status_bytes(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return out
 
 
 def steps_logged(metrics: Path) -> int:
@@ -127,9 +115,9 @@ def main() -> None:
     est = estimate(args, fraction)
     print(f"{args.method}, {args.steps} steps x {args.batch} rows x {args.max_len} tokens, "
           f"{time.time() - t0:.0f} s; trained fraction {fraction:.3f}; sftlab estimate {est / GIB:.2f} GiB")
-    last = max(logged_at)
-    if 10 in logged_at and last > 10:  # the steps after the first ten, without loading and saving
-        print(f"steps 11-{last}: {(logged_at[last] - logged_at[10]) / (last - 10):.2f} s a step")
+    final = max(logged_at)
+    if 10 in logged_at and final > 10:  # the steps after the first ten, without loading and saving
+        print(f"steps 11-{final}: {(logged_at[final] - logged_at[10]) / (final - 10):.2f} s a step")
     per_step: dict[int, list[tuple[int, int]]] = {}  # step being trained (last logged + 1) -> (RSS, HWM)
     for step, rss, hwm in samples:
         per_step.setdefault(step + 1, []).append((rss, hwm))

@@ -127,8 +127,8 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=16)
 def _padded_layout(bounds: tuple[int, ...], device: torch.device):
     """Examples sorted by length and cut into groups whose lengths lie within GROUP_RATIO of the
-    group's longest; each group is one [count, longest] batch, shorter examples padded at the end
-    by repeating their last token. Returns ([(count, longest)...], gather, inverse, back): `gather`
+    group's longest; each group is one [count, width] batch, shorter examples padded at the end
+    by repeating their last token. Returns ([(count, width)...], gather, inverse, back): `gather`
     picks the padded layout's positions from the flat sequence, `inverse` picks each flat position
     back; `back` sends each padded position's gradient to its flat position, the padding copies'
     to one past the end (see `_Pick`).
