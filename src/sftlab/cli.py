@@ -60,7 +60,15 @@ def _quiet_third_party_logs() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+# Commands that train: on a CPU they re-execute themselves once on tcmalloc (train/allocator.py).
+TRAINING = frozenset({"train", "align", "sweep", "quickstart"})
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] in TRAINING:
+        from sftlab.train.allocator import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc(sys.argv[1:])
     code = _run(list(sys.argv[1:] if argv is None else argv))
     if "torch.distributed" in sys.modules:
         from sftlab.train import distributed

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from conftest import train_set_loss
 import torch
 
 from sftlab.cli import main
+from sftlab.train import allocator
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +189,16 @@ def test_bad_data_names_file_and_line(tiny_model_dir, tmp_path, capsys):
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n')
     assert main(["train", "-", f"model.name_or_path={tiny_model_dir}", f"data.train={data}", f"output_dir={tmp_path / 'r'}"]) == 1
     assert "broken.jsonl:2" in capsys.readouterr().err
+
+
+def test_sftlab_train_runs_on_tcmalloc_where_installed_and_on_glibc_when_told(tmp_path, tiny_model_dir, demo_data):
+    """The command re-executes itself on tcmalloc (train/allocator.py; scripts/setup.sh installs it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV)}
+    expected = "tcmalloc" if allocator.tcmalloc_library() else "system"
+    for extra, want in (({}, expected), ({allocator.ENV: "system"}, "system")):
+        out = tmp_path / f"run-{want}-{len(extra)}"
+        proc = subprocess.run([sys.executable, "-m", "sftlab.cli", *train_args(tiny_model_dir, demo_data, out),
+                               "training.max_steps=1"], env={**env, **extra}, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads((out / "run.json").read_text())["allocator"] == want
+        assert ("libtcmalloc-minimal4" in proc.stdout) == (want == "system" and not extra)  # the advice, once

@@ -3,7 +3,7 @@ reviewed with the keyboard and the mouse, the export holds exactly those decisio
 tab sees them, a record holding `<script>` shows as text without running, and the filters,
 the search (`/`) and the trained-token view (`t`) work.
 
-Needs the `chromium` apt package (`bash scripts/install_browser.sh`); skips without it.
+Needs the `chromium` apt package (`bash scripts/install_system_packages.sh`); skips without it.
 `python tests/e2e/test_review_browser.py` refreshes the screenshot in docs/review.png.
 """
 
@@ -49,7 +49,7 @@ def _browser():
         pytest.skip("Playwright is not installed (pip install playwright; it is in the dev extra)")
     exe = chromium_path()
     if exe is None:
-        pytest.skip("no Chromium browser: run `bash scripts/install_browser.sh` as root (Debian package 'chromium')")
+        pytest.skip("no Chromium browser: run `bash scripts/install_system_packages.sh` as root (Debian package 'chromium')")
     return sync_playwright, exe
 
 

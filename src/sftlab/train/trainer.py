@@ -19,6 +19,7 @@ from sftlab.config import TrainConfig
 from sftlab.data.conversation import Example
 from sftlab.data.render import IGNORE
 from sftlab.errors import SftlabError
+from sftlab.train import allocator
 from sftlab.train.attention import NAME as VARLEN
 from sftlab.train.attention import can_flatten, choose_attention
 from sftlab.train.attention import register as register_varlen
@@ -163,12 +164,13 @@ def device_supports_bf16() -> bool:
 
 
 def return_freed_memory_to_os() -> None:
-    """Fix glibc's mmap threshold at 1 MiB for this process.
+    """Fix glibc's mmap threshold at 1 MiB for this process (a CPU run not on tcmalloc).
 
     By default glibc raises the threshold each time a large block is freed; after the first
     steps, activations come from the heap and stay there when freed, so a CPU run's RSS sits
     25-35 % above its live memory (bench/estimate_check.py). With a fixed threshold, blocks
-    over 1 MiB are mmapped and handed back on free. Honours MALLOC_MMAP_THRESHOLD_ if set.
+    over 1 MiB are mmapped and handed back on free, at the price of faulting them in again at
+    every step (train/allocator.py: tcmalloc has neither cost). Honours MALLOC_MMAP_THRESHOLD_.
     """
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
@@ -353,8 +355,10 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         for name in discard_interrupted_saves(out):
             log(f"discarded {name}: its saving was interrupted")
     t_start = time.perf_counter()
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and allocator.loaded() == "system":
         return_freed_memory_to_os()
+        if allocator.advice():
+            log(allocator.advice())
 
     m = config.model
     tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code, chat_template=m.chat_template)
@@ -451,6 +455,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         "nonfinite_skipped_steps": nonfinite.skipped,
         "processes": trainer.args.world_size,
         "engine": distributed.describe(trainer),
+        "allocator": allocator.loaded(),
         "finished": True,
     }
     with explained_save_failure("run.json and README.md", out, TRAIN_RESUME):
