@@ -71,17 +71,9 @@ def plot(samples: list[tuple[int, int, int]], estimate_bytes: int, path: Path, t
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--method", choices=["lora", "full"], default="lora")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--max-len", type=int, default=512)
-    ap.add_argument("--plot", type=Path, default=Path("rss_flat.png"))
-    args = ap.parse_args()
-
-    work = scratch_dir("sftlab-rss-")
+def train_and_sample(args, work: Path, env: dict[str, str] | None = None):
+    """`sftlab train` (the set-up in the module docstring) in a child, its memory read every 0.1 s.
+    Returns ([(step, RSS, high-water mark)], {step: when its metrics line was first seen}, run dir)."""
     data = write_alpaca_dataset(work / "train.jsonl", args.steps * args.batch * (args.max_len // 100 + 2))
     run = work / "run"
     config = {
@@ -95,10 +87,9 @@ def main() -> None:
     }
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     proc = subprocess.Popen([sys.executable, "-m", "sftlab.cli", "train", str(work / "config.yaml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    samples: list[tuple[int, int, int]] = []  # (step, RSS, high-water mark)
-    logged_at: dict[int, float] = {}  # step -> when its metrics line was first seen
-    t0 = time.time()
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    samples: list[tuple[int, int, int]] = []
+    logged_at: dict[int, float] = {}
     while proc.poll() is None:
         mem = status_bytes(proc.pid)
         step = steps_logged(run / "metrics.jsonl")
@@ -109,6 +100,26 @@ def main() -> None:
     if proc.returncode != 0:
         sys.exit(f"sftlab train exited {proc.returncode}; rerun with SFTLAB_BENCH_KEEP=1 to keep {work} and "
                  f"run `sftlab train {work / 'config.yaml'}` by hand")
+    return samples, logged_at, run
+
+
+def add_arguments(ap: argparse.ArgumentParser, steps: int) -> None:
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--method", choices=["lora", "full"], default="lora")
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--max-len", type=int, default=512)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap, steps=200)
+    ap.add_argument("--plot", type=Path, default=Path("rss_flat.png"))
+    args = ap.parse_args()
+
+    work = scratch_dir("sftlab-rss-")
+    t0 = time.time()
+    samples, logged_at, run = train_and_sample(args, work)
     info = json.loads((run / "run.json").read_text())
     counts = info["train_data"]
     fraction = counts["trained_tokens"] / counts["tokens"]

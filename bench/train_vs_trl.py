@@ -24,7 +24,9 @@ The set-ups (`--sides`):
   folder (fp32 base unless told otherwise);
 - `sftlab`: `sftlab.train.trainer.train` with its defaults (bf16 where supported; a LoRA base
   in bf16 then; packing; padding-free varlen attention: SDPA per example on CPU, fused varlen
-  flash on CUDA; no gradient checkpointing).
+  flash on CUDA; no gradient checkpointing), on the memory allocator `sftlab train` runs on
+  (tcmalloc preloaded where installed, train/allocator.py); the TRL set-ups run on the
+  process's own (glibc's malloc, TRL's default; a TRL user could preload tcmalloc too).
 
 Both TRL set-ups get the data as prompt/completion records (TRL's documented way to train
 on completions only with a template that has no generation markers). Rounds are interleaved
@@ -60,6 +62,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import time
@@ -68,6 +71,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alpaca_data import write_alpaca_dataset  # noqa: E402
 from common import gib, load_note, matmul_peak_flops, print_table, report_result, run_child, scratch_dir  # noqa: E402
+
+from sftlab.train.allocator import loaded as allocator_name  # noqa: E402
+from sftlab.train.allocator import preload_environment  # noqa: E402
 
 
 SHAPES = {
@@ -248,6 +254,7 @@ def run_trl(opts: dict) -> None:
     trainer.train()
     seconds = time.perf_counter() - t0
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    counter.setup["memory allocator"] = allocator_name()
     counter.setup["packing"] = (f"packing={args.packing} ({args.packing_strategy}), padding_free={trainer.padding_free}"
                                 if args.packing else f"packing=False, padding_free={trainer.padding_free}")
     report_result({**counter.as_dict(), "train_seconds": seconds, "losses": losses, "peak_device_memory": peak_device_memory(),
@@ -274,6 +281,7 @@ def run_sftlab(opts: dict) -> None:
     info = train(config, log=lambda msg: print(msg, flush=True))
     metrics = [json.loads(x) for x in (Path(opts["out"]) / "metrics.jsonl").read_text().splitlines() if x.strip()]
     losses = [m["loss"] for m in metrics if "loss" in m]
+    counter.setup["memory allocator"] = info["allocator"]
     counter.setup["packing"] = "packing=True (bfd), batches flattened" if counter.setup.get("batch tensor (step 1)", "").startswith("1x") \
         else "packing=True (bfd)"
     report_result({**counter.as_dict(), "train_seconds": info["train_seconds"], "losses": losses,
@@ -371,6 +379,10 @@ def main() -> None:
     print(f"matmul peak: fp32 {peak32 / 1e12:.2f} TFLOP/s, bf16 {peak16 / 1e12:.2f} TFLOP/s", flush=True)
     shape = flop_shape(model)
 
+    # the sftlab side runs on the allocator `sftlab train` re-executes itself on (train/allocator.py);
+    # TRL's on the process's own (glibc's malloc, its default)
+    sftlab_preload = {k: v for k, v in (preload_environment(dict(os.environ)) or {}).items()
+                      if k == "LD_PRELOAD" or k.startswith("TCMALLOC_")}
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     failed = []
     for rnd in range(args.repeats):
@@ -382,7 +394,7 @@ def main() -> None:
                     "lora_r": args.lora_r, "lora_dropout": args.lora_dropout}
             run = run_child([sys.executable, __file__, "--child", json.dumps(opts)],
                             env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                                 "SFTLAB_CACHE": str(work / "cache")},
+                                 "SFTLAB_CACHE": str(work / "cache"), **(sftlab_preload if side == "sftlab" else {})},
                             echo=False)
             if run.returncode != 0:
                 print(run.output[-4000:])

@@ -75,5 +75,7 @@ def advice() -> str | None:
         return None
     if not sys.platform.startswith("linux"):
         return None
-    return ("memory allocator: glibc malloc; CPU training steps are ~1.6x faster on tcmalloc "
-            "(install libtcmalloc-minimal4; `sftlab train` then loads it by itself)")
+    library = tcmalloc_library()
+    how = (f"the sftlab command preloads it; in a process of your own: LD_PRELOAD={library}" if library
+           else "install libtcmalloc-minimal4 and the sftlab command preloads it")
+    return f"memory allocator: glibc malloc; CPU training steps are ~1.6x faster on tcmalloc ({how})"

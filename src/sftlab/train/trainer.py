@@ -357,8 +357,9 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     t_start = time.perf_counter()
     if not torch.cuda.is_available() and allocator.loaded() == "system":
         return_freed_memory_to_os()
-        if allocator.advice():
-            log(allocator.advice())
+        advice = allocator.advice()
+        if advice:
+            log(advice)
 
     m = config.model
     tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code, chat_template=m.chat_template)
