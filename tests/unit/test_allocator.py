@@ -46,8 +46,9 @@ def test_no_library_or_a_gpu_driver_or_already_on_it_means_no_reexec(found, monk
 def test_the_advice_says_how_to_get_tcmalloc(found, monkeypatch):
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.delenv(allocator.ENV, raising=False)
-    assert "LD_PRELOAD=libtcmalloc_minimal.so.4" in allocator.advice()
+    assert "LD_PRELOAD=libtcmalloc_minimal.so.4" in allocator.advice("system")
+    assert allocator.advice("jemalloc") is None  # on another fast allocator already
     monkeypatch.setattr(allocator, "tcmalloc_library", lambda: None)
-    assert "install libtcmalloc-minimal4" in allocator.advice()
+    assert "install libtcmalloc-minimal4" in allocator.advice("system")
     monkeypatch.setenv(allocator.ENV, "system")  # asked for glibc: nothing to say
-    assert allocator.advice() is None
+    assert allocator.advice("system") is None

@@ -46,11 +46,16 @@ def tcmalloc_library() -> str | None:
     return None
 
 
+def _may_switch(environ: dict[str, str], current: str) -> bool:
+    """Whether a process running on `current` may be moved to tcmalloc: on Linux, on the
+    system allocator, not opted out, and with no LD_PRELOAD of someone else's to respect."""
+    return (sys.platform.startswith("linux") and current == "system"
+            and environ.get(ENV, "tcmalloc") != "system" and not environ.get("LD_PRELOAD"))
+
+
 def preload_environment(environ: dict[str, str]) -> dict[str, str] | None:
     """The environment to re-execute a training command with, or None to run as it is."""
-    if not sys.platform.startswith("linux") or environ.get(ENV, "tcmalloc") == "system":
-        return None
-    if environ.get("LD_PRELOAD") or NVIDIA_DRIVER.exists() or loaded() != "system":
+    if NVIDIA_DRIVER.exists() or not _may_switch(environ, loaded()):
         return None
     library = tcmalloc_library()
     if library is None:
@@ -69,11 +74,9 @@ def reexec_with_tcmalloc(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "sftlab.cli", *argv], env)
 
 
-def advice() -> str | None:
-    """One line for a CPU run on the system allocator when tcmalloc could be used."""
-    if loaded() != "system" or os.environ.get(ENV) == "system" or os.environ.get("LD_PRELOAD"):
-        return None
-    if not sys.platform.startswith("linux"):
+def advice(current: str) -> str | None:
+    """One line for a CPU run on `current` (what `loaded()` said) when tcmalloc could be used."""
+    if not _may_switch(dict(os.environ), current):
         return None
     library = tcmalloc_library()
     how = (f"the sftlab command preloads it; in a process of your own: LD_PRELOAD={library}" if library

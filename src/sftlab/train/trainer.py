@@ -355,9 +355,10 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         for name in discard_interrupted_saves(out):
             log(f"discarded {name}: its saving was interrupted")
     t_start = time.perf_counter()
-    if not torch.cuda.is_available() and allocator.loaded() == "system":
+    malloc = allocator.loaded()
+    if not torch.cuda.is_available() and malloc == "system":
         return_freed_memory_to_os()
-        advice = allocator.advice()
+        advice = allocator.advice(malloc)
         if advice:
             log(advice)
 
@@ -456,7 +457,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         "nonfinite_skipped_steps": nonfinite.skipped,
         "processes": trainer.args.world_size,
         "engine": distributed.describe(trainer),
-        "allocator": allocator.loaded(),
+        "allocator": malloc,
         "finished": True,
     }
     with explained_save_failure("run.json and README.md", out, TRAIN_RESUME):
