@@ -59,16 +59,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad and ctx.needs_input_grad[1] else None
         for s in range(0, len(targets), chunk):
             h, t = hidden[s : s + chunk].to(dtype), targets[s : s + chunk]
-            logits = (h @ w.T).float()
-            used = t != IGNORE
-            picked = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - picked) * used).sum()
+            # one pass from the matmul's logits to fp32 log-probabilities (the upcast, max, exp and
+            # sum in a row at a time), where .float() + logsumexp + subtract made a pass each
+            logp = torch.log_softmax(h @ w.T, dim=-1, dtype=torch.float32)
+            used, picked = t != IGNORE, t.clamp(min=0)[:, None]
+            total -= logp.gather(1, picked).squeeze(1)[used].sum()
             if grad_h is None and grad_w is None:
                 continue
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            grad[torch.arange(len(t), device=t.device), t.clamp(min=0)] -= 1
-            grad = (grad * used[:, None]).to(dtype)
+            grad = logp.exp_()  # softmax, in place of the log-probabilities
+            grad.scatter_add_(1, picked, grad.new_full(picked.shape, -1.0))
+            if not bool(used.all()):
+                grad[~used] = 0
+            grad = grad.to(dtype)
             if grad_h is not None:
                 grad_h[s : s + chunk] = grad @ w
             if grad_w is not None:
