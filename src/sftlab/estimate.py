@@ -16,8 +16,11 @@ Fixed costs (do not grow with the batch), P = all parameters, N = trainable para
   the master copy and every linear weight gets a bf16 working copy that autograd keeps
   until the backward pass (2 bytes per linear weight; with gradient checkpointing only one
   layer's copies live at a time).
-- runtime: the process itself (Python, torch, transformers: ~0.45 GiB RSS measured on CPU;
-  the CUDA context on a GPU is of the same order).
+- runtime: the process itself, as `sftlab train` holds it when it starts loading the model
+  (Python, torch, transformers, peft, datasets, accelerate and the deepspeed it imports, the
+  tokenizer and the tokenized data): 0.62-0.66 GiB RSS measured on CPU, about half of it
+  library code (bench/README.md, "Does the estimate hold?"); the CUDA context on a GPU is of
+  the same order.
 
 Per-token costs (grow with batch x seq_len). Activations saved for the backward pass of
 one Llama-style decoder layer (RMSNorm, attention with SDPA, gated MLP), per token, with
@@ -85,7 +88,7 @@ GiB = 1024**3
 _OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "sgd": 0}  # per fp32 trainable parameter
 ENGINES = ("none", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp")
 ZERO3_MAX_LIVE_PARAMETERS = 10**9  # stage3_max_live_parameters in configs/zero3.json
-RUNTIME_BYTES = int(0.45 * GiB)  # RSS of a process that imported torch + transformers + peft (CPU)
+RUNTIME_BYTES = int(0.65 * GiB)  # RSS of `sftlab train` before it loads the model (CPU)
 NF4_BLOCK = 64
 
 
@@ -471,7 +474,7 @@ def estimate_memory(
         dtype=dtype if not autocast else "bf16 mixed precision",
         per_row=per_token * tokens_per_row + logits_per_row,
         logits_full=full_logits * batch,
-        notes=notes | {"runtime": "Python + torch + transformers (CPU RSS) / CUDA context"},
+        notes=notes | {"runtime": "the process before the model: Python, libraries, data (CPU RSS) / CUDA context"},
     )
     return _per_process(est, shape, distributed, nproc, w_bytes, t_bytes) if distributed != "none" else est
 
