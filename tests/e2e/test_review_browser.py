@@ -159,10 +159,18 @@ def test_review_three_examples_with_keyboard_and_mouse(tmp_path):
             page.select_option("#f-status", "accepted")
             position.filter(has_text="Example 1 of 2").wait_for()
             assert source.text_content() == f"{data}:1"
+            # two filter changes in a row, the first one's list answered last (held back 500 ms):
+            # the page must show the list of the latest filters, not of the last answer
+            page.evaluate("""() => { const f = window.fetch; window.__fetch = f;
+                window.fetch = (u, o) => String(u).startsWith("/api/items?") && !String(u).includes("flag=")
+                    ? new Promise((done) => setTimeout(done, 500)).then(() => f(u, o)) : f(u, o); }""")
             page.select_option("#f-status", "")
             page.select_option("#f-flag", "PII")  # the e-mail address in record 4
             source.filter(has_text=f"{data}:4").wait_for()
             position.filter(has_text="Example 1 of 1").wait_for()
+            page.wait_for_timeout(800)  # the held-back list has come back by now
+            assert position.text_content() == "Example 1 of 1"
+            page.evaluate("() => { window.fetch = window.__fetch; }")
             page.select_option("#f-flag", "")
             page.keyboard.press("Escape")  # leave the select, so keys act on the page again
             page.keyboard.press("/")
