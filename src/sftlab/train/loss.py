@@ -63,14 +63,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # sum in a row at a time), where .float() + logsumexp + subtract made a pass each
             logp = torch.log_softmax(h @ w.T, dim=-1, dtype=torch.float32)
             used, picked = t != IGNORE, t.clamp(min=0)[:, None]
-            total -= logp.gather(1, picked).squeeze(1)[used].sum()
+            total -= logp.gather(1, picked).squeeze(1).mul_(used).sum()  # masks, not indexing: no host sync on CUDA
             if grad_h is None and grad_w is None:
                 continue
             grad = logp.exp_()  # softmax, in place of the log-probabilities
             grad.scatter_add_(1, picked, grad.new_full(picked.shape, -1.0))
-            if not bool(used.all()):
-                grad[~used] = 0
-            grad = grad.to(dtype)
+            grad = grad.to(dtype).masked_fill_(~used[:, None], 0)  # IGNORE rows, zeroed in the cast copy
             if grad_h is not None:
                 grad_h[s : s + chunk] = grad @ w
             if grad_w is not None:
