@@ -14,7 +14,6 @@ lowest RSS over the last two steps (what the process keeps between steps).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -38,11 +37,9 @@ def main() -> None:
         run_args = argparse.Namespace(model=args.model, method=method, batch=int(batch), steps=int(steps),
                                       max_len=args.max_len)
         samples, _, run = train_and_sample(run_args, scratch_dir("sftlab-estimate-"))
-        info = json.loads((run / "run.json").read_text())
-        counts = info["train_data"]
-        est = estimate(run_args, counts["trained_tokens"] / counts["tokens"])
+        est, _, info = estimate(run_args, run)
         peak = max(hwm for _, _, hwm in samples)
-        kept = min(rss for step, rss, _ in samples if step >= int(steps) - 2)
+        kept = min(rss for step, rss, _ in samples if step >= max(int(steps) - 2, 1))  # not the loading
         rows.append([method, f"{batch} x {args.max_len}", steps, info["allocator"], gib(peak), gib(est),
                      f"{peak / est - 1:+.0%}", gib(kept)])
         print("  ".join(map(str, rows[-1])), flush=True)

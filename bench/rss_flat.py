@@ -39,12 +39,17 @@ def steps_logged(metrics: Path) -> int:
     return max(steps, default=0)
 
 
-def estimate(args, trained_fraction: float) -> int:
+def estimate(args, run: Path) -> tuple[int, float, dict]:
+    """`sftlab estimate` for the set-up of a finished run, with the trained fraction of its data:
+    (bytes, trained fraction, the run's run.json)."""
+    info = json.loads((run / "run.json").read_text())
+    counts = info["train_data"]
+    fraction = counts["trained_tokens"] / counts["tokens"]
     cmd = [sys.executable, "-m", "sftlab.cli", "estimate", args.model, "--method", args.method, "--seq-len",
            str(args.max_len), "--batch", str(args.batch), "--lora-dropout", "0", "--trained-fraction",
-           f"{trained_fraction:.3f}", "--json"]
+           f"{fraction:.3f}", "--json"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return int(json.loads(out[out.index("{"):])["total"])
+    return int(json.loads(out[out.index("{"):])["total"]), fraction, info
 
 
 def plot(samples: list[tuple[int, int, int]], estimate_bytes: int, path: Path, title: str) -> None:
@@ -120,10 +125,7 @@ def main() -> None:
     work = scratch_dir("sftlab-rss-")
     t0 = time.time()
     samples, logged_at, run = train_and_sample(args, work)
-    info = json.loads((run / "run.json").read_text())
-    counts = info["train_data"]
-    fraction = counts["trained_tokens"] / counts["tokens"]
-    est = estimate(args, fraction)
+    est, fraction, _ = estimate(args, run)
     print(f"{args.method}, {args.steps} steps x {args.batch} rows x {args.max_len} tokens, "
           f"{time.time() - t0:.0f} s; trained fraction {fraction:.3f}; sftlab estimate {est / GIB:.2f} GiB")
     final = max(logged_at)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes.util
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 ENV = "SFTLAB_CPU_ALLOCATOR"  # "system" keeps the C library's malloc
@@ -46,7 +47,7 @@ def tcmalloc_library() -> str | None:
     return None
 
 
-def _may_switch(environ: dict[str, str], current: str) -> bool:
+def _may_switch(environ: Mapping[str, str], current: str) -> bool:
     """Whether a process running on `current` may be moved to tcmalloc: on Linux, on the
     system allocator, not opted out, and with no LD_PRELOAD of someone else's to respect."""
     return (sys.platform.startswith("linux") and current == "system"
@@ -76,7 +77,7 @@ def reexec_with_tcmalloc(argv: list[str]) -> None:
 
 def advice(current: str) -> str | None:
     """One line for a CPU run on `current` (what `loaded()` said) when tcmalloc could be used."""
-    if not _may_switch(dict(os.environ), current):
+    if not _may_switch(os.environ, current):
         return None
     library = tcmalloc_library()
     how = (f"the sftlab command preloads it; in a process of your own: LD_PRELOAD={library}" if library
