@@ -5,6 +5,7 @@
     python bench/train_vs_trl.py --workload alpaca --batch 8 --steps 14   # Alpaca-shaped records
     python bench/train_vs_trl.py --shape qwen2.5-0.5b --per-task 200 --batch 8 --max-len 1024 --steps 30
                                                   # on a GPU: a random Qwen2.5-0.5B-shaped model
+    bash bench/gpu_suite.sh OUT                   # on a GPU: the CUDA tests and both GPU benchmarks
 
 Every set-up trains LoRA (r=16, all linear layers; `--method full` for full fine-tuning) on
 the embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised) (or a random model of
@@ -18,7 +19,11 @@ The set-ups (`--sides`):
   checkpointing OFF (SFTConfig turns it on by default), the base loaded in the same dtype as
   sftlab's (`model_init_kwargs.dtype`), bf16 autocast when sftlab uses it, and an attention
   kernel of the same family (CPU: SDPA, which TRL's padding-free batches reach through a
-  block-diagonal mask; CUDA: flash varlen when `flash_attn` is installed, else SDPA, said so);
+  block-diagonal mask; CUDA: flash varlen: `flash_attention_2` when `flash_attn` is installed,
+  else PyTorch's varlen flash kernel, the one sftlab calls, through sftlab's attention function,
+  which reads the example bounds TRL's padding-free collator passes; `--trl-attention` overrides),
+  and on CUDA Liger's layer kernels where `liger_kernel` is installed (`use_liger_kernel`:
+  RMSNorm, RoPE, SwiGLU; TRL keeps its own fused LM head; `--trl-liger`);
 - `trl-default`: TRL out of the box: `SFTConfig`'s defaults (no packing: one padded example
   per row; gradient checkpointing on; bf16 autocast) and TRL's own model loading from the
   folder (fp32 base unless told otherwise);
@@ -74,12 +79,20 @@ from common import gib, load_note, matmul_peak_flops, print_table, report_result
 
 from sftlab.train.allocator import loaded as allocator_name  # noqa: E402
 from sftlab.train.allocator import preload_environment  # noqa: E402
+from sftlab.train.attention import NAME as ATTENTION_NAME  # noqa: E402
+from sftlab.train.attention import _cuda_varlen as cuda_varlen  # noqa: E402
+from sftlab.train.attention import register as register_attention  # noqa: E402
 
 
 SHAPES = {
     # Qwen2.5-0.5B's architecture (random weights: nothing is downloaded)
     "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                         tie_word_embeddings=True, use_sliding_window=False),
+    # Qwen2.5-1.5B's architecture
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                          max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
                          tie_word_embeddings=True, use_sliding_window=False),
     # the same family, tiny: a quick check of the whole script on a CPU
@@ -113,7 +126,19 @@ def trl_attention(cuda: bool) -> tuple[str, str]:
         return "sdpa", "sftlab runs SDPA per example on CPU"
     if importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2", "sftlab runs fused varlen flash attention on CUDA"
+    if cuda_varlen() is not None:
+        # TRL's padding-free collator hands the model cu_seq_lens_q, which this function reads
+        return ATTENTION_NAME, ("the same kernel as sftlab: PyTorch's varlen flash attention, through sftlab's attention "
+                      "function (flash_attn is not installed)")
     return "sdpa", "NOT the same family: sftlab runs varlen flash on CUDA, flash_attn is not installed for TRL"
+
+
+def trl_liger(choice: str, cuda: bool) -> bool:
+    """Whether the like-for-like TRL set-up gets Liger's layer kernels (RMSNorm, RoPE, SwiGLU:
+    `use_liger_kernel`; TRL keeps its own fused LM head): with `auto`, on CUDA where installed."""
+    if choice == "auto":
+        return cuda and importlib.util.find_spec("liger_kernel") is not None
+    return choice == "on"
 
 
 def peak_device_memory() -> int | None:
@@ -241,8 +266,11 @@ def run_trl(opts: dict) -> None:
         use_cpu=not torch.cuda.is_available(),
     )
     if opts["side"] == "trl":  # like for like: the settings that differ from TRL's defaults
+        if opts["trl_attn"] == ATTENTION_NAME:
+            register_attention()  # before TRL loads the model: transformers checks the name
         args = SFTConfig(**shared, packing=True, packing_strategy="bfd", gradient_checkpointing=False,
-                         bf16=opts["bf16"], model_init_kwargs={"dtype": opts["dtype"], "attn_implementation": opts["trl_attn"]})
+                         bf16=opts["bf16"], use_liger_kernel=opts["trl_liger"],
+                         model_init_kwargs={"dtype": opts["dtype"], "attn_implementation": opts["trl_attn"]})
     else:  # out of the box
         args = SFTConfig(**shared)
     peft_config = LoraConfig(r=opts["lora_r"], lora_alpha=2 * opts["lora_r"], lora_dropout=opts["lora_dropout"],
@@ -255,6 +283,7 @@ def run_trl(opts: dict) -> None:
     seconds = time.perf_counter() - t0
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     counter.setup["memory allocator"] = allocator_name()
+    counter.setup["liger kernels"] = bool(args.use_liger_kernel)
     counter.setup["packing"] = (f"packing={args.packing} ({args.packing_strategy}), padding_free={trainer.padding_free}"
                                 if args.packing else f"packing=False, padding_free={trainer.padding_free}")
     report_result({**counter.as_dict(), "train_seconds": seconds, "losses": losses, "peak_device_memory": peak_device_memory(),
@@ -339,6 +368,10 @@ def main() -> None:
                     help="demo tasks, or Alpaca-shaped records (bench/alpaca_data.py)")
     ap.add_argument("--per-task", type=int, default=200,
                     help="demo examples per task (4 tasks); with --workload alpaca, 4x this many records")
+    ap.add_argument("--trl-attention", help="attn_implementation for the like-for-like TRL set-up "
+                    f"(default: the family sftlab uses; {ATTENTION_NAME} gives TRL sftlab's own attention function)")
+    ap.add_argument("--trl-liger", choices=["auto", "on", "off"], default="auto",
+                    help="Liger layer kernels for the like-for-like TRL set-up (auto: on CUDA where installed)")
     ap.add_argument("--sides", default=",".join(SIDES), help=f"set-ups to run, comma-separated: {', '.join(SIDES)}")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -365,7 +398,8 @@ def main() -> None:
         model = resolve_model_path(args.model)[0]  # convert the embedded model once, outside the timed children
     bf16 = device_supports_bf16()
     dtype = base_weights_dtype(args.method, bf16)  # what sftlab's `model.dtype: auto` loads; TRL like-for-like gets it too
-    trl_attn, trl_attn_why = trl_attention(cuda)
+    trl_attn, trl_attn_why = (args.trl_attention, "as asked") if args.trl_attention else trl_attention(cuda)
+    liger = trl_liger(args.trl_liger, cuda)
     if args.workload == "alpaca":
         train_path = write_alpaca_dataset(work / "data" / "alpaca.jsonl", 4 * args.per_task)
     else:
@@ -373,7 +407,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device}; data: {train_path} ({4 * args.per_task} {args.workload} records); {load_note()}",
           flush=True)
-    print(f"like-for-like TRL: base {dtype}, bf16 autocast {bf16}, attention {trl_attn} ({trl_attn_why})", flush=True)
+    print(f"like-for-like TRL: base {dtype}, bf16 autocast {bf16}, attention {trl_attn} ({trl_attn_why}), "
+          f"Liger layer kernels {liger}", flush=True)
     peak32 = matmul_peak_flops(dtype="float32", device="cuda" if cuda else "cpu")
     peak16 = matmul_peak_flops(dtype="bfloat16", device="cuda" if cuda else "cpu")
     print(f"matmul peak: fp32 {peak32 / 1e12:.2f} TFLOP/s, bf16 {peak16 / 1e12:.2f} TFLOP/s", flush=True)
@@ -388,7 +423,7 @@ def main() -> None:
     for rnd in range(args.repeats):
         order = sides[rnd % len(sides):] + sides[:rnd % len(sides)]  # rotate, so no set-up always goes first
         for side in order:
-            opts = {"side": side, "model": model, "dtype": dtype, "bf16": bf16, "trl_attn": trl_attn,
+            opts = {"side": side, "model": model, "dtype": dtype, "bf16": bf16, "trl_attn": trl_attn, "trl_liger": liger,
                     "method": args.method, "train": str(train_path), "out": str(work / f"{side}-{rnd}"),
                     "steps": args.steps, "batch": args.batch, "max_len": args.max_len, "lr": args.lr,
                     "lora_r": args.lora_r, "lora_dropout": args.lora_dropout}
