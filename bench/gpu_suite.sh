@@ -5,6 +5,7 @@
 #          side fails with Liger's kernels, the benchmarks below run TRL without them (said so)
 #   lora   sftlab vs TRL, Qwen2.5-0.5B-shaped (random weights), LoRA r16, Alpaca-shaped records
 #   full   sftlab vs TRL, Qwen2.5-1.5B-shaped, full fine-tuning
+#   profile  bench/profile_gpu.py: where a Qwen2.5-0.5B-shaped LoRA step's time goes
 #
 #   bash bench/gpu_suite.sh OUT [STAGES]     # STAGES: comma-separated, default tests,smoke,lora,full
 #
@@ -44,5 +45,8 @@ if stage full; then
   timeout 420 $py bench/train_vs_trl.py --shape qwen2.5-1.5b --method full --workload alpaca --per-task 500 \
     --batch 8 --max-len 1024 --steps 30 --repeats 3 --sides trl,sftlab --trl-liger $liger --json "$out/full.json" 2>&1 \
     | tee "$out/full.log"
+fi
+if stage profile; then
+  timeout 150 $py bench/profile_gpu.py --shape qwen2.5-0.5b 2>&1 | tee "$out/profile.log"
 fi
 echo "== done ($(date -u +%T))"

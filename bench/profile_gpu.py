@@ -1,0 +1,106 @@
+"""Where a GPU training step's time goes: torch.profiler (CPU + CUDA) on a real `train()` run.
+
+    python bench/profile_gpu.py --shape qwen2.5-0.5b                 # LoRA r16, 16 x 1024 Alpaca-shaped
+    python bench/profile_gpu.py --shape qwen2.5-1.5b --method full --batch 8
+
+The run is `sftlab.train.trainer.train` on a random model of `--shape` (train_vs_trl.py's shapes)
+with Alpaca-shaped records, packed. After `--warmup` steps the profiler records `--steps` steps.
+Printed: wall time per step against the GPU's busy time (the sum of its kernels' durations: a
+step far longer than its kernels waits on the host: launches, Python, host syncs), the ops
+with the most GPU time and the most host time, the host syncs (`aten::item`, device-to-host
+copies, stream synchronisations) per step, and the peak allocated GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from alpaca_data import write_alpaca_dataset  # noqa: E402
+from common import scratch_dir  # noqa: E402
+from train_vs_trl import SHAPES, make_random_model  # noqa: E402
+
+SYNCS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+         "cudaMemcpy", "aten::nonzero")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    ap.add_argument("--method", choices=["lora", "full"], default="lora")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--stacks", action="store_true", help="also print where the host syncs are called from")
+    ap.add_argument("--trace", type=Path, help="also write a Chrome trace here")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import TrainerCallback
+
+    from sftlab.config import TrainConfig
+    from sftlab.train import trainer as trainer_mod
+
+    cuda = torch.cuda.is_available()
+    work = scratch_dir("sftlab-profile-gpu-")
+    model = make_random_model(args.shape, work / args.shape)
+    data = write_alpaca_dataset(work / "train.jsonl", args.batch * (args.warmup + args.steps) * (args.max_len // 150 + 1))
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    state: dict = {}
+
+    class Profile(TrainerCallback):
+        def on_step_end(self, targs, st, control, **kw):
+            if st.global_step == args.warmup:
+                sync()
+                state["prof"] = torch.profiler.profile(activities=activities, record_shapes=True, with_stack=args.stacks)
+                state["prof"].__enter__()
+                state["t0"] = time.perf_counter()
+            elif st.global_step == args.warmup + args.steps and "prof" in state:
+                sync()
+                state["wall"] = time.perf_counter() - state["t0"]
+                state["prof"].__exit__(None, None, None)
+
+    original_init = trainer_mod.SFTTrainer.__init__
+
+    def init(self, *a, **k):
+        original_init(self, *a, **k)
+        self.add_callback(Profile())
+
+    trainer_mod.SFTTrainer.__init__ = init
+    config = TrainConfig.model_validate({
+        "model": {"name_or_path": model},
+        "data": {"train": str(data), "max_seq_length": args.max_len, "packing": True},
+        "method": args.method,
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "training": {"learning_rate": 1e-4, "per_device_train_batch_size": args.batch, "optim": "adamw_torch",
+                     "max_steps": args.warmup + args.steps, "logging_steps": 1, "save_steps": 10**6, "seed": 0},
+        "output_dir": str(work / "run"),
+    })
+    info = trainer_mod.train(config, log=lambda msg: print(msg, flush=True))
+    prof, wall, n = state["prof"], state["wall"], args.steps
+    averages = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in averages) / 1e6
+    print(f"\n{args.shape} {args.method}, {args.batch} x {args.max_len}, attention {info['attention']}, "
+          f"bf16 {info['bf16']}: {wall / n * 1e3:.1f} ms per step, GPU kernels {busy / n * 1e3:.1f} ms per step "
+          f"({100 * busy / wall:.0f} % busy); peak allocated "
+          f"{(torch.cuda.max_memory_allocated() if cuda else 0) / 1024**3:.2f} GiB")
+    syncs = {e.key: e.count // n for e in averages if e.key.startswith(SYNCS)}
+    print("host syncs and copies per step:", syncs)
+    if args.stacks:
+        by_stack = prof.key_averages(group_by_stack_n=6)
+        for e in sorted((e for e in by_stack if e.key in SYNCS[:2]), key=lambda e: -e.count)[:12]:
+            print(f"{e.count // n} x {e.key} from", " <- ".join(e.stack[:6]))
+    for key in (["self_device_time_total"] if cuda else []) + ["self_cpu_time_total"]:
+        print(averages.table(sort_by=key, row_limit=args.top, max_name_column_width=60))
+    if args.trace:
+        prof.export_chrome_trace(str(args.trace))
+
+
+if __name__ == "__main__":
+    main()
