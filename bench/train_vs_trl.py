@@ -42,8 +42,14 @@ What each set-up really ran with is read inside its process at the first trainin
 (weights dtype, autocast, attention implementation, gradient checkpointing, batch shape,
 padding mask) and printed, so the set-up table is measured, not declared.
 
+Every set-up writes the checkpoint transformers saves at the end of training (save_strategy
+"steps" with save steps beyond the run: sftlab keeps it so that a finished run can go on with
+more steps; TRL's defaults write it too): model and optimizer state, 16 bytes a parameter in
+full fine-tuning, inside `trainer.train()`.
+
 Printed for each set-up: trained tokens/s (label tokens, timed around `trainer.train()`;
-and without the first step, which builds the CPU kernels), peak RSS of the process (on
+without the first step, which builds the CPU kernels; and from the start of the first step to
+the end of the last, leaving out the end-of-training checkpoint), peak RSS of the process (on
 CUDA: peak allocated GPU memory), trained/computed and real/computed tokens, final loss;
 then sftlab/TRL ratios (of the medians, and the range of the per-round ratios), the
 device's fp32 and bf16 matmul peak measured in the same run, and each side's MFU:
@@ -68,6 +74,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -150,20 +157,31 @@ def peak_device_memory() -> int | None:
 
 class TokenCounter:
     """Counts the tokens of every batch a Trainer trains on (patched into Trainer.training_step),
-    stamps the time each step starts, and records at the first step what the run really uses."""
+    stamps the time each step starts and the last optimizer step ends (a callback added to every
+    Trainer: after it, transformers writes the end-of-training checkpoint), and records at the
+    first step what the run really uses."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
         self.computed = self.real = self.trained = self.steps = self.causal_pairs = 0
         self.step_trained: list[int] = []
         self.step_starts: list[float] = []
+        self.steps_end = float("nan")
         self.setup: dict = {}
 
     def install(self) -> None:
-        from transformers import Trainer
+        from transformers import Trainer, TrainerCallback
 
-        original = Trainer.training_step
+        original, original_init = Trainer.training_step, Trainer.__init__
         counter = self
+
+        class StepClock(TrainerCallback):
+            def on_step_end(self, *args, **kwargs):
+                counter.steps_end = time.perf_counter()
+
+        def init(trainer, *args, **kwargs):
+            original_init(trainer, *args, **kwargs)
+            trainer.add_callback(StepClock())
 
         def training_step(trainer, model, inputs, *args, **kwargs):
             counter.step_starts.append(time.perf_counter())
@@ -173,6 +191,7 @@ class TokenCounter:
             return original(trainer, model, inputs, *args, **kwargs)
 
         Trainer.training_step = training_step
+        Trainer.__init__ = init
 
     def add(self, inputs: dict) -> None:
         ids, labels = inputs["input_ids"], inputs["labels"]
@@ -216,6 +235,7 @@ class TokenCounter:
     def as_dict(self) -> dict:
         return {"steps": self.steps, "computed_tokens": self.computed, "real_tokens": self.real,
                 "trained_tokens": self.trained, "causal_pairs": self.causal_pairs, "step_trained": self.step_trained, "step_starts": self.step_starts,
+                "steps_end": self.steps_end,
                 "setup": self.setup}
 
 
@@ -262,7 +282,7 @@ def run_trl(opts: dict) -> None:
     shared = dict(
         output_dir=opts["out"], max_steps=opts["steps"], per_device_train_batch_size=opts["batch"],
         learning_rate=opts["lr"], lr_scheduler_type="cosine", warmup_steps=0.05, optim="adamw_torch",
-        logging_steps=1, save_strategy="no", report_to="none", seed=0, data_seed=0, max_length=opts["max_len"],
+        logging_steps=1, save_strategy="steps", save_steps=10**6, report_to="none", seed=0, data_seed=0, max_length=opts["max_len"],
         use_cpu=not torch.cuda.is_available(),
     )
     if opts["side"] == "trl":  # like for like: the settings that differ from TRL's defaults
@@ -343,6 +363,7 @@ def summarise(r: dict, run, shape: dict, method: str, peak32: float, peak16: flo
         **r, "wall_seconds": run.wall_s, "peak_memory": r["peak_device_memory"] or run.peak_rss,
         "trained_tokens_per_s": r["trained_tokens"] / r["train_seconds"],
         "steady_tokens_per_s": steady,
+        "steps_tokens_per_s": r["trained_tokens"] / (r["steps_end"] - starts[0]),
         "trained_per_computed": r["trained_tokens"] / r["computed_tokens"],
         "real_per_computed": r["real_tokens"] / r["computed_tokens"],
         "final_loss": sum(tail) / len(tail),
@@ -431,6 +452,7 @@ def main() -> None:
                             env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                  "SFTLAB_CACHE": str(work / "cache"), **(sftlab_preload if side == "sftlab" else {})},
                             echo=False)
+            shutil.rmtree(opts["out"], ignore_errors=True)  # a full fine-tuning checkpoint is 16 bytes a parameter
             if run.returncode != 0:
                 print(run.output[-4000:])
                 print(f"round {rnd + 1} {side} failed (exit {run.returncode}); going on", flush=True)
@@ -478,6 +500,7 @@ def _print(runs: dict[str, list[dict]], args, device: str, cuda: bool, peak32: f
     rows = [
         row("trained tokens/s", "trained_tokens_per_s", ".1f"),
         row("trained tokens/s after step 1", "steady_tokens_per_s", ".1f"),
+        row("trained tokens/s in the steps (no end save)", "steps_tokens_per_s", ".1f"),
         row("train time (s)", "train_seconds", ".1f"),
         row("process wall time (s)", "wall_seconds", ".1f"),
         row(memory, "peak_memory", ".2f", 1024**3),
@@ -501,6 +524,7 @@ def _print(runs: dict[str, list[dict]], args, device: str, cuda: bool, peak32: f
         label = "like for like" if side == "trl" else "out of the box"
         parts = []
         for key, name in (("trained_tokens_per_s", "trained tokens/s"), ("steady_tokens_per_s", "after step 1"),
+                          ("steps_tokens_per_s", "in the steps"),
                           ("peak_memory", "peak memory")):
             med = statistics.median(r[key] for r in s_runs) / statistics.median(r[key] for r in t_runs)
             paired = [a[key] / b[key] for a in s_runs for b in t_runs if a["round"] == b["round"]]
