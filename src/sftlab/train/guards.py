@@ -60,8 +60,9 @@ class NonFiniteGuard(TrainerCallback):
         grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
         if grads and not self.scaler_active:
             local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this rank's shard
-            norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in local])
-            grad_ok = norms.isfinite().all().reshape(1).to(loss_ok.device)
+            # one multi-tensor norm (a few kernels), not one norm per parameter: finite iff every gradient is
+            total = torch.nn.utils.get_total_norm([g.detach() for g in local], foreach=None)
+            grad_ok = total.isfinite().reshape(1).to(loss_ok.device)
         else:
             grad_ok = loss_ok.new_ones(1)
         flags = torch.cat([loss_ok.all().reshape(1), grad_ok]).to(torch.int32)
