@@ -88,7 +88,7 @@ class TrainingConfig(Section):
     warmup_ratio: float = Field(0.05, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
-    optim: str = "adamw_torch"
+    optim: str = "adamw_torch_fused"  # transformers' own default: one fused kernel, no temporaries
     seed: int = 42
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(200, ge=1)
