@@ -128,3 +128,33 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     for r in rows:
         table.add_row(*r)
     Console(width=max(Console().width, 160)).print(table)  # piped output: do not wrap the cells at 80 columns
+
+
+def train_with_callback(callback, model: str, data: Path, out: Path, *, method: str, batch: int, max_len: int,
+                        steps: int, attn: str | None = None) -> dict:
+    """`sftlab.train.trainer.train` as a profile run uses it: LoRA r16 all-linear (or `method`),
+    packed rows, `steps` steps, no checkpoint before the end; `callback` (a TrainerCallback) is
+    added to the run's trainer. Returns train()'s info."""
+    from sftlab.config import TrainConfig
+    from sftlab.train import trainer as trainer_mod
+
+    original_init = trainer_mod.SFTTrainer.__init__
+
+    def init(self, *a, **k):
+        original_init(self, *a, **k)
+        self.add_callback(callback)
+
+    trainer_mod.SFTTrainer.__init__ = init
+    config = TrainConfig.model_validate({
+        "model": {"name_or_path": model, **({"attn_implementation": attn} if attn else {})},
+        "data": {"train": str(data), "max_seq_length": max_len, "packing": True},
+        "method": method,
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "training": {"learning_rate": 1e-4, "per_device_train_batch_size": batch, "max_steps": steps,
+                     "logging_steps": 1, "save_steps": 10**6, "seed": 0},
+        "output_dir": str(out),
+    })
+    try:
+        return trainer_mod.train(config, log=lambda msg: print(msg, flush=True))
+    finally:
+        trainer_mod.SFTTrainer.__init__ = original_init

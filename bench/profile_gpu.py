@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alpaca_data import write_alpaca_dataset  # noqa: E402
-from common import scratch_dir  # noqa: E402
+from common import scratch_dir, train_with_callback  # noqa: E402
 from train_vs_trl import SHAPES, make_random_model  # noqa: E402
 
 SYNCS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
@@ -43,9 +43,6 @@ def main() -> None:
     import torch
     from transformers import TrainerCallback
 
-    from sftlab.config import TrainConfig
-    from sftlab.train import trainer as trainer_mod
-
     cuda = torch.cuda.is_available()
     work = scratch_dir("sftlab-profile-gpu-")
     model = make_random_model(args.shape, work / args.shape)
@@ -66,23 +63,8 @@ def main() -> None:
                 state["wall"] = time.perf_counter() - state["t0"]
                 state["prof"].__exit__(None, None, None)
 
-    original_init = trainer_mod.SFTTrainer.__init__
-
-    def init(self, *a, **k):
-        original_init(self, *a, **k)
-        self.add_callback(Profile())
-
-    trainer_mod.SFTTrainer.__init__ = init
-    config = TrainConfig.model_validate({
-        "model": {"name_or_path": model},
-        "data": {"train": str(data), "max_seq_length": args.max_len, "packing": True},
-        "method": args.method,
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-        "training": {"learning_rate": 1e-4, "per_device_train_batch_size": args.batch,
-                     "max_steps": args.warmup + args.steps, "logging_steps": 1, "save_steps": 10**6, "seed": 0},
-        "output_dir": str(work / "run"),
-    })
-    info = trainer_mod.train(config, log=lambda msg: print(msg, flush=True))
+    info = train_with_callback(Profile(), model, data, work / "run", method=args.method, batch=args.batch,
+                               max_len=args.max_len, steps=args.warmup + args.steps)
     prof, wall, n = state["prof"], state["wall"], args.steps
     averages = prof.key_averages()
     # the kernels themselves (op rows of the averages would count each kernel's time again)
