@@ -11,6 +11,8 @@
 #
 # Logs (and the benchmarks' JSON) go to OUT. Python is $PYTHON (default python3); sftlab is
 # imported from src/ when it is not installed. Stops at the first failed test or smoke run.
+# On one H200: tests ~40 s, smoke ~1 min, lora ~3.5 min, profile ~1.5 min; full was cut at ~7 min
+# after 5 of its 6 runs, before both sides wrote their end checkpoint (~18 GB each): expect ~10.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_suite.sh OUT [STAGES]}
 stages=",${2:-tests,smoke,lora,full},"
@@ -42,7 +44,7 @@ if stage lora; then
     | tee "$out/lora.log"
 fi
 if stage full; then
-  timeout 420 $py bench/train_vs_trl.py --shape qwen2.5-1.5b --method full --workload alpaca --per-task 500 \
+  timeout 560 $py bench/train_vs_trl.py --shape qwen2.5-1.5b --method full --workload alpaca --per-task 500 \
     --batch 8 --max-len 1024 --steps 30 --repeats 3 --sides trl,sftlab --trl-liger $liger --json "$out/full.json" 2>&1 \
     | tee "$out/full.log"
 fi
