@@ -25,6 +25,19 @@ def _names(sources: list[str], limit: int = 8) -> str:
     return ", ".join(unique[:limit]) + more if unique else "unknown sources"
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every value is finite (a 0-dim bool tensor), read from norms that cannot overflow where
+    the values do not: one multi-tensor norm (a few kernels, not one per tensor) over the tensors whose
+    dtype has fp32's range (fp32, bf16), and an fp32 norm of each narrower one (an fp16 norm is inf
+    past 65,504 while every value is finite)."""
+    wide_range = torch.finfo(torch.float32).max
+    wide = [t for t in tensors if torch.finfo(t.dtype).max >= wide_range]
+    norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors if torch.finfo(t.dtype).max < wide_range]
+    if wide:
+        norms.append(torch.nn.utils.get_total_norm(wide, foreach=None).float())
+    return torch.stack(norms).isfinite().all()
+
+
 class NonFiniteGuard(TrainerCallback):
     """Checks every optimizer step, before the update, for a NaN/inf loss or gradient.
 
@@ -60,9 +73,7 @@ class NonFiniteGuard(TrainerCallback):
         grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
         if grads and not self.scaler_active:
             local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this rank's shard
-            # one multi-tensor norm (a few kernels), not one norm per parameter: finite iff every gradient is
-            total = torch.nn.utils.get_total_norm([g.detach() for g in local], foreach=None)
-            grad_ok = total.isfinite().reshape(1).to(loss_ok.device)
+            grad_ok = _all_finite([g.detach() for g in local]).reshape(1).to(loss_ok.device)
         else:
             grad_ok = loss_ok.new_ones(1)
         flags = torch.cat([loss_ok.all().reshape(1), grad_ok]).to(torch.int32)
