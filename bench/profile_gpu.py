@@ -36,7 +36,6 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--stacks", action="store_true", help="also print where the host syncs are called from")
     ap.add_argument("--trace", type=Path, help="also write a Chrome trace here")
     args = ap.parse_args()
 
@@ -55,7 +54,7 @@ def main() -> None:
         def on_step_end(self, targs, st, control, **kw):
             if st.global_step == args.warmup:
                 sync()
-                state["prof"] = torch.profiler.profile(activities=activities, record_shapes=True, with_stack=args.stacks)
+                state["prof"] = torch.profiler.profile(activities=activities, record_shapes=True)
                 state["prof"].__enter__()
                 state["t0"] = time.perf_counter()
             elif st.global_step == args.warmup + args.steps and "prof" in state:
@@ -76,10 +75,6 @@ def main() -> None:
           f"{(torch.cuda.max_memory_allocated() if cuda else 0) / 1024**3:.2f} GiB")
     syncs = {e.key: e.count // n for e in averages if e.key.startswith(SYNCS)}
     print("host syncs and copies per step:", syncs)
-    if args.stacks:
-        by_stack = prof.key_averages(group_by_stack_n=6)
-        for e in sorted((e for e in by_stack if e.key in SYNCS[:2]), key=lambda e: -e.count)[:12]:
-            print(f"{e.count // n} x {e.key} from", " <- ".join(e.stack[:6]))
     for key in (["self_device_time_total"] if cuda else []) + ["self_cpu_time_total"]:
         print(averages.table(sort_by=key, row_limit=args.top, max_name_column_width=60))
     if args.trace:
