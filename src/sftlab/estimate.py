@@ -29,7 +29,8 @@ the compute dtype (4 fp32, 2 bf16), ``s`` = bytes of the residual stream (the we
 dtype):
 - 2 RMSNorms: their input (2h x s), 1/rms (2 x 4), and when the norm weights train
   (full fine-tuning) the normalised input in fp32 (2h x 4);
-- attention: rotated q (h x a), k and v (2kv x a), the output (h x a), log-sum-exp (H x 4);
+- attention: rotated q (h x a), k and v (2kv x a), the output (h x a), log-sum-exp (H x 4;
+  on a CPU, sftlab_varlen's groups of short examples keep none: a bound there);
 - inputs of the linear layers: in fp32 the norm outputs are shared (2h + i) x a; under
   autocast (or with LoRA dropout) every reader keeps its own copy: sum of the in-features
   of the linear layers reading it (q, k, v, gate, up: 5h; plus o and down for LoRA);

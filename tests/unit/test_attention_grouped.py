@@ -43,6 +43,7 @@ CASES = [
     (1, 96, [30, 5, 1, 20, 19, 21]),
     (1, 120, [3, 40, 41, 1, 2, 33]),
     (2, 50, [10, 40, 25, 25]),  # rows 0 and 1 (B > 1: rows not flattened)
+    (1, 500, [230, 200, 60, 10]),  # groups wider than SHORT_WIDTH take SDPA's kernel, the others _ShortCausal
 ]
 
 
@@ -79,3 +80,27 @@ def test_padded_layout_maps_every_position_once_and_groups_similar_lengths():
     assert sorted(set(gather.tolist())) == list(range(302))
     assert len(gather) == sum(c * n for c, n in groups)
     assert back[inverse].tolist() == list(range(302)) and int((back == 302).sum()) == len(gather) - 302
+
+
+def test_short_groups_path_is_closer_to_fp64_than_sdpa_in_bf16():
+    """_ShortCausal computes in fp32 from bf16 inputs: its output and gradients must be at least as
+    close to an fp64 reference as SDPA's own bf16 kernel (which it replaces for short groups)."""
+    torch.manual_seed(0)
+    q = (torch.randn(12, 6, 96, 32) * 2).bfloat16()
+    k = (torch.randn(12, 2, 96, 32) * 2).bfloat16()
+    v = torch.randn(12, 2, 96, 32).bfloat16()
+    grad = torch.randn(12, 6, 96, 32).bfloat16()
+
+    def result(fn, *inputs):
+        inputs = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*inputs)
+        out.backward(grad.to(out.dtype))
+        return [out.detach().double()] + [t.grad.double() for t in inputs]
+
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+    exact = result(sdpa, q.double(), k.double(), v.double())
+    short = result(lambda q, k, v: attention._ShortCausal.apply(q, k, v, 32**-0.5), q, k, v)
+    flash = result(sdpa, q, k, v)
+    for name, s, f, e in zip(["out", "dq", "dk", "dv"], short, flash, exact):
+        short_err, flash_err = ((s - e).norm() / e.norm()).item(), ((f - e).norm() / e.norm()).item()
+        assert short_err <= flash_err, (name, short_err, flash_err)

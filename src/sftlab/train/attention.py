@@ -178,10 +178,66 @@ class _Pick(torch.autograd.Function):
         return grad.index_select(0, back), None, None
 
 
+class _ShortCausal(torch.autograd.Function):
+    """Causal attention of a padded group of short examples from whole score matrices, in fp32:
+    on a CPU, PyTorch's flash kernel works such groups in small tiles at a fraction of the
+    machine's matmul rate, while a group's [count, H, L, L] scores are a few batched matmuls
+    (bench/README.md, "Attention of short examples": faster up to SHORT_WIDTH, and closer to an
+    fp64 reference than flash in bf16). Keeps q, k, v and the output for backward, where it
+    rebuilds the probabilities. q [B, Hq, L, D], k/v [B, Hkv, L, D], Hq a multiple of Hkv
+    (grouped-query heads read their key/value head, as SDPA's enable_gqa)."""
+
+    @staticmethod
+    def _probabilities(q, k, scale):
+        """[B*Hkv, (Hq/Hkv)*L, L] fp32 softmax of the causal scores (rows: query heads x positions)."""
+        b, hq, length, d = q.shape
+        hk = k.shape[1]
+        qf = q.float().reshape(b * hk, -1, d)
+        kf = k.float().reshape(b * hk, length, d)
+        scores = torch.baddbmm(_causal_bias(length, hq // hk, q.device), qf, kf.transpose(1, 2), alpha=scale)
+        return torch.softmax(scores, dim=-1)
+
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)  # its matmuls are meant in fp32, not in autocast's dtype
+    def forward(ctx, q, k, v, scale):
+        b, hq, length, d = q.shape
+        probs = _ShortCausal._probabilities(q, k, scale)
+        out = torch.bmm(probs, v.float().reshape(-1, length, d)).view(b, hq, length, d).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, grad_out):
+        q, k, v, out = ctx.saved_tensors
+        b, hq, length, d = q.shape
+        hk = k.shape[1]
+        probs = _ShortCausal._probabilities(q, k, ctx.scale)
+        grad = grad_out.float().reshape(b * hk, -1, d)
+        grad_v = torch.bmm(probs.transpose(1, 2), grad).view(b, hk, length, d)
+        grad_p = torch.bmm(grad, v.float().reshape(-1, length, d).transpose(1, 2))
+        delta = (grad_out.float() * out.float()).sum(-1, keepdim=True).view(b * hk, -1, 1)
+        grad_s = probs.mul_(grad_p.sub_(delta))
+        grad_q = torch.bmm(grad_s, k.float().reshape(-1, length, d)).mul_(ctx.scale).view(b, hq, length, d)
+        grad_k = torch.bmm(grad_s.transpose(1, 2), q.float().reshape(b * hk, -1, d)).mul_(ctx.scale)
+        return grad_q.to(q.dtype), grad_k.view(b, hk, length, d).to(k.dtype), grad_v.to(v.dtype), None
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_bias(length: int, heads: int, device: torch.device) -> torch.Tensor:
+    """[heads * L, L]: 0 where causal attention looks, -inf above the diagonal, once per head."""
+    hidden = torch.ones(length, length, dtype=torch.bool, device=device).triu_(1)
+    return torch.zeros(length, length, device=device).masked_fill_(hidden, float("-inf")).repeat(heads, 1)
+
+
 # Examples whose lengths differ by up to this factor share one padded SDPA call. Causal attention
 # needs no mask for end padding (no real query sees a later position), so padding costs only the
 # padded positions' FLOPs, while each call saves a round of per-example slicing and kernel set-up.
 GROUP_RATIO = 1.5
+# Groups up to this width take `_ShortCausal` (CPU): above it the score matrices' elementwise
+# passes cost more than flash's tiling (bench/attention_ab.py).
+SHORT_WIDTH = 184
 
 
 def _grouped(query, key, value, bounds: list[int], dropout, scaling):
@@ -194,8 +250,13 @@ def _grouped(query, key, value, bounds: list[int], dropout, scaling):
     outs = []
     for (count, longest), qg, kg, vg in zip(groups, q.split(sizes), k.split(sizes), v.split(sizes)):
         qg, kg, vg = (t.view(count, longest, t.shape[1], t.shape[2]).transpose(1, 2) for t in (qg, kg, vg))
-        out = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, is_causal=True, scale=scaling,
-                                             enable_gqa=qg.shape[1] != kg.shape[1])
+        if longest <= SHORT_WIDTH and dropout == 0.0 and not qg.is_cuda:
+            if torch.is_autocast_enabled("cpu"):  # the inputs SDPA would get (and keep for backward)
+                qg, kg, vg = (t.to(torch.get_autocast_dtype("cpu")) for t in (qg, kg, vg))
+            out = _ShortCausal.apply(qg, kg, vg, qg.shape[-1] ** -0.5 if scaling is None else scaling)
+        else:
+            out = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                 enable_gqa=qg.shape[1] != kg.shape[1])
         outs.append(out.transpose(1, 2).reshape(count * longest, out.shape[1], out.shape[3]))
     return _Pick.apply(torch.cat(outs), inverse, back)
 
