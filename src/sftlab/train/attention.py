@@ -8,7 +8,8 @@ computes each example's causal attention alone instead:
 - CUDA: one fused call of PyTorch's variable-length flash attention
   (`torch.nn.attention.varlen.varlen_attn`), given the cumulative example lengths;
 - otherwise (CPU, or a PyTorch without it): causal SDPA on padded batches of examples of similar
-  length (`_grouped`), or, where a mask is needed (a sliding window shorter than an example,
+  length (`_grouped`; on a CPU, groups of short examples from whole score matrices instead,
+  `_ShortCausal`), or, where a mask is needed (a sliding window shorter than an example,
   attention sinks), SDPA per example.
 
 So a batch needs no padding (the collator flattens all rows into one; on CPU it rounds the
@@ -235,8 +236,8 @@ def _causal_bias(length: int, heads: int, device: torch.device) -> torch.Tensor:
 # needs no mask for end padding (no real query sees a later position), so padding costs only the
 # padded positions' FLOPs, while each call saves a round of per-example slicing and kernel set-up.
 GROUP_RATIO = 1.5
-# Groups up to this width take `_ShortCausal` (CPU): above it the score matrices' elementwise
-# passes cost more than flash's tiling (bench/attention_ab.py).
+# Groups up to this padded width take `_ShortCausal` on a CPU: from 192 rows PyTorch's flash kernel
+# takes larger tiles and is the faster one (bench/README.md, "Attention of short examples").
 SHORT_WIDTH = 184
 
 
@@ -250,7 +251,7 @@ def _grouped(query, key, value, bounds: list[int], dropout, scaling):
     outs = []
     for (count, longest), qg, kg, vg in zip(groups, q.split(sizes), k.split(sizes), v.split(sizes)):
         qg, kg, vg = (t.view(count, longest, t.shape[1], t.shape[2]).transpose(1, 2) for t in (qg, kg, vg))
-        if longest <= SHORT_WIDTH and dropout == 0.0 and not qg.is_cuda:
+        if longest <= SHORT_WIDTH and dropout == 0.0 and qg.device.type == "cpu":
             if torch.is_autocast_enabled("cpu"):  # the inputs SDPA would get (and keep for backward)
                 qg, kg, vg = (t.to(torch.get_autocast_dtype("cpu")) for t in (qg, kg, vg))
             out = _ShortCausal.apply(qg, kg, vg, qg.shape[-1] ** -0.5 if scaling is None else scaling)
