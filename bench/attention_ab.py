@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alpaca_data import write_alpaca_dataset  # noqa: E402
-from common import scratch_dir  # noqa: E402
+from common import lora_model_and_row, scratch_dir, timed_forward_backward  # noqa: E402
 
 
 def main() -> None:
@@ -39,14 +38,6 @@ def main() -> None:
 
     import torch
 
-    from sftlab.config import load_config
-    from sftlab.data.load import load_conversations
-    from sftlab.data.pack import collate
-    from sftlab.data.render import render_many
-    from sftlab.models import load_tokenizer, resolve_model_path
-    from sftlab.train.loss import selective_loss_sum
-    from sftlab.train.trainer import build_model
-
     work = scratch_dir("sftlab-attention-ab-")
     if args.workload == "demo":
         from sftlab.demo.dataset import write_demo_dataset
@@ -54,33 +45,19 @@ def main() -> None:
         data = write_demo_dataset(work)["train"]
     else:
         data = write_alpaca_dataset(work / "train.jsonl", 200)
-    config = load_config(None, ["model.name_or_path=default", "method=lora", "lora.r=16", "lora.alpha=32",
-                                "lora.dropout=0", f"data.train={data}"])
-    tokenizer = load_tokenizer(resolve_model_path("default")[0])
-    row, n = [], 0
-    for ex in render_many(load_conversations(data), tokenizer):
-        if n + len(ex.input_ids) > args.tokens:
-            break
-        row.append(ex)
-        n += len(ex.input_ids)
-    batch = collate([row], tokenizer.pad_token_id, flatten=True)
-    model = build_model(config, use_bf16=True, tokenizer=tokenizer).train()
+    model, batch, examples, n = lora_model_and_row(data, args.tokens)
     bounds = tuple(attention.segment_bounds(batch["position_ids"]))
     groups = attention._padded_layout(bounds, torch.device("cpu"))[0]
-    print(f"{n} tokens, {len(row)} examples; groups (count x width): "
+    print(f"{n} tokens, {examples} examples; groups (count x width): "
           + ", ".join(f"{c}x{w}" for c, w in groups), flush=True)
 
     times: dict[int, list[float]] = {w: [] for w in widths}
     for rnd in range(args.rounds):
         for w in widths[rnd % len(widths):] + widths[: rnd % len(widths)]:
             attention.SHORT_WIDTH = w
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, count = selective_loss_sum(model, batch)
-            (loss / count).backward()
-            model.zero_grad(set_to_none=True)
-            times[w].append(time.perf_counter() - t0)
-            print(f"round {rnd + 1} width {w}: {times[w][-1]:.2f} s, loss {loss.item() / count:.5f}", flush=True)
+            seconds, loss = timed_forward_backward(model, batch)
+            times[w].append(seconds)
+            print(f"round {rnd + 1} width {w}: {seconds:.2f} s, loss {loss:.5f}", flush=True)
     med = {w: statistics.median(v[1:]) for w, v in times.items()}
     for w, v in times.items():
         print(f"SHORT_WIDTH {w}: median {med[w]:.2f} s ({min(v[1:]):.2f}-{max(v[1:]):.2f}), "

@@ -158,3 +158,42 @@ def train_with_callback(callback, model: str, data: Path, out: Path, *, method: 
         return trainer_mod.train(config, log=lambda msg: print(msg, flush=True))
     finally:
         trainer_mod.SFTTrainer.__init__ = original_init
+
+
+def lora_model_and_row(data: Path, tokens: int):
+    """The SmolLM2 LoRA model `sftlab train` builds (bf16 base, r16 all-linear, dropout 0, fused
+    layers), in train mode, and one flattened row of `data`'s first examples up to `tokens` tokens.
+    Returns (model, batch, examples in the row, tokens in the row)."""
+    from sftlab.config import load_config
+    from sftlab.data.load import load_conversations
+    from sftlab.data.pack import collate
+    from sftlab.data.render import render_many
+    from sftlab.models import load_tokenizer, resolve_model_path
+    from sftlab.train.trainer import build_model
+
+    config = load_config(None, ["model.name_or_path=default", "method=lora", "lora.r=16", "lora.alpha=32",
+                                "lora.dropout=0", f"data.train={data}"])
+    tokenizer = load_tokenizer(resolve_model_path("default")[0])
+    row, n = [], 0
+    for ex in render_many(load_conversations(data), tokenizer):
+        if n + len(ex.input_ids) > tokens:
+            break
+        row.append(ex)
+        n += len(ex.input_ids)
+    batch = collate([row], tokenizer.pad_token_id, flatten=True)
+    return build_model(config, use_bf16=True, tokenizer=tokenizer).train(), batch, len(row), n
+
+
+def timed_forward_backward(model, batch) -> tuple[float, float]:
+    """One forward + backward of sftlab's loss on `batch` under bf16 autocast, gradients dropped
+    after: (seconds, mean loss per trained token)."""
+    import torch
+
+    from sftlab.train.loss import selective_loss_sum
+
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, count = selective_loss_sum(model, batch)
+    (loss / count).backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0, loss.item() / count

@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alpaca_data import write_alpaca_dataset  # noqa: E402
-from common import scratch_dir  # noqa: E402
+from common import lora_model_and_row, scratch_dir, timed_forward_backward  # noqa: E402
 
 
 def main() -> None:
@@ -32,34 +31,15 @@ def main() -> None:
 
     import torch
 
-    from sftlab.config import load_config
-    from sftlab.data.load import load_conversations
-    from sftlab.data.pack import collate
-    from sftlab.data.render import render_many
-    from sftlab.models import load_tokenizer, resolve_model_path
-    from sftlab.train.loss import selective_loss_sum
-    from sftlab.train.trainer import build_model
-
     work = scratch_dir("sftlab-lora-ab-")
-    data = write_alpaca_dataset(work / "train.jsonl", 200)
-    config = load_config(None, ["model.name_or_path=default", "method=lora", "lora.r=16", "lora.alpha=32",
-                                "lora.dropout=0", f"data.train={data}"])
-    tokenizer = load_tokenizer(resolve_model_path("default")[0])
-    row, n = [], 0
-    for ex in render_many(load_conversations(data), tokenizer):
-        if n + len(ex.input_ids) > args.tokens:
-            break
-        row.append(ex)
-        n += len(ex.input_ids)
-    batch = collate([row], tokenizer.pad_token_id, flatten=True)
-    model = build_model(config, use_bf16=True, tokenizer=tokenizer).train()
+    model, batch, examples, n = lora_model_and_row(write_alpaca_dataset(work / "train.jsonl", 200), args.tokens)
     torch.manual_seed(0)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     layers = [m for m in model.modules() if "forward" in vars(m)]
     fused_forwards = {m: vars(m)["forward"] for m in layers}
-    print(f"{n} tokens, {len(row)} examples, {len(layers)} fused LoRA layers", flush=True)
+    print(f"{n} tokens, {examples} examples, {len(layers)} fused LoRA layers", flush=True)
 
     def use(fused: bool) -> None:
         for m in layers:
@@ -72,13 +52,9 @@ def main() -> None:
     for rnd in range(args.rounds):
         for side in ("peft", "fused") if rnd % 2 == 0 else ("fused", "peft"):
             use(side == "fused")
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, count = selective_loss_sum(model, batch)
-            (loss / count).backward()
-            model.zero_grad(set_to_none=True)
-            times[side].append(time.perf_counter() - t0)
-            print(f"round {rnd + 1} {side}: {times[side][-1]:.2f} s, loss {loss.item() / count:.5f}", flush=True)
+            seconds, loss = timed_forward_backward(model, batch)
+            times[side].append(seconds)
+            print(f"round {rnd + 1} {side}: {seconds:.2f} s, loss {loss:.5f}", flush=True)
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
     for k, v in times.items():
         print(f"{k}: median {med[k]:.2f} s ({min(v[1:]):.2f}-{max(v[1:]):.2f})")

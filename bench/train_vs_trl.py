@@ -28,8 +28,10 @@ The set-ups (`--sides`):
   per row; gradient checkpointing on; bf16 autocast) and TRL's own model loading from the
   folder (fp32 base unless told otherwise);
 - `sftlab`: `sftlab.train.trainer.train` with its defaults (bf16 where supported; a LoRA base
-  in bf16 then; packing; padding-free varlen attention: SDPA per example on CPU, fused varlen
-  flash on CUDA; no gradient checkpointing), on the memory allocator `sftlab train` runs on
+  in bf16 then; packing; padding-free varlen attention: on CPU SDPA's flash kernel on groups of
+  examples of similar length, whole fp32 score matrices (matmul + softmax, as SDPA's math kernel)
+  for groups of short ones; fused varlen flash on CUDA; no gradient checkpointing), on the
+  memory allocator `sftlab train` runs on
   (tcmalloc preloaded where installed, train/allocator.py); the TRL set-ups run on the
   process's own (glibc's malloc, TRL's default; a TRL user could preload tcmalloc too).
 
@@ -130,7 +132,7 @@ def make_random_model(shape: str, out: Path) -> str:
 def trl_attention(cuda: bool) -> tuple[str, str]:
     """(attn_implementation for the like-for-like TRL set-up, why): the family sftlab's varlen uses."""
     if not cuda:
-        return "sdpa", "sftlab runs SDPA per example on CPU"
+        return "sdpa", "sftlab runs SDPA on groups of similar-length examples on CPU, score matrices for short ones"
     if importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2", "sftlab runs fused varlen flash attention on CUDA"
     if cuda_varlen() is not None:

@@ -54,8 +54,9 @@ their gradient in the compute dtype (2a B) per trained position and vocab entry,
 fp32 cross-entropy chunk of ``loss_chunk`` rows and its gradient (8 B x chunk x vocab).
 Where the head is fused with the loss (plain-head architectures in one process), no logits
 of all trained positions exist: the head's input rows and their gradient (2a B x hidden per
-trained position), one CE_CHUNK-row chunk of fp32 logits and its gradient, the head's weight
-cast to the compute dtype, and with full fine-tuning its fp32 gradient.
+trained position), one CE_CHUNK-row chunk of fp32 logits and its log-probabilities (8 B x
+chunk x vocab), the head's weight cast to the compute dtype, and with full fine-tuning its fp32
+gradient.
 
 Several processes (``nproc``, ``distributed``), per process, n = nproc (docs/scaling.md):
 - ddp: everything replicated; DDP's all-reduce buckets hold a second copy of the gradients.
@@ -441,8 +442,9 @@ def estimate_memory(
         logits_per_row = int(trained * shape.hidden * 2 * a_bytes)  # the head's input rows and their gradient
         chunk = min(CE_CHUNK, int(trained * batch) or 1)
         head_weights = shape.vocab * shape.hidden
-        logits_fixed = chunk * shape.vocab * (4 + a_bytes) + (head_weights * a_bytes if autocast else 0) \
-            + (head_weights * 4 if method == "full" else 0)  # one fp32 chunk + its gradient; cast head; its fp32 gradient
+        # one chunk's fp32 logits and log-probabilities (alive together in log_softmax); cast head; its fp32 gradient
+        logits_fixed = chunk * shape.vocab * 8 + (head_weights * a_bytes if autocast else 0) \
+            + (head_weights * 4 if method == "full" else 0)
         notes["logits"] = f"head fused with the loss: {chunk}-row chunks of {shape.vocab:,} logits"
     else:
         trained = tokens_per_row * trained_fraction

@@ -59,9 +59,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad and ctx.needs_input_grad[1] else None
         for s in range(0, len(targets), chunk):
             h, t = hidden[s : s + chunk].to(dtype), targets[s : s + chunk]
-            # one pass from the matmul's logits to fp32 log-probabilities (the upcast, max, exp and
-            # sum in a row at a time), where .float() + logsumexp + subtract made a pass each
-            logp = torch.log_softmax(h @ w.T, dim=-1, dtype=torch.float32)
+            # the upcast first, so the matmul's own output is freed before log_softmax allocates
+            # (log_softmax's dtype= argument makes the same fp32 copy, with the input still alive)
+            logp = torch.log_softmax((h @ w.T).float(), dim=-1)
             used, picked = t != IGNORE, t.clamp(min=0)[:, None]
             total -= logp.gather(1, picked).squeeze(1).mul_(used).sum()  # masks, not indexing: no host sync on CUDA
             if grad_h is None and grad_w is None:
