@@ -190,19 +190,20 @@ class _ShortCausal(torch.autograd.Function):
 
     @staticmethod
     def _probabilities(q, k, scale):
-        """[B*Hkv, (Hq/Hkv)*L, L] fp32 softmax of the causal scores (rows: query heads x positions)."""
+        """(q, k in fp32 as [B*Hkv, (Hq/Hkv)*L, D] and [B*Hkv, L, D], the fp32 softmax of the causal
+        scores [B*Hkv, (Hq/Hkv)*L, L]): rows are query heads x positions."""
         b, hq, length, d = q.shape
         hk = k.shape[1]
         qf = q.float().reshape(b * hk, -1, d)
         kf = k.float().reshape(b * hk, length, d)
         scores = torch.baddbmm(_causal_bias(length, hq // hk, q.device), qf, kf.transpose(1, 2), alpha=scale)
-        return torch.softmax(scores, dim=-1)
+        return qf, kf, torch.softmax(scores, dim=-1)
 
     @staticmethod
     @torch.autocast("cpu", enabled=False)  # its matmuls are meant in fp32, not in autocast's dtype
     def forward(ctx, q, k, v, scale):
         b, hq, length, d = q.shape
-        probs = _ShortCausal._probabilities(q, k, scale)
+        _, _, probs = _ShortCausal._probabilities(q, k, scale)
         out = torch.bmm(probs, v.float().reshape(-1, length, d)).view(b, hq, length, d).to(q.dtype)
         ctx.save_for_backward(q, k, v, out)
         ctx.scale = scale
@@ -214,14 +215,14 @@ class _ShortCausal(torch.autograd.Function):
         q, k, v, out = ctx.saved_tensors
         b, hq, length, d = q.shape
         hk = k.shape[1]
-        probs = _ShortCausal._probabilities(q, k, ctx.scale)
+        qf, kf, probs = _ShortCausal._probabilities(q, k, ctx.scale)
         grad = grad_out.float().reshape(b * hk, -1, d)
         grad_v = torch.bmm(probs.transpose(1, 2), grad).view(b, hk, length, d)
         grad_p = torch.bmm(grad, v.float().reshape(-1, length, d).transpose(1, 2))
         delta = (grad_out.float() * out.float()).sum(-1, keepdim=True).view(b * hk, -1, 1)
         grad_s = probs.mul_(grad_p.sub_(delta))
-        grad_q = torch.bmm(grad_s, k.float().reshape(-1, length, d)).mul_(ctx.scale).view(b, hq, length, d)
-        grad_k = torch.bmm(grad_s.transpose(1, 2), q.float().reshape(b * hk, -1, d)).mul_(ctx.scale)
+        grad_q = torch.bmm(grad_s, kf).mul_(ctx.scale).view(b, hq, length, d)
+        grad_k = torch.bmm(grad_s.transpose(1, 2), qf).mul_(ctx.scale)
         return grad_q.to(q.dtype), grad_k.view(b, hk, length, d).to(k.dtype), grad_v.to(v.dtype), None
 
 
