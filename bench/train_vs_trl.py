@@ -354,8 +354,8 @@ def useful_flops(r: dict, f: dict, method: str) -> float:
             + (4 if lora else 6) * f["head"] * r["trained_tokens"] + 12 * f["hidden"] * f["layers"] * r["causal_pairs"])
 
 
-def summarise(r: dict, run, shape: dict, method: str, peak32: float, peak16: float) -> dict:
-    """One run's derived numbers."""
+def summarise(r: dict, run, shape: dict, method: str) -> dict:
+    """One run's derived numbers (its MFU once the matmul peak is known, at the end of main)."""
     flops = useful_flops(r, shape, method)
     tail = r["losses"][-5:]
     starts, per_step = r["step_starts"], r["step_trained"]
@@ -369,8 +369,7 @@ def summarise(r: dict, run, shape: dict, method: str, peak32: float, peak16: flo
         "trained_per_computed": r["trained_tokens"] / r["computed_tokens"],
         "real_per_computed": r["real_tokens"] / r["computed_tokens"],
         "final_loss": sum(tail) / len(tail),
-        "mfu_fp32": flops / r["train_seconds"] / peak32,
-        "mfu_bf16": flops / r["train_seconds"] / peak16,
+        "useful_flops_per_s": flops / r["train_seconds"],
     }
 
 
@@ -459,7 +458,7 @@ def main() -> None:
                 print(f"round {rnd + 1} {side} failed (exit {run.returncode}); going on", flush=True)
                 failed.append(f"{side}#{rnd + 1}")
                 continue
-            res = summarise(run.result, run, shape, args.method, peak32, peak16)
+            res = summarise(run.result, run, shape, args.method)
             res["round"] = rnd
             runs[side].append(res)
             print(f"round {rnd + 1}/{args.repeats} {side}: {res['trained_tokens_per_s']:.1f} trained tokens/s, "
@@ -471,10 +470,9 @@ def main() -> None:
     again32, again16 = matmul_peaks(cuda)
     print(f"matmul peak after the runs: fp32 {again32 / 1e12:.2f} TFLOP/s, bf16 {again16 / 1e12:.2f} TFLOP/s; "
           "MFU counts against the higher of the two readings", flush=True)
-    for res in (r for side_runs in runs.values() for r in side_runs):
-        res["mfu_fp32"] *= peak32 / max(peak32, again32)
-        res["mfu_bf16"] *= peak16 / max(peak16, again16)
     peak32, peak16 = max(peak32, again32), max(peak16, again16)
+    for res in (r for side_runs in runs.values() for r in side_runs):
+        res["mfu_fp32"], res["mfu_bf16"] = res["useful_flops_per_s"] / peak32, res["useful_flops_per_s"] / peak16
     _print(runs, args, device, cuda, peak32, peak16)
     if args.json:
         args.json.write_text(json.dumps({"device": device, "runs": runs, "peak_fp32": peak32, "peak_bf16": peak16,
