@@ -131,10 +131,10 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 
 def train_with_callback(callback, model: str, data: Path, out: Path, *, method: str, batch: int, max_len: int,
-                        steps: int, attn: str | None = None) -> dict:
+                        steps: int, attn: str | None = None, training: dict | None = None) -> dict:
     """`sftlab.train.trainer.train` as a profile run uses it: LoRA r16 all-linear (or `method`),
-    packed rows, `steps` steps, no checkpoint before the end; `callback` (a TrainerCallback) is
-    added to the run's trainer. Returns train()'s info."""
+    packed rows, `steps` steps, no checkpoint before the end, `training` keys on top; `callback`
+    (a TrainerCallback) is added to the run's trainer. Returns train()'s info."""
     from sftlab.config import TrainConfig
     from sftlab.train import trainer as trainer_mod
 
@@ -151,7 +151,7 @@ def train_with_callback(callback, model: str, data: Path, out: Path, *, method: 
         "method": method,
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "training": {"learning_rate": 1e-4, "per_device_train_batch_size": batch, "max_steps": steps,
-                     "logging_steps": 1, "save_steps": 10**6, "seed": 0},
+                     "logging_steps": 1, "save_steps": 10**6, "seed": 0, **(training or {})},
         "output_dir": str(out),
     })
     try:

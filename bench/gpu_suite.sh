@@ -4,7 +4,8 @@
 #   smoke  train_vs_trl.py on a tiny model, 3 steps: sftlab and TRL both run on CUDA; if the TRL
 #          side fails with Liger's kernels, the benchmarks below run TRL without them (said so)
 #   lora   sftlab vs TRL, Qwen2.5-0.5B-shaped (random weights), LoRA r16, Alpaca-shaped records
-#   full   sftlab vs TRL, Qwen2.5-1.5B-shaped, full fine-tuning
+#   full   sftlab vs TRL, Qwen2.5-1.5B-shaped, full fine-tuning, no end checkpoint on either side
+#          (18 GB a run: it held most of the stage's time)
 #   profile  bench/profile_gpu.py: where a Qwen2.5-0.5B-shaped LoRA step's time goes
 #
 #   bash bench/gpu_suite.sh OUT [STAGES]     # STAGES: comma-separated, default tests,smoke,lora,full
@@ -45,7 +46,8 @@ if stage lora; then
 fi
 if stage full; then
   timeout 560 $py bench/train_vs_trl.py --shape qwen2.5-1.5b --method full --workload alpaca --per-task 500 \
-    --batch 8 --max-len 1024 --steps 30 --repeats 3 --sides trl,sftlab --trl-liger $liger --json "$out/full.json" 2>&1 \
+    --batch 8 --max-len 1024 --steps 30 --repeats 3 --sides trl,sftlab --trl-liger $liger --no-end-save \
+    --json "$out/full.json" 2>&1 \
     | tee "$out/full.log"
 fi
 if stage profile; then

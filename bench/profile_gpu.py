@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--liger", choices=["auto", "false"], default="auto",
+                    help="training.use_liger_kernel (auto: Liger's RMSNorm, RoPE, SwiGLU where installed)")
     ap.add_argument("--trace", type=Path, help="also write a Chrome trace here")
     args = ap.parse_args()
 
@@ -63,15 +65,17 @@ def main() -> None:
                 state["prof"].__exit__(None, None, None)
 
     info = train_with_callback(Profile(), model, data, work / "run", method=args.method, batch=args.batch,
-                               max_len=args.max_len, steps=args.warmup + args.steps)
+                               max_len=args.max_len, steps=args.warmup + args.steps,
+                               training={"use_liger_kernel": "auto" if args.liger == "auto" else False})
     prof, wall, n = state["prof"], state["wall"], args.steps
     averages = prof.key_averages()
     # the kernels themselves (op rows of the averages would count each kernel's time again)
-    busy = sum(e.time_range.elapsed_us() for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
     print(f"\n{args.shape} {args.method}, {args.batch} x {args.max_len}, attention {info['attention']}, "
-          f"bf16 {info['bf16']}: {wall / n * 1e3:.1f} ms per step, GPU kernels {busy / n * 1e3:.1f} ms per step "
-          f"({100 * busy / wall:.0f} % busy); peak allocated "
+          f"bf16 {info['bf16']}, Liger {info['liger_kernels'] or 'off'}: {wall / n * 1e3:.1f} ms per step, "
+          f"GPU kernels {busy / n * 1e3:.1f} ms per step ({100 * busy / wall:.0f} % busy, "
+          f"{len(kernels) // n} kernels); peak allocated "
           f"{(torch.cuda.max_memory_allocated() if cuda else 0) / 1024**3:.2f} GiB")
     syncs = {e.key: e.count // n for e in averages if e.key.startswith(SYNCS)}
     print("host syncs and copies per step:", syncs)

@@ -30,7 +30,8 @@ The set-ups (`--sides`):
 - `sftlab`: `sftlab.train.trainer.train` with its defaults (bf16 where supported; a LoRA base
   in bf16 then; packing; padding-free varlen attention: on CPU SDPA's flash kernel on groups of
   examples of similar length, whole fp32 score matrices (matmul + softmax, as SDPA's math kernel)
-  for groups of short ones; fused varlen flash on CUDA; no gradient checkpointing), on the
+  for groups of short ones; fused varlen flash on CUDA; on CUDA Liger's RMSNorm, RoPE and SwiGLU
+  where `liger_kernel` is installed, as for TRL; no gradient checkpointing), on the
   memory allocator `sftlab train` runs on
   (tcmalloc preloaded where installed, train/allocator.py); the TRL set-ups run on the
   process's own (glibc's malloc, TRL's default; a TRL user could preload tcmalloc too).
@@ -47,7 +48,8 @@ padding mask) and printed, so the set-up table is measured, not declared.
 Every set-up writes the checkpoint transformers saves at the end of training (save_strategy
 "steps" with save steps beyond the run: sftlab keeps it so that a finished run can go on with
 more steps; TRL's defaults write it too): model and optimizer state, 12 bytes a parameter in
-full fine-tuning, inside `trainer.train()`.
+full fine-tuning, inside `trainer.train()`; with `--no-end-save` none does (a callback on every
+side turns that save off).
 
 Printed for each set-up: trained tokens/s (label tokens, timed around `trainer.train()`;
 without the first step, which builds the CPU kernels; and from the start of the first step to
@@ -163,8 +165,8 @@ class TokenCounter:
     Trainer: after it, transformers writes the end-of-training checkpoint), and records at the
     first step what the run really uses."""
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, end_save: bool = True):
+        self.pad_id, self.end_save = pad_id, end_save
         self.computed = self.real = self.trained = self.steps = self.causal_pairs = 0
         self.step_trained: list[int] = []
         self.step_starts: list[float] = []
@@ -178,8 +180,11 @@ class TokenCounter:
         counter = self
 
         class StepClock(TrainerCallback):
-            def on_step_end(self, *args, **kwargs):
+            def on_step_end(self, args, state, control, **kwargs):
                 counter.steps_end = time.perf_counter()
+                if not counter.end_save and state.global_step >= state.max_steps:
+                    control.should_save = False  # --no-end-save: after transformers' own flow callback
+                return control
 
         def init(trainer, *args, **kwargs):
             original_init(trainer, *args, **kwargs)
@@ -253,6 +258,8 @@ def observed_setup(trainer, model, inputs: dict) -> dict:
         "autocast": "bf16" if args.bf16 else "fp16" if args.fp16 else "none",
         "attention": base.config._attn_implementation,
         "gradient checkpointing": bool(getattr(base, "is_gradient_checkpointing", False)),
+        "liger kernels": ", ".join(k for k, on in (args.liger_kernel_config or {}).items() if on)
+        if args.use_liger_kernel and args.liger_kernel_config else bool(args.use_liger_kernel),
         "batch tensor (step 1)": "x".join(map(str, inputs["input_ids"].shape)),
         "padding mask": inputs.get("attention_mask") is not None,
         "position_ids (example starts)": inputs.get("position_ids") is not None,
@@ -278,7 +285,7 @@ def run_trl(opts: dict) -> None:
     from sftlab.models import load_tokenizer
 
     tokenizer = load_tokenizer(opts["model"])
-    counter = TokenCounter(tokenizer.pad_token_id)
+    counter = TokenCounter(tokenizer.pad_token_id, opts["end_save"])
     counter.install()
     data = load_messages_as_prompt_completion(opts["train"])
     shared = dict(
@@ -305,7 +312,6 @@ def run_trl(opts: dict) -> None:
     seconds = time.perf_counter() - t0
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     counter.setup["memory allocator"] = allocator_name()
-    counter.setup["liger kernels"] = bool(args.use_liger_kernel)
     counter.setup["packing"] = (f"packing={args.packing} ({args.packing_strategy}), padding_free={trainer.padding_free}"
                                 if args.packing else f"packing=False, padding_free={trainer.padding_free}")
     report_result({**counter.as_dict(), "train_seconds": seconds, "losses": losses, "peak_device_memory": peak_device_memory(),
@@ -317,7 +323,7 @@ def run_sftlab(opts: dict) -> None:
     from sftlab.models import load_tokenizer
     from sftlab.train.trainer import train
 
-    counter = TokenCounter(load_tokenizer(opts["model"]).pad_token_id)
+    counter = TokenCounter(load_tokenizer(opts["model"]).pad_token_id, opts["end_save"])
     counter.install()
     config = TrainConfig.model_validate({
         "model": {"name_or_path": opts["model"]},  # dtype auto: what a user gets
@@ -395,6 +401,9 @@ def main() -> None:
     ap.add_argument("--trl-liger", choices=["auto", "on", "off"], default="auto",
                     help="Liger layer kernels for the like-for-like TRL set-up (auto: on CUDA where installed)")
     ap.add_argument("--sides", default=",".join(SIDES), help=f"set-ups to run, comma-separated: {', '.join(SIDES)}")
+    ap.add_argument("--no-end-save", dest="end_save", action="store_false",
+                    help="no side writes the end-of-training checkpoint (a 1.5B full fine-tuning's is 18 GB: "
+                         "minutes of a short GPU lease); sftlab still writes its final model, after its timed train")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -447,7 +456,7 @@ def main() -> None:
             opts = {"side": side, "model": model, "dtype": dtype, "bf16": bf16, "trl_attn": trl_attn, "trl_liger": liger,
                     "method": args.method, "train": str(train_path), "out": str(work / f"{side}-{rnd}"),
                     "steps": args.steps, "batch": args.batch, "max_len": args.max_len, "lr": args.lr,
-                    "lora_r": args.lora_r, "lora_dropout": args.lora_dropout}
+                    "lora_r": args.lora_r, "lora_dropout": args.lora_dropout, "end_save": args.end_save}
             run = run_child([sys.executable, __file__, "--child", json.dumps(opts)],
                             env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                  "SFTLAB_CACHE": str(work / "cache"), **(sftlab_preload if side == "sftlab" else {})},
@@ -462,7 +471,8 @@ def main() -> None:
             res["round"] = rnd
             runs[side].append(res)
             print(f"round {rnd + 1}/{args.repeats} {side}: {res['trained_tokens_per_s']:.1f} trained tokens/s, "
-                  f"train {res['train_seconds']:.1f} s, peak {gib(res['peak_memory'])}; {load_note()}", flush=True)
+                  f"{res['steps_tokens_per_s']:.1f} in the steps, train {res['train_seconds']:.1f} s, "
+                  f"peak {gib(res['peak_memory'])}; {load_note()}", flush=True)
     runs = {s: r for s, r in runs.items() if r}
     print(f"{load_note()} (other processes on the machine make timings noisy)", flush=True)
     # a single reading can come out low (it has ranged 1.07-2.38 TFLOP/s bf16 within an hour on one

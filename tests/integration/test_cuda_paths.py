@@ -1,5 +1,6 @@
 """CUDA paths (skipped without a GPU): the fused varlen attention against per-example SDPA,
-packed == unpacked loss in bf16, and a whole bf16 LoRA run through `train()`."""
+packed == unpacked loss in bf16, a whole bf16 LoRA run through `train()`, and the same run with
+Liger's kernels against transformers' layers."""
 
 from __future__ import annotations
 
@@ -51,19 +52,42 @@ def test_packed_equals_unpacked_loss_bf16(tiny_model_dir, tokenizer):
     assert packed.item() == pytest.approx(alone.item(), rel=2e-2)
 
 
-def test_bf16_lora_run_on_cuda(tiny_model_dir, tmp_path):
+def lora_run(model_dir, tmp_path, name: str, liger):
+    import json
+
     from sftlab.config import TrainConfig
     from sftlab.demo.dataset import write_demo_dataset
     from sftlab.train.trainer import train
 
     data = write_demo_dataset(tmp_path / "data", seed=0, sizes={"train": 20})["train"]
     config = TrainConfig.model_validate({
-        "model": {"name_or_path": str(tiny_model_dir)},
+        "model": {"name_or_path": str(model_dir)},
         "data": {"train": str(data), "max_seq_length": 256},
         "method": "lora",
-        "training": {"max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1},
-        "output_dir": str(tmp_path / "run"),
+        "training": {"max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
+                     "use_liger_kernel": liger},
+        "output_dir": str(tmp_path / name),
     })
     info = train(config, log=lambda *_: None)
-    assert info["bf16"] and info["attention"] == "sftlab_varlen"
+    metrics = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return info, [m["loss"] for m in metrics if "loss" in m]
+
+
+def test_bf16_lora_run_on_cuda(tiny_model_dir, tmp_path):
+    info, _ = lora_run(tiny_model_dir, tmp_path, "run", False)
+    assert info["bf16"] and info["attention"] == "sftlab_varlen" and info["liger_kernels"] == []
     assert info["global_step"] == 4 and info["train_loss"] > 0
+
+
+def test_liger_kernels_train_as_transformers_layers(tiny_model_dir, tmp_path):
+    pytest.importorskip("liger_kernel")
+    # without Liger first: its RoPE replaces a module-level function for the rest of the process
+    _, plain = lora_run(tiny_model_dir, tmp_path, "plain", False)
+    info, liger = lora_run(tiny_model_dir, tmp_path, "liger", "auto")
+    assert info["liger_kernels"] == ["rms_norm", "rope", "swiglu"]
+    from transformers.models.llama import modeling_llama
+
+    assert modeling_llama.apply_rotary_pos_emb.__module__.startswith("liger_kernel")  # Liger's patch ran
+    assert len(liger) == len(plain) == 4
+    # the same run to bf16 rounding: the norms, RoPE and SwiGLU round at other points
+    assert liger == pytest.approx(plain, rel=3e-2), (liger, plain)

@@ -184,6 +184,9 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     from sftlab.train.trainer import base_weights_dtype, device_supports_bf16, portable_model_name, preflight
 
     preflight(config)
+    if config.training.use_liger_kernel is True:
+        raise SftlabError("training.use_liger_kernel: sftlab align trains with transformers' own layers; "
+                          "leave it at auto or false")
     out = Path(config.output_dir)
     if not resume:
         refuse_existing_run(out)

@@ -19,7 +19,7 @@ from sftlab.config import TrainConfig
 from sftlab.data.conversation import Example
 from sftlab.data.render import IGNORE
 from sftlab.errors import SftlabError
-from sftlab.train import allocator
+from sftlab.train import allocator, kernels
 from sftlab.train.attention import NAME as VARLEN
 from sftlab.train.attention import can_flatten, choose_attention
 from sftlab.train.attention import register as register_varlen
@@ -266,16 +266,19 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
 def preflight(config: TrainConfig) -> None:
     """Refuse, before any data, model or process is touched, what would fail later or silently
     train otherwise: fp16 without a CUDA GPU (accelerate would train in fp32 without loss
-    scaling, and say nothing) and the engine's settings (distributed.engine_settings)."""
+    scaling, and say nothing), Liger's kernels asked for where they cannot run, and the engine's
+    settings (distributed.engine_settings)."""
     from sftlab.train.distributed import engine_settings
 
     if config.training.fp16 and not torch.cuda.is_available():
         raise SftlabError("training.fp16: fp16 mixed precision needs a CUDA GPU (on CPU it would train in fp32 "
                           "without loss scaling); on CPU use training.bf16 or neither")
+    if config.training.use_liger_kernel is True and (reason := kernels.unavailable()):
+        raise SftlabError(f"training.use_liger_kernel: {reason}")
     engine_settings(config)
 
 
-def training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: bool):
+def training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: bool, liger: dict | None = None):
     from transformers import TrainingArguments
 
     from sftlab.train.distributed import engine_arguments
@@ -321,6 +324,8 @@ def training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: bool
         prediction_loss_only=True,
         report_to=t.report_to or "none",
         disable_tqdm=False,
+        use_liger_kernel=liger is not None,
+        liger_kernel_config=liger,
     )
     kwargs.update(t.passthrough())  # TrainingArguments fields given by their HF names
     kwargs.update(engine_arguments(config))  # training.deepspeed / fsdp_config resolved and checked
@@ -398,7 +403,10 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     if hasattr(model, "print_trainable_parameters"):
         distributed.on_main_process(model.print_trainable_parameters)
     has_eval = bool(eval_ex)
-    args = training_args(config, out, has_eval, use_bf16)
+    liger = kernels.liger_kernel_config(config.training.use_liger_kernel, model.config)
+    if liger:
+        log(f"Liger kernels: {', '.join(k for k, on in liger.items() if on)}")
+    args = training_args(config, out, has_eval, use_bf16, liger)
     patience = config.training.early_stopping_patience
     # with early stopping, the warning marks the onset that stops the run
     warn = OverfitWarningCallback(metrics_path=out / "metrics.jsonl", **({"patience": patience} if patience else {}))
@@ -449,6 +457,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "bf16": use_bf16,
         "attention": model.config._attn_implementation,
+        "liger_kernels": sorted(k for k, on in (liger or {}).items() if on),
         "trainable_params": distributed.parameter_count(model, trainable_only=True),
         "trained_tokens_seen": tokens_seen,
         "trained_tokens_per_second": round((tokens_seen - trainer.trained_tokens_restored) / train_seconds, 1)
