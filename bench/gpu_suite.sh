@@ -12,8 +12,8 @@
 #
 # Logs (and the benchmarks' JSON) go to OUT. Python is $PYTHON (default python3); sftlab is
 # imported from src/ when it is not installed. Stops at the first failed test or smoke run.
-# On one H200: tests ~40 s, smoke ~1 min, lora ~3.5 min, profile ~40 s; full hit its old 7-minute
-# limit after 5 of its 6 runs, when only sftlab wrote an end checkpoint (~18 GB): now both do.
+# On one H200: tests ~40 s, smoke ~1 min, lora ~4.5 min, profile ~50 s, full ~4.2 min (with the end
+# checkpoints it ran past 7 minutes); a machine's start costs 1-2 minutes of a lease on top.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_suite.sh OUT [STAGES]}
 stages=",${2:-tests,smoke,lora,full},"

@@ -258,14 +258,22 @@ def observed_setup(trainer, model, inputs: dict) -> dict:
         "autocast": "bf16" if args.bf16 else "fp16" if args.fp16 else "none",
         "attention": base.config._attn_implementation,
         "gradient checkpointing": bool(getattr(base, "is_gradient_checkpointing", False)),
-        "liger kernels": ", ".join(k for k, on in (args.liger_kernel_config or {}).items() if on)
-        if args.use_liger_kernel and args.liger_kernel_config else bool(args.use_liger_kernel),
+        "liger kernels": liger_layers(args),
         "batch tensor (step 1)": "x".join(map(str, inputs["input_ids"].shape)),
         "padding mask": inputs.get("attention_mask") is not None,
         "position_ids (example starts)": inputs.get("position_ids") is not None,
         "rows per step": args.per_device_train_batch_size,
         "optimizer steps": args.max_steps,
     }
+
+
+def liger_layers(args) -> str:
+    """The layers Liger's kernels replace in a run: those of RMSNorm, RoPE and SwiGLU that its
+    `liger_kernel_config` leaves on (each is on unless the config turns it off)."""
+    if not args.use_liger_kernel:
+        return "none"
+    config = args.liger_kernel_config or {}
+    return ", ".join(k for k in ("rms_norm", "rope", "swiglu") if config.get(k, True)) or "none"
 
 
 def load_messages_as_prompt_completion(path: str):
