@@ -68,11 +68,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             grad = logp.exp_()  # softmax, in place of the log-probabilities
             grad.scatter_add_(1, picked, grad.new_full(picked.shape, -1.0))
-            grad = grad.to(dtype).masked_fill_(~used[:, None], 0)  # IGNORE rows, zeroed in the cast copy
+            grad = grad.to(dtype)
+            # IGNORE rows count for nothing: zeroed in the [rows x hidden] operands and results,
+            # not in the [rows x vocab] gradient (a pass over the chunk's largest tensor saved)
+            kept = used[:, None].to(dtype)
             if grad_h is not None:
-                grad_h[s : s + chunk] = grad @ w
+                grad_h[s : s + chunk] = (grad @ w).mul_(kept)
             if grad_w is not None:
-                grad_w += (grad.T @ h).float()
+                grad_w += (grad.T @ (h * kept)).float()
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         return total
 
