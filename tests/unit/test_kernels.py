@@ -36,8 +36,11 @@ def test_layers_chosen_for_the_model(monkeypatch):
     # Liger's patch of an instance would compute silu(gate) * up whatever the activation
     gelu = kernels.liger_kernel_config(True, SimpleNamespace(model_type="llama", hidden_act="gelu"))
     assert gelu["swiglu"] is False and gelu["rms_norm"] and gelu["rope"]
-    gemma = kernels.liger_kernel_config("auto", SimpleNamespace(model_type="gemma3_text", hidden_activation="silu"))
+    gemma = kernels.liger_kernel_config(True, SimpleNamespace(model_type="gemma3_text", hidden_activation="silu"))
     assert gemma["swiglu"] is True
+    # auto: only the architectures checked against transformers' layers on a GPU
+    assert kernels.liger_kernel_config("auto", SimpleNamespace(model_type="gemma3_text", hidden_act="silu")) is None
+    assert kernels.liger_kernel_config("auto", SimpleNamespace(model_type="qwen2", hidden_act="silu"))["rope"]
     assert kernels.liger_kernel_config(False, SimpleNamespace(model_type="llama", hidden_act="silu")) is None
 
 

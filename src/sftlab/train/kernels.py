@@ -20,6 +20,10 @@ from sftlab.errors import SftlabError
 # SwiGLU only where the model's MLP activation is SiLU: Liger's patch of a model instance does
 # not check it, and would compute silu(gate) * up for any activation
 SWIGLU_ACTIVATIONS = ("silu", "swish")
+# `auto` turns them on for the architectures whose Liger path was checked against transformers'
+# layers on a GPU (tests/integration/test_cuda_paths.py: Llama; bench/README: Qwen2, the same
+# losses with and without); `true` for any other model type liger-kernel has kernels for
+CHECKED = frozenset({"llama", "qwen2"})
 
 
 def unavailable(model_type: str | None = None) -> str | None:
@@ -38,10 +42,14 @@ def unavailable(model_type: str | None = None) -> str | None:
 
 def liger_kernel_config(choice: bool | str, model_config) -> dict | None:
     """The `liger_kernel_config` to train with, or None for transformers' own layers.
-    `choice` is training.use_liger_kernel: auto uses them where they can run, true requires them."""
+    `choice` is training.use_liger_kernel: auto uses them where they can run on a checked
+    architecture, true wherever liger-kernel has them (and stops where it cannot)."""
     if choice is False:
         return None
-    reason = unavailable(getattr(model_config, "model_type", None))
+    model_type = getattr(model_config, "model_type", None)
+    reason = unavailable(model_type)
+    if reason is None and choice == "auto" and model_type not in CHECKED:
+        reason = f"not checked for model type {model_type!r} (training.use_liger_kernel: true uses them)"
     if reason:
         if choice is True:
             raise SftlabError(f"training.use_liger_kernel: {reason}")
