@@ -32,12 +32,15 @@ dtype):
 - attention: rotated q (h x a), k and v (2kv x a), the output (h x a), log-sum-exp (H x 4;
   on a CPU, sftlab_varlen's groups of short examples keep none: a bound there);
 - inputs of the linear layers: in fp32 the norm outputs are shared (2h + i) x a; under
-  autocast (or with LoRA dropout) every reader keeps its own copy: sum of the in-features
-  of the linear layers reading it (q, k, v, gate, up: 5h; plus o and down for LoRA);
+  autocast every reader of an fp32 input keeps its own copy: sum of the in-features of the
+  linear layers reading it (q, k, v, gate, up: 5h for full fine-tuning);
 - gated MLP: gate, up and act(gate) outputs (3i x a);
-- LoRA: the rank-r output of each lora_A (r x a); with dropout > 0 each adapted layer
-  keeps its own dropped input (in x a) and the dropout mask (in x 4 on CPU, where the
-  mask is a float tensor; 1 byte on CUDA, so this over-estimates a GPU slightly);
+- LoRA (as sftlab trains: fused layers, no fp32 round trip of the input under autocast):
+  the rank-r output of each lora_A (r x a), and the inputs lora_A's weight gradient needs:
+  one copy per reader of an fp32 input under autocast, one shared copy of an input already
+  in the compute dtype (`_lora_inputs`); with dropout > 0 each adapted layer keeps its own
+  dropped input (in x a) and the dropout mask (in x the input's bytes on CPU, where the mask
+  is a tensor of the input's dtype; 1 byte on CUDA, so this over-estimates a GPU slightly);
 - QLoRA: as LoRA, but bitsandbytes' 4-bit layers return the input's dtype, so under
   autocast the MLP outputs stay fp32 (3i x 4).
 Checked term by term against the tensors autograd saves (tests/integration). With
@@ -312,14 +315,33 @@ def activation_bytes_per_token(
         inputs = (sum(readers) if autocast else 2 * h) * a + i * a
         lora = 0
     else:
-        if lora_dropout > 0:  # CPU dropout keeps an fp32 mask; lora_A keeps its (cast) output
-            inputs = sum(fin for _, fin in layer_adapted) * (4 + a)
-        elif a < 4:  # fp32 adapters under bf16 autocast: each lora_A keeps its own bf16 copy of its input
-            inputs = sum(fin for _, fin in layer_adapted) * a
-        else:
-            inputs = (2 * h + i) * a
+        inputs = _lora_inputs(layer_adapted, i, method, a, stream_bytes, lora_dropout, varlen)
         lora = len(layer_adapted) * lora_r * a
     return norms + attention + mlp + inputs + lora
+
+
+def _lora_inputs(layer_adapted: list[tuple[str, int]], intermediate: int, method: Method, a: int, stream: int,
+                 dropout: float, varlen: bool) -> int:
+    """Bytes per token the adapted layers keep of their inputs for lora_A's weight gradient, as
+    sftlab trains (fused LoRA layers, no fp32 round trip of the input under autocast: train/loss.py).
+    An input's dtype: the stream's for the norm outputs; the compute dtype for the attention output
+    and, under autocast, the MLP product (QLoRA's 4-bit layers return fp32). With dropout each layer
+    keeps its mask (the input's dtype) and its dropped input (cast to the compute dtype). Without,
+    an fp32 input under autocast is cast by each reader into its own copy; readers of one input in
+    the compute dtype share it, and the attention output is the kernel's own saved output, except
+    for sftlab_varlen, whose concatenated output is a tensor of its own."""
+    autocast = a < stream
+    total, shared = 0, {}
+    for name, fin in layer_adapted:
+        output_proj, mlp_product = _is_output_proj(name), fin == intermediate
+        xb = a if autocast and (output_proj or (mlp_product and method != "qlora")) else stream
+        if dropout > 0:
+            total += fin * (xb + a)
+        elif xb > a:
+            total += fin * a
+        else:
+            shared[(name.rpartition(".")[0], output_proj, fin)] = 0 if output_proj and not varlen else fin * xb
+    return total + sum(shared.values())
 
 
 def _is_output_proj(name: str) -> bool:

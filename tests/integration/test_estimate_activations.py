@@ -1,4 +1,5 @@
-"""The per-layer activation formula of `sftlab.estimate` equals what autograd really saves.
+"""The per-layer activation formula of `sftlab.estimate` equals what autograd really saves
+on the path `train()` takes (LoRA: fused layers, no fp32 round trip of the input under autocast).
 
 Each case runs a forward pass of a small Llama with 2 and with 3 decoder layers under
 `saved_tensors_hooks` and takes the difference: the bytes one decoder layer keeps for the
@@ -49,7 +50,12 @@ def _model(layers: int, method: str, autocast: bool, dropout: float, tmp_path, b
     if method != "full":
         from peft import LoraConfig, get_peft_model
 
+        from sftlab.train.lora_fused import fuse_lora_layers
+        from sftlab.train.loss import skip_lora_input_casts_under_autocast
+
         model = get_peft_model(model, LoraConfig(r=R, target_modules="all-linear", lora_dropout=dropout))
+        fuse_lora_layers(model)  # what train() runs: build_model's fused layers, the loss's input-cast skip
+        skip_lora_input_casts_under_autocast(model)
     return model.train()
 
 
@@ -103,4 +109,6 @@ def test_one_layer_activations_match_autograd(method, autocast, dropout, bf16_ba
     # autocast keeps a bf16 copy of each fp32 weight a matmul used (not of the nf4 or bf16 ones)
     base = 0 if method == "qlora" or bf16_base else sum(i * o for _, i, o in shape.layer_linears)
     lora = sum(R * (i + o) for _, i, o in shape.layer_linears) if method != "full" else 0
-    assert copies3 - copies2 == (2 * (base + lora) if autocast else 0)
+    # in fp32 a fused LoRA layer keeps lora_B x scaling (r x out) for its input gradient
+    scaled_b = sum(R * o for _, _, o in shape.layer_linears) if method == "lora" else 0
+    assert copies3 - copies2 == (2 * (base + lora) if autocast else 4 * scaled_b)
