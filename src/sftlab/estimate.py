@@ -38,9 +38,9 @@ dtype):
 - LoRA (as sftlab trains: fused layers, no fp32 round trip of the input under autocast):
   the rank-r output of each lora_A (r x a), and the inputs lora_A's weight gradient needs:
   one copy per reader of an fp32 input under autocast, one shared copy of an input already
-  in the compute dtype (`_lora_inputs`); with dropout > 0 each adapted layer keeps its own
-  dropped input (in x a) and the dropout mask (in x the input's bytes on CPU, where the mask
-  is a tensor of the input's dtype; 1 byte on CUDA, so this over-estimates a GPU slightly);
+  in the compute dtype (`_lora_inputs`); with dropout > 0 each adapted layer also keeps a
+  boolean mask (in x 1; QLoRA's PEFT layers: the mask in the input's dtype and their own
+  dropped input);
 - QLoRA: as LoRA, but bitsandbytes' 4-bit layers return the input's dtype, so under
   autocast the MLP outputs stay fp32 (3i x 4).
 Checked term by term against the tensors autograd saves (tests/integration). With
@@ -323,21 +323,25 @@ def activation_bytes_per_token(
 def _lora_inputs(layer_adapted: list[tuple[str, int]], intermediate: int, method: Method, a: int, stream: int,
                  dropout: float, varlen: bool) -> int:
     """Bytes per token the adapted layers keep of their inputs for lora_A's weight gradient, as
-    sftlab trains (fused LoRA layers, no fp32 round trip of the input under autocast: train/loss.py).
-    An input's dtype: the stream's for the norm outputs; the compute dtype for the attention output
-    and, under autocast, the MLP product (QLoRA's 4-bit layers return fp32). With dropout each layer
-    keeps its mask (the input's dtype) and its dropped input (cast to the compute dtype). Without,
-    an fp32 input under autocast is cast by each reader into its own copy; readers of one input in
-    the compute dtype share it, and the attention output is the kernel's own saved output, except
-    for sftlab_varlen, whose concatenated output is a tensor of its own."""
+    sftlab trains (train/lora_fused.py; QLoRA's 4-bit layers stay PEFT's, without the fp32 round
+    trip of the input under autocast: train/loss.py). An input's dtype: the stream's for the norm
+    outputs; the compute dtype for the attention output and, under autocast, the MLP product
+    (QLoRA's 4-bit layers return fp32). An fp32 input under autocast is cast by each reader into
+    its own copy; readers of one input in the compute dtype share it, and the attention output is
+    the kernel's own saved output, except for sftlab_varlen, whose concatenated output is a tensor
+    of its own. With dropout a fused layer keeps a boolean mask and rebuilds the dropped input from
+    the input; PEFT's keeps the mask in the input's dtype and the dropped input."""
     autocast = a < stream
     total, shared = 0, {}
     for name, fin in layer_adapted:
         output_proj, mlp_product = _is_output_proj(name), fin == intermediate
         xb = a if autocast and (output_proj or (mlp_product and method != "qlora")) else stream
-        if dropout > 0:
+        if dropout > 0 and method == "qlora":
             total += fin * (xb + a)
-        elif xb > a:
+            continue
+        if dropout > 0:
+            total += fin  # the mask
+        if xb > a:
             total += fin * a
         else:
             shared[(name.rpartition(".")[0], output_proj, fin)] = 0 if output_proj and not varlen else fin * xb

@@ -17,8 +17,8 @@ def lora_model(model_dir, seed: int = 1, **lora):
     from peft import LoraConfig, get_peft_model
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=24, lora_dropout=0.0, target_modules="all-linear",
-                                            task_type="CAUSAL_LM", **lora))
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=24, target_modules="all-linear", task_type="CAUSAL_LM",
+                                            **{"lora_dropout": 0.0, **lora}))
     torch.manual_seed(seed)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero: the adapter would add nothing
@@ -52,6 +52,34 @@ def test_fused_lora_gives_peft_outputs_and_gradients(tiny_model_dir, autocast):
     for name, g in grads.items():
         scale = g.abs().max().item()
         assert (fused_grads[name] - g).abs().max().item() <= (1e-5 if not autocast else 0.05) * scale, name
+
+
+@pytest.mark.parametrize("autocast,bf16_base", [(False, False), (True, False), (True, True)],
+                         ids=["fp32", "bf16-autocast", "bf16-base"])
+def test_fused_lora_with_dropout_gives_peft_outputs_and_gradients(tiny_model_dir, autocast, bf16_base):
+    """Training mode with dropout: the same masks (drawn as nn.Dropout draws them), outputs and
+    adapter gradients as PEFT's layers on the path train() takes (no fp32 round trip of the input
+    under autocast); with a bf16 base the dropped input is rebuilt in backward from the input."""
+    from sftlab.train.loss import skip_lora_input_casts_under_autocast
+
+    peft_model = lora_model(tiny_model_dir, lora_dropout=0.3)
+    if bf16_base:
+        for name, p in peft_model.named_parameters():
+            if "lora_" not in name:
+                p.data = p.data.to(torch.bfloat16)
+    skip_lora_input_casts_under_autocast(peft_model)
+    fused = copy.deepcopy(peft_model)
+    assert fuse_lora_layers(fused) == 14
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    logits, grads = loss_and_grads(peft_model.train(), ids, autocast)
+    torch.manual_seed(3)
+    fused_logits, fused_grads = loss_and_grads(fused.train(), ids, autocast)
+    tol = 1e-5 if not autocast else 0.05
+    torch.testing.assert_close(fused_logits, logits, rtol=0, atol=tol)
+    assert len(grads) == 28
+    for name, g in grads.items():
+        assert (fused_grads[name] - g).abs().max().item() <= tol * g.abs().max().item(), name
 
 
 def test_fused_lora_leaves_adapters_off_merged_and_other_adapters_to_peft(tiny_model_dir):

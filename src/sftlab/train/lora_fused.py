@@ -1,23 +1,83 @@
-"""LoRA layers with the adapter's product added inside the GEMM.
+"""LoRA layers as one autograd function: the adapter's product added inside the base GEMM, and
+a backward that computes only what the frozen base and the adapters need.
 
-PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling`: on top of the two skinny
-matmuls that is a full-size multiply and a full-size add in forward, and their gradients in
-backward, for every adapted layer. Folding `scaling` into lora_B's (r x out) weight and adding
-the adapter's product inside the GEMM (`addmm`, beta 1) leaves the two matmuls alone: the same
-sum, rounded once instead of three times. Anything else PEFT may be doing (adapters off or
-merged, several active adapters, DoRA and other variants, mixed-adapter batches, a base layer
-that is not a plain Linear, mixed dtypes without autocast, ZeRO-3's partitioned weights) goes to
-PEFT's own forward.
+PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate modules: on top of
+the two skinny matmuls that is a full-size multiply and a full-size add in forward, autograd's
+full-size sum of the two input gradients in backward, and about fifty ATen calls a layer and
+step (views, transposes, casts), which on a GPU, where a small model's step waits on the host,
+is most of the step. Here, for a frozen base W (and bias) and a vanilla adapter (A, B):
+
+    forward   low = dropout(x) A^T;  y = x W^T + b, then y += low (sB)^T   (addmm_, in place)
+    backward  g_low = g (sB);  dB = s g^T low;  dA = g_low^T dropout(x)
+              dx = g W + g_low A  (one GEMM accumulating into the other; with dropout the
+                   adapter's part is masked first)
+
+computed in autocast's dtype when autocast is on (as F.linear would), the fp32 adapters' gradients
+cast back. Dropout keeps a boolean mask (PEFT keeps the mask in the input's dtype and the dropped
+input), drawn as nn.Dropout draws it on a CPU; where the input is already in the compute dtype,
+its dropped copy is rebuilt in backward from the input, which the other readers of it keep too.
+Anything else PEFT may be doing (adapters off or merged, several active adapters, DoRA and other
+variants, mixed-adapter batches, a base layer that is not a plain frozen Linear, mixed dtypes
+without autocast, ZeRO-3's partitioned weights) goes to PEFT's own forward.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, dtype: torch.dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1])
+            xc, a = x2.to(dtype), lora_a.to(dtype)
+            scaled_b = (lora_b * scaling).to(dtype)
+            mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1 - p) if p > 0 else None  # nn.Dropout's draws
+            xd = xc if mask is None else _dropped(x2, mask, p, x2.dtype).to(dtype)
+            low = xd @ a.t()
+            w = weight.to(dtype)
+            out = xc @ w.t() if bias is None else torch.addmm(bias.to(dtype), xc, w.t())
+            out.addmm_(low, scaled_b.t())
+        # where the input is in the compute dtype its dropped copy is rebuilt in backward from it
+        ctx.rebuild = mask is not None and x2.dtype == dtype
+        keep_mask = ctx.rebuild or (mask is not None and ctx.needs_input_grad[0])
+        ctx.save_for_backward(x2 if ctx.rebuild else xd, mask if keep_mask else None, w, a, scaled_b, low)
+        ctx.p, ctx.scaling, ctx.x_shape, ctx.x_dtype = p, scaling, x.shape, x.dtype
+        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved, mask, w, a, scaled_b, low = ctx.saved_tensors
+        grad_x = grad_a = grad_b = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_low = g @ scaled_b
+            if ctx.needs_input_grad[0]:
+                gx = g @ w
+                if mask is None:
+                    gx.addmm_(grad_low, a)  # the adapter's input gradient accumulated in the base's GEMM
+                else:  # as autograd would: each part in the input's dtype, the adapter's masked
+                    gx = gx.to(ctx.x_dtype) + _dropped(grad_low @ a, mask, ctx.p, ctx.x_dtype)
+                grad_x = gx.to(ctx.x_dtype).view(ctx.x_shape)
+            if ctx.needs_input_grad[3]:
+                xd = _dropped(saved, mask, ctx.p, saved.dtype) if ctx.rebuild else saved
+                grad_a = (grad_low.t() @ xd).to(ctx.a_dtype)
+            if ctx.needs_input_grad[4]:
+                grad_b = (g.t() @ low).to(ctx.b_dtype) * ctx.scaling
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def _dropped(t: torch.Tensor, mask: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype` with the masked-out entries zeroed and the rest scaled by 1/(1-p), the scale
+    rounded to `dtype` first, as nn.Dropout's noise tensor is."""
+    return t.to(dtype) * mask.to(dtype).div_(1 - p)
 
 
 class _FusedForward:
-    """A PEFT `lora.Linear`'s forward: fused where it computes the same sum, PEFT's own otherwise."""
+    """A PEFT `lora.Linear`'s forward: one `_LoraLinear` where it computes the same sum, PEFT's
+    own otherwise."""
 
     def __init__(self, layer):
         self.layer = layer
@@ -27,12 +87,12 @@ class _FusedForward:
         name = None if args or kwargs else self._plain_adapter(x)
         if name is None:
             return type(layer).forward(layer, x, *args, **kwargs)
-        base = layer.base_layer
-        result = F.linear(x, base.weight, base.bias)
-        low = F.linear(layer.lora_dropout[name](x), layer.lora_A[name].weight)
-        scaled_b = layer.lora_B[name].weight * layer.scaling[name]
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]), scaled_b.t())
-        return out.view(result.shape)
+        base, dropout = layer.base_layer, layer.lora_dropout[name]
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+        return _LoraLinear.apply(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                                 float(layer.scaling[name]), p, dtype)
 
     def _plain_adapter(self, x) -> str | None:
         """The one active vanilla adapter, or None where PEFT's forward must run."""
@@ -41,12 +101,18 @@ class _FusedForward:
         if layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] not in layer.lora_A \
                 or adapters[0] in layer.lora_variant:
             return None
-        weights = (layer.base_layer.weight, layer.lora_A[adapters[0]].weight, layer.lora_B[adapters[0]].weight)
+        name = adapters[0]
+        base = layer.base_layer
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return None  # a trained base needs its own gradients
+        if not isinstance(layer.lora_dropout[name], (torch.nn.Dropout, torch.nn.Identity)) or x.dim() < 2:
+            return None
+        weights = (base.weight, layer.lora_A[name].weight, layer.lora_B[name].weight)
         if any(hasattr(w, "ds_id") for w in weights):
             return None  # ZeRO-3 gathers a module's weights only when that module is called
         if not torch.is_autocast_enabled(x.device.type) and any(w.dtype != x.dtype for w in weights):
             return None  # PEFT's casts decide the dtypes
-        return adapters[0]
+        return name
 
 
 def fuse_lora_layers(model) -> int:
