@@ -122,3 +122,17 @@ def test_gguf_config_without_weights(monkeypatch):
     monkeypatch.setattr(gguf, "dequantize", no_weights)
     est = estimate_memory(str(_embedded_gguf()), "lora", 256, 1)
     assert est.n_params == 134_515_008  # SmolLM2-135M, tied embeddings
+
+
+def test_gradients_freed_between_steps_are_not_counted_on_top_of_the_activations(tiny_model_dir):
+    """One process, no accumulation: zero_grad frees the gradients after each step, so the peak is
+    the larger of (activations + logits) and the gradients; with accumulation or DDP both count."""
+    shape = model_shape(load_model_config(str(tiny_model_dir)))
+    for method, seq in (("full", 64), ("full", 4), ("lora", 64)):
+        one = estimate_memory(None, method, seq, 2, shape=shape, dtype="fp32")
+        accum = estimate_memory(None, method, seq, 2, shape=shape, dtype="fp32", grad_accum=4)
+        parts = sum(getattr(one, c) for c in one.COMPONENTS)
+        assert accum.total == parts and one.gradients == accum.gradients
+        assert one.total == parts - min(one.gradients, one.activations + one.logits) < accum.total
+        ddp = estimate_memory(None, method, seq, 2, shape=shape, dtype="fp32", nproc=2)
+        assert ddp.total == sum(getattr(ddp, c) for c in ddp.COMPONENTS)

@@ -48,6 +48,7 @@ def estimate(
     method: Method = typer.Option(Method.lora, help="full fine-tuning, LoRA, or QLoRA (4-bit nf4 base)."),
     seq_len: int = typer.Option(1024, "--seq-len", min=1, help="Tokens per row (max_seq_length; a packed row is full)."),
     batch: int = typer.Option(8, min=1, help="Rows per device per step."),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Gradient accumulation steps (above 1 the gradients stay alive through the forward passes)."),
     lora_r: int = typer.Option(16, "--lora-r", min=1, help="LoRA rank."),
     lora_dropout: float = typer.Option(0.05, "--lora-dropout", min=0, max=1, help="LoRA dropout (> 0 keeps more activations)."),
     target_modules: str = typer.Option("all-linear", "--target-modules", help="'all-linear' or comma-separated module names."),
@@ -76,7 +77,7 @@ def estimate(
         lora_r=lora_r, lora_dropout=lora_dropout, target_modules=targets,
         gradient_checkpointing=grad_checkpointing, dtype=dtype.value, weights_dtype=weights_dtype.value,
         optimizer=optimizer.value, trained_fraction=trained_fraction, loss=loss.value,
-        nproc=nproc, distributed=distributed.value,
+        nproc=nproc, distributed=distributed.value, grad_accum=grad_accum,
     )
     if as_json:
         print(json.dumps(est.as_dict() | {"memory": budget, "max_batch": est.max_batch(budget)}, indent=2))
