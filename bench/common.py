@@ -160,8 +160,8 @@ def train_with_callback(callback, model: str, data: Path, out: Path, *, method: 
         trainer_mod.SFTTrainer.__init__ = original_init
 
 
-def lora_model_and_row(data: Path, tokens: int):
-    """The SmolLM2 LoRA model `sftlab train` builds (bf16 base, r16 all-linear, dropout 0, fused
+def lora_model_and_row(data: Path, tokens: int, dropout: float = 0.0):
+    """The SmolLM2 LoRA model `sftlab train` builds (bf16 base, r16 all-linear, `dropout`, fused
     layers), in train mode, and one flattened row of `data`'s first examples up to `tokens` tokens.
     Returns (model, batch, examples in the row, tokens in the row)."""
     from sftlab.config import load_config
@@ -172,7 +172,7 @@ def lora_model_and_row(data: Path, tokens: int):
     from sftlab.train.trainer import build_model
 
     config = load_config(None, ["model.name_or_path=default", "method=lora", "lora.r=16", "lora.alpha=32",
-                                "lora.dropout=0", f"data.train={data}"])
+                                f"lora.dropout={dropout}", f"data.train={data}"])
     tokenizer = load_tokenizer(resolve_model_path("default")[0])
     row, n = [], 0
     for ex in render_many(load_conversations(data), tokenizer):

@@ -38,9 +38,8 @@ dtype):
 - LoRA (as sftlab trains: fused layers, no fp32 round trip of the input under autocast):
   the rank-r output of each lora_A (r x a), and the inputs lora_A's weight gradient needs:
   one copy per reader of an fp32 input under autocast, one shared copy of an input already
-  in the compute dtype (`_lora_inputs`); with dropout > 0 each adapted layer also keeps a
-  boolean mask (in x 1; QLoRA's PEFT layers: the mask in the input's dtype and their own
-  dropped input);
+  in the compute dtype (`_lora_inputs`); with dropout > 0 each adapted layer also keeps its
+  dropout noise (in x the input's bytes; QLoRA's PEFT layers also their own dropped input);
 - QLoRA: as LoRA, but bitsandbytes' 4-bit layers return the input's dtype, so under
   autocast the MLP outputs stay fp32 (3i x 4).
 Checked term by term against the tensors autograd saves (tests/integration). With
@@ -343,8 +342,8 @@ def _lora_inputs(layer_adapted: list[tuple[str, int]], intermediate: int, method
     (QLoRA's 4-bit layers return fp32). An fp32 input under autocast is cast by each reader into
     its own copy; readers of one input in the compute dtype share it, and the attention output is
     the kernel's own saved output, except for sftlab_varlen, whose concatenated output is a tensor
-    of its own. With dropout a fused layer keeps a boolean mask and rebuilds the dropped input from
-    the input; PEFT's keeps the mask in the input's dtype and the dropped input."""
+    of its own. With dropout each layer keeps its noise (the input's dtype); a fused layer rebuilds
+    the dropped input from the input, PEFT's keeps it."""
     autocast = a < stream
     total, shared = 0, {}
     for name, fin in layer_adapted:
@@ -354,7 +353,7 @@ def _lora_inputs(layer_adapted: list[tuple[str, int]], intermediate: int, method
             total += fin * (xb + a)
             continue
         if dropout > 0:
-            total += fin  # the mask
+            total += fin * xb  # the noise, in the input's dtype
         if xb > a:
             total += fin * a
         else:

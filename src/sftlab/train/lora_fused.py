@@ -13,9 +13,10 @@ is most of the step. Here, for a frozen base W (and bias) and a vanilla adapter 
                    adapter's part is masked first)
 
 computed in autocast's dtype when autocast is on (as F.linear would), the fp32 adapters' gradients
-cast back. Dropout keeps a boolean mask (PEFT keeps the mask in the input's dtype and the dropped
-input), drawn as nn.Dropout draws it on a CPU; where the input is already in the compute dtype,
-its dropped copy is rebuilt in backward from the input, which the other readers of it keep too.
+cast back. Dropout draws its noise as nn.Dropout does (the same masks as PEFT's layers); where the
+input is already in the compute dtype, the dropped copy PEFT keeps is rebuilt in backward from the
+input, which the other readers of it keep anyway. (A boolean mask would keep a byte instead of
+the noise's two, but rebuilding the noise from it costs two more passes a layer: 13 % slower.)
 Anything else PEFT may be doing (adapters off or merged, several active adapters, DoRA and other
 variants, mixed-adapter batches, a base layer that is not a plain frozen Linear, mixed dtypes
 without autocast, ZeRO-3's partitioned weights) goes to PEFT's own forward.
@@ -33,46 +34,41 @@ class _LoraLinear(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1])
             xc, a = x2.to(dtype), lora_a.to(dtype)
             scaled_b = (lora_b * scaling).to(dtype)
-            mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1 - p) if p > 0 else None  # nn.Dropout's draws
-            xd = xc if mask is None else _dropped(x2, mask, p, x2.dtype).to(dtype)
+            # nn.Dropout's noise: its draws, scaled by 1/(1-p) in the input's dtype
+            noise = torch.empty_like(x2).bernoulli_(1 - p).div_(1 - p) if p > 0 else None
+            xd = xc if noise is None else (x2 * noise).to(dtype)
             low = xd @ a.t()
             w = weight.to(dtype)
             out = xc @ w.t() if bias is None else torch.addmm(bias.to(dtype), xc, w.t())
             out.addmm_(low, scaled_b.t())
         # where the input is in the compute dtype its dropped copy is rebuilt in backward from it
-        ctx.rebuild = mask is not None and x2.dtype == dtype
-        keep_mask = ctx.rebuild or (mask is not None and ctx.needs_input_grad[0])
-        ctx.save_for_backward(x2 if ctx.rebuild else xd, mask if keep_mask else None, w, a, scaled_b, low)
+        ctx.rebuild = noise is not None and x2.dtype == dtype
+        keep_noise = ctx.rebuild or (noise is not None and ctx.needs_input_grad[0])
+        ctx.save_for_backward(x2 if ctx.rebuild else xd, noise if keep_noise else None, w, a, scaled_b, low)
         ctx.p, ctx.scaling, ctx.x_shape, ctx.x_dtype = p, scaling, x.shape, x.dtype
         ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved, mask, w, a, scaled_b, low = ctx.saved_tensors
+        saved, noise, w, a, scaled_b, low = ctx.saved_tensors
         grad_x = grad_a = grad_b = None
         with torch.autocast(grad_out.device.type, enabled=False):
             g = grad_out.reshape(-1, grad_out.shape[-1])
             grad_low = g @ scaled_b
             if ctx.needs_input_grad[0]:
                 gx = g @ w
-                if mask is None:
+                if noise is None:
                     gx.addmm_(grad_low, a)  # the adapter's input gradient accumulated in the base's GEMM
                 else:  # as autograd would: each part in the input's dtype, the adapter's masked
-                    gx = gx.to(ctx.x_dtype) + _dropped(grad_low @ a, mask, ctx.p, ctx.x_dtype)
+                    gx = gx.to(ctx.x_dtype) + (grad_low @ a).to(ctx.x_dtype).mul_(noise)
                 grad_x = gx.to(ctx.x_dtype).view(ctx.x_shape)
             if ctx.needs_input_grad[3]:
-                xd = _dropped(saved, mask, ctx.p, saved.dtype) if ctx.rebuild else saved
+                xd = saved * noise if ctx.rebuild else saved
                 grad_a = (grad_low.t() @ xd).to(ctx.a_dtype)
             if ctx.needs_input_grad[4]:
                 grad_b = (g.t() @ low).to(ctx.b_dtype) * ctx.scaling
         return grad_x, None, None, grad_a, grad_b, None, None, None
-
-
-def _dropped(t: torch.Tensor, mask: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """t in `dtype` with the masked-out entries zeroed and the rest scaled by 1/(1-p), the scale
-    rounded to `dtype` first, as nn.Dropout's noise tensor is."""
-    return t.to(dtype) * mask.to(dtype).div_(1 - p)
 
 
 class _FusedForward:
