@@ -372,7 +372,7 @@ def estimate_memory(
     batch: int = 8,
     *,
     lora_r: int = 16,
-    lora_dropout: float = 0.05,
+    lora_dropout: float = 0.0,
     target_modules: str | list[str] = "all-linear",
     gradient_checkpointing: bool = False,
     dtype: Literal["auto", "fp32", "bf16"] = "auto",

@@ -50,7 +50,7 @@ def estimate(
     batch: int = typer.Option(8, min=1, help="Rows per device per step."),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Gradient accumulation steps (above 1 the gradients stay alive through the forward passes)."),
     lora_r: int = typer.Option(16, "--lora-r", min=1, help="LoRA rank."),
-    lora_dropout: float = typer.Option(0.05, "--lora-dropout", min=0, max=1, help="LoRA dropout (> 0 keeps more activations)."),
+    lora_dropout: float = typer.Option(0.0, "--lora-dropout", min=0, max=1, help="LoRA dropout (> 0 keeps more activations)."),
     target_modules: str = typer.Option("all-linear", "--target-modules", help="'all-linear' or comma-separated module names."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in the backward pass."),
     dtype: Dtype = typer.Option(Dtype.auto, help="Compute precision: fp32, bf16 mixed precision (autocast), or auto (bf16 where supported, as sftlab train)."),
