@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one go (a GPU machine's time is scarce, so nothing here waits on a person):
-#   tests  the CUDA-only tests (fused varlen attention, packed == unpacked in bf16, a bf16 LoRA run)
+#   tests  the CUDA-only tests (fused varlen attention, packed == unpacked in bf16, the fused LoRA
+#          function against PEFT, a bf16 LoRA run with dropout, Liger against transformers' layers)
 #   smoke  train_vs_trl.py on a tiny model, 3 steps: sftlab and TRL both run on CUDA; if the TRL
 #          side fails with Liger's kernels, the benchmarks below run TRL without them (said so)
 #   lora   sftlab vs TRL, Qwen2.5-0.5B-shaped (random weights), LoRA r16, Alpaca-shaped records

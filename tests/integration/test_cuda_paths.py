@@ -1,6 +1,7 @@
 """CUDA paths (skipped without a GPU): the fused varlen attention against per-example SDPA,
-packed == unpacked loss in bf16, a whole bf16 LoRA run through `train()`, and the same run with
-Liger's kernels against transformers' layers."""
+packed == unpacked loss in bf16, the fused LoRA function against PEFT's layers, a whole bf16
+LoRA run (with dropout) through `train()`, and the same run with Liger's kernels against
+transformers' layers."""
 
 from __future__ import annotations
 
@@ -52,7 +53,40 @@ def test_packed_equals_unpacked_loss_bf16(tiny_model_dir, tokenizer):
     assert packed.item() == pytest.approx(alone.item(), rel=2e-2)
 
 
-def lora_run(model_dir, tmp_path, name: str, liger):
+def test_fused_lora_function_gives_peft_outputs_and_gradients_on_cuda(tiny_model_dir):
+    """train/lora_fused.py's autograd function on CUDA under bf16 autocast, against PEFT's layers."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sftlab.train.lora_fused import fuse_lora_layers
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).cuda()
+    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=24, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    fused = copy.deepcopy(peft_model)
+    assert fuse_lora_layers(fused) == 14
+    ids = torch.randint(0, 1000, (2, 24), device="cuda")
+
+    def run(model):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.logits.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+    (logits, grads), (fused_logits, fused_grads) = run(peft_model.train()), run(fused.train())
+    torch.testing.assert_close(fused_logits, logits, rtol=0.05, atol=0.05)
+    assert len(grads) == 28
+    for n, g in grads.items():
+        assert (fused_grads[n] - g).abs().max().item() <= 0.05 * g.abs().max().item(), n
+
+
+def lora_run(model_dir, tmp_path, name: str, liger, dropout: float = 0.0):
     import json
 
     from sftlab.config import TrainConfig
@@ -64,6 +98,7 @@ def lora_run(model_dir, tmp_path, name: str, liger):
         "model": {"name_or_path": str(model_dir)},
         "data": {"train": str(data), "max_seq_length": 256},
         "method": "lora",
+        "lora": {"dropout": dropout},
         "training": {"max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
                      "use_liger_kernel": liger},
         "output_dir": str(tmp_path / name),
@@ -74,9 +109,11 @@ def lora_run(model_dir, tmp_path, name: str, liger):
 
 
 def test_bf16_lora_run_on_cuda(tiny_model_dir, tmp_path):
-    info, _ = lora_run(tiny_model_dir, tmp_path, "run", False)
+    import math
+
+    info, losses = lora_run(tiny_model_dir, tmp_path, "run", False, dropout=0.1)  # the fused layers' dropout too
     assert info["bf16"] and info["attention"] == "sftlab_varlen" and info["liger_kernels"] == []
-    assert info["global_step"] == 4 and info["train_loss"] > 0
+    assert info["global_step"] == 4 and info["train_loss"] > 0 and all(math.isfinite(x) for x in losses)
 
 
 def test_liger_kernels_train_as_transformers_layers(tiny_model_dir, tmp_path):
