@@ -82,6 +82,21 @@ def test_fused_lora_with_dropout_gives_peft_outputs_and_gradients(tiny_model_dir
         assert (fused_grads[name] - g).abs().max().item() <= tol * g.abs().max().item(), name
 
 
+def test_dropout_of_one_goes_to_peft(tiny_model_dir):
+    model = lora_model(tiny_model_dir, lora_dropout=0.5)
+    dropouts = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+    assert len(dropouts) == 14
+    for layer_dropout in dropouts:
+        layer_dropout.p = 1.0  # everything dropped: the adapters add nothing
+    fuse_lora_layers(model)
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dropped = model.train()(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    torch.testing.assert_close(dropped, base, rtol=0, atol=1e-6)
+
+
 def test_fused_lora_leaves_adapters_off_merged_and_other_adapters_to_peft(tiny_model_dir):
     model = lora_model(tiny_model_dir)
     fuse_lora_layers(model)

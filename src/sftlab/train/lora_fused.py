@@ -101,8 +101,11 @@ class _FusedForward:
         base = layer.base_layer
         if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
             return None  # a trained base needs its own gradients
-        if not isinstance(layer.lora_dropout[name], (torch.nn.Dropout, torch.nn.Identity)) or x.dim() < 2:
+        dropout = layer.lora_dropout[name]
+        if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)) or x.dim() < 2:
             return None
+        if getattr(dropout, "p", 0) >= 1:
+            return None  # everything dropped: nn.Dropout's zeros, not a division by 1 - p
         weights = (base.weight, layer.lora_A[name].weight, layer.lora_B[name].weight)
         if any(hasattr(w, "ds_id") for w in weights):
             return None  # ZeRO-3 gathers a module's weights only when that module is called
