@@ -45,7 +45,7 @@ class _LoraLinear(torch.autograd.Function):
         ctx.rebuild = noise is not None and x2.dtype == dtype
         keep_noise = ctx.rebuild or (noise is not None and ctx.needs_input_grad[0])
         ctx.save_for_backward(x2 if ctx.rebuild else xd, noise if keep_noise else None, w, a, scaled_b, low)
-        ctx.p, ctx.scaling, ctx.x_shape, ctx.x_dtype = p, scaling, x.shape, x.dtype
+        ctx.scaling, ctx.x_shape, ctx.x_dtype = scaling, x.shape, x.dtype
         ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
