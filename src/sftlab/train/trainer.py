@@ -404,8 +404,9 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         distributed.on_main_process(model.print_trainable_parameters)
     has_eval = bool(eval_ex)
     liger = kernels.liger_kernel_config(config.training.use_liger_kernel, model.config)
-    if liger:
-        log(f"Liger kernels: {', '.join(k for k, on in liger.items() if on)}")
+    liger_layers = sorted(k for k, on in (liger or {}).items() if on)
+    if liger_layers:
+        log(f"Liger kernels: {', '.join(liger_layers)}")
     args = training_args(config, out, has_eval, use_bf16, liger)
     patience = config.training.early_stopping_patience
     # with early stopping, the warning marks the onset that stops the run
@@ -457,7 +458,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "bf16": use_bf16,
         "attention": model.config._attn_implementation,
-        "liger_kernels": sorted(k for k, on in (liger or {}).items() if on),
+        "liger_kernels": liger_layers,
         "trainable_params": distributed.parameter_count(model, trainable_only=True),
         "trained_tokens_seen": tokens_seen,
         "trained_tokens_per_second": round((tokens_seen - trainer.trained_tokens_restored) / train_seconds, 1)
