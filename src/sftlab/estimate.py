@@ -349,12 +349,9 @@ def _lora_inputs(layer_adapted: list[tuple[str, int]], intermediate: int, method
     for name, fin in layer_adapted:
         output_proj, mlp_product = _is_output_proj(name), fin == intermediate
         xb = a if autocast and (output_proj or (mlp_product and method != "qlora")) else stream
-        if dropout > 0 and method == "qlora":
-            total += fin * (xb + a)
-            continue
         if dropout > 0:
             total += fin * xb  # the noise, in the input's dtype
-        if xb > a:
+        if xb > a or (dropout > 0 and method == "qlora"):  # its own copy: cast, or PEFT's dropped input
             total += fin * a
         else:
             shared[(name.rpartition(".")[0], output_proj, fin)] = 0 if output_proj and not varlen else fin * xb
