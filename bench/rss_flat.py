@@ -76,8 +76,9 @@ def plot(samples: list[tuple[int, int, int]], estimate_bytes: int, path: Path, t
     fig.savefig(path, dpi=110)
 
 
-def train_and_sample(args, work: Path, env: dict[str, str] | None = None):
-    """`sftlab train` (the set-up in the module docstring) in a child, its memory read every 0.1 s.
+def train_and_sample(args, work: Path, env: dict[str, str] | None = None, training: dict | None = None):
+    """`sftlab train` (the set-up in the module docstring, `training` added to its training
+    section) in a child, its memory read every 0.1 s.
     Returns ([(step, RSS, high-water mark)], {step: when its metrics line was first seen}, run dir)."""
     data = write_alpaca_dataset(work / "train.jsonl", args.steps * args.batch * (args.max_len // 100 + 2))
     run = work / "run"
@@ -87,7 +88,7 @@ def train_and_sample(args, work: Path, env: dict[str, str] | None = None):
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"train": str(data), "max_seq_length": args.max_len, "packing": True},
         "training": {"learning_rate": 1e-4, "per_device_train_batch_size": args.batch, "max_steps": args.steps,
-                     "logging_steps": 1, "save_steps": 10 ** 6, "seed": 0},
+                     "logging_steps": 1, "save_steps": 10 ** 6, "seed": 0, **(training or {})},
         "output_dir": str(run),
     }
     (work / "config.yaml").write_text(yaml.safe_dump(config))

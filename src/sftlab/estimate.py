@@ -27,8 +27,9 @@ one Llama-style decoder layer (RMSNorm, attention with SDPA, gated MLP), per tok
 h = hidden, i = intermediate, kv = key/value width, H = attention heads; ``a`` = bytes of
 the compute dtype (4 fp32, 2 bf16), ``s`` = bytes of the residual stream (the weights'
 dtype):
-- 2 RMSNorms: their input (2h x s), 1/rms (2 x 4), and when the norm weights train
-  (full fine-tuning) the normalised input in fp32 (2h x 4);
+- 2 RMSNorms: their input in fp32 (2h x 4), 1/rms (2 x 4), and when the norm weights train
+  (full fine-tuning) the normalised input (2h x s); compiled (training.compile_norms), their
+  input as it comes (2h x s) and 1/rms only;
 - attention: rotated q (h x a), k and v (2kv x a), the output (h x a), log-sum-exp (H x 4;
   on a CPU, sftlab_varlen's groups of short examples keep none: a bound there);
 - inputs of the linear layers: in fp32 the norm outputs are shared (2h + i) x a; under
@@ -308,15 +309,19 @@ def activation_bytes_per_token(
     lora_r: int,
     lora_dropout: float,
     varlen: bool = True,
+    compiled_norms: bool = False,
 ) -> int:
     """Bytes autograd keeps per token for ONE decoder layer (see the module docstring).
 
     `varlen`: sftlab's per-example attention (train/attention.py), whose concatenated output
-    is one more copy than SDPA's where the output projection keeps its input (full fine-tuning)."""
+    is one more copy than SDPA's where the output projection keeps its input (full fine-tuning).
+    `compiled_norms`: RMSNorm compiled by inductor (train/compiled_norms.py)."""
     h, i, a = shape.hidden, shape.intermediate, compute_bytes
     autocast = compute_bytes < stream_bytes
-    # RMSNorm computes in fp32 whatever the stream's dtype; a trained norm weight also keeps its input
-    norms = 2 * (h * 4 + 4) + (2 * h * stream_bytes if method == "full" else 0)
+    if compiled_norms:  # one kernel each way, which rebuilds the rest from the input and 1/rms
+        norms = 2 * (h * stream_bytes + 4)
+    else:  # RMSNorm computes in fp32 whatever the stream's dtype; a trained norm weight also keeps its input
+        norms = 2 * (h * 4 + 4) + (2 * h * stream_bytes if method == "full" else 0)
     attention = (2 * h + shape.kv_width) * a + shape.kv_width * a + shape.n_heads * 4 + (h * a if varlen and method == "full" else 0)
     # bitsandbytes' 4-bit layers return the dtype of their input (the fp32 stream), not bf16
     mlp = 3 * i * (stream_bytes if method == "qlora" else a)
@@ -384,6 +389,7 @@ def estimate_memory(
     nproc: int = 1,
     distributed: str = "none",
     grad_accum: int = 1,
+    compiled_norms: bool = False,
 ) -> Estimate:
     """Estimate the peak memory of training `config_or_path` with `method`.
 
@@ -393,7 +399,9 @@ def estimate_memory(
     position); "selective" models sftlab's loss on trained positions only. `nproc` and
     `distributed` (one of ENGINES) give the memory of each of `nproc` processes. With one process
     and `grad_accum` 1 the gradients are freed between steps: the total counts the larger of
-    the gradients and activations + logits, not both.
+    the gradients and activations + logits, not both. `compiled_norms`: training.compile_norms
+    on (its auto turns it on for long CPU runs only; without it the estimate counts eager norms,
+    the larger).
     """
     if method not in ("full", "lora", "qlora"):
         raise SftlabError(f"method must be full, lora or qlora (got {method!r})")
@@ -459,7 +467,7 @@ def estimate_memory(
     tokens_per_row = seq_len
     per_layer = activation_bytes_per_token(
         shape, method=method, compute_bytes=a_bytes, stream_bytes=w_bytes,
-        lora_targets=targets, lora_r=lora_r, lora_dropout=lora_dropout,
+        lora_targets=targets, lora_r=lora_r, lora_dropout=lora_dropout, compiled_norms=compiled_norms,
     )
     head = shape.hidden * (2 * w_bytes + a_bytes) + 4 + 8  # final norm, head input, input id
     if gradient_checkpointing:
@@ -496,7 +504,7 @@ def estimate_memory(
         lora_r=lora_r, lora_dropout=lora_dropout, target_modules=target_modules, gradient_checkpointing=gradient_checkpointing,
         dtype=dtype, weights_dtype=weights_dtype, optimizer=optimizer, trained_fraction=trained_fraction, loss=loss,
         loss_chunk=loss_chunk, double_quant=double_quant, runtime_bytes=runtime_bytes, shape=shape,
-        nproc=nproc, distributed=distributed, grad_accum=grad_accum,
+        nproc=nproc, distributed=distributed, grad_accum=grad_accum, compiled_norms=compiled_norms,
     )
     freed = distributed == "none" and grad_accum == 1
     if freed:

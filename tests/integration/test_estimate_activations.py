@@ -59,8 +59,13 @@ def _model(layers: int, method: str, autocast: bool, dropout: float, tmp_path, b
     return model.train()
 
 
-def _saved_bytes(model, autocast: bool) -> tuple[int, int]:
-    """(activation bytes, bytes of weight-shaped tensors such as autocast's bf16 weight copies)."""
+def _saved_bytes(model, autocast: bool, compiled_norms: bool = False) -> tuple[int, int]:
+    """(activation bytes, bytes of weight-shaped tensors such as autocast's bf16 weight copies),
+    with the RMSNorm layers compiled as training.compile_norms does when `compiled_norms`."""
+    from contextlib import nullcontext
+
+    from sftlab.train.compiled_norms import compiled_norms as compile_norms
+
     seen: dict[int, tuple[int, bool]] = {}
     weight_shapes = {s for p in model.parameters() for s in (tuple(p.shape), tuple(p.shape)[::-1])}
 
@@ -71,9 +76,11 @@ def _saved_bytes(model, autocast: bool) -> tuple[int, int]:
 
     ids = torch.randint(0, 1000, (B, S))
     decoder = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            decoder(input_ids=ids, use_cache=False)
+    dtype = torch.bfloat16 if autocast else None
+    with compile_norms(model, dtype, required=True, log=lambda *_: None) if compiled_norms else nullcontext():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                decoder(input_ids=ids, use_cache=False)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = [v for k, v in seen.items() if k not in params]
     return sum(n for n, tok in kept if tok), sum(n for n, tok in kept if not tok)
@@ -86,7 +93,8 @@ CASES = [("full", False, 0.0, False), ("full", True, 0.0, False), ("lora", False
 
 @pytest.mark.parametrize("attn", ["sdpa", "sftlab_varlen", "sftlab_varlen-flash"])
 @pytest.mark.parametrize("method,autocast,dropout,bf16_base", CASES)
-def test_one_layer_activations_match_autograd(method, autocast, dropout, bf16_base, attn, tmp_path, monkeypatch):
+def test_one_layer_activations_match_autograd(method, autocast, dropout, bf16_base, attn, tmp_path, monkeypatch,
+                                              compiled_norms=False):
     if attn != "sdpa" and (method, bf16_base) not in (("full", False), ("lora", True)):
         pytest.skip("the attention function is checked on one full and one LoRA set-up")
     # sftlab_varlen on a CPU: groups of short examples (all of them at S tokens) take _ShortCausal,
@@ -97,13 +105,15 @@ def test_one_layer_activations_match_autograd(method, autocast, dropout, bf16_ba
 
         monkeypatch.setattr(attention, "SHORT_WIDTH", 0)
         attn = "sftlab_varlen"
-    act3, copies3 = _saved_bytes(_model(3, method, autocast, dropout, tmp_path, bf16_base, attn), autocast)
-    act2, copies2 = _saved_bytes(_model(2, method, autocast, dropout, tmp_path, bf16_base, attn), autocast)
+    act3, copies3 = _saved_bytes(_model(3, method, autocast, dropout, tmp_path, bf16_base, attn), autocast,
+                                 compiled_norms)
+    act2, copies2 = _saved_bytes(_model(2, method, autocast, dropout, tmp_path, bf16_base, attn), autocast,
+                                 compiled_norms)
     shape = model_shape(_config(2))
     formula = activation_bytes_per_token(
         shape, method=method, compute_bytes=2 if autocast else 4, stream_bytes=2 if bf16_base else 4,
         lora_targets=_targets(shape.lora_candidates, "all-linear") if method != "full" else [],
-        lora_r=R, lora_dropout=dropout, varlen=attn == "sftlab_varlen",
+        lora_r=R, lora_dropout=dropout, varlen=attn == "sftlab_varlen", compiled_norms=compiled_norms,
     )
     assert (act3 - act2) / (B * S) == formula - (shape.n_heads * 4 if short else 0)
     # autocast keeps a bf16 copy of each fp32 weight a matmul used (not of the nf4 or bf16 ones)
@@ -112,3 +122,11 @@ def test_one_layer_activations_match_autograd(method, autocast, dropout, bf16_ba
     # in fp32 a fused LoRA layer keeps lora_B x scaling (r x out) for its input gradient
     scaled_b = sum(R * o for _, _, o in shape.layer_linears) if method == "lora" else 0
     assert copies3 - copies2 == (2 * (base + lora) if autocast else 4 * scaled_b)
+
+
+@pytest.mark.parametrize("method,autocast,bf16_base", [("lora", True, True), ("full", True, False)])
+def test_compiled_norms_activations_match_autograd(method, autocast, bf16_base, tmp_path, monkeypatch):
+    """training.compile_norms: inductor's norm keeps its input and 1/rms only (what auto turns on
+    for a long CPU run: a LoRA bf16 base, or fp32 weights for full fine-tuning, under autocast)."""
+    test_one_layer_activations_match_autograd(method, autocast, 0.0, bf16_base, "sftlab_varlen", tmp_path,
+                                              monkeypatch, compiled_norms=True)

@@ -53,6 +53,7 @@ def estimate(
     lora_dropout: float = typer.Option(0.0, "--lora-dropout", min=0, max=1, help="LoRA dropout (> 0 keeps more activations)."),
     target_modules: str = typer.Option("all-linear", "--target-modules", help="'all-linear' or comma-separated module names."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in the backward pass."),
+    compile_norms: bool = typer.Option(False, "--compile-norms", help="RMSNorm layers compiled (training.compile_norms; its auto compiles them for CPU runs of 100,000 tokens or more): fewer activations kept."),
     dtype: Dtype = typer.Option(Dtype.auto, help="Compute precision: fp32, bf16 mixed precision (autocast), or auto (bf16 where supported, as sftlab train)."),
     weights_dtype: Dtype = typer.Option(Dtype.auto, "--weights-dtype", help="How the weights are stored; auto as sftlab train: a LoRA base in bf16 when computing in bf16, else fp32."),
     optimizer: Optimizer = typer.Option(Optimizer.adamw, help="adamw (2 fp32 states), adamw_8bit, or sgd."),
@@ -77,7 +78,7 @@ def estimate(
         lora_r=lora_r, lora_dropout=lora_dropout, target_modules=targets,
         gradient_checkpointing=grad_checkpointing, dtype=dtype.value, weights_dtype=weights_dtype.value,
         optimizer=optimizer.value, trained_fraction=trained_fraction, loss=loss.value,
-        nproc=nproc, distributed=distributed.value, grad_accum=grad_accum,
+        nproc=nproc, distributed=distributed.value, grad_accum=grad_accum, compiled_norms=compile_norms,
     )
     if as_json:
         print(json.dumps(est.as_dict() | {"memory": budget, "max_batch": est.max_batch(budget)}, indent=2))

@@ -5,9 +5,11 @@ overrides private Trainer methods: tests/unit/test_trainer_contract.py checks th
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -19,7 +21,7 @@ from sftlab.config import TrainConfig
 from sftlab.data.conversation import Example
 from sftlab.data.render import IGNORE
 from sftlab.errors import SftlabError
-from sftlab.train import allocator, kernels
+from sftlab.train import allocator, compiled_norms, kernels
 from sftlab.train.attention import NAME as VARLEN
 from sftlab.train.attention import can_flatten, choose_attention
 from sftlab.train.attention import register as register_varlen
@@ -266,7 +268,7 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
 def preflight(config: TrainConfig) -> None:
     """Refuse, before any data, model or process is touched, what would fail later or silently
     train otherwise: fp16 without a CUDA GPU (accelerate would train in fp32 without loss
-    scaling, and say nothing), Liger's kernels asked for where they cannot run, and the engine's
+    scaling, and say nothing), Liger's kernels or compiled norms asked for where they cannot run, and the engine's
     settings (distributed.engine_settings)."""
     from sftlab.train.distributed import engine_settings
 
@@ -275,7 +277,18 @@ def preflight(config: TrainConfig) -> None:
                           "without loss scaling); on CPU use training.bf16 or neither")
     if config.training.use_liger_kernel is True and (reason := kernels.unavailable()):
         raise SftlabError(f"training.use_liger_kernel: {reason}")
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if config.training.compile_norms is True and (reason := compiled_norms.unavailable(device_type)):
+        raise SftlabError(f"training.compile_norms: {reason}")
     engine_settings(config)
+
+
+def planned_tokens(pstats: dict, args) -> int:
+    """Tokens (padding included) the run will compute, from one epoch's count and the step plan."""
+    batches = max(1, math.ceil(pstats["rows"] / args.per_device_train_batch_size))
+    if args.max_steps > 0:
+        return round(pstats["computed_tokens"] / batches * args.max_steps * args.gradient_accumulation_steps)
+    return round(pstats["computed_tokens"] * args.num_train_epochs)
 
 
 def training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: bool, liger: dict | None = None):
@@ -408,6 +421,12 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     if liger_layers:
         log(f"Liger kernels: {', '.join(liger_layers)}")
     args = training_args(config, out, has_eval, use_bf16, liger)
+    compile_norms, why_not = compiled_norms.wanted(
+        config.training.compile_norms, device_type="cuda" if torch.cuda.is_available() else "cpu",
+        planned_tokens=planned_tokens(pstats, args), processes=distributed.world_size(),
+        taken_by_liger=bool(liger and liger["rms_norm"]), whole_model_compiled=args.torch_compile)
+    if why_not and config.training.compile_norms is not False:
+        log(f"compiled norms: {why_not}")
     patience = config.training.early_stopping_patience
     # with early stopping, the warning marks the onset that stops the run
     warn = OverfitWarningCallback(metrics_path=out / "metrics.jsonl", **({"patience": patience} if patience else {}))
@@ -434,9 +453,12 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     if checkpoint is not None:
         trainer.restore_record(saved)
         log(f"resuming from {checkpoint} (step {saved['global_step']}, {saved['trained_tokens_seen']} trained tokens)")
-    t_train = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - t_train
+    autocast_dtype = torch.bfloat16 if use_bf16 else torch.float16 if config.training.fp16 else None
+    with compiled_norms.compiled_norms(model, autocast_dtype, required=config.training.compile_norms is True,
+                                       log=log) if compile_norms else nullcontext(False) as norms_compiled:
+        t_train = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        train_seconds = time.perf_counter() - t_train
     train_loss = trainer.run_train_loss(result.training_loss, saved.get("global_step", 0))
 
     tokens_seen = trainer.trained_tokens_seen  # a collective call: every rank takes part
@@ -459,6 +481,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         "bf16": use_bf16,
         "attention": model.config._attn_implementation,
         "liger_kernels": liger_layers,
+        "compiled_norms": norms_compiled,
         "trainable_params": distributed.parameter_count(model, trainable_only=True),
         "trained_tokens_seen": tokens_seen,
         "trained_tokens_per_second": round((tokens_seen - trainer.trained_tokens_restored) / train_seconds, 1)
