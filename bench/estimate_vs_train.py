@@ -9,11 +9,18 @@ command itself runs on (it re-executes on tcmalloc where installed), its /proc s
 every 0.1 s. Printed per set-up: the kernel's high-water mark, `sftlab estimate` for the same
 set-up (LoRA dropout 0, the trained fraction from the run's run.json) and the error, and the
 lowest RSS over the last two steps (what the process keeps between steps).
+
+`--parts`: each run in bench/peak_parts_child.py on tcmalloc, which reads, at the run's highest
+RSS, what it is made of: mapped files (library code), tcmalloc's allocated bytes (tensors and
+Python's large objects), the free bytes tcmalloc keeps mapped, and the rest of the anonymous
+memory (Python's small-object arenas, oneDNN's code and buffers, thread stacks, glibc's own heap).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,15 +36,32 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--setups", default=SETUPS, help="comma-separated method:rows:steps")
+    ap.add_argument("--parts", action="store_true", help="also what the peak RSS is made of (bench/peak_parts_child.py)")
     args = ap.parse_args()
 
-    rows = []
+    rows, parts = [], []
     for setup in args.setups.split(","):
         method, batch, steps = setup.split(":")
         run_args = argparse.Namespace(model=args.model, method=method, batch=int(batch), steps=int(steps),
                                       max_len=args.max_len)
-        samples, _, run = train_and_sample(run_args, scratch_dir("sftlab-estimate-"))
+        work = scratch_dir("sftlab-estimate-")
+        if args.parts:
+            from sftlab.train.allocator import preload_environment
+
+            env = preload_environment({k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+            if env is None:
+                sys.exit("--parts needs libtcmalloc-minimal4 (scripts/install_system_packages.sh)")
+            child = [sys.executable, str(Path(__file__).with_name("peak_parts_child.py")), str(work / "parts.json")]
+            samples, _, run = train_and_sample(run_args, work, env=env, sftlab=child)
+        else:
+            samples, _, run = train_and_sample(run_args, work)
         est, _, info = estimate(run_args, run)
+        if args.parts:
+            p = json.loads((work / "parts.json").read_text())
+            resident = p["generic.heap_size"] - p["tcmalloc.pageheap_unmapped_bytes"]
+            allocated = p["generic.current_allocated_bytes"]
+            parts.append([method, f"{batch} x {args.max_len}", gib(p["VmRSS"]), gib(p["RssFile"]), gib(allocated),
+                          gib(resident - allocated), gib(p["RssAnon"] - resident), gib(est)])
         peak = max(hwm for _, _, hwm in samples)
         kept = min(rss for step, rss, _ in samples if step >= max(int(steps) - 2, 1))  # not the loading
         rows.append([method, f"{batch} x {args.max_len}", steps, info["allocator"], gib(peak), gib(est),
@@ -46,6 +70,9 @@ def main() -> None:
     print_table(f"sftlab train peak RSS vs sftlab estimate ({args.model})",
                 ["method", "rows x tokens", "steps", "allocator", "peak RSS", "estimate", "peak vs estimate",
                  "kept between steps"], rows)
+    if parts:
+        print_table("what the peak RSS is made of", ["method", "rows x tokens", "peak RSS", "mapped files",
+                    "tcmalloc allocated", "tcmalloc free, mapped", "other anonymous", "estimate"], parts)
     print(load_note())
 
 

@@ -76,9 +76,11 @@ def plot(samples: list[tuple[int, int, int]], estimate_bytes: int, path: Path, t
     fig.savefig(path, dpi=110)
 
 
-def train_and_sample(args, work: Path, env: dict[str, str] | None = None, training: dict | None = None):
+def train_and_sample(args, work: Path, env: dict[str, str] | None = None, training: dict | None = None,
+                     sftlab: list[str] | None = None):
     """`sftlab train` (the set-up in the module docstring, `training` added to its training
-    section) in a child, its memory read every 0.1 s.
+    section; `sftlab`: the command line that runs sftlab, by default `python -m sftlab.cli`) in a
+    child, its memory read every 0.1 s.
     Returns ([(step, RSS, high-water mark)], {step: when its metrics line was first seen}, run dir)."""
     data = write_alpaca_dataset(work / "train.jsonl", args.steps * args.batch * (args.max_len // 100 + 2))
     run = work / "run"
@@ -92,7 +94,7 @@ def train_and_sample(args, work: Path, env: dict[str, str] | None = None, traini
         "output_dir": str(run),
     }
     (work / "config.yaml").write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([sys.executable, "-m", "sftlab.cli", "train", str(work / "config.yaml")],
+    proc = subprocess.Popen([*(sftlab or [sys.executable, "-m", "sftlab.cli"]), "train", str(work / "config.yaml")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     samples: list[tuple[int, int, int]] = []
     logged_at: dict[int, float] = {}

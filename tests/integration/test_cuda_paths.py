@@ -1,7 +1,7 @@
 """CUDA paths (skipped without a GPU): the fused varlen attention against per-example SDPA,
 packed == unpacked loss in bf16, the fused LoRA function against PEFT's layers, a whole bf16
-LoRA run (with dropout) through `train()`, and the same run with Liger's kernels against
-transformers' layers."""
+LoRA run (with dropout) through `train()`, and the same run with Liger's kernels or with compiled
+norms (training.compile_norms: true, inductor's Triton kernels) against transformers' layers."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def test_fused_lora_function_gives_peft_outputs_and_gradients_on_cuda(tiny_model
         assert (fused_grads[n] - g).abs().max().item() <= 0.05 * g.abs().max().item(), n
 
 
-def lora_run(model_dir, tmp_path, name: str, liger, dropout: float = 0.0):
+def lora_run(model_dir, tmp_path, name: str, liger, dropout: float = 0.0, compile_norms="auto"):
     import json
 
     from sftlab.config import TrainConfig
@@ -100,7 +100,7 @@ def lora_run(model_dir, tmp_path, name: str, liger, dropout: float = 0.0):
         "method": "lora",
         "lora": {"dropout": dropout},
         "training": {"max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
-                     "use_liger_kernel": liger},
+                     "use_liger_kernel": liger, "compile_norms": compile_norms},
         "output_dir": str(tmp_path / name),
     })
     info = train(config, log=lambda *_: None)
@@ -128,3 +128,11 @@ def test_liger_kernels_train_as_transformers_layers(tiny_model_dir, tmp_path):
     assert len(liger) == len(plain) == 4
     # the same run to bf16 rounding: the norms, RoPE and SwiGLU round at other points
     assert liger == pytest.approx(plain, rel=3e-2), (liger, plain)
+
+
+def test_compiled_norms_train_as_transformers_layers(tiny_model_dir, tmp_path):
+    pytest.importorskip("triton")
+    _, plain = lora_run(tiny_model_dir, tmp_path, "plain", False, compile_norms=False)
+    info, compiled = lora_run(tiny_model_dir, tmp_path, "compiled", False, compile_norms=True)
+    assert info["compiled_norms"] is True and info["liger_kernels"] == []
+    assert compiled == pytest.approx(plain, rel=1e-2), (compiled, plain)

@@ -88,7 +88,10 @@ def compiled_norms(model: torch.nn.Module, autocast_dtype: torch.dtype | None, r
     A compile that fails in the probe is an error when `required` (training.compile_norms: true),
     otherwise logged and the layers stay eager."""
     norms = norm_modules(model)
-    compiled = {cls: torch.compile(cls.forward, dynamic=True) for cls in {type(m) for m in norms}}
+    # emulate_precision_casts: round where eager rounds (the normalised input to the input's dtype
+    # before the weight multiply), so a bf16 run's losses stay eager's to a few parts in 1e5
+    compiled = {cls: torch.compile(cls.forward, dynamic=True, options={"emulate_precision_casts": True})
+                for cls in {type(m) for m in norms}}
     reason = probe(norms[0], compiled[type(norms[0])], autocast_dtype) if norms else "the model has no RMSNorm layer"
     if reason:
         if required:

@@ -1,0 +1,65 @@
+"""`sftlab ARGS` in this process, with what its memory is made of sampled every 2 ms (a thread):
+at the highest RSS seen, the kernel's split of it (anonymous, mapped files) and tcmalloc's own
+counters (bytes allocated, free bytes its page heap keeps mapped). Written as JSON to OUT when
+the command ends. Run by estimate_vs_train.py --parts, with tcmalloc preloaded (so sftlab does
+not re-execute itself, which would lose the thread):
+
+    LD_PRELOAD=libtcmalloc_minimal.so.4 python bench/peak_parts_child.py OUT.json train CONFIG
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+FIELDS = ("RssAnon", "RssFile", "RssShmem", "VmRSS")
+TCMALLOC = ("generic.current_allocated_bytes", "generic.heap_size", "tcmalloc.pageheap_free_bytes",
+            "tcmalloc.pageheap_unmapped_bytes")
+
+
+def status() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in FIELDS:
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def tcmalloc_counters(lib) -> dict[str, int]:
+    out = {}
+    for name in TCMALLOC:
+        value = ctypes.c_size_t()
+        if lib.MallocExtension_GetNumericProperty(name.encode(), ctypes.byref(value)):
+            out[name] = value.value
+    return out
+
+
+def main() -> None:
+    out, argv = Path(sys.argv[1]), sys.argv[2:]
+    lib = ctypes.CDLL(None)  # the preloaded tcmalloc's C API is in the process's global namespace
+    if not hasattr(lib, "MallocExtension_GetNumericProperty"):
+        sys.exit("tcmalloc is not preloaded (LD_PRELOAD=libtcmalloc_minimal.so.4)")
+    peak = [{"VmRSS": 0}]  # replaced whole, so the exit handler never reads a half-made sample
+
+    def sample():
+        while True:
+            now = status()
+            if now["VmRSS"] > peak[0]["VmRSS"]:
+                peak[0] = {**now, **tcmalloc_counters(lib)}
+            time.sleep(0.002)
+
+    threading.Thread(target=sample, daemon=True).start()
+    atexit.register(lambda: out.write_text(json.dumps(peak[0])))
+    from sftlab.cli import main as sftlab
+
+    sys.exit(sftlab(argv))
+
+
+if __name__ == "__main__":
+    main()
