@@ -15,6 +15,7 @@ not compile again.
 from __future__ import annotations
 
 import shutil
+import time
 import types
 from contextlib import contextmanager
 
@@ -92,6 +93,7 @@ def compiled_norms(model: torch.nn.Module, autocast_dtype: torch.dtype | None, r
     # before the weight multiply), so a bf16 run's losses stay eager's to a few parts in 1e5
     compiled = {cls: torch.compile(cls.forward, dynamic=True, options={"emulate_precision_casts": True})
                 for cls in {type(m) for m in norms}}
+    started = time.perf_counter()
     reason = probe(norms[0], compiled[type(norms[0])], autocast_dtype) if norms else "the model has no RMSNorm layer"
     if reason:
         if required:
@@ -99,7 +101,8 @@ def compiled_norms(model: torch.nn.Module, autocast_dtype: torch.dtype | None, r
         log(f"compiled norms: off ({reason})")
         norms = []
     else:
-        log(f"compiled norms: {len(norms)} RMSNorm layers ({', '.join(sorted(c.__name__ for c in compiled))})")
+        log(f"compiled norms: {len(norms)} RMSNorm layers ({', '.join(sorted(c.__name__ for c in compiled))}) "
+            f"in {time.perf_counter() - started:.1f} s")
     for m in norms:
         m.forward = types.MethodType(compiled[type(m)], m)
     try:
