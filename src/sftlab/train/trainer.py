@@ -226,7 +226,10 @@ def prepare_4bit_base(model, gradient_checkpointing: bool):
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    # non-reentrant checkpointing, as LoRA and full fine-tuning use (PEFT's default leaves torch's
+    # use_reentrant unset, which torch warns will become an error)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
