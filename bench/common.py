@@ -52,14 +52,14 @@ def run_child(cmd: list[str], *, env: dict[str, str] | None = None, echo: bool =
     return ChildRun(proc.returncode, wall, usage.ru_maxrss * 1024, result, "".join(lines))
 
 
-def status_bytes(pid: int | str = "self") -> dict[str, int]:
-    """VmRSS and VmHWM (the kernel's high-water mark) of a process, in bytes, from
-    /proc/PID/status; {} once the process is gone."""
+def status_bytes(pid: int | str = "self", fields: tuple[str, ...] = ("VmRSS", "VmHWM")) -> dict[str, int]:
+    """`fields` of /proc/PID/status in bytes (by default VmRSS and VmHWM, the kernel's
+    high-water mark); {} once the process is gone."""
     out = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in fields:
                 out[key] = int(value.split()[0]) * 1024
     except (FileNotFoundError, ProcessLookupError):
         pass

@@ -17,18 +17,11 @@ import threading
 import time
 from pathlib import Path
 
-FIELDS = ("RssAnon", "RssFile", "RssShmem", "VmRSS")
-TCMALLOC = ("generic.current_allocated_bytes", "generic.heap_size", "tcmalloc.pageheap_free_bytes",
-            "tcmalloc.pageheap_unmapped_bytes")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import status_bytes  # noqa: E402
 
-
-def status() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in FIELDS:
-            out[key] = int(value.split()[0]) * 1024
-    return out
+FIELDS = ("RssAnon", "RssFile", "VmRSS")
+TCMALLOC = ("generic.current_allocated_bytes", "generic.heap_size", "tcmalloc.pageheap_unmapped_bytes")
 
 
 def tcmalloc_counters(lib) -> dict[str, int]:
@@ -49,7 +42,7 @@ def main() -> None:
 
     def sample():
         while True:
-            now = status()
+            now = status_bytes(fields=FIELDS)
             if now["VmRSS"] > peak[0]["VmRSS"]:
                 peak[0] = {**now, **tcmalloc_counters(lib)}
             time.sleep(0.002)
