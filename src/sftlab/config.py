@@ -99,7 +99,7 @@ class TrainingConfig(Section):
     fp16: bool = Field(False, description="fp16 mixed precision with loss scaling, for GPUs without bf16 (turns bf16 auto off).")
     gradient_checkpointing: bool = False
     use_liger_kernel: bool | Literal["auto"] = Field("auto", description="Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (auto: on a CUDA GPU where liger-kernel is installed, for the architectures checked against transformers' layers: llama, qwen2; true: any it has kernels for; sftlab train only). The lm_head + loss stay sftlab's fused ones.")
-    compile_norms: bool | Literal["auto"] = Field("auto", description="Compile the model's RMSNorm layers with torch.compile (one fused kernel each way instead of a chain of small ops; ~1.15x a step on a CPU). auto: on a single-process CPU run that computes at least 100,000 tokens, which repays the first compile (~15 s on 2 cores, ~2 s from inductor's cache after); true: any run; false: transformers' layers.")
+    compile_norms: bool | Literal["auto"] = Field("auto", description="Compile the model's RMSNorm layers with torch.compile (one fused kernel each way instead of a chain of small ops; ~1.1x a step and fewer activations on a CPU). auto: on a single-process CPU run that computes at least 100,000 tokens, which repays the first compile (~15 s on 2 cores, ~2 s from inductor's cache after); true: any run; false: transformers' layers.")
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N evaluations without improving eval_loss.")
     load_best_model_at_end: bool = False
     skip_nonfinite_steps: bool = Field(False, description="On a NaN/inf loss or gradient, skip the step (no weight update; counted in run.json) instead of stopping the run.")

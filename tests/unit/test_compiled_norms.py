@@ -24,7 +24,7 @@ def test_auto_compiles_long_single_process_cpu_runs_only(monkeypatch):
     on, why = compiled_norms.wanted("auto", planned_tokens=enough - 1, **CPU_RUN)
     assert not on and f"fewer than the {enough:,}" in why
     assert compiled_norms.wanted(True, planned_tokens=10, **CPU_RUN) == (True, "")  # asked for: any length
-    assert not compiled_norms.wanted(False, planned_tokens=enough, **CPU_RUN)[0]
+    assert compiled_norms.wanted(False, planned_tokens=enough, **CPU_RUN) == (False, "")  # nothing to log
     for other in ({"device_type": "cuda"}, {"processes": 2}):
         assert not compiled_norms.wanted("auto", planned_tokens=enough, **{**CPU_RUN, **other})[0]
         assert compiled_norms.wanted(True, planned_tokens=enough, **{**CPU_RUN, **other})[0]

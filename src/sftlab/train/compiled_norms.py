@@ -48,9 +48,10 @@ def unavailable(device_type: str) -> str | None:
 
 def wanted(choice: bool | str, *, device_type: str, planned_tokens: int, processes: int,
            taken_by_liger: bool, whole_model_compiled: bool) -> tuple[bool, str]:
-    """Whether to compile the norms for this run, and the reason when not (for the log)."""
+    """Whether to compile the norms for this run, and the reason when not (for the log; none
+    when the config turned them off)."""
     if choice is False:
-        return False, "off (training.compile_norms: false)"
+        return False, ""
     if taken_by_liger:
         return False, "Liger's RMSNorm kernel is used instead"
     if whole_model_compiled:

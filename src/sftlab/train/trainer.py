@@ -428,7 +428,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         config.training.compile_norms, device_type="cuda" if torch.cuda.is_available() else "cpu",
         planned_tokens=planned_tokens(pstats, args), processes=distributed.world_size(),
         taken_by_liger=bool(liger and liger["rms_norm"]), whole_model_compiled=args.torch_compile)
-    if why_not and config.training.compile_norms is not False:
+    if why_not:
         log(f"compiled norms: {why_not}")
     patience = config.training.early_stopping_patience
     # with early stopping, the warning marks the onset that stops the run
