@@ -10,10 +10,11 @@ every 0.1 s. Printed per set-up: the kernel's high-water mark, `sftlab estimate`
 set-up (LoRA dropout 0, the trained fraction from the run's run.json) and the error, and the
 lowest RSS over the last two steps (what the process keeps between steps).
 
-`--parts`: each run in bench/peak_parts_child.py on tcmalloc, which reads, at the run's highest
-RSS, what it is made of: mapped files (library code), tcmalloc's allocated bytes (tensors and
-Python's large objects), the free bytes tcmalloc keeps mapped, and the rest of the anonymous
-memory (Python's small-object arenas, oneDNN's code and buffers, thread stacks, glibc's own heap).
+`--parts`: each run in bench/peak_parts_child.py on tcmalloc, which reads what the RSS is made of
+at the run's highest RSS and at tcmalloc's highest allocation: tcmalloc's allocated bytes
+(tensors and Python's large objects), the free bytes it keeps mapped, the rest of the anonymous
+memory (Python's small-object arenas, oneDNN's code and buffers, thread stacks, glibc's own
+heap), and mapped files (library code).
 """
 
 from __future__ import annotations
@@ -57,11 +58,13 @@ def main() -> None:
             samples, _, run = train_and_sample(run_args, work)
         est, _, info = estimate(run_args, run)
         if args.parts:
-            p = json.loads((work / "parts.json").read_text())
-            resident = p["generic.heap_size"] - p["tcmalloc.pageheap_unmapped_bytes"]
-            allocated = p["generic.current_allocated_bytes"]
-            parts.append([method, f"{batch} x {args.max_len}", gib(p["VmRSS"]), gib(p["RssFile"]), gib(allocated),
-                          gib(resident - allocated), gib(p["RssAnon"] - resident), gib(est)])
+            sampled = json.loads((work / "parts.json").read_text())
+            row = [method, f"{batch} x {args.max_len}"]
+            for p in (sampled["rss"], sampled["allocated"]):
+                resident = p["generic.heap_size"] - p["tcmalloc.pageheap_unmapped_bytes"]
+                allocated = p["generic.current_allocated_bytes"]
+                row += [gib(p["VmRSS"]), gib(allocated), gib(resident - allocated), gib(p["RssAnon"] - resident)]
+            parts.append([*row, gib(sampled["rss"]["RssFile"]), gib(est)])
         peak = max(hwm for _, _, hwm in samples)
         kept = min(rss for step, rss, _ in samples if step >= max(int(steps) - 2, 1))  # not the loading
         rows.append([method, f"{batch} x {args.max_len}", steps, info["allocator"], gib(peak), gib(est),
@@ -71,8 +74,10 @@ def main() -> None:
                 ["method", "rows x tokens", "steps", "allocator", "peak RSS", "estimate", "peak vs estimate",
                  "kept between steps"], rows)
     if parts:
-        print_table("what the peak RSS is made of", ["method", "rows x tokens", "peak RSS", "mapped files",
-                    "tcmalloc allocated", "tcmalloc free, mapped", "other anonymous", "estimate"], parts)
+        print_table("what the RSS is made of at its peak, and at tcmalloc's highest allocation",
+                    ["method", "rows x tokens", "peak RSS", "allocated", "free, mapped", "other anonymous",
+                     "RSS at highest allocation", "allocated", "free, mapped", "other anonymous", "mapped files",
+                     "estimate"], parts)
     print(load_note())
 
 

@@ -3,6 +3,7 @@
     python bench/profile_step.py                       # Alpaca-shaped short examples, packed, 8 x 512
     python bench/profile_step.py --workload long       # one ~480-token example per row
     python bench/profile_step.py --warmup 3 --steps 2 --batch 8 --max-len 512
+    python bench/profile_step.py --training compile_norms=true   # any training setting on top
 
 The run is `sftlab.train.trainer.train` itself (SmolLM2-135M-Instruct: Q4_1 GGUF, dequantised;
 LoRA r=16 on all linear layers, defaults otherwise), with scopes added from outside: forward
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import sys
 import time
 from collections import defaultdict
@@ -225,7 +227,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="profiled steps")
     ap.add_argument("--attn", default=None, help="model.attn_implementation (default: sftlab's choice)")
     ap.add_argument("--top", type=int, default=0, help="also print the N ops with the most self CPU time")
+    ap.add_argument("--training", action="append", default=[], metavar="KEY=JSON",
+                    help="a training setting on top, e.g. compile_norms=true (repeatable)")
     args = ap.parse_args()
+    training = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.training)}
 
     import torch
     from transformers import TrainerCallback
@@ -282,7 +287,8 @@ def main() -> None:
                 probe.prof.__exit__(None, None, None)
 
     info = train_with_callback(Profile(), args.model, data, work / "run", method=args.method, batch=args.batch,
-                               max_len=args.max_len, steps=args.warmup + args.steps, attn=args.attn)
+                               max_len=args.max_len, steps=args.warmup + args.steps, attn=args.attn,
+                               training=training)
     report(probe, args, info)
 
 

@@ -57,8 +57,8 @@ their gradient in the compute dtype (2a B) per trained position and vocab entry,
 fp32 cross-entropy chunk of ``loss_chunk`` rows and its gradient (8 B x chunk x vocab).
 Where the head is fused with the loss (plain-head architectures in one process), no logits
 of all trained positions exist: the head's input rows and their gradient (2a B x hidden per
-trained position), one CE_CHUNK-row chunk of fp32 logits and its log-probabilities (8 B x
-chunk x vocab), the head's weight cast to the compute dtype, and with full fine-tuning its fp32
+trained position), one chunk of fp32 logits and its log-probabilities (8 B x chunk x vocab;
+train/loss.py `ce_chunk`: 128 rows on a CPU with a frozen head, else 512), the head's weight cast to the compute dtype, and with full fine-tuning its fp32
 gradient.
 
 When they are alive: the peak of a step is at the end of its forward pass (every activation
@@ -483,11 +483,14 @@ def estimate_memory(
         logits_per_row, logits_fixed = full_logits, 0
         notes["logits"] = f"every position: fp32 tokens x {shape.vocab:,} vocab, 3 alive at the peak"
     elif shape.fused_head and nproc == 1:
-        from sftlab.train.loss import CE_CHUNK
+        import torch
+
+        from sftlab.train.loss import ce_chunk
 
         trained = tokens_per_row * trained_fraction
         logits_per_row = int(trained * shape.hidden * 2 * a_bytes)  # the head's input rows and their gradient
-        chunk = min(CE_CHUNK, int(trained * batch) or 1)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        chunk = min(ce_chunk(device, head_trained=method == "full"), int(trained * batch) or 1)
         head_weights = shape.vocab * shape.hidden
         # one chunk's fp32 logits and log-probabilities (alive together in log_softmax); cast head; its fp32 gradient
         logits_fixed = chunk * shape.vocab * 8 + (head_weights * a_bytes if autocast else 0) \

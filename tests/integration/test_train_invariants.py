@@ -166,6 +166,31 @@ def test_fused_linear_cross_entropy_equals_lm_head_then_cross_entropy(dtype, aut
         torch.testing.assert_close(a, b, **tol)
 
 
+def test_fused_head_chunks_by_device_and_whether_the_head_is_trained(monkeypatch):
+    """A frozen head on a CPU (LoRA) is computed in FROZEN_HEAD_CPU_CHUNK-row chunks, a trained
+    head in CE_CHUNK rows; the loss is the same either way, and so is the estimate's chunk."""
+    import sftlab.train.loss as loss_mod
+    from sftlab.estimate import estimate_memory
+
+    monkeypatch.setattr(loss_mod, "CE_CHUNK", 12)
+    monkeypatch.setattr(loss_mod, "FROZEN_HEAD_CPU_CHUNK", 5)
+    chunks, apply = [], loss_mod._LinearCrossEntropy.apply
+    monkeypatch.setattr(loss_mod._LinearCrossEntropy, "apply", lambda *a: chunks.append(a[4]) or apply(*a))
+    torch.manual_seed(0)
+    hidden, weight, targets = torch.randn(37, 16), torch.randn(50, 16), torch.randint(0, 50, (37,))
+    losses = []
+    for trained in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(trained)
+        loss = loss_mod.linear_cross_entropy_sum(h, w, targets)
+        loss.backward()
+        losses.append(loss.detach())
+    assert chunks == [5, 12]
+    torch.testing.assert_close(losses[0], losses[1])
+    assert loss_mod.ce_chunk("cuda", head_trained=False) == 12
+    assert "5-row chunks" in estimate_memory("default", "lora", 512, 1).notes["logits"]
+    assert "12-row chunks" in estimate_memory("default", "full", 512, 1).notes["logits"]
+
+
 def test_fused_head_is_used_on_the_default_path_and_equals_full_logits(tiny_model_dir, tokenizer, examples):
     """The default path (varlen, flattened, bucketed) takes the fused head; its loss and LoRA-free
     gradients (every weight, the tied head/embedding included) equal the plain logits path."""
