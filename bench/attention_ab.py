@@ -3,13 +3,15 @@
     python bench/attention_ab.py                       # widths 0 (flash only) and sftlab's default
     python bench/attention_ab.py --widths 0,96,128,192 --rounds 8
     python bench/attention_ab.py --workload demo       # the quickstart's short demo examples
+    python bench/attention_ab.py --widths 184 --ratios 1.5,1.25,1.15   # how alike a group's lengths must be
 
 The model is the one `sftlab train` builds (`build_model`: SmolLM2-135M, bf16 base, LoRA r16
 all-linear, fused layers), trained under bf16 autocast; each round times one forward + backward
 of sftlab's loss on one flattened row of ~4,096 tokens (Alpaca-shaped records, or the demo
 dataset's short ones) once per value of
 train/attention.py's SHORT_WIDTH (groups of examples padded to at most that width take the
-score-matrix path, wider ones PyTorch's flash kernel; 0 = flash for all), in rotating order.
+score-matrix path, wider ones PyTorch's flash kernel; 0 = flash for all) and of its GROUP_RATIO
+(examples whose lengths lie within that factor share a padded group), in rotating order.
 Losses are printed: they agree to bf16 rounding. Medians and ranges exclude round 1 (warm-up).
 """
 
@@ -33,8 +35,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--workload", choices=["alpaca", "demo"], default="alpaca")
     ap.add_argument("--widths", default=f"0,{attention.SHORT_WIDTH}", help="SHORT_WIDTH values to compare")
+    ap.add_argument("--ratios", default=str(attention.GROUP_RATIO), help="GROUP_RATIO values to compare")
     args = ap.parse_args()
-    widths = [int(w) for w in args.widths.split(",")]
+    settings = [(int(w), float(r)) for w in args.widths.split(",") for r in args.ratios.split(",")]
 
     import torch
 
@@ -47,21 +50,25 @@ def main() -> None:
         data = write_alpaca_dataset(work / "train.jsonl", 200)
     model, batch, examples, n = lora_model_and_row(data, args.tokens)
     bounds = tuple(attention.segment_bounds(batch["position_ids"]))
-    groups = attention._padded_layout(bounds, torch.device("cpu"))[0]
-    print(f"{n} tokens, {examples} examples; groups (count x width): "
-          + ", ".join(f"{c}x{w}" for c, w in groups), flush=True)
+    print(f"{n} tokens, {examples} examples", flush=True)
+    for ratio in dict.fromkeys(r for _, r in settings):
+        attention.GROUP_RATIO = ratio
+        attention._padded_layout.cache_clear()
+        groups = attention._padded_layout(bounds, torch.device("cpu"))[0]
+        print(f"GROUP_RATIO {ratio}: groups (count x width) " + ", ".join(f"{c}x{w}" for c, w in groups), flush=True)
 
-    times: dict[int, list[float]] = {w: [] for w in widths}
+    times: dict[tuple[int, float], list[float]] = {s: [] for s in settings}
     for rnd in range(args.rounds):
-        for w in widths[rnd % len(widths):] + widths[: rnd % len(widths)]:
-            attention.SHORT_WIDTH = w
+        for w, r in settings[rnd % len(settings):] + settings[: rnd % len(settings)]:
+            attention.SHORT_WIDTH, attention.GROUP_RATIO = w, r
+            attention._padded_layout.cache_clear()
             seconds, loss = timed_forward_backward(model, batch)
-            times[w].append(seconds)
-            print(f"round {rnd + 1} width {w}: {seconds:.2f} s, loss {loss:.5f}", flush=True)
-    med = {w: statistics.median(v[1:]) for w, v in times.items()}
-    for w, v in times.items():
-        print(f"SHORT_WIDTH {w}: median {med[w]:.2f} s ({min(v[1:]):.2f}-{max(v[1:]):.2f}), "
-              f"{med[widths[0]] / med[w]:.3f}x vs {widths[0]}")
+            times[w, r].append(seconds)
+            print(f"round {rnd + 1} width {w} ratio {r}: {seconds:.2f} s, loss {loss:.5f}", flush=True)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    for (w, r), v in times.items():
+        print(f"SHORT_WIDTH {w}, GROUP_RATIO {r}: median {med[w, r]:.2f} s ({min(v[1:]):.2f}-{max(v[1:]):.2f}), "
+              f"{med[settings[0]] / med[w, r]:.3f}x vs {settings[0]}")
 
 
 if __name__ == "__main__":
