@@ -58,8 +58,8 @@ fp32 cross-entropy chunk of ``loss_chunk`` rows and its gradient (8 B x chunk x 
 Where the head is fused with the loss (plain-head architectures in one process), no logits
 of all trained positions exist: the head's input rows and their gradient (2a B x hidden per
 trained position), one chunk of fp32 logits and its log-probabilities (8 B x chunk x vocab;
-train/loss.py `ce_chunk`: 128 rows on a CPU with a frozen head, else 512), the head's weight cast to the compute dtype, and with full fine-tuning its fp32
-gradient.
+train/loss.py `ce_chunk`: 128 rows on a CPU with a frozen head, else 512), the head's weight
+cast to the compute dtype, and with full fine-tuning its fp32 gradient.
 
 When they are alive: the peak of a step is at the end of its forward pass (every activation
 and the loss's chunk alive) or at the end of its backward pass (every gradient, the

@@ -103,8 +103,8 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
                              chunk: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Summed CE of the logits hidden [N, H] @ weight.T [H, V] against targets [N] (IGNORE rows
     count for nothing), never holding more than `chunk` rows of logits (default: `ce_chunk`'s
-    choice for this device and head). The matmuls run in
-    `dtype`, by default autocast's if it is on, else hidden's."""
+    choice for this device and head). The matmuls run in `dtype`, by default autocast's if it
+    is on, else hidden's."""
     device = hidden.device.type
     if dtype is None:
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
