@@ -1,8 +1,9 @@
 """`sftlab ARGS` in this process, with what its memory is made of sampled every 2 ms (a thread):
 at the highest RSS seen and at tcmalloc's highest allocation, the kernel's split of the RSS
 (anonymous, mapped files) and tcmalloc's own counters (bytes allocated, free bytes its page heap
-keeps mapped). Written as JSON to OUT when the command ends ({"rss": ..., "allocated": ...}). Run by estimate_vs_train.py --parts, with tcmalloc preloaded (so sftlab does
-not re-execute itself, which would lose the thread):
+keeps mapped). Written as JSON to OUT when the command ends ({"rss": ..., "allocated": ...}).
+Run by estimate_vs_train.py --parts, with tcmalloc preloaded (so sftlab does not re-execute
+itself, which would lose the thread):
 
     LD_PRELOAD=libtcmalloc_minimal.so.4 python bench/peak_parts_child.py OUT.json train CONFIG
 """

@@ -38,10 +38,11 @@ from common import scratch_dir  # noqa: E402
 from rss_flat import GIB, add_arguments, train_and_sample  # noqa: E402
 
 # set-up name -> (environment, training config, what run.json must say)
+TCMALLOC = ({}, {}, ("allocator", "tcmalloc"))  # what `sftlab train` does by itself
 COMPARISONS = {
-    "allocator": {"tcmalloc": ({}, {}, ("allocator", "tcmalloc")),
+    "allocator": {"tcmalloc": TCMALLOC,
                   "glibc": ({"SFTLAB_CPU_ALLOCATOR": "system"}, {}, ("allocator", "system"))},
-    "decommit": {"tcmalloc": ({}, {}, ("allocator", "tcmalloc")),
+    "decommit": {"tcmalloc": TCMALLOC,
                  "decommit": ({"TCMALLOC_AGGRESSIVE_DECOMMIT": "true"}, {}, ("allocator", "tcmalloc"))},
     "norms": {"compiled": ({}, {"compile_norms": True}, ("compiled_norms", True)),
               "eager": ({}, {"compile_norms": False}, ("compiled_norms", False))},

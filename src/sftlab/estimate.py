@@ -483,14 +483,12 @@ def estimate_memory(
         logits_per_row, logits_fixed = full_logits, 0
         notes["logits"] = f"every position: fp32 tokens x {shape.vocab:,} vocab, 3 alive at the peak"
     elif shape.fused_head and nproc == 1:
-        import torch
-
         from sftlab.train.loss import ce_chunk
+        from sftlab.train.trainer import device_type
 
         trained = tokens_per_row * trained_fraction
         logits_per_row = int(trained * shape.hidden * 2 * a_bytes)  # the head's input rows and their gradient
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        chunk = min(ce_chunk(device, head_trained=method == "full"), int(trained * batch) or 1)
+        chunk = min(ce_chunk(device_type(), head_trained=method == "full"), int(trained * batch) or 1)
         head_weights = shape.vocab * shape.hidden
         # one chunk's fp32 logits and log-probabilities (alive together in log_softmax); cast head; its fp32 gradient
         logits_fixed = chunk * shape.vocab * 8 + (head_weights * a_bytes if autocast else 0) \

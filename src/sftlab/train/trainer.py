@@ -155,6 +155,11 @@ class EvenedEvalSet(RowDataset):
         super().__init__([*rows.rows, *[filler] * (-len(rows) % multiple)])
 
 
+def device_type() -> str:
+    """The device a training run here uses: "cuda" where a GPU is visible, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def device_supports_bf16() -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
@@ -280,8 +285,7 @@ def preflight(config: TrainConfig) -> None:
                           "without loss scaling); on CPU use training.bf16 or neither")
     if config.training.use_liger_kernel is True and (reason := kernels.unavailable()):
         raise SftlabError(f"training.use_liger_kernel: {reason}")
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if config.training.compile_norms is True and (reason := compiled_norms.unavailable(device_type)):
+    if config.training.compile_norms is True and (reason := compiled_norms.unavailable(device_type())):
         raise SftlabError(f"training.compile_norms: {reason}")
     engine_settings(config)
 
@@ -425,7 +429,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         log(f"Liger kernels: {', '.join(liger_layers)}")
     args = training_args(config, out, has_eval, use_bf16, liger)
     compile_norms, why_not = compiled_norms.wanted(
-        config.training.compile_norms, device_type="cuda" if torch.cuda.is_available() else "cpu",
+        config.training.compile_norms, device_type=device_type(),
         planned_tokens=planned_tokens(pstats, args), processes=distributed.world_size(),
         taken_by_liger=bool(liger and liger["rms_norm"]), whole_model_compiled=args.torch_compile)
     if why_not:
