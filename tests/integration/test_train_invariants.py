@@ -4,8 +4,11 @@ path: sftlab_varlen on flattened, shape-rounded batches)."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from sftlab.data.conversation import Conversation
 from sftlab.data.pack import collate, pack
@@ -189,6 +192,43 @@ def test_fused_head_chunks_by_device_and_whether_the_head_is_trained(monkeypatch
     assert loss_mod.ce_chunk("cuda", head_trained=False) == 12
     assert "5-row chunks" in estimate_memory("default", "lora", 512, 1).notes["logits"]
     assert "12-row chunks" in estimate_memory("default", "full", 512, 1).notes["logits"]
+
+
+class LiveBytes(TorchFunctionMode):
+    """The highest sum of the bytes of torch functions' results alive at once (views and
+    in-place results not counted twice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak = {}, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t._base is None and id(t) not in self.live:
+                self.live[id(t)] = t.untyped_storage().nbytes()
+                weakref.finalize(t, self.live.pop, id(t), None)
+        self.peak = max(self.peak, sum(self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_fused_head_holds_one_chunk_of_logits_at_a_time(trained):
+    """Forward + backward of the fused head + loss never holds more than one chunk's fp32 logits
+    and log-probabilities (8 B x rows x vocab, what the estimate counts) plus tensors of the
+    head's size: a chunk's tensors must be freed before the next one's are made."""
+    from sftlab.train.loss import linear_cross_entropy_sum
+
+    torch.manual_seed(0)
+    rows, chunk, vocab, hidden = 256, 64, 4096, 8
+    h = torch.randn(rows, hidden, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(vocab, hidden, dtype=torch.bfloat16, requires_grad=trained)
+    targets = torch.randint(0, vocab, (rows,))
+    with LiveBytes() as live:
+        linear_cross_entropy_sum(h, w, targets, chunk=chunk).backward()
+    logits = 8 * chunk * vocab
+    head_sized = 10 * vocab * hidden if trained else 0  # fp32 gradient accumulator + a chunk's bf16 and fp32 part
+    assert logits <= live.peak < 1.1 * logits + head_sized
 
 
 def test_fused_head_is_used_on_the_default_path_and_equals_full_logits(tiny_model_dir, tokenizer, examples):
