@@ -107,3 +107,17 @@ def test_a_changed_render_module_misses(data_file, tokenizer, tmp_path, monkeypa
     finally:
         monkeypatch.undo()
         cache_mod.render_code_digest.cache_clear()
+
+
+def test_supervised_training_leaves_out_undesirable_answers(tokenizer, tmp_path):
+    """A KTO file given to `sftlab train`: the answers labelled false are not learned, and the
+    count says so (on a cache hit too)."""
+    path = tmp_path / "kto.csv"  # as pandas writes it: True/False strings
+    path.write_text("prompt,completion,label\nIs the sky blue?,Yes.,True\nIs the sky blue?,\"No, green.\",False\n"
+                    "Is grass green?,Yes.,True\n")
+    for cached in (False, True):
+        examples, stats = prep(path, tokenizer, tmp_path / "cache")
+        assert stats.cached is cached
+        assert (stats.records, stats.examples, stats.undesirable) == (3, 2, 1)
+        assert "1 labelled undesirable (label: false) left out" in stats.summary()
+        assert [e.source for e in examples] == [f"{path}:2", f"{path}:4"]

@@ -43,6 +43,18 @@ def test_near_dedup_keeps_first_and_names_it():
     assert report.examples["near duplicate"][0]["duplicate_of_text"].startswith("Summarize the following")
 
 
+def test_dedup_keeps_both_labels_of_unpaired_preferences():
+    """KTO rows: the same prompt's desirable and undesirable answers are not duplicates of each other."""
+    prompt = ("Read this review and say whether the customer would recommend the product to a friend: the "
+              "blender is loud but crushes ice in seconds and has lasted two years of daily smoothies")
+    convs = [chat(prompt, "Yes, the customer would recommend it.", "good"), chat(prompt, "No.", "bad"),
+             chat(prompt, "Yes, the customer would recommend it.", "again")]
+    for conv, label in zip(convs, (True, False, True)):
+        conv.meta["label"] = label
+    kept, _ = curate(convs, CurateOptions(**{**OFF, "near_dedup": True, "exact_dedup": True}))
+    assert [c.source for c in kept] == ["good", "bad"]
+
+
 @pytest.mark.parametrize("option,answer,reason", [
     ("empty_answer", "...", "empty or too-short answer"),
     ("refusal", "I'm sorry, but I can't help with that request.", "boilerplate refusal"),

@@ -86,6 +86,47 @@ def test_preference_message_lists_without_prompt():
     assert c.messages == chosen and c.meta == {"rejected": rejected}
 
 
+def test_preference_hh_rlhf_transcripts():
+    """HH-RLHF as downloaded: each side a whole "\n\nHuman: ...\n\nAssistant: ..." transcript."""
+    chosen = "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: 6."
+    rejected = "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: No idea."
+    c = to_conversation({"chosen": chosen, "rejected": rejected}, SRC)
+    prompt = [("user", "What is 2+2?"), ("assistant", "4."), ("user", "And 3+3?")]
+    assert c.messages == msgs(*prompt, ("assistant", "6."))
+    assert c.meta == {"rejected": msgs(*prompt, ("assistant", "No idea."))}
+    other = rejected.replace("3+3", "5+5")
+    with pytest.raises(RecordError, match="prompt mismatch"):
+        to_conversation({"chosen": chosen, "rejected": other}, SRC)
+
+
+@pytest.mark.parametrize("label,expected", [(True, True), (False, False), ("True", True), ("false", False)])
+def test_unpaired_preference_labels_as_csv_holds_them(label, expected):
+    rec = {"prompt": "Is the sky blue?", "completion": "Yes.", "label": label}
+    assert detect_format(rec) == "preference"
+    assert to_conversation(rec, SRC).meta == {"label": expected}
+    assert detect_format({**rec, "label": "positive"}) == "prompt_completion"  # a class label, not KTO's
+
+
+def test_tool_calls_are_refused_not_dropped():
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    rec = {"messages": [{"role": "user", "content": "Weather?"}, call,
+                        {"role": "tool", "tool_call_id": "c1", "content": "18C"},
+                        {"role": "assistant", "content": "18C."}]}
+    with pytest.raises(RecordError, match=r"tool calls: 'messages' message 2 has 'tool_calls'"):
+        to_conversation(rec, SRC)
+    rec["messages"][1] = {**call, "content": "Let me check."}
+    with pytest.raises(RecordError, match="tool calls"):
+        to_conversation(rec, SRC)
+
+
+def test_openassistant_message_rows_are_refused():
+    row = {"message_id": "m2", "parent_id": "m1", "role": "prompter", "text": "Hi", "lang": "en"}
+    with pytest.raises(RecordError, match="message rows: one message of an OpenAssistant tree"):
+        to_conversation(row, SRC)
+    assert to_conversation(row, SRC, format="text").text == "Hi"
+
+
 def test_preference_round_trips_through_to_json():
     c = to_conversation({"prompt": "Hi?", "chosen": "Hello!", "rejected": "No."}, SRC)
     again = to_conversation(c.to_json(), SRC)

@@ -158,3 +158,68 @@ def test_iter_records_streams_jsonl(tmp_path):
     it = iter_records(p)
     assert next(it) == (f"{p}:1", {"text": "t0"})
     assert sum(1 for _ in it) == 4999
+
+
+def test_csv_text_cells_that_start_with_a_bracket_stay_text(tmp_path):
+    """prompt/completion/chosen/rejected cells may be text that starts with '[' (a list as an
+    answer, a Llama-style '[INST]' prompt): only a JSON list of message objects is parsed."""
+    f = tmp_path / "pc.csv"
+    f.write_text('prompt,completion\n"Sort the list [3, 1, 2]","[1, 2, 3]"\n[INST] Say hi,Hi\n'
+                 'Say [what],"[{""role"": ""assistant"", ""content"": ""ok""}]"\n')
+    convs = load_conversations(f)
+    assert [c.messages[-1]["content"] for c in convs] == ["[1, 2, 3]", "Hi", "ok"]
+    assert convs[1].messages[0]["content"] == "[INST] Say hi"
+    bad = tmp_path / "messages.csv"  # a messages column holds nothing but message lists
+    bad.write_text('messages\n"[{""role"": ""user"", ""content"": ""hi""}, {bad json"\n')
+    with pytest.raises(SftlabError, match=r"messages.csv:2: malformed JSON: in column 'messages'"):
+        load_conversations(bad)
+
+
+def test_pandas_outputs_load(tmp_path):
+    """What pandas writes by default: to_csv()'s unnamed index column, to_json()'s columns of
+    {row number: value}, and to_parquet()'s index column; the index goes nowhere."""
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame(ROWS, index=[10, 11])
+    df.to_csv(tmp_path / "a.csv")
+    df.reset_index(drop=True).to_json(tmp_path / "a.json")
+    df.to_parquet(tmp_path / "a.parquet")
+    for name in ("a.csv", "a.json", "a.parquet"):
+        convs = load_conversations(tmp_path / name)
+        assert [c.messages for c in convs] == expected_messages(), name
+        assert [c.meta for c in convs] == [{"label": "math"}, {"label": "text"}], name
+    (tmp_path / "semi.csv").write_text("instruction;output\nAdd;3\n")
+    with pytest.raises(SftlabError, match=r"semi.csv:1: the CSV header is one column, 'instruction;output'"):
+        load_conversations(tmp_path / "semi.csv")
+
+
+def test_json_columns_may_hold_objects(tmp_path):
+    """An object of equal-length columns where one column holds objects (SQuAD's answers, a
+    meta column) is still columns; an object of lists of records only is splits."""
+    f = tmp_path / "cols.json"
+    f.write_text(json.dumps({"instruction": ["Say hi", "Say bye"], "output": ["Hi", "Bye"],
+                             "meta": [{"src": "a"}, {"src": "b"}]}))
+    convs = load_conversations(f)
+    assert [c.messages[-1]["content"] for c in convs] == ["Hi", "Bye"]
+    assert convs[1].meta == {"meta": {"src": "b"}}
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps({"question": ["Who?"], "context": ["Ann wrote it."],
+                                 "answers": [{"text": ["Ann"], "answer_start": [0]}]}))
+    assert load_conversations(squad)[0].messages[-1]["content"] == "Ann"
+
+
+def test_gzipped_jsonl_json_and_csv(tmp_path):
+    import gzip
+
+    lines = "".join(json.dumps(r) + "\n" for r in ROWS)
+    for name, text in (("a.jsonl.gz", lines), ("a.json.gz", json.dumps(ROWS)),
+                       ("a.csv.gz", "instruction,input,output,label\nAdd 1 and 2.,,3,math\nReverse,abc,cba,text\n")):
+        (tmp_path / name).write_bytes(gzip.compress(text.encode()))
+        convs = load_conversations(tmp_path / name)
+        assert [c.messages for c in convs] == expected_messages(), name
+    assert load_conversations(tmp_path / "a.jsonl.gz")[1].source == f"{tmp_path / 'a.jsonl.gz'}:2"
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(lines.encode())[:-12])  # cut short
+    with pytest.raises(SftlabError, match=r"b.jsonl.gz: not a readable gzip file"):
+        load_conversations(tmp_path / "b.jsonl.gz")
+    (tmp_path / "c.jsonl.gz").write_text(lines)  # not gzip at all
+    with pytest.raises(SftlabError, match=r"c.jsonl.gz: not a readable gzip file"):
+        load_conversations(tmp_path / "c.jsonl.gz")

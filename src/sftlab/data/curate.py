@@ -86,8 +86,17 @@ def conversation_text(conv: Conversation, *, system: bool = True) -> str:
     return "\n".join(m["content"] for m in conv.messages if system or m["role"] != "system")
 
 
+def preference_label(conv: Conversation) -> bool | None:
+    """An unpaired preference (KTO) record's label. Records are duplicates only under the same
+    label: one prompt's desirable and undesirable answers are the data, not repeats of it."""
+    label = conv.meta.get("label")
+    return label if isinstance(label, bool) else None
+
+
 def exact_key(conv: Conversation) -> bytes:
     parts = [conv.text] if conv.text is not None else [f"{m['role']}\x1f{m['content']}" for m in conv.messages]
+    label = preference_label(conv)
+    parts += [] if label is None else [f"label\x1f{label}"]
     return hashlib.blake2b(normalize("\x1e".join(parts)).encode(), digest_size=12).digest()
 
 
@@ -330,12 +339,19 @@ def curate(conversations: Iterable[Conversation], options: CurateOptions | None 
     hasher = WordHasher()
     contamination = EvalNgrams((c for path in opts.decontaminate for c in load_conversations(path)), opts.decontam_ngram,
                                opts.decontam_template_df, opts.decontam_min_overlap, hasher) if opts.decontaminate else None
-    near = NearDupIndex(opts.near_dedup_threshold, opts.num_perm, opts.near_dedup_ngram, hasher) if opts.near_dedup else None
+    indexes: dict[bool | None, NearDupIndex] = {}  # one near-dup index per preference label
+
+    def near_duplicate(key: Any, conv: Conversation) -> Any | None:
+        label = preference_label(conv)
+        if label not in indexes:
+            indexes[label] = NearDupIndex(opts.near_dedup_threshold, opts.num_perm, opts.near_dedup_ngram, hasher)
+        return indexes[label].add(key, conversation_text(conv, system=False))
+
     seen: dict[bytes, Conversation] = {}
     first: dict[Any, Conversation] = {}  # near-dup index key -> the conversation kept under it
     for j, ref in enumerate(reference):
         seen.setdefault(exact_key(ref), ref)
-        if near is not None and near.add(("ref", j), conversation_text(ref, system=False)) is None:
+        if opts.near_dedup and near_duplicate(("ref", j), ref) is None:
             first[("ref", j)] = ref
     quality = [(name, *QUALITY_FILTERS[name]) for name in QUALITY_FILTERS if getattr(opts, name)]
 
@@ -380,8 +396,8 @@ def curate(conversations: Iterable[Conversation], options: CurateOptions | None 
             if hit is not None:
                 remove(conv, "contaminated", f"contains {hit[1]:.0%} of the {opts.decontam_ngram}-grams of {hit[0]}")
                 continue
-        if near is not None:
-            dup = near.add(i, conversation_text(conv, system=False))
+        if opts.near_dedup:
+            dup = near_duplicate(i, conv)
             if dup is not None:
                 remove(conv, "near duplicate", f"estimated Jaccard ≥ {opts.near_dedup_threshold}", first[dup])
                 continue

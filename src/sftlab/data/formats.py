@@ -17,8 +17,10 @@ Supported schemas (the `format` names):
                      conversation with its prompt). The chosen conversation becomes `messages`; the
                      rejected one (full message list, prompt included) goes to `meta["rejected"]`.
                      The prompt must be the same on both sides, and the answers must differ.
+                     HH-RLHF's whole transcripts ("\n\nHuman: ...\n\nAssistant: ..." strings, no
+                     prompt) are split into turns.
                      unpaired (KTO): {"prompt", "completion", "label": true|false} -> `messages`
-                     and `meta["label"]` (a bool).
+                     and `meta["label"]` (a bool; "true"/"false" strings, as CSV files hold them, too).
 Any other layout is read through a column mapping (`Columns`: `data.columns` in a config,
 `--columns prompt=question,response=answer` on the data commands), passed where a format name goes.
 Fields a schema does not use are kept in `meta` (e.g. `label`, `task`, `id`).
@@ -28,6 +30,7 @@ Every problem raises `RecordError` (a `DataError`) naming the record's source an
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from typing import Any, Callable, NamedTuple
 
@@ -107,6 +110,11 @@ def _message_list(value: Any, source: str, role_key: str, content_key: str, role
             raise RecordError(source, "missing field", f"'{field}' message {i + 1} has no '{role_key}'")
         if content_key not in m:
             raise RecordError(source, "missing field", f"'{field}' message {i + 1} has no '{content_key}'")
+        calls = next((k for k in ("tool_calls", "function_call") if m.get(k)), None)
+        if calls:
+            raise RecordError(source, "tool calls", f"'{field}' message {i + 1} has '{calls}': sftlab trains on the "
+                                                    "messages' text and would drop the calls (tool-calling data is "
+                                                    "not supported)")
         raw_role = m[role_key]
         role = known.get(raw_role.lower()) if isinstance(raw_role, str) else None
         if role is None:
@@ -311,6 +319,23 @@ def _with_prompt(side: list[dict[str, str]], prompt: list[dict[str, str]] | None
     return prompt + side
 
 
+# HH-RLHF's pairs are whole transcripts: "\n\nHuman: ...\n\nAssistant: ..." (turns in that order)
+_TRANSCRIPT_TURN = re.compile(r"\n\n(Human|Assistant):")
+_TRANSCRIPT_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _is_transcript(value: Any) -> bool:
+    return isinstance(value, str) and value.lstrip().startswith("Human:") and "\n\nAssistant:" in value
+
+
+def _transcript(text: str, source: str, field: str) -> list[dict[str, str]]:
+    """An HH-RLHF transcript string -> messages (each turn's text stripped)."""
+    parts = _TRANSCRIPT_TURN.split("\n\n" + text.lstrip())
+    if parts[0].strip():
+        raise RecordError(source, "malformed transcript", f"'{field}' has text before its first 'Human:' turn")
+    return [{"role": _TRANSCRIPT_ROLES[role], "content": body.strip()} for role, body in zip(parts[1::2], parts[2::2])]
+
+
 def from_preference(record: dict, source: str) -> Conversation:
     if "completion" in record and "label" in record and "chosen" not in record:
         return _from_unpaired(record, source)
@@ -321,6 +346,9 @@ def from_preference(record: dict, source: str) -> Conversation:
     prompt = _shared_prompt(record, source)
     chosen_side = _side(record[chosen_key], source, chosen_key)
     rejected_side = _side(record["rejected"], source, "rejected")
+    if prompt is None and all(_is_transcript(record[k]) for k in (chosen_key, "rejected")):
+        chosen_side = _transcript(record[chosen_key], source, chosen_key)
+        rejected_side = _transcript(record["rejected"], source, "rejected")
     if prompt is None:  # {"messages", "rejected": answer}: the prompt comes from the whole conversation
         whole = next((s for s in (chosen_side, rejected_side) if any(m["role"] != "assistant" for m in s)), None)
         prompt = whole[:_answer_start(whole)] if whole else None
@@ -341,13 +369,19 @@ def from_preference(record: dict, source: str) -> Conversation:
     return Conversation(messages=chosen, source=source, meta=meta)
 
 
+def kto_label(value: Any) -> bool | None:
+    """An unpaired (KTO) record's label: true/false, or the strings a CSV file holds for them
+    ("True"/"False" as pandas writes them, any case); None for anything else."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return value if isinstance(value, bool) else None
+
+
 def _from_unpaired(record: dict, source: str) -> Conversation:
     """KTO's unpaired form: one answer and whether it is desirable."""
-    label = record["label"]
-    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
-        label = label.strip().lower() == "true"
-    if not isinstance(label, bool):
-        raise RecordError(source, "mistyped field", f"'label' must be true or false, got {label!r}")
+    label = kto_label(record["label"])
+    if label is None:
+        raise RecordError(source, "mistyped field", f"'label' must be true or false, got {record['label']!r}")
     if "prompt" not in record:
         raise RecordError(source, "missing prompt", "an unpaired record needs a 'prompt'")
     messages = _as_messages(record["prompt"], source, "user", "prompt")
@@ -378,7 +412,7 @@ def _messages_key_format(record: dict) -> str:
 # Detection rules, first match wins: (format, keys that must all be present) or a function.
 _DETECT: tuple[tuple[tuple[str, ...], Callable[[dict], str]], ...] = (
     (("chosen", "rejected"), lambda r: "preference"),
-    (("prompt", "completion", "label"), lambda r: "preference" if isinstance(r["label"], bool) else "prompt_completion"),
+    (("prompt", "completion", "label"), lambda r: "preference" if kto_label(r["label"]) is not None else "prompt_completion"),
     (("messages", "rejected"), lambda r: "preference"),
     (("conversations",), lambda r: "sharegpt"),
     (("messages",), _messages_key_format),
@@ -392,6 +426,10 @@ _DETECT: tuple[tuple[tuple[str, ...], Callable[[dict], str]], ...] = (
 
 def detect_format(record: dict, source: str = "<record>") -> str:
     """The schema name of a record, by its keys."""
+    if {"message_id", "parent_id", "role", "text"} <= record.keys():
+        raise RecordError(source, "message rows", "one message of an OpenAssistant tree (message_id, parent_id, "
+                                                  "role): build conversations from the trees first, or give a "
+                                                  "format (--format text trains each message as raw text)")
     for keys, pick in _DETECT:
         if all(k in record for k in keys):
             return pick(record)

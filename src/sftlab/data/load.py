@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import codecs
 import csv
+import gzip
 import json
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -40,8 +42,11 @@ from sftlab.errors import DataError, SftlabError
 
 ON_ERROR = ("raise", "skip")
 BATCH_ROWS = 1024
-# CSV columns that may hold JSON lists (message lists) rather than plain strings.
-_JSON_COLUMNS = {"messages", "conversations", "chosen", "rejected", "prompt", "completion"}
+# CSV columns that may hold JSON lists (message lists) rather than plain strings; the first two
+# hold nothing else.
+_MESSAGE_COLUMNS = {"messages", "conversations"}
+_JSON_COLUMNS = {*_MESSAGE_COLUMNS, "chosen", "rejected", "prompt", "completion"}
+_PANDAS_INDEX = "__index_level_"  # a DataFrame's index, as pandas writes it into Parquet and Arrow files
 _HUB_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _WS = re.compile(r"\s*")
 _CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default, 128 KiB, is shorter than many documents
@@ -105,9 +110,14 @@ def _utf8_error(source: str, byte: int, column: int) -> RecordError:
     return RecordError(source, "not UTF-8", f"invalid byte 0x{byte:02x} at column {column}; re-save the file as UTF-8")
 
 
+def _open(path: Path):
+    """A data file's bytes; a .gz file (hubs ship .jsonl.gz and .json.gz) decompressed as read."""
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+
+
 def _check_not_wide(path: Path) -> None:
     """A UTF-16/32 text file (Windows tools write them) would otherwise fail on every line."""
-    with open(path, "rb") as f:
+    with _open(path) as f:
         head = f.read(4)
     encoding = next((name for bom, name in _WIDE_BOMS.items() if head.startswith(bom)), None)
     if encoding:
@@ -154,7 +164,7 @@ def _rest_of_file(error: RecordError) -> _Bad:
 # ---------------------------------------------------------------- readers: path -> (source, record | _Bad)
 
 def _read_jsonl(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
-    with open(path, "rb") as f:
+    with _open(path) as f:
         for lineno, raw in enumerate(f, 1):
             if lineno == 1:
                 raw = raw.removeprefix(codecs.BOM_UTF8)
@@ -173,7 +183,8 @@ def _read_jsonl(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
 
 
 def _decode_file(path: Path) -> str:
-    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    with _open(path) as f:
+        data = f.read().removeprefix(codecs.BOM_UTF8)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -243,11 +254,16 @@ def _pick_split(available: list[str], split: str | None, where: str) -> str:
 
 def _json_object(path: Path, obj: dict, split: str | None) -> Iterator[tuple[str, Any]]:
     values = list(obj.values())
-    if values and all(isinstance(v, list) for v in values) and not any(isinstance(x, dict) for v in values for x in v):
-        lengths = {k: len(v) for k, v in obj.items()}
+    if _is_pandas_columns(values):  # pandas' to_json() default: {"column": {"0": value, "1": value}}
+        values = [list(v.values()) for v in values]
+    # columns: {"instruction": [...], "output": [...]}, any of them may hold objects ({"meta": [{...}]},
+    # SQuAD's answers), but not all of them: lists of records only are splits ({"train": [...], ...})
+    records_only = any(values) and all(isinstance(x, dict) for v in values for x in v)
+    if values and all(isinstance(v, list) for v in values) and not records_only:
+        lengths = {k: len(v) for k, v in zip(obj, values)}
         if len(set(lengths.values())) > 1:
             raise DataError(f"{path}:1", f"a JSON object of columns needs lists of equal length, got {lengths}")
-        for i, row in enumerate(zip(*values), 1):  # columns: {"instruction": [...], "output": [...]}
+        for i, row in enumerate(zip(*values), 1):
             yield f"{path}:row {i}", _present(dict(zip(obj.keys(), row)))
         return
     try:
@@ -263,6 +279,15 @@ def _json_object(path: Path, obj: dict, split: str | None) -> Iterator[tuple[str
     key = _pick_split(record_lists, split, str(path))
     for i, rec in enumerate(obj[key], 1):
         yield f"{path}:{key} row {i}", rec
+
+
+def _is_pandas_columns(values: list) -> bool:
+    """Every value an object keyed by the same row numbers ("0", "1", ...): a DataFrame written
+    with pandas' default `to_json()` (orient="columns")."""
+    if not values or not all(isinstance(v, dict) and v for v in values):
+        return False
+    keys = list(values[0])
+    return all(list(v) == keys for v in values) and all(k.isdigit() for k in keys)
 
 
 def _read_json(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
@@ -292,14 +317,20 @@ def _present(row: dict) -> dict:
 
 
 def _csv_cell(column: str, value: str, source: str) -> Any:
-    """Empty cells are absent values; JSON lists in message columns are parsed."""
+    """Empty cells are absent values; JSON message lists in message columns are parsed. A column
+    that may also hold plain text (prompt, completion, chosen, rejected) keeps a cell that is not
+    a JSON list of objects as text: "[1, 2, 3]" or "[INST] ..." are answers and prompts too."""
     if value == "":
         return None
     if column in _JSON_COLUMNS and value.lstrip().startswith("["):
         try:
-            return _loads(value, source)
+            parsed = _loads(value, source)
         except RecordError as e:
+            if column not in _MESSAGE_COLUMNS:
+                return value
             raise RecordError(source, e.kind, f"in column '{column}': {e.reason.removeprefix(e.kind + ': ')}") from None
+        if column in _MESSAGE_COLUMNS or (parsed and all(isinstance(m, dict) for m in parsed)):
+            return parsed
     return value
 
 
@@ -307,7 +338,7 @@ def _read_csv(path: Path, split: str | None, delimiter: str = ",") -> Iterator[t
     bad_lines: dict[int, RecordError] = {}
 
     def lines() -> Iterator[str]:
-        with open(path, "rb") as f:
+        with _open(path) as f:
             for lineno, raw in enumerate(f, 1):
                 if lineno == 1:
                     raw = raw.removeprefix(codecs.BOM_UTF8)
@@ -342,7 +373,11 @@ def _read_csv(path: Path, split: str | None, delimiter: str = ",") -> Iterator[t
             if bad:
                 raise bad
             header = [h.strip() for h in row]
-            dupes = [h for h, c in Counter(header).items() if c > 1 or not h]
+            if len(header) == 1 and delimiter == "," and ";" in header[0]:
+                raise DataError(source, f"the CSV header is one column, {header[0]!r}: write the file with "
+                                        "commas between fields (pandas: sep=',') or as JSONL")
+            index = len(header) > 1 and header[0] == ""  # pandas' to_csv() writes its index unnamed, first
+            dupes = [h for h, c in Counter(header[index:]).items() if c > 1 or not h]
             if dupes:
                 raise DataError(source, f"CSV header has empty or repeated column names: {dupes}")
             continue
@@ -353,7 +388,7 @@ def _read_csv(path: Path, split: str | None, delimiter: str = ",") -> Iterator[t
                                            f"{len(row)} fields, the header has {len(header)}"), row)
         else:
             try:
-                record = _present({k: _csv_cell(k, v, source) for k, v in zip(header, row)})
+                record = _present({k: _csv_cell(k, v, source) for k, v in zip(header, row) if k})
             except RecordError as e:
                 yield source, _Bad(e, row)
             else:
@@ -394,7 +429,7 @@ def _batched_rows(batches: Iterator, label: str, kind: str, records) -> Iterator
             return
         for rec in records(batch):
             n += 1
-            yield f"{label}:row {n}", _present(rec)
+            yield f"{label}:row {n}", _present({k: v for k, v in rec.items() if not k.startswith(_PANDAS_INDEX)})
 
 
 def _first_line(e: Exception) -> str:
@@ -449,15 +484,30 @@ def _raw_records(path: str | Path, split: str | None) -> Iterator[tuple[str, Any
         raise SftlabError(f"{p} is a folder but not a saved Hugging Face dataset (no dataset_info.json)")
     suffix = p.suffix.lower()
     if p.is_file():
-        if suffix not in READERS:
-            raise SftlabError(f"{p}: unsupported file type '{suffix}'; supported: {', '.join(READERS)}, "
+        compressed = suffix == ".gz" and len(p.suffixes) > 1
+        if compressed:
+            suffix = p.suffixes[-2].lower()
+        if suffix not in READERS or (compressed and suffix == ".parquet"):
+            raise SftlabError(f"{p}: unsupported file type '{''.join(p.suffixes[-2:]) if compressed else suffix}'; "
+                              f"supported: {', '.join(READERS)} (all but .parquet also gzip'ed, e.g. .jsonl.gz), "
                               "a saved HF dataset folder, or an HF dataset id")
+        if compressed:
+            return _gunzipped(p, READERS[suffix], split)
         if suffix != ".parquet":
             _check_not_wide(p)
         return READERS[suffix](p, split)
-    if suffix in READERS or not _HUB_ID.match(str(path)):
+    if suffix in READERS or suffix == ".gz" or not _HUB_ID.match(str(path)):
         raise SftlabError(f"file not found: {p}")
     return _read_hub(str(path), split)
+
+
+def _gunzipped(path: Path, reader, split: str | None) -> Iterator[tuple[str, Any]]:
+    """A gzip'ed file's records; data that is not gzip, or ends early, is an error naming the file."""
+    try:
+        _check_not_wide(path)
+        yield from reader(path, split)
+    except (OSError, EOFError, zlib.error) as e:
+        raise SftlabError(f"{path}: not a readable gzip file ({_first_line(e)})") from None
 
 
 def _check_mode(on_error: str, rejects: RejectLog | None) -> None:

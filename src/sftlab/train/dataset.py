@@ -35,12 +35,15 @@ class PrepStats:
     curated: dict | None = None  # the curation report, when data.curate is set
     text_documents: int = 0  # raw-text records ...
     text_blocks: int = 0  # ... and the blocks of at most max_seq_length tokens they were split into
+    undesirable: int = 0  # unpaired preference (KTO) records labelled false: answers not to learn
     dropped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"{self.examples} examples from {self.records} records", f"{self.tokens} tokens ({self.trained_tokens} trained)"]
         if self.rejected:
             parts.append(f"{self.rejected} rejected -> {self.rejects_file}")
+        if self.undesirable:
+            parts.append(f"{self.undesirable} labelled undesirable (label: false) left out")
         if self.too_long:
             parts.append(f"{self.too_long} over max_seq_length dropped")
         if self.truncated:
@@ -54,7 +57,7 @@ class PrepStats:
 
 
 REJECTS = "rejects.jsonl"  # the rejects log kept in a cache entry
-CACHED_STATS = ("records", "rejected", "too_long", "truncated", "dropped", "curated", "tokens", "trained_tokens",
+CACHED_STATS = ("records", "rejected", "undesirable", "too_long", "truncated", "dropped", "curated", "tokens", "trained_tokens",
                 "digest", "text_documents", "text_blocks")
 
 
@@ -105,7 +108,7 @@ def _render_file(path: str, tokenizer, data: DataConfig, opts: RenderOptions, st
 
     reading = Reading(path, format=schema(data.format, data.columns), split=data.split,
                       skip=data.on_error == "skip", rejects_path=rejects_path)
-    conversations = iter(reading)
+    conversations = _desirable(reading, stats)
     if data.curate is not None:
         from sftlab.data.curate import curate
 
@@ -132,6 +135,16 @@ def _render_file(path: str, tokenizer, data: DataConfig, opts: RenderOptions, st
     stats.tokens = sum(len(e) for e in examples)
     stats.trained_tokens = sum(e.num_trained for e in examples)
     return examples
+
+
+def _desirable(conversations, stats: PrepStats):
+    """The conversations to learn from: an unpaired preference (KTO) record labelled false holds
+    an answer the model should not give, so supervised training leaves it out and counts it."""
+    for conv in conversations:
+        if conv.meta.get("label") is False:
+            stats.undesirable += 1
+        else:
+            yield conv
 
 
 def text_blocks(example: Example, size: int, overlap: int) -> list[Example]:
