@@ -195,3 +195,8 @@ def test_record_errors(rec, kind):
     with pytest.raises(RecordError) as e:
         to_conversation(rec, SRC)
     assert e.value.kind == kind and e.value.source == SRC
+
+
+def test_unknown_schema_names_the_closest_and_what_it_lacks():
+    with pytest.raises(RecordError, match=r"closest: instruction \+ output, without 'output'"):
+        to_conversation({"instruction": "Say hi", "input": ""}, SRC)

@@ -223,3 +223,12 @@ def test_gzipped_jsonl_json_and_csv(tmp_path):
     (tmp_path / "c.jsonl.gz").write_text(lines)  # not gzip at all
     with pytest.raises(SftlabError, match=r"c.jsonl.gz: not a readable gzip file"):
         load_conversations(tmp_path / "c.jsonl.gz")
+
+
+def test_json_and_json_lines_mixed_up_are_named(tmp_path):
+    (tmp_path / "array.jsonl").write_text(json.dumps(ROWS, indent=2))
+    with pytest.raises(SftlabError, match=r"array.jsonl:1: this is one JSON document over several lines"):
+        load_conversations(tmp_path / "array.jsonl")
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    with pytest.raises(SftlabError, match=r"lines.json:2: this is JSON Lines"):
+        load_conversations(tmp_path / "lines.json")

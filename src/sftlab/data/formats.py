@@ -433,8 +433,11 @@ def detect_format(record: dict, source: str = "<record>") -> str:
     for keys, pick in _DETECT:
         if all(k in record for k in keys):
             return pick(record)
+    present, keys = max(((sum(k in record for k in keys), keys) for keys, _ in _DETECT), key=lambda x: x[0])
+    closest = f"; closest: {' + '.join(keys)}, without {', '.join(repr(k) for k in keys if k not in record)}" \
+        if present else ""
     raise RecordError(source, "unknown schema",
-                      f"keys {sorted(record)[:8]} match no format ({', '.join(FORMATS)})")
+                      f"keys {sorted(record)[:8]} match no format ({', '.join(FORMATS)}){closest}")
 
 
 def check_format_name(format: str | Columns | None) -> None:

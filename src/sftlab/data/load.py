@@ -165,11 +165,16 @@ def _rest_of_file(error: RecordError) -> _Bad:
 
 def _read_jsonl(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
     with _open(path) as f:
+        first = True
         for lineno, raw in enumerate(f, 1):
             if lineno == 1:
                 raw = raw.removeprefix(codecs.BOM_UTF8)
             if not raw.strip():
                 continue
+            if first and raw.strip() in (b"[", b"{", b"[{"):  # every line would be a reject
+                raise DataError(f"{path}:{lineno}", "this is one JSON document over several lines, not JSON Lines "
+                                                    "(one record per line): name the file .json")
+            first = False
             source = f"{path}:{lineno}"
             try:
                 text = raw.decode("utf-8").rstrip("\r\n")
@@ -301,6 +306,9 @@ def _read_json(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and _one_line_record(text[start:]):
+            raise DataError(f"{path}:{e.lineno}", "this is JSON Lines (one record per line), not one JSON "
+                                                  "document: name the file .jsonl") from None
         raise _json_error(path, e) from None
     except (RecursionError, ValueError) as e:
         raise _unparsable(f"{path}:1", e) from None
@@ -308,6 +316,13 @@ def _read_json(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
     if not isinstance(obj, dict):
         raise DataError(f"{path}:1", f"expected a JSON array or object, got {type(obj).__name__}")
     yield from _json_object(path, obj, split)
+
+
+def _one_line_record(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text.partition("\n")[0]), dict)
+    except ValueError:
+        return False
 
 
 def _present(row: dict) -> dict:
