@@ -125,6 +125,31 @@ def test_explicit_varlen_is_refused_where_it_would_be_wrong(tokenizer, tmp_path)
         choose_attention(model, NAME)
 
 
+@pytest.mark.parametrize("model_type,refusal", [("llama", None), ("falcon", "AttentionInterface")])
+def test_explicit_varlen_through_build_model(model_type, refusal, tokenizer, tmp_path):
+    """As `sftlab train` asks for it: set where it computes the model's attention, refused with a
+    reason where not, also for a model whose constructor reads the name (Falcon's)."""
+    from sftlab.config import TrainConfig
+    from sftlab.train.trainer import build_model
+
+    extra = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4) if model_type == "falcon" else {}
+    if model_type == "falcon":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model("falcon", vocab_size=len(tokenizer), **extra)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+        path = str(tmp_path)
+    else:
+        path = save_tiny(model_type, tokenizer, tmp_path)
+    config = TrainConfig.model_validate({"model": {"name_or_path": path, "attn_implementation": NAME},
+                                         "method": "full", "data": {"train": "x.jsonl"}})
+    if refusal:
+        with pytest.raises(SftlabError, match=f"{NAME} cannot run {model_type}: .*{refusal}"):
+            build_model(config, use_bf16=False)
+    else:
+        assert build_model(config, use_bf16=False).config._attn_implementation == NAME
+
+
 def test_packing_is_refused_where_the_mask_ignores_position_restarts(tokenizer, tmp_path):
     """gpt-oss (transformers 5.24) builds its sdpa/eager masks without position_ids: packed
     examples would attend to each other."""
@@ -152,3 +177,20 @@ def test_unknown_arguments_reaching_varlen_are_errors():
     module.is_causal = False  # an encoder-style layer
     with pytest.raises(SftlabError, match="is_causal=False"):
         varlen_attention_forward(module, q, k, v, None, **passed)
+
+
+def test_dora_on_a_mixture_of_experts_is_a_clear_error(tokenizer, tmp_path):
+    """PEFT cannot apply DoRA to fused expert weights, which all-linear picks on a MoE model: one
+    error naming the way out (the attention projections), and that way out trains."""
+    from sftlab.config import TrainConfig
+    from sftlab.train.trainer import build_model
+
+    path = save_tiny("qwen3_moe", tokenizer, tmp_path, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+
+    def config(**lora):
+        return TrainConfig.model_validate({"model": {"name_or_path": path}, "method": "dora", "lora": lora,
+                                           "data": {"train": "x.jsonl"}})
+
+    with pytest.raises(SftlabError, match=r"method dora: PEFT cannot apply DoRA .*lora.target_modules=\[q_proj"):
+        build_model(config(), use_bf16=False)
+    build_model(config(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), use_bf16=False)

@@ -185,6 +185,23 @@ def test_unknown_quant_and_architecture_are_clear_errors(tmp_path, small_tokeniz
         export_gguf("default", tmp_path / "x", quant="q3_x")
 
 
+def test_an_unsupported_architecture_is_refused_before_any_work(tmp_path, small_tokenizer):
+    """GGUF and ONNX name the architectures they export before merging or converting anything."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sftlab.errors import SftlabError
+    from sftlab.export.gguf import export_gguf
+    from sftlab.export.onnx import export_onnx
+
+    config = AutoConfig.for_model("gpt2", vocab_size=len(small_tokenizer), n_embd=32, n_layer=1, n_head=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt2")
+    small_tokenizer.save_pretrained(tmp_path / "gpt2")
+    for export, what in ((export_gguf, "GGUF"), (export_onnx, "ONNX")):
+        with pytest.raises(SftlabError, match=f"{what} export supports llama, .*; this model is 'gpt2'"):
+            export(str(tmp_path / "gpt2"), tmp_path / what)
+        assert not (tmp_path / what).exists()
+
+
 def fake_quantize(bin_dir: Path, monkeypatch, exit_code: int = 0) -> Path:
     """A `llama-quantize` on PATH that records its arguments and copies the f16 file (or fails)."""
     import os

@@ -28,3 +28,25 @@ def test_each_bound_can_fail_and_the_figures_are_printed():
     assert not fp32.ok and "0.002 (bound <= 0.001) OUT OF BOUNDS" in "\n".join(fp32.lines())
     assert not VerifyResult("onnx fp32", "out", max_abs_diff=1e-4, tolerance=1e-3, tokens_equal=False).ok
     assert VerifyResult("onnx fp32", "out", max_abs_diff=1e-4, tolerance=1e-3, tokens_equal=True).to_dict()["ok"]
+
+
+def test_verification_prompts_fit_a_template_that_refuses_system_messages(tokenizer):
+    """Mistral Instruct v0.1/v0.2 templates raise on a system message: the verification prompt
+    that has one is given with the system prompt at the head of the user message instead."""
+    import copy
+    from pathlib import Path
+
+    import pytest
+
+    from sftlab.errors import SftlabError
+    from sftlab.export.verify import PROMPTS, prompt_ids
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = (Path(__file__).parents[1] / "fixtures" / "templates" / "mistral.jinja").read_text()
+    ids = prompt_ids(tok)
+    assert len(ids) == len(PROMPTS)
+    text = tok.decode(ids[1])
+    assert "You are a concise assistant.\n\nExplain in one sentence" in text
+    tok.chat_template = "{{ raise_exception('no prompts here') }}"
+    with pytest.raises(SftlabError, match="the chat template refuses the verification prompt.*no prompts here"):
+        prompt_ids(tok)

@@ -92,9 +92,12 @@ def _check_tokenizer(tokenizer) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise SftlabError(f"'{template_name(tokenizer)}' has no fast tokenizer: rendering needs token offsets")
     if not getattr(tokenizer, "chat_template", None):
+        from sftlab.models import NAMED_TEMPLATES
+
         raise SftlabError(
-            f"'{template_name(tokenizer)}' has no chat template: pass one with chat_template "
-            "(a .jinja file), or train on raw text"
+            f"'{template_name(tokenizer)}' has no chat template: set model.chat_template to one of "
+            f"{', '.join(NAMED_TEMPLATES)} or a .jinja file (--chat-template on the data commands), "
+            "or train on raw text"
         )
 
 

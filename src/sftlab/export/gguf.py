@@ -192,9 +192,7 @@ def write_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(hf_dir)
-    arch = ARCHS.get(config.model_type)
-    if arch is None:
-        raise SftlabError(f"GGUF export supports {', '.join(ARCHS)}; this model is '{config.model_type}'")
+    arch = ARCHS[config.model_type]  # export_gguf has refused the others
     gguf_arch = gguf.MODEL_ARCH[arch.name]
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf_arch])
     writer.add_name(NEUTRAL_NAME)
@@ -359,9 +357,10 @@ def export_gguf(source: str, out_dir: str | Path, *, quant: str = "f16") -> Veri
     from transformers import AutoConfig, AutoTokenizer
 
     from sftlab.export.merge import finish_out_dir, prepare_out_dir
-    from sftlab.export.onnx import hf_folder
+    from sftlab.export.onnx import check_architecture, hf_folder
     from sftlab.serve.generation import stop_token_ids
 
+    check_architecture(source, ARCHS, "GGUF")
     out, tmp = prepare_out_dir(out_dir)
     try:
         with tempfile.TemporaryDirectory(prefix="sftlab-gguf-") as work:

@@ -40,6 +40,21 @@ BOUNDS = {
     "int4": {"nll": 0.5, "top1": 0.5},
 }
 GREEDY_TOKENS = 16
+# model_types whose builder output has been exported and verified here; others fail in the
+# builder (gpt2, gpt_neox, cohere, olmo2, mixtral, qwen3_moe: not supported; gemma3_text: its
+# per-layer rope parameters) or in the verification (gemma2: a sliding-window cache that a
+# first pass cannot feed; phi: partial rotary at some head sizes).
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "granite", "smollm3")
+
+
+def check_architecture(source: str, supported, export: str) -> None:
+    """Refuse SOURCE before any merging or converting when its model_type is not in `supported`."""
+    from sftlab.estimate import load_model_config
+
+    model_type = load_model_config(source).model_type
+    if model_type not in supported:
+        raise SftlabError(f"{export} export supports {', '.join(supported)}; this model is '{model_type}' "
+                          "(export --to merged for a plain transformers folder)")
 
 
 def hf_folder(source: str, workdir: Path) -> Path:
@@ -149,6 +164,7 @@ def export_onnx(source: str, out_dir: str | Path, *, precision: str = "fp32") ->
         raise SftlabError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
     from sftlab.serve.generation import stop_token_ids
 
+    check_architecture(source, ARCHS, "ONNX")
     out, tmp = prepare_out_dir(out_dir)
     try:
         with tempfile.TemporaryDirectory(prefix="sftlab-onnx-") as work:

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from sftlab.errors import SftlabError
+
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You are a concise assistant."},
@@ -100,7 +102,28 @@ def prompt_ids(tokenizer) -> list[list[int]]:
 
     if not getattr(tokenizer, "chat_template", None):
         return [encode(tokenizer, prompt=m[-1]["content"]) for m in PROMPTS]
-    return [encode(tokenizer, messages=m) for m in PROMPTS]
+    return [_chat_ids(tokenizer, m) for m in PROMPTS]
+
+
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """A prompt through the chat template. A template that refuses a system message (Mistral
+    Instruct v0.1/v0.2 raise on one) gets the system prompt at the head of the first user
+    message, as such models are prompted."""
+    from jinja2 import TemplateError
+
+    from sftlab.serve.generation import encode
+
+    try:
+        return encode(tokenizer, messages=messages)
+    except TemplateError as e:
+        refused = e
+    if messages[0]["role"] == "system":
+        folded = [{"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}, *messages[2:]]
+        try:
+            return encode(tokenizer, messages=folded)
+        except TemplateError as e:
+            refused = e
+    raise SftlabError(f"the chat template refuses the verification prompt {[m['role'] for m in messages]}: {refused}")
 
 
 def torch_logits(model, ids: list[int]) -> np.ndarray:

@@ -384,13 +384,17 @@ def varlen_refusal(model) -> str | None:
 
 
 def choose_attention(model, requested: str | None, packing: bool = False) -> None:
-    """Switch a model loaded without an explicit choice to NAME where it is verified equal; refuse
-    an explicit NAME for a model that needs more than it computes. With `packing`, refuse an
+    """Switch a model loaded without an explicit choice to NAME where it is verified equal; switch
+    one loaded for an explicit NAME (with its default attention) to it, or refuse it for a model
+    that needs more than it computes. With `packing`, refuse an
     attention that would let the examples packed in one row see each other."""
     model_type = getattr(model.config, "model_type", type(model).__name__)
     reason = varlen_refusal(model) if requested in (None, NAME) else None
     if requested == NAME and reason:
         raise SftlabError(f"model.attn_implementation: {NAME} cannot run {model_type}: {reason}; use sdpa or eager")
+    if requested == NAME:
+        register()
+        model.set_attn_implementation(NAME)
     if requested is None:
         if reason is None and model_type not in VERIFIED:
             reason = "its architecture is not among those tested equal to transformers' attention"

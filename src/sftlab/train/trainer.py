@@ -24,7 +24,6 @@ from sftlab.errors import SftlabError
 from sftlab.train import allocator, compiled_norms, kernels
 from sftlab.train.attention import NAME as VARLEN
 from sftlab.train.attention import can_flatten, choose_attention
-from sftlab.train.attention import register as register_varlen
 from sftlab.train.checkpointing import AtomicCheckpoints, explained_save_failure, save_outputs
 from sftlab.train.guards import TRAIN_RESUME, NonFiniteGuard, is_out_of_memory, out_of_memory_message
 from sftlab.train.lora_fused import fuse_lora_layers
@@ -243,11 +242,12 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
 
     quant = quantization_config(config.method, use_bf16)
     m = config.model
-    if m.attn_implementation == VARLEN:
-        register_varlen()  # before loading: transformers checks the name
     dtype = base_weights_dtype(config.method, use_bf16) if m.dtype == "auto" else m.dtype
+    # sftlab_varlen is set by choose_attention once the model is built (a model whose constructor
+    # reads the name, as Falcon's does, would fail on it before any refusal could say why)
     model = load_model(m.name_or_path, dtype=dtype, trust_remote_code=m.trust_remote_code,
-                       attn_implementation=m.attn_implementation, quantization_config=quant,
+                       attn_implementation=None if m.attn_implementation == VARLEN else m.attn_implementation,
+                       quantization_config=quant,
                        allow_pickle=m.allow_pickle or None)
     model.config.use_cache = False
     new_token_kwargs = fit_embeddings(model, tokenizer) if tokenizer is not None else {}
@@ -268,7 +268,15 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         use_dora=lora.use_dora, task_type="CAUSAL_LM", **new_token_kwargs,
     )
-    model = get_peft_model(model, peft_config)
+    try:
+        model = get_peft_model(model, peft_config)
+    except ValueError as e:
+        if lora.use_dora and "dora" in str(e).lower():  # e.g. a mixture-of-experts model's fused expert weights
+            raise SftlabError(f"method dora: PEFT cannot apply DoRA to every layer lora.target_modules "
+                              f"({lora.target_modules}) picks: {str(e).splitlines()[0]} On a mixture-of-experts "
+                              "model, target the attention projections, e.g. "
+                              "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]") from None
+        raise
     fuse_lora_layers(model)
     return model
 
