@@ -28,7 +28,6 @@ why. A keyword argument it does not know reaching it is an error, not something 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import logging
@@ -180,24 +179,6 @@ class _Pick(torch.autograd.Function):
         return grad.index_select(0, back), None, None
 
 
-@contextlib.contextmanager
-def _bf16_products(*operands: torch.Tensor):
-    """Where every operand of the fp32 matmuls inside is a bf16 tensor upcast, let oneDNN run them
-    as bf16 x bf16 products with fp32 accumulation and output (`fp32_precision = "bf16"`): the
-    rounding it would apply to the inputs changes nothing, so the result is the fp32 matmul's up
-    to the order of the sums, and on a CPU with AMX tiles it runs several times faster. Matmuls
-    with a computed fp32 operand (probabilities, score gradients) stay in fp32."""
-    if not all(t.dtype == torch.bfloat16 for t in operands):
-        yield
-        return
-    setting = torch.backends.mkldnn.matmul
-    before, setting.fp32_precision = setting.fp32_precision, "bf16"
-    try:
-        yield
-    finally:
-        setting.fp32_precision = before
-
-
 class _ShortCausal(torch.autograd.Function):
     """Causal attention of a padded group of short examples from whole score matrices, in fp32:
     on a CPU, PyTorch's flash kernel works such groups in small tiles at a fraction of the
@@ -215,8 +196,7 @@ class _ShortCausal(torch.autograd.Function):
         hk = k.shape[1]
         qf = q.float().reshape(b * hk, -1, d)
         kf = k.float().reshape(b * hk, length, d)
-        with _bf16_products(q, k):
-            scores = torch.baddbmm(_causal_bias(length, hq // hk, q.device), qf, kf.transpose(1, 2), alpha=scale)
+        scores = torch.baddbmm(_causal_bias(length, hq // hk, q.device), qf, kf.transpose(1, 2), alpha=scale)
         return qf, kf, torch.softmax(scores, dim=-1)
 
     @staticmethod
@@ -238,8 +218,7 @@ class _ShortCausal(torch.autograd.Function):
         qf, kf, probs = _ShortCausal._probabilities(q, k, ctx.scale)
         grad = grad_out.float().reshape(b * hk, -1, d)
         grad_v = torch.bmm(probs.transpose(1, 2), grad).view(b, hk, length, d)
-        with _bf16_products(grad_out, v):
-            grad_p = torch.bmm(grad, v.float().reshape(-1, length, d).transpose(1, 2))
+        grad_p = torch.bmm(grad, v.float().reshape(-1, length, d).transpose(1, 2))
         delta = (grad_out.float() * out.float()).sum(-1, keepdim=True).view(b * hk, -1, 1)
         grad_s = probs.mul_(grad_p.sub_(delta))
         grad_q = torch.bmm(grad_s, kf).mul_(ctx.scale).view(b, hq, length, d)
@@ -386,8 +365,8 @@ def varlen_refusal(model) -> str | None:
 def choose_attention(model, requested: str | None, packing: bool = False) -> None:
     """Switch a model loaded without an explicit choice to NAME where it is verified equal; switch
     one loaded for an explicit NAME (with its default attention) to it, or refuse it for a model
-    that needs more than it computes. With `packing`, refuse an
-    attention that would let the examples packed in one row see each other."""
+    that needs more than it computes. With `packing`, refuse an attention that would let the
+    examples packed in one row see each other."""
     model_type = getattr(model.config, "model_type", type(model).__name__)
     reason = varlen_refusal(model) if requested in (None, NAME) else None
     if requested == NAME and reason:
