@@ -75,3 +75,11 @@ def test_inspect_is_registered(capsys):
     assert main(["data", "inspect", str(DATA / "mixed.jsonl"), "--model", str(tok), "--json", "--limit", "1"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     assert record["source"] == f"{DATA / 'mixed.jsonl'}:1" and len(record["input_ids"]) == len(record["labels"])
+
+
+def test_an_empty_file_is_said_to_hold_no_records(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    for command in (["data", "validate", str(empty)], ["data", "inspect", str(empty)]):
+        assert main(command) == 0
+        assert f"warning: {empty} holds no records" in capsys.readouterr().err

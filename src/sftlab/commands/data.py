@@ -131,6 +131,11 @@ def _reading(file: str, fmt, *, skip: bool, rejects: Optional[Path], split: Opti
     return Reading(file, format=fmt, split=split, skip=skip, rejects_path=_rejects_path(skip, rejects, file, **beside))
 
 
+def warn_if_empty(file: str, records: int) -> None:
+    if records == 0:
+        typer.echo(f"warning: {file} holds no records", err=True)
+
+
 def print_rejects(reading, stderr: bool = False) -> None:
     """In skip mode: records in, kept, rejected by kind, and where the rejects went."""
     if reading.skip:
@@ -160,6 +165,7 @@ def inspect(
     reading = _reading(_data_file(file, cfg), _schema(format, columns, cfg), skip=skip, rejects=rejects)
     inspect_file(reading, model=model, chat_template=chat_template, as_json=json_, limit=limit, train_on=train_on)
     print_rejects(reading, stderr=True)
+    warn_if_empty(reading.path, reading.records_in)
 
 
 @app.command()
@@ -196,6 +202,7 @@ def validate(
           f"exact duplicates {report.duplicates}" + (f", truncated {report.truncated}" if report.truncated else ""))
     for line in reject_lines(dict(report.rejected.most_common()), rejects):
         print(line)
+    warn_if_empty(file, report.records_in)
     summary = summary or (_sidecar(out, "validate") if out else None)
     if summary:
         write_json(summary, data)

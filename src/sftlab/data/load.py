@@ -171,7 +171,7 @@ def _read_jsonl(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
                 raw = raw.removeprefix(codecs.BOM_UTF8)
             if not raw.strip():
                 continue
-            if first and raw.strip() in (b"[", b"{", b"[{"):  # every line would be a reject
+            if first and raw.strip() in (b"[", b"{", b"[{") and _one_document(path):  # each line a reject
                 raise DataError(f"{path}:{lineno}", "this is one JSON document over several lines, not JSON Lines "
                                                     "(one record per line): name the file .json")
             first = False
@@ -316,6 +316,14 @@ def _read_json(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
     if not isinstance(obj, dict):
         raise DataError(f"{path}:1", f"expected a JSON array or object, got {type(obj).__name__}")
     yield from _json_object(path, obj, split)
+
+
+def _one_document(path: Path) -> bool:
+    try:
+        json.loads(_decode_file(path))
+    except (ValueError, RecursionError, RecordError):
+        return False
+    return True
 
 
 def _one_line_record(text: str) -> bool:
