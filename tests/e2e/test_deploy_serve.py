@@ -139,3 +139,74 @@ def test_chat_session_keeps_history_and_resets(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(chat_mod.ChatSession, "reply", spy)
     chat_mod.chat_loop(str(tiny_model_dir), max_tokens=4, read=lambda _: next(inputs))
     assert seen == [0, 2, 0]  # second turn sees the first exchange; /reset clears it
+
+
+def test_stop_strings_cut_the_text_streamed_or_not(client):
+    """OpenAI's `stop`: the text ends before the first stop string, finish_reason "stop", and the
+    stream holds back a stop string's start until it knows, so both forms send the same text."""
+    messages = [{"role": "user", "content": "Tell me a fact about owls."}]
+    sampling = dict(model="tiny", messages=messages, max_tokens=24, temperature=1.0, seed=3)  # varied, repeatable
+    whole = client.chat.completions.create(**sampling).choices[0].message.content
+    stop = next(whole[i:i + 3] for i in range(4, len(whole) - 3) if whole[i:i + 3].strip())
+    cut = whole[:whole.index(stop)]
+    resp = client.chat.completions.create(**sampling, stop=[stop, "never seen"])
+    assert (resp.choices[0].message.content, resp.choices[0].finish_reason) == (cut, "stop")
+    chunks = list(client.chat.completions.create(**sampling, stop=stop, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cut
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == resp.usage.completion_tokens
+
+
+def test_seeded_sampling_repeats_and_text_parts_and_model_lookup(client):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Write "}, {"type": "text", "text": "a poem."}]}]
+    runs = [client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=1.0,
+                                           seed=7).choices[0].message.content for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2]
+    assert client.models.retrieve("tiny").id == "tiny"
+
+
+def test_empty_prompt_and_too_long_for_the_model_are_400s(server, client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="the prompt is empty") as e:
+        client.completions.create(model="tiny", prompt="", max_tokens=4)
+    assert e.value.body["param"] == "prompt"
+    backend = server[1]
+    context, backend.context_length = backend.context_length, 20
+    try:
+        with pytest.raises(openai.BadRequestError, match="exceed the model's context of 20 tokens"):
+            client.completions.create(model="tiny", prompt="one two three four five", max_tokens=32)
+    finally:
+        backend.context_length = context
+
+
+def test_a_cancelled_request_leaves_the_engine_at_its_next_token(tiny_model_dir):
+    """A client that goes away cancels its request: the engine stops decoding it, not at max_tokens."""
+    from sftlab.serve.backends import BatchingBackend
+    from sftlab.serve.generation import TorchEngine, encode
+
+    engine = TorchEngine.from_pretrained(tiny_model_dir)
+    engine.stop_ids = set()  # no end-of-turn token can end it early
+    produced, generate = [], engine.generate
+    engine.generate = lambda requests: produced.append(generate(requests)) or produced[-1]
+    backend = BatchingBackend(engine)
+    ids = encode(engine.tokenizer, messages=[{"role": "user", "content": "hi"}])
+
+    async def run():
+        seen = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(backend.generate(ids=ids, max_tokens=400, temperature=0.0, top_p=1.0,
+                                                      on_text=lambda _: loop.call_soon_threadsafe(seen.set)))
+        await seen.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        done = await backend.generate(ids=ids, max_tokens=3, temperature=0.0, top_p=1.0)
+        assert done.completion_tokens == 3
+
+    try:
+        asyncio.run(run())
+    finally:
+        backend.close()
+    assert len(produced[0][0].tokens) < 100  # far fewer than the 400 asked for

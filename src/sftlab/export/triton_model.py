@@ -37,10 +37,11 @@ class TritonPythonModel:
             raise ValueError(f"max_tokens must be in 1..{self.max_tokens_limit}, got {max_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        seed = None if params.get("seed") is None else int(params["seed"])
         texts = pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)
         tokenizer = self.engine.tokenizer
-        return [GenRequest(encode(tokenizer, *parse_text_input(t.decode("utf-8"))), max_tokens, temperature, top_p)
-                for t in texts]
+        return [GenRequest(encode(tokenizer, *parse_text_input(t.decode("utf-8"))), max_tokens, temperature, top_p,
+                           seed=seed) for t in texts]
 
     def execute(self, requests):
         responses = [None] * len(requests)

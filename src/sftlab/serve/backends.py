@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from sftlab.errors import SftlabError
-from sftlab.serve.generation import GenRequest, OnnxEngine, TorchEngine, stop_token_ids
+from sftlab.serve.generation import (GenRequest, IncrementalDecoder, OnnxEngine, StopText, TorchEngine,
+                                     stop_token_ids)
 
 BACKENDS = ("torch", "onnx", "triton")
 
@@ -44,19 +45,40 @@ class BatchingBackend:
 
     def __init__(self, engine, *, max_batch_size: int = 8, max_wait_ms: float = 5.0):
         self.engine, self.tokenizer = engine, engine.tokenizer
+        self.context_length = engine.context_length  # prompt + max_tokens must fit (None: not known)
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="sftlab-batcher", daemon=True)
         self._thread.start()
 
     async def generate(self, *, ids: list[int], messages=None, prompt=None, max_tokens: int, temperature: float,
-                       top_p: float, on_token: Callable[[int], None] | None = None) -> Completion:
+                       top_p: float, stop: list[str] = (), seed: int | None = None,
+                       on_text: Callable[[str], None] | None = None) -> Completion:
+        """The completion of one request; `on_text` (called on the worker thread) gets its text as
+        it is decoded, cut before the first `stop` string. A request cancelled while it waits
+        (its client went away) leaves the engine's batch at the next token."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put((GenRequest(ids, max_tokens, temperature, top_p, on_token), future, loop))
-        result = await future
-        text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
-        return Completion(text, result.finish_reason, len(ids), len(result.tokens))
+        decoder, cut = IncrementalDecoder(self.tokenizer), StopText(list(stop))
+        request = GenRequest(ids, max_tokens, temperature, top_p, seed=seed)
+
+        def token(tok: int) -> None:
+            piece = cut.feed(decoder.add(tok))
+            request.done = cut.hit
+            if piece and on_text:
+                on_text(piece)
+
+        request.on_token = token
+        self._queue.put((request, future, loop))
+        try:
+            result = await future
+        except asyncio.CancelledError:
+            request.done = True
+            raise
+        if (tail := cut.flush()) and on_text:
+            on_text(tail)
+        return Completion(cut.text, "stop" if cut.hit else result.finish_reason, len(ids),
+                          len(result.tokens))
 
     def _loop(self) -> None:
         while True:
@@ -74,6 +96,9 @@ class BatchingBackend:
                     self._queue.put(None)
                     break
                 batch.append(item)
+            batch = [item for item in batch if not item[0].done]  # cancelled while queued
+            if not batch:
+                continue
             try:
                 results = self.engine.generate([req for req, _, _ in batch])
             except Exception as e:  # reported to every waiting request
@@ -106,16 +131,22 @@ class TritonBackend:
         return client.infer(self.model_name, inputs, parameters=params)
 
     async def generate(self, *, ids: list[int], messages=None, prompt=None, max_tokens: int, temperature: float,
-                       top_p: float, on_token=None) -> Completion:
+                       top_p: float, stop: list[str] = (), seed: int | None = None, on_text=None) -> Completion:
+        """The whole completion from Triton (no token stream): `stop` cuts it afterwards."""
         import numpy as np
 
         text = json.dumps(messages) if messages is not None else prompt
         inp = self._http.InferInput("text", [1, 1], "BYTES")
         inp.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=np.object_))
         params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
+        if seed is not None:
+            params["seed"] = seed
         result = await asyncio.to_thread(self._infer, [inp], params)
-        return Completion(result.as_numpy("text")[0, 0].decode("utf-8"), result.as_numpy("finish_reason")[0, 0].decode(),
-                          int(result.as_numpy("prompt_tokens")[0, 0]), int(result.as_numpy("completion_tokens")[0, 0]))
+        cut = StopText(list(stop))
+        cut.feed(result.as_numpy("text")[0, 0].decode("utf-8"))
+        finish = "stop" if cut.hit else result.as_numpy("finish_reason")[0, 0].decode()
+        return Completion(cut.text, finish, int(result.as_numpy("prompt_tokens")[0, 0]),
+                          int(result.as_numpy("completion_tokens")[0, 0]))
 
     def close(self) -> None:
         self.server.stop()

@@ -94,6 +94,34 @@ class GenRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     on_token: Callable[[int], None] | None = None
+    seed: int | None = None  # sampling draws from its own generator seeded with it: repeatable in any batch
+    done: bool = False  # set from another thread (client gone, stop text seen): the engine drops it at its next token
+
+
+class StopText:
+    """Generated text cut before the first of `stops` (OpenAI's `stop`), fed piece by piece:
+    `feed` returns the text that can be sent now, holding back a tail that may be the start of
+    a stop string, and sets `hit` once one appears; `flush` returns what is held back at the end."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text, self.sent, self.hit = "", 0, False
+
+    def feed(self, piece: str) -> str:
+        if self.hit:
+            return ""
+        self.text += piece
+        cut = min((i for s in self.stops if (i := self.text.find(s, self.sent)) >= 0), default=-1)
+        if cut >= 0:
+            self.hit, self.text = True, self.text[:cut]
+        hold = 0 if self.hit else max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])),
+                                      default=0)
+        out, self.sent = self.text[self.sent:len(self.text) - hold], len(self.text) - hold
+        return out
+
+    def flush(self) -> str:
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
 
 
 @dataclass
@@ -104,6 +132,8 @@ class GenResult:
 
 def take_token(result: GenResult, request, tok: int, stop_ids) -> bool:
     """Record one generated token for a request; False once the request is finished."""
+    if request.done:
+        return False
     if tok in stop_ids:
         result.finish_reason = "stop"
         return False
@@ -126,6 +156,7 @@ class TorchEngine:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else stop_ids[0]
         self.device = next(model.parameters()).device
+        self.context_length = getattr(model.config, "max_position_embeddings", None)
 
     @classmethod
     def from_pretrained(cls, path: str | Path):
@@ -158,10 +189,12 @@ class TorchEngine:
                              logits_to_keep=1)
             results = [GenResult() for _ in requests]
             active = [r.max_new_tokens > 0 for r in requests]
+            generators = [None if r.seed is None else torch.Generator(self.device).manual_seed(r.seed)
+                          for r in requests]
             for _ in range(max(r.max_new_tokens for r in requests)):
                 if not any(active):
                     break
-                nxt = self._pick(out.logits[:, -1, :].float(), requests)
+                nxt = self._pick(out.logits[:, -1, :].float(), requests, generators)
                 for i, r in enumerate(requests):
                     if not active[i]:
                         continue
@@ -174,7 +207,7 @@ class TorchEngine:
                                  cache=out.cache, use_cache=True)
             return results
 
-    def _pick(self, logits, requests: list[GenRequest]):
+    def _pick(self, logits, requests: list[GenRequest], generators):
         torch = self.torch
         tokens = logits.argmax(-1)
         for i, r in enumerate(requests):
@@ -184,7 +217,7 @@ class TorchEngine:
                     sorted_p, order = probs.sort(descending=True)
                     keep = sorted_p.cumsum(-1) - sorted_p < r.top_p
                     probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-                tokens[i] = torch.multinomial(probs, 1)[0]
+                tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
         return tokens
 
 
@@ -199,6 +232,8 @@ class OnnxEngine:
         self.model = og.Model(str(model_dir))
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids)
+        config = json.loads((Path(model_dir) / "genai_config.json").read_text())
+        self.context_length = config["model"].get("context_length")
 
     @classmethod
     def from_pretrained(cls, path: str | Path):
@@ -216,6 +251,8 @@ class OnnxEngine:
             opts: dict[str, Any] = {"max_length": len(r.ids) + max(r.max_new_tokens, 1), "do_sample": r.temperature > 0}
             if r.temperature > 0:
                 opts.update(temperature=r.temperature, top_p=r.top_p, top_k=0)
+                if r.seed is not None:
+                    opts.update(random_seed=r.seed)
             params.set_search_options(**opts)
             gen = og.Generator(self.model, params)
             gen.append_tokens([r.ids])

@@ -12,14 +12,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
-from sftlab.serve.generation import IncrementalDecoder, encode
+from sftlab.serve.generation import encode
 from sftlab.serve.guard import (GuardLimits, add_request_guard, encodable, error_response, http_error_handler,
                                 warn_if_exposed)
 
@@ -31,17 +31,32 @@ class Limits(GuardLimits):
     default_max_tokens: int = 256
 
 
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    content: str | list[TextPart]  # a list of text parts, as the OpenAI SDK and LangChain send
 
-    _check_content = field_validator("content")(encodable)
+    @field_validator("content")
+    @classmethod
+    def _text(cls, value):
+        return encodable("".join(p.text for p in value) if isinstance(value, list) else value)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
 
 
 class _Sampling(BaseModel):
@@ -53,6 +68,17 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings; the text ends before the first one")
+    seed: int | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop strings")
+        return encodable(stops)
 
 
 class ChatRequest(_Sampling):
@@ -99,13 +125,30 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                            param="max_tokens", code="max_tokens_too_large")
         return value
 
-    def _check_prompt(ids: list[int]) -> None:
+    def _check_prompt(ids: list[int], max_tokens: int, param: str) -> None:
+        if not ids:
+            raise APIError(400, "the prompt is empty (this tokenizer adds no token of its own)", param=param)
         if len(ids) > limits.max_prompt_tokens:
             raise APIError(400, f"the prompt is {len(ids)} tokens; this server allows at most "
-                                f"{limits.max_prompt_tokens}", param="messages", code="context_length_exceeded")
+                                f"{limits.max_prompt_tokens}", param=param, code="context_length_exceeded")
+        context = getattr(backend, "context_length", None)
+        if context and len(ids) + max_tokens > context:
+            raise APIError(400, f"the prompt ({len(ids)} tokens) and max_tokens ({max_tokens}) exceed the model's "
+                                f"context of {context} tokens", param=param, code="context_length_exceeded")
+
+    def _sampling(req: _Sampling) -> dict:
+        return dict(max_tokens=_max_tokens(req), temperature=req.temperature, top_p=req.top_p, stop=req.stop or [],
+                    seed=req.seed)
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise APIError(404, f"the model '{model_id}' does not exist; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
+        return {"id": model_name, "object": "model", "created": 0, "owned_by": "sftlab"}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         messages = [m.model_dump() for m in req.messages]
         try:
             ids = encode(tokenizer, messages=messages)
@@ -113,71 +156,80 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
             raise APIError(400, str(e), param="messages") from e
         except TemplateError as e:  # raise_exception() in the template, or the sandbox's SecurityError
             raise APIError(400, f"the chat template failed: {e}", param="messages") from e
-        _check_prompt(ids)
-        kwargs = dict(ids=ids, messages=messages, max_tokens=_max_tokens(req), temperature=req.temperature,
-                      top_p=req.top_p)
-        return await _respond(req, kwargs, chat=True)
+        max_tokens = _max_tokens(req)
+        _check_prompt(ids, max_tokens, "messages")
+        kwargs = dict(ids=ids, messages=messages, **_sampling(req))
+        return await _respond(req, request, kwargs, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, "send exactly one prompt per request", param="prompt")
         ids = encode(tokenizer, prompt=prompts[0])
-        _check_prompt(ids)
-        kwargs = dict(ids=ids, prompt=prompts[0], max_tokens=_max_tokens(req), temperature=req.temperature,
-                      top_p=req.top_p)
-        return await _respond(req, kwargs, chat=False)
+        _check_prompt(ids, _max_tokens(req), "prompt")
+        kwargs = dict(ids=ids, prompt=prompts[0], **_sampling(req))
+        return await _respond(req, request, kwargs, chat=False)
 
-    async def _respond(req: _Sampling, kwargs: dict, *, chat: bool):
+    def _usage(out) -> dict:
+        return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                "total_tokens": out.prompt_tokens + out.completion_tokens}
+
+    async def _respond(req: _Sampling, request: Request, kwargs: dict, *, chat: bool):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
-        if not req.stream:
-            out = await backend.generate(**kwargs)
-            usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                     "total_tokens": out.prompt_tokens + out.completion_tokens}
-            choice = ({"index": 0, "message": {"role": "assistant", "content": out.text}} if chat
-                      else {"index": 0, "text": out.text, "logprobs": None})
-            choice["finish_reason"] = out.finish_reason
-            return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
-                    "usage": usage}
-        return StreamingResponse(_stream(rid, created, kwargs, chat), media_type="text/event-stream")
+        if req.stream:
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return StreamingResponse(_stream(rid, created, kwargs, chat, usage), media_type="text/event-stream")
+        task = asyncio.ensure_future(backend.generate(**kwargs))
+        while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():  # nobody will read the answer: stop computing it
+                task.cancel()
+                return Response(status_code=499)
+        out = task.result()
+        choice = ({"index": 0, "message": {"role": "assistant", "content": out.text}} if chat
+                  else {"index": 0, "text": out.text, "logprobs": None})
+        choice["finish_reason"] = out.finish_reason
+        return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
+                "usage": _usage(out)}
 
-    async def _stream(rid: str, created: int, kwargs: dict, chat: bool):
+    async def _stream(rid: str, created: int, kwargs: dict, chat: bool, usage: bool):
         loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue = asyncio.Queue()
-        decoder = IncrementalDecoder(tokenizer)
+        pieces: asyncio.Queue = asyncio.Queue()
         task = asyncio.ensure_future(backend.generate(
-            **kwargs, on_token=lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t)))
-        task.add_done_callback(lambda _: tokens.put_nowait(None))
+            **kwargs, on_text=lambda t: loop.call_soon_threadsafe(pieces.put_nowait, t)))
+        task.add_done_callback(lambda _: pieces.put_nowait(None))
 
-        def chunk(text: str | None, finish: str | None = None, first: bool = False) -> str:
-            if chat:
+        def chunk(text: str | None, finish: str | None = None, first: bool = False, **extra) -> str:
+            if "usage" in extra:
+                choices = []
+            elif chat:
                 delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
             else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish}
+                choices = [{"index": 0, "text": text or "", "finish_reason": finish}]
             body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                    "created": created, "model": model_name, "choices": [choice]}
+                    "created": created, "model": model_name, "choices": choices, **extra}
             return f"data: {json.dumps(body)}\n\n"
 
         try:
             if chat:
                 yield chunk(None, first=True)
             streamed = ""
-            while (tok := await tokens.get()) is not None:
-                if delta := decoder.add(tok):
-                    streamed += delta
-                    yield chunk(delta)
+            while (piece := await pieces.get()) is not None:
+                streamed += piece
+                yield chunk(piece)
             out = task.result()
             if out.text.startswith(streamed) and out.text[len(streamed):]:  # backends that do not stream tokens
                 yield chunk(out.text[len(streamed):])
             yield chunk(None, out.finish_reason)
+            if usage:
+                yield chunk(None, usage=_usage(out))
         except Exception as e:  # headers are sent already: report in-band like OpenAI does
             yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
         finally:
-            task.cancel()
+            task.cancel()  # a client gone mid-stream cancels its request in the engine too
         yield "data: [DONE]\n\n"
 
     return app
