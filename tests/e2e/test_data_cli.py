@@ -83,3 +83,13 @@ def test_an_empty_file_is_said_to_hold_no_records(tmp_path, capsys):
     for command in (["data", "validate", str(empty)], ["data", "inspect", str(empty)]):
         assert main(command) == 0
         assert f"warning: {empty} holds no records" in capsys.readouterr().err
+
+
+def test_an_output_that_is_the_input_is_refused(tmp_path, capsys):
+    src = tmp_path / "a.jsonl"
+    src.write_text(json.dumps({"instruction": "Say hi", "output": "Hi"}) + "\n")
+    for command in (["data", "augment", str(src), "--out", str(src)], ["data", "curate", str(src), "--out", str(src)],
+                    ["data", "validate", str(src), "--out", str(src)]):
+        assert main(command) == 1
+        assert f"--out {src} is the input file" in capsys.readouterr().err
+    assert src.read_text().count("\n") == 1

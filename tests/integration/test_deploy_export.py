@@ -85,6 +85,22 @@ def test_merged_model_equals_adapter_model(tmp_path, tokenizer, dora):
     assert not list((tmp_path / "merged").glob("*.bin"))
 
 
+def test_merge_bound_scales_with_the_logits_and_catches_a_lost_adapter(tmp_path, tokenizer, monkeypatch):
+    """The bound is MERGE_RELATIVE of the largest logit (fp32 rounding grows with it), never under
+    MERGE_TOLERANCE; an adapter lost in the merge is still far outside it."""
+    from peft import LoraModel
+
+    from sftlab.export.merge import MERGE_RELATIVE, MERGE_TOLERANCE, merge_run
+
+    run = make_lora_run(tmp_path / "run", tokenizer)
+    result = merge_run(run, tmp_path / "merged")
+    assert result.ok and result.tolerance >= MERGE_TOLERANCE
+    assert result.tolerance == MERGE_TOLERANCE or result.tolerance / MERGE_RELATIVE > 5  # logits above 5
+    monkeypatch.setattr(LoraModel, "merge_and_unload", LoraModel.unload)  # planted: the adapter dropped
+    lost = merge_run(run, tmp_path / "lost")
+    assert not lost.ok and lost.max_abs_diff > 100 * lost.tolerance
+
+
 def test_merge_refuses_a_non_run_and_a_full_output(tmp_path, tiny_model_dir, lora_run):
     from sftlab.errors import SftlabError
     from sftlab.export.merge import merge_run

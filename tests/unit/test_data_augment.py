@@ -141,3 +141,18 @@ def test_model_paraphrase_with_a_real_tiny_model(tiny_model_dir, tmp_path):
         assert c.meta["augmentation"] == "model_paraphrase"
         assert c.messages[-1] == src.messages[-1]  # the answer is kept
         assert c.messages[-2]["content"] == want[src.source]  # the instruction is the model's rewrite
+
+
+def test_a_preference_pair_keeps_one_prompt_on_both_sides():
+    """Augmenting a pair changes its prompt on the rejected side too: the result is still a pair
+    that `align` reads (the same prompt, different answers)."""
+    from sftlab.data.formats import to_conversation
+
+    pair = to_conversation({"prompt": "Classify the sentiment of this review: the kettle broke after a day.",
+                            "chosen": "negative", "rejected": "positive"}, "p:1")
+    new, _ = augment([pair], AugmentOptions(strategies=["paraphrase", "system", "noise"], copies=2, seed=1))
+    assert new
+    for conv in new:
+        again = to_conversation(conv.to_json(), conv.source)  # raises on a prompt mismatch
+        assert again.meta["rejected"][:-1] == conv.messages[:-1] != pair.messages[:-1]
+        assert again.meta["rejected"][-1]["content"] == "positive"

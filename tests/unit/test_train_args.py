@@ -59,6 +59,8 @@ def test_warmup_ratio_is_a_ratio_of_the_steps_even_at_one(tmp_path):
     assert lr_schedule(tmp_path, 8, "training.warmup_ratio=0.25", "training.lr_scheduler_type=linear") == \
         pytest.approx([0, 0.5, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
     assert lr_schedule(tmp_path, 4, "training.warmup_ratio=0", "training.lr_scheduler_type=constant") == [1.0] * 4
+    # one step: no warm-up, whatever the ratio (its first step's learning rate of 0 would train nothing)
+    assert lr_schedule(tmp_path, 1, "training.lr_scheduler_type=linear") == [1.0]
 
 
 def test_explicit_warmup_steps_win_over_the_default_warmup_ratio(tmp_path):

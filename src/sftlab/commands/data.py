@@ -124,9 +124,19 @@ def _rejects_path(skip: bool, rejects: Optional[Path], file: str, *, out: Option
     return Path(f"{Path(file).stem}.rejects.jsonl")
 
 
+def _not_the_input(file: str, out: Optional[Path]) -> None:
+    """Refuse an output that is the input file: it would be overwritten with (or appended to) itself."""
+    from sftlab.errors import SftlabError
+
+    if out is not None and out.exists() and Path(file).exists() and out.resolve() == Path(file).resolve():
+        raise SftlabError(f"--out {out} is the input file; write to another file")
+
+
 def _reading(file: str, fmt, *, skip: bool, rejects: Optional[Path], split: Optional[str] = None, **beside):
     """The input in strict or skip mode (the one reader every data command shares)."""
     from sftlab.data.load import Reading
+
+    _not_the_input(file, beside.get("out"))
 
     return Reading(file, format=fmt, split=split, skip=skip, rejects_path=_rejects_path(skip, rejects, file, **beside))
 
@@ -195,6 +205,7 @@ def validate(
     opts = _options(ValidateOptions, None, None, format=format, columns=Columns.parse(columns) if columns else None,
                     split=split, on_error="skip" if skip else "raise",
                     dedup=not no_dedup, max_seq_length=max_seq_length, length_policy=length_policy)
+    _not_the_input(file, out)
     rejects = _rejects_path(skip, rejects, file, out=out)
     report = run(file, opts, out=out, rejects_path=rejects, tokenizer=_tokenizer(model, chat_template), progress=True)
     data = report.to_json()

@@ -89,7 +89,12 @@ class AugmentReport:
 def _variant(conv: Conversation, messages: list[dict[str, str]], strategy: str, meta_extra: dict | None = None,
              k: int = 0) -> Conversation:
     meta = {**conv.meta, **(meta_extra or {}), "augmented_from": conv.source, "augmentation": strategy}
-    return Conversation(messages=messages, source=f"{conv.source}#{strategy}{k}", meta=meta)
+    variant = Conversation(messages=messages, source=f"{conv.source}#{strategy}{k}", meta=meta)
+    rejected = conv.meta.get("rejected")
+    if isinstance(rejected, list):  # a preference pair: its rejected answer follows the same, new prompt
+        last = max((i for i, m in enumerate(rejected) if m.get("role") == "assistant"), default=len(rejected))
+        meta["rejected"] = [*variant.prompt_messages(), *rejected[last:]]
+    return variant
 
 
 def _first_user(conv: Conversation) -> int | None:

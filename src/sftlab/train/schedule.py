@@ -8,7 +8,10 @@ sets the step count here, once the scheduler is created.
 
 from __future__ import annotations
 
+import logging
 import math
+
+logger = logging.getLogger("sftlab.train")
 
 
 class RatioWarmup:
@@ -19,5 +22,17 @@ class RatioWarmup:
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.warmup_ratio is not None:
-            self.args.warmup_steps = math.ceil(self.warmup_ratio * num_training_steps)
+            self.args.warmup_steps = warmup_steps(self.warmup_ratio, num_training_steps)
         return super().create_scheduler(num_training_steps, optimizer)
+
+
+def warmup_steps(ratio: float, steps: int) -> int:
+    """ceil(ratio x steps), as transformers counts a warm-up ratio, except for a one-step run: a
+    warm-up's first step has a learning rate of 0, so one step of warm-up (what any ratio above 0
+    gives it) would end the run where it started, without a word."""
+    n = math.ceil(ratio * steps)
+    if n and steps == 1:
+        logger.warning("warm-up: a one-step run is not warmed up (warmup_ratio %g would give it a learning rate "
+                       "of 0: nothing would be trained)", ratio)
+        return 0
+    return n
