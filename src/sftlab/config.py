@@ -42,7 +42,7 @@ class LoraConfig(Section):
 
 
 class DataConfig(Section):
-    train: str = Field(..., description="Training data: .jsonl/.json/.csv/.parquet, a saved HF dataset folder, or a hub id.")
+    train: str = Field(..., min_length=1, description="Training data: .jsonl/.json/.csv/.parquet, a saved HF dataset folder, or a hub id.")
     validation: str | None = Field(None, description="Validation data (same formats); enables eval loss and early stopping.")
     format: str | None = Field(None, description="Schema: alpaca | dolly | squad | sharegpt | messages | prompt_completion | text | preference (default: detect).")
     columns: Columns | None = Field(None, description="Which column is which, for data in no detected schema: {prompt, response, input?, system?}, {messages, system?} or {text} -> column names.")
@@ -281,6 +281,8 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise SftlabError(f"override '{item}' is not key=value (e.g. training.learning_rate=1e-4)")
         key, raw = item.split("=", 1)
+        if not key.strip() or "" in key.strip().split("."):
+            raise SftlabError(f"override '{item}' has an empty key (e.g. training.learning_rate=1e-4)")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:

@@ -578,7 +578,10 @@ def parse_memory(text: str) -> int:
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _UNITS:
         raise SftlabError(f"cannot read the memory size {text!r} (examples: 24GiB, 80GB, 512MiB)")
-    return int(float(m.group(1)) * _UNITS[unit])
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise SftlabError(f"the memory size {text!r} is not above zero")
+    return size
 
 
 def system_memory() -> int:

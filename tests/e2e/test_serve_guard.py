@@ -25,7 +25,7 @@ class StubBackend:
     def __init__(self, tokenizer, delay: float = 0.0):
         self.tokenizer, self.delay = tokenizer, delay
 
-    async def generate(self, *, ids, max_tokens, on_token=None, **_):
+    async def generate(self, *, ids, max_tokens, **_):
         from sftlab.serve.backends import Completion
 
         await asyncio.sleep(self.delay)
@@ -252,7 +252,8 @@ def test_cli_reads_the_key_file_named_in_the_environment(tmp_path, tiny_model_di
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "lone surrogate"),
     ("/v1/completions", b'{"prompt": ["fine", "x\\udfff"]}', "lone surrogate"),
     ("/v1/chat/completions", b'{"messages": []}', "messages"),
-    ("/v1/chat/completions", b"\xff\xfe not UTF-8", "JSON decode error"),  # read as UTF-16 (its BOM): garbage
+    ("/v1/chat/completions", b"\xff\xfe not UTF-8", "not valid JSON"),  # read as UTF-16 (its BOM): garbage
+    ("/v1/chat/completions", b'{"messages": ', "the request body is not valid JSON: "),
     ("/v1/chat/completions", b"\xff\xfe not json", "error parsing the body"),  # odd length: not even UTF-16
 ])
 def test_malformed_bodies_get_openai_shaped_400s(tokenizer, url, body, where):

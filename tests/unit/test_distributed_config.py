@@ -212,3 +212,14 @@ def test_estimate_per_process(tiny_model_dir):
     assert z3o.weights == z3o.optimizer == 0 and z3o.offloaded == z3.weights + z3.optimizer
     assert z3o.total < z3.total < ddp.total
     assert estimate_memory(None, "full", nproc=4, distributed="zero3", **kw).total < z3.total
+
+
+def test_an_empty_key_or_training_file_is_a_clear_error():
+    from sftlab.config import load_config
+
+    with pytest.raises(SftlabError, match="override '=3' has an empty key"):
+        load_config(None, ["data.train=x.jsonl", "=3"])
+    with pytest.raises(SftlabError, match="override 'training..lr=3' has an empty key"):
+        load_config(None, ["data.train=x.jsonl", "training..lr=3"])
+    with pytest.raises(SftlabError, match="'data.train': String should have at least 1 character"):
+        load_config(None, ["data.train="])

@@ -84,6 +84,8 @@ def test_parse_memory():
     assert parse_memory("1000") == 1000
     with pytest.raises(SftlabError, match="24 gigs"):
         parse_memory("24 gigs")
+    with pytest.raises(SftlabError, match="'0GB' is not above zero"):
+        parse_memory("0GB")
 
 
 def test_bad_arguments(tiny_model_dir):

@@ -42,6 +42,17 @@ async def http_error_handler(_, e: HTTPException) -> JSONResponse:
     return error_response(e.status_code, str(e.detail), headers=e.headers)
 
 
+async def validation_error_handler(_, e) -> JSONResponse:
+    """A FastAPI RequestValidationError as one 400 naming the field, or where the body is not JSON."""
+    first = e.errors()[0]
+    loc = first.get("loc", ())
+    if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+        return error_response(400, f"the request body is not valid JSON: {reason} at character {loc[-1]}")
+    where = ".".join(str(x) for x in loc[1:]) or None
+    return error_response(400, f"invalid request: {where or 'body'}: {first.get('msg')}", param=where)
+
+
 def encodable(value: str | list[str] | None):
     """A pydantic field validator: JSON may carry lone surrogates (\\ud800) that no tokenizer or
     UTF-8 file can take; refuse them at the door (400) instead of failing later (500)."""

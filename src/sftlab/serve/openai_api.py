@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 
 from sftlab.serve.generation import encode
 from sftlab.serve.guard import (GuardLimits, add_request_guard, encodable, error_response, http_error_handler,
-                                warn_if_exposed)
+                                validation_error_handler, warn_if_exposed)
 
 
 @dataclass
@@ -100,12 +100,7 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
     async def _api_error(_, e: APIError):
         return error_response(e.status, e.message, e.type, e.param, e.code)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_, e: RequestValidationError):
-        first = e.errors()[0]
-        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        return error_response(400, f"invalid request: {param or 'body'}: {first.get('msg')}", param=param)
-
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
 
     add_request_guard(app, prefix="/v1/", api_key=api_key, limits=limits)

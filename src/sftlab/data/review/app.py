@@ -27,7 +27,8 @@ from starlette.exceptions import HTTPException
 from sftlab.data.conversation import jsonable
 from sftlab.data.review.session import MAX_LABEL, MAX_REASON, Conflict, ReviewSession, UnknownExample
 from sftlab.errors import SftlabError
-from sftlab.serve.guard import GuardLimits, add_request_guard, encodable, error_response, http_error_handler
+from sftlab.serve.guard import (GuardLimits, add_request_guard, encodable, error_response, http_error_handler,
+                                validation_error_handler)
 
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 
@@ -66,11 +67,7 @@ def create_app(session: ReviewSession, *, api_key: str | None = None, max_body_b
     page, csp = _page()
     app = FastAPI(title="sftlab data review", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_, e: RequestValidationError):
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or "body"
-        return error_response(400, f"invalid request: {where}: {first.get('msg')}", param=where)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
 
     @app.exception_handler(Conflict)
     async def _conflict(_, e: Conflict):
