@@ -105,8 +105,7 @@ def _run(argv: list[str]) -> int:
         print(f"error: {e.strerror}: {paths}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(name)
     except SystemExit as e:  # typer/click exit codes (e.g. --help)
         return int(e.code or 0)
     except Exception as e:  # usage errors carry their own exit code and message
@@ -114,7 +113,16 @@ def _run(argv: list[str]) -> int:
         if usage is None:
             raise
         return usage
-    return code if isinstance(code, int) else 0  # typer returns 130 for Ctrl-C when not standalone
+    if code == 130:  # typer returns it for Ctrl-C when not standalone
+        return _interrupted(name)
+    return code if isinstance(code, int) else 0
+
+
+def _interrupted(command: str) -> int:
+    hint = f" (sftlab {command} CONFIG --resume continues from the last checkpoint)" if command in ("train", "align") \
+        else ""
+    print(f"interrupted{hint}", file=sys.stderr)
+    return 130
 
 
 def _usage_error_code(e: Exception) -> int | None:

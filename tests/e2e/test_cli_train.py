@@ -202,3 +202,18 @@ def test_sftlab_train_runs_on_tcmalloc_where_installed_and_on_glibc_when_told(tm
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert json.loads((out / "run.json").read_text())["allocator"] == want
         assert ("libtcmalloc-minimal4" in proc.stdout) == (want == "system" and not extra)  # the advice, once
+
+
+def test_ctrl_c_says_interrupted_and_how_to_resume(monkeypatch, capsys):
+    """However the interrupt comes back (raised, or typer's 130), one line says so and, for a
+    command that checkpoints, how to continue."""
+    import sftlab.commands.train as train_command
+
+    def interrupted(**_):
+        raise KeyboardInterrupt
+
+    for app in (interrupted, lambda **_: 130):
+        monkeypatch.setattr(train_command, "app", app)
+        assert main(["train", "config.yaml"]) == 130
+        assert capsys.readouterr().err.strip() == \
+            "interrupted (sftlab train CONFIG --resume continues from the last checkpoint)"
