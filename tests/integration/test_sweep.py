@@ -125,3 +125,19 @@ def test_a_metric_objective_evaluates_column_mapped_validation_data(tmp_path, ti
     evaluated = json.loads((out / "trial-000" / "eval" / "metrics.json").read_text())
     assert trial["value"] == evaluated["metrics"]["exact_match"] and 0 <= trial["value"] <= 1
     assert len((out / "trial-000" / "eval" / "predictions.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_failed_trial_is_one_line_with_its_reason(tmp_path, tiny_model_dir, demo_data, capfd):
+    """A trial whose `sftlab train` fails (rows too short for any example) is reported in one line
+    with the child's own error, no traceback, and the sweep goes on to the next trial."""
+    out = tmp_path / "sweep"
+    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, demo_data, out,
+                       {"space": {"data.max_seq_length": [8, 128]}, "sampler": "grid", "pruner": "none"},
+                       max_steps=2, eval_steps=2)
+    assert main(["sweep", str(cfg), "--trials", "2"]) == 0
+    text = capfd.readouterr()
+    failed = [line for line in (text.out + text.err).splitlines() if " failed: " in line]
+    assert len(failed) == 1 and "`sftlab train` exited with 1 (" in failed[0] and "train.log" in failed[0], failed
+    assert "Traceback" not in text.out + text.err
+    states = sorted(t["state"] for t in json.loads((out / "sweep.json").read_text())["trials"])
+    assert states == ["complete", "fail"]

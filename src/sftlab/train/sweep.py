@@ -214,7 +214,8 @@ def run_trial(trial, config: TrainConfig, sweep_dir: Path, log: Callable[[str], 
         raise
     code = proc.returncode
     if code != 0:
-        raise TrialError(f"trial {trial.number}: `sftlab train` exited with {code}; see {log_path}")
+        raise TrialError(f"trial {trial.number}: `sftlab train` exited with {code}{_child_error(log_path)}; "
+                         f"see {log_path}")
     objective = config.sweep.objective
     if objective == "eval_loss":
         if not losses:
@@ -224,7 +225,8 @@ def run_trial(trial, config: TrainConfig, sweep_dir: Path, log: Callable[[str], 
             *eval_data_args(config)]
     proc = _child(args, log_path)
     if proc.wait() != 0:
-        raise TrialError(f"trial {trial.number}: `sftlab eval` exited with {proc.returncode}; see {log_path}")
+        raise TrialError(f"trial {trial.number}: `sftlab eval` exited with {proc.returncode}"
+                         f"{_child_error(log_path)}; see {log_path}")
     metrics = json.loads((out / "eval" / "metrics.json").read_text())["metrics"]
     if objective not in metrics:
         raise TrialError(f"trial {trial.number}: `sftlab eval` gave no '{objective}' (got {', '.join(metrics)})")
@@ -260,6 +262,12 @@ def _follow(trial, proc: subprocess.Popen, metrics_path: Path) -> list[tuple[int
         time.sleep(POLL_SECONDS)
 
 
+def _child_error(log_path: Path) -> str:
+    """The last `error: ...` line a child command wrote to its log, as ' (reason)'."""
+    errors = [line for line in log_path.read_text(errors="replace").splitlines() if line.startswith("error: ")]
+    return f" ({errors[-1].removeprefix('error: ')})" if errors else ""
+
+
 class TrialError(Exception):
     """A trial failed on its own (bad hyper-parameters, out of memory): recorded as FAIL, the sweep goes on."""
 
@@ -282,10 +290,14 @@ def run_sweep(config: TrainConfig, trials: int, log: Callable[[str], None] = pri
     todo = trials - finished(study)
     log(f"sweep {sweep_dir}: {finished(study)} trial(s) done, {max(todo, 0)} to run "
         f"({direction_of(config.sweep)} {config.sweep.objective})")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is one line of ours, not a traceback
 
     def objective(trial):
-        value = run_trial(trial, config, sweep_dir, log)
+        try:
+            value = run_trial(trial, config, sweep_dir, log)
+        except TrialError as e:
+            log(f"trial {trial.number} failed: {e}")
+            raise
         log(f"trial {trial.number}: {config.sweep.objective} = {value:.4f}")
         return value
 
