@@ -136,8 +136,6 @@ def _reading(file: str, fmt, *, skip: bool, rejects: Optional[Path], split: Opti
     """The input in strict or skip mode (the one reader every data command shares)."""
     from sftlab.data.load import Reading
 
-    _not_the_input(file, beside.get("out"))
-
     return Reading(file, format=fmt, split=split, skip=skip, rejects_path=_rejects_path(skip, rejects, file, **beside))
 
 
@@ -243,6 +241,7 @@ def curate(
     from sftlab.data.load import save_conversations
 
     opts = _options(CurateOptions, config, set_, decontaminate=decontaminate or None, pii=pii or None)
+    _not_the_input(file, out)
     reading = _reading(file, _schema(format, columns), skip=skip, rejects=rejects, split=split, out=out)
     kept, report = run(reading.load(), opts, tokenizer=_tokenizer(model, chat_template), progress=True)
     print_rejects(reading)
@@ -319,6 +318,7 @@ def augment(
 
     opts = _options(AugmentOptions, config, set_, strategies=strategy or None, model=model,
                     chat_template=chat_template, copies=copies, seed=seed)
+    _not_the_input(file, out)
     reading = _reading(file, _schema(format, columns), skip=skip, rejects=rejects, out=out)
     convs = reading.load()
     print_rejects(reading)
@@ -466,6 +466,7 @@ def pairs(
     from sftlab.models import load_model, load_tokenizer
     from sftlab.train.mistake_pairs import pairs_from_model
 
+    _not_the_input(data, out)
     reading = _reading(data, _schema(format, columns), skip=skip, rejects=rejects, out=out)
     conversations = reading.load()
     if not skip:  # skip mode rejects (and counts) them with the prompts the model cannot take, below
