@@ -59,7 +59,7 @@ class BatchingBackend:
         (its client went away) leaves the engine's batch at the next token."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        decoder, cut = IncrementalDecoder(self.tokenizer), StopText(list(stop))
+        decoder, cut = IncrementalDecoder(self.tokenizer), StopText(stop)
         request = GenRequest(ids, max_tokens, temperature, top_p, seed=seed)
 
         def token(tok: int) -> None:
@@ -142,7 +142,7 @@ class TritonBackend:
         if seed is not None:
             params["seed"] = seed
         result = await asyncio.to_thread(self._infer, [inp], params)
-        cut = StopText(list(stop))
+        cut = StopText(stop)
         cut.feed(result.as_numpy("text")[0, 0].decode("utf-8"))
         finish = "stop" if cut.hit else result.as_numpy("finish_reason")[0, 0].decode()
         return Completion(cut.text, finish, int(result.as_numpy("prompt_tokens")[0, 0]),

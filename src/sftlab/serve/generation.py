@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 MARK = "SFTLAB_ANSWER_SENTINEL"  # plain word characters: templates that trim content keep it whole
 
@@ -103,7 +103,7 @@ class StopText:
     `feed` returns the text that can be sent now, holding back a tail that may be the start of
     a stop string, and sets `hit` once one appears; `flush` returns what is held back at the end."""
 
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: Iterable[str]):
         self.stops = [s for s in stops if s]
         self.text, self.sent, self.hit = "", 0, False
 

@@ -151,9 +151,8 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
             raise APIError(400, str(e), param="messages") from e
         except TemplateError as e:  # raise_exception() in the template, or the sandbox's SecurityError
             raise APIError(400, f"the chat template failed: {e}", param="messages") from e
-        max_tokens = _max_tokens(req)
-        _check_prompt(ids, max_tokens, "messages")
         kwargs = dict(ids=ids, messages=messages, **_sampling(req))
+        _check_prompt(ids, kwargs["max_tokens"], "messages")
         return await _respond(req, request, kwargs, chat=True)
 
     @app.post("/v1/completions")
@@ -162,8 +161,8 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         if len(prompts) != 1:
             raise APIError(400, "send exactly one prompt per request", param="prompt")
         ids = encode(tokenizer, prompt=prompts[0])
-        _check_prompt(ids, _max_tokens(req), "prompt")
         kwargs = dict(ids=ids, prompt=prompts[0], **_sampling(req))
+        _check_prompt(ids, kwargs["max_tokens"], "prompt")
         return await _respond(req, request, kwargs, chat=False)
 
     def _usage(out) -> dict:
