@@ -12,3 +12,12 @@ class DataError(SftlabError):
         self.source = source
         self.reason = message
         super().__init__(f"{source}: {message}")
+
+
+class RecordError(DataError):
+    """A bad record. `kind` is a short category ("unknown role", "empty content", ...) that reject
+    summaries count by."""
+
+    def __init__(self, source: str, kind: str, detail: str = ""):
+        self.kind = kind
+        super().__init__(source, f"{kind}: {detail}" if detail else kind)

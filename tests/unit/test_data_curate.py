@@ -71,6 +71,20 @@ def test_quality_filters_each_switchable(option, answer, reason):
     assert len(kept) == 2 and not report.removed
 
 
+def test_tool_calls_tell_records_apart_and_a_call_is_not_an_empty_answer():
+    """Two records that differ only in a call's arguments are not duplicates, and a turn that only
+    calls a tool (no text) is an answer, not an empty one."""
+    def called(city: str, source: str) -> Conversation:
+        call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+        return Conversation(messages=[{"role": "user", "content": "Weather where I am?"},
+                                      {"role": "assistant", "content": "", "tool_calls": [call]}], source=source)
+
+    convs = [called("Lima", "a"), called("Oslo", "b"), called("Lima", "c")]
+    kept, report = curate(convs, CurateOptions())
+    assert [c.source for c in kept] == ["a", "b"]
+    assert [(r["source"], r["reason"]) for r in report.removals] == [("c", "exact duplicate")]
+
+
 def test_quality_filters_spare_good_answers():
     convs = [chat("Sentiment of 'great product'?", "positive", "label"),
              chat("What is 7*6?", "42", "number"),

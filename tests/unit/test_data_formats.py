@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from sftlab.data.formats import FORMATS, RecordError, detect_format, to_conversation
@@ -107,17 +110,82 @@ def test_unpaired_preference_labels_as_csv_holds_them(label, expected):
     assert detect_format({**rec, "label": "positive"}) == "prompt_completion"  # a class label, not KTO's
 
 
-def test_tool_calls_are_refused_not_dropped():
-    call = {"role": "assistant", "content": None,
-            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
-    rec = {"messages": [{"role": "user", "content": "Weather?"}, call,
-                        {"role": "tool", "tool_call_id": "c1", "content": "18C"},
-                        {"role": "assistant", "content": "18C."}]}
-    with pytest.raises(RecordError, match=r"tool calls: 'messages' message 2 has 'tool_calls'"):
+WEATHER = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Lima"}}}
+
+
+def test_openai_tool_calls_tools_and_results_are_read_in_the_form_templates_take():
+    rec = {"tools": [{"type": "function", "function": WEATHER}],
+           "messages": [{"role": "user", "content": "Warm in Lima?"},
+                        {"role": "assistant", "content": None, "tool_calls": [
+                            {"id": "c1", "type": "function",
+                             "function": {"name": "get_weather", "arguments": "{\"city\": \"Lima\"}"}}]},
+                        {"role": "tool", "tool_call_id": "c1", "content": "24 C"},
+                        {"role": "assistant", "content": "Yes, 24 C."}], "id": 7}
+    c = to_conversation(rec, SRC)
+    assert c.messages[1] == {"role": "assistant", "content": "", "tool_calls": [{**CALL, "id": "c1"}]}
+    assert c.messages[2] == {"role": "tool", "content": "24 C", "tool_call_id": "c1"}
+    assert c.tools == [{"type": "function", "function": WEATHER}] and c.meta == {"id": 7, "tools": c.tools}
+    assert to_conversation(c.to_json(), SRC).messages == c.messages  # what `sftlab data` writes reads back
+
+
+def test_bare_tools_legacy_function_call_and_json_string_columns():
+    rec = {"tools": json.dumps([WEATHER]),  # a Parquet/CSV column holds the list as a JSON string
+           "messages": [{"role": "user", "content": "Lima?"},
+                        {"role": "assistant", "content": "Checking.",
+                         "function_call": {"name": "get_weather", "arguments": "{\"city\": \"Lima\"}"}},
+                        {"role": "function", "name": "get_weather", "content": "24 C"},
+                        {"role": "assistant", "content": "24 C."}]}
+    c = to_conversation(rec, SRC)
+    assert c.tools == [{"type": "function", "function": WEATHER}]
+    assert c.messages[1] == {"role": "assistant", "content": "Checking.", "tool_calls": [CALL]}
+    assert c.messages[2] == {"role": "tool", "content": "24 C", "name": "get_weather"}
+
+
+def test_sharegpt_function_call_turns_as_llama_factory_writes_them():
+    rec = {"tools": json.dumps([WEATHER]),
+           "conversations": [{"from": "human", "value": "Lima?"},
+                             {"from": "function_call", "value": json.dumps({"name": "get_weather",
+                                                                            "arguments": {"city": "Lima"}})},
+                             {"from": "observation", "value": "24 C"}, {"from": "gpt", "value": "24 C."}]}
+    c = to_conversation(rec, SRC)
+    assert [m["role"] for m in c.messages] == ["user", "assistant", "tool", "assistant"]
+    assert c.messages[1] == {"role": "assistant", "content": "", "tool_calls": [CALL]}
+    after_text = {**rec, "conversations": [rec["conversations"][0], {"from": "gpt", "value": "Checking."},
+                                           *rec["conversations"][1:]]}
+    assert to_conversation(after_text, SRC).messages[1] == {"role": "assistant", "content": "Checking.",
+                                                            "tool_calls": [CALL]}
+
+
+@pytest.mark.parametrize("call,reason", [
+    ({"function": {"arguments": {}}}, "tool call 1 has no function name"),
+    ({"function": {"name": "f", "arguments": "[1, 2]"}}, "tool call 1's arguments are not a JSON object"),
+    ({"function": {"name": "f", "arguments": "{city: Lima"}}, "tool call 1's arguments is a string that is not JSON"),
+])
+def test_malformed_tool_calls_are_named(call, reason):
+    rec = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "", "tool_calls": [call]}]}
+    with pytest.raises(RecordError, match=re.escape(f"malformed tool call: 'messages' message 2's {reason}")):
         to_conversation(rec, SRC)
-    rec["messages"][1] = {**call, "content": "Let me check."}
-    with pytest.raises(RecordError, match="tool calls"):
+    with pytest.raises(RecordError, match="malformed tool call: 'tools' must be a list"):
+        to_conversation({"messages": msgs(("user", "Q"), ("assistant", "A")), "tools": {"name": "f"}}, SRC)
+
+
+def test_a_call_on_a_user_turn_and_an_empty_turn_without_calls_are_refused():
+    rec = {"messages": [{"role": "user", "content": "Q", "tool_calls": [CALL]}, {"role": "assistant", "content": "A"}]}
+    with pytest.raises(RecordError, match="is a user message with tool calls"):
         to_conversation(rec, SRC)
+    with pytest.raises(RecordError, match="empty content"):
+        to_conversation({"messages": msgs(("user", "Q"), ("assistant", ""))}, SRC)
+
+
+def test_pairs_whose_answers_differ_only_in_their_calls_are_pairs():
+    other = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Lim"}}}
+    prompt = [{"role": "user", "content": "Lima?"}]
+    rec = {"prompt": prompt, "tools": [WEATHER], "chosen": [{"role": "assistant", "content": "", "tool_calls": [CALL]}],
+           "rejected": [{"role": "assistant", "content": "", "tool_calls": [other]}]}
+    c = to_conversation(rec, SRC)
+    assert c.messages[-1]["tool_calls"] == [CALL] and c.meta["rejected"][-1]["tool_calls"] == [other]
+    assert c.tools == [{"type": "function", "function": WEATHER}]
 
 
 def test_openassistant_message_rows_are_refused():

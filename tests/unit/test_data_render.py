@@ -282,10 +282,11 @@ def test_the_compiled_template_fast_path_is_active(tokenizer, family):
     would silently fall back to apply_chat_template, several times slower: this fails instead."""
     from sftlab.data.render import _Template
 
-    messages = conversation(FAMILIES[family][5]).messages
+    conv = conversation(FAMILIES[family][5])
+    messages = conv.messages
     template = _Template(family_tokenizer(tokenizer, family), messages)
     assert template._compiled is not None, "the fast path is off: see _Template._compile"
-    assert template.renderer(messages) == template._direct
+    assert template.renderer(conv) == template._direct
     for prompt in (False, True):
         fast = template._direct(messages, add_generation_prompt=prompt)
         assert fast == template.slow(messages, add_generation_prompt=prompt)

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from sftlab.data.tools import call_text
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -26,6 +28,11 @@ class Conversation:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def tools(self) -> list[dict[str, Any]] | None:
+        """The functions the conversation may call (a `tools` column), passed to the chat template."""
+        return self.meta.get("tools")
+
+    @property
     def is_raw_text(self) -> bool:
         return self.text is not None
 
@@ -35,10 +42,10 @@ class Conversation:
         return self.messages[:last]
 
     def reference(self) -> str | None:
-        """Content of the last assistant turn (the expected answer), if any."""
+        """The last assistant turn (the expected answer), if any: its content, and its tool calls."""
         for m in reversed(self.messages):
             if m["role"] == "assistant":
-                return m["content"]
+                return message_text(m)
         return None
 
     def to_json(self) -> dict[str, Any]:
@@ -49,6 +56,15 @@ class Conversation:
         else:
             out["messages"] = [dict(m) for m in self.messages]
         return out
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """A message's content, followed by its tool calls as one JSON line when it makes any: the text
+    that tells two messages apart (duplicates, identical pairs)."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message["content"]
+    return f"{message['content']}\n{call_text(calls)}" if message["content"] else call_text(calls)
 
 
 def jsonable(value: Any) -> Any:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from sftlab.data.conversation import Conversation
+from sftlab.data.conversation import Conversation, message_text
 from sftlab.errors import SftlabError
 
 EXAMPLES_PER_REASON = 5
@@ -83,7 +83,7 @@ def normalize(text: str) -> str:
 def conversation_text(conv: Conversation, *, system: bool = True) -> str:
     if conv.text is not None:
         return conv.text
-    return "\n".join(m["content"] for m in conv.messages if system or m["role"] != "system")
+    return "\n".join(message_text(m) for m in conv.messages if system or m["role"] != "system")
 
 
 def preference_label(conv: Conversation) -> bool | None:
@@ -94,7 +94,7 @@ def preference_label(conv: Conversation) -> bool | None:
 
 
 def exact_key(conv: Conversation) -> bytes:
-    parts = [conv.text] if conv.text is not None else [f"{m['role']}\x1f{m['content']}" for m in conv.messages]
+    parts = [conv.text] if conv.text is not None else [f"{m['role']}\x1f{message_text(m)}" for m in conv.messages]
     label = preference_label(conv)
     parts += [] if label is None else [f"label\x1f{label}"]
     return hashlib.blake2b(normalize("\x1e".join(parts)).encode(), digest_size=12).digest()
@@ -138,7 +138,7 @@ def answer_pairs(conv: Conversation) -> list[tuple[str | None, str]]:
         if m["role"] == "user":
             prompt = m["content"]
         elif m["role"] == "assistant":
-            pairs.append((prompt, m["content"]))
+            pairs.append((prompt, message_text(m)))
     return pairs
 
 

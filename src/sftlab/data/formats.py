@@ -11,6 +11,7 @@ Supported schemas (the `format` names):
                      with an optional "system" or "system_prompt" (OpenOrca); prompt/completion may also
                      be message lists, as in TRL's conversational form
   text               {"text"}  -> raw text (continued pre-training)
+  (tool calling)     any chat schema above with `tools` and assistant `tool_calls` (see data/tools.py)
   preference         paired: {"prompt"?, "chosen", "rejected"}, {"messages", "rejected"}, or ShareGPT
                      pairs {"conversations", "chosen": {"from", "value"}, "rejected": {...}}; each side
                      is a string (the answer), one message, or a message list (the answer, or the whole
@@ -36,16 +37,9 @@ from typing import Any, Callable, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sftlab.data.conversation import ROLES, Conversation
-from sftlab.errors import DataError, SftlabError
-
-
-class RecordError(DataError):
-    """A bad record. `kind` is a short category ("unknown role", "empty content", ...)."""
-
-    def __init__(self, source: str, kind: str, detail: str = ""):
-        self.kind = kind
-        super().__init__(source, f"{kind}: {detail}" if detail else kind)
+from sftlab.data.conversation import ROLES, Conversation, message_text
+from sftlab.data.tools import sharegpt_calls, tool_calls, tool_list
+from sftlab.errors import RecordError, SftlabError
 
 
 # sharegpt `from` values (lower-cased) -> Conversation roles.
@@ -108,20 +102,36 @@ def _message_list(value: Any, source: str, role_key: str, content_key: str, role
             raise RecordError(source, "mistyped field", f"'{field}' message {i + 1} is {type(m).__name__}, expected an object")
         if role_key not in m:
             raise RecordError(source, "missing field", f"'{field}' message {i + 1} has no '{role_key}'")
-        if content_key not in m:
-            raise RecordError(source, "missing field", f"'{field}' message {i + 1} has no '{content_key}'")
-        calls = next((k for k in ("tool_calls", "function_call") if m.get(k)), None)
-        if calls:
-            raise RecordError(source, "tool calls", f"'{field}' message {i + 1} has '{calls}': sftlab trains on the "
-                                                    "messages' text and would drop the calls (tool-calling data is "
-                                                    "not supported)")
         raw_role = m[role_key]
+        where = f"'{field}' message {i + 1}"
+        if role_key == "from" and raw_role == "function_call":  # ShareGPT's tool-call turn
+            _add_calls(messages, sharegpt_calls(m.get(content_key), source, where))
+            continue
+        calls = tool_calls(m, source, where)
+        if content_key not in m and not calls:
+            raise RecordError(source, "missing field", f"{where} has no '{content_key}'")
         role = known.get(raw_role.lower()) if isinstance(raw_role, str) else None
         if role is None:
             raise RecordError(source, "unknown role",
                               f"{raw_role!r} in message {i + 1} (expected one of {', '.join(known)})")
-        messages.append({"role": role, "content": _content(m[content_key], source, i)})
+        if calls and role != "assistant":
+            raise RecordError(source, "malformed tool call", f"{where} is a {role} message with tool calls")
+        content = m.get(content_key)
+        message = {"role": role, "content": "" if content is None and calls else _content(content, source, i)}
+        if role == "tool":  # which call a result answers, where the data says (some templates write it)
+            message |= {k: m[k] for k in ("name", "tool_call_id") if isinstance(m.get(k), str)}
+        if calls:
+            message["tool_calls"] = calls
+        messages.append(message)
     return messages
+
+
+def _add_calls(messages: list[dict], calls: list[dict]) -> None:
+    """A ShareGPT function_call turn: the calls of the assistant turn it continues, or a turn of its own."""
+    if messages and messages[-1]["role"] == "assistant" and "tool_calls" not in messages[-1]:
+        messages[-1]["tool_calls"] = calls
+    else:
+        messages.append({"role": "assistant", "content": "", "tool_calls": calls})
 
 
 class _Shape(NamedTuple):
@@ -200,9 +210,9 @@ def check_messages(messages: list[dict[str, str]], source: str) -> None:
     prev = None
     for i, m in enumerate(messages):
         role, n = m["role"], i + 1
-        if not m["content"].strip():
+        if not m["content"].strip() and "tool_calls" not in m:  # a turn that only calls tools has no text
             raise RecordError(source, "empty content", f"message {n} ({role}) is empty or whitespace")
-        _check_encodable(m["content"], source, f"message {n} ({role})")
+        _check_encodable(message_text(m), source, f"message {n} ({role})")
         if role == "system" and i > 0:
             raise RecordError(source, "roles out of order", f"system message {n} is not first")
         if role == "assistant" and prev in (None, "system"):
@@ -220,7 +230,17 @@ def check_messages(messages: list[dict[str, str]], source: str) -> None:
 
 def _chat(messages: list[dict[str, str]], source: str, meta: dict[str, Any]) -> Conversation:
     check_messages(messages, source)
-    return Conversation(messages=messages, source=source, meta=meta)
+    return Conversation(messages=messages, source=source, meta=_with_tools(meta, source))
+
+
+def _with_tools(meta: dict[str, Any], source: str) -> dict[str, Any]:
+    """`meta` with its `tools` column (the functions the conversation may call) in the form templates
+    take, or without it when it holds none."""
+    if "tools" in meta:
+        tools = tool_list(meta.pop("tools"), source)
+        if tools:
+            meta["tools"] = tools
+    return meta
 
 
 def from_instruction(record: dict, source: str, *, prompt: str, response: str, input: str | None = None,
@@ -362,9 +382,9 @@ def from_preference(record: dict, source: str) -> Conversation:
     c_cut, r_cut = _answer_start(chosen), _answer_start(rejected)
     if chosen[:c_cut] != rejected[:r_cut]:
         raise RecordError(source, "prompt mismatch", "chosen and rejected continue different prompts")
-    if chosen[-1]["content"].strip() == rejected[-1]["content"].strip():
+    if message_text(chosen[-1]).strip() == message_text(rejected[-1]).strip():
         raise RecordError(source, "identical pair", "chosen and rejected answers are the same")
-    meta = _meta(record, ("prompt", "conversations", chosen_key, "rejected"))
+    meta = _with_tools(_meta(record, ("prompt", "conversations", chosen_key, "rejected")), source)
     meta["rejected"] = rejected
     return Conversation(messages=chosen, source=source, meta=meta)
 

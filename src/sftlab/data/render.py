@@ -17,6 +17,7 @@ the template's.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -69,22 +70,27 @@ def _template_error(name: str, e: Exception) -> SftlabError:
     return TemplateFailed(f"chat template of '{name}' failed: {e}")
 
 
-def _apply(tokenizer, messages, *, add_generation_prompt: bool) -> str:
+def _apply(tokenizer, messages, *, add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja errors, raise_exception() in templates
         raise _template_error(template_name(tokenizer), e) from e
 
 
-def _end_marker_pattern(tokenizer) -> re.Pattern:
-    """Matches an end-of-turn marker (after optional whitespace: any that `str.strip` takes off an
-    answer, e.g. a trailing "\\r", "\\x1f" or no-break space, as `\\s` matches): EOS or any of the
-    tokenizer's special tokens, longest first."""
+def _end_markers(tokenizer) -> list[str]:
+    """What may end a turn: EOS and the tokenizer's special tokens, longest first."""
     marks = {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
     marks |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
     if tokenizer.eos_token:
         marks.add(tokenizer.eos_token)
-    alternatives = "|".join(re.escape(m) for m in sorted(marks, key=len, reverse=True))
+    return sorted(marks, key=len, reverse=True)
+
+
+def _end_marker_pattern(markers: list[str]) -> re.Pattern:
+    """Matches an end-of-turn marker (after optional whitespace: any that `str.strip` takes off an
+    answer, e.g. a trailing "\\r", "\\x1f" or no-break space, as `\\s` matches)."""
+    alternatives = "|".join(re.escape(m) for m in markers)
     return re.compile(rf"\s*(?:{alternatives or '(?!)'})")
 
 
@@ -215,7 +221,9 @@ class _Template:
         _check_tokenizer(tokenizer)
         self.tokenizer = tokenizer
         self.name = template_name(tokenizer)
-        self.end_marker = _end_marker_pattern(tokenizer)
+        self.markers = _end_markers(tokenizer)
+        self.end_marker = _end_marker_pattern(self.markers)
+        self.writes_tools: bool | None = None  # whether the template writes a `tools` list (checked once)
         self._compiled = self._compile()
         if self._compiled is not None and _plain(sample) and not self._same_as_slow(sample):
             self._compiled = None
@@ -242,9 +250,22 @@ class _Template:
         template.globals = dict(template.globals)
         return partial(template.render, tools=None, documents=None, **self.tokenizer.special_tokens_map)
 
-    def renderer(self, messages: list[dict[str, str]]) -> Callable[..., str]:
-        """The function that renders `messages` and its prefixes."""
-        return self._direct if self._compiled is not None and _plain(messages) else self.slow
+    def renderer(self, conversation: Conversation) -> Callable[..., str]:
+        """The function that renders the conversation's messages and their prefixes (with its tools)."""
+        if conversation.tools:
+            self._check_writes_tools(conversation)
+            return partial(self.slow, tools=conversation.tools)
+        return self._direct if self._compiled is not None and _plain(conversation.messages) else self.slow
+
+    def _check_writes_tools(self, conversation: Conversation) -> None:
+        """A template that ignores `tools` (most without tool support) would train calls the prompt never offers."""
+        if self.writes_tools is None:
+            messages = conversation.messages
+            self.writes_tools = self.slow(messages, add_generation_prompt=False, tools=conversation.tools) != \
+                self.slow(messages, add_generation_prompt=False)
+        if not self.writes_tools:
+            raise SftlabError(f"the chat template of '{self.name}' does not write the 'tools' list of the functions "
+                              f"a conversation may call: {_TOOL_TEMPLATE}")
 
     def _direct(self, messages, *, add_generation_prompt: bool) -> str:
         try:
@@ -252,8 +273,12 @@ class _Template:
         except Exception as e:  # jinja errors, raise_exception() in templates
             raise _template_error(self.name, e) from e
 
-    def slow(self, messages, *, add_generation_prompt: bool) -> str:
-        return _apply(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    def slow(self, messages, *, add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+        return _apply(self.tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+
+_TOOL_TEMPLATE = ("set model.chat_template (--chat-template on the data commands) to a template with tool "
+                  "support, e.g. chatml, or the model family's own")
 
 
 def _plain(messages: list) -> bool:
@@ -264,30 +289,70 @@ def _plain(messages: list) -> bool:
 def _plan(conversation: Conversation, template: _Template, options: RenderOptions) -> _Plan:
     """Render the text once and find the trained char spans (and turns lacking an end marker)."""
     messages = conversation.messages
-    render = template.renderer(messages)
+    render = template.renderer(conversation)
     full = render(messages, add_generation_prompt=False)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         raise DataError(conversation.source, "no assistant turn to train on")
     if options.train_on == "last":
         turns = turns[-1:]
-    if not _prefix_stable(render, messages, turns, full):
+    # The conversation up to each trained turn with the generation prompt (what inference sees) should
+    # be a prefix of the whole. Some templates are not (e.g. those that move the system prompt to the
+    # last user turn): earlier turns are then trained in another context.
+    prompts = {i: render(messages[:i], add_generation_prompt=True) for i in turns}
+    if not all(full.startswith(p) for p in prompts.values()):
         _warn_unstable(template.name)
-    spans: list[tuple[int, int]] = []
-    open_ends: list[bool] = []
-    for i, start in zip(turns, _answer_starts(conversation, template.name, render, turns, full)):
+    spans: dict[int, tuple[int, int]] = {}
+    open_ends: dict[int, bool] = {}
+    answers = [i for i in turns if "tool_calls" not in messages[i]]
+    for i, start in zip(answers, _answer_starts(conversation, template.name, render, answers, full) if answers else ()):
         end = start + len(messages[i]["content"].strip())
         marker = template.end_marker.match(full, end)
-        open_ends.append(marker is None)
-        spans.append((start, marker.end() if marker else end))
-    return _Plan(full, spans, open_ends)
+        open_ends[i] = marker is None
+        spans[i] = (start, marker.end() if marker else end)
+    for i in turns:
+        if i not in spans:
+            spans[i], open_ends[i] = _call_span(conversation, template, render, i, prompts[i], full)
+    return _Plan(full, [spans[i] for i in turns], [open_ends[i] for i in turns])
 
 
-def _prefix_stable(render, messages, turns, full) -> bool:
-    """Whether the conversation up to each trained turn, rendered with the generation prompt (what
-    inference sees), is a prefix of the whole. Some templates are not (e.g. those that move the
-    system prompt to the last user turn): earlier turns are then trained in another context."""
-    return all(full.startswith(render(messages[:i], add_generation_prompt=True)) for i in turns)
+def _call_span(conversation: Conversation, template: _Template, render, i: int, prompt: str, full: str
+               ) -> tuple[tuple[int, int], bool]:
+    """A turn that calls tools: everything the model generates for it, from the end of the generation
+    prompt through the end-of-turn token the template writes after such a turn (`<|im_end|>`,
+    `<|eot_id|>`, gpt-oss's `<|call|>`, Gemma 4's `<|tool_response>`, GLM's `<|observation|>`, ...),
+    and whether that token is missing (an EOS is then added, as after an answer).
+
+    Its text is not located through a placeholder, as an answer is: templates write the calls in
+    their own syntax (JSON in tags, Python-style calls) and some drop the content beside them. The
+    turn is what the template writes for it as the last message; where a template writes the last
+    turn otherwise (an empty think block), the turn ends at the first of the end-of-turn tokens it
+    ends with there. Where the generation prompt differs from the turn's own header (a thinking
+    template's open `<think>`), the turn starts where the two part."""
+    messages, name = conversation.messages, template.name
+    before = render(messages[:i], add_generation_prompt=False)
+    start = len(os.path.commonprefix([prompt, full]))
+    if not full.startswith(before) or start < len(before):
+        raise _unlocatable(conversation, name, f"renders the turns before tool-call turn {i} differently once "
+                                               "it follows")
+    alone = render(messages[: i + 1], add_generation_prompt=False).rstrip()
+    closing = next((m for m in template.markers if alone.endswith(m)), None)
+    if alone.startswith(before) and full.startswith(alone[len(before):], len(before)):
+        end = len(alone)
+        marker = None if closing else template.end_marker.match(full, end)
+        span, open_end = (start, marker.end() if marker else end), not closing and marker is None
+    elif closing and (end := full.find(closing, start)) >= 0:
+        span, open_end = (start, end + len(closing)), False
+    else:
+        raise _unlocatable(conversation, name, f"writes tool-call turn {i} otherwise as the last message")
+    written = full[span[0]:span[1]]
+    unwritten = [c["function"]["name"] for c in messages[i]["tool_calls"] if c["function"]["name"] not in written]
+    if unwritten:
+        raise SftlabError(f"the chat template of '{name}' does not write assistant tool calls ({conversation.source}: "
+                          f"turn {i} calls {', '.join(unwritten)}): {_TOOL_TEMPLATE}")
+    if messages[i]["content"].strip() not in written:
+        raise _unlocatable(conversation, name, f"drops the text of tool-call turn {i}")
+    return span, open_end
 
 
 _HOLE = "\ue000sftlab-answer-{}\ue001"  # private-use characters: in no answer, no template

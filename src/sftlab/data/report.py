@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sftlab.data.conversation import Conversation
+from sftlab.data.conversation import Conversation, message_text
 from sftlab.data.load import Reading, as_reading
 from sftlab.errors import SftlabError
 from sftlab.files import atomic_write, write_json
@@ -45,7 +45,7 @@ def dataset_summary(convs: list[Conversation], tokenizer=None) -> tuple[dict[str
     """Numbers for the report, and the raw length lists the histograms are drawn from."""
     chats = [c for c in convs if c.text is None]
     prompts = ["\n".join(m["content"] for m in c.messages if m["role"] != "assistant") for c in chats]
-    responses = ["\n".join(m["content"] for m in c.messages if m["role"] == "assistant") for c in chats]
+    responses = ["\n".join(message_text(m) for m in c.messages if m["role"] == "assistant") for c in chats]
     raw = [c.text for c in convs if c.text is not None]
     series = {"prompt": _lengths(prompts, tokenizer), "response": _lengths(responses, tokenizer),
               "raw_text": _lengths(raw, tokenizer)}

@@ -111,6 +111,21 @@ def scores_of(records: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[s
     return out
 
 
+def reference_text(c: Conversation, tokenizer) -> str:
+    """The expected answer: the last assistant turn's content or, for a turn that calls tools, what the
+    model generates for it in the template's own syntax, cut and decoded as predictions are."""
+    last = len(c.prompt_messages())
+    if "tool_calls" not in c.messages[last]:
+        return c.reference()
+    from sftlab.data.render import IGNORE, RenderOptions, render
+    from sftlab.evaluation.generate import cut_at_stop
+    from sftlab.serve.generation import stop_token_ids
+
+    turn = render(Conversation(c.messages[: last + 1], c.source, meta=c.meta), tokenizer, RenderOptions(train_on="last"))
+    ids = [int(t) for t, label in zip(turn.ids, turn.label_ids) if label != IGNORE]
+    return tokenizer.decode(cut_at_stop(ids, set(stop_token_ids(tokenizer))), skip_special_tokens=True).strip()
+
+
 def check_evaluable(c: Conversation) -> None:
     if c.is_raw_text or c.reference() is None:
         raise DataError(c.source, "no assistant answer to evaluate against")
@@ -136,8 +151,8 @@ def answerable(conversations: Sequence[Conversation], model, tokenizer, *, max_n
     for c in conversations:
         try:
             check_evaluable(c)
-            check_fits(model, len(prompt_ids(tokenizer, c.prompt_messages(), c.source)), c.source, "the prompt",
-                       max_new_tokens)
+            check_fits(model, len(prompt_ids(tokenizer, c.prompt_messages(), c.source, c.tools)), c.source,
+                       "the prompt", max_new_tokens)
         except DataError as e:
             reject(e, c.to_json())
         else:
@@ -183,7 +198,9 @@ def evaluate(
 
     records: list[dict[str, Any]] = []
     for c, g in zip(conversations, groups):
-        rec: dict[str, Any] = {"source": c.source, "prompt": c.prompt_messages(), "reference": c.reference()}
+        rec: dict[str, Any] = {"source": c.source, "prompt": c.prompt_messages(), "reference": reference_text(c, tokenizer)}
+        if c.tools:
+            rec["tools"] = c.tools
         if isinstance(c.meta.get("references"), list):
             rec["references"] = [str(x) for x in c.meta["references"]]
         if g != NO_GROUP:
@@ -195,7 +212,7 @@ def evaluate(
         predictions = generate_batch(
             model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
             batch_size=batch_size, do_sample=do_sample, temperature=temperature, top_p=top_p, progress=progress,
-            sources=[r["source"] for r in records],
+            sources=[r["source"] for r in records], tools=[r.get("tools") for r in records],
         )
         per_group = {g: _text_metrics(M.expand(selected[OVERALL] + selected.get(g, []))) for g in set(groups)}
         for rec, pred, g in zip(records, predictions, groups):

@@ -11,12 +11,13 @@ from typing import Any
 from sftlab.serve.generation import stop_token_ids
 
 
-def prompt_ids(tokenizer, messages: list[dict], source: str) -> list[int]:
+def prompt_ids(tokenizer, messages: list[dict], source: str, tools: list[dict] | None = None) -> list[int]:
+    """The prompt's token ids with the generation prompt (and the functions it may call, if any)."""
     from sftlab.data.render import template_name
     from sftlab.errors import DataError
 
     try:
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        out = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
     except Exception as e:  # jinja errors, raise_exception() in templates, no template at all
         raise DataError(source, f"chat template of '{template_name(tokenizer)}' failed: {e}") from e
     return list(out["input_ids"] if hasattr(out, "keys") else out)
@@ -39,7 +40,7 @@ def check_fits(model, tokens: int, source: str, what: str, new_tokens: int = 0) 
                                 "(max_position_embeddings): shorten it or leave it out")
 
 
-def _cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
+def cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
     for i, t in enumerate(ids):
         if t in stops:
             return ids[:i]
@@ -65,9 +66,11 @@ def generate_ids(
     top_p: float = 1.0,
     progress: bool = True,
     sources: list[str] | None = None,
+    tools: list[list[dict] | None] | None = None,
 ) -> list[list[int]]:
     """The new token ids for each prompt, cut before the first stop token, in input order.
-    `sources` name the prompts in errors (e.g. one longer than the model's context)."""
+    `sources` name the prompts in errors (e.g. one longer than the model's context); `tools` are
+    each prompt's functions to call (tool-calling data)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -82,7 +85,7 @@ def generate_ids(
     encoded = []
     for i, p in enumerate(prompts):
         source = sources[i] if sources else f"prompt {i + 1}"
-        encoded.append(prompt_ids(tokenizer, p, source))
+        encoded.append(prompt_ids(tokenizer, p, source, tools[i] if tools else None))
         check_fits(model, len(encoded[-1]), source, "the prompt", max_new_tokens)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     answers: list[list[int]] = [[] for _ in prompts]
@@ -117,7 +120,7 @@ def generate_ids(
                 )
                 stop_set = set(stops)
                 for row, i in enumerate(idx):
-                    answers[i] = _cut_at_stop(out[row, width:].tolist(), stop_set)
+                    answers[i] = cut_at_stop(out[row, width:].tolist(), stop_set)
                 bar.update(len(idx))
     finally:
         bar.close()

@@ -79,7 +79,8 @@ def render_preferences(conversations, tokenizer, *, paired: bool, max_seq_length
             _reject(e, conv, on_error, rejects, stats)
             continue
         records.append((conv, [what for _, what in sides]))
-        flat += [Conversation(messages=m, source=conv.source) for m, _ in sides]
+        flat += [Conversation(messages=m, source=conv.source, meta={"tools": conv.tools} if conv.tools else {})
+                 for m, _ in sides]
     rendered = iter(item for _, item in iter_rendered(flat, tokenizer, options))
     rows: list[dict] = []
     for conv, whats in records:
