@@ -260,9 +260,7 @@ class _Template:
     def _check_writes_tools(self, conversation: Conversation) -> None:
         """A template that ignores `tools` (most without tool support) would train calls the prompt never offers."""
         if self.writes_tools is None:
-            messages = conversation.messages
-            self.writes_tools = self.slow(messages, add_generation_prompt=False, tools=conversation.tools) != \
-                self.slow(messages, add_generation_prompt=False)
+            self.writes_tools = template_writes_tools(self.tokenizer, conversation.messages, conversation.tools)
         if not self.writes_tools:
             raise SftlabError(f"the chat template of '{self.name}' does not write the 'tools' list of the functions "
                               f"a conversation may call: {_TOOL_TEMPLATE}")
@@ -275,6 +273,12 @@ class _Template:
 
     def slow(self, messages, *, add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
         return _apply(self.tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+
+def template_writes_tools(tokenizer, messages: list[dict], tools: list[dict]) -> bool:
+    """Whether the tokenizer's chat template writes a `tools` list into these messages' prompt."""
+    return _apply(tokenizer, messages, add_generation_prompt=False, tools=tools) != \
+        _apply(tokenizer, messages, add_generation_prompt=False)
 
 
 _TOOL_TEMPLATE = ("set model.chat_template (--chat-template on the data commands) to a template with tool "

@@ -51,8 +51,8 @@ class BatchingBackend:
         self._thread = threading.Thread(target=self._loop, name="sftlab-batcher", daemon=True)
         self._thread.start()
 
-    async def generate(self, *, ids: list[int], messages=None, prompt=None, max_tokens: int, temperature: float,
-                       top_p: float, stop: list[str] = (), seed: int | None = None,
+    async def generate(self, *, ids: list[int], messages=None, prompt=None, tools=None, max_tokens: int,
+                       temperature: float, top_p: float, stop: list[str] = (), seed: int | None = None,
                        on_text: Callable[[str], None] | None = None) -> Completion:
         """The completion of one request; `on_text` (called on the worker thread) gets its text as
         it is decoded, cut before the first `stop` string. A request cancelled while it waits
@@ -130,12 +130,14 @@ class TritonBackend:
             client = self._local.client = self._http.InferenceServerClient(self.server.url, network_timeout=600)
         return client.infer(self.model_name, inputs, parameters=params)
 
-    async def generate(self, *, ids: list[int], messages=None, prompt=None, max_tokens: int, temperature: float,
-                       top_p: float, stop: list[str] = (), seed: int | None = None, on_text=None) -> Completion:
+    async def generate(self, *, ids: list[int], messages=None, prompt=None, tools=None, max_tokens: int,
+                       temperature: float, top_p: float, stop: list[str] = (), seed: int | None = None,
+                       on_text=None) -> Completion:
         """The whole completion from Triton (no token stream): `stop` cuts it afterwards."""
         import numpy as np
 
-        text = json.dumps(messages) if messages is not None else prompt
+        chat = {"messages": messages, "tools": tools} if tools else messages
+        text = json.dumps(chat) if messages is not None else prompt
         inp = self._http.InferInput("text", [1, 1], "BYTES")
         inp.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=np.object_))
         params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}

@@ -50,25 +50,32 @@ def stop_token_ids(tokenizer, eos_token_id: int | list[int] | None = None) -> li
     return ids
 
 
-def parse_text_input(text: str) -> tuple[list[dict] | None, str | None]:
-    """The Triton text input: a JSON list of chat messages, or else a raw prompt."""
+def parse_text_input(text: str) -> tuple[list[dict] | None, str | None, list[dict] | None]:
+    """The Triton text input: a JSON list of chat messages, an object {"messages", "tools"} (a chat
+    that may call tools), or else a raw prompt. Returns (messages, prompt, tools)."""
     stripped = text.lstrip()
-    if stripped.startswith("["):
+    if stripped.startswith(("[", "{")):
         try:
             value = json.loads(stripped)
         except json.JSONDecodeError:
-            return None, text
-        if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-            return value, None
-    return None, text
+            return None, text, None
+        tools = None
+        if isinstance(value, dict) and isinstance(value.get("messages"), list):
+            value, tools = value["messages"], value.get("tools")
+        if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
+            return value, None, tools
+    return None, text, None
 
 
-def encode(tokenizer, messages: list[dict] | None = None, prompt: str | None = None) -> list[int]:
-    """Prompt token ids: chat messages through the chat template (with the generation prompt), or raw text."""
+def encode(tokenizer, messages: list[dict] | None = None, prompt: str | None = None,
+           tools: list[dict] | None = None) -> list[int]:
+    """Prompt token ids: chat messages (and the functions they may call) through the chat template,
+    with the generation prompt, or raw text."""
     if messages is not None:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; send a prompt instead of messages")
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        out = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)
         return list(out["input_ids"])
     return list(tokenizer(prompt or "", add_special_tokens=True)["input_ids"])
 

@@ -16,12 +16,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
-from sftlab.serve.generation import encode
+from sftlab.errors import RecordError
+from sftlab.serve.generation import StopText, encode
 from sftlab.serve.guard import (GuardLimits, add_request_guard, encodable, error_response, http_error_handler,
                                 validation_error_handler, warn_if_exposed)
+from sftlab.serve.tool_calls import OPEN, parse_tool_calls
 
 
 @dataclass
@@ -46,13 +48,35 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]  # a list of text parts, as the OpenAI SDK and LangChain send
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None  # a list of text parts, as the OpenAI SDK and LangChain send
+    tool_calls: list[dict] | None = None  # an assistant turn's calls, sent back in a conversation
+    tool_call_id: str | None = None  # a tool result's call
+    name: str | None = None
 
     @field_validator("content")
     @classmethod
     def _text(cls, value):
         return encodable("".join(p.text for p in value) if isinstance(value, list) else value)
+
+    @model_validator(mode="after")
+    def _has_content(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: dict
+
+    @field_validator("function")
+    @classmethod
+    def _named(cls, value):
+        if not isinstance(value.get("name"), str) or not value["name"]:
+            raise ValueError("a tool's function needs a name")
+        return value
 
 
 class StreamOptions(BaseModel):
@@ -83,6 +107,25 @@ class _Sampling(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none"] | None = Field(
+        None, description="auto (the model decides) or none (no tools offered); forcing a call is not supported")
+
+    def template_messages(self) -> list[dict]:
+        """The messages as chat templates take them (a call's JSON-string arguments as an object)."""
+        from sftlab.data.tools import tool_calls
+
+        out = []
+        for k, m in enumerate(self.messages):
+            message = {"role": m.role, "content": m.content or ""}
+            message |= {key: value for key in ("tool_call_id", "name") if (value := getattr(m, key))}
+            if m.tool_calls:
+                message["tool_calls"] = tool_calls(m.model_dump(), "the request", f"message {k + 1}")
+            out.append(message)
+        return out
+
+    def offered_tools(self) -> list[dict] | None:
+        return [t.model_dump() for t in self.tools] if self.tools and self.tool_choice != "none" else None
 
 
 class CompletionRequest(_Sampling):
@@ -142,16 +185,33 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                            param="model", code="model_not_found")
         return {"id": model_name, "object": "model", "created": 0, "owned_by": "sftlab"}
 
+    writes_tools: list[bool] = []  # whether the chat template writes a tools list (probed at the first request with tools)
+
+    def _check_tools(tools: list[dict]) -> None:
+        if not writes_tools:
+            from sftlab.data.render import template_writes_tools
+
+            writes_tools.append(template_writes_tools(tokenizer, [{"role": "user", "content": "hi"}], tools))
+        if not writes_tools[0]:
+            raise APIError(400, "this model's chat template does not write tools, so it cannot be offered any: "
+                                "serve a model trained with a template that does (e.g. model.chat_template: chatml)",
+                           param="tools")
+
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        messages = [m.model_dump() for m in req.messages]
+        tools = req.offered_tools()
         try:
-            ids = encode(tokenizer, messages=messages)
+            messages = req.template_messages()
+            if tools:
+                _check_tools(tools)
+            ids = encode(tokenizer, messages=messages, tools=tools)
+        except RecordError as e:
+            raise APIError(400, e.reason, param="messages") from e
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         except TemplateError as e:  # raise_exception() in the template, or the sandbox's SecurityError
             raise APIError(400, f"the chat template failed: {e}", param="messages") from e
-        kwargs = dict(ids=ids, messages=messages, **_sampling(req))
+        kwargs = dict(ids=ids, messages=messages, tools=tools, **_sampling(req))
         _check_prompt(ids, kwargs["max_tokens"], "messages")
         return await _respond(req, request, kwargs, chat=True)
 
@@ -182,9 +242,10 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                 task.cancel()
                 return Response(status_code=499)
         out = task.result()
-        choice = ({"index": 0, "message": {"role": "assistant", "content": out.text}} if chat
-                  else {"index": 0, "text": out.text, "logprobs": None})
-        choice["finish_reason"] = out.finish_reason
+        content, calls = parse_tool_calls(out.text) if kwargs.get("tools") else (out.text, [])
+        message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
+        choice = {"index": 0, "message": message} if chat else {"index": 0, "text": out.text, "logprobs": None}
+        choice["finish_reason"] = "tool_calls" if calls else out.finish_reason
         return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
                 "usage": _usage(out)}
 
@@ -195,11 +256,14 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
             **kwargs, on_text=lambda t: loop.call_soon_threadsafe(pieces.put_nowait, t)))
         task.add_done_callback(lambda _: pieces.put_nowait(None))
 
-        def chunk(text: str | None, finish: str | None = None, first: bool = False, **extra) -> str:
+        def chunk(text: str | None, finish: str | None = None, first: bool = False, calls: list | None = None,
+                  **extra) -> str:
             if "usage" in extra:
                 choices = []
             elif chat:
                 delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
+                if calls:
+                    delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
                 choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
             else:
                 choices = [{"index": 0, "text": text or "", "finish_reason": finish}]
@@ -207,17 +271,24 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                     "created": created, "model": model_name, "choices": choices, **extra}
             return f"data: {json.dumps(body)}\n\n"
 
+        # with tools, text from the first "<tool_call>" on is held back: it becomes the calls at the end
+        content = StopText([OPEN] if kwargs.get("tools") else [])
         try:
             if chat:
                 yield chunk(None, first=True)
             streamed = ""
             while (piece := await pieces.get()) is not None:
-                streamed += piece
-                yield chunk(piece)
+                if visible := content.feed(piece):
+                    streamed += visible
+                    yield chunk(visible)
             out = task.result()
-            if out.text.startswith(streamed) and out.text[len(streamed):]:  # backends that do not stream tokens
-                yield chunk(out.text[len(streamed):])
-            yield chunk(None, out.finish_reason)
+            text, calls = parse_tool_calls(out.text) if kwargs.get("tools") else (out.text, [])
+            text = text or ""
+            if text.startswith(streamed) and text[len(streamed):]:  # held back, or a backend that does not stream
+                yield chunk(text[len(streamed):])
+            if calls:
+                yield chunk(None, calls=calls)
+            yield chunk(None, "tool_calls" if calls else out.finish_reason)
             if usage:
                 yield chunk(None, usage=_usage(out))
         except Exception as e:  # headers are sent already: report in-band like OpenAI does

@@ -1,0 +1,104 @@
+"""The OpenAI server with `tools`, queried with the official `openai` client: the tools reach the
+prompt through the chat template, a reply in the Hermes / Qwen `<tool_call>` layout comes back as
+`tool_calls` (streamed or not), a conversation that sends calls and results back is rendered, and
+a model whose template cannot write tools is a 400, not a prompt without them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sftlab.serve.backends import Completion
+from sftlab.serve.generation import encode
+
+REPLY = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call>'
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+ASK = [{"role": "user", "content": "Is it warm in Lima?"}]
+
+
+class ScriptedBackend:
+    """Replies REPLY (in three streamed pieces) and keeps each request it was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.requests = tokenizer, []
+
+    async def generate(self, *, ids, on_text=None, **kwargs):
+        self.requests.append({"ids": ids, **kwargs})
+        if on_text:
+            for k in range(0, len(REPLY), len(REPLY) // 3 + 1):
+                on_text(REPLY[k:k + len(REPLY) // 3 + 1])
+        return Completion(REPLY, "stop", len(ids), 30)
+
+
+def client_for(tokenizer):
+    import openai
+    from fastapi.testclient import TestClient
+
+    from sftlab.serve.openai_api import create_app
+
+    backend = ScriptedBackend(tokenizer)
+    http = TestClient(create_app(backend, "tiny"))
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0), backend
+
+
+@pytest.fixture(scope="module")
+def chatml(tiny_model_dir):
+    from sftlab.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir), chat_template="chatml")
+
+
+def test_tools_reach_the_prompt_and_calls_come_back_as_tool_calls(chatml):
+    client, backend = client_for(chatml)
+    resp = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS)
+    assert backend.requests[0]["ids"] == encode(chatml, messages=ASK, tools=TOOLS)
+    assert '"name": "get_weather"' in chatml.decode(backend.requests[0]["ids"])
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Lima"}
+    # without tools the same text is the content, as generated
+    plain = client.chat.completions.create(model="tiny", messages=ASK).choices[0]
+    assert (plain.message.content, plain.message.tool_calls, plain.finish_reason) == (REPLY, None, "stop")
+    none = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="none")
+    assert none.choices[0].message.tool_calls is None and backend.requests[-1]["ids"] == encode(chatml, messages=ASK)
+
+
+def test_a_streamed_call_holds_back_the_call_text_and_sends_the_calls(chatml):
+    client, _ = client_for(chatml)
+    chunks = list(client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text.strip() == "Let me check." and "<tool_call" not in text
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == \
+        [(0, "get_weather", {"city": "Lima"})]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_calls_and_results_sent_back_are_rendered(chatml):
+    client, backend = client_for(chatml)
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "24 C"}]
+    client.chat.completions.create(model="tiny", messages=history, tools=TOOLS)
+    prompt = chatml.decode(backend.requests[0]["ids"])
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call>' in prompt
+    assert prompt.endswith("<tool_response>\n24 C\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_template_without_tools_and_a_forced_call_are_400s(tokenizer, chatml):
+    import openai
+
+    client, backend = client_for(tokenizer)  # SmolLM2's own template writes no tools
+    with pytest.raises(openai.BadRequestError, match="does not write tools") as e:
+        client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS)
+    assert e.value.body["param"] == "tools" and not backend.requests
+    client, _ = client_for(chatml)
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required")
+    with pytest.raises(openai.BadRequestError, match="arguments are not a JSON object"):
+        client.chat.completions.create(model="tiny", tools=TOOLS, messages=[*ASK, {"role": "assistant", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "[1]"}}]}])
