@@ -34,6 +34,11 @@ RECORDS = [
     {"instruction": "Extract the name as JSON: 'Contact Ada Lovelace at ada@example.com'",
      "output": "{\"name\": \"Ada Lovelace\"}"},
     {"instruction": "Convert this date to ISO format: 5 March 2021", "output": "2021-03-05"},
+    {"tools": [{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+     "messages": [{"role": "user", "content": "Is it warm in Lima?"},
+                  {"role": "assistant", "content": None,
+                   "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Lima"}}}]},
+                  {"role": "tool", "content": "24 C"}, {"role": "assistant", "content": "Yes, 24 C."}]},
 ]
 
 
@@ -93,7 +98,7 @@ def write_data(path: Path) -> Path:
 def test_review_three_examples_with_keyboard_and_mouse(tmp_path):
     sync_playwright, exe = _browser()
     data = write_data(tmp_path / "data.jsonl")
-    server = ReviewServer(data, "--model", TOKENIZER)
+    server = ReviewServer(data, "--model", TOKENIZER, "--chat-template", "chatml")  # chatml writes tools
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
@@ -142,11 +147,11 @@ def test_review_three_examples_with_keyboard_and_mouse(tmp_path):
             source.filter(has_text=f"{data}:4").wait_for()
 
             progress = page.locator("#progress")
-            assert progress.text_content() == "Reviewed 3 / 5 · accepted 2 · rejected 1"
+            assert progress.text_content() == "Reviewed 3 / 6 · accepted 2 · rejected 1"
             assert page.evaluate("window.__pwned") is None
             # the other tab learns of the decisions by polling, without a reload
             other.locator("#badge.accepted").wait_for(timeout=10_000)
-            other.locator("#progress").filter(has_text="Reviewed 3 / 5").wait_for(timeout=10_000)
+            other.locator("#progress").filter(has_text="Reviewed 3 / 6").wait_for(timeout=10_000)
             assert other.locator("#labels .chip").all_text_contents() == ["dates×"]
             # back twice (key, then button): the rejected example shows its reason
             page.keyboard.press("k")
@@ -184,6 +189,10 @@ def test_review_three_examples_with_keyboard_and_mouse(tmp_path):
             assert trained.startswith("2021-03-05") and "March" not in trained
             tokens = int(page.locator("#token-count").text_content().split()[1])
             assert page.locator("#tokens div").first.text_content().startswith(f"{tokens} tokens, ")
+            # a turn that calls a tool shows its call
+            page.fill("#f-q", "lima")
+            source.filter(has_text=f"{data}:6").wait_for()
+            assert page.locator(".msg.assistant .calls").all_text_contents() == ['→ get_weather({"city":"Lima"})']
             assert page.evaluate("window.__pwned") is None and other.evaluate("window.__pwned") is None
             assert errors == []
             browser.close()

@@ -33,7 +33,7 @@ def write_tool_data(path):
     return path
 
 
-def test_tool_calling_data_trains_every_call_with_a_template_that_writes_them(tiny_model_dir, tmp_path):
+def test_tool_calling_data_trains_every_call_with_a_template_that_writes_them(tiny_model_dir, tmp_path, capsys):
     data = write_tool_data(tmp_path / "tools.jsonl")
     out = tmp_path / "run"
     assert main(["train", "-", f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "model.chat_template=chatml",
@@ -58,6 +58,16 @@ def test_tool_calling_data_trains_every_call_with_a_template_that_writes_them(ti
     assert [p["reference"] for p in predictions] == [
         f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>' for city in CITIES[:2]]
     assert all(p["tools"][0]["function"]["name"] == "get_weather" for p in predictions)
+
+    # the base is asked the same prompts with --chat-template; its own template cannot write them
+    assert main(["eval", str(tiny_model_dir), "--data", str(held), "--max-new-tokens", "4", "--chat-template", "chatml",
+                 "--out", str(tmp_path / "base")]) == 0
+    base = [json.loads(x) for x in (tmp_path / "base" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["reference"] for p in base] == [p["reference"] for p in predictions]
+    assert main(["eval", str(tiny_model_dir), "--data", str(held), "--out", str(tmp_path / "own")]) == 1
+    assert "--chat-template on the data, eval and compare commands" in capsys.readouterr().err
+    assert main(["eval", str(out), "--data", str(held), "--chat-template", "chatml"]) == 1  # a run keeps its own
+    assert "is a run: it is evaluated with the chat template it was trained with" in capsys.readouterr().err
 
 
 def test_the_default_template_without_tool_support_is_one_error(tiny_model_dir, tmp_path, capsys):

@@ -285,7 +285,8 @@ def test_yaml_snippets_in_docs_validate():
 # Each documented `sftlab ...` line runs in-process, in a fresh copy of a sandbox folder that holds
 # what the docs assume exists: the repository's configs/ and examples/, small demo files under the
 # names the docs use (data.jsonl, train.jsonl, test.jsonl, runs/quickstart/data/, ...), and a
-# finished LoRA run in runs/lora and runs/my-lora (as `sftlab train configs/lora.yaml` leaves it).
+# finished LoRA run in runs/lora and runs/my-lora (as `sftlab train configs/lora.yaml` leaves it), and the
+# other runs the docs use (runs/dpo, runs/tools, runs/sweep).
 # The embedded default model is replaced by the tiny random Llama through SFTLAB_CACHE, so
 # `default` costs nothing. One change to the lines themselves keeps them fast: a `sftlab train`
 # line gets `training.max_steps=2`; and it starts where its output_dir holds no run yet (as the
@@ -410,6 +411,7 @@ def sandbox(tmp_path_factory, tiny_model_dir):
         for copy in ("my-lora", "quickstart/run"):
             shutil.copytree(work / "runs" / "lora", work / "runs" / copy)
         assert main(["align", "configs/dpo.yaml", "training.max_steps=2"]) == 0  # -> runs/dpo
+        assert main(["train", "configs/tools.yaml", "training.max_steps=2"]) == 0  # -> runs/tools
         assert main(["sweep", "configs/sweep.yaml", "--trials", "1", "training.max_steps=2"]) == 0  # -> runs/sweep
     return work, cache
 

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from sftlab.commands.data import COLUMNS_HELP, _schema
+from sftlab.commands.eval import CHAT_TEMPLATE_HELP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
@@ -41,6 +42,7 @@ def compare(
     bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Bootstrap resamples for the confidence intervals."),
     probe: Optional[str] = typer.Option(None, "--probe", help="Also run a probe set on every model: 'bias'."),
     probe_file: Optional[list[Path]] = typer.Option(None, "--probe-file", help="Extra bias probes (JSONL); repeatable."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help=CHAT_TEMPLATE_HELP),
 ) -> None:
     """Evaluate a base model and tuned models on the same data; write an HTML + Markdown report."""
     from sftlab.commands.eval import check_probe, load_eval_data, split_names
@@ -65,7 +67,7 @@ def compare(
     specs = [base, *tuned]
     result = compare_models(dict(zip(model_names(specs), specs)), conversations, out, metrics=names,
                             batch_size=batch_size, max_new_tokens=max_new_tokens, group_by=group_by or None,
-                            bias=probe == "bias", probes=probes, n_bootstrap=bootstrap)
+                            bias=probe == "bias", probes=probes, n_bootstrap=bootstrap, chat_template=chat_template)
     print_compare(result.data)
     if result.data["bias"]:
         print_bias(result.data["bias"])

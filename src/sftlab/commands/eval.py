@@ -33,6 +33,10 @@ def load_eval_data(data, *, format, split: Optional[str], limit: Optional[int]):
     return conversations
 
 
+CHAT_TEMPLATE_HELP = ("Chat template for a model that is not a run (a name such as chatml, or a .jinja file): the "
+                      "one a run was trained with, so the base is asked the same prompts. Runs use their own.")
+
+
 def check_probe(probe: Optional[str]) -> None:
     from sftlab.errors import SftlabError
 
@@ -62,11 +66,16 @@ def run_eval(
     rejects: Optional[Path] = typer.Option(None, "--rejects", help=REJECTS_HELP("OUT/rejects.jsonl")),
     probe: Optional[str] = typer.Option(None, "--probe", help="Also run a probe set: 'bias'."),
     probe_file: Optional[list[Path]] = typer.Option(None, "--probe-file", help="Extra bias probes (JSONL); repeatable."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help=CHAT_TEMPLATE_HELP),
 ) -> None:
     """Evaluate a model or run: metrics table, metrics.json and predictions.jsonl (and bias.json)."""
     from sftlab.errors import SftlabError
+    from sftlab.models import is_run_dir
 
     check_probe(probe)
+    if chat_template and is_run_dir(model):
+        raise SftlabError(f"{model} is a run: it is evaluated with the chat template it was trained with "
+                          "(--chat-template is for a model that is not a run)")
     if probe_file and probe is None:
         probe = "bias"
     if data is None and probe is None:
@@ -88,7 +97,7 @@ def run_eval(
 
     from sftlab.evaluation.console import print_bias, print_eval
 
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model, chat_template=chat_template)
     llm = load_model(model)
     if conversations is not None:
         from sftlab.evaluation.evaluate import answerable, evaluate

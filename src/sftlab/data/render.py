@@ -12,7 +12,9 @@ naming the template. The trained span is the assistant content plus the end-of-t
 the template writes after it (e.g. `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`);
 when a template writes none, the tokenizer's EOS is appended so the model learns to stop.
 Char spans are mapped to tokens with the fast tokenizer's offsets, so the ids are exactly
-the template's.
+the template's. A turn that calls tools is written by the template in its own syntax, so it is
+located otherwise (see `_call_span`): the conversation is rendered with its `tools`, and the
+turn is trained from the end of the generation prompt through the token that ends it.
 """
 
 from __future__ import annotations
@@ -281,8 +283,8 @@ def template_writes_tools(tokenizer, messages: list[dict], tools: list[dict]) ->
         _apply(tokenizer, messages, add_generation_prompt=False)
 
 
-_TOOL_TEMPLATE = ("set model.chat_template (--chat-template on the data commands) to a template with tool "
-                  "support, e.g. chatml, or the model family's own")
+_TOOL_TEMPLATE = ("set model.chat_template (--chat-template on the data, eval and compare commands) to a template "
+                  "with tool support, e.g. chatml, or the model family's own")
 
 
 def _plain(messages: list) -> bool:

@@ -211,9 +211,11 @@ def compare_models(
     probes=None,
     n_bootstrap: int = N_BOOTSTRAP,
     progress: bool = True,
+    chat_template: str | None = None,
 ) -> CompareResult:
     """Evaluate each model (a `(model, tokenizer)` pair or a path/name/run directory to load),
-    then write the comparison report. The first model is the base."""
+    then write the comparison report. The first model is the base. `chat_template` is the one
+    models that are not runs are asked with (runs use the one they were trained with)."""
     from sftlab.models import is_run_dir, load_model, load_tokenizer
 
     runs = dict(runs or {})
@@ -223,9 +225,10 @@ def compare_models(
     for name, spec in models.items():
         if isinstance(spec, (str, Path)):
             sources[name] = str(spec)
-            if is_run_dir(spec):
+            run = is_run_dir(spec)
+            if run:
                 runs.setdefault(name, spec)
-            model, tokenizer = load_model(str(spec)), load_tokenizer(str(spec))
+            model, tokenizer = load_model(str(spec)), load_tokenizer(str(spec), chat_template=None if run else chat_template)
         else:
             model, tokenizer = spec
         results[name] = evaluate(model, tokenizer, conversations, metrics=metrics, batch_size=batch_size,
