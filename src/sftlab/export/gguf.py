@@ -28,7 +28,9 @@ import json
 import shutil
 import subprocess
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -184,8 +186,10 @@ def write_vocab(writer, hf_dir: Path, vocab_size: int) -> None:
     gguf.SpecialVocab(hf_dir, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size).add_to_gguf(writer)
 
 
-def write_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> None:
-    """Write HF_DIR (a plain transformers folder) as one GGUF file."""
+def write_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> Counter:
+    """Write HF_DIR (a plain transformers folder) as one GGUF file; returns how many tensors of each
+    type it holds (known as they are written: reading the file back with gguf's reader parses every
+    vocabulary entry, seconds for a 49k vocabulary)."""
     print(f"Writing GGUF ({quant}) with the gguf package ...", flush=True)
     import gguf
     import torch
@@ -207,6 +211,7 @@ def write_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> None:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     tied = getattr(config, "tie_word_embeddings", False)
+    types: Counter = Counter()
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue
@@ -220,15 +225,18 @@ def write_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> None:
             data = permute_rotary(data, kv_heads)
         t = tensor_type(data, quant)
         writer.add_tensor(target, gguf.quants.quantize(data, t), raw_dtype=t)
+        types[t.name] += 1
     del model
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return types
 
 
-def k_quantize(hf_dir: Path, path: Path, quant: str, stops: list[int], work: Path) -> None:
-    """Write an f16 GGUF, then let llama.cpp's `llama-quantize` turn it into the k-quant QUANT."""
+def k_quantize(hf_dir: Path, path: Path, quant: str, stops: list[int], work: Path) -> Counter:
+    """Write an f16 GGUF, then let llama.cpp's `llama-quantize` turn it into the k-quant QUANT;
+    returns the tensor types of the file it wrote."""
     f16 = work / "f16.gguf"
     write_gguf(hf_dir, f16, "f16", stops)
     print(f"Quantizing to {quant} with {QUANTIZE_BINARY} ...", flush=True)
@@ -237,15 +245,13 @@ def k_quantize(hf_dir: Path, path: Path, quant: str, stops: list[int], work: Pat
     if done.returncode:
         said = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
         raise SftlabError(f"{QUANTIZE_BINARY} {quant.upper()} failed (exit {done.returncode}): {said}")
-
-
-def tensor_types(path: Path) -> str:
-    """How many tensors of each type the file holds, e.g. 'F32 x5, Q4_K x14'."""
-    from collections import Counter
-
     import gguf
 
-    counts = Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors)
+    return Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors)
+
+
+def type_summary(counts: Counter) -> str:
+    """How many tensors of each type, e.g. 'F32 x5, Q4_K x14'."""
     return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
 
 
@@ -368,17 +374,15 @@ def export_gguf(source: str, out_dir: str | Path, *, quant: str = "f16") -> Veri
             config = AutoConfig.from_pretrained(hf_dir)
             tokenizer = AutoTokenizer.from_pretrained(hf_dir)
             stops = stop_token_ids(tokenizer, config.eos_token_id)
-            if quant in K_QUANTS:
-                k_quantize(hf_dir, tmp / FILE_NAME, quant, stops, Path(work))
-            else:
-                write_gguf(hf_dir, tmp / FILE_NAME, quant, stops)
+            write = partial(k_quantize, work=Path(work)) if quant in K_QUANTS else write_gguf
+            types = write(hf_dir, tmp / FILE_NAME, quant, stops)
             (tmp / "Modelfile").write_text(modelfile(tokenizer, stops, config.max_position_embeddings), encoding="utf-8")
             result = verify_gguf(hf_dir, tmp / FILE_NAME, quant, stops)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     result.out_dir = str(out / FILE_NAME)
-    result.metrics["tensor types"] = tensor_types(tmp / FILE_NAME)
+    result.metrics["tensor types"] = type_summary(types)
     (tmp / "sftlab_export.json").write_text(json.dumps({"source": str(source), "quant": quant,
                                                          "verification": result.to_dict()}, indent=2, default=str))
     finish_out_dir(tmp, out)
