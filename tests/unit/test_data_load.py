@@ -232,3 +232,47 @@ def test_json_and_json_lines_mixed_up_are_named(tmp_path):
     (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     with pytest.raises(SftlabError, match=r"lines.json:2: this is JSON Lines"):
         load_conversations(tmp_path / "lines.json")
+
+
+def oasst_rows() -> list[dict]:
+    """Two OpenAssistant trees as oasst1 publishes them: one message per row, replies ranked."""
+    def row(mid, parent, role, text, rank=None, tree="t1", **extra):
+        return {"message_id": mid, "parent_id": parent, "role": role, "text": text, "rank": rank, "lang": "en",
+                "message_tree_id": tree, "deleted": False, "review_result": True, "synthetic": False, **extra}
+
+    return [
+        row("a", None, "prompter", "What is a prime?"),
+        row("b", "a", "assistant", "A number.", rank=1),
+        row("c", "a", "assistant", "A number with exactly two divisors.", rank=0),
+        row("d", "c", "prompter", "Is 1 one?"),
+        row("e", "d", "assistant", "No: it has one divisor.", rank=1, deleted=True),
+        row("f", "d", "assistant", "No, 1 has a single divisor.", rank=2),
+        row("g", "f", "prompter", "Thanks!"),  # the path ends at its last assistant message
+        row("h", None, "prompter", "Hi", tree="t2"),
+        row("i", "h", "assistant", "Hello", review_result=False, tree="t2"),  # failed review: left out
+    ]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_openassistant_rows_become_one_conversation_per_tree(tmp_path, suffix):
+    from sftlab.data.load import RejectLog
+
+    path = tmp_path / f"oasst{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in oasst_rows()))
+    else:
+        import pandas as pd
+
+        pd.DataFrame(oasst_rows()).to_parquet(path)
+    rejects = RejectLog()
+    (conv,) = load_conversations(path, on_error="skip", rejects=rejects)
+    assert [(m["role"], m["content"]) for m in conv.messages] == [
+        ("user", "What is a prime?"), ("assistant", "A number with exactly two divisors."),
+        ("user", "Is 1 one?"), ("assistant", "No, 1 has a single divisor.")]
+    assert conv.meta == {"message_tree_id": "t1", "lang": "en"}
+    assert conv.source == (f"{path}:6" if suffix == ".jsonl" else f"{path}:row 6")
+    assert rejects.summary() == {"no assistant turn": 1}  # the tree whose only reply failed review
+    with pytest.raises(SftlabError, match="no assistant turn"):
+        load_conversations(path)
+    # with a format given, rows are records of their own: `text` trains each message alone
+    assert len(load_conversations(path, format="text")) == len(oasst_rows())

@@ -234,11 +234,15 @@ def test_every_schema_has_a_converting_example_in_data_formats():
 
     doc = ROOT / "docs" / "data-formats.md"
     blocks = re.findall(r"^```jsonl\n(.*?)^```", doc.read_text(encoding="utf-8"), re.S | re.M)
+    from sftlab.data.oasst import conversations_from_trees, is_message_row
+
     seen = set()
     for block in blocks:
-        for line in block.splitlines():
-            record = json.loads(line)
-            to_conversation(record, f"{doc.name} example")
+        records = [(f"{doc.name} example", json.loads(line)) for line in block.splitlines()]
+        if all(is_message_row(r) for _, r in records):  # OpenAssistant rows: a file of them is read as trees
+            records = list(conversations_from_trees(records))
+        for source, record in records:
+            to_conversation(record, source)
             seen.add(detect_format(record))
     assert seen == set(FORMATS), f"schemas without an example: {set(FORMATS) - seen}"
 

@@ -38,6 +38,7 @@ from typing import Any, Callable, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sftlab.data.conversation import ROLES, Conversation, message_text
+from sftlab.data.oasst import is_message_row
 from sftlab.data.tools import sharegpt_calls, tool_calls, tool_list
 from sftlab.errors import RecordError, SftlabError
 
@@ -446,10 +447,11 @@ _DETECT: tuple[tuple[tuple[str, ...], Callable[[dict], str]], ...] = (
 
 def detect_format(record: dict, source: str = "<record>") -> str:
     """The schema name of a record, by its keys."""
-    if {"message_id", "parent_id", "role", "text"} <= record.keys():
+    if is_message_row(record):
         raise RecordError(source, "message rows", "one message of an OpenAssistant tree (message_id, parent_id, "
-                                                  "role): build conversations from the trees first, or give a "
-                                                  "format (--format text trains each message as raw text)")
+                                                  "role) among records of another kind: a file of such rows alone "
+                                                  "is read as one conversation per tree (--format text trains each "
+                                                  "message as raw text)")
     for keys, pick in _DETECT:
         if all(k in record for k in keys):
             return pick(record)

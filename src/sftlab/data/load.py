@@ -33,11 +33,13 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from sftlab.data.conversation import Conversation, jsonable
 from sftlab.data.formats import Columns, RecordError, check_format_name, detect_format, to_conversation
+from sftlab.data.oasst import conversations_from_trees, is_message_row
 from sftlab.errors import DataError, SftlabError
 
 ON_ERROR = ("raise", "skip")
@@ -541,9 +543,24 @@ def _check_mode(on_error: str, rejects: RejectLog | None) -> None:
 
 
 def iter_records(path: str | Path, *, split: str | None = None, on_error: str = "raise",
-                 rejects: RejectLog | None = None) -> Iterator[tuple[str, Any]]:
-    """(source, raw record) pairs, streamed. Unreadable records raise or go to `rejects`."""
+                 rejects: RejectLog | None = None, trees: bool = True) -> Iterator[tuple[str, Any]]:
+    """(source, raw record) pairs, streamed. Unreadable records raise or go to `rejects`. OpenAssistant
+    message rows are gathered into one conversation record per tree (see data/oasst.py) unless
+    `trees` is off (a format was given: `text` trains each message alone)."""
     _check_mode(on_error, rejects)
+    records = _good_records(path, split, on_error, rejects)
+    first = next(records, None)
+    if first is None:
+        return
+    if trees and is_message_row(first[1]):
+        yield from conversations_from_trees(chain([first], records))
+    else:
+        yield first
+        yield from records
+
+
+def _good_records(path: str | Path, split: str | None, on_error: str, rejects: RejectLog | None
+                  ) -> Iterator[tuple[str, Any]]:
     for source, rec in _raw_records(path, split):
         if isinstance(rec, _Bad):
             if on_error == "raise":
@@ -557,7 +574,7 @@ def iter_conversations(path: str | Path, format: str | None = None, split: str |
                        on_error: str = "raise", rejects: RejectLog | None = None) -> Iterator[Conversation]:
     """Conversations from any supported input; `format` overrides per-record schema detection."""
     check_format_name(format)
-    for source, rec in iter_records(path, split=split, on_error=on_error, rejects=rejects):
+    for source, rec in iter_records(path, split=split, on_error=on_error, rejects=rejects, trees=format is None):
         try:
             yield to_conversation(rec, source, format)
         except RecordError as e:

@@ -139,7 +139,7 @@ def validate(path: str | Path, options: ValidateOptions | None = None, *, out: s
         try:
             v = _Validator(opts, report, rejects, writer, tokenizer)
             batch: list[tuple[Conversation, Any]] = []
-            reader = iter_records(path, split=opts.split, on_error=opts.on_error, rejects=rejects)
+            reader = iter_records(path, split=opts.split, on_error=opts.on_error, rejects=rejects, trees=fmt is None)
             for source, raw in tqdm(reader, desc="validate", unit="rec", disable=not progress):
                 records += 1
                 try:
