@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import PydanticCustomError
 
 from sftlab.data.curate import CurateOptions
-from sftlab.data.formats import Columns
+from sftlab.data.formats import FORMATS, Columns
 from sftlab.errors import SftlabError
 from sftlab.train.distributed import DEEPSPEED_CONFIGS
 
@@ -44,7 +44,7 @@ class LoraConfig(Section):
 class DataConfig(Section):
     train: str = Field(..., min_length=1, description="Training data: .jsonl/.json/.csv/.parquet, a saved HF dataset folder, or a hub id.")
     validation: str | None = Field(None, description="Validation data (same formats); enables eval loss and early stopping.")
-    format: str | None = Field(None, description="Schema: alpaca | dolly | squad | sharegpt | messages | prompt_completion | text | preference (default: detect).")
+    format: str | None = Field(None, description=f"Schema: {' | '.join(FORMATS)} (default: detect).")
     columns: Columns | None = Field(None, description="Which column is which, for data in no detected schema: {prompt, response, input?, system?}, {messages, system?} or {text} -> column names.")
     split: str | None = Field(None, description="Split name for HF datasets.")
     train_on: Literal["all", "last"] = Field("all", description="Train on all assistant turns or only the last.")

@@ -268,3 +268,20 @@ def test_record_errors(rec, kind):
 def test_unknown_schema_names_the_closest_and_what_it_lacks():
     with pytest.raises(RecordError, match=r"closest: instruction \+ output, without 'output'"):
         to_conversation({"instruction": "Say hi", "input": ""}, SRC)
+
+
+def test_xlam_query_answers_tools_as_the_dataset_stores_them():
+    rec = {"id": 3, "query": "Weather in Lima and Quito?",
+           "answers": json.dumps([{"name": "get_weather", "arguments": {"city": "Lima"}},
+                                  {"name": "get_weather", "arguments": {"city": "Quito"}}]),
+           "tools": json.dumps([{"name": "get_weather", "description": "Weather",
+                                 "parameters": {"city": {"type": "str", "description": "City"}}}])}
+    assert detect_format(rec) == "xlam"
+    c = to_conversation(rec, SRC)
+    assert c.messages == [{"role": "user", "content": "Weather in Lima and Quito?"},
+                          {"role": "assistant", "content": "", "tool_calls": [
+                              {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+                              for city in ("Lima", "Quito")]}]
+    assert c.tools[0]["function"]["name"] == "get_weather" and c.meta["id"] == 3
+    with pytest.raises(RecordError, match="empty content: 'answers' holds no call"):
+        to_conversation({**rec, "answers": "[]"}, SRC)

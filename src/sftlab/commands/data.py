@@ -16,12 +16,12 @@ import typer
 # Imported here (numpy, pydantic; no torch) so --help can list their fields.
 from sftlab.data.augment import AugmentOptions
 from sftlab.data.curate import CurateOptions
+from sftlab.data.formats import FORMATS
 from sftlab.files import write_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Datasets in, datasets out.")
 
-FORMAT_HELP = ("Input schema (alpaca, dolly, squad, sharegpt, messages, prompt_completion, text, preference); "
-               "detected per record when unset.")
+FORMAT_HELP = f"Input schema ({', '.join(FORMATS)}); detected per record when unset."
 COLUMNS_HELP = ("Which column is which, for data in no detected schema: ROLE=COLUMN pairs, e.g. "
                 "prompt=question,input=passage,response=answer,system=sys (or messages=COL, or text=COL).")
 TEMPLATE_HELP = "Chat template: chatml, llama3, mistral, gemma, alpaca, or a .jinja file (default: the tokenizer's)."

@@ -12,6 +12,7 @@ Supported schemas (the `format` names):
                      be message lists, as in TRL's conversational form
   text               {"text"}  -> raw text (continued pre-training)
   (tool calling)     any chat schema above with `tools` and assistant `tool_calls` (see data/tools.py)
+  xlam               {"query", "answers", "tools"}  (Salesforce xLAM function calling: the answers are calls)
   preference         paired: {"prompt"?, "chosen", "rejected"}, {"messages", "rejected"}, or ShareGPT
                      pairs {"conversations", "chosen": {"from", "value"}, "rejected": {...}}; each side
                      is a string (the answer), one message, or a message list (the answer, or the whole
@@ -297,6 +298,17 @@ def from_prompt_completion(record: dict, source: str) -> Conversation:
     return _chat(messages, source, _meta(record, (*pair, system_key)))
 
 
+def from_xlam(record: dict, source: str) -> Conversation:
+    """Function-calling requests answered by calls (Salesforce xLAM: `query`, `answers` and `tools`,
+    the last two JSON strings): the request, and one assistant turn making the calls."""
+    query = _string(record, "query", source)
+    calls = tool_calls({"tool_calls": record.get("answers")}, source, "'answers'")
+    if not calls:
+        raise RecordError(source, "empty content", "'answers' holds no call")
+    messages = [{"role": "user", "content": query}, {"role": "assistant", "content": "", "tool_calls": calls}]
+    return _chat(messages, source, _meta(record, ("query", "answers")))
+
+
 def from_text(record: dict, source: str, key: str = "text") -> Conversation:
     text = _string(record, key, source)
     if not text.strip():
@@ -423,6 +435,7 @@ FORMATS: dict[str, Converter] = {
     "prompt_completion": from_prompt_completion,
     "text": from_text,
     "preference": from_preference,
+    "xlam": from_xlam,
 }
 
 
@@ -440,6 +453,7 @@ _DETECT: tuple[tuple[tuple[str, ...], Callable[[dict], str]], ...] = (
     (("instruction", "output"), lambda r: "alpaca"),
     (("instruction", "response"), lambda r: "dolly"),
     (("question", "context", "answers"), lambda r: "squad"),
+    (("query", "answers"), lambda r: "xlam"),
     *(((p, a), lambda r: "prompt_completion") for p, a in PROMPT_PAIRS),
     (("text",), lambda r: "text"),
 )
