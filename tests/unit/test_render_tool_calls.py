@@ -14,6 +14,7 @@ import pytest
 from sftlab.data.formats import to_conversation
 from sftlab.data.render import IGNORE, RenderOptions, render
 from sftlab.errors import SftlabError
+from test_data_render import trained_runs
 
 VENDOR = files("trl") / "chat_templates"
 CHATML = files("sftlab") / "templates" / "chatml.jinja"
@@ -70,15 +71,7 @@ def tokenizer_for(base, name: str):
 
 
 def trained_texts(tok, example) -> list[str]:
-    runs, cur = [], []
-    for t, label in zip(example.input_ids, example.labels):
-        if label != IGNORE:
-            assert label == t
-            cur.append(t)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    return [tok.decode(r) for r in runs + ([cur] if cur else [])]
+    return [tok.decode(run) for run in trained_runs(example)]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
