@@ -102,3 +102,28 @@ def test_a_template_without_tools_and_a_forced_call_are_400s(tokenizer, chatml):
     with pytest.raises(openai.BadRequestError, match="arguments are not a JSON object"):
         client.chat.completions.create(model="tiny", tools=TOOLS, messages=[*ASK, {"role": "assistant", "tool_calls": [
             {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "[1]"}}]}])
+
+
+def test_the_reply_parser_takes_calls_only_when_every_block_is_one():
+    from sftlab.serve.tool_calls import parse_tool_calls
+
+    content, calls = parse_tool_calls('<tool_call>\n{"name": "f", "parameters": {"a": 1}}\n</tool_call>')
+    assert content is None and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("f", {"a": 1})]  # Llama 3.1 names the arguments "parameters"
+    for text in ['<tool_call>{"name": "f", "arguments": [1]}</tool_call>', '<tool_call>{"name": "f", "arguments": "x=1"}</tool_call>',
+                 '<tool_call>{"name": "f"', '<tool_call>{"name": "f"}</tool_call> and more text']:
+        assert parse_tool_calls(text) == (text, [])  # not a call: the text as generated
+    assert parse_tool_calls('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>')[1][0]["function"][
+        "arguments"] == '{"a": 1}'
+
+
+def test_the_older_functions_and_function_call_forms(chatml):
+    import openai
+
+    client, backend = client_for(chatml)
+    with pytest.raises(openai.BadRequestError, match="send them as 'tools'"):
+        client.chat.completions.create(model="tiny", messages=ASK, functions=[TOOLS[0]["function"]])
+    history = [*ASK, {"role": "assistant", "content": None,
+                      "function_call": {"name": "get_weather", "arguments": '{"city": "Lima"}'}}]
+    client.chat.completions.create(model="tiny", messages=history, tools=TOOLS)
+    assert '{"name": "get_weather", "arguments": {"city": "Lima"}}' in chatml.decode(backend.requests[0]["ids"])

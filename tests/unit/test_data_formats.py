@@ -249,7 +249,7 @@ def test_message_rules(messages, kind, detail):
 
 @pytest.mark.parametrize("rec,kind", [
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 42}]}, "non-string content"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}, "non-string content"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}, "empty content"),
     ({"messages": "hello"}, "mistyped field"),
     ({"messages": [{"role": "user"}]}, "missing field"),
     ({"instruction": 5, "output": "x"}, "mistyped field"),
@@ -283,5 +283,37 @@ def test_xlam_query_answers_tools_as_the_dataset_stores_them():
                               {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
                               for city in ("Lima", "Quito")]}]
     assert c.tools[0]["function"]["name"] == "get_weather" and c.meta["id"] == 3
+    # xLAM's {name: {type: "str", ...}} parameters become the JSON Schema clients send at inference
+    assert c.tools[0]["function"]["parameters"] == {
+        "type": "object", "properties": {"city": {"type": "string", "description": "City"}}, "required": ["city"]}
+    optional = json.dumps([{"name": "f", "parameters": {"n": {"type": "int, optional", "default": 3},
+                                                        "tags": {"type": "List[str]"}}}])
+    assert to_conversation({**rec, "tools": optional}, SRC).tools[0]["function"]["parameters"] == {
+        "type": "object", "properties": {"n": {"type": "integer"}, "tags": {"type": "array"}}, "required": ["tags"]}
     with pytest.raises(RecordError, match="empty content: 'answers' holds no call"):
         to_conversation({**rec, "answers": "[]"}, SRC)
+
+
+@pytest.mark.parametrize("key,turns", [("conversations", [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]),
+                                       ("messages", msgs(("user", "Hi"), ("assistant", "Hello")))])
+def test_a_system_column_beside_the_messages_is_the_system_message(key, turns):
+    """LLaMA-Factory's ShareGPT layout keeps the system prompt in a `system` column: it must not be lost."""
+    c = to_conversation({"system": "You are a bot.", key: turns, "id": 1}, SRC)
+    assert c.messages == msgs(("system", "You are a bot."), ("user", "Hi"), ("assistant", "Hello"))
+    assert c.meta == {"id": 1}
+    first = {"system": "Ignored.", key: [{"from": "system", "value": "Own."} if key == "conversations"
+                                         else {"role": "system", "content": "Own."}, *turns]}
+    assert to_conversation(first, SRC).messages[0]["content"] == "Own."  # the messages' own system message wins
+
+
+def test_null_keys_a_parquet_struct_column_adds_are_dropped():
+    """Arrow stores a column of structs with every key any row has, null where a row has none: a tool's
+    schema and a call's arguments must come back as the row wrote them."""
+    tool = {"type": "function", "function": {"name": "get_time", "description": None, "parameters": {
+        "type": "object", "properties": {"tz": {"type": "string"}, "city": None}}}}
+    call = {"type": "function", "function": {"name": "get_time", "arguments": {"tz": "CET", "city": None}}}
+    c = to_conversation({"tools": [tool], "messages": [{"role": "user", "content": "Time?"},
+                                                       {"role": "assistant", "content": None, "tool_calls": [call]}]}, SRC)
+    assert c.tools[0]["function"] == {"name": "get_time", "parameters": {"type": "object",
+                                                                         "properties": {"tz": {"type": "string"}}}}
+    assert c.messages[1]["tool_calls"][0]["function"]["arguments"] == {"tz": "CET"}

@@ -139,3 +139,20 @@ def test_a_template_that_drops_the_calls_is_an_error_naming_it(tokenizer):
     with pytest.raises(SftlabError, match=r"'lfm2.jinja' does not write assistant tool calls \(tools.jsonl:1: "
                                           r"turn 1 calls get_weather\)"):
         render(to_conversation(RECORD, "tools.jsonl:1"), tok)
+
+
+@pytest.mark.parametrize("second", ["get_weather", "get_time"])
+def test_a_template_that_writes_only_the_first_of_parallel_calls_rejects_the_record(tokenizer, second):
+    """gpt-oss's template writes one call per turn: a turn with two (same function or not) cannot be
+    trained as the data has it, so that record is rejected (skip mode counts it), not trained short."""
+    from sftlab.errors import DataError
+
+    tok = tokenizer_for(tokenizer, "gptoss.jinja")
+    record = copy.deepcopy(RECORD)
+    record["tools"].append({"name": "get_time", "description": "Local time", "parameters": {"type": "object", "properties": {}}})
+    record["messages"][1]["tool_calls"].append({"function": {"name": second, "arguments": {"city": "Cusco"}}})
+    with pytest.raises(DataError, match=r"tools.jsonl:4: the chat template of 'gptoss.jinja' writes only some of "
+                                        r"the 2 calls of turn 1"):
+        render(to_conversation(record, "tools.jsonl:4"), tok)
+    tok = tokenizer_for(tokenizer, "qwen2_5.jinja")  # a template that writes both trains both
+    assert trained_texts(tok, render(to_conversation(record, "tools.jsonl:4"), tok))[0].count("<tool_call>") == 2

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from sftlab.data.conversation import ROLES, Conversation, message_text
 from sftlab.data.oasst import is_message_row
-from sftlab.data.tools import sharegpt_calls, tool_calls, tool_list
+from sftlab.data.tools import call_list, tool_calls, tool_list, xlam_tools
 from sftlab.errors import RecordError, SftlabError
 
 
@@ -107,11 +107,13 @@ def _message_list(value: Any, source: str, role_key: str, content_key: str, role
         raw_role = m[role_key]
         where = f"'{field}' message {i + 1}"
         if role_key == "from" and raw_role == "function_call":  # ShareGPT's tool-call turn
-            _add_calls(messages, sharegpt_calls(m.get(content_key), source, where))
+            _add_calls(messages, call_list(m.get(content_key), source, where))
             continue
         calls = tool_calls(m, source, where)
         if content_key not in m and not calls:
             raise RecordError(source, "missing field", f"{where} has no '{content_key}'")
+        if m[content_key] is None and not calls:
+            raise RecordError(source, "empty content", f"{where} has no content and no tool calls")
         role = known.get(raw_role.lower()) if isinstance(raw_role, str) else None
         if role is None:
             raise RecordError(source, "unknown role",
@@ -267,18 +269,29 @@ from_dolly = partial(from_instruction, prompt="instruction", input="context", re
 from_squad = partial(from_instruction, prompt="question", input="context", response="answers")
 
 
+def _with_system(messages: list[dict], record: dict, source: str) -> tuple[list[dict], tuple[str, ...]]:
+    """A `system` column beside the messages (LLaMA-Factory's ShareGPT layout) as the system message,
+    unless the messages start with one; and the keys it used."""
+    system = _optional_text(record, "system" if "system" in record else None, source)
+    if system and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system}, *messages], ("system",)
+    return messages, ()
+
+
 def from_sharegpt(record: dict, source: str) -> Conversation:
     key = "conversations" if "conversations" in record else "messages"
     if key not in record:
         raise RecordError(source, "missing field", "'conversations'")
-    return _chat(_messages_in(record, key, source, SHAREGPT), source, _meta(record, (key,)))
+    messages, used = _with_system(_messages_in(record, key, source, SHAREGPT), record, source)
+    return _chat(messages, source, _meta(record, (key, *used)))
 
 
 def from_messages(record: dict, source: str) -> Conversation:
     if "messages" not in record:
         raise RecordError(source, "missing field", "'messages'")
     shape = OASST if _shape(record["messages"]) is OASST else OPENAI
-    return _chat(_messages_in(record, "messages", source, shape), source, _meta(record, ("messages",)))
+    messages, used = _with_system(_messages_in(record, "messages", source, shape), record, source)
+    return _chat(messages, source, _meta(record, ("messages", *used)))
 
 
 def _prompt_pair(record: dict) -> tuple[str, str] | None:
@@ -302,11 +315,14 @@ def from_xlam(record: dict, source: str) -> Conversation:
     """Function-calling requests answered by calls (Salesforce xLAM: `query`, `answers` and `tools`,
     the last two JSON strings): the request, and one assistant turn making the calls."""
     query = _string(record, "query", source)
-    calls = tool_calls({"tool_calls": record.get("answers")}, source, "'answers'")
+    calls = call_list(record.get("answers"), source, "'answers'")
     if not calls:
         raise RecordError(source, "empty content", "'answers' holds no call")
     messages = [{"role": "user", "content": query}, {"role": "assistant", "content": "", "tool_calls": calls}]
-    return _chat(messages, source, _meta(record, ("query", "answers")))
+    check_messages(messages, source)
+    meta = _meta(record, ("query", "answers", "tools"))
+    tools = xlam_tools(record.get("tools"), source)
+    return Conversation(messages=messages, source=source, meta=meta | ({"tools": tools} if tools else {}))
 
 
 def from_text(record: dict, source: str, key: str = "text") -> Conversation:

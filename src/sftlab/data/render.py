@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -352,10 +353,14 @@ def _call_span(conversation: Conversation, template: _Template, render, i: int, 
     else:
         raise _unlocatable(conversation, name, f"writes tool-call turn {i} otherwise as the last message")
     written = full[span[0]:span[1]]
-    unwritten = [c["function"]["name"] for c in messages[i]["tool_calls"] if c["function"]["name"] not in written]
-    if unwritten:
+    calls = Counter(c["function"]["name"] for c in messages[i]["tool_calls"])
+    if not any(f in written for f in calls):
         raise SftlabError(f"the chat template of '{name}' does not write assistant tool calls ({conversation.source}: "
-                          f"turn {i} calls {', '.join(unwritten)}): {_TOOL_TEMPLATE}")
+                          f"turn {i} calls {', '.join(calls)}): {_TOOL_TEMPLATE}")
+    if any(written.count(f) < n for f, n in calls.items()):  # e.g. gpt-oss writes only a turn's first call
+        raise DataError(conversation.source, f"the chat template of '{name}' writes only some of the "
+                                             f"{calls.total()} calls of turn {i}, so the turn cannot be trained "
+                                             "as the data has it")
     if messages[i]["content"].strip() not in written:
         raise _unlocatable(conversation, name, f"drops the text of tool-call turn {i}")
     return span, open_end

@@ -41,6 +41,16 @@ def _function(value: Any, source: str, what: str) -> dict[str, Any]:
     return value
 
 
+def _present(value: Any) -> Any:
+    """`value` without null-valued keys, at any depth: a Parquet column of structs holds every key any
+    row has, null where a row has none, and a tool's schema or a call's arguments must not grow them."""
+    if isinstance(value, dict):
+        return {k: _present(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_present(v) for v in value]
+    return value
+
+
 def tool_list(value: Any, source: str) -> list[dict[str, Any]] | None:
     """A record's `tools` column in the form templates take; None when it holds none."""
     value = _json(value, source, "'tools'")
@@ -50,16 +60,15 @@ def tool_list(value: Any, source: str) -> list[dict[str, Any]] | None:
         raise RecordError(source, "malformed tool call", f"'tools' must be a list of functions, got {type(value).__name__}")
     out = []
     for k, tool in enumerate(value):
-        function = _function(_json(tool, source, f"tool {k + 1}"), source, f"tool {k + 1}")
+        function = _function(_present(_json(tool, source, f"tool {k + 1}")), source, f"tool {k + 1}")
         out.append({"type": "function", "function": function})
     return out
 
 
 def _call(value: Any, source: str, what: str) -> dict[str, Any]:
     function = _function(_json(value, source, what), source, what)
-    arguments = _json(function.get("arguments", function.get("parameters", {})), source, f"{what}'s arguments")
-    if arguments is None:
-        arguments = {}
+    arguments = _json(function.get("arguments", function.get("parameters")), source, f"{what}'s arguments")
+    arguments = {} if arguments is None else _present(arguments)
     if not isinstance(arguments, dict):
         raise RecordError(source, "malformed tool call", f"{what}'s arguments are not a JSON object")
     call: dict[str, Any] = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
@@ -68,24 +77,52 @@ def _call(value: Any, source: str, what: str) -> dict[str, Any]:
     return call
 
 
-def tool_calls(message: dict, source: str, where: str) -> list[dict[str, Any]] | None:
-    """An assistant message's calls (`tool_calls`, or the legacy single `function_call`), normalised."""
-    calls = message.get("tool_calls")
-    if calls is None and message.get("function_call") is not None:
-        calls = [message["function_call"]]
-    calls = _json(calls, source, f"{where}'s tool_calls")
-    if not calls:
-        return None
+def call_list(value: Any, source: str, where: str, each: str | None = None) -> list[dict[str, Any]]:
+    """Calls given as a list of call objects (or one), possibly as a JSON string, normalised.
+    Errors name the list `where` ("'answers'") and a call `each` N ("'answers' call 2")."""
+    calls = _json(value, source, where)
     if isinstance(calls, dict):
         calls = [calls]
+    if calls is None:
+        return []
     if not isinstance(calls, list):
-        raise RecordError(source, "malformed tool call", f"{where}'s tool_calls must be a list")
-    return [_call(c, source, f"{where}'s tool call {k + 1}") for k, c in enumerate(calls)]
+        raise RecordError(source, "malformed tool call", f"{where} must be a list of calls")
+    return [_call(c, source, f"{each or where + ' call'} {k + 1}") for k, c in enumerate(calls)]
 
 
-def sharegpt_calls(value: Any, source: str, where: str) -> list[dict[str, Any]]:
-    """A ShareGPT `function_call` turn's value: one call object or a list of them, as JSON."""
-    return tool_calls({"tool_calls": _json(value, source, where)}, source, where) or []
+def tool_calls(message: dict, source: str, where: str) -> list[dict[str, Any]] | None:
+    """An assistant message's calls (`tool_calls`, or the legacy single `function_call`), normalised;
+    None when it makes none."""
+    if message.get("tool_calls") is not None and message.get("function_call") is not None:
+        raise RecordError(source, "malformed tool call", f"{where} has both tool_calls and function_call")
+    if message.get("function_call") is not None:
+        return call_list(message["function_call"], source, f"{where}'s function_call", f"{where}'s function_call") or None
+    return call_list(message.get("tool_calls"), source, f"{where}'s tool_calls", f"{where}'s tool call") or None
+
+
+_SCHEMA_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "array",
+                 "dict": "object", "any": "string"}
+
+
+def xlam_tools(value: Any, source: str) -> list[dict[str, Any]] | None:
+    """xLAM's tools, whose `parameters` map each name to {type: "str" | "int, optional" | "List[str]" ...,
+    description, default?}, with the parameters as the JSON Schema object the server's clients send."""
+    tools = tool_list(value, source)
+    for tool in tools or []:
+        params = tool["function"].get("parameters")
+        if not isinstance(params, dict) or params.get("type") == "object":
+            continue  # already JSON Schema
+        properties, required = {}, []
+        for name, spec in params.items():
+            spec = spec if isinstance(spec, dict) else {}
+            written = str(spec.get("type", "str"))
+            base = written.split(",")[0].split("[")[0].strip().lower()
+            properties[name] = {"type": _SCHEMA_TYPES.get(base, "string")} | (
+                {"description": spec["description"]} if "description" in spec else {})
+            if "optional" not in written and "default" not in spec:
+                required.append(name)
+        tool["function"]["parameters"] = {"type": "object", "properties": properties, "required": required}
+    return tools
 
 
 def call_text(calls: list[dict[str, Any]]) -> str:

@@ -52,6 +52,7 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None  # a list of text parts, as the OpenAI SDK and LangChain send
     tool_calls: list[dict] | None = None  # an assistant turn's calls, sent back in a conversation
+    function_call: dict | None = None  # the older single call
     tool_call_id: str | None = None  # a tool result's call
     name: str | None = None
 
@@ -62,8 +63,8 @@ class Message(BaseModel):
 
     @model_validator(mode="after")
     def _has_content(self):
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a {self.role} message needs content")
+        if self.content is None and not (self.role == "assistant" and (self.tool_calls or self.function_call)):
+            raise ValueError(f"content is required ({self.role} message without tool calls)")
         return self
 
 
@@ -110,6 +111,14 @@ class ChatRequest(_Sampling):
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none"] | None = Field(
         None, description="auto (the model decides) or none (no tools offered); forcing a call is not supported")
+    functions: list | None = Field(None, description="the older form of tools: refused, so it is not ignored")
+
+    @field_validator("functions")
+    @classmethod
+    def _no_functions(cls, value):
+        if value:
+            raise ValueError("the older 'functions' parameter is not supported: send them as 'tools'")
+        return value
 
     def template_messages(self) -> list[dict]:
         """The messages as chat templates take them (a call's JSON-string arguments as an object)."""
@@ -119,7 +128,7 @@ class ChatRequest(_Sampling):
         for k, m in enumerate(self.messages):
             message = {"role": m.role, "content": m.content or ""}
             message |= {key: value for key in ("tool_call_id", "name") if (value := getattr(m, key))}
-            if m.tool_calls:
+            if m.tool_calls or m.function_call:
                 message["tool_calls"] = tool_calls(m.model_dump(), "the request", f"message {k + 1}")
             out.append(message)
         return out

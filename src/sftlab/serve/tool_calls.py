@@ -15,7 +15,8 @@ _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
     """(the content before the first call, or None when there is none; the calls). Text whose blocks
-    are not all calls (unclosed, not JSON, no name) is content, with no calls."""
+    are not all calls (unclosed, not JSON, no name, arguments that are not an object) is content, with
+    no calls."""
     calls = []
     for block in _BLOCK.finditer(text):
         try:
@@ -24,10 +25,21 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
             return text, []
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return text, []
-        arguments = call.get("arguments", {})
+        arguments = _object(call.get("arguments", call.get("parameters", {})))  # Llama 3.1 writes "parameters"
+        if arguments is None:
+            return text, []
         calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": call["name"], "arguments": arguments if isinstance(arguments, str)
-                                   else json.dumps(arguments, ensure_ascii=False)}})
+                      "function": {"name": call["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}})
     if not calls or _BLOCK.sub("", text[text.index(OPEN):]).strip():  # text after or between the calls
         return text, []
     return text[: text.index(OPEN)].strip() or None, calls
+
+
+def _object(arguments) -> dict | None:
+    """A call's arguments as an object (given as one or as a JSON string of one), else None."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    return arguments if isinstance(arguments, dict) else None
