@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 # name -> (module, one-line help). Order is the order shown by `sftlab --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -58,6 +59,14 @@ def _quiet_third_party_logs() -> None:
     # bitsandbytes (imported by peft) warns at import that an optional CPU 4-bit kernel
     # package is missing, on every run, LoRA ones included; its fallback works.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # sftlab's own warnings are messages to the user: one line, not a file:line and source line.
+    plain, ours = warnings.formatwarning, str(Path(__file__).parent)
+
+    def one_line(message, category, filename, lineno, line=None):
+        return f"warning: {message}\n" if str(filename).startswith(ours) else plain(message, category, filename,
+                                                                                       lineno, line)
+
+    warnings.formatwarning = one_line
 
 
 # Commands that train: on a CPU they re-execute themselves once on tcmalloc (train/allocator.py).

@@ -290,3 +290,17 @@ def test_the_compiled_template_fast_path_is_active(tokenizer, family):
     for prompt in (False, True):
         fast = template._direct(messages, add_generation_prompt=prompt)
         assert fast == template.slow(messages, add_generation_prompt=prompt)
+
+
+def test_a_template_whose_end_marker_is_not_a_token_warns(tokenizer):
+    """Llama 3's template on SmolLM2's tokenizer (no <|eot_id|> token): the model could not learn to
+    stop on a marker it sees as plain pieces, so rendering says so; with the tokens added it does not."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = (TEMPLATES / "llama3.jinja").read_text()
+    with pytest.warns(UserWarning, match=r"ends an answer with '<\|eot_id\|>', which is not a token of this tokenizer"):
+        render(conversation(False), tok)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        render(conversation(False), family_tokenizer(tokenizer, "llama3"))

@@ -227,9 +227,29 @@ class _Template:
         self.markers = _end_markers(tokenizer)
         self.end_marker = _end_marker_pattern(self.markers)
         self.writes_tools: bool | None = None  # whether the template writes a `tools` list (checked once)
+        self._warn_if_marker_is_text()
         self._compiled = self._compile()
         if self._compiled is not None and _plain(sample) and not self._same_as_slow(sample):
             self._compiled = None
+
+    def _warn_if_marker_is_text(self) -> None:
+        """A template from another model family ends an answer with a marker this tokenizer does not
+        have as a token (`<|eot_id|>` on a ChatML tokenizer): it is split into plain pieces, the answer
+        gets no end-of-turn token the model can learn to stop on, and an EOS lands inside the marker."""
+        probe = "\ue000sftlab-probe\ue001"
+        try:
+            text = self.slow([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}],
+                             add_generation_prompt=False)
+        except TemplateFailed:
+            return
+        after = re.match(r"\s*(<\|?[A-Za-z_][\w.-]*\|?>|\[/?[A-Z_]+\])", text.partition(probe)[2])
+        if after and after.group(1) not in self.markers and after.group(1) not in self.tokenizer.get_vocab():
+            import warnings
+
+            warnings.warn(f"the chat template of '{self.name}' ends an answer with '{after.group(1)}', which is not a "
+                          "token of this tokenizer: the model cannot learn to stop on it (a template from another "
+                          "model family? give the template of this model, or a named one, which adds its tokens)",
+                          stacklevel=2)
 
     def _same_as_slow(self, sample: list[dict[str, str]]) -> bool:
         try:
