@@ -317,3 +317,13 @@ def test_null_keys_a_parquet_struct_column_adds_are_dropped():
     assert c.tools[0]["function"] == {"name": "get_time", "parameters": {"type": "object",
                                                                          "properties": {"tz": {"type": "string"}}}}
     assert c.messages[1]["tool_calls"][0]["function"]["arguments"] == {"tz": "CET"}
+
+
+def test_message_lists_kept_as_json_strings_are_read():
+    """Parquet and Arrow columns of strings hold message lists as JSON text (CSV cells are parsed by the reader)."""
+    openai = {"messages": json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])}
+    sharegpt = {"conversations": json.dumps([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}])}
+    for rec in (openai, sharegpt, {"messages": sharegpt["conversations"]}):
+        assert to_conversation(rec, SRC).messages == msgs(("user", "Hi"), ("assistant", "Hello"))
+    with pytest.raises(RecordError, match="'messages' must be a list of messages, got str"):
+        to_conversation({"messages": "[not json"}, SRC)

@@ -95,6 +95,11 @@ def test_csv_message_column_holds_json(tmp_path):
         w.writerow([json.dumps(msgs), "7"])
     [c] = load_conversations(p)
     assert c.messages == msgs and c.meta == {"id": "7"}
+    with open(p, "w", newline="") as f:  # pandas writes a column of lists as their Python repr
+        csv.writer(f).writerows([["messages"], [repr(msgs)]])
+    with pytest.raises(SftlabError, match=r"m.csv:2: malformed JSON: in column 'messages': .* \(single quotes: "
+                                          r"a Python repr"):
+        load_conversations(p)
 
 
 def test_parquet(tmp_path):

@@ -32,6 +32,7 @@ Every problem raises `RecordError` (a `DataError`) naming the record's source an
 
 from __future__ import annotations
 
+import json
 import re
 from functools import partial
 from typing import Any, Callable, NamedTuple
@@ -93,8 +94,19 @@ def _content(value: Any, source: str, index: int) -> str:
     return value
 
 
+def _listed(value: Any) -> Any:
+    """A message list kept as a JSON string (a Parquet or Arrow column of strings) as the list."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
 def _message_list(value: Any, source: str, role_key: str, content_key: str, role_map: dict[str, str] | None,
                   field: str) -> list[dict[str, str]]:
+    value = _listed(value)
     if not isinstance(value, list):
         raise RecordError(source, "mistyped field", f"'{field}' must be a list of messages, got {type(value).__name__}")
     known = role_map or OPENAI_ROLES
@@ -151,6 +163,7 @@ OASST = _Shape("role", "text", OPENAI_ROLES)  # OpenAssistant exports: {"role": 
 
 def _shape(value: Any) -> _Shape:
     """The message layout of a list, judged by its first message."""
+    value = _listed(value)
     first = next(iter(value), None) if isinstance(value, list) else None
     if isinstance(first, dict) and "from" in first:
         return SHAREGPT

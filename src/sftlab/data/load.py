@@ -353,7 +353,10 @@ def _csv_cell(column: str, value: str, source: str) -> Any:
         except RecordError as e:
             if column not in _MESSAGE_COLUMNS:
                 return value
-            raise RecordError(source, e.kind, f"in column '{column}': {e.reason.removeprefix(e.kind + ': ')}") from None
+            repr_hint = " (single quotes: a Python repr, as pandas writes a column of lists; write the lists as JSON)" \
+                if value.lstrip().startswith(("[{'", "['")) else ""
+            raise RecordError(source, e.kind, f"in column '{column}': {e.reason.removeprefix(e.kind + ': ')}"
+                                              f"{repr_hint}") from None
         if column in _MESSAGE_COLUMNS or (parsed and all(isinstance(m, dict) for m in parsed)):
             return parsed
     return value
