@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from test_distributed_engines import env, lora_logits, probe_batch, write_data
+from test_distributed_engines import env, lora_logits, one_process, probe_batch, write_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.all_cores]
 
@@ -31,11 +31,7 @@ def lora_setup(tmp_path_factory, tiny_model_dir):
                      "warmup_ratio": 0, "lr_scheduler_type": "constant", "logging_steps": 4, "seed": 0},
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
-    ref = root / "reference"
-    subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(root / "config.yaml"),
-                    "training.per_device_train_batch_size=2", f"output_dir={ref}"],
-                   check=True, env=env(root / "cache"), timeout=600, capture_output=True)
-    return root, ref
+    return root, one_process(root, "reference")
 
 
 # the two engines that shard the weights and gather them to save (ZeRO-2's launch and

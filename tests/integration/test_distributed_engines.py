@@ -76,11 +76,15 @@ def engines_root(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def one_process(root: Path, name: str, *overrides: str) -> Path:
-    """One process, batch 2: the run every engine must reproduce with 2 processes x batch 1."""
+    """One process, batch 2: the run every engine must reproduce with 2 processes x batch 1 (in this
+    process: under the all_cores lock, a second start-up of the libraries would be time no test uses)."""
+    from sftlab.cli import main
+
     out = root / name
-    subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(root / "config.yaml"),
-                    "training.per_device_train_batch_size=2", *overrides, f"output_dir={out}"],
-                   check=True, env=env(root / "cache"), timeout=600, capture_output=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SFTLAB_CACHE", str(root / "cache"))
+        assert main(["train", str(root / "config.yaml"), "training.per_device_train_batch_size=2", *overrides,
+                     f"output_dir={out}"]) == 0
     return out
 
 
