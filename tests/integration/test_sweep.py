@@ -104,9 +104,11 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(tmp_path, tiny_m
     assert len(study_trials(out)) == 3
 
 
-def test_a_metric_objective_evaluates_column_mapped_validation_data(tmp_path, tiny_model_dir):
+def test_a_metric_objective_on_column_mapped_data_and_a_failed_trial_in_one_line(tmp_path, tiny_model_dir, capfd):
     """`sftlab eval` in each trial reads data.validation as training reads it: here through a column
-    mapping (ask/reply are in no detected schema), so the metric objective can be computed."""
+    mapping (ask/reply are in no detected schema), so the metric objective can be computed. A trial
+    whose `sftlab train` fails (rows too short for any example) is reported in one line with the
+    child's own error, no traceback, and the sweep goes on to the next trial."""
     rows = [{"ask": f"What is {i} plus {i}?", "reply": str(2 * i)} for i in range(8)]
     files = {}
     for name, part in (("train", rows[:6]), ("validation", rows[6:])):
@@ -114,30 +116,20 @@ def test_a_metric_objective_evaluates_column_mapped_validation_data(tmp_path, ti
         files[name].write_text("".join(json.dumps(r) + "\n" for r in part))
     out = tmp_path / "sweep"
     cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, files, out,
-                       {"space": {"training.learning_rate": [1e-3]}, "sampler": "grid", "pruner": "none",
+                       {"space": {"data.max_seq_length": [8, 128]}, "sampler": "grid", "pruner": "none",
                         "objective": "exact_match", "eval_limit": 1}, max_steps=2, eval_steps=2)
     config = yaml.safe_load(cfg.read_text())
     config["data"]["columns"] = {"prompt": "ask", "response": "reply"}
     cfg.write_text(yaml.safe_dump(config))
-    assert main(["sweep", str(cfg), "--trials", "1"]) == 0
-    (trial,) = json.loads((out / "sweep.json").read_text())["trials"]
-    assert trial["state"] == "complete", (out / "trial-000" / "train.log").read_text()[-2000:]
-    evaluated = json.loads((out / "trial-000" / "eval" / "metrics.json").read_text())
-    assert trial["value"] == evaluated["metrics"]["exact_match"] and 0 <= trial["value"] <= 1
-    assert len((out / "trial-000" / "eval" / "predictions.jsonl").read_text().splitlines()) == 1
-
-
-def test_a_failed_trial_is_one_line_with_its_reason(tmp_path, tiny_model_dir, demo_data, capfd):
-    """A trial whose `sftlab train` fails (rows too short for any example) is reported in one line
-    with the child's own error, no traceback, and the sweep goes on to the next trial."""
-    out = tmp_path / "sweep"
-    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, demo_data, out,
-                       {"space": {"data.max_seq_length": [8, 128]}, "sampler": "grid", "pruner": "none"},
-                       max_steps=2, eval_steps=2)
     assert main(["sweep", str(cfg), "--trials", "2"]) == 0
     text = capfd.readouterr()
     failed = [line for line in (text.out + text.err).splitlines() if " failed: " in line]
     assert len(failed) == 1 and "`sftlab train` exited with 1 (" in failed[0] and "train.log" in failed[0], failed
     assert "Traceback" not in text.out + text.err
-    states = sorted(t["state"] for t in json.loads((out / "sweep.json").read_text())["trials"])
-    assert states == ["complete", "fail"]
+    trials = json.loads((out / "sweep.json").read_text())["trials"]
+    assert sorted(t["state"] for t in trials) == ["complete", "fail"]
+    (trial,) = [t for t in trials if t["state"] == "complete"]
+    run = Path(trial["run_dir"])
+    evaluated = json.loads((run / "eval" / "metrics.json").read_text())
+    assert trial["value"] == evaluated["metrics"]["exact_match"] and 0 <= trial["value"] <= 1
+    assert len((run / "eval" / "predictions.jsonl").read_text().splitlines()) == 1

@@ -280,18 +280,23 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                     "created": created, "model": model_name, "choices": choices, **extra}
             return f"data: {json.dumps(body)}\n\n"
 
-        # with tools, text from the first "<tool_call>" on is held back: it becomes the calls at the end
-        content = StopText([OPEN] if kwargs.get("tools") else [])
+        # with tools, text from the first "<tool_call>" on is held back: it becomes the calls at the end;
+        # so is trailing whitespace, which the content before a call does not keep
+        tools = bool(kwargs.get("tools"))
+        content, held = StopText([OPEN] if tools else []), ""
         try:
             if chat:
                 yield chunk(None, first=True)
             streamed = ""
             while (piece := await pieces.get()) is not None:
-                if visible := content.feed(piece):
+                visible = held + content.feed(piece)
+                if tools:
+                    visible, held = visible.rstrip(), visible[len(visible.rstrip()):]
+                if visible:
                     streamed += visible
                     yield chunk(visible)
             out = task.result()
-            text, calls = parse_tool_calls(out.text) if kwargs.get("tools") else (out.text, [])
+            text, calls = parse_tool_calls(out.text) if tools else (out.text, [])
             text = text or ""
             if text.startswith(streamed) and text[len(streamed):]:  # held back, or a backend that does not stream
                 yield chunk(text[len(streamed):])
