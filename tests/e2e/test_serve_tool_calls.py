@@ -127,3 +127,17 @@ def test_the_older_functions_and_function_call_forms(chatml):
                       "function_call": {"name": "get_weather", "arguments": '{"city": "Lima"}'}}]
     client.chat.completions.create(model="tiny", messages=history, tools=TOOLS)
     assert '{"name": "get_weather", "arguments": {"city": "Lima"}}' in chatml.decode(backend.requests[0]["ids"])
+
+
+def test_a_template_that_raises_on_the_request_is_a_400(chatml):
+    import copy
+
+    import openai
+
+    strict = copy.deepcopy(chatml)  # a template that insists on a system message first, as some do
+    strict.chat_template = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message must come "
+                            "first') }}{% endif %}" + chatml.chat_template)
+    client, backend = client_for(strict)
+    with pytest.raises(openai.BadRequestError, match="a system message must come first"):
+        client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS)
+    assert not backend.requests

@@ -19,7 +19,7 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
-from sftlab.errors import RecordError
+from sftlab.errors import RecordError, SftlabError
 from sftlab.serve.generation import StopText, encode
 from sftlab.serve.guard import (GuardLimits, add_request_guard, encodable, error_response, http_error_handler,
                                 validation_error_handler, warn_if_exposed)
@@ -196,11 +196,11 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
 
     writes_tools: list[bool] = []  # whether the chat template writes a tools list (probed at the first request with tools)
 
-    def _check_tools(tools: list[dict]) -> None:
+    def _check_tools(messages: list[dict], tools: list[dict]) -> None:
         if not writes_tools:
             from sftlab.data.render import template_writes_tools
 
-            writes_tools.append(template_writes_tools(tokenizer, [{"role": "user", "content": "hi"}], tools))
+            writes_tools.append(template_writes_tools(tokenizer, messages, tools))
         if not writes_tools[0]:
             raise APIError(400, "this model's chat template does not write tools, so it cannot be offered any: "
                                 "serve a model trained with a template that does (e.g. model.chat_template: chatml)",
@@ -212,10 +212,12 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         try:
             messages = req.template_messages()
             if tools:
-                _check_tools(tools)
+                _check_tools(messages, tools)
             ids = encode(tokenizer, messages=messages, tools=tools)
-        except RecordError as e:
+        except RecordError as e:  # a call sent back whose arguments are not an object
             raise APIError(400, e.reason, param="messages") from e
+        except SftlabError as e:  # the template raised while checking that it writes tools
+            raise APIError(400, str(e), param="messages") from e
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         except TemplateError as e:  # raise_exception() in the template, or the sandbox's SecurityError
