@@ -93,8 +93,10 @@ def test_q8_0_round_trip_within_looser_bounds(tmp_path, small_tokenizer, run_dir
     assert "Q8_0" in result.metrics["tensor types"]
     import gguf  # the types counted as they were written are the file's
 
+    from sftlab.export.gguf import type_summary
+
     written = Counter(t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "q8" / "model.gguf").tensors)
-    assert result.metrics["tensor types"] == ", ".join(f"{k} x{v}" for k, v in sorted(written.items()))
+    assert result.metrics["tensor types"] == type_summary(written)
     assert 0 < result.max_abs_diff <= 0.1  # quantized: not exact, but close
 
 

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from sftlab.data.conversation import ROLES, Conversation, message_text
 from sftlab.data.oasst import is_message_row
-from sftlab.data.tools import call_list, tool_calls, tool_list, xlam_tools
+from sftlab.data.tools import as_json_schema, call_list, tool_calls, tool_list
 from sftlab.errors import RecordError, SftlabError
 
 
@@ -282,12 +282,13 @@ from_dolly = partial(from_instruction, prompt="instruction", input="context", re
 from_squad = partial(from_instruction, prompt="question", input="context", response="answers")
 
 
-def _with_system(messages: list[dict], record: dict, source: str) -> tuple[list[dict], tuple[str, ...]]:
-    """A `system` column beside the messages (LLaMA-Factory's ShareGPT layout) as the system message,
-    unless the messages start with one; and the keys it used."""
-    system = _optional_text(record, "system" if "system" in record else None, source)
+def _with_system(messages: list[dict], record: dict, source: str, key: str | None = "system"
+                 ) -> tuple[list[dict], tuple[str, ...]]:
+    """A system column beside the messages (LLaMA-Factory's ShareGPT layout, a mapped `system`) as the
+    system message, unless the messages start with one; and the keys it used."""
+    system = _optional_text(record, key if key in record else None, source)
     if system and (not messages or messages[0]["role"] != "system"):
-        return [{"role": "system", "content": system}, *messages], ("system",)
+        return [{"role": "system", "content": system}, *messages], (key,)
     return messages, ()
 
 
@@ -332,10 +333,9 @@ def from_xlam(record: dict, source: str) -> Conversation:
     if not calls:
         raise RecordError(source, "empty content", "'answers' holds no call")
     messages = [{"role": "user", "content": query}, {"role": "assistant", "content": "", "tool_calls": calls}]
-    check_messages(messages, source)
-    meta = _meta(record, ("query", "answers", "tools"))
-    tools = xlam_tools(record.get("tools"), source)
-    return Conversation(messages=messages, source=source, meta=meta | ({"tools": tools} if tools else {}))
+    conv = _chat(messages, source, _meta(record, ("query", "answers")))
+    as_json_schema(conv.tools or [])
+    return conv
 
 
 def from_text(record: dict, source: str, key: str = "text") -> Conversation:
@@ -580,10 +580,7 @@ class Columns(BaseModel):
         if self.messages is not None:
             if self.messages not in record:
                 raise RecordError(source, "missing field", f"'{self.messages}'")
-            messages = _messages_in(record, self.messages, source)
-            system = _optional_text(record, self.system, source)
-            if system and (not messages or messages[0]["role"] != "system"):
-                messages = [{"role": "system", "content": system}, *messages]
+            messages, _ = _with_system(_messages_in(record, self.messages, source), record, source, self.system)
             return _chat(messages, source, _meta(record, (self.messages, self.system)))
         return from_instruction(record, source, prompt=self.prompt, response=self.response, input=self.input,
                                 system=self.system)

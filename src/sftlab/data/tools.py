@@ -104,11 +104,10 @@ _SCHEMA_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "
                  "dict": "object", "any": "string"}
 
 
-def xlam_tools(value: Any, source: str) -> list[dict[str, Any]] | None:
-    """xLAM's tools, whose `parameters` map each name to {type: "str" | "int, optional" | "List[str]" ...,
-    description, default?}, with the parameters as the JSON Schema object the server's clients send."""
-    tools = tool_list(value, source)
-    for tool in tools or []:
+def as_json_schema(tools: list[dict[str, Any]]) -> None:
+    """Rewrite, in place, tools whose `parameters` map each name to {type: "str" | "int, optional" |
+    "List[str]" ..., description, default?} (xLAM) with the JSON Schema object the server's clients send."""
+    for tool in tools:
         params = tool["function"].get("parameters")
         if not isinstance(params, dict) or params.get("type") == "object":
             continue  # already JSON Schema
@@ -122,7 +121,6 @@ def xlam_tools(value: Any, source: str) -> list[dict[str, Any]] | None:
             if "optional" not in written and "default" not in spec:
                 required.append(name)
         tool["function"]["parameters"] = {"type": "object", "properties": properties, "required": required}
-    return tools
 
 
 def call_text(calls: list[dict[str, Any]]) -> str:

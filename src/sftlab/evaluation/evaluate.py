@@ -111,19 +111,27 @@ def scores_of(records: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[s
     return out
 
 
-def reference_text(c: Conversation, tokenizer) -> str:
-    """The expected answer: the last assistant turn's content or, for a turn that calls tools, what the
-    model generates for it in the template's own syntax, cut and decoded as predictions are."""
-    last = len(c.prompt_messages())
-    if "tool_calls" not in c.messages[last]:
-        return c.reference()
-    from sftlab.data.render import IGNORE, RenderOptions, render
+def reference_texts(conversations: Sequence[Conversation], tokenizer) -> list[str]:
+    """The expected answers: each last assistant turn's content or, for a turn that calls tools, what the
+    model generates for it in the template's own syntax, cut and decoded as predictions are (those
+    turns rendered together, as training renders them)."""
+    calls = {k: c.messages[: len(c.prompt_messages()) + 1] for k, c in enumerate(conversations)
+             if "tool_calls" in c.messages[len(c.prompt_messages())]}
+    out = [c.reference() for c in conversations]
+    if not calls:
+        return out
+    from sftlab.data.render import IGNORE, RenderOptions, render_many
     from sftlab.evaluation.generate import cut_at_stop
     from sftlab.serve.generation import stop_token_ids
 
-    turn = render(Conversation(c.messages[: last + 1], c.source, meta=c.meta), tokenizer, RenderOptions(train_on="last"))
-    ids = [int(t) for t, label in zip(turn.ids, turn.label_ids) if label != IGNORE]
-    return tokenizer.decode(cut_at_stop(ids, set(stop_token_ids(tokenizer))), skip_special_tokens=True).strip()
+    turns = [Conversation(messages, conversations[k].source, meta=conversations[k].meta) for k, messages in calls.items()]
+    stops = set(stop_token_ids(tokenizer))
+    for k, turn in zip(calls, render_many(turns, tokenizer, RenderOptions(train_on="last"))):
+        if isinstance(turn, DataError):
+            raise turn
+        ids = [int(t) for t, label in zip(turn.ids, turn.label_ids) if label != IGNORE]
+        out[k] = tokenizer.decode(cut_at_stop(ids, stops), skip_special_tokens=True).strip()
+    return out
 
 
 def check_evaluable(c: Conversation) -> None:
@@ -197,8 +205,8 @@ def evaluate(
             raise DataError(missing.source, "metric 'choice' needs 'choices' on every record")
 
     records: list[dict[str, Any]] = []
-    for c, g in zip(conversations, groups):
-        rec: dict[str, Any] = {"source": c.source, "prompt": c.prompt_messages(), "reference": reference_text(c, tokenizer)}
+    for c, g, reference in zip(conversations, groups, reference_texts(conversations, tokenizer)):
+        rec: dict[str, Any] = {"source": c.source, "prompt": c.prompt_messages(), "reference": reference}
         if c.tools:
             rec["tools"] = c.tools
         if isinstance(c.meta.get("references"), list):
