@@ -21,12 +21,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.all_cores]
 @pytest.fixture(scope="module")
 def lora_setup(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("cli")
-    data = write_data(root / "train.jsonl")
+    data = write_data(root / "train.jsonl", n=8)
     config = {
         "model": {"name_or_path": str(tiny_model_dir)},
         "method": "lora",
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": str(data), "packing": False},  # 24 rows: every rank gets 12, none repeated
+        "data": {"train": str(data), "packing": False},  # 8 rows: every rank gets 4, none repeated
         "training": {"num_train_epochs": 1, "per_device_train_batch_size": 1, "learning_rate": 1e-2, "bf16": False,
                      "warmup_ratio": 0, "lr_scheduler_type": "constant", "logging_steps": 4, "seed": 0},
     }
