@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -33,6 +34,25 @@ def pytest_runtest_protocol(item, nextitem):
     with open(lock, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX if item.get_closest_marker("all_cores") else fcntl.LOCK_SH)
         return (yield)
+
+
+# the tokens chat templates write, special in the models' own tokenizers (added to SmolLM2's by tokenizer_for)
+_SPECIAL = re.compile(r"<\|[^<>\s|]+\|?>|<[^<>\s|]+\|>")
+
+
+def tokenizer_for(base, name: str):
+    """SmolLM2's tokenizer with a real chat template: sftlab's `chatml`, or a vendor's own as TRL
+    installs them in trl/chat_templates (`qwen2_5.jinja`, `llama3_1.jinja`, ...), with its tokens added."""
+    import copy
+    from importlib.resources import files
+
+    tok = copy.deepcopy(base)
+    path = files("sftlab") / "templates" / "chatml.jinja" if name == "chatml" else files("trl") / "chat_templates" / name
+    text = path.read_text(encoding="utf-8")
+    tok.add_special_tokens({"additional_special_tokens": sorted(set(_SPECIAL.findall(text)))})
+    tok.chat_template = text
+    tok.name_or_path = name
+    return tok
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The OpenAI server with `tools`, queried with the official `openai` client: the tools reach the
-prompt through the chat template, a reply in the Hermes / Qwen `<tool_call>` layout comes back as
-`tool_calls` (streamed or not), a conversation that sends calls and results back is rendered, and
+prompt through the chat template, a reply with calls in the layout the model's template writes
+(Hermes / Qwen `<tool_call>` blocks for chatml, Llama 3.1's bare JSON) comes back as `tool_calls`
+(streamed or not), a conversation that sends calls and results back is rendered, and
 a model whose template cannot write tools is a 400, not a prompt without them."""
 
 from __future__ import annotations
@@ -19,26 +20,27 @@ ASK = [{"role": "user", "content": "Is it warm in Lima?"}]
 
 
 class ScriptedBackend:
-    """Replies REPLY (in three streamed pieces) and keeps each request it was given."""
+    """Replies `reply` (in three streamed pieces) and keeps each request it was given."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.requests = tokenizer, []
+    def __init__(self, tokenizer, reply: str):
+        self.tokenizer, self.reply, self.requests = tokenizer, reply, []
 
     async def generate(self, *, ids, on_text=None, **kwargs):
         self.requests.append({"ids": ids, **kwargs})
         if on_text:
-            for k in range(0, len(REPLY), len(REPLY) // 3 + 1):
-                on_text(REPLY[k:k + len(REPLY) // 3 + 1])
-        return Completion(REPLY, "stop", len(ids), 30)
+            step = len(self.reply) // 3 + 1
+            for k in range(0, len(self.reply), step):
+                on_text(self.reply[k:k + step])
+        return Completion(self.reply, "stop", len(ids), 30)
 
 
-def client_for(tokenizer):
+def client_for(tokenizer, reply: str = REPLY):
     import openai
     from fastapi.testclient import TestClient
 
     from sftlab.serve.openai_api import create_app
 
-    backend = ScriptedBackend(tokenizer)
+    backend = ScriptedBackend(tokenizer, reply)
     http = TestClient(create_app(backend, "tiny"))
     return openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0), backend
 
@@ -104,17 +106,32 @@ def test_a_template_without_tools_and_a_forced_call_are_400s(tokenizer, chatml):
             {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "[1]"}}]}])
 
 
-def test_the_reply_parser_takes_calls_only_when_every_block_is_one():
-    from sftlab.serve.tool_calls import parse_tool_calls
+def test_calls_come_back_in_the_layout_of_the_model_s_own_template(tokenizer):
+    """A model trained on Llama 3.1's template writes a bare JSON object with "parameters": the server
+    reads it off that template (the parser's own cases: tests/unit/test_tool_call_layouts.py)."""
+    from conftest import tokenizer_for
 
-    content, calls = parse_tool_calls('<tool_call>\n{"name": "f", "parameters": {"a": 1}}\n</tool_call>')
-    assert content is None and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
-        [("f", {"a": 1})]  # Llama 3.1 names the arguments "parameters"
-    for text in ['<tool_call>{"name": "f", "arguments": [1]}</tool_call>', '<tool_call>{"name": "f", "arguments": "x=1"}</tool_call>',
-                 '<tool_call>{"name": "f"', '<tool_call>{"name": "f"}</tool_call> and more text']:
-        assert parse_tool_calls(text) == (text, [])  # not a call: the text as generated
-    assert parse_tool_calls('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>')[1][0]["function"][
-        "arguments"] == '{"a": 1}'
+    llama = tokenizer_for(tokenizer, "llama3_1.jinja")
+    reply = '{"name": "get_weather", "parameters": {"city": "Lima"}}'
+    client, backend = client_for(llama, reply)
+    choice = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == \
+        [("get_weather", {"city": "Lima"})]
+    chunks = list(client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, stream=True))
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks)  # held back from '{"name":' on
+    assert [tc.function.name for c in chunks for tc in (c.choices[0].delta.tool_calls or [])] == ["get_weather"]
+
+
+def test_a_template_whose_calls_the_server_cannot_read_gives_text_and_says_so(tokenizer, capsys):
+    from conftest import tokenizer_for
+
+    gemma = tokenizer_for(tokenizer, "gemma4.jinja")  # call:get_weather{city:<|"|>Lima<|"|>}: not JSON
+    client, _ = client_for(gemma, "call:get_weather{city:Lima}")
+    choice = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS).choices[0]
+    assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == \
+        ("call:get_weather{city:Lima}", None, "stop")
+    assert "replies to requests with tools come back as text" in capsys.readouterr().err
 
 
 def test_the_older_functions_and_function_call_forms(chatml):

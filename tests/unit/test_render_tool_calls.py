@@ -6,18 +6,14 @@ tool results never are; a template that cannot write tools or calls is a clear e
 from __future__ import annotations
 
 import copy
-import re
-from importlib.resources import files
 
 import pytest
 
 from sftlab.data.formats import to_conversation
 from sftlab.data.render import IGNORE, RenderOptions, render
 from sftlab.errors import SftlabError
+from conftest import tokenizer_for
 from test_data_render import trained_runs
-
-VENDOR = files("trl") / "chat_templates"
-CHATML = files("sftlab") / "templates" / "chatml.jinja"
 
 WEATHER = {"name": "get_weather", "description": "Current weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
@@ -52,23 +48,6 @@ EXPECTED = {
                       "\n</tool_call><|observation|>", None),
     "lfm2_2_5.jinja": ("<|tool_call_start|>[get_weather(city='Lima')]<|tool_call_end|><|im_end|>", "<|im_end|>"),
 }
-
-# the tokens these templates write, special in the models' own tokenizers (added to SmolLM2's here)
-_SPECIAL = re.compile(r"<\|[^<>\s|]+\|?>|<[^<>\s|]+\|>")
-
-
-def template_text(name: str) -> str:
-    return (CHATML if name == "chatml" else VENDOR / name).read_text(encoding="utf-8")
-
-
-def tokenizer_for(base, name: str):
-    tok = copy.deepcopy(base)
-    text = template_text(name)
-    tok.add_special_tokens({"additional_special_tokens": sorted(set(_SPECIAL.findall(text)))})
-    tok.chat_template = text
-    tok.name_or_path = name
-    return tok
-
 
 def trained_texts(tok, example) -> list[str]:
     return [tok.decode(run) for run in trained_runs(example)]

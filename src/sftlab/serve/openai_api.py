@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from sftlab.errors import RecordError, SftlabError
 from sftlab.serve.generation import StopText, encode
 from sftlab.serve.guard import (GuardLimits, add_request_guard, encodable, error_response, http_error_handler,
                                 validation_error_handler, warn_if_exposed)
-from sftlab.serve.tool_calls import OPEN, parse_tool_calls
+from sftlab.serve.tool_calls import CallParser, call_parser
 
 
 @dataclass
@@ -194,17 +195,28 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                            param="model", code="model_not_found")
         return {"id": model_name, "object": "model", "created": 0, "owned_by": "sftlab"}
 
-    writes_tools: list[bool] = []  # whether the chat template writes a tools list (probed at the first request with tools)
+    # probed at the first request with tools: whether the chat template writes a tools list, and the
+    # layout it writes calls in (None: one the server cannot read, so replies stay text)
+    tool_support: dict = {}
 
     def _check_tools(messages: list[dict], tools: list[dict]) -> None:
-        if not writes_tools:
+        if "writes" not in tool_support:
             from sftlab.data.render import template_writes_tools
 
-            writes_tools.append(template_writes_tools(tokenizer, messages, tools))
-        if not writes_tools[0]:
+            tool_support["writes"] = template_writes_tools(tokenizer, messages, tools)
+        if not tool_support["writes"]:
             raise APIError(400, "this model's chat template does not write tools, so it cannot be offered any: "
                                 "serve a model trained with a template that does (e.g. model.chat_template: chatml)",
                            param="tools")
+        if "parser" not in tool_support:
+            tool_support["parser"] = call_parser(tokenizer)
+            if tool_support["parser"] is None:
+                print("warning: this model's chat template writes tool calls other than with JSON arguments: "
+                      "replies to requests with tools come back as text, as generated", file=sys.stderr)
+
+    def _calls(text: str, tools) -> tuple[str | None, list[dict]]:
+        parser: CallParser | None = tool_support.get("parser") if tools else None
+        return parser.parse(text) if parser else (text, [])
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
@@ -253,7 +265,7 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                 task.cancel()
                 return Response(status_code=499)
         out = task.result()
-        content, calls = parse_tool_calls(out.text) if kwargs.get("tools") else (out.text, [])
+        content, calls = _calls(out.text, kwargs.get("tools"))
         message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
         choice = {"index": 0, "message": message} if chat else {"index": 0, "text": out.text, "logprobs": None}
         choice["finish_reason"] = "tool_calls" if calls else out.finish_reason
@@ -282,10 +294,11 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                     "created": created, "model": model_name, "choices": choices, **extra}
             return f"data: {json.dumps(body)}\n\n"
 
-        # with tools, text from the first "<tool_call>" on is held back: it becomes the calls at the end;
-        # so is trailing whitespace, which the content before a call does not keep
-        tools = bool(kwargs.get("tools"))
-        content, held = StopText([OPEN] if tools else []), ""
+        # with tools, text from where calls begin (`<tool_call>`, ...) is held back: it becomes the calls at
+        # the end; so is trailing whitespace, which the content before a call does not keep
+        parser = tool_support.get("parser") if kwargs.get("tools") else None
+        tools = parser is not None
+        content, held = StopText(parser.openers if tools else []), ""
         try:
             if chat:
                 yield chunk(None, first=True)
@@ -298,7 +311,7 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                     streamed += visible
                     yield chunk(visible)
             out = task.result()
-            text, calls = parse_tool_calls(out.text) if tools else (out.text, [])
+            text, calls = _calls(out.text, tools)
             text = text or ""
             if text.startswith(streamed) and text[len(streamed):]:  # held back, or a backend that does not stream
                 yield chunk(text[len(streamed):])

@@ -1,45 +1,224 @@
-"""Tool calls in generated text, for the OpenAI API: the Hermes / Qwen layout that `chatml` and the
-Qwen templates teach (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one block per
-call, after any text), parsed into OpenAI's `tool_calls`. Text in another layout is returned as
-the message's content, as generated."""
+"""Tool calls in generated text, parsed into OpenAI's `tool_calls`, in the layout the model's own chat
+template writes them: the layout a model trained on that template generates.
+
+The layout is read off the template, not written out per model family. A probe conversation whose
+assistant turn calls a probe function is rendered as training renders it, and its trained tokens are
+decoded as the server decodes generated ones (special tokens skipped). In that text the probe's name,
+call id and arguments become slots; rendered with two calls, the text that repeats per call. One
+reading covers the Hermes / Qwen `<tool_call>` blocks (`chatml`, Qwen 2.5 and 3), Llama 3.1's bare
+JSON with `"parameters"`, gpt-oss's `to=functions.NAME ... json{...}`, Mistral's `[{...}, {...}]`.
+A template that writes arguments other than as a JSON object (Python-style calls, XML parameters)
+has no layout here: replies to such a model are returned as text, as generated.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import uuid
+from dataclasses import dataclass
 
-OPEN = "<tool_call>"
-_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+NAME, ARGS, ID = "\x02", "\x01", "\x03"  # slots in a layout: control characters no template writes
+_SLOTS = re.compile(f"([{NAME}{ARGS}{ID}])")
+_PROBE_NAME, _PROBE_ID, _PROBE_TEXT = "sftlab_probe_fn", "sftlab0id", "sftlab_probe_text"  # Mistral wants 9-character ids
+_PROBE_ARGS = {"sftlab_probe_key": "sftlab_probe_value"}
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": _PROBE_NAME, "description": "A probe.",
+    "parameters": {"type": "object", "properties": {"sftlab_probe_key": {"type": "string"}}}}}
+_WORD = r"[\w.:\-]+"  # a function name or a call id, as generated
+MAX_CALLS = 32
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
-    """(the content before the first call, or None when there is none; the calls). Text whose blocks
-    are not all calls (unclosed, not JSON, no name, arguments that are not an object) is content, with
-    no calls."""
-    calls = []
-    for block in _BLOCK.finditer(text):
-        try:
-            call = json.loads(block.group(1))
-        except json.JSONDecodeError:
-            return text, []
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            return text, []
-        arguments = _object(call.get("arguments", call.get("parameters", {})))  # Llama 3.1 writes "parameters"
-        if arguments is None:
-            return text, []
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": call["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}})
-    if not calls or _BLOCK.sub("", text[text.index(OPEN):]).strip():  # text after or between the calls
+@dataclass(frozen=True)
+class CallLayout:
+    """How one chat template writes an assistant turn's calls: `first` with one call (slots for its
+    name, id and arguments), `repeat` inserted at `at` for each further call ('' when the template
+    writes one call per turn)."""
+
+    first: str
+    repeat: str = ""
+    at: int = 0
+
+    def for_calls(self, n: int) -> str:
+        return self.first[:self.at] + self.repeat * (n - 1) + self.first[self.at:]
+
+    @property
+    def opener(self) -> str:
+        """The text a reply's calls begin with (up to its first whitespace or slot), '' when they begin
+        with a slot: a streamed reply is held back from there."""
+        head = _SLOTS.split(self.first, 1)[0]
+        return head.split()[0] if head.split() else ""
+
+    def parse(self, text: str) -> tuple[str | None, list[dict]]:
+        """(the content before the calls, or None when there is none; the calls). Text that is not, from
+        where the first call begins to its end, calls in this layout (unclosed, not JSON, arguments not an
+        object, text after or between them) is content, with no calls."""
+        head = _SLOTS.split(self.first, 1)[0].strip()
+        found = re.search(_literal(head), text) if head else re.match(r"\s*", text)
+        if found:
+            start = found.start() if head else found.end()
+            for n in range(1, (MAX_CALLS if self.repeat else 1) + 1):
+                calls = _match(self.for_calls(n), text, start)
+                if calls is not None:
+                    return text[:start].strip() or None, calls
         return text, []
-    return text[: text.index(OPEN)].strip() or None, calls
+
+
+def _literal(text: str) -> str:
+    """A regex for template text, whitespace-tolerant: a run of whitespace (or none) where it has one."""
+    if not text.strip():
+        return r"\s*"
+    core = r"\s*".join(re.escape(piece) for piece in text.split())
+    return (r"\s*" if text[0].isspace() else "") + core + (r"\s*" if text[-1].isspace() else "")
+
+
+def _match(layout: str, text: str, pos: int) -> list[dict] | None:
+    """The calls when `text[pos:]` is exactly `layout` (trailing whitespace aside), else None."""
+    parts = _SLOTS.split(layout)
+    per_call = {slot: layout.count(slot) // max(layout.count(ARGS), 1) for slot in (NAME, ID)}
+    names, ids, arguments = [], [], []
+    decoder = json.JSONDecoder()
+    for k, part in enumerate(parts):
+        if part == ARGS:
+            pos = len(text) - len(text[pos:].lstrip())
+            try:
+                value, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError:
+                return None
+            value = _object(value)
+            if value is None:
+                return None
+            arguments.append(value)
+        elif part in (NAME, ID):  # up to the template text after it (gpt-oss: "NAMEcommentary")
+            after = parts[k + 1] if k + 1 < len(parts) else ""
+            word = f"({_WORD}?)(?={_literal(after)})" if after.strip() else f"({_WORD})"
+            m = re.compile(word).match(text, pos)
+            if m is None:
+                return None
+            (names if part == NAME else ids).append(m.group(1))
+            pos = m.end()
+        elif part:
+            m = re.compile(_literal(part)).match(text, pos)
+            if m is None:
+                return None
+            pos = m.end()
+    if text[pos:].strip() or not arguments:
+        return None
+    n = len(arguments)
+    per_name = names[::per_call[NAME]] if per_call[NAME] else []
+    if len(per_name) != n or any(names[i] != per_name[i // per_call[NAME]] for i in range(len(names))):
+        return None  # a name slot per call, each call's copies agreeing
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
+            for name, args in zip(per_name, arguments)]
 
 
 def _object(arguments) -> dict | None:
-    """A call's arguments as an object (given as one or as a JSON string of one), else None."""
+    """A call's arguments as an object (generated as one or as a JSON string of one), else None."""
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
         except json.JSONDecodeError:
             return None
     return arguments if isinstance(arguments, dict) else None
+
+
+@dataclass(frozen=True)
+class CallParser:
+    """Every layout a template writes calls in: with content before them, and without (gpt-oss writes
+    the content as a message of its own, so its calls alone begin otherwise)."""
+
+    layouts: tuple[CallLayout, ...]
+
+    @property
+    def openers(self) -> list[str]:
+        return [o for o in dict.fromkeys(layout.opener for layout in self.layouts) if o]
+
+    def parse(self, text: str) -> tuple[str | None, list[dict]]:
+        """(content before the calls or None; the calls) in the first layout that reads any, else (text, [])."""
+        for layout in self.layouts:
+            content, calls = layout.parse(text)
+            if calls:
+                return content, calls
+        return text, []
+
+
+def call_parser(tokenizer) -> CallParser | None:
+    """The reader of the calls the tokenizer's chat template writes, or None when it writes no calls, or
+    writes their arguments other than as a JSON object."""
+    import warnings
+
+    from sftlab.serve.generation import stop_token_ids
+
+    stop_ids = set(stop_token_ids(tokenizer))
+    with warnings.catch_warnings():  # the probe's own rendering: a template's quirks are not the request's
+        warnings.simplefilter("ignore")
+        layouts = [_layout(tokenizer, stop_ids, content) for content in (_PROBE_TEXT, "")]
+    layouts = list(dict.fromkeys(layout for layout in layouts if layout is not None))
+    # where one layout is the other with text before the calls (Qwen 3's empty think block without
+    # content; gpt-oss's message header after its content), the calls begin where the shorter does
+    layouts = [a for a in layouts if not any(b != a and a.first.endswith(b.first) for b in layouts)]
+    return CallParser(tuple(layouts)) if layouts else None
+
+
+def _layout(tokenizer, stop_ids: set[int], content: str) -> CallLayout | None:
+    one = _slotted(_probe_text(tokenizer, stop_ids, 1, content))
+    if one is None or one.count(ARGS) != 1 or NAME not in one:
+        return None
+    two = _slotted(_probe_text(tokenizer, stop_ids, 2, content))
+    if two is None or two.count(ARGS) != 2:  # one call per turn (gpt-oss), or two written otherwise
+        return CallLayout(one, "", len(one))
+    grow = len(two) - len(one)
+    for at in range(len(one) + 1):
+        repeat = two[at:at + grow]
+        if two[:at] == one[:at] and two[at + grow:] == one[at:] and all(
+                repeat.count(s) == one.count(s) for s in (NAME, ARGS, ID)):
+            return CallLayout(one, repeat, at)
+    return CallLayout(one, "", len(one))
+
+
+def _probe_text(tokenizer, stop_ids: set[int], calls: int, content: str) -> str | None:
+    """What the template trains for an assistant turn of `content` and `calls` probe calls (from the end
+    of the content), decoded as generated text is; None if it cannot write that turn."""
+    from sftlab.data.conversation import Conversation
+    from sftlab.data.render import IGNORE, render
+    from sftlab.errors import SftlabError
+    from sftlab.serve.generation import IncrementalDecoder
+
+    call = {"id": _PROBE_ID, "type": "function", "function": {"name": _PROBE_NAME, "arguments": dict(_PROBE_ARGS)}}
+    conv = Conversation([{"role": "user", "content": "Hi."},
+                         {"role": "assistant", "content": content, "tool_calls": [dict(call)] * calls}],
+                        source="the tool-call probe", meta={"tools": [_PROBE_TOOL]})
+    try:
+        example = render(conv, tokenizer)
+    except SftlabError:  # DataError too: the template cannot write this turn (e.g. drops the content)
+        return None
+    decoder = IncrementalDecoder(tokenizer)
+    text = "".join(decoder.add(int(t)) for t, label in zip(example.input_ids, example.labels)
+                   if label != IGNORE and t not in stop_ids)
+    if content:
+        if content not in text:
+            return None
+        text = text.split(content, 1)[1]
+    return text.strip()
+
+
+def _slotted(text: str | None) -> str | None:
+    """The probe's text with its arguments, name and id replaced by slots; None when the arguments are
+    not written as a JSON object."""
+    if text is None:
+        return None
+    decoder, out, pos = json.JSONDecoder(), [], 0
+    for m in re.finditer(r"\{", text):
+        if m.start() < pos:
+            continue
+        try:
+            value, end = decoder.raw_decode(text, m.start())
+        except json.JSONDecodeError:
+            continue
+        if value == _PROBE_ARGS:
+            out += [text[pos:m.start()], ARGS]
+            pos = end
+    out.append(text[pos:])
+    slotted = "".join(out)
+    return slotted.replace(_PROBE_NAME, NAME).replace(_PROBE_ID, ID) if ARGS in slotted else None

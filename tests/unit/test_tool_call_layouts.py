@@ -1,0 +1,108 @@
+"""The server reads a reply's tool calls in the layout the model's own chat template writes them,
+read off the template (serve/tool_calls.py), on the vendors' templates that TRL installs: what
+training teaches for a turn of calls, decoded as the server decodes a reply, parses back to exactly
+those calls; text that is not calls in that layout stays text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sftlab.data.conversation import Conversation
+from sftlab.data.render import IGNORE, render
+from sftlab.serve.generation import IncrementalDecoder, stop_token_ids
+from sftlab.serve.tool_calls import call_parser
+from conftest import tokenizer_for
+from test_render_tool_calls import WEATHER
+
+ANY = {"name": "convert.currency", "description": "Convert money",
+       "parameters": {"type": "object", "properties": {"amount": {"type": "number"}}}}
+
+
+def call(name: str, arguments: dict) -> dict:
+    return {"type": "function", "function": {"name": name, "arguments": arguments}, "id": "abc123XYZ"}
+
+
+CALLS = [call("get_weather", {"city": "Lima"}),
+         call("convert.currency", {"amount": 40.5, "to": ["JPY", "EUR"], "note": "dé {\"x\": 1} </tool_call>",
+                                   "options": {"round": True, "digits": None}})]
+
+# template -> how many calls it writes in one turn (gpt-oss and Llama 3.1 write one)
+JSON_LAYOUTS = {"chatml": 2, "qwen2_5.jinja": 2, "qwen3.jinja": 2, "qwen3_instruct_2507.jinja": 2,
+                "llama3_1.jinja": 1, "llama3_2.jinja": 1, "gptoss.jinja": 1}
+OTHER_LAYOUTS = ["gemma4.jinja", "glm4moe.jinja", "lfm2_2_5.jinja", "qwen3_5_nothink.jinja"]  # arguments not JSON
+
+
+def generated_text(tok, calls: list[dict], content: str = "") -> str:
+    """What a model trained on the template generates for a turn with these calls: its trained tokens
+    (the end-of-turn token aside), decoded as the server decodes a reply."""
+    conv = Conversation([{"role": "user", "content": "Is it warm in Lima?"},
+                         {"role": "assistant", "content": content, "tool_calls": calls}],
+                        meta={"tools": [{"type": "function", "function": f} for f in (WEATHER, ANY)]})
+    example = render(conv, tok)
+    stops, decoder = set(stop_token_ids(tok)), IncrementalDecoder(tok)
+    return "".join(decoder.add(t) for t, label in zip(example.input_ids, example.labels)
+                   if label != IGNORE and t not in stops)
+
+
+def as_sent(calls: list[dict]) -> list[tuple[str, dict]]:
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+@pytest.mark.parametrize("name", sorted(JSON_LAYOUTS))
+def test_what_a_template_trains_for_calls_reads_back_as_those_calls(tokenizer, name):
+    tok = tokenizer_for(tokenizer, name)
+    parser = call_parser(tok)
+    assert parser is not None
+    for n in range(1, JSON_LAYOUTS[name] + 1):
+        content, calls = parser.parse(generated_text(tok, CALLS[:n]))
+        assert as_sent(calls) == [(c["function"]["name"], c["function"]["arguments"]) for c in CALLS[:n]]
+        assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+        assert content is None or "{" not in content  # nothing of the calls is left in the content
+    assert len({c["id"] for c in parser.parse(generated_text(tok, CALLS[:JSON_LAYOUTS[name]]))[1]}) == JSON_LAYOUTS[name]
+
+
+def test_content_before_the_calls_is_the_message_content(tokenizer):
+    tok = tokenizer_for(tokenizer, "qwen2_5.jinja")
+    content, calls = call_parser(tok).parse(generated_text(tok, CALLS, content="Let me check."))
+    assert content == "Let me check." and as_sent(calls)[0] == ("get_weather", {"city": "Lima"})
+
+
+@pytest.mark.parametrize("name", OTHER_LAYOUTS)
+def test_templates_that_write_arguments_otherwise_have_no_parser(tokenizer, name):
+    assert call_parser(tokenizer_for(tokenizer, name)) is None
+
+
+def test_a_template_without_tools_has_no_parser(tokenizer):
+    assert call_parser(tokenizer) is None  # SmolLM2's own template
+
+
+@pytest.mark.parametrize("text", [
+    '<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>',  # arguments not an object
+    '<tool_call>\n{"name": "f", "arguments": "x=1"}\n</tool_call>',
+    '<tool_call>\n{"name": "f", "arguments": {"a": 1}',  # unclosed
+    '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call> and more text',  # text after the calls
+    '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\nbetween\n<tool_call>\n{"name": "g", "arguments": {}}\n'
+    '</tool_call>',
+    "I would write <tool_call> here, but this is an answer.",
+])
+def test_text_that_is_not_calls_in_the_layout_stays_text(tokenizer, text):
+    assert call_parser(tokenizer_for(tokenizer, "chatml")).parse(text) == (text, [])
+
+
+def test_a_reply_may_vary_the_layout_s_whitespace_and_give_arguments_as_a_json_string(tokenizer):
+    parser = call_parser(tokenizer_for(tokenizer, "chatml"))
+    text = '  <tool_call>{"name":"f","arguments":"{\\"a\\": 1}"}</tool_call>\n  <tool_call>\n {"name": "g",  "arguments": {}}</tool_call>\n'
+    content, calls = parser.parse(text)
+    assert content is None and as_sent(calls) == [("f", {"a": 1}), ("g", {})]
+    assert parser.openers == ["<tool_call>"]
+
+
+def test_llama_writes_parameters_and_gpt_oss_the_name_in_its_header(tokenizer):
+    llama = call_parser(tokenizer_for(tokenizer, "llama3_1.jinja"))
+    assert as_sent(llama.parse('{"name": "f", "parameters": {"a": 1}}')[1]) == [("f", {"a": 1})]
+    assert llama.parse('{"name": "f", "arguments": {"a": 1}}')[1] == []  # not how Llama 3.1 writes calls
+    gpt = call_parser(tokenizer_for(tokenizer, "gptoss.jinja"))
+    assert as_sent(gpt.parse(' to=functions.get_weathercommentary json{"city": "Lima"}')[1]) == \
+        [("get_weather", {"city": "Lima"})]
