@@ -14,7 +14,8 @@ from sftlab.data.render import IGNORE, render
 from sftlab.serve.generation import IncrementalDecoder, stop_token_ids
 from sftlab.serve.tool_calls import call_parser
 from conftest import tokenizer_for
-from test_render_tool_calls import WEATHER
+from test_data_render import trained_runs
+from test_render_tool_calls import EXPECTED, RECORD, WEATHER
 
 ANY = {"name": "convert.currency", "description": "Convert money",
        "parameters": {"type": "object", "properties": {"amount": {"type": "number"}}}}
@@ -106,3 +107,15 @@ def test_llama_writes_parameters_and_gpt_oss_the_name_in_its_header(tokenizer):
     gpt = call_parser(tokenizer_for(tokenizer, "gptoss.jinja"))
     assert as_sent(gpt.parse(' to=functions.get_weathercommentary json{"city": "Lima"}')[1]) == \
         [("get_weather", {"city": "Lima"})]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_generation_stops_where_training_ends_a_call_turn(tokenizer, name):
+    """The token each template ends a call turn with (gpt-oss `<|call|>`, GLM `<|observation|>`, Gemma 4
+    `<|tool_response>`, the end-of-turn elsewhere) is a stop token of evaluation and serving: a model
+    that calls a tool stops for the result instead of writing one itself."""
+    from sftlab.data.formats import to_conversation
+
+    tok = tokenizer_for(tokenizer, name)
+    call_turn = trained_runs(render(to_conversation(RECORD, "tools.jsonl:1"), tok))[0]
+    assert call_turn[-1] in stop_token_ids(tok), tok.convert_ids_to_tokens(call_turn[-1:])

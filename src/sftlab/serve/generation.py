@@ -38,11 +38,41 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return [tok for tok in tail if tok in special][:1]
 
 
+def end_of_call_ids(tokenizer) -> list[int]:
+    """The special token that ends an assistant turn calling a tool, where templates end such a turn
+    otherwise than an answer (gpt-oss `<|call|>`, GLM `<|observation|>`, Gemma 4 `<|tool_response>`):
+    a model stops there and waits for the tool's result. Found as training finds the end of such a
+    turn (data/render.py `_call_span`): the special token the turn ends with when it is the last
+    message, else the one right after it when a tool result follows."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    tools = [{"type": "function", "function": {"name": MARK, "description": "A probe.",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    call = {"id": "a1b2c3d4e", "type": "function", "function": {"name": MARK, "arguments": {}}}  # Mistral: 9 characters
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call["id"], "name": MARK, "content": "ok"}]
+    try:
+        asked, alone, full = (tokenizer.apply_chat_template(messages[:n], tools=tools, tokenize=False) for n in (1, 2, 3))
+    except Exception:  # a template without tool calling, or one that rejects this minimal call
+        return []
+    alone = alone.rstrip()
+    if alone.count(MARK) <= asked.count(MARK):  # the template does not write the call
+        return []
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials = sorted({t for t in tokenizer.all_special_tokens if t} | {t.content for t in decoder.values() if t.special},
+                      key=len, reverse=True)
+    after = full[len(alone):].lstrip() if full.startswith(alone) else ""
+    closing = next((m for m in specials if alone.endswith(m)), None) or next((m for m in specials if after.startswith(m)), None)
+    return [tokenizer.convert_tokens_to_ids(closing)] if closing else []
+
+
 def stop_token_ids(tokenizer, eos_token_id: int | list[int] | None = None) -> list[int]:
-    """Every token that ends a reply: the template's end-of-turn, the tokenizer's and the model's EOS
-    (`eos_token_id`: the model's generation_config/config value). The one definition used by
-    evaluation, serving, chat and every export."""
+    """Every token that ends a reply: the template's end-of-turn (after an answer, and after a turn
+    that calls a tool), the tokenizer's and the model's EOS (`eos_token_id`: the model's
+    generation_config/config value). The one definition used by evaluation, serving, chat and
+    every export."""
     ids = end_of_turn_ids(tokenizer)
+    ids += [tok for tok in end_of_call_ids(tokenizer) if tok not in ids]
     extra = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
     for tok in [tokenizer.eos_token_id, *extra]:
         if tok is not None and tok not in ids:
