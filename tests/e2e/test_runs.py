@@ -82,3 +82,18 @@ def test_runs_show_the_metrics_of_sftlab_eval_beside_the_eval_loss(runs_root, tm
     assert main(["runs", str(runs_root), "--markdown"]) == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert header.endswith("| finished | " + " | ".join(f"eval_{name}" for name in evaluated) + " |")
+
+
+def test_an_alignment_run_names_its_loss_beside_the_method(runs_root, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root / "a-lora", root / "dpo")
+    info = json.loads((root / "dpo" / "run.json").read_text())
+    (root / "dpo" / "run.json").write_text(json.dumps(info | {"align": {"loss": "dpo", "beta": 0.1}}))
+    config = yaml.safe_load((root / "dpo" / "config.yaml").read_text())
+    (root / "dpo" / "config.yaml").write_text(yaml.safe_dump(config | {"align": {"loss": "dpo"}}))
+    assert main(["runs", str(root), "--csv"]) == 0
+    assert [r["method"] for r in csv.DictReader(io.StringIO(capsys.readouterr().out))] == ["dpo (lora)"]

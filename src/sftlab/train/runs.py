@@ -57,7 +57,7 @@ def summarize(run: Path, root: Path) -> dict[str, Any]:
     data = (config.get("data") or {}).get("train")
     return {
         "run": str(run.relative_to(root)) if run != root else run.name,
-        "method": info.get("method", config.get("method")),
+        "method": _method(info, config),
         "data": Path(data).name if data else None,
         "steps": info.get("global_step"),
         "final_loss": losses[-1] if losses else info.get("train_loss"),
@@ -67,6 +67,13 @@ def summarize(run: Path, root: Path) -> dict[str, Any]:
         "finished": bool(info.get("finished")),
         **_eval_metrics(run),
     }
+
+
+def _method(info: dict, config: dict) -> str | None:
+    """The training method; for an alignment run, its loss with it (`dpo (lora)`)."""
+    method = info.get("method", config.get("method"))
+    align = (info.get("align") or {}).get("loss") or (config.get("align") or {}).get("loss")
+    return f"{align} ({method})" if align else method
 
 
 def _cell(value: Any) -> str:
