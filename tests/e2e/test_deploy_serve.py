@@ -166,6 +166,21 @@ def test_seeded_sampling_repeats_and_text_parts_and_model_lookup(client):
     assert client.models.retrieve("tiny").id == "tiny"
 
 
+def test_a_request_for_another_model_is_a_404_naming_the_served_one(server, client):
+    import httpx
+    import openai
+
+    for call in (lambda: client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}]),
+                 lambda: client.completions.create(model="gpt-4o", prompt="Hi", max_tokens=2),
+                 lambda: client.models.retrieve("gpt-4o")):
+        with pytest.raises(openai.NotFoundError, match="this server serves 'tiny'") as e:
+            call()
+        assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    r = httpx.post(server[0] + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2},  # no model: the one served
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200 and r.json()["model"] == "tiny"
+
+
 def test_empty_prompt_and_too_long_for_the_model_are_400s(server, client):
     import openai
 

@@ -188,11 +188,16 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         return dict(max_tokens=_max_tokens(req), temperature=req.temperature, top_p=req.top_p, stop=req.stop or [],
                     seed=req.seed)
 
-    @app.get("/v1/models/{model_id}")
-    async def model(model_id: str):
-        if model_id != model_name:
+    def _check_model(model_id: str | None) -> None:
+        """A request for another model than the one served is a 404, as OpenAI and vLLM answer it: a client
+        pointed at the wrong server finds out (`model` may be left out)."""
+        if model_id is not None and model_id != model_name:
             raise APIError(404, f"the model '{model_id}' does not exist; this server serves '{model_name}'",
                            param="model", code="model_not_found")
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        _check_model(model_id)
         return {"id": model_name, "object": "model", "created": 0, "owned_by": "sftlab"}
 
     # probed at the first request with tools: whether the chat template writes a tools list, and the
@@ -220,6 +225,7 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
+        _check_model(req.model)
         tools = req.offered_tools()
         try:
             messages = req.template_messages()
@@ -240,6 +246,7 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
+        _check_model(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, "send exactly one prompt per request", param="prompt")
