@@ -367,6 +367,46 @@ def _is_output_proj(name: str) -> bool:
     return name.split(".")[-1] in ("o_proj", "out_proj", "dense", "c_proj", "wo")
 
 
+def settings_from_config(config, nproc: int = 1) -> dict[str, Any]:
+    """`estimate_memory`'s settings for a training config (TrainConfig): what `sftlab train` would run.
+    DoRA is counted as LoRA (its magnitude vectors are small); `training.compile_norms: auto` as off
+    (it turns on for long CPU runs only; eager norms keep more); an optimizer other than an 8-bit one
+    or SGD as AdamW's two fp32 states."""
+    t = config.training
+    optim = t.optim.lower()
+    settings = {
+        "method": "lora" if config.method == "dora" else config.method,
+        "seq_len": config.data.max_seq_length,
+        "batch": t.per_device_train_batch_size,
+        "grad_accum": t.gradient_accumulation_steps,
+        "lora_r": config.lora.r,
+        "lora_dropout": config.lora.dropout,
+        "target_modules": config.lora.target_modules,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "compiled_norms": t.compile_norms is True,
+        "dtype": {True: "bf16", False: "fp32"}.get(t.bf16, "auto"),
+        "weights_dtype": {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}.get(config.model.dtype, "auto"),
+        "optimizer": "adamw_8bit" if "8bit" in optim else "sgd" if optim.startswith("sgd") else "adamw",
+        "nproc": nproc,
+    }
+    if nproc > 1:
+        settings["distributed"] = _engine_of(config.distributed)
+    return settings
+
+
+def _engine_of(distributed) -> str:
+    """The estimate's name (ENGINES) for a config's multi-process engine."""
+    if distributed.engine != "deepspeed":
+        return distributed.engine
+    if distributed.deepspeed in ENGINES:
+        return distributed.deepspeed
+    from sftlab.train.distributed import deepspeed_config
+
+    zero = deepspeed_config(distributed.deepspeed).get("zero_optimization") or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device") == "cpu"
+    return f"zero{3 if zero.get('stage') == 3 else 2}" + ("_offload" if offload else "")
+
+
 def estimate_memory(
     config_or_path: Any,
     method: Method = "lora",

@@ -36,3 +36,36 @@ def test_estimate_bad_input_is_one_line(tiny_model_dir, capsys):
     assert err.startswith("error: cannot read the memory size 'lots'") and err.count("\n") == 1
     assert main(["estimate", "./missing-model-folder"]) == 1
     assert "model folder not found" in capsys.readouterr().err
+
+
+def test_a_training_config_is_estimated_with_its_own_settings(tiny_model_dir, tmp_path, capsys):
+    """`sftlab estimate CONFIG.yaml` (or a run directory) estimates what `sftlab train` would run: its
+    model and settings, printed as the options that give the same estimate; an option given wins."""
+    import yaml
+
+    config = {"model": {"name_or_path": str(tiny_model_dir)}, "method": "lora", "lora": {"r": 4, "dropout": 0.1},
+              "data": {"train": "x.jsonl", "max_seq_length": 96},
+              "training": {"per_device_train_batch_size": 3, "gradient_accumulation_steps": 2, "bf16": False,
+                           "optim": "adamw_bnb_8bit", "gradient_checkpointing": True}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["estimate", str(path), "--memory", "2GiB", "--json"]) == 0
+    out, err = capsys.readouterr()
+    options = err.split("settings of ")[1].split(": ", 1)[1].split()
+    assert " ".join(options) == ("--method lora --seq-len 96 --batch 3 --lora-r 4 --lora-dropout 0.1 --target-modules "
+                                 "all-linear --grad-checkpointing --dtype fp32 --weights-dtype auto --optimizer adamw_8bit "
+                                 "--nproc 1 --grad-accum 2")
+    assert main(["estimate", str(tiny_model_dir), *options, "--memory", "2GiB", "--json"]) == 0
+    assert json.loads(out) == json.loads(capsys.readouterr().out)
+
+    assert main(["estimate", str(path), "--batch", "1", "--memory", "2GiB", "--json"]) == 0  # an option wins
+    one = json.loads(capsys.readouterr().out)
+    assert main(["estimate", str(tiny_model_dir), *options, "--batch", "1", "--memory", "2GiB", "--json"]) == 0
+    assert one == json.loads(capsys.readouterr().out) and one["total"] < json.loads(out)["total"]
+
+    run = tmp_path / "run"  # a run directory: its base model, its config.yaml's settings
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"base_model": str(tiny_model_dir), "method": "lora"}))
+    (run / "config.yaml").write_text(path.read_text())
+    assert main(["estimate", str(run), "--memory", "2GiB", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(out)

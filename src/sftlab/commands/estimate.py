@@ -1,4 +1,5 @@
-"""`sftlab estimate MODEL --method lora ...`: memory needed to train, from the config only."""
+"""`sftlab estimate MODEL --method lora ...` or `sftlab estimate CONFIG.yaml`: memory needed to train,
+from the model's config only (no weights loaded)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ class Loss(str, Enum):
 
 @app.command()
 def estimate(
-    model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, run directory, or 'default'."),
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, run directory, or 'default'; or a training config (.yaml), whose model and settings are estimated (a run directory's are its config's). Options given override them."),
     method: Method = typer.Option(Method.lora, help="full fine-tuning, LoRA, or QLoRA (4-bit nf4 base)."),
     seq_len: int = typer.Option(1024, "--seq-len", min=1, help="Tokens per row (max_seq_length; a packed row is full)."),
     batch: int = typer.Option(8, min=1, help="Rows per device per step."),
@@ -66,20 +68,28 @@ def estimate(
 ) -> None:
     """Estimate peak training memory (weights, gradients, optimizer, activations, logits) without loading weights."""
     import json
+    import sys
 
     from rich.console import Console
 
-    from sftlab.estimate import estimate_memory, parse_memory, system_memory
+    from sftlab.estimate import estimate_memory, parse_memory, settings_from_config, system_memory
 
     targets = "all-linear" if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
     budget = parse_memory(memory) if memory else system_memory()
-    est = estimate_memory(
-        model, method.value, seq_len, batch,
-        lora_r=lora_r, lora_dropout=lora_dropout, target_modules=targets,
-        gradient_checkpointing=grad_checkpointing, dtype=dtype.value, weights_dtype=weights_dtype.value,
-        optimizer=optimizer.value, trained_fraction=trained_fraction, loss=loss.value,
-        nproc=nproc, distributed=distributed.value, grad_accum=grad_accum, compiled_norms=compile_norms,
-    )
+    settings = dict(method=method.value, seq_len=seq_len, batch=batch, lora_r=lora_r, lora_dropout=lora_dropout,
+                    target_modules=targets, gradient_checkpointing=grad_checkpointing, dtype=dtype.value,
+                    weights_dtype=weights_dtype.value, optimizer=optimizer.value, trained_fraction=trained_fraction,
+                    loss=loss.value, nproc=nproc, distributed=distributed.value, grad_accum=grad_accum,
+                    compiled_norms=compile_norms)
+    config_source = model
+    model, config = _config_of(model)
+    if config is not None:  # the config's settings, where no option says otherwise
+        given = {_SETTING.get(name, name) for name in ctx.params
+                 if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+        settings |= {k: v for k, v in settings_from_config(config, nproc).items() if k not in given}
+        batch = settings["batch"]
+        print(f"settings of {config_source}: {_as_options(settings)}", file=sys.stderr)
+    est = estimate_memory(model, settings.pop("method"), settings.pop("seq_len"), settings.pop("batch"), **settings)
     if as_json:
         print(json.dumps(est.as_dict() | {"memory": budget, "max_batch": est.max_batch(budget)}, indent=2))
         return
@@ -90,3 +100,37 @@ def estimate(
                       f"{est.logits / 1024**3:.2f} GiB.")
     fits = "fits" if est.total <= budget else "does NOT fit"
     console.print(f"Batch {batch} {fits} in {budget / 1024**3:.2f} GiB; the largest batch that fits is {est.max_batch(budget)}.")
+
+
+_SETTING = {"grad_checkpointing": "gradient_checkpointing", "compile_norms": "compiled_norms"}  # option -> setting
+_FLAGS = {"gradient_checkpointing": "--grad-checkpointing", "compiled_norms": "--compile-norms"}
+
+
+def _as_options(settings: dict) -> str:
+    """The settings as the options that give them (what a config's estimate used)."""
+    out = []
+    for key, value in settings.items():
+        if key in ("trained_fraction", "loss") or (key.startswith("lora_") or key == "target_modules") \
+                and settings["method"] == "full" or (key == "distributed" and settings["nproc"] == 1):
+            continue
+        if key in _FLAGS:
+            out += [_FLAGS[key]] if value else []
+        else:
+            out.append(f"--{key.replace('_', '-')} {','.join(value) if isinstance(value, list) else value}")
+    return " ".join(out)
+
+
+def _config_of(model: str):
+    """(the model to estimate, the training config whose settings apply, or None): a .yaml config names
+    its model; a run directory is its own model, trained with its config.yaml."""
+    from pathlib import Path
+
+    from sftlab.config import AlignConfig, TrainConfig, load_config, read_yaml_mapping
+    from sftlab.models import is_run_dir
+
+    run = is_run_dir(model)
+    path = Path(model) / "config.yaml" if run else Path(model)
+    if (run and not path.is_file()) or path.suffix not in (".yaml", ".yml"):
+        return model, None
+    config = load_config(path, cls=AlignConfig if "align" in read_yaml_mapping(path) else TrainConfig)
+    return (model if run else config.model.name_or_path), config
