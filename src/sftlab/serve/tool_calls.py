@@ -75,8 +75,8 @@ def _literal(text: str) -> str:
 def _match(layout: str, text: str, pos: int) -> list[dict] | None:
     """The calls when `text[pos:]` is exactly `layout` (trailing whitespace aside), else None."""
     parts = _SLOTS.split(layout)
-    per_call = {slot: layout.count(slot) // max(layout.count(ARGS), 1) for slot in (NAME, ID)}
-    names, ids, arguments = [], [], []
+    names_per_call = layout.count(NAME) // layout.count(ARGS)  # gpt-oss-like headers may repeat the name
+    names, arguments = [], []
     decoder = json.JSONDecoder()
     for k, part in enumerate(parts):
         if part == ARGS:
@@ -95,7 +95,8 @@ def _match(layout: str, text: str, pos: int) -> list[dict] | None:
             m = re.compile(word).match(text, pos)
             if m is None:
                 return None
-            (names if part == NAME else ids).append(m.group(1))
+            if part == NAME:  # a call id is matched, not kept: the reply's calls get ids of their own
+                names.append(m.group(1))
             pos = m.end()
         elif part:
             m = re.compile(_literal(part)).match(text, pos)
@@ -104,13 +105,12 @@ def _match(layout: str, text: str, pos: int) -> list[dict] | None:
             pos = m.end()
     if text[pos:].strip() or not arguments:
         return None
-    n = len(arguments)
-    per_name = names[::per_call[NAME]] if per_call[NAME] else []
-    if len(per_name) != n or any(names[i] != per_name[i // per_call[NAME]] for i in range(len(names))):
-        return None  # a name slot per call, each call's copies agreeing
+    per_call = names[::names_per_call]
+    if any(name != per_call[i // names_per_call] for i, name in enumerate(names)):
+        return None  # each call's copies of its name agree
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
-            for name, args in zip(per_name, arguments)]
+            for name, args in zip(per_call, arguments)]
 
 
 def _object(arguments) -> dict | None:
