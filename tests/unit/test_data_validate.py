@@ -82,3 +82,23 @@ def test_length_policy(tokenizer, tmp_path):
     assert (trunc.kept, trunc.rejected_total, trunc.truncated) == (2, 0, 1)
     with pytest.raises(DataError, match=rf"{src}:2: too long: \d+ tokens > max_seq_length 64"):
         validate(src, ValidateOptions(max_seq_length=64), tokenizer=tokenizer)
+
+
+def test_a_tokenizer_alone_renders_every_record_and_rejects_what_the_template_cannot_write(tokenizer, tmp_path):
+    """With a tokenizer and no token limit, records are still rendered as training renders them: a
+    record the chat template raises on is a counted reject (or, strict, an error naming its line)."""
+    import copy
+
+    strict = copy.deepcopy(tokenizer)  # a template without a system role, as Gemma's
+    strict.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                            "{% endif %}" + tokenizer.chat_template)
+    src = tmp_path / "in.jsonl"
+    rows = [{"prompt": "Hi", "completion": "Hello"},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello"}]}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = validate(src, ValidateOptions(on_error="skip"), tokenizer=strict)
+    assert (report.kept, report.rejected_total) == (1, 1)
+    with pytest.raises(DataError, match=rf"{src}:2: .*System role not supported"):
+        validate(src, ValidateOptions(), tokenizer=strict)
+    assert validate(src, ValidateOptions(on_error="skip")).kept == 2  # no tokenizer: the records alone

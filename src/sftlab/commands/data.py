@@ -186,9 +186,9 @@ def validate(
     columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
     split: Optional[str] = typer.Option(None, "--split", help="Split to read when the input holds several."),
     no_dedup: bool = typer.Option(False, "--no-dedup", help="Keep exact duplicates."),
-    model: Optional[str] = typer.Option(None, "--model", help="Tokenizer for the token-length check (with --max-seq-length)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Render every record with this model's tokenizer and chat template, as training does: one the template cannot render is rejected (default with --chat-template: 'default')."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help=TEMPLATE_HELP),
-    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="Token limit, rendered as training renders."),
+    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="Token limit (needs --model or --chat-template): over-long records are rejected or truncated."),
     length_policy: str = typer.Option("drop", "--length-policy", help="Over-long conversations: drop (reject) or truncate."),
     summary: Optional[Path] = typer.Option(None, "--summary", help="Summary JSON (default OUT.validate.json when --out is given)."),
 ) -> None:
@@ -198,6 +198,8 @@ def validate(
     from sftlab.data.validate import ValidateOptions, validate as run
     from sftlab.errors import SftlabError
 
+    if chat_template and not model:
+        model = "default"
     if max_seq_length and not model:
         raise SftlabError("--max-seq-length needs --model (the tokenizer that counts tokens)")
     opts = _options(ValidateOptions, None, None, format=format, columns=Columns.parse(columns) if columns else None,

@@ -3,10 +3,10 @@ and reason) or removed as an exact duplicate, and the three counts add up to the
 
 Strict mode (`on_error="raise"`) stops at the first bad record with a `DataError` naming
 file and line; skip mode writes each bad record to a rejects JSONL and counts it by kind.
-With a tokenizer and `max_seq_length`, each conversation is rendered exactly as training
-renders it (`sftlab.data.render`): over-long ones are rejected (`drop`) or kept and counted
-(`truncate`: training cuts them at the limit), and one the chat template cannot render is
-rejected, so training meets no surprise.
+With a tokenizer, each conversation is rendered exactly as training renders it
+(`sftlab.data.render`): one the chat template cannot render is rejected, so training meets no
+surprise; with `max_seq_length` too, over-long ones are rejected (`drop`) or kept and counted
+(`truncate`: training cuts them at the limit).
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ class _Validator:
         self.own_rejects += 1
 
     def process(self, batch: list[tuple[Conversation, Any]]) -> None:
-        if self.opts.max_seq_length:
-            batch = self._check_lengths(batch)
+        if self.tokenizer is not None:
+            batch = self._render(batch)
         for conv, _ in batch:
             if self.opts.dedup:
                 key = exact_key(conv)
@@ -104,9 +104,9 @@ class _Validator:
             if self.writer is not None:
                 self.writer.write(conv)
 
-    def _check_lengths(self, batch):
-        """Render as training will: over-long ones are rejected (drop) or counted (truncate:
-        training cuts them at max_seq_length); a conversation the template cannot render is rejected."""
+    def _render(self, batch):
+        """Render as training will: a conversation the template cannot render is rejected; over-long ones
+        are rejected (drop) or counted (truncate: training cuts them at max_seq_length)."""
         from sftlab.data.render import RenderOptions, TooLong, render_many
 
         options = RenderOptions(max_seq_length=self.opts.max_seq_length, truncation=self.opts.length_policy,
