@@ -31,6 +31,9 @@ def _write(tmp_path, rows, name="pairs.jsonl"):
     ({"chosen": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "a"}],
       "rejected": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "b"}]}, "prompt mismatch"),
     ({"prompt": "Q?", "completion": "a", "label": "maybe"}, "mistyped field"),
+    ({"prompt": "What is 2+2?", "chosen": [{"role": "user", "content": "What is 3+3?"}, {"role": "assistant", "content": "6"}],
+      "rejected": "5"}, "prompt mismatch"),  # a prompt that is not the one inside the conversation
+    ({"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": ""}, "malformed transcript"),
 ])
 def test_malformed_pair_names_file_and_line(tmp_path, tokenizer, bad, kind):
     path = _write(tmp_path, [GOOD, GOOD, bad, GOOD])
@@ -62,6 +65,55 @@ def test_schemas_give_the_same_pair():
     for record in forms:
         c = to_conversation(record, "f:1")
         assert c.messages == want and c.meta["rejected"] == [user, {"role": "assistant", "content": "Go away."}]
+
+
+def test_native_pair_layouts_keep_their_system_prompt_and_prompt_column():
+    """orca_dpo_pairs ({system, question, chosen, rejected}), a system column beside TRL's pairs or KTO
+    records, and HH transcripts beside a prompt column: the system message is the conversation's, the
+    transcripts are split into turns."""
+    system = {"role": "system", "content": "Be brief."}
+    user = {"role": "user", "content": "Capital of Peru?"}
+    for record in ({"system": "Be brief.", "question": "Capital of Peru?", "chosen": "Lima.", "rejected": "Quito."},
+                   {"system_prompt": "Be brief.", "prompt": "Capital of Peru?", "chosen": "Lima.", "rejected": "Quito."}):
+        c = to_conversation(record, "f:1")
+        assert c.messages == [system, user, {"role": "assistant", "content": "Lima."}]
+        assert c.meta["rejected"] == [system, user, {"role": "assistant", "content": "Quito."}]
+        assert not {"system", "system_prompt", "question"} & set(c.meta)
+    kto = to_conversation({"system": "Be brief.", "prompt": "Capital of Peru?", "completion": "Lima.", "label": True}, "f:2")
+    assert kto.messages[0] == system and kto.meta["label"] is True
+    hh = to_conversation({"prompt": "Hi?", "chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.",
+                          "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."}, "f:3")
+    assert hh.messages == [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+
+
+def test_a_pair_problem_names_its_side():
+    with pytest.raises(DataError, match=r"f:1: empty content: 'rejected': message 2 \(assistant\)"):
+        to_conversation({"prompt": "Hi", "chosen": "Hello!", "rejected": " "}, "f:1")
+
+
+def test_preference_columns_written_as_python_reprs_are_an_error_not_text(tmp_path):
+    """pandas writes a column of message lists to CSV as str() of the list: read as text it would train
+    "[{'role': ...}]" as the answer."""
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\n\"[{'role': 'user', 'content': 'Hi'}]\",\"[{'role': 'assistant', "
+                    "'content': 'Hello'}]\",\"[{'role': 'assistant', 'content': 'Go'}]\"\n"
+                    "Plain prompt,\"[1, 2] is a list\",\"['a', 'b']\"\n")
+    with pytest.raises(DataError, match=r"pairs.csv:2: malformed JSON: in column 'prompt': .*Python repr"):
+        load_conversations(path)
+    path.write_text("prompt,chosen,rejected\nPlain prompt,\"[1, 2] is a list\",\"['a', 'b']\"\n")
+    (c,) = load_conversations(path)  # answers that look like lists are still answers
+    assert c.messages[-1]["content"] == "[1, 2] is a list" and c.meta["rejected"][-1]["content"] == "['a', 'b']"
+
+
+def test_pairs_with_one_prompt_and_several_rejected_answers_are_not_duplicates(tmp_path):
+    from sftlab.data.curate import CurateOptions, curate
+    from sftlab.data.validate import ValidateOptions, validate
+
+    rows = [{"prompt": "Capital of Peru?", "chosen": "Lima.", "rejected": r} for r in ("Quito.", "Bogota.", "Quito.")]
+    path = _write(tmp_path, rows)
+    assert validate(path, ValidateOptions()).duplicates == 1  # only the repeated pair
+    kept, report = curate(load_conversations(path), CurateOptions())
+    assert [c.meta["rejected"][-1]["content"] for c in kept] == ["Quito.", "Bogota."]
 
 
 def test_unpaired_record_keeps_its_label():

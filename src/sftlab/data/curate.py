@@ -93,10 +93,18 @@ def preference_label(conv: Conversation) -> bool | None:
     return label if isinstance(label, bool) else None
 
 
+def rejected_answer(conv: Conversation) -> str | None:
+    """A preference pair's rejected answer. Pairs are duplicates only with the same rejected answer too:
+    one prompt and chosen answer against several rejected ones are several pairs, not repeats."""
+    rejected = conv.meta.get("rejected")
+    return message_text(rejected[-1]) if isinstance(rejected, list) and rejected else None
+
+
 def exact_key(conv: Conversation) -> bytes:
     parts = [conv.text] if conv.text is not None else [f"{m['role']}\x1f{message_text(m)}" for m in conv.messages]
-    label = preference_label(conv)
+    label, rejected = preference_label(conv), rejected_answer(conv)
     parts += [] if label is None else [f"label\x1f{label}"]
+    parts += [] if rejected is None else [f"rejected\x1f{rejected}"]
     return hashlib.blake2b(normalize("\x1e".join(parts)).encode(), digest_size=12).digest()
 
 
@@ -345,7 +353,9 @@ def curate(conversations: Iterable[Conversation], options: CurateOptions | None 
         label = preference_label(conv)
         if label not in indexes:
             indexes[label] = NearDupIndex(opts.near_dedup_threshold, opts.num_perm, opts.near_dedup_ngram, hasher)
-        return indexes[label].add(key, conversation_text(conv, system=False))
+        rejected = rejected_answer(conv)
+        text = conversation_text(conv, system=False) + ("" if rejected is None else f"\n{rejected}")
+        return indexes[label].add(key, text)
 
     seen: dict[bytes, Conversation] = {}
     first: dict[Any, Conversation] = {}  # near-dup index key -> the conversation kept under it

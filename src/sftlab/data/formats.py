@@ -13,7 +13,9 @@ Supported schemas (the `format` names):
   text               {"text"}  -> raw text (continued pre-training)
   (tool calling)     any chat schema above with `tools` and assistant `tool_calls` (see data/tools.py)
   xlam               {"query", "answers", "tools"}  (Salesforce xLAM function calling: the answers are calls)
-  preference         paired: {"prompt"?, "chosen", "rejected"}, {"messages", "rejected"}, or ShareGPT
+  preference         paired: {"prompt"?, "chosen", "rejected"} (the prompt also as "question" or
+                     "instruction", with an optional "system" or "system_prompt": orca_dpo_pairs),
+                     {"messages", "rejected"}, or ShareGPT
                      pairs {"conversations", "chosen": {"from", "value"}, "rejected": {...}}; each side
                      is a string (the answer), one message, or a message list (the answer, or the whole
                      conversation with its prompt). The chosen conversation becomes `messages`; the
@@ -361,9 +363,13 @@ def _answer_start(messages: list[dict[str, str]]) -> int:
     return max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
 
 
+PAIR_PROMPT_KEYS = ("prompt", "question", "instruction")  # TRL / UltraFeedback, orca_dpo_pairs, Argilla's sets
+
+
 def _shared_prompt(record: dict, source: str) -> list[dict[str, str]] | None:
-    if "prompt" in record:
-        return _as_messages(record["prompt"], source, "user", "prompt")
+    key = next((k for k in PAIR_PROMPT_KEYS if k in record), None)
+    if key:
+        return _as_messages(record[key], source, "user", key)
     if "conversations" in record:
         return _message_list(record["conversations"], source, "from", "value", SHAREGPT_ROLES, "conversations")
     return None
@@ -375,10 +381,20 @@ def _with_prompt(side: list[dict[str, str]], prompt: list[dict[str, str]] | None
     if not any(m["role"] == "assistant" for m in side):
         raise RecordError(source, "empty side", f"'{field}' holds no assistant answer")
     if any(m["role"] != "assistant" for m in side):  # a whole conversation, prompt included
+        if prompt is not None and not _continues(side[:_answer_start(side)], prompt):
+            raise RecordError(source, "prompt mismatch", f"'{field}' continues another prompt than the record's")
         return side
     if prompt is None:
-        raise RecordError(source, "missing prompt", f"'{field}' is only an answer and the record has no 'prompt'")
+        raise RecordError(source, "missing prompt", f"'{field}' is only an answer and the record has no prompt "
+                                                    f"({' | '.join(PAIR_PROMPT_KEYS)})")
     return prompt + side
+
+
+def _continues(conversation: list[dict[str, str]], prompt: list[dict[str, str]]) -> bool:
+    """Whether a conversation's prompt ends with `prompt` (a system message of its own aside)."""
+    def key(messages):
+        return [(m["role"], m["content"].strip()) for m in messages]
+    return len(prompt) <= len(conversation) and key(conversation[len(conversation) - len(prompt):]) == key(prompt)
 
 
 # HH-RLHF's pairs are whole transcripts: "\n\nHuman: ...\n\nAssistant: ..." (turns in that order)
@@ -408,17 +424,27 @@ def from_preference(record: dict, source: str) -> Conversation:
     prompt = _shared_prompt(record, source)
     chosen_side = _side(record[chosen_key], source, chosen_key)
     rejected_side = _side(record["rejected"], source, "rejected")
-    if prompt is None and all(_is_transcript(record[k]) for k in (chosen_key, "rejected")):
+    transcripts = [k for k in (chosen_key, "rejected") if _is_transcript(record[k])]
+    if len(transcripts) == 2:
         chosen_side = _transcript(record[chosen_key], source, chosen_key)
         rejected_side = _transcript(record["rejected"], source, "rejected")
+    elif transcripts:
+        other = "rejected" if transcripts[0] == chosen_key else chosen_key
+        raise RecordError(source, "malformed transcript", f"'{transcripts[0]}' is a Human:/Assistant: transcript "
+                                                          f"and '{other}' is not")
     if prompt is None:  # {"messages", "rejected": answer}: the prompt comes from the whole conversation
         whole = next((s for s in (chosen_side, rejected_side) if any(m["role"] != "assistant" for m in s)), None)
         prompt = whole[:_answer_start(whole)] if whole else None
     chosen = _with_prompt(chosen_side, prompt, source, chosen_key)
     rejected = _with_prompt(rejected_side, prompt, source, "rejected")
-    check_messages(chosen, source)
-    check_messages(rejected, source)
+    system_key = next((k for k in SYSTEM_KEYS if k in record), None)  # orca_dpo_pairs, TRL with a system column
+    chosen, _ = _with_system(chosen, record, source, system_key)
+    rejected, _ = _with_system(rejected, record, source, system_key)
     for side, key in ((chosen, chosen_key), (rejected, "rejected")):
+        try:
+            check_messages(side, source)
+        except RecordError as e:  # say which side
+            raise RecordError(source, e.kind, f"'{key}': {e.reason.removeprefix(e.kind + ': ')}") from None
         if side[-1]["role"] != "assistant":
             raise RecordError(source, "empty side", f"'{key}' does not end with an assistant answer")
     c_cut, r_cut = _answer_start(chosen), _answer_start(rejected)
@@ -426,7 +452,7 @@ def from_preference(record: dict, source: str) -> Conversation:
         raise RecordError(source, "prompt mismatch", "chosen and rejected continue different prompts")
     if message_text(chosen[-1]).strip() == message_text(rejected[-1]).strip():
         raise RecordError(source, "identical pair", "chosen and rejected answers are the same")
-    meta = _with_tools(_meta(record, ("prompt", "conversations", chosen_key, "rejected")), source)
+    meta = _with_tools(_meta(record, (*PAIR_PROMPT_KEYS, "conversations", chosen_key, "rejected", system_key)), source)
     meta["rejected"] = rejected
     return Conversation(messages=chosen, source=source, meta=meta)
 
@@ -448,7 +474,9 @@ def _from_unpaired(record: dict, source: str) -> Conversation:
         raise RecordError(source, "missing prompt", "an unpaired record needs a 'prompt'")
     messages = _as_messages(record["prompt"], source, "user", "prompt")
     messages = _with_prompt(_side(record["completion"], source, "completion"), messages, source, "completion")
-    conv = _chat(messages, source, _meta(record, ("prompt", "completion", "label")))
+    system_key = next((k for k in SYSTEM_KEYS if k in record), None)
+    messages, _ = _with_system(messages, record, source, system_key)
+    conv = _chat(messages, source, _meta(record, ("prompt", "completion", "label", system_key)))
     conv.meta["label"] = label
     return conv
 

@@ -341,6 +341,9 @@ def _present(row: dict) -> dict:
     return {k: v for k, v in row.items() if v is not None}
 
 
+_MESSAGES_REPR = re.compile(r"\s*\[\s*\{\s*'(role|from|content|value)'\s*:")  # str() of a list of message dicts
+
+
 def _csv_cell(column: str, value: str, source: str) -> Any:
     """Empty cells are absent values; JSON message lists in message columns are parsed. A column
     that may also hold plain text (prompt, completion, chosen, rejected) keeps a cell that is not
@@ -351,10 +354,11 @@ def _csv_cell(column: str, value: str, source: str) -> Any:
         try:
             parsed = _loads(value, source)
         except RecordError as e:
-            if column not in _MESSAGE_COLUMNS:
+            messages_repr = _MESSAGES_REPR.match(value) is not None  # prompt/chosen/... columns of message lists
+            if column not in _MESSAGE_COLUMNS and not messages_repr:
                 return value
             repr_hint = " (single quotes: a Python repr, as pandas writes a column of lists; write the lists as JSON)" \
-                if value.lstrip().startswith(("[{'", "['")) else ""
+                if messages_repr or value.lstrip().startswith(("[{'", "['")) else ""
             raise RecordError(source, e.kind, f"in column '{column}': {e.reason.removeprefix(e.kind + ': ')}"
                                               f"{repr_hint}") from None
         if column in _MESSAGE_COLUMNS or (parsed and all(isinstance(m, dict) for m in parsed)):
