@@ -87,3 +87,18 @@ def test_bad_metric_is_a_one_line_error(tiny_model_dir, data_file, capsys):
 def test_eval_needs_data_or_probe(tiny_model_dir, capsys):
     assert main(["eval", str(tiny_model_dir)]) == 1
     assert "--data" in capsys.readouterr().err
+
+
+def test_kto_records_are_evaluated_on_their_desirable_answers_only(tiny_model_dir, tmp_path, capsys):
+    """An unpaired preference file (prompt, completion, label true/false): an answer labelled false is
+    one not to give, so it is no reference; and the true/false flag is no class label."""
+    data = tmp_path / "kto.jsonl"
+    rows = [("2+2?", "4", True), ("2+2?", "5", False), ("Capital of Peru?", "Lima.", True),
+            ("Capital of Peru?", "Quito.", False), ("Say hi.", "Hi!", True)]
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c, "label": ok}) + "\n" for p, c, ok in rows))
+    out = tmp_path / "eval"
+    assert main(["eval", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", "2"]) == 0
+    assert "2 labelled undesirable (label: false) left out" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["reference"] for r in records] == ["4", "Lima.", "Hi!"]
+    assert set(json.loads((out / "metrics.json").read_text())["metrics"]) == {"exact_match", "perplexity", "loss"}

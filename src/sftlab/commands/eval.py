@@ -26,6 +26,10 @@ def load_eval_data(data, *, format, split: Optional[str], limit: Optional[int]):
 
     reading = as_reading(data, format, split)
     conversations = reading.load()
+    undesirable = sum(c.meta.get("label") is False for c in conversations)
+    if undesirable:  # unpaired preference (KTO) records: an answer not to give is no reference
+        conversations = [c for c in conversations if c.meta.get("label") is not False]
+        print(f"{undesirable} labelled undesirable (label: false) left out: their answers are not references")
     if limit is not None:
         conversations = conversations[:limit]
     if not conversations:

@@ -3,7 +3,7 @@
 Which metrics, when none are asked for (the same rule for the whole set and for each group):
 - always `exact_match`, and `perplexity` of the reference answers;
 - `accuracy`, `precision`, `recall`, `macro_f1` when the answers come from a closed label set:
-  every record has `meta["label"]`, or the references are at most 20 distinct one-line
+  every record has `meta["label"]` (a class, not a KTO record's true/false), or the references are at most 20 distinct one-line
   strings of at most 4 words that repeat (no more distinct values than half the examples);
 - `choice` (log-likelihood multiple choice) when every record has `meta["choices"]`;
 - the metrics that every record of the set names in `meta["metrics"]` (e.g. `["bleu", "rouge"]`
@@ -74,7 +74,8 @@ def default_metrics(conversations: Sequence[Conversation]) -> list[str]:
     """The metric names the module docstring's rule picks for these conversations."""
     names = ["exact_match", "perplexity"]
     if conversations and (
-        all("label" in c.meta for c in conversations) or is_label_set([c.reference() or "" for c in conversations])
+        all("label" in c.meta and not isinstance(c.meta["label"], bool) for c in conversations)  # KTO's flag is no class
+        or is_label_set([c.reference() or "" for c in conversations])
     ):
         names += M.ALIASES["classification"]
     if conversations and all("choices" in c.meta for c in conversations):
