@@ -262,6 +262,21 @@ class AlignConfig(TrainConfig):
 
     align: AlignOptions = Field(default_factory=AlignOptions)
 
+    @model_validator(mode="after")
+    def _data_options_that_apply(self) -> AlignConfig:
+        """Pairs are scored on their last assistant turn, unpacked, and dropped when too long: the data
+        options that would do otherwise are refused rather than ignored (train_on and packing do not apply)."""
+        if self.data.curate is not None:
+            raise ValueError("data.curate does not apply to sftlab align: curate the pairs first "
+                             "(sftlab data curate PAIRS --out CLEAN), then align on CLEAN")
+        if self.data.truncation == "truncate":
+            raise ValueError("data.truncation: truncate does not apply to sftlab align: a pair over "
+                             "data.max_seq_length is dropped and counted (a cut answer would be scored as a whole one)")
+        weights = {k for k in ("desirable_weight", "undesirable_weight") if getattr(self.align, k) != 1.0}
+        if weights and self.align.loss != "kto":
+            raise ValueError(f"align.{sorted(weights)[0]} applies to loss kto only (this is {self.align.loss})")
+        return self
+
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
@@ -324,9 +339,15 @@ def _explain(err: ValidationError, model: type[BaseModel], origin: str) -> str:
         elif e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(loc[-1]), _field_names(model, loc), n=1, cutoff=0.5)
             hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+            if loc == ("align",):
+                hint = " (an alignment config: run it with sftlab align)"
             lines.append(f"unknown key '{where}'{hint}")
         elif e["type"] == "missing":
             lines.append(f"missing required key '{where}'")
+        elif e["type"] == "value_error":  # a validator's own sentence, which names its keys
+            got = e.get("input")
+            said = e["msg"].removeprefix("Value error, ") + ("" if isinstance(got, (dict, list)) else f" (got {got!r})")
+            lines.append(f"'{where}': {said}" if where else said)
         else:
             lines.append(f"'{where}': {e['msg']} (got {e.get('input')!r})")
     return f"{origin}: " + "; ".join(lines)
@@ -353,9 +374,27 @@ def read_yaml_mapping(path: str | Path) -> dict:
 def load_config(path: str | Path | None, overrides: list[str] | None = None, cls: type[BaseModel] = TrainConfig):
     """Read YAML (optional) + overrides into a validated config; errors are one line."""
     tree = read_yaml_mapping(path) if path is not None else {}
-    origin = str(path) if path is not None else "overrides"
-    tree = merge_trees(tree, parse_overrides(overrides or []))
+    given = parse_overrides(overrides or [])
+    tree = merge_trees(tree, given)
     try:
         return cls.model_validate(tree)
     except ValidationError as e:
-        raise SftlabError(_explain(e, cls, origin)) from None
+        from_overrides = all(_given_at(given, e_["loc"]) for e_ in e.errors())
+        raise SftlabError(_explain(e, cls, "overrides" if path is None or from_overrides else str(path))) from None
+
+
+def load_any_config(path: str | Path, overrides: list[str] | None = None):
+    """A training config, or an alignment one (it has an `align:` section): for the commands that read
+    either (the data commands' --config, estimate)."""
+    return load_config(path, overrides, cls=AlignConfig if "align" in read_yaml_mapping(path) else TrainConfig)
+
+
+def _given_at(tree: dict, loc: tuple) -> bool:
+    """Whether an error's location lies in the overrides' tree (a key typed on the command line)."""
+    if not loc:  # the config as a whole
+        return False
+    for part in loc:
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True

@@ -391,6 +391,11 @@ def settings_from_config(config, nproc: int = 1) -> dict[str, Any]:
     }
     if nproc > 1:
         settings["distributed"] = _engine_of(config.distributed)
+    align = getattr(config, "align", None)  # an AlignConfig
+    if align is not None:
+        settings["sequences_per_row"] = 2 if align.loss in ("dpo", "orpo") else 1
+        settings["reference_copy"] = (align.loss in ("dpo", "kto") and config.method == "full"
+                                      and not align.precompute_ref_log_probs)
     return settings
 
 
@@ -430,6 +435,8 @@ def estimate_memory(
     distributed: str = "none",
     grad_accum: int = 1,
     compiled_norms: bool = False,
+    sequences_per_row: int = 1,
+    reference_copy: bool = False,
 ) -> Estimate:
     """Estimate the peak memory of training `config_or_path` with `method`.
 
@@ -441,7 +448,9 @@ def estimate_memory(
     and `grad_accum` 1 the gradients are freed between steps: the total counts the larger of
     the gradients and activations + logits, not both. `compiled_norms`: training.compile_norms
     on (its auto turns it on for long CPU runs only; without it the estimate counts eager norms,
-    the larger).
+    the larger). Alignment: `sequences_per_row` 2 for DPO/ORPO (a pair's chosen and rejected
+    sides go through the model together), `reference_copy` for DPO/KTO full fine-tuning (a frozen
+    copy of the weights scores the reference; LoRA's reference is the base with adapters off).
     """
     if method not in ("full", "lora", "qlora"):
         raise SftlabError(f"method must be full, lora or qlora (got {method!r})")
@@ -504,7 +513,12 @@ def estimate_memory(
             " (one layer at a time)" if gradient_checkpointing else ""
         )
 
-    tokens_per_row = seq_len
+    if reference_copy:
+        weight_copies += weights
+        notes["weight_copies"] = "frozen reference model (a copy of the weights)" + (
+            "; " + notes["weight_copies"] if "weight_copies" in notes else "")
+
+    tokens_per_row = seq_len * sequences_per_row
     per_layer = activation_bytes_per_token(
         shape, method=method, compute_bytes=a_bytes, stream_bytes=w_bytes,
         lora_targets=targets, lora_r=lora_r, lora_dropout=lora_dropout, compiled_norms=compiled_norms,
@@ -546,6 +560,7 @@ def estimate_memory(
         dtype=dtype, weights_dtype=weights_dtype, optimizer=optimizer, trained_fraction=trained_fraction, loss=loss,
         loss_chunk=loss_chunk, double_quant=double_quant, runtime_bytes=runtime_bytes, shape=shape,
         nproc=nproc, distributed=distributed, grad_accum=grad_accum, compiled_norms=compiled_norms,
+        sequences_per_row=sequences_per_row, reference_copy=reference_copy,
     )
     freed = distributed == "none" and grad_accum == 1
     if freed:

@@ -184,6 +184,24 @@ def test_config_mistakes_are_one_line_errors(tiny_model_dir, demo_data, tmp_path
     assert "bad.yaml:" in capsys.readouterr().err
 
 
+def test_alignment_config_mistakes_name_the_way_out(tmp_path, capsys):
+    """An align config given to train; a typo on the command line (blamed on it, not on the file); data
+    options alignment would ignore; a KTO weight under DPO."""
+    import yaml
+
+    config = tmp_path / "dpo.yaml"
+    config.write_text(yaml.safe_dump({"data": {"train": "pairs.jsonl"}, "align": {"loss": "dpo"}}))
+    cases = [(["train", str(config)], "dpo.yaml: unknown key 'align' (an alignment config: run it with sftlab align)"),
+             (["align", str(config), "align.los=kto"], "overrides: unknown key 'align.los'; did you mean 'align.loss'?"),
+             (["align", str(config), "data.curate={}"], "data.curate does not apply to sftlab align: curate the pairs"),
+             (["align", str(config), "data.truncation=truncate"], "a pair over data.max_seq_length is dropped"),
+             (["align", str(config), "align.undesirable_weight=2"], "align.undesirable_weight applies to loss kto only")]
+    for argv, message in cases:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Value error" not in err, err
+
+
 def test_bad_data_names_file_and_line(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "broken.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n')

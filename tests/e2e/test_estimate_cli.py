@@ -69,3 +69,26 @@ def test_a_training_config_is_estimated_with_its_own_settings(tiny_model_dir, tm
     (run / "config.yaml").write_text(path.read_text())
     assert main(["estimate", str(run), "--memory", "2GiB", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(out)
+
+
+def test_an_alignment_config_counts_both_sides_of_a_pair_and_the_reference(tiny_model_dir, tmp_path, capsys):
+    import yaml
+
+    from sftlab.estimate import estimate_memory
+
+    config = {"model": {"name_or_path": str(tiny_model_dir)}, "method": "full", "data": {"train": "pairs.jsonl",
+              "max_seq_length": 64}, "training": {"per_device_train_batch_size": 2, "bf16": False},
+              "align": {"loss": "dpo"}}
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["estimate", str(path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "(alignment: a pair's two sides per row and a frozen reference copy)" in err
+    want = estimate_memory(tiny_model_dir, "full", 64, 2, dtype="fp32", sequences_per_row=2, reference_copy=True)
+    sft = estimate_memory(tiny_model_dir, "full", 64, 2, dtype="fp32")
+    got = json.loads(out)
+    assert got["total"] == want.total and got["weight_copies"] == sft.weight_copies + sft.weights
+    assert got["activations"] == 2 * sft.activations
+    path.write_text(yaml.safe_dump(config | {"method": "lora", "align": {"loss": "kto"}}))  # LoRA: adapters off
+    assert main(["estimate", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == estimate_memory(tiny_model_dir, "lora", 64, 2, dtype="fp32").total

@@ -79,9 +79,9 @@ def _schema(format: Optional[str], columns: Optional[str], config=None):
 def _train_config(path: Optional[Path]):
     if path is None:
         return None
-    from sftlab.config import load_config
+    from sftlab.config import load_any_config
 
-    return load_config(path)
+    return load_any_config(path)
 
 
 def _model_and_template(model: Optional[str], chat_template: Optional[str], config) -> tuple[str, Optional[str]]:
@@ -169,7 +169,10 @@ def inspect(
 
     cfg = _train_config(config)
     model, chat_template = _model_and_template(model, chat_template, cfg)
-    train_on = "last" if last_turn_only else (cfg.data.train_on if cfg else "all")
+    from sftlab.config import AlignConfig
+
+    # an alignment config scores each side's last answer: shown as its chosen side trains under SFT masks
+    train_on = "last" if last_turn_only or isinstance(cfg, AlignConfig) else (cfg.data.train_on if cfg else "all")
     reading = _reading(_data_file(file, cfg), _schema(format, columns, cfg), skip=skip, rejects=rejects)
     inspect_file(reading, model=model, chat_template=chat_template, as_json=json_, limit=limit, train_on=train_on)
     print_rejects(reading, stderr=True)

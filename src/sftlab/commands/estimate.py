@@ -104,20 +104,23 @@ def estimate(
 
 _SETTING = {"grad_checkpointing": "gradient_checkpointing", "compile_norms": "compiled_norms"}  # option -> setting
 _FLAGS = {"gradient_checkpointing": "--grad-checkpointing", "compiled_norms": "--compile-norms"}
+_ALIGN = ("sequences_per_row", "reference_copy")  # alignment's settings, which no option gives
 
 
 def _as_options(settings: dict) -> str:
     """The settings as the options that give them (what a config's estimate used)."""
     out = []
     for key, value in settings.items():
-        if key in ("trained_fraction", "loss") or (key.startswith("lora_") or key == "target_modules") \
+        if key in ("trained_fraction", "loss", *_ALIGN) or (key.startswith("lora_") or key == "target_modules") \
                 and settings["method"] == "full" or (key == "distributed" and settings["nproc"] == 1):
             continue
         if key in _FLAGS:
             out += [_FLAGS[key]] if value else []
         else:
             out.append(f"--{key.replace('_', '-')} {','.join(value) if isinstance(value, list) else value}")
-    return " ".join(out)
+    counted = (["a pair's two sides per row"] if settings.get("sequences_per_row", 1) > 1 else []) + \
+        (["a frozen reference copy"] if settings.get("reference_copy") else [])
+    return " ".join(out) + (f" (alignment: {' and '.join(counted)})" if counted else "")
 
 
 def _config_of(model: str):
@@ -125,12 +128,12 @@ def _config_of(model: str):
     its model; a run directory is its own model, trained with its config.yaml."""
     from pathlib import Path
 
-    from sftlab.config import AlignConfig, TrainConfig, load_config, read_yaml_mapping
+    from sftlab.config import load_any_config
     from sftlab.models import is_run_dir
 
     run = is_run_dir(model)
     path = Path(model) / "config.yaml" if run else Path(model)
     if (run and not path.is_file()) or path.suffix not in (".yaml", ".yml"):
         return model, None
-    config = load_config(path, cls=AlignConfig if "align" in read_yaml_mapping(path) else TrainConfig)
+    config = load_any_config(path)
     return (model if run else config.model.name_or_path), config

@@ -53,12 +53,16 @@ def _sides(conv: Conversation, paired: bool) -> list[tuple[list[dict], object]]:
     rejected = conv.meta.get("rejected")
     if paired:
         if rejected is None:
-            raise DataError(conv.source, "not a preference pair: needs 'chosen' and 'rejected'")
+            hint = " (an unpaired record with a true/false label is KTO's: align.loss: kto)" \
+                if isinstance(conv.meta.get("label"), bool) else ""
+            raise DataError(conv.source, f"not a preference pair: needs 'chosen' and 'rejected'{hint}")
         return [(conv.messages, "chosen"), (rejected, "rejected")]
     if rejected is not None:  # a pair gives KTO one desirable and one undesirable row
         return [(conv.messages, True), (rejected, False)]
     if not isinstance(conv.meta.get("label"), bool):
-        raise DataError(conv.source, "KTO needs pairs or 'completion' + 'label' (true/false) records")
+        label = conv.meta.get("label")
+        got = "" if label is None else f"; its 'label' is {label!r}, not true or false (write 1/0 as true/false)"
+        raise DataError(conv.source, f"KTO needs pairs or 'completion' + 'label' (true/false) records{got}")
     return [(conv.messages, conv.meta["label"])]
 
 
