@@ -224,7 +224,7 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     if checkpoint is not None:
         trainer.restore_record(saved)
         log(f"resuming from {checkpoint} (step {saved['global_step']})")
-    before = trainer.evaluate() if eval_rows else {}  # the starting weights: a resume loads its checkpoint later
+    before = _eval_before(trainer, out, resuming=checkpoint is not None) if eval_rows else {}
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - t_train
@@ -276,6 +276,21 @@ def _reference_kind(config: AlignConfig, peft_config) -> str:
     if config.method == "full":
         return "precomputed log-probs" if config.align.precompute_ref_log_probs else "frozen copy"
     return "adapter disabled" if peft_config is not None else "frozen copy of the SFT adapter"
+
+
+def _eval_before(trainer, out: Path, resuming: bool) -> dict:
+    """The held-out metrics of the starting weights: evaluated once, in the first session (under the
+    autocast training runs in, as the frozen reference's forward is: outside it the policy alone would
+    run in fp32, and the two would differ before any step); a resumed run reads them back."""
+    if not resuming:
+        with trainer.accelerator.autocast():
+            return trainer.evaluate()
+    metrics = out / "metrics.jsonl"
+    for line in metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []:
+        event = json.loads(line)
+        if event.get("step") == 0 and "eval_loss" in event:
+            return event
+    return {}
 
 
 def _final_eval(trainer) -> dict:
