@@ -142,5 +142,31 @@ def test_kto_unpairs_pairs_and_takes_labels(tokenizer):
     rows = render_preferences([pair, single], tokenizer, paired=False)
     assert [r["label"] for r in rows] == [True, False, True]
     assert rows[0]["prompt_ids"] == rows[1]["prompt_ids"]
-    with pytest.raises(DataError, match="f:2: not a preference pair"):
+    with pytest.raises(DataError, match="f:2: not a pair: needs 'chosen' and 'rejected'"):
         render_preferences([single], tokenizer, paired=True)
+
+
+def test_kto_counts_its_answers_and_warns_when_they_are_unbalanced(tmp_path, tokenizer):
+    import re
+    import warnings
+
+    from sftlab.config import AlignOptions
+    from sftlab.train.align import _warn_if_kto_unbalanced
+
+    rows = [{"prompt": f"Q{i}?", "completion": f"A{i}.", "label": i % 4 != 0} for i in range(8)]
+    rows.insert(2, {"prompt": "Q?", "completion": "A.", "label": 1})  # not true/false: a reject, with its kind
+    path = _write(tmp_path, rows)
+    data = DataConfig(train=str(path), on_error="skip")
+    got, stats = load_preferences(str(path), tokenizer, data, paired=False, rejects_path=tmp_path / "rejects.jsonl")
+    assert (stats.rows, stats.desirable) == (8, 6)
+    assert stats.summary().endswith(f"8 rows from 9 records (6 desirable, 2 undesirable), 1 rejected "
+                                    f"(1 no KTO label; {tmp_path / 'rejects.jsonl'})")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _warn_if_kto_unbalanced(6, 2, AlignOptions(loss="kto"))  # 3.0: outside [1, 4/3]
+        _warn_if_kto_unbalanced(4, 4, AlignOptions(loss="kto"))  # 1.0: fine
+        _warn_if_kto_unbalanced(5, 0, AlignOptions(loss="kto"))
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and "= 3.00, outside the [1, 4/3]" in messages[0] and "one kind only" in messages[1]
+    weight = float(re.search(r"align.undesirable_weight: ([\d.]+)", messages[0])[1])
+    assert 1 <= 6 / (weight * 2) <= 4 / 3  # the weight it suggests is in the range

@@ -200,6 +200,8 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     train_rows, train_stats = load_preferences(config.data.train, tokenizer, config.data, paired=paired,
                                                rejects_path=out / "rejects.jsonl")
     log(train_stats.summary())
+    if not paired:
+        _warn_if_kto_unbalanced(train_stats.desirable, train_stats.rows - train_stats.desirable, a)
     eval_rows, eval_stats = [], None
     if config.data.validation:
         eval_rows, eval_stats = load_preferences(config.data.validation, tokenizer, config.data, paired=paired,
@@ -276,6 +278,24 @@ def _reference_kind(config: AlignConfig, peft_config) -> str:
     if config.method == "full":
         return "precomputed log-probs" if config.align.precompute_ref_log_probs else "frozen copy"
     return "adapter disabled" if peft_config is not None else "frozen copy of the SFT adapter"
+
+
+def _warn_if_kto_unbalanced(good: int, bad: int, a) -> None:
+    """KTO learns from desirable and undesirable answers against each other; the KTO paper recommends
+    desirable_weight x desirable / (undesirable_weight x undesirable) in [1, 4/3] (TRL's own check, which
+    sftlab's rendered dataset replaces, says the same)."""
+    import warnings
+
+    if not good or not bad:
+        warnings.warn(f"KTO on {good} desirable and {bad} undesirable answers: it learns from one kind only "
+                      "(give it answers labelled true and false)", stacklevel=2)
+        return
+    ratio = a.desirable_weight * good / (a.undesirable_weight * bad)
+    if not 1 <= ratio <= 4 / 3:
+        fix = (f"align.desirable_weight: {a.undesirable_weight * bad / good:.2f}" if ratio < 1
+               else f"align.undesirable_weight: {a.desirable_weight * good / bad:.2f}")
+        warnings.warn(f"KTO weights: desirable_weight x {good} desirable / (undesirable_weight x {bad} undesirable) "
+                      f"= {ratio:.2f}, outside the [1, 4/3] the KTO paper recommends (e.g. {fix})", stacklevel=2)
 
 
 def _eval_before(trainer, out: Path, resuming: bool) -> dict:

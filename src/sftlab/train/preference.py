@@ -17,7 +17,13 @@ import numpy as np
 
 from sftlab.data.conversation import Conversation, Example
 from sftlab.data.render import RenderOptions, TooLong, iter_rendered
-from sftlab.errors import DataError, SftlabError
+from sftlab.errors import DataError, RecordError, SftlabError
+
+
+# why two sides of one prompt render different prompt tokens: almost always whitespace at the start of one
+# answer, which the tokenizer merges with the template's own text before it
+PROMPTS_DIFFER = ("chosen and rejected render different prompt tokens: the template's text before an answer merges "
+                  "with the start of one of them (whitespace or a newline at the start of an answer?)")
 
 
 def split_prompt(example: Example) -> tuple[list[int], list[int]]:
@@ -37,11 +43,18 @@ class PreferenceStats:
     rejected: int = 0
     too_long: int = 0
     dropped: list[str] = field(default_factory=list)
+    rejected_kinds: dict[str, int] = field(default_factory=dict)
+    rejects_path: str | None = None
+    desirable: int | None = None  # KTO rows labelled true (the rest are undesirable)
 
     def summary(self) -> str:
         parts = [f"{self.rows} rows from {self.records} records"]
+        if self.desirable is not None:
+            parts[0] += f" ({self.desirable} desirable, {self.rows - self.desirable} undesirable)"
         if self.rejected:
-            parts.append(f"{self.rejected} rejected")
+            kinds = ", ".join(f"{n} {kind}" for kind, n in self.rejected_kinds.items())
+            where = f"; {self.rejects_path}" if self.rejects_path else ""
+            parts.append(f"{self.rejected} rejected" + (f" ({kinds}{where})" if kinds or where else ""))
         if self.too_long:
             parts.append(f"{self.too_long} over max_seq_length dropped")
         return f"{self.path}: " + ", ".join(parts)
@@ -55,14 +68,15 @@ def _sides(conv: Conversation, paired: bool) -> list[tuple[list[dict], object]]:
         if rejected is None:
             hint = " (an unpaired record with a true/false label is KTO's: align.loss: kto)" \
                 if isinstance(conv.meta.get("label"), bool) else ""
-            raise DataError(conv.source, f"not a preference pair: needs 'chosen' and 'rejected'{hint}")
+            raise RecordError(conv.source, "not a pair", f"needs 'chosen' and 'rejected'{hint}")
         return [(conv.messages, "chosen"), (rejected, "rejected")]
     if rejected is not None:  # a pair gives KTO one desirable and one undesirable row
         return [(conv.messages, True), (rejected, False)]
     if not isinstance(conv.meta.get("label"), bool):
         label = conv.meta.get("label")
         got = "" if label is None else f"; its 'label' is {label!r}, not true or false (write 1/0 as true/false)"
-        raise DataError(conv.source, f"KTO needs pairs or 'completion' + 'label' (true/false) records{got}")
+        raise RecordError(conv.source, "no KTO label", f"KTO needs pairs or 'completion' + 'label' (true/false) "
+                                                        f"records{got}")
     return [(conv.messages, conv.meta["label"])]
 
 
@@ -108,7 +122,7 @@ def _rows(conv: Conversation, items: list, whats: list, paired: bool) -> list[di
     if paired:
         (prompt, chosen), (other_prompt, rejected) = splits
         if prompt != other_prompt:
-            raise DataError(conv.source, "chosen and rejected render different prompt tokens")
+            raise RecordError(conv.source, "prompt tokens differ", PROMPTS_DIFFER)
         return [{"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}]
     return [{"prompt_ids": p, "completion_ids": c, "label": label} for (p, c), label in zip(splits, whats)]
 
@@ -132,6 +146,10 @@ def load_preferences(path: str, tokenizer, data, *, paired: bool, rejects_path: 
                                   on_error=data.on_error, rejects=reading.rejects, stats=stats)
     stats.records += reading.rejected - stats.rejected  # those rejected while reading never reached render_preferences
     stats.rejected = reading.rejected
+    if reading.rejects is not None and stats.rejected:
+        stats.rejected_kinds, stats.rejects_path = reading.rejects.summary(), str(rejects_path)
+    if not paired:
+        stats.desirable = sum(bool(r["label"]) for r in rows)
     if not rows:
         raise SftlabError(f"{path}: no usable preference record ({stats.summary()})")
     return rows, stats
