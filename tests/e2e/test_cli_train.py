@@ -121,6 +121,8 @@ def test_a_crashed_run_refuses_a_restart_and_resumes_to_the_uninterrupted_weight
     assert main([*args, "--resume"]) == 1
     assert "the train data differ from checkpoint-4's" in capsys.readouterr().err
     train_file.write_text(original)
+    shutil.move(run, tmp_path / "moved")  # a run folder moved (or copied) elsewhere resumes there
+    run, args = tmp_path / "moved", train_args(tiny_model_dir, demo_data, tmp_path / "moved", *steps)
 
     steps_run = []
 

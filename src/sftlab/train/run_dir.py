@@ -21,6 +21,7 @@ RESUMABLE_KEYS = frozenset({
     "training.max_steps", "training.num_train_epochs", "training.logging_steps", "training.save_steps",
     "training.save_total_limit", "training.eval_steps", "training.early_stopping_patience",
     "training.report_to", "training.dataloader_num_workers", "training.skip_nonfinite_steps",
+    "output_dir",  # the run folder, moved or copied: its checkpoints come with it
 })
 
 
