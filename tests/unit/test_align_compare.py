@@ -36,6 +36,17 @@ def test_align_run_metrics_reach_the_report(tmp_path):
     text = _report("dpo", curves)
     assert "| metric | step 0 | step 10 |" in text
     assert "| rewards/margins | 0.0000 | 0.4000 |" in text
+    assert "log-prob ratio to the reference" in text
+
+
+def test_an_orpo_run_is_described_as_orpo(tmp_path):
+    """ORPO has no reference model, and its logps are per-token means, not DPO's sums."""
+    run = _run(tmp_path, [{"step": 0, "eval_loss": 2.0, "eval_rewards/margins": 0.0, "eval_logps/chosen": -10.8,
+                           "eval_logps/rejected": -11.0}])
+    (run / "run.json").write_text(json.dumps({"align": {"loss": "orpo", "beta": 0.1}}))
+    text = _report("orpo", run_curves(run))
+    assert "ORPO has no reference" in text and "mean per-token log-probabilities" in text
+    assert "ratio to the reference" not in text
 
 
 def test_sft_run_has_no_alignment_section(tmp_path):

@@ -10,6 +10,8 @@ Markdown and HTML show; both are rendered from it.
 
 from __future__ import annotations
 
+import json
+
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,7 +113,9 @@ def run_curves(run_dir: str | Path) -> dict[str, Any] | None:
            "overfit_start_step": onset, "flagged_during_training": bool(curves.flagged)}
     alignment = alignment_metrics(path)
     if alignment:
-        out["alignment"] = alignment
+        info = Path(run_dir) / "run.json"
+        loss = (json.loads(info.read_text(encoding="utf-8")).get("align") or {}).get("loss") if info.exists() else None
+        out["alignment"] = alignment | {"loss": loss}
     return out
 
 

@@ -109,8 +109,8 @@ def blocks(data: dict[str, Any], images: list[str]) -> list[Block]:
             if run.get("alignment"):
                 first, last = run["alignment"]["first"], run["alignment"]["last"]
                 out.append(("p", f"{name}: preference metrics on its held-out pairs, first and last evaluation "
-                                 "(reward = beta x log-prob ratio to the reference; accuracy = share of pairs whose "
-                                 "chosen answer out-rewards the rejected one)."))
+                                 f"({_ALIGNMENT_TERMS.get(run['alignment'].get('loss'), _ALIGNMENT_TERMS['dpo'])}; "
+                                 "accuracy = share of pairs whose chosen answer out-rewards the rejected one)."))
                 out.append(("table", ["metric", f"step {first['step']}", f"step {last['step']}"],
                             [[k, fmt(first.get(k)), fmt(last.get(k))] for k in first if k != "step"]))
 
@@ -128,6 +128,15 @@ def blocks(data: dict[str, Any], images: list[str]) -> list[Block]:
                                                for m in bias_models]] for c in cats]
         out.append(("table", ["category (measure)", *bias_models], brows))
     return out
+
+
+# what `rewards/*` and `logps/*` are, by alignment loss: ORPO has no reference and averages over tokens
+_ALIGNMENT_TERMS = {
+    "dpo": "reward = beta x log-prob ratio to the reference; logps = summed log-probabilities of an answer",
+    "kto": "reward = beta x log-prob ratio to the reference; logps = summed log-probabilities of an answer",
+    "orpo": "reward = beta x mean per-token log-probability of an answer (ORPO has no reference); "
+            "logps = mean per-token log-probabilities, not sums",
+}
 
 
 def _md_cell(text: str) -> str:
