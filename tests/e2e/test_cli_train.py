@@ -143,6 +143,12 @@ def test_a_crashed_run_refuses_a_restart_and_resumes_to_the_uninterrupted_weight
     assert info_b["trained_tokens_seen"] == info_a["trained_tokens_seen"] > 0
     state = json.loads((run / "checkpoints" / "checkpoint-4" / "sftlab.json").read_text())
     assert 0 < state["trained_tokens_seen"] < info_a["trained_tokens_seen"]
+    written = (run / "run.json").stat().st_mtime_ns, (run / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0  # finished: nothing to train, nothing written over
+    assert "finished at step 8; nothing left to train" in capsys.readouterr().out
+    assert ((run / "run.json").stat().st_mtime_ns, (run / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns) \
+        == written
 
 
 def test_full_finetune_changes_every_weight_lowers_the_loss_and_saves_a_plain_model(

@@ -98,8 +98,8 @@ def test_the_starting_evaluation_under_bf16_sees_no_difference_and_a_resume_keep
                                                                                       tmp_path):
     """Full DPO in bf16 mixed precision: before any step the policy is the reference, so every reward is
     exactly 0 (the policy evaluated outside autocast while the reference's forward is inside it gave
-    rewards of ~1e-5 and accuracies 0.25). A resumed run reads that evaluation back instead of adding
-    another step-0 line in the middle of metrics.jsonl."""
+    rewards of ~1e-5 and accuracies 0.25). A run resumed to train on reads that evaluation back instead
+    of adding another step-0 line in the middle of metrics.jsonl."""
     out = tmp_path / "dpo-bf16"
     args = ["align", "-", *_overrides(tiny_model_dir, pairs_file, out, method="full", **{
         "training.bf16": True, "training.max_steps": 1, "training.learning_rate": 1e-4})]
@@ -109,7 +109,7 @@ def test_the_starting_evaluation_under_bf16_sees_no_difference_and_a_resume_keep
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert start["step"] == 0 and start["eval_rewards/chosen"] == start["eval_rewards/rejected"] == 0.0
     assert start["eval_loss"] == pytest.approx(0.6931472, abs=1e-6)  # log 2
-    assert main([*args, "--resume"]) == 0
+    assert main([*args, "training.max_steps=2", "--resume"]) == 0  # one step more
     starts = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
               if e.get("step") == 0 and "eval_loss" in e]
     assert len(starts) == 1 and json.loads((out / "run.json").read_text())["eval_before"] == before

@@ -179,8 +179,8 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     from sftlab.train.callbacks import MetricsJsonlCallback
     from sftlab.train.guards import NonFiniteGuard
     from sftlab.train.preference import load_preferences
-    from sftlab.train.run_dir import (checkpoint_state, discard_interrupted_saves, last_good_checkpoint, model_card,
-                                      refuse_existing_run, resume_checkpoint, write_run_json)
+    from sftlab.train.run_dir import (checkpoint_state, discard_interrupted_saves, finished_run, last_good_checkpoint,
+                                      model_card, refuse_existing_run, resume_checkpoint, write_run_json)
     from sftlab.train.trainer import base_weights_dtype, device_supports_bf16, portable_model_name, preflight
 
     preflight(config)
@@ -212,6 +212,10 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     checkpoint, saved = resume_checkpoint(out, state) if resume else (None, {})
     if resume and checkpoint is None:
         log(f"--resume: no checkpoint saved yet in {out / 'checkpoints'}: starting from step 0")
+    if (done := finished_run(out, saved, state)) is not None:
+        log(f"--resume: {out} finished at step {done['global_step']}; nothing left to train (raise "
+            "training.max_steps or training.num_train_epochs to train on)")
+        return done
     atomic_write(out / "config.yaml", config.to_yaml())
     use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
     dtype = base_weights_dtype(config.method, use_bf16) if m.dtype == "auto" else m.dtype

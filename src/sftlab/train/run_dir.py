@@ -165,6 +165,22 @@ def resume_checkpoint(run_dir: Path, state: dict) -> tuple[Path | None, dict]:
     return last, saved
 
 
+def finished_run(run_dir: Path, saved: dict, state: dict) -> dict | None:
+    """The run's run.json when `--resume` has nothing left to do: the run finished at the checkpoint it
+    would resume from, and how long it trains (max_steps, epochs) is unchanged. Resuming it would only
+    evaluate again and write the outputs over the ones already there."""
+    info_path = run_dir / "run.json"
+    if not saved or not info_path.exists():
+        return None
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    old, new = _flatten(saved["config"]), _flatten(state["config"])
+    length = ("training.max_steps", "training.num_train_epochs")
+    if info.get("finished") and info.get("global_step") == saved.get("global_step") \
+            and all(old.get(k) == new.get(k) for k in length):
+        return info
+    return None
+
+
 def _refuse_other_world(last: Path, saved: dict, state: dict) -> None:
     """A checkpoint resumes only with the engine and process count that saved it: DeepSpeed's and
     FSDP's states are split per process, and under DDP the global batch and the position in the

@@ -373,8 +373,8 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     from sftlab.files import atomic_write
     from sftlab.train.callbacks import MetricsJsonlCallback, OverfitWarningCallback
     from sftlab.train.dataset import make_rows, prepare_examples
-    from sftlab.train.run_dir import (checkpoint_state, discard_interrupted_saves, model_card, refuse_existing_run,
-                                      resume_checkpoint, write_run_json)
+    from sftlab.train.run_dir import (checkpoint_state, discard_interrupted_saves, finished_run, model_card,
+                                      refuse_existing_run, resume_checkpoint, write_run_json)
 
     preflight(config)
     main = distributed.is_main_process()
@@ -415,6 +415,10 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     checkpoint, saved = resume_checkpoint(out, state) if resume else (None, {})
     if resume and checkpoint is None:
         log(f"--resume: no checkpoint saved yet in {out / 'checkpoints'}: starting from step 0")
+    if (done := finished_run(out, saved, state)) is not None:
+        log(f"--resume: {out} finished at step {done['global_step']}; nothing left to train (raise "
+            "training.max_steps or training.num_train_epochs to train on)")
+        return done
     distributed.on_main_process(atomic_write, out / "config.yaml", config.to_yaml())
     use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
     use_bf16 = use_bf16 and not config.training.fp16
