@@ -46,3 +46,23 @@ def test_inspect_and_report_take_model_template_and_data_from_a_config(tmp_path,
     assert summary["dataset"] == str(data) and summary["chat"] == 4 and summary["length_unit"] == "tokens"
     assert main(["data", "inspect", "--json"]) == 1
     assert "give a dataset FILE, or --config" in capsys.readouterr().err
+
+
+def test_inspect_shows_both_sides_of_a_pair_and_what_a_kto_label_means(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A pair's rejected side, rendered as alignment scores it (its last answer), on screen and in JSON;
+    an answer labelled false is marked as one sftlab train leaves out."""
+    monkeypatch.chdir(tmp_path)  # short sources: the rule above an example is one screen line
+    data = tmp_path / "prefs.jsonl"
+    data.write_text(json.dumps({"prompt": "Capital of Peru?", "chosen": "Lima.", "rejected": "Quito."}) + "\n"
+                    + json.dumps({"prompt": "2+2?", "completion": "5", "label": False}) + "\n")
+    assert main(["data", "inspect", "prefs.jsonl", "--model", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "prefs.jsonl:1 (chosen)" in out and "prefs.jsonl:1 (rejected: its last answer is scored)" in out
+    assert "prefs.jsonl:2 (label: false: not trained by sftlab train)" in out
+    assert main(["data", "inspect", str(data), "--model", str(tiny_model_dir), "--json"]) == 0
+    pair = json.loads(capsys.readouterr().out.splitlines()[0])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    side = pair["rejected"]
+    assert tok.decode([t for t, lab in zip(side["input_ids"], side["labels"]) if lab != -100]) == "Quito.<|im_end|>"

@@ -6,9 +6,10 @@ import json
 import sys
 from itertools import islice
 
+from sftlab.data.conversation import Conversation, Example
 from sftlab.data.formats import Columns
 from sftlab.data.load import Reading, as_reading
-from sftlab.data.render import IGNORE, RenderOptions, iter_rendered
+from sftlab.data.render import IGNORE, RenderOptions, iter_rendered, render
 from sftlab.errors import DataError
 
 SCREEN_LIMIT = 3  # examples shown on screen when no limit is given; JSON prints every one
@@ -52,11 +53,39 @@ def _show(reading: Reading, tokenizer, as_json: bool, limit: int | None, shown_l
             print(f"(first {shown} examples shown; --limit N shows more, --json prints all)")
             break
         shown += 1
+        rejected = _rejected_side(conv, tokenizer)
         if as_json:
-            print(json.dumps({"source": ex.source, "input_ids": ex.input_ids, "labels": ex.labels}))
-        else:
-            _print_example(ex, tokenizer)
+            record = {"source": ex.source, "input_ids": ex.input_ids, "labels": ex.labels}
+            if isinstance(rejected, Example):
+                record["rejected"] = {"input_ids": rejected.input_ids, "labels": rejected.labels}
+            print(json.dumps(record))
+            continue
+        _print_example(ex, tokenizer, "chosen" if rejected is not None else _label_note(conv))
+        if isinstance(rejected, Example):
+            _print_example(rejected, tokenizer, "rejected: its last answer is scored")
+        elif rejected is not None:
+            print(f"rejected side: {rejected}")
     return shown
+
+
+def _rejected_side(conv: Conversation, tokenizer) -> Example | DataError | None:
+    """A preference pair's rejected conversation, rendered as alignment scores it (its last answer)."""
+    rejected = conv.meta.get("rejected")
+    if not isinstance(rejected, list):
+        return None
+    try:
+        return render(Conversation(rejected, source=conv.source, meta={"tools": conv.tools} if conv.tools else {}),
+                      tokenizer, RenderOptions(train_on="last"))
+    except DataError as e:
+        return e
+
+
+def _label_note(conv: Conversation) -> str | None:
+    """What becomes of an unpaired preference (KTO) record: its label decides."""
+    label = conv.meta.get("label")
+    if label is False:
+        return "label: false: not trained by sftlab train"
+    return "label: true" if label is True else None
 
 
 def token_pieces(ex, tokenizer) -> list[tuple[str, bool]]:
@@ -64,7 +93,7 @@ def token_pieces(ex, tokenizer) -> list[tuple[str, bool]]:
     return [(tokenizer.decode([tok]), lab != IGNORE) for tok, lab in zip(ex.input_ids, ex.labels)]
 
 
-def _print_example(ex, tokenizer) -> None:
+def _print_example(ex, tokenizer, note: str | None = None) -> None:
     from rich.console import Console
     from rich.text import Text
 
@@ -72,6 +101,6 @@ def _print_example(ex, tokenizer) -> None:
     text = Text()
     for piece, trained in token_pieces(ex, tokenizer):
         text.append(piece, style="bold green on grey15" if trained else "dim")
-    console.rule(ex.source)
+    console.rule(f"{ex.source} ({note})" if note else ex.source)
     console.print(text)
     console.print(f"[dim]{len(ex)} tokens, {ex.num_trained} trained (highlighted green)[/]")
