@@ -170,3 +170,14 @@ def test_kto_counts_its_answers_and_warns_when_they_are_unbalanced(tmp_path, tok
     assert len(messages) == 2 and "= 3.00, outside the [1, 4/3]" in messages[0] and "one kind only" in messages[1]
     weight = float(re.search(r"align.undesirable_weight: ([\d.]+)", messages[0])[1])
     assert 1 <= 6 / (weight * 2) <= 4 / 3  # the weight it suggests is in the range
+
+
+def test_a_column_mapped_record_with_a_rejected_column_is_refused_with_the_way_out(tokenizer):
+    """orca_dpo_pairs read through data.columns (question -> prompt, chosen -> response): its rejected column
+    stays text beside the conversation; it must not reach the template as a message list."""
+    from sftlab.data.formats import Columns
+
+    conv = Columns(prompt="question", response="chosen").convert(
+        {"question": "2+2?", "chosen": "4", "rejected": "5"}, "orca.jsonl:1")
+    with pytest.raises(DataError, match=r"orca.jsonl:1: not a pair: 'rejected' is a plain column .*data.columns"):
+        render_preferences([conv], tokenizer, paired=True)

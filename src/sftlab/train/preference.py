@@ -64,6 +64,10 @@ def _sides(conv: Conversation, paired: bool) -> list[tuple[list[dict], object]]:
     """The conversations to render for one record, each with what it is: "chosen"/"rejected" for
     pairs, or True/False (desirable or not) for KTO rows."""
     rejected = conv.meta.get("rejected")
+    if rejected is not None and not isinstance(rejected, list):  # a column beside a mapped (data.columns) record
+        raise RecordError(conv.source, "not a pair", "'rejected' is a plain column of a record read through "
+                                                     "data.columns, which maps SFT columns: read preference files "
+                                                     "without it (prompt | question | instruction, chosen, rejected)")
     if paired:
         if rejected is None:
             hint = " (an unpaired record with a true/false label is KTO's: align.loss: kto)" \
