@@ -197,6 +197,31 @@ def test_onnx_export_with_a_corrupted_weight_fails_and_exits_non_zero(tmp_path, 
     assert report["ok"] is False and report["max_abs_diff"] > 1e-3
 
 
+def test_a_model_the_onnx_builder_cannot_convert_is_a_one_line_error_with_its_log(tmp_path, tokenizer, capsys):
+    """A Qwen2 with yarn rope scaling: the onnxruntime-genai builder fails inside (ZeroDivisionError); the
+    user gets one line with the builder's last words and where its whole output is, not its traceback."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from sftlab.cli import main
+
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024},
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "yarn")
+    tokenizer.save_pretrained(tmp_path / "yarn")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "yarn"), str(tmp_path / "out"), "--to", "onnx"]) == 1
+    err = capsys.readouterr().err
+    log = tmp_path / "out-onnx-builder.log"
+    assert err.startswith("error: the onnxruntime-genai model builder cannot convert this model (") and \
+        err.count("\n") == 1 and str(log) in err and "Traceback" in log.read_text()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
 @pytest.fixture(scope="module", params=["fp16", "int4"])
 def smollm2_lossy(request, tmp_path_factory):
     """SmolLM2-135M-Instruct (the embedded model) exported at a lossy precision: bounds on a random

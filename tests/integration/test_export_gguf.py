@@ -79,6 +79,8 @@ def test_lora_run_exports_to_f16_within_bounds(f16_export, small_tokenizer):
     modelfile = (out / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./model.gguf") and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert "<|im_start|>{{ .Role }}" in modelfile
+    # SmolLM2's template writes a system prompt into a chat without one; the Go template would not
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
     assert json.loads((out / "sftlab_export.json").read_text())["verification"]["ok"]
 
 
@@ -338,3 +340,30 @@ def test_llama_cpp_greedy_tokens_are_compared(tmp_path, f16_export, run_dir, mon
     same, total = map(int, agreement.split("/"))
     assert total > 0 and result.tokens_equal is (wrong_at is None) and result.ok is (wrong_at is None)
     assert (same == total) is (wrong_at is None)
+
+
+@pytest.mark.parametrize("pre_tokenizer, name", [
+    ({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}, "gpt-2"),  # SmolLM2's
+    ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                             "use_regex": True}]}, "smollm"),
+    ({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "QWEN2"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}, "qwen2"),
+])
+def test_the_gguf_names_the_split_llama_cpp_must_use(tmp_path, pre_tokenizer, name):
+    """llama.cpp picks its split regexes by tokenizer.ggml.pre; its 'default' cuts punctuation runs and
+    3-digit groups first, so naming GPT-2's byte-level split 'default' would tokenize ' {"' or ' 2019'
+    otherwise than the model was trained on."""
+    import shutil
+
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from sftlab.export.gguf import pre_tokenizer_name
+
+    folder = tmp_path / "tok"
+    shutil.copytree(TOKENIZER_DIR, folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = json.loads(json.dumps(pre_tokenizer).replace('"QWEN2"', json.dumps(PRETOKENIZE_REGEX)))
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    assert pre_tokenizer_name(folder) == name

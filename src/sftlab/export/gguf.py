@@ -134,9 +134,11 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 
 
 def pre_tokenizer_name(hf_dir: Path) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` (how text is split before BPE), from the tokenizer's split regex.
+    """llama.cpp's `tokenizer.ggml.pre` (how text is split before BPE), from the tokenizer's pre-tokenizer.
 
-    Readers (llama.cpp, transformers' GGUF loader) pick the regex by this name; 'default' is GPT-2's."""
+    Readers (llama.cpp, transformers' GGUF loader) pick the split regexes by this name. llama.cpp's
+    'default' is not GPT-2's split (it cuts punctuation runs and 3-digit groups first): a byte-level
+    tokenizer with GPT-2's split is 'gpt-2', and with single digits split off first (SmolLM's) 'smollm'."""
     from transformers import AutoTokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
@@ -144,7 +146,15 @@ def pre_tokenizer_name(hf_dir: Path) -> str:
     parts = state.get("pretokenizers", [state])
     patterns = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
     known = {QWEN2_SPLIT: "qwen2", LLAMA3_SPLIT: "llama-bpe"}
-    return next((known[p] for p in patterns if p in known), "default")
+    found = next((known[p] for p in patterns if p in known), None)
+    if found:
+        return found
+    kinds = [(p.get("type"), p.get("individual_digits"), p.get("use_regex")) for p in parts]
+    if kinds == [("ByteLevel", None, True)]:
+        return "gpt-2"
+    if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:
+        return "smollm"
+    return "default"
 
 
 def write_vocab(writer, hf_dir: Path, vocab_size: int) -> None:
@@ -271,14 +281,35 @@ LLAMA3 = ('{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .Sy
           '<|start_header_id|>assistant<|end_header_id|>\n\n')
 
 
+# the system block of each Go template: (what opens it, what closes it)
+SYSTEM_BLOCKS = {CHATML: ("<|im_start|>system\n", "<|im_end|>"),
+                 LLAMA3: ("<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>")}
+
+
+def default_system(tokenizer, block: tuple[str, str]) -> str | None:
+    """The system prompt the chat template writes into a chat that has none (SmolLM2's "You are a helpful
+    AI assistant named SmolLM..."): the Go template writes a system block only when given one, so the
+    Modelfile must name it for Ollama's prompts to be the ones the model was trained and evaluated on."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "\ue000"}], tokenize=False)
+    opener, closer = block
+    head = text.split("\ue000", 1)[0]
+    if opener not in head:
+        return None
+    return head.split(opener, 1)[1].split(closer, 1)[0]
+
+
 def modelfile(tokenizer, stops: list[int], context: int) -> str:
-    """An Ollama Modelfile. ChatML and Llama-3 templates are written as Go templates; any other chat
-    template is left to Ollama, which reads `tokenizer.chat_template` from the GGUF metadata."""
+    """An Ollama Modelfile. ChatML and Llama-3 templates are written as Go templates (with the chat
+    template's default system prompt, if it has one); any other chat template is left to Ollama, which
+    reads `tokenizer.chat_template` from the GGUF metadata."""
     template = getattr(tokenizer, "chat_template", None) or ""
     lines = ["FROM ./" + FILE_NAME, ""]
     go = CHATML if "<|im_start|>" in template else LLAMA3 if "<|start_header_id|>" in template else None
     if go:
         lines += [f'TEMPLATE """{go}"""', ""]
+        system = default_system(tokenizer, SYSTEM_BLOCKS[go])
+        if system:
+            lines += [f'SYSTEM """{system}"""', ""]
     else:
         lines += ["# TEMPLATE: taken from the chat template in the GGUF metadata (tokenizer.chat_template)", ""]
     for tok in tokenizer.convert_ids_to_tokens(stops):

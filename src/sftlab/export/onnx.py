@@ -83,8 +83,11 @@ def build(hf_dir: Path, out: Path, precision: str, cache: Path) -> None:
     print(f"Building ONNX ({precision}) with onnxruntime-genai ...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0 or not (out / "model.onnx").exists():
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise SftlabError(f"the onnxruntime-genai model builder failed:\n{tail}")
+        log = out.parent / f"{out.name.removesuffix('.partial')}-onnx-builder.log"  # beside OUT: the failed folder goes
+        log.write_text(proc.stdout + proc.stderr, encoding="utf-8")
+        said = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        raise SftlabError(f"the onnxruntime-genai model builder cannot convert this model ({said}); its output "
+                          f"is in {log}. Export --to merged for a plain transformers folder")
 
 
 def onnx_logits(session, ids: list[int], kv: dict) -> np.ndarray:
