@@ -62,6 +62,20 @@ def test_named_template_masks_exactly_and_is_prefix_stable(name):
         assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1
 
 
+def test_a_space_the_template_writes_before_an_answer_is_trained_when_it_is_a_token_of_its_own():
+    """Mistral's template writes "[/INST]" + " " + answer and prompts with "[/INST]": the model generates the
+    space. Before a digit, SmolLM2's tokenizer keeps the space a token of its own ("Ġ", "2", "0", ...); an
+    answer span starting at the stripped answer left it untrained, the first token the model must write."""
+    tok = load_tokenizer(str(TOKENIZER_DIR), chat_template="mistral")
+    conv = Conversation(messages=[{"role": "user", "content": "Date?"}, {"role": "assistant", "content": "2019-11-13"}])
+    ex = render(conv, tok)
+    first = next(k for k, lab in enumerate(ex.labels) if lab != -100)
+    assert tok.convert_ids_to_tokens(ex.input_ids[first:first + 2]) == ["Ġ", "2"]
+    assert trained_spans(ex, tok) == [" 2019-11-13<|im_end|>"]
+    assert tok.decode(ex.input_ids[:first]) == tok.apply_chat_template(conv.messages[:1], tokenize=False,
+                                                                       add_generation_prompt=True)
+
+
 def test_tokens_are_added_only_when_missing(tokenizer):
     base = len(tokenizer)
     tok = load_tokenizer(str(TOKENIZER_DIR), chat_template="chatml")  # SmolLM2 already has <|im_start|>

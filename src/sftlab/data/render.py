@@ -334,6 +334,10 @@ def _plan(conversation: Conversation, template: _Template, options: RenderOption
     answers = [i for i in turns if "tool_calls" not in messages[i]]
     for i, start in zip(answers, _answer_starts(conversation, template.name, render, answers, full) if answers else ()):
         end = start + len(messages[i]["content"].strip())
+        if full.startswith(prompts[i]) and len(prompts[i]) <= start and not full[len(prompts[i]):start].strip():
+            # whitespace the template writes after the generation prompt (Mistral's "[/INST] " + answer) is
+            # generated too: a space that is a token of its own before "2019" must be trained
+            start = len(prompts[i])
         marker = template.end_marker.match(full, end)
         open_ends[i] = marker is None
         spans[i] = (start, marker.end() if marker else end)
