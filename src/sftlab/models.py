@@ -221,7 +221,8 @@ def use_chat_template(tokenizer, value: str) -> list[int]:
 
 
 def fit_embeddings(model, tokenizer) -> dict[str, Any]:
-    """Grow the embeddings to the tokenizer (new rows start at the mean of the old ones) and return
+    """Grow the embeddings to the tokenizer (new rows drawn around the old rows' mean, with their
+    covariance: transformers' `mean_resizing`) and return
     the extra PEFT `LoraConfig` arguments that train and save the rows of the tokens a named
     template added: `trainable_token_indices` for the input embeddings (PEFT ties a shared
     lm_head to them) and, when the lm_head is a separate matrix, `modules_to_save` for it, so the
