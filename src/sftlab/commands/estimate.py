@@ -84,7 +84,8 @@ def estimate(
     config_source = model
     model, config = _config_of(model)
     if config is not None:  # the config's settings, where no option says otherwise
-        given = {_SETTING.get(name, name) for name in ctx.params
+        setting = {option: key for key, option in _OPTION.items()}
+        given = {setting.get(name, name) for name in ctx.params
                  if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
         settings |= {k: v for k, v in settings_from_config(config, nproc).items() if k not in given}
         batch = settings["batch"]
@@ -102,22 +103,24 @@ def estimate(
     console.print(f"Batch {batch} {fits} in {budget / 1024**3:.2f} GiB; the largest batch that fits is {est.max_batch(budget)}.")
 
 
-_SETTING = {"grad_checkpointing": "gradient_checkpointing", "compile_norms": "compiled_norms"}  # option -> setting
-_FLAGS = {"gradient_checkpointing": "--grad-checkpointing", "compiled_norms": "--compile-norms"}
+# setting -> option, where the names differ
+_OPTION = {"gradient_checkpointing": "grad_checkpointing", "compiled_norms": "compile_norms"}
 _ALIGN = ("sequences_per_row", "reference_copy")  # alignment's settings, which no option gives
 
 
 def _as_options(settings: dict) -> str:
     """The settings as the options that give them (what a config's estimate used)."""
+    full, one_process = settings["method"] == "full", settings["nproc"] == 1
     out = []
     for key, value in settings.items():
-        if key in ("trained_fraction", "loss", *_ALIGN) or (key.startswith("lora_") or key == "target_modules") \
-                and settings["method"] == "full" or (key == "distributed" and settings["nproc"] == 1):
+        lora = key.startswith("lora_") or key == "target_modules"
+        if key in ("trained_fraction", "loss", *_ALIGN) or (full and lora) or (one_process and key == "distributed"):
             continue
-        if key in _FLAGS:
-            out += [_FLAGS[key]] if value else []
+        flag = "--" + _OPTION.get(key, key).replace("_", "-")
+        if isinstance(value, bool):
+            out += [flag] if value else []
         else:
-            out.append(f"--{key.replace('_', '-')} {','.join(value) if isinstance(value, list) else value}")
+            out.append(f"{flag} {','.join(value) if isinstance(value, list) else value}")
     counted = (["a pair's two sides per row"] if settings.get("sequences_per_row", 1) > 1 else []) + \
         (["a frozen reference copy"] if settings.get("reference_copy") else [])
     return " ".join(out) + (f" (alignment: {' and '.join(counted)})" if counted else "")

@@ -294,6 +294,11 @@ def _with_system(messages: list[dict], record: dict, source: str, key: str | Non
     return messages, ()
 
 
+def _system_key(record: dict) -> str | None:
+    """The record's system-prompt column among SYSTEM_KEYS, if it has one."""
+    return next((k for k in SYSTEM_KEYS if k in record), None)
+
+
 def from_sharegpt(record: dict, source: str) -> Conversation:
     key = "conversations" if "conversations" in record else "messages"
     if key not in record:
@@ -320,7 +325,7 @@ def from_prompt_completion(record: dict, source: str) -> Conversation:
         expected = " | ".join(f"{p}/{a}" for p, a in PROMPT_PAIRS)
         raise RecordError(source, "missing field", f"expected one of {expected}")
     p, a = pair
-    system_key = next((k for k in SYSTEM_KEYS if k in record), None)
+    system_key = _system_key(record)
     system = _optional_text(record, system_key, source)
     messages = ([{"role": "system", "content": system}] if system else []) + \
         _as_messages(record[p], source, "user", p) + _as_messages(record[a], source, "assistant", a)
@@ -437,7 +442,7 @@ def from_preference(record: dict, source: str) -> Conversation:
         prompt = whole[:_answer_start(whole)] if whole else None
     chosen = _with_prompt(chosen_side, prompt, source, chosen_key)
     rejected = _with_prompt(rejected_side, prompt, source, "rejected")
-    system_key = next((k for k in SYSTEM_KEYS if k in record), None)  # orca_dpo_pairs, TRL with a system column
+    system_key = _system_key(record)  # orca_dpo_pairs, TRL with a system column
     chosen, _ = _with_system(chosen, record, source, system_key)
     rejected, _ = _with_system(rejected, record, source, system_key)
     for side, key in ((chosen, chosen_key), (rejected, "rejected")):
@@ -474,7 +479,7 @@ def _from_unpaired(record: dict, source: str) -> Conversation:
         raise RecordError(source, "missing prompt", "an unpaired record needs a 'prompt'")
     messages = _as_messages(record["prompt"], source, "user", "prompt")
     messages = _with_prompt(_side(record["completion"], source, "completion"), messages, source, "completion")
-    system_key = next((k for k in SYSTEM_KEYS if k in record), None)
+    system_key = _system_key(record)
     messages, _ = _with_system(messages, record, source, system_key)
     conv = _chat(messages, source, _meta(record, ("prompt", "completion", "label", system_key)))
     conv.meta["label"] = label

@@ -131,9 +131,10 @@ def blocks(data: dict[str, Any], images: list[str]) -> list[Block]:
 
 
 # what `rewards/*` and `logps/*` are, by alignment loss: ORPO has no reference and averages over tokens
+_REFERENCE_TERMS = "reward = beta x log-prob ratio to the reference; logps = summed log-probabilities of an answer"
 _ALIGNMENT_TERMS = {
-    "dpo": "reward = beta x log-prob ratio to the reference; logps = summed log-probabilities of an answer",
-    "kto": "reward = beta x log-prob ratio to the reference; logps = summed log-probabilities of an answer",
+    "dpo": _REFERENCE_TERMS,
+    "kto": _REFERENCE_TERMS,
     "orpo": "reward = beta x mean per-token log-probability of an answer (ORPO has no reference); "
             "logps = mean per-token log-probabilities, not sums",
 }

@@ -28,7 +28,6 @@ from dataclasses import fields
 from functools import partial
 from pathlib import Path
 
-import torch
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from sftlab.config import AlignConfig
@@ -212,9 +211,7 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     checkpoint, saved = resume_checkpoint(out, state) if resume else (None, {})
     if resume and checkpoint is None:
         log(f"--resume: no checkpoint saved yet in {out / 'checkpoints'}: starting from step 0")
-    if (done := finished_run(out, saved, state)) is not None:
-        log(f"--resume: {out} finished at step {done['global_step']}; nothing left to train (raise "
-            "training.max_steps or training.num_train_epochs to train on)")
+    if (done := finished_run(out, saved, state, log)) is not None:
         return done
     atomic_write(out / "config.yaml", config.to_yaml())
     use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
@@ -309,12 +306,11 @@ def _eval_before(trainer, out: Path, resuming: bool) -> dict:
     if not resuming:
         with trainer.accelerator.autocast():
             return trainer.evaluate()
+    from sftlab.evaluation.curves import metric_events
+
     metrics = out / "metrics.jsonl"
-    for line in metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []:
-        event = json.loads(line)
-        if event.get("step") == 0 and "eval_loss" in event:
-            return event
-    return {}
+    events = metric_events(metrics) if metrics.exists() else ()  # a line cut by the crash is skipped
+    return next((e for e in events if e.get("step") == 0 and "eval_loss" in e), {})
 
 
 def _final_eval(trainer) -> dict:

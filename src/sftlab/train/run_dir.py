@@ -165,10 +165,10 @@ def resume_checkpoint(run_dir: Path, state: dict) -> tuple[Path | None, dict]:
     return last, saved
 
 
-def finished_run(run_dir: Path, saved: dict, state: dict) -> dict | None:
-    """The run's run.json when `--resume` has nothing left to do: the run finished at the checkpoint it
-    would resume from, and how long it trains (max_steps, epochs) is unchanged. Resuming it would only
-    evaluate again and write the outputs over the ones already there."""
+def finished_run(run_dir: Path, saved: dict, state: dict, log) -> dict | None:
+    """The run's run.json when `--resume` has nothing left to do (and `log` says so): the run finished at
+    the checkpoint it would resume from, and how long it trains (max_steps, epochs) is unchanged.
+    Resuming it would only evaluate again and write the outputs over the ones already there."""
     info_path = run_dir / "run.json"
     if not saved or not info_path.exists():
         return None
@@ -177,6 +177,8 @@ def finished_run(run_dir: Path, saved: dict, state: dict) -> dict | None:
     length = ("training.max_steps", "training.num_train_epochs")
     if info.get("finished") and info.get("global_step") == saved.get("global_step") \
             and all(old.get(k) == new.get(k) for k in length):
+        log(f"--resume: {run_dir} finished at step {info['global_step']}; nothing left to train (raise "
+            "training.max_steps or training.num_train_epochs to train on)")
         return info
     return None
 

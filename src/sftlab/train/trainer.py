@@ -415,9 +415,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     checkpoint, saved = resume_checkpoint(out, state) if resume else (None, {})
     if resume and checkpoint is None:
         log(f"--resume: no checkpoint saved yet in {out / 'checkpoints'}: starting from step 0")
-    if (done := finished_run(out, saved, state)) is not None:
-        log(f"--resume: {out} finished at step {done['global_step']}; nothing left to train (raise "
-            "training.max_steps or training.num_train_epochs to train on)")
+    if (done := finished_run(out, saved, state, log)) is not None:
         return done
     distributed.on_main_process(atomic_write, out / "config.yaml", config.to_yaml())
     use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
