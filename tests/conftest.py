@@ -62,7 +62,7 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
-def make_tiny_llama(path: Path, tokenizer, seed: int = 0) -> Path:
+def make_tiny_llama(path: Path, tokenizer, seed: int = 0, tied: bool = True) -> Path:
     """Save a random tiny LlamaForCausalLM + tokenizer as a normal HF folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -75,7 +75,7 @@ def make_tiny_llama(path: Path, tokenizer, seed: int = 0) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -225,8 +225,10 @@ def fit_embeddings(model, tokenizer) -> dict[str, Any]:
     covariance: transformers' `mean_resizing`) and return
     the extra PEFT `LoraConfig` arguments that train and save the rows of the tokens a named
     template added: `trainable_token_indices` for the input embeddings (PEFT ties a shared
-    lm_head to them) and, when the lm_head is a separate matrix, `modules_to_save` for it, so the
-    model can learn to write the new tokens. Empty when nothing was added."""
+    lm_head to them) and, when the lm_head is a separate matrix, for the same rows of it, so the
+    model can learn to write the new tokens. Only those rows train and go into the adapter (the
+    whole head through `modules_to_save` made an untied model's adapter as large as its head).
+    Empty when nothing was added."""
     embed = model.get_input_embeddings()
     if len(tokenizer) > embed.weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
@@ -235,11 +237,11 @@ def fit_embeddings(model, tokenizer) -> dict[str, Any]:
     if not added:
         return {}
     names = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()}
-    extra: dict[str, Any] = {"trainable_token_indices": {names[id(embed)]: list(added)}}
+    rows = {names[id(embed)]: list(added)}
     head = model.get_output_embeddings()
     if head is not None and head.weight is not embed.weight:
-        extra["modules_to_save"] = [names[id(head)]]
-    return extra
+        rows[names[id(head)]] = list(added)
+    return {"trainable_token_indices": rows}
 
 
 def load_model(

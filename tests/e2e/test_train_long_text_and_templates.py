@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import make_tiny_llama
 from sftlab.cli import main
 from sftlab.config import DataConfig
 from sftlab.data.conversation import Conversation, Example
@@ -70,28 +71,40 @@ def test_training_on_a_10000_token_document_trains_all_its_tokens(long_doc, tiny
     assert info["trained_tokens_seen"] == targets(full)
 
 
-def test_a_base_model_trains_with_a_named_template_and_its_new_tokens(tiny_model_dir, tmp_path, tokenizer):
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_base_model_trains_with_a_named_template_and_its_new_tokens(tiny_model_dir, tmp_path, tokenizer, tied):
     import torch
 
     from sftlab.models import load_model
 
+    base_dir = tiny_model_dir if tied else make_tiny_llama(tmp_path / "untied", tokenizer, tied=False)
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Echo {w}", "output": w}) + "\n" for w in WORDS))
     out = tmp_path / "run"
-    assert main(["train", "-", f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "model.chat_template=llama3",
+    assert main(["train", "-", f"model.name_or_path={base_dir}", f"data.train={data}", "model.chat_template=llama3",
                  "data.max_seq_length=64", "training.max_steps=3", "training.learning_rate=1e-1",
                  "training.bf16=false", "lora.r=4", f"output_dir={out}"]) == 0
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     new_ids = [len(tokenizer), len(tokenizer) + 1, len(tokenizer) + 2]
-    assert config["trainable_token_indices"] == {"embed_tokens": new_ids}
+    assert config["trainable_token_indices"] == {"embed_tokens": new_ids} | ({} if tied else {"lm_head": new_ids})
+    assert not config.get("modules_to_save")
+    # what trains: the LoRA matrices and the new rows, not an untied head's whole matrix (and its AdamW states)
+    lora = sum(4 * (i + o) for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]) * 2
+    assert json.loads((out / "run.json").read_text())["trainable_params"] == lora + 3 * 64 * (1 if tied else 2)
+
     model = load_model(str(out))  # the base grows to the run's tokenizer before the adapter loads
     ids = torch.tensor([new_ids + [1, 2]])
     with torch.no_grad():
         tuned = model.get_input_embeddings()(ids)
+        tuned_head = model.get_output_embeddings()(tuned)
         with model.disable_adapter():
             base = model.get_input_embeddings()(ids)
+            base_head = model.get_output_embeddings()(tuned)
     changed = (tuned - base).abs().amax(-1)[0]
     assert (changed[:3] > 0).all(), "the added tokens' embeddings were not trained"
     assert (changed[3:] == 0).all(), "existing tokens' embeddings must stay the base's"
+    head_changed = (tuned_head - base_head).abs().amax((0, 1))
+    assert (head_changed[new_ids] > 0).all(), "the model cannot learn to write the added tokens"
+    assert (head_changed[: len(tokenizer)] == 0).all(), "existing tokens' output rows must stay the base's"
     # merged, the trained rows are in the plain model (export checks merged == unmerged logits)
     assert main(["export", str(out), "--to", "merged", str(tmp_path / "merged")]) == 0
