@@ -1,8 +1,8 @@
 """The OpenAI server with `tools`, queried with the official `openai` client: the tools reach the
 prompt through the chat template, a reply with calls in the layout the model's template writes
-(Hermes / Qwen `<tool_call>` blocks for chatml, Llama 3.1's bare JSON) comes back as `tool_calls`
-(streamed or not), a conversation that sends calls and results back is rendered, and
-a model whose template cannot write tools is a 400, not a prompt without them."""
+(Hermes / Qwen `<tool_call>` blocks for chatml, Llama 3.1's bare JSON, Qwen 3.5's XML parameters) comes
+back as `tool_calls` (streamed or not), a conversation that sends calls and results back is rendered,
+and a model whose template cannot write tools is a 400, not a prompt without them."""
 
 from __future__ import annotations
 
@@ -106,21 +106,27 @@ def test_a_template_without_tools_and_a_forced_call_are_400s(tokenizer, chatml):
             {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "[1]"}}]}])
 
 
-def test_calls_come_back_in_the_layout_of_the_model_s_own_template(tokenizer):
-    """A model trained on Llama 3.1's template writes a bare JSON object with "parameters": the server
-    reads it off that template (the parser's own cases: tests/unit/test_tool_call_layouts.py)."""
+@pytest.mark.parametrize("template, reply", [
+    ("llama3_1.jinja", '{"name": "get_weather", "parameters": {"city": "1984"}}'),
+    ("qwen3_5_nothink.jinja", "<tool_call>\n<function=get_weather>\n<parameter=city>\n1984\n</parameter>\n</function>\n"
+                              "</tool_call>"),
+])
+def test_calls_come_back_in_the_layout_of_the_model_s_own_template(tokenizer, template, reply):
+    """A model trained on Llama 3.1's template writes a bare JSON object with "parameters", one trained on
+    Qwen 3.5's an XML parameter per argument: the server reads each off its template (the parser's own
+    cases: tests/unit/test_tool_call_layouts.py), an XML value by the type the request's tool declares
+    (the city "1984" is a string), streamed or not."""
     from conftest import tokenizer_for
 
-    llama = tokenizer_for(tokenizer, "llama3_1.jinja")
-    reply = '{"name": "get_weather", "parameters": {"city": "Lima"}}'
-    client, backend = client_for(llama, reply)
+    client, backend = client_for(tokenizer_for(tokenizer, template), reply)
     choice = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS).choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == \
-        [("get_weather", {"city": "Lima"})]
+        [("get_weather", {"city": "1984"})]
     chunks = list(client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, stream=True))
-    assert not "".join(c.choices[0].delta.content or "" for c in chunks)  # held back from '{"name":' on
-    assert [tc.function.name for c in chunks for tc in (c.choices[0].delta.tool_calls or [])] == ["get_weather"]
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks)  # held back from where calls begin
+    assert [(tc.function.name, json.loads(tc.function.arguments)) for c in chunks
+            for tc in (c.choices[0].delta.tool_calls or [])] == [("get_weather", {"city": "1984"})]
 
 
 def test_a_template_whose_calls_the_server_cannot_read_gives_text_and_says_so(tokenizer, capsys):

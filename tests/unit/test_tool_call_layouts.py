@@ -29,10 +29,16 @@ CALLS = [call("get_weather", {"city": "Lima"}),
          call("convert.currency", {"amount": 40.5, "to": ["JPY", "EUR"], "note": "dé {\"x\": 1} </tool_call>",
                                    "options": {"round": True, "digits": None}})]
 
+TOOLS = [{"type": "function", "function": f} for f in (WEATHER, ANY)]
 # template -> how many calls it writes in one turn (gpt-oss and Llama 3.1 write one)
 JSON_LAYOUTS = {"chatml": 2, "qwen2_5.jinja": 2, "qwen3.jinja": 2, "qwen3_instruct_2507.jinja": 2,
                 "llama3_1.jinja": 1, "llama3_2.jinja": 1, "gptoss.jinja": 1}
-OTHER_LAYOUTS = ["gemma4.jinja", "glm4moe.jinja", "lfm2_2_5.jinja", "qwen3_5_nothink.jinja"]  # arguments not JSON
+# arguments one by one: <parameter=KEY>, <arg_key>/<arg_value>, <atem:parameter name="KEY">
+ARGUMENT_LAYOUTS = {"qwen3_5_nothink.jinja": 2, "qwen3_5_think.jinja": 2, "qwen3_8.jinja": 2, "glm4moe.jinja": 2,
+                    "nemotron_3_nano.jinja": 2, "muse_glimmer.jinja": 2}
+LAYOUTS = JSON_LAYOUTS | ARGUMENT_LAYOUTS
+# Python-style calls with quoted strings; Gemma 4's strings between special tokens that decoding drops
+OTHER_LAYOUTS = ["gemma4.jinja", "lfm2_2_5.jinja"]
 
 
 def generated_text(tok, calls: list[dict], content: str = "") -> str:
@@ -40,7 +46,7 @@ def generated_text(tok, calls: list[dict], content: str = "") -> str:
     (the end-of-turn token aside), decoded as the server decodes a reply."""
     conv = Conversation([{"role": "user", "content": "Is it warm in Lima?"},
                          {"role": "assistant", "content": content, "tool_calls": calls}],
-                        meta={"tools": [{"type": "function", "function": f} for f in (WEATHER, ANY)]})
+                        meta={"tools": TOOLS})
     example = render(conv, tok)
     stops, decoder = set(stop_token_ids(tok)), IncrementalDecoder(tok)
     return "".join(decoder.add(t) for t, label in zip(example.input_ids, example.labels)
@@ -51,17 +57,39 @@ def as_sent(calls: list[dict]) -> list[tuple[str, dict]]:
     return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
 
 
-@pytest.mark.parametrize("name", sorted(JSON_LAYOUTS))
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_what_a_template_trains_for_calls_reads_back_as_those_calls(tokenizer, name):
     tok = tokenizer_for(tokenizer, name)
     parser = call_parser(tok)
     assert parser is not None
-    for n in range(1, JSON_LAYOUTS[name] + 1):
-        content, calls = parser.parse(generated_text(tok, CALLS[:n]))
+    for n in range(1, LAYOUTS[name] + 1):
+        content, calls = parser.parse(generated_text(tok, CALLS[:n]), TOOLS)
         assert as_sent(calls) == [(c["function"]["name"], c["function"]["arguments"]) for c in CALLS[:n]]
         assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
-        assert content is None or "{" not in content  # nothing of the calls is left in the content
-    assert len({c["id"] for c in parser.parse(generated_text(tok, CALLS[:JSON_LAYOUTS[name]]))[1]}) == JSON_LAYOUTS[name]
+        assert content is None or "Lima" not in content  # nothing of the calls is left in the content
+    assert len({c["id"] for c in parser.parse(generated_text(tok, CALLS[:LAYOUTS[name]]), TOOLS)[1]}) == LAYOUTS[name]
+
+
+@pytest.mark.parametrize("name", sorted(ARGUMENT_LAYOUTS))
+def test_arguments_written_one_by_one_are_read_by_their_declared_types(tokenizer, name):
+    """Such templates write a string as it is and a number, boolean or list as text too: the tool's
+    declared type decides ("40" stays a string where the parameter is one), JSON where none is declared.
+    A value may hold the layout's own closing tag; a call without arguments has none; content before
+    the calls is the message content."""
+    tok = tokenizer_for(tokenizer, name)
+    parser = call_parser(tok)
+    tool = {"name": "book", "parameters": {"type": "object", "properties": {
+        "room": {"type": "string"}, "note": {"type": "string"}, "nights": {"type": "integer"}, "late": {"type": "boolean"},
+        "tags": {"type": ["array", "null"]}}}}
+    closing = "a </parameter> b </arg_value> c </atem:parameter>\nd"  # each layout's own end of a value
+    sent = call("book", {"room": "40", "note": closing, "nights": 3, "late": True, "tags": ["quiet"], "extra": 2.5})
+    content = "" if name == "muse_glimmer.jinja" else "Booking it."  # it drops a call turn's text
+    text = generated_text(tok, [sent, call("book", {})], content=content)
+    said, calls = parser.parse(text, [{"type": "function", "function": tool}])
+    assert as_sent(calls) == [("book", sent["function"]["arguments"]), ("book", {})]
+    assert (said or "").endswith(content)  # after a think block where the template writes one
+    untyped = json.loads(parser.parse(text)[1][0]["function"]["arguments"])
+    assert untyped["room"] == 40  # without the request's tools: JSON where it parses
 
 
 def test_content_before_the_calls_is_the_message_content(tokenizer):

@@ -216,12 +216,13 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         if "parser" not in tool_support:
             tool_support["parser"] = call_parser(tokenizer)
             if tool_support["parser"] is None:
-                print("warning: this model's chat template writes tool calls other than with JSON arguments: "
-                      "replies to requests with tools come back as text, as generated", file=sys.stderr)
+                print("warning: this model's chat template writes tool calls in a layout the server cannot read "
+                      "(docs/deploy.md): replies to requests with tools come back as text, as generated",
+                      file=sys.stderr)
 
     def _calls(text: str, tools) -> tuple[str | None, list[dict]]:
         parser: CallParser | None = tool_support.get("parser") if tools else None
-        return parser.parse(text) if parser else (text, [])
+        return parser.parse(text, tools) if parser else (text, [])
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
@@ -304,7 +305,7 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         # with tools, text from where calls begin (`<tool_call>`, ...) is held back: it becomes the calls at
         # the end; so is trailing whitespace, which the content before a call does not keep
         parser = tool_support.get("parser") if kwargs.get("tools") else None
-        tools = parser is not None
+        tools = kwargs.get("tools") if parser is not None else None
         content, held = StopText(parser.openers if tools else []), ""
         try:
             if chat:

@@ -7,8 +7,15 @@ decoded as the server decodes generated ones (special tokens skipped). In that t
 call id and arguments become slots; rendered with two calls, the text that repeats per call. One
 reading covers the Hermes / Qwen `<tool_call>` blocks (`chatml`, Qwen 2.5 and 3), Llama 3.1's bare
 JSON with `"parameters"`, gpt-oss's `to=functions.NAME ... json{...}`, Mistral's `[{...}, {...}]`.
-A template that writes arguments other than as a JSON object (Python-style calls, XML parameters)
-has no layout here: replies to such a model are returned as text, as generated.
+
+Templates that write each argument on its own (Qwen 3.5 and later, Nemotron 3 and Qwen3-Coder's
+`<parameter=KEY>VALUE</parameter>`, GLM's `<arg_key>`/`<arg_value>`, other XML parameters) are read
+the same way: rendered with one and with two arguments, the text that repeats per argument is
+the argument's layout, with slots for its key and value. Such templates write a string value as
+it is and other values as JSON (or Python's True/False/None), so a value is read by the type the
+request's tool declares for that parameter, as JSON where it declares none. Templates whose
+arguments are neither (Python-style calls with quoted strings, Gemma 4's strings between special
+tokens that decoding drops) have no layout here: replies to such a model are returned as text.
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ import uuid
 from dataclasses import dataclass
 
 NAME, ARGS, ID = "\x02", "\x01", "\x03"  # slots in a layout: control characters no template writes
-_SLOTS = re.compile(f"([{NAME}{ARGS}{ID}])")
+KEY, VALUE = "\x04", "\x05"  # slots in an argument's layout
+_SLOTS = re.compile(f"([{NAME}{ARGS}{ID}{KEY}{VALUE}])")
 _PROBE_NAME, _PROBE_ID, _PROBE_TEXT = "sftlab_probe_fn", "sftlab0id", "sftlab_probe_text"  # Mistral wants 9-character ids
-_PROBE_ARGS = {"sftlab_probe_key": "sftlab_probe_value"}
+_PROBE_ARGS = {"sftlab_key_a": "sftlab_value_a"}
+_PROBE_ARGS_2 = {"sftlab_key_a": "sftlab_value_a", "sftlab_key_b": "sftlab_value_b"}
 _PROBE_TOOL = {"type": "function", "function": {
     "name": _PROBE_NAME, "description": "A probe.",
-    "parameters": {"type": "object", "properties": {"sftlab_probe_key": {"type": "string"}}}}}
+    "parameters": {"type": "object", "properties": {k: {"type": "string"} for k in _PROBE_ARGS_2}}}}
 _WORD = r"[\w.:\-]+"  # a function name or a call id, as generated
 MAX_CALLS = 32
 
@@ -33,11 +42,13 @@ MAX_CALLS = 32
 class CallLayout:
     """How one chat template writes an assistant turn's calls: `first` with one call (slots for its
     name, id and arguments), `repeat` inserted at `at` for each further call ('' when the template
-    writes one call per turn)."""
+    writes one call per turn). `argument`: where the arguments slot holds arguments written one by
+    one, the layout of one (slots for its key and value); '' where it holds a JSON object."""
 
     first: str
     repeat: str = ""
     at: int = 0
+    argument: str = ""
 
     def for_calls(self, n: int) -> str:
         return self.first[:self.at] + self.repeat * (n - 1) + self.first[self.at:]
@@ -49,16 +60,17 @@ class CallLayout:
         head = _SLOTS.split(self.first, 1)[0]
         return head.split()[0] if head.split() else ""
 
-    def parse(self, text: str) -> tuple[str | None, list[dict]]:
+    def parse(self, text: str, tools: list[dict] | None = None) -> tuple[str | None, list[dict]]:
         """(the content before the calls, or None when there is none; the calls). Text that is not, from
         where the first call begins to its end, calls in this layout (unclosed, not JSON, arguments not an
-        object, text after or between them) is content, with no calls."""
+        object, text after or between them) is content, with no calls. `tools` (the request's) give
+        the types of arguments written one by one."""
         head = _SLOTS.split(self.first, 1)[0].strip()
         found = re.search(_literal(head), text) if head else re.match(r"\s*", text)
         if found:
             start = found.start() if head else found.end()
             for n in range(1, (MAX_CALLS if self.repeat else 1) + 1):
-                calls = _match(self.for_calls(n), text, start)
+                calls = _match(self.for_calls(n), text, start, self.argument, _parameter_types(tools))
                 if calls is not None:
                     return text[:start].strip() or None, calls
         return text, []
@@ -72,14 +84,19 @@ def _literal(text: str) -> str:
     return (r"\s*" if text[0].isspace() else "") + core + (r"\s*" if text[-1].isspace() else "")
 
 
-def _match(layout: str, text: str, pos: int) -> list[dict] | None:
-    """The calls when `text[pos:]` is exactly `layout` (trailing whitespace aside), else None."""
+def _match(layout: str, text: str, pos: int, argument: str = "", types: dict | None = None) -> list[dict] | None:
+    """The calls when `text[pos:]` is exactly `layout` (trailing whitespace aside), else None.
+    `argument`, `types`: as `_arguments` reads them."""
     parts = _SLOTS.split(layout)
     names_per_call = layout.count(NAME) // layout.count(ARGS)  # gpt-oss-like headers may repeat the name
     names, arguments = [], []
     decoder = json.JSONDecoder()
     for k, part in enumerate(parts):
-        if part == ARGS:
+        if part == ARGS and argument:
+            value, pos = _arguments(text, pos, argument, parts[k + 1] if k + 1 < len(parts) else "",
+                                    (types or {}).get(names[-1] if names else None, {}))
+            arguments.append(value)
+        elif part == ARGS:
             pos = len(text) - len(text[pos:].lstrip())
             try:
                 value, pos = decoder.raw_decode(text, pos)
@@ -113,6 +130,44 @@ def _match(layout: str, text: str, pos: int) -> list[dict] | None:
             for name, args in zip(per_call, arguments)]
 
 
+def _arguments(text: str, pos: int, argument: str, after: str, types: dict[str, str]) -> tuple[dict, int]:
+    """The arguments written one by one in `argument`'s layout from `pos` (none is no arguments), and
+    where they end. A value runs to the first end of its layout that is followed by another
+    argument or by `after`, the layout's text after the arguments (so it may hold the layout's own
+    closing tags); it is read as `types` (parameter -> JSON type) declares it."""
+    head, _, mid, _, tail = _SLOTS.split(argument)
+    ahead = "|".join([_literal(head), _literal(after) if after.strip() else r"\s*\Z"])
+    one = re.compile(f"{_literal(head)}([^\\n]+?){_literal(mid)}(?s:(.*?)){_literal(tail)}(?={ahead})")
+    arguments = {}
+    while m := one.match(text, pos):
+        arguments[m.group(1)] = _value(m.group(2), types.get(m.group(1)))
+        pos = m.end()
+    return arguments, pos
+
+
+def _value(text: str, declared: str | list | None):
+    """A value written as text: as it is where the tool declares a string; otherwise JSON where it parses
+    (Python's True/False/None too, as a template's `| string` writes them), else the text."""
+    kinds = declared if isinstance(declared, list) else [declared]
+    if "string" in kinds:
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {"True": True, "False": False, "None": None}.get(text.strip(), text)
+
+
+def _parameter_types(tools: list[dict] | None) -> dict[str, dict]:
+    """{function name: {parameter: its declared JSON type}} from a request's tools."""
+    out = {}
+    for tool in tools or []:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            properties = (function.get("parameters") or {}).get("properties") or {}
+            out[function["name"]] = {k: v.get("type") for k, v in properties.items() if isinstance(v, dict)}
+    return out
+
+
 def _object(arguments) -> dict | None:
     """A call's arguments as an object (generated as one or as a JSON string of one), else None."""
     if isinstance(arguments, str):
@@ -134,10 +189,11 @@ class CallParser:
     def openers(self) -> list[str]:
         return [o for o in dict.fromkeys(layout.opener for layout in self.layouts) if o]
 
-    def parse(self, text: str) -> tuple[str | None, list[dict]]:
-        """(content before the calls or None; the calls) in the first layout that reads any, else (text, [])."""
+    def parse(self, text: str, tools: list[dict] | None = None) -> tuple[str | None, list[dict]]:
+        """(content before the calls or None; the calls) in the first layout that reads any, else (text, []).
+        `tools`: the request's, for the types of arguments written one by one."""
         for layout in self.layouts:
-            content, calls = layout.parse(text)
+            content, calls = layout.parse(text, tools)
             if calls:
                 return content, calls
         return text, []
@@ -145,7 +201,7 @@ class CallParser:
 
 def call_parser(tokenizer) -> CallParser | None:
     """The reader of the calls the tokenizer's chat template writes, or None when it writes no calls, or
-    writes their arguments other than as a JSON object."""
+    writes their arguments in a way this module cannot read (module docstring)."""
     import warnings
 
     from sftlab.serve.generation import stop_token_ids
@@ -162,22 +218,39 @@ def call_parser(tokenizer) -> CallParser | None:
 
 
 def _layout(tokenizer, stop_ids: set[int], content: str) -> CallLayout | None:
-    one = _slotted(_probe_text(tokenizer, stop_ids, 1, content))
+    def probe(calls: int, arguments: dict = _PROBE_ARGS) -> str | None:
+        return _probe_text(tokenizer, stop_ids, calls, content, arguments)
+
+    one, argument = _slotted(probe(1)), ""
+    if one is None:  # arguments not a JSON object: written one by one?
+        argument = _repeated(*(_keys_slotted(probe(1, a)) for a in (_PROBE_ARGS, _PROBE_ARGS_2)), (KEY, VALUE))[1]
+        if not argument or not _SLOTS.split(argument)[0].strip() or _SLOTS.findall(argument) != [KEY, VALUE]:
+            return None
+        one = _arguments_slotted(probe(1), argument)
     if one is None or one.count(ARGS) != 1 or NAME not in one:
         return None
-    two = _slotted(_probe_text(tokenizer, stop_ids, 2, content))
+    two = _arguments_slotted(probe(2), argument) if argument else _slotted(probe(2))
     if two is None or two.count(ARGS) != 2:  # one call per turn (gpt-oss), or two written otherwise
-        return CallLayout(one, "", len(one))
+        return CallLayout(one, "", len(one), argument)
+    at, repeat = _repeated(one, two, (NAME, ARGS, ID))
+    return CallLayout(one, repeat, at if repeat else len(one), argument)
+
+
+def _repeated(one: str | None, two: str | None, slots: tuple[str, ...]) -> tuple[int, str]:
+    """(where, what): `two` is `one` with `what` inserted at `where`, `what` holding each of `slots`
+    as often as `one` does; (0, '') when it is not."""
+    if one is None or two is None:
+        return 0, ""
     grow = len(two) - len(one)
     for at in range(len(one) + 1):
         repeat = two[at:at + grow]
         if two[:at] == one[:at] and two[at + grow:] == one[at:] and all(
-                repeat.count(s) == one.count(s) for s in (NAME, ARGS, ID)):
-            return CallLayout(one, repeat, at)
-    return CallLayout(one, "", len(one))
+                repeat.count(s) == one.count(s) for s in slots):
+            return at, repeat
+    return 0, ""
 
 
-def _probe_text(tokenizer, stop_ids: set[int], calls: int, content: str) -> str | None:
+def _probe_text(tokenizer, stop_ids: set[int], calls: int, content: str, arguments: dict) -> str | None:
     """What the template trains for an assistant turn of `content` and `calls` probe calls (from the end
     of the content), decoded as generated text is; None if it cannot write that turn."""
     from sftlab.data.conversation import Conversation
@@ -185,7 +258,7 @@ def _probe_text(tokenizer, stop_ids: set[int], calls: int, content: str) -> str 
     from sftlab.errors import SftlabError
     from sftlab.serve.generation import IncrementalDecoder
 
-    call = {"id": _PROBE_ID, "type": "function", "function": {"name": _PROBE_NAME, "arguments": dict(_PROBE_ARGS)}}
+    call = {"id": _PROBE_ID, "type": "function", "function": {"name": _PROBE_NAME, "arguments": dict(arguments)}}
     conv = Conversation([{"role": "user", "content": "Hi."},
                          {"role": "assistant", "content": content, "tool_calls": [dict(call)] * calls}],
                         source="the tool-call probe", meta={"tools": [_PROBE_TOOL]})
@@ -222,3 +295,27 @@ def _slotted(text: str | None) -> str | None:
     out.append(text[pos:])
     slotted = "".join(out)
     return slotted.replace(_PROBE_NAME, NAME).replace(_PROBE_ID, ID) if ARGS in slotted else None
+
+
+def _keys_slotted(text: str | None) -> str | None:
+    """The probe's text with its argument keys and values replaced by slots; None where a value is not
+    written as it is (quoted, as a Python-style call writes strings)."""
+    if text is None:
+        return None
+    for value in _PROBE_ARGS_2.values():
+        if any(text[m.start() - 1:m.start()] in "'\"" or text[m.end():m.end() + 1] in ("'", '"')
+               for m in re.finditer(value, text) if m.start()):
+            return None
+        text = text.replace(value, VALUE)
+    for key in _PROBE_ARGS_2:
+        text = text.replace(key, KEY)
+    return text
+
+
+def _arguments_slotted(text: str | None, argument: str) -> str | None:
+    """The probe's text with each call's arguments, written in `argument`'s layout, replaced by one
+    arguments slot (and its name and id by theirs)."""
+    text = _keys_slotted(text)
+    if text is None or KEY in text.replace(argument, ""):
+        return None
+    return text.replace(argument, ARGS).replace(_PROBE_NAME, NAME).replace(_PROBE_ID, ID)
