@@ -36,9 +36,9 @@ JSON_LAYOUTS = {"chatml": 2, "qwen2_5.jinja": 2, "qwen3.jinja": 2, "qwen3_instru
 # arguments one by one: <parameter=KEY>, <arg_key>/<arg_value>, <atem:parameter name="KEY">
 ARGUMENT_LAYOUTS = {"qwen3_5_nothink.jinja": 2, "qwen3_5_think.jinja": 2, "qwen3_8.jinja": 2, "glm4moe.jinja": 2,
                     "nemotron_3_nano.jinja": 2, "muse_glimmer.jinja": 2}
-LAYOUTS = JSON_LAYOUTS | ARGUMENT_LAYOUTS
-# Python-style calls with quoted strings; Gemma 4's strings between special tokens that decoding drops
-OTHER_LAYOUTS = ["gemma4.jinja", "lfm2_2_5.jinja"]
+PYTHON_LAYOUTS = {"lfm2_2_5.jinja": 2, "lfm2_v2.jinja": 2}  # [f(a='x'), g(n=2)]
+LAYOUTS = JSON_LAYOUTS | ARGUMENT_LAYOUTS | PYTHON_LAYOUTS
+OTHER_LAYOUTS = ["gemma4.jinja"]  # its strings sit between special tokens that decoding drops
 
 
 def generated_text(tok, calls: list[dict], content: str = "") -> str:
@@ -70,7 +70,7 @@ def test_what_a_template_trains_for_calls_reads_back_as_those_calls(tokenizer, n
     assert len({c["id"] for c in parser.parse(generated_text(tok, CALLS[:LAYOUTS[name]]), TOOLS)[1]}) == LAYOUTS[name]
 
 
-@pytest.mark.parametrize("name", sorted(ARGUMENT_LAYOUTS))
+@pytest.mark.parametrize("name", sorted(ARGUMENT_LAYOUTS | PYTHON_LAYOUTS))
 def test_arguments_written_one_by_one_are_read_by_their_declared_types(tokenizer, name):
     """Such templates write a string as it is and a number, boolean or list as text too: the tool's
     declared type decides ("40" stays a string where the parameter is one), JSON where none is declared.
@@ -89,7 +89,7 @@ def test_arguments_written_one_by_one_are_read_by_their_declared_types(tokenizer
     assert as_sent(calls) == [("book", sent["function"]["arguments"]), ("book", {})]
     assert (said or "").endswith(content)  # after a think block where the template writes one
     untyped = json.loads(parser.parse(text)[1][0]["function"]["arguments"])
-    assert untyped["room"] == 40  # without the request's tools: JSON where it parses
+    assert untyped["room"] == ("40" if name in PYTHON_LAYOUTS else 40)  # without tools: JSON where it parses
 
 
 def test_content_before_the_calls_is_the_message_content(tokenizer):
@@ -118,6 +118,18 @@ def test_a_template_without_tools_has_no_parser(tokenizer):
 ])
 def test_text_that_is_not_calls_in_the_layout_stays_text(tokenizer, text):
     assert call_parser(tokenizer_for(tokenizer, "chatml")).parse(text) == (text, [])
+
+
+@pytest.mark.parametrize("text", [
+    "[get_weather(city='Lima'), import_os()",  # unclosed
+    "[get_weather('Lima')]",  # a positional argument
+    "[get_weather(city=open('x'))]",  # not a literal
+    "[get_weather(**{'city': 'Lima'})]",
+    "[1, 2] is a list",
+    "[get_weather(city='Lima')] and more text",
+])
+def test_text_that_is_not_a_python_list_of_calls_stays_text(tokenizer, text):
+    assert call_parser(tokenizer_for(tokenizer, "lfm2_2_5.jinja")).parse(text) == (text, [])
 
 
 def test_a_reply_may_vary_the_layout_s_whitespace_and_give_arguments_as_a_json_string(tokenizer):

@@ -13,13 +13,15 @@ Templates that write each argument on its own (Qwen 3.5 and later, Nemotron 3 an
 the same way: rendered with one and with two arguments, the text that repeats per argument is
 the argument's layout, with slots for its key and value. Such templates write a string value as
 it is and other values as JSON (or Python's True/False/None), so a value is read by the type the
-request's tool declares for that parameter, as JSON where it declares none. Templates whose
-arguments are neither (Python-style calls with quoted strings, Gemma 4's strings between special
-tokens that decoding drops) have no layout here: replies to such a model are returned as text.
+request's tool declares for that parameter, as JSON where it declares none. A template that writes the calls
+as a Python list of calls (LFM2's `[f(city='Lima', n=2)]`) is read with Python's own parser. Templates
+whose calls are none of these (Gemma 4's, whose strings sit between special tokens that decoding
+drops) have no layout here: replies to such a model are returned as text.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import uuid
@@ -179,11 +181,82 @@ def _object(arguments) -> dict | None:
 
 
 @dataclass(frozen=True)
+class PythonCalls:
+    """Calls written as a Python list of calls, `[get_weather(city='Lima'), f(n=2)]`, read with Python's
+    parser: keyword arguments only, values Python literals (JSON's true/false/null too, as templates
+    write nested objects with `tojson`). `first`: the probe's text, its name a slot."""
+
+    first: str
+    opener = "["
+
+    def parse(self, text: str, tools: list[dict] | None = None) -> tuple[str | None, list[dict]]:
+        """(content before the calls or None; the calls): the calls are the text from a '[' to its end."""
+        for m in re.finditer(r"\[", text):
+            calls = _python_calls(text[m.start():])
+            if calls:
+                return text[:m.start()].strip() or None, calls
+        return text, []
+
+
+_JSON_NAMES = {"true": True, "false": False, "null": None}
+
+
+def _python_calls(text: str) -> list[dict] | None:
+    """The calls when `text` is exactly a Python list of calls with keyword arguments, else None. Line
+    breaks may be raw inside a string (LFM2's template quotes strings without escaping them)."""
+    for source in (text.strip(), text.strip().replace("\n", "\\n")):
+        try:
+            tree = ast.parse(source, mode="eval").body
+            break
+        except (SyntaxError, ValueError):
+            continue
+    else:
+        return None
+    if not isinstance(tree, ast.List):
+        return None
+    calls = []
+    for node in tree.elts:
+        name = _dotted(node.func) if isinstance(node, ast.Call) and not node.args else None
+        if name is None or any(k.arg is None for k in node.keywords):
+            return None
+        try:
+            arguments = {k.arg: _python_value(k.value) for k in node.keywords}
+        except ValueError:
+            return None
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}})
+    return calls
+
+
+def _dotted(node) -> str | None:
+    """`f` or `convert.currency` from a call's function expression, else None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        head = _dotted(node.value)
+        return f"{head}.{node.attr}" if head else None
+    return None
+
+
+def _python_value(node):
+    """A literal's value (ValueError for anything else), JSON's true/false/null included."""
+    if isinstance(node, ast.Name) and node.id in _JSON_NAMES:
+        return _JSON_NAMES[node.id]
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_python_value(e) for e in node.elts]
+    if isinstance(node, ast.Dict):
+        if any(k is None for k in node.keys):
+            raise ValueError("** in a dict")
+        return {_python_value(k): _python_value(v) for k, v in zip(node.keys, node.values)}
+    return ast.literal_eval(node)
+
+
+@dataclass(frozen=True)
 class CallParser:
     """Every layout a template writes calls in: with content before them, and without (gpt-oss writes
     the content as a message of its own, so its calls alone begin otherwise)."""
 
-    layouts: tuple[CallLayout, ...]
+    layouts: tuple[CallLayout | PythonCalls, ...]
 
     @property
     def openers(self) -> list[str]:
@@ -217,16 +290,21 @@ def call_parser(tokenizer) -> CallParser | None:
     return CallParser(tuple(layouts)) if layouts else None
 
 
-def _layout(tokenizer, stop_ids: set[int], content: str) -> CallLayout | None:
+def _layout(tokenizer, stop_ids: set[int], content: str) -> CallLayout | PythonCalls | None:
     def probe(calls: int, arguments: dict = _PROBE_ARGS) -> str | None:
         return _probe_text(tokenizer, stop_ids, calls, content, arguments)
 
-    one, argument = _slotted(probe(1)), ""
+    text = probe(1)
+    one, argument = _slotted(text), ""
+    calls = _python_calls(text) if one is None and text else None
+    if calls and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+            [(_PROBE_NAME, _PROBE_ARGS)]:
+        return PythonCalls(text.replace(_PROBE_NAME, NAME))
     if one is None:  # arguments not a JSON object: written one by one?
-        argument = _repeated(*(_keys_slotted(probe(1, a)) for a in (_PROBE_ARGS, _PROBE_ARGS_2)), (KEY, VALUE))[1]
+        argument = _repeated(_keys_slotted(text), _keys_slotted(probe(1, _PROBE_ARGS_2)), (KEY, VALUE))[1]
         if not argument or not _SLOTS.split(argument)[0].strip() or _SLOTS.findall(argument) != [KEY, VALUE]:
             return None
-        one = _arguments_slotted(probe(1), argument)
+        one = _arguments_slotted(text, argument)
     if one is None or one.count(ARGS) != 1 or NAME not in one:
         return None
     two = _arguments_slotted(probe(2), argument) if argument else _slotted(probe(2))
