@@ -97,3 +97,16 @@ def test_an_alignment_run_names_its_loss_beside_the_method(runs_root, tmp_path, 
     (root / "dpo" / "config.yaml").write_text(yaml.safe_dump(config | {"align": {"loss": "dpo"}}))
     assert main(["runs", str(root), "--csv"]) == 0
     assert [r["method"] for r in csv.DictReader(io.StringIO(capsys.readouterr().out))] == ["dpo (lora)"]
+
+
+def test_a_metrics_line_cut_by_a_crash_leaves_the_run_listed(runs_root, tmp_path, capsys):
+    """A run killed mid-write ends its metrics.jsonl with half a line: the listing reads the rest."""
+    import shutil
+
+    run = tmp_path / "crashed"
+    shutil.copytree(runs_root / "a-lora", run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"loss": 0.5, "st')
+    assert main(["runs", str(tmp_path), "--csv"]) == 0
+    row = next(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert float(row["final_loss"]) == pytest.approx([e["loss"] for e in metrics(runs_root / "a-lora") if "loss" in e][-1])

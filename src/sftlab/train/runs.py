@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from sftlab.errors import SftlabError
+from sftlab.evaluation.curves import metric_events
 
 COLUMNS = ("run", "method", "data", "steps", "final_loss", "best_eval_loss", "best_eval_step", "train_seconds", "finished")
 
@@ -41,18 +42,11 @@ def summarize(run: Path, root: Path) -> dict[str, Any]:
     config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
     losses, evals = [], []
     metrics = run / "metrics.jsonl"
-    if metrics.exists():
-        for n, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SftlabError(f"{metrics}:{n}: invalid JSON: {e.msg}") from None
-            if isinstance(event.get("loss"), (int, float)):
-                losses.append(event["loss"])
-            if isinstance(event.get("eval_loss"), (int, float)):
-                evals.append((event["eval_loss"], event.get("step")))
+    for event in metric_events(metrics) if metrics.exists() else ():  # a line cut by a crash is skipped
+        if isinstance(event.get("loss"), (int, float)):
+            losses.append(event["loss"])
+        if isinstance(event.get("eval_loss"), (int, float)):
+            evals.append((event["eval_loss"], event.get("step")))
     best = min(evals, key=lambda e: e[0]) if evals else (None, None)
     data = (config.get("data") or {}).get("train")
     return {
