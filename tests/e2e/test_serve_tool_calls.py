@@ -164,3 +164,21 @@ def test_a_template_that_raises_on_the_request_is_a_400(chatml):
     with pytest.raises(openai.BadRequestError, match="a system message must come first"):
         client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS)
     assert not backend.requests
+
+
+def test_the_reasoning_before_an_answer_or_calls_comes_as_reasoning_content(tokenizer):
+    """A model trained on Qwen 3's template writes its reasoning in a <think> block first: the content is
+    the answer (or the calls) alone, the reasoning is `reasoning_content`, as DeepSeek's and vLLM's servers send it."""
+    from conftest import tokenizer_for
+
+    qwen3 = tokenizer_for(tokenizer, "qwen3.jinja")
+    client, _ = client_for(qwen3, "<think>\nWarm places: Lima is.\n</think>\n\nYes, it is warm.")
+    message = client.chat.completions.create(model="tiny", messages=ASK).choices[0].message
+    assert (message.content, message.model_extra.get("reasoning_content")) == ("Yes, it is warm.", "Warm places: Lima is.")
+    client, _ = client_for(qwen3, "<think>\nI should look it up.\n</think>\n\n" + REPLY.split("\n", 1)[1])
+    choice = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.model_extra.get("reasoning_content") == "I should look it up."
+    client, _ = client_for(qwen3, "<think>\n\n</think>\n\nYes.")  # no reasoning: Qwen 3's empty block
+    message = client.chat.completions.create(model="tiny", messages=ASK).choices[0].message
+    assert (message.content, message.model_extra.get("reasoning_content")) == ("Yes.", None)

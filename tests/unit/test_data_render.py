@@ -191,18 +191,19 @@ def qwen3_tokenizer(base):
     return tok
 
 
-def test_markup_after_the_generation_prompt_is_not_trained_qwen3(tokenizer):
-    """Qwen3 writes an empty "<think>" block after the generation prompt in the last turn: an answer
-    ">" must not be located inside "<think>"."""
+def test_markup_after_the_generation_prompt_is_trained_qwen3(tokenizer):
+    """Qwen3 writes an empty "<think>" block after the generation prompt in the last turn: the model
+    writes it at inference (the prompt ends at "assistant\n"), so it is trained with the answer, as
+    TRL's Qwen3 training template marks it; an answer ">" is still not located inside "<think>"."""
     tok = qwen3_tokenizer(tokenizer)
     messages = [{"role": "user", "content": "2 vs 3? Answer < or >."}, {"role": "assistant", "content": "<"},
                 {"role": "user", "content": "5 vs 4?"}, {"role": "assistant", "content": ">"}]
     ex = render(Conversation(messages, source="data.jsonl:7"), tok)
     assert ex.input_ids == tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     tokens = tokens_and_trained(tok, ex)
-    assert tokens[-8:] == [("<think>", False), ("ĊĊ", False), ("</think>", False), ("Ċ", False), ("Ċ", False),
-                           (">", True), ("<|im_end|>", True), ("Ċ", False)]
-    assert [t for t, on in tokens if on] == ["<", "<|im_end|>", ">", "<|im_end|>"]
+    assert tokens[-9:] == [("Ċ", False), ("<think>", True), ("ĊĊ", True), ("</think>", True), ("Ċ", True),
+                           ("Ċ", True), (">", True), ("<|im_end|>", True), ("Ċ", False)]
+    assert [t for t, on in tokens if on] == ["<", "<|im_end|>", "<think>", "ĊĊ", "</think>", "Ċ", "Ċ", ">", "<|im_end|>"]
 
 
 @pytest.mark.parametrize("turn,problem", [(1, "does not render"), (3, "writes other text around")])

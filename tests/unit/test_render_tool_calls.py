@@ -49,6 +49,11 @@ EXPECTED = {
     "lfm2_2_5.jinja": ("<|tool_call_start|>[get_weather(city='Lima')]<|tool_call_end|><|im_end|>", "<|im_end|>"),
 }
 
+# what the template writes between the generation prompt and the answer, generated and so trained with it
+ANSWER_LEAD = {"qwen3.jinja": "<think>\n\n</think>\n\n", "gptoss.jinja": "<|channel|>final<|message|>",
+               "glm4moe.jinja": "\n<think></think>\n"}
+
+
 def trained_texts(tok, example) -> list[str]:
     return [tok.decode(run) for run in trained_runs(example)]
 
@@ -61,7 +66,7 @@ def test_a_tool_call_turn_trains_what_the_model_generates_on_real_templates(toke
     call, answer_end = EXPECTED[name]
     # an answer is trained up to its end-of-turn token; a template that writes none after the last
     # answer (GLM) gets the tokenizer's EOS, as for any answer
-    assert trained_texts(tok, example) == [call, ANSWER + (answer_end or tok.eos_token)]
+    assert trained_texts(tok, example) == [call, ANSWER_LEAD.get(name, "") + ANSWER + (answer_end or tok.eos_token)]
     # the trained call starts where the generation prompt ends: the prompt is a token prefix
     prompt = tok.apply_chat_template(conv.messages[:1], tools=conv.tools, add_generation_prompt=True, tokenize=False)
     first = next(k for k, label in enumerate(example.labels) if label != IGNORE)

@@ -5,7 +5,8 @@ Supported schemas (the `format` names):
   dolly              {"instruction", "context"?, "response"}  (Databricks Dolly-15k; `category` goes to meta)
   squad              {"question", "context", "answers": {"text": [...]}}  (SQuAD-style reading comprehension)
   sharegpt           {"conversations" | "messages": [{"from", "value"}]}  (human/gpt/system/... roles)
-  messages           {"messages": [{"role", "content"}]}  (OpenAI; content may be a list of text parts)
+  messages           {"messages": [{"role", "content"}]}  (OpenAI; content may be a list of text parts; an
+                     assistant message's reasoning as "reasoning_content", "reasoning" or "thinking")
   prompt_completion  {"prompt","completion"} | {"prompt","response"} | {"question","answer"} | {"question","response"}
                      | {"query","response"} | {"problem","solution"} | {"inputs","targets"} | {"input","output"},
                      with an optional "system" or "system_prompt" (OpenOrca); prompt/completion may also
@@ -66,6 +67,9 @@ OPENAI_ROLES = {**{r: r for r in ROLES}, "developer": "system", "function": "too
 # (prompt key, answer key) pairs recognised as prompt/completion, in detection order.
 PROMPT_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"), ("question", "response"),
                 ("query", "response"), ("problem", "solution"), ("inputs", "targets"), ("input", "output"))
+# Keys of an assistant message's reasoning trace: DeepSeek's and Qwen's API, vLLM and most distilled
+# sets write `reasoning_content`; OpenRouter and Gemma 4's template `reasoning`; gpt-oss `thinking`.
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 # Optional system-prompt keys of prompt/completion records (OpenOrca writes `system_prompt`).
 SYSTEM_KEYS = ("system", "system_prompt")
 
@@ -140,8 +144,20 @@ def _message_list(value: Any, source: str, role_key: str, content_key: str, role
             message |= {k: m[k] for k in ("name", "tool_call_id") if isinstance(m.get(k), str)}
         if calls:
             message["tool_calls"] = calls
+        if role == "assistant" and (reasoning := _reasoning(m, source, where)):
+            message["reasoning_content"] = reasoning
         messages.append(message)
     return messages
+
+
+def _reasoning(message: dict, source: str, where: str) -> str | None:
+    """An assistant message's reasoning trace, under whichever of REASONING_KEYS it has."""
+    key = next((k for k in REASONING_KEYS if message.get(k) is not None), None)
+    if key is None:
+        return None
+    if not isinstance(message[key], str):
+        raise RecordError(source, "mistyped field", f"{where}'s '{key}' must be text, got {type(message[key]).__name__}")
+    return message[key].strip() or None
 
 
 def _add_calls(messages: list[dict], calls: list[dict]) -> None:

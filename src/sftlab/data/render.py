@@ -227,6 +227,7 @@ class _Template:
         self.markers = _end_markers(tokenizer)
         self.end_marker = _end_marker_pattern(self.markers)
         self.writes_tools: bool | None = None  # whether the template writes a `tools` list (checked once)
+        self.writes_reasoning: bool | None = None  # whether it writes an answer's reasoning (checked once)
         self._warn_if_marker_is_text()
         self._compiled = self._compile()
         if self._compiled is not None and _plain(sample) and not self._same_as_slow(sample):
@@ -275,6 +276,8 @@ class _Template:
 
     def renderer(self, conversation: Conversation) -> Callable[..., str]:
         """The function that renders the conversation's messages and their prefixes (with its tools)."""
+        if any("reasoning_content" in m for m in conversation.messages):
+            self._check_writes_reasoning()
         if conversation.tools:
             self._check_writes_tools(conversation)
             return partial(self.slow, tools=conversation.tools)
@@ -287,6 +290,23 @@ class _Template:
         if not self.writes_tools:
             raise SftlabError(f"the chat template of '{self.name}' does not write the 'tools' list of the functions "
                               f"a conversation may call: {_TOOL_TEMPLATE}")
+
+    def _check_writes_reasoning(self) -> None:
+        """A template that ignores an answer's reasoning would train the answers without it. (apply_chat_template
+        passes `reasoning_content` as `thinking` too, the name gpt-oss's template reads.)"""
+        if self.writes_reasoning is None:
+            probe = "\ue000sftlab-reasoning\ue001"
+            try:
+                self.writes_reasoning = probe in self.slow(
+                    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", "reasoning_content": probe}],
+                    add_generation_prompt=False)
+            except TemplateFailed:
+                self.writes_reasoning = False
+        if not self.writes_reasoning:
+            raise SftlabError(f"the chat template of '{self.name}' does not write the reasoning of an answer "
+                              "(reasoning_content / reasoning / thinking in the data), so it would not "
+                              "be trained: set model.chat_template to a template that writes it (the model family's own, "
+                              "e.g. Qwen 3's or gpt-oss's), or put the reasoning into the content yourself")
 
     def _direct(self, messages, *, add_generation_prompt: bool) -> str:
         try:
@@ -334,9 +354,11 @@ def _plan(conversation: Conversation, template: _Template, options: RenderOption
     answers = [i for i in turns if "tool_calls" not in messages[i]]
     for i, start in zip(answers, _answer_starts(conversation, template.name, render, answers, full) if answers else ()):
         end = start + len(messages[i]["content"].strip())
-        if full.startswith(prompts[i]) and len(prompts[i]) <= start and not full[len(prompts[i]):start].strip():
-            # whitespace the template writes after the generation prompt (Mistral's "[/INST] " + answer) is
-            # generated too: a space that is a token of its own before "2019" must be trained
+        if full.startswith(prompts[i]) and len(prompts[i]) <= start:
+            # what the template writes between the generation prompt and the answer is generated too: the
+            # answer's reasoning (Qwen 3's <think> block, gpt-oss's analysis channel), a header the prompt
+            # leaves open (gpt-oss's <|channel|>final<|message|>), whitespace (Mistral's "[/INST] " + answer:
+            # a space that is a token of its own before "2019")
             start = len(prompts[i])
         marker = template.end_marker.match(full, end)
         open_ends[i] = marker is None

@@ -48,10 +48,14 @@ def cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
 
 
 def generate_batch(model, tokenizer, prompts: list[list[dict]], **options) -> list[str]:
-    """Answer each chat prompt (a list of messages) with the model; answers in input order.
+    """Answer each chat prompt (a list of messages) with the model; answers in input order, without the
+    reasoning a model writes before its answer in its template's layout (serve/reasoning.py).
     `options` as for `generate_ids`."""
+    from sftlab.serve.reasoning import answer_layout
+
     ids = generate_ids(model, tokenizer, prompts, **options)
-    return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+    layout = answer_layout(tokenizer)
+    return [layout.split(tokenizer.decode(x, skip_special_tokens=True))[1] for x in ids]
 
 
 def generate_ids(

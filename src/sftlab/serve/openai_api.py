@@ -24,6 +24,7 @@ from sftlab.errors import RecordError, SftlabError
 from sftlab.serve.generation import StopText, encode
 from sftlab.serve.guard import (GuardLimits, add_request_guard, encodable, error_response, http_error_handler,
                                 validation_error_handler, warn_if_exposed)
+from sftlab.serve.reasoning import answer_layout
 from sftlab.serve.tool_calls import CallParser, call_parser
 
 
@@ -273,8 +274,10 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                 task.cancel()
                 return Response(status_code=499)
         out = task.result()
-        content, calls = _calls(out.text, kwargs.get("tools"))
-        message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
+        reasoning, answer = answer_layout(tokenizer).split(out.text) if chat else (None, out.text)
+        content, calls = _calls(answer, kwargs.get("tools"))
+        message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {}) | (
+            {"reasoning_content": reasoning} if reasoning else {})
         choice = {"index": 0, "message": message} if chat else {"index": 0, "text": out.text, "logprobs": None}
         choice["finish_reason"] = "tool_calls" if calls else out.finish_reason
         return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],

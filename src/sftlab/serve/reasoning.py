@@ -1,0 +1,88 @@
+"""The reasoning a reply holds before its answer, split off in the layout the model's own chat template
+writes it: what evaluation scores and what the server sends as `content` is the answer alone.
+
+The layout is read off the template as the tool-call layout is (serve/tool_calls.py): a probe answer,
+with and without a probe reasoning, rendered as training renders it, its trained tokens decoded as
+a reply is decoded. Qwen 3 writes `<think>\\nR\\n</think>\\n\\nA` (an empty block without reasoning),
+gpt-oss `analysis` R `assistantfinal` A once its channel tokens are dropped by decoding (`final` A
+without), most templates nothing: their replies are all answer.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+_ANSWER, _REASONING = "sftlab_probe_answer", "sftlab_probe_reasoning"
+
+
+@dataclass(frozen=True)
+class AnswerLayout:
+    """`opener` R `closer` A with reasoning R (both '' when the template writes none); `lead` A without."""
+
+    opener: str = ""
+    closer: str = ""
+    lead: str = ""
+
+    def split(self, text: str) -> tuple[str | None, str]:
+        """(the reasoning, None when there is none; the answer). Where the generation prompt opens the
+        reasoning (Qwen 3.5: `<think>\n`), a reply begins inside it; one cut off inside its reasoning has an
+        empty answer."""
+        if self.closer.strip():
+            opened = _pattern(self.opener).match(text) if self.opener.strip() else None
+            if opened or not self.opener.strip():
+                start = opened.end() if opened else 0
+                end = _pattern(self.closer).search(text, start)
+                if end:
+                    return text[start:end.start()].strip() or None, text[end.end():].strip()
+                if opened:
+                    return text[start:].strip() or None, ""
+        if self.lead.strip() and (m := _pattern(self.lead).match(text)):
+            return None, text[m.end():].strip()
+        return None, text.strip()
+
+
+def _pattern(text: str) -> re.Pattern:
+    """Template text, whitespace-tolerant, from the start of a reply's stripped text."""
+    return re.compile(r"\s*" + r"\s*".join(re.escape(piece) for piece in text.split()))
+
+
+def answer_layout(tokenizer) -> AnswerLayout:
+    """How the tokenizer's chat template writes an answer's reasoning (an empty layout where it writes
+    none, or where the probe cannot be rendered)."""
+    return _layout_of(tokenizer, tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _layout_of(tokenizer, template: str | None) -> AnswerLayout:
+    lead = _generated(tokenizer, None)
+    with_reasoning = _generated(tokenizer, _REASONING)
+    lead = lead.split(_ANSWER)[0] if lead and _ANSWER in lead else ""
+    if not with_reasoning or _REASONING not in with_reasoning or _ANSWER not in with_reasoning:
+        return AnswerLayout(lead=lead)
+    opener, rest = with_reasoning.split(_REASONING, 1)
+    return AnswerLayout(opener, rest.split(_ANSWER)[0], lead)
+
+
+def _generated(tokenizer, reasoning: str | None) -> str | None:
+    """What training teaches a model to write for the probe answer (with the probe reasoning), decoded
+    as a reply is; None where the template cannot render it."""
+    import warnings
+
+    from sftlab.data.conversation import Conversation
+    from sftlab.data.render import IGNORE, render
+    from sftlab.errors import SftlabError
+    from sftlab.serve.generation import IncrementalDecoder, stop_token_ids
+
+    answer = {"role": "assistant", "content": _ANSWER} | ({"reasoning_content": reasoning} if reasoning else {})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            example = render(Conversation([{"role": "user", "content": "Hi."}, answer], source="the answer probe"),
+                             tokenizer)
+    except SftlabError:  # no template, or one that writes no reasoning
+        return None
+    stops, decoder = set(stop_token_ids(tokenizer)), IncrementalDecoder(tokenizer)
+    return "".join(decoder.add(int(t)) for t, label in zip(example.input_ids, example.labels)
+                   if label != IGNORE and t not in stops)
