@@ -21,6 +21,12 @@ Fixed costs (do not grow with the batch), P = all parameters, N = trainable para
   tokenizer and the tokenized data): 0.62-0.66 GiB RSS measured on CPU, about half of it
   library code (bench/README.md, "Does the estimate hold?"); the CUDA context on a GPU is of
   the same order.
+- caches (CPU): what a CPU run holds beyond its live tensors, 0.15 GiB. oneDNN keeps a kernel
+  for every matmul shape it has run (SmolLM2 LoRA: tcmalloc's allocated bytes between steps
+  grow 0.08-0.11 GiB over the first steps, then stay: the widths come from a fixed set,
+  data/pack.py `shape_bucket`), and at a step's highest allocation the allocator keeps
+  0.07-0.10 GiB of free spans mapped around it (bench/README.md, "Does the estimate hold?").
+  Not counted on a GPU (not measured there).
 
 Per-token costs (grow with batch x seq_len). Activations saved for the backward pass of
 one Llama-style decoder layer (RMSNorm, attention with SDPA, gated MLP), per token, with
@@ -102,6 +108,7 @@ _OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "sgd": 0}  # per fp32 trainable
 ENGINES = ("none", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp")
 ZERO3_MAX_LIVE_PARAMETERS = 10**9  # stage3_max_live_parameters in configs/zero3.json
 RUNTIME_BYTES = int(0.65 * GiB)  # RSS of `sftlab train` before it loads the model (CPU)
+CPU_CACHES_BYTES = int(0.15 * GiB)  # oneDNN's kernels for the step's shapes + the allocator's free spans at the peak
 NF4_BLOCK = 64
 
 
@@ -234,8 +241,10 @@ class Estimate:
     # one process without gradient accumulation: the gradients are freed after each optimizer step
     # (zero_grad sets them to None), so they do not coexist with the next forward's activations
     gradients_freed: bool = False
+    caches: int = 0  # CPU: kernel caches and the allocator's free spans (module docstring)
 
-    COMPONENTS = ("weights", "gathered", "weight_copies", "lora_params", "gradients", "optimizer", "activations", "logits", "runtime")
+    COMPONENTS = ("weights", "gathered", "weight_copies", "lora_params", "gradients", "optimizer", "activations", "logits",
+                  "runtime", "caches")
 
     @property
     def total(self) -> int:
@@ -281,6 +290,7 @@ class Estimate:
             "activations": "activations",
             "logits": "logits (loss)",
             "runtime": "runtime",
+            "caches": "kernel caches, allocator",
         }
         for c in self.COMPONENTS:
             value = getattr(self, c)
@@ -468,6 +478,9 @@ def estimate_memory(
         raise SftlabError(f"trained_fraction must be in (0, 1] (got {trained_fraction})")
     if shape is None:
         shape = model_shape(load_model_config(config_or_path))
+    from sftlab.train.trainer import device_type
+
+    on_cpu = device_type() == "cpu"
     if dtype == "auto":
         from sftlab.train.trainer import device_supports_bf16
 
@@ -538,11 +551,10 @@ def estimate_memory(
         notes["logits"] = f"every position: fp32 tokens x {shape.vocab:,} vocab, 3 alive at the peak"
     elif shape.fused_head and nproc == 1:
         from sftlab.train.loss import ce_chunk
-        from sftlab.train.trainer import device_type
 
         trained = tokens_per_row * trained_fraction
         logits_per_row = int(trained * shape.hidden * 2 * a_bytes)  # the head's input rows and their gradient
-        chunk = min(ce_chunk(device_type(), head_trained=method == "full"), int(trained * batch) or 1)
+        chunk = min(ce_chunk("cpu" if on_cpu else "cuda", head_trained=method == "full"), int(trained * batch) or 1)
         head_weights = shape.vocab * shape.hidden
         # one chunk's fp32 logits and log-probabilities (alive together in log_softmax); cast head; its fp32 gradient
         logits_fixed = chunk * shape.vocab * 8 + (head_weights * a_bytes if autocast else 0) \
@@ -575,6 +587,7 @@ def estimate_memory(
         activations=activations,
         logits=logits,
         runtime=runtime_bytes,
+        caches=CPU_CACHES_BYTES if on_cpu else 0,
         n_params=shape.n_params,
         trainable_params=trainable,
         method=method,
@@ -584,7 +597,8 @@ def estimate_memory(
         per_row=per_token * tokens_per_row + logits_per_row,
         logits_full=full_logits * batch,
         gradients_freed=freed,
-        notes=notes | {"runtime": "the process before the model: Python, libraries, data (CPU RSS) / CUDA context"},
+        notes=notes | {"runtime": "the process before the model: Python, libraries, data (CPU RSS) / CUDA context",
+                       "caches": "oneDNN's kernels for the step's shapes, the allocator's free spans at the peak"},
     )
     return _per_process(est, shape, distributed, nproc, w_bytes, t_bytes) if distributed != "none" else est
 
