@@ -168,3 +168,22 @@ def test_report_counts_add_up():
     data = report.to_json()
     assert data["records_in"] == 3 == data["kept"] + data["removed_total"]
     assert data["removed"] == {"exact duplicate": 1, "empty or too-short answer": 1}
+
+
+def test_decontamination_against_a_dataset_with_splits_reads_the_split_named(tmp_path):
+    """A saved DatasetDict's train split is not an eval set: it must be named (PATH:SPLIT), not taken."""
+    from datasets import Dataset, DatasetDict
+
+    from sftlab.errors import SftlabError
+
+    rows = lambda texts: Dataset.from_list([{"prompt": t, "completion": "Yes."} for t in texts])  # noqa: E731
+    folder = tmp_path / "evalset"
+    DatasetDict({"train": rows(["the quick brown fox jumps over the lazy dog near the river bank today"]),
+                 "test": rows(["a young baker sold forty loaves before the market opened on that Sunday"])}
+                ).save_to_disk(folder)
+    train = [chat("the quick brown fox jumps over the lazy dog near the river bank today", "Yes.", "in-train"),
+             chat("a young baker sold forty loaves before the market opened on that Sunday", "Yes.", "in-test")]
+    with pytest.raises(SftlabError, match=r"holds several splits \(train, test\): name the one to read as .*evalset:SPLIT"):
+        curate(train, CurateOptions(**{**OFF, "decontaminate": [str(folder)]}))
+    kept, report = curate(train, CurateOptions(**{**OFF, "decontaminate": [f"{folder}:test"]}))
+    assert [c.source for c in kept] == ["in-train"] and report.removed == {"contaminated": 1}

@@ -45,7 +45,7 @@ class CurateOptions(BaseModel):
     max_repeated_ngrams: float = Field(0.3, gt=0, lt=1, description="Fraction of repeated word 3-grams above which an answer is dropped.")
     refusal: bool = Field(True, description="Drop boilerplate refusals ('As an AI language model, ...').")
     pii: bool = Field(False, description="Replace emails, phone numbers and API-key-like strings with placeholders.")
-    decontaminate: list[str] = Field(default_factory=list, description="Eval/test files: drop training conversations overlapping them.")
+    decontaminate: list[str] = Field(default_factory=list, description="Eval/test files (PATH:SPLIT for one split of several): drop training conversations overlapping them.")
     decontam_ngram: int = Field(8, ge=3, description="Word n-gram size for decontamination (an eval text shorter than this is one n-gram).")
     decontam_min_overlap: float = Field(0.5, gt=0, le=1, description="Share of an eval example's n-grams a training conversation must contain to be dropped.")
     decontam_template_df: int = Field(3, ge=2, description="N-grams found in this many eval examples are template text and ignored.")
@@ -338,15 +338,17 @@ def curate(conversations: Iterable[Conversation], options: CurateOptions | None 
     """
     from tqdm import tqdm
 
-    from sftlab.data.load import load_conversations
+    from sftlab.data.load import eval_source, load_conversations
 
     opts = options or CurateOptions()
     convs = list(conversations)
     report = CurateReport(records_in=len(convs))
     lengths = _token_lengths(convs, opts, tokenizer)
     hasher = WordHasher()
-    contamination = EvalNgrams((c for path in opts.decontaminate for c in load_conversations(path)), opts.decontam_ngram,
-                               opts.decontam_template_df, opts.decontam_min_overlap, hasher) if opts.decontaminate else None
+    evals = (eval_source(spec) for spec in opts.decontaminate)
+    contamination = EvalNgrams((c for path, split in evals for c in load_conversations(path, split=split)),
+                               opts.decontam_ngram, opts.decontam_template_df, opts.decontam_min_overlap,
+                               hasher) if opts.decontaminate else None
     indexes: dict[bool | None, NearDupIndex] = {}  # one near-dup index per preference label
 
     def near_duplicate(key: Any, conv: Conversation) -> Any | None:

@@ -246,8 +246,26 @@ def _json_array(path: Path, text: str, pos: int) -> Iterator[tuple[str, Any]]:
         yield error.source, _rest_of_file(error)
 
 
+# `split` for a source that must be told which of several splits to read: an eval set to decontaminate
+# against, whose "train" split is not one (read a named split as PATH:SPLIT, `eval_source`).
+NAMED_SPLIT = "\x00named"
+
+
+def eval_source(spec: str) -> tuple[str, str]:
+    """(path, split) of an eval source given as PATH or PATH:SPLIT (NAMED_SPLIT when none is named)."""
+    path, sep, split = spec.rpartition(":")
+    if sep and split and path and Path(path).exists() and not Path(spec).exists():
+        return path, split
+    return spec, NAMED_SPLIT
+
+
 def _pick_split(available: list[str], split: str | None, where: str) -> str:
-    """`split` if given; else the only one; else "train"."""
+    """`split` if given; else the only one; else "train" (unless NAMED_SPLIT)."""
+    if split == NAMED_SPLIT:
+        if len(available) == 1:
+            return available[0]
+        raise SftlabError(f"{where} holds several splits ({', '.join(available)}): name the one to read as "
+                          f"{where}:SPLIT")
     if split is not None:
         if split not in available:
             raise SftlabError(f"{where} has no split '{split}'; it has: {', '.join(available)}")
