@@ -574,3 +574,15 @@ def test_subprocess_stderr_is_one_line(name):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert f"error: {BAD / name}{CASES[name].where}" in one_line_error(proc.stderr)
+
+
+def test_a_column_mapping_that_no_record_fits_is_an_error_in_skip_mode_too(tmp_path, capsys, monkeypatch):
+    """Skip mode counts bad records; a mapping naming a column no record has is the user's mistake, not
+    40 bad records: one error, and in strict mode the missing field's error names the columns there are."""
+    monkeypatch.chdir(tmp_path)  # where the rejects file goes by default
+    data = tmp_path / "clf.csv"
+    data.write_text("text,label\n" + "".join(f"review {i},pos\n" for i in range(40)))
+    assert main(["data", "validate", str(data), "--columns", "prompt=txt,response=label", "--skip"]) == 1
+    assert "every record (40) lacks a field the format or column mapping reads" in capsys.readouterr().err
+    assert main(["data", "validate", str(data), "--columns", "prompt=txt,response=label"]) == 1
+    assert "clf.csv:2: missing field: 'txt' (the record has: text, label)" in capsys.readouterr().err

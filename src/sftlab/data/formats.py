@@ -77,12 +77,18 @@ SYSTEM_KEYS = ("system", "system_prompt")
 def _string(record: dict, key: str, source: str, *, required: bool = True) -> str | None:
     if key not in record or record[key] is None:
         if required:
-            raise RecordError(source, "missing field", f"'{key}'")
+            raise _missing(record, key, source)
         return None
     value = record[key]
     if not isinstance(value, str):
         raise RecordError(source, "mistyped field", f"'{key}' must be a string, got {type(value).__name__}")
     return value
+
+
+def _missing(record: dict, key: str, source: str) -> RecordError:
+    """A missing field, naming the fields the record has where it lacks the key (a mistyped mapping)."""
+    has = f" (the record has: {', '.join(map(str, record))})" if key not in record else ""
+    return RecordError(source, "missing field", f"'{key}'{has}")
 
 
 def _meta(record: dict, used: tuple[str, ...]) -> dict[str, Any]:
@@ -628,7 +634,7 @@ class Columns(BaseModel):
             return from_text(record, source, self.text)
         if self.messages is not None:
             if self.messages not in record:
-                raise RecordError(source, "missing field", f"'{self.messages}'")
+                raise _missing(record, self.messages, source)
             messages, _ = _with_system(_messages_in(record, self.messages, source), record, source, self.system)
             return _chat(messages, source, _meta(record, (self.messages, self.system)))
         return from_instruction(record, source, prompt=self.prompt, response=self.response, input=self.input,

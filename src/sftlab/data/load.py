@@ -634,6 +634,8 @@ class Reading:
                                        on_error="skip" if self.skip else "raise", rejects=self.rejects):
             self.read += 1
             yield conv
+        if self.skip:
+            refuse_if_no_record_fits(self.path, self.read, self.rejects)
 
     def load(self) -> list[Conversation]:
         with self:
@@ -676,6 +678,14 @@ class Reading:
         """What skip mode tells the user: the counts, the rejects by kind, where they were written."""
         return [f"records in {self.records_in}: kept {self.kept}, rejected {self.rejected}",
                 *reject_lines(self.rejects.summary(), self.rejects_file)]
+
+
+def refuse_if_no_record_fits(path: str | Path, converted: int, rejects: RejectLog) -> None:
+    """Skip mode counts bad records; when no record has the fields the format or column mapping reads,
+    the mapping is wrong, not the records: one error instead of every record counted."""
+    if not converted and set(rejects.counts) == {"missing field"}:
+        raise SftlabError(f"{path}: every record ({rejects.total}) lacks a field the format or column mapping "
+                          "reads: rerun without --skip to see the first one's error")
 
 
 def as_reading(data: str | Path | Reading, format: str | Columns | None = None, split: str | None = None) -> Reading:

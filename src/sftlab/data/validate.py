@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sftlab.data.conversation import Conversation
 from sftlab.data.curate import exact_key
 from sftlab.data.formats import Columns, RecordError, schema, to_conversation
-from sftlab.data.load import ConversationWriter, RejectLog, iter_records
+from sftlab.data.load import ConversationWriter, RejectLog, iter_records, refuse_if_no_record_fits
 from sftlab.errors import DataError, SftlabError
 
 BATCH = 512
@@ -150,6 +150,8 @@ def validate(path: str | Path, options: ValidateOptions | None = None, *, out: s
                     v.process(batch)
                     batch = []
             v.process(batch)
+            if opts.on_error == "skip":
+                refuse_if_no_record_fits(path, records - v.own_rejects, rejects)
         except BaseException:
             if writer is not None:
                 writer.close(ok=False)
