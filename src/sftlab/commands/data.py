@@ -230,7 +230,7 @@ def curate(
     out: Path = typer.Option(..., "--out", help="Curated output (.jsonl or .parquet)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of curate options (as data.curate in a train config)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
-    decontaminate: Optional[list[str]] = typer.Option(None, "--decontaminate", help="Eval/test file to decontaminate against. Repeatable."),
+    decontaminate: Optional[list[str]] = typer.Option(None, "--decontaminate", help="Eval/test file to decontaminate against (PATH:SPLIT for one split of a dataset folder with several). Repeatable."),
     pii: bool = typer.Option(False, "--pii", help="Scrub emails, phone numbers and API-key-like strings."),
     model: Optional[str] = typer.Option(None, "--model", help="Tokenizer for min_tokens / max_tokens."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help=TEMPLATE_HELP),
@@ -289,15 +289,21 @@ def split(
     split_names = [n.strip() for n in names.split(",") if n.strip()]
     paths = {n: inside(out_dir, f"{n}.{ext}", "split name") for n in split_names}
     reading = _reading(file, _schema(format, columns), skip=skip, rejects=rejects, split=from_split, out_dir=out_dir)
-    parts = split_conversations(reading.load(), split_names, parse_ratios(ratios, split_names), seed=seed,
-                                stratify=stratify)
+    shares = parse_ratios(ratios, split_names)
+    parts, together = split_conversations(reading.load(), split_names, shares, seed=seed, stratify=stratify)
     print_rejects(reading)
     sizes = {}
     for name, convs in parts.items():
         sizes[name] = save_conversations(paths[name], convs)
         print(f"{name:>12}  {sizes[name]:>7}  {paths[name]}")
+    for name, share in zip(split_names, shares):
+        if share > 0 and not sizes[name]:
+            typer.echo(f"warning: split '{name}' is empty: too few records for ratio {share:g}", err=True)
+    if together:
+        print(f"kept {together} group(s) of exact duplicates each in one split (run `sftlab data curate` to remove them)")
     write_json(out_dir / "split.json", {"input": file, "sizes": sizes, "ratios": ratios, "seed": seed,
-                                        "stratify": stratify, "reading": reading.to_json()})
+                                        "stratify": stratify, "duplicate_groups": together,
+                                        "reading": reading.to_json()})
 
 
 @app.command(epilog="Options for --set / --config:\n\n" + _field_help(AugmentOptions))
