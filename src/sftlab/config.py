@@ -191,7 +191,7 @@ class SweepConfig(Section):
     """Hyper-parameter search for `sftlab sweep` (ignored by `sftlab train`)."""
 
     space: dict[str, list[Any] | SpaceRange] = Field(..., description="Dotted config key -> list of choices, or {log_uniform|uniform|int: [low, high]}.")
-    objective: str = Field("eval_loss", description="eval_loss (last evaluation of the run), or a metric of `sftlab eval` on data.validation (exact_match, f1, rouge_l, ...).")
+    objective: str = Field("eval_loss", description="eval_loss (last evaluation of the run), or a metric name of `sftlab eval --metrics` on data.validation (exact_match, macro_f1 or its alias f1, rougeL, bleu, accuracy, ...).")
     direction: Literal["minimize", "maximize"] | None = Field(None, description="Default: minimize for a loss or perplexity, maximize for any other metric.")
     sampler: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna sampler; grid needs a space of choices only.")
     pruner: Literal["median", "none"] = Field("median", description="Stop a trial whose eval_loss is worse than the median of earlier trials at the same step.")
@@ -210,6 +210,8 @@ class SweepConfig(Section):
                 if len(spec) != 1:
                     raise ValueError(f"'{key}': give exactly one of log_uniform, uniform, int")
                 (kind, (low, high)), = spec.items()
+                if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
+                    raise ValueError(f"'{key}': int needs integer bounds, got [{low:g}, {high:g}]")
                 if not low < high or (kind == "log_uniform" and low <= 0):
                     raise ValueError(f"'{key}': {kind} needs 0 < low < high" if kind == "log_uniform" else f"'{key}': {kind} needs low < high")
         if self.sampler == "grid" and any(isinstance(s, dict) for s in self.space.values()):

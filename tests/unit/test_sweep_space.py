@@ -45,6 +45,7 @@ def test_bad_space_keys_and_values_are_one_line_errors(tmp_path, space, message)
 @pytest.mark.parametrize("sweep, message", [
     ({"space": {"training.learning_rate": {"log_uniform": [0, 1e-3]}}}, "log_uniform needs 0 < low < high"),
     ({"space": {"lora.r": {"int": [8, 4]}}}, "int needs low < high"),
+    ({"space": {"lora.r": {"int": [1.5, 4]}}}, r"'lora.r': int needs integer bounds, got \[1.5, 4\]"),
     ({"space": {"lora.r": []}}, "no choices"),
     ({"space": {"lora.r": {"uniform": [1, 2]}}, "sampler": "grid"}, "sampler 'grid' needs every parameter as a list"),
     ({"space": {"lora.r": [4]}, "objetive": "f1"}, "unknown key 'sweep.objetive'; did you mean 'sweep.objective'"),

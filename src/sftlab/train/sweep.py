@@ -19,6 +19,7 @@ as failed and queues their parameters again.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -38,12 +39,33 @@ from sftlab.files import atomic_write
 STUDY = "sweep"
 LOWER_IS_BETTER = ("loss", "perplexity")
 POLL_SECONDS = 0.5
+EVAL_KEYS = {"choice": "choice_accuracy"}  # metrics.json keys of eval's model metrics, where not their name
 
 
 def direction_of(sweep: SweepConfig) -> str:
     if sweep.direction:
         return sweep.direction
     return "minimize" if any(w in sweep.objective for w in LOWER_IS_BETTER) else "maximize"
+
+
+def objective_key(objective: str) -> str:
+    """The key of `sftlab eval`'s metrics.json that scores `objective` (an alias: f1 -> macro_f1).
+
+    Called before any trial trains: an objective eval would refuse fails here, in one line, not
+    after every trial's training."""
+    from sftlab.evaluation import metrics as M
+
+    if objective == "eval_loss" or objective in M.MODEL_METRICS:
+        return EVAL_KEYS.get(objective, objective)
+    try:
+        names = [m.name for m in M.resolve([objective])]  # eval's own names, aliases and "did you mean"
+    except SftlabError as e:
+        if difflib.get_close_matches(objective, ["eval_loss"], n=1, cutoff=0.8):
+            raise SftlabError(f"sweep.objective: unknown objective '{objective}'; did you mean 'eval_loss'?") from None
+        raise SftlabError(f"sweep.objective: {e}, or eval_loss") from None
+    if len(names) > 1:
+        raise SftlabError(f"sweep.objective: '{objective}' is several metrics ({', '.join(names)}); choose one")
+    return names[0]
 
 
 def trial_config(config: TrainConfig, params: dict[str, Any], out: Path) -> TrainConfig:
@@ -228,9 +250,10 @@ def run_trial(trial, config: TrainConfig, sweep_dir: Path, log: Callable[[str], 
         raise TrialError(f"trial {trial.number}: `sftlab eval` exited with {proc.returncode}"
                          f"{_child_error(log_path)}; see {log_path}")
     metrics = json.loads((out / "eval" / "metrics.json").read_text())["metrics"]
-    if objective not in metrics:
-        raise TrialError(f"trial {trial.number}: `sftlab eval` gave no '{objective}' (got {', '.join(metrics)})")
-    return float(metrics[objective])
+    key = objective_key(objective)
+    if key not in metrics:
+        raise TrialError(f"trial {trial.number}: `sftlab eval` gave no '{key}' (got {', '.join(metrics)})")
+    return float(metrics[key])
 
 
 def eval_data_args(config: TrainConfig) -> list[str]:
@@ -284,6 +307,7 @@ def run_sweep(config: TrainConfig, trials: int, log: Callable[[str], None] = pri
     if not config.data.validation:
         raise SftlabError("sweep: data.validation is needed to score trials")
     check_space(config)
+    objective_key(config.sweep.objective)
     sweep_dir = Path(config.output_dir)
     study = open_study(sweep_dir, config.sweep)
     atomic_write(sweep_dir / "sweep.yaml", config.to_yaml())

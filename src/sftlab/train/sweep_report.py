@@ -39,6 +39,7 @@ def plot(study, rows: list[dict], space: dict, objective: str, out: Path) -> lis
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     done = [r for r in rows if r["state"] == "complete"]
     minimize = study.direction.name == "MINIMIZE"
@@ -55,6 +56,7 @@ def plot(study, rows: list[dict], space: dict, objective: str, out: Path) -> lis
         ax.step(xs, best, where="post", label="best so far")
         ax.legend()
     ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers, not 0.25, 0.5, ...
     ax.set_ylabel(objective)
     fig.tight_layout()
     fig.savefig(out / "objective.png", dpi=90)
