@@ -111,7 +111,9 @@ def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
         if not p.is_dir():
             raise SftlabError(f"{p} is not a model folder or a .gguf file")
         return str(p), None
-    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and name_or_path.count("/") > 1:
+    # a path, not a hub id: it says so, has more parts than owner/name, or its folder is here (runs/nope)
+    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and name_or_path.count("/") > 1 or (
+            p.parent != Path(".") and p.parent.is_dir()):
         raise SftlabError(f"model folder not found: {name_or_path}")
     return name_or_path, None  # a hub id: resolved by transformers (local cache when offline)
 

@@ -92,3 +92,15 @@ def test_an_alignment_config_counts_both_sides_of_a_pair_and_the_reference(tiny_
     path.write_text(yaml.safe_dump(config | {"method": "lora", "align": {"loss": "kto"}}))  # LoRA: adapters off
     assert main(["estimate", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["total"] == estimate_memory(tiny_model_dir, "lora", 64, 2, dtype="fp32").total
+
+
+def test_a_missing_folder_beside_existing_ones_is_not_looked_up_on_the_hub(tmp_path, monkeypatch, capsys):
+    """`runs/nope` where runs/ is here is a mistyped path: one line at once, not a minute of hub retries;
+    owner/name with no such folder here stays a hub id."""
+    from sftlab.models import resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert main(["estimate", "runs/nope"]) == 1
+    assert "model folder not found: runs/nope" in capsys.readouterr().err
+    assert resolve_model_path("Qwen/Qwen2.5-0.5B") == ("Qwen/Qwen2.5-0.5B", None)
