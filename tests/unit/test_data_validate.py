@@ -102,3 +102,11 @@ def test_a_tokenizer_alone_renders_every_record_and_rejects_what_the_template_ca
     with pytest.raises(DataError, match=rf"{src}:2: .*System role not supported"):
         validate(src, ValidateOptions(), tokenizer=strict)
     assert validate(src, ValidateOptions(on_error="skip")).kept == 2  # no tokenizer: the records alone
+
+
+def test_the_summary_names_a_rejects_file_only_when_one_was_written(tmp_path):
+    rejects = tmp_path / "r.jsonl"
+    report = validate(DATA / "mixed.jsonl", SKIP, rejects_path=rejects)
+    assert report.rejected_total == 0 and report.rejects_file is None and not rejects.exists()
+    report = validate(corpus(tmp_path), SKIP, rejects_path=rejects)
+    assert report.rejects_file == str(rejects) and rejects.exists()

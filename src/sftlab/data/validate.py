@@ -159,5 +159,7 @@ def validate(path: str | Path, options: ValidateOptions | None = None, *, out: s
         if writer is not None:
             writer.close()
         report.rejected = Counter(rejects.counts)
+        if not rejects.total:  # the file is made at the first reject
+            report.rejects_file = None
         report.records_in = records + (rejects.total - v.own_rejects)
     return report
