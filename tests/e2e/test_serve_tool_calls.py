@@ -182,3 +182,18 @@ def test_the_reasoning_before_an_answer_or_calls_comes_as_reasoning_content(toke
     client, _ = client_for(qwen3, "<think>\n\n</think>\n\nYes.")  # no reasoning: Qwen 3's empty block
     message = client.chat.completions.create(model="tiny", messages=ASK).choices[0].message
     assert (message.content, message.model_extra.get("reasoning_content")) == ("Yes.", None)
+
+
+@pytest.mark.parametrize("reply, reasoning, content", [
+    ("<think>\nWarm places: Lima is.\n</think>\n\nYes, it is warm.", ["Warm places: Lima is."], "Yes, it is warm."),
+    ("<think>\n\n</think>\n\nYes.", [], "Yes."),
+    ("<think>\nStill thinking about Lima and its", ["Still thinking about Lima and its"], ""),  # cut off
+])
+def test_a_streamed_reply_sends_its_reasoning_once_and_then_the_answer(tokenizer, reply, reasoning, content):
+    from conftest import tokenizer_for
+
+    client, _ = client_for(tokenizer_for(tokenizer, "qwen3.jinja"), reply)
+    chunks = list(client.chat.completions.create(model="tiny", messages=ASK, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert [d.model_extra.get("reasoning_content") for d in deltas if d.model_extra.get("reasoning_content")] == reasoning
+    assert "".join(d.content or "" for d in deltas) == content

@@ -93,4 +93,4 @@ def test_a_reply_splits_into_the_reasoning_and_the_answer_in_the_template_s_layo
 def test_a_template_without_reasoning_leaves_a_reply_whole(tokenizer, name):
     from sftlab.serve.reasoning import answer_layout
 
-    assert answer_layout(tokenizer_for(tokenizer, name)).split(" <think>x</think> 4 ") == (None, "<think>x</think> 4")
+    assert answer_layout(tokenizer_for(tokenizer, name)).split(" <think>x</think> 4 ") == (None, " <think>x</think> 4 ")

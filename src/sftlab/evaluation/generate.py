@@ -55,7 +55,7 @@ def generate_batch(model, tokenizer, prompts: list[list[dict]], **options) -> li
 
     ids = generate_ids(model, tokenizer, prompts, **options)
     layout = answer_layout(tokenizer)
-    return [layout.split(tokenizer.decode(x, skip_special_tokens=True))[1] for x in ids]
+    return [layout.split(tokenizer.decode(x, skip_special_tokens=True))[1].strip() for x in ids]
 
 
 def generate_ids(

@@ -24,7 +24,7 @@ from sftlab.errors import RecordError, SftlabError
 from sftlab.serve.generation import StopText, encode
 from sftlab.serve.guard import (GuardLimits, add_request_guard, encodable, error_response, http_error_handler,
                                 validation_error_handler, warn_if_exposed)
-from sftlab.serve.reasoning import answer_layout
+from sftlab.serve.reasoning import ReasoningStream, answer_layout
 from sftlab.serve.tool_calls import CallParser, call_parser
 
 
@@ -291,11 +291,12 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         task.add_done_callback(lambda _: pieces.put_nowait(None))
 
         def chunk(text: str | None, finish: str | None = None, first: bool = False, calls: list | None = None,
-                  **extra) -> str:
+                  reasoning: str | None = None, **extra) -> str:
             if "usage" in extra:
                 choices = []
             elif chat:
-                delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
+                delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {}) | (
+                    {"reasoning_content": reasoning} if reasoning else {})
                 if calls:
                     delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
                 choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
@@ -310,11 +311,17 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         parser = tool_support.get("parser") if kwargs.get("tools") else None
         tools = kwargs.get("tools") if parser is not None else None
         content, held = StopText(parser.openers if tools else []), ""
+        # a reasoning the model writes first (in its template's layout) is held back and sent once, whole
+        thinking = ReasoningStream(answer_layout(tokenizer)) if chat else None
         try:
             if chat:
                 yield chunk(None, first=True)
             streamed = ""
             while (piece := await pieces.get()) is not None:
+                if thinking:
+                    thought, piece = thinking.feed(piece)
+                    if thought:
+                        yield chunk(None, reasoning=thought)
                 visible = held + content.feed(piece)
                 if tools:
                     visible, held = visible.rstrip(), visible[len(visible.rstrip()):]
@@ -322,7 +329,9 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                     streamed += visible
                     yield chunk(visible)
             out = task.result()
-            text, calls = _calls(out.text, tools)
+            if thinking and (thought := thinking.flush()[0]):
+                yield chunk(None, reasoning=thought)
+            text, calls = _calls(answer_layout(tokenizer).split(out.text)[1] if chat else out.text, tools)
             text = text or ""
             if text.startswith(streamed) and text[len(streamed):]:  # held back, or a backend that does not stream
                 yield chunk(text[len(streamed):])
