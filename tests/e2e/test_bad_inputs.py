@@ -212,7 +212,7 @@ SKIP_OUTPUTS = {  # where each command, given --skip, writes its rejects and its
     "augment": ("a.rejects.jsonl", "a.augment.json"),
     "report": ("rejects.jsonl", "summary.json"),
     "review": ("r.rejects.jsonl", "r.review.json"),
-    "inspect": ("{stem}.rejects.jsonl", None),  # inspect writes no file: ./<FILE>.rejects.jsonl
+    "inspect": ("{name}.rejects.jsonl", None),  # inspect writes no file: ./<FILE>.rejects.jsonl
 }
 COUNTS = re.compile(r"^records in (\d+): kept (\d+), rejected (\d+)$", re.M)
 
@@ -234,7 +234,7 @@ def test_skip_data_commands(name, tmp_path, capsys, quick, monkeypatch):
     for command, argv in DATA_COMMANDS.items():
         out = tmp_path / command
         rejects_name, summary_name = SKIP_OUTPUTS[command]
-        rejects = (Path() if command == "inspect" else out) / rejects_name.format(stem=path.stem)
+        rejects = (Path() if command == "inspect" else out) / rejects_name.format(name=path.name)
         code, stdout, err = run(capsys, *argv(path, out), "--skip")
         if case.fatal:
             assert code == 1, (command, err)

@@ -80,9 +80,25 @@ def test_inspect_is_registered(capsys):
 def test_an_empty_file_is_said_to_hold_no_records(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    for command in (["data", "validate", str(empty)], ["data", "inspect", str(empty)]):
+    out = tmp_path / "out"
+    for command in (["data", "validate", str(empty)], ["data", "inspect", str(empty)],
+                    ["data", "curate", str(empty), "--out", str(out / "c.jsonl")],
+                    ["data", "split", str(empty), "--out-dir", str(out)],
+                    ["data", "report", str(empty), "--out-dir", str(out / "report")]):
         assert main(command) == 0
         assert f"warning: {empty} holds no records" in capsys.readouterr().err
+
+
+def test_curate_checks_its_output_name_before_reading_and_keeps_what_it_removed(tmp_path, capsys):
+    src = tmp_path / "a.jsonl"
+    rows = [{"instruction": "Say hi", "output": "Hi there, friend."}] * 2
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "curate", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x.csv")]) == 1
+    assert "x.csv: output must end in .jsonl or .parquet" in capsys.readouterr().err  # not "file not found"
+    assert main(["data", "curate", str(src), "--out", str(tmp_path / "c.jsonl")]) == 0
+    removed = [json.loads(x) for x in (tmp_path / "c.removed.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in removed] == ["exact duplicate"]
+    assert removed[0]["record"]["messages"][1]["content"] == "Hi there, friend."  # the record itself, as written
 
 
 def test_an_output_that_is_the_input_is_refused(tmp_path, capsys):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from sftlab.data.augment import AugmentOptions, LocalGenerator, augment
+import json
+
+from sftlab.data.augment import AugmentOptions, LocalGenerator, Reply, augment, rewrite_problem
 from sftlab.data.conversation import Conversation
-from sftlab.data.curate import exact_key
+from sftlab.data.curate import CurateOptions, exact_key
 
 
 def chat(*turns, source="f:1", system=None):
@@ -58,10 +60,11 @@ def test_paraphrase_templates_change_only_the_first_user_turn():
 
 
 class CannedGenerator(LocalGenerator):
-    """The generation interface with fixed replies, to test parsing, provenance and filtering exactly."""
+    """The generation interface with fixed replies (text: ended by the model, not cut off), to test
+    parsing, provenance and filtering exactly."""
 
     def __init__(self, replies):
-        self.replies = list(replies)
+        self.replies = [r if isinstance(r, Reply) else Reply(r, False) for r in replies]
 
     def generate(self, prompts, opts):
         assert len(prompts) == len(self.replies)
@@ -123,24 +126,33 @@ def talkative_tiny_model(tiny_model_dir, out):
 
 
 def test_model_paraphrase_with_a_real_tiny_model(tiny_model_dir, tmp_path):
+    """The random model never ends its turn: every rewrite runs into max_new_tokens and is dropped,
+    known from the token ids, not the text."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftlab.data.augment import PARAPHRASE_PROMPT
 
     model_dir = talkative_tiny_model(tiny_model_dir, tmp_path / "model")
     opts = AugmentOptions(strategies=["model_paraphrase"], max_new_tokens=8, batch_size=2, model=str(model_dir))
     new, report = augment(DATA[:2], opts)
+    assert new == [] and report.generated["model_paraphrase"] == 0 and report.unparseable == 0
+    assert report.rewrites_dropped == {"cut off at max_new_tokens": 2}
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    # the replies of the model, one prompt at a time (the augmenter batches them with left padding)
-    want = {d.source: _greedy_reply(model, tokenizer, d.messages[-2]["content"], 8) for d in DATA[:2]}
-    assert all(want.values()) and len(set(want.values())) == 2  # real, prompt-dependent text
-    assert report.generated["model_paraphrase"] == sum(bool(w) for w in want.values())
-    assert report.unparseable == sum(not w for w in want.values())
-    assert report.kept["model_paraphrase"] == len(new) <= report.generated["model_paraphrase"]
-    for c in new:
-        src = next(d for d in DATA if d.source == c.meta["augmented_from"])
-        assert c.meta["augmentation"] == "model_paraphrase"
-        assert c.messages[-1] == src.messages[-1]  # the answer is kept
-        assert c.messages[-2]["content"] == want[src.source]  # the instruction is the model's rewrite
+    # the replies of the model, one prompt at a time (the generator batches them with left padding)
+    want = [_greedy_reply(model, tokenizer, d.messages[-2]["content"], 8) for d in DATA[:2]]
+    assert all(want) and len(set(want)) == 2  # real, prompt-dependent text
+    gen = LocalGenerator(str(model_dir))
+    prompts = [[{"role": "user", "content": PARAPHRASE_PROMPT.format(text=d.messages[-2]["content"])}] for d in DATA[:2]]
+    assert gen.generate(prompts, opts) == [Reply(w, True) for w in want]
+    head = torch.nn.Linear(gen.model.config.hidden_size, gen.model.config.vocab_size)  # ends its turn at once
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tokenizer.convert_tokens_to_ids("<|im_end|>")] = 1
+    gen.model.lm_head = head
+    assert gen.generate(prompts, opts) == [Reply("", False)] * 2
 
 
 def test_a_preference_pair_keeps_one_prompt_on_both_sides():
@@ -156,3 +168,83 @@ def test_a_preference_pair_keeps_one_prompt_on_both_sides():
         again = to_conversation(conv.to_json(), conv.source)  # raises on a prompt mismatch
         assert again.meta["rejected"][:-1] == conv.messages[:-1] != pair.messages[:-1]
         assert again.meta["rejected"][-1]["content"] == "positive"
+
+
+ORIGINAL = "Classify the sentiment of this review: the kettle broke after a day."
+
+
+def test_rewrite_problem_catches_what_the_answer_filters_miss():
+    """The bad rewrites of a user trial (an answer, a translation, a loop, a cut-off), each with its reason."""
+    rules = CurateOptions()
+    cases = {
+        "Tell me whether this review is positive or negative: the kettle broke after a day.": None,
+        "Sentiment of: kettle broke.": None,  # 4 words: short, but not under 0.3x the original's 12
+        "negative": "much shorter than the original",  # the answer, not a rewrite
+        "このレビューの感情を分類してください。": "much shorter than the original",  # a translation
+        "Kyounkai no kyaku,\n" * 12: "repeats itself",
+        " " + ORIGINAL.upper() + " ": "same as the original",
+        "  \n": "empty",
+        "Sure. " + " ".join(str(i) for i in range(40)): "much longer than the original",  # a ramble
+    }
+    for rewrite, reason in cases.items():
+        assert rewrite_problem(ORIGINAL, Reply(rewrite, False), rules) == reason, rewrite
+    assert rewrite_problem(ORIGINAL, Reply("Tell me whether this review is posit", True), rules) == "cut off at max_new_tokens"
+    # a short instruction may grow to 15 words; one that repeats itself may be rewritten repeating itself
+    assert rewrite_problem("Summarise:", Reply("Please write a short summary of the following text.", False), rules) is None
+    data = "Sum the numbers: " + "1, 2, 1, 2, " * 6
+    assert rewrite_problem(data, Reply("Add up these numbers: " + "1, 2, 1, 2, " * 6, False), rules) is None
+
+
+def test_model_paraphrase_drops_bad_rewrites_and_counts_them():
+    replies = ["Tell me whether this review is positive or negative: the kettle broke after a day.",
+               "negative",
+               "Kyounkai no kyaku,\n" * 12,
+               Reply("Tell me whether this review is posit", True),
+               "Give this date in ISO 8601 form: March 5, 2021"]
+    opts = AugmentOptions(strategies=["model_paraphrase"], copies=4, seed=0)
+    new, report = augment([DATA[0]], opts, generator=CannedGenerator(replies[:4]))
+    assert [c.messages[0]["content"] for c in new] == [replies[0]] and new[0].messages[1] == DATA[0].messages[1]
+    assert report.rewrites_dropped == {"much shorter than the original": 1, "repeats itself": 1,
+                                       "cut off at max_new_tokens": 1}
+    assert report.generated["model_paraphrase"] == report.kept["model_paraphrase"] == 1
+    assert report.to_json()["rewrites_dropped"] == dict(report.rewrites_dropped)
+
+
+def test_variants_get_ids_of_their_own():
+    """A source's id is not copied: ids stay unique, derived from the source's; no id, none made up."""
+    with_id = [Conversation(messages=d.messages, source=d.source, meta={"id": f"sg-{k}"}) for k, d in enumerate(DATA)]
+    new, _ = augment(with_id, AugmentOptions(strategies=["paraphrase", "noise"], copies=2, seed=1))
+    ids = [c.meta["id"] for c in [*with_id, *new]]
+    assert len(new) > 3 and len(set(ids)) == len(ids)
+    for c in new:
+        src = next(d for d in with_id if d.source == c.meta["augmented_from"])
+        assert c.meta["id"] == f"{src.meta['id']}~{c.source.rsplit('#', 1)[1]}"  # e.g. sg-0~paraphrase1
+    new, _ = augment(DATA, AugmentOptions(strategies=["paraphrase"]))
+    assert new and all("id" not in c.meta for c in new)
+
+
+def test_summary_says_where_near_dedup_applies():
+    replies = ["Instruction: Convert this date to ISO format: July 9, 1999\nAnswer: 1999-07-09"]
+    opts = AugmentOptions(strategies=["paraphrase", "self_instruct"], self_instruct_count=1, seed=0)
+    _, report = augment(DATA, opts, generator=CannedGenerator(replies))
+    filtered = report.to_json()["filtered"]
+    assert filtered["paraphrase"]["near_dedup"] is False and filtered["self_instruct"]["near_dedup"] is True
+
+
+def test_augment_command_reports_dropped_rewrites_and_writes_unique_ids(tmp_path, monkeypatch, capsys):
+    import sftlab.data.augment as augment_module
+    from sftlab.cli import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"sg-{k}", "messages": d.messages}) + "\n" for k, d in enumerate(DATA[:2])))
+    replies = ["Tell me whether this review is positive or negative: the kettle broke after a day.",
+               "Kyounkai no kyaku,\n" * 12]
+    monkeypatch.setattr(augment_module, "LocalGenerator", lambda model, template: CannedGenerator(replies))
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "augment", str(src), "--out", str(out), "--strategy", "model_paraphrase", "--model", "stub"]) == 0
+    assert "dropped rewrites: repeats itself 1" in capsys.readouterr().out
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["sg-0", "sg-1", "sg-0~model_paraphrase0"]
+    summary = json.loads((tmp_path / "out.augment.json").read_text())
+    assert summary["rewrites_dropped"] == {"repeats itself": 1} and summary["kept_total"] == 1
+    assert summary["filtered"]["model_paraphrase"]["near_dedup"] is False

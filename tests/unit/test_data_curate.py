@@ -25,8 +25,10 @@ def test_exact_dedup_on_normalised_text_keeps_first():
     kept, report = curate(convs, CurateOptions(**{**OFF, "exact_dedup": True}))
     assert [c.source for c in kept] == ["a", "c"]
     assert report.removals == [
-        {"source": "b", "reason": "exact duplicate", "detail": "same normalised text", "duplicate_of": "a"},
-        {"source": "d", "reason": "exact duplicate", "detail": "same normalised text", "duplicate_of": "a"},
+        {"source": "b", "reason": "exact duplicate", "detail": "same normalised text", "duplicate_of": "a",
+         "record": convs[1].to_json()},
+        {"source": "d", "reason": "exact duplicate", "detail": "same normalised text", "duplicate_of": "a",
+         "record": convs[3].to_json()},
     ]
     assert normalize("  A\tB  ") == "a b"
 

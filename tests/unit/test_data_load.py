@@ -281,3 +281,16 @@ def test_openassistant_rows_become_one_conversation_per_tree(tmp_path, suffix):
         load_conversations(path)
     # with a format given, rows are records of their own: `text` trains each message alone
     assert len(load_conversations(path, format="text")) == len(oasst_rows())
+
+
+def test_a_text_and_label_file_says_the_label_is_unused_and_how_to_map_it(tmp_path):
+    import warnings
+
+    path = tmp_path / "clf.csv"
+    path.write_text("text,label\ngreat jacket,positive\nbad zip,negative\n")
+    with pytest.warns(UserWarning, match=r"clf.csv: records of 'text' and 'label' are read as raw text .* --columns "
+                                         r"prompt=text,response=label"):
+        assert [c.text for c in load_conversations(path)] == ["great jacket", "bad zip"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a format given on purpose: nothing to say
+        load_conversations(path, format="text")

@@ -121,7 +121,7 @@ def _rejects_path(skip: bool, rejects: Optional[Path], file: str, *, out: Option
         return _sidecar(out, "rejects", "jsonl")
     if out_dir is not None:
         return out_dir / "rejects.jsonl"
-    return Path(f"{Path(file).stem}.rejects.jsonl")
+    return Path(f"{Path(file).name}.rejects.jsonl")  # data.jsonl and data.csv keep rejects of their own
 
 
 def _not_the_input(file: str, out: Optional[Path]) -> None:
@@ -237,19 +237,21 @@ def curate(
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
     split: Optional[str] = typer.Option(None, "--split", help="Split to read when the input holds several."),
-    removed: Optional[Path] = typer.Option(None, "--removed", help="Removed records with reasons (default OUT.removed.jsonl)."),
+    removed: Optional[Path] = typer.Option(None, "--removed", help="Removed records with reasons, each as written to OUT (default OUT.removed.jsonl)."),
     skip: bool = typer.Option(False, "--skip", help=SKIP_HELP),
     rejects: Optional[Path] = typer.Option(None, "--rejects", help=REJECTS_HELP("OUT.rejects.jsonl")),
 ) -> None:
     """Exact and near-duplicate removal, quality and length filters, PII scrubbing, decontamination."""
     from sftlab.data.curate import curate as run
-    from sftlab.data.load import save_conversations
+    from sftlab.data.load import save_conversations, writes_parquet
 
     opts = _options(CurateOptions, config, set_, decontaminate=decontaminate or None, pii=pii or None)
     _not_the_input(file, out)
+    writes_parquet(out)  # before the input is read and curated
     reading = _reading(file, _schema(format, columns), skip=skip, rejects=rejects, split=split, out=out)
     kept, report = run(reading.load(), opts, tokenizer=_tokenizer(model, chat_template), progress=True)
     print_rejects(reading)
+    warn_if_empty(reading.path, reading.records_in)
     save_conversations(out, kept)
     removed = removed or _sidecar(out, "removed", "jsonl")
     with open(removed, "w", encoding="utf-8") as f:
@@ -291,6 +293,7 @@ def split(
     reading = _reading(file, _schema(format, columns), skip=skip, rejects=rejects, split=from_split, out_dir=out_dir)
     shares = parse_ratios(ratios, split_names)
     parts, together = split_conversations(reading.load(), split_names, shares, seed=seed, stratify=stratify)
+    warn_if_empty(reading.path, reading.records_in)
     print_rejects(reading)
     sizes = {}
     for name, convs in parts.items():
@@ -323,7 +326,10 @@ def augment(
     skip: bool = typer.Option(False, "--skip", help=SKIP_HELP),
     rejects: Optional[Path] = typer.Option(None, "--rejects", help=REJECTS_HELP("OUT.rejects.jsonl")),
 ) -> None:
-    """Rule-based and model-based augmentation with provenance (augmented_from), then dedup/quality filtered."""
+    """Rule-based and model-based augmentation with provenance (augmented_from), then filtered.
+
+    New records are checked against the originals and each other: exact duplicates and the answer quality filters for every strategy; near-duplicates for self_instruct only (variants are near-copies by design); and a model_paraphrase rewrite is dropped when cut off at max_new_tokens, empty, unchanged, repetitive, or under 0.3x / over 3x the original's word count (an original under 5 words counting as 5).
+    """
     from sftlab.data.augment import augment as run
     from sftlab.data.load import save_conversations
 
@@ -340,6 +346,9 @@ def augment(
         print(f"{s:>18}: generated {report.generated[s]:>6}, kept {report.kept[s]:>6}")
     if report.unparseable:
         print(f"{'unusable outputs':>18}: {report.unparseable}")
+    if report.rewrites_dropped:
+        dropped = ", ".join(f"{reason} {k}" for reason, k in report.rewrites_dropped.most_common())
+        print(f"{'dropped rewrites':>18}: {dropped}")
     print(f"wrote {n} records to {out}")
 
 
@@ -374,6 +383,7 @@ def report(
     summary = write_report(reading, out_dir, tokenizer=_tokenizer(model, chat_template),
                            summaries={k: v for k, v in given.items() if v is not None}, review_dir=review_dir)
     print_rejects(reading)
+    warn_if_empty(reading.path, reading.records_in)
     print(f"{summary['conversations']} conversations; steps included: {', '.join(summary['steps']) or 'none'}")
     print(f"wrote {out_dir / 'report.html'} and {out_dir / 'report.md'}")
 

@@ -7,10 +7,12 @@ Model-based (`model` required): `model_paraphrase` (the model rewrites the instr
 `self_instruct` (the model writes new examples from a few seed examples).
 
 Every new record carries `meta["augmented_from"]` (the source, or the seed sources) and
-`meta["augmentation"]` (the strategy). New records then go through `curate` with the
-originals as reference: exact duplicates of any source or earlier record and the quality
-filters always apply; near-duplicate removal applies to `self_instruct` (whose records must
-be new examples), not to variants, which are close to their source by design.
+`meta["augmentation"]` (the strategy); a source's `id` becomes `ID~STRATEGYk` in its variants,
+so ids stay unique. New records then go through `curate` with the originals as reference:
+exact duplicates of any source or earlier record and the quality filters (which judge
+answers) always apply; near-duplicate removal applies to `self_instruct` (whose records must
+be new examples), not to variants, which are close to their source by design. Before that,
+a `model_paraphrase` rewrite must pass `rewrite_problem`.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from sftlab.data.conversation import Conversation
-from sftlab.data.curate import CurateOptions, curate
+from sftlab.data.curate import QUALITY_FILTERS, CurateOptions, curate, normalize
 from sftlab.errors import SftlabError
 
 INSTRUCTION_TEMPLATES = (
@@ -53,6 +55,9 @@ SELF_INSTRUCT_PROMPT = (
     "Use exactly this format:\nInstruction: <the new instruction>\nAnswer: <its answer>"
 )
 _SELF_INSTRUCT_REPLY = re.compile(r"Instruction:\s*(?P<i>.+?)\s*\n\s*Answer:\s*(?P<a>.+)", re.DOTALL)
+# A rewrite with fewer words than 0.3x the original's, or more than 3x (an original under 5 words
+# counting as 5), is an answer, a summary or a ramble, not the same instruction reworded.
+REWRITE_WORDS = (0.3, 3.0, 5)
 
 
 class AugmentOptions(BaseModel):
@@ -70,7 +75,8 @@ class AugmentOptions(BaseModel):
     top_p: float = Field(0.95, gt=0, le=1)
     self_instruct_count: int = Field(16, ge=1, description="New examples `self_instruct` asks for.")
     seeds_per_prompt: int = Field(3, ge=1, description="Seed examples shown per self_instruct prompt.")
-    filter: CurateOptions = Field(default_factory=CurateOptions, description="Dedup/quality rules for new records.")
+    filter: CurateOptions = Field(default_factory=CurateOptions, description="Dedup/quality rules for new records; "
+                                  "near_dedup applies to self_instruct only (variants are near-copies by design).")
 
 
 @dataclass
@@ -78,17 +84,21 @@ class AugmentReport:
     sources: int = 0
     generated: Counter = field(default_factory=Counter)  # strategy -> records made
     unparseable: int = 0
+    rewrites_dropped: Counter = field(default_factory=Counter)  # reason -> model_paraphrase rewrites dropped
     kept: Counter = field(default_factory=Counter)  # strategy -> records kept after filtering
-    filtered: dict[str, Any] = field(default_factory=dict)  # strategy -> curate report JSON
+    filtered: dict[str, Any] = field(default_factory=dict)  # strategy -> curate report JSON + near_dedup applied
 
     def to_json(self) -> dict[str, Any]:
         return {"sources": self.sources, "generated": dict(self.generated), "unparseable": self.unparseable,
-                "kept": dict(self.kept), "kept_total": sum(self.kept.values()), "filtered": self.filtered}
+                "rewrites_dropped": dict(self.rewrites_dropped.most_common()), "kept": dict(self.kept),
+                "kept_total": sum(self.kept.values()), "filtered": self.filtered}
 
 
 def _variant(conv: Conversation, messages: list[dict[str, str]], strategy: str, meta_extra: dict | None = None,
              k: int = 0) -> Conversation:
     meta = {**conv.meta, **(meta_extra or {}), "augmented_from": conv.source, "augmentation": strategy}
+    if conv.meta.get("id") is not None:
+        meta["id"] = f"{conv.meta['id']}~{strategy}{k}"
     variant = Conversation(messages=messages, source=f"{conv.source}#{strategy}{k}", meta=meta)
     rejected = conv.meta.get("rejected")
     if isinstance(rejected, list):  # a preference pair: its rejected answer follows the same, new prompt
@@ -171,6 +181,11 @@ RULES: dict[str, Callable[[Conversation, AugmentOptions, random.Random], list[Co
 
 # ------------------------------------------------------------------ model-based
 
+class Reply(NamedTuple):
+    text: str
+    cut_off: bool  # generation stopped at max_new_tokens, not at an end of turn
+
+
 class LocalGenerator:
     """A local model and its tokenizer, answering chat prompts in batches (left padding,
     greedy or sampled, with a progress bar) through `sftlab.evaluation.generate`."""
@@ -183,15 +198,43 @@ class LocalGenerator:
             raise SftlabError(f"model '{model}' has no chat template: pass --chat-template FILE.jinja")
         self.model = load_model(model)
 
-    def generate(self, prompts: list[list[dict[str, str]]], opts: AugmentOptions) -> list[str]:
+    def generate(self, prompts: list[list[dict[str, str]]], opts: AugmentOptions) -> list[Reply]:
         import torch
 
-        from sftlab.evaluation.generate import generate_batch
+        from sftlab.evaluation.generate import generate_ids
+        from sftlab.serve.reasoning import answer_layout
 
         torch.manual_seed(opts.seed)
-        return generate_batch(self.model, self.tokenizer, prompts, max_new_tokens=opts.max_new_tokens,
-                              batch_size=opts.batch_size, do_sample=opts.temperature > 0,
-                              temperature=opts.temperature or 1.0, top_p=opts.top_p)
+        ids = generate_ids(self.model, self.tokenizer, prompts, max_new_tokens=opts.max_new_tokens,
+                           batch_size=opts.batch_size, do_sample=opts.temperature > 0,
+                           temperature=opts.temperature or 1.0, top_p=opts.top_p)
+        layout = answer_layout(self.tokenizer)
+        # generate_ids cuts a reply before its stop token: one of max_new_tokens never reached one
+        return [Reply(layout.split(self.tokenizer.decode(x, skip_special_tokens=True))[1],
+                      len(x) >= opts.max_new_tokens) for x in ids]
+
+
+def rewrite_problem(original: str, rewrite: Reply, rules: CurateOptions) -> str | None:
+    """Why a model's rewrite of an instruction is unusable, or None. The quality filters judge answers
+    only, so a rewrite that answers, translates, loops on or cuts off the instruction passes them.
+    Repetition is the answers' rule (`rules.max_repeated_ngrams`), not held against a rewrite of an
+    instruction that repeats itself too (data in it)."""
+    if rewrite.cut_off:
+        return "cut off at max_new_tokens"
+    if not rewrite.text.strip():
+        return "empty"
+    if normalize(rewrite.text) == normalize(original):
+        return "same as the original"
+    _, repetitive = QUALITY_FILTERS["repetition"]
+    if repetitive(None, rewrite.text, rules) and not repetitive(None, original, rules):
+        return "repeats itself"
+    low, high, floor = REWRITE_WORDS
+    words, before = len(rewrite.text.split()), len(original.split())
+    if words < low * before:
+        return "much shorter than the original"
+    if words > high * max(before, floor):
+        return "much longer than the original"
+    return None
 
 
 def model_paraphrase(convs: list[Conversation], gen: LocalGenerator, opts: AugmentOptions, rng: random.Random,
@@ -199,14 +242,14 @@ def model_paraphrase(convs: list[Conversation], gen: LocalGenerator, opts: Augme
     targets = [(c, i) for c in convs if (i := _first_user(c)) is not None]
     prompts = [[{"role": "user", "content": PARAPHRASE_PROMPT.format(text=c.messages[i]["content"])}]
                for c, i in targets for _ in range(opts.copies)]
-    replies = gen.generate(prompts, opts)
     out = []
-    for n, reply in enumerate(replies):
+    for n, reply in enumerate(gen.generate(prompts, opts)):
         conv, i = targets[n // opts.copies]
-        if not reply:
-            report.unparseable += 1
+        problem = rewrite_problem(conv.messages[i]["content"], reply, opts.filter)
+        if problem:
+            report.rewrites_dropped[problem] += 1
             continue
-        out.append(_variant(conv, _with_content(conv.messages, i, reply), "model_paraphrase", k=n % opts.copies))
+        out.append(_variant(conv, _with_content(conv.messages, i, reply.text), "model_paraphrase", k=n % opts.copies))
     return out
 
 
@@ -221,7 +264,7 @@ def self_instruct(convs: list[Conversation], gen: LocalGenerator, opts: AugmentO
         for seeds in picks]
     out = []
     for k, (seeds, reply) in enumerate(zip(picks, gen.generate(prompts, opts))):
-        m = _SELF_INSTRUCT_REPLY.search(reply)
+        m = _SELF_INSTRUCT_REPLY.search(reply.text)
         if not m or not m["i"].strip() or not m["a"].strip():
             report.unparseable += 1
             continue
@@ -262,6 +305,6 @@ def augment(convs: list[Conversation], options: AugmentOptions | None = None, *,
         rules = opts.filter if strategy in NEW_EXAMPLES else opts.filter.model_copy(update={"near_dedup": False})
         survivors, filtered = curate(new, rules, reference=[*convs, *kept])
         report.kept[strategy] = len(survivors)
-        report.filtered[strategy] = filtered.to_json()
+        report.filtered[strategy] = {**filtered.to_json(), "near_dedup": rules.near_dedup}
         kept += survivors
     return kept, report

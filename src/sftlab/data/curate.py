@@ -372,7 +372,7 @@ def curate(conversations: Iterable[Conversation], options: CurateOptions | None 
         entry: dict[str, Any] = {"source": conv.source, "reason": reason, "detail": detail}
         if duplicate_of is not None:
             entry["duplicate_of"] = duplicate_of.source
-        report.removals.append(entry)
+        report.removals.append(entry | {"record": conv.to_json()})
         shown = report.examples.setdefault(reason, [])
         if len(shown) < EXAMPLES_PER_REASON:
             ex = {**entry, "text": _snippet(conversation_text(conv))}

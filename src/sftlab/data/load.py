@@ -29,6 +29,7 @@ import csv
 import gzip
 import json
 import re
+import warnings
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -599,9 +600,16 @@ def iter_conversations(path: str | Path, format: str | None = None, split: str |
                        on_error: str = "raise", rejects: RejectLog | None = None) -> Iterator[Conversation]:
     """Conversations from any supported input; `format` overrides per-record schema detection."""
     check_format_name(format)
+    hinted = format is not None
     for source, rec in iter_records(path, split=split, on_error=on_error, rejects=rejects, trees=format is None):
         try:
-            yield to_conversation(rec, source, format)
+            conv = to_conversation(rec, source, format)
+            if not hinted and conv.text is not None and "label" in rec:
+                hinted = True
+                warnings.warn(f"{path}: records of 'text' and 'label' are read as raw text (continued pre-training), "
+                              "the label unused; to train text -> label, map the columns: --columns "
+                              "prompt=text,response=label (data.columns in a config)", stacklevel=1)
+            yield conv
         except RecordError as e:
             if on_error == "raise":
                 raise
@@ -701,6 +709,15 @@ def reject_lines(by_kind: dict[str, int], rejects_file: str | Path | None) -> li
     return lines
 
 
+def writes_parquet(path: str | Path) -> bool:
+    """Whether a dataset output is Parquet (else JSONL); an error for any other name. Commands check
+    their output this way before reading their input."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".parquet", ".jsonl", ".ndjson"):
+        raise SftlabError(f"{path}: output must end in .jsonl or .parquet")
+    return suffix == ".parquet"
+
+
 class ConversationWriter:
     """Stream conversations to JSONL, or to Parquet when the path ends in .parquet.
 
@@ -710,9 +727,7 @@ class ConversationWriter:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.parquet = self.path.suffix.lower() == ".parquet"
-        if not self.parquet and self.path.suffix.lower() not in (".jsonl", ".ndjson"):
-            raise SftlabError(f"{self.path}: output must end in .jsonl or .parquet")
+        self.parquet = writes_parquet(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.count = 0
