@@ -110,3 +110,16 @@ def test_a_metrics_line_cut_by_a_crash_leaves_the_run_listed(runs_root, tmp_path
     assert main(["runs", str(tmp_path), "--csv"]) == 0
     row = next(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert float(row["final_loss"]) == pytest.approx([e["loss"] for e in metrics(runs_root / "a-lora") if "loss" in e][-1])
+
+
+def test_a_sweep_trial_shows_the_sweep_s_verdict(runs_root, tmp_path, capsys):
+    """A trial that trained to the end but whose evaluation failed is finished as a run and failed as a trial."""
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(runs_root / "a-lora", sweep / "trial-000")
+    (sweep / "sweep.json").write_text(json.dumps({"trials": [
+        {"number": 0, "state": "fail", "run_dir": str(sweep / "trial-000")}]}))
+    assert main(["runs", str(tmp_path), "--csv"]) == 0
+    row = next(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert (row["finished"], row["sweep_trial"]) == ("True", "fail")

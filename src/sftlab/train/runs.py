@@ -59,8 +59,20 @@ def summarize(run: Path, root: Path) -> dict[str, Any]:
         "best_eval_step": best[1],
         "train_seconds": info.get("train_seconds"),
         "finished": bool(info.get("finished")),
+        **_sweep_state(run),
         **_eval_metrics(run),
     }
+
+
+def _sweep_state(run: Path) -> dict[str, Any]:
+    """For a sweep's trial, its state as the sweep judged it (a trial that trained to the end fails when
+    its evaluation does), from the sweep.json beside it."""
+    summary = run.parent / "sweep.json"
+    if not summary.is_file():
+        return {}
+    trial = next((t for t in _read_json(summary).get("trials", [])
+                  if t.get("run_dir") and Path(t["run_dir"]).resolve() == run.resolve()), None)
+    return {"sweep_trial": trial["state"]} if trial else {}
 
 
 def _method(info: dict, config: dict) -> str | None:
