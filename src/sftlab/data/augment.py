@@ -201,17 +201,14 @@ class LocalGenerator:
     def generate(self, prompts: list[list[dict[str, str]]], opts: AugmentOptions) -> list[Reply]:
         import torch
 
-        from sftlab.evaluation.generate import generate_ids
-        from sftlab.serve.reasoning import answer_layout
+        from sftlab.evaluation.generate import answers, generate_ids
 
         torch.manual_seed(opts.seed)
         ids = generate_ids(self.model, self.tokenizer, prompts, max_new_tokens=opts.max_new_tokens,
                            batch_size=opts.batch_size, do_sample=opts.temperature > 0,
                            temperature=opts.temperature or 1.0, top_p=opts.top_p)
-        layout = answer_layout(self.tokenizer)
         # generate_ids cuts a reply before its stop token: one of max_new_tokens never reached one
-        return [Reply(layout.split(self.tokenizer.decode(x, skip_special_tokens=True))[1],
-                      len(x) >= opts.max_new_tokens) for x in ids]
+        return [Reply(text, len(x) >= opts.max_new_tokens) for text, x in zip(answers(self.tokenizer, ids), ids)]
 
 
 def rewrite_problem(original: str, rewrite: Reply, rules: CurateOptions) -> str | None:

@@ -51,9 +51,13 @@ def generate_batch(model, tokenizer, prompts: list[list[dict]], **options) -> li
     """Answer each chat prompt (a list of messages) with the model; answers in input order, without the
     reasoning a model writes before its answer in its template's layout (serve/reasoning.py).
     `options` as for `generate_ids`."""
+    return answers(tokenizer, generate_ids(model, tokenizer, prompts, **options))
+
+
+def answers(tokenizer, ids: list[list[int]]) -> list[str]:
+    """Generated ids decoded, each without the reasoning its template's layout puts before the answer."""
     from sftlab.serve.reasoning import answer_layout
 
-    ids = generate_ids(model, tokenizer, prompts, **options)
     layout = answer_layout(tokenizer)
     return [layout.split(tokenizer.decode(x, skip_special_tokens=True))[1].strip() for x in ids]
 

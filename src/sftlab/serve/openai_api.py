@@ -225,6 +225,11 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         parser: CallParser | None = tool_support.get("parser") if tools else None
         return parser.parse(text, tools) if parser else (text, [])
 
+    def _reply(text: str, chat: bool, tools) -> tuple[str | None, str | None, list[dict]]:
+        """(reasoning, content, calls) of a finished reply: a chat reply's reasoning split off first."""
+        reasoning, answer = answer_layout(tokenizer).split(text) if chat else (None, text)
+        return reasoning, *_calls(answer, tools)
+
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         _check_model(req.model)
@@ -274,8 +279,7 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                 task.cancel()
                 return Response(status_code=499)
         out = task.result()
-        reasoning, answer = answer_layout(tokenizer).split(out.text) if chat else (None, out.text)
-        content, calls = _calls(answer, kwargs.get("tools"))
+        reasoning, content, calls = _reply(out.text, chat, kwargs.get("tools"))
         message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {}) | (
             {"reasoning_content": reasoning} if reasoning else {})
         choice = {"index": 0, "message": message} if chat else {"index": 0, "text": out.text, "logprobs": None}
@@ -329,9 +333,9 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                     streamed += visible
                     yield chunk(visible)
             out = task.result()
-            if thinking and (thought := thinking.flush()[0]):
-                yield chunk(None, reasoning=thought)
-            text, calls = _calls(answer_layout(tokenizer).split(out.text)[1] if chat else out.text, tools)
+            reasoning, text, calls = _reply(out.text, chat, tools)
+            if reasoning and not thinking.told:  # its answer never began, or a backend that does not stream
+                yield chunk(None, reasoning=reasoning)
             text = text or ""
             if text.startswith(streamed) and text[len(streamed):]:  # held back, or a backend that does not stream
                 yield chunk(text[len(streamed):])

@@ -29,32 +29,23 @@ class AnswerLayout:
         """(the reasoning, None when there is none; the answer: the text as it is where nothing of the
         layout begins it). Where the generation prompt opens the reasoning (Qwen 3.5: `<think>\n`), a reply
         begins inside it; one cut off inside its reasoning has an empty answer."""
-        if self.closer.strip():
-            opened = _pattern(self.opener).match(text) if self.opener.strip() else None
-            if opened or not self.opener.strip():
-                start = opened.end() if opened else 0
-                end = _pattern(self.closer).search(text, start)
-                if end:
-                    return text[start:end.start()].strip() or None, text[end.end():].strip()
-                if opened:
-                    return text[start:].strip() or None, ""
+        found = self._reasoning(text)
+        if found and (found[1] or self.opener.strip()):
+            start, end = found
+            return text[start:end.start() if end else len(text)].strip() or None, text[end.end():].strip() if end else ""
         if self.lead.strip() and (m := _pattern(self.lead).match(text)):
             return None, text[m.end():].strip()
         return None, text
 
-
     def settled(self, text: str) -> tuple[str | None, str] | None:
         """For a reply still being generated: (reasoning, the answer so far) once the text says where the
         answer begins, None while it may still be reasoning or the start of the template's own text."""
-        if self.closer.strip():
-            opened = _pattern(self.opener).match(text) if self.opener.strip() else None
-            if opened or not self.opener.strip():
-                end = _pattern(self.closer).search(text, opened.end() if opened else 0)
-                if end is None:
-                    return None
-                return text[opened.end() if opened else 0:end.start()].strip() or None, text[end.end():].lstrip()
-            if self.opener.strip().startswith(text.strip()):
-                return None
+        found = self._reasoning(text)
+        if found:
+            start, end = found
+            return None if end is None else (text[start:end.start()].strip() or None, text[end.end():].lstrip())
+        if self.closer.strip() and self.opener.strip().startswith(text.strip()):
+            return None
         if self.lead.strip():
             if self.lead.strip().startswith(text.strip()):
                 return None
@@ -62,26 +53,31 @@ class AnswerLayout:
                 return None, text[m.end():].lstrip()
         return None, text
 
+    def _reasoning(self, text: str) -> tuple[int, re.Match | None] | None:
+        """(where the reasoning begins, its closer or None) where the reply begins in a reasoning block (at
+        its opener, or at once where the prompt opens it), else None."""
+        if not self.closer.strip():
+            return None
+        opened = _pattern(self.opener).match(text) if self.opener.strip() else None
+        if self.opener.strip() and not opened:
+            return None
+        start = opened.end() if opened else 0
+        return start, _pattern(self.closer).search(text, start)
+
 
 class ReasoningStream:
     """A streamed reply's pieces as (reasoning, answer) deltas: text is held back until the layout says
-    where the answer begins; the reasoning then comes once, whole, and the answer as it grows."""
+    where the answer begins; the reasoning then comes once, whole (`told`), and the answer as it grows."""
 
     def __init__(self, layout: AnswerLayout):
         self.layout, self.text, self.answer, self.told = layout, "", "", False
 
     def feed(self, piece: str) -> tuple[str | None, str]:
         self.text += piece
-        return self._delta(self.layout.settled(self.text))
-
-    def flush(self) -> tuple[str | None, str]:
-        """What is left when the reply ends (all of it where the answer never began: see `split`)."""
-        return self._delta(self.layout.split(self.text))
-
-    def _delta(self, split: tuple[str | None, str] | None) -> tuple[str | None, str]:
-        if split is None or not split[1].startswith(self.answer):
+        settled = self.layout.settled(self.text)
+        if settled is None or not settled[1].startswith(self.answer):
             return None, ""
-        reasoning, answer = split
+        reasoning, answer = settled
         thought, self.told = (None if self.told else reasoning), self.told or reasoning is not None
         delta, self.answer = answer[len(self.answer):], answer
         return thought, delta

@@ -70,9 +70,9 @@ class CallLayout:
         head = _SLOTS.split(self.first, 1)[0].strip()
         found = re.search(_literal(head), text) if head else re.match(r"\s*", text)
         if found:
-            start = found.start() if head else found.end()
+            start, types = found.start() if head else found.end(), _parameter_types(tools)
             for n in range(1, (MAX_CALLS if self.repeat else 1) + 1):
-                calls = _match(self.for_calls(n), text, start, self.argument, _parameter_types(tools))
+                calls = _match(self.for_calls(n), text, start, self.argument, types)
                 if calls is not None:
                     return text[:start].strip() or None, calls
         return text, []
