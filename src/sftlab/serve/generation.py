@@ -124,6 +124,28 @@ class IncrementalDecoder:
         return self.stream.step(self.backend, token) or ""
 
 
+def trained_reply(tokenizer, messages: list[dict], source: str, meta: dict | None = None) -> str | None:
+    """What training on `messages` teaches a model to write, decoded as a generated reply is (stop
+    tokens dropped): the probe the reasoning and tool-call layouts are read from. None where the
+    template cannot render the conversation. The probe's own warnings are not the user's and are
+    silenced."""
+    import warnings
+
+    from sftlab.data.conversation import Conversation
+    from sftlab.data.render import IGNORE, render
+    from sftlab.errors import SftlabError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            example = render(Conversation(messages, source=source, meta=meta or {}), tokenizer)
+    except SftlabError:  # DataError too: no template, or one that cannot write this turn
+        return None
+    stops, decoder = set(stop_token_ids(tokenizer)), IncrementalDecoder(tokenizer)
+    return "".join(decoder.add(int(t)) for t, label in zip(example.input_ids, example.labels)
+                   if label != IGNORE and t not in stops)
+
+
 @dataclass
 class GenRequest:
     ids: list[int]

@@ -106,23 +106,9 @@ def _layout_of(tokenizer, template: str | None) -> AnswerLayout:
 
 
 def _generated(tokenizer, reasoning: str | None) -> str | None:
-    """What training teaches a model to write for the probe answer (with the probe reasoning), decoded
-    as a reply is; None where the template cannot render it."""
-    import warnings
-
-    from sftlab.data.conversation import Conversation
-    from sftlab.data.render import IGNORE, render
-    from sftlab.errors import SftlabError
-    from sftlab.serve.generation import IncrementalDecoder, stop_token_ids
+    """What training teaches a model to write for the probe answer (with the probe reasoning); None
+    where the template cannot render it (no template, or one that writes no reasoning)."""
+    from sftlab.serve.generation import trained_reply
 
     answer = {"role": "assistant", "content": _ANSWER} | ({"reasoning_content": reasoning} if reasoning else {})
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            example = render(Conversation([{"role": "user", "content": "Hi."}, answer], source="the answer probe"),
-                             tokenizer)
-    except SftlabError:  # no template, or one that writes no reasoning
-        return None
-    stops, decoder = set(stop_token_ids(tokenizer)), IncrementalDecoder(tokenizer)
-    return "".join(decoder.add(int(t)) for t, label in zip(example.input_ids, example.labels)
-                   if label != IGNORE and t not in stops)
+    return trained_reply(tokenizer, [{"role": "user", "content": "Hi."}, answer], "the answer probe")

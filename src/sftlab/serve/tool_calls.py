@@ -275,14 +275,7 @@ class CallParser:
 def call_parser(tokenizer) -> CallParser | None:
     """The reader of the calls the tokenizer's chat template writes, or None when it writes no calls, or
     writes their arguments in a way this module cannot read (module docstring)."""
-    import warnings
-
-    from sftlab.serve.generation import stop_token_ids
-
-    stop_ids = set(stop_token_ids(tokenizer))
-    with warnings.catch_warnings():  # the probe's own rendering: a template's quirks are not the request's
-        warnings.simplefilter("ignore")
-        layouts = [_layout(tokenizer, stop_ids, content) for content in (_PROBE_TEXT, "")]
+    layouts = [_layout(tokenizer, content) for content in (_PROBE_TEXT, "")]
     layouts = list(dict.fromkeys(layout for layout in layouts if layout is not None))
     # where one layout is the other with text before the calls (Qwen 3's empty think block without
     # content; gpt-oss's message header after its content), the calls begin where the shorter does
@@ -290,9 +283,9 @@ def call_parser(tokenizer) -> CallParser | None:
     return CallParser(tuple(layouts)) if layouts else None
 
 
-def _layout(tokenizer, stop_ids: set[int], content: str) -> CallLayout | PythonCalls | None:
+def _layout(tokenizer, content: str) -> CallLayout | PythonCalls | None:
     def probe(calls: int, arguments: dict = _PROBE_ARGS) -> str | None:
-        return _probe_text(tokenizer, stop_ids, calls, content, arguments)
+        return _probe_text(tokenizer, calls, content, arguments)
 
     text = probe(1)
     one, argument = _slotted(text), ""
@@ -328,30 +321,18 @@ def _repeated(one: str | None, two: str | None, slots: tuple[str, ...]) -> tuple
     return 0, ""
 
 
-def _probe_text(tokenizer, stop_ids: set[int], calls: int, content: str, arguments: dict) -> str | None:
+def _probe_text(tokenizer, calls: int, content: str, arguments: dict) -> str | None:
     """What the template trains for an assistant turn of `content` and `calls` probe calls (from the end
     of the content), decoded as generated text is; None if it cannot write that turn."""
-    from sftlab.data.conversation import Conversation
-    from sftlab.data.render import IGNORE, render
-    from sftlab.errors import SftlabError
-    from sftlab.serve.generation import IncrementalDecoder
+    from sftlab.serve.generation import trained_reply
 
     call = {"id": _PROBE_ID, "type": "function", "function": {"name": _PROBE_NAME, "arguments": dict(arguments)}}
-    conv = Conversation([{"role": "user", "content": "Hi."},
-                         {"role": "assistant", "content": content, "tool_calls": [dict(call)] * calls}],
-                        source="the tool-call probe", meta={"tools": [_PROBE_TOOL]})
-    try:
-        example = render(conv, tokenizer)
-    except SftlabError:  # DataError too: the template cannot write this turn (e.g. drops the content)
+    text = trained_reply(tokenizer, [{"role": "user", "content": "Hi."},
+                                     {"role": "assistant", "content": content, "tool_calls": [dict(call)] * calls}],
+                         "the tool-call probe", {"tools": [_PROBE_TOOL]})
+    if text is None or content and content not in text:
         return None
-    decoder = IncrementalDecoder(tokenizer)
-    text = "".join(decoder.add(int(t)) for t, label in zip(example.input_ids, example.labels)
-                   if label != IGNORE and t not in stop_ids)
-    if content:
-        if content not in text:
-            return None
-        text = text.split(content, 1)[1]
-    return text.strip()
+    return (text.split(content, 1)[1] if content else text).strip()
 
 
 def _slotted(text: str | None) -> str | None:
