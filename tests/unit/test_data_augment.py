@@ -75,13 +75,14 @@ def test_self_instruct_parses_filters_and_records_seeds():
     replies = ["Instruction: Convert this date to ISO format: July 9, 1999\nAnswer: 1999-07-09",
                "Sorry, I do not know.",  # unparseable
                "Instruction: Convert this date to ISO format: March 5, 2021\nAnswer: 2021-03-05",  # copies a source
-               "Instruction: Convert this date to ISO format: July 9, 1999\nAnswer: 1999-07-09"]  # repeats the first
-    opts = AugmentOptions(strategies=["self_instruct"], self_instruct_count=4, seeds_per_prompt=2, seed=0)
+               "Instruction: Convert this date to ISO format: July 9, 1999\nAnswer: 1999-07-09",  # repeats the first
+               Reply("Instruction: Convert this date to ISO format: May 1, 2000\nAnswer: 20", True)]  # cut off
+    opts = AugmentOptions(strategies=["self_instruct"], self_instruct_count=5, seeds_per_prompt=2, seed=0)
     new, report = augment(DATA, opts, generator=CannedGenerator(replies))
     assert [c.messages for c in new] == [[{"role": "user", "content": "Convert this date to ISO format: July 9, 1999"},
                                           {"role": "assistant", "content": "1999-07-09"}]]
     assert len(new[0].meta["augmented_from"]) == 2 and set(new[0].meta["augmented_from"]) <= {"f:1", "f:2", "f:3"}
-    assert report.unparseable == 1 and report.generated["self_instruct"] == 3 and report.kept["self_instruct"] == 1
+    assert report.unparseable == 1 and report.cut_off == 1 and report.generated["self_instruct"] == 3 and report.kept["self_instruct"] == 1
     # the copy of f:2 lacks its system prompt, so it is a near (not exact) duplicate of it
     assert report.filtered["self_instruct"]["removed"] == {"near duplicate": 1, "exact duplicate": 1}
     examples = report.filtered["self_instruct"]["examples"]

@@ -328,7 +328,7 @@ def augment(
 ) -> None:
     """Rule-based and model-based augmentation with provenance (augmented_from), then filtered.
 
-    New records are checked against the originals and each other: exact duplicates and the answer quality filters for every strategy; near-duplicates for self_instruct only (variants are near-copies by design); and a model_paraphrase rewrite is dropped when cut off at max_new_tokens, empty, unchanged, repetitive, or under 0.3x / over 3x the original's word count (an original under 5 words counting as 5).
+    New records are checked against the originals and each other: exact duplicates and the answer quality filters for every strategy; near-duplicates for self_instruct only (variants are near-copies by design). A self_instruct reply cut off at max_new_tokens is dropped, and a model_paraphrase rewrite is dropped when cut off at max_new_tokens, empty, unchanged, repetitive, or under 0.3x / over 3x the original's word count (an original under 5 words counting as 5).
     """
     from sftlab.data.augment import augment as run
     from sftlab.data.load import save_conversations
@@ -346,6 +346,9 @@ def augment(
         print(f"{s:>18}: generated {report.generated[s]:>6}, kept {report.kept[s]:>6}")
     if report.unparseable:
         print(f"{'unusable outputs':>18}: {report.unparseable}")
+    if report.cut_off:
+        print(f"{'cut-off outputs':>18}: {report.cut_off} (stopped at max_new_tokens {opts.max_new_tokens}; "
+              "raise it with --set max_new_tokens=N to keep them)")
     if report.rewrites_dropped:
         dropped = ", ".join(f"{reason} {k}" for reason, k in report.rewrites_dropped.most_common())
         print(f"{'dropped rewrites':>18}: {dropped}")

@@ -84,12 +84,14 @@ class AugmentReport:
     sources: int = 0
     generated: Counter = field(default_factory=Counter)  # strategy -> records made
     unparseable: int = 0
+    cut_off: int = 0  # self_instruct replies that stopped at max_new_tokens: their answers are cut short
     rewrites_dropped: Counter = field(default_factory=Counter)  # reason -> model_paraphrase rewrites dropped
     kept: Counter = field(default_factory=Counter)  # strategy -> records kept after filtering
     filtered: dict[str, Any] = field(default_factory=dict)  # strategy -> curate report JSON + near_dedup applied
 
     def to_json(self) -> dict[str, Any]:
         return {"sources": self.sources, "generated": dict(self.generated), "unparseable": self.unparseable,
+                "cut_off": self.cut_off,
                 "rewrites_dropped": dict(self.rewrites_dropped.most_common()), "kept": dict(self.kept),
                 "kept_total": sum(self.kept.values()), "filtered": self.filtered}
 
@@ -261,6 +263,9 @@ def self_instruct(convs: list[Conversation], gen: LocalGenerator, opts: AugmentO
         for seeds in picks]
     out = []
     for k, (seeds, reply) in enumerate(zip(picks, gen.generate(prompts, opts))):
+        if reply.cut_off:
+            report.cut_off += 1
+            continue
         m = _SELF_INSTRUCT_REPLY.search(reply.text)
         if not m or not m["i"].strip() or not m["a"].strip():
             report.unparseable += 1
