@@ -47,19 +47,19 @@ def study_trials(sweep_dir: Path) -> list:
 
 
 def test_sweep_finds_the_planted_learning_rate(tmp_path, tiny_model_dir, demo_data):
-    # On the random tiny model a learning rate of 1e-6 or 1e-5 leaves eval loss where it starts
-    # (10.78) after 4 steps and 3e-2 brings it down (10.62): the sweep must pick 3e-2 and write
-    # it into best.yaml (1e-1 overshoots at this step count).
+    # On the random tiny model a learning rate of 1e-6 leaves eval loss where it starts (10.78)
+    # after 4 steps and 3e-2 brings it down (10.62): the sweep must pick 3e-2 and
+    # write it into best.yaml (1e-1 overshoots at this step count).
     out = tmp_path / "sweep"
     cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, demo_data, out,
-                       {"space": {"training.learning_rate": [1e-6, 3e-2, 1e-5]}, "sampler": "grid", "pruner": "none"},
+                       {"space": {"training.learning_rate": [1e-6, 3e-2]}, "sampler": "grid", "pruner": "none"},
                        max_steps=4, eval_steps=4)
-    assert main(["sweep", str(cfg), "--trials", "3"]) == 0
+    assert main(["sweep", str(cfg), "--trials", "2"]) == 0
     summary = json.loads((out / "sweep.json").read_text())
     values = {t["params"]["training.learning_rate"]: t["value"] for t in summary["trials"]}
-    assert len(values) == 3 and all(t["state"] == "complete" for t in summary["trials"])
+    assert len(values) == 2 and all(t["state"] == "complete" for t in summary["trials"])
     assert summary["best"]["params"] == {"training.learning_rate": 3e-2}
-    assert values[3e-2] < min(values[1e-6], values[1e-5]) - 0.1
+    assert values[3e-2] < values[1e-6] - 0.1
     for t in summary["trials"]:  # each trial is a normal run directory
         run = Path(t["run_dir"])
         assert (run / "run.json").exists() and (run / "adapter" / "adapter_config.json").exists()
