@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from sftlab.data.curate import CurateOptions
@@ -106,17 +106,30 @@ class TrainingConfig(Section):
     dataloader_num_workers: int = Field(0, ge=0)
     report_to: list[str] = Field(default_factory=list)
 
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_name(cls, value: Any) -> Any:
+        """One name, as TrainingArguments takes it too: `report_to: wandb`, `all`; `none` is no tracker."""
+        if isinstance(value, str):
+            return [] if value == "none" else [value]
+        return value
+
     @model_validator(mode="after")
     def _passthrough_names(self) -> TrainingConfig:
         extra = self.model_extra or {}
         if extra:
             known = training_argument_names()
+            values = self.passthrough()
             for key in extra:
                 if key in SET_BY_SFTLAB:
                     raise PydanticCustomError("set_by_sftlab", "set by sftlab", {"key": key, "instead": SET_BY_SFTLAB[key]})
                 if key not in known:
+                    hint = moved_key(key, "training")
                     close = difflib.get_close_matches(key, [*type(self).model_fields, *known], n=1, cutoff=0.6)
-                    raise PydanticCustomError("unknown_training_argument", "unknown key", {"key": key, "hint": close[0] if close else ""})
+                    hint = hint or (f"training.{close[0]}" if close else "")
+                    raise PydanticCustomError("unknown_training_argument", "unknown key", {"key": key, "hint": hint})
+                if (wrong := passthrough_type_error(key, values[key])) is not None:
+                    raise PydanticCustomError("training_argument_type", "wrong type", {"key": key, "expected": wrong})
         if self.fp16 and self.bf16 is True:
             raise ValueError("fp16 and bf16 are both on: choose one mixed precision")
         if "warmup_steps" in extra and self.warmup_ratio != type(self).model_fields["warmup_ratio"].default:
@@ -135,6 +148,30 @@ class TrainingConfig(Section):
         extra = dict(self.model_extra or {})
         strings = training_argument_names(str) if False in extra.values() else set()
         return {k: "no" if v is False and k in strings else v for k, v in extra.items()}
+
+
+# Keys sftlab types and checks when the run starts, not here: the engine settings (distributed.py).
+ENGINE_KEYS = frozenset({"deepspeed", "fsdp", "fsdp_config"})
+
+
+def passthrough_type_error(key: str, value: Any) -> str | None:
+    """The type TrainingArguments declares for `key` when `value` is not one (None when it is):
+    a dataclass does not check its fields, so `torch_compile: maybe` would turn compiling on
+    and `ddp_timeout: soon` fail deep inside a run."""
+    import typing
+
+    from transformers import TrainingArguments
+
+    if key in ENGINE_KEYS:
+        return None
+    hint = typing.get_type_hints(TrainingArguments).get(key)
+    try:
+        TypeAdapter(hint).validate_python(value)
+    except ValidationError:
+        return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    except Exception:  # a type pydantic cannot check: transformers checks it when training starts
+        return None
+    return None
 
 
 def training_argument_names(default_type: type | None = None) -> set[str]:
@@ -316,6 +353,51 @@ def merge_trees(base: dict, extra: dict) -> dict:
     return out
 
 
+# What TRL, Axolotl and HF example scripts call sftlab's keys (the key's last part -> sftlab's key).
+FOREIGN_KEYS = {
+    **dict.fromkeys(("lr",), "training.learning_rate"),
+    **dict.fromkeys(("batch_size", "micro_batch_size", "train_batch_size", "per_device_batch_size"),
+                    "training.per_device_train_batch_size"),
+    **dict.fromkeys(("epochs", "num_epochs"), "training.num_train_epochs"),
+    **dict.fromkeys(("gradient_accumulation", "grad_accum"), "training.gradient_accumulation_steps"),
+    **dict.fromkeys(("max_seq_length", "max_length", "max_seq_len", "sequence_len", "seq_len", "cutoff_len"),
+                    "data.max_seq_length"),
+    **dict.fromkeys(("packing", "sample_packing"), "data.packing"),
+    **dict.fromkeys(("lora_r", "rank"), "lora.r"),
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    **dict.fromkeys(("lora_target_modules", "target_modules"), "lora.target_modules"),
+    "use_dora": "lora.use_dora",
+    **dict.fromkeys(("base_model", "model_name_or_path", "model_name"), "model.name_or_path"),
+    **dict.fromkeys(("dataset", "datasets", "dataset_name", "train_file", "path"), "data.train"),
+    **dict.fromkeys(("eval_dataset", "eval_file", "validation_file", "val_set", "val", "eval"), "data.validation"),
+    **dict.fromkeys(("dataset_text_field",), "data.columns"),
+    **dict.fromkeys(("assistant_only_loss", "completion_only_loss", "train_on_inputs"), "data.train_on"),
+    **dict.fromkeys(("adapter", "peft", "use_peft"), "method"),
+}
+
+
+def moved_key(name: str, section: str) -> str | None:
+    """Where sftlab keeps a key given in the wrong section (`learning_rate` at the top level) or by
+    another tool's name (`training.lora_r`, `micro_batch_size`); None when it knows no such key."""
+    if section not in ("", "model", "data", "lora", "training", "distributed"):
+        return None
+    found = FOREIGN_KEYS.get(name)
+    if found is None:
+        for sec, field in TrainConfig.model_fields.items():
+            sub = [a for a in (field.annotation, *get_args(field.annotation)) if isinstance(a, type) and issubclass(a, Section)]
+            if sub and name in sub[0].model_fields and sec != "sweep":
+                found = f"{sec}.{name}"
+                break
+    if found is None and section != "training" and name in training_argument_names():
+        found = f"training.{name}"
+    return found if found and found != f"{section}.{name}".lstrip(".") else None
+
+
+def _given_value(tree: Any, key: str) -> Any:
+    return tree.get(key) if isinstance(tree, dict) else tree
+
+
 def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
@@ -334,13 +416,19 @@ def _explain(err: ValidationError, model: type[BaseModel], origin: str) -> str:
         where = ".".join(str(p) for p in loc)
         if e["type"] == "unknown_training_argument":
             ctx = e["ctx"]
-            hint = f"; did you mean '{where}.{ctx['hint']}'?" if ctx["hint"] else " (not a TrainingArguments field either)"
+            hint = f"; did you mean '{ctx['hint']}'?" if ctx["hint"] else " (not a TrainingArguments field either)"
             lines.append(f"unknown key '{where}.{ctx['key']}'{hint}")
+        elif e["type"] == "training_argument_type":
+            ctx = e["ctx"]
+            lines.append(f"'{where}.{ctx['key']}': TrainingArguments takes {ctx['expected']} "
+                         f"(got {_given_value(e.get('input'), ctx['key'])!r})")
         elif e["type"] == "set_by_sftlab":
             lines.append(f"'{where}.{e['ctx']['key']}' is set by sftlab; use {e['ctx']['instead']}")
         elif e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(loc[-1]), _field_names(model, loc), n=1, cutoff=0.5)
-            hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+            moved = moved_key(str(loc[-1]), ".".join(map(str, loc[:-1])))
+            close = [moved] if moved else [".".join([*map(str, loc[:-1]), c]) for c in
+                                           difflib.get_close_matches(str(loc[-1]), _field_names(model, loc), n=1, cutoff=0.5)]
+            hint = f"; did you mean '{close[0]}'?" if close else ""
             if loc == ("align",):
                 hint = " (an alignment config: run it with sftlab align)"
             lines.append(f"unknown key '{where}'{hint}")
@@ -379,10 +467,31 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, cls
     given = parse_overrides(overrides or [])
     tree = merge_trees(tree, given)
     try:
-        return cls.model_validate(tree)
+        config = cls.model_validate(tree)
     except ValidationError as e:
         from_overrides = all(_given_at(given, e_["loc"]) for e_ in e.errors())
         raise SftlabError(_explain(e, cls, "overrides" if path is None or from_overrides else str(path))) from None
+    if path is not None:
+        _refuse_paths_beside_config(config, tree, given, Path(path))
+    return config
+
+
+def _refuse_paths_beside_config(config: BaseModel, tree: dict, given: dict, path: Path) -> None:
+    """A relative path in the file that is missing from the current directory but lies beside the
+    config file: the user meant it from the config's folder, while sftlab reads it from the
+    current one (docs/configuration.md). Said now, in one line, not as 'file not found' later."""
+    for dotted in ("data.train", "data.validation", "model.name_or_path", "model.chat_template"):
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section, None), key, None)
+        if not isinstance(value, str) or _given_at(given, (section, key)) or value == "default":
+            continue
+        rel = Path(value).expanduser()
+        beside = path.parent / rel
+        if rel.is_absolute() or rel.exists() or not beside.exists() or path.parent.resolve() == Path.cwd().resolve():
+            continue
+        raise SftlabError(f"{path}: {dotted} '{value}' is not in the current directory ({Path.cwd()}) but is beside "
+                          f"the config ({beside}): relative paths in a config are read from the directory sftlab "
+                          f"runs in; run it from {path.parent}, or write the path from here: {beside}")
 
 
 def load_any_config(path: str | Path, overrides: list[str] | None = None):

@@ -9,7 +9,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -271,6 +271,8 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
     try:
         model = get_peft_model(model, peft_config)
     except ValueError as e:
+        if type(e).__name__ == "NoMatchingPeftModuleError":
+            raise SftlabError(no_target_message(model, lora.target_modules)) from None
         if lora.use_dora and "dora" in str(e).lower():  # e.g. a mixture-of-experts model's fused expert weights
             raise SftlabError(f"method dora: PEFT cannot apply DoRA to every layer lora.target_modules "
                               f"({lora.target_modules}) picks: {str(e).splitlines()[0]} On a mixture-of-experts "
@@ -279,6 +281,39 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
         raise
     fuse_lora_layers(model)
     return model
+
+
+def no_target_message(model, targets) -> str:
+    """lora.target_modules matched no layer: say which names this model's linear layers have."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                    if isinstance(m, (torch.nn.Linear, Conv1D)) and n.rsplit(".", 1)[-1] != "lm_head"})
+    given = f"'{targets}'" if isinstance(targets, str) else f"[{', '.join(targets)}]"
+    example = ["q_proj", "v_proj"] if {"q_proj", "v_proj"} <= set(names) else names[:2]
+    comma = " (a list is written [a,b]; one string is a regular expression)" if isinstance(targets, str) and "," in targets else ""
+    return (f"lora.target_modules: {given} matches no layer of {type(model).__name__}{comma}; its linear layers are "
+            f"{', '.join(names)}: e.g. lora.target_modules=[{','.join(example)}], or all-linear")
+
+
+def bf16_unavailable(config: TrainConfig) -> str | None:
+    """Why bf16 cannot train this run (None when it can): transformers refuses bf16 under DeepSpeed
+    without a GPU (DeepSpeed runs on a CPU only with use_cpu off, which bf16 then needs a GPU for)."""
+    from sftlab.train.distributed import engine_name
+
+    if torch.cuda.is_available() or engine_name(config.distributed, config.training.passthrough()) != "deepspeed":
+        return None
+    return "DeepSpeed on a CPU trains in fp32 here (transformers allows bf16 under DeepSpeed on a GPU only)"
+
+
+def wants_bf16(config: TrainConfig) -> bool:
+    """training.bf16 resolved: auto is on where the device has fast bf16 matmuls and the engine can use them."""
+    t = config.training
+    if t.fp16:
+        return False
+    if t.bf16 == "auto":
+        return device_supports_bf16() and bf16_unavailable(config) is None
+    return bool(t.bf16)
 
 
 def preflight(config: TrainConfig) -> None:
@@ -291,6 +326,8 @@ def preflight(config: TrainConfig) -> None:
     if config.training.fp16 and not torch.cuda.is_available():
         raise SftlabError("training.fp16: fp16 mixed precision needs a CUDA GPU (on CPU it would train in fp32 "
                           "without loss scaling); on CPU use training.bf16 or neither")
+    if config.training.bf16 is True and (reason := bf16_unavailable(config)):
+        raise SftlabError(f"training.bf16: {reason}; set training.bf16=false (or auto)")
     if config.training.use_liger_kernel is True and (reason := kernels.unavailable()):
         raise SftlabError(f"training.use_liger_kernel: {reason}")
     if config.training.compile_norms is True and (reason := compiled_norms.unavailable(device_type())):
@@ -356,11 +393,46 @@ def training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: bool
         liger_kernel_config=liger,
     )
     kwargs.update(t.passthrough())  # TrainingArguments fields given by their HF names
+    check_evaluation(t.passthrough(), has_eval, load_best)
     kwargs.update(engine_arguments(config))  # training.deepspeed / fsdp_config resolved and checked
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError, ImportError) as e:  # a value TrainingArguments itself refuses
-        raise SftlabError(f"training: {str(e).strip().splitlines()[0]}") from None
+        raise SftlabError(f"training: {' '.join(str(e).split())}") from None
+
+
+@contextmanager
+def tracker_errors(report_to: list[str]):
+    """A tracker of training.report_to that fails (wandb without `wandb login`, say) as one line
+    naming it, not as a traceback from inside the Trainer's callbacks."""
+    try:
+        yield
+    except Exception as e:
+        package = type(e).__module__.split(".")[0]
+        if package not in report_to:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        raise SftlabError(f"training.report_to: {package} failed: {message} (docs/sweep.md: each tracker's "
+                          "offline use, e.g. WANDB_MODE=offline; or leave it out of training.report_to)") from None
+
+
+def check_evaluation(passthrough: dict, has_eval: bool, load_best: bool) -> None:
+    """Refuse the evaluation settings given by their TrainingArguments names that cannot work with
+    what sftlab sets: evaluating with no validation data, or keeping the best checkpoint (early
+    stopping) while evaluating at other points than sftlab's step-wise saves."""
+    strategy = str(passthrough.get("eval_strategy", "steps" if has_eval else "no"))
+    if strategy not in ("no", "steps", "epoch"):
+        return  # not a strategy: TrainingArguments says so, with the valid names
+    if not has_eval:
+        asked = [k for k, on in (("eval_strategy", strategy != "no"), ("eval_on_start", passthrough.get("eval_on_start")))
+                 if on]
+        if asked:
+            raise SftlabError(f"training.{asked[0]}: evaluation needs validation data: set data.validation "
+                              f"(or leave training.{asked[0]} out)")
+    elif load_best and strategy != "steps":
+        raise SftlabError(f"training.eval_strategy: {strategy} cannot keep the best checkpoint "
+                          "(training.early_stopping_patience / load_best_model_at_end): sftlab saves every "
+                          "training.save_steps steps, so it evaluates every training.eval_steps; leave eval_strategy out")
 
 
 def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
@@ -410,6 +482,9 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
             config.data.validation, tokenizer, config.data, cache_root, out / "rejects.validation.jsonl" if main else None
         )
         log(eval_stats.summary())
+        if not eval_ex:  # no eval loss would be computed, nor early stopping: without a word
+            raise SftlabError(f"{config.data.validation}: no usable validation example (see the counts above); "
+                              "fix data.validation or leave it out")
     digests = {"train": train_stats.digest, **({"validation": eval_stats.digest} if eval_stats else {})}
     state = checkpoint_state(config, digests)
     checkpoint, saved = resume_checkpoint(out, state) if resume else (None, {})
@@ -418,8 +493,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     if (done := finished_run(out, saved, state, log)) is not None:
         return done
     distributed.on_main_process(atomic_write, out / "config.yaml", config.to_yaml())
-    use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
-    use_bf16 = use_bf16 and not config.training.fp16
+    use_bf16 = wants_bf16(config)
     set_seed(config.training.seed)  # LoRA's initialisation too must repeat for the same seed
     model = build_model(config, use_bf16, tokenizer)
     flatten = can_flatten(model)
@@ -433,6 +507,9 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     if hasattr(model, "print_trainable_parameters"):
         distributed.on_main_process(model.print_trainable_parameters)
     has_eval = bool(eval_ex)
+    if not has_eval and (unused := [k for k in ("early_stopping_patience", "load_best_model_at_end")
+                                    if getattr(config.training, k)]):
+        log(f"training.{unused[0]}: no data.validation, so no evaluation: it does not apply to this run")
     liger = kernels.liger_kernel_config(config.training.use_liger_kernel, model.config)
     liger_layers = sorted(k for k, on in (liger or {}).items() if on)
     if liger_layers:
@@ -474,7 +551,8 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     with compiled_norms.compiled_norms(model, autocast_dtype, required=config.training.compile_norms is True,
                                        log=log) if compile_norms else nullcontext(False) as norms_compiled:
         t_train = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        with tracker_errors(config.training.report_to):
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_seconds = time.perf_counter() - t_train
     train_loss = trainer.run_train_loss(result.training_loss, saved.get("global_step", 0))
 
