@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("sftlab.commands.eval", "Evaluate a model or run on a dataset (EM, accuracy, F1, BLEU, ROUGE, perplexity)."),
     "compare": ("sftlab.commands.compare", "Base vs tuned: metrics, confidence intervals, plots, HTML report."),
     "estimate": ("sftlab.commands.estimate", "Memory estimate before training (weights, grads, optimizer, activations)."),
-    "export": ("sftlab.commands.export", "Export a run: merged safetensors, ONNX, or a Triton model repository."),
+    "export": ("sftlab.commands.export", "Export a run or model: merged safetensors, GGUF, ONNX, or a Triton model repository."),
     "serve": ("sftlab.commands.serve", "OpenAI-compatible HTTP server for a model or run."),
     "chat": ("sftlab.commands.chat", "Chat with a model or run in the terminal."),
 }

@@ -105,17 +105,66 @@ def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
     p = Path(name_or_path).expanduser()
     if p.suffix == ".gguf":
         if not p.exists():
-            raise SftlabError(f"GGUF file not found: {p}")
+            raise not_found("GGUF file", name_or_path)
         return str(p.parent), p.name
     if p.exists():
         if not p.is_dir():
             raise SftlabError(f"{p} is not a model folder or a .gguf file")
+        _check_folder(name_or_path)
         return str(p), None
     # a path, not a hub id: it says so, has more parts than owner/name, or its folder is here (runs/nope)
     if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and name_or_path.count("/") > 1 or (
             p.parent != Path(".") and p.parent.is_dir()):
-        raise SftlabError(f"model folder not found: {name_or_path}")
+        raise not_found("model folder", name_or_path)
     return name_or_path, None  # a hub id: resolved by transformers (local cache when offline)
+
+
+# A folder holding any of these can be loaded from (a model, an adapter, a tokenizer, a finished run);
+# one holding none, but what `sftlab train` writes before run.json (its last file), is an unfinished run.
+LOADABLE_FILES = ("config.json", "adapter_config.json", "tokenizer_config.json", "tokenizer.json", "tokenizer.model",
+                  "vocab.json", "run.json")
+UNFINISHED_RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml")
+
+
+def not_found(what: str, name: str) -> SftlabError:
+    """'WHAT not found: NAME', saying where a relative path was looked for."""
+    if Path(name).expanduser().is_absolute():
+        return SftlabError(f"{what} not found: {name}")
+    return SftlabError(f"{what} not found: {name} (relative paths are read from the current directory, {Path.cwd()})")
+
+
+def _check_folder(name: str) -> None:
+    """Refuse a local folder that holds no model or tokenizer: empty, or a run still training or stopped."""
+    folder = Path(name).expanduser()
+    if any((folder / f).exists() for f in LOADABLE_FILES):
+        return
+    if any((folder / f).exists() for f in UNFINISHED_RUN_FILES):
+        raise SftlabError(f"{name} is a training run that has not finished (no run.json yet: still training, or "
+                          "stopped); wait for it to finish, or continue it with `sftlab train CONFIG --resume` "
+                          "(or `sftlab align CONFIG --resume`)")
+    ggufs = sorted(folder.glob("*.gguf"))
+    hint = f"; pass the .gguf file itself: {ggufs[0]}" if ggufs else ""
+    raise SftlabError(f"{name} holds no model or tokenizer (no config.json, tokenizer files or run.json){hint}")
+
+
+def check_model(name_or_path: str) -> None:
+    """Fail now, before anything loads, when a model argument cannot load: resolved as loading resolves
+    it (a run: its final model, else the base it was trained from); a hub id's config is read (from the
+    local cache when offline), not its weights."""
+    if is_run_dir(name_or_path):
+        art = run_artifacts(name_or_path)
+        if not art["adapter"] and not art["model"]:
+            raise SftlabError(f"{name_or_path} has neither adapter/ nor model/: the run did not finish")
+        return check_model(art["model"] or art["base"])
+    path, gguf = resolve_model_path(name_or_path)
+    if gguf or Path(path).is_dir():
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise _hub_error(name_or_path, e) from e
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -163,10 +212,10 @@ def _hub_error(name: str, err: Exception) -> SftlabError:
     if "trust_remote_code" in str(err):
         return SftlabError(f"'{name}' needs its own Python code (auto_map in its config), which sftlab runs only "
                            "when told: set model.trust_remote_code: true if you trust it")
-    return SftlabError(
-        f"could not load '{name}': {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-        "(offline? a hub id only loads from the local cache; pass a local folder instead)"
-    )
+    message = f"could not load '{name}': {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if Path(name).expanduser().exists():  # a local folder or file: the hub plays no part
+        return SftlabError(message)
+    return SftlabError(f"{message} (offline? a hub id only loads from the local cache; pass a local folder instead)")
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, chat_template: str | None = None):

@@ -66,3 +66,16 @@ def test_inspect_shows_both_sides_of_a_pair_and_what_a_kto_label_means(tmp_path,
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     side = pair["rejected"]
     assert tok.decode([t for t, lab in zip(side["input_ids"], side["labels"]) if lab != -100]) == "Quito.<|im_end|>"
+
+
+def test_inspect_header_of_a_saved_dataset_dict_shows_its_split(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """The source `ds[train]:row 1` is printed as text: rich must not read `[train]` as markup."""
+    from datasets import Dataset, DatasetDict
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}]
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk("ds")
+    assert main(["data", "inspect", "ds", "--model", str(tiny_model_dir)]) == 0
+    assert "ds[train]:row 1" in capsys.readouterr().out
+    assert main(["data", "inspect", "ds", "--model", str(tiny_model_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["source"] == "ds[train]:row 1"

@@ -143,3 +143,27 @@ def test_a_failed_png_write_leaves_the_previous_report_images_whole(monkeypatch,
         write_compare_report({"a": a, "b": b}, out, n_bootstrap=50)
     assert (out / "metrics.png").read_bytes() == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_compare_checks_every_model_before_evaluating_any(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A missing or empty tuned model is an error before the base is loaded or evaluated, not after."""
+    from sftlab.cli import main
+    from sftlab.evaluation.compare import compare_models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before every model argument was checked")
+    monkeypatch.setattr("sftlab.models.load_model", no_loading)
+    monkeypatch.setattr("sftlab.evaluation.compare.evaluate", no_loading)
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"},
+                                                     {"role": "assistant", "content": f"A{i}."}]}) + "\n"
+                            for i in range(2)))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert main(["compare", str(tiny_model_dir), "runs/nonexist", "--data", str(test), "--limit", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: model folder not found: runs/nonexist") and len(err.splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SftlabError, match="holds no model or tokenizer"):
+        compare_models({"base": str(tiny_model_dir), "tuned": str(tmp_path / "empty")}, data(), tmp_path / "out",
+                       progress=False)

@@ -46,8 +46,12 @@ def compare(
 ) -> None:
     """Evaluate a base model and tuned models on the same data; write an HTML + Markdown report."""
     from sftlab.commands.eval import check_probe, load_eval_data, split_names
+    from sftlab.evaluation.compare import check_models, compare_models
 
     check_probe(probe)
+    specs = [base, *tuned]
+    models = dict(zip(model_names(specs), specs))
+    check_models(models)  # every model, before the data is read or anything is generated
     if probe_file and probe is None:
         probe = "bias"
     names = split_names(metrics)
@@ -61,11 +65,9 @@ def compare(
         from sftlab.evaluation.bias import load_probes
 
         probes = load_probes(probe_file or [])
-    from sftlab.evaluation.compare import compare_models
     from sftlab.evaluation.console import print_bias, print_compare
 
-    specs = [base, *tuned]
-    result = compare_models(dict(zip(model_names(specs), specs)), conversations, out, metrics=names,
+    result = compare_models(models, conversations, out, metrics=names,
                             batch_size=batch_size, max_new_tokens=max_new_tokens, group_by=group_by or None,
                             bias=probe == "bias", probes=probes, n_bootstrap=bootstrap, chat_template=chat_template)
     print_compare(result.data)

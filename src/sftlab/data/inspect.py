@@ -95,12 +95,14 @@ def token_pieces(ex, tokenizer) -> list[tuple[str, bool]]:
 
 def _print_example(ex, tokenizer, note: str | None = None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.text import Text
 
     console = Console(file=sys.stdout, highlight=False)
     text = Text()
     for piece, trained in token_pieces(ex, tokenizer):
         text.append(piece, style="bold green on grey15" if trained else "dim")
-    console.rule(f"{ex.source} ({note})" if note else ex.source)
+    source = escape(ex.source)  # user text: a saved DatasetDict's "ds[train]:row 1" is not markup
+    console.rule(f"{source} ({note})" if note else source)
     console.print(text)
     console.print(f"[dim]{len(ex)} tokens, {ex.num_trained} trained (highlighted green)[/]")

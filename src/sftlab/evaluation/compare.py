@@ -201,6 +201,15 @@ def write_compare_report(
     return CompareResult(data, results, paths)
 
 
+def check_models(models: dict[str, Any]) -> None:
+    """Fail before any model loads when one of the models given by name or path cannot load."""
+    from sftlab.models import check_model
+
+    for spec in models.values():
+        if isinstance(spec, (str, Path)):
+            check_model(str(spec))
+
+
 def compare_models(
     models: dict[str, Any],
     conversations,
@@ -222,6 +231,7 @@ def compare_models(
     models that are not runs are asked with (runs use the one they were trained with)."""
     from sftlab.models import is_run_dir, load_model, load_tokenizer
 
+    check_models(models)
     runs = dict(runs or {})
     results: dict[str, EvalResult] = {}
     bias_results: dict[str, Any] = {}
