@@ -69,7 +69,7 @@ def test_lora_run_exports_to_f16_within_bounds(f16_export, small_tokenizer):
     out, result = f16_export
     print("\n".join(result.lines()))
     assert result.ok, result.lines()
-    assert result.max_abs_diff <= 2e-2 and abs(result.metrics["NLL delta"]) <= 1e-3
+    assert result.max_abs_diff <= 2e-2 and nll_change(result) <= 1e-3
     reader = gguf.GGUFReader(out / "model.gguf")
     fields = {k: f.contents() for k, f in reader.fields.items()}
     assert fields["general.architecture"] == "llama"
@@ -102,8 +102,14 @@ def test_q8_0_round_trip_within_looser_bounds(tmp_path, small_tokenizer, run_dir
     assert 0 < result.max_abs_diff <= 0.1  # quantized: not exact, but close
 
 
-def corrupted_copy(gguf_path: Path, tmp_path: Path, tensor_name: str) -> Path:
-    """A copy of GGUF_PATH with one tensor's rows in reverse order: the same values, still a valid file."""
+def nll_change(result) -> float:
+    (check,) = [c for c in result.checks if c.name.startswith("|NLL change|")]
+    return check.value
+
+
+def corrupted_copy(gguf_path: Path, tmp_path: Path, tensor_name: str, change=lambda data: data[::-1].copy()) -> Path:
+    """A copy of GGUF_PATH with one tensor changed, by default its rows in reverse order: the same
+    values, still a valid file."""
     import shutil
 
     import gguf
@@ -113,7 +119,7 @@ def corrupted_copy(gguf_path: Path, tmp_path: Path, tensor_name: str) -> Path:
     shutil.copy(gguf_path, copy)
     reader = gguf.GGUFReader(copy, "r+")
     tensor = next(t for t in reader.tensors if t.name == tensor_name)
-    tensor.data[...] = tensor.data[::-1].copy()
+    tensor.data[...] = change(tensor.data)
     reader.data.flush()
     del reader
     return copy
@@ -141,14 +147,14 @@ def test_a_corrupted_tensor_fails_the_check(tmp_path, f16_export, run_dir):
 
 @pytest.fixture(scope="module")
 def trained_llama(tmp_path_factory, small_tokenizer) -> Path:
-    """A tiny Llama that has learnt the check prompts (mean NLL well under 1), so that a wrong weight
-    shows in the NLL; a random model's NLL is about log(vocab) whatever its weights."""
+    """A tiny Llama that has learnt the check prompts and the fixed text (mean NLL well under 1), so
+    that a wrong weight shows in the NLL; a random model's NLL is about log(vocab) whatever its weights."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sftlab.export.verify import prompt_ids
+    from sftlab.export.verify import FIXED_TEXT, prompt_ids
 
-    ids = prompt_ids(small_tokenizer)
+    ids = [*prompt_ids(small_tokenizer), small_tokenizer(FIXED_TEXT)["input_ids"]]
     width = max(map(len, ids))
     batch = torch.tensor([x + [small_tokenizer.pad_token_id] * (width - len(x)) for x in ids])
     labels = torch.tensor([x + [-100] * (width - len(x)) for x in ids])
@@ -158,7 +164,7 @@ def trained_llama(tmp_path_factory, small_tokenizer) -> Path:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(40):
+    for _ in range(150):
         loss = model(input_ids=batch, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -171,19 +177,47 @@ def trained_llama(tmp_path_factory, small_tokenizer) -> Path:
 
 
 def test_q4_0_passes_its_nll_bound_and_a_corrupted_weight_does_not(tmp_path, trained_llama):
-    """q4_0 has no logit bound, only the NLL change and the tokenizer read back: both must be able to
-    pass (this was once impossible) and the NLL change must catch one tensor in the wrong order."""
-    from sftlab.export.gguf import NLL_BOUND, export_gguf
+    """q4_0 has no logit bound, only the NLL change, the top-1 agreement and the tokenizer read back:
+    all must be able to pass (this was once impossible) and the NLL change must catch one tensor in
+    the wrong order."""
+    from sftlab.export.gguf import BOUNDS, export_gguf
 
     result = export_gguf(str(trained_llama), tmp_path / "q4", quant="q4_0")
     print("\n".join(result.lines()))
     assert result.ok, result.lines()
     assert "Q4_0" in result.metrics["tensor types"] and result.lines()[-1] == "  verified"
-    assert 0 < abs(result.metrics["NLL delta"]) <= NLL_BOUND["q4_0"]
-    bad = verify_file(corrupted_copy(tmp_path / "q4" / "model.gguf", tmp_path, "blk.1.attn_v.weight"),
+    assert 0 < nll_change(result) <= BOUNDS["q4_0"]["nll"]
+    bad = verify_file(corrupted_copy(tmp_path / "q4" / "model.gguf", tmp_path, "blk.0.ffn_down.weight"),
                       trained_llama, tmp_path, "q4_0")
-    assert not bad.ok and abs(bad.metrics["NLL delta"]) > NLL_BOUND["q4_0"]
+    assert not bad.ok and nll_change(bad) > BOUNDS["q4_0"]["nll"]
     assert "OUT OF BOUNDS" in "\n".join(bad.lines())
+
+
+@pytest.mark.slow
+def test_q8_0_export_of_the_embedded_model_meets_its_bounds_and_a_flipped_norm_does_not(tmp_path):
+    """The bounds hold on a real model's logits (SmolLM2-135M's reach 43; a tiny random model's stay
+    near 0, where any bound passes): q8_0 costs something within them, and one layer norm with its
+    sign flipped fails the logits, top-1 and NLL checks."""
+    from sftlab.export.gguf import export_gguf
+    from sftlab.models import embedded_model_dir
+
+    src = embedded_model_dir()
+    result = export_gguf(str(src), tmp_path / "q8", quant="q8_0")
+    print("\n".join(result.lines()))
+    assert result.ok, result.lines()
+    assert result.metrics["largest |logit|"] > 20 and 0.1 < result.max_abs_diff <= result.tolerance
+    assert 0 < nll_change(result) and result.metrics["top-1 agreement"] < 1
+    flipped = corrupted_copy(tmp_path / "q8" / "model.gguf", tmp_path, "blk.10.ffn_norm.weight", lambda data: -data)
+    bad = verify_file(flipped, src, tmp_path, "q8_0")
+    assert [c.name.split(" (")[0].split(" on ")[0] for c in bad.all_checks() if not c.ok] == \
+        ["logits vs PyTorch, max abs diff", "|NLL change|", "top-1 agreement with PyTorch"], bad.lines()
+
+
+def test_every_quantization_has_bounds():
+    from sftlab.export.gguf import BOUNDS, K_QUANTS, LOGIT_FLOOR, QUANTS
+
+    assert set(BOUNDS) == set(QUANTS + K_QUANTS)
+    assert {q for q, b in BOUNDS.items() if "logits" in b} == set(LOGIT_FLOOR)
 
 
 def test_unknown_quant_and_architecture_are_clear_errors(tmp_path, small_tokenizer):

@@ -45,4 +45,5 @@ def export(
                                queue_delay_us=queue_delay_us, precision=precision)
     print("\n".join(result.lines()))
     if not result.ok:
-        raise SftlabError(f"the {to} export in {out} did not pass verification (see above)")
+        raise SftlabError(f"the {to} export in {out} did not pass verification (see above): it is kept there to "
+                          "inspect; do not deploy it")

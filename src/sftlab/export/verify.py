@@ -157,6 +157,43 @@ def mean_nll(logits: np.ndarray, ids: list[int]) -> float:
     return float(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
 
 
+@dataclass(frozen=True)
+class LogitComparison:
+    """An export's logits against PyTorch's, teacher-forced on the verification prompts and FIXED_TEXT."""
+
+    max_abs_diff: float
+    largest_logit: float  # the reference's largest |logit|: the scale a lossy export's error grows with
+    top1: float
+    nll_reference: float  # mean next-token NLL of FIXED_TEXT
+    nll_export: float
+    text_tokens: int
+    inputs: int  # prompts + the fixed text
+
+    def checks(self, bounds: dict[str, float]) -> list[Check]:
+        """The NLL and top-1 checks `bounds` asks for ('nll': largest |NLL change|, 'top1': least agreement)."""
+        out = []
+        if "nll" in bounds:
+            out.append(Check(f"|NLL change| on a fixed text ({self.text_tokens} tokens), nats/token",
+                             abs(self.nll_export - self.nll_reference), bounds["nll"]))
+        if "top1" in bounds:
+            out.append(Check("top-1 agreement with PyTorch (teacher-forced greedy)", self.top1, bounds["top1"],
+                             at_least=True))
+        return out
+
+
+def compare_logits(reference, export, tokenizer) -> LogitComparison:
+    """`reference` and `export`: token ids -> logits (one row per position)."""
+    inputs = [*prompt_ids(tokenizer), tokenizer(FIXED_TEXT)["input_ids"]]
+    pairs = [(reference(x), export(x)) for x in inputs]
+    (ref_text, got_text), text_ids = pairs[-1], inputs[-1]
+    return LogitComparison(
+        max_abs_diff=max(float(abs(ref - got).max()) for ref, got in pairs),
+        largest_logit=max(float(abs(ref).max()) for ref, _ in pairs),
+        top1=top1_agreement(np.concatenate([r for r, _ in pairs]), np.concatenate([g for _, g in pairs])),
+        nll_reference=mean_nll(ref_text, text_ids), nll_export=mean_nll(got_text, text_ids),
+        text_tokens=len(text_ids), inputs=len(inputs))
+
+
 def verify_saved(source: str, saved_dir, target: str = "model", tolerance: float = 1e-4) -> VerifyResult:
     """A written model folder, reloaded by plain transformers, against SOURCE as sftlab loads it
     (a GGUF is dequantised and converted, an HF folder copied: both must give the same logits)."""
