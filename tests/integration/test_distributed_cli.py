@@ -60,3 +60,20 @@ def test_sftlab_train_nproc_2(engine, label, lora_setup, tiny_model_dir, tmp_pat
     with torch.no_grad():
         assert (expected - base(**batch, use_cache=False).logits).abs().max() > 1e-3  # the adapter does something
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+
+
+def test_a_user_mistake_under_nproc_is_its_error_line_and_one_more(lora_setup, tmp_path):
+    """A bad data line stops every rank with its own `error:` line; torchrun's ChildFailedError
+    traceback and failure table become one line naming the rank that failed first."""
+    root, _ = lora_setup
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                      '{"messages": [\n')
+    proc = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(root / "config.yaml"), "--nproc", "2",
+                           f"data.train={broken}", f"output_dir={tmp_path / 'run'}"],
+                          env=env(root / "cache"), timeout=600, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert f"error: {broken}:2: malformed JSON" in proc.stderr
+    assert lines[-1].startswith("error: process ") and "of 2 failed first, exit code 1" in lines[-1], lines[-5:]

@@ -191,7 +191,7 @@ def test_align_refuses_fp16_without_a_gpu_before_writing_anything(tmp_path):
 def test_ddp_needs_no_arguments_and_launcher_command():
     assert distributed.engine_arguments(cfg("distributed=ddp")) == {}
     cmd = distributed.torchrun_command(2, ["train", "c.yaml", "a=1"])
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sftlab.cli",
+    assert cmd[1:] == ["-m", "sftlab.train.torchrun", "--standalone", "--nproc_per_node=2", "-m", "sftlab.cli",
                        "train", "c.yaml", "a=1"]
 
 

@@ -275,8 +275,8 @@ def save_final_model(trainer, path: Path) -> None:
 
 
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
-    """`python -m torch.distributed.run` on this machine for `sftlab ARGV` with `nproc` processes."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    """torchrun (train/torchrun.py) on this machine for `sftlab ARGV` with `nproc` processes."""
+    return [sys.executable, "-m", "sftlab.train.torchrun", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "sftlab.cli", *argv]
 
 
