@@ -69,6 +69,8 @@ SET_BY_SFTLAB = {
     "greater_is_better": "nothing: the best checkpoint is the one with the lowest eval_loss",
     "accelerator_config": "distributed: (sftlab configures accelerate for the engine)",
     "liger_kernel_config": "training.use_liger_kernel (sftlab picks the layers: RMSNorm, RoPE, SwiGLU; its own fused loss)",
+    **dict.fromkeys(("activation_checkpointing", "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"),
+                    "training.gradient_checkpointing (applied before the LoRA wrapping, non-reentrant)"),
 }
 
 

@@ -26,6 +26,25 @@ def test_early_stopping_loads_best_and_aligns_save_with_eval_steps(tmp_path):
     assert a.eval_strategy == "steps" and a.save_steps % a.eval_steps == 0
 
 
+def test_no_deprecation_warning_and_checkpointing_has_one_key(tmp_path):
+    """Every run built its TrainingArguments with the deprecated `gradient_checkpointing` name, and
+    transformers warned each time; checkpointing is training.gradient_checkpointing, which sftlab
+    applies before the LoRA wrap, so HF's own keys for it are refused with that name."""
+    import warnings
+
+    import pytest
+
+    from sftlab.errors import SftlabError
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = args_for(tmp_path, "training.gradient_checkpointing=true")
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+    assert not a.activation_checkpointing  # the model's own is on: build_model applied it
+    with pytest.raises(SftlabError, match="training.activation_checkpointing.*set by sftlab; use training.gradient_checkpointing"):
+        args_for(tmp_path, "training.activation_checkpointing=true")
+
+
 def test_no_validation_means_no_evaluation(tmp_path):
     a = args_for(tmp_path, "training.early_stopping_patience=2", has_eval=False)
     assert a.eval_strategy == "no" and not a.load_best_model_at_end

@@ -383,7 +383,7 @@ def training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: bool
         bf16=use_bf16,
         fp16=t.fp16,
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,  # applied in build_model (PEFT needs it before wrapping)
+        activation_checkpointing=False,  # gradient checkpointing, applied in build_model (before the PEFT wrap)
         dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=False,
         prediction_loss_only=True,
