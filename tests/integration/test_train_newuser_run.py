@@ -46,6 +46,18 @@ def test_validation_data_with_no_usable_example_is_an_error(tiny_model_dir, tmp_
         train(cfg, log=lambda *a, **k: None)
 
 
+def test_training_data_all_too_long_says_raise_max_seq_length(tiny_model_dir, tmp_path, monkeypatch):
+    """Under truncation the prompt alone can fill max_seq_length: every record is dropped, and the
+    error says why and what to change, not only 'see the counts above'."""
+    from sftlab.train.trainer import train
+
+    monkeypatch.setenv("SFTLAB_CACHE", str(tmp_path / "cache"))
+    cfg = config(tiny_model_dir, tmp_path, "data.truncation=truncate", "data.max_seq_length=8")
+    with pytest.raises(SftlabError, match=r"t.jsonl: no usable training example .*; 2 too long, e.g. .*t.jsonl:1: "
+                                          r"no trained token left after truncating to 8 tokens: raise data.max_seq_length"):
+        train(cfg, log=lambda *a, **k: None)
+
+
 def test_early_stopping_without_validation_data_says_it_does_not_apply(tiny_model_dir, tmp_path, monkeypatch):
     from sftlab.train.trainer import train
 

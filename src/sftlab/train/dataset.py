@@ -56,6 +56,15 @@ class PrepStats:
         return f"{self.path}: " + ", ".join(parts)
 
 
+def no_usable_examples(stats: PrepStats, role: str) -> str:
+    """The error for a data file that gave no example; where records were over max_seq_length, the
+    first one's reason and the way out (the counts alone read as a data problem)."""
+    message = f"{stats.path}: no usable {role} example (see the counts above)"
+    if stats.too_long:
+        message += f"; {stats.too_long} too long, e.g. {stats.dropped[0]}: raise data.max_seq_length"
+    return message
+
+
 REJECTS = "rejects.jsonl"  # the rejects log kept in a cache entry
 CACHED_STATS = ("records", "rejected", "undesirable", "too_long", "truncated", "dropped", "curated", "tokens", "trained_tokens",
                 "digest", "text_documents", "text_blocks")

@@ -444,7 +444,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     from sftlab.train import distributed
     from sftlab.files import atomic_write
     from sftlab.train.callbacks import MetricsJsonlCallback, OverfitWarningCallback
-    from sftlab.train.dataset import make_rows, prepare_examples
+    from sftlab.train.dataset import make_rows, no_usable_examples, prepare_examples
     from sftlab.train.run_dir import (checkpoint_state, discard_interrupted_saves, finished_run, model_card,
                                       refuse_existing_run, resume_checkpoint, write_run_json)
 
@@ -475,7 +475,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
                                              out / "rejects.jsonl" if main else None)
     log(train_stats.summary())
     if not train_ex:
-        raise SftlabError(f"{config.data.train}: no usable training example (see the counts above)")
+        raise SftlabError(no_usable_examples(train_stats, "training"))
     eval_ex, eval_stats = [], None
     if config.data.validation:
         eval_ex, eval_stats = prepare_examples(
@@ -483,8 +483,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         )
         log(eval_stats.summary())
         if not eval_ex:  # no eval loss would be computed, nor early stopping: without a word
-            raise SftlabError(f"{config.data.validation}: no usable validation example (see the counts above); "
-                              "fix data.validation or leave it out")
+            raise SftlabError(f"{no_usable_examples(eval_stats, 'validation')}; or leave data.validation out")
     digests = {"train": train_stats.digest, **({"validation": eval_stats.digest} if eval_stats else {})}
     state = checkpoint_state(config, digests)
     checkpoint, saved = resume_checkpoint(out, state) if resume else (None, {})
