@@ -302,8 +302,10 @@ NOT_RUN = {
     "sftlab serve": "starts a server that runs until stopped; tests/e2e/test_deploy_serve.py starts one and queries it",
     "sftlab export runs/my-lora --to triton": "starts Triton Inference Server to verify the repository; "
                                                "tests/integration/test_deploy_export.py does",
-    "sftlab export runs/my-lora --to gguf": "the same GGUF build and check as README.md's `sftlab export runs/lora "
-                                            "--to gguf out/gguf --quant q8_0`, which runs here",
+    "sftlab export runs/lora --to gguf": "a q8_0 GGUF build and check: tests/integration/test_export_gguf.py exports "
+                                         "the embedded model so (a tiny model's logits would pass any bound), and "
+                                         "a LoRA run at f16, q8_0 and q4_0",
+    "sftlab export runs/my-lora --to gguf": "the same as README.md's `sftlab export runs/lora --to gguf`",
     "sftlab export runs/my-lora --to onnx": "the same ONNX build and check as docs/guide.md's `sftlab export runs/lora "
                                             "runs/lora-onnx --to onnx`, which runs here (about a minute each on CPU)",
 }
