@@ -422,9 +422,9 @@ def sandbox(tmp_path_factory, tiny_model_dir):
     return work, cache
 
 
-def _runnable(invocation: str) -> list[str]:
-    """The argv to run; a training line (train, align, sweep) trains 2 steps (a sweep 1 trial) and
-    starts from a clear output_dir unless it resumes."""
+def _argv(invocation: str) -> list[str]:
+    """The argv a documented line runs as: a training line (train, align, sweep) trains 2 steps (a
+    sweep 1 trial)."""
     argv = shlex.split(invocation)[1:]
     if ">" in argv:  # `... > file`: the shell's redirection; the output is captured here
         argv = argv[: argv.index(">")]
@@ -434,7 +434,13 @@ def _runnable(invocation: str) -> list[str]:
         argv[argv.index("--trials") + 1] = "1"
     elif argv[0] == "sweep":
         argv += ["--trials", "1"]
-    if "--resume" not in argv:
+    return [*argv, "training.max_steps=2"]
+
+
+def _runnable(invocation: str) -> list[str]:
+    """`_argv`, its training line started from a clear output_dir unless it resumes."""
+    argv = _argv(invocation)
+    if argv[0] in ("train", "align", "sweep") and "--resume" not in argv:
         import shutil
 
         config = argv[1]
@@ -442,11 +448,20 @@ def _runnable(invocation: str) -> list[str]:
         tree = {} if config == "-" else yaml.safe_load(Path(config).read_text()) or {}
         cfg = load_config(None if config == "-" else config, overrides, cls=_config_class(tree))
         shutil.rmtree(cfg.output_dir, ignore_errors=True)
-    return [*argv, "training.max_steps=2"]
+    return argv
+
+
+def _lines_to_run() -> list[tuple[str, str]]:
+    """The documented lines that run, each argv once (`sweep X` and `sweep X --trials 8` run alike)."""
+    seen: dict[tuple[str, ...], tuple[str, str]] = {}
+    for doc, inv in _unique_invocations():
+        if not_run_reason(inv) is None:
+            seen.setdefault(tuple(_argv(inv)), (doc, inv))
+    return list(seen.values())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("doc,invocation", [p for p in _unique_invocations() if not_run_reason(p[1]) is None],
+@pytest.mark.parametrize("doc,invocation", _lines_to_run(),
                          ids=lambda v: v if v.startswith("sftlab") else None)
 def test_documented_command_runs(doc, invocation, sandbox, tmp_path, monkeypatch, capsys):
     import io
