@@ -98,6 +98,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 from sftlab.errors import SftlabError
@@ -130,6 +131,11 @@ class ModelShape:
     lora_candidates: tuple[tuple[str, int, int], ...]  # every linear except the output head
     architecture: str = ""
     fused_head: bool = False  # the loss fuses lm_head and cross-entropy (train/loss.py fused_head)
+    # mixture of experts: experts held as 3-D tensors (not linear layers), k of them run per token
+    n_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    expert_params: int = 0  # all layers' expert tensors
 
 
 def load_model_config(model: Any):
@@ -147,9 +153,31 @@ def load_model_config(model: Any):
     path, gguf = resolve_model_path(name)
     try:
         # With gguf_file, transformers reads the GGUF metadata only, not the tensors.
-        return AutoConfig.from_pretrained(path, gguf_file=gguf, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(path, gguf_file=gguf, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise SftlabError(f"could not read the config of '{model}': {str(e).splitlines()[0]}") from e
+    if not gguf:
+        _refuse_default_shapes(config, Path(path) / "config.json")
+    return config
+
+
+# The sizes an estimate stands on; a config.json without them is read with the class's defaults
+# (Llama's are Llama 2 7B's), which would estimate another model.
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "vocab_size")
+
+
+def _refuse_default_shapes(config, config_file: Path) -> None:
+    if not config_file.exists():  # a hub id from the cache: its own complete config
+        return
+    import json
+
+    given = json.loads(config_file.read_text())
+    given |= given.get("text_config") or {}
+    names = getattr(config, "attribute_map", {})
+    missing = [k for k in SHAPE_KEYS if k not in given and names.get(k) not in given]
+    if missing:
+        raise SftlabError(f"{config_file} does not give {', '.join(missing)}: the estimate would use "
+                          f"{type(config).__name__}'s defaults, another model's sizes")
 
 
 def model_shape(config) -> ModelShape:
@@ -171,9 +199,10 @@ def model_shape(config) -> ModelShape:
     n_kv = getattr(text, "num_key_value_heads", None) or n_heads
     intermediate = getattr(text, "intermediate_size", None) or 4 * h
     head = model.get_output_embeddings()
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    linears = [(n, m) for n, m in model.named_modules() if _linear_dims(m) and m is not head]
     layer0 = _first_layer_prefix([n for n, _ in linears])
     layer_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(layer0))
+    experts = [p for n, p in model.named_parameters() if p.dim() == 3]  # MoE experts, stacked
     return ModelShape(
         n_params=sum(p.numel() for p in model.parameters()),
         n_layers=text.num_hidden_layers,
@@ -184,12 +213,34 @@ def model_shape(config) -> ModelShape:
         vocab=text.vocab_size,
         decoder_linear_params=sum(p.numel() for _, m in linears for p in m.parameters()),
         decoder_linear_weights=sum(m.weight.numel() for _, m in linears),
-        layer_linears=tuple((n[len(layer0):], m.in_features, m.out_features) for n, m in linears if n.startswith(layer0)),
+        layer_linears=tuple((n[len(layer0):], *_linear_dims(m)) for n, m in linears if n.startswith(layer0)),
         layer_params=layer_params,
-        lora_candidates=tuple((n, m.in_features, m.out_features) for n, m in linears),
+        lora_candidates=tuple((n, *_linear_dims(m)) for n, m in linears),
         architecture=type(model).__name__,
         fused_head=fused_head(model) is not None,
+        **(_experts(text, experts) if experts else {}),
     )
+
+
+def _linear_dims(module) -> tuple[int, int] | None:
+    """(in, out) of a linear layer: nn.Linear, or the Conv1D of GPT-2-style models (weight in x out),
+    which PEFT's all-linear and bitsandbytes treat as linear too."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return tuple(module.weight.shape)
+    return None
+
+
+def _experts(text, experts) -> dict[str, int]:
+    """ModelShape's MoE fields from the config and the stacked expert tensors (experts x out x in)."""
+    n = experts[0].shape[0]
+    k = getattr(text, "num_experts_per_tok", None) or getattr(text, "moe_topk", None) or 1
+    width = getattr(text, "moe_intermediate_size", None) or getattr(text, "intermediate_size", None) or min(experts[0].shape[1:])
+    return dict(n_experts=n, experts_per_token=k, expert_intermediate=width, expert_params=sum(p.numel() for p in experts))
 
 
 def _first_layer_prefix(names: list[str]) -> str:
@@ -328,6 +379,12 @@ def activation_bytes_per_token(
     `compiled_norms`: RMSNorm compiled by inductor (train/compiled_norms.py)."""
     h, i, a = shape.hidden, shape.intermediate, compute_bytes
     autocast = compute_bytes < stream_bytes
+    moe = 0
+    if shape.experts_per_token:  # each token runs k experts' gated MLPs on its own gathered copy
+        i = shape.experts_per_token * shape.expert_intermediate
+        # router probabilities and logits (fp32); each copy's input and output, and (frozen experts
+        # too) the product the down projection reads, which the full-fine-tuning inputs count below
+        moe = shape.n_experts * 8 + 2 * shape.experts_per_token * h * a + (i * a if method != "full" else 0)
     if compiled_norms:  # one kernel each way, which rebuilds the rest from the input and 1/rms
         norms = 2 * (h * stream_bytes + 4)
     else:  # RMSNorm computes in fp32 whatever the stream's dtype; a trained norm weight also keeps its input
@@ -343,9 +400,9 @@ def activation_bytes_per_token(
         inputs = (sum(readers) if autocast else 2 * h) * a + i * a
         lora = 0
     else:
-        inputs = _lora_inputs(layer_adapted, i, method, a, stream_bytes, lora_dropout, varlen)
+        inputs = _lora_inputs(layer_adapted, shape.intermediate, method, a, stream_bytes, lora_dropout, varlen)
         lora = len(layer_adapted) * lora_r * a
-    return norms + attention + mlp + inputs + lora
+    return norms + attention + mlp + inputs + lora + moe
 
 
 def _lora_inputs(layer_adapted: list[tuple[str, int]], intermediate: int, method: Method, a: int, stream: int,
@@ -464,6 +521,9 @@ def estimate_memory(
     """
     if method not in ("full", "lora", "qlora"):
         raise SftlabError(f"method must be full, lora or qlora (got {method!r})")
+    if method == "qlora" and distributed in ("zero3", "zero3_offload", "fsdp"):  # as train/distributed.py refuses it
+        raise SftlabError(f"method qlora cannot run under {distributed} in sftlab: its 4-bit weights are not shardable "
+                          "here; estimate --method lora, or qlora with --distributed zero2 or ddp")
     if optimizer not in _OPTIMIZER_BYTES:
         raise SftlabError(f"optimizer must be one of {', '.join(_OPTIMIZER_BYTES)} (got {optimizer!r})")
     if distributed not in ENGINES:
