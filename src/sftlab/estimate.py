@@ -190,8 +190,10 @@ def model_shape(config) -> ModelShape:
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError) as e:
-        raise SftlabError(f"cannot build a causal LM from this config: {e}") from e
+    except (ValueError, KeyError) as e:  # the first line: the rest lists every class transformers knows
+        reason = str(e).split(" Model type should be one of")[0].strip().splitlines()[0]
+        raise SftlabError(f"cannot build a causal LM (AutoModelForCausalLM) from this "
+                          f"'{getattr(config, 'model_type', '?')}' config: {reason}") from e
     text = getattr(config, "get_text_config", lambda: config)()
     h = text.hidden_size
     n_heads = text.num_attention_heads

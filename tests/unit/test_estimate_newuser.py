@@ -72,3 +72,12 @@ def test_a_config_without_its_sizes_is_refused_not_estimated_with_defaults(tmp_p
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2,
                                                                "n_head": 2, "vocab_size": 100}))
     assert load_model_config(tmp_path / "gpt2").hidden_size == 64
+
+
+def test_a_model_that_is_not_a_causal_lm_is_one_short_line():
+    """T5's refusal ended with transformers' list of every causal LM config class (about 200)."""
+    from transformers import T5Config
+
+    with pytest.raises(SftlabError) as e:
+        model_shape(T5Config(d_model=32, num_layers=1, vocab_size=100))
+    assert "'t5' config" in str(e.value) and "AutoModelForCausalLM" in str(e.value) and len(str(e.value)) < 300
