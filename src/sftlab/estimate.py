@@ -260,7 +260,9 @@ def _targets(candidates, target_modules: str | list[str]) -> list[tuple[str, int
     wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     chosen = [c for c in candidates if any(c[0] == t or c[0].endswith("." + t) for t in wanted)]
     if not chosen:
-        raise SftlabError(f"LoRA target modules {wanted} match no linear layer of this model")
+        names = sorted({c[0].rsplit(".", 1)[-1] for c in candidates})
+        raise SftlabError(f"LoRA target modules {wanted} match no linear layer of this model; its linear layers are "
+                          f"{', '.join(names)} (or all-linear)")
     return chosen
 
 

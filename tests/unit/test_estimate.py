@@ -93,7 +93,7 @@ def test_bad_arguments(tiny_model_dir):
         estimate_memory(tiny_model_dir, "dpo")
     with pytest.raises(SftlabError, match="optimizer"):
         estimate_memory(tiny_model_dir, "full", optimizer="lion")
-    with pytest.raises(SftlabError, match="match no linear layer"):
+    with pytest.raises(SftlabError, match="match no linear layer of this model; its linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"):
         estimate_memory(tiny_model_dir, "lora", target_modules=["nonexistent_proj"])
     with pytest.raises(SftlabError, match="not found"):
         estimate_memory("./no/such/model", "lora")
