@@ -508,6 +508,7 @@ def estimate_memory(
     compiled_norms: bool = False,
     sequences_per_row: int = 1,
     reference_copy: bool = False,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
 ) -> Estimate:
     """Estimate the peak memory of training `config_or_path` with `method`.
 
@@ -522,6 +523,8 @@ def estimate_memory(
     the larger). Alignment: `sequences_per_row` 2 for DPO/ORPO (a pair's chosen and rejected
     sides go through the model together), `reference_copy` for DPO/KTO full fine-tuning (a frozen
     copy of the weights scores the reference; LoRA's reference is the base with adapters off).
+    `device`: what trains (auto: this machine's); on a CUDA GPU that is not this machine's, dtype
+    auto is bf16, as on every GPU since Ampere.
     """
     if method not in ("full", "lora", "qlora"):
         raise SftlabError(f"method must be full, lora or qlora (got {method!r})")
@@ -544,11 +547,13 @@ def estimate_memory(
         shape = model_shape(load_model_config(config_or_path))
     from sftlab.train.trainer import device_type
 
-    on_cpu = device_type() == "cpu"
+    here = device_type()
+    device = here if device == "auto" else device
+    on_cpu = device == "cpu"
     if dtype == "auto":
         from sftlab.train.trainer import device_supports_bf16
 
-        dtype = "bf16" if device_supports_bf16() else "fp32"
+        dtype = "bf16" if (device_supports_bf16() if device == here else not on_cpu) else "fp32"
     if weights_dtype == "auto":
         from sftlab.train.trainer import base_weights_dtype
 
@@ -636,7 +641,7 @@ def estimate_memory(
         dtype=dtype, weights_dtype=weights_dtype, optimizer=optimizer, trained_fraction=trained_fraction, loss=loss,
         loss_chunk=loss_chunk, double_quant=double_quant, runtime_bytes=runtime_bytes, shape=shape,
         nproc=nproc, distributed=distributed, grad_accum=grad_accum, compiled_norms=compiled_norms,
-        sequences_per_row=sequences_per_row, reference_copy=reference_copy,
+        sequences_per_row=sequences_per_row, reference_copy=reference_copy, device=device,
     )
     freed = distributed == "none" and grad_accum == 1
     if freed:
@@ -722,4 +727,15 @@ def system_memory() -> int:
     import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_memory(device: str = "auto") -> int | None:
+    """What one training process has to fit into: the first GPU's memory where the device is this
+    machine's GPU, the RAM where it is this machine's CPU; None for a device this machine lacks."""
+    import torch
+
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("auto", here):
+        return None
+    return torch.cuda.get_device_properties(0).total_memory if here == "cuda" else system_memory()
 

@@ -81,3 +81,21 @@ def test_a_model_that_is_not_a_causal_lm_is_one_short_line():
     with pytest.raises(SftlabError) as e:
         model_shape(T5Config(d_model=32, num_layers=1, vocab_size=100))
     assert "'t5' config" in str(e.value) and "AutoModelForCausalLM" in str(e.value) and len(str(e.value)) < 300
+
+
+def test_a_gpu_elsewhere_is_estimated_as_a_gpu(tiny_model_dir, capsys):
+    """Planning a GPU run on a laptop: --device cuda computes in bf16 (auto) and counts no CPU kernel
+    caches; with no GPU here it needs --memory to say what fits, instead of using this machine's RAM."""
+    import torch
+
+    from sftlab.cli import main
+
+    gpu = estimate_memory(tiny_model_dir, "lora", 64, 2, device="cuda")
+    cpu = estimate_memory(tiny_model_dir, "lora", 64, 2, device="cpu", dtype="bf16")
+    assert (gpu.dtype, gpu.caches) == ("bf16", 0) and cpu.caches > 0
+    assert gpu.total == cpu.total - cpu.caches
+    if not torch.cuda.is_available():
+        assert main(["estimate", str(tiny_model_dir), "--device", "cuda"]) == 0
+        assert "Give --memory" in capsys.readouterr().out
+        assert main(["estimate", str(tiny_model_dir), "--device", "cuda", "--memory", "80GiB"]) == 0
+        assert "in 80.00 GiB; the largest batch" in capsys.readouterr().out

@@ -22,6 +22,12 @@ class Dtype(str, Enum):
     bf16 = "bf16"
 
 
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 class Optimizer(str, Enum):
     adamw = "adamw"
     adamw_8bit = "adamw_8bit"
@@ -63,7 +69,8 @@ def estimate(
     loss: Loss = typer.Option(Loss.selective, help="selective: sftlab's loss on trained positions; full: plain HF logits."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes (GPUs) training together; the estimate is per process."),
     distributed: Engine = typer.Option(Engine.none, "--distributed", help="Engine: ddp, zero2/zero3 (+_offload, DeepSpeed), fsdp (FSDP2); none = one process (ddp when --nproc > 1)."),
-    memory: str = typer.Option(None, help="Memory to fit into, e.g. 24GiB or 80GB (default: this machine's RAM)."),
+    device: Device = typer.Option(Device.auto, help="What trains: auto (this machine: its GPU, else its CPU), cpu, or cuda (a GPU elsewhere: bf16, no CPU caches; give --memory)."),
+    memory: str = typer.Option(None, help="Memory to fit into, e.g. 24GiB or 80GB (default: this machine's GPU memory, else its RAM)."),
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON (bytes) instead of a table."),
 ) -> None:
     """Estimate peak training memory (weights, gradients, optimizer, activations, logits) without loading weights."""
@@ -72,15 +79,15 @@ def estimate(
 
     from rich.console import Console
 
-    from sftlab.estimate import estimate_memory, parse_memory, settings_from_config, system_memory
+    from sftlab.estimate import device_memory, estimate_memory, parse_memory, settings_from_config
 
     targets = "all-linear" if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
-    budget = parse_memory(memory) if memory else system_memory()
+    budget = parse_memory(memory) if memory else device_memory(device.value)
     settings = dict(method=method.value, seq_len=seq_len, batch=batch, lora_r=lora_r, lora_dropout=lora_dropout,
                     target_modules=targets, gradient_checkpointing=grad_checkpointing, dtype=dtype.value,
                     weights_dtype=weights_dtype.value, optimizer=optimizer.value, trained_fraction=trained_fraction,
                     loss=loss.value, nproc=nproc, distributed=distributed.value, grad_accum=grad_accum,
-                    compiled_norms=compile_norms)
+                    compiled_norms=compile_norms, device=device.value)
     config_source = model
     model, config = _config_of(model)
     if config is not None:  # the config's settings, where no option says otherwise
@@ -92,13 +99,17 @@ def estimate(
         print(f"settings of {config_source}: {_as_options(settings)}", file=sys.stderr)
     est = estimate_memory(model, settings.pop("method"), settings.pop("seq_len"), settings.pop("batch"), **settings)
     if as_json:
-        print(json.dumps(est.as_dict() | {"memory": budget, "max_batch": est.max_batch(budget)}, indent=2))
+        fit = {"memory": budget, "max_batch": est.max_batch(budget)} if budget else {}
+        print(json.dumps(est.as_dict() | fit, indent=2))
         return
     console = Console()
     console.print(est.table(memory=budget))
     if loss is Loss.selective:
         console.print(f"A plain HF forward would need {est.logits_full / 1024**3:.2f} GiB for the logits instead of "
                       f"{est.logits / 1024**3:.2f} GiB.")
+    if budget is None:
+        console.print("Give --memory (e.g. 80GiB) to see whether it fits and the largest batch that does.")
+        return
     fits = "fits" if est.total <= budget else "does NOT fit"
     console.print(f"Batch {batch} {fits} in {budget / 1024**3:.2f} GiB; the largest batch that fits is {est.max_batch(budget)}.")
 
@@ -114,7 +125,8 @@ def _as_options(settings: dict) -> str:
     out = []
     for key, value in settings.items():
         lora = key.startswith("lora_") or key == "target_modules"
-        if key in ("trained_fraction", "loss", *_ALIGN) or (full and lora) or (one_process and key == "distributed"):
+        if key in ("trained_fraction", "loss", *_ALIGN) or (full and lora) or (one_process and key == "distributed") \
+                or (key == "device" and value == "auto"):
             continue
         flag = "--" + _OPTION.get(key, key).replace("_", "-")
         if isinstance(value, bool):
