@@ -136,6 +136,9 @@ class ModelShape:
     experts_per_token: int = 0
     expert_intermediate: int = 0
     expert_params: int = 0  # all layers' expert tensors
+    # LoRA parameters per unit of rank that all-linear adds beyond the linear layers (the router and
+    # the stacked expert tensors, which PEFT wraps too): read off PEFT itself (`_moe_lora_per_rank`)
+    moe_lora_per_rank: int = 0
 
 
 def load_model_config(model: Any):
@@ -205,8 +208,11 @@ def model_shape(config) -> ModelShape:
     layer0 = _first_layer_prefix([n for n, _ in linears])
     layer_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(layer0))
     experts = [p for n, p in model.named_parameters() if p.dim() == 3]  # MoE experts, stacked
+    candidates = tuple((n, *_linear_dims(m)) for n, m in linears)
+    n_params = sum(p.numel() for p in model.parameters())
+    moe = {**_experts(text, experts), "moe_lora_per_rank": _moe_lora_per_rank(model, candidates)} if experts else {}
     return ModelShape(
-        n_params=sum(p.numel() for p in model.parameters()),
+        n_params=n_params,
         n_layers=text.num_hidden_layers,
         hidden=h,
         intermediate=intermediate,
@@ -217,10 +223,10 @@ def model_shape(config) -> ModelShape:
         decoder_linear_weights=sum(m.weight.numel() for _, m in linears),
         layer_linears=tuple((n[len(layer0):], *_linear_dims(m)) for n, m in linears if n.startswith(layer0)),
         layer_params=layer_params,
-        lora_candidates=tuple((n, *_linear_dims(m)) for n, m in linears),
+        lora_candidates=candidates,
         architecture=type(model).__name__,
         fused_head=fused_head(model) is not None,
-        **(_experts(text, experts) if experts else {}),
+        **moe,
     )
 
 
@@ -243,6 +249,17 @@ def _experts(text, experts) -> dict[str, int]:
     k = getattr(text, "num_experts_per_tok", None) or getattr(text, "moe_topk", None) or 1
     width = getattr(text, "moe_intermediate_size", None) or getattr(text, "intermediate_size", None) or min(experts[0].shape[1:])
     return dict(n_experts=n, experts_per_token=k, expert_intermediate=width, expert_params=sum(p.numel() for p in experts))
+
+
+def _moe_lora_per_rank(model, candidates) -> int:
+    """What PEFT's all-linear adapts on a mixture of experts beyond the linear layers, per unit of rank:
+    PEFT itself at rank 1 on the meta-device model (after everything else is read off it), so the
+    count follows PEFT's own layout of the router's and the stacked experts' adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(model, LoraConfig(r=1, target_modules="all-linear"))
+    total = sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n)
+    return total - sum(fin + fout for _, fin, fout in candidates)
 
 
 def _first_layer_prefix(names: list[str]) -> str:
@@ -566,6 +583,8 @@ def estimate_memory(
 
     targets = _targets(shape.lora_candidates, target_modules) if method != "full" else []
     n_lora = sum(lora_r * (fin + fout) for _, fin, fout in targets)
+    if target_modules == "all-linear" and method != "full":
+        n_lora += lora_r * shape.moe_lora_per_rank
 
     if method == "qlora":
         per_block = (1 + 4 / 256) if double_quant else 4
@@ -580,7 +599,8 @@ def estimate_memory(
     t_bytes = w_bytes if method == "full" else 4  # adapters stay fp32
     lora_params = n_lora * 4
     if n_lora:
-        notes["lora_params"] = f"r={lora_r} on {len(targets)} linear layers: {n_lora:,} x 4 B"
+        experts = " and the router and experts of each layer" if shape.moe_lora_per_rank and target_modules == "all-linear" else ""
+        notes["lora_params"] = f"r={lora_r} on {len(targets)} linear layers{experts}: {n_lora:,} x 4 B"
     gradients = trainable * t_bytes
     notes["gradients"] = f"{trainable:,} x {t_bytes} B"
     optimizer_bytes = trainable * _OPTIMIZER_BYTES[optimizer] * t_bytes // 4

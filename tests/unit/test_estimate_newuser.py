@@ -99,3 +99,19 @@ def test_a_gpu_elsewhere_is_estimated_as_a_gpu(tiny_model_dir, capsys):
         assert "Give --memory" in capsys.readouterr().out
         assert main(["estimate", str(tiny_model_dir), "--device", "cuda", "--memory", "80GiB"]) == 0
         assert "in 80.00 GiB; the largest batch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("r", [8, 16])
+def test_moe_lora_counts_what_peft_adapts(r):
+    """all-linear on a mixture of experts also adapts the router and the stacked expert tensors: the
+    estimate counted the attention layers only (7,168 of PEFT's 94,336 at r=8 here)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = _mixtral(2)
+    peft = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=r, target_modules="all-linear"))
+    assert estimate_memory(config, "lora", 32, 1, lora_r=r).trainable_params == peft.get_nb_trainable_parameters()[0]
+    named = estimate_memory(config, "lora", 32, 1, lora_r=r, target_modules=["q_proj", "v_proj"])
+    assert named.trainable_params == sum(p.numel() for n, p in get_peft_model(
+        AutoModelForCausalLM.from_config(config), LoraConfig(r=r, target_modules=["q_proj", "v_proj"])).named_parameters()
+        if "lora_" in n)
