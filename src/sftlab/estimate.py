@@ -590,7 +590,9 @@ def estimate_memory(
         per_block = (1 + 4 / 256) if double_quant else 4
         quantised = shape.decoder_linear_weights
         weights = int(quantised * (0.5 + per_block / NF4_BLOCK)) + (shape.n_params - quantised) * w_bytes
-        notes["weights"] = f"{quantised:,} linear weights in nf4 (+ absmax per {NF4_BLOCK}), rest {weights_dtype}"
+        notes["weights"] = f"{quantised:,} linear weights in nf4 (+ absmax per {NF4_BLOCK}), rest {weights_dtype}" + (
+            f", of it {shape.expert_params:,} expert weights (bitsandbytes quantizes linear layers only)"
+            if shape.expert_params else "")
     else:
         weights = shape.n_params * w_bytes
         notes["weights"] = f"{shape.n_params:,} x {w_bytes} B ({weights_dtype})"

@@ -115,3 +115,8 @@ def test_moe_lora_counts_what_peft_adapts(r):
     assert named.trainable_params == sum(p.numel() for n, p in get_peft_model(
         AutoModelForCausalLM.from_config(config), LoraConfig(r=r, target_modules=["q_proj", "v_proj"])).named_parameters()
         if "lora_" in n)
+
+
+def test_qlora_on_experts_says_they_stay_unquantized():
+    est = estimate_memory(_mixtral(2), "qlora", 32, 1)
+    assert "expert weights (bitsandbytes quantizes linear layers only)" in est.notes["weights"]
