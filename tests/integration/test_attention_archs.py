@@ -162,6 +162,24 @@ def test_packing_is_refused_where_the_mask_ignores_position_restarts(tokenizer, 
     choose_attention(model, "eager", packing=False)  # one example per row: nothing to leak
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_packing_is_refused_where_a_layer_carries_state_along_the_row(packing, tokenizer, tmp_path):
+    """LFM2's short convolutions (as Mamba's and gated-delta layers' states) run along the whole
+    row whatever the attention mask says: packed examples would see each other, through build_model
+    as `sftlab train` loads the model. One example per row has nothing to leak."""
+    from sftlab.config import TrainConfig
+    from sftlab.train.trainer import build_model
+
+    path = save_tiny("lfm2", tokenizer, tmp_path, layer_types=["conv", "full_attention"])
+    config = TrainConfig.model_validate({"model": {"name_or_path": path}, "method": "full",
+                                         "data": {"train": "x.jsonl", "packing": packing}})
+    if packing:
+        with pytest.raises(SftlabError, match="data.packing: .* lfm2 .*conv layers carry state.*data.packing=false"):
+            build_model(config, use_bf16=False)
+    else:
+        assert not can_flatten(build_model(config, use_bf16=False))
+
+
 def test_unknown_arguments_reaching_varlen_are_errors():
     module = torch.nn.Module()
     module.is_causal = True

@@ -365,8 +365,9 @@ def varlen_refusal(model) -> str | None:
 def choose_attention(model, requested: str | None, packing: bool = False) -> None:
     """Switch a model loaded without an explicit choice to NAME where it is verified equal; switch
     one loaded for an explicit NAME (with its default attention) to it, or refuse it for a model
-    that needs more than it computes. With `packing`, refuse an attention that would let the
-    examples packed in one row see each other."""
+    that needs more than it computes. Then, where several examples share a row (`packing`, or
+    an attention that flattens each micro-batch into one row), refuse a model in which they
+    would see each other."""
     model_type = getattr(model.config, "model_type", type(model).__name__)
     reason = varlen_refusal(model) if requested in (None, NAME) else None
     if requested == NAME and reason:
@@ -383,57 +384,46 @@ def choose_attention(model, requested: str | None, packing: bool = False) -> Non
         else:
             register()
             model.set_attn_implementation(NAME)
-    if not packing or can_flatten(model):
+    flatten = can_flatten(model)
+    if not (packing or flatten):
         return
-    isolated = packed_rows_isolated(model)
-    if isolated is False:
-        raise SftlabError(
-            f"data.packing: transformers' {model.config._attn_implementation} mask for {model_type} ignores the "
-            "position_ids restarts, so examples packed in one row would attend to each other: set "
-            "data.packing=false (or an attention that reads the restarts)"
-        )
-    if isolated is None:
-        logger.warning("attention: could not check that %s's %s mask keeps packed examples apart "
-                       "(data.packing=false avoids the question)", model_type, model.config._attn_implementation)
+    apart = examples_kept_apart(model)
+    if apart is None:
+        logger.warning("attention: could not check that %s keeps the examples sharing a row apart "
+                       "(data.packing=false avoids the question)", model_type)
+    if apart is not False:
+        return
+    attn = model.config._attn_implementation
+    kinds = sorted(set(getattr(model.config, "layer_types", None) or ()) - LAYER_KINDS)
+    why = (f"its {', '.join(kinds)} layers carry state along the row" if kinds else
+           f"one example's logits depend on the example before it in the row under {attn} attention")
+    if flatten:
+        raise SftlabError(f"model.attn_implementation: {attn} puts each micro-batch in one row, and in {model_type} "
+                          f"the examples there would see each other ({why}): use sdpa")
+    raise SftlabError(f"data.packing: examples packed in one row would see each other in {model_type} ({why}): "
+                      "set data.packing=false")
 
 
-class _Reached(Exception):
-    """Stops a probe forward at the first attention layer."""
-
-
-def packed_rows_isolated(model) -> bool | None:
-    """Whether the attention mask transformers builds for this model keeps two examples packed in one
-    row apart (its packed-sequence detection needs the model to hand position_ids to the mask
-    functions, which not every model does). Runs the model up to its first attention layer on a row
-    of two 4-token examples. None when that cannot be read."""
-    layers = [m for m in model.modules() if getattr(m, "layer_idx", None) is not None and hasattr(m, "is_causal")]
-    if not layers:
-        return None
-    seen = []
-
-    def grab(module, args, kwargs):
-        seen.append(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments.get("attention_mask"))
-        raise _Reached
-
-    device = model.get_input_embeddings().weight.device
+def examples_kept_apart(model) -> bool | None:
+    """Whether two examples sharing a row, told apart by their position_ids restarting at 0 as
+    packed rows are, stay independent through the whole model: the gradient of the second
+    example's logits with respect to the first example's input embeddings must be exactly zero
+    (masked attention weights are exactly 0, so any other value is a leak: a mask that ignores the
+    restarts, or a convolution or state-space layer that carries state along the row). None when
+    the model cannot be driven this way."""
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device
+    ids = torch.randint(embeddings.num_embeddings, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
     position_ids = torch.arange(8, device=device).remainder(4)[None]
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with torch.no_grad():
-            model(input_ids=torch.zeros_like(position_ids), position_ids=position_ids, use_cache=False)
-    except _Reached:
-        pass
+        with torch.enable_grad():
+            inputs = embeddings(ids).detach().requires_grad_(True)
+            logits = model(inputs_embeds=inputs, position_ids=position_ids, use_cache=False).logits[0, 4:]
+            weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)).to(logits)
+            (grad,) = torch.autograd.grad((logits * weights).sum(), inputs)
     except Exception:  # a model this probe cannot drive (e.g. one that needs more inputs)
         return None
-    finally:
-        handle.remove()
-    mask = seen[0] if seen else None
-    if mask is None:
-        return False if seen else None
-    if not torch.is_tensor(mask) or mask.dim() != 4:
-        return None
-    attend = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] > torch.finfo(mask.dtype).min / 2
-    return not bool(attend[4:, :4].any())
+    return not bool(grad[0, :4].any())
 
 
 def can_flatten(model) -> bool:
