@@ -228,20 +228,33 @@ def selective_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     if head is not None:
         rows = bucketed(keep) if keep.device.type == "cpu" else keep
         with _HiddenTap(head) as tap:
-            hidden = model(**inputs, logits_to_keep=rows).logits
+            out = model(**inputs, logits_to_keep=rows)
+        hidden = out.logits
         row_targets = torch.full((int(rows.sum()),), IGNORE, dtype=targets.dtype, device=targets.device)
         row_targets[keep[rows]] = targets  # filler rows (bucketing) stay IGNORE
         loss = linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), head.weight, row_targets,
                                         dtype=tap.dtype)
-        return loss, int(targets.numel())
+        return loss + router_loss(model, out, targets.numel()), int(targets.numel())
     if _accepts_logits_to_keep(model):
         rows = bucketed(keep) if keep.device.type == "cpu" else keep
-        logits = model(**inputs, logits_to_keep=rows).logits
-        logits = logits.reshape(-1, logits.shape[-1])
+        out = model(**inputs, logits_to_keep=rows)
+        logits = out.logits.reshape(-1, out.logits.shape[-1])
         if rows is not keep:
             logits = logits[keep[rows]]  # drop the filler rows
     else:  # architectures without logits_to_keep: full logits, then select
-        logits = model(**inputs).logits[keep]
+        out = model(**inputs)
+        logits = out.logits[keep]
     if targets.numel() == 0:  # keep the graph connected so every process runs backward
         return logits.sum() * 0.0, 0
-    return cross_entropy_sum(logits, targets), int(targets.numel())
+    return cross_entropy_sum(logits, targets) + router_loss(model, out, targets.numel()), int(targets.numel())
+
+
+def router_loss(model, out, trained: int) -> torch.Tensor | float:
+    """A mixture of experts whose config asks for its router logits (`output_router_logits`) trains,
+    as transformers' own loss does, with its load-balancing loss x `router_aux_loss_coef`; here
+    weighted by the micro-batch's trained tokens, so that it adds up over micro-batches and
+    processes as the summed CE does. Evaluation losses stay the CE alone."""
+    aux = getattr(out, "aux_loss", None)
+    if aux is None or not model.training:
+        return 0.0
+    return _unwrapped(model).config.router_aux_loss_coef * trained * aux
