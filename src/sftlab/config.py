@@ -474,11 +474,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, cls
         from_overrides = all(_given_at(given, e_["loc"]) for e_ in e.errors())
         raise SftlabError(_explain(e, cls, "overrides" if path is None or from_overrides else str(path))) from None
     if path is not None:
-        _refuse_paths_beside_config(config, tree, given, Path(path))
+        _refuse_paths_beside_config(config, given, Path(path))
     return config
 
 
-def _refuse_paths_beside_config(config: BaseModel, tree: dict, given: dict, path: Path) -> None:
+def _refuse_paths_beside_config(config: BaseModel, given: dict, path: Path) -> None:
     """A relative path in the file that is missing from the current directory but lies beside the
     config file: the user meant it from the config's folder, while sftlab reads it from the
     current one (docs/configuration.md). Said now, in one line, not as 'file not found' later."""

@@ -69,7 +69,8 @@ def compare(
 
     result = compare_models(models, conversations, out, metrics=names,
                             batch_size=batch_size, max_new_tokens=max_new_tokens, group_by=group_by or None,
-                            bias=probe == "bias", probes=probes, n_bootstrap=bootstrap, chat_template=chat_template)
+                            bias=probe == "bias", probes=probes, n_bootstrap=bootstrap, chat_template=chat_template,
+                            checked=True)
     print_compare(result.data)
     if result.data["bias"]:
         print_bias(result.data["bias"])

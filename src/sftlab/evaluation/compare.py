@@ -225,13 +225,16 @@ def compare_models(
     n_bootstrap: int = N_BOOTSTRAP,
     progress: bool = True,
     chat_template: str | None = None,
+    checked: bool = False,
 ) -> CompareResult:
     """Evaluate each model (a `(model, tokenizer)` pair or a path/name/run directory to load),
     then write the comparison report. The first model is the base. `chat_template` is the one
-    models that are not runs are asked with (runs use the one they were trained with)."""
+    models that are not runs are asked with (runs use the one they were trained with). `checked`:
+    `check_models` has passed already (the CLI checks them before it reads the data)."""
     from sftlab.models import is_run_dir, load_model, load_tokenizer
 
-    check_models(models)
+    if not checked:
+        check_models(models)
     runs = dict(runs or {})
     results: dict[str, EvalResult] = {}
     bias_results: dict[str, Any] = {}
