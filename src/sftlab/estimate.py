@@ -97,7 +97,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,8 +126,8 @@ class ModelShape:
     vocab: int
     decoder_linear_params: int  # weights of nn.Linear layers outside the output head
     decoder_linear_weights: int  # same, weights only (what nf4 quantises)
-    layer_linears: tuple[tuple[str, int, int], ...]  # (name, in, out) of one decoder layer
-    layer_params: int  # all parameters of one decoder layer
+    layer_linears: tuple[tuple[str, int, int], ...]  # (name, in, out) of one decoder layer (with experts, in a MoE)
+    layer_params: int  # all parameters of one decoder layer (with experts, in a MoE)
     lora_candidates: tuple[tuple[str, int, int], ...]  # every linear except the output head
     architecture: str = ""
     fused_head: bool = False  # the loss fuses lm_head and cross-entropy (train/loss.py fused_head)
@@ -139,6 +139,19 @@ class ModelShape:
     # LoRA parameters per unit of rank that all-linear adds beyond the linear layers (the router and
     # the stacked expert tensors, which PEFT wraps too): read off PEFT itself (`_moe_lora_per_rank`)
     moe_lora_per_rank: int = 0
+    # a mixture of experts' layers without experts (DeepSeek's and GLM-4.5's first_k_dense_replace, Qwen-MoE's
+    # mlp_only_layers and decoder_sparse_step): how many, one's linear layers and its parameters
+    dense_layers: int = 0
+    dense_linears: tuple[tuple[str, int, int], ...] = ()
+    dense_params: int = 0
+
+    def layer_kinds(self) -> list[tuple[int, ModelShape]]:
+        """(how many, a shape whose layer_* fields and experts are theirs) for each kind of decoder layer."""
+        if not self.dense_layers:
+            return [(self.n_layers, self)]
+        dense = replace(self, layer_linears=self.dense_linears, layer_params=self.dense_params, n_experts=0,
+                        experts_per_token=0, expert_intermediate=0, dense_layers=0, dense_linears=(), dense_params=0)
+        return [(self.n_layers - self.dense_layers, self), (self.dense_layers, dense)]
 
 
 def load_model_config(model: Any):
@@ -203,12 +216,15 @@ def model_shape(config) -> ModelShape:
     head_dim = getattr(text, "head_dim", None) or h // n_heads
     n_kv = getattr(text, "num_key_value_heads", None) or n_heads
     intermediate = getattr(text, "intermediate_size", None) or 4 * h
-    head = model.get_output_embeddings()
-    linears = [(n, m) for n, m in model.named_modules() if _linear_dims(m) and m is not head]
-    layer0 = _first_layer_prefix([n for n, _ in linears])
-    layer_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(layer0))
-    experts = [p for n, p in model.named_parameters() if p.dim() == 3]  # MoE experts, stacked
-    candidates = tuple((n, *_linear_dims(m)) for n, m in linears)
+    candidates = tuple(linear_layers(model))
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    layers = _decoder_layers([n for n, _, _ in candidates], params)
+    sparse = [p for p in layers if any(n.startswith(p) and t.dim() == 3 for n, t in params.items())]
+    # a mixture of experts' layers without experts (first_k_dense_replace, mlp_only_layers, decoder_sparse_step)
+    dense = [p for p in layers if p not in sparse] if sparse else []
+    layer_linears, layer_params = _layer((sparse or layers)[0], candidates, params)
+    dense_linears, dense_params = _layer(dense[0], candidates, params) if dense else ((), 0)
+    experts = [p for p in params.values() if p.dim() == 3]  # MoE experts, stacked
     n_params = sum(p.numel() for p in model.parameters())
     moe = {**_experts(text, experts), "moe_lora_per_rank": _moe_lora_per_rank(model, candidates)} if experts else {}
     return ModelShape(
@@ -219,10 +235,13 @@ def model_shape(config) -> ModelShape:
         n_heads=n_heads,
         kv_width=n_kv * head_dim,
         vocab=text.vocab_size,
-        decoder_linear_params=sum(p.numel() for _, m in linears for p in m.parameters()),
-        decoder_linear_weights=sum(m.weight.numel() for _, m in linears),
-        layer_linears=tuple((n[len(layer0):], *_linear_dims(m)) for n, m in linears if n.startswith(layer0)),
+        decoder_linear_params=sum(p.numel() for n, _, _ in candidates for p in modules[n].parameters()),
+        decoder_linear_weights=sum(fin * fout for _, fin, fout in candidates),
+        layer_linears=layer_linears,
         layer_params=layer_params,
+        dense_layers=len(dense),
+        dense_linears=dense_linears,
+        dense_params=dense_params,
         lora_candidates=candidates,
         architecture=type(model).__name__,
         fused_head=fused_head(model) is not None,
@@ -230,17 +249,15 @@ def model_shape(config) -> ModelShape:
     )
 
 
-def _linear_dims(module) -> tuple[int, int] | None:
-    """(in, out) of a linear layer: nn.Linear, or the Conv1D of GPT-2-style models (weight in x out),
-    which PEFT's all-linear and bitsandbytes treat as linear too."""
+def linear_layers(model) -> list[tuple[str, int, int]]:
+    """(name, in, out) of each linear layer of `model` but the output head: nn.Linear, and the Conv1D of
+    GPT-2-style models (weight in x out), which PEFT's all-linear and bitsandbytes treat as linear too."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    if isinstance(module, torch.nn.Linear):
-        return module.in_features, module.out_features
-    if isinstance(module, Conv1D):
-        return tuple(module.weight.shape)
-    return None
+    head = model.get_output_embeddings()
+    return [(n, m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else (n, *m.weight.shape)
+            for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head]
 
 
 def _experts(text, experts) -> dict[str, int]:
@@ -262,12 +279,20 @@ def _moe_lora_per_rank(model, candidates) -> int:
     return total - sum(fin + fout for _, fin, fout in candidates)
 
 
-def _first_layer_prefix(names: list[str]) -> str:
-    for n in names:
+def _decoder_layers(linear_names: list[str], params: dict) -> list[str]:
+    """The decoder layers' name prefixes ('model.layers.0.', 'model.layers.1.', ...), in order."""
+    for n in linear_names:
         m = re.search(r"^(.*?\.)0\.", n)
         if m:
-            return m.group(0)
+            stack = re.compile(re.escape(m.group(1)) + r"\d+\.")
+            return list(dict.fromkeys(s.group(0) for p in params if (s := stack.match(p))))
     raise SftlabError("no repeated decoder layers (…layers.0.…) found: not a decoder-only transformer")
+
+
+def _layer(prefix: str, linears, params: dict) -> tuple[tuple[tuple[str, int, int], ...], int]:
+    """One decoder layer's linear layers (named within the layer) and its parameter count."""
+    return (tuple((n[len(prefix):], fin, fout) for n, fin, fout in linears if n.startswith(prefix)),
+            sum(p.numel() for n, p in params.items() if n.startswith(prefix)))
 
 
 def _targets(candidates, target_modules: str | list[str]) -> list[tuple[str, int, int]]:
@@ -455,9 +480,9 @@ def _is_output_proj(name: str) -> bool:
     return name.split(".")[-1] in ("o_proj", "out_proj", "dense", "c_proj", "wo")
 
 
-def settings_from_config(config, nproc: int = 1) -> dict[str, Any]:
-    """`estimate_memory`'s settings for a training config (TrainConfig): what `sftlab train` would run.
-    DoRA is counted as LoRA (its magnitude vectors are small); `training.compile_norms: auto` as off
+def settings_from_config(config, nproc: int = 1, device: str = "auto") -> dict[str, Any]:
+    """`estimate_memory`'s settings for a training config (TrainConfig): what `sftlab train` would run on
+    `device` (cpu, cuda; auto: this machine's). DoRA is counted as LoRA (its magnitude vectors are small); `training.compile_norms: auto` as off
     (it turns on for long CPU runs only; eager norms keep more); an optimizer other than an 8-bit one
     or SGD as AdamW's two fp32 states."""
     t = config.training
@@ -472,7 +497,7 @@ def settings_from_config(config, nproc: int = 1) -> dict[str, Any]:
         "target_modules": config.lora.target_modules,
         "gradient_checkpointing": t.gradient_checkpointing,
         "compiled_norms": t.compile_norms is True,
-        "dtype": {True: "bf16", False: "fp32"}.get(t.bf16, "auto"),
+        "dtype": _dtype_of(config, device),
         "weights_dtype": {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}.get(config.model.dtype, "auto"),
         "optimizer": "adamw_8bit" if "8bit" in optim else "sgd" if optim.startswith("sgd") else "adamw",
         "nproc": nproc,
@@ -485,6 +510,21 @@ def settings_from_config(config, nproc: int = 1) -> dict[str, Any]:
         settings["reference_copy"] = (align.loss in ("dpo", "kto") and config.method == "full"
                                       and not align.precompute_ref_log_probs)
     return settings
+
+
+def _dtype_of(config, device: str) -> str:
+    """The compute dtype `sftlab train` runs `config` in on `device`: training.bf16 resolved as the trainer
+    resolves it (auto: off under DeepSpeed without a GPU); fp16 counts as bf16 (the same bytes)."""
+    from sftlab.train.trainer import wants_bf16
+
+    return "bf16" if config.training.fp16 or wants_bf16(config, device) else "fp32"
+
+
+def _train_config(engine: str):
+    """The training config (its defaults: training.bf16 auto) that runs `engine` (one of ENGINES)."""
+    from sftlab.config import TrainConfig
+
+    return TrainConfig(data={"train": "-"}, distributed="ddp" if engine == "none" else engine)
 
 
 def _engine_of(distributed) -> str:
@@ -531,8 +571,9 @@ def estimate_memory(
 
     `config_or_path`: a transformers config, a model folder / id / .gguf / run dir /
     'default'. `dtype` is the compute precision (bf16 = autocast mixed precision over
-    `weights_dtype` weights; auto = bf16 where the device supports it, as `sftlab train`). `loss="full"` models a plain HF forward (logits for every
-    position); "selective" models sftlab's loss on trained positions only. `nproc` and
+    `weights_dtype` weights; auto = as `sftlab train` resolves training.bf16 auto for `distributed` on
+    `device`: bf16 where the device supports it, fp32 under DeepSpeed without a GPU). `loss="full"` models
+    a plain HF forward (logits for every position); "selective" models sftlab's loss on trained positions only. `nproc` and
     `distributed` (one of ENGINES) give the memory of each of `nproc` processes. With one process
     and `grad_accum` 1 the gradients are freed between steps: the total counts the larger of
     the gradients and activations + logits, not both. `compiled_norms`: training.compile_norms
@@ -564,13 +605,10 @@ def estimate_memory(
         shape = model_shape(load_model_config(config_or_path))
     from sftlab.train.trainer import device_type
 
-    here = device_type()
-    device = here if device == "auto" else device
+    device = device_type() if device == "auto" else device
     on_cpu = device == "cpu"
     if dtype == "auto":
-        from sftlab.train.trainer import device_supports_bf16
-
-        dtype = "bf16" if (device_supports_bf16() if device == here else not on_cpu) else "fp32"
+        dtype = _dtype_of(_train_config(distributed), device)
     if weights_dtype == "auto":
         from sftlab.train.trainer import base_weights_dtype
 
@@ -623,17 +661,18 @@ def estimate_memory(
             "; " + notes["weight_copies"] if "weight_copies" in notes else "")
 
     tokens_per_row = seq_len * sequences_per_row
-    per_layer = activation_bytes_per_token(
-        shape, method=method, compute_bytes=a_bytes, stream_bytes=w_bytes,
+    layers = [(n, activation_bytes_per_token(
+        kind, method=method, compute_bytes=a_bytes, stream_bytes=w_bytes,
         lora_targets=targets, lora_r=lora_r, lora_dropout=lora_dropout, compiled_norms=compiled_norms,
-    )
+    ), "" if kind is shape else "dense ") for n, kind in shape.layer_kinds()]
     head = shape.hidden * (2 * w_bytes + a_bytes) + 4 + 8  # final norm, head input, input id
     if gradient_checkpointing:
-        per_token = shape.n_layers * shape.hidden * w_bytes + per_layer + head
-        notes["activations"] = f"checkpointed: layer inputs + 1 layer rebuilt ({per_layer:,} B/token)"
+        largest = max(per_layer for _, per_layer, _ in layers)
+        per_token = shape.n_layers * shape.hidden * w_bytes + largest + head
+        notes["activations"] = f"checkpointed: layer inputs + 1 layer rebuilt ({largest:,} B/token)"
     else:
-        per_token = shape.n_layers * per_layer + head
-        notes["activations"] = f"{shape.n_layers} layers x {per_layer:,} B/token"
+        per_token = sum(n * per_layer for n, per_layer, _ in layers) + head
+        notes["activations"] = " + ".join(f"{n} {dense}layers x {per_layer:,} B/token" for n, per_layer, dense in layers)
     activations = per_token * tokens_per_row * batch
 
     full_logits = (12 + (2 if autocast else 0)) * shape.vocab * tokens_per_row
@@ -711,8 +750,9 @@ def _per_process(est: Estimate, shape: ModelShape, engine: str, n: int, w_bytes:
         est.weights = split(est.weights)
         notes["weights"] += f", split {n} ways"
         if engine == "fsdp":
-            outside = shape.n_params - shape.n_layers * shape.layer_params
-            est.gathered = max(2 * shape.layer_params, outside) * w_bytes
+            kinds = shape.layer_kinds()
+            outside = shape.n_params - sum(n * kind.layer_params for n, kind in kinds)
+            est.gathered = max(2 * max(kind.layer_params for _, kind in kinds), outside) * w_bytes
             notes["gathered"] = f"max(2 decoder layers, the {outside:,} parameters outside them) x {w_bytes} B"
         else:
             live = min(shape.n_params, ZERO3_MAX_LIVE_PARAMETERS)
@@ -728,12 +768,12 @@ def _per_process(est: Estimate, shape: ModelShape, engine: str, n: int, w_bytes:
     return est
 
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+# binary throughout, as GPU memory is sold and accelerate's estimate-memory reads it: an "80GB" H100 has 80 GiB (79.6 usable)
+_UNITS = {"": 1, "b": 1} | {p + s: 1024 ** (i + 1) for i, p in enumerate("kmgt") for s in ("", "b", "ib")}
 
 
 def parse_memory(text: str) -> int:
-    """'24GiB', '24GB', '1.5 TiB', '8g', '512MiB' or a byte count -> bytes (G = GB = 10^9)."""
+    """'24GiB', '24GB', '1.5 TiB', '8g', '512MiB' or a byte count -> bytes (G = GB = GiB = 2^30)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _UNITS:

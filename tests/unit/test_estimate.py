@@ -78,7 +78,7 @@ def test_largest_batch_is_the_boundary(tiny_model_dir):
 
 def test_parse_memory():
     assert parse_memory("24GiB") == 24 * 1024**3
-    assert parse_memory("80GB") == 80 * 10**9
+    assert parse_memory("80GB") == parse_memory("80g") == 80 * GiB  # as GPU memory is sold: an 80GB H100 has 80 GiB
     assert parse_memory("1.5 tib") == int(1.5 * 1024**4)
     assert parse_memory("512MiB") == 512 * 1024**2
     assert parse_memory("1000") == 1000

@@ -120,3 +120,75 @@ def test_moe_lora_counts_what_peft_adapts(r):
 def test_qlora_on_experts_says_they_stay_unquantized():
     est = estimate_memory(_mixtral(2), "qlora", 32, 1)
     assert "expert weights (bitsandbytes quantizes linear layers only)" in est.notes["weights"]
+
+
+def _deepseek_v3():
+    """Three layers, the first dense (first_k_dense_replace), the others with 8 experts and a shared one."""
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(vocab_size=100, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                            num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+                            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+                            q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+
+
+def test_a_mixture_of_experts_with_dense_layers_counts_each_layer_as_it_is():
+    """DeepSeek-V3's first layers are dense: layer 0 stood for every layer, so FSDP's gathered layers and the
+    parameters outside the decoder stack came from the dense layer's size (here 2 x 29,872 instead of
+    2 x 67,248 parameters, and 87,616 outside the layers instead of 12,864)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = _deepseek_v3()
+    model = AutoModelForCausalLM.from_config(config)
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
+    outside = sum(p.numel() for p in model.parameters()) - sum(layers)
+    est = estimate_memory(config, "full", 32, 1, dtype="fp32", nproc=2, distributed="fsdp")
+    assert est.n_params == sum(layers) + outside
+    assert est.gathered == max(2 * max(layers), outside) * 4
+    assert f"the {outside:,} parameters outside them" in est.notes["gathered"]
+    trainable, _ = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear")).get_nb_trainable_parameters()
+    assert estimate_memory(config, "lora", 32, 1, lora_r=4).trainable_params == trainable
+
+
+def _qwen3_moe(dense: list[int]):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(vocab_size=100, hidden_size=64, intermediate_size=160, moe_intermediate_size=32,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+                          num_experts_per_tok=2, mlp_only_layers=dense)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_dense_and_sparse_layers_each_keep_their_own_activations(method):
+    """Qwen3-MoE's mlp_only_layers: a dense and a sparse layer keep what one of each keeps in an all-dense and
+    an all-sparse model, in either order (layer 0's kind stood for both)."""
+    def activations(dense):
+        return estimate_memory(_qwen3_moe(dense), method, 32, 1, dtype="fp32").activations
+
+    assert activations([0]) == activations([1])
+    assert 2 * activations([0]) == activations([0, 1]) + activations([])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="DeepSpeed on a CPU")
+def test_deepspeed_on_a_cpu_is_estimated_in_fp32_as_it_trains(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """training.bf16 auto is off under DeepSpeed without a GPU (trainer.wants_bf16): the estimate counted bf16
+    on a CPU with bf16 matmuls. On a GPU elsewhere (--device cuda) DeepSpeed trains in bf16."""
+    import json
+
+    from sftlab.cli import main
+    from sftlab.train import trainer
+
+    monkeypatch.setattr(trainer, "device_supports_bf16", lambda: True)
+    config = tmp_path / "zero2.yaml"
+    config.write_text(f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{train: x.jsonl}}\ndistributed: zero2\n")
+
+    def dtype(*options):
+        assert main(["estimate", str(config), "--json", *options]) == 0
+        return json.loads(capsys.readouterr().out)["dtype"]
+
+    assert dtype("--nproc", "2") == "fp32"
+    assert dtype() == "fp32"  # one process runs DeepSpeed too, as a world of one
+    assert dtype("--nproc", "2", "--device", "cuda") == "bf16"
+    assert estimate_memory(tiny_model_dir, "lora", 32, 1, nproc=2, distributed="zero2").dtype == "fp32"
+    assert estimate_memory(tiny_model_dir, "lora", 32, 1, nproc=2, distributed="ddp").dtype == "bf16"

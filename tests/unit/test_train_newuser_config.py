@@ -123,3 +123,15 @@ def test_a_tracker_that_fails_to_start_is_one_line_naming_it():
     with pytest.raises(RuntimeError):  # anything else is not the tracker's
         with tracker_errors(["wandb"]):
             raise RuntimeError("boom")
+
+
+def test_no_target_message_lists_the_linear_layers_lora_can_target():
+    """The message dropped the output head by its name, lm_head: BioGPT's, output_projection, was offered as a
+    target. It now lists what the estimate counts (estimate.linear_layers)."""
+    from transformers import BioGptConfig, BioGptForCausalLM
+
+    from sftlab.train.trainer import no_target_message
+
+    model = BioGptForCausalLM(BioGptConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                           intermediate_size=64))
+    assert "its linear layers are fc1, fc2, k_proj, out_proj, q_proj, v_proj:" in no_target_message(model, ["x"])

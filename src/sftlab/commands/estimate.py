@@ -70,7 +70,7 @@ def estimate(
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes (GPUs) training together; the estimate is per process."),
     distributed: Engine = typer.Option(Engine.none, "--distributed", help="Engine: ddp, zero2/zero3 (+_offload, DeepSpeed), fsdp (FSDP2); none = one process (ddp when --nproc > 1)."),
     device: Device = typer.Option(Device.auto, help="What trains: auto (this machine: its GPU, else its CPU), cpu, or cuda (a GPU elsewhere: bf16, no CPU caches; give --memory)."),
-    memory: str = typer.Option(None, help="Memory to fit into, e.g. 24GiB or 80GB (default: this machine's GPU memory, else its RAM)."),
+    memory: str = typer.Option(None, help="Memory to fit into, e.g. 24GiB or 80GB; GB and GiB both mean 2^30 bytes, as GPU memory is sold (an 80GB card has 80 GiB). Default: this machine's GPU memory, else its RAM."),
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON (bytes) instead of a table."),
 ) -> None:
     """Estimate peak training memory (weights, gradients, optimizer, activations, logits) without loading weights."""
@@ -94,7 +94,7 @@ def estimate(
         setting = {option: key for key, option in _OPTION.items()}
         given = {setting.get(name, name) for name in ctx.params
                  if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
-        settings |= {k: v for k, v in settings_from_config(config, nproc).items() if k not in given}
+        settings |= {k: v for k, v in settings_from_config(config, nproc, device.value).items() if k not in given}
         batch = settings["batch"]
         print(f"settings of {config_source}: {_as_options(settings)}", file=sys.stderr)
     est = estimate_memory(model, settings.pop("method"), settings.pop("seq_len"), settings.pop("batch"), **settings)

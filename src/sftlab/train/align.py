@@ -180,7 +180,7 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     from sftlab.train.preference import load_preferences
     from sftlab.train.run_dir import (checkpoint_state, discard_interrupted_saves, finished_run, last_good_checkpoint,
                                       model_card, refuse_existing_run, resume_checkpoint, write_run_json)
-    from sftlab.train.trainer import base_weights_dtype, device_supports_bf16, portable_model_name, preflight
+    from sftlab.train.trainer import base_weights_dtype, portable_model_name, preflight, wants_bf16
 
     preflight(config)
     if config.training.use_liger_kernel is True:
@@ -214,7 +214,7 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     if (done := finished_run(out, saved, state, log)) is not None:
         return done
     atomic_write(out / "config.yaml", config.to_yaml())
-    use_bf16 = device_supports_bf16() if config.training.bf16 == "auto" else bool(config.training.bf16)
+    use_bf16 = wants_bf16(config)
     dtype = base_weights_dtype(config.method, use_bf16) if m.dtype == "auto" else m.dtype
     set_seed(config.training.seed)
     model, peft_config, base = load_policy(config, dtype, use_bf16)

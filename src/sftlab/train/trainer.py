@@ -285,10 +285,9 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
 
 def no_target_message(model, targets) -> str:
     """lora.target_modules matched no layer: say which names this model's linear layers have."""
-    from transformers.pytorch_utils import Conv1D
+    from sftlab.estimate import linear_layers
 
-    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                    if isinstance(m, (torch.nn.Linear, Conv1D)) and n.rsplit(".", 1)[-1] != "lm_head"})
+    names = sorted({n.rsplit(".", 1)[-1] for n, _, _ in linear_layers(model)})
     given = f"'{targets}'" if isinstance(targets, str) else f"[{', '.join(targets)}]"
     example = ["q_proj", "v_proj"] if {"q_proj", "v_proj"} <= set(names) else names[:2]
     comma = " (a list is written [a,b]; one string is a regular expression)" if isinstance(targets, str) and "," in targets else ""
@@ -296,23 +295,28 @@ def no_target_message(model, targets) -> str:
             f"{', '.join(names)}: e.g. lora.target_modules=[{','.join(example)}], or all-linear")
 
 
-def bf16_unavailable(config: TrainConfig) -> str | None:
-    """Why bf16 cannot train this run (None when it can): transformers refuses bf16 under DeepSpeed
-    without a GPU (DeepSpeed runs on a CPU only with use_cpu off, which bf16 then needs a GPU for)."""
+def bf16_unavailable(config: TrainConfig, device: str = "auto") -> str | None:
+    """Why bf16 cannot train this run on `device` (cpu, cuda; auto: this machine's) (None when it can):
+    transformers refuses bf16 under DeepSpeed without a GPU (DeepSpeed runs on a CPU only with use_cpu
+    off, which bf16 then needs a GPU for)."""
     from sftlab.train.distributed import engine_name
 
-    if torch.cuda.is_available() or engine_name(config.distributed, config.training.passthrough()) != "deepspeed":
+    on_gpu = (device_type() if device == "auto" else device) == "cuda"
+    if on_gpu or engine_name(config.distributed, config.training.passthrough()) != "deepspeed":
         return None
     return "DeepSpeed on a CPU trains in fp32 here (transformers allows bf16 under DeepSpeed on a GPU only)"
 
 
-def wants_bf16(config: TrainConfig) -> bool:
-    """training.bf16 resolved: auto is on where the device has fast bf16 matmuls and the engine can use them."""
+def wants_bf16(config: TrainConfig, device: str = "auto") -> bool:
+    """training.bf16 resolved: auto is on where the device has fast bf16 matmuls and the engine can use them.
+    `device`: what trains (cpu, cuda; auto: this machine's). One that is not this machine's (`sftlab
+    estimate --device`) is taken to have them on a GPU (every GPU since Ampere), not on a CPU."""
     t = config.training
     if t.fp16:
         return False
     if t.bf16 == "auto":
-        return device_supports_bf16() and bf16_unavailable(config) is None
+        fast = device_supports_bf16() if device in ("auto", device_type()) else device == "cuda"
+        return fast and bf16_unavailable(config, device) is None
     return bool(t.bf16)
 
 
@@ -509,6 +513,9 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     if not has_eval and (unused := [k for k in ("early_stopping_patience", "load_best_model_at_end")
                                     if getattr(config.training, k)]):
         log(f"training.{unused[0]}: no data.validation, so no evaluation: it does not apply to this run")
+    if getattr(model.config, "output_router_logits", False):
+        log(f"router load-balancing loss x {model.config.router_aux_loss_coef} added to the training loss "
+            "(the model's config.output_router_logits)")
     liger = kernels.liger_kernel_config(config.training.use_liger_kernel, model.config)
     liger_layers = sorted(k for k, on in (liger or {}).items() if on)
     if liger_layers:
