@@ -107,12 +107,10 @@ def _run(argv: list[str]) -> int:
     try:
         code = module.app(args=rest, prog_name=f"sftlab {name}", standalone_mode=False)
     except SftlabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _error(str(e))
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:  # a path the user gave
         paths = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
-        print(f"error: {e.strerror}: {paths}", file=sys.stderr)
-        return 1
+        return _error(f"{e.strerror}: {paths}")
     except KeyboardInterrupt:
         return _interrupted(name)
     except SystemExit as e:  # typer/click exit codes (e.g. --help)
@@ -125,6 +123,24 @@ def _run(argv: list[str]) -> int:
     if code == 130:  # typer returns it for Ctrl-C when not standalone
         return _interrupted(name)
     return code if isinstance(code, int) else 0
+
+
+def _error(message: str) -> int:
+    """Say `error: MESSAGE` and return 1. A process torchrun started also leaves the message in its error
+    file for the launcher, and only rank 0 prints it: N processes that meet the same mistake say it once,
+    and `sftlab ... --nproc N` (train/torchrun.py) prints the message of another rank that failed first."""
+    import os
+
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        from sftlab.errors import SftlabError
+
+        ErrorHandler().record_exception(SftlabError(message))
+        if os.environ.get("RANK", "0") != "0":
+            return 1
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 def _interrupted(command: str) -> int:

@@ -223,3 +223,29 @@ def test_an_empty_key_or_training_file_is_a_clear_error():
         load_config(None, ["data.train=x.jsonl", "training..lr=3"])
     with pytest.raises(SftlabError, match="'data.train': String should have at least 1 character"):
         load_config(None, ["data.train="])
+
+
+@pytest.mark.parametrize("failed", [[0, 1], [1]])
+def test_the_launcher_says_a_user_mistake_once_whichever_rank_failed(failed, tmp_path, monkeypatch, capsys):
+    """Each rank records its mistake in its torchelastic error file as the CLI does (cli._error) and only
+    rank 0 prints it: the launcher prints another rank's only where rank 0 did not fail on one."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ErrorHandler, ProcessFailure
+
+    from sftlab.errors import SftlabError
+    from sftlab.train import torchrun
+
+    failures = {}
+    for rank in failed:
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / f"error-{rank}.json"))
+        ErrorHandler().record_exception(SftlabError("data.jsonl:2: malformed JSON"))
+        failures[rank] = ProcessFailure(local_rank=rank, pid=1, exitcode=1, error_file=str(tmp_path / f"error-{rank}.json"))
+
+    def run(args):
+        raise ChildFailedError("sftlab", failures)
+
+    monkeypatch.setattr(torch.distributed.run, "run", run)
+    assert torchrun.main(["--standalone", "--nproc_per_node=2", "-m", "sftlab.cli", "train"]) == 1
+    printed = capsys.readouterr().err
+    assert printed.count("error: data.jsonl:2: malformed JSON") == (0 if 0 in failed else 1), printed
+    assert printed.splitlines()[-1].startswith(f"error: process {min(failed)} of 2 failed first")
