@@ -305,3 +305,62 @@ def test_a_template_whose_end_marker_is_not_a_token_warns(tokenizer):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         render(conversation(False), family_tokenizer(tokenizer, "llama3"))
+
+
+def test_a_generation_prompt_the_tokenizer_joins_with_the_answer_warns(tokenizer):
+    """trl #598 / #4201: "Assistant: " + "Hello" tokenizes as "Assistant", ":", " Hello" in the conversation,
+    but the prompt alone ends with its own " " token, which no trained answer follows: the model is
+    trained in one context and asked to answer in another. The ids stay the template's own; rendering
+    says so once, naming the template and the tokens."""
+    import warnings
+
+    from sftlab.evaluation.generate import prompt_ids
+
+    tok = copy.deepcopy(tokenizer)
+    tok.name_or_path = "assistant-colon-space"
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\\n' }}"
+                         "{% else %}{{ 'Assistant: ' + m['content'] + eos_token + '\\n' }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}")
+    conv = Conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    with pytest.warns(UserWarning, match=r"'assistant-colon-space' ends its generation prompt.*' ' \+ 'Hello' are "
+                                         r"one token, ' Hello'"):
+        ex = render(conv, tok)
+    assert ex.input_ids == tok.apply_chat_template(conv.messages, tokenize=True, return_dict=True)["input_ids"]
+    prompt = prompt_ids(tok, conv.messages[:1], "mem")
+    assert ex.input_ids[:len(prompt)] != prompt  # the mismatch the warning is about
+    with warnings.catch_warnings():  # the tokenizer's own template: the prompt's tokens begin the conversation's
+        warnings.simplefilter("error")
+        ex = render(Conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]),
+                    tokenizer)
+        prompt = prompt_ids(tokenizer, conv.messages[:1], "mem")
+        assert ex.input_ids[:len(prompt)] == prompt
+
+
+def test_a_generation_prompt_unlike_the_text_before_the_last_answer_says_where(tokenizer):
+    """LLaMA-Factory #6987: DeepSeek-R1-Distill's template prompts with "<think>\\n" but writes every answer,
+    the last included, without it, so each is trained after text inference does not give. The warning said
+    only "earlier assistant turns"; it names the two texts and that the last answer is affected too."""
+    from tests.conftest import tokenizer_for
+
+    tok = tokenizer_for(tokenizer, "deepseek_r1_distill.jinja")
+    tok.add_tokens(["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"], special_tokens=True)
+    tok.name_or_path = "r1-distill"
+    conv = Conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
+    with pytest.warns(UserWarning, match=r"'r1-distill' is not prefix-stable \(the generation prompt has '<think>\\n' "
+                                         r"where the conversation has 'Hello\.<｜end▁of▁sentence｜>'\): the answers, "
+                                         r"the last one included, are trained"):
+        ex = render(conv, tok)
+    assert [tok.decode(r) for r in trained_runs(ex)] == ["Hello.<｜end▁of▁sentence｜>"]
+
+
+@pytest.mark.filterwarnings("ignore:.*not prefix-stable")
+def test_a_full_width_end_marker_that_is_not_a_token_warns(tokenizer):
+    """DeepSeek's templates end an answer with <｜end▁of▁sentence｜> (full-width bars): on a tokenizer without
+    that token the answer's last token swallowed "<" and an EOS was inserted inside the marker, silently."""
+    from tests.conftest import tokenizer_for
+
+    tok = tokenizer_for(tokenizer, "deepseekv3.jinja")
+    tok.name_or_path = "deepseek-on-smollm2"
+    conv = Conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
+    with pytest.warns(UserWarning, match="ends an answer with '<｜end▁of▁sentence｜>', which is not a token"):
+        render(conv, tok)

@@ -166,6 +166,7 @@ class _Plan(NamedTuple):
     text: str
     spans: list[tuple[int, int]]  # [start, end) of each trained turn, end-of-turn marker included
     open_ends: list[bool]  # per span: the template wrote no end-of-turn marker, so an EOS is inserted
+    prompt_ends: list[int | None]  # per span: where its generation prompt ends in `text` (None: not a prefix)
 
 
 def _plan_or_error(conv: Conversation, tokenizer, template: _Template | None, options: RenderOptions):
@@ -243,7 +244,8 @@ class _Template:
                              add_generation_prompt=False)
         except TemplateFailed:
             return
-        after = re.match(r"\s*(<\|?[A-Za-z_][\w.-]*\|?>|\[/?[A-Z_]+\])", text.partition(probe)[2])
+        # <|eot_id|>, <end_of_turn>, [/INST], DeepSeek's full-width <｜end▁of▁sentence｜>
+        after = re.match(r"\s*(<[|｜]?[A-Za-z_][\w.▁-]*[|｜]?>|\[/?[A-Z_]+\])", text.partition(probe)[2])
         if after and after.group(1) not in self.markers and after.group(1) not in self.tokenizer.get_vocab():
             import warnings
 
@@ -347,8 +349,8 @@ def _plan(conversation: Conversation, template: _Template, options: RenderOption
     # be a prefix of the whole. Some templates are not (e.g. those that move the system prompt to the
     # last user turn): earlier turns are then trained in another context.
     prompts = {i: render(messages[:i], add_generation_prompt=True) for i in turns}
-    if not all(full.startswith(p) for p in prompts.values()):
-        _warn_unstable(template.name)
+    if unstable := [i for i in turns if not full.startswith(prompts[i])]:
+        _warn_unstable(template.name, prompts[unstable[-1]], full, last=unstable[-1] == turns[-1])
     spans: dict[int, tuple[int, int]] = {}
     open_ends: dict[int, bool] = {}
     answers = [i for i in turns if "tool_calls" not in messages[i]]
@@ -366,7 +368,8 @@ def _plan(conversation: Conversation, template: _Template, options: RenderOption
     for i in turns:
         if i not in spans:
             spans[i], open_ends[i] = _call_span(conversation, template, render, i, prompts[i], full)
-    return _Plan(full, [spans[i] for i in turns], [open_ends[i] for i in turns])
+    return _Plan(full, [spans[i] for i in turns], [open_ends[i] for i in turns],
+                 [len(prompts[i]) if full.startswith(prompts[i]) else None for i in turns])
 
 
 def _call_span(conversation: Conversation, template: _Template, render, i: int, prompt: str, full: str
@@ -472,22 +475,52 @@ def _unlocatable(conversation: Conversation, name: str, problem: str) -> DataErr
 _warned: set[str] = set()
 
 
-def _warn_unstable(name: str) -> None:
+def _warn_unstable(name: str, prompt: str, full: str, last: bool) -> None:
+    """A generation prompt is not a prefix of the conversation: say where the two part. Where the last
+    trained turn's own prompt differs (DeepSeek-R1's and Nemotron's templates prompt with "<think>\\n" but
+    write the answer without it), every answer is trained after text inference does not give, not only
+    earlier ones."""
     if name not in _warned:
         _warned.add(name)
         import warnings
 
+        k = len(os.path.commonprefix([prompt, full]))
+        scope = ("the answers, the last one included, are" if last else "earlier assistant turns are")
         warnings.warn(
-            f"the chat template of '{name}' is not prefix-stable (earlier turns render differently once later "
-            "turns exist): earlier assistant turns are trained in a context that inference does not show",
+            f"the chat template of '{name}' is not prefix-stable (the generation prompt has "
+            f"{prompt[k:k + 40]!r} where the conversation has {full[k:k + 40]!r}): {scope} trained in a context "
+            "that inference does not show",
             stacklevel=2,
         )
+
+
+def _warn_prompt_joins_answer(name: str, text: str, chars: tuple[int, int], prompt_end: int) -> None:
+    """The generation prompt ends inside a token of the rendered conversation: the tokenizer joins its
+    last characters with the answer's first (GPT-2-style tokenizers join a trailing space with the next
+    word: "Assistant: " + "Hello" -> " Hello"). At inference the prompt is tokenized alone and ends with
+    tokens of its own ("Ġ"), which no trained answer follows: the model is trained in one context and
+    asked to answer in another, without an error."""
+    key = f"{name}\0prompt-joins-answer"
+    if key in _warned:
+        return
+    _warned.add(key)
+    import warnings
+
+    warnings.warn(f"the chat template of '{name}' ends its generation prompt with text the tokenizer joins with the "
+                  f"answer's first characters ({text[chars[0]:prompt_end]!r} + {text[prompt_end:chars[1]]!r} are one "
+                  f"token, {text[chars[0]:chars[1]]!r}): at inference the prompt is tokenized alone and ends with "
+                  "tokens no trained answer follows; a template whose generation prompt does not end in whitespace "
+                  "(write the space before each answer instead) avoids it", stacklevel=2)
 
 
 def _label(conversation: Conversation, tokenizer, plan: _Plan, encoding) -> Example:
     """ids from the tokenizer; labels = ids on the tokens of each trained span, -100 elsewhere."""
     ids = encoding.ids
     ranges = [_token_range(encoding, s, e, conversation.source) for s, e in plan.spans]
+    for (first, _), (start, _), prompt_end in zip(ranges, plan.spans, plan.prompt_ends):
+        if start == prompt_end and (chars := encoding.token_to_chars(first)) and chars[0] < start:
+            _warn_prompt_joins_answer(template_name(tokenizer), plan.text, chars, start)
+            break
     if any(plan.open_ends):
         ids, ranges = _insert_eos(tokenizer, ids, ranges, plan.open_ends)
     ids = np.array(ids, dtype=np.int32)
