@@ -251,3 +251,37 @@ def test_warmup_ratio_shapes_the_learning_rate_of_every_loss(tiny_model_dir, pai
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [e["learning_rate"] for e in events if "learning_rate" in e]
     assert rates == pytest.approx([0.0, 2.5e-3, 5e-3, 2.5e-3], abs=1e-9)
+
+
+def test_a_named_template_that_adds_tokens_grows_the_policy_or_is_refused_for_a_lora(tiny_model_dir, pairs_file,
+                                                                                      tmp_path):
+    """model.chat_template=llama3 adds three tokens to SmolLM2's tokenizer. Full DPO trains their rows with
+    the rest, so the policy's embeddings must grow to the tokenizer (the ids of the new tokens indexed past
+    the embedding matrix: IndexError at the first step); a LoRA would hold them as PEFT trainable tokens,
+    which TRL's fused LM head cannot run with (AttributeError at the first step): refused before loading."""
+    from sftlab.errors import SftlabError
+    from sftlab.models import load_tokenizer
+    from sftlab.train.align import load_policy
+
+    tokenizer = load_tokenizer(str(tiny_model_dir), chat_template="llama3")
+    assert len(tokenizer) > 49152
+    cfg = _config(tiny_model_dir, pairs_file, tmp_path / "full", method="full", **{"model.chat_template": "llama3"})
+    model, peft_config, _ = load_policy(cfg, "float32", False, tokenizer)
+    assert peft_config is None and model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    cfg = _config(tiny_model_dir, pairs_file, tmp_path / "lora", **{"model.chat_template": "llama3"})
+    with pytest.raises(SftlabError, match=r"adds tokens.*TRL's preference trainers.*--to merged"):
+        load_policy(cfg, "float32", False, tokenizer)
+
+
+def test_a_lora_run_whose_adapter_trains_added_token_rows_is_refused_with_the_way_round(tiny_model_dir, pairs_file,
+                                                                                         tmp_path):
+    from sftlab.errors import SftlabError
+    from sftlab.train.align import load_policy
+
+    run = tmp_path / "sft"
+    (run / "adapter").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"base_model": str(tiny_model_dir)}))
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"trainable_token_indices": {"embed_tokens": [49152]}}))
+    cfg = _config(run, pairs_file, tmp_path / "dpo")
+    with pytest.raises(SftlabError, match=rf"{run}: its adapter trains the embedding rows.*export {run} --to merged"):
+        load_policy(cfg, "float32", False)

@@ -114,3 +114,30 @@ def test_fit_embeddings_grows_the_model_and_names_the_rows_to_train(tokenizer, t
     # an untied head trains the same rows, not the whole matrix (an adapter as large as the head)
     assert extra == {"trainable_token_indices": {"embed_tokens": rows} | ({} if tied else {"lm_head": rows})}
     assert fit_embeddings(_tiny(tokenizer, tied), load_tokenizer(str(TOKENIZER_DIR), chat_template="chatml")) == {}
+
+
+def test_the_run_model_card_loads_an_adapter_that_holds_added_token_rows(tokenizer, tmp_path):
+    """A named template added tokens, so the adapter holds their rows (PEFT trainable tokens) for a base
+    grown to the tokenizer: the model card's snippet on the plain base raised an IndexError."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from sftlab.config import load_config
+    from sftlab.train.run_dir import model_card
+
+    base_dir, run = tmp_path / "base", tmp_path / "run"
+    _tiny(tokenizer, tied=False).save_pretrained(base_dir)
+    tok = load_tokenizer(str(TOKENIZER_DIR), chat_template="llama3")
+    model = _tiny(tokenizer, tied=False)
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], **fit_embeddings(model, tok)))
+    peft.save_pretrained(run / "adapter")
+    tok.save_pretrained(run / "tokenizer")
+    config = load_config(None, [f"model.name_or_path={base_dir}", "model.chat_template=llama3", "data.train=x.jsonl",
+                                f"output_dir={run}"])
+    card = model_card(config, {"base_model": str(base_dir)})
+    code = card.split("```python\n")[1].split("```")[0].replace("BASE", repr(str(base_dir))).replace("'RUN/", f"'{run}/")
+    scope = {}
+    exec(code, scope)
+    ids = torch.tensor([tok.convert_tokens_to_ids(["<|eot_id|>", "<|start_header_id|>"])])
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"](input_ids=ids).logits, peft(input_ids=ids).logits)

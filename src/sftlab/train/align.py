@@ -67,15 +67,20 @@ def _peft_config(config: AlignConfig):
                       use_dora=lora.use_dora, task_type="CAUSAL_LM")
 
 
-def load_policy(config: AlignConfig, dtype: str, use_bf16: bool):
+def load_policy(config: AlignConfig, dtype: str, use_bf16: bool, tokenizer=None):
     """(model, peft_config for the trainer or None, where the saved weights apply).
 
     A LoRA run's adapter is loaded trainable; otherwise LoRA is left to the trainer (peft_config),
     so that TRL computes the reference with the adapter disabled. QLoRA: the same on a 4-bit base
-    (a LoRA run's adapter keeps training on its base quantised)."""
+    (a LoRA run's adapter keeps training on its base quantised). The embeddings are fitted to
+    `tokenizer` first, as `sftlab train` fits them: a named chat template may have added tokens (to
+    the SFT run's tokenizer, or now through model.chat_template); without their rows the ids of
+    those tokens index past the embedding matrix. Full fine-tuning trains those rows with the rest;
+    a LoRA would have to hold them as PEFT trainable tokens, which TRL's preference trainers cannot
+    run (their fused LM head reads the head's own weight), so that is refused with the way round."""
     from peft import PeftModel
 
-    from sftlab.models import check_weights, is_run_dir, load_model, run_artifacts
+    from sftlab.models import check_weights, fit_embeddings, is_run_dir, load_model, run_artifacts
     from sftlab.train.trainer import prepare_4bit_base, quantization_config
 
     m = config.model
@@ -84,20 +89,43 @@ def load_policy(config: AlignConfig, dtype: str, use_bf16: bool):
               "allow_pickle": m.allow_pickle or None,
               "quantization_config": quantization_config(config.method, use_bf16)}
 
+    new_tokens = {}  # fit_embeddings' PEFT arguments for the rows of tokens a named template added
+
     def load_base(path):
         model = load_model(path, **kwargs)
+        if tokenizer is not None:
+            new_tokens.update(fit_embeddings(model, tokenizer))
         return prepare_4bit_base(model, config.training.gradient_checkpointing) if config.method == "qlora" else model
 
     name = m.name_or_path
     art = run_artifacts(name) if is_run_dir(name) else None
     if art and art["adapter"] and not art["model"]:
+        if config.method != "full" and _adapter_holds_token_rows(art["adapter"]):
+            raise SftlabError(f"{name}: its adapter trains the embedding rows of tokens its chat template added, "
+                              f"{_NO_TOKEN_ROWS}: merge the run (sftlab export {name} --to merged OUT) and align "
+                              "from OUT (model.name_or_path=OUT), or align with method: full")
         base = load_base(art["base"])
         check_weights(art["adapter"], kwargs["allow_pickle"])
         if config.method == "full":
             return PeftModel.from_pretrained(base, art["adapter"]).merge_and_unload(), None, art["base"]
         return PeftModel.from_pretrained(base, art["adapter"], is_trainable=True), None, art["base"]
     start = art["model"] if art else name
-    return load_base(start), (None if config.method == "full" else _peft_config(config)), start
+    model = load_base(start)
+    if config.method != "full" and new_tokens:
+        raise SftlabError(f"model.chat_template {m.chat_template} adds tokens to the tokenizer of {name}, whose new "
+                          f"embedding rows a LoRA would train as PEFT trainable tokens, {_NO_TOKEN_ROWS}: fine-tune "
+                          "with it first (sftlab train; SFT teaches the new tokens), merge that run (sftlab export RUN "
+                          "--to merged OUT) and align from OUT, or align with method: full")
+    return model, (None if config.method == "full" else _peft_config(config)), start
+
+
+_NO_TOKEN_ROWS = "which TRL's preference trainers cannot run with (their fused LM head reads the head's own weight)"
+
+
+def _adapter_holds_token_rows(adapter_dir: str) -> bool:
+    """Whether a saved adapter trains embedding rows through PEFT's trainable tokens."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return bool(config.get("trainable_token_indices"))
 
 
 def trl_args(cls, config: AlignConfig, out: Path, has_eval: bool, use_bf16: bool, **extra):
@@ -217,7 +245,7 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     use_bf16 = wants_bf16(config)
     dtype = base_weights_dtype(config.method, use_bf16) if m.dtype == "auto" else m.dtype
     set_seed(config.training.seed)
-    model, peft_config, base = load_policy(config, dtype, use_bf16)
+    model, peft_config, base = load_policy(config, dtype, use_bf16, tokenizer)
     model.config.use_cache = False
     nonfinite = NonFiniteGuard(config.training.skip_nonfinite_steps, last_good=lambda: last_good_checkpoint(out))
     trainer = build_trainer(config, model, peft_config, tokenizer, train_rows, eval_rows, out, use_bf16,

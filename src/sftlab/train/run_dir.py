@@ -69,11 +69,14 @@ def model_card(config, info: dict) -> str:
                   "model = AutoModelForCausalLM.from_pretrained('RUN/model')",
                   "tokenizer = AutoTokenizer.from_pretrained('RUN/tokenizer')"]
     else:
+        # a named chat template may have added tokens: the adapter holds their rows, on a base grown to them
         lines += ["from peft import PeftModel",
                   "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "tokenizer = AutoTokenizer.from_pretrained('RUN/tokenizer')",
                   "base = AutoModelForCausalLM.from_pretrained(BASE)",
-                  "model = PeftModel.from_pretrained(base, 'RUN/adapter')",
-                  "tokenizer = AutoTokenizer.from_pretrained('RUN/tokenizer')"]
+                  "if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # tokens the chat template added",
+                  "    base.resize_token_embeddings(len(tokenizer))",
+                  "model = PeftModel.from_pretrained(base, 'RUN/adapter')"]
     lines += ["```", "", "Or: `sftlab eval RUN --data FILE`, `sftlab chat RUN`, `sftlab export RUN --to merged OUT`.", ""]
     return "\n".join(lines)
 
