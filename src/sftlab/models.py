@@ -277,8 +277,10 @@ def fit_embeddings(model, tokenizer) -> dict[str, Any]:
     the extra PEFT `LoraConfig` arguments that train and save the rows of the tokens a named
     template added: `trainable_token_indices` for the input embeddings (PEFT ties a shared
     lm_head to them) and, when the lm_head is a separate matrix, for the same rows of it, so the
-    model can learn to write the new tokens. Only those rows train and go into the adapter (the
-    whole head through `modules_to_save` made an untied model's adapter as large as its head).
+    model can learn to write the new tokens. Only those rows train (the whole head through
+    `modules_to_save` held its fp32 copy, gradient and AdamW states). PEFT still saves the resized
+    embedding layers whole into the adapter (`save_embedding_layers` auto on a grown vocabulary):
+    the new rows are random draws, which a base grown again at load would not repeat.
     Empty when nothing was added."""
     embed = model.get_input_embeddings()
     if len(tokenizer) > embed.weight.shape[0]:
