@@ -196,16 +196,23 @@ def test_empty_prompt_and_too_long_for_the_model_are_400s(server, client):
         backend.context_length = context
 
 
-def test_a_cancelled_request_leaves_the_engine_at_its_next_token(tiny_model_dir):
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_a_cancelled_request_leaves_the_engine_at_its_next_token(tiny_model_dir, monkeypatch, batching):
     """A client that goes away cancels its request: the engine stops decoding it, not at max_tokens."""
+    import sftlab.serve.generation as generation
     from sftlab.serve.backends import BatchingBackend
     from sftlab.serve.generation import TorchEngine, encode
 
     engine = TorchEngine.from_pretrained(tiny_model_dir)
     engine.stop_ids = set()  # no end-of-turn token can end it early
-    produced, generate = [], engine.generate
-    engine.generate = lambda requests: produced.append(generate(requests)) or produced[-1]
-    backend = BatchingBackend(engine)
+    produced, take = {}, generation.take_token  # tokens each request got from the engine
+
+    def counting(result, request, tok, stop_ids):
+        produced[id(request)] = request, len(result.tokens) + 1  # the request kept: ids stay unique
+        return take(result, request, tok, stop_ids)
+
+    monkeypatch.setattr(generation, "take_token", counting)
+    backend = BatchingBackend(engine, batching=batching)
     ids = encode(engine.tokenizer, messages=[{"role": "user", "content": "hi"}])
 
     async def run():
@@ -224,4 +231,5 @@ def test_a_cancelled_request_leaves_the_engine_at_its_next_token(tiny_model_dir)
         asyncio.run(run())
     finally:
         backend.close()
-    assert len(produced[0][0].tokens) < 100  # far fewer than the 400 asked for
+    assert backend.batching == batching
+    assert len(produced) == 2 and max(n for _, n in produced.values()) < 100  # far fewer than the 400 asked for

@@ -30,6 +30,10 @@ def serve(
     default_max_tokens: int = typer.Option(256, help="max_tokens when a request gives none."),
     max_batch_size: int = typer.Option(8, help="Requests decoded together (torch/onnx)."),
     batch_wait_ms: float = typer.Option(5.0, help="How long to collect requests into a batch (torch/onnx)."),
+    batching: str = typer.Option("auto", help="continuous: a request joins the running batch at the next decode "
+                                              "step and leaves it when done (torch); static: a batch is decoded "
+                                              "to its end before the next starts; auto: continuous where the "
+                                              "model allows it."),
     model_name: str = typer.Option(None, help="Model id reported by /v1/models (default: the source's name)."),
 ) -> None:
     """Serve /v1/chat/completions (SSE streaming too), /v1/completions, /v1/models and /health."""
@@ -41,7 +45,7 @@ def serve(
     limits = Limits(max_body_bytes=max_body_bytes, max_concurrent=max_concurrent, body_timeout=body_timeout,
                     max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
                     default_max_tokens=default_max_tokens)
-    be = load_backend(source, backend, max_batch_size=max_batch_size, max_wait_ms=batch_wait_ms)
+    be = load_backend(source, backend, max_batch_size=max_batch_size, max_wait_ms=batch_wait_ms, batching=batching)
     name = model_name or Path(source).name or source
     try:
         run_server(create_app(be, name, api_key=api_key, limits=limits), host=host, port=port, api_key=api_key,

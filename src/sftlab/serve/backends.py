@@ -1,8 +1,11 @@
-"""Backends behind the HTTP server: local engines behind a small batching queue, or Triton.
+"""Backends behind the HTTP server: local engines behind a batching queue, or Triton.
 
-Batching: requests arriving within `max_wait_ms` of each other (up to `max_batch_size`) are
-decoded together in one engine call on a worker thread, so concurrent clients share the
-model's forward passes instead of queueing one by one.
+Batching, on one worker thread, so concurrent clients share the model's forward passes:
+- continuous (the torch engine, on a model whose KV cache is plain full attention): between two decode
+  steps, requests that arrived join the running batch (up to `max_batch_size` sequences) and finished or
+  cancelled ones leave it, so a short request never waits for a long one to finish;
+- static (the onnx engine, or `batching="static"`): requests arriving within `max_wait_ms` of each other
+  are decoded together in one engine call; one that arrives meanwhile waits for that whole batch.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from sftlab.serve.generation import (GenRequest, IncrementalDecoder, OnnxEngine,
                                      stop_token_ids)
 
 BACKENDS = ("torch", "onnx", "triton")
+BATCHING = ("auto", "continuous", "static")  # auto: continuous where the engine can, else static
 
 
 @dataclass
@@ -41,14 +45,22 @@ def _settle(future: asyncio.Future, value=None, error: BaseException | None = No
 
 
 class BatchingBackend:
-    """A local engine (torch or onnx) fed by a batching queue on one worker thread."""
+    """A local engine (torch or onnx) fed by a queue on one worker thread, batching continuously or statically."""
 
-    def __init__(self, engine, *, max_batch_size: int = 8, max_wait_ms: float = 5.0):
+    def __init__(self, engine, *, max_batch_size: int = 8, max_wait_ms: float = 5.0, batching: str = "auto"):
+        if batching not in BATCHING:
+            raise SftlabError(f"unknown batching '{batching}'; choose one of {', '.join(BATCHING)}")
+        joinable = bool(getattr(engine, "joinable", False))
+        if batching == "continuous" and not joinable:
+            raise SftlabError("continuous batching needs the torch backend and a model whose KV cache is plain full "
+                              "attention (not sliding-window, linear or shared layers); use batching 'static'")
+        self.batching = "continuous" if joinable and batching != "static" else "static"
         self.engine, self.tokenizer = engine, engine.tokenizer
         self.context_length = engine.context_length  # prompt + max_tokens must fit (None: not known)
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="sftlab-batcher", daemon=True)
+        loop = self._continuous_loop if self.batching == "continuous" else self._static_loop
+        self._thread = threading.Thread(target=loop, name="sftlab-batcher", daemon=True)
         self._thread.start()
 
     async def generate(self, *, ids: list[int], messages=None, prompt=None, tools=None, max_tokens: int,
@@ -80,23 +92,32 @@ class BatchingBackend:
         return Completion(cut.text, "stop" if cut.hit else result.finish_reason, len(ids),
                           len(result.tokens))
 
-    def _loop(self) -> None:
-        while True:
+    def _take(self, limit: int, wait: bool) -> tuple[list, bool]:
+        """Up to `limit` queued requests, those cancelled while queued left out, and whether `close` was called.
+        With `wait`, blocks for the first one, then collects more for `max_wait`; else only what is queued now."""
+        items, closing = [], False
+        if wait:
             first = self._queue.get()
             if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.max_wait
-            while len(batch) < self.max_batch_size:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
-            batch = [item for item in batch if not item[0].done]  # cancelled while queued
+                return [], True
+            items.append(first)
+        deadline = time.monotonic() + self.max_wait
+        while len(items) < limit:
+            try:
+                item = (self._queue.get(timeout=max(0.0, deadline - time.monotonic())) if wait
+                        else self._queue.get_nowait())
+            except queue.Empty:
+                break
+            if item is None:
+                closing = True
+                break
+            items.append(item)
+        return [item for item in items if not item[0].done], closing
+
+    def _static_loop(self) -> None:
+        closing = False
+        while not closing:
+            batch, closing = self._take(self.max_batch_size, wait=True)
             if not batch:
                 continue
             try:
@@ -107,6 +128,34 @@ class BatchingBackend:
                 continue
             for (_, fut, loop), res in zip(batch, results):
                 loop.call_soon_threadsafe(_settle, fut, res)
+
+    def _continuous_loop(self) -> None:
+        """Iteration-level scheduling: before each decode step, requests that arrived are prefilled together and
+        join the running batch (while it has room); a request leaves it at the token it finishes on (stop token,
+        max_tokens, stop text, or its client gone)."""
+        engine, running, owners, closing = self.engine, None, {}, False
+        while True:
+            idle = running is None or not running
+            if idle and closing:
+                return
+            new = []
+            room = self.max_batch_size - (0 if idle else len(running))
+            if not closing and room > 0 and (idle or running.joinable):
+                new, closing = self._take(room, wait=idle)
+            try:
+                if new:
+                    owners.update((id(req), (fut, loop)) for req, fut, loop in new)
+                    joining = engine.prefill([req for req, _, _ in new])
+                    running = joining if idle else engine.join(running, joining)
+                if running is not None:  # everyone's next token; the new ones took their first in prefill
+                    engine.step(running)
+                for req, res in running.pop_finished() if running is not None else ():
+                    fut, loop = owners.pop(id(req))
+                    loop.call_soon_threadsafe(_settle, fut, res)
+            except Exception as e:  # reported to every request in the batch
+                for fut, loop in owners.values():
+                    loop.call_soon_threadsafe(_settle, fut, None, e)
+                owners, running = {}, None
 
     def close(self) -> None:
         self._queue.put(None)
@@ -155,12 +204,17 @@ class TritonBackend:
 
 
 def load_backend(source: str, backend: str = "torch", *, max_batch_size: int = 8, max_wait_ms: float = 5.0,
-                 precision: str = "fp32", workdir: Path | None = None):
-    """A ready backend for SOURCE (run, HF folder, GGUF, `default`, an ONNX export or a Triton repository)."""
+                 precision: str = "fp32", workdir: Path | None = None, batching: str = "auto"):
+    """A ready backend for SOURCE (run, HF folder, GGUF, `default`, an ONNX export or a Triton repository);
+    `batching` (auto | continuous | static) for the torch and onnx backends (BatchingBackend)."""
     from sftlab.models import load_model, load_tokenizer
 
     if backend not in BACKENDS:
         raise SftlabError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if batching not in BATCHING:
+        raise SftlabError(f"unknown batching '{batching}'; choose one of {', '.join(BATCHING)}")
+    if batching == "continuous" and backend != "torch":
+        raise SftlabError(f"continuous batching needs the torch backend (the {backend} backend batches statically)")
     path = Path(source).expanduser()
     if backend == "triton":
         from sftlab.serve.triton_server import TritonServer
@@ -189,7 +243,7 @@ def load_backend(source: str, backend: str = "torch", *, max_batch_size: int = 8
         if hasattr(model, "merge_and_unload"):  # a run's adapter: merge in memory for speed
             model = model.merge_and_unload()
         engine = TorchEngine(model, tokenizer, stop_token_ids(tokenizer, model.generation_config.eos_token_id))
-    return BatchingBackend(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    return BatchingBackend(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, batching=batching)
 
 
 def _workdir() -> Path:

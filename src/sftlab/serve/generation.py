@@ -5,7 +5,9 @@ next to the Triton Python-backend `model.py`, so the same code serves inside Tri
 
 An engine takes a batch of requests (prompt token ids, max_new_tokens, temperature) and
 decodes them together step by step; a request may carry an `on_token` callback, which is
-how streaming and batching share one loop.
+how streaming and batching share one loop. The torch engine also decodes step by step for a
+scheduler (`prefill`, `step`, `join`): requests join a running batch and leave it at their
+last token (continuous batching, `serve.backends`).
 """
 
 from __future__ import annotations
@@ -202,8 +204,51 @@ def take_token(result: GenResult, request, tok: int, stop_ids) -> bool:
     return len(result.tokens) < request.max_new_tokens
 
 
+@dataclass
+class _Row:
+    """One sequence of a `Decoding`: its request, result, sampling generator, and how many of its tokens the KV
+    cache holds (the last `length` columns of its row; the next token's position)."""
+    request: GenRequest
+    result: GenResult
+    generator: Any
+    length: int
+    live: bool = True
+
+
+class Decoding:
+    """Sequences decoding together, one row each, in one left-padded KV cache with its attention mask and each
+    row's next input token. Where the cache is plain full attention (`joinable`), rows join between two steps
+    (`TorchEngine.join`) and finished or cancelled rows leave at once: iteration-level (continuous) batching.
+    Otherwise a finished row rides along unread until the whole batch is done (static batching)."""
+
+    def __init__(self):
+        self.rows: list[_Row] = []
+        self.cache = self.mask = self.tokens = None
+        self.joinable = False
+        self.finished: list[tuple[GenRequest, GenResult]] = []  # taken out with `pop_finished`
+
+    def __len__(self) -> int:
+        return sum(row.live for row in self.rows)
+
+    def pop_finished(self) -> list[tuple[GenRequest, GenResult]]:
+        out, self.finished = self.finished, []
+        return out
+
+
+def _plain_layers(layers) -> bool:
+    """Whether a KV cache's layers are all plain full-attention `DynamicLayer`s ([batch, heads, seq, dim] tensors):
+    those rows can be selected, left-padded and concatenated. Sliding-window, linear-attention, quantized or
+    shared layers cannot."""
+    from transformers.cache_utils import DynamicLayer
+
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
 class TorchEngine:
-    """Batched decoding with a KV cache on a transformers causal LM (left padding)."""
+    """Batched decoding with a KV cache on a transformers causal LM (left padding).
+
+    `generate` decodes a fixed batch (static batching: the Triton backend, evaluation); `prefill`, `step` and
+    `join` let a scheduler add requests to a running batch between decode steps (`serve.backends`)."""
 
     def __init__(self, model, tokenizer, stop_ids: list[int]):
         import torch
@@ -216,6 +261,15 @@ class TorchEngine:
         self.pad_id = pad if pad is not None else stop_ids[0]
         self.device = next(model.parameters()).device
         self.context_length = getattr(model.config, "max_position_embeddings", None)
+        self.joinable = self._predict_joinable()  # requests can join a running batch (continuous batching)
+
+    def _predict_joinable(self) -> bool:
+        try:
+            from transformers import DynamicCache
+
+            return _plain_layers(DynamicCache(config=self.model.config).layers)
+        except Exception:  # a model whose config the cache cannot read: decode statically
+            return False
 
     @classmethod
     def from_pretrained(cls, path: str | Path):
@@ -234,37 +288,119 @@ class TorchEngine:
         return cls(model, tokenizer, stop_token_ids(tokenizer, eos))
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        """Decode `requests` together until each is finished (static batching)."""
+        results: dict[int, GenResult] = {}
+        decoding = self.prefill(requests)
+        while True:
+            results.update((id(req), res) for req, res in decoding.pop_finished())
+            if not decoding:
+                return [results[id(r)] for r in requests]
+            self.step(decoding)
+
+    def prefill(self, requests: list[GenRequest]) -> Decoding:
+        """A `Decoding` of `requests`: their prompts run together (left padded) and each one's first token taken.
+        A request that is finished at once (max_new_tokens 0, a stop token, cancelled) is in `finished`."""
+        from transformers import DynamicCache
+
         torch = self.torch
+        decoding = Decoding()
+        rows = []
+        for r in requests:
+            row = _Row(r, GenResult(), None if r.seed is None else torch.Generator(self.device).manual_seed(r.seed),
+                       len(r.ids))
+            if r.max_new_tokens > 0 and not r.done:
+                rows.append(row)
+            else:
+                decoding.finished.append((r, row.result))
+        if not rows:
+            return decoding
         with torch.inference_mode():
-            n, width = len(requests), max(len(r.ids) for r in requests)
+            n, width = len(rows), max(row.length for row in rows)
             ids = torch.full((n, width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((n, width), dtype=torch.long)
-            for i, r in enumerate(requests):
-                ids[i, width - len(r.ids):] = torch.tensor(r.ids)
-                mask[i, width - len(r.ids):] = 1
+            for i, row in enumerate(rows):
+                ids[i, width - row.length:] = torch.tensor(row.request.ids)
+                mask[i, width - row.length:] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1)
-            results = [GenResult() for _ in requests]
-            active = [r.max_new_tokens > 0 for r in requests]
-            generators = [None if r.seed is None else torch.Generator(self.device).manual_seed(r.seed)
-                          for r in requests]
-            for _ in range(max(r.max_new_tokens for r in requests)):
-                if not any(active):
-                    break
-                nxt = self._pick(out.logits[:, -1, :].float(), requests, generators)
-                for i, r in enumerate(requests):
-                    if not active[i]:
-                        continue
-                    active[i] = take_token(results[i], r, int(nxt[i]), self.stop_ids)
-                if not any(active):
-                    break
-                mask = torch.cat([mask, mask.new_ones((n, 1))], dim=-1)
-                positions = positions[:, -1:] + 1
-                out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
-                                 cache=out.cache, use_cache=True)
-            return results
+            decoding.rows, decoding.cache, decoding.mask = rows, out.cache, mask
+            decoding.joinable = type(out.cache) is DynamicCache and _plain_layers(out.cache.layers)
+            self._take(decoding, out.logits[:, -1, :])
+        return decoding
+
+    def step(self, decoding: Decoding) -> None:
+        """One token for every live row; rows that finish move to `finished`."""
+        torch = self.torch
+        with torch.inference_mode():
+            if decoding.joinable:  # cancelled or stopped (stop text) since the last token: out before the forward
+                for row in decoding.rows:
+                    if row.live and row.request.done:
+                        row.live = False
+                        decoding.finished.append((row.request, row.result))
+                self._compact(decoding)
+            if not decoding:
+                return
+            mask = torch.cat([decoding.mask, decoding.mask.new_ones((len(decoding.rows), 1))], dim=-1)
+            positions = torch.tensor([[row.length] for row in decoding.rows], device=self.device)
+            out = self.model(input_ids=decoding.tokens[:, None], attention_mask=mask, position_ids=positions,
+                             cache=decoding.cache, use_cache=True)
+            decoding.cache, decoding.mask = out.cache, mask
+            for row in decoding.rows:
+                row.length += 1
+            self._take(decoding, out.logits[:, -1, :])
+
+    def join(self, running: Decoding, new: Decoding) -> Decoding:
+        """`running` with the rows of `new` (both joinable): each cache left-padded to the longer one, then
+        concatenated along the batch, so every row keeps its own tokens, positions and mask."""
+        torch, pad = self.torch, self.torch.nn.functional.pad
+        if not new.rows or not running.rows:
+            keep, other = (running, new) if running.rows else (new, running)
+            keep.finished += other.pop_finished()
+            return keep
+        if not (running.joinable and new.joinable):
+            raise RuntimeError("this model's KV cache cannot take requests into a running batch")
+        with torch.inference_mode():
+            a, b = running.mask.shape[1], new.mask.shape[1]
+            width = max(a, b)
+            for old, add in zip(running.cache.layers, new.cache.layers):
+                old.keys = torch.cat([pad(old.keys, (0, 0, width - a, 0)), pad(add.keys, (0, 0, width - b, 0))])
+                old.values = torch.cat([pad(old.values, (0, 0, width - a, 0)), pad(add.values, (0, 0, width - b, 0))])
+            running.mask = torch.cat([pad(running.mask, (width - a, 0)), pad(new.mask, (width - b, 0))])
+            running.tokens = torch.cat([running.tokens, new.tokens])
+        running.rows += new.rows
+        running.finished += new.pop_finished()
+        return running
+
+    def _take(self, decoding: Decoding, logits) -> None:
+        """Pick each row's next token from `logits` and record it for the live ones."""
+        decoding.tokens = self._pick(logits.float(), [row.request for row in decoding.rows],
+                                     [row.generator for row in decoding.rows])
+        for row, tok in zip(decoding.rows, decoding.tokens.tolist()):
+            if row.live and not take_token(row.result, row.request, tok, self.stop_ids):
+                row.live = False
+                decoding.finished.append((row.request, row.result))
+        self._compact(decoding)
+
+    def _compact(self, decoding: Decoding) -> None:
+        """Drop rows that are done (all of them once none is live; else only from a joinable cache), and the
+        cache columns that hold padding for every remaining row."""
+        if all(row.live for row in decoding.rows):
+            return
+        if not decoding:
+            decoding.rows, decoding.cache, decoding.mask, decoding.tokens = [], None, None, None
+            return
+        if not decoding.joinable:
+            return
+        keep = [i for i, row in enumerate(decoding.rows) if row.live]
+        index = self.torch.tensor(keep, device=self.device)
+        decoding.rows = [decoding.rows[i] for i in keep]
+        decoding.tokens, decoding.mask = decoding.tokens[index], decoding.mask[index]
+        trim = decoding.mask.shape[1] - max(row.length for row in decoding.rows)
+        decoding.mask = decoding.mask[:, trim:]
+        for layer in decoding.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, trim:], layer.values[index, :, trim:]
 
     def _pick(self, logits, requests: list[GenRequest], generators):
         torch = self.torch
