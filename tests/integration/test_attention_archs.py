@@ -180,6 +180,25 @@ def test_packing_is_refused_where_a_layer_carries_state_along_the_row(packing, t
         assert not can_flatten(build_model(config, use_bf16=False))
 
 
+@pytest.mark.parametrize("model_type,apart", [
+    ("llama", True), ("qwen3_moe", True),  # attention that reads the restarts, per-token experts
+    ("opt", False),  # learned positions and a mask from attention_mask, not from position_ids
+    ("mamba", False), ("qwen3_next", False),  # state-space and gated-delta layers
+])
+def test_examples_kept_apart_reads_every_kind_of_layer(model_type, apart):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sftlab.train.attention import examples_kept_apart
+
+    config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if model_type == "qwen3_next":
+        config.layer_types = ["linear_attention", "full_attention"]
+    torch.manual_seed(0)
+    assert examples_kept_apart(AutoModelForCausalLM.from_config(config).eval()) is apart
+
+
 def test_unknown_arguments_reaching_varlen_are_errors():
     module = torch.nn.Module()
     module.is_causal = True
