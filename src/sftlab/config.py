@@ -51,7 +51,7 @@ class DataConfig(Section):
     max_seq_length: int = Field(1024, ge=8, description="Longest example in tokens.")
     truncation: Literal["drop", "truncate"] = Field("drop", description="What to do with longer chat examples (counted and reported); raw text is split into blocks instead (see stride).")
     on_error: Literal["raise", "skip"] = Field("raise", description="Bad records: stop with file:line, or skip into rejects.jsonl.")
-    packing: bool = Field(True, description="Bin-pack examples into rows of max_seq_length (padding-free either way).")
+    packing: bool = Field(True, description="Bin-pack examples into rows of max_seq_length (padding-free either way). Refused, before training, for a model in which examples sharing a row would see each other (convolution or state-space layers: LFM2, Mamba; a mask that ignores the restarts).")
     stride: int = Field(1, ge=1, description="Raw text: a document longer than max_seq_length is split into blocks; each block repeats this many tokens from the previous one as context, not trained again (at least 1: a block's first token has nothing to be predicted from).")
     curate: CurateOptions | None = Field(None, description="Curate the training data before rendering (dedup, filters, ...; see `sftlab data curate`).")
 
