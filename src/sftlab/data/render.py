@@ -349,27 +349,27 @@ def _plan(conversation: Conversation, template: _Template, options: RenderOption
     # be a prefix of the whole. Some templates are not (e.g. those that move the system prompt to the
     # last user turn): earlier turns are then trained in another context.
     prompts = {i: render(messages[:i], add_generation_prompt=True) for i in turns}
-    if unstable := [i for i in turns if not full.startswith(prompts[i])]:
+    prompt_ends = {i: len(p) if full.startswith(p) else None for i, p in prompts.items()}  # None: not a prefix
+    if unstable := [i for i in turns if prompt_ends[i] is None]:
         _warn_unstable(template.name, prompts[unstable[-1]], full, last=unstable[-1] == turns[-1])
     spans: dict[int, tuple[int, int]] = {}
     open_ends: dict[int, bool] = {}
     answers = [i for i in turns if "tool_calls" not in messages[i]]
     for i, start in zip(answers, _answer_starts(conversation, template.name, render, answers, full) if answers else ()):
         end = start + len(messages[i]["content"].strip())
-        if full.startswith(prompts[i]) and len(prompts[i]) <= start:
+        if prompt_ends[i] is not None and prompt_ends[i] <= start:
             # what the template writes between the generation prompt and the answer is generated too: the
             # answer's reasoning (Qwen 3's <think> block, gpt-oss's analysis channel), a header the prompt
             # leaves open (gpt-oss's <|channel|>final<|message|>), whitespace (Mistral's "[/INST] " + answer:
             # a space that is a token of its own before "2019")
-            start = len(prompts[i])
+            start = prompt_ends[i]
         marker = template.end_marker.match(full, end)
         open_ends[i] = marker is None
         spans[i] = (start, marker.end() if marker else end)
     for i in turns:
         if i not in spans:
             spans[i], open_ends[i] = _call_span(conversation, template, render, i, prompts[i], full)
-    return _Plan(full, [spans[i] for i in turns], [open_ends[i] for i in turns],
-                 [len(prompts[i]) if full.startswith(prompts[i]) else None for i in turns])
+    return _Plan(full, [spans[i] for i in turns], [open_ends[i] for i in turns], [prompt_ends[i] for i in turns])
 
 
 def _call_span(conversation: Conversation, template: _Template, render, i: int, prompt: str, full: str
