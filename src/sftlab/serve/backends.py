@@ -48,8 +48,7 @@ class BatchingBackend:
     """A local engine (torch or onnx) fed by a queue on one worker thread, batching continuously or statically."""
 
     def __init__(self, engine, *, max_batch_size: int = 8, max_wait_ms: float = 5.0, batching: str = "auto"):
-        if batching not in BATCHING:
-            raise SftlabError(f"unknown batching '{batching}'; choose one of {', '.join(BATCHING)}")
+        _one_of("batching", batching, BATCHING)
         joinable = bool(getattr(engine, "joinable", False))
         if batching == "continuous" and not joinable:
             raise SftlabError("continuous batching needs the torch backend and a model whose KV cache is plain full "
@@ -209,10 +208,8 @@ def load_backend(source: str, backend: str = "torch", *, max_batch_size: int = 8
     `batching` (auto | continuous | static) for the torch and onnx backends (BatchingBackend)."""
     from sftlab.models import load_model, load_tokenizer
 
-    if backend not in BACKENDS:
-        raise SftlabError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
-    if batching not in BATCHING:
-        raise SftlabError(f"unknown batching '{batching}'; choose one of {', '.join(BATCHING)}")
+    _one_of("backend", backend, BACKENDS)
+    _one_of("batching", batching, BATCHING)  # before the model loads (BatchingBackend checks it for API callers)
     if batching == "continuous" and backend != "torch":
         raise SftlabError(f"continuous batching needs the torch backend (the {backend} backend batches statically)")
     path = Path(source).expanduser()
@@ -244,6 +241,11 @@ def load_backend(source: str, backend: str = "torch", *, max_batch_size: int = 8
             model = model.merge_and_unload()
         engine = TorchEngine(model, tokenizer, stop_token_ids(tokenizer, model.generation_config.eos_token_id))
     return BatchingBackend(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, batching=batching)
+
+
+def _one_of(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SftlabError(f"unknown {what} '{value}'; choose one of {', '.join(choices)}")
 
 
 def _workdir() -> Path:
