@@ -36,8 +36,8 @@ def data():
 def planted(monkeypatch, predictions):
     """Replace generation by fixed answers (keyed by prompt), keeping everything else real."""
     def fake(model, tokenizer, prompts, **kwargs):
-        return [predictions[p[-1]["content"]] for p in prompts]
-    monkeypatch.setattr("sftlab.evaluation.generate.generate_batch", fake)
+        return [tokenizer.encode(predictions[p[-1]["content"]], add_special_tokens=False) for p in prompts]
+    monkeypatch.setattr("sftlab.evaluation.generate.generate_ids", fake)
 
 
 def evaluate_planted(monkeypatch, model, tokenizer, convs, answer):

@@ -88,7 +88,7 @@ def test_evaluate_with_choices_scores_without_generating(model, tokenizer, monke
     from sftlab.errors import DataError
     from sftlab.evaluation.evaluate import evaluate
 
-    monkeypatch.setattr("sftlab.evaluation.generate.generate_batch", None)  # 'choice' alone must not generate
+    monkeypatch.setattr("sftlab.evaluation.generate.generate_ids", None)  # 'choice' alone must not generate
     convs = [Conversation([{"role": "user", "content": f"Pick {i}"}, {"role": "assistant", "content": "b"}],
                           f"mc:{i}", meta={"choices": ["a", "b", "c"], "task": "mc"}) for i in range(4)]
     result = evaluate(model, tokenizer, convs, metrics=["choice"], progress=False)

@@ -100,8 +100,10 @@ def run_eval(
         resolve([n for n in names if n not in MODEL_METRICS])  # fail on a bad name before loading the model
 
     from sftlab.evaluation.console import print_bias, print_eval
+    from sftlab.evaluation.evaluate import check_chat_template
 
     tokenizer = load_tokenizer(model, chat_template=chat_template)
+    check_chat_template(tokenizer, model)
     llm = load_model(model)
     if conversations is not None:
         from sftlab.evaluation.evaluate import answerable, evaluate

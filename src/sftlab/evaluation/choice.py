@@ -6,7 +6,7 @@ log-probability per UTF-8 byte of its text wins: dividing by length removes the 
 towards short options (lm-evaluation-harness calls this `acc_norm`).
 
 A conversation is a multiple-choice item when `meta["choices"]` lists the options; the
-right one is `meta["answer"]` (its index, or its text), else the reference answer.
+right one is `meta["answer"]` (its index from 0, its text, or its letter from A), else the reference answer.
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ def answer_index(conversation: Conversation) -> int:
         return answer
     if isinstance(answer, str) and answer in choices:
         return choices.index(answer)
-    raise DataError(conversation.source, f"answer {answer!r} is not one of the choices (or their index)")
+    letter = answer.strip().upper() if isinstance(answer, str) else ""
+    if len(letter) == 1 and "A" <= letter < chr(ord("A") + len(choices)):  # MMLU / ARC answer keys
+        return ord(letter) - ord("A")
+    raise DataError(conversation.source, f"answer {answer!r} is not one of the choices, their index or their letter")
 
 
 def score_choices(

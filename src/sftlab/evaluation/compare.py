@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.errors import SftlabError
-from sftlab.evaluation.evaluate import OVERALL, EvalResult, evaluate, resampler
+from sftlab.evaluation.evaluate import OVERALL, EvalResult, check_chat_template, evaluate, resampler
 from sftlab.files import atomic_write, write_json
 
 N_BOOTSTRAP = 1000
@@ -171,7 +171,8 @@ def write_compare_report(
         "base": base_name,
         "n": len(base.records),
         "models": {name: {"source": (sources or {}).get(name, name), "metrics": r.metrics, "by_group": r.by_group,
-                          "selected": r.selected} for name, r in results.items()},
+                          "selected": r.selected, "cut_off": r.cut_off,
+                          "max_new_tokens": r.settings.get("max_new_tokens")} for name, r in results.items()},
         "deltas": {name: paired_bootstrap(base, results[name], metric_names, n=n_bootstrap, seed=seed)
                    for name in names[1:]},
         "examples": {name: changed_examples(base, results[name]) for name in names[1:]},
@@ -235,19 +236,17 @@ def compare_models(
 
     if not checked:
         check_models(models)
-    runs = dict(runs or {})
+    sources = {name: str(spec) for name, spec in models.items() if isinstance(spec, (str, Path))}
+    is_run = {name: is_run_dir(path) for name, path in sources.items()}
+    runs = {**{name: sources[name] for name in sources if is_run[name]}, **(runs or {})}
+    tokenizers = {name: load_tokenizer(sources[name], chat_template=None if is_run[name] else chat_template)
+                  if name in sources else spec[1] for name, spec in models.items()}
+    for name, tokenizer in tokenizers.items():  # every model can be asked, before any is evaluated
+        check_chat_template(tokenizer, sources.get(name, name))
     results: dict[str, EvalResult] = {}
     bias_results: dict[str, Any] = {}
-    sources: dict[str, str] = {}
     for name, spec in models.items():
-        if isinstance(spec, (str, Path)):
-            sources[name] = str(spec)
-            run = is_run_dir(spec)
-            if run:
-                runs.setdefault(name, spec)
-            model, tokenizer = load_model(str(spec)), load_tokenizer(str(spec), chat_template=None if run else chat_template)
-        else:
-            model, tokenizer = spec
+        model, tokenizer = (load_model(sources[name]) if name in sources else spec[0]), tokenizers[name]
         results[name] = evaluate(model, tokenizer, conversations, metrics=metrics, batch_size=batch_size,
                                  max_new_tokens=max_new_tokens, group_by=group_by, progress=progress)
         if bias:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sftlab.evaluation.report import fmt, fmt_delta
+from sftlab.evaluation.report import cut_off_warning, fmt, fmt_delta
 
 
 def results_table(metrics: dict[str, dict[str, float]], by_group: dict[str, dict[str, dict[str, float]]] | None = None,
@@ -32,8 +32,18 @@ def print_eval(results: dict[str, Any], console=None, title: str = "Evaluation")
     """Print EvalResults (name -> result) side by side."""
     from rich.console import Console
 
-    (console or Console()).print(results_table({n: r.metrics for n, r in results.items()},
-                                               {n: r.by_group for n, r in results.items()}, title))
+    console = console or Console()
+    console.print(results_table({n: r.metrics for n, r in results.items()},
+                                {n: r.by_group for n, r in results.items()}, title))
+    for n, r in results.items():
+        _warn(console, cut_off_warning(n, r.cut_off, len(r.records), r.settings.get("max_new_tokens")))
+
+
+def _warn(console, line: str | None) -> None:
+    from rich.markup import escape
+
+    if line:
+        console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
 
 
 def print_compare(data: dict[str, Any], console=None) -> None:
@@ -52,7 +62,11 @@ def print_compare(data: dict[str, Any], console=None) -> None:
     for k in data["models"][base]["metrics"]:
         table.add_row(k, *[fmt(data["models"][m]["metrics"].get(k)) for m in models],
                       *[fmt_delta(data["deltas"][m][k]) if k in data["deltas"][m] else "" for m in tuned])
-    (console or Console()).print(table)
+    console = console or Console()
+    console.print(table)
+    for m in models:
+        info = data["models"][m]
+        _warn(console, cut_off_warning(m, info.get("cut_off", 0), data["n"], info.get("max_new_tokens")))
 
 
 def print_bias(bias: dict[str, Any], console=None) -> None:

@@ -39,8 +39,13 @@ class EvalResult:
     selected: dict[str, list[str]] = field(default_factory=dict)  # "overall" / group -> metric names
     settings: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def cut_off(self) -> int:
+        """How many answers reached max_new_tokens before a stop token (scored as they were cut)."""
+        return sum(bool(r.get("cut_off")) for r in self.records)
+
     def summary(self) -> dict[str, Any]:
-        return {"metrics": self.metrics, "by_group": self.by_group, "n": len(self.records),
+        return {"metrics": self.metrics, "by_group": self.by_group, "n": len(self.records), "cut_off": self.cut_off,
                 "selected": self.selected, "settings": self.settings}
 
     def save(self, out_dir: str | Path) -> Path:
@@ -142,6 +147,17 @@ def check_evaluable(c: Conversation) -> None:
         raise DataError(c.source, "no prompt before the assistant answer")
 
 
+def check_chat_template(tokenizer, name: str | None = None) -> None:
+    """Refuse, before any work, a model whose tokenizer has no chat template: no prompt can be written."""
+    if not getattr(tokenizer, "chat_template", None):
+        from sftlab.data.render import template_name
+        from sftlab.models import NAMED_TEMPLATES
+
+        raise SftlabError(f"'{name or template_name(tokenizer)}' has no chat template to write the prompts with: give "
+                          f"--chat-template ({', '.join(NAMED_TEMPLATES)} or a .jinja file); in a comparison, the one the "
+                          "tuned run was trained with")
+
+
 def _check_conversations(conversations: Sequence[Conversation]) -> None:
     if not conversations:
         raise SftlabError("no conversations to evaluate")
@@ -184,8 +200,7 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """Answer every prompt, score the answers, and keep each prediction with its scores."""
-    from sftlab.evaluation.generate import generate_batch
-
+    check_chat_template(tokenizer)
     _check_conversations(conversations)
     groups = [str(c.meta[group_by]) if group_by and group_by in c.meta else NO_GROUP for c in conversations]
     members: dict[str, list[int]] = {}
@@ -210,22 +225,24 @@ def evaluate(
         rec: dict[str, Any] = {"source": c.source, "prompt": c.prompt_messages(), "reference": reference}
         if c.tools:
             rec["tools"] = c.tools
-        if isinstance(c.meta.get("references"), list):
-            rec["references"] = [str(x) for x in c.meta["references"]]
+        if isinstance(c.meta.get("references"), list):  # other acceptable answers; the record's own is one
+            rec["references"] = list(dict.fromkeys([reference, *map(str, c.meta["references"])]))
         if g != NO_GROUP:
             rec["group"] = g
         rec["prediction"], rec["scores"] = None, {}
         records.append(rec)
 
     if _text_metrics(wanted):
-        predictions = generate_batch(
+        from sftlab.evaluation.generate import answers, generate_ids
+
+        ids = generate_ids(
             model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
             batch_size=batch_size, do_sample=do_sample, temperature=temperature, top_p=top_p, progress=progress,
             sources=[r["source"] for r in records], tools=[r.get("tools") for r in records],
         )
         per_group = {g: _text_metrics(M.expand(selected[OVERALL] + selected.get(g, []))) for g in set(groups)}
-        for rec, pred, g in zip(records, predictions, groups):
-            rec["prediction"] = pred
+        for rec, pred, x, g in zip(records, answers(tokenizer, ids), ids, groups):
+            rec["prediction"], rec["cut_off"] = pred, len(x) >= max_new_tokens  # ids stop before a stop token
             refs = rec.get("references") or [rec["reference"]]
             for m in per_group[g]:
                 if m.per_example is not None:

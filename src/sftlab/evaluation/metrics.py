@@ -57,12 +57,28 @@ def _label_correct(pred: str, refs: list[str]) -> float:
 
 
 _ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+# CJK ideographs and kana: scripts written without spaces between words.
+_CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+class RougeTokenizer:
+    """rouge-score's tokenisation (lowercase, runs of letters and digits) for every script.
+
+    Its default keeps only a-z and 0-9, so Russian or Chinese text has no tokens and scores 0;
+    here letters, digits and combining marks of any script count, and each CJK character is a
+    token. On ASCII text the tokens are rouge-score's own."""
+
+    def tokenize(self, text: str) -> list[str]:
+        import unicodedata
+
+        text = "".join(c if unicodedata.category(c)[0] in "LNM" else " " for c in text.lower())
+        return _CJK.sub(r" \g<0> ", text).split()
 
 
 def _rouge_scorer():
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(list(_ROUGE_KEYS))
+    return rouge_scorer.RougeScorer(list(_ROUGE_KEYS), tokenizer=RougeTokenizer())
 
 
 def _rouge(pred: str, refs: list[str], scorer) -> Scores:
@@ -110,12 +126,18 @@ def _sacrebleu_refs(refs: list[list[str]]) -> list[list[str | None]]:
     return [[r[i] if i < len(r) else None for r in refs] for i in range(n)]
 
 
+def bleu_tokenizer(refs: list[list[str]]) -> str:
+    """sacrebleu's `zh` tokenizer (each CJK character a word) for references holding CJK characters,
+    else its default `13a`, which keeps a run of them as one word: Chinese BLEU near 0."""
+    return "zh" if any(r and _CJK.search(r) for rs in refs for r in rs) else "13a"
+
+
 def bleu(predictions: Sequence[str], references: References) -> float:
     import sacrebleu
 
     refs = reference_lists(references)
     _check(predictions, refs)
-    return float(sacrebleu.corpus_bleu(list(predictions), _sacrebleu_refs(refs)).score)
+    return float(sacrebleu.corpus_bleu(list(predictions), _sacrebleu_refs(refs), tokenize=bleu_tokenizer(refs)).score)
 
 
 def chrf(predictions: Sequence[str], references: References) -> float:
@@ -188,7 +210,7 @@ class Metric:
 def _sentence_bleu(pred: str, refs: list[str]) -> Scores:
     import sacrebleu
 
-    return {"bleu": float(sacrebleu.sentence_bleu(pred, refs).score)}
+    return {"bleu": float(sacrebleu.sentence_bleu(pred, refs, tokenize=bleu_tokenizer([refs])).score)}
 
 
 def _sentence_chrf(pred: str, refs: list[str]) -> Scores:
@@ -243,16 +265,17 @@ def _classification_metric(key: str) -> Metric:
                   stats=confusion_rows, from_stats=from_stats)
 
 
-def _sacrebleu_metric(name: str, cls_name: str, corpus_fn, sentence_fn) -> Metric:
-    """BLEU / chrF with sacrebleu's own sufficient statistics (what its paired bootstrap uses)."""
+def _sacrebleu_metric(name: str, cls_name: str, corpus_fn, sentence_fn, options=lambda refs: {}) -> Metric:
+    """BLEU / chrF with sacrebleu's own sufficient statistics (what its paired bootstrap uses);
+    `options(refs)`: the metric's arguments for these references."""
 
-    def metric():
+    def metric(refs=()):
         import sacrebleu
 
-        return getattr(sacrebleu, cls_name)()
+        return getattr(sacrebleu, cls_name)(**options(refs))
 
     def stats(preds, refs):
-        return metric()._extract_corpus_statistics(list(preds), _sacrebleu_refs(refs))
+        return metric(refs)._extract_corpus_statistics(list(preds), _sacrebleu_refs(refs))
 
     def from_stats(summed) -> Scores:
         return {name: float(metric()._compute_score_from_stats(list(summed)).score)}
@@ -276,7 +299,7 @@ REGISTRY: dict[str, Metric] = {
     "exact_match": Metric("exact_match", per_example=lambda p, r: {"exact_match": _exact(p, r, True)}),
     "exact_match_ci": Metric("exact_match_ci", per_example=lambda p, r: {"exact_match_ci": _exact(p, r, False)}),
     **{k: _classification_metric(k) for k in ("accuracy", "precision", "recall", "macro_f1")},
-    "bleu": _sacrebleu_metric("bleu", "BLEU", bleu, _sentence_bleu),
+    "bleu": _sacrebleu_metric("bleu", "BLEU", bleu, _sentence_bleu, lambda refs: {"tokenize": bleu_tokenizer(refs)}),
     "chrf": _sacrebleu_metric("chrf", "CHRF", chrf, _sentence_chrf),
     **{k: _rouge_metric(k) for k in _ROUGE_KEYS},
 }

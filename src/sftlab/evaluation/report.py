@@ -41,6 +41,14 @@ def _verdict(key: str, d: dict[str, float]) -> str:
     return "better" if better else "worse" if worse else "no clear change"
 
 
+def cut_off_warning(name: str, cut: int, n: int, max_new_tokens: Any) -> str | None:
+    """The line for answers cut at max_new_tokens: scored as they stand, often wrong for that alone."""
+    if not cut:
+        return None
+    return (f"{name}: {cut} of {n} answers reached max_new_tokens ({max_new_tokens}) before a stop token and are "
+            "scored as cut ('cut_off' in predictions.jsonl): raise --max-new-tokens if answers need more room.")
+
+
 def _clip(text: Any, n: int = 160) -> str:
     text = "" if text is None else str(text)
     return text if len(text) <= n else text[: n - 1] + "…"
@@ -52,6 +60,9 @@ def blocks(data: dict[str, Any], images: list[str]) -> list[Block]:
     out: list[Block] = [("h1", "sftlab comparison report")]
     out.append(("p", f"{data['n']} examples. Base: {base} ({data['models'][base]['source']}). "
                      + " ".join(f"Compared: {m} ({data['models'][m]['source']})." for m in tuned)))
+    for name, model in data["models"].items():
+        if warning := cut_off_warning(name, model.get("cut_off", 0), data["n"], model.get("max_new_tokens")):
+            out.append(("warn", warning))
     for name, run in data["runs"].items():
         if run.get("overfit_start_step") is not None:
             out.append(("warn", f"{name}: validation loss stopped improving at step {run['overfit_start_step']:g} "
