@@ -230,7 +230,7 @@ class SweepConfig(Section):
     """Hyper-parameter search for `sftlab sweep` (ignored by `sftlab train`)."""
 
     space: dict[str, list[Any] | SpaceRange] = Field(..., description="Dotted config key -> list of choices, or {log_uniform|uniform|int: [low, high]}.")
-    objective: str = Field("eval_loss", description="eval_loss (last evaluation of the run), or a metric name of `sftlab eval --metrics` on data.validation (exact_match, macro_f1 or its alias f1, rougeL, bleu, accuracy, ...).")
+    objective: str = Field("eval_loss", description="eval_loss (of the model the run keeps: its last evaluation, or its best checkpoint's under early stopping or load_best_model_at_end), or a metric name of `sftlab eval --metrics` on data.validation (exact_match, macro_f1 or its alias f1, rougeL, bleu, accuracy, ...).")
     direction: Literal["minimize", "maximize"] | None = Field(None, description="Default: minimize for a loss or perplexity, maximize for any other metric.")
     sampler: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna sampler; grid needs a space of choices only.")
     pruner: Literal["median", "none"] = Field("median", description="Stop a trial whose eval_loss is worse than the median of earlier trials at the same step.")

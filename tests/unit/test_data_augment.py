@@ -45,9 +45,9 @@ def test_noise_touches_user_turns_only():
 def test_prefixes_and_system_variation_exact():
     new, _ = augment(DATA, AugmentOptions(strategies=["prefixes"]))
     assert [(c.meta["augmented_from"], c.messages) for c in new] == [("f:3", DATA[2].messages[:2])]
-    new, _ = augment(DATA[1:2], AugmentOptions(strategies=["system"], copies=10))
-    assert len(new) == 4  # one per built-in system prompt
-    assert all(c.messages[0]["role"] == "system" and c.messages[1:] == DATA[1].messages[1:] for c in new)
+    new, _ = augment(DATA[:2], AugmentOptions(strategies=["system"], copies=10))
+    assert len(new) == 4  # one per built-in system prompt; DATA[1] keeps its own ("Be exact.")
+    assert all(c.messages[0]["role"] == "system" and c.messages[1:] == DATA[0].messages for c in new)
 
 
 def test_paraphrase_templates_change_only_the_first_user_turn():

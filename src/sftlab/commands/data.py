@@ -273,6 +273,7 @@ def split(
     ratios: str = typer.Option("0.8,0.1,0.1", "--ratios", help="Split proportions, comma-separated (normalised)."),
     seed: int = typer.Option(0, "--seed", help="Shuffle seed: the same seed gives the same split."),
     stratify: Optional[str] = typer.Option(None, "--stratify", help="Record field (e.g. label) to keep proportional per split."),
+    group: Optional[str] = typer.Option(None, "--group", help="Record field (e.g. conversation_id) whose records all go to one split: the parts of one conversation."),
     ext: str = typer.Option("jsonl", "--ext", help="Output format: jsonl or parquet."),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
@@ -280,7 +281,7 @@ def split(
     skip: bool = typer.Option(False, "--skip", help=SKIP_HELP),
     rejects: Optional[Path] = typer.Option(None, "--rejects", help=REJECTS_HELP("OUT_DIR/rejects.jsonl")),
 ) -> None:
-    """Deterministic seeded train/validation/test split, optionally stratified by a field."""
+    """Deterministic seeded train/validation/test split, optionally stratified by a field or grouped by one."""
     from sftlab.data.load import save_conversations
     from sftlab.data.split import parse_ratios, split_conversations
     from sftlab.errors import SftlabError
@@ -292,7 +293,8 @@ def split(
     paths = {n: inside(out_dir, f"{n}.{ext}", "split name") for n in split_names}
     reading = _reading(file, _schema(format, columns), skip=skip, rejects=rejects, split=from_split, out_dir=out_dir)
     shares = parse_ratios(ratios, split_names)
-    parts, together = split_conversations(reading.load(), split_names, shares, seed=seed, stratify=stratify)
+    parts, together = split_conversations(reading.load(), split_names, shares, seed=seed, stratify=stratify,
+                                          group=group)
     warn_if_empty(reading.path, reading.records_in)
     print_rejects(reading)
     sizes = {}
@@ -305,7 +307,7 @@ def split(
     if together:
         print(f"kept {together} group(s) of exact duplicates each in one split (run `sftlab data curate` to remove them)")
     write_json(out_dir / "split.json", {"input": file, "sizes": sizes, "ratios": ratios, "seed": seed,
-                                        "stratify": stratify, "duplicate_groups": together,
+                                        "stratify": stratify, "group": group, "duplicate_groups": together,
                                         "reading": reading.to_json()})
 
 
@@ -313,7 +315,7 @@ def split(
 def augment(
     file: str = typer.Argument(..., help="Dataset (any supported format)."),
     out: Path = typer.Option(..., "--out", help="Output (.jsonl or .parquet): the originals plus the kept new records."),
-    strategy: Optional[list[str]] = typer.Option(None, "--strategy", help="paraphrase, system, noise, prefixes, model_paraphrase, self_instruct. Repeatable."),
+    strategy: Optional[list[str]] = typer.Option(None, "--strategy", help="paraphrase, system (a generic system prompt; a record's own is kept), noise, prefixes, model_paraphrase, self_instruct. Repeatable."),
     model: Optional[str] = typer.Option(None, "--model", help="Local model for model_paraphrase / self_instruct ('default': the embedded model)."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help=TEMPLATE_HELP),
     copies: Optional[int] = typer.Option(None, "--copies", help="Variants per conversation for each strategy."),

@@ -1,7 +1,7 @@
 """Augment conversations: rule-based variants and model-based generation with a local model.
 
-Rule-based (no model): `paraphrase` (instruction templates), `system` (system-prompt
-variation), `noise` (casing / punctuation / typos, user turns only), `prefixes`
+Rule-based (no model): `paraphrase` (instruction templates), `system` (a generic system prompt
+added or varied; a conversation's own is kept), `noise` (casing / punctuation / typos, user turns only), `prefixes`
 (a multi-turn conversation expanded into its shorter prefixes).
 Model-based (`model` required): `model_paraphrase` (the model rewrites the instruction),
 `self_instruct` (the model writes new examples from a few seed examples).
@@ -131,10 +131,12 @@ def paraphrase_templates(conv: Conversation, opts: AugmentOptions, rng: random.R
 
 
 def system_variation(conv: Conversation, opts: AugmentOptions, rng: random.Random) -> list[Conversation]:
-    if conv.text is not None:
+    """A generic system prompt added, or a generic one varied. A conversation's own system prompt stays:
+    its answers may follow it ('Answer in French.'), and would not follow a replacement."""
+    current = next((m["content"] for m in conv.messages if m["role"] == "system"), None)
+    if conv.text is not None or current not in (None, *SYSTEM_PROMPTS):
         return []
     body = [m for m in conv.messages if m["role"] != "system"]
-    current = next((m["content"] for m in conv.messages if m["role"] == "system"), None)
     choices = [p for p in SYSTEM_PROMPTS if p != current]
     return [_variant(conv, [{"role": "system", "content": p}, *body], "system", k=k)
             for k, p in enumerate(rng.sample(choices, min(opts.copies, len(choices))))]

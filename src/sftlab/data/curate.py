@@ -24,6 +24,8 @@ from sftlab.data.conversation import Conversation, message_text
 from sftlab.errors import SftlabError
 
 EXAMPLES_PER_REASON = 5
+# Fewer records than this sharing a shingle are a near-duplicate cluster, not a template.
+TEMPLATE_MIN_RECORDS = 20
 
 
 class CurateOptions(BaseModel):
@@ -35,6 +37,9 @@ class CurateOptions(BaseModel):
     near_dedup: bool = Field(True, description="Drop near-duplicates (MinHash LSH over word n-grams).")
     near_dedup_threshold: float = Field(0.7, gt=0, le=1, description="Estimated Jaccard similarity counted as near-duplicate.")
     near_dedup_ngram: int = Field(2, ge=1, description="Word n-gram size of the MinHash shingles.")
+    near_dedup_template_share: float = Field(0.1, gt=0, le=1, description=(
+        f"Shingles found in this share of the records (and in at least {TEMPLATE_MIN_RECORDS}) are template text "
+        "(a shared instruction, boilerplate) and left out of the near-duplicate comparison."))
     num_perm: int = Field(128, ge=16, description="MinHash permutations (more: slower, more precise).")
     min_tokens: int | None = Field(None, ge=1, description="Drop conversations shorter than this (needs a tokenizer).")
     max_tokens: int | None = Field(None, ge=1, description="Drop conversations longer than this (needs a tokenizer).")
@@ -291,19 +296,36 @@ def _identity(x):
     return x
 
 
-class NearDupIndex:
-    """MinHash LSH over word n-gram shingles; `add` returns the key of an earlier near-duplicate."""
+def template_shingles(texts: Iterable[str], share: float, ngram: int, hasher: WordHasher) -> np.ndarray:
+    """Shingles that many distinct texts share: a fixed instruction or boilerplate. Left in, a long
+    shared instruction makes records with different inputs and answers near-duplicates of each other."""
+    grams = [np.unique(hasher.ngrams(t, ngram)) for t in set(texts)]
+    if not grams:
+        return np.zeros(0, dtype=np.uint64)
+    values, counts = np.unique(np.concatenate(grams), return_counts=True)  # values come sorted
+    return values[counts >= max(TEMPLATE_MIN_RECORDS, share * len(grams))]
 
-    def __init__(self, threshold: float, num_perm: int, ngram: int, hasher: WordHasher):
+
+class NearDupIndex:
+    """MinHash LSH over word n-gram shingles; `add` returns the key of an earlier near-duplicate.
+    `template` shingles are left out of a text's signature unless they are all it has."""
+
+    def __init__(self, threshold: float, num_perm: int, ngram: int, hasher: WordHasher,
+                 template: np.ndarray | None = None):
         from datasketch import MinHash, MinHashLSH
 
         self.threshold, self.ngram, self.hasher = threshold, ngram, hasher
+        self.template = np.zeros(0, dtype=np.uint64) if template is None else template
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self._template = MinHash(num_perm=num_perm, hashfunc=_identity, scheme="affine32")
         self.signatures: dict[Any, Any] = {}
 
     def minhash(self, text: str):
         h = self.hasher.ngrams(text, self.ngram)
+        if len(self.template):  # sorted: np.searchsorted is several times faster than np.isin on short arrays
+            at = np.minimum(np.searchsorted(self.template, h), len(self.template) - 1)
+            informative = h[self.template[at] != h]
+            h = informative if len(informative) else h
         m = self._template.copy()
         if len(h):
             m.update_batch(np.unique(((h ^ (h >> np.uint64(32))) & np.uint64(0xFFFFFFFF)).astype(np.uint32)))
@@ -322,6 +344,13 @@ class NearDupIndex:
 
 
 # ------------------------------------------------------------------ the pipeline
+
+def near_dup_text(conv: Conversation) -> str:
+    """The text near-duplicates are judged on: the conversation without its system prompt (one prompt
+    shared by every record is no likeness), and a preference pair's rejected answer."""
+    rejected = rejected_answer(conv)
+    return conversation_text(conv, system=False) + ("" if rejected is None else f"\n{rejected}")
+
 
 def _snippet(text: str, n: int = 160) -> str:
     text = _SPACE.sub(" ", text).strip()
@@ -350,14 +379,15 @@ def curate(conversations: Iterable[Conversation], options: CurateOptions | None 
                                opts.decontam_ngram, opts.decontam_template_df, opts.decontam_min_overlap,
                                hasher) if opts.decontaminate else None
     indexes: dict[bool | None, NearDupIndex] = {}  # one near-dup index per preference label
+    template = template_shingles(map(near_dup_text, [*reference, *convs]), opts.near_dedup_template_share,
+                                 opts.near_dedup_ngram, hasher) if opts.near_dedup else None
 
     def near_duplicate(key: Any, conv: Conversation) -> Any | None:
         label = preference_label(conv)
         if label not in indexes:
-            indexes[label] = NearDupIndex(opts.near_dedup_threshold, opts.num_perm, opts.near_dedup_ngram, hasher)
-        rejected = rejected_answer(conv)
-        text = conversation_text(conv, system=False) + ("" if rejected is None else f"\n{rejected}")
-        return indexes[label].add(key, text)
+            indexes[label] = NearDupIndex(opts.near_dedup_threshold, opts.num_perm, opts.near_dedup_ngram, hasher,
+                                          template)
+        return indexes[label].add(key, near_dup_text(conv))
 
     seen: dict[bytes, Conversation] = {}
     first: dict[Any, Conversation] = {}  # near-dup index key -> the conversation kept under it

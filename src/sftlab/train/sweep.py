@@ -131,14 +131,17 @@ def suggest(trial, space: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _sampler(sweep: SweepConfig):
+def _sampler(sweep: SweepConfig, trials_before: int):
+    """Seeded with the config's seed plus the trials the study holds already: seeded alike, a resumed
+    or extended sweep would draw the first trials' points again (TPE samples at random at first)."""
     import optuna
 
+    seed = sweep.seed + trials_before
     if sweep.sampler == "grid":
-        return optuna.samplers.GridSampler({k: list(v) for k, v in sweep.space.items()}, seed=sweep.seed)
+        return optuna.samplers.GridSampler({k: list(v) for k, v in sweep.space.items()}, seed=seed)
     if sweep.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=sweep.seed)
-    return optuna.samplers.TPESampler(seed=sweep.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def _pruner(sweep: SweepConfig):
@@ -157,12 +160,13 @@ def open_study(sweep_dir: Path, sweep: SweepConfig):
     sweep_dir.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
         study_name=STUDY, storage=f"sqlite:///{sweep_dir.resolve() / 'sweep.db'}", load_if_exists=True,
-        direction=direction_of(sweep), sampler=_sampler(sweep), pruner=_pruner(sweep),
+        direction=direction_of(sweep), pruner=_pruner(sweep),
     )
     if study.direction.name.lower() != direction_of(sweep):
         raise SftlabError(f"{sweep_dir / 'sweep.db'} holds a sweep that {study.direction.name.lower()}s; "
                           f"this config asks to {direction_of(sweep)}: use another output_dir")
     trials = study.get_trials(deepcopy=False)
+    study.sampler = _sampler(sweep, len(trials))
     retried = {t.user_attrs.get("retry_of") for t in trials}
     for t in trials:
         if t.state == TrialState.RUNNING:  # its sweep was killed
@@ -242,7 +246,7 @@ def run_trial(trial, config: TrainConfig, sweep_dir: Path, log: Callable[[str], 
     if objective == "eval_loss":
         if not losses:
             raise TrialError(f"trial {trial.number}: no eval_loss in {out / 'metrics.jsonl'} (set data.validation)")
-        return losses[-1][1]
+        return kept_eval_loss(cfg, out, losses)
     args = ["eval", str(out), "--data", config.data.validation, "--metrics", objective, "--out", str(out / "eval"),
             *eval_data_args(config)]
     proc = _child(args, log_path)
@@ -254,6 +258,15 @@ def run_trial(trial, config: TrainConfig, sweep_dir: Path, log: Callable[[str], 
     if key not in metrics:
         raise TrialError(f"trial {trial.number}: `sftlab eval` gave no '{key}' (got {', '.join(metrics)})")
     return float(metrics[key])
+
+
+def kept_eval_loss(cfg: TrainConfig, run_dir: Path, losses: list[tuple[int, float]]) -> float:
+    """The eval_loss of the model the run kept: its best checkpoint's when it loads the best model at
+    the end (early stopping, load_best_model_at_end), else its last evaluation's."""
+    best = json.loads((run_dir / "run.json").read_text()).get("best_checkpoint")
+    if best and (cfg.training.early_stopping_patience or cfg.training.load_best_model_at_end):
+        return dict(losses)[int(Path(best).name.rsplit("-", 1)[1])]
+    return losses[-1][1]
 
 
 def eval_data_args(config: TrainConfig) -> list[str]:
