@@ -15,7 +15,13 @@ Fixed costs (do not grow with the batch), P = all parameters, N = trainable para
 - mixed precision (``dtype="bf16"`` on fp32 weights, i.e. autocast): the fp32 weights are
   the master copy and every linear weight gets a bf16 working copy that autograd keeps
   until the backward pass (2 bytes per linear weight; with gradient checkpointing only one
-  layer's copies live at a time).
+  layer's copies live at a time). The fp32 LoRA parameters get such copies whenever the
+  compute is bf16, on a bf16 base too.
+- LoRA on a mixture of experts' stacked expert tensors (all-linear): PEFT adds B x A to each
+  stack at every forward (a parametrization), and the expert matmuls keep the merged stack
+  for the backward pass: one more copy of the expert weights in their dtype (one layer's
+  with gradient checkpointing). Tiny Qwen3-MoE and Mixtral: 1.9-2.8 x the per-layer bytes
+  counted without it (tests/integration/test_estimate_moe_lora.py).
 - runtime: the process itself, as `sftlab train` holds it when it starts loading the model
   (Python, torch, transformers, peft, datasets, accelerate and the deepspeed it imports, the
   tokenizer and the tokenized data): 0.62-0.66 GiB RSS measured on CPU, about half of it
@@ -380,7 +386,7 @@ class Estimate:
         labels = {
             "weights": "weights",
             "gathered": "gathered for compute",
-            "weight_copies": "bf16 working copies",
+            "weight_copies": "weight copies",
             "lora_params": "LoRA parameters",
             "gradients": "gradients",
             "optimizer": "optimizer states",
@@ -520,11 +526,9 @@ def _dtype_of(config, device: str) -> str:
     return "bf16" if config.training.fp16 or wants_bf16(config, device) else "fp32"
 
 
-def _train_config(engine: str):
-    """The training config (its defaults: training.bf16 auto) that runs `engine` (one of ENGINES)."""
-    from sftlab.config import TrainConfig
-
-    return TrainConfig(data={"train": "-"}, distributed="ddp" if engine == "none" else engine)
+def _trainer_engine(engine: str) -> str:
+    """The trainer's engine (ddp, deepspeed, fsdp) that runs `engine` (one of ENGINES)."""
+    return "deepspeed" if engine.startswith("zero") else "ddp" if engine == "none" else engine
 
 
 def _engine_of(distributed) -> str:
@@ -603,12 +607,12 @@ def estimate_memory(
         raise SftlabError(f"trained_fraction must be in (0, 1] (got {trained_fraction})")
     if shape is None:
         shape = model_shape(load_model_config(config_or_path))
-    from sftlab.train.trainer import device_type
+    from sftlab.train.trainer import device_type, resolve_bf16
 
     device = device_type() if device == "auto" else device
     on_cpu = device == "cpu"
     if dtype == "auto":
-        dtype = _dtype_of(_train_config(distributed), device)
+        dtype = "bf16" if resolve_bf16("auto", False, _trainer_engine(distributed), device) else "fp32"
     if weights_dtype == "auto":
         from sftlab.train.trainer import base_weights_dtype
 
@@ -621,7 +625,8 @@ def estimate_memory(
 
     targets = _targets(shape.lora_candidates, target_modules) if method != "full" else []
     n_lora = sum(lora_r * (fin + fout) for _, fin, fout in targets)
-    if target_modules == "all-linear" and method != "full":
+    lora_on_experts = method != "full" and target_modules == "all-linear" and shape.moe_lora_per_rank > 0
+    if lora_on_experts:
         n_lora += lora_r * shape.moe_lora_per_rank
 
     if method == "qlora":
@@ -639,21 +644,17 @@ def estimate_memory(
     t_bytes = w_bytes if method == "full" else 4  # adapters stay fp32
     lora_params = n_lora * 4
     if n_lora:
-        experts = " and the router and experts of each layer" if shape.moe_lora_per_rank and target_modules == "all-linear" else ""
+        experts = " and the router and experts of each layer" if lora_on_experts else ""
         notes["lora_params"] = f"r={lora_r} on {len(targets)} linear layers{experts}: {n_lora:,} x 4 B"
     gradients = trainable * t_bytes
     notes["gradients"] = f"{trainable:,} x {t_bytes} B"
     optimizer_bytes = trainable * _OPTIMIZER_BYTES[optimizer] * t_bytes // 4
     notes["optimizer"] = f"{optimizer}: {_OPTIMIZER_BYTES[optimizer] * t_bytes // 4} B per trainable parameter"
 
-    weight_copies = 0
-    if autocast:
-        copies = 0 if method == "qlora" else shape.decoder_linear_weights  # nf4 weights are dequantised per call
-        copies += n_lora
-        weight_copies = 2 * (copies // max(shape.n_layers, 1) if gradient_checkpointing else copies)
-        notes["weight_copies"] = "autocast: bf16 copies of the linear weights kept for backward" + (
-            " (one layer at a time)" if gradient_checkpointing else ""
-        )
+    weight_copies, what = _kept_weight_copies(shape, method, n_lora, a_bytes, w_bytes, lora_on_experts,
+                                              gradient_checkpointing)
+    if what:
+        notes["weight_copies"] = what
 
     if reference_copy:
         weight_copies += weights
@@ -731,6 +732,26 @@ def estimate_memory(
                        "caches": "oneDNN's kernels for the step's shapes, the allocator's free spans at the peak"},
     )
     return _per_process(est, shape, distributed, nproc, w_bytes, t_bytes) if distributed != "none" else est
+
+
+def _kept_weight_copies(shape: ModelShape, method: str, n_lora: int, a_bytes: int, w_bytes: int,
+                        lora_on_experts: bool, gradient_checkpointing: bool) -> tuple[int, str]:
+    """Bytes of the weight-sized tensors autograd keeps for the backward pass, and what they are (module
+    docstring): computing in bf16, a bf16 copy of each fp32 weight a matmul reads (the adapters, fp32 on any
+    base, and under autocast the linear weights; nf4 ones are dequantised per call); with LoRA on the
+    experts, each expert stack merged with its adapter."""
+    autocast = a_bytes < w_bytes
+    cast = {"linear weights": shape.decoder_linear_weights if autocast and method != "qlora" else 0,
+            "adapters": n_lora} if a_bytes == 2 else {}
+    copies = sum(cast.values())
+    total = 2 * (copies // max(shape.n_layers, 1) if gradient_checkpointing else copies)
+    what = [f"bf16 copies of the {' and '.join(k for k, n in cast.items() if n)}"] if copies else []
+    if lora_on_experts:
+        merged = shape.expert_params * w_bytes
+        total += merged // max(shape.n_layers - shape.dense_layers, 1) if gradient_checkpointing else merged
+        what.append("the expert weights merged with their adapters (W + BA)")
+    one_layer = " (one layer at a time)" if gradient_checkpointing else ""
+    return total, (" and ".join(what) + " kept for backward" + one_layer) if what else ""
 
 
 def _per_process(est: Estimate, shape: ModelShape, engine: str, n: int, w_bytes: int, t_bytes: int) -> Estimate:

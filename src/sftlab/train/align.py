@@ -80,43 +80,49 @@ def load_policy(config: AlignConfig, dtype: str, use_bf16: bool, tokenizer=None)
     run (their fused LM head reads the head's own weight), so that is refused with the way round."""
     from peft import PeftModel
 
-    from sftlab.models import check_weights, fit_embeddings, is_run_dir, load_model, run_artifacts
-    from sftlab.train.trainer import prepare_4bit_base, quantization_config
+    from sftlab.models import check_weights, is_run_dir, run_artifacts
+    from sftlab.train.trainer import quantization_config
 
     m = config.model
     attn = None if m.attn_implementation == "sftlab_varlen" else m.attn_implementation
     kwargs = {"dtype": dtype, "trust_remote_code": m.trust_remote_code, "attn_implementation": attn,
               "allow_pickle": m.allow_pickle or None,
               "quantization_config": quantization_config(config.method, use_bf16)}
-
-    new_tokens = {}  # fit_embeddings' PEFT arguments for the rows of tokens a named template added
-
-    def load_base(path):
-        model = load_model(path, **kwargs)
-        if tokenizer is not None:
-            new_tokens.update(fit_embeddings(model, tokenizer))
-        return prepare_4bit_base(model, config.training.gradient_checkpointing) if config.method == "qlora" else model
-
     name = m.name_or_path
     art = run_artifacts(name) if is_run_dir(name) else None
-    if art and art["adapter"] and not art["model"]:
-        if config.method != "full" and _adapter_holds_token_rows(art["adapter"]):
-            raise SftlabError(f"{name}: its adapter trains the embedding rows of tokens its chat template added, "
-                              f"{_NO_TOKEN_ROWS}: merge the run (sftlab export {name} --to merged OUT) and align "
-                              "from OUT (model.name_or_path=OUT), or align with method: full")
-        base = load_base(art["base"])
-        check_weights(art["adapter"], kwargs["allow_pickle"])
-        if config.method == "full":
-            return PeftModel.from_pretrained(base, art["adapter"]).merge_and_unload(), None, art["base"]
-        return PeftModel.from_pretrained(base, art["adapter"], is_trainable=True), None, art["base"]
-    start = art["model"] if art else name
-    model = load_base(start)
-    if config.method != "full" and new_tokens:
-        raise SftlabError(f"model.chat_template {m.chat_template} adds tokens to the tokenizer of {name}, whose new "
-                          f"embedding rows a LoRA would train as PEFT trainable tokens, {_NO_TOKEN_ROWS}: fine-tune "
-                          "with it first (sftlab train; SFT teaches the new tokens), merge that run (sftlab export RUN "
-                          "--to merged OUT) and align from OUT, or align with method: full")
-    return model, (None if config.method == "full" else _peft_config(config)), start
+    adapter = art["adapter"] if art and not art["model"] else None
+    if adapter is None:
+        start = art["model"] if art else name
+        model = _load_start(config, start, kwargs, tokenizer)
+        return model, (None if config.method == "full" else _peft_config(config)), start
+    if config.method != "full" and _adapter_holds_token_rows(adapter):
+        raise SftlabError(f"{name}: its adapter trains the embedding rows of tokens its chat template added, "
+                          f"{_NO_TOKEN_ROWS}: merge the run (sftlab export {name} --to merged OUT) and align "
+                          "from OUT (model.name_or_path=OUT), or align with method: full")
+    check_weights(adapter, kwargs["allow_pickle"])
+    base = _load_start(config, art["base"], kwargs, tokenizer)
+    if config.method == "full":
+        return PeftModel.from_pretrained(base, adapter).merge_and_unload(), None, art["base"]
+    return PeftModel.from_pretrained(base, adapter, is_trainable=True), None, art["base"]
+
+
+def _load_start(config: AlignConfig, path: str, kwargs: dict, tokenizer):
+    """The starting weights (a LoRA run's base) with the embeddings fitted to `tokenizer`, ready for QLoRA.
+    Refused for a LoRA when model.chat_template added tokens (load_policy says why)."""
+    from sftlab.models import fit_embeddings, is_run_dir, load_model
+    from sftlab.train.trainer import prepare_4bit_base
+
+    model = load_model(path, **kwargs)
+    new_token_rows = fit_embeddings(model, tokenizer) if tokenizer is not None else {}
+    if new_token_rows and config.method != "full":
+        m = config.model
+        run = is_run_dir(m.name_or_path)
+        own = "leave model.chat_template out (the run's tokenizer keeps its own), " if run else ""
+        raise SftlabError(f"model.chat_template {m.chat_template} adds tokens to the tokenizer of {m.name_or_path}, "
+                          f"whose new embedding rows a LoRA would train as PEFT trainable tokens, {_NO_TOKEN_ROWS}: "
+                          f"{own}fine-tune with it first (sftlab train; SFT teaches the new tokens), merge that run "
+                          "(sftlab export RUN --to merged OUT) and align from OUT, or align with method: full")
+    return prepare_4bit_base(model, config.training.gradient_checkpointing) if config.method == "qlora" else model
 
 
 _NO_TOKEN_ROWS = "which TRL's preference trainers cannot run with (their fused LM head reads the head's own weight)"
@@ -217,7 +223,6 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     out = Path(config.output_dir)
     if not resume:
         refuse_existing_run(out)
-    out.mkdir(parents=True, exist_ok=True)
     for name in discard_interrupted_saves(out):
         log(f"discarded {name}: its saving was interrupted")
     t_start = time.perf_counter()
@@ -241,11 +246,12 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
         log(f"--resume: no checkpoint saved yet in {out / 'checkpoints'}: starting from step 0")
     if (done := finished_run(out, saved, state, log)) is not None:
         return done
-    atomic_write(out / "config.yaml", config.to_yaml())
     use_bf16 = wants_bf16(config)
     dtype = base_weights_dtype(config.method, use_bf16) if m.dtype == "auto" else m.dtype
     set_seed(config.training.seed)
     model, peft_config, base = load_policy(config, dtype, use_bf16, tokenizer)
+    # the run starts: out/ appears (earlier only with the data's rejects.jsonl)
+    atomic_write(out / "config.yaml", config.to_yaml())
     model.config.use_cache = False
     nonfinite = NonFiniteGuard(config.training.skip_nonfinite_steps, last_good=lambda: last_good_checkpoint(out))
     trainer = build_trainer(config, model, peft_config, tokenizer, train_rows, eval_rows, out, use_bf16,

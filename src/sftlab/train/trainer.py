@@ -295,29 +295,40 @@ def no_target_message(model, targets) -> str:
             f"{', '.join(names)}: e.g. lora.target_modules=[{','.join(example)}], or all-linear")
 
 
-def bf16_unavailable(config: TrainConfig, device: str = "auto") -> str | None:
-    """Why bf16 cannot train this run on `device` (cpu, cuda; auto: this machine's) (None when it can):
-    transformers refuses bf16 under DeepSpeed without a GPU (DeepSpeed runs on a CPU only with use_cpu
-    off, which bf16 then needs a GPU for)."""
-    from sftlab.train.distributed import engine_name
-
+def bf16_unavailable(engine: str, device: str = "auto") -> str | None:
+    """Why bf16 cannot train under `engine` (ddp, deepspeed, fsdp) on `device` (cpu, cuda; auto: this
+    machine's) (None when it can): transformers refuses bf16 under DeepSpeed without a GPU (DeepSpeed runs
+    on a CPU only with use_cpu off, which bf16 then needs a GPU for)."""
     on_gpu = (device_type() if device == "auto" else device) == "cuda"
-    if on_gpu or engine_name(config.distributed, config.training.passthrough()) != "deepspeed":
+    if on_gpu or engine != "deepspeed":
         return None
     return "DeepSpeed on a CPU trains in fp32 here (transformers allows bf16 under DeepSpeed on a GPU only)"
 
 
-def wants_bf16(config: TrainConfig, device: str = "auto") -> bool:
-    """training.bf16 resolved: auto is on where the device has fast bf16 matmuls and the engine can use them.
-    `device`: what trains (cpu, cuda; auto: this machine's). One that is not this machine's (`sftlab
-    estimate --device`) is taken to have them on a GPU (every GPU since Ampere), not on a CPU."""
-    t = config.training
-    if t.fp16:
+def resolve_bf16(bf16: bool | str, fp16: bool, engine: str, device: str = "auto") -> bool:
+    """training.bf16 (true, false, auto) resolved: auto is on where the device has fast bf16 matmuls and
+    `engine` (ddp, deepspeed, fsdp) can use them. `device`: what trains (cpu, cuda; auto: this machine's).
+    One that is not this machine's (`sftlab estimate --device`) is taken to have them on a GPU (every GPU
+    since Ampere), not on a CPU."""
+    if fp16:
         return False
-    if t.bf16 == "auto":
+    if bf16 == "auto":
         fast = device_supports_bf16() if device in ("auto", device_type()) else device == "cuda"
-        return fast and bf16_unavailable(config, device) is None
-    return bool(t.bf16)
+        return fast and bf16_unavailable(engine, device) is None
+    return bool(bf16)
+
+
+def wants_bf16(config: TrainConfig, device: str = "auto") -> bool:
+    """The config's training.bf16 resolved for its engine on `device` (`resolve_bf16`)."""
+    t = config.training
+    return resolve_bf16(t.bf16, t.fp16, config_engine(config), device)
+
+
+def config_engine(config: TrainConfig) -> str:
+    """ddp, deepspeed or fsdp: the engine the config trains with."""
+    from sftlab.train.distributed import engine_name
+
+    return engine_name(config.distributed, config.training.passthrough())
 
 
 def preflight(config: TrainConfig) -> None:
@@ -330,7 +341,7 @@ def preflight(config: TrainConfig) -> None:
     if config.training.fp16 and not torch.cuda.is_available():
         raise SftlabError("training.fp16: fp16 mixed precision needs a CUDA GPU (on CPU it would train in fp32 "
                           "without loss scaling); on CPU use training.bf16 or neither")
-    if config.training.bf16 is True and (reason := bf16_unavailable(config)):
+    if config.training.bf16 is True and (reason := bf16_unavailable(config_engine(config))):
         raise SftlabError(f"training.bf16: {reason}; set training.bf16=false (or auto)")
     if config.training.use_liger_kernel is True and (reason := kernels.unavailable()):
         raise SftlabError(f"training.use_liger_kernel: {reason}")
@@ -459,7 +470,6 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     out = Path(config.output_dir)
     if not resume:
         refuse_existing_run(out)
-    out.mkdir(parents=True, exist_ok=True)
     if main:
         for name in discard_interrupted_saves(out):
             log(f"discarded {name}: its saving was interrupted")
@@ -495,10 +505,11 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         log(f"--resume: no checkpoint saved yet in {out / 'checkpoints'}: starting from step 0")
     if (done := finished_run(out, saved, state, log)) is not None:
         return done
-    distributed.on_main_process(atomic_write, out / "config.yaml", config.to_yaml())
     use_bf16 = wants_bf16(config)
     set_seed(config.training.seed)  # LoRA's initialisation too must repeat for the same seed
     model = build_model(config, use_bf16, tokenizer)
+    # the run starts: out/ appears (earlier only with the data's rejects.jsonl)
+    distributed.on_main_process(atomic_write, out / "config.yaml", config.to_yaml())
     flatten = can_flatten(model)
     bucket = not torch.cuda.is_available()  # CPU kernels are built per matmul shape (data/pack.py shape_bucket)
     rows = make_rows(train_ex, config.data.max_seq_length, config.data.packing)
