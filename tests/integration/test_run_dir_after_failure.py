@@ -33,3 +33,15 @@ def test_an_align_run_failing_on_its_data_leaves_no_output_dir(tiny_model_dir, t
     assert main(["align", "-", f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "lora.r=4",
                  "training.max_steps=1", "training.bf16=false", f"output_dir={out}"]) == 1
     assert f"{data}:1" in capsys.readouterr().err and not out.parent.exists()
+
+
+def test_a_rerun_without_rejects_leaves_no_stale_rejects_file(tiny_model_dir, tmp_path, capsys):
+    """A failed first attempt in skip mode leaves its rejects.jsonl (worth reading); the rerun on clean data
+    must not show it as its own."""
+    data, out = tmp_path / "data.jsonl", tmp_path / "runs" / "first"
+    data.write_text(GOOD * 3 + "{not json\n")
+    assert _train(tiny_model_dir, data, out, "data.on_error=skip", "lora.target_modules=[no_such_layer]") == 1
+    assert (out / "rejects.jsonl").exists() and "matches no layer" in capsys.readouterr().err
+    data.write_text(GOOD * 4)
+    assert _train(tiny_model_dir, data, out, "data.on_error=skip") == 0
+    assert not (out / "rejects.jsonl").exists()

@@ -87,6 +87,8 @@ def prepare_examples(path: str, tokenizer, data: DataConfig, cache_root: Path, r
     fp = fingerprint(_data_digest(path, data), tokenizer, key_opts)
     entry = cache_root / fp
     stats = PrepStats(path=path, fingerprint=fp)
+    if rejects_path:  # an earlier attempt's, from other data: this preparation writes its own, or none
+        rejects_path.unlink(missing_ok=True)
     if entry.exists():
         examples, meta = load_examples(entry)
         for k in CACHED_STATS:
