@@ -28,7 +28,7 @@ def msgs(*pairs):
     ({"id": "5733be", "title": "Notre Dame", "context": "The school was founded in 1842.",
       "question": "When was it founded?", "answers": {"text": ["1842", "in 1842"], "answer_start": [26, 23]}}, "squad",
      msgs(("user", "When was it founded?\n\nThe school was founded in 1842."), ("assistant", "1842")),
-     {"id": "5733be", "title": "Notre Dame"}),
+     {"id": "5733be", "title": "Notre Dame", "references": ["1842", "in 1842"]}),
     ({"id": "niv.1", "system_prompt": "You are a helpful assistant.", "question": "2+2?", "response": "4"},
      "prompt_completion", msgs(("system", "You are a helpful assistant."), ("user", "2+2?"), ("assistant", "4")),
      {"id": "niv.1"}),

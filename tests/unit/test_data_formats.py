@@ -224,7 +224,8 @@ def test_format_override_and_unknown_format():
 
 
 def test_registry_names():
-    assert {"alpaca", "dolly", "squad", "sharegpt", "messages", "prompt_completion", "text", "preference"} <= set(FORMATS)
+    assert {"alpaca", "dolly", "squad", "sharegpt", "messages", "prompt_completion", "text", "preference",
+            "multiple_choice"} <= set(FORMATS)
 
 
 @pytest.mark.parametrize("messages,kind,detail", [

@@ -3,7 +3,8 @@
 Supported schemas (the `format` names):
   alpaca             {"instruction", "input"?, "output", "system"?}  (Alpaca, Alpaca-GPT4, CodeAlpaca, ...)
   dolly              {"instruction", "context"?, "response"}  (Databricks Dolly-15k; `category` goes to meta)
-  squad              {"question", "context", "answers": {"text": [...]}}  (SQuAD-style reading comprehension)
+  squad              {"question", "context", "answers": {"text": [...]}}  (SQuAD-style reading comprehension;
+                     trains on the first answer, keeps all as meta "references")
   sharegpt           {"conversations" | "messages": [{"from", "value"}]}  (human/gpt/system/... roles)
   messages           {"messages": [{"role", "content"}]}  (OpenAI; content may be a list of text parts; an
                      assistant message's reasoning as "reasoning_content", "reasoning" or "thinking")
@@ -14,6 +15,10 @@ Supported schemas (the `format` names):
   text               {"text"}  -> raw text (continued pre-training)
   (tool calling)     any chat schema above with `tools` and assistant `tool_calls` (see data/tools.py)
   xlam               {"query", "answers", "tools"}  (Salesforce xLAM function calling: the answers are calls)
+  multiple_choice    benchmarks' native layouts (CHOICE_LAYOUTS): MMLU {"question", "choices": [...], "answer"},
+                     ARC {"question", "choices": {"text", "label"}, "answerKey"}, OpenBookQA, HellaSwag
+                     {"ctx", "endings", "label"}, PIQA {"goal", "sol1", "sol2", "label"} -> the question with
+                     lettered options, answered by the right option's text; meta "choices" and "answer" (index)
   preference         paired: {"prompt"?, "chosen", "rejected"} (the prompt also as "question" or
                      "instruction", with an optional "system" or "system_prompt": orca_dpo_pairs),
                      {"messages", "rejected"}, or ShareGPT
@@ -216,17 +221,18 @@ def _optional_text(record: dict, key: str | None, source: str) -> str | None:
     return value if value and value.strip() else None
 
 
-def _answer(value: Any, source: str, key: str) -> str:
-    """A response column: a string, or the first answer of a list or of {"text": [...]} (SQuAD)."""
+def _answers(value: Any, source: str, key: str) -> list[str]:
+    """A response column's distinct answers: a string, or a list of them or {"text": [...]} (SQuAD)."""
     if isinstance(value, dict) and "text" in value:
         value = value["text"]
-    if isinstance(value, list):
-        if not value:
-            raise RecordError(source, "empty content", f"'{key}' holds no answer")
-        value = value[0]
-    if not isinstance(value, str):
-        raise RecordError(source, "mistyped field", f"'{key}' must be a string, got {type(value).__name__}")
-    return value
+    if isinstance(value, list) and not value:
+        raise RecordError(source, "empty content", f"'{key}' holds no answer (an unanswerable question, as "
+                                                   "SQuAD 2.0 has: nothing to train on or score against)")
+    answers = value if isinstance(value, list) else [value]
+    bad = next((a for a in answers if not isinstance(a, str)), None)
+    if bad is not None:
+        raise RecordError(source, "mistyped field", f"'{key}' must be a string, got {type(bad).__name__}")
+    return list(dict.fromkeys(answers))
 
 
 def _check_encodable(text: str, source: str, where: str) -> None:
@@ -287,18 +293,22 @@ def _with_tools(meta: dict[str, Any], source: str) -> dict[str, Any]:
 def from_instruction(record: dict, source: str, *, prompt: str, response: str, input: str | None = None,
                      system: str | None = None) -> Conversation:
     """One exchange from named columns: system? -> user: prompt (+ blank line + input) -> assistant: response.
-    An empty input or system column counts as absent."""
+    An empty input or system column counts as absent. A response listing several answers trains on the
+    first; all of them go to `meta["references"]`, the answers evaluation accepts."""
     question = _string(record, prompt, source)
     if response not in record or record[response] is None:
         raise RecordError(source, "missing field", f"'{response}'")
-    answer = _answer(record[response], source, response)
+    answers = _answers(record[response], source, response)
     extra = _optional_text(record, input, source)
     system_text = _optional_text(record, system, source)
     messages = ([{"role": "system", "content": system_text}] if system_text else []) + [
         {"role": "user", "content": f"{question}\n\n{extra}" if extra else question},
-        {"role": "assistant", "content": answer},
+        {"role": "assistant", "content": answers[0]},
     ]
-    return _chat(messages, source, _meta(record, (prompt, response, input, system)))
+    conv = _chat(messages, source, _meta(record, (prompt, response, input, system)))
+    if len(answers) > 1:
+        conv.meta["references"] = answers
+    return conv
 
 
 from_alpaca = partial(from_instruction, prompt="instruction", input="input", response="output", system="system")
@@ -352,6 +362,98 @@ def from_prompt_completion(record: dict, source: str) -> Conversation:
     messages = ([{"role": "system", "content": system}] if system else []) + \
         _as_messages(record[p], source, "user", p) + _as_messages(record[a], source, "assistant", a)
     return _chat(messages, source, _meta(record, (*pair, system_key)))
+
+
+class _ChoiceLayout(NamedTuple):
+    """Where a benchmark's native record keeps the question, the options and the right option."""
+    question: str
+    choices: tuple[str, ...]  # one column listing the options (or ARC's {"text", "label"}), or one per option
+    answer: str
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.question, *self.choices, self.answer)
+
+
+CHOICE_LAYOUTS = (
+    _ChoiceLayout("question", ("choices",), "answer"),         # MMLU (cais/mmlu): answer 0-3
+    _ChoiceLayout("question", ("choices",), "answerKey"),      # ARC, CommonsenseQA: {"text", "label"}
+    _ChoiceLayout("question_stem", ("choices",), "answerKey"),  # OpenBookQA
+    _ChoiceLayout("ctx", ("endings",), "label"),               # HellaSwag: label "0"-"3"
+    _ChoiceLayout("goal", ("sol1", "sol2"), "label"),          # PIQA
+)
+MAX_CHOICES = 26  # lettered A to Z
+
+
+def _letters(n: int) -> list[str]:
+    return [chr(ord("A") + i) for i in range(n)]
+
+
+def _choices(record: dict, keys: tuple[str, ...], source: str) -> tuple[list[str], list | None]:
+    """The options' texts, and their labels where the record names them (ARC's {"text", "label"})."""
+    if len(keys) > 1:
+        return [_string(record, k, source) for k in keys], None
+    value, labels = record[keys[0]], None
+    if isinstance(value, dict):
+        value, labels = value.get("text"), value.get("label")
+    if not (isinstance(value, list) and 2 <= len(value) <= MAX_CHOICES and all(isinstance(c, str) for c in value)):
+        raise RecordError(source, "mistyped field", f"'{keys[0]}' must list 2 to {MAX_CHOICES} option texts")
+    if labels is not None and not (isinstance(labels, list) and len(labels) == len(value)):
+        raise RecordError(source, "mistyped field", f"'{keys[0]}' must have one label per option")
+    return value, labels
+
+
+def _choice_index(value: Any, key: str, choices: list[str], labels: list | None, source: str) -> int:
+    """The right option's index: its label's position where the record names labels (ARC's answerKey);
+    else an index (an int, or its digits: HellaSwag's label), a letter (A is 0) or the option's text."""
+    if value is None or value == "":
+        raise RecordError(source, "no answer", f"'{key}' is empty (an unlabelled test split?)")
+    if labels is not None:
+        if value not in labels:
+            raise RecordError(source, "answer not a choice",
+                              f"'{key}' {value!r} is not one of the labels {', '.join(map(str, labels))}")
+        return labels.index(value)
+    index = _named_index(value, choices)
+    if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(choices):
+        return index
+    last = len(choices) - 1
+    raise RecordError(source, "answer not a choice",
+                      f"'{key}' {value!r} is not an option's index (0 to {last}), letter (A to {_letters(last + 1)[-1]}) or text")
+
+
+def _named_index(value: Any, choices: list[str]) -> Any:
+    """The index an answer written as text names (its digits, a letter, or the option's text); any other
+    answer as it is."""
+    if not isinstance(value, str):
+        return value
+    text, letters = value.strip(), _letters(len(choices))
+    if text.isdecimal():
+        return int(text)
+    if text in letters:
+        return letters.index(text)
+    return choices.index(value) if value in choices else None
+
+
+def from_multiple_choice(record: dict, source: str) -> Conversation:
+    """A multiple-choice item in its benchmark's native layout (CHOICE_LAYOUTS): the question and its
+    lettered options, answered by the right option's text (the form `choice` scoring gives each option).
+    `meta` gets `choices` and `answer` (the index), and as `references` the option's letter, alone and
+    with its text, so exact match accepts an answer that names the option as the prompt shows it."""
+    layout = next((lay for lay in CHOICE_LAYOUTS if all(k in record for k in lay.keys)), None)
+    if layout is None:
+        raise RecordError(source, "missing field",
+                          f"expected one of {' | '.join(' + '.join(lay.keys) for lay in CHOICE_LAYOUTS)}")
+    question = _string(record, layout.question, source)
+    choices, labels = _choices(record, layout.choices, source)
+    index = _choice_index(record[layout.answer], layout.answer, choices, labels, source)
+    letters = _letters(len(choices))
+    options = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, choices))
+    messages = [{"role": "user", "content": f"{question}\n\n{options}"},
+                {"role": "assistant", "content": choices[index]}]
+    conv = _chat(messages, source, _meta(record, layout.keys))
+    conv.meta |= {"choices": choices, "answer": index,
+                  "references": [choices[index], letters[index], f"{letters[index]}. {choices[index]}"]}
+    return conv
 
 
 def from_xlam(record: dict, source: str) -> Conversation:
@@ -520,6 +622,7 @@ FORMATS: dict[str, Converter] = {
     "text": from_text,
     "preference": from_preference,
     "xlam": from_xlam,
+    "multiple_choice": from_multiple_choice,
 }
 
 
@@ -537,6 +640,7 @@ _DETECT: tuple[tuple[tuple[str, ...], Callable[[dict], str]], ...] = (
     (("instruction", "output"), lambda r: "alpaca"),
     (("instruction", "response"), lambda r: "dolly"),
     (("question", "context", "answers"), lambda r: "squad"),
+    *((layout.keys, lambda r: "multiple_choice") for layout in CHOICE_LAYOUTS),
     (("query", "answers"), lambda r: "xlam"),
     *(((p, a), lambda r: "prompt_completion") for p, a in PROMPT_PAIRS),
     (("text",), lambda r: "text"),
