@@ -5,7 +5,9 @@ The layout is read off the template as the tool-call layout is (serve/tool_calls
 with and without a probe reasoning, rendered as training renders it, its trained tokens decoded as
 a reply is decoded. Qwen 3 writes `<think>\\nR\\n</think>\\n\\nA` (an empty block without reasoning),
 gpt-oss `analysis` R `assistantfinal` A once its channel tokens are dropped by decoding (`final` A
-without), most templates nothing: their replies are all answer.
+without), most templates nothing: their replies are all answer. A generation prompt that ends inside a
+`<think>` block (DeepSeek-R1 distills, Qwen 3.5, Nemotron 3) has the reply begin in the reasoning, with
+no opener: the reasoning is what comes before `</think>`, all of the reply where it never comes.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import re
 from dataclasses import dataclass
 
 _ANSWER, _REASONING = "sftlab_probe_answer", "sftlab_probe_reasoning"
+_OPEN, _CLOSE = "<think>", "</think>"  # the block every shipped template that opens one in its prompt writes
 
 
 @dataclass(frozen=True)
 class AnswerLayout:
-    """`opener` R `closer` A with reasoning R (both '' when the template writes none); `lead` A without."""
+    """`opener` R `closer` A with reasoning R (both '' when the template writes none); `lead` A without.
+    An empty opener with a closer: the generation prompt opens the reasoning, a reply begins inside it."""
 
     opener: str = ""
     closer: str = ""
@@ -27,10 +31,8 @@ class AnswerLayout:
 
     def split(self, text: str) -> tuple[str | None, str]:
         """(the reasoning, None when there is none; the answer: the text as it is where nothing of the
-        layout begins it). Where the generation prompt opens the reasoning (Qwen 3.5: `<think>\n`), a reply
-        begins inside it; one cut off inside its reasoning has an empty answer."""
-        found = self._reasoning(text)
-        if found and (found[1] or self.opener.strip()):
+        layout begins it). A reply cut off inside its reasoning has an empty answer."""
+        if found := self._reasoning(text):
             start, end = found
             return text[start:end.start() if end else len(text)].strip() or None, text[end.end():].strip() if end else ""
         if self.lead.strip() and (m := _pattern(self.lead).match(text)):
@@ -100,9 +102,20 @@ def _layout_of(tokenizer, template: str | None) -> AnswerLayout:
     with_reasoning = _generated(tokenizer, _REASONING)
     lead = lead.split(_ANSWER)[0] if lead and _ANSWER in lead else ""
     if not with_reasoning or _REASONING not in with_reasoning or _ANSWER not in with_reasoning:
-        return AnswerLayout(lead=lead)
+        return AnswerLayout(closer=_CLOSE if _prompt_opens_think(tokenizer) else "", lead=lead)
     opener, rest = with_reasoning.split(_REASONING, 1)
     return AnswerLayout(opener, rest.split(_ANSWER)[0], lead)
+
+
+def _prompt_opens_think(tokenizer) -> bool:
+    """Whether the generation prompt ends inside a `<think>` block. Read where training writes no reasoning
+    to probe (DeepSeek-R1 distills drop it from every answer), so no closer was found in a reply."""
+    try:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi."}], tokenize=False,
+                                               add_generation_prompt=True)
+    except Exception:  # no template, jinja errors, raise_exception() in the template: no prompt to read
+        return False
+    return isinstance(prompt, str) and prompt.rfind(_OPEN) > prompt.rfind(_CLOSE)
 
 
 def _generated(tokenizer, reasoning: str | None) -> str | None:

@@ -1,0 +1,77 @@
+"""Templates whose generation prompt opens the reasoning block (DeepSeek-R1 distills' and Qwen 3.5's
+`<think>\\n`) make the model begin its reply inside it, with no opening tag: the reasoning is what comes
+before `</think>`, and a reply cut off before it is all reasoning with an empty answer, in evaluation's
+predictions and in the server's replies, streamed or not. Replies are planted; no model runs."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import pytest
+
+from conftest import tokenizer_for
+
+REASONING, ANSWER = "Two plus two: count on from two, three, four.", "4"
+REPLY = f"{REASONING}\n</think>\n\n{ANSWER}"
+CUT_OFF = "Two plus two: count on from"
+ASK = [{"role": "user", "content": "What is 2+2?"}]
+TEMPLATES = files("trl") / "chat_templates"
+FAMILIES = ["deepseek_r1_distill", "deepseekv3", "nemotron_3_5_lightning", "nemotron_3_nano", "nemotron_3_super",
+            "nemotron_3_ultra", "qwen3_5_think", "qwen3_6", "qwen3_8"]
+OPENING = [f"{family}{kind}.jinja" for family in FAMILIES for kind in ("", "_training")]
+REPORTED = ["deepseek_r1_distill.jinja", "qwen3_5_think.jinja"]
+CLOSED = ["chatml", "qwen3.jinja", "qwen3_5_nothink.jinja", "glm4moe.jinja", "gptoss.jinja", "gemma4_v5.jinja"]
+
+
+def test_the_vendor_templates_whose_prompt_opens_the_block(tokenizer):
+    """Of every template that ships, those whose generation prompt ends inside `<think>`: the ones below."""
+    opening = {p.name for p in TEMPLATES.iterdir() if p.name.endswith(".jinja") and
+               tokenizer.apply_chat_template(ASK, chat_template=p.read_text(encoding="utf-8"), tokenize=False,
+                                             add_generation_prompt=True).endswith("<think>\n")}
+    assert opening == set(OPENING)
+
+
+@pytest.mark.parametrize("name", OPENING + CLOSED)
+def test_a_reply_to_a_prompt_that_opens_the_block_begins_in_the_reasoning(tokenizer, name):
+    """Where the prompt opens the block the reply splits at `</think>` and one cut off is all reasoning;
+    elsewhere such a reply is left whole, as before."""
+    from sftlab.serve.reasoning import answer_layout
+
+    layout = answer_layout(tokenizer_for(tokenizer, name))
+    if name in OPENING:
+        assert layout.split(REPLY) == (REASONING, ANSWER)
+        assert layout.split(CUT_OFF) == (CUT_OFF, "")
+    else:
+        assert layout.split(REPLY) == (None, REPLY)
+        assert layout.split(CUT_OFF) == (None, CUT_OFF)
+
+
+@pytest.mark.parametrize("name", REPORTED)
+def test_evaluation_scores_the_answer_alone(tokenizer, name):
+    from sftlab.evaluation.generate import answers
+
+    tok = tokenizer_for(tokenizer, name)
+    ids = [tok(text, add_special_tokens=False)["input_ids"] for text in (REPLY, CUT_OFF)]
+    assert answers(tok, ids) == [ANSWER, ""]
+
+
+def serve(tok, reply: str, stream: bool) -> tuple[list[str], str]:
+    """(the reasoning_content pieces, the content) the server sends for a planted reply."""
+    from e2e.test_serve_tool_calls import client_for
+
+    client, _ = client_for(tok, reply)
+    resp = client.chat.completions.create(model="tiny", messages=ASK, stream=stream)
+    if not stream:
+        message = resp.choices[0].message
+        return [r for r in [message.model_extra.get("reasoning_content")] if r], message.content
+    deltas = [c.choices[0].delta for c in resp if c.choices]
+    return ([r for d in deltas if (r := d.model_extra.get("reasoning_content"))],
+            "".join(d.content or "" for d in deltas))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("name", REPORTED)
+def test_the_server_sends_the_reasoning_as_reasoning_content(tokenizer, name, stream):
+    tok = tokenizer_for(tokenizer, name)
+    assert serve(tok, REPLY, stream) == ([REASONING], ANSWER)
+    assert serve(tok, CUT_OFF, stream) == ([CUT_OFF], "")
