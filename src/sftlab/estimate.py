@@ -13,10 +13,11 @@ Fixed costs (do not grow with the batch), P = all parameters, N = trainable para
 - gradients: N x bytes of the trainable weights. Optimizer: AdamW keeps 2 states per
   trainable parameter in its dtype (8 bytes for fp32); ``adamw_8bit`` 2 bytes; SGD none.
 - mixed precision (``dtype="bf16"`` on fp32 weights, i.e. autocast): the fp32 weights are
-  the master copy and every linear weight gets a bf16 working copy that autograd keeps
-  until the backward pass (2 bytes per linear weight; with gradient checkpointing only one
-  layer's copies live at a time). The fp32 LoRA parameters get such copies whenever the
-  compute is bf16, on a bf16 base too.
+  the master copy and every linear weight (and a mixture of experts' routers, not its experts)
+  gets a bf16 working copy that autograd keeps until the backward pass (2 bytes per weight;
+  with gradient checkpointing only one layer's copies live at a time). The fp32 LoRA
+  parameters get such copies whenever the compute is bf16, on a bf16 base too, except those
+  of the stacked experts: PEFT folds them into the stacks outside autocast, in the stacks' dtype.
 - LoRA on a mixture of experts' stacked expert tensors (all-linear): PEFT adds B x A to each
   stack at every forward (a parametrization), and the expert matmuls keep the merged stack
   for the backward pass: one more copy of the expert weights in their dtype (one layer's
@@ -36,25 +37,35 @@ Fixed costs (do not grow with the batch), P = all parameters, N = trainable para
 
 Per-token costs (grow with batch x seq_len). Activations saved for the backward pass of
 one Llama-style decoder layer (RMSNorm, attention with SDPA, gated MLP), per token, with
-h = hidden, i = intermediate, kv = key/value width, H = attention heads; ``a`` = bytes of
-the compute dtype (4 fp32, 2 bf16), ``s`` = bytes of the residual stream (the weights'
-dtype):
+h = hidden, i = intermediate, q = query width (heads x head_dim), kv = key/value width,
+H = attention heads; ``a`` = bytes of the compute dtype (4 fp32, 2 bf16), ``s`` = bytes of
+the residual stream (the weights' dtype):
 - 2 RMSNorms: their input in fp32 (2h x 4), 1/rms (2 x 4), and when the norm weights train
   (full fine-tuning) the normalised input (2h x s); compiled (training.compile_norms), their
   input as it comes (2h x s) and 1/rms only;
-- attention: rotated q (h x a), k and v (2kv x a), the output (h x a), log-sum-exp (H x 4;
+- norms of the queries and keys (q_norm, k_norm: Qwen3, OLMo2, Gemma 3, ...; read off the
+  model): the same terms over q and kv, with 1/rms per head where the norm is one head wide;
+  their input is the projections' output (a bytes, not s);
+- attention: rotated q (q x a), k and v (2kv x a), the output (q x a), log-sum-exp (H x 4;
   on a CPU, sftlab_varlen's groups of short examples keep none: a bound there);
 - inputs of the linear layers: in fp32 the norm outputs are shared (2h + i) x a; under
   autocast every reader of an fp32 input keeps its own copy: sum of the in-features of the
-  linear layers reading it (q, k, v, gate, up: 5h for full fine-tuning);
+  linear layers reading it (q, k, v, gate, up: 5h for full fine-tuning; a mixture of
+  experts' router too, a module of its own that calls F.linear);
 - gated MLP: gate, up and act(gate) outputs (3i x a);
+- mixture of experts (k of n experts per token, i = k x the expert width): the router's fp32
+  probabilities (n x 4) and per copy its expert indices and weights (k x 40); the gated MLP's
+  terms and the down projection's input (4i), each copy's input and output (2kh).
+  transformers runs the stacked experts through grouped_mm (its default, which sftlab keeps),
+  which autocast does not cover: they compute in the weights' dtype (s bytes, not a; on a tiny
+  Mixtral with fp32 weights under autocast, 5,645 B per token and layer, 3,672 counted in a);
 - LoRA (as sftlab trains: fused layers, no fp32 round trip of the input under autocast):
   the rank-r output of each lora_A (r x a), and the inputs lora_A's weight gradient needs:
   one copy per reader of an fp32 input under autocast, one shared copy of an input already
   in the compute dtype (`_lora_inputs`); with dropout > 0 each adapted layer also keeps its
   dropout noise (in x the input's bytes; QLoRA's PEFT layers also their own dropped input);
 - QLoRA: as LoRA, but bitsandbytes' 4-bit layers return the input's dtype, so under
-  autocast the MLP outputs stay fp32 (3i x 4).
+  autocast the MLP outputs stay fp32 (3i x 4), and so do the inputs of q_norm and k_norm.
 Checked term by term against the tensors autograd saves (tests/integration). With
 gradient checkpointing only each layer's input is kept (h x s per layer) and one layer's
 activations are rebuilt at a time during the backward pass.
@@ -129,6 +140,7 @@ class ModelShape:
     intermediate: int
     n_heads: int
     kv_width: int
+    q_width: int  # heads x head_dim: the hidden size, or not (Qwen3-0.6B: 2048 on a hidden size of 1024)
     vocab: int
     decoder_linear_params: int  # weights of nn.Linear layers outside the output head
     decoder_linear_weights: int  # same, weights only (what nf4 quantises)
@@ -137,14 +149,17 @@ class ModelShape:
     lora_candidates: tuple[tuple[str, int, int], ...]  # every linear except the output head
     architecture: str = ""
     fused_head: bool = False  # the loss fuses lm_head and cross-entropy (train/loss.py fused_head)
+    qk_norms: tuple[tuple[int, int], ...] = ()  # (width, groups normalised apart) of each q_norm / k_norm of a layer
     # mixture of experts: experts held as 3-D tensors (not linear layers), k of them run per token
     n_experts: int = 0
     experts_per_token: int = 0
     expert_intermediate: int = 0
     expert_params: int = 0  # all layers' expert tensors
+    router_weights: int = 0  # all layers' routers that are not linear layers (TopKRouter: F.linear on its own weight)
     # LoRA parameters per unit of rank that all-linear adds beyond the linear layers (the router and
     # the stacked expert tensors, which PEFT wraps too): read off PEFT itself (`_moe_lora_per_rank`)
     moe_lora_per_rank: int = 0
+    expert_lora_per_rank: int = 0  # of which on the stacked expert tensors
     # a mixture of experts' layers without experts (DeepSeek's and GLM-4.5's first_k_dense_replace, Qwen-MoE's
     # mlp_only_layers and decoder_sparse_step): how many, one's linear layers and its parameters
     dense_layers: int = 0
@@ -156,7 +171,8 @@ class ModelShape:
         if not self.dense_layers:
             return [(self.n_layers, self)]
         dense = replace(self, layer_linears=self.dense_linears, layer_params=self.dense_params, n_experts=0,
-                        experts_per_token=0, expert_intermediate=0, dense_layers=0, dense_linears=(), dense_params=0)
+                        experts_per_token=0, expert_intermediate=0, router_weights=0, dense_layers=0,
+                        dense_linears=(), dense_params=0)
         return [(self.n_layers - self.dense_layers, self), (self.dense_layers, dense)]
 
 
@@ -225,6 +241,7 @@ def model_shape(config) -> ModelShape:
     candidates = tuple(linear_layers(model))
     modules, params = dict(model.named_modules()), dict(model.named_parameters())
     layers = _decoder_layers([n for n, _, _ in candidates], params)
+    q_width, kv_width = n_heads * head_dim, n_kv * head_dim
     sparse = [p for p in layers if any(n.startswith(p) and t.dim() == 3 for n, t in params.items())]
     # a mixture of experts' layers without experts (first_k_dense_replace, mlp_only_layers, decoder_sparse_step)
     dense = [p for p in layers if p not in sparse] if sparse else []
@@ -232,14 +249,16 @@ def model_shape(config) -> ModelShape:
     dense_linears, dense_params = _layer(dense[0], candidates, params) if dense else ((), 0)
     experts = [p for p in params.values() if p.dim() == 3]  # MoE experts, stacked
     n_params = sum(p.numel() for p in model.parameters())
-    moe = {**_experts(text, experts), "moe_lora_per_rank": _moe_lora_per_rank(model, candidates)} if experts else {}
+    moe = {**_experts(text, experts), "router_weights": _router_weights(modules, sparse, candidates),
+           **_moe_lora_per_rank(model, candidates)} if experts else {}
     return ModelShape(
         n_params=n_params,
         n_layers=text.num_hidden_layers,
         hidden=h,
         intermediate=intermediate,
         n_heads=n_heads,
-        kv_width=n_kv * head_dim,
+        kv_width=kv_width,
+        q_width=q_width,
         vocab=text.vocab_size,
         decoder_linear_params=sum(p.numel() for n, _, _ in candidates for p in modules[n].parameters()),
         decoder_linear_weights=sum(fin * fout for _, fin, fout in candidates),
@@ -251,6 +270,7 @@ def model_shape(config) -> ModelShape:
         lora_candidates=candidates,
         architecture=type(model).__name__,
         fused_head=fused_head(model) is not None,
+        qk_norms=_qk_norms(modules, layers[0], {"q": q_width, "k": kv_width}),
         **moe,
     )
 
@@ -274,15 +294,43 @@ def _experts(text, experts) -> dict[str, int]:
     return dict(n_experts=n, experts_per_token=k, expert_intermediate=width, expert_params=sum(p.numel() for p in experts))
 
 
-def _moe_lora_per_rank(model, candidates) -> int:
-    """What PEFT's all-linear adapts on a mixture of experts beyond the linear layers, per unit of rank:
-    PEFT itself at rank 1 on the meta-device model (after everything else is read off it), so the
-    count follows PEFT's own layout of the router's and the stacked experts' adapters."""
+def _router_weights(modules: dict, layers: list[str], candidates) -> int:
+    """Weights of the modules in `layers` that hold a 2-D weight but are no linear layer: a mixture of
+    experts' routers (TopKRouter), which read the hidden state through F.linear as a linear layer would."""
+    linear = {n for n, _, _ in candidates}
+    return sum(m.weight.numel() for n, m in modules.items() if n.startswith(tuple(layers)) and n not in linear
+               and getattr(m, "weight", None) is not None and m.weight.dim() == 2)
+
+
+def _moe_lora_per_rank(model, candidates) -> dict[str, int]:
+    """What PEFT's all-linear adapts on a mixture of experts beyond the linear layers, per unit of rank, and of
+    it on the stacked expert tensors: PEFT itself at rank 1 on the meta-device model (after everything else is
+    read off it), so the count follows PEFT's own layout of the router's and the stacked experts' adapters."""
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import ParamWrapper
 
     adapted = get_peft_model(model, LoraConfig(r=1, target_modules="all-linear"))
     total = sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n)
-    return total - sum(fin + fout for _, fin, fout in candidates)
+    # a ParamWrapper adapts one parameter (those of one module nest): its own lora_A and lora_B
+    stacks = sum(p.numel() for m in adapted.modules() if isinstance(m, ParamWrapper) and m.get_param().dim() == 3
+                 for p in [*m.lora_A.parameters(), *m.lora_B.parameters()])
+    return {"moe_lora_per_rank": total - sum(fin + fout for _, fin, fout in candidates), "expert_lora_per_rank": stacks}
+
+
+def _qk_norms(modules: dict, prefix: str, widths: dict[str, int]) -> tuple[tuple[int, int], ...]:
+    """(width, groups) of each norm the decoder layer `prefix` applies to its queries or keys (q_norm,
+    k_norm, query_layernorm, ...): per head where its weight is one head wide (Qwen3, Gemma 3), over the
+    whole width where it is that wide (OLMo2)."""
+    import torch
+
+    found = []
+    for name, m in modules.items():
+        kind = re.fullmatch(r"(q|k)(?:uery|ey)?_(?:layer)?norm", name.rpartition(".")[2])
+        weight = getattr(m, "weight", None)
+        if name.startswith(prefix) and kind and isinstance(weight, torch.nn.Parameter):
+            width = widths[kind.group(1)]
+            found.append((width, width // weight.numel()))
+    return tuple(found)
 
 
 def _decoder_layers(linear_names: list[str], params: dict) -> list[str]:
@@ -429,32 +477,43 @@ def activation_bytes_per_token(
     `varlen`: sftlab's per-example attention (train/attention.py), whose concatenated output
     is one more copy than SDPA's where the output projection keeps its input (full fine-tuning).
     `compiled_norms`: RMSNorm compiled by inductor (train/compiled_norms.py)."""
-    h, i, a = shape.hidden, shape.intermediate, compute_bytes
+    h, i, a, q = shape.hidden, shape.intermediate, compute_bytes, shape.q_width
     autocast = compute_bytes < stream_bytes
-    moe = 0
+    full = method == "full"
+    # what the linear layers return: bitsandbytes' 4-bit ones the dtype of their input (the stream's)
+    out = stream_bytes if method == "qlora" else a
+    mlp_bytes, moe = out, 0
     if shape.experts_per_token:  # each token runs k experts' gated MLPs on its own gathered copy
         i = shape.experts_per_token * shape.expert_intermediate
-        # router probabilities and logits (fp32); each copy's input and output, and (frozen experts
-        # too) the product the down projection reads, which the full-fine-tuning inputs count below
-        moe = shape.n_experts * 8 + 2 * shape.experts_per_token * h * a + (i * a if method != "full" else 0)
-    if compiled_norms:  # one kernel each way, which rebuilds the rest from the input and 1/rms
-        norms = 2 * (h * stream_bytes + 4)
-    else:  # RMSNorm computes in fp32 whatever the stream's dtype; a trained norm weight also keeps its input
-        norms = 2 * (h * 4 + 4) + (2 * h * stream_bytes if method == "full" else 0)
-    attention = (2 * h + shape.kv_width) * a + shape.kv_width * a + shape.n_heads * 4 + (h * a if varlen and method == "full" else 0)
-    # bitsandbytes' 4-bit layers return the dtype of their input (the fp32 stream), not bf16
-    mlp = 3 * i * (stream_bytes if method == "qlora" else a)
+        mlp_bytes = stream_bytes  # grouped_mm: the weights' dtype, autocast or not
+        # the router's fp32 probabilities; per copy its expert index in 4 orders (int64) and its routing weight
+        # and normalised weight (fp32), its input and output; the product the down projection reads
+        moe = shape.n_experts * 4 + shape.experts_per_token * (40 + 2 * h * mlp_bytes) + i * mlp_bytes
+    norms = 2 * _norm_bytes(h, 1, stream_bytes, full, compiled_norms) + sum(
+        _norm_bytes(width, groups, out, full, compiled_norms) for width, groups in shape.qk_norms)
+    attention = (2 * q + shape.kv_width) * a + shape.kv_width * a + shape.n_heads * 4 + (q * a if varlen and full else 0)
+    mlp = 3 * i * mlp_bytes
     adapted = {n.split(".")[-1] for n, _, _ in lora_targets}
     layer_adapted = [(n, fin) for n, fin, _ in shape.layer_linears if n.split(".")[-1] in adapted]
-    if method == "full":
-        # the norm outputs feed q/k/v and gate/up; the down input is the MLP product
+    if full:
+        # the norm outputs feed q/k/v and gate/up (or the router); the down input is the MLP product
         readers = [fin for n, fin, _ in shape.layer_linears if fin == h and not _is_output_proj(n)]
-        inputs = (sum(readers) if autocast else 2 * h) * a + i * a
+        readers += [h] if shape.router_weights else []
+        inputs = (sum(readers) if autocast else 2 * h) * a + (0 if shape.experts_per_token else i * a)
         lora = 0
     else:
         inputs = _lora_inputs(layer_adapted, shape.intermediate, method, a, stream_bytes, lora_dropout, varlen)
         lora = len(layer_adapted) * lora_r * a
     return norms + attention + mlp + inputs + lora + moe
+
+
+def _norm_bytes(width: int, groups: int, in_bytes: int, trained: bool, compiled: bool) -> int:
+    """Bytes per token an RMSNorm over `width` keeps, in `groups` normalised apart, of an input of `in_bytes`.
+    Compiled: one kernel each way, which rebuilds the rest from the input and 1/rms. Eager: RMSNorm computes
+    in fp32 whatever the input's dtype; a trained weight also keeps the normalised input in that dtype."""
+    if compiled:
+        return width * in_bytes + groups * 4
+    return width * 4 + groups * 4 + (width * in_bytes if trained else 0)
 
 
 def _lora_inputs(layer_adapted: list[tuple[str, int]], intermediate: int, method: Method, a: int, stream: int,
@@ -651,7 +710,8 @@ def estimate_memory(
     optimizer_bytes = trainable * _OPTIMIZER_BYTES[optimizer] * t_bytes // 4
     notes["optimizer"] = f"{optimizer}: {_OPTIMIZER_BYTES[optimizer] * t_bytes // 4} B per trainable parameter"
 
-    weight_copies, what = _kept_weight_copies(shape, method, n_lora, a_bytes, w_bytes, lora_on_experts,
+    expert_adapters = lora_r * shape.expert_lora_per_rank if lora_on_experts else 0
+    weight_copies, what = _kept_weight_copies(shape, method, n_lora, a_bytes, w_bytes, expert_adapters,
                                               gradient_checkpointing)
     if what:
         notes["weight_copies"] = what
@@ -735,18 +795,20 @@ def estimate_memory(
 
 
 def _kept_weight_copies(shape: ModelShape, method: str, n_lora: int, a_bytes: int, w_bytes: int,
-                        lora_on_experts: bool, gradient_checkpointing: bool) -> tuple[int, str]:
+                        expert_adapters: int, gradient_checkpointing: bool) -> tuple[int, str]:
     """Bytes of the weight-sized tensors autograd keeps for the backward pass, and what they are (module
     docstring): computing in bf16, a bf16 copy of each fp32 weight a matmul reads (the adapters, fp32 on any
-    base, and under autocast the linear weights; nf4 ones are dequantised per call); with LoRA on the
-    experts, each expert stack merged with its adapter."""
+    base, and under autocast the linear weights and routers; nf4 ones are dequantised per call); with LoRA on
+    the experts, each expert stack merged with its adapter. PEFT merges outside autocast, in the stacks' dtype:
+    the expert adapters get no bf16 copy where the stacks are fp32."""
     autocast = a_bytes < w_bytes
-    cast = {"linear weights": shape.decoder_linear_weights if autocast and method != "qlora" else 0,
-            "adapters": n_lora} if a_bytes == 2 else {}
+    linear = (shape.decoder_linear_weights if method != "qlora" else 0) + shape.router_weights
+    cast = {"linear weights": linear if autocast else 0,
+            "adapters": n_lora - (expert_adapters if w_bytes == 4 else 0)} if a_bytes == 2 else {}
     copies = sum(cast.values())
     total = 2 * (copies // max(shape.n_layers, 1) if gradient_checkpointing else copies)
     what = [f"bf16 copies of the {' and '.join(k for k, n in cast.items() if n)}"] if copies else []
-    if lora_on_experts:
+    if expert_adapters:
         merged = shape.expert_params * w_bytes
         total += merged // max(shape.n_layers - shape.dense_layers, 1) if gradient_checkpointing else merged
         what.append("the expert weights merged with their adapters (W + BA)")
