@@ -55,6 +55,35 @@ def tokenizer_for(base, name: str):
     return tok
 
 
+class ScriptedBackend:
+    """A serving backend that replies `reply` (in three streamed pieces) and keeps each request it was given."""
+
+    def __init__(self, tokenizer, reply: str):
+        self.tokenizer, self.reply, self.requests = tokenizer, reply, []
+
+    async def generate(self, *, ids, on_text=None, **kwargs):
+        from sftlab.serve.backends import Completion
+
+        self.requests.append({"ids": ids, **kwargs})
+        if on_text:
+            step = len(self.reply) // 3 + 1
+            for k in range(0, len(self.reply), step):
+                on_text(self.reply[k:k + step])
+        return Completion(self.reply, "stop", len(ids), 30)
+
+
+def client_for(tokenizer, reply: str):
+    """An `openai` client of the server in front of a `ScriptedBackend` (no model runs), and the backend."""
+    import openai
+    from fastapi.testclient import TestClient
+
+    from sftlab.serve.openai_api import create_app
+
+    backend = ScriptedBackend(tokenizer, reply)
+    http = TestClient(create_app(backend, "tiny"))
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0), backend
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer

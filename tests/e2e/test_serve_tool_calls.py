@@ -10,39 +10,13 @@ import json
 
 import pytest
 
-from sftlab.serve.backends import Completion
+from conftest import client_for
 from sftlab.serve.generation import encode
 
 REPLY = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call>'
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 ASK = [{"role": "user", "content": "Is it warm in Lima?"}]
-
-
-class ScriptedBackend:
-    """Replies `reply` (in three streamed pieces) and keeps each request it was given."""
-
-    def __init__(self, tokenizer, reply: str):
-        self.tokenizer, self.reply, self.requests = tokenizer, reply, []
-
-    async def generate(self, *, ids, on_text=None, **kwargs):
-        self.requests.append({"ids": ids, **kwargs})
-        if on_text:
-            step = len(self.reply) // 3 + 1
-            for k in range(0, len(self.reply), step):
-                on_text(self.reply[k:k + step])
-        return Completion(self.reply, "stop", len(ids), 30)
-
-
-def client_for(tokenizer, reply: str = REPLY):
-    import openai
-    from fastapi.testclient import TestClient
-
-    from sftlab.serve.openai_api import create_app
-
-    backend = ScriptedBackend(tokenizer, reply)
-    http = TestClient(create_app(backend, "tiny"))
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0), backend
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +27,7 @@ def chatml(tiny_model_dir):
 
 
 def test_tools_reach_the_prompt_and_calls_come_back_as_tool_calls(chatml):
-    client, backend = client_for(chatml)
+    client, backend = client_for(chatml, REPLY)
     resp = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS)
     assert backend.requests[0]["ids"] == encode(chatml, messages=ASK, tools=TOOLS)
     assert '"name": "get_weather"' in chatml.decode(backend.requests[0]["ids"])
@@ -70,7 +44,7 @@ def test_tools_reach_the_prompt_and_calls_come_back_as_tool_calls(chatml):
 
 
 def test_a_streamed_call_holds_back_the_call_text_and_sends_the_calls(chatml):
-    client, _ = client_for(chatml)
+    client, _ = client_for(chatml, REPLY)
     chunks = list(client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text == "Let me check."  # as the whole reply's content: the newline before the call is not sent
@@ -81,7 +55,7 @@ def test_a_streamed_call_holds_back_the_call_text_and_sends_the_calls(chatml):
 
 
 def test_calls_and_results_sent_back_are_rendered(chatml):
-    client, backend = client_for(chatml)
+    client, backend = client_for(chatml, REPLY)
     history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "24 C"}]
@@ -94,11 +68,11 @@ def test_calls_and_results_sent_back_are_rendered(chatml):
 def test_a_template_without_tools_and_a_forced_call_are_400s(tokenizer, chatml):
     import openai
 
-    client, backend = client_for(tokenizer)  # SmolLM2's own template writes no tools
+    client, backend = client_for(tokenizer, REPLY)  # SmolLM2's own template writes no tools
     with pytest.raises(openai.BadRequestError, match="does not write tools") as e:
         client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS)
     assert e.value.body["param"] == "tools" and not backend.requests
-    client, _ = client_for(chatml)
+    client, _ = client_for(chatml, REPLY)
     with pytest.raises(openai.BadRequestError, match="tool_choice"):
         client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required")
     with pytest.raises(openai.BadRequestError, match="arguments are not a JSON object"):
@@ -143,7 +117,7 @@ def test_a_template_whose_calls_the_server_cannot_read_gives_text_and_says_so(to
 def test_the_older_functions_and_function_call_forms(chatml):
     import openai
 
-    client, backend = client_for(chatml)
+    client, backend = client_for(chatml, REPLY)
     with pytest.raises(openai.BadRequestError, match="send them as 'tools'"):
         client.chat.completions.create(model="tiny", messages=ASK, functions=[TOOLS[0]["function"]])
     history = [*ASK, {"role": "assistant", "content": None,
@@ -160,7 +134,7 @@ def test_a_template_that_raises_on_the_request_is_a_400(chatml):
     strict = copy.deepcopy(chatml)  # a template that insists on a system message first, as some do
     strict.chat_template = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message must come "
                             "first') }}{% endif %}" + chatml.chat_template)
-    client, backend = client_for(strict)
+    client, backend = client_for(strict, REPLY)
     with pytest.raises(openai.BadRequestError, match="a system message must come first"):
         client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS)
     assert not backend.requests

@@ -1,7 +1,8 @@
 """Templates whose generation prompt opens the reasoning block (DeepSeek-R1 distills' and Qwen 3.5's
 `<think>\\n`) make the model begin its reply inside it, with no opening tag: the reasoning is what comes
 before `</think>`, and a reply cut off before it is all reasoning with an empty answer, in evaluation's
-predictions and in the server's replies, streamed or not. Replies are planted; no model runs."""
+predictions and in the server's replies, streamed or not. That is read off each request's own prompt:
+after a tool result DeepSeek's opens no block, and the reply is all answer. Replies are planted; no model runs."""
 
 from __future__ import annotations
 
@@ -9,12 +10,18 @@ from importlib.resources import files
 
 import pytest
 
-from conftest import tokenizer_for
+from conftest import client_for, tokenizer_for
+from sftlab.data.formats import to_conversation
 
 REASONING, ANSWER = "Two plus two: count on from two, three, four.", "4"
 REPLY = f"{REASONING}\n</think>\n\n{ANSWER}"
 CUT_OFF = "Two plus two: count on from"
 ASK = [{"role": "user", "content": "What is 2+2?"}]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
+SENT = [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL]},  # as a client sends it
+        {"role": "tool", "tool_call_id": "call_1", "content": "4"}]
+TOLD = "The tool says 2+2 is 4."
+AFTER_TOOL = to_conversation({"messages": [*SENT, {"role": "assistant", "content": TOLD}]}, "r:1").prompt_messages()
 TEMPLATES = files("trl") / "chat_templates"
 FAMILIES = ["deepseek_r1_distill", "deepseekv3", "nemotron_3_5_lightning", "nemotron_3_nano", "nemotron_3_super",
             "nemotron_3_ultra", "qwen3_5_think", "qwen3_6", "qwen3_8"]
@@ -52,15 +59,13 @@ def test_evaluation_scores_the_answer_alone(tokenizer, name):
 
     tok = tokenizer_for(tokenizer, name)
     ids = [tok(text, add_special_tokens=False)["input_ids"] for text in (REPLY, CUT_OFF)]
-    assert answers(tok, ids) == [ANSWER, ""]
+    assert answers(tok, ids, [ASK, ASK]) == [ANSWER, ""]
 
 
-def serve(tok, reply: str, stream: bool) -> tuple[list[str], str]:
-    """(the reasoning_content pieces, the content) the server sends for a planted reply."""
-    from e2e.test_serve_tool_calls import client_for
-
+def serve(tok, reply: str, stream: bool, messages: list[dict] = ASK) -> tuple[list[str], str]:
+    """(the reasoning_content pieces, the content) the server sends for a planted reply to `messages`."""
     client, _ = client_for(tok, reply)
-    resp = client.chat.completions.create(model="tiny", messages=ASK, stream=stream)
+    resp = client.chat.completions.create(model="tiny", messages=messages, stream=stream)
     if not stream:
         message = resp.choices[0].message
         return [r for r in [message.model_extra.get("reasoning_content")] if r], message.content
@@ -75,3 +80,36 @@ def test_the_server_sends_the_reasoning_as_reasoning_content(tokenizer, name, st
     tok = tokenizer_for(tokenizer, name)
     assert serve(tok, REPLY, stream) == ([REASONING], ANSWER)
     assert serve(tok, CUT_OFF, stream) == ([CUT_OFF], "")
+
+
+def test_whether_a_prompt_opens_the_block_is_read_off_the_prompt(tokenizer):
+    """DeepSeek-R1 distills open the block after a user turn, not after a tool result; Qwen 3.5's
+    `enable_thinking=False` closes it in the prompt."""
+    from sftlab.serve.reasoning import opens_reasoning
+
+    deepseek, qwen = (tokenizer_for(tokenizer, name) for name in REPORTED)
+
+    def prompt(tok, messages, **options):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options)
+
+    assert opens_reasoning(prompt(deepseek, ASK)) and opens_reasoning(prompt(qwen, ASK))
+    assert not opens_reasoning(prompt(deepseek, AFTER_TOOL))
+    assert not opens_reasoning(prompt(qwen, ASK, enable_thinking=False))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_to_a_prompt_that_opens_no_block_is_all_answer(tokenizer, stream):
+    """After a tool result DeepSeek-R1 distills' prompt opens no `<think>`: a reply without `</think>` is the
+    content, one that opens its own block splits at its end; after a user turn the reply splits at `</think>`."""
+    tok = tokenizer_for(tokenizer, "deepseek_r1_distill.jinja")
+    assert serve(tok, TOLD, stream, SENT) == ([], TOLD)
+    assert serve(tok, f"<think>\n{REPLY}", stream, SENT) == ([REASONING], ANSWER)
+    assert serve(tok, REPLY, stream, ASK) == ([REASONING], ANSWER)
+
+
+def test_evaluation_reads_each_prompt(tokenizer):
+    from sftlab.evaluation.generate import answers
+
+    tok = tokenizer_for(tokenizer, "deepseek_r1_distill.jinja")
+    ids = [tok(text, add_special_tokens=False)["input_ids"] for text in (TOLD, REPLY)]
+    assert answers(tok, ids, [AFTER_TOOL, ASK]) == [TOLD, ANSWER]

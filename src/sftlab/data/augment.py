@@ -212,7 +212,8 @@ class LocalGenerator:
                            batch_size=opts.batch_size, do_sample=opts.temperature > 0,
                            temperature=opts.temperature or 1.0, top_p=opts.top_p)
         # generate_ids cuts a reply before its stop token: one of max_new_tokens never reached one
-        return [Reply(text, len(x) >= opts.max_new_tokens) for text, x in zip(answers(self.tokenizer, ids), ids)]
+        texts = answers(self.tokenizer, ids, prompts)
+        return [Reply(text, len(x) >= opts.max_new_tokens) for text, x in zip(texts, ids)]
 
 
 def rewrite_problem(original: str, rewrite: Reply, rules: CurateOptions) -> str | None:

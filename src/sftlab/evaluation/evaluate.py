@@ -241,7 +241,8 @@ def evaluate(
             sources=[r["source"] for r in records], tools=[r.get("tools") for r in records],
         )
         per_group = {g: _text_metrics(M.expand(selected[OVERALL] + selected.get(g, []))) for g in set(groups)}
-        for rec, pred, x, g in zip(records, answers(tokenizer, ids), ids, groups):
+        predictions = answers(tokenizer, ids, [r["prompt"] for r in records], [r.get("tools") for r in records])
+        for rec, pred, x, g in zip(records, predictions, ids, groups):
             rec["prediction"], rec["cut_off"] = pred, len(x) >= max_new_tokens  # ids stop before a stop token
             refs = rec.get("references") or [rec["reference"]]
             for m in per_group[g]:

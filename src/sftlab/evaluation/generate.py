@@ -51,15 +51,17 @@ def generate_batch(model, tokenizer, prompts: list[list[dict]], **options) -> li
     """Answer each chat prompt (a list of messages) with the model; answers in input order, without the
     reasoning a model writes before its answer in its template's layout (serve/reasoning.py).
     `options` as for `generate_ids`."""
-    return answers(tokenizer, generate_ids(model, tokenizer, prompts, **options))
+    return answers(tokenizer, generate_ids(model, tokenizer, prompts, **options), prompts, options.get("tools"))
 
 
-def answers(tokenizer, ids: list[list[int]]) -> list[str]:
-    """Generated ids decoded, each without the reasoning its template's layout puts before the answer."""
-    from sftlab.serve.reasoning import answer_layout
+def answers(tokenizer, ids: list[list[int]], prompts: list[list[dict]],
+            tools: list[list[dict] | None] | None = None) -> list[str]:
+    """Generated ids decoded, each without the reasoning its template's layout puts before the answer in a
+    reply to its prompt (`prompts` and `tools` as `generate_ids` took them)."""
+    from sftlab.serve.reasoning import reply_layout
 
-    layout = answer_layout(tokenizer)
-    return [layout.split(tokenizer.decode(x, skip_special_tokens=True))[1].strip() for x in ids]
+    return [reply_layout(tokenizer, p, t).split(tokenizer.decode(x, skip_special_tokens=True))[1].strip()
+            for x, p, t in zip(ids, prompts, tools or [None] * len(prompts), strict=True)]
 
 
 def generate_ids(

@@ -24,7 +24,7 @@ from sftlab.errors import RecordError, SftlabError
 from sftlab.serve.generation import StopText, encode
 from sftlab.serve.guard import (GuardLimits, add_request_guard, encodable, error_response, http_error_handler,
                                 validation_error_handler, warn_if_exposed)
-from sftlab.serve.reasoning import ReasoningStream, answer_layout
+from sftlab.serve.reasoning import AnswerLayout, ReasoningStream, reply_layout
 from sftlab.serve.tool_calls import CallParser, call_parser
 
 
@@ -225,9 +225,9 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         parser: CallParser | None = tool_support.get("parser") if tools else None
         return parser.parse(text, tools) if parser else (text, [])
 
-    def _reply(text: str, chat: bool, tools) -> tuple[str | None, str | None, list[dict]]:
+    def _reply(text: str, layout: AnswerLayout | None, tools) -> tuple[str | None, str | None, list[dict]]:
         """(reasoning, content, calls) of a finished reply: a chat reply's reasoning split off first."""
-        reasoning, answer = answer_layout(tokenizer).split(text) if chat else (None, text)
+        reasoning, answer = layout.split(text) if layout else (None, text)
         return reasoning, *_calls(answer, tools)
 
     @app.post("/v1/chat/completions")
@@ -239,6 +239,7 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
             if tools:
                 _check_tools(messages, tools)
             ids = encode(tokenizer, messages=messages, tools=tools)
+            layout = reply_layout(tokenizer, messages, tools)
         except RecordError as e:  # a call sent back whose arguments are not an object
             raise APIError(400, e.reason, param="messages") from e
         except SftlabError as e:  # the template raised while checking that it writes tools
@@ -249,7 +250,7 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
             raise APIError(400, f"the chat template failed: {e}", param="messages") from e
         kwargs = dict(ids=ids, messages=messages, tools=tools, **_sampling(req))
         _check_prompt(ids, kwargs["max_tokens"], "messages")
-        return await _respond(req, request, kwargs, chat=True)
+        return await _respond(req, request, kwargs, chat=True, layout=layout)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -266,20 +267,23 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
                 "total_tokens": out.prompt_tokens + out.completion_tokens}
 
-    async def _respond(req: _Sampling, request: Request, kwargs: dict, *, chat: bool):
+    async def _respond(req: _Sampling, request: Request, kwargs: dict, *, chat: bool,
+                       layout: AnswerLayout | None = None):
+        """`layout`: where a chat reply's reasoning is, for its own prompt (None for a completion)."""
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(_stream(rid, created, kwargs, chat, usage), media_type="text/event-stream")
+            return StreamingResponse(_stream(rid, created, kwargs, chat, usage, layout),
+                                     media_type="text/event-stream")
         task = asyncio.ensure_future(backend.generate(**kwargs))
         while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
             if await request.is_disconnected():  # nobody will read the answer: stop computing it
                 task.cancel()
                 return Response(status_code=499)
         out = task.result()
-        reasoning, content, calls = _reply(out.text, chat, kwargs.get("tools"))
+        reasoning, content, calls = _reply(out.text, layout, kwargs.get("tools"))
         message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {}) | (
             {"reasoning_content": reasoning} if reasoning else {})
         choice = {"index": 0, "message": message} if chat else {"index": 0, "text": out.text, "logprobs": None}
@@ -287,7 +291,7 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
                 "usage": _usage(out)}
 
-    async def _stream(rid: str, created: int, kwargs: dict, chat: bool, usage: bool):
+    async def _stream(rid: str, created: int, kwargs: dict, chat: bool, usage: bool, layout: AnswerLayout | None):
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         task = asyncio.ensure_future(backend.generate(
@@ -316,7 +320,7 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         tools = kwargs.get("tools") if parser is not None else None
         content, held = StopText(parser.openers if tools else []), ""
         # a reasoning the model writes first (in its template's layout) is held back and sent once, whole
-        thinking = ReasoningStream(answer_layout(tokenizer)) if chat else None
+        thinking = ReasoningStream(layout) if layout else None
         try:
             if chat:
                 yield chunk(None, first=True)
@@ -333,7 +337,7 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                     streamed += visible
                     yield chunk(visible)
             out = task.result()
-            reasoning, text, calls = _reply(out.text, chat, tools)
+            reasoning, text, calls = _reply(out.text, layout, tools)
             if reasoning and not thinking.told:  # its answer never began, or a backend that does not stream
                 yield chunk(None, reasoning=reasoning)
             text = text or ""

@@ -7,14 +7,15 @@ a reply is decoded. Qwen 3 writes `<think>\\nR\\n</think>\\n\\nA` (an empty bloc
 gpt-oss `analysis` R `assistantfinal` A once its channel tokens are dropped by decoding (`final` A
 without), most templates nothing: their replies are all answer. A generation prompt that ends inside a
 `<think>` block (DeepSeek-R1 distills, Qwen 3.5, Nemotron 3) has the reply begin in the reasoning, with
-no opener: the reasoning is what comes before `</think>`, all of the reply where it never comes.
+no opener: the reasoning is what comes before `</think>`, all of the reply where it never comes. That is
+read off each request's own prompt (`reply_layout`): after a tool result DeepSeek's opens no block.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 _ANSWER, _REASONING = "sftlab_probe_answer", "sftlab_probe_reasoning"
 _OPEN, _CLOSE = "<think>", "</think>"  # the block every shipped template that opens one in its prompt writes
@@ -23,11 +24,12 @@ _OPEN, _CLOSE = "<think>", "</think>"  # the block every shipped template that o
 @dataclass(frozen=True)
 class AnswerLayout:
     """`opener` R `closer` A with reasoning R (both '' when the template writes none); `lead` A without.
-    An empty opener with a closer: the generation prompt opens the reasoning, a reply begins inside it."""
+    `opened`: the generation prompt opens the reasoning, so a reply begins inside it, without the opener."""
 
     opener: str = ""
     closer: str = ""
     lead: str = ""
+    opened: bool = False
 
     def split(self, text: str) -> tuple[str | None, str]:
         """(the reasoning, None when there is none; the answer: the text as it is where nothing of the
@@ -60,8 +62,8 @@ class AnswerLayout:
         its opener, or at once where the prompt opens it), else None."""
         if not self.closer.strip():
             return None
-        opened = _pattern(self.opener).match(text) if self.opener.strip() else None
-        if self.opener.strip() and not opened:
+        opened = None if self.opened else _pattern(self.opener).match(text)
+        if not (self.opened or opened):
             return None
         start = opened.end() if opened else 0
         return start, _pattern(self.closer).search(text, start)
@@ -92,8 +94,23 @@ def _pattern(text: str) -> re.Pattern:
 
 def answer_layout(tokenizer) -> AnswerLayout:
     """How the tokenizer's chat template writes an answer's reasoning (an empty layout where it writes
-    none, or where the probe cannot be rendered)."""
+    none, or where the probe cannot be rendered), for a reply to its plain generation prompt."""
     return _layout_of(tokenizer, tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None)
+
+
+def reply_layout(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> AnswerLayout:
+    """The layout of a reply to these messages: whether it begins inside a `<think>` block is read off
+    their own prompt, as a template opens one after a user turn but not always after a tool result."""
+    layout = answer_layout(tokenizer)
+    if _CLOSE not in layout.closer:  # no think block in this template: a `<think>` in the prompt is text
+        return layout
+    prompt = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    return replace(layout, opened=opens_reasoning(prompt))
+
+
+def opens_reasoning(prompt: str) -> bool:
+    """Whether a prompt (its text) ends inside a `<think>` block: its last `<think>` after its last `</think>`."""
+    return prompt.rfind(_OPEN) > prompt.rfind(_CLOSE)
 
 
 @functools.lru_cache(maxsize=8)
@@ -102,20 +119,21 @@ def _layout_of(tokenizer, template: str | None) -> AnswerLayout:
     with_reasoning = _generated(tokenizer, _REASONING)
     lead = lead.split(_ANSWER)[0] if lead and _ANSWER in lead else ""
     if not with_reasoning or _REASONING not in with_reasoning or _ANSWER not in with_reasoning:
-        return AnswerLayout(closer=_CLOSE if _prompt_opens_think(tokenizer) else "", lead=lead)
+        opened = _prompt_opens_think(tokenizer)
+        return AnswerLayout(_OPEN if opened else "", _CLOSE if opened else "", lead, opened)
     opener, rest = with_reasoning.split(_REASONING, 1)
-    return AnswerLayout(opener, rest.split(_ANSWER)[0], lead)
+    return AnswerLayout(opener if opener.strip() else _OPEN, rest.split(_ANSWER)[0], lead, not opener.strip())
 
 
 def _prompt_opens_think(tokenizer) -> bool:
-    """Whether the generation prompt ends inside a `<think>` block. Read where training writes no reasoning
-    to probe (DeepSeek-R1 distills drop it from every answer), so no closer was found in a reply."""
+    """Whether the plain generation prompt ends inside a `<think>` block. Read where training writes no
+    reasoning to probe (DeepSeek-R1 distills drop it from every answer), so no closer was found in a reply."""
     try:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi."}], tokenize=False,
                                                add_generation_prompt=True)
     except Exception:  # no template, jinja errors, raise_exception() in the template: no prompt to read
         return False
-    return isinstance(prompt, str) and prompt.rfind(_OPEN) > prompt.rfind(_CLOSE)
+    return isinstance(prompt, str) and opens_reasoning(prompt)
 
 
 def _generated(tokenizer, reasoning: str | None) -> str | None:
