@@ -86,8 +86,29 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI's (and vLLM's) parameters this server does not implement, with the values that leave the answer
+# as it would be without them: any other value is refused (400) rather than ignored, since it would change
+# the answer. Other unknown fields (`user`, `metadata`, `store`, ...) are accepted and ignored.
+UNSUPPORTED = {
+    "logprobs": (None, False, 0),  # a bool in chat, a count in completions
+    "top_logprobs": (None, 0),
+    "response_format": (None, {"type": "text"}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "parallel_tool_calls": (None, True),
+    "function_call": (None, "auto", "none"),  # the older tool_choice
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "top_k": (None, 0, -1),
+    "min_p": (None, 0),
+    "repetition_penalty": (None, 1),
+}
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept in model_extra, for check_supported
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -98,6 +119,19 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="Up to 4 strings; the text ends before the first one")
     seed: int | None = None
+
+    @field_validator("temperature", "top_p", "n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, value, info):
+        """OpenAI takes `null` for these (some clients send it for "not set"): the default."""
+        return cls.model_fields[info.field_name].default if value is None else value
+
+    def check_supported(self) -> None:
+        """Refuse (400) a parameter in UNSUPPORTED set to a value that would change the answer."""
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+                raise APIError(400, f"{name}={json.dumps(value)} is not supported by this server: leave it out",
+                               param=name, code="unsupported_value")
 
     @field_validator("stop")
     @classmethod
@@ -170,8 +204,9 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
     def _max_tokens(req: _Sampling) -> int:
         value = req.max_completion_tokens or req.max_tokens or limits.default_max_tokens
         if value > limits.max_tokens_limit:
-            raise APIError(400, f"max_tokens is {value}; this server allows at most {limits.max_tokens_limit}",
-                           param="max_tokens", code="max_tokens_too_large")
+            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise APIError(400, f"{param} is {value}; this server allows at most {limits.max_tokens_limit}",
+                           param=param, code="max_tokens_too_large")
         return value
 
     def _check_prompt(ids: list[int], max_tokens: int, param: str) -> None:
@@ -233,6 +268,7 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         _check_model(req.model)
+        req.check_supported()
         tools = req.offered_tools()
         try:
             messages = req.template_messages()
@@ -255,6 +291,7 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         _check_model(req.model)
+        req.check_supported()
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, "send exactly one prompt per request", param="prompt")
