@@ -235,13 +235,14 @@ def evaluate(
     if _text_metrics(wanted):
         from sftlab.evaluation.generate import answers, generate_ids
 
+        prompts, tools = [r["prompt"] for r in records], [r.get("tools") for r in records]
         ids = generate_ids(
-            model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
-            batch_size=batch_size, do_sample=do_sample, temperature=temperature, top_p=top_p, progress=progress,
-            sources=[r["source"] for r in records], tools=[r.get("tools") for r in records],
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, progress=progress, sources=[r["source"] for r in records],
+            tools=tools,
         )
         per_group = {g: _text_metrics(M.expand(selected[OVERALL] + selected.get(g, []))) for g in set(groups)}
-        predictions = answers(tokenizer, ids, [r["prompt"] for r in records], [r.get("tools") for r in records])
+        predictions = answers(tokenizer, ids, prompts, tools)
         for rec, pred, x, g in zip(records, predictions, ids, groups):
             rec["prediction"], rec["cut_off"] = pred, len(x) >= max_new_tokens  # ids stop before a stop token
             refs = rec.get("references") or [rec["reference"]]
