@@ -18,6 +18,7 @@ from sftlab.data.curate import CurateOptions
 from sftlab.data.formats import FORMATS, Columns
 from sftlab.errors import SftlabError
 from sftlab.train.distributed import DEEPSPEED_CONFIGS
+from sftlab.yamlio import safe_load
 
 
 class Section(BaseModel):
@@ -238,6 +239,20 @@ class SweepConfig(Section):
     seed: int = Field(0, description="Sampler seed.")
     eval_limit: int | None = Field(None, ge=1, description="Validation examples scored by `sftlab eval` per trial (metric objectives).")
 
+    @field_validator("space", mode="before")
+    @classmethod
+    def _space_shapes(cls, space):
+        """One line for a key given neither a list nor a range (pydantic would list every union branch)."""
+        for key, spec in (space or {}).items() if isinstance(space, dict) else ():
+            if not isinstance(spec, (list, dict)):
+                raise ValueError(f"'{key}': {spec!r} is one value: give a list of choices ([{spec!r}, ...]) or a "
+                                 "range ({log_uniform|uniform|int: [low, high]}); a fixed value goes outside sweep.space")
+            if isinstance(spec, dict) and not set(spec) <= {"log_uniform", "uniform", "int"}:
+                nested = "" if "." in key else ("; the space's keys are dotted config keys: lora.r, not lora: {r: ...} "
+                                                "(on the command line: sweep.space.lora.r=[8,16])")
+                raise ValueError(f"'{key}': a range is {{log_uniform|uniform|int: [low, high]}}, not {spec}{nested}")
+        return space
+
     @model_validator(mode="after")
     def _check_space(self) -> SweepConfig:
         if not self.space:
@@ -340,7 +355,7 @@ def parse_overrides(items: list[str]) -> dict:
         if not key.strip() or "" in key.strip().split("."):
             raise SftlabError(f"override '{item}' has an empty key (e.g. training.learning_rate=1e-4)")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         _set_path(tree, key.strip(), value)
@@ -451,7 +466,7 @@ def read_yaml_mapping(path: str | Path) -> dict:
     if not p.is_file():
         raise SftlabError(f"config file not found: {p}")
     try:
-        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        tree = safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

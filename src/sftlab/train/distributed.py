@@ -137,9 +137,11 @@ def fsdp_config(value: str, key: str = "distributed.fsdp") -> dict:
     """An fsdp_config by name ('fsdp' = configs/fsdp.json) or path (.json/.yaml), as a dict."""
     import yaml
 
+    from sftlab.yamlio import safe_load
+
     path = _engine_file(value, ("fsdp",), key, (".json", ".yaml", ".yml"))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise SftlabError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML: {getattr(e, 'problem', e)}") from None

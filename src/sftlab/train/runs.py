@@ -8,10 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sftlab.errors import SftlabError
 from sftlab.evaluation.curves import metric_events
+from sftlab.yamlio import safe_load
 
 COLUMNS = ("run", "method", "data", "steps", "final_loss", "best_eval_loss", "best_eval_step", "train_seconds", "finished")
 
@@ -39,7 +38,7 @@ def _eval_metrics(run: Path) -> dict[str, float]:
 
 def summarize(run: Path, root: Path) -> dict[str, Any]:
     info = _read_json(run / "run.json")
-    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    config = safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
     losses, evals = [], []
     metrics = run / "metrics.jsonl"
     for event in metric_events(metrics) if metrics.exists() else ():  # a line cut by a crash is skipped
