@@ -205,15 +205,14 @@ class LocalGenerator:
     def generate(self, prompts: list[list[dict[str, str]]], opts: AugmentOptions) -> list[Reply]:
         import torch
 
-        from sftlab.evaluation.generate import answers, generate_ids
+        from sftlab.evaluation.generate import answers, cut_off, generate_ids
 
         torch.manual_seed(opts.seed)
         ids = generate_ids(self.model, self.tokenizer, prompts, max_new_tokens=opts.max_new_tokens,
                            batch_size=opts.batch_size, do_sample=opts.temperature > 0,
                            temperature=opts.temperature or 1.0, top_p=opts.top_p)
-        # generate_ids cuts a reply before its stop token: one of max_new_tokens never reached one
         texts = answers(self.tokenizer, ids, prompts)
-        return [Reply(text, len(x) >= opts.max_new_tokens) for text, x in zip(texts, ids)]
+        return [Reply(text, cut_off(x, opts.max_new_tokens)) for text, x in zip(texts, ids)]
 
 
 def rewrite_problem(original: str, rewrite: Reply, rules: CurateOptions) -> str | None:

@@ -233,7 +233,7 @@ def evaluate(
         records.append(rec)
 
     if _text_metrics(wanted):
-        from sftlab.evaluation.generate import answers, generate_ids
+        from sftlab.evaluation.generate import answers, cut_off, generate_ids
 
         prompts, tools = [r["prompt"] for r in records], [r.get("tools") for r in records]
         ids = generate_ids(
@@ -244,7 +244,7 @@ def evaluate(
         per_group = {g: _text_metrics(M.expand(selected[OVERALL] + selected.get(g, []))) for g in set(groups)}
         predictions = answers(tokenizer, ids, prompts, tools)
         for rec, pred, x, g in zip(records, predictions, ids, groups):
-            rec["prediction"], rec["cut_off"] = pred, len(x) >= max_new_tokens  # ids stop before a stop token
+            rec["prediction"], rec["cut_off"] = pred, cut_off(x, max_new_tokens)
             refs = rec.get("references") or [rec["reference"]]
             for m in per_group[g]:
                 if m.per_example is not None:

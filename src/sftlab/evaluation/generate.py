@@ -47,6 +47,12 @@ def cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
     return ids
 
 
+def cut_off(ids: list[int], max_new_tokens: int) -> bool:
+    """Whether a reply from `generate_ids` stopped at `max_new_tokens`, not at a stop token: its ids end
+    before the stop token, so a reply that reached one is shorter than the limit."""
+    return len(ids) >= max_new_tokens
+
+
 def generate_batch(model, tokenizer, prompts: list[list[dict]], **options) -> list[str]:
     """Answer each chat prompt (a list of messages) with the model; answers in input order, without the
     reasoning a model writes before its answer in its template's layout (serve/reasoning.py).
