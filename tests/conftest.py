@@ -56,30 +56,46 @@ def tokenizer_for(base, name: str):
 
 
 class ScriptedBackend:
-    """A serving backend that replies `reply` (in three streamed pieces) and keeps each request it was given."""
+    """A serving backend that replies `reply` (in three streamed pieces) and keeps each request it was given.
+    It `supports` what the torch engine does (or those given); asked for logprobs, its reply's tokens get
+    made-up ones: token k -0.5 (k + 1), its top alternatives the next token id at -0.1, then the token itself."""
 
-    def __init__(self, tokenizer, reply: str):
+    def __init__(self, tokenizer, reply: str, supports=None, name: str = "scripted"):
+        from sftlab.serve.generation import SAMPLING
+
         self.tokenizer, self.reply, self.requests = tokenizer, reply, []
+        self.supports, self.name = frozenset(SAMPLING if supports is None else supports), name
 
     async def generate(self, *, ids, on_text=None, **kwargs):
         from sftlab.serve.backends import Completion
+        from sftlab.serve.generation import Logprob
 
         self.requests.append({"ids": ids, **kwargs})
-        if on_text:
+        n, entries = kwargs.get("logprobs"), None
+        if n is not None:
+            tokens = self.tokenizer(self.reply, add_special_tokens=False)["input_ids"]
+            entries = [Logprob(t, -0.5 * (k + 1), [(t + 1, -0.1), (t, -0.5 * (k + 1))][:n])
+                       for k, t in enumerate(tokens)]
+        if on_text and entries is not None:
+            step = len(entries) // 3 + 1
+            for k in range(0, len(entries), step):
+                on_text(self.tokenizer.decode([e.token for e in entries[k:k + step]]), entries[k:k + step])
+        elif on_text:
             step = len(self.reply) // 3 + 1
             for k in range(0, len(self.reply), step):
                 on_text(self.reply[k:k + step])
-        return Completion(self.reply, "stop", len(ids), 30)
+        return Completion(self.reply, "stop", len(ids), 30, entries)
 
 
-def client_for(tokenizer, reply: str):
-    """An `openai` client of the server in front of a `ScriptedBackend` (no model runs), and the backend."""
+def client_for(tokenizer, reply: str, **backend):
+    """An `openai` client of the server in front of a `ScriptedBackend` (no model runs; `backend`: its
+    `supports` and `name`), and the backend."""
     import openai
     from fastapi.testclient import TestClient
 
     from sftlab.serve.openai_api import create_app
 
-    backend = ScriptedBackend(tokenizer, reply)
+    backend = ScriptedBackend(tokenizer, reply, **backend)
     http = TestClient(create_app(backend, "tiny"))
     return openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0), backend
 

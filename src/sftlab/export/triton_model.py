@@ -1,7 +1,8 @@
 """Triton Python-backend model serving a fine-tuned chat model (copied to `<model>/1/model.py`).
 
 Input `text` (BYTES): a JSON list of chat messages (rendered with the model's chat template)
-or a raw prompt. Request parameters: `max_tokens`, `temperature`, `top_p`.
+or a raw prompt. Request parameters: `max_tokens`, `temperature`, `top_p`, `seed`, and those of the
+engine's `supports` but logprobs (`logit_bias`: a JSON object of token id to bias); any other is refused.
 Outputs: `text` (BYTES), `finish_reason` (BYTES: "stop" or "length"), `prompt_tokens`
 and `completion_tokens` (INT32). Requests that Triton's dynamic batcher puts together are
 decoded as one batch. Needs torch + transformers (engine "torch") or onnxruntime-genai
@@ -16,7 +17,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation import GenRequest, OnnxEngine, TorchEngine, encode, parse_text_input  # noqa: E402
+from generation import SAMPLING, GenRequest, OnnxEngine, TorchEngine, encode, parse_text_input  # noqa: E402
 
 
 class TritonPythonModel:
@@ -38,10 +39,18 @@ class TritonPythonModel:
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         seed = None if params.get("seed") is None else int(params["seed"])
+        sampling = {name: params[name] for name in SAMPLING if name in params}
+        if "logit_bias" in sampling:
+            sampling["logit_bias"] = {int(k): float(v) for k, v in json.loads(sampling["logit_bias"]).items()}
+        if any(not 0 <= tok < len(self.engine.tokenizer) for tok in sampling.get("logit_bias", ())):
+            raise ValueError("logit_bias names a token id this model does not have")
+        probe = GenRequest([], 1, **sampling)
+        if refused := [name for name in probe.extras() if name not in self.engine.supports - {"logprobs"}]:
+            raise ValueError(f"{', '.join(refused)}: not supported by this Triton model ({self.engine.name} engine)")
         texts = pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)
         tokenizer = self.engine.tokenizer
         return [GenRequest(encode(tokenizer, *parse_text_input(t.decode("utf-8"))), max_tokens, temperature, top_p,
-                           seed=seed) for t in texts]
+                           seed=seed, **sampling) for t in texts]
 
     def execute(self, requests):
         responses = [None] * len(requests)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from sftlab.errors import SftlabError
-from sftlab.serve.generation import (GenRequest, IncrementalDecoder, OnnxEngine, StopText, TorchEngine,
+from sftlab.serve.generation import (GenRequest, IncrementalDecoder, Logprob, OnnxEngine, StopText, TorchEngine,
                                      stop_token_ids)
 
 BACKENDS = ("torch", "onnx", "triton")
@@ -33,6 +34,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[Logprob] | None = None  # the tokens of `text`, where the request asked for logprobs
 
 
 def _settle(future: asyncio.Future, value=None, error: BaseException | None = None) -> None:
@@ -45,10 +47,12 @@ def _settle(future: asyncio.Future, value=None, error: BaseException | None = No
 
 
 class BatchingBackend:
-    """A local engine (torch or onnx) fed by a queue on one worker thread, batching continuously or statically."""
+    """A local engine (torch or onnx) fed by a queue on one worker thread, batching continuously or statically.
+    `name` and `supports` (the parameters of generation.SAMPLING it implements) are the engine's."""
 
     def __init__(self, engine, *, max_batch_size: int = 8, max_wait_ms: float = 5.0, batching: str = "auto"):
         _one_of("batching", batching, BATCHING)
+        self.name, self.supports = engine.name, engine.supports
         joinable = bool(getattr(engine, "joinable", False))
         if batching == "continuous" and not joinable:
             raise SftlabError("continuous batching needs the torch backend and a model whose KV cache is plain full "
@@ -64,20 +68,31 @@ class BatchingBackend:
 
     async def generate(self, *, ids: list[int], messages=None, prompt=None, tools=None, max_tokens: int,
                        temperature: float, top_p: float, stop: list[str] = (), seed: int | None = None,
-                       on_text: Callable[[str], None] | None = None) -> Completion:
-        """The completion of one request; `on_text` (called on the worker thread) gets its text as
-        it is decoded, cut before the first `stop` string. A request cancelled while it waits
-        (its client went away) leaves the engine's batch at the next token."""
+                       on_text: Callable[..., None] | None = None, **sampling) -> Completion:
+        """The completion of one request (`sampling`: GenRequest's parameters of SAMPLING); `on_text` (called on
+        the worker thread) gets its text as it is decoded, cut before the first `stop` string, and where the
+        request asks for logprobs, those of the tokens decoded since the last piece. A request cancelled while it
+        waits (its client went away) leaves the engine's batch at the next token."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         decoder, cut = IncrementalDecoder(self.tokenizer), StopText(stop)
-        request = GenRequest(ids, max_tokens, temperature, top_p, seed=seed)
+        request = GenRequest(ids, max_tokens, temperature, top_p, seed=seed, **sampling)
+        asked, pending = request.logprobs is not None, []  # the logprobs of tokens decoded since the last piece
 
-        def token(tok: int) -> None:
+        def send(piece: str) -> None:
+            if on_text and asked:
+                on_text(piece, pending[:])
+                pending.clear()
+            elif on_text:
+                on_text(piece)
+
+        def token(tok: int, logprob: Logprob | None) -> None:
             piece = cut.feed(decoder.add(tok))
             request.done = cut.hit
-            if piece and on_text:
-                on_text(piece)
+            if logprob is not None:
+                pending.append(logprob)
+            if piece:
+                send(piece)
 
         request.on_token = token
         self._queue.put((request, future, loop))
@@ -86,10 +101,10 @@ class BatchingBackend:
         except asyncio.CancelledError:
             request.done = True
             raise
-        if (tail := cut.flush()) and on_text:
-            on_text(tail)
+        if tail := cut.flush():
+            send(tail)
         return Completion(cut.text, "stop" if cut.hit else result.finish_reason, len(ids),
-                          len(result.tokens))
+                          len(result.tokens), result.logprobs if asked else None)
 
     def _take(self, limit: int, wait: bool) -> tuple[list, bool]:
         """Up to `limit` queued requests, those cancelled while queued left out, and whether `close` was called.
@@ -163,12 +178,18 @@ class BatchingBackend:
 
 class TritonBackend:
     """Forwards each request to a Triton server running an `sftlab export --to triton` repository;
-    Triton's dynamic batcher does the batching."""
+    Triton's dynamic batcher does the batching. It `supports` what the repository's engine does but logprobs
+    (the model has no output for them)."""
+
+    name = "triton"
 
     def __init__(self, server, tokenizer, model_name: str):
         import tritonclient.http as httpclient
 
         self.server, self.tokenizer, self.model_name = server, tokenizer, model_name
+        config = (Path(server.repository) / model_name / "config.pbtxt").read_text()
+        engine = OnnxEngine if re.search(r'key: "engine" value: \{ string_value: "onnx" \}', config) else TorchEngine
+        self.supports = engine.supports - {"logprobs"}
         self._http = httpclient
         self._local = threading.local()  # tritonclient's http client (gevent) is not thread-safe
 
@@ -180,17 +201,20 @@ class TritonBackend:
 
     async def generate(self, *, ids: list[int], messages=None, prompt=None, tools=None, max_tokens: int,
                        temperature: float, top_p: float, stop: list[str] = (), seed: int | None = None,
-                       on_text=None) -> Completion:
-        """The whole completion from Triton (no token stream): `stop` cuts it afterwards."""
+                       on_text=None, **sampling) -> Completion:
+        """The whole completion from Triton (no token stream): `stop` cuts it afterwards. `sampling`: GenRequest's
+        parameters of SAMPLING (`logit_bias` sent as JSON: Triton's parameters are scalars)."""
         import numpy as np
 
         chat = {"messages": messages, "tools": tools} if tools else messages
         text = json.dumps(chat) if messages is not None else prompt
         inp = self._http.InferInput("text", [1, 1], "BYTES")
         inp.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=np.object_))
-        params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
+        params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, **sampling}
         if seed is not None:
             params["seed"] = seed
+        if "logit_bias" in params:
+            params["logit_bias"] = json.dumps(params["logit_bias"])
         result = await asyncio.to_thread(self._infer, [inp], params)
         cut = StopText(stop)
         cut.feed(result.as_numpy("text")[0, 0].decode("utf-8"))

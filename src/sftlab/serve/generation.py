@@ -3,7 +3,7 @@
 This module imports nothing from sftlab on purpose: `sftlab export --to triton` copies it
 next to the Triton Python-backend `model.py`, so the same code serves inside Triton.
 
-An engine takes a batch of requests (prompt token ids, max_new_tokens, temperature) and
+An engine takes a batch of requests (prompt token ids, max_new_tokens, sampling parameters) and
 decodes them together step by step; a request may carry an `on_token` callback, which is
 how streaming and batching share one loop. The torch engine also decodes step by step for a
 scheduler (`prefill`, `step`, `join`): requests join a running batch and leave it at their
@@ -13,9 +13,9 @@ last token (continuous batching, `serve.backends`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 MARK = "SFTLAB_ANSWER_SENTINEL"  # plain word characters: templates that trim content keep it whole
 
@@ -99,16 +99,21 @@ def parse_text_input(text: str) -> tuple[list[dict] | None, str | None, list[dic
     return None, text, None
 
 
+def render(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
+    """The prompt text of chat messages (and the functions they may call): the chat template with the
+    generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; send a prompt instead of messages")
+    return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+
+
 def encode(tokenizer, messages: list[dict] | None = None, prompt: str | None = None,
-           tools: list[dict] | None = None) -> list[int]:
+           tools: list[dict] | None = None, *, text: str | None = None) -> list[int]:
     """Prompt token ids: chat messages (and the functions they may call) through the chat template,
-    with the generation prompt, or raw text."""
+    with the generation prompt (`text`: that prompt, already `render`ed), or raw text."""
     if messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template; send a prompt instead of messages")
-        out = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
-                                            return_dict=True)
-        return list(out["input_ids"])
+        text = render(tokenizer, messages, tools) if text is None else text
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return list(tokenizer(prompt or "", add_special_tokens=True)["input_ids"])
 
 
@@ -148,15 +153,44 @@ def trained_reply(tokenizer, messages: list[dict], source: str, meta: dict | Non
                    if label != IGNORE and t not in stops)
 
 
+SAMPLING = ("logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "min_p",
+            "repetition_penalty")  # what a request may set beyond temperature and top_p; each engine's `supports`
+
+
+class Logprob(NamedTuple):
+    """A generated token's log-probability and the `top` most likely tokens' (token, logprob), best first."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass
 class GenRequest:
     ids: list[int]
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
-    on_token: Callable[[int], None] | None = None
+    on_token: Callable[[int, Logprob | None], None] | None = None  # each token taken, with its logprobs where asked
     seed: int | None = None  # sampling draws from its own generator seeded with it: repeatable in any batch
     done: bool = False  # set from another thread (client gone, stop text seen): the engine drops it at its next token
+    logprobs: int | None = None  # each token's logprob and this many most likely alternatives (None: not asked)
+    presence_penalty: float = 0.0  # OpenAI's: minus presence * (count > 0) + frequency * count, counting
+    frequency_penalty: float = 0.0  # the tokens generated so far
+    logit_bias: dict[int, float] | None = None  # added to those tokens' logits
+    top_k: int = 0  # sample among the k most likely tokens (0: all)
+    min_p: float = 0.0  # sample among tokens at least min_p times as likely as the most likely one
+    repetition_penalty: float = 1.0  # transformers': tokens of the prompt and the reply, positive logits divided
+
+    def extras(self) -> list[str]:
+        """The parameters of SAMPLING this request sets to other than their defaults."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return [name for name in SAMPLING if getattr(self, name) not in (defaults[name], {})]
+
+    @property
+    def shifts_logits(self) -> bool:
+        """Whether logits change before the token is picked (greedy included)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or
+                    self.repetition_penalty != 1.0)
 
 
 class StopText:
@@ -189,18 +223,20 @@ class StopText:
 class GenResult:
     tokens: list[int] = field(default_factory=list)  # generated tokens, stop token excluded
     finish_reason: str = "length"  # "stop" when a stop token ended it
+    logprobs: list[Logprob] = field(default_factory=list)  # one per token where the request asks for them
 
 
 def take_token(result: GenResult, request, tok: int, stop_ids) -> bool:
-    """Record one generated token for a request; False once the request is finished."""
-    if request.done:
-        return False
-    if tok in stop_ids:
-        result.finish_reason = "stop"
+    """Record one generated token for a request; False once the request is finished. Where the request
+    asks for logprobs, the engine has put this token's in `result.logprobs` already."""
+    if request.done or tok in stop_ids:
+        del result.logprobs[len(result.tokens):]
+        if not request.done:
+            result.finish_reason = "stop"
         return False
     result.tokens.append(tok)
     if request.on_token:
-        request.on_token(tok)
+        request.on_token(tok, result.logprobs[-1] if result.logprobs else None)
     return len(result.tokens) < request.max_new_tokens
 
 
@@ -249,6 +285,9 @@ class TorchEngine:
 
     `generate` decodes a fixed batch (static batching: the Triton backend, evaluation); `prefill`, `step` and
     `join` let a scheduler add requests to a running batch between decode steps (`serve.backends`)."""
+
+    name = "torch"
+    supports = frozenset(SAMPLING)
 
     def __init__(self, model, tokenizer, stop_ids: list[int]):
         import torch
@@ -374,10 +413,14 @@ class TorchEngine:
         return running
 
     def _take(self, decoding: Decoding, logits) -> None:
-        """Pick each row's next token from `logits` and record it for the live ones."""
-        decoding.tokens = self._pick(logits.float(), [row.request for row in decoding.rows],
-                                     [row.generator for row in decoding.rows])
-        for row, tok in zip(decoding.rows, decoding.tokens.tolist()):
+        """Pick each row's next token from `logits` and record it (with its logprobs where asked) for the live ones."""
+        logits, requests = logits.float(), [row.request for row in decoding.rows]
+        scores = self._shift(logits, decoding.rows) if any(r.shifts_logits for r in requests) else logits
+        decoding.tokens = self._pick(scores, requests, [row.generator for row in decoding.rows])
+        tokens = decoding.tokens.tolist()
+        if any(r.logprobs is not None for r in requests):
+            self._logprobs(logits, decoding.rows, tokens)
+        for row, tok in zip(decoding.rows, tokens):
             if row.live and not take_token(row.result, row.request, tok, self.stop_ids):
                 row.live = False
                 decoding.finished.append((row.request, row.result))
@@ -402,12 +445,43 @@ class TorchEngine:
         for layer in decoding.cache.layers:
             layer.keys, layer.values = layer.keys[index, :, trim:], layer.values[index, :, trim:]
 
+    def _shift(self, logits, rows: list[_Row]):
+        """A copy of `logits` with each live row's logit_bias added, then its repetition penalty (over its prompt
+        and generated tokens), frequency and presence penalties (over its generated tokens) applied, as vLLM."""
+        from transformers import RepetitionPenaltyLogitsProcessor
+
+        torch, logits = self.torch, logits.clone()
+        for i, row in enumerate(rows):
+            r = row.request
+            if not (row.live and r.shifts_logits):
+                continue
+            if r.logit_bias:
+                logits[i, list(r.logit_bias)] += torch.tensor(list(r.logit_bias.values()), device=logits.device)
+            if r.repetition_penalty != 1.0:
+                seen = torch.tensor([r.ids + row.result.tokens], device=logits.device)
+                logits[i] = RepetitionPenaltyLogitsProcessor(r.repetition_penalty)(seen, logits[i:i + 1])[0]
+            if (r.presence_penalty or r.frequency_penalty) and row.result.tokens:
+                seen, counts = torch.tensor(row.result.tokens, device=logits.device).unique(return_counts=True)
+                logits[i, seen] -= r.presence_penalty + r.frequency_penalty * counts
+        return logits
+
     def _pick(self, logits, requests: list[GenRequest], generators):
+        """Greedy, or a draw at the request's temperature among its top_k, min_p (as transformers' warpers), then
+        top_p tokens."""
         torch = self.torch
         tokens = logits.argmax(-1)
         for i, r in enumerate(requests):
             if r.temperature > 0:
-                probs = torch.softmax(logits[i] / r.temperature, -1)
+                scores = logits[i:i + 1] / r.temperature
+                if r.top_k > 0:
+                    from transformers import TopKLogitsWarper
+
+                    scores = TopKLogitsWarper(r.top_k)(None, scores)
+                if r.min_p > 0:
+                    from transformers import MinPLogitsWarper
+
+                    scores = MinPLogitsWarper(r.min_p)(None, scores)
+                probs = torch.softmax(scores[0], -1)
                 if r.top_p < 1.0:
                     sorted_p, order = probs.sort(descending=True)
                     keep = sorted_p.cumsum(-1) - sorted_p < r.top_p
@@ -415,10 +489,28 @@ class TorchEngine:
                 tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
         return tokens
 
+    def _logprobs(self, logits, rows: list[_Row], tokens: list[int]) -> None:
+        """Each live row that asks for them gets its token's logprob and its top alternatives: the log-softmax of the
+        model's raw logits, before logit_bias, penalties, temperature and top_k/min_p/top_p, as OpenAI reports them."""
+        asking = [i for i, row in enumerate(rows) if row.live and row.request.logprobs is not None]
+        if not asking:
+            return
+        logp = self.torch.log_softmax(logits[asking], -1)
+        top_values, top_ids = logp.topk(max(rows[i].request.logprobs for i in asking), -1)
+        chosen = logp[list(range(len(asking))), [tokens[i] for i in asking]].tolist()
+        for j, (i, values, ids) in enumerate(zip(asking, top_values.tolist(), top_ids.tolist())):
+            n = rows[i].request.logprobs
+            rows[i].result.logprobs.append(Logprob(tokens[i], chosen[j], list(zip(ids[:n], values[:n]))))
+
 
 class OnnxEngine:
     """ONNX Runtime GenAI (KV-cache model from its model builder); one generator per request,
-    stepped in lockstep so a batch shares the loop."""
+    stepped in lockstep so a batch shares the loop. Of SAMPLING, its search options have `top_k` and
+    `repetition_penalty` (over the prompt and the reply, as transformers', after logit_bias as the torch
+    engine's); `logprobs` and `logit_bias` are read and written on its logits."""
+
+    name = "onnx"
+    supports = frozenset({"logprobs", "logit_bias", "top_k", "repetition_penalty"})
 
     def __init__(self, model_dir: str | Path, tokenizer, stop_ids: list[int]):
         import onnxruntime_genai as og
@@ -442,10 +534,14 @@ class OnnxEngine:
         og = self.og
         gens: list[Any] = []
         for r in requests:
+            if refused := [name for name in r.extras() if name not in self.supports]:
+                raise ValueError(f"the onnx engine does not implement {', '.join(refused)}")
             params = og.GeneratorParams(self.model)
             opts: dict[str, Any] = {"max_length": len(r.ids) + max(r.max_new_tokens, 1), "do_sample": r.temperature > 0}
+            if r.repetition_penalty != 1.0:
+                opts.update(repetition_penalty=r.repetition_penalty)
             if r.temperature > 0:
-                opts.update(temperature=r.temperature, top_p=r.top_p, top_k=0)
+                opts.update(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
                 if r.seed is not None:
                     opts.update(random_seed=r.seed)
             params.set_search_options(**opts)
@@ -461,6 +557,25 @@ class OnnxEngine:
                 if gen.is_done():
                     active[i] = False
                     continue
+                logits = gen.get_logits() if r.logprobs is not None or r.logit_bias else None
+                if r.logit_bias:
+                    shifted = logits.copy()
+                    shifted[..., list(r.logit_bias)] += list(r.logit_bias.values())
+                    gen.set_logits(shifted)
                 gen.generate_next_token()
-                active[i] = take_token(results[i], r, int(gen.get_next_tokens()[0]), self.stop_ids)
+                tok = int(gen.get_next_tokens()[0])
+                if r.logprobs is not None:
+                    results[i].logprobs.append(_numpy_logprob(logits.reshape(-1), tok, r.logprobs))
+                active[i] = take_token(results[i], r, tok, self.stop_ids)
         return results
+
+
+def _numpy_logprob(logits, tok: int, n: int) -> Logprob:
+    """`tok`'s logprob and the `n` most likely tokens' from raw logits: their log-softmax (as TorchEngine's)."""
+    import numpy as np
+
+    logp = logits.astype(np.float64) - logits.max()
+    logp -= np.log(np.exp(logp).sum())
+    top = np.argpartition(-logp, n)[:n] if n else []
+    top = sorted(top, key=lambda t: -logp[t])
+    return Logprob(tok, float(logp[tok]), [(int(t), float(logp[t])) for t in top])

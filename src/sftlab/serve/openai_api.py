@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from sftlab.errors import RecordError, SftlabError
-from sftlab.serve.generation import StopText, encode
+from sftlab.serve.generation import GenRequest, Logprob, StopText, encode, render
 from sftlab.serve.guard import (GuardLimits, add_request_guard, encodable, error_response, http_error_handler,
                                 validation_error_handler, warn_if_exposed)
 from sftlab.serve.reasoning import AnswerLayout, ReasoningStream, reply_layout
@@ -90,20 +90,12 @@ class StreamOptions(BaseModel):
 # as it would be without them: any other value is refused (400) rather than ignored, since it would change
 # the answer. Other unknown fields (`user`, `metadata`, `store`, ...) are accepted and ignored.
 UNSUPPORTED = {
-    "logprobs": (None, False, 0),  # a bool in chat, a count in completions
-    "top_logprobs": (None, 0),
     "response_format": (None, {"type": "text"}),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "logit_bias": (None, {}),
     "parallel_tool_calls": (None, True),
     "function_call": (None, "auto", "none"),  # the older tool_choice
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "top_k": (None, 0, -1),
-    "min_p": (None, 0),
-    "repetition_penalty": (None, 1),
 }
 
 
@@ -119,6 +111,12 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="Up to 4 strings; the text ends before the first one")
     seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = Field(None, description="token id (a string in JSON) to -100..100")
+    top_k: int | None = Field(None, ge=-1, description="vLLM's: sample among the k most likely tokens (0, -1: all)")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
 
     @field_validator("temperature", "top_p", "n", "stream", mode="before")
     @classmethod
@@ -126,12 +124,31 @@ class _Sampling(BaseModel):
         """OpenAI takes `null` for these (some clients send it for "not set"): the default."""
         return cls.model_fields[info.field_name].default if value is None else value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, value):
+        if value and not all(-100 <= bias <= 100 and tok >= 0 for tok, bias in value.items()):
+            raise ValueError("logit_bias maps token ids to biases in -100..100")
+        return value
+
     def check_supported(self) -> None:
         """Refuse (400) a parameter in UNSUPPORTED set to a value that would change the answer."""
         for name, value in (self.model_extra or {}).items():
             if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
                 raise APIError(400, f"{name}={json.dumps(value)} is not supported by this server: leave it out",
                                param=name, code="unsupported_value")
+
+    def logprob_count(self) -> int | None:
+        """How many alternatives each token's logprob comes with (None: no logprobs)."""
+        return None
+
+    def sampling(self) -> dict:
+        """GenRequest's parameters of SAMPLING that this request sets to other than their defaults."""
+        values = {name: getattr(self, name) for name in ("presence_penalty", "frequency_penalty", "logit_bias",
+                                                         "min_p", "repetition_penalty")}
+        values |= {"top_k": max(self.top_k or 0, 0), "logprobs": self.logprob_count()}  # vLLM's top_k -1: all
+        request = GenRequest([], 1, **{name: value for name, value in values.items() if value is not None})
+        return {name: getattr(request, name) for name in request.extras()}
 
     @field_validator("stop")
     @classmethod
@@ -144,6 +161,8 @@ class _Sampling(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none"] | None = Field(
         None, description="auto (the model decides) or none (no tools offered); forcing a call is not supported")
@@ -155,6 +174,15 @@ class ChatRequest(_Sampling):
         if value:
             raise ValueError("the older 'functions' parameter is not supported: send them as 'tools'")
         return value
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_messages(self) -> list[dict]:
         """The messages as chat templates take them (a call's JSON-string arguments as an object)."""
@@ -175,6 +203,10 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     _check_prompt = field_validator("prompt")(encodable)
 
@@ -221,8 +253,41 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                                 f"context of {context} tokens", param=param, code="context_length_exceeded")
 
     def _sampling(req: _Sampling) -> dict:
+        """The backend's parameters; one it does not implement (its `supports`) is refused (400) naming it."""
+        extras = req.sampling()
+        for name in extras:
+            if name not in getattr(backend, "supports", ()):
+                raise APIError(400, f"{name}={json.dumps(getattr(req, name))} is not supported by this server's "
+                                    f"{getattr(backend, 'name', '')} backend: leave it out",
+                               param=name, code="unsupported_value")
+        if any(tok >= len(tokenizer) for tok in extras.get("logit_bias", ())):
+            raise APIError(400, f"logit_bias names a token id beyond this model's {len(tokenizer)} tokens",
+                           param="logit_bias")
         return dict(max_tokens=_max_tokens(req), temperature=req.temperature, top_p=req.top_p, stop=req.stop or [],
-                    seed=req.seed)
+                    seed=req.seed, **extras)
+
+    def _token(tok: int) -> tuple[str, list[int]]:
+        text = tokenizer.decode([tok])
+        return text, list(text.encode("utf-8"))
+
+    def _chat_logprobs(entries: list[Logprob]) -> dict:
+        """OpenAI's chat `logprobs`: each token's text (decoded alone), its UTF-8 bytes and logprob, and its top
+        alternatives."""
+        def one(tok: int, logprob: float) -> dict:
+            text, raw = _token(tok)
+            return {"token": text, "logprob": logprob, "bytes": raw}
+
+        return {"content": [one(e.token, e.logprob) | {"top_logprobs": [one(t, lp) for t, lp in e.top]}
+                            for e in entries]}
+
+    def _completion_logprobs(entries: list[Logprob], offset: int) -> dict:
+        """OpenAI's completions `logprobs`; `text_offset`s count from `offset` in the completion's text. Each
+        token's `top_logprobs` holds the chosen token too (up to logprobs + 1 entries, as OpenAI's)."""
+        tokens = [_token(e.token)[0] for e in entries]
+        offsets = [offset + sum(map(len, tokens[:k])) for k in range(len(tokens))]
+        top = [{_token(t)[0]: lp for t, lp in e.top} | {text: e.logprob} for text, e in zip(tokens, entries)]
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top,
+                "text_offset": offsets}
 
     def _check_model(model_id: str | None) -> None:
         """A request for another model than the one served is a 404, as OpenAI and vLLM answer it: a client
@@ -274,8 +339,9 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
             messages = req.template_messages()
             if tools:
                 _check_tools(messages, tools)
-            ids = encode(tokenizer, messages=messages, tools=tools)
-            layout = reply_layout(tokenizer, messages, tools)
+            text = render(tokenizer, messages, tools)
+            ids = encode(tokenizer, messages=messages, tools=tools, text=text)
+            layout = reply_layout(tokenizer, messages, tools, prompt=text)
         except RecordError as e:  # a call sent back whose arguments are not an object
             raise APIError(400, e.reason, param="messages") from e
         except SftlabError as e:  # the template raised while checking that it writes tools
@@ -323,7 +389,10 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         reasoning, content, calls = _reply(out.text, layout, kwargs.get("tools"))
         message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {}) | (
             {"reasoning_content": reasoning} if reasoning else {})
-        choice = {"index": 0, "message": message} if chat else {"index": 0, "text": out.text, "logprobs": None}
+        logprobs = None if out.logprobs is None else (
+            _chat_logprobs(out.logprobs) if chat else _completion_logprobs(out.logprobs, 0))
+        choice = {"index": 0, "message": message} if chat else {"index": 0, "text": out.text}
+        choice["logprobs"] = logprobs
         choice["finish_reason"] = "tool_calls" if calls else out.finish_reason
         return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
                 "usage": _usage(out)}
@@ -332,11 +401,19 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         task = asyncio.ensure_future(backend.generate(
-            **kwargs, on_text=lambda t: loop.call_soon_threadsafe(pieces.put_nowait, t)))
+            **kwargs, on_text=lambda text, logprobs=(): loop.call_soon_threadsafe(pieces.put_nowait, (text, logprobs))))
         task.add_done_callback(lambda _: pieces.put_nowait(None))
+        told, offset = 0, 0  # logprobs: how many were sent, where the next one's text begins
+
+        def fresh(entries: list[Logprob]) -> list[Logprob] | None:
+            """The logprobs of `entries` not sent yet, to send now (None: none)."""
+            nonlocal told
+            new, told = entries[told:], max(told, len(entries))
+            return new or None
 
         def chunk(text: str | None, finish: str | None = None, first: bool = False, calls: list | None = None,
-                  reasoning: str | None = None, **extra) -> str:
+                  reasoning: str | None = None, logprobs: list[Logprob] | None = None, **extra) -> str:
+            nonlocal offset
             if "usage" in extra:
                 choices = []
             elif chat:
@@ -344,9 +421,12 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                     {"reasoning_content": reasoning} if reasoning else {})
                 if calls:
                     delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
-                choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+                choices = [{"index": 0, "delta": delta, "logprobs": logprobs and _chat_logprobs(logprobs),
+                            "finish_reason": finish}]
             else:
-                choices = [{"index": 0, "text": text or "", "finish_reason": finish}]
+                formatted = logprobs and _completion_logprobs(logprobs, offset)
+                offset += sum(map(len, formatted["tokens"])) if formatted else 0
+                choices = [{"index": 0, "text": text or "", "logprobs": formatted, "finish_reason": finish}]
             body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                     "created": created, "model": model_name, "choices": choices, **extra}
             return f"data: {json.dumps(body)}\n\n"
@@ -361,8 +441,10 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         try:
             if chat:
                 yield chunk(None, first=True)
-            streamed = ""
-            while (piece := await pieces.get()) is not None:
+            streamed, got = "", []  # got: the logprobs that came with the pieces
+            while (item := await pieces.get()) is not None:
+                piece, entries = item
+                got += entries
                 if thinking:
                     thought, piece = thinking.feed(piece)
                     if thought:
@@ -372,17 +454,17 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                     visible, held = visible.rstrip(), visible[len(visible.rstrip()):]
                 if visible:
                     streamed += visible
-                    yield chunk(visible)
+                    yield chunk(visible, logprobs=fresh(got))
             out = task.result()
             reasoning, text, calls = _reply(out.text, layout, tools)
             if reasoning and not thinking.told:  # its answer never began, or a backend that does not stream
                 yield chunk(None, reasoning=reasoning)
             text = text or ""
             if text.startswith(streamed) and text[len(streamed):]:  # held back, or a backend that does not stream
-                yield chunk(text[len(streamed):])
+                yield chunk(text[len(streamed):], logprobs=fresh(out.logprobs or []))
             if calls:
                 yield chunk(None, calls=calls)
-            yield chunk(None, "tool_calls" if calls else out.finish_reason)
+            yield chunk(None, "tool_calls" if calls else out.finish_reason, logprobs=fresh(out.logprobs or []))
             if usage:
                 yield chunk(None, usage=_usage(out))
         except Exception as e:  # headers are sent already: report in-band like OpenAI does

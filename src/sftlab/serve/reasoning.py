@@ -98,13 +98,16 @@ def answer_layout(tokenizer) -> AnswerLayout:
     return _layout_of(tokenizer, tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None)
 
 
-def reply_layout(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> AnswerLayout:
+def reply_layout(tokenizer, messages: list[dict], tools: list[dict] | None = None, *,
+                 prompt: str | None = None) -> AnswerLayout:
     """The layout of a reply to these messages: whether it begins inside a `<think>` block is read off
-    their own prompt, as a template opens one after a user turn but not always after a tool result."""
+    their own prompt (`prompt`: its text, where the caller has rendered it already), as a template opens
+    one after a user turn but not always after a tool result."""
     layout = answer_layout(tokenizer)
     if _CLOSE not in layout.closer:  # no think block in this template: a `<think>` in the prompt is text
         return layout
-    prompt = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    if prompt is None:
+        prompt = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
     return replace(layout, opened=opens_reasoning(prompt))
 
 
