@@ -226,10 +226,11 @@ def test_a_chat_request_renders_its_prompt_once(tokenizer, monkeypatch, template
 
 
 @pytest.mark.parametrize("engine, supports", [
-    ("torch", {"presence_penalty", "frequency_penalty", "logit_bias", "top_k", "min_p", "repetition_penalty"}),
-    ("onnx", {"logit_bias", "top_k", "repetition_penalty"})])
-def test_the_triton_backend_supports_what_its_engine_does_but_logprobs(tokenizer, tmp_path, engine, supports):
-    """Read off the repository's config (no server runs): the Triton model has no output for logprobs."""
+    ("torch", {"logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "min_p", "repetition_penalty"}),
+    ("onnx", {"logprobs", "logit_bias", "top_k", "repetition_penalty"})])
+def test_the_triton_backend_supports_what_its_engine_does(tokenizer, tmp_path, engine, supports):
+    """Read off the repository's config (no server runs); logprobs only where the model has an output for them
+    (a repository exported before it had none)."""
     from types import SimpleNamespace
 
     pytest.importorskip("tritonclient.http")
@@ -237,7 +238,11 @@ def test_the_triton_backend_supports_what_its_engine_does_but_logprobs(tokenizer
     from sftlab.serve.backends import TritonBackend
 
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.pbtxt").write_text(CONFIG.format(
-        name="m", max_batch_size=4, queue_delay_us=1, engine=engine, default_max_tokens=8, max_tokens_limit=8))
+    config = CONFIG.format(name="m", max_batch_size=4, queue_delay_us=1, engine=engine, default_max_tokens=8,
+                           max_tokens_limit=8)
+    (tmp_path / "m" / "config.pbtxt").write_text(config)
     backend = TritonBackend(SimpleNamespace(repository=tmp_path), tokenizer, "m")
     assert (backend.name, backend.supports) == ("triton", supports)
+    older = "\n".join(line for line in config.splitlines() if 'name: "logprobs"' not in line)
+    (tmp_path / "m" / "config.pbtxt").write_text(older)
+    assert TritonBackend(SimpleNamespace(repository=tmp_path), tokenizer, "m").supports == supports - {"logprobs"}

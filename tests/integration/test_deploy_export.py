@@ -372,6 +372,25 @@ def test_openai_server_on_the_triton_backend_handles_concurrent_requests(triton_
     assert [r.status_code for r in responses] == [200] * 8
     assert all(r.json()["usage"]["completion_tokens"] <= 4 for r in responses)
 
+    # logprobs come through Triton's `logprobs` output: those of the same engine run here
+    from sftlab.serve.generation import GenRequest, TorchEngine, encode
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+
+    async def ask():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=120) as c:
+            return await c.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4, "logprobs": True,
+                                                              "top_logprobs": 2})
+
+    assert "logprobs" in backend.supports
+    got = asyncio.run(ask()).json()["choices"][0]["logprobs"]["content"]
+    engine = TorchEngine.from_pretrained(repo / "sftlab" / "1" / "weights")
+    want = engine.generate([GenRequest(encode(engine.tokenizer, messages), 4, logprobs=2)])[0].logprobs
+    assert len(got) == len(want) > 0
+    for entry, lp in zip(got, want):
+        assert entry["logprob"] == pytest.approx(lp.logprob, abs=1e-4)
+        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx([v for _, v in lp.top], abs=1e-4)
+
 
 def test_merge_says_a_missing_run_folder_does_not_exist(tmp_path, capsys, monkeypatch):
     from sftlab.cli import main

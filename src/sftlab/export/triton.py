@@ -32,7 +32,8 @@ output [
   {{ name: "text" data_type: TYPE_STRING dims: [ 1 ] }},
   {{ name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] }},
   {{ name: "prompt_tokens" data_type: TYPE_INT32 dims: [ 1 ] }},
-  {{ name: "completion_tokens" data_type: TYPE_INT32 dims: [ 1 ] }}
+  {{ name: "completion_tokens" data_type: TYPE_INT32 dims: [ 1 ] }},
+  {{ name: "logprobs" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
 dynamic_batching {{
   max_queue_delay_microseconds: {queue_delay_us}

@@ -2,9 +2,11 @@
 
 Input `text` (BYTES): a JSON list of chat messages (rendered with the model's chat template)
 or a raw prompt. Request parameters: `max_tokens`, `temperature`, `top_p`, `seed`, and those of the
-engine's `supports` but logprobs (`logit_bias`: a JSON object of token id to bias); any other is refused.
+engine's `supports` (`logit_bias`: a JSON object of token id to bias; `logprobs`: how many alternatives
+each token's logprob comes with); any other is refused.
 Outputs: `text` (BYTES), `finish_reason` (BYTES: "stop" or "length"), `prompt_tokens`
-and `completion_tokens` (INT32). Requests that Triton's dynamic batcher puts together are
+and `completion_tokens` (INT32), `logprobs` (BYTES: JSON `null`, or where asked a list with each
+generated token's `[token, logprob, [[token, logprob], ...]]`, the alternatives best first). Requests that Triton's dynamic batcher puts together are
 decoded as one batch. Needs torch + transformers (engine "torch") or onnxruntime-genai
 (engine "onnx") in the Python environment Triton runs its Python models in.
 """
@@ -45,7 +47,7 @@ class TritonPythonModel:
         if any(not 0 <= tok < len(self.engine.tokenizer) for tok in sampling.get("logit_bias", ())):
             raise ValueError("logit_bias names a token id this model does not have")
         probe = GenRequest([], 1, **sampling)
-        if refused := [name for name in probe.extras() if name not in self.engine.supports - {"logprobs"}]:
+        if refused := [name for name in probe.extras() if name not in self.engine.supports]:
             raise ValueError(f"{', '.join(refused)}: not supported by this Triton model ({self.engine.name} engine)")
         texts = pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)
         tokenizer = self.engine.tokenizer
@@ -73,6 +75,8 @@ class TritonPythonModel:
                 pb_utils.Tensor("finish_reason", np.array([[r.finish_reason.encode()] for r in outs], dtype=np.object_)),
                 pb_utils.Tensor("prompt_tokens", np.array([[len(q.ids)] for q in items], dtype=np.int32)),
                 pb_utils.Tensor("completion_tokens", np.array([[len(r.tokens)] for r in outs], dtype=np.int32)),
+                pb_utils.Tensor("logprobs", np.array([[json.dumps(r.logprobs if q.logprobs is not None else None).encode()]
+                                                      for q, r in zip(items, outs)], dtype=np.object_)),
             ]
             responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
         return responses

@@ -178,8 +178,8 @@ class BatchingBackend:
 
 class TritonBackend:
     """Forwards each request to a Triton server running an `sftlab export --to triton` repository;
-    Triton's dynamic batcher does the batching. It `supports` what the repository's engine does but logprobs
-    (the model has no output for them)."""
+    Triton's dynamic batcher does the batching. It `supports` what the repository's engine does (logprobs
+    where the model has an output for them: repositories exported since it has)."""
 
     name = "triton"
 
@@ -189,7 +189,7 @@ class TritonBackend:
         self.server, self.tokenizer, self.model_name = server, tokenizer, model_name
         config = (Path(server.repository) / model_name / "config.pbtxt").read_text()
         engine = OnnxEngine if re.search(r'key: "engine" value: \{ string_value: "onnx" \}', config) else TorchEngine
-        self.supports = engine.supports - {"logprobs"}
+        self.supports = engine.supports - (set() if 'name: "logprobs"' in config else {"logprobs"})
         self._http = httpclient
         self._local = threading.local()  # tritonclient's http client (gevent) is not thread-safe
 
@@ -219,8 +219,12 @@ class TritonBackend:
         cut = StopText(stop)
         cut.feed(result.as_numpy("text")[0, 0].decode("utf-8"))
         finish = "stop" if cut.hit else result.as_numpy("finish_reason")[0, 0].decode()
+        logprobs = None
+        if sampling.get("logprobs") is not None:
+            logprobs = [Logprob(tok, lp, [tuple(t) for t in top])
+                        for tok, lp, top in json.loads(result.as_numpy("logprobs")[0, 0])]
         return Completion(cut.text, finish, int(result.as_numpy("prompt_tokens")[0, 0]),
-                          int(result.as_numpy("completion_tokens")[0, 0]))
+                          int(result.as_numpy("completion_tokens")[0, 0]), logprobs)
 
     def close(self) -> None:
         self.server.stop()
