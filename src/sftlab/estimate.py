@@ -234,7 +234,11 @@ def model_shape(config) -> ModelShape:
                           f"'{getattr(config, 'model_type', '?')}' config: {reason}") from e
     text = getattr(config, "get_text_config", lambda: config)()
     h = text.hidden_size
-    n_heads = text.num_attention_heads
+    n_heads = getattr(text, "num_attention_heads", None)
+    if not n_heads:  # Mamba and other state-space models: no attention layers for the formulas below to count
+        raise SftlabError(f"cannot estimate {type(model).__name__} ('{config.model_type}'): its config gives no "
+                          "num_attention_heads, and the activation formulas are those of attention layers; "
+                          "train a few steps (training.max_steps) with a small batch and watch the memory instead")
     head_dim = getattr(text, "head_dim", None) or h // n_heads
     n_kv = getattr(text, "num_key_value_heads", None) or n_heads
     intermediate = getattr(text, "intermediate_size", None) or 4 * h

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -278,6 +279,8 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
                               f"({lora.target_modules}) picks: {str(e).splitlines()[0]} On a mixture-of-experts "
                               "model, target the attention projections, e.g. "
                               "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]") from None
+        if refused := re.search(r"Module '([\w.]+)' is incompatible", str(e)):  # PEFT: out_proj on Mamba-type models
+            raise SftlabError(incompatible_target_message(model, lora.target_modules, refused[1], str(e))) from None
         raise
     fuse_lora_layers(model)
     return model
@@ -293,6 +296,19 @@ def no_target_message(model, targets) -> str:
     comma = " (a list is written [a,b]; one string is a regular expression)" if isinstance(targets, str) and "," in targets else ""
     return (f"lora.target_modules: {given} matches no layer of {type(model).__name__}{comma}; its linear layers are "
             f"{', '.join(names)}: e.g. lora.target_modules=[{','.join(example)}], or all-linear")
+
+
+def incompatible_target_message(model, targets, refused: str, reason: str) -> str:
+    """PEFT refused a layer lora.target_modules picks: name the others to write instead (the model holds the
+    LoRA layers PEFT added before it refused: their parts are not names to write)."""
+    from sftlab.estimate import linear_layers
+
+    names = sorted({n.rsplit(".", 1)[-1] for n, _, _ in linear_layers(model)
+                    if not any(p == "base_layer" or p.startswith("lora_") for p in n.split("."))} - {refused})
+    given = f"'{targets}'" if isinstance(targets, str) else f"[{', '.join(targets)}]"
+    return (f"lora.target_modules: {given} picks '{refused}', which PEFT cannot adapt on {type(model).__name__} "
+            f"({reason.splitlines()[0].split('] ', 1)[-1]}); name the layers to adapt without it: "
+            f"lora.target_modules=[{','.join(names)}]")
 
 
 def bf16_unavailable(engine: str, device: str = "auto") -> str | None:
