@@ -241,7 +241,9 @@ def model_shape(config) -> ModelShape:
                           "train a few steps (training.max_steps) with a small batch and watch the memory instead")
     head_dim = getattr(text, "head_dim", None) or h // n_heads
     n_kv = getattr(text, "num_key_value_heads", None) or n_heads
-    intermediate = getattr(text, "intermediate_size", None) or 4 * h
+    # the MLP width by its names: most models, OPT, GPT-2/GPT-J/CodeGen (None: 4h), Falcon
+    intermediate = next((width for key in ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
+                         if (width := getattr(text, key, None))), 4 * h)
     candidates = tuple(linear_layers(model))
     modules, params = dict(model.named_modules()), dict(model.named_parameters())
     layers = _decoder_layers([n for n, _, _ in candidates], params)

@@ -50,3 +50,17 @@ def test_lora_all_linear_on_mamba_names_the_layers_peft_can_adapt_and_those_trai
     assert targets == "[dt_proj,in_proj,x_proj]"
     assert main([*args, f"lora.target_modules={targets}", f"output_dir={tmp_path / 'b'}"]) == 0
     assert (tmp_path / "b" / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("model_type, given, width", [
+    ("opt", dict(ffn_dim=300, word_embed_proj_dim=64), 300), ("gptj", dict(n_inner=200, rotary_dim=8), 200),
+    ("gpt2", {}, 256), ("falcon", dict(ffn_hidden_size=96), 96), ("llama", dict(intermediate_size=128), 128)])
+def test_the_estimate_reads_the_mlp_width_under_each_architectures_name_for_it(model_type, given, width):
+    """OPT's ffn_dim and GPT-J's n_inner were read as 4 x hidden."""
+    from transformers import AutoConfig
+
+    from sftlab.estimate import model_shape
+
+    config = AutoConfig.for_model(model_type, num_hidden_layers=1, vocab_size=128, hidden_size=64, num_attention_heads=4,
+                                  **given)
+    assert model_shape(config).intermediate == width
