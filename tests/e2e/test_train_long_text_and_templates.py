@@ -108,3 +108,55 @@ def test_a_base_model_trains_with_a_named_template_and_its_new_tokens(tiny_model
     assert (head_changed[: len(tokenizer)] == 0).all(), "existing tokens' output rows must stay the base's"
     # merged, the trained rows are in the plain model (export checks merged == unmerged logits)
     assert main(["export", str(out), "--to", "merged", str(tmp_path / "merged")]) == 0
+
+
+def whole_embedding_keys(adapter_dir) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        return [k for k in f.keys() if ("embed_tokens" in k or "lm_head" in k) and k.endswith(".weight")]
+
+
+def logits_loaded(run, seed: int, ids: list[int]):
+    """The run's model as sftlab loads it, the base's grown rows drawn under `seed`, on `ids`."""
+    import torch
+
+    from sftlab.models import load_model
+
+    torch.manual_seed(seed)
+    model = load_model(str(run)).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits
+
+
+@pytest.mark.parametrize("grown_by", ["template", "tokenizer"])
+def test_the_adapter_holds_the_new_rows_not_the_embedding_layers_and_loads_the_same_model(tmp_path, tokenizer, grown_by):
+    """PEFT saved both embedding layers whole into the adapter whenever the vocabulary grew (2 x 113 MB on
+    SmolLM2 with model.chat_template=llama3). Every grown row is a trainable token whose values the adapter
+    holds, so a base grown again at load (other random rows) gives the same model: also where the tokenizer
+    is longer than the model's embeddings (tokens the model never saw, now trained, not left random)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    short = 4 if grown_by == "tokenizer" else 0
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer) - short, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                     ).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Echo {w}", "output": w}) + "\n" for w in WORDS))
+    out = tmp_path / "run"
+    template = ["model.chat_template=llama3"] if grown_by == "template" else []
+    assert main(["train", "-", f"model.name_or_path={base}", f"data.train={data}", *template, "data.max_seq_length=64",
+                 "training.max_steps=2", "training.learning_rate=1e-1", "training.bf16=false", "lora.r=4",
+                 f"output_dir={out}"]) == 0
+    rows = json.loads((out / "adapter" / "adapter_config.json").read_text())["trainable_token_indices"]
+    new = list(range(len(tokenizer) - short, len(tokenizer) + (3 if grown_by == "template" else 0)))
+    assert rows == {"embed_tokens": new, "lm_head": new}
+    assert whole_embedding_keys(out / "adapter") == []
+    ids = [*new, 5, 6, *new]
+    assert torch.equal(logits_loaded(out, 1, ids), logits_loaded(out, 2, ids))

@@ -208,7 +208,7 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     from transformers import set_seed
 
     from sftlab.files import atomic_write
-    from sftlab.models import load_tokenizer
+    from sftlab.models import load_tokenizer, save_adapter
     from sftlab.train.callbacks import MetricsJsonlCallback
     from sftlab.train.guards import NonFiniteGuard
     from sftlab.train.preference import load_preferences
@@ -272,7 +272,7 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     if config.method == "full":
         weights = {"model": partial(final.save_pretrained, safe_serialization=True)}
     else:
-        weights = {"adapter": partial(final.save_pretrained, safe_serialization=True, selected_adapters=["default"])}
+        weights = {"adapter": partial(save_adapter, final, selected_adapters=["default"])}
     save_outputs(out, {**weights, "tokenizer": tokenizer.save_pretrained}, RESUME)
     info = {
         "base_model": portable_model_name(base),

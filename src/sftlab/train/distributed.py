@@ -272,7 +272,14 @@ def save_final_model(trainer, path: Path) -> None:
     elif trainer.is_deepspeed_enabled:
         state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if is_main_process():
-        model.save_pretrained(path, state_dict=state, safe_serialization=True)
+        from peft import PeftModel
+
+        from sftlab.models import save_adapter
+
+        if isinstance(model, PeftModel):
+            save_adapter(model, path, state_dict=state)
+        else:
+            model.save_pretrained(path, state_dict=state, safe_serialization=True)
     barrier()
 
 
