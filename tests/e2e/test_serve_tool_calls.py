@@ -1,6 +1,7 @@
 """The OpenAI server with `tools`, queried with the official `openai` client: the tools reach the
 prompt through the chat template, a reply with calls in the layout the model's template writes
-(Hermes / Qwen `<tool_call>` blocks for chatml, Llama 3.1's bare JSON, Qwen 3.5's XML parameters) comes
+(Hermes / Qwen `<tool_call>` blocks for chatml, Llama 3.1's bare JSON, Qwen 3.5's XML parameters, Gemma 4's
+`call:f{...}`) comes
 back as `tool_calls` (streamed or not), a conversation that sends calls and results back is rendered,
 and a model whose template cannot write tools is a 400, not a prompt without them."""
 
@@ -103,14 +104,38 @@ def test_calls_come_back_in_the_layout_of_the_model_s_own_template(tokenizer, te
             for tc in (c.choices[0].delta.tool_calls or [])] == [("get_weather", {"city": "1984"})]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_gemma_4_calls_come_back_as_tool_calls(tokenizer, stream):
+    """Gemma 4 writes `call:f{key:<|"|>text<|"|>,n:2}` (its call tokens dropped in decoding, its string
+    quote kept): the calls come back with JSON arguments, the text before them as the content; streamed,
+    the content is sent and the call text held back from `call:`."""
+    from conftest import tokenizer_for
+
+    gemma = tokenizer_for(tokenizer, "gemma4.jinja")
+    reply = ('Checking both.\ncall:get_weather{city:<|"|>Lima, Peru<|"|>}'
+             'call:get_weather{city:<|"|>{Cusco}<|"|>,days:2}')
+    client, _ = client_for(gemma, reply)
+    resp = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, stream=stream)
+    if stream:
+        chunks = [c.choices[0] for c in resp]
+        content = "".join(c.delta.content or "" for c in chunks)
+        calls, finish = [tc for c in chunks for tc in c.delta.tool_calls or []], chunks[-1].finish_reason
+    else:
+        choice = resp.choices[0]
+        content, calls, finish = choice.message.content, choice.message.tool_calls, choice.finish_reason
+    assert (content, finish) == ("Checking both.", "tool_calls")
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == \
+        [("get_weather", {"city": "Lima, Peru"}), ("get_weather", {"city": "{Cusco}", "days": 2})]
+
+
 def test_a_template_whose_calls_the_server_cannot_read_gives_text_and_says_so(tokenizer, capsys):
     from conftest import tokenizer_for
 
-    gemma = tokenizer_for(tokenizer, "gemma4.jinja")  # call:get_weather{city:<|"|>Lima<|"|>}: not JSON
-    client, _ = client_for(gemma, "call:get_weather{city:Lima}")
+    lfm2 = tokenizer_for(tokenizer, "lfm2.jinja")  # writes the tools list, but no calls of its own
+    client, _ = client_for(lfm2, "[get_weather(city='Lima')]")
     choice = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS).choices[0]
     assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == \
-        ("call:get_weather{city:Lima}", None, "stop")
+        ("[get_weather(city='Lima')]", None, "stop")
     assert "replies to requests with tools come back as text" in capsys.readouterr().err
 
 

@@ -1,8 +1,9 @@
 """Templates whose generation prompt opens the reasoning block (DeepSeek-R1 distills' and Qwen 3.5's
 `<think>\\n`) make the model begin its reply inside it, with no opening tag: the reasoning is what comes
 before `</think>`, and a reply cut off before it is all reasoning with an empty answer, in evaluation's
-predictions and in the server's replies, streamed or not. That is read off each request's own prompt:
-after a tool result DeepSeek's opens no block, and the reply is all answer. Replies are planted; no model runs."""
+predictions and in the server's replies, streamed or not. That is read off the end of each request's own
+prompt, what the template adds for the reply: after a tool result DeepSeek's opens no block, and the reply is
+all answer; a `<think>` a user writes is text. Replies are planted; no model runs."""
 
 from __future__ import annotations
 
@@ -85,16 +86,50 @@ def test_the_server_sends_the_reasoning_as_reasoning_content(tokenizer, name, st
 def test_whether_a_prompt_opens_the_block_is_read_off_the_prompt(tokenizer):
     """DeepSeek-R1 distills open the block after a user turn, not after a tool result; Qwen 3.5's
     `enable_thinking=False` closes it in the prompt."""
-    from sftlab.serve.reasoning import opens_reasoning
+    from sftlab.serve.reasoning import reply_layout
 
     deepseek, qwen = (tokenizer_for(tokenizer, name) for name in REPORTED)
+    assert reply_layout(deepseek, ASK).opened and reply_layout(qwen, ASK).opened
+    assert not reply_layout(deepseek, AFTER_TOOL).opened
+    closed = qwen.apply_chat_template(ASK, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert not reply_layout(qwen, ASK, prompt=closed).opened
 
-    def prompt(tok, messages, **options):
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options)
 
-    assert opens_reasoning(prompt(deepseek, ASK)) and opens_reasoning(prompt(qwen, ASK))
-    assert not opens_reasoning(prompt(deepseek, AFTER_TOOL))
-    assert not opens_reasoning(prompt(qwen, ASK, enable_thinking=False))
+LITERAL = [{"role": "user", "content": "What does the <think> tag do? I never close it."}]
+
+
+@pytest.mark.parametrize("name", ["qwen3.jinja", *REPORTED])
+def test_a_user_s_own_think_tag_opens_no_block(tokenizer, name):
+    """Only what the template adds for the reply opens the block: an unclosed `<think>` in a user message is
+    text, where the prompt opens no block (Qwen 3; DeepSeek-R1 after a tool result) and where it opens one."""
+    from sftlab.serve.reasoning import reply_layout
+
+    tok = tokenizer_for(tokenizer, name)
+    assert reply_layout(tok, LITERAL).opened == (name in REPORTED)
+    after_tool = to_conversation({"messages": [*LITERAL, *SENT[1:], {"role": "assistant", "content": TOLD}]},
+                                 "r:2").prompt_messages()
+    assert reply_layout(tok, after_tool).opened == (name == "qwen3_5_think.jinja")  # it opens one after tools too
+
+
+def test_a_template_may_open_the_block_after_a_tool_result_alone(tokenizer):
+    import copy
+
+    from sftlab.serve.reasoning import reply_layout
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n"
+                         "{% if messages[-1].role == 'tool' %}<think>\n{% endif %}{% endif %}")
+    assert not reply_layout(tok, LITERAL).opened and reply_layout(tok, [*LITERAL, *SENT[1:]]).opened
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_to_a_user_s_own_think_tag_is_all_answer(tokenizer, stream):
+    from sftlab.evaluation.generate import answers
+
+    tok = tokenizer_for(tokenizer, "qwen3.jinja")
+    assert serve(tok, TOLD, stream, LITERAL) == ([], TOLD)
+    assert answers(tok, [tok(TOLD, add_special_tokens=False)["input_ids"]], [LITERAL]) == [TOLD]
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -37,8 +37,9 @@ JSON_LAYOUTS = {"chatml": 2, "qwen2_5.jinja": 2, "qwen3.jinja": 2, "qwen3_instru
 ARGUMENT_LAYOUTS = {"qwen3_5_nothink.jinja": 2, "qwen3_5_think.jinja": 2, "qwen3_8.jinja": 2, "glm4moe.jinja": 2,
                     "nemotron_3_nano.jinja": 2, "muse_glimmer.jinja": 2}
 PYTHON_LAYOUTS = {"lfm2_2_5.jinja": 2, "lfm2_v2.jinja": 2}  # [f(a='x'), g(n=2)]
-LAYOUTS = JSON_LAYOUTS | ARGUMENT_LAYOUTS | PYTHON_LAYOUTS
-OTHER_LAYOUTS = ["gemma4.jinja"]  # its strings sit between special tokens that decoding drops
+# call:f{key:<|"|>text<|"|>,n:2}: strings between a special token that decoding keeps
+NOTATION_LAYOUTS = {"gemma4.jinja": 2}
+LAYOUTS = JSON_LAYOUTS | ARGUMENT_LAYOUTS | PYTHON_LAYOUTS | NOTATION_LAYOUTS
 
 
 def generated_text(tok, calls: list[dict], content: str = "") -> str:
@@ -98,11 +99,6 @@ def test_content_before_the_calls_is_the_message_content(tokenizer):
     assert content == "Let me check." and as_sent(calls)[0] == ("get_weather", {"city": "Lima"})
 
 
-@pytest.mark.parametrize("name", OTHER_LAYOUTS)
-def test_templates_that_write_arguments_otherwise_have_no_parser(tokenizer, name):
-    assert call_parser(tokenizer_for(tokenizer, name)) is None
-
-
 def test_a_template_without_tools_has_no_parser(tokenizer):
     assert call_parser(tokenizer) is None  # SmolLM2's own template
 
@@ -147,6 +143,50 @@ def test_llama_writes_parameters_and_gpt_oss_the_name_in_its_header(tokenizer):
     gpt = call_parser(tokenizer_for(tokenizer, "gptoss.jinja"))
     assert as_sent(gpt.parse(' to=functions.get_weathercommentary json{"city": "Lima"}')[1]) == \
         [("get_weather", {"city": "Lima"})]
+
+
+def test_gemma_4_strings_keep_their_quote_token_and_every_value_reads_back(tokenizer):
+    """Gemma 4 writes a string between `<|"|>` tokens, as it is (commas, braces, quotes, colons, line
+    breaks), keys bare, true/false, numbers and None as Jinja prints them: decoding keeps that token
+    alone of the special tokens, and the parser is the template's inverse, nested values included."""
+    tok = tokenizer_for(tokenizer, "gemma4.jinja")
+    text = generated_text(tok, [call("get_weather", {"city": "Lima"})])
+    assert text == 'call:get_weather{city:<|"|>Lima<|"|>}'  # <|tool_call>, <tool_call|> dropped
+    sent = {"text": 'a, b} {c: "d"} [e]: f}\nnew line', "empty": "", "n": -3, "x": 2.5e-07,
+            "yes": True, "no": False, "none": None, "list": [1, "two", [], {}, [{"k": "v", "m": [False]}]],
+            "deep": {"a": {"b": {"c": "é,ü"}}, "n": 0}}
+    assert as_sent(call_parser(tok).parse(generated_text(tok, [call("f", sent), call("g", {})]))[1]) == \
+        [("f", sent), ("g", {})]
+
+
+def test_text_before_gemma_4_calls_is_the_content(tokenizer):
+    tok = tokenizer_for(tokenizer, "gemma4.jinja")
+    content, calls = call_parser(tok).parse("Let me check: {both}.\n" + generated_text(tok, CALLS))
+    assert content == "Let me check: {both}." and as_sent(calls) == [(c["function"]["name"], c["function"]["arguments"])
+                                                                    for c in CALLS]
+
+
+@pytest.mark.parametrize("text", [
+    'call:f{a:<|"|>x}',  # unclosed string
+    "call:f{a:Lima}",  # a string outside quotes
+    'call:f{a:<|"|>x<|"|>,}',  # an entry without a key
+    "call:f{a:1",  # unclosed
+    "call:f{[1]}",
+    'call:f{a:1} and more text',
+    "I would write call: here, but this is an answer.",
+])
+def test_text_that_is_not_calls_in_gemma_4_s_notation_stays_text(tokenizer, text):
+    assert call_parser(tokenizer_for(tokenizer, "gemma4.jinja")).parse(text) == (text, [])
+
+
+@pytest.mark.parametrize("name", ["chatml", "qwen3.jinja", "gptoss.jinja", "lfm2_2_5.jinja"])
+def test_other_templates_decode_a_reply_as_before(tokenizer, name):
+    """Only a template that writes strings between a special token keeps one in a reply: elsewhere every
+    special token is dropped, as `decode` drops them."""
+    tok = tokenizer_for(tokenizer, name)
+    ids = tok(" x ".join(t.content for t in tok.added_tokens_decoder.values()), add_special_tokens=False)["input_ids"]
+    decoder = IncrementalDecoder(tok)
+    assert "".join(decoder.add(t) for t in ids) == tok.decode(ids, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -117,18 +117,40 @@ def encode(tokenizer, messages: list[dict] | None = None, prompt: str | None = N
     return list(tokenizer(prompt or "", add_special_tokens=True)["input_ids"])
 
 
+def string_quote(tokenizer) -> str:
+    """The special token the chat template writes on both sides of a string argument of a tool call
+    (Gemma 4's `<|"|>`), '' where it writes none: found by rendering a call whose argument is a marker."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ""
+    tools = [{"type": "function", "function": {"name": "probe", "description": "A probe.", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}}}}}]
+    call = {"id": "a1b2c3d4e", "type": "function", "function": {"name": "probe", "arguments": {"text": MARK}}}
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {
+            "role": "assistant", "content": "", "tool_calls": [call]}], tools=tools, tokenize=False)
+    except Exception:  # a template without tool calling, or one that rejects this minimal call
+        return ""
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return next((t.content for t in decoder.values() if t.special and f"{t.content}{MARK}{t.content}" in text), "")
+
+
 class IncrementalDecoder:
     """Turns generated token ids into text deltas with `tokenizers.decoders.DecodeStream`, which
-    keeps a small window instead of re-decoding the whole answer and holds back incomplete UTF-8."""
+    keeps a small window instead of re-decoding the whole answer and holds back incomplete UTF-8.
+    Special tokens are dropped, but for the template's `string_quote`: a reply's tool calls are
+    unreadable without it."""
 
     def __init__(self, tokenizer):
         from tokenizers.decoders import DecodeStream
 
         self.backend = tokenizer.backend_tokenizer
-        self.stream = DecodeStream(skip_special_tokens=True)
+        quote = string_quote(tokenizer)
+        self.dropped = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special and t.content != quote} \
+            if quote else set()
+        self.stream = DecodeStream(skip_special_tokens=not quote)
 
     def add(self, token: int) -> str:
-        return self.stream.step(self.backend, token) or ""
+        return "" if token in self.dropped else self.stream.step(self.backend, token) or ""
 
 
 def trained_reply(tokenizer, messages: list[dict], source: str, meta: dict | None = None) -> str | None:

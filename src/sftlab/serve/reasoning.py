@@ -8,12 +8,14 @@ gpt-oss `analysis` R `assistantfinal` A once its channel tokens are dropped by d
 without), most templates nothing: their replies are all answer. A generation prompt that ends inside a
 `<think>` block (DeepSeek-R1 distills, Qwen 3.5, Nemotron 3) has the reply begin in the reasoning, with
 no opener: the reasoning is what comes before `</think>`, all of the reply where it never comes. That is
-read off each request's own prompt (`reply_layout`): after a tool result DeepSeek's opens no block.
+read off what the template adds for the reply to each request (`reply_layout`), not the messages: after
+a tool result DeepSeek's opens no block, and a user's own `<think>` is text.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 from dataclasses import dataclass, replace
 
@@ -24,12 +26,14 @@ _OPEN, _CLOSE = "<think>", "</think>"  # the block every shipped template that o
 @dataclass(frozen=True)
 class AnswerLayout:
     """`opener` R `closer` A with reasoning R (both '' when the template writes none); `lead` A without.
-    `opened`: the generation prompt opens the reasoning, so a reply begins inside it, without the opener."""
+    `opened`: the generation prompt opens the reasoning, so a reply begins inside it, without the opener;
+    `opening`: the generation prompts of the template that do (`reply_layout` reads a request's own)."""
 
     opener: str = ""
     closer: str = ""
     lead: str = ""
     opened: bool = False
+    opening: tuple[str, ...] = ()
 
     def split(self, text: str) -> tuple[str | None, str]:
         """(the reasoning, None when there is none; the answer: the text as it is where nothing of the
@@ -100,15 +104,15 @@ def answer_layout(tokenizer) -> AnswerLayout:
 
 def reply_layout(tokenizer, messages: list[dict], tools: list[dict] | None = None, *,
                  prompt: str | None = None) -> AnswerLayout:
-    """The layout of a reply to these messages: whether it begins inside a `<think>` block is read off
-    their own prompt (`prompt`: its text, where the caller has rendered it already), as a template opens
-    one after a user turn but not always after a tool result."""
+    """The layout of a reply to these messages: whether it begins inside a `<think>` block is read off the
+    end of their own prompt (`prompt`: its text, where the caller has rendered it already), as a template
+    opens one after a user turn but not always after a tool result; a `<think>` in a message is text."""
     layout = answer_layout(tokenizer)
     if _CLOSE not in layout.closer:  # no think block in this template: a `<think>` in the prompt is text
         return layout
     if prompt is None:
         prompt = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
-    return replace(layout, opened=opens_reasoning(prompt))
+    return replace(layout, opened=prompt.endswith(layout.opening))
 
 
 def opens_reasoning(prompt: str) -> bool:
@@ -120,23 +124,32 @@ def opens_reasoning(prompt: str) -> bool:
 def _layout_of(tokenizer, template: str | None) -> AnswerLayout:
     lead = _generated(tokenizer, None)
     with_reasoning = _generated(tokenizer, _REASONING)
-    lead = lead.split(_ANSWER)[0] if lead and _ANSWER in lead else ""
+    lead, opening = lead.split(_ANSWER)[0] if lead and _ANSWER in lead else "", _opening_prompts(tokenizer)
     if not with_reasoning or _REASONING not in with_reasoning or _ANSWER not in with_reasoning:
-        opened = _prompt_opens_think(tokenizer)
-        return AnswerLayout(_OPEN if opened else "", _CLOSE if opened else "", lead, opened)
+        opened = bool(opening)
+        return AnswerLayout(_OPEN if opened else "", _CLOSE if opened else "", lead, opened, opening)
     opener, rest = with_reasoning.split(_REASONING, 1)
-    return AnswerLayout(opener if opener.strip() else _OPEN, rest.split(_ANSWER)[0], lead, not opener.strip())
+    return AnswerLayout(opener if opener.strip() else _OPEN, rest.split(_ANSWER)[0], lead, not opener.strip(),
+                        opening)
 
 
-def _prompt_opens_think(tokenizer) -> bool:
-    """Whether the plain generation prompt ends inside a `<think>` block. Read where training writes no
-    reasoning to probe (DeepSeek-R1 distills drop it from every answer), so no closer was found in a reply."""
-    try:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi."}], tokenize=False,
-                                               add_generation_prompt=True)
-    except Exception:  # no template, jinja errors, raise_exception() in the template: no prompt to read
-        return False
-    return isinstance(prompt, str) and opens_reasoning(prompt)
+def _opening_prompts(tokenizer) -> tuple[str, ...]:
+    """The generation prompts (what the template writes with one past what it writes without) that end
+    inside a `<think>` block, after a user turn and after a tool result: a prompt that ends with one opens
+    the reply's reasoning, whatever its messages hold. Read where training writes no reasoning to probe
+    too (DeepSeek-R1 distills drop it from every answer)."""
+    call = {"id": "a1b2c3d4e", "type": "function", "function": {"name": "probe", "arguments": {}}}
+    asked = [{"role": "user", "content": "Hi."}]
+    found = []
+    for messages in (asked, [*asked, {"role": "assistant", "content": "", "tool_calls": [call]},
+                             {"role": "tool", "tool_call_id": call["id"], "content": "ok"}]):
+        try:
+            whole, bare = (tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+                           for generation in (True, False))
+        except Exception:  # no template, jinja errors, raise_exception() in the template: no prompt to read
+            continue
+        found.append(whole[len(os.path.commonprefix([whole, bare])):])
+    return tuple(prompt for prompt in dict.fromkeys(found) if opens_reasoning(prompt))
 
 
 def _generated(tokenizer, reasoning: str | None) -> str | None:

@@ -3,20 +3,23 @@ template writes them: the layout a model trained on that template generates.
 
 The layout is read off the template, not written out per model family. A probe conversation whose
 assistant turn calls a probe function is rendered as training renders it, and its trained tokens are
-decoded as the server decodes generated ones (special tokens skipped). In that text the probe's name,
-call id and arguments become slots; rendered with two calls, the text that repeats per call. One
-reading covers the Hermes / Qwen `<tool_call>` blocks (`chatml`, Qwen 2.5 and 3), Llama 3.1's bare
-JSON with `"parameters"`, gpt-oss's `to=functions.NAME ... json{...}`, Mistral's `[{...}, {...}]`.
+decoded as the server decodes generated ones (special tokens skipped, a string quote aside). In that
+text the probe's name, call id and arguments become slots; rendered with two calls, the text that
+repeats per call. One reading covers the Hermes / Qwen `<tool_call>` blocks (`chatml`, Qwen 2.5
+and 3), Llama 3.1's bare JSON with `"parameters"`, gpt-oss's `to=functions.NAME ... json{...}`,
+Mistral's `[{...}, {...}]`.
 
 Templates that write each argument on its own (Qwen 3.5 and later, Nemotron 3 and Qwen3-Coder's
 `<parameter=KEY>VALUE</parameter>`, GLM's `<arg_key>`/`<arg_value>`, other XML parameters) are read
 the same way: rendered with one and with two arguments, the text that repeats per argument is
 the argument's layout, with slots for its key and value. Such templates write a string value as
 it is and other values as JSON (or Python's True/False/None), so a value is read by the type the
-request's tool declares for that parameter, as JSON where it declares none. A template that writes the calls
-as a Python list of calls (LFM2's `[f(city='Lima', n=2)]`) is read with Python's own parser. Templates
-whose calls are none of these (Gemma 4's, whose strings sit between special tokens that decoding
-drops) have no layout here: replies to such a model are returned as text.
+request's tool declares for that parameter, as JSON where it declares none. A template that writes
+the calls as a Python list of calls (LFM2's `[f(city='Lima', n=2)]`) is read with Python's own parser.
+A template that writes a string between two special tokens (Gemma 4's `call:f{city:<|"|>Lima<|"|>,n:2}`)
+has that token kept in decoded replies (serve/generation.py `string_quote`), and the arguments
+object read in its own notation (`_quoted`). Templates whose calls are none of these have no layout
+here: replies to such a model are returned as text.
 """
 
 from __future__ import annotations
@@ -45,12 +48,14 @@ class CallLayout:
     """How one chat template writes an assistant turn's calls: `first` with one call (slots for its
     name, id and arguments), `repeat` inserted at `at` for each further call ('' when the template
     writes one call per turn). `argument`: where the arguments slot holds arguments written one by
-    one, the layout of one (slots for its key and value); '' where it holds a JSON object."""
+    one, the layout of one (slots for its key and value); '' where it holds a JSON object, or with
+    `quote` (the special token the template writes strings between) an object in its notation."""
 
     first: str
     repeat: str = ""
     at: int = 0
     argument: str = ""
+    quote: str = ""
 
     def for_calls(self, n: int) -> str:
         return self.first[:self.at] + self.repeat * (n - 1) + self.first[self.at:]
@@ -72,7 +77,7 @@ class CallLayout:
         if found:
             start, types = found.start() if head else found.end(), _parameter_types(tools)
             for n in range(1, (MAX_CALLS if self.repeat else 1) + 1):
-                calls = _match(self.for_calls(n), text, start, self.argument, types)
+                calls = _match(self.for_calls(n), text, start, self.argument, types, self.quote)
                 if calls is not None:
                     return text[:start].strip() or None, calls
         return text, []
@@ -86,23 +91,22 @@ def _literal(text: str) -> str:
     return (r"\s*" if text[0].isspace() else "") + core + (r"\s*" if text[-1].isspace() else "")
 
 
-def _match(layout: str, text: str, pos: int, argument: str = "", types: dict | None = None) -> list[dict] | None:
+def _match(layout: str, text: str, pos: int, argument: str = "", types: dict | None = None,
+           quote: str = "") -> list[dict] | None:
     """The calls when `text[pos:]` is exactly `layout` (trailing whitespace aside), else None.
-    `argument`, `types`: as `_arguments` reads them."""
+    `argument`, `types`: as `_arguments` reads them; `quote`: as `_value_at` reads arguments."""
     parts = _SLOTS.split(layout)
     names_per_call = layout.count(NAME) // layout.count(ARGS)  # gpt-oss-like headers may repeat the name
     names, arguments = [], []
-    decoder = json.JSONDecoder()
     for k, part in enumerate(parts):
         if part == ARGS and argument:
             value, pos = _arguments(text, pos, argument, parts[k + 1] if k + 1 < len(parts) else "",
                                     (types or {}).get(names[-1] if names else None, {}))
             arguments.append(value)
         elif part == ARGS:
-            pos = len(text) - len(text[pos:].lstrip())
             try:
-                value, pos = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError:
+                value, pos = _value_at(text, pos, quote)
+            except ValueError:
                 return None
             value = _object(value)
             if value is None:
@@ -130,6 +134,54 @@ def _match(layout: str, text: str, pos: int, argument: str = "", types: dict | N
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
             for name, args in zip(per_call, arguments)]
+
+
+def _value_at(text: str, pos: int, quote: str = "") -> tuple[object, int]:
+    """The value written from `pos` (whitespace before it aside) and where it ends: JSON, or with `quote`
+    the template's own notation (`_quoted`). ValueError where there is none."""
+    pos = _SPACE.match(text, pos).end()
+    return _quoted(text, pos, quote) if quote else json.JSONDecoder().raw_decode(text, pos)
+
+
+_SPACE = re.compile(r"\s*")
+_KEY = re.compile(r"\s*([^:,{}\[\]]+?)\s*:")
+_SCALAR = re.compile(r"[^,{}\[\]\s]+")
+_WORDS = {"true": True, "false": False, "None": None}  # as the template writes booleans, as Jinja prints None
+
+
+def _quoted(text: str, pos: int, quote: str) -> tuple[object, int]:
+    """The value at `pos` in the notation of a template that writes strings between `quote` tokens, and
+    where it ends; ValueError where there is none. The inverse of Gemma 4's: `{key:value,...}` with bare
+    keys, `[value,...]`, a string as it is between quotes, true/false, numbers and None as Jinja prints them."""
+    pos = _SPACE.match(text, pos).end()
+    if text.startswith(quote, pos):
+        end = text.find(quote, pos + len(quote))
+        if end < 0:
+            raise ValueError("an unclosed string")
+        return text[pos + len(quote):end], end + len(quote)
+    if text.startswith(("{", "["), pos):
+        keyed, close = text[pos] == "{", "}" if text[pos] == "{" else "]"
+        items, pos = [], _SPACE.match(text, pos + 1).end()
+        more = not text.startswith(close, pos)  # not an empty {} or []
+        while more:
+            key = _KEY.match(text, pos) if keyed else None
+            if keyed and key is None:
+                raise ValueError("an entry without a key")
+            value, pos = _quoted(text, key.end() if key else pos, quote)
+            items.append((key and key.group(1), value))
+            pos = _SPACE.match(text, pos).end()
+            more = text.startswith(",", pos)
+            pos += more
+        if not text.startswith(close, pos):
+            raise ValueError(f"no closing {close}")
+        return (dict(items) if keyed else [value for _, value in items]), pos + 1
+    word = _SCALAR.match(text, pos)
+    if word is None:
+        raise ValueError("no value")
+    value = _WORDS[word.group()] if word.group() in _WORDS else json.loads(word.group())
+    if isinstance(value, str):
+        raise ValueError(f"a string outside quotes: {word.group()}")
+    return value, word.end()
 
 
 def _arguments(text: str, pos: int, argument: str, after: str, types: dict[str, str]) -> tuple[dict, int]:
@@ -284,11 +336,13 @@ def call_parser(tokenizer) -> CallParser | None:
 
 
 def _layout(tokenizer, content: str) -> CallLayout | PythonCalls | None:
+    from sftlab.serve.generation import string_quote
+
     def probe(calls: int, arguments: dict = _PROBE_ARGS) -> str | None:
         return _probe_text(tokenizer, calls, content, arguments)
 
-    text = probe(1)
-    one, argument = _slotted(text), ""
+    text, quote = probe(1), string_quote(tokenizer)
+    one, argument = _slotted(text, quote), ""
     calls = _python_calls(text) if one is None and text else None
     if calls and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
             [(_PROBE_NAME, _PROBE_ARGS)]:
@@ -300,11 +354,11 @@ def _layout(tokenizer, content: str) -> CallLayout | PythonCalls | None:
         one = _arguments_slotted(text, argument)
     if one is None or one.count(ARGS) != 1 or NAME not in one:
         return None
-    two = _arguments_slotted(probe(2), argument) if argument else _slotted(probe(2))
+    two = _arguments_slotted(probe(2), argument) if argument else _slotted(probe(2), quote)
     if two is None or two.count(ARGS) != 2:  # one call per turn (gpt-oss), or two written otherwise
-        return CallLayout(one, "", len(one), argument)
+        return CallLayout(one, "", len(one), argument, quote)
     at, repeat = _repeated(one, two, (NAME, ARGS, ID))
-    return CallLayout(one, repeat, at if repeat else len(one), argument)
+    return CallLayout(one, repeat, at if repeat else len(one), argument, quote)
 
 
 def _repeated(one: str | None, two: str | None, slots: tuple[str, ...]) -> tuple[int, str]:
@@ -335,18 +389,18 @@ def _probe_text(tokenizer, calls: int, content: str, arguments: dict) -> str | N
     return (text.split(content, 1)[1] if content else text).strip()
 
 
-def _slotted(text: str | None) -> str | None:
+def _slotted(text: str | None, quote: str = "") -> str | None:
     """The probe's text with its arguments, name and id replaced by slots; None when the arguments are
-    not written as a JSON object."""
+    not written as an object (JSON, or with `quote` the template's notation)."""
     if text is None:
         return None
-    decoder, out, pos = json.JSONDecoder(), [], 0
+    out, pos = [], 0
     for m in re.finditer(r"\{", text):
         if m.start() < pos:
             continue
         try:
-            value, end = decoder.raw_decode(text, m.start())
-        except json.JSONDecodeError:
+            value, end = _value_at(text, m.start(), quote)
+        except ValueError:
             continue
         if value == _PROBE_ARGS:
             out += [text[pos:m.start()], ARGS]
