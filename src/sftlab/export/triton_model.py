@@ -19,7 +19,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation import SAMPLING, GenRequest, OnnxEngine, TorchEngine, encode, parse_text_input  # noqa: E402
+from generation import (SAMPLING, GenRequest, IncrementalDecoder, OnnxEngine, TorchEngine, encode,  # noqa: E402
+                        parse_text_input)
 
 
 class TritonPythonModel:
@@ -66,11 +67,14 @@ class TritonPythonModel:
             owners.append((i, len(batch), len(items)))
             batch.extend(items)
         results = self.engine.generate(batch) if batch else []
-        decode = self.engine.tokenizer.decode
+        def decode(tokens: list[int]) -> str:  # as the OpenAI server decodes: a template's string quote kept
+            decoder = IncrementalDecoder(self.engine.tokenizer)
+            return "".join(decoder.add(tok) for tok in tokens)
+
         for i, start, n in owners:
             items, outs = batch[start:start + n], results[start:start + n]
             tensors = [
-                pb_utils.Tensor("text", np.array([[decode(r.tokens, skip_special_tokens=True).encode()] for r in outs],
+                pb_utils.Tensor("text", np.array([[decode(r.tokens).encode()] for r in outs],
                                                   dtype=np.object_)),
                 pb_utils.Tensor("finish_reason", np.array([[r.finish_reason.encode()] for r in outs], dtype=np.object_)),
                 pb_utils.Tensor("prompt_tokens", np.array([[len(q.ids)] for q in items], dtype=np.int32)),
