@@ -123,7 +123,6 @@ def test_the_named_llama3_template_trains_after_the_tokens_inference_sends(token
     assert _prompt_is_prefix(tok, QA)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="B: generate.py neutralises temperature/top_p/top_k but not repetition_penalty")
 def test_greedy_evaluation_ignores_the_model_s_generation_config(tokenizer):
     """transformers#33427 / lighteval#559 (generation_config sampling defaults used in evaluation):
     Qwen2.5-Instruct ships do_sample, temperature .7, top_p .8, top_k 20 and repetition_penalty 1.05.

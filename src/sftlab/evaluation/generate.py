@@ -40,6 +40,17 @@ def check_fits(model, tokens: int, source: str, what: str, new_tokens: int = 0) 
                                 "(max_position_embeddings): shorten it or leave it out")
 
 
+# generation_config knobs that change which tokens are picked, at the values that turn them off
+NEUTRAL_DECODING = {
+    "top_k": None, "min_p": None, "typical_p": None, "epsilon_cutoff": None, "eta_cutoff": None,
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "min_length": 0, "min_new_tokens": None, "num_beams": 1, "num_beam_groups": 1,
+    "diversity_penalty": 0.0, "penalty_alpha": None, "length_penalty": 1.0, "exponential_decay_length_penalty": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "renormalize_logits": False, "guidance_scale": None,
+}
+
+
 def cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
     for i, t in enumerate(ids):
         if t in stops:
@@ -113,10 +124,11 @@ def generate_ids(
         "pad_token_id": pad_id,
         "use_cache": True,
     }
-    if do_sample:
-        gen_kwargs.update(temperature=temperature, top_p=top_p)
-    else:  # neutralise sampling knobs a model's generation_config may carry
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    # a model's generation_config may carry its own decoding knobs (Qwen2.5-Instruct: top_k 20, repetition_penalty
+    # 1.05): off, so tokens are picked by these settings alone, as the server picks them
+    config = getattr(model, "generation_config", None)
+    gen_kwargs.update({k: v for k, v in NEUTRAL_DECODING.items() if getattr(config, k, None) not in (None, v)})
+    gen_kwargs.update(temperature=temperature if do_sample else None, top_p=top_p if do_sample else None)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress)
