@@ -141,10 +141,12 @@ def test_bucketed_keeps_every_trained_position_and_rounds_the_count():
     assert bucketed(small) is small  # not enough free positions: unchanged
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, True)])
-def test_fused_linear_cross_entropy_equals_lm_head_then_cross_entropy(dtype, autocast):
+def test_fused_linear_cross_entropy_equals_lm_head_then_cross_entropy(dtype, autocast, smoothing):
     """Loss and gradients (hidden and a trainable head weight) of the chunked head+loss equal
-    F.linear + F.cross_entropy on full logits, over several chunks and with IGNORE rows."""
+    F.linear + F.cross_entropy on full logits, over several chunks and with IGNORE rows; label
+    smoothing as F.cross_entropy's label_smoothing."""
     from sftlab.train.loss import linear_cross_entropy_sum
 
     torch.manual_seed(0)
@@ -160,9 +162,9 @@ def test_fused_linear_cross_entropy_equals_lm_head_then_cross_entropy(dtype, aut
         (loss * 0.5).backward()
         return loss.detach(), h.grad, w.grad
 
-    fused = run(lambda h, w: linear_cross_entropy_sum(h, w, targets, chunk=8))
+    fused = run(lambda h, w: linear_cross_entropy_sum(h, w, targets, chunk=8, smoothing=smoothing))
     plain = run(lambda h, w: torch.nn.functional.cross_entropy(
-        torch.nn.functional.linear(h, w).float(), targets, reduction="sum"))
+        torch.nn.functional.linear(h, w).float(), targets, reduction="sum", label_smoothing=smoothing))
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for a, b in zip(fused, plain):
         assert a.dtype == b.dtype

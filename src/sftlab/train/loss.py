@@ -49,17 +49,20 @@ def ce_chunk(device_type: str, head_trained: bool) -> int:
     return min(CE_CHUNK, FROZEN_HEAD_CPU_CHUNK) if device_type == "cpu" and not head_trained else CE_CHUNK
 
 
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = CE_CHUNK) -> torch.Tensor:
-    """Summed CE over rows of `logits` [N, V], upcasting to fp32 one chunk at a time."""
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = CE_CHUNK,
+                      smoothing: float = 0.0) -> torch.Tensor:
+    """Summed CE over rows of `logits` [N, V], upcasting to fp32 one chunk at a time; `smoothing` is
+    F.cross_entropy's label_smoothing (transformers' label_smoothing_factor)."""
     total = logits.new_zeros((), dtype=torch.float32)
     for part, target in zip(logits.split(chunk), targets.split(chunk)):  # split: one concatenation in backward
-        total = total + F.cross_entropy(part.float(), target, reduction="sum")
+        total = total + F.cross_entropy(part.float(), target, reduction="sum", label_smoothing=smoothing)
     return total
 
 
-def _chunk_loss(h, t, w, dtype, grad_h, grad_w) -> torch.Tensor:
-    """One chunk of `_LinearCrossEntropy`'s forward: its summed log-likelihood, its rows'
-    gradients written into grad_h and its weight gradient added to grad_w (either may be None).
+def _chunk_loss(h, t, w, dtype, grad_h, grad_w, smoothing: float = 0.0) -> torch.Tensor:
+    """One chunk of `_LinearCrossEntropy`'s forward: its summed log-likelihood (with `smoothing` e:
+    (1 - e) x the target's + e x the mean over the vocabulary, as F.cross_entropy's label_smoothing),
+    its rows' gradients written into grad_h and its weight gradient added to grad_w (either may be None).
     A function of its own so that the chunk's [rows x vocab] tensors are freed when it returns:
     held by the loop's variables, the previous chunk's fp32 log-probabilities and bf16 gradient
     lived on beside the next chunk's logits, 1.75x the chunk's memory at the peak."""
@@ -68,10 +71,14 @@ def _chunk_loss(h, t, w, dtype, grad_h, grad_w) -> torch.Tensor:
     logp = torch.log_softmax((h @ w.T).float(), dim=-1)
     used, picked = t != IGNORE, t.clamp(min=0)[:, None]
     picked_sum = logp.gather(1, picked).squeeze(1).mul_(used).sum()  # masks, not indexing: no host sync on CUDA
+    if smoothing:
+        picked_sum = (1 - smoothing) * picked_sum + smoothing * logp.mean(-1).mul_(used).sum()
     if grad_h is None and grad_w is None:
         return picked_sum
     grad = logp.exp_()  # softmax, in place of the log-probabilities
-    grad.scatter_add_(1, picked, grad.new_full(picked.shape, -1.0))
+    grad.scatter_add_(1, picked, grad.new_full(picked.shape, smoothing - 1.0))
+    if smoothing:
+        grad.sub_(smoothing / grad.shape[-1])
     grad = grad.to(dtype)
     # IGNORE rows count for nothing: zeroed in the [rows x hidden] operands and results,
     # not in the [rows x vocab] gradient (a pass over the chunk's largest tensor saved)
@@ -90,14 +97,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     run in `dtype` (autocast's), the softmax in fp32, as lm_head + F.cross_entropy would."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, dtype, chunk, need_grad):
+    def forward(ctx, hidden, weight, targets, dtype, chunk, need_grad, smoothing):
         w = weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.zeros_like(hidden) if need_grad and ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad and ctx.needs_input_grad[1] else None
         for s in range(0, len(targets), chunk):
             total -= _chunk_loss(hidden[s : s + chunk].to(dtype), targets[s : s + chunk], w, dtype,
-                                 None if grad_h is None else grad_h[s : s + chunk], grad_w)
+                                 None if grad_h is None else grad_h[s : s + chunk], grad_w, smoothing)
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         return total
 
@@ -106,22 +113,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         grad_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
         grad_w = None if grad_w is None else grad_w * grad_out.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             chunk: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+                             chunk: int | None = None, dtype: torch.dtype | None = None,
+                             smoothing: float = 0.0) -> torch.Tensor:
     """Summed CE of the logits hidden [N, H] @ weight.T [H, V] against targets [N] (IGNORE rows
-    count for nothing), never holding more than `chunk` rows of logits (default: `ce_chunk`'s
-    choice for this device and head). The matmuls run in `dtype`, by default autocast's if it
-    is on, else hidden's."""
+    count for nothing; `smoothing` as `cross_entropy_sum`'s), never holding more than `chunk` rows of
+    logits (default: `ce_chunk`'s choice for this device and head). The matmuls run in `dtype`, by
+    default autocast's if it is on, else hidden's."""
     device = hidden.device.type
     if dtype is None:
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     chunk = chunk or ce_chunk(device, head_trained=need_grad and weight.requires_grad)
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk, need_grad)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk, need_grad, smoothing)
 
 
 def fused_head(model) -> torch.nn.Linear | None:
@@ -211,8 +219,8 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(_unwrapped(model).forward).parameters
 
 
-def selective_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Summed next-token CE over trained positions, and how many there were."""
+def selective_loss_sum(model, batch: dict, smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Summed next-token CE over trained positions (label-smoothed by `smoothing`), and how many there were."""
     labels = batch["labels"]
     keep, targets = shifted_targets(labels)
     skip_lora_input_casts_under_autocast(model)
@@ -233,7 +241,7 @@ def selective_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
         row_targets = torch.full((int(rows.sum()),), IGNORE, dtype=targets.dtype, device=targets.device)
         row_targets[keep[rows]] = targets  # filler rows (bucketing) stay IGNORE
         loss = linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), head.weight, row_targets,
-                                        dtype=tap.dtype)
+                                        dtype=tap.dtype, smoothing=smoothing)
         return loss + router_loss(model, out, targets.numel()), int(targets.numel())
     if _accepts_logits_to_keep(model):
         rows = bucketed(keep) if keep.device.type == "cpu" else keep
@@ -246,7 +254,8 @@ def selective_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
         logits = out.logits[keep]
     if targets.numel() == 0:  # keep the graph connected so every process runs backward
         return logits.sum() * 0.0, 0
-    return cross_entropy_sum(logits, targets) + router_loss(model, out, targets.numel()), int(targets.numel())
+    return (cross_entropy_sum(logits, targets, smoothing=smoothing) + router_loss(model, out, targets.numel()),
+            int(targets.numel()))
 
 
 def router_loss(model, out, trained: int) -> torch.Tensor | float:

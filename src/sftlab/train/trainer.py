@@ -67,7 +67,8 @@ class SFTTrainer(AtomicCheckpoints, RatioWarmup, Trainer):
         self._eval_totals: torch.Tensor | None = None  # [loss sum, trained tokens] during evaluation
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss_sum, n = selective_loss_sum(model, inputs)
+        # label smoothing (transformers' label_smoothing_factor) in training only: eval_loss stays the plain CE
+        loss_sum, n = selective_loss_sum(model, inputs, self.args.label_smoothing_factor if model.training else 0.0)
         if model.training:
             self._trained_tokens_local += n
             if self.nonfinite is not None:
