@@ -64,3 +64,15 @@ def test_the_estimate_reads_the_mlp_width_under_each_architectures_name_for_it(m
     config = AutoConfig.for_model(model_type, num_hidden_layers=1, vocab_size=128, hidden_size=64, num_attention_heads=4,
                                   **given)
     assert model_shape(config).intermediate == width
+
+
+def test_lora_on_a_tied_lm_head_is_refused_before_training(tiny_model_dir, tmp_path, capsys):
+    """peft#2018 / unsloth#219: a LoRA on an lm_head tied to the input embeddings trained, then its merge
+    changed the embeddings too and the export failed its check (PEFT only warns)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {w}", "output": w}) + "\n" for w in ("a", "b")))
+    args = ["train", "-", f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "training.max_steps=1",
+            "training.bf16=false", f"output_dir={tmp_path / 'run'}"]
+    assert main([*args, "lora.target_modules=[q_proj,lm_head]"]) == 1
+    assert "adapts the lm_head, which shares its weight with the input embeddings" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -283,6 +283,7 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
         if refused := re.search(r"Module '([\w.]+)' is incompatible", str(e)):  # PEFT: out_proj on Mamba-type models
             raise SftlabError(incompatible_target_message(model, lora.target_modules, refused[1], str(e))) from None
         raise
+    check_tied_head_not_adapted(model, lora.target_modules)
     fuse_lora_layers(model)
     return model
 
@@ -297,6 +298,17 @@ def no_target_message(model, targets) -> str:
     comma = " (a list is written [a,b]; one string is a regular expression)" if isinstance(targets, str) and "," in targets else ""
     return (f"lora.target_modules: {given} matches no layer of {type(model).__name__}{comma}; its linear layers are "
             f"{', '.join(names)}: e.g. lora.target_modules=[{','.join(example)}], or all-linear")
+
+
+def check_tied_head_not_adapted(model, targets) -> None:
+    """A LoRA on an lm_head that shares its weight with the input embeddings cannot be merged: the merged
+    weight would change the embeddings too (PEFT only warns; the export then fails its check)."""
+    base = model.get_base_model()
+    head = base.get_output_embeddings()
+    if hasattr(head, "lora_A") and getattr(base.config.get_text_config(), "tie_word_embeddings", False):
+        raise SftlabError(f"lora.target_modules ({targets}) adapts the lm_head, which shares its weight with the input "
+                          f"embeddings in {type(base).__name__} (tie_word_embeddings): a merged model cannot hold that "
+                          "adapter (the merge would change the embeddings too); leave the lm_head out (all-linear does)")
 
 
 def incompatible_target_message(model, targets, refused: str, reason: str) -> str:
