@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import train_set_loss
@@ -102,6 +103,7 @@ def test_a_crashed_run_refuses_a_restart_and_resumes_to_the_uninterrupted_weight
     def crash_after_step_5(self, *a, **k):  # planted: the process dies during step 6, after checkpoint-4
         if self.state.global_step == 5:
             raise KeyboardInterrupt
+        time.sleep(0.1)  # the first session's steps take at least 0.4 s up to checkpoint-4
         return real_step(self, *a, **k)
 
     with monkeypatch.context() as m:
@@ -130,8 +132,18 @@ def test_a_crashed_run_refuses_a_restart_and_resumes_to_the_uninterrupted_weight
         steps_run.append(self.state.global_step)
         return real_step(self, *a, **k)
 
+    resumed_seconds, real_train = [], SFTTrainer.train
+
+    def timed(self, *a, **k):
+        start = time.perf_counter()
+        try:
+            return real_train(self, *a, **k)
+        finally:
+            resumed_seconds.append(time.perf_counter() - start)
+
     with monkeypatch.context() as m:
         m.setattr(SFTTrainer, "training_step", counting)
+        m.setattr(SFTTrainer, "train", timed)
         assert main([*args, "--resume"]) == 0
     assert steps_run == [4, 5, 6, 7]  # it went on from checkpoint-4, it did not start again
     a, b = adapter_weights(tmp_path / "straight"), adapter_weights(run)
@@ -143,6 +155,9 @@ def test_a_crashed_run_refuses_a_restart_and_resumes_to_the_uninterrupted_weight
     assert info_b["trained_tokens_seen"] == info_a["trained_tokens_seen"] > 0
     state = json.loads((run / "checkpoints" / "checkpoint-4" / "sftlab.json").read_text())
     assert 0 < state["trained_tokens_seen"] < info_a["trained_tokens_seen"]
+    # train_seconds: the whole run's, the first session's up to checkpoint-4 and the resumed one's
+    assert state["train_seconds"] >= 0.4
+    assert info_b["train_seconds"] == pytest.approx(state["train_seconds"] + resumed_seconds[0], abs=0.05)
     written = (run / "run.json").stat().st_mtime_ns, (run / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
     assert main([*args, "--resume"]) == 0  # finished: nothing to train, nothing written over

@@ -265,6 +265,7 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - t_train
+    run_seconds = trainer.seconds_restored + train_seconds  # the whole run's, resumes included
     train_loss = trainer.run_train_loss(result.training_loss, saved.get("global_step", 0))
     after = _final_eval(trainer) if eval_rows else {}
 
@@ -287,7 +288,7 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
         "eval_after": _align_metrics(after),
         "global_step": trainer.state.global_step,
         "train_loss": train_loss,
-        "train_seconds": round(train_seconds, 2),
+        "train_seconds": round(run_seconds, 2),
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "bf16": use_bf16,
         "trainable_params": sum(p.numel() for p in final.parameters() if p.requires_grad),
@@ -299,7 +300,7 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
         write_run_json(out, info)
         atomic_write(out / "README.md", model_card(config, info))
     log(f"run saved in {out} ({a.loss}, train loss {train_loss:.4f}, {trainer.state.global_step} steps, "
-        f"{train_seconds:.0f}s)")
+        f"{run_seconds:.0f}s)")
     if after:
         log("held-out pairs: " + ", ".join(f"{k} {before.get('eval_' + k, float('nan')):.3f} -> "
                                            f"{after.get('eval_' + k, float('nan')):.3f}"

@@ -5,6 +5,7 @@ the same way, and a failed write (full disk, out of memory) turned into a clear 
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,8 @@ class AtomicCheckpoints:
     nonfinite = None  # the NonFiniteGuard, when one runs
     resume_command = TRAIN_RESUME  # what the failure messages suggest (align sets its own)
     loss_sum_restored = 0.0  # the resumed checkpoint's sum of step losses
+    seconds_restored = 0.0  # the resumed checkpoint's training seconds (its run's, resumes included)
+    _train_started: float | None = None
     _staging: Path | None = None  # set while a checkpoint is being written
 
     @property
@@ -53,16 +56,27 @@ class AtomicCheckpoints:
         """Sum of the step losses since the run began (resumes included), as transformers sums them."""
         return self.loss_sum_restored + self._total_loss_scalar + float(self._tr_loss)
 
+    def train(self, *args, **kwargs):
+        self._train_started = time.perf_counter()
+        return super().train(*args, **kwargs)
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds in `train` over the whole run: this session's and those the resumed checkpoint had run."""
+        return self.seconds_restored + (time.perf_counter() - self._train_started if self._train_started else 0.0)
+
     def checkpoint_record(self) -> dict | None:
         """sftlab's record written into each checkpoint (called on every process)."""
         if self.checkpoint_state is None:
             return None
         return {**self.checkpoint_state, "global_step": self.state.global_step, "train_loss_sum": self.train_loss_sum,
+                "train_seconds": self.train_seconds,
                 "nonfinite_skipped_steps": self.nonfinite.skipped if self.nonfinite else []}
 
     def restore_record(self, saved: dict) -> None:
         """Take up the record of the checkpoint a run resumes from."""
         self.loss_sum_restored = saved.get("train_loss_sum", 0.0)
+        self.seconds_restored = saved.get("train_seconds", 0.0)
         if self.nonfinite is not None:
             self.nonfinite.skipped = list(saved.get("nonfinite_skipped_steps", []))
 

@@ -600,6 +600,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         with tracker_errors(config.training.report_to):
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_seconds = time.perf_counter() - t_train
+        run_seconds = trainer.seconds_restored + train_seconds  # the whole run's, resumes included
     train_loss = trainer.run_train_loss(result.training_loss, saved.get("global_step", 0))
 
     tokens_seen = trainer.trained_tokens_seen  # a collective call: every rank takes part
@@ -617,7 +618,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         "global_step": trainer.state.global_step,
         "train_loss": train_loss,
         "best_checkpoint": trainer.state.best_model_checkpoint,
-        "train_seconds": round(train_seconds, 2),
+        "train_seconds": round(run_seconds, 2),
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "bf16": use_bf16,
         "attention": model.config._attn_implementation,
@@ -637,7 +638,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     with explained_save_failure("run.json and README.md", out, TRAIN_RESUME):
         distributed.on_main_process(write_run_json, out, info)
         distributed.on_main_process(atomic_write, out / "README.md", model_card(config, info))
-    log(f"run saved in {out} (train loss {train_loss:.4f}, {trainer.state.global_step} steps, {train_seconds:.0f}s)")
+    log(f"run saved in {out} (train loss {train_loss:.4f}, {trainer.state.global_step} steps, {run_seconds:.0f}s)")
     return info
 
 
