@@ -328,6 +328,9 @@ class AlignConfig(TrainConfig):
         if self.data.truncation == "truncate":
             raise ValueError("data.truncation: truncate does not apply to sftlab align: a pair over "
                              "data.max_seq_length is dropped and counted (a cut answer would be scored as a whole one)")
+        if (self.training.model_extra or {}).get("label_smoothing_factor"):
+            raise ValueError("training.label_smoothing_factor smooths sftlab train's cross-entropy; the preference "
+                             "losses of sftlab align do not read it")
         weights = {k for k in ("desirable_weight", "undesirable_weight") if getattr(self.align, k) != 1.0}
         if weights and self.align.loss != "kto":
             raise ValueError(f"align.{sorted(weights)[0]} applies to loss kto only (this is {self.align.loss})")

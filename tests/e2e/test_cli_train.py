@@ -209,7 +209,7 @@ def test_config_mistakes_are_one_line_errors(tiny_model_dir, demo_data, tmp_path
 
 def test_alignment_config_mistakes_name_the_way_out(tmp_path, capsys):
     """An align config given to train; a typo on the command line (blamed on it, not on the file); data
-    options alignment would ignore; a KTO weight under DPO."""
+    options alignment would ignore; a KTO weight under DPO; label smoothing, which the preference losses ignore."""
     import yaml
 
     config = tmp_path / "dpo.yaml"
@@ -218,7 +218,9 @@ def test_alignment_config_mistakes_name_the_way_out(tmp_path, capsys):
              (["align", str(config), "align.los=kto"], "overrides: unknown key 'align.los'; did you mean 'align.loss'?"),
              (["align", str(config), "data.curate={}"], "data.curate does not apply to sftlab align: curate the pairs"),
              (["align", str(config), "data.truncation=truncate"], "a pair over data.max_seq_length is dropped"),
-             (["align", str(config), "align.undesirable_weight=2"], "align.undesirable_weight applies to loss kto only")]
+             (["align", str(config), "align.undesirable_weight=2"], "align.undesirable_weight applies to loss kto only"),
+             (["align", str(config), "training.label_smoothing_factor=0.1"],
+              "the preference losses of sftlab align do not read it")]
     for argv, message in cases:
         assert main(argv) == 1
         err = capsys.readouterr().err
