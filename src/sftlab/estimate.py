@@ -40,12 +40,17 @@ one Llama-style decoder layer (RMSNorm, attention with SDPA, gated MLP), per tok
 h = hidden, i = intermediate, q = query width (heads x head_dim), kv = key/value width,
 H = attention heads; ``a`` = bytes of the compute dtype (4 fp32, 2 bf16), ``s`` = bytes of
 the residual stream (the weights' dtype):
-- 2 RMSNorms: their input in fp32 (2h x 4), 1/rms (2 x 4), and when the norm weights train
-  (full fine-tuning) the normalised input (2h x s); compiled (training.compile_norms), their
-  input as it comes (2h x s) and 1/rms only;
-- norms of the queries and keys (q_norm, k_norm: Qwen3, OLMo2, Gemma 3, ...; read off the
-  model): the same terms over q and kv, with 1/rms per head where the norm is one head wide;
-  their input is the projections' output (a bytes, not s);
+- RMSNorms, read off the model (`_norms`), each over a width w: of the hidden state (w = h), two
+  before attention and MLP (Llama), two after them (OLMo2) or four, before and after (Gemma 2
+  and 3); of the queries and keys (q_norm, k_norm: Qwen3, OLMo2, Gemma 3, ...; w = q, kv), with
+  1/rms per head where the weight is one head wide. Each keeps its input in fp32 (w x 4), 1/rms
+  (4 per group), and when its weight trains (full fine-tuning) the normalised input: w x the
+  input's bytes where it casts that back before multiplying the weight (Llama, Qwen3), w x 4
+  where it multiplies in fp32 and casts after (Gemma, OLMo2). The input of a norm before
+  attention or MLP is the residual stream (s bytes), of one after them or of a q/k norm a
+  linear layer's output (a bytes). Compiled (training.compile_norms): its input as it comes
+  (w x its bytes) and 1/rms only. (Gemma's eager norms also keep 1 + weight in fp32, w x 4
+  bytes a layer, not a token's: not counted);
 - attention: rotated q (q x a), k and v (2kv x a), the output (q x a), log-sum-exp (H x 4;
   on a CPU, sftlab_varlen's groups of short examples keep none: a bound there);
 - inputs of the linear layers: in fp32 the norm outputs are shared (2h + i) x a; under
@@ -65,7 +70,8 @@ the residual stream (the weights' dtype):
   in the compute dtype (`_lora_inputs`); with dropout > 0 each adapted layer also keeps its
   dropout noise (in x the input's bytes; QLoRA's PEFT layers also their own dropped input);
 - QLoRA: as LoRA, but bitsandbytes' 4-bit layers return the input's dtype, so under
-  autocast the MLP outputs stay fp32 (3i x 4), and so do the inputs of q_norm and k_norm.
+  autocast the MLP outputs stay fp32 (3i x 4), and so do the inputs of the norms that read a
+  linear layer's output.
 Checked term by term against the tensors autograd saves (tests/integration). With
 gradient checkpointing only each layer's input is kept (h x s per layer) and one layer's
 activations are rebuilt at a time during the backward pass.
@@ -116,7 +122,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from sftlab.errors import SftlabError
 
@@ -128,6 +134,15 @@ ZERO3_MAX_LIVE_PARAMETERS = 10**9  # stage3_max_live_parameters in configs/zero3
 RUNTIME_BYTES = int(0.65 * GiB)  # RSS of `sftlab train` before it loads the model (CPU)
 CPU_CACHES_BYTES = int(0.15 * GiB)  # oneDNN's kernels for the step's shapes + the allocator's free spans at the peak
 NF4_BLOCK = 64
+
+
+class Norm(NamedTuple):
+    """A normalisation layer (RMSNorm) of a decoder layer, as the activation formula counts it."""
+
+    width: int
+    groups: int  # normalised apart: the heads, where its weight is one head wide (Qwen3's and Gemma 3's q/k norms)
+    reads_output: bool  # a linear layer's output (q/k norms, Gemma's and OLMo2's norms after attention and MLP), not the stream
+    fp32_product: bool  # (x x weight) in fp32, cast after (Gemma, OLMo2); Llama casts x to the input's dtype first
 
 
 @dataclass(frozen=True)
@@ -149,7 +164,7 @@ class ModelShape:
     lora_candidates: tuple[tuple[str, int, int], ...]  # every linear except the output head
     architecture: str = ""
     fused_head: bool = False  # the loss fuses lm_head and cross-entropy (train/loss.py fused_head)
-    qk_norms: tuple[tuple[int, int], ...] = ()  # (width, groups normalised apart) of each q_norm / k_norm of a layer
+    norms: tuple[Norm, ...] = ()  # of one decoder layer
     # mixture of experts: experts held as 3-D tensors (not linear layers), k of them run per token
     n_experts: int = 0
     experts_per_token: int = 0
@@ -255,6 +270,7 @@ def model_shape(config) -> ModelShape:
     dense_linears, dense_params = _layer(dense[0], candidates, params) if dense else ((), 0)
     experts = [p for p in params.values() if p.dim() == 3]  # MoE experts, stacked
     n_params = sum(p.numel() for p in model.parameters())
+    norms = _norms(model, modules, layers[0], {"q": q_width, "k": kv_width})  # before PEFT wraps the MoE's layers
     moe = {**_experts(text, experts), "router_weights": _router_weights(modules, sparse, candidates),
            **_moe_lora_per_rank(model, candidates)} if experts else {}
     return ModelShape(
@@ -276,7 +292,7 @@ def model_shape(config) -> ModelShape:
         lora_candidates=candidates,
         architecture=type(model).__name__,
         fused_head=fused_head(model) is not None,
-        qk_norms=_qk_norms(modules, layers[0], {"q": q_width, "k": kv_width}),
+        norms=norms,
         **moe,
     )
 
@@ -323,19 +339,44 @@ def _moe_lora_per_rank(model, candidates) -> dict[str, int]:
     return {"moe_lora_per_rank": total - sum(fin + fout for _, fin, fout in candidates), "expert_lora_per_rank": stacks}
 
 
-def _qk_norms(modules: dict, prefix: str, widths: dict[str, int]) -> tuple[tuple[int, int], ...]:
-    """(width, groups) of each norm the decoder layer `prefix` applies to its queries or keys (q_norm,
-    k_norm, query_layernorm, ...): per head where its weight is one head wide (Qwen3, Gemma 3), over the
-    whole width where it is that wide (OLMo2)."""
+def _norms(model, modules: dict, prefix: str, widths: dict[str, int]) -> tuple[Norm, ...]:
+    """The norms of the decoder layer `prefix` (modules of a ...Norm class with a weight): over the hidden
+    state (Llama: two before attention and MLP; OLMo2: two after them; Gemma 2 and 3: four, before and
+    after), and over the queries and keys (q_norm, k_norm, query_layernorm, ...: a linear layer's output),
+    per head where the weight is one head wide (Qwen3, Gemma 3), over the whole width where it is that
+    wide (OLMo2). Read off the meta-device model: a forward pass to the end of the layer tells which
+    norms read a linear layer's output; each norm on a bf16 input, in which dtype it multiplies its weight."""
+    import copy
+
     import torch
 
+    layer = {n[len(prefix):]: m for n, m in modules.items() if n.startswith(prefix)}
+    norms = {n: m for n, m in layer.items() if "norm" in type(m).__name__.lower()
+             and isinstance(getattr(m, "weight", None), torch.nn.Parameter) and m.weight.dim() == 1}
+    outputs, post = set(), set()
+
+    def stop(*_):  # the forward pass ends with the layer
+        raise StopIteration
+
+    hooks = [m.register_forward_hook(lambda _, __, out: outputs.add(id(out)))
+             for m in layer.values() if isinstance(m, torch.nn.Linear)]
+    hooks += [m.register_forward_pre_hook(lambda _, args, n=n: post.update([n] if id(args[0]) in outputs else []))
+              for n, m in norms.items()]
+    hooks.append(modules[prefix[:-1]].register_forward_hook(stop))
+    try:  # with the cache (the default) transformers looks for packed sequences in no meta tensor
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 8, dtype=torch.long, device="meta"))
+    except Exception:  # noqa: BLE001  the stop, or a meta forward that fails (a MoE's grouped_mm)
+        pass  # the norms not reached read the stream
+    finally:
+        for hook in hooks:
+            hook.remove()
     found = []
-    for name, m in modules.items():
-        kind = re.fullmatch(r"(q|k)(?:uery|ey)?_(?:layer)?norm", name.rpartition(".")[2])
-        weight = getattr(m, "weight", None)
-        if name.startswith(prefix) and kind and isinstance(weight, torch.nn.Parameter):
-            width = widths[kind.group(1)]
-            found.append((width, width // weight.numel()))
+    for name, m in norms.items():
+        qk = re.fullmatch(r"(q|k)(?:uery|ey)?_(?:layer)?norm", name.rpartition(".")[2])
+        width = widths[qk.group(1)] if qk else m.weight.numel()
+        probe = copy.deepcopy(m).float()(torch.empty(1, m.weight.numel(), dtype=torch.bfloat16, device="meta"))
+        found.append(Norm(width, width // m.weight.numel(), bool(qk) or name in post, probe.dtype == torch.bfloat16))
     return tuple(found)
 
 
@@ -495,8 +536,7 @@ def activation_bytes_per_token(
         # the router's fp32 probabilities; per copy its expert index in 4 orders (int64) and its routing weight
         # and normalised weight (fp32), its input and output; the product the down projection reads
         moe = shape.n_experts * 4 + shape.experts_per_token * (40 + 2 * h * mlp_bytes) + i * mlp_bytes
-    norms = 2 * _norm_bytes(h, 1, stream_bytes, full, compiled_norms) + sum(
-        _norm_bytes(width, groups, out, full, compiled_norms) for width, groups in shape.qk_norms)
+    norms = sum(_norm_bytes(n, out if n.reads_output else stream_bytes, full, compiled_norms) for n in shape.norms)
     attention = (2 * q + shape.kv_width) * a + shape.kv_width * a + shape.n_heads * 4 + (q * a if varlen and full else 0)
     mlp = 3 * i * mlp_bytes
     adapted = {n.split(".")[-1] for n, _, _ in lora_targets}
@@ -513,13 +553,14 @@ def activation_bytes_per_token(
     return norms + attention + mlp + inputs + lora + moe
 
 
-def _norm_bytes(width: int, groups: int, in_bytes: int, trained: bool, compiled: bool) -> int:
-    """Bytes per token an RMSNorm over `width` keeps, in `groups` normalised apart, of an input of `in_bytes`.
-    Compiled: one kernel each way, which rebuilds the rest from the input and 1/rms. Eager: RMSNorm computes
-    in fp32 whatever the input's dtype; a trained weight also keeps the normalised input in that dtype."""
+def _norm_bytes(norm: Norm, in_bytes: int, trained: bool, compiled: bool) -> int:
+    """Bytes per token `norm` keeps of an input of `in_bytes`. Compiled: one kernel each way, which rebuilds
+    the rest from the input and 1/rms. Eager: RMSNorm computes in fp32 whatever the input's dtype; a trained
+    weight also keeps the normalised input, in the dtype the weight multiplies it in."""
     if compiled:
-        return width * in_bytes + groups * 4
-    return width * 4 + groups * 4 + (width * in_bytes if trained else 0)
+        return norm.width * in_bytes + norm.groups * 4
+    normalised = 4 if norm.fp32_product else in_bytes
+    return (norm.width + norm.groups) * 4 + (norm.width * normalised if trained else 0)
 
 
 def _lora_inputs(layer_adapted: list[tuple[str, int]], intermediate: int, method: Method, a: int, stream: int,
