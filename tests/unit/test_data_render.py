@@ -45,6 +45,19 @@ def conversation(system: bool):
     return Conversation(msgs, source="mem:1")
 
 
+def prompts_as_sent(tok, messages) -> list[int]:
+    """The ids training should hold: the conversation's text cut where each assistant turn's generation
+    prompt ends, each piece tokenized alone, so every answer follows the tokens inference sends before it
+    (where the answer starts at a token boundary, as on these byte-level tokenizers). For the model's own
+    templates that is the template's own tokenization; with `llama3` on SmolLM2's tokenizer, each prompt's
+    trailing '\\n\\n' is one token, as inference sends it, where the whole text has '\\n', '\\n'."""
+    text = tok.apply_chat_template(messages, tokenize=False)
+    cuts = [len(tok.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False))
+            for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return [t for a, b in zip([0, *cuts], [*cuts, len(text)])
+            for t in tok(text[a:b], add_special_tokens=False)["input_ids"]]
+
+
 def trained_runs(example):
     """Contiguous runs of trained token ids."""
     runs, cur = [], []
@@ -67,8 +80,11 @@ def test_mask_is_exactly_assistant_content_plus_end_of_turn(tokenizer, family, s
     tok = family_tokenizer(tokenizer, family)
     conv = conversation(system)
     ex = render(conv, tok)
-    # The ids are exactly the template's own tokenization: nothing added or dropped.
-    assert ex.input_ids == tok.apply_chat_template(conv.messages, tokenize=True, return_dict=True)["input_ids"]
+    # The ids are exactly the template's own tokenization, each prompt ending as inference tokenizes it:
+    # nothing added or dropped (and for all but llama3-on-SmolLM2 exactly apply_chat_template's ids).
+    assert ex.input_ids == prompts_as_sent(tok, conv.messages)
+    whole = tok.apply_chat_template(conv.messages, tokenize=True, return_dict=True)["input_ids"]
+    assert (ex.input_ids == whole) is (family != "llama3") and tok.decode(ex.input_ids) == tok.decode(whole)
     eot = FAMILIES[family][4]
     answers = [m["content"] for m in conv.messages if m["role"] == "assistant"]
     runs = trained_runs(ex)
@@ -165,8 +181,9 @@ def test_short_answers_found_in_template_markup_are_anchored_mistral_v3(tokenize
 SHORT_TRAINED = {
     ("chatml", False): [(27, "T"), (28, "<|im_end|>"), (43, "["), (44, "<|im_end|>")],
     ("chatml", True): [(27, "ĠT"), (28, "Ċ"), (29, "<|im_end|>"), (44, "["), (45, "Ġ"), (46, "<|im_end|>")],
-    ("llama3", False): [(32, "T"), (33, "<|eot_id|>"), (50, "["), (51, "<|eot_id|>")],
-    ("llama3", True): [(32, "T"), (33, "<|eot_id|>"), (50, "["), (51, "<|eot_id|>")],
+    # (each generation prompt's "\\n\\n" is the one token inference sends, not two: see prompts_as_sent)
+    ("llama3", False): [(31, "T"), (32, "<|eot_id|>"), (48, "["), (49, "<|eot_id|>")],
+    ("llama3", True): [(31, "T"), (32, "<|eot_id|>"), (48, "["), (49, "<|eot_id|>")],
 }
 
 
@@ -178,7 +195,9 @@ def test_short_answers_exact_positions_chatml_llama3(tokenizer, family, spaced):
         messages[2]["content"], messages[4]["content"] = " T\n", "[ "
     conv = Conversation(messages, source="data.jsonl:7")
     ex = render(conv, tok)
-    assert ex.input_ids == tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert ex.input_ids == prompts_as_sent(tok, messages)
+    if family != "llama3":
+        assert ex.input_ids == tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     trained = [(k, t) for k, (t, on) in enumerate(tokens_and_trained(tok, ex)) if on]
     assert trained == SHORT_TRAINED[family, spaced]
 
@@ -364,3 +383,57 @@ def test_a_full_width_end_marker_that_is_not_a_token_warns(tokenizer):
     conv = Conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
     with pytest.warns(UserWarning, match="ends an answer with '<｜end▁of▁sentence｜>', which is not a token"):
         render(conv, tok)
+
+
+def _trained_after_the_prompts_inference_sends(tok, messages, options=RenderOptions()):
+    """Each trained answer follows the ids inference sends for it (`encode`, the served prompt tokenized
+    alone): its whole prompt for the first trained turn (and for a last-turn-only example), and from the
+    prompt's last added token on for a later one (its history holds the earlier answers as the whole
+    text tokenizes them, inference's history as its prompt tokenized alone does: one sequence cannot be
+    both); the labels are the answer's tokens and the end of turn, nothing else."""
+    from sftlab.serve.generation import encode
+
+    ex = render(Conversation(messages, source="mem:1"), tok, options)
+    ids, labels = ex.input_ids, ex.labels
+    added = set(tok.added_tokens_decoder)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if options.train_on == "last":
+        turns = turns[-1:]
+    starts = [k for k in range(len(ids)) if labels[k] != IGNORE and (k == 0 or labels[k - 1] == IGNORE)]
+    assert len(starts) == len(turns)
+    for n, (i, start) in enumerate(zip(turns, starts)):
+        sent = encode(tok, messages[:i])
+        last_added = max(k for k, t in enumerate(sent) if t in added)
+        assert ids[start - (len(sent) - last_added):start] == sent[last_added:]
+        if n == 0:
+            assert ids[:start] == sent
+        stop = next((k for k in range(start, len(ids)) if labels[k] == IGNORE), len(ids))
+        assert ids[start:stop] == tok(messages[i]["content"] + "<|eot_id|>", add_special_tokens=False)["input_ids"]
+        assert labels[start:stop] == ids[start:stop]
+    return ex
+
+
+def test_a_named_template_trains_each_answer_after_the_prompt_tokens_inference_sends(tokenizer, monkeypatch):
+    """trl#598 / trl#622: the named `llama3` template on SmolLM2's GPT-2-style tokenizer. The whole text
+    tokenizes `<|end_header_id|>\\n\\n` + "Four" as '\\n', '\\n', 'Four', the prompt alone (what `sftlab
+    serve` and evaluation send) ends with the one token '\\n\\n': training must put that token, the one
+    inference sends, before every trained answer."""
+    from sftlab.data import render as render_module
+    from sftlab.models import use_chat_template
+
+    tok = copy.deepcopy(tokenizer)
+    use_chat_template(tok, "llama3")
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "Four, since two and two make four."},
+                {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "Six."}]
+    double = tok.convert_tokens_to_ids("ĊĊ")
+    ex = _trained_after_the_prompts_inference_sends(tok, messages)
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(messages, tokenize=False)  # same text, nothing lost
+    assert [ex.input_ids[k - 1] for k in range(1, len(ex)) if ex.labels[k] != IGNORE and ex.labels[k - 1] == IGNORE
+            ] == [double, double]
+    _trained_after_the_prompts_inference_sends(tok, messages, RenderOptions(train_on="last"))
+    # planted fault: without the splice the answers follow '\\n', '\\n', which inference never sends
+    monkeypatch.setattr(render_module, "_prompt_as_sent", lambda plan, encoding, ids, ranges, tails: (ids, ranges))
+    with pytest.raises(AssertionError):
+        _trained_after_the_prompts_inference_sends(tok, messages)

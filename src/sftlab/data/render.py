@@ -12,7 +12,10 @@ naming the template. The trained span is the assistant content plus the end-of-t
 the template writes after it (e.g. `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`);
 when a template writes none, the tokenizer's EOS is appended so the model learns to stop.
 Char spans are mapped to tokens with the fast tokenizer's offsets, so the ids are exactly
-the template's. A turn that calls tools is written by the template in its own syntax, so it is
+the template's, but where a pre-tokenizer splits a generation prompt's last characters otherwise
+once an answer follows (GPT-2's byte-level regex: `<|end_header_id|>\n\n` + answer gives '\n', '\n'):
+there the prompt ends with the tokens inference sends, the prompt tokenized alone (`_prompt_as_sent`).
+A turn that calls tools is written by the template in its own syntax, so it is
 located otherwise (see `_call_span`): the conversation is rendered with its `tools`, and the
 turn is trained from the end of the generation prompt through the token that ends it.
 """
@@ -138,20 +141,21 @@ def iter_rendered(
     releases the GIL, so while a worker thread tokenizes one chunk (Rust), the next chunk is
     read (when `conversations` streams from a file) and its chat templates are rendered (Python).
     """
-    template = backend = None
+    template = backend = tails = None
     with ThreadPoolExecutor(max_workers=1) as pool:
         previous = None
         for chunk in _chunks(conversations, CHUNK):
             if template is None and (chat := next((c for c in chunk if not c.is_raw_text), None)):
                 template, backend = _Template(tokenizer, chat.messages), _backend(tokenizer)
+                tails = _Tails(backend)
             plans = [_plan_or_error(conv, tokenizer, template, options) for conv in chunk]
             texts = [p.text for p in plans if isinstance(p, _Plan)]
             job = (chunk, plans, pool.submit(backend.encode_batch, texts, add_special_tokens=False) if texts else None)
             if previous:
-                yield from _finish(*previous, tokenizer, options)
+                yield from _finish(*previous, tokenizer, options, tails)
             previous = job
         if previous:
-            yield from _finish(*previous, tokenizer, options)
+            yield from _finish(*previous, tokenizer, options, tails)
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -180,7 +184,7 @@ def _plan_or_error(conv: Conversation, tokenizer, template: _Template | None, op
         return RecordError(conv.source, "chat template error", str(e))
 
 
-def _finish(chunk, plans, encodings, tokenizer, options: RenderOptions
+def _finish(chunk, plans, encodings, tokenizer, options: RenderOptions, tails: _Tails | None = None
             ) -> Iterator[tuple[Conversation, Example | DataError]]:
     """Label a chunk once its tokenization is done."""
     encoded = iter(encodings.result() if encodings else ())
@@ -189,7 +193,7 @@ def _finish(chunk, plans, encodings, tokenizer, options: RenderOptions
             yield conv, plan
             continue
         try:
-            item = _fit(_label(conv, tokenizer, plan, next(encoded)), options)
+            item = _fit(_label(conv, tokenizer, plan, next(encoded), tails), options)
         except DataError as e:
             item = e
         yield conv, item
@@ -513,7 +517,77 @@ def _warn_prompt_joins_answer(name: str, text: str, chars: tuple[int, int], prom
                   "(write the space before each answer instead) avoids it", stacklevel=2)
 
 
-def _label(conversation: Conversation, tokenizer, plan: _Plan, encoding) -> Example:
+class _Tails:
+    """The tokens of a generation prompt's tail tokenized alone, as inference tokenizes the prompt.
+
+    Added tokens (`<|end_header_id|>`, `<|im_start|>`) are split out of the text before it is
+    pre-tokenized, so what lies between two of them is tokenized independently: a prompt tokenized
+    alone has the tokens of the whole text up to its last added token, and differs at most after
+    it. The tail from that token to the prompt's end is tokenized alone (starting it with the added
+    token keeps a Metaspace `prepend_scheme="first"` from giving its text a prefix space), with the
+    backend and settings of the whole text, and cached by its text (the tails of a template repeat).
+    """
+
+    LIMIT = 4096  # tails kept (a template whose tails hold the user's text would make each one new)
+
+    def __init__(self, backend):
+        self.encode = backend.encode
+        split = backend.encode_special_tokens  # special tokens then are plain text, no boundary
+        self.bounds = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if not (split and t.special))
+        self.cache: dict[str, list[int]] = {}
+
+    def ids(self, tail: str, keep: bool = True) -> list[int]:
+        ids = self.cache.get(tail)
+        if ids is None:
+            ids = self.encode(tail, add_special_tokens=False).ids
+            if keep:
+                if len(self.cache) >= self.LIMIT:
+                    self.cache.clear()
+                self.cache[tail] = ids
+        return ids
+
+
+def _prompt_as_sent(plan: _Plan, encoding, ids: list[int], ranges: list[tuple[int, int]], tails: _Tails
+                    ) -> tuple[list[int], list[tuple[int, int]]]:
+    """Make the ids before each answer end as its generation prompt tokenized alone ends.
+
+    The whole conversation is tokenized in one pass, and a pre-tokenizer may split the prompt's last
+    characters otherwise when the answer follows them (GPT-2's `\\s+(?!\\S)`: `<|end_header_id|>\\n\\n`
+    + "Paris" gives '\\n', '\\n', 'Paris', the prompt alone ends with the one token '\\n\\n'). Inference
+    sends the prompt tokenized alone, so for each answer that starts at its prompt's end and at a token
+    boundary, the in-context tokens after the prompt's last added token are replaced by the tail's own
+    tokens where the two differ (they stay untrained); the answer's tokens are kept as in context."""
+    pieces: list[list[int]] = []
+    moved: list[tuple[int, int]] = []
+    done = shift = lower = 0
+    for j, ((first, stop), (start, _), prompt_end) in enumerate(zip(ranges, plan.spans, plan.prompt_ends)):
+        lo = lower
+        lower = stop - 1  # the next prompt's boundary may be this turn's end-of-turn token, not before it
+        if (start != prompt_end or first == 0 or (chars := encoding.token_to_chars(first)) is None
+                or chars[0] != start or (before := encoding.token_to_chars(first - 1)) is None or before[1] != start):
+            moved.append((first + shift, stop + shift))
+            continue
+        k = first - 1
+        while k >= lo and ids[k] not in tails.bounds:
+            k -= 1
+        if k >= lo:  # the tail starts with an added token: compare what follows it
+            tail = tails.ids(plan.text[encoding.token_to_chars(k)[0]:prompt_end])
+            a, alone = k + 1, tail[1:] if tail and tail[0] == ids[k] else None
+        elif j == 0:  # no added token before the first answer: the whole prompt is the tail
+            a, alone = 0, tails.ids(plan.text[:prompt_end], keep=False)
+        else:
+            a, alone = first, None
+        if alone is not None and ids[a:first] != alone:
+            pieces += (ids[done:a], alone)
+            shift += len(alone) - (first - a)
+            done = first
+        moved.append((first + shift, stop + shift))
+    if not pieces:
+        return ids, ranges
+    return [t for piece in pieces for t in piece] + ids[done:], moved
+
+
+def _label(conversation: Conversation, tokenizer, plan: _Plan, encoding, tails: _Tails | None = None) -> Example:
     """ids from the tokenizer; labels = ids on the tokens of each trained span, -100 elsewhere."""
     ids = encoding.ids
     ranges = [_token_range(encoding, s, e, conversation.source) for s, e in plan.spans]
@@ -521,6 +595,8 @@ def _label(conversation: Conversation, tokenizer, plan: _Plan, encoding) -> Exam
         if start == prompt_end and (chars := encoding.token_to_chars(first)) and chars[0] < start:
             _warn_prompt_joins_answer(template_name(tokenizer), plan.text, chars, start)
             break
+    if tails is not None:
+        ids, ranges = _prompt_as_sent(plan, encoding, ids, ranges, tails)
     if any(plan.open_ends):
         ids, ranges = _insert_eos(tokenizer, ids, ranges, plan.open_ends)
     ids = np.array(ids, dtype=np.int32)
