@@ -1,7 +1,7 @@
 """Regression checks for failures users reported in other SFT toolkits' trackers, reproduced on
 the tiny model / SmolLM2 tokenizer / vendored templates. Each docstring names the report.
-The `xfail(strict=True)` ones reproduce a variant sftlab still has: fixing it makes them XPASS
-(and fail the run), so whoever fixes it turns them into plain tests."""
+The last three reproduced variants sftlab had (prompt tokens inference never sends, a model's
+generation_config in greedy evaluation, label smoothing ignored) until they were fixed."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def test_a_lora_on_a_tied_lm_head_is_not_exported_as_a_silently_different_model(
     assert not result.ok and result.max_abs_diff > 100 * result.tolerance
 
 
-# --- variants sftlab still has (see the report): strict xfails, so a fix shows up as XPASS ---
+# --- variants sftlab had, fixed ---
 
 def test_the_named_llama3_template_trains_after_the_tokens_inference_sends(tokenizer):
     """trl#598 / trl#622 (response template tokenized differently depending on its context): with the
