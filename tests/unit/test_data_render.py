@@ -437,3 +437,34 @@ def test_a_named_template_trains_each_answer_after_the_prompt_tokens_inference_s
     monkeypatch.setattr(render_module, "_prompt_as_sent", lambda plan, encoding, ids, ranges, tails: (ids, ranges))
     with pytest.raises(AssertionError):
         _trained_after_the_prompts_inference_sends(tok, messages)
+
+
+def test_openai_weight_0_leaves_an_assistant_turn_untrained(tokenizer, tmp_path):
+    """OpenAI's fine-tuning format marks assistant messages not to train with "weight": 0; it was
+    ignored and the turn trained."""
+    import json
+    import re
+
+    from sftlab.data.formats import RecordError
+    from sftlab.data.load import load_conversations
+
+    msgs = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris", "weight": 0},
+            {"role": "user", "content": "More sarcastic?"}, {"role": "assistant", "content": "Paris, obviously.",
+                                                              "weight": 1}]
+    path = tmp_path / "w.jsonl"
+    path.write_text(json.dumps({"messages": msgs}) + "\n")
+    for train_on in ("all", "last"):
+        ex = render(load_conversations(path)[0], tokenizer, RenderOptions(train_on=train_on))
+        trained = tokenizer.decode([t for t, label in zip(ex.input_ids, ex.label_ids) if label != IGNORE])
+        assert trained == "Paris, obviously.<|im_end|>"
+    unweighted = render(Conversation([{k: v for k, v in m.items() if k != "weight"} for m in msgs]), tokenizer)
+    assert ex.input_ids == unweighted.input_ids  # the turn stays in the context, as written
+    path.write_text(json.dumps({"messages": msgs[:2]}) + "\n")
+    with pytest.raises(SftlabError, match="every assistant turn has weight 0"):
+        render(load_conversations(path)[0], tokenizer)
+    for bad, message in ((dict(msgs[1], weight=0.5), "'weight' is 0.5; it is 0 (not trained) or 1"),
+                         (dict(msgs[0], weight=0), "user message with a 'weight'")):
+        path.write_text(json.dumps({"messages": [bad if m["role"] == bad["role"] else m for m in msgs[:2]]}) + "\n")
+        with pytest.raises(RecordError, match=re.escape(message)) as err:
+            load_conversations(path)
+        assert err.value.source == f"{path}:1"

@@ -7,7 +7,8 @@ Supported schemas (the `format` names):
                      trains on the first answer, keeps all as meta "references")
   sharegpt           {"conversations" | "messages": [{"from", "value"}]}  (human/gpt/system/... roles)
   messages           {"messages": [{"role", "content"}]}  (OpenAI; content may be a list of text parts; an
-                     assistant message's reasoning as "reasoning_content", "reasoning" or "thinking")
+                     assistant message's reasoning as "reasoning_content", "reasoning" or "thinking", and
+                     OpenAI's "weight": 0 leaves it untrained)
   prompt_completion  {"prompt","completion"} | {"prompt","response"} | {"question","answer"} | {"question","response"}
                      | {"query","response"} | {"problem","solution"} | {"inputs","targets"} | {"input","output"},
                      with an optional "system" or "system_prompt" (OpenOrca); prompt/completion may also
@@ -157,8 +158,20 @@ def _message_list(value: Any, source: str, role_key: str, content_key: str, role
             message["tool_calls"] = calls
         if role == "assistant" and (reasoning := _reasoning(m, source, where)):
             message["reasoning_content"] = reasoning
+        if "weight" in m and _weight(m["weight"], source, where, role) == 0:
+            message["weight"] = 0
         messages.append(message)
     return messages
+
+
+def _weight(value: Any, source: str, where: str, role: str) -> int:
+    """OpenAI's fine-tuning `weight` of an assistant message: 0 leaves it untrained (context only), 1 trains it."""
+    if role != "assistant":
+        raise RecordError(source, "mistyped field", f"{where} is a {role} message with a 'weight' (only assistant "
+                                                    "messages have one: 0 leaves the turn untrained)")
+    if isinstance(value, bool) or value not in (0, 1):
+        raise RecordError(source, "mistyped field", f"{where}'s 'weight' is {value!r}; it is 0 (not trained) or 1")
+    return int(value)
 
 
 def _reasoning(message: dict, source: str, where: str) -> str | None:

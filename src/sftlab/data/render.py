@@ -347,6 +347,9 @@ def _plan(conversation: Conversation, template: _Template, options: RenderOption
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         raise DataError(conversation.source, "no assistant turn to train on")
+    turns = [i for i in turns if messages[i].get("weight", 1)]  # OpenAI's weight 0: context, not trained
+    if not turns:
+        raise DataError(conversation.source, "every assistant turn has weight 0: nothing to train on")
     if options.train_on == "last":
         turns = turns[-1:]
     # The conversation up to each trained turn with the generation prompt (what inference sees) should
