@@ -1,7 +1,7 @@
 """The OpenAI server with the request parameters common clients send (the official `openai` client,
-LangChain's and LlamaIndex's bodies): logprobs, penalties, logit_bias and vLLM's top_k, min_p and
-repetition_penalty reach the backend, in OpenAI's response shapes; one the serving backend does not
-implement, or one the server never implements (response_format, ...), is a 400 naming it, not silently
+LangChain's and LlamaIndex's bodies): logprobs, penalties, logit_bias, response_format and vLLM's top_k, min_p
+and repetition_penalty reach the backend, in OpenAI's response shapes; one the serving backend does not
+implement, or one the server never implements (parallel_tool_calls, ...), is a 400 naming it, not silently
 ignored; its default value, `null` for a nullable parameter, and harmless fields (`user`, `metadata`)
 are accepted."""
 
@@ -20,8 +20,6 @@ EXTRAS = {"presence_penalty": 0.5, "frequency_penalty": -1.0, "logit_bias": {"42
 
 
 @pytest.mark.parametrize("params", [
-    {"response_format": {"type": "json_object"}},
-    {"response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}}},
     {"parallel_tool_calls": False}, {"extra_body": {"function_call": {"name": "f"}}},
 ], ids=lambda p: next(iter(p.get("extra_body", p))))
 def test_a_parameter_that_would_change_the_answer_is_a_400_naming_it(tokenizer, params):
@@ -57,7 +55,7 @@ def test_sampling_parameters_reach_the_backend(tokenizer):
 
 @pytest.mark.parametrize("params", [
     {"presence_penalty": 0.5}, {"frequency_penalty": -1.0}, {"logit_bias": {"42": 10}}, {"logprobs": True},
-    {"extra_body": {"min_p": 0.2}},
+    {"extra_body": {"min_p": 0.2}}, {"response_format": {"type": "json_object"}},
 ], ids=lambda p: next(iter(p.get("extra_body", p))))
 def test_a_parameter_the_backend_does_not_implement_is_a_400_naming_it_and_the_backend(tokenizer, params):
     """The onnx engine has top_k and repetition_penalty only: those pass, the others are refused."""
@@ -226,7 +224,8 @@ def test_a_chat_request_renders_its_prompt_once(tokenizer, monkeypatch, template
 
 
 @pytest.mark.parametrize("engine, supports", [
-    ("torch", {"logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "min_p", "repetition_penalty"}),
+    ("torch", {"logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "min_p", "repetition_penalty",
+               "json_schema"}),
     ("onnx", {"logprobs", "logit_bias", "top_k", "repetition_penalty"})])
 def test_the_triton_backend_supports_what_its_engine_does(tokenizer, tmp_path, engine, supports):
     """Read off the repository's config (no server runs); logprobs only where the model has an output for them

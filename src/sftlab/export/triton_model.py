@@ -3,7 +3,8 @@
 Input `text` (BYTES): a JSON list of chat messages (rendered with the model's chat template)
 or a raw prompt. Request parameters: `max_tokens`, `temperature`, `top_p`, `seed`, and those of the
 engine's `supports` (`logit_bias`: a JSON object of token id to bias; `logprobs`: how many alternatives
-each token's logprob comes with); any other is refused.
+each token's logprob comes with; `json_schema`: the text of a JSON schema the reply is constrained to, torch
+engine only, which needs `llguidance`); any other is refused.
 Outputs: `text` (BYTES), `finish_reason` (BYTES: "stop" or "length"), `prompt_tokens`
 and `completion_tokens` (INT32), `logprobs` (BYTES: JSON `null`, or where asked a list with each
 generated token's `[token, logprob, [[token, logprob], ...]]`, the alternatives best first). Requests that Triton's dynamic batcher puts together are
@@ -20,7 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation import (SAMPLING, GenRequest, IncrementalDecoder, OnnxEngine, TorchEngine, encode,  # noqa: E402
-                        parse_text_input)
+                        json_grammar, parse_text_input)
 
 
 class TritonPythonModel:
@@ -50,6 +51,8 @@ class TritonPythonModel:
         probe = GenRequest([], 1, **sampling)
         if refused := [name for name in probe.extras() if name not in self.engine.supports]:
             raise ValueError(f"{', '.join(refused)}: not supported by this Triton model ({self.engine.name} engine)")
+        if probe.json_schema:
+            json_grammar(probe.json_schema)  # an invalid schema fails its request alone, not the batch
         texts = pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)
         tokenizer = self.engine.tokenizer
         return [GenRequest(encode(tokenizer, *parse_text_input(t.decode("utf-8"))), max_tokens, temperature, top_p,

@@ -203,7 +203,8 @@ class TritonBackend:
                        temperature: float, top_p: float, stop: list[str] = (), seed: int | None = None,
                        on_text=None, **sampling) -> Completion:
         """The whole completion from Triton (no token stream): `stop` cuts it afterwards. `sampling`: GenRequest's
-        parameters of SAMPLING (`logit_bias` sent as JSON: Triton's parameters are scalars)."""
+        parameters of SAMPLING (`logit_bias` sent as JSON: Triton's parameters are scalars; `json_schema` is JSON
+        text already)."""
         import numpy as np
 
         chat = {"messages": messages, "tools": tools} if tools else messages

@@ -12,6 +12,7 @@ last token (continuous batching, `serve.backends`).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -175,8 +176,26 @@ def trained_reply(tokenizer, messages: list[dict], source: str, meta: dict | Non
                    if label != IGNORE and t not in stops)
 
 
+# what a request may set beyond temperature and top_p; each engine's `supports`
 SAMPLING = ("logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "min_p",
-            "repetition_penalty")  # what a request may set beyond temperature and top_p; each engine's `supports`
+            "repetition_penalty", "json_schema")
+
+
+# JSON as Python's json.dumps writes it: one line, ", " and ": " between items, no other whitespace (a free one
+# lets a model pad with whitespace to max_tokens); a schema's own "x-guidance" options take precedence
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def json_grammar(schema: str) -> str:
+    """The llguidance grammar of a JSON schema (its JSON text); ValueError saying what is wrong with it (checked
+    without a tokenizer: what the engine's matcher would find)."""
+    from llguidance import LLMatcher
+
+    grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+    failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+    if failed:
+        raise ValueError(messages[0])
+    return grammar
 
 
 class Logprob(NamedTuple):
@@ -202,6 +221,7 @@ class GenRequest:
     top_k: int = 0  # sample among the k most likely tokens (0: all)
     min_p: float = 0.0  # sample among tokens at least min_p times as likely as the most likely one
     repetition_penalty: float = 1.0  # transformers': tokens of the prompt and the reply, positive logits divided
+    json_schema: str | None = None  # a JSON schema (its text) the reply is constrained to, from its first token
 
     def extras(self) -> list[str]:
         """The parameters of SAMPLING this request sets to other than their defaults."""
@@ -271,6 +291,7 @@ class _Row:
     generator: Any
     length: int
     live: bool = True
+    matcher: Any = None  # the llguidance matcher of the request's json_schema, advanced by each token taken
 
 
 class Decoding:
@@ -306,7 +327,9 @@ class TorchEngine:
     """Batched decoding with a KV cache on a transformers causal LM (left padding).
 
     `generate` decodes a fixed batch (static batching: the Triton backend, evaluation); `prefill`, `step` and
-    `join` let a scheduler add requests to a running batch between decode steps (`serve.backends`)."""
+    `join` let a scheduler add requests to a running batch between decode steps (`serve.backends`). A request
+    with a `json_schema` picks each token among those its grammar (llguidance) allows, greedy or sampled, and
+    ends where the grammar is complete."""
 
     name = "torch"
     supports = frozenset(SAMPLING)
@@ -368,7 +391,7 @@ class TorchEngine:
         rows = []
         for r in requests:
             row = _Row(r, GenResult(), None if r.seed is None else torch.Generator(self.device).manual_seed(r.seed),
-                       len(r.ids))
+                       len(r.ids), matcher=self._matcher(r.json_schema) if r.json_schema else None)
             if r.max_new_tokens > 0 and not r.done:
                 rows.append(row)
             else:
@@ -435,15 +458,25 @@ class TorchEngine:
         return running
 
     def _take(self, decoding: Decoding, logits) -> None:
-        """Pick each row's next token from `logits` and record it (with its logprobs where asked) for the live ones."""
+        """Pick each row's next token from `logits` (shifted, then masked by the row's grammar where it has one) and
+        record it (with its logprobs where asked) for the live ones."""
         logits, requests = logits.float(), [row.request for row in decoding.rows]
         scores = self._shift(logits, decoding.rows) if any(r.shifts_logits for r in requests) else logits
+        if any(row.live and row.matcher is not None for row in decoding.rows):
+            scores = self._constrain(scores, decoding.rows)
         decoding.tokens = self._pick(scores, requests, [row.generator for row in decoding.rows])
         tokens = decoding.tokens.tolist()
         if any(r.logprobs is not None for r in requests):
             self._logprobs(logits, decoding.rows, tokens)
         for row, tok in zip(decoding.rows, tokens):
-            if row.live and not take_token(row.result, row.request, tok, self.stop_ids):
+            if not row.live:
+                continue
+            # the grammar takes the token (a stop token ends the row anyway); complete, it ends the row as one would
+            complete = (row.matcher is not None and tok not in self.stop_ids and row.matcher.consume_token(tok)
+                        and row.matcher.is_stopped())
+            if not take_token(row.result, row.request, tok, self.stop_ids) or complete:
+                if complete:
+                    row.result.finish_reason = "stop"
                 row.live = False
                 decoding.finished.append((row.request, row.result))
         self._compact(decoding)
@@ -466,6 +499,38 @@ class TorchEngine:
         decoding.mask = decoding.mask[:, trim:]
         for layer in decoding.cache.layers:
             layer.keys, layer.values = layer.keys[index, :, trim:], layer.values[index, :, trim:]
+
+    @functools.cached_property
+    def _grammar_tokenizer(self):
+        """llguidance's view of the tokenizer (built once, ~0.3 s), with the engine's stop tokens as its EOS: what a
+        complete grammar allows next."""
+        import llguidance.hf
+
+        return llguidance.hf.from_tokenizer(self.tokenizer, eos_token=sorted(self.stop_ids) or None)
+
+    def _matcher(self, schema: str):
+        """A request's grammar: the matcher of its JSON schema, compiled once, at its prefill."""
+        from llguidance import LLMatcher
+
+        return LLMatcher(self._grammar_tokenizer, json_grammar(schema))
+
+    def _constrain(self, scores, rows: list[_Row]):
+        """A copy of `scores` where each live row with a grammar has the tokens it does not allow next at -inf."""
+        import numpy as np
+        from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+
+        torch = self.torch
+        index = [i for i, row in enumerate(rows) if row.live and row.matcher is not None]
+        bitmask = allocate_token_bitmask(len(index), self._grammar_tokenizer.vocab_size)
+        for k, i in enumerate(index):
+            fill_next_token_bitmask(rows[i].matcher, bitmask, k)
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")  # one per token
+        width = scores.shape[1]  # a model's logits may be wider than its tokenizer (padded) or narrower
+        allowed = torch.from_numpy(bits[:, :width]).to(scores.device, torch.bool)
+        allowed = torch.nn.functional.pad(allowed, (0, width - allowed.shape[1]))
+        scores = scores.clone()
+        scores[index] = scores[index].masked_fill(~allowed, float("-inf"))
+        return scores
 
     def _shift(self, logits, rows: list[_Row]):
         """A copy of `logits` with each live row's logit_bias added, then its repetition penalty (over its prompt
@@ -513,7 +578,8 @@ class TorchEngine:
 
     def _logprobs(self, logits, rows: list[_Row], tokens: list[int]) -> None:
         """Each live row that asks for them gets its token's logprob and its top alternatives: the log-softmax of the
-        model's raw logits, before logit_bias, penalties, temperature and top_k/min_p/top_p, as OpenAI reports them."""
+        model's raw logits, before logit_bias, penalties, a grammar's mask, temperature and top_k/min_p/top_p, as OpenAI
+        reports them."""
         asking = [i for i, row in enumerate(rows) if row.live and row.request.logprobs is not None]
         if not asking:
             return

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from sftlab.errors import RecordError, SftlabError
-from sftlab.serve.generation import GenRequest, Logprob, StopText, encode, render
+from sftlab.serve.generation import GenRequest, Logprob, StopText, encode, json_grammar, render
 from sftlab.serve.guard import (GuardLimits, add_request_guard, encodable, error_response, http_error_handler,
                                 validation_error_handler, warn_if_exposed)
 from sftlab.serve.reasoning import AnswerLayout, ReasoningStream, reply_layout
@@ -86,11 +86,41 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchema(BaseModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | bool = Field(alias="schema")
+    strict: bool | None = None  # the reply follows the schema either way
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON that follows a schema (checked here: an
+    invalid one is a 400 naming response_format)."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _compiles(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema: {"name", "schema"}')
+        if (schema := self.schema_text()) is not None:
+            try:
+                json_grammar(schema)
+            except ValueError as e:
+                raise ValueError(f"invalid JSON schema: {e}") from e
+        return self
+
+    def schema_text(self) -> str | None:
+        """The JSON schema the reply is constrained to, as JSON text; None for free text."""
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        return json.dumps(self.json_schema.schema_) if self.type == "json_schema" else None
+
+
 # OpenAI's (and vLLM's) parameters this server does not implement, with the values that leave the answer
 # as it would be without them: any other value is refused (400) rather than ignored, since it would change
 # the answer. Other unknown fields (`user`, `metadata`, `store`, ...) are accepted and ignored.
 UNSUPPORTED = {
-    "response_format": (None, {"type": "text"}),
     "parallel_tool_calls": (None, True),
     "function_call": (None, "auto", "none"),  # the older tool_choice
     "echo": (None, False),
@@ -117,6 +147,7 @@ class _Sampling(BaseModel):
     top_k: int | None = Field(None, ge=-1, description="vLLM's: sample among the k most likely tokens (0, -1: all)")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
+    response_format: ResponseFormat | None = None
 
     @field_validator("temperature", "top_p", "n", "stream", mode="before")
     @classmethod
@@ -146,7 +177,8 @@ class _Sampling(BaseModel):
         """GenRequest's parameters of SAMPLING that this request sets to other than their defaults."""
         values = {name: getattr(self, name) for name in ("presence_penalty", "frequency_penalty", "logit_bias",
                                                          "min_p", "repetition_penalty")}
-        values |= {"top_k": max(self.top_k or 0, 0), "logprobs": self.logprob_count()}  # vLLM's top_k -1: all
+        values |= {"top_k": max(self.top_k or 0, 0), "logprobs": self.logprob_count(),  # vLLM's top_k -1: all
+                   "json_schema": self.response_format and self.response_format.schema_text()}
         request = GenRequest([], 1, **{name: value for name, value in values.items() if value is not None})
         return {name: getattr(request, name) for name in request.extras()}
 
@@ -257,9 +289,11 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         extras = req.sampling()
         for name in extras:
             if name not in getattr(backend, "supports", ()):
-                raise APIError(400, f"{name}={json.dumps(getattr(req, name))} is not supported by this server's "
+                param = "response_format" if name == "json_schema" else name
+                value = json.dumps(req.model_dump(mode="json", by_alias=True, exclude_none=True)[param])
+                raise APIError(400, f"{param}={value} is not supported by this server's "
                                     f"{getattr(backend, 'name', '')} backend: leave it out",
-                               param=name, code="unsupported_value")
+                               param=param, code="unsupported_value")
         if any(tok >= len(tokenizer) for tok in extras.get("logit_bias", ())):
             raise APIError(400, f"logit_bias names a token id beyond this model's {len(tokenizer)} tokens",
                            param="logit_bias")
@@ -330,6 +364,17 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         reasoning, answer = layout.split(text) if layout else (None, text)
         return reasoning, *_calls(answer, tools)
 
+    def _check_format(tools, layout: AnswerLayout) -> None:
+        """response_format constrains a reply from its first token: not one that may be tool calls, nor one that
+        begins in the reasoning its prompt opens (a template that merely may write reasoning first writes none)."""
+        if tools:
+            raise APIError(400, "response_format cannot be combined with tools: the reply would have to be the "
+                                "schema's JSON, never a call; leave out one of them", param="response_format")
+        if layout.opened:
+            raise APIError(400, "response_format is not supported with this model's chat template: its prompt opens "
+                                "a reasoning block, so the reply begins in reasoning, not in the JSON",
+                           param="response_format")
+
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         _check_model(req.model)
@@ -350,6 +395,8 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
             raise APIError(400, str(e), param="messages") from e
         except TemplateError as e:  # raise_exception() in the template, or the sandbox's SecurityError
             raise APIError(400, f"the chat template failed: {e}", param="messages") from e
+        if req.response_format and req.response_format.schema_text():
+            _check_format(tools, layout)
         kwargs = dict(ids=ids, messages=messages, tools=tools, **_sampling(req))
         _check_prompt(ids, kwargs["max_tokens"], "messages")
         return await _respond(req, request, kwargs, chat=True, layout=layout)
