@@ -353,15 +353,15 @@ def _norms(model, modules: dict, prefix: str, widths: dict[str, int]) -> tuple[N
     layer = {n[len(prefix):]: m for n, m in modules.items() if n.startswith(prefix)}
     norms = {n: m for n, m in layer.items() if "norm" in type(m).__name__.lower()
              and isinstance(getattr(m, "weight", None), torch.nn.Parameter) and m.weight.dim() == 1}
-    outputs, post = set(), set()
+    outputs, post = [], set()  # the linear layers' outputs, held: an id() of a freed one may come again
 
     def stop(*_):  # the forward pass ends with the layer
         raise StopIteration
 
-    hooks = [m.register_forward_hook(lambda _, __, out: outputs.add(id(out)))
+    hooks = [m.register_forward_hook(lambda _, __, out: outputs.append(out))
              for m in layer.values() if isinstance(m, torch.nn.Linear)]
-    hooks += [m.register_forward_pre_hook(lambda _, args, n=n: post.update([n] if id(args[0]) in outputs else []))
-              for n, m in norms.items()]
+    hooks += [m.register_forward_pre_hook(
+        lambda _, args, n=n: post.update([n] if any(args[0] is o for o in outputs) else [])) for n, m in norms.items()]
     hooks.append(modules[prefix[:-1]].register_forward_hook(stop))
     try:  # with the cache (the default) transformers looks for packed sequences in no meta tensor
         with torch.no_grad():
