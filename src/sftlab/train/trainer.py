@@ -288,16 +288,26 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
     return model
 
 
-def no_target_message(model, targets) -> str:
-    """lora.target_modules matched no layer: say which names this model's linear layers have."""
+def _linear_layer_names(model) -> list[str]:
+    """The names a lora.target_modules list can give: the model's linear layers' last name parts (not the
+    parts of LoRA layers PEFT may have added before it refused a target)."""
     from sftlab.estimate import linear_layers
 
-    names = sorted({n.rsplit(".", 1)[-1] for n, _, _ in linear_layers(model)})
-    given = f"'{targets}'" if isinstance(targets, str) else f"[{', '.join(targets)}]"
+    return sorted({n.rsplit(".", 1)[-1] for n, _, _ in linear_layers(model)
+                   if not any(p == "base_layer" or p.startswith("lora_") for p in n.split("."))})
+
+
+def _written(targets) -> str:
+    return f"'{targets}'" if isinstance(targets, str) else f"[{', '.join(targets)}]"
+
+
+def no_target_message(model, targets) -> str:
+    """lora.target_modules matched no layer: say which names this model's linear layers have."""
+    names = _linear_layer_names(model)
     example = ["q_proj", "v_proj"] if {"q_proj", "v_proj"} <= set(names) else names[:2]
     comma = " (a list is written [a,b]; one string is a regular expression)" if isinstance(targets, str) and "," in targets else ""
-    return (f"lora.target_modules: {given} matches no layer of {type(model).__name__}{comma}; its linear layers are "
-            f"{', '.join(names)}: e.g. lora.target_modules=[{','.join(example)}], or all-linear")
+    return (f"lora.target_modules: {_written(targets)} matches no layer of {type(model).__name__}{comma}; its linear "
+            f"layers are {', '.join(names)}: e.g. lora.target_modules=[{','.join(example)}], or all-linear")
 
 
 def check_tied_head_not_adapted(model, targets) -> None:
@@ -312,16 +322,11 @@ def check_tied_head_not_adapted(model, targets) -> None:
 
 
 def incompatible_target_message(model, targets, refused: str, reason: str) -> str:
-    """PEFT refused a layer lora.target_modules picks: name the others to write instead (the model holds the
-    LoRA layers PEFT added before it refused: their parts are not names to write)."""
-    from sftlab.estimate import linear_layers
-
-    names = sorted({n.rsplit(".", 1)[-1] for n, _, _ in linear_layers(model)
-                    if not any(p == "base_layer" or p.startswith("lora_") for p in n.split("."))} - {refused})
-    given = f"'{targets}'" if isinstance(targets, str) else f"[{', '.join(targets)}]"
-    return (f"lora.target_modules: {given} picks '{refused}', which PEFT cannot adapt on {type(model).__name__} "
-            f"({reason.splitlines()[0].split('] ', 1)[-1]}); name the layers to adapt without it: "
-            f"lora.target_modules=[{','.join(names)}]")
+    """PEFT refused a layer lora.target_modules picks: name the others to write instead."""
+    names = [n for n in _linear_layer_names(model) if n != refused]
+    return (f"lora.target_modules: {_written(targets)} picks '{refused}', which PEFT cannot adapt on "
+            f"{type(model).__name__} ({reason.splitlines()[0].split('] ', 1)[-1]}); name the layers to adapt "
+            f"without it: lora.target_modules=[{','.join(names)}]")
 
 
 def bf16_unavailable(engine: str, device: str = "auto") -> str | None:
