@@ -54,12 +54,24 @@ def test_fused_lora_gives_peft_outputs_and_gradients(tiny_model_dir, autocast):
         assert (fused_grads[name] - g).abs().max().item() <= (1e-5 if not autocast else 0.05) * scale, name
 
 
+class _Replay(torch.nn.Module):
+    """A dropout that multiplies by given noises in turn: PEFT's layers fed the fused layers' draws."""
+
+    def __init__(self, noises: list):
+        super().__init__()
+        self.noises = noises
+
+    def forward(self, x):
+        return x * self.noises.pop(0).view_as(x)
+
+
 @pytest.mark.parametrize("autocast,bf16_base", [(False, False), (True, False), (True, True)],
                          ids=["fp32", "bf16-autocast", "bf16-base"])
-def test_fused_lora_with_dropout_gives_peft_outputs_and_gradients(tiny_model_dir, autocast, bf16_base):
-    """Training mode with dropout: the same masks (drawn as nn.Dropout draws them), outputs and
-    adapter gradients as PEFT's layers on the path train() takes (no fp32 round trip of the input
-    under autocast); with a bf16 base the dropped input is rebuilt in backward from the input."""
+def test_fused_lora_with_dropout_gives_peft_outputs_and_gradients(tiny_model_dir, autocast, bf16_base, monkeypatch):
+    """Training mode with dropout: given the same noise, the outputs and adapter gradients of
+    PEFT's layers on the path train() takes (no fp32 round trip of the input under autocast); with
+    a bf16 base the dropped input is rebuilt in backward from the input."""
+    from sftlab.train import lora_fused
     from sftlab.train.loss import skip_lora_input_casts_under_autocast
 
     peft_model = lora_model(tiny_model_dir, lora_dropout=0.3)
@@ -70,16 +82,46 @@ def test_fused_lora_with_dropout_gives_peft_outputs_and_gradients(tiny_model_dir
     skip_lora_input_casts_under_autocast(peft_model)
     fused = copy.deepcopy(peft_model)
     assert fuse_lora_layers(fused) == 14
+    noises: list = []
+    draw = lora_fused.dropout_noise
+    monkeypatch.setattr(lora_fused, "dropout_noise", lambda x, p: noises.append(draw(x, p)) or noises[-1])
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(3)
-    logits, grads = loss_and_grads(peft_model.train(), ids, autocast)
-    torch.manual_seed(3)
     fused_logits, fused_grads = loss_and_grads(fused.train(), ids, autocast)
+    assert len(noises) == 14 and all(bool((n == 0).any()) for n in noises)
+    for name, module in list(peft_model.named_modules()):
+        if name.endswith("lora_dropout"):
+            module["default"] = _Replay(noises)
+    logits, grads = loss_and_grads(peft_model.train(), ids, autocast)
+    assert not noises  # every layer took its noise
     tol = 1e-5 if not autocast else 0.05
     torch.testing.assert_close(fused_logits, logits, rtol=0, atol=tol)
     assert len(grads) == 28
     for name, g in grads.items():
         assert (fused_grads[name] - g).abs().max().item() <= tol * g.abs().max().item(), name
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_cpu_dropout_noise_drops_p_of_every_element_position_and_keeps_the_mean(p):
+    """sftlab's CPU draw (15 bits of a 64-bit draw per element, four elements a draw): every one
+    of the four positions is dropped at rate p (a lane read with its sign bit, or a bit that is
+    not random, would not be), kept elements are 1/(1-p), the mean is 1, draws differ and a seed
+    repeats them."""
+    from sftlab.train.lora_fused import dropout_noise
+
+    torch.manual_seed(5)
+    noise = dropout_noise(torch.ones(4096, 1024, dtype=torch.bfloat16), p)
+    assert noise.dtype == torch.bfloat16 and noise.shape == (4096, 1024)
+    kept = 1 - round(p * 32768) / 32768
+    assert set(noise.unique().tolist()) == {0.0, torch.tensor(1 / kept, dtype=torch.bfloat16).item()}
+    dropped = (noise == 0).float().view(-1, 4).mean(0)  # the four elements read from one 64-bit draw
+    bound = 5 * (p * (1 - p) / (noise.numel() / 4)) ** 0.5
+    assert (dropped - p).abs().max().item() < bound, dropped
+    odd = dropout_noise(torch.ones(7, 3), p)  # a size that is not a multiple of four
+    assert odd.shape == (7, 3) and odd.dtype == torch.float32
+    assert abs(dropout_noise(torch.ones(2**22), p).mean().item() - 1) < 5 * (p / (1 - p) / 2**22) ** 0.5
+    torch.manual_seed(5)
+    assert torch.equal(dropout_noise(torch.ones(4096, 1024, dtype=torch.bfloat16), p), noise)
+    assert not torch.equal(dropout_noise(torch.ones(4096, 1024, dtype=torch.bfloat16), p), noise)
 
 
 def test_dropout_of_one_goes_to_peft(tiny_model_dir):
