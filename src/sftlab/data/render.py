@@ -184,9 +184,9 @@ def _plan_or_error(conv: Conversation, tokenizer, template: _Template | None, op
         return RecordError(conv.source, "chat template error", str(e))
 
 
-def _finish(chunk, plans, encodings, tokenizer, options: RenderOptions, tails: _Tails | None = None
+def _finish(chunk, plans, encodings, tokenizer, options: RenderOptions, tails: _Tails | None
             ) -> Iterator[tuple[Conversation, Example | DataError]]:
-    """Label a chunk once its tokenization is done."""
+    """Label a chunk once its tokenization is done (`tails`: None only where the chunk holds no chat)."""
     encoded = iter(encodings.result() if encodings else ())
     for conv, plan in zip(chunk, plans):
         if not isinstance(plan, _Plan):  # already an Example (raw text) or a DataError
@@ -590,7 +590,7 @@ def _prompt_as_sent(plan: _Plan, encoding, ids: list[int], ranges: list[tuple[in
     return [t for piece in pieces for t in piece] + ids[done:], moved
 
 
-def _label(conversation: Conversation, tokenizer, plan: _Plan, encoding, tails: _Tails | None = None) -> Example:
+def _label(conversation: Conversation, tokenizer, plan: _Plan, encoding, tails: _Tails) -> Example:
     """ids from the tokenizer; labels = ids on the tokens of each trained span, -100 elsewhere."""
     ids = encoding.ids
     ranges = [_token_range(encoding, s, e, conversation.source) for s, e in plan.spans]
@@ -598,8 +598,7 @@ def _label(conversation: Conversation, tokenizer, plan: _Plan, encoding, tails: 
         if start == prompt_end and (chars := encoding.token_to_chars(first)) and chars[0] < start:
             _warn_prompt_joins_answer(template_name(tokenizer), plan.text, chars, start)
             break
-    if tails is not None:
-        ids, ranges = _prompt_as_sent(plan, encoding, ids, ranges, tails)
+    ids, ranges = _prompt_as_sent(plan, encoding, ids, ranges, tails)
     if any(plan.open_ends):
         ids, ranges = _insert_eos(tokenizer, ids, ranges, plan.open_ends)
     ids = np.array(ids, dtype=np.int32)
