@@ -37,7 +37,7 @@ class ModelConfig(Section):
 class LoraConfig(Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input (0, PEFT's default; 0.05-0.1 regularises, and on a CPU a 4k-token step takes ~75 % longer: a random draw for every adapted layer's input).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input (0, PEFT's default; 0.05-0.1 regularises; a step takes ~10 % longer on a CPU: noise for every adapted layer's input).")
     target_modules: list[str] | str = Field("all-linear", description="Module names to adapt, or 'all-linear'.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
 
