@@ -45,6 +45,7 @@ def test_json_array_sources_are_start_lines():
 
 @pytest.mark.parametrize("payload,sources", [
     ({"data": ROWS}, ["data row 1", "data row 2"]),
+    ({"version": 2, "count": 2.0, "ok": True, "data": ROWS}, ["data row 1", "data row 2"]),  # numbers beside
     ({"train": ROWS, "test": ROWS[:1]}, ["train row 1", "train row 2"]),
     ({k: [r.get(k) for r in ROWS] for k in ("instruction", "input", "output", "label")}, ["row 1", "row 2"]),
 ])

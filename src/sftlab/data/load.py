@@ -284,8 +284,8 @@ def _json_object(path: Path, obj: dict, split: str | None) -> Iterator[tuple[str
         values = [list(v.values()) for v in values]
     # columns: {"instruction": [...], "output": [...]}, any of them may hold objects ({"meta": [{...}]},
     # SQuAD's answers), but not all of them: lists of records only are splits ({"train": [...], ...})
-    records_only = any(values) and all(isinstance(x, dict) for v in values for x in v)
-    if values and all(isinstance(v, list) for v in values) and not records_only:
+    columns = bool(values) and all(isinstance(v, list) for v in values)
+    if columns and not (any(values) and all(isinstance(x, dict) for v in values for x in v)):
         lengths = {k: len(v) for k, v in zip(obj, values)}
         if len(set(lengths.values())) > 1:
             raise DataError(f"{path}:1", f"a JSON object of columns needs lists of equal length, got {lengths}")
