@@ -16,6 +16,8 @@ Supported schemas (the `format` names):
   text               {"text"}  -> raw text (continued pre-training)
   (tool calling)     any chat schema above with `tools` and assistant `tool_calls` (see data/tools.py)
   xlam               {"query", "answers", "tools"}  (Salesforce xLAM function calling: the answers are calls)
+  gemini             {"contents": [{"role": "user" | "model", "parts": [...]}], "systemInstruction"?, "tools"?}
+                     (Vertex AI's Gemini tuning JSONL; function calls and thoughts too: data/gemini.py)
   multiple_choice    benchmarks' native layouts (CHOICE_LAYOUTS): MMLU {"question", "choices": [...], "answer"},
                      ARC {"question", "choices": {"text", "label"}, "answerKey"}, OpenBookQA, HellaSwag
                      {"ctx", "endings", "label"}, PIQA {"goal", "sol1", "sol2", "label"} -> the question with
@@ -49,6 +51,7 @@ from typing import Any, Callable, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sftlab.data.conversation import ROLES, Conversation, message_text
+from sftlab.data.gemini import gemini_parts
 from sftlab.data.oasst import is_message_row
 from sftlab.data.tools import as_json_schema, call_list, tool_calls, tool_list
 from sftlab.errors import RecordError, SftlabError
@@ -67,8 +70,9 @@ SHAREGPT_ROLES = {
 }
 
 # `role` values -> Conversation roles ("developer" is OpenAI's newer name for system; "prompter"
-# is OpenAssistant's name for the user).
-OPENAI_ROLES = {**{r: r for r in ROLES}, "developer": "system", "function": "tool", "prompter": "user"}
+# is OpenAssistant's name for the user; "model" Gemma's and Gemini's for the assistant).
+OPENAI_ROLES = {**{r: r for r in ROLES}, "developer": "system", "function": "tool", "prompter": "user",
+                "model": "assistant"}
 
 # (prompt key, answer key) pairs recognised as prompt/completion, in detection order.
 PROMPT_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"), ("question", "response"),
@@ -360,6 +364,11 @@ def from_messages(record: dict, source: str) -> Conversation:
     return _chat(messages, source, _meta(record, ("messages", *used)))
 
 
+def from_gemini(record: dict, source: str) -> Conversation:
+    messages, tools, used = gemini_parts(record, source)
+    return _chat(messages, source, _meta(record, used) | ({"tools": tools} if tools else {}))
+
+
 def _prompt_pair(record: dict) -> tuple[str, str] | None:
     return next(((p, a) for p, a in PROMPT_PAIRS if p in record and a in record), None)
 
@@ -635,6 +644,7 @@ FORMATS: dict[str, Converter] = {
     "text": from_text,
     "preference": from_preference,
     "xlam": from_xlam,
+    "gemini": from_gemini,
     "multiple_choice": from_multiple_choice,
 }
 
@@ -655,6 +665,7 @@ _DETECT: tuple[tuple[tuple[str, ...], Callable[[dict], str]], ...] = (
     (("question", "context", "answers"), lambda r: "squad"),
     *((layout.keys, lambda r: "multiple_choice") for layout in CHOICE_LAYOUTS),
     (("query", "answers"), lambda r: "xlam"),
+    (("contents",), lambda r: "gemini"),
     *(((p, a), lambda r: "prompt_completion") for p, a in PROMPT_PAIRS),
     (("text",), lambda r: "text"),
 )
