@@ -328,3 +328,26 @@ def test_message_lists_kept_as_json_strings_are_read():
         assert to_conversation(rec, SRC).messages == msgs(("user", "Hi"), ("assistant", "Hello"))
     with pytest.raises(RecordError, match="'messages' must be a list of messages, got str"):
         to_conversation({"messages": "[not json"}, SRC)
+
+
+def test_alpaca_history_pairs_come_before_the_instruction():
+    """LLaMA-Factory's Alpaca layout: `history` holds the earlier turns (they were kept in meta and the
+    conversation trained without them); a CSV column holds them as a JSON string."""
+    rec = {"instruction": "And Chile?", "input": "", "output": "Santiago.", "system": "Be brief.",
+           "history": [["Capital of Peru?", "Lima."], ["Of Bolivia?", "Sucre."]], "id": 3}
+    c = to_conversation(rec, SRC)
+    assert c.messages == msgs(("system", "Be brief."), ("user", "Capital of Peru?"), ("assistant", "Lima."),
+                              ("user", "Of Bolivia?"), ("assistant", "Sucre."), ("user", "And Chile?"),
+                              ("assistant", "Santiago."))
+    assert c.meta == {"id": 3}
+    assert to_conversation({**rec, "history": json.dumps(rec["history"])}, SRC).messages == c.messages
+    assert to_conversation({**rec, "history": []}, SRC).messages == msgs(("system", "Be brief."), ("user", "And Chile?"),
+                                                                         ("assistant", "Santiago."))
+    with pytest.raises(RecordError, match="'history' entry 2 is not a \\[question, answer\\] pair"):
+        to_conversation({**rec, "history": [["q", "a"], ["q only"]]}, SRC)
+
+
+def test_cohere_roles():
+    c = to_conversation({"messages": [{"role": "System", "content": "s"}, {"role": "User", "content": "q"},
+                                      {"role": "Chatbot", "content": "a"}]}, SRC)
+    assert c.messages == msgs(("system", "s"), ("user", "q"), ("assistant", "a"))

@@ -1,7 +1,8 @@
 """Input schemas -> `Conversation`: one small function per schema, chosen by detection or by name.
 
 Supported schemas (the `format` names):
-  alpaca             {"instruction", "input"?, "output", "system"?}  (Alpaca, Alpaca-GPT4, CodeAlpaca, ...)
+  alpaca             {"instruction", "input"?, "output", "system"?, "history"?}  (Alpaca, Alpaca-GPT4, CodeAlpaca,
+                     ...; LLaMA-Factory's "history": earlier [question, answer] pairs)
   dolly              {"instruction", "context"?, "response"}  (Databricks Dolly-15k; `category` goes to meta)
   squad              {"question", "context", "answers": {"text": [...]}}  (SQuAD-style reading comprehension;
                      trains on the first answer, keeps all as meta "references")
@@ -69,10 +70,11 @@ SHAREGPT_ROLES = {
     "observation": "tool",
 }
 
-# `role` values -> Conversation roles ("developer" is OpenAI's newer name for system; "prompter"
-# is OpenAssistant's name for the user; "model" Gemma's and Gemini's for the assistant).
+# `role` values (any case) -> Conversation roles ("developer" is OpenAI's newer name for system;
+# "prompter" is OpenAssistant's name for the user; "model" Gemma's and Gemini's for the assistant,
+# "chatbot" Cohere's, whose fine-tuning files write System / User / Chatbot).
 OPENAI_ROLES = {**{r: r for r in ROLES}, "developer": "system", "function": "tool", "prompter": "user",
-                "model": "assistant"}
+                "model": "assistant", "chatbot": "assistant"}
 
 # (prompt key, answer key) pairs recognised as prompt/completion, in detection order.
 PROMPT_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"), ("question", "response"),
@@ -308,27 +310,45 @@ def _with_tools(meta: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def from_instruction(record: dict, source: str, *, prompt: str, response: str, input: str | None = None,
-                     system: str | None = None) -> Conversation:
-    """One exchange from named columns: system? -> user: prompt (+ blank line + input) -> assistant: response.
-    An empty input or system column counts as absent. A response listing several answers trains on the
-    first; all of them go to `meta["references"]`, the answers evaluation accepts."""
+                     system: str | None = None, history: str | None = None) -> Conversation:
+    """One exchange from named columns: system? -> (history) -> user: prompt (+ blank line + input) ->
+    assistant: response. An empty input or system column counts as absent. A response listing several
+    answers trains on the first; all of them go to `meta["references"]`, the answers evaluation accepts.
+    `history`: earlier turns as [question, answer] pairs (LLaMA-Factory's Alpaca layout)."""
+    earlier = _history(record, history, source)
     question = _string(record, prompt, source)
     if response not in record or record[response] is None:
         raise RecordError(source, "missing field", f"'{response}'")
     answers = _answers(record[response], source, response)
     extra = _optional_text(record, input, source)
     system_text = _optional_text(record, system, source)
-    messages = ([{"role": "system", "content": system_text}] if system_text else []) + [
+    messages = ([{"role": "system", "content": system_text}] if system_text else []) + earlier + [
         {"role": "user", "content": f"{question}\n\n{extra}" if extra else question},
         {"role": "assistant", "content": answers[0]},
     ]
-    conv = _chat(messages, source, _meta(record, (prompt, response, input, system)))
+    conv = _chat(messages, source, _meta(record, (prompt, response, input, system, history)))
     if len(answers) > 1:
         conv.meta["references"] = answers
     return conv
 
 
-from_alpaca = partial(from_instruction, prompt="instruction", input="input", response="output", system="system")
+def _history(record: dict, key: str | None, source: str) -> list[dict[str, str]]:
+    """Earlier turns given as [question, answer] pairs (a JSON string of them, as a CSV column holds it, too)."""
+    value = _listed(record.get(key)) if key else None
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RecordError(source, "mistyped field", f"'{key}' must be a list of [question, answer] pairs")
+    turns = []
+    for k, pair in enumerate(value, 1):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise RecordError(source, "mistyped field", f"'{key}' entry {k} is not a [question, answer] pair of strings")
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return turns
+
+
+from_alpaca = partial(from_instruction, prompt="instruction", input="input", response="output", system="system",
+                      history="history")
 from_dolly = partial(from_instruction, prompt="instruction", input="context", response="response", system="system")
 from_squad = partial(from_instruction, prompt="question", input="context", response="answers")
 
