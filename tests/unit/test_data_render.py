@@ -463,8 +463,27 @@ def test_openai_weight_0_leaves_an_assistant_turn_untrained(tokenizer, tmp_path)
     with pytest.raises(SftlabError, match="every assistant turn has weight 0"):
         render(load_conversations(path)[0], tokenizer)
     for bad, message in ((dict(msgs[1], weight=0.5), "'weight' is 0.5; it is 0 (not trained) or 1"),
-                         (dict(msgs[0], weight=0), "user message with a 'weight'")):
+                         (dict(msgs[0], weight=1), "user message with 'weight' 1: only assistant turns are trained")):
         path.write_text(json.dumps({"messages": [bad if m["role"] == bad["role"] else m for m in msgs[:2]]}) + "\n")
         with pytest.raises(RecordError, match=re.escape(message)) as err:
             load_conversations(path)
         assert err.value.source == f"{path}:1"
+
+
+def test_sharegpt_weights_as_openhermes_and_axolotl_sets_write_them(tokenizer, tmp_path):
+    """OpenHermes 2.5 writes "weight": null on every message, other ShareGPT sets 0 on the human turns and
+    0 or 1 on the gpt ones: null is no weight, 0 on a human turn says what sftlab does anyway (such
+    records were refused as a weight on a non-assistant message)."""
+    import json
+
+    from sftlab.data.load import load_conversations
+
+    turns = [("system", "Be brief."), ("human", "Capital of France?"), ("gpt", "Paris"), ("human", "Of Peru?"),
+             ("gpt", "Lima")]
+    path = tmp_path / "s.jsonl"
+    for weights, trained in (([None] * 5, "Paris<|im_end|>Lima<|im_end|>"),
+                             ([0, 0.0, 0.0, 0, 1.0], "Lima<|im_end|>")):
+        path.write_text(json.dumps({"conversations": [{"from": f, "value": v, "weight": w}
+                                                      for (f, v), w in zip(turns, weights)]}) + "\n")
+        ex = render(load_conversations(path)[0], tokenizer)
+        assert tokenizer.decode([t for t, label in zip(ex.input_ids, ex.label_ids) if label != IGNORE]) == trained

@@ -164,19 +164,23 @@ def _message_list(value: Any, source: str, role_key: str, content_key: str, role
             message["tool_calls"] = calls
         if role == "assistant" and (reasoning := _reasoning(m, source, where)):
             message["reasoning_content"] = reasoning
-        if "weight" in m and _weight(m["weight"], source, where, role) == 0:
+        if _weight(m.get("weight"), source, where, role) == 0 and role == "assistant":
             message["weight"] = 0
         messages.append(message)
     return messages
 
 
-def _weight(value: Any, source: str, where: str, role: str) -> int:
-    """OpenAI's fine-tuning `weight` of an assistant message: 0 leaves it untrained (context only), 1 trains it."""
-    if role != "assistant":
-        raise RecordError(source, "mistyped field", f"{where} is a {role} message with a 'weight' (only assistant "
-                                                    "messages have one: 0 leaves the turn untrained)")
+def _weight(value: Any, source: str, where: str, role: str) -> int | None:
+    """A message's fine-tuning `weight` (OpenAI's, also in ShareGPT sets such as OpenHermes 2.5): 0
+    leaves an assistant turn untrained (context only), 1 trains it; null is no weight. Other turns
+    are never trained: 0 says so, 1 asks what sftlab does not do."""
+    if value is None:
+        return None
     if isinstance(value, bool) or value not in (0, 1):
         raise RecordError(source, "mistyped field", f"{where}'s 'weight' is {value!r}; it is 0 (not trained) or 1")
+    if role != "assistant" and value == 1:
+        raise RecordError(source, "mistyped field", f"{where} is a {role} message with 'weight' 1: only assistant "
+                                                    "turns are trained (0 or no weight on the others)")
     return int(value)
 
 
