@@ -82,6 +82,19 @@ def test_preference_strings():
     assert c.meta == {"score": 1, "rejected": msgs(("user", "Hi?"), ("assistant", "Go away."))}
 
 
+def test_preference_pairs_in_alpaca_and_argilla_layouts():
+    """LLaMA-Factory's Alpaca pairs (instruction + input, history) and Argilla's orca pairs (`input` as
+    the prompt): the input was dropped into meta, and an `input`-only pair had no prompt."""
+    rec = {"instruction": "Translate.", "input": "chat", "chosen": "cat", "rejected": "dog",
+           "history": [["Hi", "Hello"]], "system": "Be exact."}
+    c = to_conversation(rec, SRC)
+    prompt = [("system", "Be exact."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Translate.\n\nchat")]
+    assert c.messages == msgs(*prompt, ("assistant", "cat"))
+    assert c.meta == {"rejected": msgs(*prompt, ("assistant", "dog"))}
+    c = to_conversation({"system": "", "input": "2+2?", "chosen": "4", "rejected": "5", "order": ["a", "b"]}, SRC)
+    assert c.messages == msgs(("user", "2+2?"), ("assistant", "4")) and c.meta["order"] == ["a", "b"]
+
+
 def test_preference_message_lists_without_prompt():
     chosen = msgs(("user", "Q"), ("assistant", "good"))
     rejected = msgs(("user", "Q"), ("assistant", "bad"))
@@ -351,3 +364,16 @@ def test_cohere_roles():
     c = to_conversation({"messages": [{"role": "System", "content": "s"}, {"role": "User", "content": "q"},
                                       {"role": "Chatbot", "content": "a"}]}, SRC)
     assert c.messages == msgs(("system", "s"), ("user", "q"), ("assistant", "a"))
+
+
+@pytest.mark.parametrize("key", ["conversations", "conversation", "messages"])
+def test_any_chat_key_holds_either_message_layout(key):
+    """LMSYS-Chat-1M and WildChat keep role/content messages under `conversation`, some sets under
+    `conversations` (both refused before); ShareGPT's from/value under any of the three."""
+    openai = [{"role": "user", "content": "Hi", "language": "English"}, {"role": "assistant", "content": "Hello"}]
+    sharegpt = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+    for messages, fmt in ((openai, "messages"), (sharegpt, "sharegpt")):
+        rec = {key: messages, "model": "vicuna-13b", "turn": 1}
+        assert detect_format(rec) == fmt
+        c = to_conversation(rec, SRC)
+        assert c.messages == msgs(("user", "Hi"), ("assistant", "Hello")) and c.meta == {"model": "vicuna-13b", "turn": 1}

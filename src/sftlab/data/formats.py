@@ -6,8 +6,9 @@ Supported schemas (the `format` names):
   dolly              {"instruction", "context"?, "response"}  (Databricks Dolly-15k; `category` goes to meta)
   squad              {"question", "context", "answers": {"text": [...]}}  (SQuAD-style reading comprehension;
                      trains on the first answer, keeps all as meta "references")
-  sharegpt           {"conversations" | "messages": [{"from", "value"}]}  (human/gpt/system/... roles)
-  messages           {"messages": [{"role", "content"}]}  (OpenAI; content may be a list of text parts; an
+  sharegpt           {"conversations" | "messages" | "conversation": [{"from", "value"}]}  (human/gpt/... roles)
+  messages           {"messages" | "conversations" | "conversation": [{"role", "content"}]}  (OpenAI; LMSYS-Chat-1M
+                     and WildChat's "conversation"; content may be a list of text parts; an
                      assistant message's reasoning as "reasoning_content", "reasoning" or "thinking", and
                      OpenAI's "weight": 0 leaves it untrained)
   prompt_completion  {"prompt","completion"} | {"prompt","response"} | {"question","answer"} | {"question","response"}
@@ -23,8 +24,9 @@ Supported schemas (the `format` names):
                      ARC {"question", "choices": {"text", "label"}, "answerKey"}, OpenBookQA, HellaSwag
                      {"ctx", "endings", "label"}, PIQA {"goal", "sol1", "sol2", "label"} -> the question with
                      lettered options, answered by the right option's text; meta "choices" and "answer" (index)
-  preference         paired: {"prompt"?, "chosen", "rejected"} (the prompt also as "question" or
-                     "instruction", with an optional "system" or "system_prompt": orca_dpo_pairs),
+  preference         paired: {"prompt"?, "chosen", "rejected"} (the prompt also as "question",
+                     "instruction" (+ "input"?, "history"?, as Alpaca's) or "input", with an optional
+                     "system" or "system_prompt": orca_dpo_pairs),
                      {"messages", "rejected"}, or ShareGPT
                      pairs {"conversations", "chosen": {"from", "value"}, "rejected": {...}}; each side
                      is a string (the answer), one message, or a message list (the answer, or the whole
@@ -372,20 +374,32 @@ def _system_key(record: dict) -> str | None:
     return next((k for k in SYSTEM_KEYS if k in record), None)
 
 
+# Keys that hold a conversation's message list, in the order they are looked for: ShareGPT's, OpenAI's,
+# and LMSYS-Chat-1M's and WildChat's `conversation`. Whichever it is, the messages' own keys tell
+# their layout ({from, value} or {role, content}).
+CHAT_KEYS = ("conversations", "messages", "conversation")
+
+
+def _chat_key(record: dict) -> str | None:
+    return next((k for k in CHAT_KEYS if k in record), None)
+
+
 def from_sharegpt(record: dict, source: str) -> Conversation:
-    key = "conversations" if "conversations" in record else "messages"
-    if key not in record:
-        raise RecordError(source, "missing field", "'conversations'")
-    messages, used = _with_system(_messages_in(record, key, source, SHAREGPT), record, source)
-    return _chat(messages, source, _meta(record, (key, *used)))
+    return _from_chat_key(record, source, SHAREGPT)
 
 
 def from_messages(record: dict, source: str) -> Conversation:
-    if "messages" not in record:
-        raise RecordError(source, "missing field", "'messages'")
-    shape = OASST if _shape(record["messages"]) is OASST else OPENAI
-    messages, used = _with_system(_messages_in(record, "messages", source, shape), record, source)
-    return _chat(messages, source, _meta(record, ("messages", *used)))
+    return _from_chat_key(record, source, OPENAI)
+
+
+def _from_chat_key(record: dict, source: str, shape: _Shape) -> Conversation:
+    key = _chat_key(record)
+    if key is None:
+        raise RecordError(source, "missing field", "'conversations'" if shape is SHAREGPT else "'messages'")
+    if shape is OPENAI and _shape(record[key]) is OASST:
+        shape = OASST
+    messages, used = _with_system(_messages_in(record, key, source, shape), record, source)
+    return _chat(messages, source, _meta(record, (key, *used)))
 
 
 def from_gemini(record: dict, source: str) -> Conversation:
@@ -538,11 +552,16 @@ def _answer_start(messages: list[dict[str, str]]) -> int:
     return max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
 
 
-PAIR_PROMPT_KEYS = ("prompt", "question", "instruction")  # TRL / UltraFeedback, orca_dpo_pairs, Argilla's sets
+# TRL / UltraFeedback, orca_dpo_pairs, Argilla's sets, LLaMA-Factory's Alpaca pairs, Argilla's orca pairs
+PAIR_PROMPT_KEYS = ("prompt", "question", "instruction", "input")
 
 
 def _shared_prompt(record: dict, source: str) -> list[dict[str, str]] | None:
     key = next((k for k in PAIR_PROMPT_KEYS if k in record), None)
+    if key == "instruction" and isinstance(record[key], str):  # as an Alpaca record's prompt, history first
+        extra = _optional_text(record, "input", source)
+        return _history(record, "history", source) + [
+            {"role": "user", "content": f"{record[key]}\n\n{extra}" if extra else record[key]}]
     if key:
         return _as_messages(record[key], source, "user", key)
     if "conversations" in record:
@@ -627,7 +646,8 @@ def from_preference(record: dict, source: str) -> Conversation:
         raise RecordError(source, "prompt mismatch", "chosen and rejected continue different prompts")
     if message_text(chosen[-1]).strip() == message_text(rejected[-1]).strip():
         raise RecordError(source, "identical pair", "chosen and rejected answers are the same")
-    meta = _with_tools(_meta(record, (*PAIR_PROMPT_KEYS, "conversations", chosen_key, "rejected", system_key)), source)
+    meta = _with_tools(_meta(record, (*PAIR_PROMPT_KEYS, "history", "conversations", chosen_key, "rejected", system_key)),
+                       source)
     meta["rejected"] = rejected
     return Conversation(messages=chosen, source=source, meta=meta)
 
@@ -673,8 +693,8 @@ FORMATS: dict[str, Converter] = {
 }
 
 
-def _messages_key_format(record: dict) -> str:
-    return "sharegpt" if _shape(record["messages"]) is SHAREGPT else "messages"
+def _chat_format(record: dict) -> str:
+    return "sharegpt" if _shape(record[_chat_key(record)]) is SHAREGPT else "messages"
 
 
 # Detection rules, first match wins: (format, keys that must all be present) or a function.
@@ -682,8 +702,7 @@ _DETECT: tuple[tuple[tuple[str, ...], Callable[[dict], str]], ...] = (
     (("chosen", "rejected"), lambda r: "preference"),
     (("prompt", "completion", "label"), lambda r: "preference" if kto_label(r["label"]) is not None else "prompt_completion"),
     (("messages", "rejected"), lambda r: "preference"),
-    (("conversations",), lambda r: "sharegpt"),
-    (("messages",), _messages_key_format),
+    *(((key,), _chat_format) for key in CHAT_KEYS),
     (("instruction", "output"), lambda r: "alpaca"),
     (("instruction", "response"), lambda r: "dolly"),
     (("question", "context", "answers"), lambda r: "squad"),
