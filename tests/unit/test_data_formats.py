@@ -282,6 +282,9 @@ def test_record_errors(rec, kind):
 def test_unknown_schema_names_the_closest_and_what_it_lacks():
     with pytest.raises(RecordError, match=r"closest: instruction \+ output, without 'output'"):
         to_conversation({"instruction": "Say hi", "input": ""}, SRC)
+    # a CSV row whose completion cell is empty: prompt + completion, not KTO's prompt + completion + label
+    with pytest.raises(RecordError, match=r"closest: prompt \+ completion, without 'completion'$"):
+        to_conversation({"prompt": "Say hi"}, SRC)
 
 
 def test_xlam_query_answers_tools_as_the_dataset_stores_them():

@@ -724,7 +724,9 @@ def detect_format(record: dict, source: str = "<record>") -> str:
     for keys, pick in _DETECT:
         if all(k in record for k in keys):
             return pick(record)
-    present, keys = max(((sum(k in record for k in keys), keys) for keys, _ in _DETECT), key=lambda x: x[0])
+    # the schema with most of its keys present, the fewest missing among those
+    present, keys = max(((sum(k in record for k in keys), keys) for keys, _ in _DETECT),
+                        key=lambda x: (x[0], -len(x[1])))
     closest = f"; closest: {' + '.join(keys)}, without {', '.join(repr(k) for k in keys if k not in record)}" \
         if present else ""
     raise RecordError(source, "unknown schema",
