@@ -184,15 +184,19 @@ def test_the_reasoning_before_an_answer_or_calls_comes_as_reasoning_content(toke
 
 
 @pytest.mark.parametrize("reply, reasoning, content", [
-    ("<think>\nWarm places: Lima is.\n</think>\n\nYes, it is warm.", ["Warm places: Lima is."], "Yes, it is warm."),
-    ("<think>\n\n</think>\n\nYes.", [], "Yes."),
-    ("<think>\nStill thinking about Lima and its", ["Still thinking about Lima and its"], ""),  # cut off
+    ("<think>\nWarm places: Lima is.\n</think>\n\nYes, it is warm.", "Warm places: Lima is.", "Yes, it is warm."),
+    ("<think>\n\n</think>\n\nYes.", "", "Yes."),
+    ("<think>\nStill thinking about Lima and its", "Still thinking about Lima and its", ""),  # cut off
 ])
-def test_a_streamed_reply_sends_its_reasoning_once_and_then_the_answer(tokenizer, reply, reasoning, content):
+def test_a_streamed_reply_sends_its_reasoning_as_it_grows_and_then_the_answer(tokenizer, reply, reasoning, content):
     from conftest import tokenizer_for
 
     client, _ = client_for(tokenizer_for(tokenizer, "qwen3.jinja"), reply)
     chunks = list(client.chat.completions.create(model="tiny", messages=ASK, stream=True))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
-    assert [d.model_extra.get("reasoning_content") for d in deltas if d.model_extra.get("reasoning_content")] == reasoning
+    thoughts = [d.model_extra.get("reasoning_content") or "" for d in deltas]
+    assert "".join(thoughts) == reasoning
+    if reasoning:  # in several deltas, every one before the answer's first
+        first_answer = next((i for i, d in enumerate(deltas) if d.content), len(deltas))
+        assert sum(map(bool, thoughts)) > 1 and not any(thoughts[first_answer:])
     assert "".join(d.content or "" for d in deltas) == content

@@ -63,15 +63,16 @@ def test_evaluation_scores_the_answer_alone(tokenizer, name):
     assert answers(tok, ids, [ASK, ASK]) == [ANSWER, ""]
 
 
-def serve(tok, reply: str, stream: bool, messages: list[dict] = ASK) -> tuple[list[str], str]:
-    """(the reasoning_content pieces, the content) the server sends for a planted reply to `messages`."""
+def serve(tok, reply: str, stream: bool, messages: list[dict] = ASK) -> tuple[str, str]:
+    """(the reasoning_content, the content) the server sends for a planted reply to `messages` (streamed: the
+    deltas of each joined)."""
     client, _ = client_for(tok, reply)
     resp = client.chat.completions.create(model="tiny", messages=messages, stream=stream)
     if not stream:
         message = resp.choices[0].message
-        return [r for r in [message.model_extra.get("reasoning_content")] if r], message.content
+        return message.model_extra.get("reasoning_content") or "", message.content
     deltas = [c.choices[0].delta for c in resp if c.choices]
-    return ([r for d in deltas if (r := d.model_extra.get("reasoning_content"))],
+    return ("".join(d.model_extra.get("reasoning_content") or "" for d in deltas),
             "".join(d.content or "" for d in deltas))
 
 
@@ -79,8 +80,8 @@ def serve(tok, reply: str, stream: bool, messages: list[dict] = ASK) -> tuple[li
 @pytest.mark.parametrize("name", REPORTED)
 def test_the_server_sends_the_reasoning_as_reasoning_content(tokenizer, name, stream):
     tok = tokenizer_for(tokenizer, name)
-    assert serve(tok, REPLY, stream) == ([REASONING], ANSWER)
-    assert serve(tok, CUT_OFF, stream) == ([CUT_OFF], "")
+    assert serve(tok, REPLY, stream) == (REASONING, ANSWER)
+    assert serve(tok, CUT_OFF, stream) == (CUT_OFF, "")
 
 
 def test_whether_a_prompt_opens_the_block_is_read_off_the_prompt(tokenizer):
@@ -128,7 +129,7 @@ def test_a_reply_to_a_user_s_own_think_tag_is_all_answer(tokenizer, stream):
     from sftlab.evaluation.generate import answers
 
     tok = tokenizer_for(tokenizer, "qwen3.jinja")
-    assert serve(tok, TOLD, stream, LITERAL) == ([], TOLD)
+    assert serve(tok, TOLD, stream, LITERAL) == ("", TOLD)
     assert answers(tok, [tok(TOLD, add_special_tokens=False)["input_ids"]], [LITERAL]) == [TOLD]
 
 
@@ -137,9 +138,9 @@ def test_a_reply_to_a_prompt_that_opens_no_block_is_all_answer(tokenizer, stream
     """After a tool result DeepSeek-R1 distills' prompt opens no `<think>`: a reply without `</think>` is the
     content, one that opens its own block splits at its end; after a user turn the reply splits at `</think>`."""
     tok = tokenizer_for(tokenizer, "deepseek_r1_distill.jinja")
-    assert serve(tok, TOLD, stream, SENT) == ([], TOLD)
-    assert serve(tok, f"<think>\n{REPLY}", stream, SENT) == ([REASONING], ANSWER)
-    assert serve(tok, REPLY, stream, ASK) == ([REASONING], ANSWER)
+    assert serve(tok, TOLD, stream, SENT) == ("", TOLD)
+    assert serve(tok, f"<think>\n{REPLY}", stream, SENT) == (REASONING, ANSWER)
+    assert serve(tok, REPLY, stream, ASK) == (REASONING, ANSWER)
 
 
 def test_evaluation_reads_each_prompt(tokenizer):

@@ -1,13 +1,15 @@
 """Structured output (`response_format`): the torch engine picks each token among those the request's JSON schema
 allows (llguidance), greedy or sampled, and ends where the JSON is complete. On the tiny random model, whose free
 output is garbage, the reply parses and follows the schema; a free row batched with a constrained one is as
-alone; logprobs stay the raw logits'. The server takes OpenAI's `json_object` and `json_schema` (the SDK's
-`parse` too), streamed or not, and answers an invalid schema, tools, a prompt that opens a reasoning block, or a
-backend without it with a 400 naming `response_format`."""
+alone; logprobs stay the raw logits'. Where the prompt opens a reasoning block, the reply reasons freely and the
+JSON follows its closer. The server takes OpenAI's `json_object` and `json_schema` (the SDK's `parse` too),
+streamed or not, and answers an invalid schema, tools, a backend without it, or one that cannot constrain a reply
+after its reasoning where the prompt opens one, with a 400 naming `response_format`."""
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 
@@ -209,24 +211,126 @@ def test_an_invalid_response_format_is_a_400_naming_it(tokenizer, fmt):
     assert e.value.body["param"].startswith("response_format") and not backend.requests
 
 
-def test_response_format_with_tools_or_in_an_opened_reasoning_is_a_400(tokenizer):
-    """Tools offered (the reply could be a call) and a prompt that opens `<think>` (the reply begins in reasoning)
-    are refused; a template that merely may write reasoning first (Qwen 3) is constrained from the first token."""
+def test_response_format_with_tools_or_in_an_opened_reasoning_on_another_backend_is_a_400(tokenizer):
+    """Tools offered (the reply could be a call) are refused; a prompt that opens `<think>` (the reply begins in
+    reasoning) is refused by a backend that cannot constrain the reply after it (naming it), and reaches one that
+    can with the reasoning's closer; a template that merely may write reasoning first (Qwen 3) is constrained from
+    the first token."""
     import openai
 
+    from sftlab.serve.generation import SAMPLING
+
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
-    cases = [(tokenizer_for(tokenizer, "chatml"), {"tools": [tool]}, "tools"),
-             (tokenizer_for(tokenizer, "qwen3_8.jinja"), {}, "reasoning")]
-    for tok, extra, reason in cases:
-        client, backend = client_for(tok, "{}")
+    qwen3_8 = tokenizer_for(tokenizer, "qwen3_8.jinja")
+    cases = [(tokenizer_for(tokenizer, "chatml"), {}, {"tools": [tool]}, "tools"),
+             (qwen3_8, {"supports": set(SAMPLING) - {"json_after"}, "name": "triton"}, {}, "triton backend")]
+    for tok, kind, extra, reason in cases:
+        client, backend = client_for(tok, "{}", **kind)
         with pytest.raises(openai.BadRequestError, match=reason) as e:
             client.chat.completions.create(model="tiny", messages=ASK, response_format=FORMAT, **extra)
         assert e.value.body["param"] == "response_format" and not backend.requests
     client, backend = client_for(tokenizer_for(tokenizer, "chatml"), "{}")
     client.chat.completions.create(model="tiny", messages=ASK, response_format=FORMAT, tools=[tool], tool_choice="none")
+    client, backend = client_for(qwen3_8, 'Hm.\n</think>\n\n{"a": 1}')
+    message = client.chat.completions.create(model="tiny", messages=ASK, response_format=FORMAT).choices[0].message
+    assert (message.model_extra["reasoning_content"], message.content) == ("Hm.", '{"a": 1}')
+    assert backend.requests[-1]["json_after"] == "\n</think>\n\n"
     client, backend = client_for(tokenizer_for(tokenizer, "qwen3.jinja"), '{"a": 1}')
     resp = client.chat.completions.create(model="tiny", messages=ASK, response_format={"type": "json_object"})
-    assert resp.choices[0].message.content == '{"a": 1}'
+    assert resp.choices[0].message.content == '{"a": 1}' and "json_after" not in backend.requests[-1]
+
+
+class Scripted:
+    """A model made to write `tokens` first (their logits raised far above the others'), then as it would."""
+
+    def __init__(self, model, tokens: list[int]):
+        self.model, self.tokens = model, list(tokens)
+
+    def __call__(self, **kwargs):
+        out = self.model(**kwargs)
+        if self.tokens:
+            out.logits[:, -1, self.tokens.pop(0)] += 1e4
+        return out
+
+
+@contextmanager
+def scripted(engine, text: str, *tokens: int):
+    """The engine's model made to write `text`, then `tokens`, for one request."""
+    model = engine.model
+    engine.model = Scripted(model, engine.tokenizer(text, add_special_tokens=False)["input_ids"] + list(tokens))
+    try:
+        yield
+    finally:
+        engine.model = model
+
+
+@pytest.fixture(scope="module")
+def thinking(tiny_model_dir):
+    """The torch engine on the tiny model with a template whose prompt opens `<think>` (Qwen 3 8B's; the tokens it
+    adds, past the model's, are not in its prompts)."""
+    from sftlab.serve.generation import TorchEngine
+
+    engine = TorchEngine.from_pretrained(tiny_model_dir)
+    engine.tokenizer = tokenizer_for(engine.tokenizer, "qwen3_8.jinja")
+    return engine
+
+
+REASONED = "Let me think: a person.\n</think>\n\n"
+
+
+def test_after_an_opened_reasoning_the_reply_reasons_freely_then_follows_the_schema(thinking):
+    """Written into reasoning that is not JSON, and the template's `\n\n` after the closer: both are let through,
+    then the JSON follows the schema; without json_after the same script is masked from the first token."""
+    from sftlab.serve.generation import GenRequest, encode
+
+    ids = encode(thinking.tokenizer, messages=ASK)
+    with scripted(thinking, REASONED):
+        result = thinking.generate([GenRequest(ids, 80, json_schema=json.dumps(PERSON),
+                                               json_after="\n</think>\n\n")])[0]
+    with scripted(thinking, REASONED):
+        masked = thinking.generate([GenRequest(ids, 80, json_schema=json.dumps(PERSON))])[0]
+    text = _text(thinking, result)
+    assert result.finish_reason == "stop" and text.startswith(REASONED)
+    _person(text[len(REASONED):])
+    _person(_text(thinking, masked))
+
+
+def test_what_the_closer_s_token_writes_after_it_begins_the_json(thinking):
+    """A token `>"` ends `</think>` and opens a JSON string: the grammar goes on from inside the string."""
+    from sftlab.serve.generation import GenRequest, encode
+
+    ids = encode(thinking.tokenizer, messages=ASK)
+    with scripted(thinking, "Hm.\n</think", thinking.tokenizer.convert_tokens_to_ids('>"')):
+        result = thinking.generate([GenRequest(ids, 20, json_schema='{"type": "string", "maxLength": 5}',
+                                               json_after="\n</think>\n\n")])[0]
+    text = _text(thinking, result)
+    assert result.finish_reason == "stop" and text.startswith('Hm.\n</think>"')
+    assert len(json.loads(text[len("Hm.\n</think>"):])) <= 5
+
+
+def test_the_server_sends_the_reasoning_and_the_schema_s_json(thinking):
+    """Streamed or not, the reasoning is reasoning_content and the content is the JSON."""
+    import openai
+    from fastapi.testclient import TestClient
+
+    from sftlab.serve.backends import BatchingBackend
+    from sftlab.serve.openai_api import create_app
+
+    backend = BatchingBackend(thinking)
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="none", max_retries=0,
+                           http_client=TestClient(create_app(backend, "tiny")))
+    body = dict(model="tiny", messages=ASK, response_format=FORMAT, max_tokens=80)
+    try:
+        with scripted(thinking, REASONED):
+            choice = client.chat.completions.create(**body).choices[0]
+        with scripted(thinking, REASONED):
+            deltas = [c.choices[0].delta for c in client.chat.completions.create(**body, stream=True) if c.choices]
+    finally:
+        backend.close()
+    assert choice.finish_reason == "stop" and choice.message.model_extra["reasoning_content"] == REASONED.split("\n")[0]
+    _person(choice.message.content)
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == REASONED.split("\n")[0]
+    assert "".join(d.content or "" for d in deltas) == choice.message.content
 
 
 def test_a_backend_without_it_is_a_400_naming_the_backend(tokenizer):

@@ -179,7 +179,8 @@ class BatchingBackend:
 class TritonBackend:
     """Forwards each request to a Triton server running an `sftlab export --to triton` repository;
     Triton's dynamic batcher does the batching. It `supports` what the repository's engine does (logprobs
-    where the model has an output for them: repositories exported since it has)."""
+    where the model has an output for them: repositories exported since it has), but `json_after`: a repository
+    exported before it would constrain a reasoning reply from its first token."""
 
     name = "triton"
 
@@ -189,7 +190,7 @@ class TritonBackend:
         self.server, self.tokenizer, self.model_name = server, tokenizer, model_name
         config = (Path(server.repository) / model_name / "config.pbtxt").read_text()
         engine = OnnxEngine if re.search(r'key: "engine" value: \{ string_value: "onnx" \}', config) else TorchEngine
-        self.supports = engine.supports - (set() if 'name: "logprobs"' in config else {"logprobs"})
+        self.supports = engine.supports - {"json_after"} - (set() if 'name: "logprobs"' in config else {"logprobs"})
         self._http = httpclient
         self._local = threading.local()  # tritonclient's http client (gevent) is not thread-safe
 

@@ -120,9 +120,15 @@ def encode(tokenizer, messages: list[dict] | None = None, prompt: str | None = N
 
 def string_quote(tokenizer) -> str:
     """The special token the chat template writes on both sides of a string argument of a tool call
-    (Gemma 4's `<|"|>`), '' where it writes none: found by rendering a call whose argument is a marker."""
-    if not getattr(tokenizer, "chat_template", None):
-        return ""
+    (Gemma 4's `<|"|>`), '' where it writes none: found by rendering a call whose argument is a marker, once
+    per tokenizer and template (each request's decoder asks)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return _string_quote(tokenizer, template if isinstance(template, str) else None) if template else ""
+
+
+@functools.lru_cache(maxsize=8)
+def _string_quote(tokenizer, template: str | None) -> str:
+    """`template` keys the cache alone: a template set anew on the tokenizer is probed anew."""
     tools = [{"type": "function", "function": {"name": "probe", "description": "A probe.", "parameters": {
         "type": "object", "properties": {"text": {"type": "string"}}}}}]
     call = {"id": "a1b2c3d4e", "type": "function", "function": {"name": "probe", "arguments": {"text": MARK}}}
@@ -178,7 +184,7 @@ def trained_reply(tokenizer, messages: list[dict], source: str, meta: dict | Non
 
 # what a request may set beyond temperature and top_p; each engine's `supports`
 SAMPLING = ("logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "min_p",
-            "repetition_penalty", "json_schema")
+            "repetition_penalty", "json_schema", "json_after")
 
 
 # JSON as Python's json.dumps writes it: one line, ", " and ": " between items, no other whitespace (a free one
@@ -186,12 +192,19 @@ SAMPLING = ("logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-def json_grammar(schema: str) -> str:
-    """The llguidance grammar of a JSON schema (its JSON text); ValueError saying what is wrong with it (checked
-    without a tokenizer: what the engine's matcher would find)."""
+@functools.lru_cache(maxsize=64)
+def json_grammar(schema: str, lead: str = "") -> str:
+    """The llguidance grammar of a JSON schema (its JSON text), the JSON after `lead` or not (the whitespace a
+    template writes after a reasoning's closer); ValueError saying what is wrong with it (checked without a
+    tokenizer: what the engine's matcher would find). Cached: the server checks a request's schema, then its
+    engine compiles the same text."""
     from llguidance import LLMatcher
 
-    grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+    if lead:  # around the JSON's own grammar (cached): its schema, with JSON_LAYOUT's options in
+        inner = json.dumps(json.loads(json_grammar(schema))["grammars"][0]["json_schema"])
+        grammar = LLMatcher.grammar_from_lark(f"start: {json.dumps(lead)}? answer\nanswer: %json {inner}")
+    else:
+        grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
     failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
         raise ValueError(messages[0])
@@ -221,7 +234,8 @@ class GenRequest:
     top_k: int = 0  # sample among the k most likely tokens (0: all)
     min_p: float = 0.0  # sample among tokens at least min_p times as likely as the most likely one
     repetition_penalty: float = 1.0  # transformers': tokens of the prompt and the reply, positive logits divided
-    json_schema: str | None = None  # a JSON schema (its text) the reply is constrained to, from its first token
+    json_schema: str | None = None  # a JSON schema (its text) the reply is constrained to, from its first token,
+    json_after: str | None = None  # or after this text: the closer of a reasoning ("\n</think>\n\n") it writes freely
 
     def extras(self) -> list[str]:
         """The parameters of SAMPLING this request sets to other than their defaults."""
@@ -292,6 +306,27 @@ class _Row:
     length: int
     live: bool = True
     matcher: Any = None  # the llguidance matcher of the request's json_schema, advanced by each token taken
+    reasoning: _Reasoning | None = None  # the reasoning before the JSON, until it is closed: the matcher waits
+
+    @property
+    def constrained(self) -> bool:
+        """Whether its grammar picks its next token."""
+        return self.live and self.matcher is not None and self.reasoning is None
+
+
+class _Reasoning:
+    """A reply's reasoning before its JSON (`GenRequest.json_after`), decoded as the server decodes it until its
+    closer is written."""
+
+    def __init__(self, tokenizer, closer: str):
+        self.decoder, self.closer, self.tail = IncrementalDecoder(tokenizer), closer.strip(), ""
+
+    def closed(self, token: int) -> str | None:
+        """None while the closer is not written; then the text its token decodes to after it (mostly '')."""
+        self.tail += self.decoder.add(token)
+        _, closer, after = self.tail.partition(self.closer)
+        self.tail = self.tail[-len(self.closer):]
+        return after if closer else None
 
 
 class Decoding:
@@ -329,7 +364,7 @@ class TorchEngine:
     `generate` decodes a fixed batch (static batching: the Triton backend, evaluation); `prefill`, `step` and
     `join` let a scheduler add requests to a running batch between decode steps (`serve.backends`). A request
     with a `json_schema` picks each token among those its grammar (llguidance) allows, greedy or sampled, and
-    ends where the grammar is complete."""
+    ends where the grammar is complete; with `json_after` too, only once its reasoning is closed."""
 
     name = "torch"
     supports = frozenset(SAMPLING)
@@ -391,7 +426,10 @@ class TorchEngine:
         rows = []
         for r in requests:
             row = _Row(r, GenResult(), None if r.seed is None else torch.Generator(self.device).manual_seed(r.seed),
-                       len(r.ids), matcher=self._matcher(r.json_schema) if r.json_schema else None)
+                       len(r.ids))
+            if r.json_schema:
+                row.matcher = self._matcher(r.json_schema, r.json_after)
+                row.reasoning = _Reasoning(self.tokenizer, r.json_after) if r.json_after else None
             if r.max_new_tokens > 0 and not r.done:
                 rows.append(row)
             else:
@@ -462,7 +500,7 @@ class TorchEngine:
         record it (with its logprobs where asked) for the live ones."""
         logits, requests = logits.float(), [row.request for row in decoding.rows]
         scores = self._shift(logits, decoding.rows) if any(r.shifts_logits for r in requests) else logits
-        if any(row.live and row.matcher is not None for row in decoding.rows):
+        if any(row.constrained for row in decoding.rows):
             scores = self._constrain(scores, decoding.rows)
         decoding.tokens = self._pick(scores, requests, [row.generator for row in decoding.rows])
         tokens = decoding.tokens.tolist()
@@ -472,8 +510,11 @@ class TorchEngine:
             if not row.live:
                 continue
             # the grammar takes the token (a stop token ends the row anyway); complete, it ends the row as one would
-            complete = (row.matcher is not None and tok not in self.stop_ids and row.matcher.consume_token(tok)
+            complete = (row.constrained and tok not in self.stop_ids and row.matcher.consume_token(tok)
                         and row.matcher.is_stopped())
+            if row.reasoning is not None and (after := row.reasoning.closed(tok)) is not None:
+                row.reasoning = None  # the grammar from the next token, on what the closer's token wrote after it
+                row.matcher.consume_tokens(self.tokenizer.encode(after, add_special_tokens=False))
             if not take_token(row.result, row.request, tok, self.stop_ids) or complete:
                 if complete:
                     row.result.finish_reason = "stop"
@@ -508,11 +549,14 @@ class TorchEngine:
 
         return llguidance.hf.from_tokenizer(self.tokenizer, eos_token=sorted(self.stop_ids) or None)
 
-    def _matcher(self, schema: str):
-        """A request's grammar: the matcher of its JSON schema, compiled once, at its prefill."""
+    def _matcher(self, schema: str, after: str | None):
+        """A request's grammar, at its prefill: the matcher of its JSON schema, after the whitespace a reasoning's
+        closer (`after`) ends with where the JSON follows one."""
         from llguidance import LLMatcher
 
-        return LLMatcher(self._grammar_tokenizer, json_grammar(schema))
+        lead = after[len(after.rstrip()):] if after else ""
+        # without a lead, called as the server's check calls it (lru_cache keys on the arguments as given)
+        return LLMatcher(self._grammar_tokenizer, json_grammar(schema, lead) if lead else json_grammar(schema))
 
     def _constrain(self, scores, rows: list[_Row]):
         """A copy of `scores` where each live row with a grammar has the tokens it does not allow next at -inf."""
@@ -520,7 +564,7 @@ class TorchEngine:
         from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 
         torch = self.torch
-        index = [i for i, row in enumerate(rows) if row.live and row.matcher is not None]
+        index = [i for i, row in enumerate(rows) if row.constrained]
         bitmask = allocate_token_bitmask(len(index), self._grammar_tokenizer.vocab_size)
         for k, i in enumerate(index):
             fill_next_token_bitmask(rows[i].matcher, bitmask, k)

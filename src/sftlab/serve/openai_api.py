@@ -365,14 +365,16 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         return reasoning, *_calls(answer, tools)
 
     def _check_format(tools, layout: AnswerLayout) -> None:
-        """response_format constrains a reply from its first token: not one that may be tool calls, nor one that
-        begins in the reasoning its prompt opens (a template that merely may write reasoning first writes none)."""
+        """response_format constrains a reply from its first token, so not one that may be tool calls; a reply that
+        begins in the reasoning its prompt opens, from the reasoning's closer on (`json_after`), on a backend that
+        can (a template that merely may write reasoning first writes none)."""
         if tools:
             raise APIError(400, "response_format cannot be combined with tools: the reply would have to be the "
                                 "schema's JSON, never a call; leave out one of them", param="response_format")
-        if layout.opened:
-            raise APIError(400, "response_format is not supported with this model's chat template: its prompt opens "
-                                "a reasoning block, so the reply begins in reasoning, not in the JSON",
+        if layout.opened and "json_after" not in getattr(backend, "supports", ()):
+            raise APIError(400, "response_format is not supported with this model's chat template by this server's "
+                                f"{getattr(backend, 'name', '')} backend: the prompt opens a reasoning block, and only "
+                                "the torch backend constrains the reply after it; leave out response_format",
                            param="response_format")
 
     @app.post("/v1/chat/completions")
@@ -395,9 +397,11 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
             raise APIError(400, str(e), param="messages") from e
         except TemplateError as e:  # raise_exception() in the template, or the sandbox's SecurityError
             raise APIError(400, f"the chat template failed: {e}", param="messages") from e
-        if req.response_format and req.response_format.schema_text():
-            _check_format(tools, layout)
         kwargs = dict(ids=ids, messages=messages, tools=tools, **_sampling(req))
+        if "json_schema" in kwargs:
+            _check_format(tools, layout)
+            if layout.opened:  # the JSON follows the reasoning the prompt opens
+                kwargs["json_after"] = layout.closer
         _check_prompt(ids, kwargs["max_tokens"], "messages")
         return await _respond(req, request, kwargs, chat=True, layout=layout)
 
@@ -483,7 +487,7 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         parser = tool_support.get("parser") if kwargs.get("tools") else None
         tools = kwargs.get("tools") if parser is not None else None
         content, held = StopText(parser.openers if tools else []), ""
-        # a reasoning the model writes first (in its template's layout) is held back and sent once, whole
+        # a reasoning the model writes first (in its template's layout) is sent as it grows, before the answer
         thinking = ReasoningStream(layout) if layout else None
         try:
             if chat:
@@ -504,11 +508,11 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
                     yield chunk(visible, logprobs=fresh(got))
             out = task.result()
             reasoning, text, calls = _reply(out.text, layout, tools)
-            if reasoning and not thinking.told:  # its answer never began, or a backend that does not stream
-                yield chunk(None, reasoning=reasoning)
-            text = text or ""
-            if text.startswith(streamed) and text[len(streamed):]:  # held back, or a backend that does not stream
-                yield chunk(text[len(streamed):], logprobs=fresh(out.logprobs or []))
+            # what was held back (a cut-off reasoning's tail, trailing whitespace), or a backend that does not stream
+            if rest := _unsent(reasoning or "", thinking.reasoning if thinking else ""):
+                yield chunk(None, reasoning=rest)
+            if rest := _unsent(text or "", streamed):
+                yield chunk(rest, logprobs=fresh(out.logprobs or []))
             if calls:
                 yield chunk(None, calls=calls)
             yield chunk(None, "tool_calls" if calls else out.finish_reason, logprobs=fresh(out.logprobs or []))
@@ -521,6 +525,11 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
         yield "data: [DONE]\n\n"
 
     return app
+
+
+def _unsent(whole: str, sent: str) -> str:
+    """The rest of `whole` after what was streamed of it ('' where that is not its start)."""
+    return whole[len(sent):] if whole.startswith(sent) else ""
 
 
 def server_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, keep_alive_timeout: int = 5,

@@ -46,12 +46,14 @@ class AnswerLayout:
         return None, text
 
     def settled(self, text: str) -> tuple[str | None, str] | None:
-        """For a reply still being generated: (reasoning, the answer so far) once the text says where the
-        answer begins, None while it may still be reasoning or the start of the template's own text."""
+        """For a reply still being generated: (its reasoning so far, its answer so far), less a tail that may
+        still become the closer; None while the text may still be the start of the template's own text."""
         found = self._reasoning(text)
         if found:
             start, end = found
-            return None if end is None else (text[start:end.start()].strip() or None, text[end.end():].lstrip())
+            if end is None:
+                return text[start:_closer_start(text, self.closer, start)].lstrip() or None, ""
+            return text[start:end.start()].strip() or None, text[end.end():].lstrip()
         if self.closer.strip() and self.opener.strip().startswith(text.strip()):
             return None
         if self.lead.strip():
@@ -74,21 +76,37 @@ class AnswerLayout:
 
 
 class ReasoningStream:
-    """A streamed reply's pieces as (reasoning, answer) deltas: text is held back until the layout says
-    where the answer begins; the reasoning then comes once, whole (`told`), and the answer as it grows."""
+    """A streamed reply's pieces as (reasoning, answer) deltas, each sent as it grows: text is held back only
+    while it may still be the template's opener or lead, or the start of the reasoning's closer."""
 
     def __init__(self, layout: AnswerLayout):
-        self.layout, self.text, self.answer, self.told = layout, "", "", False
+        self.layout, self.text, self.reasoning, self.answer = layout, "", "", ""
 
     def feed(self, piece: str) -> tuple[str | None, str]:
         self.text += piece
         settled = self.layout.settled(self.text)
-        if settled is None or not settled[1].startswith(self.answer):
+        if settled is None:
             return None, ""
-        reasoning, answer = settled
-        thought, self.told = (None if self.told else reasoning), self.told or reasoning is not None
+        reasoning, answer = settled[0] or "", settled[1]
+        if not (reasoning.startswith(self.reasoning) and answer.startswith(self.answer)):
+            return None, ""
+        thought, self.reasoning = reasoning[len(self.reasoning):], reasoning
         delta, self.answer = answer[len(self.answer):], answer
-        return thought, delta
+        return thought or None, delta
+
+
+def _closer_start(text: str, closer: str, start: int) -> int:
+    """Where the reasoning in `text` (from `start`) ends for now: before the whitespace and the tail that
+    `_pattern(closer)` may still match once more text comes (`</th` of `</think>`)."""
+    whole, tail, cut = "".join(closer.split()), "", len(text)
+    for i in range(len(text) - 1, start - 1, -1):
+        if not text[i].isspace():
+            tail = text[i] + tail
+            if len(tail) >= len(whole):
+                break
+            if whole.startswith(tail):
+                cut = i
+    return start + len(text[start:cut].rstrip())
 
 
 def _pattern(text: str) -> re.Pattern:
