@@ -199,3 +199,22 @@ def test_generation_stops_where_training_ends_a_call_turn(tokenizer, name):
     tok = tokenizer_for(tokenizer, name)
     call_turn = trained_runs(render(to_conversation(RECORD, "tools.jsonl:1"), tok))[0]
     assert call_turn[-1] in stop_token_ids(tok), tok.convert_ids_to_tokens(call_turn[-1:])
+
+
+def test_evaluation_compares_gemma_4_calls_with_their_string_quotes(tokenizer):
+    """Evaluation decodes references and answers as the server decodes a reply: Gemma 4's string quote
+    kept (dropped, the call to f with "2" and the call with 2 read alike, and neither parsed back)."""
+    from sftlab.evaluation.evaluate import reference_texts
+    from sftlab.evaluation.generate import answers
+
+    tok = tokenizer_for(tokenizer, "gemma4.jinja")
+    ask = [{"role": "user", "content": "Is it warm in Lima?"}]
+    refs = reference_texts([Conversation(ask + [{"role": "assistant", "content": "", "tool_calls": [call("f", {"n": n})]}],
+                                         meta={"tools": TOOLS}) for n in ("2", 2)], tok)
+    assert refs == ['call:f{n:<|"|>2<|"|>}', "call:f{n:2}"]
+    example = render(Conversation(ask + [{"role": "assistant", "content": "", "tool_calls": [call("f", {"n": "2"})]}],
+                                  meta={"tools": TOOLS}), tok)
+    stops = set(stop_token_ids(tok))
+    reply = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE and t not in stops]
+    assert answers(tok, [reply], [ask], [TOOLS]) == [refs[0]]
+    assert as_sent(call_parser(tok).parse(refs[0])[1]) == [("f", {"n": "2"})]

@@ -128,7 +128,7 @@ def reference_texts(conversations: Sequence[Conversation], tokenizer) -> list[st
         return out
     from sftlab.data.render import IGNORE, RenderOptions, render_many
     from sftlab.evaluation.generate import cut_at_stop
-    from sftlab.serve.generation import stop_token_ids
+    from sftlab.serve.generation import decode_reply, stop_token_ids
 
     turns = [Conversation(messages, conversations[k].source, meta=conversations[k].meta) for k, messages in calls.items()]
     stops = set(stop_token_ids(tokenizer))
@@ -136,7 +136,7 @@ def reference_texts(conversations: Sequence[Conversation], tokenizer) -> list[st
         if isinstance(turn, DataError):
             raise turn
         ids = [int(t) for t, label in zip(turn.ids, turn.label_ids) if label != IGNORE]
-        out[k] = tokenizer.decode(cut_at_stop(ids, stops), skip_special_tokens=True).strip()
+        out[k] = decode_reply(tokenizer, cut_at_stop(ids, stops)).strip()
     return out
 
 

@@ -75,9 +75,10 @@ def answers(tokenizer, ids: list[list[int]], prompts: list[list[dict]],
             tools: list[list[dict] | None] | None = None) -> list[str]:
     """Generated ids decoded, each without the reasoning its template's layout puts before the answer in a
     reply to its prompt (`prompts` and `tools` as `generate_ids` took them)."""
+    from sftlab.serve.generation import decode_reply
     from sftlab.serve.reasoning import reply_layout
 
-    return [reply_layout(tokenizer, p, t).split(tokenizer.decode(x, skip_special_tokens=True))[1].strip()
+    return [reply_layout(tokenizer, p, t).split(decode_reply(tokenizer, x))[1].strip()
             for x, p, t in zip(ids, prompts, tools or [None] * len(prompts), strict=True)]
 
 

@@ -152,12 +152,25 @@ class IncrementalDecoder:
 
         self.backend = tokenizer.backend_tokenizer
         quote = string_quote(tokenizer)
-        self.dropped = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special and t.content != quote} \
-            if quote else set()
+        self.dropped = _special_but(tokenizer, quote) if quote else set()
         self.stream = DecodeStream(skip_special_tokens=not quote)
 
     def add(self, token: int) -> str:
         return "" if token in self.dropped else self.stream.step(self.backend, token) or ""
+
+
+def decode_reply(tokenizer, ids: list[int]) -> str:
+    """A whole reply's text as `IncrementalDecoder` writes it piece by piece (evaluation compares it so)."""
+    quote = string_quote(tokenizer)
+    if not quote:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    dropped = _special_but(tokenizer, quote)
+    return tokenizer.decode([i for i in ids if i not in dropped])
+
+
+def _special_but(tokenizer, quote: str) -> set[int]:
+    """The ids of the special tokens a reply's text leaves out where the template has a string quote."""
+    return {i for i, t in tokenizer.added_tokens_decoder.items() if t.special and t.content != quote}
 
 
 def trained_reply(tokenizer, messages: list[dict], source: str, meta: dict | None = None) -> str | None:
