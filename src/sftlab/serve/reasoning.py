@@ -18,6 +18,7 @@ import functools
 import os
 import re
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 _ANSWER, _REASONING = "sftlab_probe_answer", "sftlab_probe_reasoning"
 _OPEN, _CLOSE = "<think>", "</think>"  # the block every shipped template that opens one in its prompt writes
@@ -45,34 +46,42 @@ class AnswerLayout:
             return None, text[m.end():].strip()
         return None, text
 
-    def settled(self, text: str) -> tuple[str | None, str] | None:
-        """For a reply still being generated: (its reasoning so far, its answer so far), less a tail that may
-        still become the closer; None while the text may still be the start of the template's own text."""
-        found = self._reasoning(text)
+    def settled(self, text: str, since: int = 0) -> _Settled | None:
+        """For a reply still being generated: its reasoning so far and its answer so far, less a tail that
+        may still become the closer; None while the text may still be the start of the template's own text.
+        `since`: where the closer may begin at the earliest (`searched` of the same text, shorter)."""
+        found = self._reasoning(text, since)
         if found:
             start, end = found
             if end is None:
-                return text[start:_closer_start(text, self.closer, start)].lstrip() or None, ""
-            return text[start:end.start()].strip() or None, text[end.end():].lstrip()
+                cut = _closer_start(text, self.closer, start)
+                return _Settled(text[start:cut].lstrip() or None, "", cut)
+            return _Settled(text[start:end.start()].strip() or None, text[end.end():].lstrip(), end.start())
         if self.closer.strip() and self.opener.strip().startswith(text.strip()):
             return None
         if self.lead.strip():
             if self.lead.strip().startswith(text.strip()):
                 return None
             if m := _pattern(self.lead).match(text):
-                return None, text[m.end():].lstrip()
-        return None, text
+                return _Settled(None, text[m.end():].lstrip())
+        return _Settled(None, text)
 
-    def _reasoning(self, text: str) -> tuple[int, re.Match | None] | None:
+    def _reasoning(self, text: str, since: int = 0) -> tuple[int, re.Match | None] | None:
         """(where the reasoning begins, its closer or None) where the reply begins in a reasoning block (at
-        its opener, or at once where the prompt opens it), else None."""
+        its opener, or at once where the prompt opens it), else None; the closer is looked for from `since` on."""
         if not self.closer.strip():
             return None
         opened = None if self.opened else _pattern(self.opener).match(text)
         if not (self.opened or opened):
             return None
         start = opened.end() if opened else 0
-        return start, _pattern(self.closer).search(text, start)
+        return start, _pattern(self.closer).search(text, max(start, since))
+
+
+class _Settled(NamedTuple):
+    reasoning: str | None
+    answer: str
+    searched: int = 0  # where the closer begins, or may begin at the earliest while the reasoning is open
 
 
 class ReasoningStream:
@@ -81,13 +90,15 @@ class ReasoningStream:
 
     def __init__(self, layout: AnswerLayout):
         self.layout, self.text, self.reasoning, self.answer = layout, "", "", ""
+        self.searched = 0  # the closer is not in the text before this (each piece is searched, not the whole text)
 
     def feed(self, piece: str) -> tuple[str | None, str]:
         self.text += piece
-        settled = self.layout.settled(self.text)
+        settled = self.layout.settled(self.text, self.searched)
         if settled is None:
             return None, ""
-        reasoning, answer = settled[0] or "", settled[1]
+        self.searched = settled.searched
+        reasoning, answer = settled.reasoning or "", settled.answer
         if not (reasoning.startswith(self.reasoning) and answer.startswith(self.answer)):
             return None, ""
         thought, self.reasoning = reasoning[len(self.reasoning):], reasoning
