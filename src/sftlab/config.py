@@ -43,7 +43,7 @@ class LoraConfig(Section):
 
 
 class DataConfig(Section):
-    train: str = Field(..., min_length=1, description="Training data: .jsonl/.json/.csv/.parquet, a saved HF dataset folder, or a hub id.")
+    train: str = Field(..., min_length=1, description="Training data: .jsonl/.json/.csv/.parquet, a saved HF dataset folder or a folder of data files, or a hub id.")
     validation: str | None = Field(None, description="Validation data (same formats); enables eval loss and early stopping.")
     format: str | None = Field(None, description=f"Schema: {' | '.join(FORMATS)} (default: detect).")
     columns: Columns | None = Field(None, description="Which column is which, for data in no detected schema: {prompt, response, input?, system?}, {messages, system?} or {text} -> column names.")

@@ -141,7 +141,7 @@ def test_missing_file_and_unsupported_type(tmp_path):
     with pytest.raises(SftlabError, match="unsupported file type '.txt'"):
         load_conversations(tmp_path / "x.txt")
     (tmp_path / "folder").mkdir()
-    with pytest.raises(SftlabError, match="not a saved Hugging Face dataset"):
+    with pytest.raises(SftlabError, match="neither a saved Hugging Face dataset .* nor a folder of data files"):
         load_conversations(tmp_path / "folder")
 
 
@@ -295,3 +295,40 @@ def test_a_text_and_label_file_says_the_label_is_unused_and_how_to_map_it(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a format given on purpose: nothing to say
         load_conversations(path, format="text")
+
+
+def test_a_folder_of_data_files_as_the_hub_lays_them_out(tmp_path):
+    """A downloaded dataset snapshot (README.md's configs, data/train-*.parquet) or a folder of split
+    files was refused as 'not a saved Hugging Face dataset'; now each split's files are read by the
+    reader of their type, so a bad record still names its file and line."""
+    import pandas as pd
+
+    from sftlab.errors import RecordError
+
+    snap = tmp_path / "snap"
+    (snap / "data").mkdir(parents=True)
+    rows = [{"messages": [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": "Hello"}]}
+            for i in range(3)]
+    pd.DataFrame(rows[:2]).to_parquet(snap / "data" / "train-00000-of-00002.parquet")
+    pd.DataFrame(rows[2:]).to_parquet(snap / "data" / "train-00001-of-00002.parquet")
+    pd.DataFrame(rows[:1]).to_parquet(snap / "data" / "test-00000-of-00001.parquet")
+    (snap / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                    "    path: data/train-*\n  - split: test\n    path: data/test-*\n---\n# A set\n")
+    convs = load_conversations(snap)
+    assert [c.messages[0]["content"] for c in convs] == ["Hi 0", "Hi 1", "Hi 2"]
+    assert convs[2].source.endswith("train-00001-of-00002.parquet:row 1")
+    assert [c.messages[0]["content"] for c in load_conversations(snap, split="test")] == ["Hi 0"]
+    with pytest.raises(SftlabError, match="has no split 'dev'; it has: train, test"):
+        load_conversations(snap, split="dev")
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
+    (plain / "validation.jsonl").write_text('{"prompt": "v", "completion": "w"}\n')
+    assert [c.messages[0]["content"] for c in load_conversations(plain, split="validation")] == ["v"]
+    with pytest.raises(RecordError) as e:
+        load_conversations(plain)
+    assert e.value.source == f"{plain / 'train.jsonl'}:2"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SftlabError, match="neither a saved Hugging Face dataset .* nor a folder of data files"):
+        load_conversations(tmp_path / "empty")

@@ -181,7 +181,7 @@ def inspect(
 
 @app.command()
 def validate(
-    file: str = typer.Argument(..., help="Dataset file, saved HF dataset folder, or HF dataset id."),
+    file: str = typer.Argument(..., help="Dataset file, saved HF dataset folder or folder of data files, or HF dataset id."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the kept records here (.jsonl or .parquet)."),
     skip: bool = typer.Option(False, "--skip", help=SKIP_HELP),
     rejects: Optional[Path] = typer.Option(None, "--rejects", help=REJECTS_HELP("OUT.rejects.jsonl or ./<FILE>.rejects.jsonl")),

@@ -517,6 +517,23 @@ def _read_hub(name: str, split: str | None) -> Iterator[tuple[str, Any]]:
     yield from _dataset_rows(ds, name)
 
 
+def _read_data_folder(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
+    """A folder of data files laid out as on the Hub (a downloaded snapshot: README.md's `configs`, or
+    data/train-*.parquet, train.jsonl, ...): each split's files found by datasets' own rules
+    (`load_dataset_builder`), then read one by one by sftlab's reader for their type, so an error names
+    the file and line."""
+    from datasets import load_dataset_builder
+
+    try:
+        files = load_dataset_builder(str(path)).config.data_files or {}
+    except (OSError, ValueError) as e:  # no data files in it (EmptyDatasetError), several configs and no default
+        raise SftlabError(f"{path} is a folder, but neither a saved Hugging Face dataset (no dataset_info.json) nor "
+                          f"a folder of data files: {_first_line(e)}") from None
+    splits = {str(name): found for name, found in files.items()}
+    for file in splits[_pick_split(list(splits), split, str(path))]:
+        yield from _raw_records(file, None)
+
+
 READERS: dict[str, Callable[[Path, str | None], Iterator[tuple[str, Any]]]] = {
     ".jsonl": _read_jsonl,
     ".ndjson": _read_jsonl,
@@ -532,7 +549,7 @@ def _raw_records(path: str | Path, split: str | None) -> Iterator[tuple[str, Any
     if p.is_dir():
         if any((p / f).exists() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
             return _read_saved_dataset(p, split)
-        raise SftlabError(f"{p} is a folder but not a saved Hugging Face dataset (no dataset_info.json)")
+        return _read_data_folder(p, split)
     suffix = p.suffix.lower()
     if p.is_file():
         compressed = suffix == ".gz" and len(p.suffixes) > 1
@@ -541,7 +558,7 @@ def _raw_records(path: str | Path, split: str | None) -> Iterator[tuple[str, Any
         if suffix not in READERS or (compressed and suffix == ".parquet"):
             raise SftlabError(f"{p}: unsupported file type '{''.join(p.suffixes[-2:]) if compressed else suffix}'; "
                               f"supported: {', '.join(READERS)} (all but .parquet also gzip'ed, e.g. .jsonl.gz), "
-                              "a saved HF dataset folder, or an HF dataset id")
+                              "a saved HF dataset folder, a folder of data files, or an HF dataset id")
         if compressed:
             return _gunzipped(p, READERS[suffix], split)
         if suffix != ".parquet":
