@@ -18,13 +18,12 @@ Losses are printed: they agree to bf16 rounding. Medians and ranges exclude roun
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alpaca_data import write_alpaca_dataset  # noqa: E402
-from common import lora_model_and_row, scratch_dir, timed_forward_backward  # noqa: E402
+from common import interleaved_rounds, lora_model_and_row, scratch_dir  # noqa: E402
 
 
 def main() -> None:
@@ -57,19 +56,13 @@ def main() -> None:
         groups = attention._padded_layout(bounds, torch.device("cpu"))[0]
         print(f"GROUP_RATIO {ratio}: groups (count x width) " + ", ".join(f"{c}x{w}" for c, w in groups), flush=True)
 
-    times: dict[tuple[int, float], list[float]] = {s: [] for s in settings}
-    for rnd in range(args.rounds):
-        for w, r in settings[rnd % len(settings):] + settings[: rnd % len(settings)]:
-            attention.SHORT_WIDTH, attention.GROUP_RATIO = w, r
-            attention._padded_layout.cache_clear()
-            seconds, loss = timed_forward_backward(model, batch)
-            times[w, r].append(seconds)
-            print(f"round {rnd + 1} width {w} ratio {r}: {seconds:.2f} s, loss {loss:.5f}", flush=True)
-    med = {k: statistics.median(v[1:]) for k, v in times.items()}
-    for (w, r), v in times.items():
-        print(f"SHORT_WIDTH {w}, GROUP_RATIO {r}: median {med[w, r]:.2f} s ({min(v[1:]):.2f}-{max(v[1:]):.2f}), "
-              f"{med[settings[0]] / med[w, r]:.3f}x vs {settings[0]}")
+    def use(setting: tuple[int, float]) -> None:
+        attention.SHORT_WIDTH, attention.GROUP_RATIO = setting
+        attention._padded_layout.cache_clear()
 
+    med = interleaved_rounds(model, batch, settings, use, args.rounds)
+    for setting in settings:
+        print(f"SHORT_WIDTH {setting[0]}, GROUP_RATIO {setting[1]}: {med[settings[0]] / med[setting]:.3f}x vs {settings[0]}")
 
 if __name__ == "__main__":
     main()

@@ -184,6 +184,25 @@ def lora_model_and_row(data: Path, tokens: int, dropout: float = 0.0):
     return build_model(config, use_bf16=True, tokenizer=tokenizer).train(), batch, len(row), n
 
 
+def interleaved_rounds(model, batch, sides: list, use, rounds: int) -> dict:
+    """Time one forward + backward (`timed_forward_backward`) per side and round, the sides in rotating
+    order (each round starts with the next one), `use(side)` setting the model up for it; prints each
+    time and loss, then each side's median and range without round 1 (warm-up). Returns the medians."""
+    import statistics
+
+    times: dict = {side: [] for side in sides}
+    for rnd in range(rounds):
+        for side in sides[rnd % len(sides):] + sides[:rnd % len(sides)]:
+            use(side)
+            seconds, loss = timed_forward_backward(model, batch)
+            times[side].append(seconds)
+            print(f"round {rnd + 1} {side}: {seconds:.2f} s, loss {loss:.5f}", flush=True)
+    med = {side: statistics.median(v[1:]) for side, v in times.items()}
+    for side, v in times.items():
+        print(f"{side}: median {med[side]:.2f} s ({min(v[1:]):.2f}-{max(v[1:]):.2f})")
+    return med
+
+
 def timed_forward_backward(model, batch) -> tuple[float, float]:
     """One forward + backward of sftlab's loss on `batch` under bf16 autocast, gradients dropped
     after: (seconds, mean loss per trained token)."""

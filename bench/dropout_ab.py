@@ -15,13 +15,12 @@ ranges exclude round 1 (warm-up).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alpaca_data import write_alpaca_dataset  # noqa: E402
-from common import lora_model_and_row, scratch_dir, timed_forward_backward  # noqa: E402
+from common import interleaved_rounds, lora_model_and_row, scratch_dir  # noqa: E402
 
 
 def bernoulli_noise(x, p):
@@ -58,17 +57,7 @@ def main() -> None:
             m.p = 0.0 if side == "none" else args.dropout
         lora_fused.dropout_noise = bernoulli_noise if side == "bernoulli" else sftlab_noise
 
-    sides = ["none", "bernoulli", "sftlab"]
-    times: dict[str, list[float]] = {s: [] for s in sides}
-    for rnd in range(args.rounds):
-        for side in sides[rnd % 3:] + sides[:rnd % 3]:
-            use(side)
-            seconds, loss = timed_forward_backward(model, batch)
-            times[side].append(seconds)
-            print(f"round {rnd + 1} {side}: {seconds:.2f} s, loss {loss:.5f}", flush=True)
-    med = {k: statistics.median(v[1:]) for k, v in times.items()}
-    for k, v in times.items():
-        print(f"{k}: median {med[k]:.2f} s ({min(v[1:]):.2f}-{max(v[1:]):.2f})")
+    med = interleaved_rounds(model, batch, ["none", "bernoulli", "sftlab"], use, args.rounds)
     print(f"dropout's cost: nn.Dropout's draw {med['bernoulli'] - med['none']:.2f} s a step, "
           f"sftlab's {med['sftlab'] - med['none']:.2f} s; step bernoulli / sftlab: {med['bernoulli'] / med['sftlab']:.3f}x")
 

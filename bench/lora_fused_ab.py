@@ -14,13 +14,12 @@ rounding. Medians and ranges exclude round 1 (warm-up).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alpaca_data import write_alpaca_dataset  # noqa: E402
-from common import lora_model_and_row, scratch_dir, timed_forward_backward  # noqa: E402
+from common import interleaved_rounds, lora_model_and_row, scratch_dir  # noqa: E402
 
 
 def main() -> None:
@@ -48,16 +47,7 @@ def main() -> None:
             else:
                 vars(m).pop("forward", None)
 
-    times: dict[str, list[float]] = {"peft": [], "fused": []}
-    for rnd in range(args.rounds):
-        for side in ("peft", "fused") if rnd % 2 == 0 else ("fused", "peft"):
-            use(side == "fused")
-            seconds, loss = timed_forward_backward(model, batch)
-            times[side].append(seconds)
-            print(f"round {rnd + 1} {side}: {seconds:.2f} s, loss {loss:.5f}", flush=True)
-    med = {k: statistics.median(v[1:]) for k, v in times.items()}
-    for k, v in times.items():
-        print(f"{k}: median {med[k]:.2f} s ({min(v[1:]):.2f}-{max(v[1:]):.2f})")
+    med = interleaved_rounds(model, batch, ["peft", "fused"], lambda side: use(side == "fused"), args.rounds)
     print(f"PEFT / fused: {med['peft'] / med['fused']:.3f}x")
 
 
