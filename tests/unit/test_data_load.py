@@ -48,6 +48,10 @@ def test_json_array_sources_are_start_lines():
     ({"version": 2, "count": 2.0, "ok": True, "data": ROWS}, ["data row 1", "data row 2"]),  # numbers beside
     ({"train": ROWS, "test": ROWS[:1]}, ["train row 1", "train row 2"]),
     ({k: [r.get(k) for r in ROWS] for k in ("instruction", "input", "output", "label")}, ["row 1", "row 2"]),
+    # pandas' to_json(orient="split") and orient="index" (they were refused as objects of neither form)
+    ({"columns": list(FULL_ROWS[0]), "index": [0, 1], "data": [[r.get(k) for k in FULL_ROWS[0]] for r in FULL_ROWS]},
+     ["row 1", "row 2"]),
+    ({"0": FULL_ROWS[0], "1": FULL_ROWS[1]}, ["row 1", "row 2"]),
 ])
 def test_json_object_forms(tmp_path, payload, sources):
     p = tmp_path / "d.json"

@@ -279,6 +279,10 @@ def _pick_split(available: list[str], split: str | None, where: str) -> str:
 
 
 def _json_object(path: Path, obj: dict, split: str | None) -> Iterator[tuple[str, Any]]:
+    if (rows := _pandas_rows(obj)) is not None:
+        for i, row in enumerate(rows, 1):
+            yield f"{path}:row {i}", _present(row)
+        return
     values = list(obj.values())
     if _is_pandas_columns(values):  # pandas' to_json() default: {"column": {"0": value, "1": value}}
         values = [list(v.values()) for v in values]
@@ -305,6 +309,18 @@ def _json_object(path: Path, obj: dict, split: str | None) -> Iterator[tuple[str
     key = _pick_split(record_lists, split, str(path))
     for i, rec in enumerate(obj[key], 1):
         yield f"{path}:{key} row {i}", rec
+
+
+def _pandas_rows(obj: dict) -> list[dict] | None:
+    """The rows of a DataFrame written by pandas' `to_json(orient="split")` ({"columns", "index"?, "data"})
+    or `orient="index"` ({"0": {row}, "1": {row}}); None for any other object."""
+    if set(obj) - {"index"} == {"columns", "data"} and isinstance(obj["columns"], list) \
+            and isinstance(obj["data"], list) and all(isinstance(r, list) and len(r) == len(obj["columns"])
+                                                      for r in obj["data"]):
+        return [dict(zip(obj["columns"], r)) for r in obj["data"]]
+    if obj and all(k.isdigit() for k in obj) and all(isinstance(v, dict) for v in obj.values()):
+        return list(obj.values())
+    return None
 
 
 def _is_pandas_columns(values: list) -> bool:
