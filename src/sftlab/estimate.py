@@ -172,7 +172,7 @@ class ModelShape:
     expert_params: int = 0  # all layers' expert tensors
     router_weights: int = 0  # all layers' routers that are not linear layers (TopKRouter: F.linear on its own weight)
     # LoRA parameters per unit of rank that all-linear adds beyond the linear layers (the router and
-    # the stacked expert tensors, which PEFT wraps too): read off PEFT itself (`_moe_lora_per_rank`)
+    # the stacked expert tensors, which PEFT wraps too): read off PEFT itself (`_all_linear_lora`)
     moe_lora_per_rank: int = 0
     expert_lora_per_rank: int = 0  # of which on the stacked expert tensors
     # a mixture of experts' layers without experts (DeepSeek's and GLM-4.5's first_k_dense_replace, Qwen-MoE's
@@ -259,20 +259,25 @@ def model_shape(config) -> ModelShape:
     # the MLP width by its names: most models, OPT, GPT-2/GPT-J/CodeGen (None: 4h), Falcon
     intermediate = next((width for key in ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
                          if (width := getattr(text, key, None))), 4 * h)
+    if isinstance(intermediate, (list, tuple)):  # one width per layer (Gemma 3n): the widest
+        intermediate = max(intermediate)
     candidates = tuple(linear_layers(model))
+    unwrappable = unwrappable_linears(model)
     modules, params = dict(model.named_modules()), dict(model.named_parameters())
     layers = _decoder_layers([n for n, _, _ in candidates], params)
     q_width, kv_width = n_heads * head_dim, n_kv * head_dim
-    sparse = [p for p in layers if any(n.startswith(p) and t.dim() == 3 for n, t in params.items())]
+    stacked = _stacked_experts(modules, params)
+    sparse = [p for p in layers if any(n.startswith(p) for n in stacked)]
     # a mixture of experts' layers without experts (first_k_dense_replace, mlp_only_layers, decoder_sparse_step)
     dense = [p for p in layers if p not in sparse] if sparse else []
     layer_linears, layer_params = _layer((sparse or layers)[0], candidates, params)
     dense_linears, dense_params = _layer(dense[0], candidates, params) if dense else ((), 0)
-    experts = [p for p in params.values() if p.dim() == 3]  # MoE experts, stacked
+    experts = list(stacked.values())
     n_params = sum(p.numel() for p in model.parameters())
     norms = _norms(model, modules, layers[0], {"q": q_width, "k": kv_width})  # before PEFT wraps the MoE's layers
+    lora_fields, left_out = _all_linear_lora(model, candidates, unwrappable)  # PEFT wraps the model: last
     moe = {**_experts(text, experts), "router_weights": _router_weights(modules, sparse, candidates),
-           **_moe_lora_per_rank(model, candidates)} if experts else {}
+           **lora_fields} if experts else {}
     return ModelShape(
         n_params=n_params,
         n_layers=text.num_hidden_layers,
@@ -289,7 +294,7 @@ def model_shape(config) -> ModelShape:
         dense_layers=len(dense),
         dense_linears=dense_linears,
         dense_params=dense_params,
-        lora_candidates=candidates,
+        lora_candidates=tuple(c for c in candidates if c[0] not in left_out),
         architecture=type(model).__name__,
         fused_head=fused_head(model) is not None,
         norms=norms,
@@ -308,6 +313,39 @@ def linear_layers(model) -> list[tuple[str, int, int]]:
             for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head]
 
 
+def unwrappable_linears(model) -> list[str]:
+    """The linear layers PEFT's LoRA cannot wrap: those whose own forward returns more than a tensor (PhiMoE's
+    and Llama 4's routers return their logits with the routing weights). all-linear picks them, and the LoRA layer
+    then fails at the first forward, adding its update to a tuple. Each linear layer whose class overrides
+    forward is called on one row of zeros (on the meta device for a meta model), in eval mode (no router jitter)."""
+    import torch
+
+    found = []
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear) or type(m).forward is torch.nn.Linear.forward:
+            continue
+        training = m.training
+        try:
+            with torch.no_grad():
+                out = m.eval()(torch.zeros(1, m.in_features, dtype=m.weight.dtype, device=m.weight.device))
+        except Exception:  # noqa: BLE001  a layer this probe cannot call (a quantised weight): left to PEFT
+            continue
+        finally:
+            m.train(training)
+        if not isinstance(out, torch.Tensor):
+            found.append(name)
+    return found
+
+
+def _stacked_experts(modules: dict, params: dict) -> dict:
+    """A mixture of experts' stacked expert tensors: the 3-D parameters, but those of convolutions (the
+    depthwise conv1d of Mamba, LFM2, Qwen3-Next's linear attention, ...), which made hybrids pass for MoEs."""
+    import torch
+
+    conv = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    return {n: t for n, t in params.items() if t.dim() == 3 and not isinstance(modules[n.rpartition(".")[0]], conv)}
+
+
 def _experts(text, experts) -> dict[str, int]:
     """ModelShape's MoE fields from the config and the stacked expert tensors (experts x out x in)."""
     n = experts[0].shape[0]
@@ -324,19 +362,32 @@ def _router_weights(modules: dict, layers: list[str], candidates) -> int:
                and getattr(m, "weight", None) is not None and m.weight.dim() == 2)
 
 
-def _moe_lora_per_rank(model, candidates) -> dict[str, int]:
-    """What PEFT's all-linear adapts on a mixture of experts beyond the linear layers, per unit of rank, and of
-    it on the stacked expert tensors: PEFT itself at rank 1 on the meta-device model (after everything else is
-    read off it), so the count follows PEFT's own layout of the router's and the stacked experts' adapters."""
+def _all_linear_lora(model, candidates, unwrappable: list[str]) -> tuple[dict[str, int], set[str]]:
+    """PEFT's all-linear itself at rank 1 on the meta-device model, as sftlab train applies it (without the
+    `unwrappable` linear layers): the LoRA parameters per unit of rank it adds beyond the linear layers (a mixture
+    of experts' routers and stacked expert tensors, in PEFT's own layout), of them those on the stacked experts,
+    and the linear layers it leaves out. On the models PEFT maps from their transformers 4 names (Qwen3-MoE,
+    DeepSeek-V3, GLM-4.5, Qwen3-Next, ...) every gate_proj/up_proj/down_proj is taken for the experts', so the
+    dense layers' and shared experts' get no adapter."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.layer import ParamWrapper
 
-    adapted = get_peft_model(model, LoraConfig(r=1, target_modules="all-linear"))
+    from sftlab.models import quiet_fused_expert_pattern_warnings
+
+    quiet_fused_expert_pattern_warnings()
+    try:
+        adapted = get_peft_model(model, LoraConfig(r=1, target_modules="all-linear",
+                                                   exclude_modules=unwrappable or None))
+    except ValueError:  # PEFT refuses a layer all-linear picks (out_proj on Mamba-type models): training says which
+        return {}, set(unwrappable)
     total = sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n)
     # a ParamWrapper adapts one parameter (those of one module nest): its own lora_A and lora_B
     stacks = sum(p.numel() for m in adapted.modules() if isinstance(m, ParamWrapper) and m.get_param().dim() == 3
                  for p in [*m.lora_A.parameters(), *m.lora_B.parameters()])
-    return {"moe_lora_per_rank": total - sum(fin + fout for _, fin, fout in candidates), "expert_lora_per_rank": stacks}
+    wrapped = {n.removeprefix("base_model.model.") for n, m in adapted.named_modules() if hasattr(m, "lora_A")}
+    linear = sum(fin + fout for name, fin, fout in candidates if name in wrapped)
+    return ({"moe_lora_per_rank": total - linear, "expert_lora_per_rank": stacks},
+            {name for name, _, _ in candidates if name not in wrapped})
 
 
 def _norms(model, modules: dict, prefix: str, widths: dict[str, int]) -> tuple[Norm, ...]:
@@ -375,7 +426,11 @@ def _norms(model, modules: dict, prefix: str, widths: dict[str, int]) -> tuple[N
     for name, m in norms.items():
         qk = re.fullmatch(r"(q|k)(?:uery|ey)?_(?:layer)?norm", name.rpartition(".")[2])
         width = widths[qk.group(1)] if qk else m.weight.numel()
-        probe = copy.deepcopy(m).float()(torch.empty(1, m.weight.numel(), dtype=torch.bfloat16, device="meta"))
+        norm, x = copy.deepcopy(m).float(), torch.empty(1, m.weight.numel(), dtype=torch.bfloat16, device="meta")
+        try:
+            probe = norm(x)
+        except TypeError:  # a gated norm, norm(x) x silu(gate) (Qwen3-Next's linear attention)
+            probe = norm(x, x)
         found.append(Norm(width, width // m.weight.numel(), bool(qk) or name in post, probe.dtype == torch.bfloat16))
     return tuple(found)
 

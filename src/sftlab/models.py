@@ -305,6 +305,16 @@ def save_adapter(model, path, **kwargs) -> None:
     model.save_pretrained(path, safe_serialization=True, save_embedding_layers=False, **kwargs)
 
 
+def quiet_fused_expert_pattern_warnings() -> None:
+    """Silence PEFT's warning that the rank and alpha patterns it sets for a MoE's fused expert tensors
+    ('.*\\.gate_up_proj': 2 x r, gate and up stacked in one tensor in transformers 5) match no module: they
+    match a parameter and apply (those adapters have rank 2 x r). sftlab sets no pattern of its own."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match any targeted",
+                            category=RuntimeWarning)
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -335,6 +345,7 @@ def load_model(
             fit_embeddings(base, AutoTokenizer.from_pretrained(tok_dir))
         from peft import PeftModel
 
+        quiet_fused_expert_pattern_warnings()
         return PeftModel.from_pretrained(base, art["adapter"])
     path, gguf = resolve_model_path(name_or_path)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}

@@ -76,3 +76,91 @@ def test_lora_on_a_tied_lm_head_is_refused_before_training(tiny_model_dir, tmp_p
     assert main([*args, "lora.target_modules=[q_proj,lm_head]"]) == 1
     assert "adapts the lm_head, which shares its weight with the input embeddings" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+HYBRIDS = {
+    "lfm2": dict(layer_types=["conv", "full_attention"]),
+    "falcon_h1": dict(mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16,
+                      mamba_chunk_size=16),
+    "bamba": dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16, attn_layer_indices=[1],
+                  mamba_chunk_size=16),
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                       linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16, num_experts=4,
+                       num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+}
+
+
+@pytest.mark.parametrize("model_type", list(HYBRIDS))
+def test_the_estimate_of_a_hybrid_takes_no_convolution_for_experts(model_type):
+    """The depthwise conv1d weights of Mamba/LFM2/linear-attention layers are 3-D, as a MoE's stacked experts are:
+    LFM2 was estimated as a MoE of 64 'experts' (its conv channels), one per token; on Falcon-H1 and Bamba the
+    estimate's PEFT probe for expert adapters was a ValueError traceback (PEFT refuses out_proj on Mamba-type
+    models); Qwen3-Next's gated norm, norm(x, gate), was a TypeError traceback."""
+    from transformers import AutoConfig
+
+    from sftlab.estimate import estimate_memory, model_shape
+
+    config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128, head_dim=16,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  **HYBRIDS[model_type])
+    shape = model_shape(config)
+    assert shape.n_experts == (4 if model_type == "qwen3_next" else 0)
+    assert estimate_memory(config, "lora", 64, 2).total > 0
+
+
+def test_a_fused_lora_layers_output_can_be_modified_in_place():
+    """Gemma 3n changes a projection's output in place; sftlab's fused LoRA layer returned a view made inside
+    its autograd function, and the first LoRA step was a RuntimeError traceback ('Output 0 of _LoraLinear is a
+    view and is being modified inplace'). The gradients stay those of PEFT's own layer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from sftlab.train.lora_fused import fuse_lora_layers
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.proj(x).mul_(2.0)
+
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(Block(), LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False))
+        if fused:
+            assert fuse_lora_layers(model) == 1
+        model(x).square().sum().backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for plain, fused in zip(*grads):
+        torch.testing.assert_close(fused, plain)
+
+
+def test_adapters_the_model_bypasses_are_named(mamba_dir, tmp_path, capsys):
+    """Mamba (and Jamba) compute dt_proj.weight @ x instead of calling dt_proj: the adapter PEFT puts there gets
+    no gradient and trains nothing, silently (the layers the all-linear refusal above names included it)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {w}", "output": w}) + "\n" for w in ("a", "b")))
+    assert main(["train", "-", f"model.name_or_path={mamba_dir}", f"data.train={data}", "data.packing=false",
+                 "data.max_seq_length=64", "training.max_steps=1", "training.bf16=false", "lora.r=4",
+                 "lora.target_modules=[dt_proj,in_proj,x_proj]", f"output_dir={tmp_path / 'run'}"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "got no gradient" in x]
+    assert lines and lines[0].startswith("lora: the adapters on mixer.dt_proj got no gradient in the first step")
+
+
+def test_the_estimate_of_gemma3n_reads_its_per_layer_mlp_widths():
+    """Gemma 3n gives intermediate_size per layer (a list): the estimate was a TypeError traceback
+    (int + list); it takes the widest."""
+    from transformers import AutoConfig
+
+    from sftlab.estimate import estimate_memory, model_shape
+
+    config = AutoConfig.for_model("gemma3n_text", vocab_size=128, vocab_size_per_layer_input=128, hidden_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  intermediate_size=[96, 128], layer_types=["sliding_attention", "full_attention"],
+                                  sliding_window=16, num_kv_shared_layers=0, laurel_rank=8,
+                                  hidden_size_per_layer_input=16, activation_sparsity_pattern=[0.0, 0.0])
+    assert model_shape(config).intermediate == 128
+    assert estimate_memory(config, "lora", 64, 2).total > 0

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -90,3 +91,27 @@ class OverfitWarningCallback(TrainerCallback):
                 "overfit_start_step": onset, "best_eval_loss": best, "eval_loss_now": float(eval_loss),
             })
 
+
+class IdleAdaptersCallback(TrainerCallback):
+    """Once, before the first optimizer step: names the adapted layers whose adapters got no gradient. The model
+    reads such a layer's weight directly instead of calling it (Mamba's and Jamba's dt_proj: dt_proj.weight @ x;
+    a fused Mamba-2 kernel's out_proj on a GPU), so its adapter trains nothing while it counts as trained.
+    One process only (ZeRO and FSDP keep gradients elsewhere); nothing when no gradient exists at all (a
+    skipped step)."""
+
+    def __init__(self, log):
+        self.log, self.done = log, False
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.done or model is None or args.world_size > 1:
+            return
+        self.done = True
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
+        if not any(p.grad is not None for _, p in trainable):
+            return
+        # base_model.model.model.layers.0.mamba.dt_proj.lora_A.default.weight -> mamba.dt_proj
+        idle = sorted({re.sub(r"^.*?\.\d+\.", "", n.split(".lora_")[0]) for n, p in trainable if p.grad is None})
+        if idle:
+            self.log(f"lora: the adapters on {', '.join(idle)} got no gradient in the first step: the model reads "
+                     "those layers' weights directly, not through the layers (or, experts, no token reached them), "
+                     "so they may train nothing; name the layers to adapt without them in lora.target_modules")

@@ -65,7 +65,7 @@ class _LoraLinear(torch.autograd.Function):
         ctx.save_for_backward(x2 if ctx.rebuild else xd, noise if keep_noise else None, w, a, scaled_b, low)
         ctx.scaling, ctx.x_shape, ctx.x_dtype = scaling, x.shape, x.dtype
         ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out  # 2-D: shaped as the input outside (a view made here could not be modified in place)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -105,8 +105,9 @@ class _FusedForward:
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-        return _LoraLinear.apply(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                                 float(layer.scaling[name]), p, dtype)
+        out = _LoraLinear.apply(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                                float(layer.scaling[name]), p, dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def _plain_adapter(self, x) -> str | None:
         """The one active vanilla adapter, or None where PEFT's forward must run."""

@@ -260,10 +260,22 @@ def selective_loss_sum(model, batch: dict, smoothing: float = 0.0) -> tuple[torc
 
 def router_loss(model, out, trained: int) -> torch.Tensor | float:
     """A mixture of experts whose config asks for its router logits (`output_router_logits`) trains,
-    as transformers' own loss does, with its load-balancing loss x `router_aux_loss_coef`; here
+    as transformers' own loss does, with its load-balancing loss x `router_aux_coefficient`; here
     weighted by the micro-batch's trained tokens, so that it adds up over micro-batches and
     processes as the summed CE does. Evaluation losses stay the CE alone."""
     aux = getattr(out, "aux_loss", None)
     if aux is None or not model.training:
         return 0.0
-    return _unwrapped(model).config.router_aux_loss_coef * trained * aux
+    return router_aux_coefficient(model) * trained * aux
+
+
+def router_aux_coefficient(model) -> float | None:
+    """The factor transformers' own loss puts on the load-balancing loss: the causal LM's attribute, which
+    is not always the config's router_aux_loss_coef (JetMoe's aux_loss_coef, DBRX's ffn_config.moe_loss_weight);
+    None for a model that computes no such loss (DeepSeek-V3's routers are balanced without one)."""
+    base = _unwrapped(model)
+    for owner in (base, base.config.get_text_config()):
+        for name in ("router_aux_loss_coef", "aux_loss_coef"):
+            if (value := getattr(owner, name, None)) is not None:
+                return value
+    return None

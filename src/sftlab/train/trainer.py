@@ -28,7 +28,7 @@ from sftlab.train.attention import can_flatten, choose_attention
 from sftlab.train.checkpointing import AtomicCheckpoints, explained_save_failure, save_outputs
 from sftlab.train.guards import TRAIN_RESUME, NonFiniteGuard, is_out_of_memory, out_of_memory_message
 from sftlab.train.lora_fused import fuse_lora_layers
-from sftlab.train.loss import selective_loss_sum
+from sftlab.train.loss import router_aux_coefficient, selective_loss_sum
 from sftlab.train.run_dir import last_good_checkpoint
 from sftlab.train.schedule import RatioWarmup
 
@@ -240,7 +240,7 @@ def prepare_4bit_base(model, gradient_checkpointing: bool):
 
 def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
     """Base model, with LoRA / DoRA / QLoRA applied through PEFT; embeddings fitted to `tokenizer`."""
-    from sftlab.models import fit_embeddings, load_model
+    from sftlab.models import fit_embeddings, load_model, quiet_fused_expert_pattern_warnings
 
     quant = quantization_config(config.method, use_bf16)
     m = config.model
@@ -268,8 +268,10 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
     lora = config.lora
     peft_config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        use_dora=lora.use_dora, task_type="CAUSAL_LM", **new_token_kwargs,
+        use_dora=lora.use_dora, task_type="CAUSAL_LM", exclude_modules=unwrappable_targets(model, lora.target_modules),
+        **new_token_kwargs,
     )
+    quiet_fused_expert_pattern_warnings()
     try:
         model = get_peft_model(model, peft_config)
     except ValueError as e:
@@ -286,6 +288,35 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
     check_tied_head_not_adapted(model, lora.target_modules)
     fuse_lora_layers(model)
     return model
+
+
+def unwrappable_targets(model, targets) -> list[str] | None:
+    """The linear layers all-linear leaves out (PEFT cannot wrap them: `unwrappable_linears`, a router returning
+    its routing with its logits), as PEFT's exclude_modules; a list naming one is refused."""
+    from sftlab.estimate import unwrappable_linears
+
+    unwrappable = unwrappable_linears(model)
+    if not unwrappable:
+        return None
+    if isinstance(targets, list):
+        picked = sorted({n.rsplit(".", 1)[-1] for n in unwrappable if any(n == t or n.endswith("." + t) for t in targets)})
+        if picked:
+            names = [n for n in _linear_layer_names(model) if n not in picked]
+            raise SftlabError(f"lora.target_modules: {_written(targets)} picks '{picked[0]}', which PEFT cannot adapt on "
+                              f"{type(model).__name__} (its forward returns the routing with the logits, not a tensor); "
+                              f"name the layers to adapt without it: lora.target_modules=[{','.join(names)}]")
+    return unwrappable
+
+
+def linears_left_out(model) -> list[str]:
+    """The linear layers (named within their decoder layer) a PEFT model has no adapter on. Under all-linear:
+    routers PEFT cannot wrap (`unwrappable_targets`), and on the mixtures of experts PEFT maps from their
+    transformers 4 names (DeepSeek-V3, GLM-4.5, Qwen3-Next, ...) the dense layers' and shared experts'
+    gate_proj/up_proj/down_proj, names PEFT takes for the experts' stacked tensors."""
+    from sftlab.estimate import linear_layers
+
+    return sorted({re.sub(r"^.*?\.\d+\.", "", n) for n, _, _ in linear_layers(model.get_base_model())
+                   if not any(p == "base_layer" or p.startswith("lora_") for p in n.split("."))})
 
 
 def _linear_layer_names(model) -> list[str]:
@@ -492,7 +523,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     from sftlab.models import cache_dir, load_tokenizer
     from sftlab.train import distributed
     from sftlab.files import atomic_write
-    from sftlab.train.callbacks import MetricsJsonlCallback, OverfitWarningCallback
+    from sftlab.train.callbacks import IdleAdaptersCallback, MetricsJsonlCallback, OverfitWarningCallback
     from sftlab.train.dataset import make_rows, no_usable_examples, prepare_examples
     from sftlab.train.run_dir import (checkpoint_state, discard_interrupted_saves, finished_run, model_card,
                                       refuse_existing_run, resume_checkpoint, write_run_json)
@@ -554,13 +585,14 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         f"trained/computed tokens {pstats['trained_per_computed']:.3f}, padding {pstats['padding_ratio']:.3f}")
     if hasattr(model, "print_trainable_parameters"):
         distributed.on_main_process(model.print_trainable_parameters)
+        if config.lora.target_modules == "all-linear" and (left := linears_left_out(model)):
+            log(f"lora.target_modules all-linear: PEFT leaves {', '.join(left)} without an adapter")
     has_eval = bool(eval_ex)
     if not has_eval and (unused := [k for k in ("early_stopping_patience", "load_best_model_at_end")
                                     if getattr(config.training, k)]):
         log(f"training.{unused[0]}: no data.validation, so no evaluation: it does not apply to this run")
-    if getattr(model.config, "output_router_logits", False):
-        log(f"router load-balancing loss x {model.config.router_aux_loss_coef} added to the training loss "
-            "(the model's config.output_router_logits)")
+    if getattr(model.config, "output_router_logits", False) and (coef := router_aux_coefficient(model)) is not None:
+        log(f"router load-balancing loss x {coef} added to the training loss (the model's config.output_router_logits)")
     liger = kernels.liger_kernel_config(config.training.use_liger_kernel, model.config)
     liger_layers = sorted(k for k, on in (liger or {}).items() if on)
     if liger_layers:
@@ -575,7 +607,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     patience = config.training.early_stopping_patience
     # with early stopping, the warning marks the onset that stops the run
     warn = OverfitWarningCallback(metrics_path=out / "metrics.jsonl", **({"patience": patience} if patience else {}))
-    callbacks = [MetricsJsonlCallback(out / "metrics.jsonl"), warn]
+    callbacks = [MetricsJsonlCallback(out / "metrics.jsonl"), warn, IdleAdaptersCallback(log)]
     if has_eval and patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=patience))
     nonfinite = NonFiniteGuard(config.training.skip_nonfinite_steps, last_good=lambda: last_good_checkpoint(out))
