@@ -380,3 +380,16 @@ def test_any_chat_key_holds_either_message_layout(key):
         assert detect_format(rec) == fmt
         c = to_conversation(rec, SRC)
         assert c.messages == msgs(("user", "Hi"), ("assistant", "Hello")) and c.meta == {"model": "vicuna-13b", "turn": 1}
+
+
+def test_llama_factory_kto_tag_is_the_kto_label():
+    """LLaMA-Factory writes KTO data as chat records with a `kto_tag`: the label KTO reads (it stayed a
+    meta column, and `sftlab align` with KTO refused every record as unlabelled)."""
+    from sftlab.train.preference import _sides
+
+    for tag, label in ((True, True), ("false", False)):
+        rec = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "kto_tag": tag}
+        c = to_conversation(rec, SRC)
+        assert c.meta == {"label": label} and _sides(c, paired=False) == [(c.messages, label)]
+    c = to_conversation({"instruction": "q", "output": "a", "kto_tag": True, "label": "math"}, SRC)
+    assert c.meta == {"kto_tag": True, "label": "math"}  # a label of its own is left as it is

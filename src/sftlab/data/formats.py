@@ -36,7 +36,8 @@ Supported schemas (the `format` names):
                      HH-RLHF's whole transcripts ("\n\nHuman: ...\n\nAssistant: ..." strings, no
                      prompt) are split into turns.
                      unpaired (KTO): {"prompt", "completion", "label": true|false} -> `messages`
-                     and `meta["label"]` (a bool; "true"/"false" strings, as CSV files hold them, too).
+                     and `meta["label"]` (a bool; "true"/"false" strings, as CSV files hold them, too);
+                     any chat record with LLaMA-Factory's "kto_tag" (true/false) too.
 Any other layout is read through a column mapping (`Columns`: `data.columns` in a config,
 `--columns prompt=question,response=answer` on the data commands), passed where a format name goes.
 Fields a schema does not use are kept in `meta` (e.g. `label`, `task`, `id`).
@@ -302,6 +303,8 @@ def check_messages(messages: list[dict[str, str]], source: str) -> None:
 
 def _chat(messages: list[dict[str, str]], source: str, meta: dict[str, Any]) -> Conversation:
     check_messages(messages, source)
+    if "label" not in meta and (label := kto_label(meta.get("kto_tag"))) is not None:
+        meta = {**{k: v for k, v in meta.items() if k != "kto_tag"}, "label": label}  # LLaMA-Factory's KTO layout
     return Conversation(messages=messages, source=source, meta=_with_tools(meta, source))
 
 
