@@ -105,8 +105,12 @@ def test_merge_refuses_a_non_run_and_a_full_output(tmp_path, tiny_model_dir, lor
     from sftlab.errors import SftlabError
     from sftlab.export.merge import merge_run
 
-    with pytest.raises(SftlabError, match="not a training run"):
+    with pytest.raises(SftlabError, match="is a model, not a training run"):
         merge_run(tiny_model_dir, tmp_path / "out")
+    (tmp_path / "stopped" / "checkpoints").mkdir(parents=True)  # a run stopped before it wrote run.json
+    (tmp_path / "stopped" / "config.yaml").write_text("model: {name_or_path: default}\n")
+    with pytest.raises(SftlabError, match="has not finished .* --resume"):
+        merge_run(tmp_path / "stopped", tmp_path / "out")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("keep me")
     with pytest.raises(SftlabError, match="not empty"):

@@ -44,13 +44,14 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, tolerance: float | No
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sftlab.models import is_run_dir, load_model, load_tokenizer, not_found, run_artifacts
+    from sftlab.models import check_model, is_run_dir, load_model, load_tokenizer, not_found, run_artifacts
     from sftlab.serve.generation import stop_token_ids
 
     if not Path(run_dir).expanduser().exists():
         raise not_found("run folder", str(run_dir))
     if not is_run_dir(run_dir):
-        raise SftlabError(f"{run_dir} is not a training run (no run.json); merging needs a run with an adapter")
+        check_model(str(run_dir))  # a run still training or stopped, or no model at all: said as every command says it
+        raise SftlabError(f"{run_dir} is a model, not a training run (no run.json): merging needs a run with an adapter")
     art = run_artifacts(run_dir)
     if not art["adapter"] and not art["model"]:
         raise SftlabError(f"{run_dir} has neither adapter/ nor model/: the run did not finish")
