@@ -324,21 +324,26 @@ def from_instruction(record: dict, source: str, *, prompt: str, response: str, i
     assistant: response. An empty input or system column counts as absent. A response listing several
     answers trains on the first; all of them go to `meta["references"]`, the answers evaluation accepts.
     `history`: earlier turns as [question, answer] pairs (LLaMA-Factory's Alpaca layout)."""
-    earlier = _history(record, history, source)
-    question = _string(record, prompt, source)
+    asked = _instruction_prompt(record, source, prompt, input, history)
     if response not in record or record[response] is None:
         raise RecordError(source, "missing field", f"'{response}'")
     answers = _answers(record[response], source, response)
-    extra = _optional_text(record, input, source)
     system_text = _optional_text(record, system, source)
-    messages = ([{"role": "system", "content": system_text}] if system_text else []) + earlier + [
-        {"role": "user", "content": f"{question}\n\n{extra}" if extra else question},
-        {"role": "assistant", "content": answers[0]},
-    ]
+    messages = ([{"role": "system", "content": system_text}] if system_text else []) + asked + [
+        {"role": "assistant", "content": answers[0]}]
     conv = _chat(messages, source, _meta(record, (prompt, response, input, system, history)))
     if len(answers) > 1:
         conv.meta["references"] = answers
     return conv
+
+
+def _instruction_prompt(record: dict, source: str, prompt: str, input: str | None, history: str | None
+                        ) -> list[dict[str, str]]:
+    """The history's turns, then the user's: the prompt column, and a blank line and the input where it has one."""
+    question = _string(record, prompt, source)
+    extra = _optional_text(record, input, source)
+    asked = f"{question}\n\n{extra}" if extra else question
+    return _history(record, history, source) + [{"role": "user", "content": asked}]
 
 
 def _history(record: dict, key: str | None, source: str) -> list[dict[str, str]]:
@@ -561,10 +566,8 @@ PAIR_PROMPT_KEYS = ("prompt", "question", "instruction", "input")
 
 def _shared_prompt(record: dict, source: str) -> list[dict[str, str]] | None:
     key = next((k for k in PAIR_PROMPT_KEYS if k in record), None)
-    if key == "instruction" and isinstance(record[key], str):  # as an Alpaca record's prompt, history first
-        extra = _optional_text(record, "input", source)
-        return _history(record, "history", source) + [
-            {"role": "user", "content": f"{record[key]}\n\n{extra}" if extra else record[key]}]
+    if key == "instruction" and isinstance(record[key], str):  # as an Alpaca record's prompt
+        return _instruction_prompt(record, source, "instruction", "input", "history")
     if key:
         return _as_messages(record[key], source, "user", key)
     if "conversations" in record:
