@@ -180,7 +180,7 @@ def lora_model_and_row(data: Path, tokens: int, dropout: float = 0.0):
             break
         row.append(ex)
         n += len(ex.input_ids)
-    batch = collate([row], tokenizer.pad_token_id, flatten=True)
+    batch = collate([row], flatten=True)
     return build_model(config, use_bf16=True, tokenizer=tokenizer).train(), batch, len(row), n
 
 

@@ -150,6 +150,6 @@ def train_set_loss(model, path, tokenizer) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for ex in render_many(load_conversations(path), tokenizer):
-            s, n = selective_loss_sum(model.eval(), collate([[ex]], tokenizer.pad_token_id))
+            s, n = selective_loss_sum(model.eval(), collate([[ex]]))
             total, count = total + s.item(), count + n
     return total / count

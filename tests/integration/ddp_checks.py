@@ -44,7 +44,7 @@ def one_step(model_dir: str, data: str, out: str, batch: int, path: str) -> dict
     assert (model.config._attn_implementation == NAME) == default and can_flatten(model) == default
     trainer = SFTTrainer(model=model, args=_args(out, batch, max_steps=1, learning_rate=1.0, max_grad_norm=0.0),
                          train_dataset=RowDataset(rows),
-                         data_collator=partial(collate, pad_token_id=tok.pad_token_id, flatten=default, bucket=default))
+                         data_collator=partial(collate, flatten=default, bucket=default))
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)
     trainer.train()
     return {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -57,7 +57,7 @@ def counts(model_dir: str, data: str, out: str, batch: int) -> dict[str, float]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     args = _args(out, batch, per_device_eval_batch_size=batch, max_steps=2, learning_rate=1e-3, prediction_loss_only=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=RowDataset(rows[:2]), eval_dataset=RowDataset(rows),
-                         data_collator=partial(collate, pad_token_id=tok.pad_token_id))
+                         data_collator=collate)
     trainer.train()
     return {"trained_tokens_seen": trainer.trained_tokens_seen, "eval_loss": trainer.evaluate()["eval_loss"]}
 

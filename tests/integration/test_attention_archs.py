@@ -73,13 +73,13 @@ def assert_default_path_equals_each_example_alone(path, tokenizer, examples):
     from sftlab.models import load_model
 
     reference = load_model(path, dtype="float32", attn_implementation="eager")
-    alone = loss_and_grads(reference, [collate([[e]], tokenizer.pad_token_id) for e in examples])
+    alone = loss_and_grads(reference, [collate([[e]]) for e in examples])
 
     model = load_model(path, dtype="float32")  # as build_model loads it, then:
     choose_attention(model, None, packing=True)
     flatten = can_flatten(model)
     rows = packed_rows(examples)
-    batch = collate(rows, tokenizer.pad_token_id, flatten=flatten, bucket=True)
+    batch = collate(rows, flatten=flatten, bucket=True)
     lengths = [sum(len(e) for e in row) for row in rows]
     assert batch["input_ids"].shape == ((1, shape_bucket(sum(lengths))) if flatten else
                                         (len(rows), shape_bucket(max(lengths))))

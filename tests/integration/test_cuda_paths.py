@@ -48,8 +48,8 @@ def test_packed_equals_unpacked_loss_bf16(tiny_model_dir, tokenizer):
         return {k: t.cuda() for k, t in batch.items()}
 
     with torch.no_grad():
-        alone = sum(selective_loss_sum(model, on_cuda(collate([[e]], tokenizer.pad_token_id)))[0] for e in examples)
-        packed, _ = selective_loss_sum(model, on_cuda(collate([examples], tokenizer.pad_token_id, flatten=True)))
+        alone = sum(selective_loss_sum(model, on_cuda(collate([[e]])))[0] for e in examples)
+        packed, _ = selective_loss_sum(model, on_cuda(collate([examples], flatten=True)))
     assert packed.item() == pytest.approx(alone.item(), rel=2e-2)
 
 

@@ -40,7 +40,7 @@ def test_eos_is_trained_when_the_pad_token_is_the_eos_token(tokenizer):
     each answer's own <|im_end|> trained and the padding untrained."""
     assert tokenizer.pad_token_id == tokenizer.eos_token_id
     short, long = (render(Conversation(m, source="mem:1"), tokenizer) for m in (QA, QA2))
-    batch = collate([[short], [long]], tokenizer.pad_token_id)
+    batch = collate([[short], [long]])
     eos = tokenizer.eos_token_id
     labels, ids = batch["labels"], batch["input_ids"]
     assert int((ids[0] == eos).sum()) > int((labels[0] == eos).sum())  # padding really uses the EOS id
@@ -160,7 +160,7 @@ def test_label_smoothing_is_applied_to_the_trained_tokens_in_training_only(tiny_
     from sftlab.train.trainer import SFTTrainer
 
     ids = torch.randint(100, 5000, (2, 40), generator=torch.Generator().manual_seed(0)).tolist()
-    batch = collate([[Example(x, [IGNORE] * 10 + x[10:])] for x in ids], pad_token_id=0)
+    batch = collate([[Example(x, [IGNORE] * 10 + x[10:])] for x in ids])
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits

@@ -57,9 +57,9 @@ def load_tiny(path, attn):
 def test_packed_loss_equals_unpacked_loss(tiny_model_dir, tokenizer, examples, attn, flatten):
     model = load_tiny(tiny_model_dir, attn)
     with torch.no_grad():
-        alone = [selective_loss_sum(model, collate([[e]], tokenizer.pad_token_id)) for e in examples]
+        alone = [selective_loss_sum(model, collate([[e]])) for e in examples]
         rows = packed_rows(examples)
-        batch = collate(rows, tokenizer.pad_token_id, flatten=flatten)
+        batch = collate(rows, flatten=flatten)
         assert batch["input_ids"].shape[0] == (1 if flatten else len(rows))
         packed = selective_loss_sum(model, batch)
     total = sum(s for s, _ in alone)
@@ -72,16 +72,16 @@ def test_selective_chunked_loss_equals_plain_full_logits_loss(tiny_model_dir, to
 
     monkeypatch.setattr(loss_mod, "CE_CHUNK", 7)  # several chunks
     model = load_tiny(tiny_model_dir, "sdpa")
-    batch = collate([[e] for e in examples], tokenizer.pad_token_id)
+    batch = collate([[e] for e in examples])
     with torch.no_grad():
         s, n = selective_loss_sum(model, batch)
         # the reference: HF's own loss on full logits (mean over trained tokens), per example
         ref_sum = 0.0
         for e in examples:
-            one = collate([[e]], tokenizer.pad_token_id)
+            one = collate([[e]])
             out = model(input_ids=one["input_ids"], labels=one["labels"], use_cache=False)
             ref_sum += out.loss.item() * int((one["labels"][:, 1:] != -100).sum())
-    assert n == sum(int((collate([[e]], 0)["labels"][:, 1:] != -100).sum()) for e in examples)
+    assert n == sum(int((collate([[e]])["labels"][:, 1:] != -100).sum()) for e in examples)
     assert s.item() == pytest.approx(ref_sum, rel=1e-5)
 
 
@@ -104,8 +104,7 @@ def _one_step_params(tiny_model_dir, tmp_path, tokenizer, rows, batch, accum, at
         seed=0, data_seed=0, disable_tqdm=True, dataloader_drop_last=False,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=RowDataset(rows),
-                         data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id, flatten=default,
-                                               bucket=default))
+                         data_collator=partial(collate, flatten=default, bucket=default))
     # no shuffling: both runs must see the same rows in the same window
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)
     trainer.train()
@@ -240,7 +239,7 @@ def test_fused_head_is_used_on_the_default_path_and_equals_full_logits(tiny_mode
 
     model = load_tiny(tiny_model_dir, None).train()
     assert loss_mod.fused_head(model) is model.lm_head
-    batch = collate(packed_rows(examples), tokenizer.pad_token_id, flatten=True, bucket=True)
+    batch = collate(packed_rows(examples), flatten=True, bucket=True)
 
     def run(fused):
         model.zero_grad()
@@ -282,7 +281,7 @@ def test_lora_under_autocast_without_input_casts_is_bit_identical_and_saves_less
                                             init_lora_weights=False))
     if where == "accelerate":  # what accelerate's prepare_model does under mixed precision
         model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
-    batch = collate(packed_rows(examples), tokenizer.pad_token_id, flatten=True, bucket=True)
+    batch = collate(packed_rows(examples), flatten=True, bucket=True)
     head_dtypes = []
     fused = loss_mod.linear_cross_entropy_sum
     monkeypatch.setattr(loss_mod, "linear_cross_entropy_sum",

@@ -30,7 +30,7 @@ def test_eval_loss_is_the_per_token_loss_of_the_whole_eval_set(tiny_model_dir, t
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     choose_attention(model, None)  # the default path: varlen attention, flattened batches
     flatten = can_flatten(model)
-    collator = partial(collate, pad_token_id=0, flatten=flatten, bucket=True)
+    collator = partial(collate, flatten=flatten, bucket=True)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, use_cpu=True, report_to="none",
                              remove_unused_columns=False, prediction_loss_only=True, disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=args, eval_dataset=RowDataset([[e] for e in examples]),
@@ -42,7 +42,7 @@ def test_eval_loss_is_the_per_token_loss_of_the_whole_eval_set(tiny_model_dir, t
         sums = [selective_loss_sum(model, collator(pair)) for pair in ([[examples[0]], [examples[1]]],
                                                                         [[examples[2]], [examples[3]]])]
         # each example alone, unpacked: the figure does not depend on how the set was batched
-        alone = [selective_loss_sum(model, collate([[e]], pad_token_id=0)) for e in examples]
+        alone = [selective_loss_sum(model, collate([[e]])) for e in examples]
     assert [n for _, n in sums] == [3, 400]
     per_token = sum(s.item() for s, _ in alone) / sum(n for _, n in alone)
     assert got == pytest.approx(per_token, rel=1e-5)

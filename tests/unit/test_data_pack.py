@@ -36,8 +36,8 @@ def test_collate_rows_positions_and_labels_exactly():
     a = Example([1, 2, 3], [IGNORE, 2, 3])
     b = Example([4, 5], [4, 5])  # first label is dropped: nothing predicts an example's first token
     c = Example([6, 7, 8, 9], [IGNORE, IGNORE, 8, 9])
-    batch = collate([[a, b], [c]], pad_token_id=0)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    batch = collate([[a, b], [c]])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 6]]  # padding: the row's first token
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 2, 3, IGNORE, 5], [IGNORE, IGNORE, 8, 9, IGNORE]]
     assert "attention_mask" not in batch

@@ -8,7 +8,11 @@ and flash-attention read the resets directly, and transformers builds a block-di
 from them for SDPA/eager. With `flatten` all rows of a micro-batch become one row, so there is
 no padding but `bucket`'s rounding (for the varlen attentions; SDPA/eager would attend over
 the whole row).
-Row-end padding forms its own "example" (positions restart at 0) and is never trained.
+Row-end padding forms its own "example" (positions restart at 0) and is never trained. It repeats
+the row's first token rather than the pad token: nothing sees it, but its own forward and backward
+run, and with a pad token whose embedding row is kept at zero (`padding_idx`, as in tiny random
+models) its hidden states stay zero, where a norm of the form sqrt(mean(x^2)) (Gemma 3n's AltUp)
+has an infinite derivative: NaN gradients for the whole step.
 """
 
 from __future__ import annotations
@@ -57,8 +61,8 @@ def shape_bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-def collate(rows: Sequence[Sequence[Example]], pad_token_id: int, bucket: bool = False,
-            flatten: bool = False, sources: bool = False) -> dict:
+def collate(rows: Sequence[Sequence[Example]], bucket: bool = False, flatten: bool = False,
+            sources: bool = False) -> dict:
     """Rows of examples -> {input_ids, labels, position_ids} tensors of shape [rows, longest]
     (or [1, all tokens] with `flatten`); with `sources`, also the examples' `file:line` list
     (the loss ignores it; a training error names the batch with it)."""
@@ -75,7 +79,7 @@ def collate(rows: Sequence[Sequence[Example]], pad_token_id: int, bucket: bool =
     input_ids, labels, position_ids = [], [], []
     for ids, labs, pos in flat:
         pad = width - len(ids)
-        input_ids.append(ids + [pad_token_id] * pad)
+        input_ids.append(ids + ids[:1] * pad)
         labels.append(labs + [IGNORE] * pad)
         position_ids.append(pos + list(range(pad)))
     batch = {

@@ -548,7 +548,6 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
 
     m = config.model
     tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code, chat_template=m.chat_template)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cache_root = cache_dir() / "tokenized"
     train_ex, train_stats = prepare_examples(config.data.train, tokenizer, config.data, cache_root,
                                              out / "rejects.jsonl" if main else None)
@@ -616,7 +615,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         args=args,
         train_dataset=RowDataset(rows),
         eval_dataset=RowDataset([[e] for e in eval_ex]) if has_eval else None,
-        data_collator=partial(collate, pad_token_id=pad_id, flatten=flatten, bucket=bucket, sources=True),
+        data_collator=partial(collate, flatten=flatten, bucket=bucket, sources=True),
         processing_class=tokenizer,
         callbacks=callbacks,
         warmup_ratio=config.training.scheduled_warmup_ratio,
