@@ -140,7 +140,7 @@ def test_a_long_reasoning_is_searched_for_its_closer_once_not_again_with_every_p
     from sftlab.serve.reasoning import AnswerLayout, ReasoningStream
 
     scanned = []
-    real = reasoning._pattern
+    real = reasoning.template_pattern
 
     class Counted:
         def __init__(self, text):
@@ -153,7 +153,7 @@ def test_a_long_reasoning_is_searched_for_its_closer_once_not_again_with_every_p
         def match(self, text):
             return self.pattern.match(text)
 
-    monkeypatch.setattr(reasoning, "_pattern", Counted)
+    monkeypatch.setattr(reasoning, "template_pattern", Counted)
     thought = "".join(f"step {i}: carried over, and checked. " for i in range(300))
     pieces = [thought[i:i + 8] for i in range(0, len(thought), 8)] + ["\n</th", "ink>\n\n", ANSWER, " Done."]
     stream = ReasoningStream(AnswerLayout(opener="<think>", closer="</think>", opened=True))

@@ -344,3 +344,23 @@ def test_a_backend_without_it_is_a_400_naming_the_backend(tokenizer):
         client.chat.completions.create(model="tiny", messages=ASK, response_format=FORMAT)
     assert (e.value.body["param"], e.value.body["code"]) == ("response_format", "unsupported_value")
     assert not backend.requests
+
+
+@pytest.mark.parametrize("written", ["<|END_THINKING|><|START_RESPONSE|>", "<|END_THINKING|>\n<|START_RESPONSE|>"])
+def test_the_engine_finds_a_closer_as_the_reply_layout_does(tokenizer, written):
+    """A closer with whitespace between its pieces (Command A's `<|END_THINKING|><|START_RESPONSE|>`, here as
+    the template may write it with a newline) is found however the model spaces it, as the server's reply
+    layout splits the reply: the engine looked for the exact text and constrained nothing after it."""
+    from sftlab.serve.generation import _Reasoning
+    from sftlab.serve.reasoning import AnswerLayout
+
+    closer = "<|END_THINKING|>\n<|START_RESPONSE|>"
+    reasoning = _Reasoning(tokenizer, closer)
+    ids = tokenizer.encode(f"Hm, a person. {written}" + '{"a"', add_special_tokens=False)
+    after = [reasoning.closed(t) for t in ids]
+    first = next(k for k, a in enumerate(after) if a is not None)
+    assert "<|START_RESPONSE|>" in tokenizer.decode(ids[:first + 1])
+    assert "<|START_RESPONSE|>" not in tokenizer.decode(ids[:first])
+    assert after[first] + tokenizer.decode(ids[first + 1:]) == '{"a"'
+    layout = AnswerLayout(opener="<|START_THINKING|>", closer=closer, opened=True)
+    assert layout.split(f"Hm, a person. {written}" + '{"a"') == ("Hm, a person.", '{"a"')

@@ -329,17 +329,23 @@ class _Row:
 
 class _Reasoning:
     """A reply's reasoning before its JSON (`GenRequest.json_after`), decoded as the server decodes it until its
-    closer is written."""
+    closer is written, found as the server's reply layout finds it (whitespace-tolerant between its pieces)."""
 
     def __init__(self, tokenizer, closer: str):
-        self.decoder, self.closer, self.tail = IncrementalDecoder(tokenizer), closer.strip(), ""
+        from sftlab.serve.reasoning import template_pattern
+
+        self.decoder, self.closer, self.pattern, self.tail = IncrementalDecoder(tokenizer), closer, \
+            template_pattern(closer), ""
 
     def closed(self, token: int) -> str | None:
         """None while the closer is not written; then the text its token decodes to after it (mostly '')."""
+        from sftlab.serve.reasoning import closer_start
+
         self.tail += self.decoder.add(token)
-        _, closer, after = self.tail.partition(self.closer)
-        self.tail = self.tail[-len(self.closer):]
-        return after if closer else None
+        if match := self.pattern.search(self.tail):
+            return self.tail[match.end():]
+        self.tail = self.tail[closer_start(self.tail, self.closer, 0):]  # only what may still begin the closer
+        return None
 
 
 class Decoding:

@@ -42,7 +42,7 @@ class AnswerLayout:
         if found := self._reasoning(text):
             start, end = found
             return text[start:end.start() if end else len(text)].strip() or None, text[end.end():].strip() if end else ""
-        if self.lead.strip() and (m := _pattern(self.lead).match(text)):
+        if self.lead.strip() and (m := template_pattern(self.lead).match(text)):
             return None, text[m.end():].strip()
         return None, text
 
@@ -54,7 +54,7 @@ class AnswerLayout:
         if found:
             start, end = found
             if end is None:
-                cut = _closer_start(text, self.closer, start)
+                cut = closer_start(text, self.closer, start)
                 return _Settled(text[start:cut].lstrip() or None, "", cut)
             return _Settled(text[start:end.start()].strip() or None, text[end.end():].lstrip(), end.start())
         if self.closer.strip() and self.opener.strip().startswith(text.strip()):
@@ -62,7 +62,7 @@ class AnswerLayout:
         if self.lead.strip():
             if self.lead.strip().startswith(text.strip()):
                 return None
-            if m := _pattern(self.lead).match(text):
+            if m := template_pattern(self.lead).match(text):
                 return _Settled(None, text[m.end():].lstrip())
         return _Settled(None, text)
 
@@ -71,11 +71,11 @@ class AnswerLayout:
         its opener, or at once where the prompt opens it), else None; the closer is looked for from `since` on."""
         if not self.closer.strip():
             return None
-        opened = None if self.opened else _pattern(self.opener).match(text)
+        opened = None if self.opened else template_pattern(self.opener).match(text)
         if not (self.opened or opened):
             return None
         start = opened.end() if opened else 0
-        return start, _pattern(self.closer).search(text, max(start, since))
+        return start, template_pattern(self.closer).search(text, max(start, since))
 
 
 class _Settled(NamedTuple):
@@ -106,9 +106,9 @@ class ReasoningStream:
         return thought or None, delta
 
 
-def _closer_start(text: str, closer: str, start: int) -> int:
+def closer_start(text: str, closer: str, start: int) -> int:
     """Where the reasoning in `text` (from `start`) ends for now: before the whitespace and the tail that
-    `_pattern(closer)` may still match once more text comes (`</th` of `</think>`)."""
+    `template_pattern(closer)` may still match once more text comes (`</th` of `</think>`)."""
     whole, tail, cut = "".join(closer.split()), "", len(text)
     for i in range(len(text) - 1, start - 1, -1):
         if not text[i].isspace():
@@ -120,7 +120,7 @@ def _closer_start(text: str, closer: str, start: int) -> int:
     return start + len(text[start:cut].rstrip())
 
 
-def _pattern(text: str) -> re.Pattern:
+def template_pattern(text: str) -> re.Pattern:
     """Template text, whitespace-tolerant, from the start of a reply's stripped text."""
     return re.compile(r"\s*" + r"\s*".join(re.escape(piece) for piece in text.split()))
 
