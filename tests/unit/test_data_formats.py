@@ -393,3 +393,54 @@ def test_llama_factory_kto_tag_is_the_kto_label():
         assert c.meta == {"label": label} and _sides(c, paired=False) == [(c.messages, label)]
     c = to_conversation({"instruction": "q", "output": "a", "kto_tag": True, "label": "math"}, SRC)
     assert c.meta == {"kto_tag": True, "label": "math"}  # a label of its own is left as it is
+
+
+def test_amazon_bedrock_and_nova_text_parts_are_read_and_other_parts_named():
+    """Amazon Nova's / Bedrock Converse's fine-tuning records write content and the system prompt as
+    [{"text": ...}] parts without OpenAI's "type": they were refused as "content is list"."""
+    rec = {"schemaVersion": "bedrock-conversation-2024", "system": [{"text": "Be brief."}],
+           "messages": [{"role": "user", "content": [{"text": "Hi, "}, {"text": "there"}]},
+                        {"role": "assistant", "content": [{"text": "Hello"}]}]}
+    c = to_conversation(rec, SRC)
+    assert c.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, there"},
+                          {"role": "assistant", "content": "Hello"}]
+    assert c.meta == {"schemaVersion": "bedrock-conversation-2024"}
+    rec["messages"][0]["content"].append({"image": {"format": "png", "source": {"bytes": "..."}}})
+    with pytest.raises(RecordError, match=r"message 1 content part 3 is 'image': only text parts are read"):
+        to_conversation(rec, SRC)
+
+
+def test_capybara_input_output_exchanges_are_user_and_assistant_turns():
+    """Capybara / Pure-Dove keep a `conversation` of {"input", "output"} exchanges: it was refused as a
+    message without a 'role'."""
+    rec = {"source": "Dove", "conversation": [{"input": "Hi", "output": "Hello!"}, {"input": "And you?", "output": "Fine."}]}
+    assert detect_format(rec) == "messages"
+    c = to_conversation(rec, SRC)
+    assert [(m["role"], m["content"]) for m in c.messages] == [
+        ("user", "Hi"), ("assistant", "Hello!"), ("user", "And you?"), ("assistant", "Fine.")]
+    assert c.meta == {"source": "Dove"}
+    rec["conversation"].append({"input": "Bye"})
+    with pytest.raises(RecordError, match=r"'conversation' turn 3 is not an \{input, output\} exchange"):
+        to_conversation(rec, SRC)
+
+
+def test_openai_preference_fine_tuning_records_are_pairs():
+    """OpenAI's (and Together's) preference fine-tuning JSONL keeps the prompt's messages and tools in
+    `input` and the answers as `preferred_output` / `non_preferred_output`: it was an unknown schema."""
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}]
+    rec = {"input": {"messages": [{"role": "user", "content": "How cold is it?"}], "tools": tools,
+                     "parallel_tool_calls": True},
+           "preferred_output": [{"role": "assistant", "content": "Mild today."}],
+           "non_preferred_output": [{"role": "assistant", "content": "Cold."}]}
+    assert detect_format(rec) == "preference"
+    c = to_conversation(rec, SRC)
+    asked = [{"role": "user", "content": "How cold is it?"}]
+    assert c.messages == asked + [{"role": "assistant", "content": "Mild today."}]
+    assert c.meta["rejected"] == asked + [{"role": "assistant", "content": "Cold."}]
+    assert c.tools == tools and c.meta["parallel_tool_calls"] is True
+    rec["non_preferred_output"] = rec["preferred_output"]
+    with pytest.raises(RecordError, match="identical pair"):
+        to_conversation(rec, SRC)
+    rec["non_preferred_output"] = [{"role": "user", "content": "Cold."}]
+    with pytest.raises(RecordError, match="'non_preferred_output' holds no assistant answer"):
+        to_conversation(rec, SRC)

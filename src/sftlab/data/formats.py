@@ -8,7 +8,8 @@ Supported schemas (the `format` names):
                      trains on the first answer, keeps all as meta "references")
   sharegpt           {"conversations" | "messages" | "conversation": [{"from", "value"}]}  (human/gpt/... roles)
   messages           {"messages" | "conversations" | "conversation": [{"role", "content"}]}  (OpenAI; LMSYS-Chat-1M
-                     and WildChat's "conversation"; content may be a list of text parts; an
+                     and WildChat's "conversation"; Capybara's [{"input", "output"}] exchanges; content and
+                     a "system" column may be lists of text parts (OpenAI's, Amazon Bedrock's / Nova's); an
                      assistant message's reasoning as "reasoning_content", "reasoning" or "thinking", and
                      OpenAI's "weight": 0 leaves it untrained)
   prompt_completion  {"prompt","completion"} | {"prompt","response"} | {"question","answer"} | {"question","response"}
@@ -27,7 +28,8 @@ Supported schemas (the `format` names):
   preference         paired: {"prompt"?, "chosen", "rejected"} (the prompt also as "question",
                      "instruction" (+ "input"?, "history"?, as Alpaca's) or "input", with an optional
                      "system" or "system_prompt": orca_dpo_pairs),
-                     {"messages", "rejected"}, or ShareGPT
+                     {"messages", "rejected"}, OpenAI's {"input": {"messages", "tools"?},
+                     "preferred_output", "non_preferred_output"}, or ShareGPT
                      pairs {"conversations", "chosen": {"from", "value"}, "rejected": {...}}; each side
                      is a string (the answer), one message, or a message list (the answer, or the whole
                      conversation with its prompt). The chosen conversation becomes `messages`; the
@@ -95,6 +97,8 @@ def _string(record: dict, key: str, source: str, *, required: bool = True) -> st
             raise _missing(record, key, source)
         return None
     value = record[key]
+    if isinstance(value, list) and value and all(isinstance(p, dict) for p in value):  # Bedrock's system: [{"text"}]
+        return _text_parts(value, source, f"'{key}'")
     if not isinstance(value, str):
         raise RecordError(source, "mistyped field", f"'{key}' must be a string, got {type(value).__name__}")
     return value
@@ -111,14 +115,22 @@ def _meta(record: dict, used: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _content(value: Any, source: str, index: int) -> str:
-    """Message content: a string, or OpenAI-style parts [{"type": "text", "text": ...}]."""
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
-        texts = [p.get("text") for p in value]
-        if all(isinstance(t, str) for t in texts):
-            return "".join(texts)
+    """Message content: a string, or text parts: OpenAI's [{"type": "text", "text": ...}] or Amazon
+    Bedrock's / Nova's [{"text": ...}]. Any other part (an image, a document) is a bad record naming it."""
+    if isinstance(value, list):
+        return _text_parts(value, source, f"message {index + 1} content")
     if not isinstance(value, str):
         raise RecordError(source, "non-string content", f"message {index + 1} content is {type(value).__name__}")
     return value
+
+
+def _text_parts(parts: list, source: str, where: str) -> str:
+    for k, part in enumerate(parts, 1):
+        kind = part.get("type", next(iter(part), "empty")) \
+            if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise RecordError(source, "non-string content", f"{where} part {k} is {kind!r}: only text parts are read")
+    return "".join(part["text"] for part in parts)
 
 
 def _listed(value: Any) -> Any:
@@ -228,8 +240,26 @@ def _shape(value: Any) -> _Shape:
 
 
 def _messages_in(record: dict, key: str, source: str, shape: _Shape | None = None) -> list[dict[str, str]]:
-    shape = shape or _shape(record[key])
-    return _message_list(record[key], source, shape.role_key, shape.content_key, shape.roles, key)
+    value = _listed(record[key])
+    if _is_exchanges(value):
+        value, shape = _exchange_messages(value, source, key), OPENAI
+    shape = shape or _shape(value)
+    return _message_list(value, source, shape.role_key, shape.content_key, shape.roles, key)
+
+
+def _is_exchanges(value: Any) -> bool:
+    """Turns written as {"input", "output"} exchanges (Capybara, Pure-Dove), not as messages."""
+    first = next(iter(value), None) if isinstance(value, list) else None
+    return isinstance(first, dict) and {"input", "output"} <= first.keys() and not {"role", "from"} & first.keys()
+
+
+def _exchange_messages(value: list, source: str, key: str) -> list[dict[str, Any]]:
+    messages = []
+    for k, turn in enumerate(value, 1):
+        if not (isinstance(turn, dict) and {"input", "output"} <= turn.keys()):
+            raise RecordError(source, "mistyped field", f"'{key}' turn {k} is not an {{input, output}} exchange")
+        messages += [{"role": "user", "content": turn["input"]}, {"role": "assistant", "content": turn["output"]}]
+    return messages
 
 
 def _as_messages(value: Any, source: str, default_role: str, field: str) -> list[dict[str, str]]:
@@ -562,6 +592,8 @@ def _answer_start(messages: list[dict[str, str]]) -> int:
 
 # TRL / UltraFeedback, orca_dpo_pairs, Argilla's sets, LLaMA-Factory's Alpaca pairs, Argilla's orca pairs
 PAIR_PROMPT_KEYS = ("prompt", "question", "instruction", "input")
+# the two sides' keys: TRL's, TRL's with the chosen conversation as messages, OpenAI's
+PAIR_SIDES = (("chosen", "rejected"), ("messages", "rejected"), ("preferred_output", "non_preferred_output"))
 
 
 def _shared_prompt(record: dict, source: str) -> list[dict[str, str]] | None:
@@ -617,30 +649,32 @@ def _transcript(text: str, source: str, field: str) -> list[dict[str, str]]:
 def from_preference(record: dict, source: str) -> Conversation:
     if "completion" in record and "label" in record and "chosen" not in record:
         return _from_unpaired(record, source)
-    chosen_key = "chosen" if "chosen" in record else "messages"
-    for key in (chosen_key, "rejected"):
+    if isinstance(record.get("input"), dict):
+        record = _openai_pair(record)
+    chosen_key, rejected_key = next((pair for pair in PAIR_SIDES if pair[0] in record), PAIR_SIDES[0])
+    for key in (chosen_key, rejected_key):
         if key not in record:
             raise RecordError(source, "missing field", f"'{key}'")
     prompt = _shared_prompt(record, source)
     chosen_side = _side(record[chosen_key], source, chosen_key)
-    rejected_side = _side(record["rejected"], source, "rejected")
-    transcripts = [k for k in (chosen_key, "rejected") if _is_transcript(record[k])]
+    rejected_side = _side(record[rejected_key], source, rejected_key)
+    transcripts = [k for k in (chosen_key, rejected_key) if _is_transcript(record[k])]
     if len(transcripts) == 2:
         chosen_side = _transcript(record[chosen_key], source, chosen_key)
-        rejected_side = _transcript(record["rejected"], source, "rejected")
+        rejected_side = _transcript(record[rejected_key], source, rejected_key)
     elif transcripts:
-        other = "rejected" if transcripts[0] == chosen_key else chosen_key
+        other = rejected_key if transcripts[0] == chosen_key else chosen_key
         raise RecordError(source, "malformed transcript", f"'{transcripts[0]}' is a Human:/Assistant: transcript "
                                                           f"and '{other}' is not")
     if prompt is None:  # {"messages", "rejected": answer}: the prompt comes from the whole conversation
         whole = next((s for s in (chosen_side, rejected_side) if any(m["role"] != "assistant" for m in s)), None)
         prompt = whole[:_answer_start(whole)] if whole else None
     chosen = _with_prompt(chosen_side, prompt, source, chosen_key)
-    rejected = _with_prompt(rejected_side, prompt, source, "rejected")
+    rejected = _with_prompt(rejected_side, prompt, source, rejected_key)
     system_key = _system_key(record)  # orca_dpo_pairs, TRL with a system column
     chosen, _ = _with_system(chosen, record, source, system_key)
     rejected, _ = _with_system(rejected, record, source, system_key)
-    for side, key in ((chosen, chosen_key), (rejected, "rejected")):
+    for side, key in ((chosen, chosen_key), (rejected, rejected_key)):
         try:
             check_messages(side, source)
         except RecordError as e:  # say which side
@@ -652,10 +686,19 @@ def from_preference(record: dict, source: str) -> Conversation:
         raise RecordError(source, "prompt mismatch", "chosen and rejected continue different prompts")
     if message_text(chosen[-1]).strip() == message_text(rejected[-1]).strip():
         raise RecordError(source, "identical pair", "chosen and rejected answers are the same")
-    meta = _with_tools(_meta(record, (*PAIR_PROMPT_KEYS, "history", "conversations", chosen_key, "rejected", system_key)),
-                       source)
+    meta = _with_tools(_meta(record, (*PAIR_PROMPT_KEYS, "history", "conversations", chosen_key, rejected_key,
+                                      system_key)), source)
     meta["rejected"] = rejected
     return Conversation(messages=chosen, source=source, meta=meta)
+
+
+def _openai_pair(record: dict) -> dict:
+    """OpenAI's preference fine-tuning layout (Together's too): {"input": {"messages", "tools"?, ...},
+    "preferred_output": [...], "non_preferred_output": [...]}, with the prompt's messages as `input`
+    and the input's other keys (tools) beside them."""
+    given = record["input"]
+    return {**{k: v for k, v in record.items() if k != "input"},
+            **{k: v for k, v in given.items() if k != "messages"}, "input": given.get("messages")}
 
 
 def kto_label(value: Any) -> bool | None:
@@ -708,6 +751,7 @@ _DETECT: tuple[tuple[tuple[str, ...], Callable[[dict], str]], ...] = (
     (("chosen", "rejected"), lambda r: "preference"),
     (("prompt", "completion", "label"), lambda r: "preference" if kto_label(r["label"]) is not None else "prompt_completion"),
     (("messages", "rejected"), lambda r: "preference"),
+    (("preferred_output", "non_preferred_output"), lambda r: "preference"),
     *(((key,), _chat_format) for key in CHAT_KEYS),
     (("instruction", "output"), lambda r: "alpaca"),
     (("instruction", "response"), lambda r: "dolly"),
