@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -233,6 +234,28 @@ def test_gzipped_jsonl_json_and_csv(tmp_path):
     (tmp_path / "c.jsonl.gz").write_text(lines)  # not gzip at all
     with pytest.raises(SftlabError, match=r"c.jsonl.gz: not a readable gzip file"):
         load_conversations(tmp_path / "c.jsonl.gz")
+
+
+@pytest.mark.parametrize("suffix, kind", [(".zst", "zstd"), (".xz", "xz"), (".bz2", "bzip2")])
+def test_zstd_xz_and_bzip2_data_files(tmp_path, suffix, kind):
+    """Large text corpora ship as .jsonl.zst (and some sets as .xz / .bz2): they were an unsupported file type."""
+    import bz2
+    import lzma
+
+    import zstandard
+
+    compress = {".zst": zstandard.compress, ".xz": lzma.compress, ".bz2": bz2.compress}[suffix]
+    lines = "".join(json.dumps(r) + "\n" for r in ROWS)
+    path = tmp_path / f"a.jsonl{suffix}"
+    path.write_bytes(compress(lines.encode()))
+    convs = load_conversations(path)
+    assert [c.messages for c in convs] == expected_messages() and convs[1].source == f"{path}:2"
+    path.write_bytes(compress(lines.encode())[:-9])  # cut short: zstandard's own reader gave no record and no error
+    with pytest.raises(SftlabError, match=rf"a.jsonl{re.escape(suffix)}: not a readable {kind} file"):
+        load_conversations(path)
+    cut = len(lines) // 2 + 3  # two frames (streams), split inside a record, as concatenating tools write them
+    path.write_bytes(compress(lines[:cut].encode()) + compress(lines[cut:].encode()))
+    assert [c.messages for c in load_conversations(path)] == expected_messages()
 
 
 def test_json_and_json_lines_mixed_up_are_named(tmp_path):

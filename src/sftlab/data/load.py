@@ -24,10 +24,13 @@ the parser's recursion limit, and lone UTF-16 surrogates written as `\\udXXX` es
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import csv
 import gzip
+import io
 import json
+import lzma
 import re
 import warnings
 import zlib
@@ -113,9 +116,58 @@ def _utf8_error(source: str, byte: int, column: int) -> RecordError:
     return RecordError(source, "not UTF-8", f"invalid byte 0x{byte:02x} at column {column}; re-save the file as UTF-8")
 
 
+class _ZstdFile(io.RawIOBase):
+    """A .zst file's bytes, frame after frame. zstandard's own reader ends quietly where a file was cut
+    short (records silently lost); here a frame left open at the end of the file is an EOFError."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._file, self._frame, self._pending = open(path, "rb"), self._decompressor(), b""
+
+    @staticmethod
+    def _decompressor():
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompressobj()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            if self._frame.eof:  # the next frame, if any, begins with what the last one left unread
+                data = self._frame.unused_data + self._file.read(self.CHUNK)
+                if not data:
+                    return 0
+                self._frame = self._decompressor()
+            elif not (data := self._file.read(self.CHUNK)):
+                raise EOFError("the file ends inside a zstd frame (cut short?)")
+            self._pending = self._frame.decompress(data)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n], self._pending = self._pending[:n], self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _zstd_open(path: Path, mode: str = "rb"):
+    return io.BufferedReader(_ZstdFile(path))
+
+
+# Compressed data files as hubs ship them (.jsonl.gz, .json.gz; .jsonl.zst for large text corpora): each
+# suffix's opener, decompressing as it reads, and the name an error gives it.
+COMPRESSED: dict[str, tuple[Callable, str]] = {".gz": (gzip.open, "gzip"), ".bz2": (bz2.open, "bzip2"),
+                                               ".xz": (lzma.open, "xz"), ".zst": (_zstd_open, "zstd")}
+
+
 def _open(path: Path):
-    """A data file's bytes; a .gz file (hubs ship .jsonl.gz and .json.gz) decompressed as read."""
-    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+    """A data file's bytes, decompressed as read where its suffix is in COMPRESSED."""
+    opener, _ = COMPRESSED.get(path.suffix.lower(), (open, ""))
+    return opener(path, "rb")
 
 
 def _check_not_wide(path: Path) -> None:
@@ -568,30 +620,38 @@ def _raw_records(path: str | Path, split: str | None) -> Iterator[tuple[str, Any
         return _read_data_folder(p, split)
     suffix = p.suffix.lower()
     if p.is_file():
-        compressed = suffix == ".gz" and len(p.suffixes) > 1
+        compressed = suffix in COMPRESSED and len(p.suffixes) > 1
         if compressed:
             suffix = p.suffixes[-2].lower()
         if suffix not in READERS or (compressed and suffix == ".parquet"):
             raise SftlabError(f"{p}: unsupported file type '{''.join(p.suffixes[-2:]) if compressed else suffix}'; "
-                              f"supported: {', '.join(READERS)} (all but .parquet also gzip'ed, e.g. .jsonl.gz), "
-                              "a saved HF dataset folder, a folder of data files, or an HF dataset id")
+                              f"supported: {', '.join(READERS)} (all but .parquet also compressed: "
+                              f"{', '.join(COMPRESSED)}, e.g. .jsonl.gz), a saved HF dataset folder, a folder of "
+                              "data files, or an HF dataset id")
         if compressed:
-            return _gunzipped(p, READERS[suffix], split)
+            return _decompressed(p, READERS[suffix], split)
         if suffix != ".parquet":
             _check_not_wide(p)
         return READERS[suffix](p, split)
-    if suffix in READERS or suffix == ".gz" or not _HUB_ID.match(str(path)):
+    if suffix in READERS or suffix in COMPRESSED or not _HUB_ID.match(str(path)):
         raise SftlabError(f"file not found: {p}")
     return _read_hub(str(path), split)
 
 
-def _gunzipped(path: Path, reader, split: str | None) -> Iterator[tuple[str, Any]]:
-    """A gzip'ed file's records; data that is not gzip, or ends early, is an error naming the file."""
+def _decompressed(path: Path, reader, split: str | None) -> Iterator[tuple[str, Any]]:
+    """A compressed file's records; data that is not what its suffix says, or ends early, is an error naming
+    the file."""
+    kind = COMPRESSED[path.suffix.lower()][1]
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, lzma.LZMAError)
+    if kind == "zstd":
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
     try:
         _check_not_wide(path)
         yield from reader(path, split)
-    except (OSError, EOFError, zlib.error) as e:
-        raise SftlabError(f"{path}: not a readable gzip file ({_first_line(e)})") from None
+    except errors as e:
+        raise SftlabError(f"{path}: not a readable {kind} file ({_first_line(e)})") from None
 
 
 def _check_mode(on_error: str, rejects: RejectLog | None) -> None:
