@@ -98,3 +98,34 @@ def test_unknown_metric_names_the_closest():
 def test_aliases_expand():
     assert M.expand(["rouge", "classification", "em"]) == [
         "rouge1", "rouge2", "rougeL", "accuracy", "precision", "recall", "macro_f1", "exact_match"]
+
+
+def test_final_answer_compares_math_answers_as_values():
+    """A math set's references hold a worked solution: exact match scored a right answer 0 unless the whole
+    reasoning matched. The final answer (GSM8K's `####`, a `\\boxed{}`, else the last number) is compared
+    by math-verify's equivalence."""
+    gsm8k = "She sells 16 - 3 - 4 = 9 eggs.\nShe makes 9 * 2 = $18.\n#### 18"
+    cases = [
+        ("9 eggs at $2 each make 18 dollars.\n#### 18", gsm8k, 1.0),
+        ("#### 18\nI hope this helps with your 2 questions.", gsm8k, 1.0),  # after the marker: not the last number
+        ("She makes 9 * 2 = $20.\n#### 20", gsm8k, 0.0),
+        ("The answer is $0.5$.", "So $x = \\boxed{\\frac{1}{2}}$.", 1.0),
+        ("We get \\boxed{1+x^2}", "\\boxed{x^2 + 1}", 1.0),
+        ("About 1000 people.", "#### 1,000", 1.0),
+        ("I do not know.", "#### 7", 0.0),
+    ]
+    for pred, ref, expected in cases:
+        assert M.REGISTRY["final_answer"].per_example(pred, [ref]) == {"final_answer": expected}, (pred, ref)
+    assert M.REGISTRY["final_answer"].score([c[0] for c in cases], [[c[1]] for c in cases]) == {
+        "final_answer": pytest.approx(5 / 7)}
+
+
+def test_a_math_set_gets_final_answer_by_default():
+    from sftlab.data.conversation import Conversation
+    from sftlab.evaluation.evaluate import default_metrics
+
+    def conv(answer):
+        return Conversation([{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}])
+
+    assert "final_answer" in default_metrics([conv("2 + 2 = 4\n#### 4"), conv("so \\boxed{7}")])
+    assert "final_answer" not in default_metrics([conv("2 + 2 = 4\n#### 4"), conv("Paris")])

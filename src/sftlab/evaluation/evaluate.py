@@ -6,6 +6,8 @@ Which metrics, when none are asked for (the same rule for the whole set and for 
   every record has `meta["label"]` (a class, not a KTO record's true/false), or the references are at most 20 distinct one-line
   strings of at most 4 words that repeat (no more distinct values than half the examples);
 - `choice` (log-likelihood multiple choice) when every record has `meta["choices"]`;
+- `final_answer` (the last number or expression, by math-verify's equivalence) when every reference
+  marks its final answer: GSM8K's `#### 72` or a `\\boxed{}` (MATH, NuminaMath, reasoning traces);
 - the metrics that every record of the set names in `meta["metrics"]` (e.g. `["bleu", "rouge"]`
   on a rewriting task: its group gets them, a mixed whole set does not).
 Asked-for metrics replace this rule, for the whole set and every group.
@@ -85,10 +87,16 @@ def default_metrics(conversations: Sequence[Conversation]) -> list[str]:
         names += M.ALIASES["classification"]
     if conversations and all("choices" in c.meta for c in conversations):
         names.append("choice")
+    if conversations and all(_marks_final_answer(c.reference() or "") for c in conversations):
+        names.append("final_answer")
     asked = [M.expand([a] if isinstance(a, str) else list(a)) for a in (c.meta.get("metrics", []) for c in conversations)]
     if asked:
         names += [n for n in asked[0] if all(n in a for a in asked[1:])]
     return M.expand(names)
+
+
+def _marks_final_answer(reference: str) -> bool:
+    return M.GSM8K_MARKER in reference or "\\boxed{" in reference
 
 
 def _text_metrics(names: Sequence[str]) -> list[M.Metric]:

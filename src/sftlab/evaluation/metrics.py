@@ -1,9 +1,10 @@
-"""Text metrics, computed by the libraries people cite: scikit-learn, sacrebleu, rouge-score.
+"""Text metrics, computed by the libraries people cite: scikit-learn, sacrebleu, rouge-score,
+math-verify.
 
 A metric maps predictions and references to a dict of scores. Each reference is one
 string or a list of acceptable strings (e.g. several translations). Scales follow the
-libraries: exact match, accuracy, precision, recall, macro-F1 and ROUGE are in [0, 1];
-BLEU and chrF are in [0, 100] as sacrebleu reports them.
+libraries: exact match, final answer, accuracy, precision, recall, macro-F1 and ROUGE are in
+[0, 1]; BLEU and chrF are in [0, 100] as sacrebleu reports them.
 
 A user metric is named by import path, `"package.module:function"`; the function takes
 `(predictions: list[str], references: list[str])` and returns a float or a dict of floats.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +56,27 @@ def _exact(pred: str, refs: list[str], case_sensitive: bool) -> float:
 
 def _label_correct(pred: str, refs: list[str]) -> float:
     return float(normalize_label(pred) == normalize_label(refs[0]))
+
+
+GSM8K_MARKER = "####"  # GSM8K's answers end "#### 72"
+
+
+def final_answer_text(text: str) -> str:
+    """Where an answer's final answer is: the line after its last GSM8K marker, else the whole text (math-verify
+    then takes the last `\\boxed{}`, else the last number or expression)."""
+    _, marker, tail = text.rpartition(GSM8K_MARKER)
+    return tail.strip().split("\n", 1)[0] if marker else text
+
+
+def _final_answer(pred: str, refs: list[str]) -> float:
+    """1.0 where the prediction's final answer equals a reference's by math-verify's equivalence (0.5 =
+    1/2 = \\frac{1}{2}, 1,000 = 1000, x^2+1 = 1+x^2); its timeouts use signal.alarm, so only in the main thread."""
+    from math_verify import parse, verify
+
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    answer = parse(final_answer_text(pred), parsing_timeout=timeout)
+    return float(bool(answer) and any(
+        verify(parse(final_answer_text(r), parsing_timeout=timeout), answer, timeout_seconds=timeout) for r in refs))
 
 
 _ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
@@ -298,6 +321,7 @@ def _rouge_metric(key: str) -> Metric:
 REGISTRY: dict[str, Metric] = {
     "exact_match": Metric("exact_match", per_example=lambda p, r: {"exact_match": _exact(p, r, True)}),
     "exact_match_ci": Metric("exact_match_ci", per_example=lambda p, r: {"exact_match_ci": _exact(p, r, False)}),
+    "final_answer": Metric("final_answer", per_example=lambda p, r: {"final_answer": _final_answer(p, r)}),
     **{k: _classification_metric(k) for k in ("accuracy", "precision", "recall", "macro_f1")},
     "bleu": _sacrebleu_metric("bleu", "BLEU", bleu, _sentence_bleu, lambda refs: {"tokenize": bleu_tokenizer(refs)}),
     "chrf": _sacrebleu_metric("chrf", "CHRF", chrf, _sentence_chrf),
