@@ -129,3 +129,18 @@ def test_a_math_set_gets_final_answer_by_default():
 
     assert "final_answer" in default_metrics([conv("2 + 2 = 4\n#### 4"), conv("so \\boxed{7}")])
     assert "final_answer" not in default_metrics([conv("2 + 2 = 4\n#### 4"), conv("Paris")])
+
+
+def test_a_comparison_says_now_right_by_the_final_answer_where_a_set_has_one():
+    """On a math set exact match is 0 for both models almost everywhere: the report's now right / now wrong
+    lists were empty however many answers the tuned model got right."""
+    from sftlab.evaluation.compare import changed_examples
+    from sftlab.evaluation.evaluate import EvalResult
+
+    def result(right):
+        return EvalResult({}, {}, [{"source": f"t:{i}", "prompt": [{"role": "user", "content": "q"}], "reference": "#### 4",
+                                    "prediction": "p", "scores": {"exact_match": 0.0, "final_answer": float(r)}}
+                                   for i, r in enumerate(right)])
+
+    changed = changed_examples(result([0, 0, 1]), result([1, 1, 0]))
+    assert (changed["key"], changed["now_right_count"], changed["now_wrong_count"]) == ("final_answer", 2, 1)

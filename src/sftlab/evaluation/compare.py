@@ -24,7 +24,8 @@ from sftlab.files import atomic_write, write_json
 
 N_BOOTSTRAP = 1000
 MAX_EXAMPLES = 10  # per list (now right / now wrong) in the report
-CORRECTNESS_KEYS = ("exact_match", "accuracy", "choice_accuracy", "exact_match_ci")
+# which score says an example is right, first found (a math set's final answer before its exact match)
+CORRECTNESS_KEYS = ("final_answer", "exact_match", "accuracy", "choice_accuracy", "exact_match_ci")
 
 
 @dataclass
