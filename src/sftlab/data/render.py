@@ -9,7 +9,8 @@ For each trained turn the conversation up to it is also rendered with the genera
 prompt, which should be a text prefix of the whole (what inference sees); templates that
 are not prefix-stable (some move the system prompt to the last user turn) get a warning
 naming the template. The trained span is the assistant content plus the end-of-turn token
-the template writes after it (e.g. `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`);
+the template writes after it (e.g. `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`; both of
+Cohere 2's `<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`, which end its answers in a row);
 when a template writes none, the tokenizer's EOS is appended so the model learns to stop.
 Char spans are mapped to tokens with the fast tokenizer's offsets, so the ids are exactly
 the template's, but where a pre-tokenizer splits a generation prompt's last characters otherwise
@@ -234,6 +235,7 @@ class _Template:
         self.writes_tools: bool | None = None  # whether the template writes a `tools` list (checked once)
         self.writes_reasoning: bool | None = None  # whether it writes an answer's reasoning (checked once)
         self._warn_if_marker_is_text()
+        self.ending = self._ending()
         self._compiled = self._compile()
         if self._compiled is not None and _plain(sample) and not self._same_as_slow(sample):
             self._compiled = None
@@ -257,6 +259,25 @@ class _Template:
                           "token of this tokenizer: the model cannot learn to stop on it (a template from another "
                           "model family? give the template of this model, or a named one, which adds its tokens)",
                           stacklevel=2)
+
+    def _ending(self) -> tuple[str, ...]:
+        """The markers the template writes in a row right after an answer that ends the conversation: one
+        in most templates (`<|im_end|>`), two in Cohere 2's (`<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`, the second
+        its EOS, the token inference stops on): the model emits them all, so all are trained (`_turn_end`)."""
+        probe = "\ue000sftlab-probe\ue001"
+        try:
+            after = self.slow([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}],
+                              add_generation_prompt=False).partition(probe)[2]
+        except TemplateFailed:
+            return ()
+        first = self.end_marker.match(after)
+        if first is None:
+            return ()
+        ending, pos = [first.group().lstrip()], first.end()
+        while nxt := next((m for m in self.markers if after.startswith(m, pos)), None):
+            ending.append(nxt)
+            pos += len(nxt)
+        return tuple(ending)
 
     def _same_as_slow(self, sample: list[dict[str, str]]) -> bool:
         try:
@@ -372,11 +393,24 @@ def _plan(conversation: Conversation, template: _Template, options: RenderOption
             start = prompt_ends[i]
         marker = template.end_marker.match(full, end)
         open_ends[i] = marker is None
-        spans[i] = (start, marker.end() if marker else end)
+        spans[i] = (start, _turn_end(full, marker, template.ending) if marker else end)
     for i in turns:
         if i not in spans:
             spans[i], open_ends[i] = _call_span(conversation, template, render, i, prompts[i], full)
     return _Plan(full, [spans[i] for i in turns], [open_ends[i] for i in turns], [prompt_ends[i] for i in turns])
+
+
+def _turn_end(full: str, marker: re.Match, ending: tuple[str, ...]) -> int:
+    """Where an answer's trained span ends: after its end-of-turn marker and, where the template ends an
+    answer with several markers in a row (`ending`), after those of them that follow it in `full`: an earlier
+    turn's marker is followed by the next turn's header instead (Llama 3's `<|eot_id|><|start_header_id|>`)."""
+    pos = marker.end()
+    if ending and marker.group().lstrip() == ending[0]:
+        for m in ending[1:]:
+            if not full.startswith(m, pos):
+                break
+            pos += len(m)
+    return pos
 
 
 def _call_span(conversation: Conversation, template: _Template, render, i: int, prompt: str, full: str
