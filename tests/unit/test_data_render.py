@@ -434,7 +434,7 @@ def test_a_named_template_trains_each_answer_after_the_prompt_tokens_inference_s
             ] == [double, double]
     _trained_after_the_prompts_inference_sends(tok, messages, RenderOptions(train_on="last"))
     # planted fault: without the splice the answers follow '\\n', '\\n', which inference never sends
-    monkeypatch.setattr(render_module, "_prompt_as_sent", lambda plan, encoding, ids, ranges, tails: (ids, ranges))
+    monkeypatch.setattr(render_module, "_prompt_as_sent", lambda plan, encoding, ids, ranges, tails, name: (ids, ranges))
     with pytest.raises(AssertionError):
         _trained_after_the_prompts_inference_sends(tok, messages)
 
@@ -487,3 +487,26 @@ def test_sharegpt_weights_as_openhermes_and_axolotl_sets_write_them(tokenizer, t
                                                       for (f, v), w in zip(turns, weights)]}) + "\n")
         ex = render(load_conversations(path)[0], tokenizer)
         assert tokenizer.decode([t for t, label in zip(ex.input_ids, ex.label_ids) if label != IGNORE]) == trained
+
+
+def test_an_answer_whose_first_token_holds_the_prompt_s_end_follows_the_prompt_as_inference_sends_it(tokenizer):
+    """Qwen 3.5's thinking template prompts "<think>\\n" and writes an answer without reasoning as "<think>\\n" +
+    "\\n</think>\\n\\n" + content: in the whole text the prompt's last "\\n" and the answer's first are one token,
+    '\\n\\n', which was trained, while inference sends the prompt's own '\\n' and the model never learned to go
+    on from it. Now the answer is tokenized apart up to its next added token, and trained from its own '\\n'."""
+    import warnings
+
+    from sftlab.evaluation.generate import prompt_ids
+    from tests.conftest import tokenizer_for
+
+    tok = tokenizer_for(tokenizer, "qwen3_5_think.jinja")
+    tok.add_tokens(["<think>", "</think>"])  # added tokens in Qwen's own vocabulary
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about now
+        ex = render(Conversation(messages, source="mem:1"), tok)
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(messages, tokenize=False)  # the same text
+    start = next(k for k, label in enumerate(ex.labels) if label != IGNORE)
+    assert ex.input_ids[:start] == prompt_ids(tok, messages[:1], "mem")
+    answer = tok.convert_ids_to_tokens(ex.input_ids[start:start + 2])
+    assert answer == ["Ċ", "</think>"] and ex.labels[start:start + 2] == ex.input_ids[start:start + 2]

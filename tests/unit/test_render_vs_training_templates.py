@@ -80,6 +80,7 @@ class Convention:
     before: str = ""
     after: str = ""
     in_prompt: bool = False
+    splits_token: bool = False  # the moved edge falls inside one of TRL's tokens, which sftlab splits there
 
     def apply(self, full: str, run: tuple[int, int]) -> tuple[int, int] | None:
         """TRL's run moved to where sftlab's is, or None where the convention does not apply to it."""
@@ -129,6 +130,11 @@ class Spec:
 
 ALL = BASIC + ("reasoning", "tool")
 QWEN3_THINK_PROMPT = prompt_tail("<think>\n")  # Qwen 3.5+'s thinking prompt opens the think block
+# an answer without reasoning follows that prompt with "\n</think>": the prompt's last "\n" and the answer's first
+# are one token in the whole text, which TRL trains; sftlab tokenizes the answer apart from the prompt, as inference
+# sends the prompt (`render._prompt_as_sent`), and trains from the answer's own "\n"
+QWEN3_JOINED_NEWLINE = Convention("prompt-tail '<think>\\n' joined with the answer's '\\n'", "trl", "start", "<think>\n",
+                                  after="\n</think>", in_prompt=True, splits_token=True)
 # template -> what it renders and how TRL's mask differs from what is right (no conventions: identical masks)
 SPECS: dict[str, Spec] = {
     "cohere": Spec(BASIC),
@@ -177,9 +183,11 @@ SPECS: dict[str, Spec] = {
         per_kind={"reasoning": tuple(Convention(f"reasoning-after-a-no-think-prompt {k}", "trl", "start",
                                                 f"<think>\n{r}\n</think>\n\n") for k, r in enumerate(REASONING) if r)}),
     # the thinking prompt writes "<think>\n"; earlier turns lose their think block (as in Qwen 3)
-    "qwen3_5_think": Spec(ALL, (QWEN3_THINK_PROMPT, EOT_NEWLINE), rewrites_history=("multi", "system", "reasoning")),
-    "qwen3_6": Spec(ALL, (QWEN3_THINK_PROMPT, EOT_NEWLINE), rewrites_history=("multi", "system", "reasoning")),
-    "qwen3_8": Spec(ALL, (QWEN3_THINK_PROMPT, EOT_NEWLINE)),  # keeps earlier turns' think blocks
+    "qwen3_5_think": Spec(ALL, (QWEN3_JOINED_NEWLINE, QWEN3_THINK_PROMPT, EOT_NEWLINE),
+                   rewrites_history=("multi", "system", "reasoning")),
+    "qwen3_6": Spec(ALL, (QWEN3_JOINED_NEWLINE, QWEN3_THINK_PROMPT, EOT_NEWLINE),
+                   rewrites_history=("multi", "system", "reasoning")),
+    "qwen3_8": Spec(ALL, (QWEN3_JOINED_NEWLINE, QWEN3_THINK_PROMPT, EOT_NEWLINE)),  # keeps earlier turns' think blocks
     "qwen3_instruct_2507": Spec(BASIC + ("tool",), (EOT_NEWLINE,)),
     "qwen3_vl": Spec(BASIC + ("tool",), (EOT_NEWLINE,)),
 }
@@ -274,15 +282,18 @@ def _show(text: str, runs) -> list[str]:
 
 def _moved(full: str, runs, starts: list[int], conventions, used: set[str]):
     """TRL's runs with the template's conventions applied: at each edge of a run, the first that applies. A token
-    the moved edge falls inside stays trained, as sftlab trains a token that straddles a span's edge (the prompt's
-    last "\n" joined with the answer's first: "<think>\n" + "\n</think>" gives '<think>', '\n\n', '</think>')."""
+    the moved edge falls inside stays trained (snapped to TRL's token starts), but where the convention is that
+    sftlab splits that token (`splits_token`)."""
     out = []
     for run in runs:
         for at in ("start", "end"):
             for c in conventions:
                 if c.at == at and (moved := c.apply(full, run)) is not None:
                     s, e = moved
-                    run = (starts[bisect.bisect_right(starts, s) - 1], starts[bisect.bisect_left(starts, e)])
+                    if at == "start":
+                        run = (s if c.splits_token else starts[bisect.bisect_right(starts, s) - 1], e)
+                    else:
+                        run = (s, starts[bisect.bisect_left(starts, e)])
                     used.add(c.name)
                     break
         out.append(run)

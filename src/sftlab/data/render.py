@@ -584,8 +584,8 @@ class _Tails:
         return ids
 
 
-def _prompt_as_sent(plan: _Plan, encoding, ids: list[int], ranges: list[tuple[int, int]], tails: _Tails
-                    ) -> tuple[list[int], list[tuple[int, int]]]:
+def _prompt_as_sent(plan: _Plan, encoding, ids: list[int], ranges: list[tuple[int, int]], tails: _Tails,
+                    name: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Make the ids before each answer end as its generation prompt tokenized alone ends.
 
     The whole conversation is tokenized in one pass, and a pre-tokenizer may split the prompt's last
@@ -593,15 +593,23 @@ def _prompt_as_sent(plan: _Plan, encoding, ids: list[int], ranges: list[tuple[in
     + "Paris" gives '\\n', '\\n', 'Paris', the prompt alone ends with the one token '\\n\\n'). Inference
     sends the prompt tokenized alone, so for each answer that starts at its prompt's end and at a token
     boundary, the in-context tokens after the prompt's last added token are replaced by the tail's own
-    tokens where the two differ (they stay untrained); the answer's tokens are kept as in context."""
+    tokens where the two differ (they stay untrained); the answer's tokens are kept as in context.
+    Where the answer's first token also holds the prompt's last characters (Qwen 3.5's "<think>\\n" +
+    "\\n</think>" as '\\n\\n'; GPT-2's "Assistant: " + "Hello" as ' Hello'), the prompt alone ends with
+    tokens no answer in context follows: there the answer, up to its next added token, is tokenized alone
+    too and trained from its own first token, as a prompt and a completion are tokenized apart. With no
+    added token before the prompt's end to start both from, the ids stay the template's and rendering
+    warns (`_warn_prompt_joins_answer`)."""
     pieces: list[list[int]] = []
     moved: list[tuple[int, int]] = []
     done = shift = lower = 0
     for j, ((first, stop), (start, _), prompt_end) in enumerate(zip(ranges, plan.spans, plan.prompt_ends)):
         lo = lower
         lower = stop - 1  # the next prompt's boundary may be this turn's end-of-turn token, not before it
-        if (start != prompt_end or first == 0 or (chars := encoding.token_to_chars(first)) is None
-                or chars[0] != start or (before := encoding.token_to_chars(first - 1)) is None or before[1] != start):
+        chars = encoding.token_to_chars(first) if start == prompt_end and first > 0 else None
+        joined = chars is not None and chars[0] < start
+        if chars is None or not (joined or ((before := encoding.token_to_chars(first - 1)) is not None
+                                            and before[1] == start)):
             moved.append((first + shift, stop + shift))
             continue
         k = first - 1
@@ -610,10 +618,23 @@ def _prompt_as_sent(plan: _Plan, encoding, ids: list[int], ranges: list[tuple[in
         if k >= lo:  # the tail starts with an added token: compare what follows it
             tail = tails.ids(plan.text[encoding.token_to_chars(k)[0]:prompt_end])
             a, alone = k + 1, tail[1:] if tail and tail[0] == ids[k] else None
-        elif j == 0:  # no added token before the first answer: the whole prompt is the tail
+        elif j == 0 and not joined:  # no added token before the first answer: the whole prompt is the tail
             a, alone = 0, tails.ids(plan.text[:prompt_end], keep=False)
         else:
             a, alone = first, None
+        if joined:
+            found = _answer_alone(plan.text, encoding, ids, tails, k, start, first, stop) if alone is not None else None
+            if found is None:
+                _warn_prompt_joins_answer(name, plan.text, chars, start)
+                moved.append((first + shift, stop + shift))
+                continue
+            answer, end = found
+            pieces += (ids[done:a], alone, answer)
+            trained = a + shift + len(alone)
+            shift += len(alone) + len(answer) - (end - a)
+            done = end
+            moved.append((trained, stop + shift))
+            continue
         if alone is not None and ids[a:first] != alone:
             pieces += (ids[done:a], alone)
             shift += len(alone) - (first - a)
@@ -624,15 +645,24 @@ def _prompt_as_sent(plan: _Plan, encoding, ids: list[int], ranges: list[tuple[in
     return [t for piece in pieces for t in piece] + ids[done:], moved
 
 
+def _answer_alone(text: str, encoding, ids: list[int], tails: _Tails, k: int, start: int, first: int,
+                  stop: int) -> tuple[list[int], int] | None:
+    """The tokens of an answer that begins at char `start`, inside token `first`, up to its next added token
+    (or the end of its span, token `stop`), tokenized alone after the added token `k` before it (so a Metaspace
+    tokenizer gives it no prefix space); and the index of the in-context token they end before. None where
+    that added token does not come back first."""
+    end = next((i for i in range(first + 1, stop) if ids[i] in tails.bounds), stop)
+    upto = encoding.token_to_chars(end)[0] if end < stop else encoding.token_to_chars(stop - 1)[1]
+    lead, after = encoding.token_to_chars(k)
+    alone = tails.ids(text[lead:after] + text[start:upto], keep=False)
+    return (alone[1:], end) if alone and alone[0] == ids[k] else None
+
+
 def _label(conversation: Conversation, tokenizer, plan: _Plan, encoding, tails: _Tails) -> Example:
     """ids from the tokenizer; labels = ids on the tokens of each trained span, -100 elsewhere."""
     ids = encoding.ids
     ranges = [_token_range(encoding, s, e, conversation.source) for s, e in plan.spans]
-    for (first, _), (start, _), prompt_end in zip(ranges, plan.spans, plan.prompt_ends):
-        if start == prompt_end and (chars := encoding.token_to_chars(first)) and chars[0] < start:
-            _warn_prompt_joins_answer(template_name(tokenizer), plan.text, chars, start)
-            break
-    ids, ranges = _prompt_as_sent(plan, encoding, ids, ranges, tails)
+    ids, ranges = _prompt_as_sent(plan, encoding, ids, ranges, tails, template_name(tokenizer))
     if any(plan.open_ends):
         ids, ranges = _insert_eos(tokenizer, ids, ranges, plan.open_ends)
     ids = np.array(ids, dtype=np.int32)
