@@ -163,6 +163,7 @@ class ModelShape:
     layer_params: int  # all parameters of one decoder layer (with experts, in a MoE)
     lora_candidates: tuple[tuple[str, int, int], ...]  # every linear except the output head
     architecture: str = ""
+    frozen_params: int = 0  # a multimodal model's vision (audio) towers and projectors: in memory, never trained
     fused_head: bool = False  # the loss fuses lm_head and cross-entropy (train/loss.py fused_head)
     norms: tuple[Norm, ...] = ()  # of one decoder layer
     # mixture of experts: experts held as 3-D tensors (not linear layers), k of them run per token
@@ -217,6 +218,9 @@ def load_model_config(model: Any):
 # The sizes an estimate stands on; a config.json without them is read with the class's defaults
 # (Llama's are Llama 2 7B's), which would estimate another model.
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "vocab_size")
+# what a config.json gives instead, where the config derives the size from it (LongCat-Flash: num_hidden_layers is
+# 2 x num_layers, each of its layers two attention and MLP blocks)
+SHAPE_ALIASES = {"num_hidden_layers": ("num_layers",)}
 
 
 def _refuse_default_shapes(config, config_file: Path) -> None:
@@ -227,7 +231,8 @@ def _refuse_default_shapes(config, config_file: Path) -> None:
     given = json.loads(config_file.read_text())
     given |= given.get("text_config") or {}
     names = getattr(config, "attribute_map", {})
-    missing = [k for k in SHAPE_KEYS if k not in given and names.get(k) not in given]
+    missing = [k for k in SHAPE_KEYS if k not in given and names.get(k) not in given
+               and not any(alias in given for alias in SHAPE_ALIASES.get(k, ()))]
     if missing:
         raise SftlabError(f"{config_file} does not give {', '.join(missing)}: the estimate would use "
                           f"{type(config).__name__}'s defaults, another model's sizes")
@@ -236,16 +241,19 @@ def _refuse_default_shapes(config, config_file: Path) -> None:
 def model_shape(config) -> ModelShape:
     """Instantiate the model on the meta device (no memory, no weights) and measure it."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from sftlab.models import missing_library, model_auto_class, outside_language_model, outside_language_pattern
     from sftlab.train.loss import fused_head
 
+    auto = model_auto_class(config)  # as sftlab train loads it: a vision-language model by AutoModelForImageTextToText
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = auto.from_config(config)
+    except ImportError as e:  # a part of the model needs a library (Gemma 3n's vision tower: timm)
+        raise missing_library(getattr(config, "model_type", "?"), e) from None
     except (ValueError, KeyError) as e:  # the first line: the rest lists every class transformers knows
         reason = str(e).split(" Model type should be one of")[0].strip().splitlines()[0]
-        raise SftlabError(f"cannot build a causal LM (AutoModelForCausalLM) from this "
+        raise SftlabError(f"cannot build a causal LM ({auto.__name__}) from this "
                           f"'{getattr(config, 'model_type', '?')}' config: {reason}") from e
     text = getattr(config, "get_text_config", lambda: config)()
     h = text.hidden_size
@@ -261,9 +269,14 @@ def model_shape(config) -> ModelShape:
                          if (width := getattr(text, key, None))), 4 * h)
     if isinstance(intermediate, (list, tuple)):  # one width per layer (Gemma 3n): the widest
         intermediate = max(intermediate)
-    candidates = tuple(linear_layers(model))
-    unwrappable = unwrappable_linears(model)
+    # a multimodal model's vision (audio) towers and projectors: weights that text never runs, frozen in full
+    # fine-tuning and without adapters (train/trainer.py lora_exclusions); the formulas are the language model's
+    outside = tuple(p + "." for p in outside_language_model(model))
+    candidates = tuple(c for c in linear_layers(model) if not c[0].startswith(outside))
+    unwrappable = [n for n in unwrappable_linears(model) if not n.startswith(outside)]
     modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    frozen = sum(p.numel() for n, p in params.items() if n.startswith(outside)) if outside else 0
+    params = {n: p for n, p in params.items() if not n.startswith(outside)} if outside else params
     layers = _decoder_layers([n for n, _, _ in candidates], params)
     q_width, kv_width = n_heads * head_dim, n_kv * head_dim
     stacked = _stacked_experts(modules, params)
@@ -275,7 +288,8 @@ def model_shape(config) -> ModelShape:
     experts = list(stacked.values())
     n_params = sum(p.numel() for p in model.parameters())
     norms = _norms(model, modules, layers[0], {"q": q_width, "k": kv_width})  # before PEFT wraps the MoE's layers
-    lora_fields, left_out = _all_linear_lora(model, candidates, unwrappable)  # PEFT wraps the model: last
+    exclude = outside_language_pattern([p[:-1] for p in outside], unwrappable) if outside else unwrappable
+    lora_fields, left_out = _all_linear_lora(model, candidates, exclude)  # PEFT wraps the model: last
     moe = {**_experts(text, experts), "router_weights": _router_weights(modules, sparse, candidates),
            **lora_fields} if experts else {}
     return ModelShape(
@@ -296,6 +310,7 @@ def model_shape(config) -> ModelShape:
         dense_params=dense_params,
         lora_candidates=tuple(c for c in candidates if c[0] not in left_out),
         architecture=type(model).__name__,
+        frozen_params=frozen,
         fused_head=fused_head(model) is not None,
         norms=norms,
         **moe,
@@ -362,11 +377,11 @@ def _router_weights(modules: dict, layers: list[str], candidates) -> int:
                and getattr(m, "weight", None) is not None and m.weight.dim() == 2)
 
 
-def _all_linear_lora(model, candidates, unwrappable: list[str]) -> tuple[dict[str, int], set[str]]:
+def _all_linear_lora(model, candidates, exclude: list[str] | str) -> tuple[dict[str, int], set[str]]:
     """PEFT's all-linear itself at rank 1 on the meta-device model, as sftlab train applies it (without the
-    `unwrappable` linear layers): the LoRA parameters per unit of rank it adds beyond the linear layers (a mixture
-    of experts' routers and stacked expert tensors, in PEFT's own layout), of them those on the stacked experts,
-    and the linear layers it leaves out. On the models PEFT maps from their transformers 4 names (Qwen3-MoE,
+    linear layers in `exclude`: those it cannot wrap, a multimodal model's vision tower): the LoRA parameters per
+    unit of rank it adds beyond the linear layers (a mixture of experts' routers and stacked expert tensors, in
+    PEFT's own layout), of them those on the stacked experts, and the linear layers it leaves out. On the models PEFT maps from their transformers 4 names (Qwen3-MoE,
     DeepSeek-V3, GLM-4.5, Qwen3-Next, ...) every gate_proj/up_proj/down_proj is taken for the experts', so the
     dense layers' and shared experts' get no adapter."""
     from peft import LoraConfig, get_peft_model
@@ -376,10 +391,9 @@ def _all_linear_lora(model, candidates, unwrappable: list[str]) -> tuple[dict[st
 
     quiet_fused_expert_pattern_warnings()
     try:
-        adapted = get_peft_model(model, LoraConfig(r=1, target_modules="all-linear",
-                                                   exclude_modules=unwrappable or None))
+        adapted = get_peft_model(model, LoraConfig(r=1, target_modules="all-linear", exclude_modules=exclude or None))
     except ValueError:  # PEFT refuses a layer all-linear picks (out_proj on Mamba-type models): training says which
-        return {}, set(unwrappable)
+        return {}, set(exclude) if isinstance(exclude, list) else set()
     total = sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n)
     # a ParamWrapper adapts one parameter (those of one module nest): its own lora_A and lora_B
     stacks = sum(p.numel() for m in adapted.modules() if isinstance(m, ParamWrapper) and m.get_param().dim() == 3
@@ -800,8 +814,10 @@ def estimate_memory(
     else:
         weights = shape.n_params * w_bytes
         notes["weights"] = f"{shape.n_params:,} x {w_bytes} B ({weights_dtype})"
+    if shape.frozen_params:
+        notes["weights"] += f", of them {shape.frozen_params:,} outside the language model (vision tower: frozen)"
 
-    trainable = shape.n_params if method == "full" else n_lora
+    trainable = shape.n_params - shape.frozen_params if method == "full" else n_lora
     t_bytes = w_bytes if method == "full" else 4  # adapters stay fp32
     lora_params = n_lora * 4
     if n_lora:

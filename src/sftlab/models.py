@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,16 @@ def check_weights(folder: str | Path, allow_pickle: bool | None = None) -> None:
             f"model.allow_pickle: true (training config) or {ALLOW_PICKLE_ENV}=1 (any command)")
 
 
+def missing_library(name: str, err: ImportError) -> SftlabError:
+    """One line for a model whose code needs a library that is not installed: transformers' own message
+    (Gemma 3n's vision tower is a timm model: 'TimmWrapperModel requires the timm library ... pip install timm')."""
+    text = " ".join(str(err).split())
+    first = text.split(". ")[0] or type(err).__name__
+    pip = re.search(r"`(pip install [^`]+)`", text)
+    return SftlabError(f"cannot load '{name}': {first}; install it{f' ({pip[1]})' if pip else ''}, or use a model "
+                       "that does not need it")
+
+
 def _hub_error(name: str, err: Exception) -> SftlabError:
     if "trust_remote_code" in str(err):
         return SftlabError(f"'{name}' needs its own Python code (auto_map in its config), which sftlab runs only "
@@ -315,6 +326,92 @@ def quiet_fused_expert_pattern_warnings() -> None:
                             category=RuntimeWarning)
 
 
+# a linear layer's name within its decoder layer: model.layers.0.self_attn.q_proj -> self_attn.q_proj (the first
+# ".<number>." and what precedes it dropped); also the LoRA parameters' names, cut at ".lora_"
+IN_LAYER = re.compile(r"^.*?\.\d+\.")
+
+
+def name_in_layer(name: str) -> str:
+    """`name` within its decoder layer (IN_LAYER): model.layers.0.mlp.down_proj -> mlp.down_proj."""
+    return IN_LAYER.sub("", name)
+
+
+def model_auto_class(config):
+    """The Auto class transformers 5 loads a checkpoint of `config` with for text generation:
+    AutoModelForCausalLM where it maps the model type (Gemma 3 and Gemma 3n to their whole multimodal
+    model, Llama 4 to its language model alone), else AutoModelForImageTextToText (Mistral 3,
+    Qwen2.5-VL, Qwen3-VL: vision-language models AutoModelForCausalLM refuses), as TRL loads them."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+def outside_language_model(model) -> list[str]:
+    """The parts of a multimodal model that are not its language model (vision and audio towers, their
+    projectors), by module name: [] for a text-only model. The language model is `get_decoder()` and the
+    output head; the parts are the other children, holding parameters, of the modules on the way down to it
+    (Gemma 3: model.vision_tower, model.multi_modal_projector; Qwen2.5-VL: model.visual). sftlab trains
+    text: LoRA adapts none of their layers, full fine-tuning freezes them (`freeze_outside_language_model`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    sub_configs = getattr(base.config, "sub_configs", None) or {}
+    if "text_config" not in sub_configs or len(sub_configs) < 2 or not hasattr(base, "get_decoder"):
+        return []
+    decoder = base.get_decoder()
+    path = next((n for n, m in base.named_modules() if m is decoder), "")
+    if not path:
+        return []
+    head = base.get_output_embeddings()
+    parts, found = path.split("."), []
+    for depth, step in enumerate(parts):
+        parent = base.get_submodule(".".join(parts[:depth]))
+        for child_name, child in parent.named_children():
+            if child_name != step and child is not head and next(child.parameters(), None) is not None:
+                found.append(".".join([*parts[:depth], child_name]))
+    return found
+
+
+def parts_not_loaded(name_or_path: str, model) -> list[str]:
+    """The sub-configs other than text_config (vision_config, ...) of a multimodal checkpoint that transformers
+    loaded as its language model alone (Llama 4: AutoModelForCausalLM gives Llama4ForCausalLM): those parts'
+    weights were not loaded, and nothing saved from `model` holds them. [] otherwise."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if is_run_dir(name_or_path):
+        return []
+    path, gguf = resolve_model_path(name_or_path)
+    if gguf or not (Path(path) / "config.json").exists():
+        return []
+    sub_configs = json.loads((Path(path) / "config.json").read_text())
+    loaded = getattr(base.config, "sub_configs", None) or {}
+    return sorted(k for k, v in sub_configs.items() if k.endswith("_config") and isinstance(v, dict)
+                  and k != "text_config" and "text_config" in sub_configs and k not in loaded)
+
+
+def outside_language_pattern(parts: list[str], also: list[str] | None = None) -> str:
+    """A PEFT exclude_modules regular expression (matched whole against module names) for every module
+    in `parts` (`outside_language_model`) and the modules named in `also`."""
+    names = [re.escape(p) + r"(?:\..*)?" for p in parts] + [re.escape(n) for n in also or ()]
+    return "|".join(names)
+
+
+def freeze_outside_language_model(model) -> tuple[list[str], int]:
+    """Full fine-tuning of a multimodal model on text: its vision (audio) towers and projectors frozen
+    (no gradient, no optimizer state), as LLaMA-Factory's freeze_vision_tower does by default; text-only
+    data never runs them, so their weights would only decay. Returns the parts and their parameter count."""
+    parts = outside_language_model(model)
+    frozen = 0
+    for part in parts:
+        for p in model.get_submodule(part).parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+                frozen += p.numel()
+    return parts, frozen
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -328,7 +425,7 @@ def load_model(
     """A causal LM from a folder/id/GGUF, or a run (base + adapter, or its full model).
     `allow_pickle` (default: SFTLAB_ALLOW_PICKLE) lets non-safetensors weights load."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if is_run_dir(name_or_path):
         art = run_artifacts(name_or_path)
@@ -365,9 +462,13 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        auto = AutoModelForCausalLM if gguf else model_auto_class(
+            AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+        model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise _hub_error(name_or_path, e) from e
+    except ImportError as e:  # a part of the model needs a library (Gemma 3n's vision tower: timm)
+        raise missing_library(name_or_path, e) from None
     if gguf:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

@@ -161,3 +161,47 @@ def test_no_warning_that_the_fused_expert_patterns_are_ignored_when_they_apply(r
     peft = get_peft_model(tiny_moe("mixtral"), LoraConfig(r=4, target_modules="all-linear"))
     experts = peft.base_model.model.model.layers[0].mlp.experts
     assert experts.base_layer.lora_A["default"].weight.shape[0] == 4 * 2 * 4  # gate_up_proj: 4 experts x 2r
+
+
+# more mixtures of experts a new user tries: model type -> its sizes beyond the common ones (multi-head latent
+# attention: as many key/value heads as heads, head_dim the rotary part)
+MORE_MOES = {
+    "minimax": dict(num_local_experts=4, num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"],
+                    block_size=16),
+    "longcat_flash": dict(n_routed_experts=4, moe_topk=2, expert_ffn_hidden_size=32, ffn_hidden_size=64, num_layers=1,
+                          q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                          zero_expert_num=2, head_dim=8, num_key_value_heads=4),
+    "afmoe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, num_dense_layers=1,
+                  num_shared_experts=1, layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                  global_attn_every_n_layers=2),
+    "deepseek_v2": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                        first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=16,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8, num_key_value_heads=4),
+}
+
+
+@pytest.mark.parametrize("model_type", list(MORE_MOES))
+def test_the_estimate_counts_what_trains_on_more_mixtures_of_experts(model_type, tokenizer, tmp_path, capsys):
+    """MiniMax, LongCat-Flash, AFMoE and DeepSeek-V2 through `sftlab estimate` and the model `sftlab train` builds
+    (LoRA all-linear and full: `sftlab train`, eval and the merged export ran on each). LongCat-Flash's config.json
+    gives num_layers (num_hidden_layers is twice it), and the estimate refused it as a config without
+    num_hidden_layers ('the estimate would use LongcatFlashConfig's defaults')."""
+    from sftlab.config import TrainConfig, load_config
+    from sftlab.train.trainer import build_model
+
+    path = tmp_path / model_type
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    config = AutoConfig.for_model(model_type, **{**sizes, **MORE_MOES[model_type]})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    # MiniMax's linear attention carries state along a packed row, and AFMoE's mask ignores the restarts: refused
+    overrides = [f"model.name_or_path={path}", f"data.train={tmp_path / 'd.jsonl'}", "data.packing=false", "lora.r=4"]
+    for method in ("lora", "full"):
+        model = build_model(load_config(None, [*overrides, f"method={method}"], cls=TrainConfig), use_bf16=False)
+        capsys.readouterr()
+        assert main(["estimate", str(path), "--method", method, "--lora-r", "4", "--seq-len", "64", "--batch", "1",
+                     "--json"]) == 0
+        estimate = json.loads(capsys.readouterr().out)
+        assert estimate["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad), method

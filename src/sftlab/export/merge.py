@@ -1,6 +1,7 @@
 """Merge a run's LoRA/DoRA adapter into its base and save a plain transformers model.
 
-The result loads with `AutoModelForCausalLM.from_pretrained(OUT)` alone, stops at the chat
+The result loads with `AutoModelForCausalLM.from_pretrained(OUT)` alone (a vision-language model that
+transformers maps to AutoModelForImageTextToText only, with that: Mistral 3, Qwen2.5-VL, Qwen3-VL), stops at the chat
 template's end-of-turn token (generation_config.eos_token_id), and is verified: its logits
 equal the unmerged adapter model's.
 """
@@ -42,9 +43,9 @@ def finish_out_dir(tmp: Path, out: Path) -> None:
 def merge_run(run_dir: str | Path, out_dir: str | Path, *, tolerance: float | None = None) -> VerifyResult:
     """Merge RUN's adapter into its base (fp32), save to OUT, reload it plainly and compare logits."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from sftlab.models import check_model, is_run_dir, load_model, load_tokenizer, not_found, run_artifacts
+    from sftlab.models import (check_model, is_run_dir, load_model, load_tokenizer, model_auto_class, not_found,
+                               run_artifacts)
     from sftlab.serve.generation import stop_token_ids
 
     if not Path(run_dir).expanduser().exists():
@@ -61,27 +62,36 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, tolerance: float | No
     ids = prompt_ids(tokenizer)
     reference = [torch_logits(model, x) for x in ids]
     merged = model.merge_and_unload() if art["adapter"] else model
-    stops = stop_token_ids(tokenizer, merged.config.eos_token_id)
+    # a multimodal model's config keeps it in its text_config (Gemma 3, Mistral 3, Qwen2.5-VL: an AttributeError)
+    stops = stop_token_ids(tokenizer, getattr(merged.config.get_text_config(decoder=True), "eos_token_id", None))
     merged.generation_config.eos_token_id = stops
     if merged.generation_config.pad_token_id is None:
         merged.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    trained_class = type(merged).__name__
+    auto = model_auto_class(merged.config)
     del model, merged
 
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True).eval()
+    # as a user loads it: AutoModelForCausalLM, or AutoModelForImageTextToText for the vision-language models
+    # transformers maps there alone (Mistral 3, Qwen2.5-VL, Qwen3-VL); vision towers and all
+    reloaded = auto.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True).eval()
+    if type(reloaded).__name__ != trained_class:
+        raise SftlabError(f"the merged model in {tmp} reloads with {auto.__name__} as {type(reloaded).__name__}, "
+                          f"not as the {trained_class} it was saved from")
     diff = max(float(abs(torch_logits(reloaded, x) - r).max()) for x, r in zip(ids, reference))
     if tolerance is None:
         tolerance = max(MERGE_TOLERANCE, MERGE_RELATIVE * max(float(abs(r).max()) for r in reference))
     result = VerifyResult("merged", str(out), max_abs_diff=diff, tolerance=tolerance, prompts=len(ids),
                           metrics={"eos_token_id": stops})
     info = json.loads((Path(run_dir) / "run.json").read_text())
-    (tmp / "README.md").write_text(model_card(info, art, result, stops, tokenizer), encoding="utf-8")
+    (tmp / "README.md").write_text(model_card(info, art, result, stops, tokenizer, auto.__name__), encoding="utf-8")
     finish_out_dir(tmp, out)
     return result
 
 
-def model_card(info: dict, art: dict, result: VerifyResult, stops: list[int], tokenizer) -> str:
+def model_card(info: dict, art: dict, result: VerifyResult, stops: list[int], tokenizer,
+               auto_class: str = "AutoModelForCausalLM") -> str:
     adapter = ""
     if art["adapter"]:
         cfg = json.loads((Path(art["adapter"]) / "adapter_config.json").read_text())
@@ -107,9 +117,9 @@ Exported by `sftlab export --to merged` from a training run.
 ## Use
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import {auto_class}, AutoTokenizer
 tok = AutoTokenizer.from_pretrained("PATH")
-model = AutoModelForCausalLM.from_pretrained("PATH")
+model = {auto_class}.from_pretrained("PATH")
 ids = tok.apply_chat_template([{{"role": "user", "content": "Hello"}}], add_generation_prompt=True,
                               return_tensors="pt", return_dict=True)["input_ids"]
 print(tok.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))

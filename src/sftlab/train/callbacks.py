@@ -20,12 +20,12 @@ import json
 import logging
 import math
 import os
-import re
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from sftlab.evaluation.curves import DEFAULT_PATIENCE, overfitting_onset
+from sftlab.models import name_in_layer
 
 logger = logging.getLogger("sftlab.train")
 
@@ -110,7 +110,7 @@ class IdleAdaptersCallback(TrainerCallback):
         if not any(p.grad is not None for _, p in trainable):
             return
         # base_model.model.model.layers.0.mamba.dt_proj.lora_A.default.weight -> mamba.dt_proj
-        idle = sorted({re.sub(r"^.*?\.\d+\.", "", n.split(".lora_")[0]) for n, p in trainable if p.grad is None})
+        idle = sorted({name_in_layer(n.split(".lora_")[0]) for n, p in trainable if p.grad is None})
         if idle:
             self.log(f"lora: the adapters on {', '.join(idle)} got no gradient in the first step: the model reads "
                      "those layers' weights directly, not through the layers (or, experts, no token reached them), "

@@ -240,7 +240,7 @@ def prepare_4bit_base(model, gradient_checkpointing: bool):
 
 def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
     """Base model, with LoRA / DoRA / QLoRA applied through PEFT; embeddings fitted to `tokenizer`."""
-    from sftlab.models import fit_embeddings, load_model, quiet_fused_expert_pattern_warnings
+    from sftlab.models import fit_embeddings, freeze_outside_language_model, load_model, quiet_fused_expert_pattern_warnings
 
     quant = quantization_config(config.method, use_bf16)
     m = config.model
@@ -253,8 +253,11 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
                        allow_pickle=m.allow_pickle or None)
     model.config.use_cache = False
     new_token_kwargs = fit_embeddings(model, tokenizer) if tokenizer is not None else {}
+    if config.data.packing:
+        text_positions_first(model)
     choose_attention(model, m.attn_implementation, packing=config.data.packing)
     if config.method == "full":
+        freeze_outside_language_model(model)  # a multimodal model's vision (audio) towers: text never runs them
         if config.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
@@ -268,7 +271,7 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
     lora = config.lora
     peft_config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        use_dora=lora.use_dora, task_type="CAUSAL_LM", exclude_modules=unwrappable_targets(model, lora.target_modules),
+        use_dora=lora.use_dora, task_type="CAUSAL_LM", exclude_modules=lora_exclusions(model, lora.target_modules),
         **new_token_kwargs,
     )
     quiet_fused_expert_pattern_warnings()
@@ -288,6 +291,44 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
     check_tied_head_not_adapted(model, lora.target_modules)
     fuse_lora_layers(model)
     return model
+
+
+def _four_position_rows(module, args, kwargs):
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and position_ids.dim() == 2:
+        kwargs["position_ids"] = position_ids[None].expand(4, -1, -1)  # text positions, then the 3 rotary rows
+    return args, kwargs
+
+
+def text_positions_first(model) -> bool:
+    """Keep packed examples apart in the vision-language models that read 2-D position_ids as the three rows of
+    their multimodal rotary positions and then build a plain causal mask (Qwen2-VL, Qwen2.5-VL: each packed example
+    saw the ones before it, and data.packing was refused): their language model is given the form their code
+    documents for packed text, [4, batch, length], the text positions first, on text alone the same rotary
+    positions. Done where a multimodal model's examples are not kept apart with 2-D positions and are with
+    these (`examples_kept_apart`); returns whether it was."""
+    from sftlab.models import outside_language_model
+    from sftlab.train.attention import examples_kept_apart
+
+    if not outside_language_model(model) or examples_kept_apart(model) is not False:
+        return False
+    handle = model.get_decoder().register_forward_pre_hook(_four_position_rows, with_kwargs=True)
+    if examples_kept_apart(model):
+        return True
+    handle.remove()
+    return False
+
+
+def lora_exclusions(model, targets) -> list[str] | str | None:
+    """PEFT's exclude_modules for `targets`: the linear layers PEFT cannot wrap (`unwrappable_targets`) and, on a
+    multimodal model, every layer outside its language model (vision and audio towers, projectors:
+    `outside_language_model`), which all-linear and a list of names (a vision tower has its q_proj too) would
+    pick; then a regular expression. A regular expression of the user's own picks what it matches."""
+    from sftlab.models import outside_language_model, outside_language_pattern
+
+    unwrappable = unwrappable_targets(model, targets)
+    parts = outside_language_model(model) if targets == "all-linear" or isinstance(targets, list) else []
+    return outside_language_pattern(parts, unwrappable) if parts else unwrappable
 
 
 def unwrappable_targets(model, targets) -> list[str] | None:
@@ -314,18 +355,24 @@ def linears_left_out(model) -> list[str]:
     transformers 4 names (DeepSeek-V3, GLM-4.5, Qwen3-Next, ...) the dense layers' and shared experts'
     gate_proj/up_proj/down_proj, names PEFT takes for the experts' stacked tensors."""
     from sftlab.estimate import linear_layers
+    from sftlab.models import name_in_layer, outside_language_model
 
-    return sorted({re.sub(r"^.*?\.\d+\.", "", n) for n, _, _ in linear_layers(model.get_base_model())
-                   if not any(p == "base_layer" or p.startswith("lora_") for p in n.split("."))})
+    outside = tuple(p + "." for p in outside_language_model(model))  # left out on purpose: said apart
+    return sorted({name_in_layer(n) for n, _, _ in linear_layers(model.get_base_model())
+                   if not any(p == "base_layer" or p.startswith("lora_") for p in n.split("."))
+                   and not n.startswith(outside)})
 
 
 def _linear_layer_names(model) -> list[str]:
     """The names a lora.target_modules list can give: the model's linear layers' last name parts (not the
     parts of LoRA layers PEFT may have added before it refused a target)."""
     from sftlab.estimate import linear_layers
+    from sftlab.models import outside_language_model
 
+    outside = tuple(p + "." for p in outside_language_model(model))  # a multimodal model's vision tower: not trained
     return sorted({n.rsplit(".", 1)[-1] for n, _, _ in linear_layers(model)
-                   if not any(p == "base_layer" or p.startswith("lora_") for p in n.split("."))})
+                   if not any(p == "base_layer" or p.startswith("lora_") for p in n.split("."))
+                   and not n.startswith(outside)})
 
 
 def _written(targets) -> str:
@@ -520,7 +567,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     from transformers import EarlyStoppingCallback, set_seed
 
     from sftlab.data.pack import collate, packing_stats
-    from sftlab.models import cache_dir, load_tokenizer
+    from sftlab.models import cache_dir, load_tokenizer, outside_language_model, parts_not_loaded
     from sftlab.train import distributed
     from sftlab.files import atomic_write
     from sftlab.train.callbacks import IdleAdaptersCallback, MetricsJsonlCallback, OverfitWarningCallback
@@ -582,6 +629,13 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     log(f"rows: {pstats['rows']} ({'packed' if config.data.packing else 'one example each'}), "
         f"attention {model.config._attn_implementation}{' (batches flattened)' if flatten else ''}, "
         f"trained/computed tokens {pstats['trained_per_computed']:.3f}, padding {pstats['padding_ratio']:.3f}")
+    if outside := outside_language_model(model):
+        log(multimodal_message(model, config, outside))
+    elif dropped := parts_not_loaded(m.name_or_path, model):
+        log(f"{type(model.get_base_model() if hasattr(model, 'get_base_model') else model).__name__}: transformers "
+            f"loads this multimodal checkpoint for text generation as its language model alone: its "
+            f"{', '.join(dropped)} part is not loaded, and what this run saves (a full model, a merged export) "
+            "has none")
     if hasattr(model, "print_trainable_parameters"):
         distributed.on_main_process(model.print_trainable_parameters)
         if config.lora.target_modules == "all-linear" and (left := linears_left_out(model)):
@@ -676,6 +730,22 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         distributed.on_main_process(atomic_write, out / "README.md", model_card(config, info))
     log(f"run saved in {out} (train loss {train_loss:.4f}, {trainer.state.global_step} steps, {run_seconds:.0f}s)")
     return info
+
+
+def multimodal_message(model, config: TrainConfig, outside: list[str]) -> str:
+    """What a run on a multimodal model trains: its language model; the parts `outside` it (`outside_language_model`)
+    get no adapter (LoRA) or stay frozen (full fine-tuning)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parts = ", ".join(outside)
+    count = sum(p.numel() for part in outside for p in base.get_submodule(part).parameters())
+    what = f"{type(base).__name__} is multimodal and the data is text"
+    if config.method == "full":
+        return (f"method full: {what}: the language model trains; {parts} ({count:,} parameters) stay frozen, "
+                "as the base has them")
+    if isinstance(config.lora.target_modules, str) and config.lora.target_modules != "all-linear":
+        return f"lora.target_modules: {what}: the regular expression picks the layers it matches, {parts} included"
+    return (f"lora.target_modules {config.lora.target_modules}: {what}: the language model's linear layers get "
+            f"adapters; {parts} ({count:,} parameters) get none and stay as the base has them")
 
 
 def portable_model_name(name: str) -> str:
