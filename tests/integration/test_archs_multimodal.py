@@ -225,3 +225,18 @@ def test_gemma3n_without_timm_is_one_error_line(tokenizer, data, tmp_path, capsy
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     assert len(lines) == 2 and all("requires the timm library" in x and "(pip install timm)" in x for x in lines)
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "mistral3"])
+def test_sftlab_serve_s_engine_loads_a_vision_language_model_and_decodes_as_transformers(vlm, model_type):
+    """A merged Qwen2.5-VL / Mistral 3 (what `export --to merged` writes) could not be served: the engine loaded
+    every folder with AutoModelForCausalLM, which refuses them."""
+    from sftlab.serve.generation import GenRequest, TorchEngine, encode
+
+    engine = TorchEngine.from_pretrained(vlm(model_type))
+    assert type(engine.model).__name__ == ARCHS[model_type][2]
+    ids = encode(engine.tokenizer, messages=[{"role": "user", "content": "Hi there, how are you?"}])
+    got = engine.generate([GenRequest(ids, 6), GenRequest(ids[:-2], 6)])
+    for prompt, result in zip((ids, ids[:-2]), got):  # the shorter one left-padded beside the other
+        expected = engine.model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):]
+        assert result.tokens == expected.tolist()[:len(result.tokens)] and result.tokens

@@ -412,17 +412,21 @@ class TorchEngine:
     @classmethod
     def from_pretrained(cls, path: str | Path):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        from sftlab.models import model_auto_class
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         dtype = torch.float16 if torch.cuda.is_available() else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        # a merged vision-language model (Qwen2.5-VL, Mistral 3) loads as AutoModelForImageTextToText
+        model = model_auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=dtype,
+                                                                                     use_safetensors=True)
         if torch.cuda.is_available():
             model = model.to("cuda")
         try:
             eos = GenerationConfig.from_pretrained(path).eos_token_id
         except OSError:
-            eos = model.config.eos_token_id
+            eos = getattr(model.config.get_text_config(decoder=True), "eos_token_id", None)
         return cls(model, tokenizer, stop_token_ids(tokenizer, eos))
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
