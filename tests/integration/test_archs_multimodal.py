@@ -151,6 +151,7 @@ def test_lora_run_eval_and_merged_export_of_a_vision_language_model(model_type, 
     reloaded = model_auto_class(config).from_pretrained(merged, dtype=torch.float32).eval()
     assert type(reloaded).__name__ == cls
     assert f"model = {model_auto_class(config).__name__}.from_pretrained" in (merged / "README.md").read_text()
+    assert f"base = {model_auto_class(config).__name__}.from_pretrained(BASE)" in (run / "README.md").read_text()
     base, saved = load_file(path / "model.safetensors"), load_file(merged / "model.safetensors")
     tower = [k for k in base if any(f".{p.split('.')[-1]}." in f".{k}" for p in outside)]
     assert tower and all(torch.equal(base[k], saved[k]) for k in tower)

@@ -43,7 +43,9 @@ def write_run_json(run_dir: Path, info: dict) -> None:
     atomic_write(path, json.dumps({**old, **info, "versions": versions()}, indent=2, default=str))
 
 
-def model_card(config, info: dict) -> str:
+def model_card(config, info: dict, auto_class: str = "AutoModelForCausalLM") -> str:
+    """RUN/README.md; `auto_class`: what loads the base (AutoModelForImageTextToText for the vision-language
+    models transformers maps there alone: `models.model_auto_class`)."""
     train = info.get("train_data", {})
     lines = [
         "---",
@@ -65,15 +67,15 @@ def model_card(config, info: dict) -> str:
         "```python",
     ]
     if config.method == "full":
-        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  "model = AutoModelForCausalLM.from_pretrained('RUN/model')",
+        lines += [f"from transformers import {auto_class}, AutoTokenizer",
+                  f"model = {auto_class}.from_pretrained('RUN/model')",
                   "tokenizer = AutoTokenizer.from_pretrained('RUN/tokenizer')"]
     else:
         # a named chat template may have added tokens: the adapter holds their rows, on a base grown to them
         lines += ["from peft import PeftModel",
-                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f"from transformers import {auto_class}, AutoTokenizer",
                   "tokenizer = AutoTokenizer.from_pretrained('RUN/tokenizer')",
-                  "base = AutoModelForCausalLM.from_pretrained(BASE)",
+                  f"base = {auto_class}.from_pretrained(BASE)",
                   "if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # tokens the chat template added",
                   "    base.resize_token_embeddings(len(tokenizer))",
                   "model = PeftModel.from_pretrained(base, 'RUN/adapter')"]

@@ -567,7 +567,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     from transformers import EarlyStoppingCallback, set_seed
 
     from sftlab.data.pack import collate, packing_stats
-    from sftlab.models import cache_dir, load_tokenizer, outside_language_model, parts_not_loaded
+    from sftlab.models import cache_dir, load_tokenizer, model_auto_class, outside_language_model, parts_not_loaded
     from sftlab.train import distributed
     from sftlab.files import atomic_write
     from sftlab.train.callbacks import IdleAdaptersCallback, MetricsJsonlCallback, OverfitWarningCallback
@@ -727,7 +727,8 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     }
     with explained_save_failure("run.json and README.md", out, TRAIN_RESUME):
         distributed.on_main_process(write_run_json, out, info)
-        distributed.on_main_process(atomic_write, out / "README.md", model_card(config, info))
+        distributed.on_main_process(atomic_write, out / "README.md",
+                                    model_card(config, info, model_auto_class(model.config).__name__))
     log(f"run saved in {out} (train loss {train_loss:.4f}, {trainer.state.global_step} steps, {run_seconds:.0f}s)")
     return info
 
