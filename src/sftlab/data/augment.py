@@ -134,7 +134,7 @@ def system_variation(conv: Conversation, opts: AugmentOptions, rng: random.Rando
     """A generic system prompt added, or a generic one varied. A conversation's own system prompt stays:
     its answers may follow it ('Answer in French.'), and would not follow a replacement."""
     current = next((m["content"] for m in conv.messages if m["role"] == "system"), None)
-    if conv.text is not None or current not in (None, *SYSTEM_PROMPTS):
+    if not conv.is_chat or current not in (None, *SYSTEM_PROMPTS):
         return []
     body = [m for m in conv.messages if m["role"] != "system"]
     choices = [p for p in SYSTEM_PROMPTS if p != current]
@@ -160,7 +160,7 @@ def _noisy(text: str, opts: AugmentOptions, rng: random.Random) -> str:
 
 
 def user_noise(conv: Conversation, opts: AugmentOptions, rng: random.Random) -> list[Conversation]:
-    if conv.text is not None:
+    if not conv.is_chat:
         return []
     out = []
     for k in range(opts.copies):
@@ -256,7 +256,7 @@ def model_paraphrase(convs: list[Conversation], gen: LocalGenerator, opts: Augme
 
 def self_instruct(convs: list[Conversation], gen: LocalGenerator, opts: AugmentOptions, rng: random.Random,
                   report: AugmentReport) -> list[Conversation]:
-    pool = [c for c in convs if c.text is None and len(c.prompt_messages()) >= 1 and c.reference()]
+    pool = [c for c in convs if c.is_chat and len(c.prompt_messages()) >= 1 and c.reference()]
     if not pool:
         return []
     picks = [rng.sample(pool, min(opts.seeds_per_prompt, len(pool))) for _ in range(opts.self_instruct_count)]
@@ -302,7 +302,7 @@ def augment(convs: list[Conversation], options: AugmentOptions | None = None, *,
     kept: list[Conversation] = []
     for strategy in opts.strategies:
         if strategy in RULES:
-            new = [v for c in convs if c.text is None for v in RULES[strategy](c, opts, rng)]
+            new = [v for c in convs if c.is_chat for v in RULES[strategy](c, opts, rng)]  # not raw text, segments
         else:
             new = MODEL_STRATEGIES[strategy](convs, generator, opts, rng, report)
         report.generated[strategy] = len(new)

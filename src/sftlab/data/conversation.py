@@ -15,7 +15,11 @@ ROLES = ("system", "user", "assistant", "tool")
 
 @dataclass
 class Conversation:
-    """A chat (`messages`) or, in raw-text mode, a plain `text`.
+    """A chat (`messages`), in raw-text mode a plain `text`, or template-free `segments`.
+
+    `segments` (Axolotl's `input_output` records) are texts written out in full, special tokens
+    and all, each with whether it is trained: `[(text, trained), ...]`, rendered by concatenating
+    them as written (no chat template). At most one of `text` and `segments` is set; a chat has neither.
 
     `source` is where the record came from (`path:line` / `path:row N`), kept so every
     later error or reject can name it. `meta` carries the record's other fields
@@ -26,6 +30,7 @@ class Conversation:
     source: str = "<memory>"
     text: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    segments: list[tuple[str, bool]] | None = None
 
     @property
     def tools(self) -> list[dict[str, Any]] | None:
@@ -35,6 +40,24 @@ class Conversation:
     @property
     def is_raw_text(self) -> bool:
         return self.text is not None
+
+    @property
+    def is_segments(self) -> bool:
+        """Template-free segments: trained where labelled, never split into blocks as raw text is."""
+        return self.segments is not None
+
+    @property
+    def is_chat(self) -> bool:
+        """Messages to render with a chat template (neither raw text nor segments)."""
+        return self.text is None and self.segments is None
+
+    @property
+    def written_text(self) -> str | None:
+        """The text as the record writes it, where it is not a chat: the raw text, or the segments
+        concatenated (what dedup, reports and reviews read); None for a chat."""
+        if self.segments is not None:
+            return "".join(text for text, _ in self.segments)
+        return self.text
 
     def prompt_messages(self) -> list[dict[str, str]]:
         """Messages before the last assistant turn: what a model is asked at evaluation."""
@@ -49,9 +72,12 @@ class Conversation:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        """Record form written by `sftlab data ...` commands (OpenAI messages schema)."""
+        """Record form written by `sftlab data ...` commands (OpenAI messages schema; raw text as
+        `text`, segments as `segments`, so that they read back as they were)."""
         out: dict[str, Any] = dict(self.meta)
-        if self.text is not None:
+        if self.segments is not None:
+            out["segments"] = [{"label": trained, "text": text} for text, trained in self.segments]
+        elif self.text is not None:
             out["text"] = self.text
         else:
             out["messages"] = [dict(m) for m in self.messages]

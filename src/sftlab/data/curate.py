@@ -86,8 +86,8 @@ def normalize(text: str) -> str:
 
 
 def conversation_text(conv: Conversation, *, system: bool = True) -> str:
-    if conv.text is not None:
-        return conv.text
+    if not conv.is_chat:  # raw text, or segments as written
+        return conv.written_text
     return "\n".join(message_text(m) for m in conv.messages if system or m["role"] != "system")
 
 
@@ -106,7 +106,12 @@ def rejected_answer(conv: Conversation) -> str | None:
 
 
 def exact_key(conv: Conversation) -> bytes:
-    parts = [conv.text] if conv.text is not None else [f"{m['role']}\x1f{message_text(m)}" for m in conv.messages]
+    if conv.segments is not None:  # the same text trained elsewhere is another example
+        parts = [f"{'trained' if trained else 'context'}\x1f{text}" for text, trained in conv.segments]
+    elif conv.text is not None:
+        parts = [conv.text]
+    else:
+        parts = [f"{m['role']}\x1f{message_text(m)}" for m in conv.messages]
     label, rejected = preference_label(conv), rejected_answer(conv)
     parts += [] if label is None else [f"label\x1f{label}"]
     parts += [] if rejected is None else [f"rejected\x1f{rejected}"]
@@ -143,9 +148,18 @@ class WordHasher:
 
 
 def answer_pairs(conv: Conversation) -> list[tuple[str | None, str]]:
-    """(prompt, answer) per assistant turn; raw text is one answer with no prompt."""
+    """(prompt, answer) per assistant turn; raw text is one answer with no prompt; segments give each
+    run of label-true segments as an answer, the label-false run before it as its prompt."""
     if conv.text is not None:
         return [(None, conv.text)]
+    if conv.segments is not None:
+        runs: list[tuple[bool, str]] = []
+        for text, trained in conv.segments:
+            if runs and runs[-1][0] == trained:
+                runs[-1] = (trained, runs[-1][1] + text)
+            else:
+                runs.append((trained, text))
+        return [(runs[k - 1][1] if k else None, text) for k, (trained, text) in enumerate(runs) if trained]
     pairs, prompt = [], None
     for m in conv.messages:
         if m["role"] == "user":
@@ -240,6 +254,9 @@ def scrub_pii(text: str, counts: Counter) -> str:
 def _scrubbed(conv: Conversation, counts: Counter) -> Conversation:
     if conv.text is not None:
         return Conversation(source=conv.source, text=scrub_pii(conv.text, counts), meta=conv.meta)
+    if conv.segments is not None:
+        return Conversation(source=conv.source, meta=conv.meta,
+                            segments=[(scrub_pii(text, counts), trained) for text, trained in conv.segments])
     messages = [{**m, "content": scrub_pii(m["content"], counts)} for m in conv.messages]
     return Conversation(messages=messages, source=conv.source, meta=conv.meta)
 

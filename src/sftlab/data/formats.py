@@ -17,6 +17,9 @@ Supported schemas (the `format` names):
                      with an optional "system" or "system_prompt" (OpenOrca); prompt/completion may also
                      be message lists, as in TRL's conversational form
   text               {"text"}  -> raw text (continued pre-training)
+  segments           {"segments": [{"label": true|false, "text"}, ...]}  (Axolotl's template-free `input_output`):
+                     the texts concatenated as written, no chat template (the text writes any special tokens,
+                     e.g. "<|im_start|>", "</s>"); only label-true segments are trained
   (tool calling)     any chat schema above with `tools` and assistant `tool_calls` (see data/tools.py)
   xlam               {"query", "answers", "tools"}  (Salesforce xLAM function calling: the answers are calls)
   gemini             {"contents": [{"role": "user" | "model", "parts": [...]}], "systemInstruction"?, "tools"?}
@@ -575,6 +578,40 @@ def from_text(record: dict, source: str, key: str = "text") -> Conversation:
     return Conversation(source=source, text=text, meta=_meta(record, (key,)))
 
 
+def from_segments(record: dict, source: str) -> Conversation:
+    """Axolotl's template-free `input_output` record: [{"label": bool, "text": str}, ...], kept as
+    (text, trained) pairs. A segment's text may be empty; at least one label-true segment has text."""
+    value = _listed(record.get("segments"))
+    if not isinstance(value, list):
+        raise RecordError(source, "mistyped field", f"'segments' must be a list of {{label, text}} objects, "
+                                                    f"got {type(value).__name__}")
+    if not value:
+        raise RecordError(source, "empty content", "'segments' is an empty list")
+    segments = []
+    for k, seg in enumerate(value, 1):
+        where = f"segment {k}"
+        if not isinstance(seg, dict):
+            raise RecordError(source, "mistyped field", f"{where} is {type(seg).__name__}, expected a {{label, text}} object")
+        if seg.get("text") is None:
+            raise RecordError(source, "missing field", f"{where} has no 'text'")
+        if not isinstance(seg["text"], str):
+            raise RecordError(source, "mistyped field", f"{where}'s 'text' must be a string, got {type(seg['text']).__name__}")
+        if "label" not in seg:
+            raise RecordError(source, "missing field", f"{where} has no 'label' (true: trained, false: context only)")
+        if not isinstance(seg["label"], bool):
+            raise RecordError(source, "mistyped field", f"{where}'s 'label' must be true or false, got {seg['label']!r}")
+        if other := [key for key in seg if key not in ("label", "text")]:
+            raise RecordError(source, "unknown field", f"{where} has {', '.join(map(repr, other))}: a segment holds "
+                                                       "only 'label' and 'text'")
+        _check_encodable(seg["text"], source, where)
+        segments.append((seg["text"], seg["label"]))
+    if not any(trained for _, trained in segments):
+        raise RecordError(source, "nothing to train", "no segment has label true: nothing would be trained")
+    if not any(trained and text for text, trained in segments):
+        raise RecordError(source, "nothing to train", "every segment with label true has empty text")
+    return Conversation(source=source, segments=segments, meta=_meta(record, ("segments",)))
+
+
 def _side(value: Any, source: str, field: str) -> list[dict[str, str]]:
     """One side of a pair: an answer string, one message object, or a message list
     ({role, content} or ShareGPT {from, value})."""
@@ -735,6 +772,7 @@ FORMATS: dict[str, Converter] = {
     "messages": from_messages,
     "prompt_completion": from_prompt_completion,
     "text": from_text,
+    "segments": from_segments,
     "preference": from_preference,
     "xlam": from_xlam,
     "gemini": from_gemini,
@@ -752,6 +790,7 @@ _DETECT: tuple[tuple[tuple[str, ...], Callable[[dict], str]], ...] = (
     (("prompt", "completion", "label"), lambda r: "preference" if kto_label(r["label"]) is not None else "prompt_completion"),
     (("messages", "rejected"), lambda r: "preference"),
     (("preferred_output", "non_preferred_output"), lambda r: "preference"),
+    (("segments",), lambda r: "segments"),
     *(((key,), _chat_format) for key in CHAT_KEYS),
     (("instruction", "output"), lambda r: "alpaca"),
     (("instruction", "response"), lambda r: "dolly"),

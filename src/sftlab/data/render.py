@@ -146,7 +146,7 @@ def iter_rendered(
     with ThreadPoolExecutor(max_workers=1) as pool:
         previous = None
         for chunk in _chunks(conversations, CHUNK):
-            if template is None and (chat := next((c for c in chunk if not c.is_raw_text), None)):
+            if template is None and (chat := next((c for c in chunk if c.is_chat), None)):
                 template, backend = _Template(tokenizer, chat.messages), _backend(tokenizer)
                 tails = _Tails(backend)
             plans = [_plan_or_error(conv, tokenizer, template, options) for conv in chunk]
@@ -176,7 +176,11 @@ class _Plan(NamedTuple):
 
 def _plan_or_error(conv: Conversation, tokenizer, template: _Template | None, options: RenderOptions):
     try:
-        return _render_text(conv, tokenizer, options) if conv.is_raw_text else _plan(conv, template, options)
+        if conv.is_raw_text:
+            return _render_text(conv, tokenizer, options)
+        if conv.is_segments:
+            return _render_segments(conv, tokenizer, options)
+        return _plan(conv, template, options)
     except DataError as e:
         return e
     except TemplateFailed as e:
@@ -724,6 +728,27 @@ def _render_text(conversation: Conversation, tokenizer, options: RenderOptions) 
         labels[0] = IGNORE
     example = Example(ids, labels, conversation.source)
     return example if options.split_text else _fit(example, options)
+
+
+def _render_segments(conversation: Conversation, tokenizer, options: RenderOptions) -> Example:
+    """Template-free segments (Axolotl's `input_output`), as Axolotl renders them: each segment
+    tokenized on its own, with no BOS or EOS added (what the text writes is all there is), and the
+    ids concatenated; labels = ids on label-true segments, IGNORE elsewhere. Tokenized apart, a
+    segment's tokens never straddle a boundary, so the trained tokens are exactly the label-true
+    segments' own. Special-token strings in the text ("<|im_start|>", "</s>") become those tokens,
+    whatever the tokenizer's `split_special_tokens`. Over-long examples follow `max_seq_length` and
+    `truncation` as chats do (never split into blocks as raw text is)."""
+    texts = [text for text, _ in conversation.segments]
+    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    labels: list[int] = []
+    for seg_ids, (_, trained) in zip(encoded, conversation.segments):
+        ids += seg_ids
+        labels += seg_ids if trained else [IGNORE] * len(seg_ids)
+    example = Example(ids, labels, conversation.source)
+    if example.num_trained == 0:
+        raise DataError(conversation.source, "the label-true segments produced no tokens")
+    return _fit(example, options)
 
 
 def _fit(example: Example, options: RenderOptions) -> Example:

@@ -43,19 +43,20 @@ def _stats(values: list[int]) -> dict[str, float]:
 
 def dataset_summary(convs: list[Conversation], tokenizer=None) -> tuple[dict[str, Any], dict[str, list[int]]]:
     """Numbers for the report, and the raw length lists the histograms are drawn from."""
-    chats = [c for c in convs if c.text is None]
+    chats = [c for c in convs if c.is_chat]
     prompts = ["\n".join(m["content"] for m in c.messages if m["role"] != "assistant") for c in chats]
     responses = ["\n".join(message_text(m) for m in c.messages if m["role"] == "assistant") for c in chats]
     raw = [c.text for c in convs if c.text is not None]
+    segmented = [c.written_text for c in convs if c.segments is not None]  # template-free, whole as written
     series = {"prompt": _lengths(prompts, tokenizer), "response": _lengths(responses, tokenizer),
-              "raw_text": _lengths(raw, tokenizer)}
+              "raw_text": _lengths(raw, tokenizer), "segments": _lengths(segmented, tokenizer)}
     turns = Counter(sum(m["role"] == "assistant" for m in c.messages) for c in chats)
     roles = Counter(m["role"] for c in chats for m in c.messages)
     summary = {
-        "conversations": len(convs), "chat": len(chats), "raw_text": len(raw),
+        "conversations": len(convs), "chat": len(chats), "raw_text": len(raw), "segments": len(segmented),
         "length_unit": "tokens" if tokenizer is not None else "words",
         "prompt_length": _stats(series["prompt"]), "response_length": _stats(series["response"]),
-        "raw_text_length": _stats(series["raw_text"]),
+        "raw_text_length": _stats(series["raw_text"]), "segments_length": _stats(series["segments"]),
         "turns_per_conversation": {str(k): v for k, v in sorted(turns.items())},
         "role_counts": dict(roles.most_common()),
     }
@@ -127,12 +128,14 @@ def _sections(summary: dict[str, Any]) -> list[tuple[str, list[tuple[str, Any]],
     unit = summary["length_unit"]
     out = [("Dataset", [("Conversations", summary["conversations"]), ("Chat conversations", summary["chat"]),
                         ("Raw-text records", summary["raw_text"]), ("Length unit", unit)], [])]
+    if summary.get("segments"):
+        out[0][1].insert(3, ("Segments records (template-free)", summary["segments"]))
     reading = summary.get("reading", {})
     if reading.get("rejected"):  # read in skip mode: what was left out of the numbers below
         out[0][1].extend([("Rejected on reading", reading["rejected"]), ("Rejects file", reading["rejects_file"])])
     for key, title in (("prompt_length", "Prompt length"), ("response_length", "Response length"),
-                       ("raw_text_length", "Raw text length")):
-        if summary[key].get("count"):
+                       ("raw_text_length", "Raw text length"), ("segments_length", "Segments record length")):
+        if summary.get(key, {}).get("count"):
             out.append((f"{title} ({unit})", _rows(summary[key]), []))
     out.append(("Assistant turns per conversation", _rows(summary["turns_per_conversation"]), []))
     out.append(("Messages by role", _rows(summary["role_counts"]), []))

@@ -149,6 +149,9 @@ def reference_texts(conversations: Sequence[Conversation], tokenizer) -> list[st
 
 
 def check_evaluable(c: Conversation) -> None:
+    if c.is_segments:
+        raise DataError(c.source, "template-free segments have no prompt/answer split to evaluate against "
+                                  "(evaluate a chat file: messages, prompt/completion, ...)")
     if c.is_raw_text or c.reference() is None:
         raise DataError(c.source, "no assistant answer to evaluate against")
     if not c.prompt_messages():

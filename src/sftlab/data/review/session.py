@@ -74,7 +74,7 @@ def own_flags(conv: Conversation) -> list[dict[str, str]]:
     if bad:
         flags.append({"kind": bad[0], "detail": bad[1]})
     found: Counter[str] = Counter()
-    for text in ([conv.text] if conv.text is not None else [m["content"] for m in conv.messages]):
+    for text in _texts(conv):
         scrub_pii(text, found)
     if found:
         flags.append({"kind": "PII", "detail": ", ".join(f"{k} x{n}" for k, n in found.items())})
@@ -119,11 +119,15 @@ def _render(convs: list[Conversation], tokenizer) -> list:
 
 
 def edited(conv: Conversation, state: ItemState) -> Conversation:
-    """The conversation with the review's edits applied (raw text is message 0)."""
+    """The conversation with the review's edits applied (raw text is message 0; segment i, message i,
+    its label kept)."""
     if not state.edits:
         return conv
     if conv.text is not None:
         return Conversation(source=conv.source, text=state.edits.get(0, conv.text), meta=conv.meta)
+    if conv.segments is not None:
+        return Conversation(source=conv.source, meta=conv.meta,
+                            segments=[(state.edits.get(i, text), trained) for i, (text, trained) in enumerate(conv.segments)])
     messages = [{**m, "content": state.edits.get(i, m["content"])} for i, m in enumerate(conv.messages)]
     return Conversation(messages=messages, source=conv.source, meta=conv.meta)
 
@@ -224,8 +228,8 @@ class ReviewSession:
         i = self.position(item_id)
         conv, state = self.convs[i], self.log.state(item_id)
         shown = self.current(i)
-        messages = [{"role": "text", "content": shown.text}] if shown.text is not None else shown.messages
-        originals = [conv.text] if conv.text is not None else [m["content"] for m in conv.messages]
+        messages = _shown_messages(shown)
+        originals = _texts(conv)
         flags, tokens = self.checked(i)
         return {"id": item_id, "index": i, "source": conv.source, "flags": flags, "tokens": tokens,
                 "messages": [{**m, **({"original": originals[j]} if j in state.edits else {})}
@@ -258,7 +262,7 @@ class ReviewSession:
                 continue
             if needle:
                 conv = self.current(i)
-                texts = [conv.text] if conv.text is not None else [m["content"] for m in conv.messages]
+                texts = _texts(conv)
                 if not any(needle in t.casefold() for t in [conv.source, *texts]):
                     continue
             out.append(item_id)
@@ -294,7 +298,7 @@ class ReviewSession:
                 raise SftlabError(f"the reason is {len(reason)} characters; the limit is {MAX_REASON}")
             entry["reason"] = reason or None
         elif kind == "edit":
-            n = 1 if self.convs[i].text is not None else len(self.convs[i].messages)
+            n = len(_texts(self.convs[i]))
             j, content = action.get("message"), action.get("content")
             if not isinstance(j, int) or not 0 <= j < n:
                 raise SftlabError(f"edit needs 'message', an index from 0 to {n - 1}")
@@ -303,7 +307,7 @@ class ReviewSession:
             entry.update(message=j, content=content)
             base = action.get("base")
             if base is not None:
-                original = self.convs[i].text if self.convs[i].text is not None else self.convs[i].messages[j]["content"]
+                original = _texts(self.convs[i])[j]
 
                 def check(state: ItemState) -> None:
                     now = state.edits.get(j, original)
@@ -355,8 +359,23 @@ class ReviewSession:
             if "review" in conv.meta:  # reviewed before (an earlier export): keep that as history
                 review["previous"] = conv.meta["review"]
             out.append(Conversation(messages=conv.messages, text=conv.text, source=conv.source,
-                                    meta={**conv.meta, "review": review}))
+                                    meta={**conv.meta, "review": review}, segments=conv.segments))
         return out
+
+
+def _shown_messages(conv: Conversation) -> list[dict[str, Any]]:
+    """What the page shows as messages: the chat's, raw text as one "text" message, each segment as a
+    "trained" or "context" message (Axolotl's label true / false), in the order edits index them."""
+    if conv.text is not None:
+        return [{"role": "text", "content": conv.text}]
+    if conv.segments is not None:
+        return [{"role": "trained" if trained else "context", "content": text} for text, trained in conv.segments]
+    return conv.messages
+
+
+def _texts(conv: Conversation) -> list[str]:
+    """The editable texts, indexed as edits index them (see `_shown_messages`)."""
+    return [m["content"] for m in _shown_messages(conv)]
 
 
 def check_label(label: Any) -> str:

@@ -34,8 +34,8 @@ _LABEL = re.compile(r"label\s*[:=]\s*\**\s*([^\n*]+)", re.IGNORECASE)
 
 
 def suggestion_prompt(conv: Conversation, labels: list[str]) -> list[dict[str, str]]:
-    if conv.text is not None:
-        transcript = conv.text
+    if not conv.is_chat:  # raw text, or segments as written
+        transcript = conv.written_text
     else:
         transcript = "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in conv.messages)
     if len(transcript) > MAX_TRANSCRIPT:
