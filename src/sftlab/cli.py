@@ -59,14 +59,21 @@ def _quiet_third_party_logs() -> None:
     # bitsandbytes (imported by peft) warns at import that an optional CPU 4-bit kernel
     # package is missing, on every run, LoRA ones included; its fallback works.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    # sftlab's own warnings are messages to the user: one line, not a file:line and source line.
-    plain, ours = warnings.formatwarning, str(Path(__file__).parent)
+    # sftlab's own warnings are messages to the user: one line, not a file:line and source line. Set once:
+    # wrapping whatever formatter is in place at each call nested one more level per `main()` in a process.
+    if warnings.formatwarning is not _one_line:
+        _PLAIN_FORMAT.append(warnings.formatwarning)
+        warnings.formatwarning = _one_line
 
-    def one_line(message, category, filename, lineno, line=None):
-        return f"warning: {message}\n" if str(filename).startswith(ours) else plain(message, category, filename,
-                                                                                       lineno, line)
 
-    warnings.formatwarning = one_line
+_OURS = str(Path(__file__).parent)
+_PLAIN_FORMAT: list = []  # the formatter `_one_line` replaced, for other libraries' warnings
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    if str(filename).startswith(_OURS):
+        return f"warning: {message}\n"
+    return _PLAIN_FORMAT[-1](message, category, filename, lineno, line)
 
 
 # Commands that train: on a CPU they re-execute themselves once on tcmalloc (train/allocator.py).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -52,3 +53,15 @@ def test_top_level_help_names_every_export_target(capsys):
     assert main(["--help"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("export "))
     assert all(target in line.lower() for target in TARGETS), line
+
+
+def test_the_one_line_warning_format_is_set_once_however_often_main_runs():
+    """Each `sftlab.cli.main` call wrapped the warning formatter in place in another layer: a process that
+    runs many commands (a notebook, a sweep, a test worker) hit RecursionError formatting any warning."""
+    import warnings
+
+    from sftlab import cli
+
+    for _ in range(2 * sys.getrecursionlimit()):
+        cli._quiet_third_party_logs()
+    assert warnings.formatwarning("w", UserWarning, "/elsewhere/a.py", 3, "").startswith("/elsewhere/a.py:3: UserWarning")
