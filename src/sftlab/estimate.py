@@ -242,7 +242,7 @@ def model_shape(config) -> ModelShape:
     """Instantiate the model on the meta device (no memory, no weights) and measure it."""
     import torch
 
-    from sftlab.models import missing_library, model_auto_class, outside_language_model, outside_language_pattern
+    from sftlab.models import lora_exclude_modules, missing_library, model_auto_class, outside_language_model
     from sftlab.train.loss import fused_head
 
     auto = model_auto_class(config)  # as sftlab train loads it: a vision-language model by AutoModelForImageTextToText
@@ -288,7 +288,7 @@ def model_shape(config) -> ModelShape:
     experts = list(stacked.values())
     n_params = sum(p.numel() for p in model.parameters())
     norms = _norms(model, modules, layers[0], {"q": q_width, "k": kv_width})  # before PEFT wraps the MoE's layers
-    exclude = outside_language_pattern([p[:-1] for p in outside], unwrappable) if outside else unwrappable
+    exclude = lora_exclude_modules([p[:-1] for p in outside], unwrappable)
     lora_fields, left_out = _all_linear_lora(model, candidates, exclude)  # PEFT wraps the model: last
     moe = {**_experts(text, experts), "router_weights": _router_weights(modules, sparse, candidates),
            **lora_fields} if experts else {}
@@ -326,6 +326,17 @@ def linear_layers(model) -> list[tuple[str, int, int]]:
     head = model.get_output_embeddings()
     return [(n, m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else (n, *m.weight.shape)
             for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head]
+
+
+def language_model_linears(model) -> list[tuple[str, int, int]]:
+    """`linear_layers` of the language model alone (not a multimodal model's towers: `outside_language_model`),
+    named as in the base model, without the layers PEFT adds (base_layer, lora_*) when `model` is a PEFT model."""
+    from sftlab.models import outside_language_model
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    outside = tuple(p + "." for p in outside_language_model(base))
+    return [layer for layer in linear_layers(base) if not layer[0].startswith(outside)
+            and not any(p == "base_layer" or p.startswith("lora_") for p in layer[0].split("."))]
 
 
 def unwrappable_linears(model) -> list[str]:

@@ -351,6 +351,15 @@ def model_auto_class(config):
     return AutoModelForCausalLM
 
 
+def auto_model_from(path, **kwargs):
+    """The model saved at `path` (a folder or hub id), loaded by the Auto class its config maps to
+    (`model_auto_class`); `kwargs` go to from_pretrained."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
+    return model_auto_class(config).from_pretrained(path, **kwargs)
+
+
 def outside_language_model(model) -> list[str]:
     """The parts of a multimodal model that are not its language model (vision and audio towers, their
     projectors), by module name: [] for a text-only model. The language model is `get_decoder()` and the
@@ -391,9 +400,11 @@ def parts_not_loaded(name_or_path: str, model) -> list[str]:
                   and k != "text_config" and "text_config" in sub_configs and k not in loaded)
 
 
-def outside_language_pattern(parts: list[str], also: list[str] | None = None) -> str:
-    """A PEFT exclude_modules regular expression (matched whole against module names) for every module
-    in `parts` (`outside_language_model`) and the modules named in `also`."""
+def lora_exclude_modules(parts: list[str], also: list[str] | None = None) -> str | list[str] | None:
+    """PEFT's exclude_modules for every module in `parts` (`outside_language_model`: a regular expression,
+    matched whole against module names) and the modules named in `also`; with no parts, `also` as it is."""
+    if not parts:
+        return also
     names = [re.escape(p) + r"(?:\..*)?" for p in parts] + [re.escape(n) for n in also or ()]
     return "|".join(names)
 
@@ -425,7 +436,7 @@ def load_model(
     """A causal LM from a folder/id/GGUF, or a run (base + adapter, or its full model).
     `allow_pickle` (default: SFTLAB_ALLOW_PICKLE) lets non-safetensors weights load."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if is_run_dir(name_or_path):
         art = run_artifacts(name_or_path)
@@ -462,9 +473,7 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        auto = AutoModelForCausalLM if gguf else model_auto_class(
-            AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
-        model = auto.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs) if gguf else auto_model_from(path, **kwargs)
     except (OSError, ValueError) as e:
         raise _hub_error(name_or_path, e) from e
     except ImportError as e:  # a part of the model needs a library (Gemma 3n's vision tower: timm)

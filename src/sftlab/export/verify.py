@@ -198,13 +198,13 @@ def verify_saved(source: str, saved_dir, target: str = "model", tolerance: float
     """A written model folder, reloaded by plain transformers, against SOURCE as sftlab loads it
     (a GGUF is dequantised and converted, an HF folder copied: both must give the same logits)."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from sftlab.models import load_model, model_auto_class
+    from sftlab.models import auto_model_from, load_model
 
     tokenizer = AutoTokenizer.from_pretrained(saved_dir)
     ref = load_model(source, dtype="float32").eval()
-    got = model_auto_class(AutoConfig.from_pretrained(saved_dir)).from_pretrained(saved_dir, dtype=torch.float32).eval()
+    got = auto_model_from(saved_dir, dtype=torch.float32).eval()
     ids = prompt_ids(tokenizer)
     diff = max(float(abs(torch_logits(ref, x) - torch_logits(got, x)).max()) for x in ids)
     return VerifyResult(target, str(saved_dir), max_abs_diff=diff, tolerance=tolerance, prompts=len(ids))

@@ -412,15 +412,14 @@ class TorchEngine:
     @classmethod
     def from_pretrained(cls, path: str | Path):
         import torch
-        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+        from transformers import AutoTokenizer, GenerationConfig
 
-        from sftlab.models import model_auto_class
+        from sftlab.models import auto_model_from
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         dtype = torch.float16 if torch.cuda.is_available() else torch.float32
         # a merged vision-language model (Qwen2.5-VL, Mistral 3) loads as AutoModelForImageTextToText
-        model = model_auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=dtype,
-                                                                                     use_safetensors=True)
+        model = auto_model_from(path, dtype=dtype, use_safetensors=True)
         if torch.cuda.is_available():
             model = model.to("cuda")
         try:

@@ -324,11 +324,11 @@ def lora_exclusions(model, targets) -> list[str] | str | None:
     multimodal model, every layer outside its language model (vision and audio towers, projectors:
     `outside_language_model`), which all-linear and a list of names (a vision tower has its q_proj too) would
     pick; then a regular expression. A regular expression of the user's own picks what it matches."""
-    from sftlab.models import outside_language_model, outside_language_pattern
+    from sftlab.models import lora_exclude_modules, outside_language_model
 
     unwrappable = unwrappable_targets(model, targets)
     parts = outside_language_model(model) if targets == "all-linear" or isinstance(targets, list) else []
-    return outside_language_pattern(parts, unwrappable) if parts else unwrappable
+    return lora_exclude_modules(parts, unwrappable)
 
 
 def unwrappable_targets(model, targets) -> list[str] | None:
@@ -354,25 +354,19 @@ def linears_left_out(model) -> list[str]:
     routers PEFT cannot wrap (`unwrappable_targets`), and on the mixtures of experts PEFT maps from their
     transformers 4 names (DeepSeek-V3, GLM-4.5, Qwen3-Next, ...) the dense layers' and shared experts'
     gate_proj/up_proj/down_proj, names PEFT takes for the experts' stacked tensors."""
-    from sftlab.estimate import linear_layers
-    from sftlab.models import name_in_layer, outside_language_model
+    from sftlab.estimate import language_model_linears
+    from sftlab.models import name_in_layer
 
-    outside = tuple(p + "." for p in outside_language_model(model))  # left out on purpose: said apart
-    return sorted({name_in_layer(n) for n, _, _ in linear_layers(model.get_base_model())
-                   if not any(p == "base_layer" or p.startswith("lora_") for p in n.split("."))
-                   and not n.startswith(outside)})
+    # a multimodal model's towers are left out on purpose: said apart
+    return sorted({name_in_layer(n) for n, _, _ in language_model_linears(model)})
 
 
 def _linear_layer_names(model) -> list[str]:
     """The names a lora.target_modules list can give: the model's linear layers' last name parts (not the
     parts of LoRA layers PEFT may have added before it refused a target)."""
-    from sftlab.estimate import linear_layers
-    from sftlab.models import outside_language_model
+    from sftlab.estimate import language_model_linears
 
-    outside = tuple(p + "." for p in outside_language_model(model))  # a multimodal model's vision tower: not trained
-    return sorted({n.rsplit(".", 1)[-1] for n, _, _ in linear_layers(model)
-                   if not any(p == "base_layer" or p.startswith("lora_") for p in n.split("."))
-                   and not n.startswith(outside)})
+    return sorted({n.rsplit(".", 1)[-1] for n, _, _ in language_model_linears(model)})
 
 
 def _written(targets) -> str:
