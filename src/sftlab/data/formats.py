@@ -26,8 +26,17 @@ Supported schemas (the `format` names):
                      (Vertex AI's Gemini tuning JSONL; function calls and thoughts too: data/gemini.py)
   multiple_choice    benchmarks' native layouts (CHOICE_LAYOUTS): MMLU {"question", "choices": [...], "answer"},
                      ARC {"question", "choices": {"text", "label"}, "answerKey"}, OpenBookQA, HellaSwag
-                     {"ctx", "endings", "label"}, PIQA {"goal", "sol1", "sol2", "label"} -> the question with
-                     lettered options, answered by the right option's text; meta "choices" and "answer" (index)
+                     {"ctx", "endings", "label"}, PIQA {"goal", "sol1", "sol2", "label"}, WinoGrande
+                     {"sentence", "option1", "option2", "answer": "1"|"2"}, Social IQa {"context", "question",
+                     "answerA".."answerC", "label": "1".."3"}, MedMCQA {"question", "opa".."opd", "cop"},
+                     RACE {"article", "question", "options", "answer": letter}, MMLU-Pro {"question", "options",
+                     "answer_index"}, TruthfulQA {"question", "mc1_targets": {"choices", "labels"}}, SciQ
+                     {"question", "correct_answer", "distractor1".."3", "support"?}, GPQA's CSV {"Question",
+                     "Correct Answer", "Incorrect Answer 1".."3"}, BoolQ {"question", "passage", "answer":
+                     true|false} (options yes / no) -> the passage (if any), the question with lettered options,
+                     answered by the right option's text; meta "choices" (as shown) and "answer" (index).
+                     Where the right option comes first as written (SciQ, GPQA, TruthfulQA) the options are
+                     ordered by a hash of the record. An unlabelled row (answer "", -1 or absent) is "no answer"
   preference         paired: {"prompt"?, "chosen", "rejected"} (the prompt also as "question",
                      "instruction" (+ "input"?, "history"?, as Alpaca's) or "input", with an optional
                      "system" or "system_prompt": orca_dpo_pairs),
@@ -40,6 +49,13 @@ Supported schemas (the `format` names):
                      The prompt must be the same on both sides, and the answers must differ.
                      HH-RLHF's whole transcripts ("\n\nHuman: ...\n\nAssistant: ..." strings, no
                      prompt) are split into turns.
+                     Chatbot Arena battles (data/arena.py): {"model_a", "model_b", "winner": "model_a" |
+                     "model_b" | "tie" | "tie (bothbad)", "conversation_a": [{"role", "content"}...],
+                     "conversation_b": [...]} (lmsys/chatbot_arena_conversations, arena-human-preference-
+                     100k / -140k), and Kaggle's CSV (arena-human-preference-55k): {"prompt", "response_a",
+                     "response_b"} (JSON lists of strings, one per turn) + "winner_model_a" / "winner_model_b"
+                     / "winner_tie" (0/1). The winner's conversation is chosen, the loser's rejected;
+                     a tie, or a multi-turn battle whose earlier answers differ, is no pair (a reject).
                      unpaired (KTO): {"prompt", "completion", "label": true|false} -> `messages`
                      and `meta["label"]` (a bool; "true"/"false" strings, as CSV files hold them, too);
                      any chat record with LLaMA-Factory's "kto_tag" (true/false) too.
@@ -52,6 +68,7 @@ Every problem raises `RecordError` (a `DataError`) naming the record's source an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from functools import partial
@@ -59,6 +76,7 @@ from typing import Any, Callable, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sftlab.data.arena import ARENA_KEYS, arena_pair, is_arena
 from sftlab.data.conversation import ROLES, Conversation, message_text
 from sftlab.data.gemini import gemini_parts
 from sftlab.data.oasst import is_message_row
@@ -469,19 +487,72 @@ class _ChoiceLayout(NamedTuple):
     """Where a benchmark's native record keeps the question, the options and the right option."""
     question: str
     choices: tuple[str, ...]  # one column listing the options (or ARC's {"text", "label"}), or one per option
-    answer: str
+    answer: str | None  # None: the first option column is the right one (SciQ), or its 1 label (TruthfulQA)
+    context: str | None = None  # a passage shown before the question (RACE's article)
+    base: int = 0  # the number that names the first option (1: WinoGrande's "1" / "2")
+    shuffle: bool = False  # the right option comes first as written: reorder (`_hash_order`)
+    options: tuple[str, ...] = ()  # fixed options of a record that lists none (BoolQ): true is the first
+    detect: tuple[str, ...] = ()  # the keys that pick the layout, where not all of `keys` (an answer may be absent)
+    fits: Callable[[dict], bool] | None = None  # a further test of the record, for detection only
 
     @property
     def keys(self) -> tuple[str, ...]:
-        return (self.question, *self.choices, self.answer)
+        """The columns read (the rest go to meta)."""
+        return tuple(k for k in (self.question, *self.choices, self.answer, self.context) if k is not None)
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return self.detect or self.keys
+
+    def pick(self, record: dict) -> str | None:
+        """Detection: multiple_choice, or None to let later rules look (BoolQ's answer is not a truth value)."""
+        return "multiple_choice" if self.fits is None or self.fits(record) else None
 
 
+YES_NO = ("yes", "no")
+_TRUTH = {"true": 0, "yes": 0, "false": 1, "no": 1}  # an answer's text -> its index in YES_NO
+
+
+def _truth(value: Any) -> int | None:
+    """The YES_NO index a BoolQ answer names: a bool, "True" / "False" as a CSV writes it, or yes / no."""
+    if isinstance(value, bool):
+        return 0 if value else 1
+    return _TRUTH.get(value.strip().lower()) if isinstance(value, str) else None
+
+
+def _boolq(record: dict) -> bool:
+    """A question + passage + answer record is BoolQ's only when the answer is a truth value (or unlabelled):
+    with a text answer it stays prompt/completion."""
+    return _truth(record["answer"]) is not None or record["answer"] in (None, "")
+
+
+_GPQA = ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
+_SCIQ = ("correct_answer", "distractor1", "distractor2", "distractor3")
+_SIQA = ("answerA", "answerB", "answerC")
+_MEDMCQA = ("opa", "opb", "opc", "opd")
+# First match wins, in detection too: keep each layout's `required` keys from capturing another's records.
 CHOICE_LAYOUTS = (
     _ChoiceLayout("question", ("choices",), "answer"),         # MMLU (cais/mmlu): answer 0-3
     _ChoiceLayout("question", ("choices",), "answerKey"),      # ARC, CommonsenseQA: {"text", "label"}
     _ChoiceLayout("question_stem", ("choices",), "answerKey"),  # OpenBookQA
     _ChoiceLayout("ctx", ("endings",), "label"),               # HellaSwag: label "0"-"3"
     _ChoiceLayout("goal", ("sol1", "sol2"), "label"),          # PIQA
+    _ChoiceLayout("sentence", ("option1", "option2"), "answer", base=1,  # WinoGrande: "1" / "2"
+                  detect=("sentence", "option1", "option2")),
+    _ChoiceLayout("question", _SIQA, "label", context="context", base=1,  # Social IQa: "1"-"3"
+                  detect=("context", "question", *_SIQA)),
+    _ChoiceLayout("question", _MEDMCQA, "cop", detect=("question", *_MEDMCQA)),  # MedMCQA: cop 0-3
+    _ChoiceLayout("question", ("options",), "answer", context="article",  # RACE: "A"-"D"
+                  detect=("article", "question", "options")),
+    _ChoiceLayout("question", ("options",), "answer_index",  # MMLU-Pro (its "answer" letter says the same)
+                  detect=("question", "options", "answer_index")),
+    _ChoiceLayout("question", ("mc1_targets",), None, shuffle=True,  # TruthfulQA: {"choices", "labels"}
+                  detect=("question", "mc1_targets")),
+    _ChoiceLayout("question", _SCIQ, None, context="support", shuffle=True,  # SciQ
+                  detect=("question", *_SCIQ[1:])),
+    _ChoiceLayout("Question", _GPQA, None, shuffle=True, detect=("Question", *_GPQA[1:])),  # GPQA (CSV)
+    _ChoiceLayout("question", (), "answer", context="passage", options=YES_NO,  # BoolQ: true / false
+                  detect=("question", "passage", "answer"), fits=_boolq),
 )
 MAX_CHOICES = 26  # lettered A to Z
 
@@ -491,65 +562,111 @@ def _letters(n: int) -> list[str]:
 
 
 def _choices(record: dict, keys: tuple[str, ...], source: str) -> tuple[list[str], list | None]:
-    """The options' texts, and their labels where the record names them (ARC's {"text", "label"})."""
+    """The options' texts (stripped: each is shown on its own lettered line), and their labels where the
+    record names them (ARC's {"text", "label"}, TruthfulQA's {"choices", "labels"})."""
     if len(keys) > 1:
-        return [_string(record, k, source) for k in keys], None
+        return [_string(record, k, source).strip() for k in keys], None
     value, labels = record[keys[0]], None
     if isinstance(value, dict):
-        value, labels = value.get("text"), value.get("label")
+        value, labels = value.get("text", value.get("choices")), value.get("label", value.get("labels"))
     if not (isinstance(value, list) and 2 <= len(value) <= MAX_CHOICES and all(isinstance(c, str) for c in value)):
         raise RecordError(source, "mistyped field", f"'{keys[0]}' must list 2 to {MAX_CHOICES} option texts")
     if labels is not None and not (isinstance(labels, list) and len(labels) == len(value)):
         raise RecordError(source, "mistyped field", f"'{keys[0]}' must have one label per option")
-    return value, labels
+    return [c.strip() for c in value], labels
 
 
-def _choice_index(value: Any, key: str, choices: list[str], labels: list | None, source: str) -> int:
+def _unlabelled(record: dict, key: str, source: str) -> None:
+    """An answer that is absent, empty or -1 (an unlabelled test split: WinoGrande's "", MedMCQA's -1)."""
+    value = record.get(key)
+    if key in record and not (value is None or value == "" or value in (-1, "-1")):
+        return
+    what = "missing" if key not in record else "empty" if value in (None, "") else repr(value)
+    raise RecordError(source, "no answer", f"'{key}' is {what} (an unlabelled test split?)")
+
+
+def _flagged(labels: list, key: str, source: str) -> int:
+    """The one option that TruthfulQA's mc1 labels mark right (1; the others 0)."""
+    if not all(flag in (0, 1) for flag in labels):
+        raise RecordError(source, "mistyped field", f"'{key}' labels must be 1 (right) or 0, got {labels}")
+    right = [i for i, flag in enumerate(labels) if flag == 1]
+    if len(right) != 1:
+        raise RecordError(source, "several answers" if right else "no answer",
+                          f"'{key}' labels {len(right)} options 1 (right); exactly one must be")
+    return right[0]
+
+
+def _choice_index(value: Any, key: str, choices: list[str], labels: list | None, source: str, base: int = 0) -> int:
     """The right option's index: its label's position where the record names labels (ARC's answerKey);
-    else an index (an int, or its digits: HellaSwag's label), a letter (A is 0) or the option's text."""
-    if value is None or value == "":
-        raise RecordError(source, "no answer", f"'{key}' is empty (an unlabelled test split?)")
+    else an index (an int, or its digits: HellaSwag's label; from `base`), a letter (A is 0) or the option's text."""
     if labels is not None:
         if value not in labels:
             raise RecordError(source, "answer not a choice",
                               f"'{key}' {value!r} is not one of the labels {', '.join(map(str, labels))}")
         return labels.index(value)
-    index = _named_index(value, choices)
+    index = _named_index(value, choices, base)
     if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(choices):
         return index
     last = len(choices) - 1
-    raise RecordError(source, "answer not a choice",
-                      f"'{key}' {value!r} is not an option's index (0 to {last}), letter (A to {_letters(last + 1)[-1]}) or text")
+    raise RecordError(source, "answer not a choice", f"'{key}' {value!r} is not an option's index ({base} to "
+                                                     f"{last + base}), letter (A to {_letters(last + 1)[-1]}) or text")
 
 
-def _named_index(value: Any, choices: list[str]) -> Any:
-    """The index an answer written as text names (its digits, a letter, or the option's text); any other
-    answer as it is."""
+def _named_index(value: Any, choices: list[str], base: int = 0) -> Any:
+    """The index an answer names: a number counted from `base`, its digits, a letter, or the option's text;
+    any other answer as it is."""
     if not isinstance(value, str):
-        return value
+        return value - base if isinstance(value, int) and not isinstance(value, bool) else value
     text, letters = value.strip(), _letters(len(choices))
     if text.isdecimal():
-        return int(text)
+        return int(text) - base
     if text in letters:
         return letters.index(text)
-    return choices.index(value) if value in choices else None
+    return choices.index(text) if text in choices else None
+
+
+def _options(record: dict, layout: _ChoiceLayout, source: str) -> tuple[list[str], int]:
+    """The options' texts and the right one's index, as `layout` writes them."""
+    if layout.options:  # BoolQ: a truth value names yes or no
+        _unlabelled(record, layout.answer, source)
+        index = _truth(record[layout.answer])
+        if index is None:
+            raise RecordError(source, "answer not a choice",
+                              f"'{layout.answer}' {record[layout.answer]!r} is not true / false or yes / no")
+        return list(layout.options), index
+    _unlabelled(record, layout.answer or layout.choices[0], source)
+    choices, labels = _choices(record, layout.choices, source)
+    if layout.answer is None:  # the right option listed first (SciQ, GPQA) or labelled 1 (TruthfulQA)
+        return choices, 0 if labels is None else _flagged(labels, layout.choices[0], source)
+    return choices, _choice_index(record[layout.answer], layout.answer, choices, labels, source, layout.base)
+
+
+def _hash_order(question: str, choices: list[str], index: int) -> tuple[list[str], int]:
+    """The options ordered by the SHA-256 of question and option: where the right option is always listed
+    first (SciQ, GPQA, TruthfulQA), it would otherwise always be "A", which a fine-tuned model learns.
+    The order comes from the record alone, so it is the same on every run and Python version (unlike hash())."""
+    order = sorted(range(len(choices)), key=lambda i: hashlib.sha256(f"{question}\n{choices[i]}".encode()).digest())
+    return [choices[i] for i in order], order.index(index)
 
 
 def from_multiple_choice(record: dict, source: str) -> Conversation:
-    """A multiple-choice item in its benchmark's native layout (CHOICE_LAYOUTS): the question and its
-    lettered options, answered by the right option's text (the form `choice` scoring gives each option).
-    `meta` gets `choices` and `answer` (the index), and as `references` the option's letter, alone and
-    with its text, so exact match accepts an answer that names the option as the prompt shows it."""
-    layout = next((lay for lay in CHOICE_LAYOUTS if all(k in record for k in lay.keys)), None)
+    """A multiple-choice item in its benchmark's native layout (CHOICE_LAYOUTS): its passage (if any), the
+    question and its lettered options, answered by the right option's text (the form `choice` scoring gives
+    each option). `meta` gets `choices` (in the order shown) and `answer` (the index), and as `references`
+    the option's letter, alone and with its text, so exact match accepts an answer that names the option
+    as the prompt shows it."""
+    layout = next((lay for lay in CHOICE_LAYOUTS if all(k in record for k in lay.required)), None)
     if layout is None:
         raise RecordError(source, "missing field",
-                          f"expected one of {' | '.join(' + '.join(lay.keys) for lay in CHOICE_LAYOUTS)}")
-    question = _string(record, layout.question, source)
-    choices, labels = _choices(record, layout.choices, source)
-    index = _choice_index(record[layout.answer], layout.answer, choices, labels, source)
+                          f"expected one of {' | '.join(' + '.join(lay.required) for lay in CHOICE_LAYOUTS)}")
+    question = _string(record, layout.question, source).strip()
+    context = (_string(record, layout.context, source, required=False) or "").strip() if layout.context else ""
+    choices, index = _options(record, layout, source)
+    if layout.shuffle:
+        choices, index = _hash_order(question, choices, index)
     letters = _letters(len(choices))
     options = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, choices))
-    messages = [{"role": "user", "content": f"{question}\n\n{options}"},
+    messages = [{"role": "user", "content": "\n\n".join(part for part in (context, question, options) if part)},
                 {"role": "assistant", "content": choices[index]}]
     conv = _chat(messages, source, _meta(record, layout.keys))
     conv.meta |= {"choices": choices, "answer": index,
@@ -684,6 +801,8 @@ def _transcript(text: str, source: str, field: str) -> list[dict[str, str]]:
 
 
 def from_preference(record: dict, source: str) -> Conversation:
+    if is_arena(record):  # Chatbot Arena battles, as a chosen/rejected record (data/arena.py)
+        record = arena_pair(record, source)
     if "completion" in record and "label" in record and "chosen" not in record:
         return _from_unpaired(record, source)
     if isinstance(record.get("input"), dict):
@@ -784,18 +903,20 @@ def _chat_format(record: dict) -> str:
     return "sharegpt" if _shape(record[_chat_key(record)]) is SHAREGPT else "messages"
 
 
-# Detection rules, first match wins: (format, keys that must all be present) or a function.
-_DETECT: tuple[tuple[tuple[str, ...], Callable[[dict], str]], ...] = (
+# Detection rules, first match wins: (format, keys that must all be present) or a function
+# (which may return None: the record is not of that format after all, and later rules look).
+_DETECT: tuple[tuple[tuple[str, ...], Callable[[dict], str | None]], ...] = (
     (("chosen", "rejected"), lambda r: "preference"),
     (("prompt", "completion", "label"), lambda r: "preference" if kto_label(r["label"]) is not None else "prompt_completion"),
     (("messages", "rejected"), lambda r: "preference"),
     (("preferred_output", "non_preferred_output"), lambda r: "preference"),
+    *((keys, lambda r: "preference") for keys in ARENA_KEYS),  # Chatbot Arena battles
     (("segments",), lambda r: "segments"),
     *(((key,), _chat_format) for key in CHAT_KEYS),
     (("instruction", "output"), lambda r: "alpaca"),
     (("instruction", "response"), lambda r: "dolly"),
     (("question", "context", "answers"), lambda r: "squad"),
-    *((layout.keys, lambda r: "multiple_choice") for layout in CHOICE_LAYOUTS),
+    *((layout.required, layout.pick) for layout in CHOICE_LAYOUTS),  # before question + answer (RACE, BoolQ)
     (("query", "answers"), lambda r: "xlam"),
     (("contents",), lambda r: "gemini"),
     *(((p, a), lambda r: "prompt_completion") for p, a in PROMPT_PAIRS),
@@ -811,8 +932,8 @@ def detect_format(record: dict, source: str = "<record>") -> str:
                                                   "is read as one conversation per tree (--format text trains each "
                                                   "message as raw text)")
     for keys, pick in _DETECT:
-        if all(k in record for k in keys):
-            return pick(record)
+        if all(k in record for k in keys) and (name := pick(record)) is not None:  # None: not this one after all
+            return name
     # the schema with most of its keys present, the fewest missing among those
     present, keys = max(((sum(k in record for k in keys), keys) for keys, _ in _DETECT),
                         key=lambda x: (x[0], -len(x[1])))
