@@ -194,21 +194,38 @@ def test_q4_0_passes_its_nll_bound_and_a_corrupted_weight_does_not(tmp_path, tra
 
 
 @pytest.mark.slow
-def test_q8_0_export_of_the_embedded_model_meets_its_bounds_and_a_flipped_norm_does_not(tmp_path):
+def test_q8_0_export_of_the_embedded_model_meets_its_bounds_and_a_flipped_norm_does_not(tmp_path, monkeypatch):
     """The bounds hold on a real model's logits (SmolLM2-135M's reach 43; a tiny random model's stay
     near 0, where any bound passes): q8_0 costs something within them, and one layer norm with its
-    sign flipped fails the logits, top-1 and NLL checks."""
-    from sftlab.export.gguf import export_gguf
+    sign flipped fails the logits, top-1 and NLL checks. The flipped model is the one read back from
+    the file with that norm negated, verified by the same code (a corrupted file is read through the
+    loader in the tests above; reading this one again would parse its 49k-token vocabulary 3 times)."""
+    import copy
+
+    import torch
+
+    import sftlab.export.gguf as gguf_export
     from sftlab.models import embedded_model_dir
 
+    read, read_back = [], gguf_export.read_back
+
+    def recorded(path):
+        read.append(read_back(path))
+        return read[-1]
+
+    monkeypatch.setattr(gguf_export, "read_back", recorded)
     src = embedded_model_dir()
-    result = export_gguf(str(src), tmp_path / "q8", quant="q8_0")
+    result = gguf_export.export_gguf(str(src), tmp_path / "q8", quant="q8_0")
     print("\n".join(result.lines()))
     assert result.ok, result.lines()
     assert result.metrics["largest |logit|"] > 20 and 0.1 < result.max_abs_diff <= result.tolerance
     assert 0 < nll_change(result) and result.metrics["top-1 agreement"] < 1
-    flipped = corrupted_copy(tmp_path / "q8" / "model.gguf", tmp_path, "blk.10.ffn_norm.weight", lambda data: -data)
-    bad = verify_file(flipped, src, tmp_path, "q8_0")
+    (model, read_tokenizer), = read
+    flipped = copy.deepcopy(model)
+    with torch.no_grad():
+        flipped.model.layers[10].post_attention_layernorm.weight.neg_()  # the file's blk.10.ffn_norm.weight
+    monkeypatch.setattr(gguf_export, "read_back", lambda path: (flipped, read_tokenizer))
+    bad = verify_file(tmp_path / "q8" / "model.gguf", src, tmp_path, "q8_0")
     assert [c.name.split(" (")[0].split(" on ")[0] for c in bad.all_checks() if not c.ok] == \
         ["logits vs PyTorch, max abs diff", "|NLL change|", "top-1 agreement with PyTorch"], bad.lines()
 
