@@ -164,6 +164,9 @@ class ModelShape:
     lora_candidates: tuple[tuple[str, int, int], ...]  # every linear except the output head
     architecture: str = ""
     frozen_params: int = 0  # a multimodal model's vision (audio) towers and projectors: in memory, never trained
+    # parameters of the language model that the model itself creates with requires_grad=False (HRM's z_L_init):
+    # full fine-tuning leaves them out too, as the trained model's trainable count does
+    untrained_params: int = 0
     fused_head: bool = False  # the loss fuses lm_head and cross-entropy (train/loss.py fused_head)
     norms: tuple[Norm, ...] = ()  # of one decoder layer
     # mixture of experts: experts held as 3-D tensors (not linear layers), k of them run per token
@@ -257,16 +260,16 @@ def model_shape(config) -> ModelShape:
                           f"'{getattr(config, 'model_type', '?')}' config: {reason}") from e
     text = getattr(config, "get_text_config", lambda: config)()
     h = text.hidden_size
-    n_heads = getattr(text, "num_attention_heads", None)
+    n_heads = _widest(text, "num_attention_heads")
     if not n_heads:  # Mamba and other state-space models: no attention layers for the formulas below to count
         raise SftlabError(f"cannot estimate {type(model).__name__} ('{config.model_type}'): its config gives no "
                           "num_attention_heads, and the activation formulas are those of attention layers; "
                           "train a few steps (training.max_steps) with a small batch and watch the memory instead")
-    head_dim = getattr(text, "head_dim", None) or h // n_heads
-    n_kv = getattr(text, "num_key_value_heads", None) or n_heads
+    head_dim = _widest(text, "head_dim") or h // n_heads
+    n_kv = _widest(text, "num_key_value_heads") or n_heads
     # the MLP width by its names: most models, OPT, GPT-2/GPT-J/CodeGen (None: 4h), Falcon
     intermediate = next((width for key in ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
-                         if (width := getattr(text, key, None))), 4 * h)
+                         if (width := _widest(text, key))), 4 * h)
     if isinstance(intermediate, (list, tuple)):  # one width per layer (Gemma 3n): the widest
         intermediate = max(intermediate)
     # a multimodal model's vision (audio) towers and projectors: weights that text never runs, frozen in full
@@ -277,6 +280,7 @@ def model_shape(config) -> ModelShape:
     modules, params = dict(model.named_modules()), dict(model.named_parameters())
     frozen = sum(p.numel() for n, p in params.items() if n.startswith(outside)) if outside else 0
     params = {n: p for n, p in params.items() if not n.startswith(outside)} if outside else params
+    untrained = sum(p.numel() for p in params.values() if not p.requires_grad)
     layers = _decoder_layers([n for n, _, _ in candidates], params)
     q_width, kv_width = n_heads * head_dim, n_kv * head_dim
     stacked = _stacked_experts(modules, params)
@@ -311,10 +315,24 @@ def model_shape(config) -> ModelShape:
         lora_candidates=tuple(c for c in candidates if c[0] not in left_out),
         architecture=type(model).__name__,
         frozen_params=frozen,
+        untrained_params=untrained,
         fused_head=fused_head(model) is not None,
         norms=norms,
         **moe,
     )
+
+
+def _widest(text, key: str):
+    """config.<key> (None if absent), or, where it varies per layer (a config with per_layer_config: Gemma 4's
+    global layers have head_dim 512, and reading config.head_dim raised transformers'
+    AmbiguousGlobalPerLayerAttributeError, a traceback through `sftlab estimate`), its largest value."""
+    if key in (getattr(text, "per_layer_attributes", None) or ()):
+        values = [v for layer in text.per_layer_config if (v := getattr(layer, key, None)) is not None]
+        if values and all(isinstance(v, (int, float)) for v in values):
+            return max(values)
+        if values:
+            return values[0]
+    return getattr(text, key, None)
 
 
 def linear_layers(model) -> list[tuple[str, int, int]]:
@@ -341,24 +359,31 @@ def language_model_linears(model) -> list[tuple[str, int, int]]:
 
 def unwrappable_linears(model) -> list[str]:
     """The linear layers PEFT's LoRA cannot wrap: those whose own forward returns more than a tensor (PhiMoE's
-    and Llama 4's routers return their logits with the routing weights). all-linear picks them, and the LoRA layer
-    then fails at the first forward, adding its update to a tuple. Each linear layer whose class overrides
-    forward is called on one row of zeros (on the meta device for a meta model), in eval mode (no router jitter)."""
+    and Llama 4's routers return their logits with the routing weights), or that is no map of the last dimension
+    from in_features to out_features, the form PEFT adds its x @ A @ B to (DeepSeek-V4's grouped o_a_proj reads
+    [..., groups, in_features]: the first LoRA step was a RuntimeError traceback). all-linear picks them, and the
+    LoRA layer then fails at the first forward. Each linear layer whose class overrides forward is called on one
+    row of zeros, as [1, in] and as [1, 1, in] (on the meta device for a meta model), in eval mode (no router
+    jitter)."""
     import torch
 
     found = []
     for name, m in model.named_modules():
         if not isinstance(m, torch.nn.Linear) or type(m).forward is torch.nn.Linear.forward:
             continue
-        training = m.training
-        try:
-            with torch.no_grad():
-                out = m.eval()(torch.zeros(1, m.in_features, dtype=m.weight.dtype, device=m.weight.device))
-        except Exception:  # noqa: BLE001  a layer this probe cannot call (a quantised weight): left to PEFT
-            continue
-        finally:
-            m.train(training)
-        if not isinstance(out, torch.Tensor):
+        training, outs = m.training, []
+        for shape in ((1, m.in_features), (1, 1, m.in_features)):
+            try:
+                with torch.no_grad():
+                    outs.append(m.eval()(torch.zeros(*shape, dtype=m.weight.dtype, device=m.weight.device)))
+            except Exception:  # noqa: BLE001
+                pass
+            finally:
+                m.train(training)
+        if not outs:  # takes no input of in_features; a quantised weight this probe cannot call: left to PEFT
+            if m.weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+                found.append(name)
+        elif not all(isinstance(out, torch.Tensor) and out.shape[-1] == m.out_features for out in outs):
             found.append(name)
     return found
 
@@ -375,8 +400,8 @@ def _stacked_experts(modules: dict, params: dict) -> dict:
 def _experts(text, experts) -> dict[str, int]:
     """ModelShape's MoE fields from the config and the stacked expert tensors (experts x out x in)."""
     n = experts[0].shape[0]
-    k = getattr(text, "num_experts_per_tok", None) or getattr(text, "moe_topk", None) or 1
-    width = getattr(text, "moe_intermediate_size", None) or getattr(text, "intermediate_size", None) or min(experts[0].shape[1:])
+    k = _widest(text, "num_experts_per_tok") or _widest(text, "moe_topk") or 1
+    width = _widest(text, "moe_intermediate_size") or _widest(text, "intermediate_size") or min(experts[0].shape[1:])
     return dict(n_experts=n, experts_per_token=k, expert_intermediate=width, expert_params=sum(p.numel() for p in experts))
 
 
@@ -454,8 +479,8 @@ def _norms(model, modules: dict, prefix: str, widths: dict[str, int]) -> tuple[N
         norm, x = copy.deepcopy(m).float(), torch.empty(1, m.weight.numel(), dtype=torch.bfloat16, device="meta")
         try:
             probe = norm(x)
-        except TypeError:  # a gated norm, norm(x) x silu(gate) (Qwen3-Next's linear attention)
-            probe = norm(x, x)
+        except (TypeError, AttributeError):  # a gated norm, norm(x) x silu(gate) (Qwen3-Next's linear attention;
+            probe = norm(x, x)  # Kimi-Linear's and Lara's take gate=None and fail on None.to: a traceback)
         found.append(Norm(width, width // m.weight.numel(), bool(qk) or name in post, probe.dtype == torch.bfloat16))
     return tuple(found)
 
@@ -828,7 +853,7 @@ def estimate_memory(
     if shape.frozen_params:
         notes["weights"] += f", of them {shape.frozen_params:,} outside the language model (vision tower: frozen)"
 
-    trainable = shape.n_params - shape.frozen_params if method == "full" else n_lora
+    trainable = shape.n_params - shape.frozen_params - shape.untrained_params if method == "full" else n_lora
     t_bytes = w_bytes if method == "full" else 4  # adapters stay fp32
     lora_params = n_lora * 4
     if n_lora:

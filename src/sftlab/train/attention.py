@@ -410,20 +410,48 @@ def examples_kept_apart(model) -> bool | None:
     example's logits with respect to the first example's input embeddings must be exactly zero
     (masked attention weights are exactly 0, so any other value is a leak: a mask that ignores the
     restarts, or a convolution or state-space layer that carries state along the row). None when
-    the model cannot be driven this way."""
+    the model cannot be driven this way.
+
+    The embeddings are given as inputs_embeds, or, for a model that cannot take them (CPM-Ant reads
+    input_ids alone, CTRL scales them in place) or that puts tokens of its own before them (CPM-Ant's
+    prompt), as input_ids with a zero added to the embedding layer's output: a probe that failed let
+    both train packed unchecked, and in both the examples saw each other."""
     embeddings = model.get_input_embeddings()
     device = embeddings.weight.device
     ids = torch.randint(embeddings.num_embeddings, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
     position_ids = torch.arange(8, device=device).remainder(4)[None]
-    try:
-        with torch.enable_grad():
-            inputs = embeddings(ids).detach().requires_grad_(True)
-            logits = model(inputs_embeds=inputs, position_ids=position_ids, use_cache=False).logits[0, 4:]
-            weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)).to(logits)
-            (grad,) = torch.autograd.grad((logits * weights).sum(), inputs)
-    except Exception:  # a model this probe cannot drive (e.g. one that needs more inputs)
-        return None
-    return not bool(grad[0, :4].any())
+
+    def given_embeddings():
+        inputs = embeddings(ids).detach().requires_grad_(True)
+        return inputs, model(inputs_embeds=inputs, position_ids=position_ids, use_cache=False).logits
+
+    def zero_added_to_embeddings():
+        added = []
+
+        def hook(_module, _args, out):
+            if added:  # the embedding layer called again: the probe's zero is on its first output
+                return out
+            added.append(torch.zeros_like(out, requires_grad=True))
+            return out + added[0]
+
+        handle = embeddings.register_forward_hook(hook)
+        try:
+            logits = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+        finally:
+            handle.remove()
+        return added[0], logits
+
+    for probe in (given_embeddings, zero_added_to_embeddings):
+        try:
+            with torch.enable_grad():
+                inputs, logits = probe()
+                logits = logits[0, -4:]  # the second example's
+                weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)).to(logits)
+                (grad,) = torch.autograd.grad((logits * weights).sum(), inputs)
+        except Exception:  # noqa: BLE001  a model this probe cannot drive (e.g. one that needs more inputs)
+            continue
+        return not bool(grad[0, -8:-4].any())  # the first example's (after any tokens the model puts first)
+    return None
 
 
 def can_flatten(model) -> bool:

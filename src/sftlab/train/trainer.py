@@ -258,6 +258,7 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
     choose_attention(model, m.attn_implementation, packing=config.data.packing)
     if config.method == "full":
         freeze_outside_language_model(model)  # a multimodal model's vision (audio) towers: text never runs them
+        keep_frozen_as_built(model)
         if config.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
@@ -291,6 +292,28 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
     check_tied_head_not_adapted(model, lora.target_modules)
     fuse_lora_layers(model)
     return model
+
+
+def keep_frozen_as_built(model) -> list[str]:
+    """Freeze again the parameters the model's class creates with requires_grad=False (a MoE router's
+    e_score_correction_bias, HRM's z_L_init) that loading made trainable: transformers gives every parameter it
+    loads under another name than the checkpoint's (Laguna's experts.e_score_correction_bias) requires_grad=True,
+    and full fine-tuning then counted (and handed the optimizer) parameters the estimate rightly leaves out.
+    Returns their names; nothing where the class cannot be built again on the meta device."""
+    import copy
+
+    import torch
+
+    try:
+        with torch.device("meta"):
+            built = type(model)(copy.deepcopy(model.config))
+    except Exception:  # noqa: BLE001  a class this cannot rebuild: left as loaded
+        return []
+    fixed = {n for n, p in built.named_parameters() if not p.requires_grad}
+    names = [n for n, p in model.named_parameters() if n in fixed and p.requires_grad]
+    for n in names:
+        model.get_parameter(n).requires_grad_(False)
+    return names
 
 
 def _four_position_rows(module, args, kwargs):
@@ -344,7 +367,8 @@ def unwrappable_targets(model, targets) -> list[str] | None:
         if picked:
             names = [n for n in _linear_layer_names(model) if n not in picked]
             raise SftlabError(f"lora.target_modules: {_written(targets)} picks '{picked[0]}', which PEFT cannot adapt on "
-                              f"{type(model).__name__} (its forward returns the routing with the logits, not a tensor); "
+                              f"{type(model).__name__} (its forward is not x @ weight: it returns the routing with "
+                              "the logits, or reads its input in groups); "
                               f"name the layers to adapt without it: lora.target_modules=[{','.join(names)}]")
     return unwrappable
 

@@ -1,0 +1,84 @@
+"""Tiny random models of architectures found wrong by a sweep over transformers' causal LMs (an external
+checker's way: a tiny model of each, then `sftlab train` with LoRA and in full, and `sftlab estimate`), on the
+model `sftlab train` builds: each either builds, runs a training step and has the trainable count the estimate
+gives, or is refused with one line saying why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sftlab.errors import SftlabError
+
+# model_type -> tiny config overrides beyond the common sizes, and what was wrong
+ARCHS = {
+    # its forward takes input_ids alone (no inputs_embeds) and puts prompt tokens before them: the check that packed
+    # examples stay apart could not run, training packed them unchecked (with a warning), and they saw each other
+    "cpmant": dict(dim_ff=128, dim_head=16, prompt_length=4, prompt_types=4, segment_types=4,
+                   position_bias_num_buckets=32, position_bias_max_distance=64),
+    # the grouped o_a_proj (an nn.Linear reading [..., groups, in]): LoRA all-linear was a RuntimeError traceback
+    "deepseek_v4": dict(head_dim=8, num_key_value_heads=4, qk_rope_head_dim=8, q_lora_rank=32, o_lora_rank=16,
+                        o_groups=2, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        index_head_dim=16, index_n_heads=2),
+    # head_dim varies per layer (per_layer_config): `sftlab estimate` was a traceback
+    "gemma4_unified_text": dict(per_layer_config={"1": {"head_dim": 32}}),
+    # z_L_init has requires_grad=False: the estimate counted it as trained in full fine-tuning
+    "hrm_text": dict(num_layers_per_stack=1),
+    # the gated norm of its linear attention takes gate=None and fails on it: `sftlab estimate` was a traceback
+    "kimi_linear": dict(head_dim=8, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16, linear_head_dim=16, linear_num_heads=4, num_experts=4,
+                        num_experts_per_token=2, num_expert_group=1, topk_group=1, moe_intermediate_size=32,
+                        layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"]),
+    # the router's e_score_correction_bias (requires_grad=False) came back trainable from loading: trained count + 4
+    "laguna": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                   mlp_layer_types=["dense", "sparse"]),
+}
+# packing refused with one line (and one example per row trains)
+PACKING_REFUSED = {"cpmant", "kimi_linear"}
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer):
+    from test_train_invariants import demo_examples
+
+    return demo_examples(tokenizer)[:3]
+
+
+def save_tiny(model_type, tokenizer, path, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=tokenizer.pad_token_id,
+                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = AutoConfig.for_model(model_type, **{**sizes, **overrides})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("model_type", list(ARCHS))
+def test_a_step_trains_and_the_estimate_counts_what_trains(model_type, tokenizer, examples, tmp_path):
+    from sftlab.config import TrainConfig
+    from sftlab.data.pack import collate
+    from sftlab.estimate import estimate_memory
+    from sftlab.train.loss import selective_loss_sum
+    from sftlab.train.trainer import build_model
+
+    path = save_tiny(model_type, tokenizer, tmp_path, **ARCHS[model_type])
+
+    def config(method, packing=True):
+        return TrainConfig.model_validate({"model": {"name_or_path": path}, "method": method, "lora": {"r": 4},
+                                           "data": {"train": "x.jsonl", "packing": packing}})
+
+    if model_type in PACKING_REFUSED:
+        with pytest.raises(SftlabError, match=f"data.packing: examples packed in one row would see each other in "
+                                              f"{model_type} .*set data.packing=false"):
+            build_model(config("lora"), use_bf16=False)
+    for method in ("lora", "full"):
+        model = build_model(config(method, packing=model_type not in PACKING_REFUSED), use_bf16=False)
+        loss_sum, n = selective_loss_sum(model.train(), collate([examples]))
+        assert n > 0 and torch.isfinite(loss_sum)
+        loss_sum.backward()
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        estimated = estimate_memory(path, method, seq_len=64, batch=1, lora_r=4).trainable_params
+        assert estimated == trained, method
