@@ -223,7 +223,7 @@ def load_model_config(model: Any):
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "vocab_size")
 # what a config.json gives instead, where the config derives the size from it (LongCat-Flash: num_hidden_layers is
 # 2 x num_layers, each of its layers two attention and MLP blocks)
-SHAPE_ALIASES = {"num_hidden_layers": ("num_layers",)}
+SHAPE_ALIASES = {"num_hidden_layers": ("num_layers", "layers_block_type")}  # Nemotron-H: one type per layer
 
 
 def _refuse_default_shapes(config, config_file: Path) -> None:

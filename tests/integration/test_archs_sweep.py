@@ -82,3 +82,20 @@ def test_a_step_trains_and_the_estimate_counts_what_trains(model_type, tokenizer
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         estimated = estimate_memory(path, method, seq_len=64, batch=1, lora_r=4).trainable_params
         assert estimated == trained, method
+
+
+def test_the_estimate_of_nemotron_h_reads_its_layer_count_from_its_block_types(tokenizer, tmp_path):
+    """Nemotron-H's config.json gives its layers as layers_block_type (num_hidden_layers is derived from it):
+    `sftlab estimate` refused it as a config that leaves the layer count to the class's default."""
+    from test_attention_archs import STATEFUL
+    from test_attention_archs import save_tiny as save_hybrid
+
+    from sftlab.config import TrainConfig
+    from sftlab.estimate import estimate_memory
+    from sftlab.train.trainer import build_model
+
+    path = save_hybrid("nemotron_h", tokenizer, tmp_path, **STATEFUL["nemotron_h"][0])
+    model = build_model(TrainConfig.model_validate({"model": {"name_or_path": path}, "method": "full",
+                                                    "data": {"train": "x.jsonl", "packing": False}}), use_bf16=False)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert estimate_memory(path, "full", seq_len=64, batch=1).trainable_params == trained

@@ -162,19 +162,32 @@ def test_packing_is_refused_where_the_mask_ignores_position_restarts(tokenizer, 
     choose_attention(model, "eager", packing=False)  # one example per row: nothing to leak
 
 
+STATEFUL = {  # model_type -> (tiny config overrides, the layer kinds the refusal names)
+    "lfm2": (dict(layer_types=["conv", "full_attention"]), "conv"),
+    # Nemotron-H lists its feed-forward layers among its layer types: not named as carrying state
+    "nemotron_h": (dict(layers_block_type=["linear_attention", "moe", "full_attention", "mlp"], mamba_num_heads=2,
+                        mamba_head_dim=64, n_groups=1, ssm_state_size=16, chunk_size=16, n_routed_experts=4,
+                        num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32),
+                   "linear_attention"),
+}
+
+
+@pytest.mark.parametrize("model_type", list(STATEFUL))
 @pytest.mark.parametrize("packing", [True, False])
-def test_packing_is_refused_where_a_layer_carries_state_along_the_row(packing, tokenizer, tmp_path):
+def test_packing_is_refused_where_a_layer_carries_state_along_the_row(packing, model_type, tokenizer, tmp_path):
     """LFM2's short convolutions (as Mamba's and gated-delta layers' states) run along the whole
     row whatever the attention mask says: packed examples would see each other, through build_model
     as `sftlab train` loads the model. One example per row has nothing to leak."""
     from sftlab.config import TrainConfig
     from sftlab.train.trainer import build_model
 
-    path = save_tiny("lfm2", tokenizer, tmp_path, layer_types=["conv", "full_attention"])
+    overrides, kinds = STATEFUL[model_type]
+    path = save_tiny(model_type, tokenizer, tmp_path, **overrides)
     config = TrainConfig.model_validate({"model": {"name_or_path": path}, "method": "full",
                                          "data": {"train": "x.jsonl", "packing": packing}})
     if packing:
-        with pytest.raises(SftlabError, match="data.packing: .* lfm2 .*conv layers carry state.*data.packing=false"):
+        with pytest.raises(SftlabError, match=rf"data.packing: .* {model_type} \(its {kinds} layers carry state.*"
+                                              "data.packing=false"):
             build_model(config, use_bf16=False)
     else:
         assert not can_flatten(build_model(config, use_bf16=False))

@@ -48,6 +48,8 @@ VERIFIED = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3
 
 # Attention layer kinds (config.layer_types) this function computes: causal, or causal in a window.
 LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
+# Feed-forward layer kinds some hybrids list among their layer types (Nemotron-H): they see one position at a time
+FEED_FORWARD_KINDS = frozenset({"mlp", "moe", "dense", "sparse"})
 
 # Keyword arguments transformers' models pass on to every attention function (TransformersKwargs,
 # FlashAttentionKwargs) that change nothing here: example bounds are read from cu_seq_lens_q,
@@ -394,7 +396,7 @@ def choose_attention(model, requested: str | None, packing: bool = False) -> Non
     if apart is not False:
         return
     attn = model.config._attn_implementation
-    kinds = sorted(set(getattr(model.config, "layer_types", None) or ()) - LAYER_KINDS)
+    kinds = sorted(set(getattr(model.config, "layer_types", None) or ()) - LAYER_KINDS - FEED_FORWARD_KINDS)
     why = (f"its {', '.join(kinds)} layers carry state along the row" if kinds else
            f"one example's logits depend on the example before it in the row under {attn} attention")
     if flatten:
