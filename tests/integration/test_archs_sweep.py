@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_attention_archs import STATEFUL, save_tiny
 
 from sftlab.errors import SftlabError
 
@@ -44,18 +45,6 @@ def examples(tokenizer):
     return demo_examples(tokenizer)[:3]
 
 
-def save_tiny(model_type, tokenizer, path, **overrides):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    sizes = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=tokenizer.pad_token_id,
-                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    config = AutoConfig.for_model(model_type, **{**sizes, **overrides})
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.parametrize("model_type", list(ARCHS))
 def test_a_step_trains_and_the_estimate_counts_what_trains(model_type, tokenizer, examples, tmp_path):
     from sftlab.config import TrainConfig
@@ -87,14 +76,11 @@ def test_a_step_trains_and_the_estimate_counts_what_trains(model_type, tokenizer
 def test_the_estimate_of_nemotron_h_reads_its_layer_count_from_its_block_types(tokenizer, tmp_path):
     """Nemotron-H's config.json gives its layers as layers_block_type (num_hidden_layers is derived from it):
     `sftlab estimate` refused it as a config that leaves the layer count to the class's default."""
-    from test_attention_archs import STATEFUL
-    from test_attention_archs import save_tiny as save_hybrid
-
     from sftlab.config import TrainConfig
     from sftlab.estimate import estimate_memory
     from sftlab.train.trainer import build_model
 
-    path = save_hybrid("nemotron_h", tokenizer, tmp_path, **STATEFUL["nemotron_h"][0])
+    path = save_tiny("nemotron_h", tokenizer, tmp_path, **STATEFUL["nemotron_h"][0])
     model = build_model(TrainConfig.model_validate({"model": {"name_or_path": path}, "method": "full",
                                                     "data": {"train": "x.jsonl", "packing": False}}), use_bf16=False)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
