@@ -22,18 +22,38 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def _all_cores(item) -> bool:
+    return item is not None and item.get_closest_marker("all_cores") is not None
+
+
+def pytest_collection_modifyitems(items):
+    """The `all_cores` tests first and in a row (a stable sort keeps each module's order): pytest-xdist's
+    worksteal hands each worker a contiguous half, so one worker takes them all and keeps the exclusive lock
+    from the first to the last, instead of waiting for the other worker's current test before each."""
+    items.sort(key=lambda item: not _all_cores(item))
+
+
+_kept_lock = None  # the exclusive lock held on from one all_cores test to the next
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """Under pytest-xdist, a test marked `all_cores` (torchrun's two processes) runs alone: its
     ranks wait for each other at every collective, so a third busy process on two cores made
     a ZeRO-3 test 4x slower. Other tests share the lock: any number of them run together."""
+    global _kept_lock
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of one run
     if not run:
         return (yield)
-    lock = Path(tempfile.gettempdir()) / f"sftlab-tests-{run}.lock"
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX if item.get_closest_marker("all_cores") else fcntl.LOCK_SH)
+    lock = _kept_lock or open(Path(tempfile.gettempdir()) / f"sftlab-tests-{run}.lock", "a")
+    if _kept_lock is None:
+        fcntl.flock(lock, fcntl.LOCK_EX if _all_cores(item) else fcntl.LOCK_SH)
+    try:
         return (yield)
+    finally:
+        _kept_lock = lock if _all_cores(item) and _all_cores(nextitem) else None
+        if _kept_lock is None:
+            lock.close()
 
 
 # the tokens chat templates write, special in the models' own tokenizers (added to SmolLM2's by tokenizer_for)
