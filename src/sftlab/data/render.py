@@ -235,11 +235,16 @@ class _Template:
         self.tokenizer = tokenizer
         self.name = template_name(tokenizer)
         self.markers = _end_markers(tokenizer)
+        self.added: dict[str, list[str]] = {}  # the tokenizer's added tokens by their first character
+        for token in {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.content}:
+            self.added.setdefault(token[0], []).append(token)
+        self.longest_added = max((len(t) for tokens in self.added.values() for t in tokens), default=0)
         self.end_marker = _end_marker_pattern(self.markers)
         self.writes_tools: bool | None = None  # whether the template writes a `tools` list (checked once)
         self.writes_reasoning: bool | None = None  # whether it writes an answer's reasoning (checked once)
         self._warn_if_marker_is_text()
         self.ending = self._ending()
+        self._check_ending_is_the_turn_s()
         self._compiled = self._compile()
         if self._compiled is not None and _plain(sample) and not self._same_as_slow(sample):
             self._compiled = None
@@ -267,7 +272,9 @@ class _Template:
     def _ending(self) -> tuple[str, ...]:
         """The markers the template writes in a row right after an answer that ends the conversation: one
         in most templates (`<|im_end|>`), two in Cohere 2's (`<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`, the second
-        its EOS, the token inference stops on): the model emits them all, so all are trained (`_turn_end`)."""
+        its EOS, the token inference stops on): the model emits them all, so all are trained (`_turn_end`). Text
+        glued between them (no whitespace) is part of the row: Kimi K3 closes an answer with
+        `<|close|>response<|sep|><|close|>message<|sep|><|end_of_msg|>`, each piece one item here."""
         probe = "\ue000sftlab-probe\ue001"
         try:
             after = self.slow([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}],
@@ -278,10 +285,32 @@ class _Template:
         if first is None:
             return ()
         ending, pos = [first.group().lstrip()], first.end()
-        while nxt := next((m for m in self.markers if after.startswith(m, pos)), None):
-            ending.append(nxt)
-            pos += len(nxt)
+        glued = re.compile(rf"\S*?(?:{'|'.join(map(re.escape, self.markers))})")
+        while nxt := glued.match(after, pos):
+            ending.append(nxt.group())
+            pos = nxt.end()
         return tuple(ending)
+
+    def _check_ending_is_the_turn_s(self) -> None:
+        """Refuse a template that writes its generation prompt after every conversation, asked for or not (Command
+        R7B's tool-use template ends each with `<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>`): after a last answer that
+        header follows the end-of-turn tokens in a row, as the next turn's header does after an earlier answer, so
+        no text says where a turn ends (the header was trained, and a tool-call turn through the tool's result)."""
+        if len(self.ending) < 2:
+            return
+        probe, hi = "\ue000sftlab-probe\ue001", [{"role": "user", "content": "Hi"}]
+        try:
+            if self.slow(hi, add_generation_prompt=False) != self.slow(hi, add_generation_prompt=True):
+                return
+            after = self.slow(hi + [{"role": "assistant", "content": probe}, {"role": "user", "content": "Again"}],
+                              add_generation_prompt=False).partition(probe)[2]
+        except TemplateFailed:
+            return
+        if not after.lstrip().startswith("".join(self.ending)):
+            raise SftlabError(f"the chat template of '{self.name}' writes its generation prompt after every "
+                              f"conversation, asked for or not (a last answer ends {''.join(self.ending)!r}, an "
+                              "earlier one otherwise), so where an assistant turn ends cannot be told: give a template "
+                              "that writes it only when asked (add_generation_prompt), not an inference-only one")
 
     def _same_as_slow(self, sample: list[dict[str, str]]) -> bool:
         try:
@@ -436,7 +465,8 @@ def _call_span(conversation: Conversation, template: _Template, render, i: int, 
     if not full.startswith(before) or start < len(before):
         raise _unlocatable(conversation, name, f"renders the turns before tool-call turn {i} differently once "
                                                "it follows")
-    alone = render(messages[: i + 1], add_generation_prompt=False).rstrip()
+    start = max(len(before), _before_token(start, (prompt, full), template))
+    alone = _own_end(render(messages[: i + 1], add_generation_prompt=False).rstrip(), template)
     closing = next((m for m in template.markers if alone.endswith(m)), None)
     if alone.startswith(before) and full.startswith(alone[len(before):], len(before)):
         end = len(alone)
@@ -458,6 +488,27 @@ def _call_span(conversation: Conversation, template: _Template, render, i: int, 
     if messages[i]["content"].strip() not in written:
         raise _unlocatable(conversation, name, f"drops the text of tool-call turn {i}")
     return span, open_end
+
+
+def _before_token(pos: int, texts: tuple[str, ...], template: _Template) -> int:
+    """`pos`, or the start of an added token that straddles it in one of `texts`: where a generation prompt's
+    `<think>` and a call's `<TOOLCALL>` part after their common '<', the call starts at that '<' (the prompt's
+    token is whole, none of its characters is the call's context). Added tokens are looked up by their first
+    character: a tokenizer with thousands of them costs a few comparisons per character before `pos`."""
+    for j in range(max(0, pos - template.longest_added + 1), pos):
+        if any(j + len(t) > pos and text.startswith(t, j) for text in texts if j < len(text)
+               for t in template.added.get(text[j], ())):
+            return j
+    return pos
+
+
+def _own_end(alone: str, template: _Template) -> str:
+    """A turn's text as the last message, without the marker the template writes after whitespace past the row that
+    ends its answers (Apriel 1.5's `\\n<|end|>\\n` + EOS): as after an answer, what follows the whitespace is not
+    the turn's (the model stops on the row's token)."""
+    row = "".join(template.ending)
+    head, sep, tail = alone.rpartition(row) if row else ("", "", "")
+    return head + sep if sep and tail[:1].isspace() and tail.strip() in template.markers else alone
 
 
 _HOLE = "\ue000sftlab-answer-{}\ue001"  # private-use characters: in no answer, no template

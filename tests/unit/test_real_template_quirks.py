@@ -1,0 +1,113 @@
+"""Quirks of real vendors' chat templates (as llama.cpp keeps them in models/templates), each reproduced by a short
+template written here: an answer is trained exactly as the model generates it after the generation prompt, through
+the tokens that end its turn, or the template is refused with one clear line."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from sftlab.data.formats import to_conversation
+from sftlab.data.render import IGNORE, render
+from sftlab.errors import SftlabError
+from test_data_render import trained_runs
+
+MULTI = {"messages": [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello!"},
+                      {"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}]}
+
+
+def installed(tokenizer, template: str, tokens: list[str]):
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
+    tok.chat_template, tok.name_or_path = template, "quirk.jinja"
+    return tok
+
+
+def spans_and_prompts(tok, record: dict) -> tuple[list[str], list[bool]]:
+    """The trained spans as text, and per span whether the text before it is the inference prompt."""
+    conv = to_conversation(copy.deepcopy(record), "quirk.jsonl:1")
+    example = render(conv, tok)
+    ids, labels = list(example.input_ids), list(example.labels)
+    starts = [k for k, label in enumerate(labels) if label != IGNORE and (k == 0 or labels[k - 1] == IGNORE)]
+    turns = [i for i, m in enumerate(conv.messages) if m["role"] == "assistant"]
+    prompts = [tok.decode(ids[:k]) == tok.apply_chat_template(conv.messages[:i], tools=conv.tools, tokenize=False,
+                                                              add_generation_prompt=True)
+               for k, i in zip(starts, turns)]
+    return [tok.decode(run) for run in trained_runs(example)], prompts
+
+
+# Kimi K3 closes an answer with `<|close|>response<|sep|><|close|>message<|sep|><|end_of_msg|>`: the model writes the
+# whole row, words glued between the markers, and stops on the last (only the first marker was trained).
+GLUED = ("{%- for m in messages -%}{{ '<|open|>' + m.role + '<|sep|>' + m.content + '<|close|>' + m.role + "
+         "'<|sep|><|end_of_msg|>' }}{%- endfor -%}{%- if add_generation_prompt %}{{ '<|open|>assistant<|sep|>' }}"
+         "{%- endif -%}")
+
+
+def test_an_answer_s_closing_row_with_words_glued_between_its_markers_is_trained_whole(tokenizer):
+    tok = installed(tokenizer, GLUED, ["<|open|>", "<|sep|>", "<|close|>", "<|end_of_msg|>"])
+    spans, prompts = spans_and_prompts(tok, MULTI)
+    assert spans == ["Hello!<|close|>assistant<|sep|><|end_of_msg|>", "Blue.<|close|>assistant<|sep|><|end_of_msg|>"]
+    assert prompts == [True, True]
+
+
+# Command R7B's tool-use template writes its generation prompt after every conversation, asked for or not: after the
+# last answer it follows the end-of-turn tokens in a row, as the next turn's header does after an earlier answer
+# (sftlab trained `<|turn|>` of the user's next turn, and a tool-call turn through the tool's result).
+ALWAYS_PROMPTED = ("{%- for m in messages -%}{{ '<|turn|><|' + m.role + '|>' + m.content }}"
+                   "{%- if m.role == 'assistant' %}{{ '<|end_answer|>' }}{% endif %}{{ '<|end_turn|>' }}"
+                   "{%- endfor -%}{{ '<|turn|><|assistant|>' }}")
+# a template that ignores add_generation_prompt but writes the assistant's header with each user turn is fine
+HEADER_WITH_THE_USER = ("{%- for m in messages -%}{%- if m.role == 'user' %}{{ '<|user|>' + m.content + "
+                        "'<|end_turn|><|assistant|>' }}{%- else %}{{ m.content + '<|end_turn|>' }}{%- endif %}"
+                        "{%- endfor -%}")
+
+
+def test_a_template_that_writes_its_generation_prompt_after_every_conversation_is_refused_in_one_line(tokenizer):
+    tok = installed(tokenizer, ALWAYS_PROMPTED, ["<|turn|>", "<|user|>", "<|assistant|>", "<|end_answer|>",
+                                                 "<|end_turn|>"])
+    with pytest.raises(SftlabError, match="writes its generation prompt after every conversation") as refused:
+        render(to_conversation(copy.deepcopy(MULTI), "quirk.jsonl:1"), tok)
+    assert "\n" not in str(refused.value)
+
+    tok = installed(tokenizer, HEADER_WITH_THE_USER, ["<|user|>", "<|assistant|>", "<|end_turn|>"])
+    assert spans_and_prompts(tok, MULTI) == (["Hello!<|end_turn|>", "Blue.<|end_turn|>"], [True, True])
+
+
+TOOL = {"tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                                     "parameters": {"type": "object", "properties": {}}}}],
+        "messages": [{"role": "user", "content": "Warm in Lima?"},
+                     {"role": "assistant", "content": "", "tool_calls": [
+                         {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {}}}]},
+                     {"role": "tool", "tool_call_id": "c1", "content": "24 C"},
+                     {"role": "assistant", "content": "Yes."}]}
+
+
+def tool_template(prompt: str, end: str) -> str:
+    """Calls written `<call>name</call>`, each turn closed by `end`; `prompt` opens the model's turn at inference."""
+    return ("{%- if tools %}{{ '<|tools|>' + tools[0].function.name + '<|end|>' }}{% endif -%}"
+            "{%- for m in messages -%}{%- if m.role == 'assistant' %}{{ '<|assistant|>' }}"
+            "{%- for c in m.tool_calls or [] %}{{ '<call>' + c.function.name + '</call>' }}{% endfor %}"
+            "{{ m.content + " + end + " }}{%- else %}{{ '<|' + m.role + '|>' + m.content + '<|end|>' }}{%- endif %}"
+            "{%- endfor -%}{%- if add_generation_prompt %}{{ '<|assistant|>" + prompt + "' }}{% endif -%}")
+
+
+# Nemotron Nano v2 prompts with "<think>\n\n" where a call turn has "<TOOLCALL>[": the two share a "<", which the call
+# turn lost (trained from "TOOLCALL", its "<" left to the prompt, where the prompt's token is "<think>").
+@pytest.mark.filterwarnings("ignore:the chat template of .* is not prefix-stable:UserWarning")
+def test_a_call_turn_that_shares_a_first_character_with_the_prompt_s_added_token_keeps_it(tokenizer):
+    from tokenizers import AddedToken
+
+    tok = installed(tokenizer, tool_template("<think>", "'<|end|>'"), ["<|tools|>", "<|user|>", "<|assistant|>",
+                                                                       "<|tool|>", "<|end|>"])
+    tok.add_tokens([AddedToken("<think>", special=False, normalized=False)])
+    spans, _ = spans_and_prompts(tok, TOOL)
+    assert spans == ["<call>get_weather</call><|end|>", "Yes.<|end|>"]
+
+
+# Apriel 1.5 ends every model turn with "\n<|end|>\n" + EOS: the model stops on <|end|>, as its answers are trained;
+# a call turn was trained on through the newline and the EOS after it.
+def test_a_call_turn_ends_where_the_template_s_answers_end_not_at_an_eos_after_a_newline(tokenizer):
+    tok = installed(tokenizer, tool_template("", "'\\n<|end|>\\n' + eos_token"),
+                    ["<|tools|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"])
+    assert spans_and_prompts(tok, TOOL) == (["<call>get_weather</call>\n<|end|>", "Yes.\n<|end|>"], [True, True])
