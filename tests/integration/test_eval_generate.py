@@ -90,5 +90,18 @@ def test_stop_tokens_come_from_the_template(tokenizer, template, specials, end):
     assert stop_token_ids(tok) == [tok.convert_tokens_to_ids(end), tok.convert_tokens_to_ids("<|endoftext|>")]
 
 
+# Kimi K3's layout: reasoning closed by <|close|>, an answer by a row of markers with words glued between them
+CLOSING_ROW = ("{%- for m in messages -%}{{ '<|open|>' + m.role + '<|sep|>' }}{%- if m.reasoning_content -%}"
+               "{{ '<|open|>think<|sep|>' + m.reasoning_content + '<|close|>' }}{%- endif -%}"
+               "{{ m.content + '<|close|>' + m.role + '<|sep|><|end_of_msg|>' }}{%- endfor -%}"
+               "{%- if add_generation_prompt %}{{ '<|open|>assistant<|sep|>' }}{%- endif -%}")
+
+
+def test_a_row_of_markers_that_closes_an_answer_stops_on_its_last(tokenizer):
+    """A reply stopped on the row's first <|close|>, which also closes the reasoning: right after it."""
+    tok = _family(tokenizer, CLOSING_ROW, ["<|open|>", "<|sep|>", "<|close|>", "<|end_of_msg|>"], "<|endoftext|>")
+    assert stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|end_of_msg|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+
+
 def test_chatml_stop_is_im_end(tokenizer):
     assert stop_token_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]

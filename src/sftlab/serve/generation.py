@@ -25,7 +25,11 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     """The special token the chat template puts right after an assistant message.
 
     Found by rendering a conversation with a marker as the assistant's text: for ChatML
-    that is `<|im_end|>`, for Llama 3 `<|eot_id|>`. A model stops when it emits one.
+    that is `<|im_end|>`, for Llama 3 `<|eot_id|>`. A model stops when it emits one. Where the
+    template closes an answer with a row of special tokens, words glued between them, the row's last
+    (training trains the whole row, data/render.py `_Template._ending`): Kimi K3's answers end
+    `<|close|>response<|sep|><|close|>message<|sep|><|end_of_msg|>`, and its first `<|close|>` also
+    closes the reasoning, where a reply stopped.
     """
     if not getattr(tokenizer, "chat_template", None):
         return []
@@ -38,7 +42,15 @@ def end_of_turn_ids(tokenizer) -> list[int]:
         return []
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     tail = tokenizer(text.split(MARK, 1)[1], add_special_tokens=False)["input_ids"]
-    return [tok for tok in tail if tok in special][:1]
+    marks = [k for k, tok in enumerate(tail) if tok in special]
+    if not marks:
+        return []
+    last = marks[0]
+    for k in marks[1:]:
+        if any(c.isspace() for c in tokenizer.decode(tail[last + 1:k])):
+            break
+        last = k
+    return [tail[last]]
 
 
 def end_of_call_ids(tokenizer) -> list[int]:
