@@ -111,3 +111,35 @@ def test_a_call_turn_ends_where_the_template_s_answers_end_not_at_an_eos_after_a
     tok = installed(tokenizer, tool_template("", "'\\n<|end|>\\n' + eos_token"),
                     ["<|tools|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"])
     assert spans_and_prompts(tok, TOOL) == (["<call>get_weather</call>\n<|end|>", "Yes.\n<|end|>"], [True, True])
+
+
+# DeepSeek V3 and R1 write a call's arguments by string concatenation ('```json\n' + arguments): given the object
+# sftlab keeps, every tool-call record was refused ("can only concatenate str (not "dict") to str")
+TEXT_ARGUMENTS = ("{%- if tools %}{{ '<|tools|>' + tools[0].function.name + '<|end|>' }}{% endif -%}"
+                  "{%- for m in messages -%}{%- if m.role == 'assistant' %}{{ '<|assistant|>' + m.content }}"
+                  "{%- for c in m.tool_calls or [] %}{{ '<call>' + c.function.name + '\\n' + c.function.arguments + "
+                  "'</call>' }}{% endfor %}{{ '<|end|>' }}{%- else %}{{ '<|' + m.role + '|>' + m.content + '<|end|>' }}"
+                  "{%- endif %}{%- endfor -%}{%- if add_generation_prompt %}{{ '<|assistant|>' }}{% endif -%}")
+
+
+def test_a_template_that_writes_arguments_as_text_gets_them_as_json_in_training_evaluation_and_serving(tokenizer):
+    from sftlab.evaluation.generate import prompt_ids
+    from sftlab.serve.generation import render as serve_render
+
+    tokens = ["<|tools|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"]
+    record = copy.deepcopy(TOOL)
+    record["messages"][1]["tool_calls"][0]["function"]["arguments"] = {"city": "Lima"}
+    conv = to_conversation(copy.deepcopy(record), "quirk.jsonl:1")
+    call = '<call>get_weather\n{"city": "Lima"}</call><|end|>'
+    written = "'\\n' + c.function.arguments + '</call>' }}"
+    assert written in TEXT_ARGUMENTS
+    for template in (TEXT_ARGUMENTS, TEXT_ARGUMENTS.replace(written, "'\\n' }}{{ c.function.arguments }}{{ '</call>' }}"),
+                     TEXT_ARGUMENTS.replace("c.function.arguments", "c.function.arguments | tojson")):  # a repr, JSON
+        tok = installed(tokenizer, template, tokens)
+        example = render(conv, tok)
+        assert [tok.decode(run) for run in trained_runs(example)] == [call, "Yes.<|end|>"]
+        # what serving and evaluation send before the last answer: the text training conditions it on
+        served = serve_render(tok, conv.messages[:3], conv.tools)
+        assert served.endswith(f"{call}<|tool|>24 C<|end|><|assistant|>")
+        assert tok.decode(prompt_ids(tok, conv.messages[:3], "quirk.jsonl:1", conv.tools)) == served
+        assert tok.decode(example.input_ids[:len(tok(served, add_special_tokens=False)["input_ids"])]) == served

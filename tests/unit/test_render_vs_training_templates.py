@@ -142,7 +142,7 @@ SPECS: dict[str, Spec] = {
     "cohere2": Spec(BASIC),
     # the generation prompt writes <｜Assistant｜> (then "<think>\n", which the answer lacks: not prefix-stable)
     "deepseek_r1_distill": Spec(BASIC, (prompt_tail("<｜Assistant｜>"),)),
-    "deepseekv3": Spec(BASIC, (prompt_tail("<｜Assistant｜>"),)),  # its tool calls need string arguments
+    "deepseekv3": Spec(BASIC, (prompt_tail("<｜Assistant｜>"),)),  # it writes no tools list
     "diffusion_gemma": Spec(ALL, (EOT_NEWLINE,), per_kind={"tool": (
         # a call turn ends with <|tool_response>, the token the model stops a call on (as in Gemma 4); TRL leaves it
         # to the tool's response

@@ -36,6 +36,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from sftlab.data.conversation import Conversation, Example
+from sftlab.data.tools import as_template_takes
 from sftlab.errors import DataError, SftlabError
 
 IGNORE = -100
@@ -79,7 +80,7 @@ def _template_error(name: str, e: Exception) -> SftlabError:
 
 def _apply(tokenizer, messages, *, add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+        return tokenizer.apply_chat_template(as_template_takes(tokenizer, messages), tools=tools, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja errors, raise_exception() in templates
         raise _template_error(template_name(tokenizer), e) from e

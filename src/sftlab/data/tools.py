@@ -11,7 +11,8 @@ What datasets hold, and what it becomes:
                or list of them)                              -> [{"type": "function", "function":
                                                                  {"name", "arguments": {...}}}, "id"?]
 Arguments are kept as objects: templates write them with `| tojson` (Qwen, Llama 3.1), so a JSON
-string would be written as one quoted string.
+string would be written as one quoted string. A template that writes them as text instead (DeepSeek V3 and
+R1: `'```json\n' + tool['function']['arguments']`) gets them as JSON text (`as_template_takes`).
 """
 
 from __future__ import annotations
@@ -121,6 +122,49 @@ def as_json_schema(tools: list[dict[str, Any]]) -> None:
             if "optional" not in written and "default" not in spec:
                 required.append(name)
         tool["function"]["parameters"] = {"type": "object", "properties": properties, "required": required}
+
+
+_TAKES_TEXT: dict[str, bool] = {}  # chat template source -> whether it takes a call's arguments as JSON text
+
+
+def takes_arguments_as_text(tokenizer) -> bool:
+    """Whether the chat template writes a call's arguments as the JSON text it is given, not as an object:
+    given an object, it fails (string concatenation) or writes the object's Python repr (no `tojson`), while
+    JSON text comes out as JSON. Probed once per template."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return False
+    if template not in _TAKES_TEXT:
+        tools = [{"type": "function", "function": {"name": "sftlab_probe", "description": "A probe.",
+                                                   "parameters": {"type": "object", "properties": {}}}}]
+
+        def rendered(arguments) -> str:  # the call's id: Mistral's templates take 9 characters
+            call = {"id": "a1b2c3d4e", "type": "function", "function": {"name": "sftlab_probe", "arguments": arguments}}
+            messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+            try:
+                return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+            except Exception:  # a template without tool calls, or one that refuses this form
+                return ""
+
+        as_object = rendered({"sftlab_key": "v"})  # Gemma 4 writes it in a notation of its own: it takes objects
+        _TAKES_TEXT[template] = '"sftlab_key"' in rendered('{"sftlab_key": "v"}') and (
+            not as_object or "{'sftlab_key': 'v'}" in as_object)
+    return _TAKES_TEXT[template]
+
+
+def _text_arguments(call: dict) -> dict:
+    arguments = call["function"].get("arguments")
+    if not isinstance(arguments, dict):
+        return call
+    return call | {"function": call["function"] | {"arguments": json.dumps(arguments, ensure_ascii=False)}}
+
+
+def as_template_takes(tokenizer, messages: list[dict]) -> list[dict]:
+    """`messages` with each call's arguments as JSON text where the template takes them so, else as they are."""
+    if not any(m.get("tool_calls") for m in messages) or not takes_arguments_as_text(tokenizer):
+        return messages
+    return [m | {"tool_calls": [_text_arguments(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m
+            for m in messages]
 
 
 def call_text(calls: list[dict[str, Any]]) -> str:

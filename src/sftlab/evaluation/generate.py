@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sftlab.data.tools import as_template_takes
 from sftlab.serve.generation import stop_token_ids
 
 
@@ -17,7 +18,8 @@ def prompt_ids(tokenizer, messages: list[dict], source: str, tools: list[dict] |
     from sftlab.errors import DataError
 
     try:
-        out = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
+        out = tokenizer.apply_chat_template(as_template_takes(tokenizer, messages), tools=tools,
+                                            add_generation_prompt=True, tokenize=True)
     except Exception as e:  # jinja errors, raise_exception() in templates, no template at all
         raise DataError(source, f"chat template of '{template_name(tokenizer)}' failed: {e}") from e
     return list(out["input_ids"] if hasattr(out, "keys") else out)

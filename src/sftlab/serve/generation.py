@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
+from sftlab.data.tools import as_template_takes
+
 MARK = "SFTLAB_ANSWER_SENTINEL"  # plain word characters: templates that trim content keep it whole
 
 
@@ -117,7 +119,8 @@ def render(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> 
     generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template; send a prompt instead of messages")
-    return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(as_template_takes(tokenizer, messages), tools=tools, add_generation_prompt=True,
+                                         tokenize=False)
 
 
 def encode(tokenizer, messages: list[dict] | None = None, prompt: str | None = None,
