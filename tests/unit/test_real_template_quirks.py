@@ -10,7 +10,7 @@ import pytest
 
 from sftlab.data.formats import to_conversation
 from sftlab.data.render import IGNORE, render
-from sftlab.errors import SftlabError
+from sftlab.errors import DataError, SftlabError
 from test_data_render import trained_runs
 
 MULTI = {"messages": [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello!"},
@@ -143,3 +143,15 @@ def test_a_template_that_writes_arguments_as_text_gets_them_as_json_in_training_
         assert served.endswith(f"{call}<|tool|>24 C<|end|><|assistant|>")
         assert tok.decode(prompt_ids(tok, conv.messages[:3], "quirk.jsonl:1", conv.tools)) == served
         assert tok.decode(example.input_ids[:len(tok(served, add_special_tokens=False)["input_ids"])]) == served
+
+
+def test_a_template_that_writes_the_call_s_id_for_its_name_says_so(tokenizer):
+    """Kimi K2 writes `<|tool_call_begin|>` + the call's id (functions.get_weather:0, its models' form): a call with
+    another id has no function name in its turn, and sftlab said the template writes no tool calls at all."""
+    tok = installed(tokenizer, tool_template("", "'<|end|>'").replace("c.function.name + '</call>'", "c.id + '</call>'"),
+                    ["<|tools|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"])
+    with pytest.raises(DataError, match=r"writes each call's id where the function name belongs \(turn 1: c1\)"):
+        render(to_conversation(copy.deepcopy(TOOL), "quirk.jsonl:1"), tok)
+    record = copy.deepcopy(TOOL)
+    record["messages"][1]["tool_calls"][0]["id"] = record["messages"][2]["tool_call_id"] = "functions.get_weather:0"
+    assert spans_and_prompts(tok, record)[0] == ["<call>functions.get_weather:0</call><|end|>", "Yes.<|end|>"]

@@ -479,6 +479,11 @@ def _call_span(conversation: Conversation, template: _Template, render, i: int, 
         raise _unlocatable(conversation, name, f"writes tool-call turn {i} otherwise as the last message")
     written = full[span[0]:span[1]]
     calls = Counter(c["function"]["name"] for c in messages[i]["tool_calls"])
+    ids = [c["id"] for c in messages[i]["tool_calls"] if c.get("id")]
+    if not any(f in written for f in calls) and ids and all(c in written for c in ids):
+        raise DataError(conversation.source, f"the chat template of '{name}' writes each call's id where the function "
+                                             f"name belongs (turn {i}: {', '.join(ids)}): give the calls ids in the "
+                                             "form the model family expects (Kimi K2: functions.NAME:0)")
     if not any(f in written for f in calls):
         raise SftlabError(f"the chat template of '{name}' does not write assistant tool calls ({conversation.source}: "
                           f"turn {i} calls {', '.join(calls)}): {_TOOL_TEMPLATE}")
