@@ -85,3 +85,53 @@ def test_the_estimate_of_nemotron_h_reads_its_layer_count_from_its_block_types(t
                                                     "data": {"train": "x.jsonl", "packing": False}}), use_bf16=False)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert estimate_memory(path, "full", seq_len=64, batch=1).trainable_params == trained
+
+
+@pytest.mark.parametrize("axial,rows", [(True, "exactly 256 tokens"), (False, "a multiple of 16 tokens")])
+def test_reformer_is_refused_in_one_line(axial, rows, tokenizer, tmp_path):
+    """Reformer's forward trains only on rows of one length (its axial position embeddings' product, else a multiple
+    of its attention chunks): `sftlab train` was a ValueError traceback at the first step."""
+    from sftlab.config import TrainConfig
+    from sftlab.train.trainer import build_model
+
+    path = save_tiny("reformer", tokenizer, tmp_path, is_decoder=True, attn_layers=["local", "local"],
+                     axial_pos_embds=axial, axial_pos_shape=[16, 16], axial_pos_embds_dim=[32, 32],
+                     attention_head_size=16, feed_forward_size=128, local_attn_chunk_length=16,
+                     max_position_embeddings=256)
+    config = TrainConfig.model_validate({"model": {"name_or_path": path}, "method": "full",
+                                         "data": {"train": "x.jsonl", "packing": False}})
+    with pytest.raises(SftlabError, match=f"^model: ReformerModelWithLMHead trains only on rows of {rows} .*cannot "
+                                          "train this model$"):
+        build_model(config, use_bf16=False)
+
+
+def test_packing_is_checked_on_a_lora_base_loaded_in_bf16(tokenizer, tmp_path):
+    """XLNet's weights in bf16 run only under autocast, as training runs them: the check that packed examples stay
+    apart ran without it and could not drive the model, so LoRA under bf16 trained packed unchecked (examples seeing
+    each other) while full fine-tuning (fp32 weights) refused packing."""
+    from sftlab.config import TrainConfig
+    from sftlab.train.trainer import build_model
+
+    path = save_tiny("xlnet", tokenizer, tmp_path, d_model=64, n_layer=2, n_head=4, d_head=16, d_inner=128)
+    config = TrainConfig.model_validate({"model": {"name_or_path": path}, "method": "lora", "lora": {"r": 4},
+                                         "data": {"train": "x.jsonl", "packing": True}})
+    with pytest.raises(SftlabError, match="data.packing: examples packed in one row would see each other in xlnet "):
+        build_model(config, use_bf16=True)
+
+
+def test_the_packing_refusal_names_only_the_layers_that_carry_state(tokenizer, tmp_path):
+    """Qwen4-exp's indexed_attention layers keep packed examples apart (their top-k indexer attends through the mask);
+    the refusal named them among the layers carrying state along the row, beside its linear_attention ones."""
+    from sftlab.config import TrainConfig
+    from sftlab.train.trainer import build_model
+
+    path = save_tiny("qwen4_exp_text", tokenizer, tmp_path, layer_types=["linear_attention", "indexed_attention"],
+                     num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                     linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                     hc_lowrank=8, ngram_vocab_size_base=1000, make_ngram_vocab_size_divisible_by=8, split_ngram_parts=4,
+                     heads_per_ngram=2, ple_embed_dim=64, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16,
+                     indexer_budget=64, indexer_compress_ratio=4)
+    config = TrainConfig.model_validate({"model": {"name_or_path": path}, "method": "full",
+                                         "data": {"train": "x.jsonl", "packing": True}})
+    with pytest.raises(SftlabError, match=r"in qwen4_exp_text \(its linear_attention layers carry state along the row\)"):
+        build_model(config, use_bf16=False)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,10 @@ VERIFIED = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3
 
 # Attention layer kinds (config.layer_types) this function computes: causal, or causal in a window.
 LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
-# Feed-forward layer kinds some hybrids list among their layer types (Nemotron-H): they see one position at a time
-FEED_FORWARD_KINDS = frozenset({"mlp", "moe", "dense", "sparse"})
+# Layer kinds that carry no state along the row, not named in a refusal of packing: the feed-forward kinds some
+# hybrids list among their layer types (Nemotron-H), which see one position at a time, and a top-k indexer's
+# attention (indexed_attention: through the mask, as dots3_note's keeps packed examples apart)
+STATELESS_KINDS = frozenset({"mlp", "moe", "dense", "sparse", "indexed_attention"})
 
 # Keyword arguments transformers' models pass on to every attention function (TransformersKwargs,
 # FlashAttentionKwargs) that change nothing here: example bounds are read from cu_seq_lens_q,
@@ -396,7 +399,7 @@ def choose_attention(model, requested: str | None, packing: bool = False) -> Non
     if apart is not False:
         return
     attn = model.config._attn_implementation
-    kinds = sorted(set(getattr(model.config, "layer_types", None) or ()) - LAYER_KINDS - FEED_FORWARD_KINDS)
+    kinds = sorted(set(getattr(model.config, "layer_types", None) or ()) - LAYER_KINDS - STATELESS_KINDS)
     why = (f"its {', '.join(kinds)} layers carry state along the row" if kinds else
            f"one example's logits depend on the example before it in the row under {attn} attention")
     if flatten:
@@ -417,9 +420,12 @@ def examples_kept_apart(model) -> bool | None:
     The embeddings are given as inputs_embeds, or, for a model that cannot take them (CPM-Ant reads
     input_ids alone, CTRL scales them in place) or that puts tokens of its own before them (CPM-Ant's
     prompt), as input_ids with a zero added to the embedding layer's output: a probe that failed let
-    both train packed unchecked, and in both the examples saw each other."""
+    both train packed unchecked, and in both the examples saw each other. Weights loaded in bf16/fp16 (a LoRA base
+    under mixed precision) are driven under autocast, as training drives them: XLNet runs only so, and its packed
+    LoRA runs trained unchecked."""
     embeddings = model.get_input_embeddings()
-    device = embeddings.weight.device
+    device, dtype = embeddings.weight.device, embeddings.weight.dtype
+    precision = torch.autocast(device.type, dtype=dtype) if dtype in (torch.bfloat16, torch.float16) else nullcontext()
     ids = torch.randint(embeddings.num_embeddings, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
     position_ids = torch.arange(8, device=device).remainder(4)[None]
 
@@ -445,7 +451,7 @@ def examples_kept_apart(model) -> bool | None:
 
     for probe in (given_embeddings, zero_added_to_embeddings):
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), precision:
                 inputs, logits = probe()
                 logits = logits[0, -4:]  # the second example's
                 weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)).to(logits)

@@ -252,6 +252,7 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
                        quantization_config=quant,
                        allow_pickle=m.allow_pickle or None)
     model.config.use_cache = False
+    refuse_fixed_length_rows(model)
     new_token_kwargs = fit_embeddings(model, tokenizer) if tokenizer is not None else {}
     if config.data.packing:
         text_positions_first(model)
@@ -292,6 +293,21 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
     check_tied_head_not_adapted(model, lora.target_modules)
     fuse_lora_layers(model)
     return model
+
+
+def refuse_fixed_length_rows(model) -> None:
+    """Reformer trains only on rows of one length (its forward raises a ValueError at the first training step on any
+    other, a traceback): sftlab's rows are as long as their examples, so it is refused in one line."""
+    config = model.config
+    if config.model_type != "reformer":
+        return
+    if config.axial_pos_embds:
+        rows = f"exactly {math.prod(config.axial_pos_shape)} tokens (its axial position embeddings' axial_pos_shape)"
+    else:
+        chunks = {"local": config.local_attn_chunk_length, "lsh": config.lsh_attn_chunk_length}
+        rows = f"a multiple of {math.lcm(*(chunks[kind] for kind in config.attn_layers))} tokens (its attention chunks)"
+    raise SftlabError(f"model: {type(model).__name__} trains only on rows of {rows}, and sftlab's rows are as long as "
+                      "their examples: it cannot train this model")
 
 
 def keep_frozen_as_built(model) -> list[str]:
