@@ -102,6 +102,31 @@ def _end_marker_pattern(markers: list[str]) -> re.Pattern:
     return re.compile(rf"\s*(?:{alternatives or '(?!)'})")
 
 
+def answer_ending(tokenizer) -> tuple[str, ...]:
+    """The markers the chat template writes in a row right after an answer that ends the conversation: one
+    in most templates (`<|im_end|>`), two in Cohere 2's (`<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`, the second
+    its EOS, the token inference stops on): the model emits them all, so all are trained (`_turn_end`), and a
+    reply stops on the last (serve/generation.py `end_of_turn_ids`). Text glued between them (no whitespace) is
+    part of the row: Kimi K3 closes an answer with `<|close|>response<|sep|><|close|>message<|sep|><|end_of_msg|>`,
+    each piece one item here (its first `<|close|>` also closes the reasoning)."""
+    probe = "\ue000sftlab-probe\ue001"
+    try:
+        after = _apply(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}],
+                       add_generation_prompt=False).partition(probe)[2]
+    except TemplateFailed:
+        return ()
+    markers = _end_markers(tokenizer)
+    first = _end_marker_pattern(markers).match(after)
+    if first is None:
+        return ()
+    ending, pos = [first.group().lstrip()], first.end()
+    glued = re.compile(rf"\S*?(?:{'|'.join(map(re.escape, markers))})")
+    while nxt := glued.match(after, pos):
+        ending.append(nxt.group())
+        pos = nxt.end()
+    return tuple(ending)
+
+
 def _check_tokenizer(tokenizer) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise SftlabError(f"'{template_name(tokenizer)}' has no fast tokenizer: rendering needs token offsets")
@@ -244,7 +269,7 @@ class _Template:
         self.writes_tools: bool | None = None  # whether the template writes a `tools` list (checked once)
         self.writes_reasoning: bool | None = None  # whether it writes an answer's reasoning (checked once)
         self._warn_if_marker_is_text()
-        self.ending = self._ending()
+        self.ending = answer_ending(tokenizer)
         self._check_ending_is_the_turn_s()
         self._compiled = self._compile()
         if self._compiled is not None and _plain(sample) and not self._same_as_slow(sample):
@@ -269,28 +294,6 @@ class _Template:
                           "token of this tokenizer: the model cannot learn to stop on it (a template from another "
                           "model family? give the template of this model, or a named one, which adds its tokens)",
                           stacklevel=2)
-
-    def _ending(self) -> tuple[str, ...]:
-        """The markers the template writes in a row right after an answer that ends the conversation: one
-        in most templates (`<|im_end|>`), two in Cohere 2's (`<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`, the second
-        its EOS, the token inference stops on): the model emits them all, so all are trained (`_turn_end`). Text
-        glued between them (no whitespace) is part of the row: Kimi K3 closes an answer with
-        `<|close|>response<|sep|><|close|>message<|sep|><|end_of_msg|>`, each piece one item here."""
-        probe = "\ue000sftlab-probe\ue001"
-        try:
-            after = self.slow([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}],
-                              add_generation_prompt=False).partition(probe)[2]
-        except TemplateFailed:
-            return ()
-        first = self.end_marker.match(after)
-        if first is None:
-            return ()
-        ending, pos = [first.group().lstrip()], first.end()
-        glued = re.compile(rf"\S*?(?:{'|'.join(map(re.escape, self.markers))})")
-        while nxt := glued.match(after, pos):
-            ending.append(nxt.group())
-            pos = nxt.end()
-        return tuple(ending)
 
     def _check_ending_is_the_turn_s(self) -> None:
         """Refuse a template that writes its generation prompt after every conversation, asked for or not (Command

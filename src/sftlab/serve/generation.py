@@ -18,41 +18,20 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
+from sftlab.data.render import answer_ending
 from sftlab.data.tools import as_template_takes
 
 MARK = "SFTLAB_ANSWER_SENTINEL"  # plain word characters: templates that trim content keep it whole
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
-    """The special token the chat template puts right after an assistant message.
-
-    Found by rendering a conversation with a marker as the assistant's text: for ChatML
-    that is `<|im_end|>`, for Llama 3 `<|eot_id|>`. A model stops when it emits one. Where the
-    template closes an answer with a row of special tokens, words glued between them, the row's last
-    (training trains the whole row, data/render.py `_Template._ending`): Kimi K3's answers end
-    `<|close|>response<|sep|><|close|>message<|sep|><|end_of_msg|>`, and its first `<|close|>` also
-    closes the reasoning, where a reply stopped.
-    """
+    """The special token a model stops an answer on: the last of those the chat template writes right
+    after an assistant message (data/render.py `answer_ending`): for ChatML `<|im_end|>`, for Llama 3
+    `<|eot_id|>`, for Cohere 2 `<|END_OF_TURN_TOKEN|>` after `<|END_RESPONSE|>`."""
     if not getattr(tokenizer, "chat_template", None):
         return []
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": MARK}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # a template that rejects this minimal chat: EOS alone ends a reply
-        return []
-    if MARK not in text:
-        return []
-    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    tail = tokenizer(text.split(MARK, 1)[1], add_special_tokens=False)["input_ids"]
-    marks = [k for k, tok in enumerate(tail) if tok in special]
-    if not marks:
-        return []
-    last = marks[0]
-    for k in marks[1:]:
-        if any(c.isspace() for c in tokenizer.decode(tail[last + 1:k])):
-            break
-        last = k
-    return [tail[last]]
+    ending = answer_ending(tokenizer)
+    return [tokenizer(ending[-1], add_special_tokens=False)["input_ids"][-1]] if ending else []
 
 
 def end_of_call_ids(tokenizer) -> list[int]:
