@@ -270,7 +270,7 @@ class _Template:
         self.writes_reasoning: bool | None = None  # whether it writes an answer's reasoning (checked once)
         self._warn_if_marker_is_text()
         self.ending = answer_ending(tokenizer)
-        self._check_ending_is_the_turn_s()
+        self._refuse_a_prompt_after_every_conversation()
         self._compiled = self._compile()
         if self._compiled is not None and _plain(sample) and not self._same_as_slow(sample):
             self._compiled = None
@@ -295,7 +295,7 @@ class _Template:
                           "model family? give the template of this model, or a named one, which adds its tokens)",
                           stacklevel=2)
 
-    def _check_ending_is_the_turn_s(self) -> None:
+    def _refuse_a_prompt_after_every_conversation(self) -> None:
         """Refuse a template that writes its generation prompt after every conversation, asked for or not (Command
         R7B's tool-use template ends each with `<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>`): after a last answer that
         header follows the end-of-turn tokens in a row, as the next turn's header does after an earlier answer, so
