@@ -2,7 +2,10 @@
 
     OUT/<name>/config.pbtxt        text in (BYTES), text out, dynamic batching
     OUT/<name>/1/model.py          the Python-backend model (sftlab/export/triton_model.py)
-    OUT/<name>/1/generation.py     the batched engines it runs (sftlab/serve/generation.py)
+    OUT/<name>/1/sftlab/           sftlab's own source, which it imports: the batched engines
+                                   (serve/generation.py) and the chat-template reading they share with
+                                   training (stop tokens, tool-call arguments), so Triton needs only
+                                   torch + transformers installed, not sftlab
     OUT/<name>/1/weights/          merged safetensors (engine "torch") or the ONNX export (engine "onnx")
 
 The weights are verified on the way (merge: logits vs adapter model; ONNX: vs PyTorch).
@@ -45,6 +48,13 @@ parameters {{ key: "max_tokens_limit" value: {{ string_value: "{max_tokens_limit
 """
 
 
+def write_model_code(version: Path) -> None:
+    """The Python-backend model and the sftlab source it imports, into a model version folder."""
+    here = Path(__file__).resolve().parent
+    shutil.copy(here / "triton_model.py", version / "model.py")
+    shutil.copytree(here.parent, version / "sftlab", ignore=shutil.ignore_patterns("__pycache__"))
+
+
 def export_triton(source: str, out_dir: str | Path, *, engine: str = "torch", name: str = "sftlab",
                   max_batch_size: int = 8, queue_delay_us: int = 5000, default_max_tokens: int = 256,
                   max_tokens_limit: int = 4096, precision: str = "fp32") -> VerifyResult:
@@ -70,9 +80,7 @@ def export_triton(source: str, out_dir: str | Path, *, engine: str = "torch", na
                 hf_dir = hf_folder(source, Path(work))
                 shutil.copytree(hf_dir, version / "weights")
             result = verify_saved(source, version / "weights")
-        here = Path(__file__).resolve().parent
-        shutil.copy(here / "triton_model.py", version / "model.py")
-        shutil.copy(here.parent / "serve" / "generation.py", version / "generation.py")
+        write_model_code(version)
         (tmp / name / "config.pbtxt").write_text(CONFIG.format(
             name=name, max_batch_size=max_batch_size, queue_delay_us=queue_delay_us, engine=engine,
             default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit))

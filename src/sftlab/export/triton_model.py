@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation import (SAMPLING, GenRequest, IncrementalDecoder, OnnxEngine, TorchEngine, encode,  # noqa: E402
-                        json_grammar, parse_text_input)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sftlab source exported beside this file
+from sftlab.serve.generation import (SAMPLING, GenRequest, IncrementalDecoder, OnnxEngine,  # noqa: E402
+                                     TorchEngine, encode, json_grammar, parse_text_input)
 
 
 class TritonPythonModel:

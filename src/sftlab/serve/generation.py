@@ -1,7 +1,8 @@
 """Batched text generation for serving: one engine interface over PyTorch and ONNX Runtime GenAI.
 
-This module imports nothing from sftlab on purpose: `sftlab export --to triton` copies it
-next to the Triton Python-backend `model.py`, so the same code serves inside Triton.
+The same code serves inside Triton: `sftlab export --to triton` writes sftlab's source next to the
+Python-backend `model.py`, which imports this module from there. What it imports must therefore need
+no more than torch, transformers and numpy (the chat-template reading it shares with training does).
 
 An engine takes a batch of requests (prompt token ids, max_new_tokens, sampling parameters) and
 decodes them together step by step; a request may carry an `on_token` callback, which is
