@@ -102,6 +102,15 @@ def _end_marker_pattern(markers: list[str]) -> re.Pattern:
     return re.compile(rf"\s*(?:{alternatives or '(?!)'})")
 
 
+_PROBE = "\ue000sftlab-probe\ue001"  # an answer no template writes itself (private-use characters)
+
+
+def _after_answer(tokenizer, *, then: tuple[dict, ...] = ()) -> str:
+    """What the chat template writes after an answer to a first question, with the messages THEN after it."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}, *then]
+    return _apply(tokenizer, messages, add_generation_prompt=False).partition(_PROBE)[2]
+
+
 def answer_ending(tokenizer) -> tuple[str, ...]:
     """The markers the chat template writes in a row right after an answer that ends the conversation: one
     in most templates (`<|im_end|>`), two in Cohere 2's (`<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`, the second
@@ -109,10 +118,8 @@ def answer_ending(tokenizer) -> tuple[str, ...]:
     reply stops on the last (serve/generation.py `end_of_turn_ids`). Text glued between them (no whitespace) is
     part of the row: Kimi K3 closes an answer with `<|close|>response<|sep|><|close|>message<|sep|><|end_of_msg|>`,
     each piece one item here (its first `<|close|>` also closes the reasoning)."""
-    probe = "\ue000sftlab-probe\ue001"
     try:
-        after = _apply(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}],
-                       add_generation_prompt=False).partition(probe)[2]
+        after = _after_answer(tokenizer)
     except TemplateFailed:
         return ()
     markers = _end_markers(tokenizer)
@@ -279,14 +286,12 @@ class _Template:
         """A template from another model family ends an answer with a marker this tokenizer does not
         have as a token (`<|eot_id|>` on a ChatML tokenizer): it is split into plain pieces, the answer
         gets no end-of-turn token the model can learn to stop on, and an EOS lands inside the marker."""
-        probe = "\ue000sftlab-probe\ue001"
         try:
-            text = self.slow([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}],
-                             add_generation_prompt=False)
+            text = _after_answer(self.tokenizer)
         except TemplateFailed:
             return
         # <|eot_id|>, <end_of_turn>, [/INST], DeepSeek's full-width <｜end▁of▁sentence｜>
-        after = re.match(r"\s*(<[|｜]?[A-Za-z_][\w.▁-]*[|｜]?>|\[/?[A-Z_]+\])", text.partition(probe)[2])
+        after = re.match(r"\s*(<[|｜]?[A-Za-z_][\w.▁-]*[|｜]?>|\[/?[A-Z_]+\])", text)
         if after and after.group(1) not in self.markers and after.group(1) not in self.tokenizer.get_vocab():
             import warnings
 
@@ -302,12 +307,11 @@ class _Template:
         no text says where a turn ends (the header was trained, and a tool-call turn through the tool's result)."""
         if len(self.ending) < 2:
             return
-        probe, hi = "\ue000sftlab-probe\ue001", [{"role": "user", "content": "Hi"}]
+        hi = [{"role": "user", "content": "Hi"}]
         try:
             if self.slow(hi, add_generation_prompt=False) != self.slow(hi, add_generation_prompt=True):
                 return
-            after = self.slow(hi + [{"role": "assistant", "content": probe}, {"role": "user", "content": "Again"}],
-                              add_generation_prompt=False).partition(probe)[2]
+            after = _after_answer(self.tokenizer, then=({"role": "user", "content": "Again"},))
         except TemplateFailed:
             return
         if not after.lstrip().startswith("".join(self.ending)):

@@ -124,25 +124,36 @@ def as_json_schema(tools: list[dict[str, Any]]) -> None:
         tool["function"]["parameters"] = {"type": "object", "properties": properties, "required": required}
 
 
+PROBE_CALL_ID = "a1b2c3d4e"  # Mistral's templates refuse call ids that are not 9 characters
+
+
+def probe_call(name: str, arguments: dict | str) -> tuple[list[dict], list[dict]]:
+    """The tools and conversation the chat-template probes render to learn how a template writes a call:
+    a user turn, an assistant turn calling NAME with ARGUMENTS, the tool's result (callers take as many
+    messages as they need). The tool declares no parameters, so ARGUMENTS' keys show in a rendering only
+    where the call itself writes them."""
+    tools = [{"type": "function", "function": {"name": name, "description": "A probe.",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    call = {"id": PROBE_CALL_ID, "type": "function", "function": {"name": name, "arguments": arguments}}
+    return tools, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                   {"role": "tool", "tool_call_id": PROBE_CALL_ID, "name": name, "content": "ok"}]
+
+
 _TAKES_TEXT: dict[str, bool] = {}  # chat template source -> whether it takes a call's arguments as JSON text
 
 
 def takes_arguments_as_text(tokenizer) -> bool:
     """Whether the chat template writes a call's arguments as the JSON text it is given, not as an object:
     given an object, it fails (string concatenation) or writes the object's Python repr (no `tojson`), while
-    JSON text comes out as JSON. Probed once per template."""
+    JSON text comes out as JSON. Probed once per template (the answer depends on its source alone)."""
     template = getattr(tokenizer, "chat_template", None)
     if not isinstance(template, str):
         return False
     if template not in _TAKES_TEXT:
-        tools = [{"type": "function", "function": {"name": "sftlab_probe", "description": "A probe.",
-                                                   "parameters": {"type": "object", "properties": {}}}}]
-
-        def rendered(arguments) -> str:  # the call's id: Mistral's templates take 9 characters
-            call = {"id": "a1b2c3d4e", "type": "function", "function": {"name": "sftlab_probe", "arguments": arguments}}
-            messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+        def rendered(arguments) -> str:
+            tools, messages = probe_call("sftlab_probe", arguments)
             try:
-                return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+                return tokenizer.apply_chat_template(messages[:2], tools=tools, tokenize=False)
             except Exception:  # a template without tool calls, or one that refuses this form
                 return ""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
 from sftlab.data.render import answer_ending
-from sftlab.data.tools import as_template_takes
+from sftlab.data.tools import as_template_takes, probe_call
 
 MARK = "SFTLAB_ANSWER_SENTINEL"  # plain word characters: templates that trim content keep it whole
 
@@ -43,11 +43,7 @@ def end_of_call_ids(tokenizer) -> list[int]:
     message, else the one right after it when a tool result follows."""
     if not getattr(tokenizer, "chat_template", None):
         return []
-    tools = [{"type": "function", "function": {"name": MARK, "description": "A probe.",
-                                               "parameters": {"type": "object", "properties": {}}}}]
-    call = {"id": "a1b2c3d4e", "type": "function", "function": {"name": MARK, "arguments": {}}}  # Mistral: 9 characters
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": call["id"], "name": MARK, "content": "ok"}]
+    tools, messages = probe_call(MARK, {})
     try:
         asked, alone, full = (tokenizer.apply_chat_template(messages[:n], tools=tools, tokenize=False) for n in (1, 2, 3))
     except Exception:  # a template without tool calling, or one that rejects this minimal call
@@ -123,13 +119,11 @@ def string_quote(tokenizer) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _string_quote(tokenizer, template: str | None) -> str:
-    """`template` keys the cache alone: a template set anew on the tokenizer is probed anew."""
-    tools = [{"type": "function", "function": {"name": "probe", "description": "A probe.", "parameters": {
-        "type": "object", "properties": {"text": {"type": "string"}}}}}]
-    call = {"id": "a1b2c3d4e", "type": "function", "function": {"name": "probe", "arguments": {"text": MARK}}}
+    """Cached on the tokenizer too (the quote is one of its special tokens); `template` is in the key so
+    that a template set anew on the tokenizer is probed anew."""
+    tools, messages = probe_call("probe", {"text": MARK})
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {
-            "role": "assistant", "content": "", "tool_calls": [call]}], tools=tools, tokenize=False)
+        text = tokenizer.apply_chat_template(messages[:2], tools=tools, tokenize=False)
     except Exception:  # a template without tool calling, or one that rejects this minimal call
         return ""
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
