@@ -56,6 +56,8 @@ def _quiet_third_party_logs() -> None:
 
     # Deprecation notices about transformers' own internals: nothing a user can act on.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    # ... and about torch's collectives DeepSpeed calls by their old names: ZeRO-3 printed two per step per rank
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.")
     # bitsandbytes (imported by peft) warns at import that an optional CPU 4-bit kernel
     # package is missing, on every run, LoRA ones included; its fallback works.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -546,6 +546,7 @@ def training_args(config: TrainConfig, out: Path, has_eval: bool, use_bf16: bool
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=False,  # gradient checkpointing, applied in build_model (before the PEFT wrap)
         dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinned host memory only speeds copies to a GPU
         remove_unused_columns=False,
         prediction_loss_only=True,
         report_to=t.report_to or "none",
