@@ -155,3 +155,44 @@ def test_a_template_that_writes_the_call_s_id_for_its_name_says_so(tokenizer):
     record = copy.deepcopy(TOOL)
     record["messages"][1]["tool_calls"][0]["id"] = record["messages"][2]["tool_call_id"] = "functions.get_weather:0"
     assert spans_and_prompts(tok, record)[0] == ["<call>functions.get_weather:0</call><|end|>", "Yes.<|end|>"]
+
+
+# GigaChat 3.5 ends the conversation's last message with its EOS and any other with `<|message_sep|>`: a call turn,
+# whose EOS as the last message is not in the conversation, was trained from its call through the tool's result and
+# the next answer to the EOS at the very end; it ends at the marker the template writes after it there.
+def test_a_call_turn_whose_last_message_marker_differs_ends_at_its_own_marker_not_the_conversation_s_eos(tokenizer):
+    tok = installed(tokenizer, tool_template("", "(eos_token if loop.last else '<|end|>')"),
+                    ["<|tools|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"])
+    eos = tok.eos_token
+    assert spans_and_prompts(tok, TOOL) == (["<call>get_weather</call><|end|>", f"Yes.{eos}"], [True, True])
+    # a turn that ends otherwise once followed is never trained through the next message, whatever is found after it
+    two = copy.deepcopy(TOOL)
+    two["messages"][1]["content"] = "Checking."
+    tok = installed(tokenizer, tool_template("", "(eos_token if loop.last else '')").replace(
+        "{{ m.content + ", "{{ ('<think></think>' if loop.last else '') + m.content + "),
+        ["<|tools|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"])
+    with pytest.raises(DataError, match="tool-call turn 1"):
+        render(to_conversation(two, "quirk.jsonl:1"), tok)
+
+
+# Muse Glimmer writes its default system message only with a generation prompt: no prompt is a prefix of the
+# conversation, and each answer was trained from its content on, without what the model writes after the prompt
+# (`<|start|>assistant` + ` to=self<|message|>` reasoning, then the ` to=user<|message|>` header), the reasoning the
+# data gives included; the turns before as the conversation has them, then the prompt's header, line the two up.
+DEFAULT_SYSTEM_WHEN_PROMPTED = (
+    "{%- if add_generation_prompt %}{{ '<|sys|>Be brief.<|end|>' }}{% endif -%}"
+    "{%- for m in messages -%}{%- if m.role == 'assistant' %}{{ '<|assistant|>' }}"
+    "{%- if m.reasoning_content %}{{ ' to=self:' + m.reasoning_content + '<|next|><|assistant|>' }}{% endif %}"
+    "{{ ' to=user:' + m.content + '<|end|>' }}{%- else %}{{ '<|' + m.role + '|>' + m.content + '<|end|>' }}"
+    "{%- endif %}{%- endfor -%}{%- if add_generation_prompt %}{{ '<|assistant|>' }}{% endif -%}")
+
+
+@pytest.mark.filterwarnings("ignore:the chat template of .* is not prefix-stable:UserWarning")
+def test_an_answer_after_a_prompt_that_is_not_a_prefix_is_trained_from_the_prompt_s_header_on(tokenizer):
+    tok = installed(tokenizer, DEFAULT_SYSTEM_WHEN_PROMPTED, ["<|sys|>", "<|user|>", "<|assistant|>", "<|next|>",
+                                                              "<|end|>"])
+    record = copy.deepcopy(MULTI)
+    record["messages"][1]["reasoning_content"] = "A greeting."
+    spans, prompts = spans_and_prompts(tok, record)
+    assert spans == [" to=self:A greeting.<|next|><|assistant|> to=user:Hello!<|end|>", " to=user:Blue.<|end|>"]
+    assert prompts == [False, False]  # the system message is still missing before them (rendering warns)

@@ -426,12 +426,14 @@ def _plan(conversation: Conversation, template: _Template, options: RenderOption
     answers = [i for i in turns if "tool_calls" not in messages[i]]
     for i, start in zip(answers, _answer_starts(conversation, template.name, render, answers, full) if answers else ()):
         end = start + len(messages[i]["content"].strip())
-        if prompt_ends[i] is not None and prompt_ends[i] <= start:
+        prompt_end = prompt_ends[i] if prompt_ends[i] is not None else _aligned_prompt_end(render, messages, i,
+                                                                                           prompts[i], full)
+        if prompt_end is not None and prompt_end <= start:
             # what the template writes between the generation prompt and the answer is generated too: the
             # answer's reasoning (Qwen 3's <think> block, gpt-oss's analysis channel), a header the prompt
             # leaves open (gpt-oss's <|channel|>final<|message|>), whitespace (Mistral's "[/INST] " + answer:
             # a space that is a token of its own before "2019")
-            start = prompt_ends[i]
+            start = prompt_end
         marker = template.end_marker.match(full, end)
         open_ends[i] = marker is None
         spans[i] = (start, _turn_end(full, marker, template.ending) if marker else end)
@@ -439,6 +441,20 @@ def _plan(conversation: Conversation, template: _Template, options: RenderOption
         if i not in spans:
             spans[i], open_ends[i] = _call_span(conversation, template, render, i, prompts[i], full)
     return _Plan(full, [spans[i] for i in turns], [open_ends[i] for i in turns], [prompt_ends[i] for i in turns])
+
+
+def _aligned_prompt_end(render, messages: list[dict], i: int, prompt: str, full: str) -> int | None:
+    """Where turn I's generation prompt ends in `full` when the prompt is not a prefix of it because the template
+    writes the turns before otherwise with a prompt (a default system message only when one is asked for): the
+    turns before as the conversation has them, then the prompt's own last characters (its header, `<|start|>
+    assistant`); None where the two do not line up so. What follows is the turn's, as in a prefix-stable template:
+    the answer's reasoning and its header are trained, not only its content."""
+    before = render(messages[:i], add_generation_prompt=False)
+    if not full.startswith(before):
+        return None
+    tail = full[len(before):len(before) + min(len(prompt), 256)]
+    k = next((k for k in range(len(tail), 0, -1) if prompt.endswith(tail[:k])), 0)
+    return len(before) + k if tail[:k].strip() else None
 
 
 def _turn_end(full: str, marker: re.Match, ending: tuple[str, ...]) -> int:
@@ -463,9 +479,11 @@ def _call_span(conversation: Conversation, template: _Template, render, i: int, 
 
     Its text is not located through a placeholder, as an answer is: templates write the calls in
     their own syntax (JSON in tags, Python-style calls) and some drop the content beside them. The
-    turn is what the template writes for it as the last message; where a template writes the last
-    turn otherwise (an empty think block), the turn ends at the first of the end-of-turn tokens it
-    ends with there. Where the generation prompt differs from the turn's own header (a thinking
+    turn is what the template writes for it as the last message; where a template ends the last
+    message with a marker of its own (GigaChat 3.5's EOS, `<|message_sep|>` after any other), the turn
+    ends at the marker written after it in the conversation; where it writes the last turn otherwise
+    (an empty think block), at the first of the end-of-turn tokens it ends with there, never past the
+    next message's text. Where the generation prompt differs from the turn's own header (a thinking
     template's open `<think>`), the turn starts where the two part."""
     messages, name = conversation.messages, template.name
     before = render(messages[:i], add_generation_prompt=False)
@@ -480,8 +498,16 @@ def _call_span(conversation: Conversation, template: _Template, render, i: int, 
         end = len(alone)
         marker = None if closing else template.end_marker.match(full, end)
         span, open_end = (start, marker.end() if marker else end), not closing and marker is None
+    elif closing and alone.startswith(before) and full.startswith(
+            body := alone[len(before):len(alone) - len(closing)].rstrip(), len(before)) and (
+            marker := template.end_marker.match(full, len(before) + len(body))):
+        # the template ends the conversation's last message with a token of its own (GigaChat 3.5: its EOS, any
+        # other message `<|message_sep|>`): followed, the turn ends at the marker the template writes there
+        span, open_end = (start, marker.end()), False
     elif closing and (end := full.find(closing, start)) >= 0:
         span, open_end = (start, end + len(closing)), False
+        if _runs_into_next(full[start:end], alone[len(before):], messages[i + 1:i + 2]):
+            raise _unlocatable(conversation, name, f"ends tool-call turn {i} otherwise once a message follows it")
     else:
         raise _unlocatable(conversation, name, f"writes tool-call turn {i} otherwise as the last message")
     written = full[span[0]:span[1]]
@@ -501,6 +527,13 @@ def _call_span(conversation: Conversation, template: _Template, render, i: int, 
     if messages[i]["content"].strip() not in written:
         raise _unlocatable(conversation, name, f"drops the text of tool-call turn {i}")
     return span, open_end
+
+
+def _runs_into_next(found: str, own: str, following: list[dict]) -> bool:
+    """Whether a call turn found up to its closing marker holds the next message's text more often than the turn
+    itself does as the last message: the marker found is a later message's (a tool's result was trained)."""
+    nxt = next((m["content"].strip() for m in following if isinstance(m.get("content"), str)), "")
+    return bool(nxt) and found.count(nxt) > own.count(nxt)
 
 
 def _before_token(pos: int, texts: tuple[str, ...], template: _Template) -> int:
