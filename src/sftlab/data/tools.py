@@ -17,6 +17,7 @@ R1: `'```json\n' + tool['function']['arguments']`) gets them as JSON text (`as_t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -127,16 +128,26 @@ def as_json_schema(tools: list[dict[str, Any]]) -> None:
 PROBE_CALL_ID = "a1b2c3d4e"  # Mistral's templates refuse call ids that are not 9 characters
 
 
-def probe_call(name: str, arguments: dict | str) -> tuple[list[dict], list[dict]]:
+def probe_call(name: str, arguments: dict | str, call_id: str | None = PROBE_CALL_ID) -> tuple[list[dict], list[dict]]:
     """The tools and conversation the chat-template probes render to learn how a template writes a call:
     a user turn, an assistant turn calling NAME with ARGUMENTS, the tool's result (callers take as many
-    messages as they need). The tool declares no parameters, so ARGUMENTS' keys show in a rendering only
-    where the call itself writes them."""
+    messages as they need); CALL_ID None gives the call and its result no id. The tool declares no
+    parameters, so ARGUMENTS' keys show in a rendering only where the call itself writes them."""
     tools = [{"type": "function", "function": {"name": name, "description": "A probe.",
                                                "parameters": {"type": "object", "properties": {}}}}]
-    call = {"id": PROBE_CALL_ID, "type": "function", "function": {"name": name, "arguments": arguments}}
-    return tools, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]},
-                   {"role": "tool", "tool_call_id": PROBE_CALL_ID, "name": name, "content": "ok"}]
+    call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    result = {"role": "tool", "name": name, "content": "ok"}
+    if call_id is not None:
+        call["id"] = result["tool_call_id"] = call_id
+    return tools, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}, result]
+
+
+def _renders(tokenizer, messages: list[dict], tools: list[dict]) -> str:
+    """The template's text of MESSAGES, '' where it fails on them."""
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    except Exception:  # a template without tool calls, or one that refuses this form
+        return ""
 
 
 _TAKES_TEXT: dict[str, bool] = {}  # chat template source -> whether it takes a call's arguments as JSON text
@@ -152,15 +163,77 @@ def takes_arguments_as_text(tokenizer) -> bool:
     if template not in _TAKES_TEXT:
         def rendered(arguments) -> str:
             tools, messages = probe_call("sftlab_probe", arguments)
-            try:
-                return tokenizer.apply_chat_template(messages[:2], tools=tools, tokenize=False)
-            except Exception:  # a template without tool calls, or one that refuses this form
-                return ""
+            return _renders(tokenizer, messages[:2], tools)
 
         as_object = rendered({"sftlab_key": "v"})  # Gemma 4 writes it in a notation of its own: it takes objects
         _TAKES_TEXT[template] = '"sftlab_key"' in rendered('{"sftlab_key": "v"}') and (
             not as_object or "{'sftlab_key': 'v'}" in as_object)
     return _TAKES_TEXT[template]
+
+
+_IDS_NEEDED: dict[str, str] = {}  # chat template source -> the call ids it needs (`call_ids_needed`)
+
+
+def call_ids_needed(tokenizer) -> str:
+    """The call ids the chat template needs: "nine" where it refuses a short one (`call_1`) and takes 9
+    alphanumeric characters (Mistral's: "Tool call IDs should be alphanumeric strings with length 9!", or
+    ">= 9"); "any" where it fails on a call without one (Apriel 1.5 concatenates it into its text); "" where
+    it needs none. Probed once per template (the answer depends on its source alone)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return ""
+    if template not in _IDS_NEEDED:
+        def renders(call_id: str | None) -> bool:
+            tools, messages = probe_call("sftlab_probe", {}, call_id)
+            return bool(_renders(tokenizer, messages, tools))
+
+        if not renders(PROBE_CALL_ID):  # no calls, or calls in a form the probe does not meet: nothing to give
+            _IDS_NEEDED[template] = ""
+        else:
+            _IDS_NEEDED[template] = "nine" if not renders("call_1") else "any" if not renders(None) else ""
+    return _IDS_NEEDED[template]
+
+
+_ALPHANUMERIC = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _nine_characters(key: str) -> str:
+    """A 9-character alphanumeric id for KEY, the same in every run (the data cache and serving agree)."""
+    number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return "".join(_ALPHANUMERIC[number // 62 ** k % 62] for k in range(9))
+
+
+def _with_call_ids(messages: list[dict], nine: bool) -> list[dict]:
+    """MESSAGES with an id on every call and on the tool result that answers it. A call without one gets a
+    9-character alphanumeric id for its place in the conversation; with NINE, so does every id that is not
+    9 alphanumeric characters (an id given twice, in a call and in its result, gets the same replacement).
+    A result without `tool_call_id` answers the call in its place among the calls of the turn before."""
+    given: dict[str, str] = {}
+
+    def new_id(old: str | None, place: int) -> str:
+        if isinstance(old, str) and (not nine or (len(old) == 9 and old.isascii() and old.isalnum())):
+            return old
+        key = old if isinstance(old, str) else f"\x00call {place}"
+        return given.setdefault(key, _nine_characters(key))
+
+    out, unanswered, place = [], [], 0
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                calls.append(call | {"id": new_id(call.get("id"), place)})
+                place += 1
+            unanswered = [c["id"] for c in calls]
+            m = m | {"tool_calls": calls}
+        elif m.get("role") == "tool":
+            answered = m.get("tool_call_id")
+            answered = new_id(answered, -1) if isinstance(answered, str) else unanswered[0] if unanswered else None
+            if answered in unanswered:
+                unanswered.remove(answered)
+            if answered is not None:
+                m = m | {"tool_call_id": answered}
+        out.append(m)
+    return out
 
 
 def _text_arguments(call: dict) -> dict:
@@ -171,11 +244,16 @@ def _text_arguments(call: dict) -> dict:
 
 
 def as_template_takes(tokenizer, messages: list[dict]) -> list[dict]:
-    """`messages` with each call's arguments as JSON text where the template takes them so, else as they are."""
-    if not any(m.get("tool_calls") for m in messages) or not takes_arguments_as_text(tokenizer):
+    """`messages` in the form the chat template takes their calls: arguments as JSON text where it takes them
+    so (`takes_arguments_as_text`), call ids where it needs them (`call_ids_needed`)."""
+    if not any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
         return messages
-    return [m | {"tool_calls": [_text_arguments(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m
-            for m in messages]
+    if needed := call_ids_needed(tokenizer):
+        messages = _with_call_ids(messages, nine=needed == "nine")
+    if takes_arguments_as_text(tokenizer):
+        messages = [m | {"tool_calls": [_text_arguments(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m
+                    for m in messages]
+    return messages
 
 
 def call_text(calls: list[dict[str, Any]]) -> str:
