@@ -26,37 +26,56 @@ MARK = "SFTLAB_ANSWER_SENTINEL"  # plain word characters: templates that trim co
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
-    """The special token a model stops an answer on: the last of those the chat template writes right
-    after an assistant message (data/render.py `answer_ending`): for ChatML `<|im_end|>`, for Llama 3
-    `<|eot_id|>`, for Cohere 2 `<|END_OF_TURN_TOKEN|>` after `<|END_RESPONSE|>`."""
-    if not getattr(tokenizer, "chat_template", None):
-        return []
-    ending = answer_ending(tokenizer)
-    return [tokenizer(ending[-1], add_special_tokens=False)["input_ids"][-1]] if ending else []
+    """The special tokens a model ends a turn on, read from what training teaches it (data/render.py): the
+    last token of an answer that ends the conversation (ChatML `<|im_end|>`, Llama 3 `<|eot_id|>`, Cohere 2
+    `<|END_OF_TURN_TOKEN|>` after `<|END_RESPONSE|>`), of one that a question follows (GigaChat 3.5's
+    `<|message_sep|>`: its last message ends with EOS instead), and of a turn that calls a tool, which the
+    tool's result follows (gpt-oss `<|call|>`, GLM `<|observation|>`, Gemma 4 `<|tool_response>`): there the
+    model waits for the result. A template training refuses gives the last of the markers it writes after an
+    answer (`answer_ending`)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return list(_turn_ends(tokenizer, template)) if template else []
 
 
-def end_of_call_ids(tokenizer) -> list[int]:
-    """The special token that ends an assistant turn calling a tool, where templates end such a turn
-    otherwise than an answer (gpt-oss `<|call|>`, GLM `<|observation|>`, Gemma 4 `<|tool_response>`):
-    a model stops there and waits for the tool's result. Found as training finds the end of such a
-    turn (data/render.py `_call_span`): the special token the turn ends with when it is the last
-    message, else the one right after it when a tool result follows."""
-    if not getattr(tokenizer, "chat_template", None):
-        return []
-    tools, messages = probe_call(MARK, {})
-    try:
-        asked, alone, full = (tokenizer.apply_chat_template(messages[:n], tools=tools, tokenize=False) for n in (1, 2, 3))
-    except Exception:  # a template without tool calling, or one that rejects this minimal call
-        return []
-    alone = alone.rstrip()
-    if alone.count(MARK) <= asked.count(MARK):  # the template does not write the call
-        return []
-    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    specials = sorted({t for t in tokenizer.all_special_tokens if t} | {t.content for t in decoder.values() if t.special},
-                      key=len, reverse=True)
-    after = full[len(alone):].lstrip() if full.startswith(alone) else ""
-    closing = next((m for m in specials if alone.endswith(m)), None) or next((m for m in specials if after.startswith(m)), None)
-    return [tokenizer.convert_tokens_to_ids(closing)] if closing else []
+@functools.lru_cache(maxsize=8)
+def _turn_ends(tokenizer, template) -> tuple[int, ...]:
+    """`template` is in the key so that a template set anew on the tokenizer is probed anew. A token training
+    also teaches inside a turn is none (gpt-oss's `<|end|>` ends its reasoning before the answer, as it ends an
+    earlier answer; Kimi K3's first `<|close|>` likewise)."""
+    import warnings
+
+    from sftlab.data.conversation import Conversation
+    from sftlab.data.render import IGNORE, render
+    from sftlab.errors import SftlabError
+
+    tools, call = probe_call(MARK, {})
+    hi = {"role": "user", "content": "Hi."}
+    probes = [([hi, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again."},
+                {"role": "assistant", "content": "Bye."}], {}),
+              ([*call, {"role": "assistant", "content": "Done."}], {"tools": tools}),
+              ([hi, {"role": "assistant", "content": "Hello.", "reasoning_content": "A greeting."}], {})]
+    marked = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", None) or {})
+    ends: list[int] = []
+    inside: set[int] = set()
+    for messages, meta in probes:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the probe's warnings are not the user's
+                example = render(Conversation(messages, source="the stop-token probe", meta=meta), tokenizer)
+        except SftlabError:  # no fast tokenizer, a template training refuses, one without tool calls or reasoning
+            continue
+        trained = [label != IGNORE for label in example.labels] + [False]
+        last = []
+        for k, token in enumerate(map(int, example.input_ids)):
+            if trained[k]:
+                (inside.add if trained[k + 1] else last.append)(token)
+        for token in last[-1:] + last[:-1]:  # the conversation's end first
+            if token in marked and token not in ends:
+                ends.append(token)
+    ends = [token for token in ends if token not in inside]
+    if not ends and (ending := answer_ending(tokenizer)):
+        ends = [tokenizer(ending[-1], add_special_tokens=False)["input_ids"][-1]]
+    return tuple(ends)
 
 
 def stop_token_ids(tokenizer, eos_token_id: int | list[int] | None = None) -> list[int]:
@@ -65,7 +84,6 @@ def stop_token_ids(tokenizer, eos_token_id: int | list[int] | None = None) -> li
     generation_config/config value). The one definition used by evaluation, serving, chat and
     every export."""
     ids = end_of_turn_ids(tokenizer)
-    ids += [tok for tok in end_of_call_ids(tokenizer) if tok not in ids]
     extra = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
     for tok in [tokenizer.eos_token_id, *extra]:
         if tok is not None and tok not in ids:
