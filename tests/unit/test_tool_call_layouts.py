@@ -218,3 +218,27 @@ def test_evaluation_compares_gemma_4_calls_with_their_string_quotes(tokenizer):
     reply = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE and t not in stops]
     assert answers(tok, [reply], [ask], [TOOLS]) == [refs[0]]
     assert as_sent(call_parser(tok).parse(refs[0])[1]) == [("f", {"n": "2"})]
+
+
+def test_a_template_that_writes_a_call_s_id_only_once_a_result_follows_reads_calls_with_and_without_it(tokenizer):
+    """Apriel 1.5 writes `, "id": ...` in a call turn only when it is not the last message: training (call turns
+    are followed by their results) teaches calls with ids, a base model writes them without."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = (
+        "{%- if tools %}{{ tools | tojson }}{% endif -%}"
+        "{%- for m in messages -%}{%- set last = loop.last -%}"
+        "{%- if m.role == 'assistant' and m.tool_calls -%}assistant: <calls>["
+        "{%- for c in m.tool_calls -%}{{ '{\"name\": \"' + c.function.name + '\", \"arguments\": ' }}"
+        "{{- c.function.arguments | tojson }}{{ '' if last else ', \"id\": \"' + c.id + '\"' }}{{ '}' }}"
+        "{%- if not loop.last %}, {% endif -%}{%- endfor -%}]</calls><|im_end|>"
+        "{%- elif m.role == 'tool' -%}<result>{{ m.content }}</result>"
+        "{%- else -%}{{ m.role }}: {{ m.content }}<|im_end|>{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt %}assistant: {% endif -%}")
+    parser = call_parser(tok)
+    for text in ('<calls>[{"name": "get_weather", "arguments": {"city": "Lima"}, "id": "abc123XYZ"}]</calls>',
+                 '<calls>[{"name": "get_weather", "arguments": {"city": "Lima"}}]</calls>'):
+        content, calls = parser.parse(text)
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+            [("get_weather", {"city": "Lima"})], text

@@ -327,7 +327,9 @@ class CallParser:
 def call_parser(tokenizer) -> CallParser | None:
     """The reader of the calls the tokenizer's chat template writes, or None when it writes no calls, or
     writes their arguments in a way this module cannot read (module docstring)."""
-    layouts = [_layout(tokenizer, content) for content in (_PROBE_TEXT, "")]
+    # a call turn as the last message and followed by its result: Apriel 1.5 writes a call's id only in the
+    # latter, where training has its call turns, so a base model and one trained on such data differ
+    layouts = [_layout(tokenizer, content, answered) for content in (_PROBE_TEXT, "") for answered in (True, False)]
     layouts = list(dict.fromkeys(layout for layout in layouts if layout is not None))
     # where one layout is the other with text before the calls (Qwen 3's empty think block without
     # content; gpt-oss's message header after its content), the calls begin where the shorter does
@@ -335,11 +337,11 @@ def call_parser(tokenizer) -> CallParser | None:
     return CallParser(tuple(layouts)) if layouts else None
 
 
-def _layout(tokenizer, content: str) -> CallLayout | PythonCalls | None:
+def _layout(tokenizer, content: str, answered: bool) -> CallLayout | PythonCalls | None:
     from sftlab.serve.generation import string_quote
 
     def probe(calls: int, arguments: dict = _PROBE_ARGS) -> str | None:
-        return _probe_text(tokenizer, calls, content, arguments)
+        return _probe_text(tokenizer, calls, content, arguments, answered)
 
     text, quote = probe(1), string_quote(tokenizer)
     one, argument = _slotted(text, quote), ""
@@ -375,15 +377,17 @@ def _repeated(one: str | None, two: str | None, slots: tuple[str, ...]) -> tuple
     return 0, ""
 
 
-def _probe_text(tokenizer, calls: int, content: str, arguments: dict) -> str | None:
+def _probe_text(tokenizer, calls: int, content: str, arguments: dict, answered: bool) -> str | None:
     """What the template trains for an assistant turn of `content` and `calls` probe calls (from the end
-    of the content), decoded as generated text is; None if it cannot write that turn."""
+    of the content), the last message or `answered` by the calls' results, decoded as generated text is;
+    None if it cannot write that turn."""
     from sftlab.serve.generation import trained_reply
 
     call = {"id": _PROBE_ID, "type": "function", "function": {"name": _PROBE_NAME, "arguments": dict(arguments)}}
+    results = [{"role": "tool", "tool_call_id": _PROBE_ID, "name": _PROBE_NAME, "content": "ok"}] * calls * answered
     text = trained_reply(tokenizer, [{"role": "user", "content": "Hi."},
-                                     {"role": "assistant", "content": content, "tool_calls": [dict(call)] * calls}],
-                         "the tool-call probe", {"tools": [_PROBE_TOOL]})
+                                     {"role": "assistant", "content": content, "tool_calls": [dict(call)] * calls},
+                                     *results], "the tool-call probe", {"tools": [_PROBE_TOOL]})
     if text is None or content and content not in text:
         return None
     return (text.split(content, 1)[1] if content else text).strip()
