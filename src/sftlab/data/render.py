@@ -116,8 +116,9 @@ def answer_ending(tokenizer) -> tuple[str, ...]:
     in most templates (`<|im_end|>`), two in Cohere 2's (`<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`, the second
     its EOS, the token inference stops on): the model emits them all, so all are trained (`_turn_end`), and a
     reply stops on the last (serve/generation.py `end_of_turn_ids`; this reading where training refuses the
-    template). Text glued between them (no whitespace) is part of the row: Kimi K3 closes an answer with `<|close|>response<|sep|><|close|>message<|sep|><|end_of_msg|>`,
-    each piece one item here (its first `<|close|>` also closes the reasoning)."""
+    template). Text glued between them (no whitespace) is part of the row: Kimi K3 closes an answer with
+    `<|close|>response<|sep|><|close|>message<|sep|><|end_of_msg|>`, each piece one item here (its first
+    `<|close|>` also closes the reasoning)."""
     try:
         after = _after_answer(tokenizer)
     except TemplateFailed:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Callable
 
 from sftlab.errors import RecordError
 
@@ -150,48 +150,53 @@ def _renders(tokenizer, messages: list[dict], tools: list[dict]) -> str:
         return ""
 
 
-_TAKES_TEXT: dict[str, bool] = {}  # chat template source -> whether it takes a call's arguments as JSON text
+_PROBED: dict[tuple[str, str], Any] = {}  # (probe, chat template source) -> its answer
+
+
+def _per_template(tokenizer, probe: Callable[[Any], Any], default: Any) -> Any:
+    """PROBE's answer for the tokenizer's chat template, found once per template (the answers depend on its
+    source alone); DEFAULT without one."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return default
+    key = (probe.__name__, template)
+    if key not in _PROBED:
+        _PROBED[key] = probe(tokenizer)
+    return _PROBED[key]
 
 
 def takes_arguments_as_text(tokenizer) -> bool:
     """Whether the chat template writes a call's arguments as the JSON text it is given, not as an object:
     given an object, it fails (string concatenation) or writes the object's Python repr (no `tojson`), while
-    JSON text comes out as JSON. Probed once per template (the answer depends on its source alone)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not isinstance(template, str):
-        return False
-    if template not in _TAKES_TEXT:
-        def rendered(arguments) -> str:
-            tools, messages = probe_call("sftlab_probe", arguments)
-            return _renders(tokenizer, messages[:2], tools)
-
-        as_object = rendered({"sftlab_key": "v"})  # Gemma 4 writes it in a notation of its own: it takes objects
-        _TAKES_TEXT[template] = '"sftlab_key"' in rendered('{"sftlab_key": "v"}') and (
-            not as_object or "{'sftlab_key': 'v'}" in as_object)
-    return _TAKES_TEXT[template]
+    JSON text comes out as JSON. Probed once per template."""
+    return _per_template(tokenizer, _takes_arguments_as_text, False)
 
 
-_IDS_NEEDED: dict[str, str] = {}  # chat template source -> the call ids it needs (`call_ids_needed`)
+def _takes_arguments_as_text(tokenizer) -> bool:
+    def rendered(arguments) -> str:
+        tools, messages = probe_call("sftlab_probe", arguments)
+        return _renders(tokenizer, messages[:2], tools)
+
+    as_object = rendered({"sftlab_key": "v"})  # Gemma 4 writes it in a notation of its own: it takes objects
+    return '"sftlab_key"' in rendered('{"sftlab_key": "v"}') and (not as_object or "{'sftlab_key': 'v'}" in as_object)
 
 
 def call_ids_needed(tokenizer) -> str:
     """The call ids the chat template needs: "nine" where it refuses a short one (`call_1`) and takes 9
     alphanumeric characters (Mistral's: "Tool call IDs should be alphanumeric strings with length 9!", or
-    ">= 9"); "any" where it fails on a call without one (Apriel 1.5 concatenates it into its text); "" where
-    it needs none. Probed once per template (the answer depends on its source alone)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not isinstance(template, str):
-        return ""
-    if template not in _IDS_NEEDED:
-        def renders(call_id: str | None) -> bool:
-            tools, messages = probe_call("sftlab_probe", {}, call_id)
-            return bool(_renders(tokenizer, messages, tools))
+    ">= 9"); "any" where it fails on a call without one (Apriel 1.5 concatenates it into a call a result
+    follows); "" where it needs none. Probed once per template."""
+    return _per_template(tokenizer, _call_ids_needed, "")
 
-        if not renders(PROBE_CALL_ID):  # no calls, or calls in a form the probe does not meet: nothing to give
-            _IDS_NEEDED[template] = ""
-        else:
-            _IDS_NEEDED[template] = "nine" if not renders("call_1") else "any" if not renders(None) else ""
-    return _IDS_NEEDED[template]
+
+def _call_ids_needed(tokenizer) -> str:
+    def renders(call_id: str | None) -> bool:
+        tools, messages = probe_call("sftlab_probe", {}, call_id)
+        return bool(_renders(tokenizer, messages, tools))
+
+    if not renders(PROBE_CALL_ID):  # no calls, or calls in a form the probe does not meet: nothing to give
+        return ""
+    return "nine" if not renders("call_1") else "any" if not renders(None) else ""
 
 
 _ALPHANUMERIC = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
