@@ -46,7 +46,8 @@ import numpy as np
 from sftlab.errors import SftlabError
 from sftlab.export.gguf_archs import (ARCHS, F32_TENSORS, Arch, check_readable, file_key_mismatches, gguf_tensors,
                                       rotary_dims)
-from sftlab.export.verify import Check, VerifyResult, compare_logits, prompt_ids, torch_greedy, torch_logits
+from sftlab.export.verify import (Check, VerifyResult, compare_logits, prompt_ids, saved_eos, torch_greedy,
+                                  torch_logits)
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 # k-quants: gguf.quants cannot write them; llama.cpp's llama-quantize does, from the f16 file
@@ -422,7 +423,7 @@ def export_gguf(source: str, out_dir: str | Path, *, quant: str = "f16") -> Veri
             hf_dir = hf_folder(source, Path(work))
             config = AutoConfig.from_pretrained(hf_dir)
             tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-            stops = stop_token_ids(tokenizer, config.eos_token_id)
+            stops = stop_token_ids(tokenizer, saved_eos(hf_dir))
             write = partial(k_quantize, work=Path(work)) if quant in K_QUANTS else write_gguf
             types = write(hf_dir, tmp / FILE_NAME, quant, stops)
             (tmp / "Modelfile").write_text(modelfile(tokenizer, stops, config.max_position_embeddings), encoding="utf-8")

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from sftlab.errors import SftlabError
-from sftlab.export.verify import VerifyResult, prompt_ids, torch_logits
+from sftlab.export.verify import VerifyResult, declared_eos, prompt_ids, torch_logits
 
 # fp32 max abs logits diff, merged vs base + adapter: at least MERGE_TOLERANCE, and MERGE_RELATIVE of
 # the largest logit (fp32 rounding grows with the logits' scale: SmolLM2 after a LoRA run that moved
@@ -62,8 +62,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, tolerance: float | No
     ids = prompt_ids(tokenizer)
     reference = [torch_logits(model, x) for x in ids]
     merged = model.merge_and_unload() if art["adapter"] else model
-    # a multimodal model's config keeps it in its text_config (Gemma 3, Mistral 3, Qwen2.5-VL: an AttributeError)
-    stops = stop_token_ids(tokenizer, getattr(merged.config.get_text_config(decoder=True), "eos_token_id", None))
+    # the config's EOS (a multimodal model keeps it in its text_config) and the generation_config's, which the run's
+    # evaluation and serving stop on too
+    stops = stop_token_ids(tokenizer, declared_eos(merged.config, merged.generation_config.eos_token_id))
     merged.generation_config.eos_token_id = stops
     if merged.generation_config.pad_token_id is None:
         merged.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]

@@ -26,7 +26,8 @@ import numpy as np
 
 from sftlab.errors import SftlabError
 from sftlab.export.merge import finish_out_dir, merge_run, prepare_out_dir
-from sftlab.export.verify import Check, VerifyResult, compare_logits, prompt_ids, torch_greedy, torch_logits
+from sftlab.export.verify import (Check, VerifyResult, compare_logits, prompt_ids, saved_eos, torch_greedy,
+                                  torch_logits)
 
 PRECISIONS = ("fp32", "fp16", "int4")
 # logits: max abs diff (prompts + fixed text); top1: share of positions with the same argmax;
@@ -165,10 +166,10 @@ def export_onnx(source: str, out_dir: str | Path, *, precision: str = "fp32") ->
             work = Path(work)
             hf_dir = hf_folder(source, work)
             build(hf_dir, tmp, precision, work / "cache")
-            from transformers import AutoConfig, AutoTokenizer
+            from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-            set_stop_tokens(tmp, stop_token_ids(tokenizer, AutoConfig.from_pretrained(hf_dir).eos_token_id))
+            set_stop_tokens(tmp, stop_token_ids(tokenizer, saved_eos(hf_dir)))
             tokenizer.save_pretrained(tmp)
             result = verify(hf_dir, tmp, precision)
     except BaseException:

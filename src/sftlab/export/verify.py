@@ -97,6 +97,31 @@ FIXED_TEXT = (
 )
 
 
+def declared_eos(config, generation_eos=None) -> list[int]:
+    """Every EOS id a model declares: its config's (the text config's, for a multimodal one) and its
+    generation_config's, which may be a list the config does not hold (Qwen3-4B-Instruct-2507: config
+    151645, generation_config [151645, 151643]; Gemma 3: [1, 106]). transformers' generate stops on the
+    latter, so an export that read the config alone generated past a reply the run itself ended."""
+    ids: list[int] = []
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    for value in (getattr(text, "eos_token_id", None), generation_eos):
+        for tok in value if isinstance(value, (list, tuple)) else [value]:
+            if tok is not None and int(tok) not in ids:
+                ids.append(int(tok))
+    return ids
+
+
+def saved_eos(hf_dir) -> list[int]:
+    """`declared_eos` of a saved transformers folder (config.json and, if there, generation_config.json)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(hf_dir).eos_token_id
+    except OSError:  # no generation_config.json
+        generation = None
+    return declared_eos(AutoConfig.from_pretrained(hf_dir), generation)
+
+
 def prompt_ids(tokenizer) -> list[list[int]]:
     from sftlab.serve.generation import encode
 
