@@ -732,7 +732,7 @@ def settings_from_config(config, nproc: int = 1, device: str = "auto") -> dict[s
 def _dtype_of(config, device: str) -> str:
     """The compute dtype `sftlab train` runs `config` in on `device`: training.bf16 resolved as the trainer
     resolves it (auto: off under DeepSpeed without a GPU); fp16 counts as bf16 (the same bytes)."""
-    from sftlab.train.trainer import wants_bf16
+    from sftlab.train.preflight import wants_bf16
 
     return "bf16" if config.training.fp16 or wants_bf16(config, device) else "fp32"
 
@@ -818,7 +818,7 @@ def estimate_memory(
         raise SftlabError(f"trained_fraction must be in (0, 1] (got {trained_fraction})")
     if shape is None:
         shape = model_shape(load_model_config(config_or_path))
-    from sftlab.train.trainer import device_type, resolve_bf16
+    from sftlab.train.preflight import device_type, resolve_bf16
 
     device = device_type() if device == "auto" else device
     on_cpu = device == "cpu"

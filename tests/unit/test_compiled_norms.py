@@ -12,7 +12,7 @@ import torch
 from sftlab.config import load_config
 from sftlab.errors import SftlabError
 from sftlab.train import compiled_norms
-from sftlab.train.trainer import preflight
+from sftlab.train.preflight import preflight
 
 CPU_RUN = dict(device_type="cpu", processes=1, taken_by_liger=False, whole_model_compiled=False)
 

@@ -164,7 +164,7 @@ def test_zero3_without_the_gather_flag_gets_it_and_false_is_refused_at_start(tmp
 def test_fp16_without_a_gpu_is_refused_at_start_not_trained_in_fp32():
     import torch
 
-    from sftlab.train.trainer import preflight
+    from sftlab.train.preflight import preflight
 
     if torch.cuda.is_available():
         pytest.skip("fp16 runs on a CUDA GPU")
@@ -249,3 +249,14 @@ def test_the_launcher_says_a_user_mistake_once_whichever_rank_failed(failed, tmp
     printed = capsys.readouterr().err
     assert printed.count("error: data.jsonl:2: malformed JSON") == (0 if 0 in failed else 1), printed
     assert printed.splitlines()[-1].startswith(f"error: process {min(failed)} of 2 failed first")
+
+
+def test_deepspeed_not_installed_is_named_before_any_process_starts(monkeypatch):
+    """The launcher finds DeepSpeed without importing it (a second of start-up the ranks pay again)."""
+    import importlib.util
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else found(name, *a))
+    with pytest.raises(SftlabError, match=r"^distributed: deepspeed needs DeepSpeed: pip install 'sftlab\[scale\]'"):
+        distributed.engine_settings(cfg("distributed=zero2"))
+    distributed.engine_settings(cfg("distributed=fsdp"))

@@ -173,14 +173,14 @@ def test_dense_and_sparse_layers_each_keep_their_own_activations(method):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="DeepSpeed on a CPU")
 def test_deepspeed_on_a_cpu_is_estimated_in_fp32_as_it_trains(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """training.bf16 auto is off under DeepSpeed without a GPU (trainer.wants_bf16): the estimate counted bf16
+    """training.bf16 auto is off under DeepSpeed without a GPU (preflight.wants_bf16): the estimate counted bf16
     on a CPU with bf16 matmuls. On a GPU elsewhere (--device cuda) DeepSpeed trains in bf16."""
     import json
 
     from sftlab.cli import main
-    from sftlab.train import trainer
+    from sftlab.train import preflight
 
-    monkeypatch.setattr(trainer, "device_supports_bf16", lambda: True)
+    monkeypatch.setattr(preflight, "device_supports_bf16", lambda: True)
     config = tmp_path / "zero2.yaml"
     config.write_text(f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{train: x.jsonl}}\ndistributed: zero2\n")
 

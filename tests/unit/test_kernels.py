@@ -12,7 +12,8 @@ import torch
 from sftlab.config import load_config
 from sftlab.errors import SftlabError
 from sftlab.train import kernels
-from sftlab.train.trainer import preflight, training_args
+from sftlab.train.preflight import preflight
+from sftlab.train.trainer import training_args
 
 
 def cfg(*overrides):

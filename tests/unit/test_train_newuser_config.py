@@ -102,15 +102,15 @@ def test_early_stopping_with_another_eval_strategy_says_what_to_change():
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="DeepSpeed on a CPU")
 def test_deepspeed_on_a_cpu_trains_fp32_even_where_the_cpu_has_bf16(monkeypatch):
-    from sftlab.train import trainer
+    from sftlab.train import preflight
 
-    monkeypatch.setattr(trainer, "device_supports_bf16", lambda: True)
+    monkeypatch.setattr(preflight, "device_supports_bf16", lambda: True)
     cfg = load_config(None, ["data.train=x.jsonl", "distributed=zero3"])
-    assert trainer.wants_bf16(cfg) is False  # auto: transformers refuses bf16 under DeepSpeed without a GPU
-    assert trainer.wants_bf16(load_config(None, ["data.train=x.jsonl"])) is True
+    assert preflight.wants_bf16(cfg) is False  # auto: transformers refuses bf16 under DeepSpeed without a GPU
+    assert preflight.wants_bf16(load_config(None, ["data.train=x.jsonl"])) is True
     explicit = load_config(None, ["data.train=x.jsonl", "distributed=zero3", "training.bf16=true"])
     with pytest.raises(SftlabError, match=r"^training.bf16: DeepSpeed on a CPU trains in fp32.*training.bf16=false"):
-        trainer.preflight(explicit)
+        preflight.preflight(explicit)
 
 
 def test_a_tracker_that_fails_to_start_is_one_line_naming_it():

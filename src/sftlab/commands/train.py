@@ -21,7 +21,7 @@ def train(
     from sftlab.config import load_config
     from sftlab.errors import SftlabError
     from sftlab.train.distributed import is_main_process, launch
-    from sftlab.train.trainer import preflight
+    from sftlab.train.preflight import preflight
 
     cfg = load_config(None if config == "-" else config, overrides or [])  # checked before any process starts
     preflight(cfg)  # QLoRA under ZeRO-3/FSDP, engine files, fp16 without a GPU: before any process starts

@@ -214,7 +214,8 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     from sftlab.train.preference import load_preferences
     from sftlab.train.run_dir import (checkpoint_state, discard_interrupted_saves, finished_run, last_good_checkpoint,
                                       model_card, refuse_existing_run, resume_checkpoint, write_run_json)
-    from sftlab.train.trainer import base_weights_dtype, portable_model_name, preflight, wants_bf16
+    from sftlab.train.preflight import preflight, wants_bf16
+    from sftlab.train.trainer import base_weights_dtype, portable_model_name
 
     preflight(config)
     if config.training.use_liger_kernel is True:

@@ -64,7 +64,7 @@ def wanted(choice: bool | str, *, device_type: str, planned_tokens: int, process
                            "the first compile (training.compile_norms: true compiles them anyway)")
         if reason := unavailable(device_type):
             return False, reason
-    return True, ""  # true where the compiler is missing was refused before loading (trainer.preflight)
+    return True, ""  # true where the compiler is missing was refused before loading (preflight.preflight)
 
 
 def probe(norm: torch.nn.Module, compiled, autocast_dtype: torch.dtype | None) -> str | None:

@@ -20,6 +20,7 @@ accelerator; the tests check that parameters really are sharded.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -174,10 +175,8 @@ def engine_settings(config) -> dict[str, Any]:
     if engine == "ddp":
         return {}
     if engine == "deepspeed":
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise SftlabError("distributed: deepspeed needs DeepSpeed: pip install 'sftlab[scale]'") from None
+        if importlib.util.find_spec("deepspeed") is None:  # found, not imported: the launcher does not train
+            raise SftlabError("distributed: deepspeed needs DeepSpeed: pip install 'sftlab[scale]'")
         given = passthrough.get("deepspeed")
         if isinstance(given, dict):
             ds, origin = given, "training.deepspeed"
