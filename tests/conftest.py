@@ -4,6 +4,7 @@ random Llama (hidden 64, 2 layers) built from it, so tests are offline and fast.
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import re
 import tempfile
@@ -54,6 +55,16 @@ def pytest_runtest_protocol(item, nextitem):
         _kept_lock = lock if _all_cores(item) and _all_cores(nextitem) else None
         if _kept_lock is None:
             lock.close()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """What a test leaves alive (the libraries it imported, module-scoped fixtures) goes to the garbage
+    collector's permanent generation once the test's own garbage is collected: transformers' Trainer and TRL
+    call gc.collect() at the end of every run, which otherwise walks every object the session has built up
+    (0.4 s and more per run; the documented-commands tests ran 15 % faster with this)."""
+    gc.collect()
+    gc.freeze()
 
 
 # the tokens chat templates write, special in the models' own tokenizers (added to SmolLM2's by tokenizer_for)
