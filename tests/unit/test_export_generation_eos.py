@@ -1,6 +1,7 @@
-"""Regression checks for failures users reported in other toolkits' trackers (a second round; the first is
-tests/integration/test_failure_reports.py), reproduced on the tiny model and SmolLM2's tokenizer. Each
-docstring names the report. /tmp/failreports/REPORT.md of that round lists the reports found covered."""
+"""Exports stop where the run stops: on every EOS the model declares, config.json's and generation_config.json's.
+Failures users reported in other toolkits' trackers (a second round; the first is
+tests/integration/test_failure_reports.py), reproduced on the tiny model and SmolLM2's tokenizer; each docstring
+names its report."""
 
 from __future__ import annotations
 
