@@ -73,8 +73,13 @@ def test_an_invalid_schema_is_still_refused_each_time(compiled):
 
 @pytest.mark.parametrize("name, quote", [("gemma4.jinja", '<|"|>'), ("chatml", "")])
 def test_the_string_quote_is_probed_once_per_tokenizer_and_template(tokenizer, monkeypatch, name, quote):
-    from sftlab.serve.generation import IncrementalDecoder, string_quote
+    """Once per template and tokenizer: per request's decoder, and per copy of the tokenizer (evaluation loads a
+    run's and its base's), the answer is kept."""
+    import copy
 
+    from sftlab.serve.generation import IncrementalDecoder, _string_quote, string_quote
+
+    _string_quote.cache_clear()
     tok = tokenizer_for(tokenizer, name)
     renders, render = [], tok.apply_chat_template
     monkeypatch.setattr(tok, "apply_chat_template", lambda *a, **k: renders.append(k) or render(*a, **k))
@@ -85,5 +90,10 @@ def test_the_string_quote_is_probed_once_per_tokenizer_and_template(tokenizer, m
         decoded.append("".join(decoder.add(t) for t in ids))
     assert string_quote(tok) == quote and decoded == [f"call:f{{a:{quote}x{quote}}}"] * 3
     assert len(renders) == 1
+    assert string_quote(copy.deepcopy(tok)) == quote and len(renders) == 1
     tok.chat_template += "\n"
     assert string_quote(tok) == quote and len(renders) == 2  # a new template is probed anew
+    other = copy.deepcopy(tok)
+    other.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    monkeypatch.setattr(other, "apply_chat_template", lambda *a, **k: renders.append(k) or render(*a, **k))
+    assert string_quote(other) == quote and len(renders) == 3  # so is a tokenizer with other tokens

@@ -33,15 +33,41 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     tool's result follows (gpt-oss `<|call|>`, GLM `<|observation|>`, Gemma 4 `<|tool_response>`): there the
     model waits for the result. A template training refuses gives the last of the markers it writes after an
     answer (`answer_ending`)."""
-    template = getattr(tokenizer, "chat_template", None)
-    return list(_turn_ends(tokenizer, template)) if template else []
+    return list(_turn_ends(tokenizer)) if getattr(tokenizer, "chat_template", None) else []
 
 
-@functools.lru_cache(maxsize=8)
-def _turn_ends(tokenizer, template) -> tuple[int, ...]:
-    """`template` is in the key so that a template set anew on the tokenizer is probed anew. A token training
-    also teaches inside a turn is none (gpt-oss's `<|end|>` ends its reasoning before the answer, as it ends an
-    earlier answer; Kimi K3's first `<|close|>` likewise)."""
+def per_tokenizer(probe: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """PROBE(tokenizer), found once per chat template and tokenizer: kept on the tokenizer object, and on what
+    the answer depends on (the template; the tokenizer's class, name, size and added tokens), so that a copy of
+    the tokenizer or the same one loaded again is not probed again. A template set anew is probed anew."""
+    answers: dict[tuple, Any] = {}
+
+    @functools.lru_cache(maxsize=8)
+    def on_object(tokenizer, template: str | None):
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        key = (template, type(tokenizer).__name__, getattr(tokenizer, "name_or_path", None), len(tokenizer),
+               tuple((i, t.content, t.special) for i, t in sorted(added.items())))
+        if key not in answers:
+            answers[key] = probe(tokenizer)
+        return answers[key]
+
+    @functools.wraps(probe)
+    def cached(tokenizer):
+        template = getattr(tokenizer, "chat_template", None)
+        return on_object(tokenizer, template if isinstance(template, str) else None)
+
+    def cache_clear() -> None:
+        on_object.cache_clear()
+        answers.clear()
+
+    cached.cache_clear = cache_clear
+    return cached
+
+
+@per_tokenizer
+def _turn_ends(tokenizer) -> tuple[int, ...]:
+    """A token training also teaches inside a turn is none (gpt-oss's `<|end|>` ends its reasoning before the
+    answer, as it ends an earlier answer; Kimi K3's first `<|close|>` likewise)."""
     import warnings
 
     from sftlab.data.conversation import Conversation
@@ -131,14 +157,11 @@ def string_quote(tokenizer) -> str:
     """The special token the chat template writes on both sides of a string argument of a tool call
     (Gemma 4's `<|"|>`), '' where it writes none: found by rendering a call whose argument is a marker, once
     per tokenizer and template (each request's decoder asks)."""
-    template = getattr(tokenizer, "chat_template", None)
-    return _string_quote(tokenizer, template if isinstance(template, str) else None) if template else ""
+    return _string_quote(tokenizer) if getattr(tokenizer, "chat_template", None) else ""
 
 
-@functools.lru_cache(maxsize=8)
-def _string_quote(tokenizer, template: str | None) -> str:
-    """Cached on the tokenizer too (the quote is one of its special tokens); `template` is in the key so
-    that a template set anew on the tokenizer is probed anew."""
+@per_tokenizer
+def _string_quote(tokenizer) -> str:
     tools, messages = probe_call("probe", {"text": MARK})
     try:
         text = tokenizer.apply_chat_template(messages[:2], tools=tools, tokenize=False)

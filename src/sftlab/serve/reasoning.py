@@ -14,11 +14,12 @@ a tool result DeepSeek's opens no block, and a user's own `<think>` is text.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from dataclasses import dataclass, replace
 from typing import NamedTuple
+
+from sftlab.serve.generation import per_tokenizer, trained_reply
 
 _ANSWER, _REASONING = "sftlab_probe_answer", "sftlab_probe_reasoning"
 _OPEN, _CLOSE = "<think>", "</think>"  # the block every shipped template that opens one in its prompt writes
@@ -125,10 +126,19 @@ def template_pattern(text: str) -> re.Pattern:
     return re.compile(r"\s*" + r"\s*".join(re.escape(piece) for piece in text.split()))
 
 
+@per_tokenizer
 def answer_layout(tokenizer) -> AnswerLayout:
     """How the tokenizer's chat template writes an answer's reasoning (an empty layout where it writes
     none, or where the probe cannot be rendered), for a reply to its plain generation prompt."""
-    return _layout_of(tokenizer, tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None)
+    lead = _generated(tokenizer, None)
+    with_reasoning = _generated(tokenizer, _REASONING)
+    lead, opening = lead.split(_ANSWER)[0] if lead and _ANSWER in lead else "", _opening_prompts(tokenizer)
+    if not with_reasoning or _REASONING not in with_reasoning or _ANSWER not in with_reasoning:
+        opened = bool(opening)
+        return AnswerLayout(_OPEN if opened else "", _CLOSE if opened else "", lead, opened, opening)
+    opener, rest = with_reasoning.split(_REASONING, 1)
+    return AnswerLayout(opener if opener.strip() else _OPEN, rest.split(_ANSWER)[0], lead, not opener.strip(),
+                        opening)
 
 
 def reply_layout(tokenizer, messages: list[dict], tools: list[dict] | None = None, *,
@@ -147,19 +157,6 @@ def reply_layout(tokenizer, messages: list[dict], tools: list[dict] | None = Non
 def opens_reasoning(prompt: str) -> bool:
     """Whether a prompt (its text) ends inside a `<think>` block: its last `<think>` after its last `</think>`."""
     return prompt.rfind(_OPEN) > prompt.rfind(_CLOSE)
-
-
-@functools.lru_cache(maxsize=8)
-def _layout_of(tokenizer, template: str | None) -> AnswerLayout:
-    lead = _generated(tokenizer, None)
-    with_reasoning = _generated(tokenizer, _REASONING)
-    lead, opening = lead.split(_ANSWER)[0] if lead and _ANSWER in lead else "", _opening_prompts(tokenizer)
-    if not with_reasoning or _REASONING not in with_reasoning or _ANSWER not in with_reasoning:
-        opened = bool(opening)
-        return AnswerLayout(_OPEN if opened else "", _CLOSE if opened else "", lead, opened, opening)
-    opener, rest = with_reasoning.split(_REASONING, 1)
-    return AnswerLayout(opener if opener.strip() else _OPEN, rest.split(_ANSWER)[0], lead, not opener.strip(),
-                        opening)
 
 
 def _opening_prompts(tokenizer) -> tuple[str, ...]:
@@ -184,7 +181,5 @@ def _opening_prompts(tokenizer) -> tuple[str, ...]:
 def _generated(tokenizer, reasoning: str | None) -> str | None:
     """What training teaches a model to write for the probe answer (with the probe reasoning); None
     where the template cannot render it (no template, or one that writes no reasoning)."""
-    from sftlab.serve.generation import trained_reply
-
     answer = {"role": "assistant", "content": _ANSWER} | ({"reasoning_content": reasoning} if reasoning else {})
     return trained_reply(tokenizer, [{"role": "user", "content": "Hi."}, answer], "the answer probe")

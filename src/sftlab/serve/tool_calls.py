@@ -30,6 +30,8 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from sftlab.serve.generation import per_tokenizer, string_quote, trained_reply
+
 NAME, ARGS, ID = "\x02", "\x01", "\x03"  # slots in a layout: control characters no template writes
 KEY, VALUE = "\x04", "\x05"  # slots in an argument's layout
 _SLOTS = re.compile(f"([{NAME}{ARGS}{ID}{KEY}{VALUE}])")
@@ -324,6 +326,7 @@ class CallParser:
         return text, []
 
 
+@per_tokenizer
 def call_parser(tokenizer) -> CallParser | None:
     """The reader of the calls the tokenizer's chat template writes, or None when it writes no calls, or
     writes their arguments in a way this module cannot read (module docstring)."""
@@ -338,8 +341,6 @@ def call_parser(tokenizer) -> CallParser | None:
 
 
 def _layout(tokenizer, content: str, answered: bool) -> CallLayout | PythonCalls | None:
-    from sftlab.serve.generation import string_quote
-
     def probe(calls: int, arguments: dict = _PROBE_ARGS) -> str | None:
         return _probe_text(tokenizer, calls, content, arguments, answered)
 
@@ -381,8 +382,6 @@ def _probe_text(tokenizer, calls: int, content: str, arguments: dict, answered: 
     """What the template trains for an assistant turn of `content` and `calls` probe calls (from the end
     of the content), the last message or `answered` by the calls' results, decoded as generated text is;
     None if it cannot write that turn."""
-    from sftlab.serve.generation import trained_reply
-
     call = {"id": _PROBE_ID, "type": "function", "function": {"name": _PROBE_NAME, "arguments": dict(arguments)}}
     results = [{"role": "tool", "tool_call_id": _PROBE_ID, "name": _PROBE_NAME, "content": "ok"}] * calls * answered
     text = trained_reply(tokenizer, [{"role": "user", "content": "Hi."},
