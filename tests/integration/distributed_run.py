@@ -1,7 +1,10 @@
-"""Run under torchrun by test_distributed_engines.py: train, then resume, in the same processes.
+"""Run under torchrun by test_distributed_engines.py: runs that each train, then resume, in the same processes
+(one launch for several runs: each launch costs the ranks seconds of imports).
 
-Usage: torchrun --nproc_per_node 2 distributed_run.py CONFIG.yaml REPORT_DIR [key=value ...]
+Usage: torchrun --nproc_per_node 2 distributed_run.py CONFIG.yaml RUNS.json
+RUNS.json: a list of {"report": REPORT_DIR, "overrides": [key=value, ...]}, run one after the other.
 
+Per run:
 1. `train(config)` as `sftlab train` runs it; records, on each rank, how many parameter
    elements the rank holds (ZeRO-3 partitions, FSDP2 DTensor shards) and every file the
    rank opened for writing inside output_dir (a Python audit hook);
@@ -22,10 +25,9 @@ from sftlab.config import load_config
 from sftlab.train import distributed
 from sftlab.train.trainer import SFTTrainer, train
 
-config_path, report_dir, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-config = load_config(config_path, overrides)
-out = Path(config.output_dir).resolve()
+config_path, runs = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
 rank = distributed.rank()
+out = Path()  # the output_dir of the run in progress
 writes: set[str] = set()
 held: dict = {}
 
@@ -77,19 +79,24 @@ def recording_compute_loss(self, model, inputs, *args, **kwargs):
 
 SFTTrainer.compute_loss = recording_compute_loss
 sys.addaudithook(audit)
-info = train(config)
-distributed.barrier()
-run_writes = sorted(writes)
+for run in runs:
+    config = load_config(config_path, run["overrides"])
+    out, report_dir = Path(config.output_dir).resolve(), Path(run["report"])
+    writes.clear()
+    held.clear()
+    info = train(config)
+    distributed.barrier()
+    run_writes = sorted(writes)
 
-kept = report_dir / "first_model"
-if rank == 0:
-    shutil.copytree(out / ("model" if config.method == "full" else "adapter"), kept)
-    last = max(out.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    shutil.rmtree(last)
-distributed.barrier()
-train(config, resume=True)
-report = {"rank": rank, "world_size": distributed.world_size(), "writes": run_writes, "held": held,
-          "trained_tokens_seen": info["trained_tokens_seen"], "engine": info["engine"],
-          "threads": torch.get_num_threads()}
-(report_dir / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    kept = report_dir / "first_model"
+    if rank == 0:
+        shutil.copytree(out / ("model" if config.method == "full" else "adapter"), kept)
+        last = max(out.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        shutil.rmtree(last)
+    distributed.barrier()
+    train(config, resume=True)
+    report = {"rank": rank, "world_size": distributed.world_size(), "writes": run_writes, "held": dict(held),
+              "trained_tokens_seen": info["trained_tokens_seen"], "engine": info["engine"],
+              "threads": torch.get_num_threads()}
+    (report_dir / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
 distributed.end_rank(0)

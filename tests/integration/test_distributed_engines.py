@@ -3,7 +3,8 @@ process with the same global batch, on the default padding-free path (packed row
 attention, batches flattened), fp32.
 
 One torchrun launch per engine (distributed_run.py) trains 4 steps with checkpoints every 2,
-then resumes from step 2 in the same processes. Checked per engine:
+then resumes from step 2 in the same processes; under DDP and ZeRO-2 a LoRA run follows in the same
+launch and is checked alike. Checked per engine:
 - the gathered final model loads in one process and gives the one-process run's logits;
 - every logged loss equals the one-process loss;
 - the trained-token count is reduced across ranks;
@@ -88,16 +89,46 @@ def one_process(root: Path, name: str, *overrides: str) -> Path:
     return out
 
 
-def two_processes(root: Path, out: Path, report: Path, *overrides: str) -> list[dict]:
-    """distributed_run.py under torchrun (train, then resume): each rank's report."""
-    report.mkdir()
+def two_processes(root: Path, runs: dict[str, tuple[Path, Path, tuple[str, ...]]]) -> dict[str, list[dict]]:
+    """distributed_run.py under torchrun, one launch for RUNS (name -> output_dir, report folder, overrides), each
+    trained, then resumed: each run's report of each rank."""
+    spec = []
+    for out, report, overrides in runs.values():
+        report.mkdir(parents=True)
+        spec.append({"report": str(report), "overrides": [*overrides, f"output_dir={out}"]})
+    (root / "runs.json").write_text(json.dumps(spec))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-         str(root / "config.yaml"), str(report), *overrides, f"output_dir={out}"],
+         str(root / "config.yaml"), str(root / "runs.json")],
         env=env(root / "cache"), timeout=900, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return {name: [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
+            for name, (_, report, _) in runs.items()}
+
+
+LORA = ("method=lora", "lora.r=8", "lora.alpha=16", "lora.dropout=0", "training.learning_rate=1e-2")
+# LoRA under the engines that keep full weights (ZeRO-3 and FSDP2 LoRA: test_distributed_cli.py)
+LORA_ENGINES = ("ddp", "zero2")
+
+
+@pytest.fixture(scope="module")
+def launches(engines_root, tmp_path_factory):
+    """engine -> {"full" and, under LORA_ENGINES, "lora": (output_dir, report folder, each rank's report)}: one
+    torchrun launch per engine, made by the first test that asks for it."""
+    done: dict[str, dict] = {}
+
+    def launch(engine: str) -> dict:
+        if engine not in done:
+            base = tmp_path_factory.mktemp(engine)
+            methods = {"full": ()} | ({"lora": LORA} if engine in LORA_ENGINES else {})
+            runs = {m: (base / m / "run", base / m / "report", (*extra, f"distributed={engine}"))
+                    for m, extra in methods.items()}
+            ranks = two_processes(engines_root, runs)
+            done[engine] = {m: (out, report, ranks[m]) for m, (out, report, _) in runs.items()}
+        return done[engine]
+
+    return launch
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +169,9 @@ def probe_batch(root: Path, tiny_model_dir: Path) -> dict:
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_two_processes_equal_one_process(engine, reference, tiny_model_dir, tmp_path):
+def test_two_processes_equal_one_process(engine, reference, launches, tiny_model_dir):
     root, ref = reference
-    out, report = tmp_path / "run", tmp_path / "report"
-    ranks = two_processes(root, out, report, f"distributed={engine}")
+    out, report, ranks = launches(engine)["full"]
     label, sharded = ENGINES[engine]
     ref_info = json.loads((ref / "run.json").read_text())
 
@@ -179,21 +209,16 @@ def test_two_processes_equal_one_process(engine, reference, tiny_model_dir, tmp_
     torch.testing.assert_close(resumed, logits, rtol=0, atol=1e-5)
 
 
-LORA = ("method=lora", "lora.r=8", "lora.alpha=16", "lora.dropout=0", "training.learning_rate=1e-2")
-
-
 @pytest.fixture(scope="module")
 def lora_reference(engines_root):
     return one_process(engines_root, "lora_reference", *LORA)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero2"])
-def test_lora_two_processes_equal_one_process_and_resume(engine, engines_root, lora_reference, tiny_model_dir, tmp_path):
-    """LoRA on the default packed path under the engines that keep full weights (ZeRO-3 and
-    FSDP2 LoRA: test_distributed_cli.py); the adapter resumes from its step-2 checkpoint."""
+@pytest.mark.parametrize("engine", LORA_ENGINES)
+def test_lora_two_processes_equal_one_process_and_resume(engine, engines_root, lora_reference, launches, tiny_model_dir):
+    """LoRA on the default packed path; the adapter resumes from its step-2 checkpoint."""
     root, ref = engines_root, lora_reference
-    out, report = tmp_path / "run", tmp_path / "report"
-    ranks = two_processes(root, out, report, *LORA, f"distributed={engine}")
+    out, report, ranks = launches(engine)["lora"]
     assert all(r["engine"] == f"{ENGINES[engine][0]} x 2 processes" for r in ranks)
     assert metrics_losses(out)[:4] == pytest.approx(metrics_losses(ref)[:4], abs=1e-4)
     batch = probe_batch(root, tiny_model_dir)
