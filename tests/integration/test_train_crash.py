@@ -29,13 +29,16 @@ from sftlab.cli import main
 
 KILLED = Path(__file__).with_name("killed_train.py")
 STEPS, SAVE_EVERY, ACCUM = 6, 2, 2
+# the demo data's 12 examples pack into 5 batches an epoch: steps of 2, 2 and 1 micro-batches (an epoch's last
+# step takes what is left), so 6 steps are 10 micro-batches over two epochs and checkpoint-4 is inside the second
+MICRO_BATCHES = 10
 
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     from sftlab.demo.dataset import write_demo_dataset
 
-    return write_demo_dataset(tmp_path_factory.mktemp("demo"), sizes={"train": 12, "validation": 2, "test": 2})
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"), sizes={"train": 3, "validation": 2, "test": 2})
 
 
 def train_args(model, data, out, *extra) -> list[str]:
@@ -54,7 +57,9 @@ def straight_run(tmp_path_factory, tiny_model_dir, demo_data) -> tuple[Path, dic
     err = start_killed("count", 0, train_args(tiny_model_dir, demo_data, out)).communicate(timeout=900)[1]
     counts = re.search(r"^KILL-POINTS (\{.*\})$", err, re.MULTILINE)
     assert counts and (out / "run.json").exists(), err[-2000:]
-    return out, ast.literal_eval(counts[1])
+    counts = ast.literal_eval(counts[1])
+    assert counts["step"] == MICRO_BATCHES, counts
+    return out, counts
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +127,16 @@ def test_killed_during_a_step_or_a_save_resumes_to_the_uninterrupted_weights(
         tiny_model_dir, demo_data, tmp_path, straight, capsys):
     # during step 4's second micro-batch (checkpoint-2 saved); at the rename that would commit
     # checkpoint-4, its files all written (save_total_limit=1: checkpoint-2 must survive); after
-    # the last checkpoint is committed, as rotation starts (nothing left to train, only to save)
-    points = [("step", 3 * ACCUM + 2), ("commit", 4), ("rotate", 4)]
+    # the last checkpoint is committed, as rotation starts (nothing left to train, only to save); during
+    # step 5 (checkpoint-4 saved, inside the second epoch: resuming there must replay that epoch's order, not
+    # the first's, and skip the batches it trained)
+    points = [("step", 7), ("commit", 4), ("rotate", 4), ("step", 9)]
     runs = kill_runs(points, tiny_model_dir, demo_data, tmp_path)
     for run in runs[:2]:
         assert checkpoint_names(run) == ["checkpoint-2"]
+    assert checkpoint_names(runs[3]) == ["checkpoint-4"]
+    epoch = json.loads((runs[3] / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())["epoch"]
+    assert 1 < epoch < 2, epoch
     staged = runs[1] / "checkpoints" / ".saving" / "checkpoint-4"
     assert (staged / "sftlab.json").exists() and (staged / "adapter_model.safetensors").exists()
     assert checkpoint_names(runs[2]) == ["checkpoint-4", "checkpoint-6"]
@@ -138,6 +148,7 @@ def test_killed_during_a_step_or_a_save_resumes_to_the_uninterrupted_weights(
         outs.append(capsys.readouterr().out)
     assert all("resuming from" in out for out in outs)
     assert "checkpoint-2 (step 2" in outs[0] and "checkpoint-2 (step 2" in outs[1] and "checkpoint-6 (step 6" in outs[2]
+    assert "checkpoint-4 (step 4" in outs[3]
     assert "discarded checkpoint-4" in outs[1]  # the interrupted save is thrown away, not resumed from
     print(f"kill points {points}: max |weight difference| {diffs}")
     assert max(diffs) <= 1e-6, diffs
@@ -146,7 +157,7 @@ def test_killed_during_a_step_or_a_save_resumes_to_the_uninterrupted_weights(
 @pytest.mark.skipif(not os.environ.get("SFTLAB_KILL_TRIALS"), reason="set SFTLAB_KILL_TRIALS=N for N random kill points")
 def test_random_kill_points_resume_to_the_uninterrupted_weights(tiny_model_dir, demo_data, tmp_path, straight_run):
     straight, counts = straight_run
-    assert counts["step"] == STEPS * ACCUM and counts["save"] > STEPS // SAVE_EVERY, counts
+    assert counts["save"] > STEPS // SAVE_EVERY, counts
     rng = random.Random(int(os.environ.get("SFTLAB_KILL_SEED", "0")))
     kinds = ["step", "save"]  # during a training forward, or at any filesystem event of checkpointing
     points = [(kinds[i % 2], rng.randint(1, counts[kinds[i % 2]])) for i in range(int(os.environ["SFTLAB_KILL_TRIALS"]))]
@@ -270,12 +281,12 @@ def poisoned_gradient(hidden):
 ])
 def test_a_nonfinite_step_stops_the_run_naming_the_step_and_the_batch(
         tiny_model_dir, demo_data, tmp_path, monkeypatch, capsys, what, fault, module):
-    seen = plant_in_forward(monkeypatch, 3 * ACCUM + 1, fault, module)  # step 4, first micro-batch
+    seen = plant_in_forward(monkeypatch, 7, fault, module)  # micro-batch 7: step 4's second (MICRO_BATCHES)
     run = tmp_path / "run"
     assert main(train_args(tiny_model_dir, demo_data, run)) == 1
     err = capsys.readouterr().err
     assert f"step 4: non-finite {what}" in err and "Traceback" not in err
-    assert seen[3 * ACCUM] and all(f"train.jsonl:{s.split(':')[-1]}" in err for s in seen[3 * ACCUM])
+    assert seen[6] and all(f"train.jsonl:{s.split(':')[-1]}" in err for s in seen[6])
     assert "the last good checkpoint is" in err and "checkpoint-2" in err and "skip_nonfinite_steps" in err
     assert checkpoint_names(run) == ["checkpoint-2"] and (run / "checkpoints" / "checkpoint-2" / "sftlab.json").exists()
     assert not (run / "run.json").exists()
@@ -283,7 +294,7 @@ def test_a_nonfinite_step_stops_the_run_naming_the_step_and_the_batch(
 
 def test_skip_nonfinite_steps_leaves_weights_and_moments_alone_and_counts_the_step(
         tiny_model_dir, demo_data, tmp_path, monkeypatch):
-    plant_in_forward(monkeypatch, 3 * ACCUM + 1, lambda emb: emb * float("inf"))
+    plant_in_forward(monkeypatch, 7, lambda emb: emb * float("inf"))  # in step 4
     run = tmp_path / "run"
     assert main(train_args(tiny_model_dir, demo_data, run, "training.skip_nonfinite_steps=true", "training.max_steps=5",
                            "training.save_steps=1", "training.save_total_limit=5")) == 0
