@@ -44,8 +44,9 @@ def test_sftlab_train_nproc_2(engine, label, lora_setup, tiny_model_dir, tmp_pat
                           env=env(root / "cache"), timeout=900, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("Resolved config:") == 1  # one log, rank 0's
-    # no library notices a user cannot act on (ZeRO-3 printed torch's deprecations of DeepSpeed's calls every step)
-    assert "Warning" not in proc.stderr, proc.stderr[-4000:]
+    # no library notices a user cannot act on (ZeRO-3 printed torch's deprecations of DeepSpeed's calls every step,
+    # and DeepSpeed on every rank that it was "unable to detect" a GPU)
+    assert "warning" not in (proc.stdout + proc.stderr).lower(), proc.stdout[-2000:] + proc.stderr[-2000:]
     info = json.loads((out / "run.json").read_text())
     assert info["processes"] == 2 and info["engine"] == f"{label} x 2 processes"
     assert info["trainable_params"] == json.loads((ref / "run.json").read_text())["trainable_params"] > 0

@@ -5,6 +5,7 @@ peft and bitsandbytes cost seconds to import, which every rank pays again)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -70,7 +71,7 @@ def preflight(config: TrainConfig) -> None:
     """Refuse, before any data, model or process is touched, what would fail later or silently
     train otherwise: fp16 without a CUDA GPU (accelerate would train in fp32 without loss
     scaling, and say nothing), Liger's kernels or compiled norms asked for where they cannot run, and the engine's
-    settings (distributed.engine_settings)."""
+    settings (distributed.engine_settings). DeepSpeed, without a GPU, is told the run is on the CPU."""
     from sftlab.train.distributed import engine_settings
 
     if config.training.fp16 and not torch.cuda.is_available():
@@ -83,4 +84,9 @@ def preflight(config: TrainConfig) -> None:
     if config.training.compile_norms is True and (reason := compiled_norms.unavailable(device_type())):
         raise SftlabError(f"training.compile_norms: {reason}")
     engine_settings(config)
+    if device_type() == "cpu":
+        # the device this run trains on, which DeepSpeed (imported by transformers and accelerate wherever it is
+        # installed, whatever the engine) finds itself only after a warning on every rank that "we were unable
+        # to detect" a GPU; the ranks of `sftlab train --nproc N` inherit it
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
