@@ -17,6 +17,7 @@ R1: `'```json\n' + tool['function']['arguments']`) gets them as JSON text (`as_t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any, Callable
@@ -150,28 +151,42 @@ def _renders(tokenizer, messages: list[dict], tools: list[dict]) -> str:
         return ""
 
 
-_PROBED: dict[tuple[str, str], Any] = {}  # (probe, chat template source) -> its answer
+def per_tokenizer(probe: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """PROBE(tokenizer), found once per chat template and tokenizer: kept on the tokenizer object, and on what
+    the answer depends on (the template; the tokenizer's class, name, size and added tokens), so that a copy of
+    the tokenizer or the same one loaded again is not probed again. A template set anew is probed anew."""
+    answers: dict[tuple, Any] = {}
 
+    @functools.lru_cache(maxsize=8)
+    def on_object(tokenizer, template: str | None):
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        key = (template, type(tokenizer).__name__, getattr(tokenizer, "name_or_path", None), len(tokenizer),
+               tuple((i, t.content, t.special) for i, t in sorted(added.items())))
+        if key not in answers:
+            answers[key] = probe(tokenizer)
+        return answers[key]
 
-def _per_template(tokenizer, probe: Callable[[Any], Any], default: Any) -> Any:
-    """PROBE's answer for the tokenizer's chat template, found once per template (the answers depend on its
-    source alone); DEFAULT without one."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not isinstance(template, str):
-        return default
-    key = (probe.__name__, template)
-    if key not in _PROBED:
-        _PROBED[key] = probe(tokenizer)
-    return _PROBED[key]
+    @functools.wraps(probe)
+    def cached(tokenizer):
+        template = getattr(tokenizer, "chat_template", None)
+        return on_object(tokenizer, template if isinstance(template, str) else None)
+
+    def cache_clear() -> None:
+        on_object.cache_clear()
+        answers.clear()
+
+    cached.cache_clear = cache_clear
+    return cached
 
 
 def takes_arguments_as_text(tokenizer) -> bool:
     """Whether the chat template writes a call's arguments as the JSON text it is given, not as an object:
     given an object, it fails (string concatenation) or writes the object's Python repr (no `tojson`), while
     JSON text comes out as JSON. Probed once per template."""
-    return _per_template(tokenizer, _takes_arguments_as_text, False)
+    return isinstance(getattr(tokenizer, "chat_template", None), str) and _takes_arguments_as_text(tokenizer)
 
 
+@per_tokenizer
 def _takes_arguments_as_text(tokenizer) -> bool:
     def rendered(arguments) -> str:
         tools, messages = probe_call("sftlab_probe", arguments)
@@ -186,9 +201,10 @@ def call_ids_needed(tokenizer) -> str:
     alphanumeric characters (Mistral's: "Tool call IDs should be alphanumeric strings with length 9!", or
     ">= 9"); "any" where it fails on a call without one (Apriel 1.5 concatenates it into a call a result
     follows); "" where it needs none. Probed once per template."""
-    return _per_template(tokenizer, _call_ids_needed, "")
+    return _call_ids_needed(tokenizer) if isinstance(getattr(tokenizer, "chat_template", None), str) else ""
 
 
+@per_tokenizer
 def _call_ids_needed(tokenizer) -> str:
     def renders(call_id: str | None) -> bool:
         tools, messages = probe_call("sftlab_probe", {}, call_id)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
 from sftlab.data.render import answer_ending
-from sftlab.data.tools import as_template_takes, probe_call
+from sftlab.data.tools import as_template_takes, per_tokenizer, probe_call
 
 MARK = "SFTLAB_ANSWER_SENTINEL"  # plain word characters: templates that trim content keep it whole
 
@@ -34,34 +34,6 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     model waits for the result. A template training refuses gives the last of the markers it writes after an
     answer (`answer_ending`)."""
     return list(_turn_ends(tokenizer)) if getattr(tokenizer, "chat_template", None) else []
-
-
-def per_tokenizer(probe: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """PROBE(tokenizer), found once per chat template and tokenizer: kept on the tokenizer object, and on what
-    the answer depends on (the template; the tokenizer's class, name, size and added tokens), so that a copy of
-    the tokenizer or the same one loaded again is not probed again. A template set anew is probed anew."""
-    answers: dict[tuple, Any] = {}
-
-    @functools.lru_cache(maxsize=8)
-    def on_object(tokenizer, template: str | None):
-        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-        key = (template, type(tokenizer).__name__, getattr(tokenizer, "name_or_path", None), len(tokenizer),
-               tuple((i, t.content, t.special) for i, t in sorted(added.items())))
-        if key not in answers:
-            answers[key] = probe(tokenizer)
-        return answers[key]
-
-    @functools.wraps(probe)
-    def cached(tokenizer):
-        template = getattr(tokenizer, "chat_template", None)
-        return on_object(tokenizer, template if isinstance(template, str) else None)
-
-    def cache_clear() -> None:
-        on_object.cache_clear()
-        answers.clear()
-
-    cached.cache_clear = cache_clear
-    return cached
 
 
 @per_tokenizer
