@@ -123,7 +123,11 @@ def answer_ending(tokenizer) -> tuple[str, ...]:
         after = _after_answer(tokenizer)
     except TemplateFailed:
         return ()
-    markers = _end_markers(tokenizer)
+    return _ending_in(after, _end_markers(tokenizer))
+
+
+def _ending_in(after: str, markers: list[str]) -> tuple[str, ...]:
+    """`answer_ending` read off AFTER, the text the template writes after an answer."""
     first = _end_marker_pattern(markers).match(after)
     if first is None:
         return ()
@@ -276,20 +280,23 @@ class _Template:
         self.end_marker = _end_marker_pattern(self.markers)
         self.writes_tools: bool | None = None  # whether the template writes a `tools` list (checked once)
         self.writes_reasoning: bool | None = None  # whether it writes an answer's reasoning (checked once)
-        self._warn_if_marker_is_text()
-        self.ending = answer_ending(tokenizer)
+        try:
+            after = _after_answer(tokenizer)
+        except TemplateFailed:
+            after = None
+        self._warn_if_marker_is_text(after)
+        self.ending = () if after is None else _ending_in(after, self.markers)
         self._refuse_a_prompt_after_every_conversation()
         self._compiled = self._compile()
         if self._compiled is not None and _plain(sample) and not self._same_as_slow(sample):
             self._compiled = None
 
-    def _warn_if_marker_is_text(self) -> None:
-        """A template from another model family ends an answer with a marker this tokenizer does not
-        have as a token (`<|eot_id|>` on a ChatML tokenizer): it is split into plain pieces, the answer
-        gets no end-of-turn token the model can learn to stop on, and an EOS lands inside the marker."""
-        try:
-            text = _after_answer(self.tokenizer)
-        except TemplateFailed:
+    def _warn_if_marker_is_text(self, text: str | None) -> None:
+        """A template from another model family ends an answer (TEXT follows it; None where the template
+        failed) with a marker this tokenizer does not have as a token (`<|eot_id|>` on a ChatML tokenizer):
+        it is split into plain pieces, the answer gets no end-of-turn token the model can learn to stop on,
+        and an EOS lands inside the marker."""
+        if text is None:
             return
         # <|eot_id|>, <end_of_turn>, [/INST], DeepSeek's full-width <｜end▁of▁sentence｜>
         after = re.match(r"\s*(<[|｜]?[A-Za-z_][\w.▁-]*[|｜]?>|\[/?[A-Z_]+\])", text)
