@@ -80,6 +80,8 @@ def _one_line(message, category, filename, lineno, line=None) -> str:
 
 # Commands that train: on a CPU they re-execute themselves once on tcmalloc (train/allocator.py).
 TRAINING = frozenset({"train", "align", "sweep", "quickstart"})
+# Commands that load (and may save) a model, which imports DeepSpeed wherever it is installed.
+LOADING = TRAINING | {"eval", "compare", "export", "serve", "chat"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +114,10 @@ def _run(argv: list[str]) -> int:
     from sftlab.errors import SftlabError
 
     _quiet_third_party_logs()
+    if name in LOADING:
+        from sftlab.train.preflight import tell_deepspeed_the_device
+
+        tell_deepspeed_the_device()
     module = importlib.import_module(COMMANDS[name][0])
     try:
         code = module.app(args=rest, prog_name=f"sftlab {name}", standalone_mode=False)

@@ -238,7 +238,8 @@ def test_bad_data_names_file_and_line(tiny_model_dir, tmp_path, capsys):
 
 
 def test_sftlab_train_runs_on_tcmalloc_where_installed_and_on_glibc_when_told(tmp_path, tiny_model_dir, demo_data):
-    """The command re-executes itself on tcmalloc (train/allocator.py; scripts/setup.sh installs it)."""
+    """The command re-executes itself on tcmalloc (train/allocator.py; scripts/setup.sh installs it). Neither it
+    nor the export of its run warns of what a user cannot act on."""
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV, "DS_ACCELERATOR")}
     expected = "tcmalloc" if allocator.tcmalloc_library() else "system"
     for extra, want in (({}, expected), ({allocator.ENV: "system"}, "system")):
@@ -250,6 +251,11 @@ def test_sftlab_train_runs_on_tcmalloc_where_installed_and_on_glibc_when_told(tm
         assert ("libtcmalloc-minimal4" in proc.stdout) == (want == "system" and not extra)  # the advice, once
         # no notice a user cannot act on: DeepSpeed, imported with transformers, warned it found no GPU
         assert "warning" not in (proc.stdout + proc.stderr).lower(), proc.stdout[-2000:] + proc.stderr[-2000:]
+    # saving a model imports DeepSpeed too (accelerate's unwrapping, in save_pretrained)
+    proc = subprocess.run([sys.executable, "-m", "sftlab.cli", "export", str(out), str(tmp_path / "merged"),
+                           "--to", "merged"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning" not in (proc.stdout + proc.stderr).lower(), proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def test_ctrl_c_says_interrupted_and_how_to_resume(monkeypatch, capsys):

@@ -84,9 +84,14 @@ def preflight(config: TrainConfig) -> None:
     if config.training.compile_norms is True and (reason := compiled_norms.unavailable(device_type())):
         raise SftlabError(f"training.compile_norms: {reason}")
     engine_settings(config)
+    tell_deepspeed_the_device()
+
+
+def tell_deepspeed_the_device() -> None:
+    """On a machine without a GPU, tell DeepSpeed so (DS_ACCELERATOR=cpu, unless set) before anything imports
+    it: transformers and accelerate import it wherever it is installed, whatever the engine (saving any model
+    does), and it finds the CPU itself only after a warning that it was "unable to detect" a GPU, on every
+    rank. The ranks of `sftlab train --nproc N` inherit the setting."""
     if device_type() == "cpu":
-        # the device this run trains on, which DeepSpeed (imported by transformers and accelerate wherever it is
-        # installed, whatever the engine) finds itself only after a warning on every rank that "we were unable
-        # to detect" a GPU; the ranks of `sftlab train --nproc N` inherit it
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
