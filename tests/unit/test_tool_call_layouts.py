@@ -42,12 +42,13 @@ NOTATION_LAYOUTS = {"gemma4.jinja": 2}
 LAYOUTS = JSON_LAYOUTS | ARGUMENT_LAYOUTS | PYTHON_LAYOUTS | NOTATION_LAYOUTS
 
 
-def generated_text(tok, calls: list[dict], content: str = "") -> str:
+def generated_text(tok, calls: list[dict], content: str = "", tools: list[dict] | None = TOOLS) -> str:
     """What a model trained on the template generates for a turn with these calls: its trained tokens
-    (the end-of-turn token aside), decoded as the server decodes a reply."""
+    (the end-of-turn token aside), decoded as the server decodes a reply. `tools` None: data without a
+    tools list (what training takes for a template that writes none)."""
     conv = Conversation([{"role": "user", "content": "Is it warm in Lima?"},
                          {"role": "assistant", "content": content, "tool_calls": calls}],
-                        meta={"tools": TOOLS})
+                        meta={"tools": tools} if tools else {})
     example = render(conv, tok)
     stops, decoder = set(stop_token_ids(tok)), IncrementalDecoder(tok)
     return "".join(decoder.add(t) for t, label in zip(example.input_ids, example.labels)

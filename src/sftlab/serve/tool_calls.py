@@ -20,11 +20,19 @@ A template that writes a string between two special tokens (Gemma 4's `call:f{ci
 has that token kept in decoded replies (serve/generation.py `string_quote`), and the arguments
 object read in its own notation (`_quoted`). Templates whose calls are none of these have no layout
 here: replies to such a model are returned as text.
+
+Two kinds of template cannot write the probe as it first comes, and are probed as training takes their calls
+(`_probe_text`): one that writes no tools list (DeepSeek V3 and R1) without one, as training refuses a list the
+prompt would not show; one that writes a call's id where its name belongs (Kimi K2, whose models write ids
+`functions.NAME:0`) with the probe's id in that form, which training asks of such data. Where a template's call
+markers are special tokens, the layout is read without them, as the server decodes a reply (Kimi K2's
+`functions.NAME:0{...}`).
 """
 
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import re
 import uuid
@@ -36,12 +44,13 @@ NAME, ARGS, ID = "\x02", "\x01", "\x03"  # slots in a layout: control characters
 KEY, VALUE = "\x04", "\x05"  # slots in an argument's layout
 _SLOTS = re.compile(f"([{NAME}{ARGS}{ID}{KEY}{VALUE}])")
 _PROBE_NAME, _PROBE_ID, _PROBE_TEXT = "sftlab_probe_fn", "sftlab0id", "sftlab_probe_text"  # Mistral wants 9-character ids
+_NAMED_ID = f"functions.{_PROBE_NAME}:{_PROBE_ID}"  # Kimi K2's id form; the number a model writes: the id slot
 _PROBE_ARGS = {"sftlab_key_a": "sftlab_value_a"}
 _PROBE_ARGS_2 = {"sftlab_key_a": "sftlab_value_a", "sftlab_key_b": "sftlab_value_b"}
 _PROBE_TOOL = {"type": "function", "function": {
     "name": _PROBE_NAME, "description": "A probe.",
     "parameters": {"type": "object", "properties": {k: {"type": "string"} for k in _PROBE_ARGS_2}}}}
-_WORD = r"[\w.:\-]+"  # a function name or a call id, as generated
+_WORD = r"\w[\w.:\-]*"  # a function name or a call id, as generated (not the end of a sentence before it)
 MAX_CALLS = 32
 
 
@@ -381,12 +390,16 @@ def _repeated(one: str | None, two: str | None, slots: tuple[str, ...]) -> tuple
 def _probe_text(tokenizer, calls: int, content: str, arguments: dict, answered: bool) -> str | None:
     """What the template trains for an assistant turn of `content` and `calls` probe calls (from the end
     of the content), the last message or `answered` by the calls' results, decoded as generated text is;
-    None if it cannot write that turn."""
-    call = {"id": _PROBE_ID, "type": "function", "function": {"name": _PROBE_NAME, "arguments": dict(arguments)}}
-    results = [{"role": "tool", "tool_call_id": _PROBE_ID, "name": _PROBE_NAME, "content": "ok"}] * calls * answered
-    text = trained_reply(tokenizer, [{"role": "user", "content": "Hi."},
-                                     {"role": "assistant", "content": content, "tool_calls": [dict(call)] * calls},
-                                     *results], "the tool-call probe", {"tools": [_PROBE_TOOL]})
+    None if it cannot write that turn. The first of the probe's forms that training takes (module docstring):
+    with the tools list, then without; the probe's id, then `_NAMED_ID`."""
+    for call_id, meta in itertools.product((_PROBE_ID, _NAMED_ID), ({"tools": [_PROBE_TOOL]}, {})):
+        call = {"id": call_id, "type": "function", "function": {"name": _PROBE_NAME, "arguments": dict(arguments)}}
+        results = [{"role": "tool", "tool_call_id": call_id, "name": _PROBE_NAME, "content": "ok"}] * calls * answered
+        text = trained_reply(tokenizer, [{"role": "user", "content": "Hi."},
+                                         {"role": "assistant", "content": content, "tool_calls": [dict(call)] * calls},
+                                         *results], "the tool-call probe", meta)
+        if text is not None:
+            break
     if text is None or content and content not in text:
         return None
     return (text.split(content, 1)[1] if content else text).strip()
