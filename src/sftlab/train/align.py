@@ -52,11 +52,21 @@ class RenderedKTOTrainer(AtomicCheckpoints, RatioWarmup, RecordsStepLosses, KTOT
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if not self.calculate_KL:
             return dataset
+        size = args.per_device_train_batch_size if dataset_name == "train" else args.per_device_eval_batch_size
+        return dataset.add_column("KL_completion_ids", mismatched_completions(dataset["completion_ids"], size))
 
-        def mismatched(batch):  # KTO's KL estimate: each prompt with its neighbour's completion, as TRL builds it
-            return {"KL_completion_ids": batch["completion_ids"][-1:] + batch["completion_ids"][:-1]}
 
-        return dataset.map(mismatched, batched=True, batch_size=args.per_device_train_batch_size)
+def mismatched_completions(completions: list, batch_size: int) -> list:
+    """KTO's KL estimate scores each prompt with another row's completion: within each batch of the loader (its
+    sampler is sequential; `batch_size` is the training or the evaluation one) the completions rotated by one, as
+    TRL builds them. A batch of one row (the last, where the rows do not fill it) takes the completion of the row
+    before it: rotated alone it would get its own, and the KL estimate of that batch would be its reward (as
+    TRL's rotation does; trl#1911 for the odd batch sizes of an earlier one)."""
+    out = []
+    for start in range(0, len(completions), batch_size):
+        batch = completions[start:start + batch_size]
+        out += batch[-1:] + batch[:-1] if len(batch) > 1 or not start else [completions[start - 1]]
+    return out
 
 
 def _peft_config(config: AlignConfig):
