@@ -11,6 +11,7 @@ Batching, on one worker thread, so concurrent clients share the model's forward 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import queue
 import re
@@ -35,6 +36,33 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[Logprob] | None = None  # the tokens of `text`, where the request asked for logprobs
+
+
+class ReplyText:
+    """A reply decoded token by token, its text cut before the first `stop` string (`cut`, a StopText), and where
+    each token's text begins in it: a token belongs to the reply if it writes any of the text. Those a stop string
+    is written in (but for text they write before it) and those after it do not, nor do their logprobs (as a
+    stop token's do not)."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.decoder, self.cut, self.starts, self.length = IncrementalDecoder(tokenizer), StopText(stop), [], 0
+
+    def add(self, token: int) -> str:
+        """The text that can be sent now (StopText.feed)."""
+        self.starts.append(self.length)
+        text = self.decoder.add(token)
+        self.length += len(text)
+        return self.cut.feed(text)
+
+    @property
+    def tokens(self) -> int:
+        """How many of the tokens (the first ones) belong to the reply: all, unless a stop string cut it."""
+        return bisect.bisect_left(self.starts, len(self.cut.text)) if self.cut.hit else len(self.starts)
+
+    @property
+    def sent(self) -> int:
+        """How many write text the StopText has let out so far: those belong to it whatever comes next."""
+        return bisect.bisect_left(self.starts, self.cut.sent)
 
 
 def _settle(future: asyncio.Future, value=None, error: BaseException | None = None) -> None:
@@ -71,26 +99,28 @@ class BatchingBackend:
                        on_text: Callable[..., None] | None = None, **sampling) -> Completion:
         """The completion of one request (`sampling`: GenRequest's parameters of SAMPLING); `on_text` (called on
         the worker thread) gets its text as it is decoded, cut before the first `stop` string, and where the
-        request asks for logprobs, those of the tokens decoded since the last piece. A request cancelled while it
-        waits (its client went away) leaves the engine's batch at the next token."""
+        request asks for logprobs, those of the tokens that write the piece (ReplyText: one whose text is held back as
+        the possible start of a stop string comes with the piece that lets it out, or not at all). A request
+        cancelled while it waits (its client went away) leaves the engine's batch at the next token."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        decoder, cut = IncrementalDecoder(self.tokenizer), StopText(stop)
+        reply = ReplyText(self.tokenizer, stop)
         request = GenRequest(ids, max_tokens, temperature, top_p, seed=seed, **sampling)
-        asked, pending = request.logprobs is not None, []  # the logprobs of tokens decoded since the last piece
+        asked, got, told = request.logprobs is not None, [], 0  # the logprobs of the tokens decoded, how many sent
 
         def send(piece: str) -> None:
+            nonlocal told
             if on_text and asked:
-                on_text(piece, pending[:])
-                pending.clear()
+                on_text(piece, got[told:reply.sent])
+                told = reply.sent
             elif on_text:
                 on_text(piece)
 
         def token(tok: int, logprob: Logprob | None) -> None:
-            piece = cut.feed(decoder.add(tok))
-            request.done = cut.hit
+            piece = reply.add(tok)
+            request.done = reply.cut.hit
             if logprob is not None:
-                pending.append(logprob)
+                got.append(logprob)
             if piece:
                 send(piece)
 
@@ -101,10 +131,10 @@ class BatchingBackend:
         except asyncio.CancelledError:
             request.done = True
             raise
-        if tail := cut.flush():
+        if tail := reply.cut.flush():
             send(tail)
-        return Completion(cut.text, "stop" if cut.hit else result.finish_reason, len(ids),
-                          len(result.tokens), result.logprobs if asked else None)
+        return Completion(reply.cut.text, "stop" if reply.cut.hit else result.finish_reason, len(ids),
+                          len(result.tokens), result.logprobs[:reply.tokens] if asked else None)
 
     def _take(self, limit: int, wait: bool) -> tuple[list, bool]:
         """Up to `limit` queued requests, those cancelled while queued left out, and whether `close` was called.
@@ -203,9 +233,9 @@ class TritonBackend:
     async def generate(self, *, ids: list[int], messages=None, prompt=None, tools=None, max_tokens: int,
                        temperature: float, top_p: float, stop: list[str] = (), seed: int | None = None,
                        on_text=None, **sampling) -> Completion:
-        """The whole completion from Triton (no token stream): `stop` cuts it afterwards. `sampling`: GenRequest's
-        parameters of SAMPLING (`logit_bias` sent as JSON: Triton's parameters are scalars; `json_schema` is JSON
-        text already)."""
+        """The whole completion from Triton (no token stream): `stop` cuts it and its logprobs afterwards.
+        `sampling`: GenRequest's parameters of SAMPLING (`logit_bias` sent as JSON: Triton's parameters are scalars;
+        `json_schema` is JSON text already)."""
         import numpy as np
 
         chat = {"messages": messages, "tools": tools} if tools else messages
@@ -225,6 +255,10 @@ class TritonBackend:
         if sampling.get("logprobs") is not None:
             logprobs = [Logprob(tok, lp, [tuple(t) for t in top])
                         for tok, lp, top in json.loads(result.as_numpy("logprobs")[0, 0])]
+            reply = ReplyText(self.tokenizer, stop)
+            for entry in logprobs:
+                reply.add(entry.token)
+            logprobs = logprobs[:reply.tokens]
         return Completion(cut.text, finish, int(result.as_numpy("prompt_tokens")[0, 0]),
                           int(result.as_numpy("completion_tokens")[0, 0]), logprobs)
 
