@@ -340,20 +340,27 @@ def create_app(backend, model_name: str, *, api_key: str | None = None, limits: 
     tool_support: dict = {}
 
     def _check_tools(messages: list[dict], tools: list[dict]) -> None:
+        """Tools are offered to a model whose template writes them, or writes calls in a layout the server reads
+        though no tools list (DeepSeek V3's: training takes such calls without one, so its models call the tools
+        they learned): the request's tools are then left out of the prompt, and the reply's calls still come back
+        as tool_calls. Either finding is told once."""
         if "writes" not in tool_support:
             from sftlab.data.render import template_writes_tools
 
             tool_support["writes"] = template_writes_tools(tokenizer, messages, tools)
-        if not tool_support["writes"]:
-            raise APIError(400, "this model's chat template does not write tools, so it cannot be offered any: "
-                                "serve a model trained with a template that does (e.g. model.chat_template: chatml)",
-                           param="tools")
-        if "parser" not in tool_support:
             tool_support["parser"] = call_parser(tokenizer)
-            if tool_support["parser"] is None:
+            if tool_support["parser"] is None and tool_support["writes"]:
                 print("warning: this model's chat template writes tool calls in a layout the server cannot read "
                       "(docs/deploy.md): replies to requests with tools come back as text, as generated",
                       file=sys.stderr)
+            elif tool_support["parser"] is not None and not tool_support["writes"]:
+                print("note: this model's chat template writes no tools list: the tools a request offers are not in "
+                      "its prompt (the model calls those it was trained on); its calls come back as tool_calls",
+                      file=sys.stderr)
+        if not tool_support["writes"] and tool_support["parser"] is None:
+            raise APIError(400, "this model's chat template does not write tools, so it cannot be offered any: "
+                                "serve a model trained with a template that does (e.g. model.chat_template: chatml)",
+                           param="tools")
 
     def _calls(text: str, tools) -> tuple[str | None, list[dict]]:
         parser: CallParser | None = tool_support.get("parser") if tools else None
