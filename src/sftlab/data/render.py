@@ -310,19 +310,23 @@ class _Template:
 
     def _refuse_a_prompt_after_every_conversation(self) -> None:
         """Refuse a template that writes its generation prompt after every conversation, asked for or not (Command
-        R7B's tool-use template ends each with `<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>`): after a last answer that
-        header follows the end-of-turn tokens in a row, as the next turn's header does after an earlier answer, so
-        no text says where a turn ends (the header was trained, and a tool-call turn through the tool's result)."""
-        if len(self.ending) < 2:
+        R7B's tool-use template ends each with `<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>`, GLM-Edge's with
+        `<|assistant|>`): after a last answer that header follows (in a row with the end-of-turn tokens, where the
+        template writes any), as the next turn's header does after an earlier answer, so no text says where a turn
+        ends (the header was trained, and a tool-call turn through the tool's result). A template that ends every
+        conversation with its EOS instead is fine: its EOS opens no answer."""
+        if not self.ending:
             return
         hi = [{"role": "user", "content": "Hi"}]
         try:
             if self.slow(hi, add_generation_prompt=False) != self.slow(hi, add_generation_prompt=True):
                 return
             after = _after_answer(self.tokenizer, then=({"role": "user", "content": "Again"},))
+            answered = self.slow([*hi, {"role": "assistant", "content": _PROBE}], add_generation_prompt=False)
         except TemplateFailed:
             return
-        if not after.lstrip().startswith("".join(self.ending)):
+        header = answered.partition(_PROBE)[0].rpartition("Hi")[2]  # what the template writes to open an answer
+        if not after.lstrip().startswith("".join(self.ending)) and self.ending[-1] in header:
             raise SftlabError(f"the chat template of '{self.name}' writes its generation prompt after every "
                               f"conversation, asked for or not (a last answer ends {''.join(self.ending)!r}, an "
                               "earlier one otherwise), so where an assistant turn ends cannot be told: give a template "
