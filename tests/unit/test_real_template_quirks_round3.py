@@ -36,3 +36,23 @@ def test_a_template_that_ends_every_conversation_with_its_eos_is_trained(tokeniz
     example = render(to_conversation(copy.deepcopy(MULTI), "quirk.jsonl:1"), tok)
     eos = tok.eos_token
     assert [tok.decode(run) for run in trained_runs(example)] == [f" Hello!{eos}", f" Blue.\n{eos}"]
+
+
+# EXAONE ends an answer with `[|endofturn|]`, a bracketed marker: given to a tokenizer without that token, the marker
+# is split into plain pieces and the EOS lands inside it (sftlab trained "Blue.[" + EOS, without a word of warning).
+BRACKETED_MARKER = ("{%- for m in messages -%}{{ '[|' + m.role + '|]' + m.content + '[|endofturn|]\\n' }}{%- endfor -%}"
+                    "{%- if add_generation_prompt %}{{ '[|assistant|]' }}{%- endif -%}")
+
+
+def test_a_bracketed_end_marker_that_is_not_a_token_warns(tokenizer):
+    import warnings
+
+    tok = installed(tokenizer, BRACKETED_MARKER, [])
+    with pytest.warns(UserWarning, match=r"ends an answer with '\[\|endofturn\|\]', which is not a token"):
+        render(to_conversation(copy.deepcopy(MULTI), "quirk.jsonl:1"), tok)
+
+    tok = installed(tokenizer, BRACKETED_MARKER, ["[|user|]", "[|assistant|]", "[|endofturn|]"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        example = render(to_conversation(copy.deepcopy(MULTI), "quirk.jsonl:1"), tok)
+    assert [tok.decode(run) for run in trained_runs(example)] == ["Hello![|endofturn|]", "Blue.[|endofturn|]"]

@@ -298,8 +298,8 @@ class _Template:
         and an EOS lands inside the marker."""
         if text is None:
             return
-        # <|eot_id|>, <end_of_turn>, [/INST], DeepSeek's full-width <｜end▁of▁sentence｜>
-        after = re.match(r"\s*(<[|｜]?[A-Za-z_][\w.▁-]*[|｜]?>|\[/?[A-Z_]+\])", text)
+        # <|eot_id|>, <end_of_turn>, [/INST], EXAONE's [|endofturn|], DeepSeek's full-width <｜end▁of▁sentence｜>
+        after = re.match(r"\s*(<[|｜]?[A-Za-z_][\w.▁-]*[|｜]?>|\[/?[A-Z_]+\]|\[\|\w+\|\])", text)
         if after and after.group(1) not in self.markers and after.group(1) not in self.tokenizer.get_vocab():
             import warnings
 
