@@ -74,26 +74,29 @@ def test_an_invalid_schema_is_still_refused_each_time(compiled):
 @pytest.mark.parametrize("name, quote", [("gemma4.jinja", '<|"|>'), ("chatml", "")])
 def test_the_string_quote_is_probed_once_per_tokenizer_and_template(tokenizer, monkeypatch, name, quote):
     """Once per template and tokenizer: per request's decoder, and per copy of the tokenizer (evaluation loads a
-    run's and its base's), the answer is kept."""
+    run's and its base's), the answer is kept. (A decoder also probes the reasoning markers, once.)"""
     import copy
 
-    from sftlab.serve.generation import IncrementalDecoder, _string_quote, string_quote
+    from sftlab.serve.generation import IncrementalDecoder, _kept_specials, _string_quote, string_quote
+    from sftlab.serve.reasoning import reasoning_markers
 
-    _string_quote.cache_clear()
+    for cached in (_string_quote, _kept_specials, reasoning_markers):
+        cached.cache_clear()
     tok = tokenizer_for(tokenizer, name)
     renders, render = [], tok.apply_chat_template
     monkeypatch.setattr(tok, "apply_chat_template", lambda *a, **k: renders.append(k) or render(*a, **k))
     ids = tok(f'call:f{{a:{quote}x{quote}}}', add_special_tokens=False)["input_ids"]
-    decoded = []
+    decoded, probed = [], []
     for _ in range(3):  # a request's decoder each
         decoder = IncrementalDecoder(tok)
         decoded.append("".join(decoder.add(t) for t in ids))
+        probed.append(len(renders))
     assert string_quote(tok) == quote and decoded == [f"call:f{{a:{quote}x{quote}}}"] * 3
-    assert len(renders) == 1
-    assert string_quote(copy.deepcopy(tok)) == quote and len(renders) == 1
+    assert probed[0] and probed == probed[:1] * 3  # by the first decoder alone
+    assert string_quote(copy.deepcopy(tok)) == quote and len(renders) == probed[0]
     tok.chat_template += "\n"
-    assert string_quote(tok) == quote and len(renders) == 2  # a new template is probed anew
+    assert string_quote(tok) == quote and len(renders) == probed[0] + 1  # a new template is probed anew
     other = copy.deepcopy(tok)
     other.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
     monkeypatch.setattr(other, "apply_chat_template", lambda *a, **k: renders.append(k) or render(*a, **k))
-    assert string_quote(other) == quote and len(renders) == 3  # so is a tokenizer with other tokens
+    assert string_quote(other) == quote and len(renders) == probed[0] + 2  # so is a tokenizer with other tokens

@@ -143,19 +143,34 @@ def _string_quote(tokenizer) -> str:
     return next((t.content for t in decoder.values() if t.special and f"{t.content}{MARK}{t.content}" in text), "")
 
 
+def kept_specials(tokenizer) -> frozenset[int]:
+    """The special tokens a reply's text keeps: the template's `string_quote` (a reply's tool calls are
+    unreadable without it) and its reasoning markers (serve/reasoning.py `reasoning_markers`: without them
+    the reasoning is not told from the answer)."""
+    return _kept_specials(tokenizer) if getattr(tokenizer, "chat_template", None) else frozenset()
+
+
+@per_tokenizer
+def _kept_specials(tokenizer) -> frozenset[int]:
+    from sftlab.serve.reasoning import reasoning_markers
+
+    quote = string_quote(tokenizer)
+    quotes = {i for i, t in tokenizer.added_tokens_decoder.items() if quote and t.special and t.content == quote}
+    return frozenset(quotes) | reasoning_markers(tokenizer)
+
+
 class IncrementalDecoder:
     """Turns generated token ids into text deltas with `tokenizers.decoders.DecodeStream`, which
     keeps a small window instead of re-decoding the whole answer and holds back incomplete UTF-8.
-    Special tokens are dropped, but for the template's `string_quote`: a reply's tool calls are
-    unreadable without it."""
+    Special tokens are dropped, but for the template's `kept_specials`."""
 
     def __init__(self, tokenizer):
         from tokenizers.decoders import DecodeStream
 
         self.backend = tokenizer.backend_tokenizer
-        quote = string_quote(tokenizer)
-        self.dropped = _special_but(tokenizer, quote) if quote else set()
-        self.stream = DecodeStream(skip_special_tokens=not quote)
+        kept = kept_specials(tokenizer)
+        self.dropped = _special_but(tokenizer, kept) if kept else set()
+        self.stream = DecodeStream(skip_special_tokens=not kept)
 
     def add(self, token: int) -> str:
         return "" if token in self.dropped else self.stream.step(self.backend, token) or ""
@@ -163,23 +178,21 @@ class IncrementalDecoder:
 
 def decode_reply(tokenizer, ids: list[int]) -> str:
     """A whole reply's text as `IncrementalDecoder` writes it piece by piece (evaluation compares it so)."""
-    quote = string_quote(tokenizer)
-    if not quote:
+    kept = kept_specials(tokenizer)
+    if not kept:
         return tokenizer.decode(ids, skip_special_tokens=True)
-    dropped = _special_but(tokenizer, quote)
+    dropped = _special_but(tokenizer, kept)
     return tokenizer.decode([i for i in ids if i not in dropped])
 
 
-def _special_but(tokenizer, quote: str) -> set[int]:
-    """The ids of the special tokens a reply's text leaves out where the template has a string quote."""
-    return {i for i, t in tokenizer.added_tokens_decoder.items() if t.special and t.content != quote}
+def _special_but(tokenizer, kept: frozenset[int]) -> set[int]:
+    """The ids of the special tokens a reply's text leaves out where it keeps some (`kept`)."""
+    return {i for i, t in tokenizer.added_tokens_decoder.items() if t.special and i not in kept}
 
 
-def trained_reply(tokenizer, messages: list[dict], source: str, meta: dict | None = None) -> str | None:
-    """What training on `messages` teaches a model to write, decoded as a generated reply is (stop
-    tokens dropped): the probe the reasoning and tool-call layouts are read from. None where the
-    template cannot render the conversation. The probe's own warnings are not the user's and are
-    silenced."""
+def trained_ids(tokenizer, messages: list[dict], source: str, meta: dict | None = None) -> list[int] | None:
+    """The tokens training on `messages` teaches a model to generate (stop tokens dropped); None where the
+    template cannot render the conversation. The probe's own warnings are not the user's and are silenced."""
     import warnings
 
     from sftlab.data.conversation import Conversation
@@ -192,9 +205,18 @@ def trained_reply(tokenizer, messages: list[dict], source: str, meta: dict | Non
             example = render(Conversation(messages, source=source, meta=meta or {}), tokenizer)
     except SftlabError:  # DataError too: no template, or one that cannot write this turn
         return None
-    stops, decoder = set(stop_token_ids(tokenizer)), IncrementalDecoder(tokenizer)
-    return "".join(decoder.add(int(t)) for t, label in zip(example.input_ids, example.labels)
-                   if label != IGNORE and t not in stops)
+    stops = set(stop_token_ids(tokenizer))
+    return [int(t) for t, label in zip(example.input_ids, example.labels) if label != IGNORE and t not in stops]
+
+
+def trained_reply(tokenizer, messages: list[dict], source: str, meta: dict | None = None) -> str | None:
+    """`trained_ids` decoded as a generated reply is: the probe the reasoning and tool-call layouts are read
+    from."""
+    ids = trained_ids(tokenizer, messages, source, meta)
+    if ids is None:
+        return None
+    decoder = IncrementalDecoder(tokenizer)
+    return "".join(decoder.add(t) for t in ids)
 
 
 # what a request may set beyond temperature and top_p; each engine's `supports`

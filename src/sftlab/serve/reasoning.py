@@ -9,7 +9,9 @@ without), most templates nothing: their replies are all answer. A generation pro
 `<think>` block (DeepSeek-R1 distills, Qwen 3.5, Nemotron 3) has the reply begin in the reasoning, with
 no opener: the reasoning is what comes before `</think>`, all of the reply where it never comes. That is
 read off what the template adds for the reply to each request (`reply_layout`), not the messages: after
-a tool result DeepSeek's opens no block, and a user's own `<think>` is text.
+a tool result DeepSeek's opens no block, and a user's own `<think>` is text. Special tokens that are all
+that bounds the reasoning (Apertus' `<|inner_prefix|>`, a `<think>` a tokenizer has special) are kept in a
+reply's text (`reasoning_markers`), so the layout reads as where they are text.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from sftlab.serve.generation import per_tokenizer, trained_reply
+from sftlab.serve.generation import per_tokenizer, trained_ids, trained_reply
 
 _ANSWER, _REASONING = "sftlab_probe_answer", "sftlab_probe_reasoning"
 _OPEN, _CLOSE = "<think>", "</think>"  # the block every shipped template that opens one in its prompt writes
@@ -141,6 +143,34 @@ def answer_layout(tokenizer) -> AnswerLayout:
                         opening)
 
 
+@per_tokenizer
+def reasoning_markers(tokenizer) -> frozenset[int]:
+    """The special tokens that bound an answer's reasoning, which a reply's text keeps (generation.py
+    `kept_specials`) so that its layout reads as where they are text. Where the template writes special tokens
+    and whitespace alone before the probe reasoning or between it and the probe answer (Apertus'
+    `<|inner_prefix|>` R `<|inner_suffix|>`; `<think>` R `</think>` where a tokenizer has them special), the
+    special tokens of both sides: Gemma 4's `<|channel>thought` R `<channel|>` keeps its opener's too, so an answer
+    that begins with the word `thought` is not taken for reasoning. Where both sides have text besides, none
+    (gpt-oss's `analysis` R `assistantfinal`, its channel tokens dropped). Where the prompt opens the block, its
+    `<think>` and `</think>` (training may write no reasoning to probe: DeepSeek-R1 distills)."""
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if not special:
+        return frozenset()
+
+    def tokens(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    markers = special.intersection(tokens(_OPEN + _CLOSE)) if _opening_prompts(tokenizer) else set()
+    ids = trained_ids(tokenizer, _probe(_REASONING), "the reasoning marker probe")
+    text = tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
+    if _REASONING in text and _ANSWER in text:
+        opener, rest = text.split(_REASONING, 1)
+        sides = [tokens(opener), tokens(rest.split(_ANSWER)[0])]
+        if any(not tokenizer.decode(side, skip_special_tokens=True).strip() for side in sides):
+            markers.update(special.intersection(sides[0] + sides[1]))
+    return frozenset(markers)
+
+
 def reply_layout(tokenizer, messages: list[dict], tools: list[dict] | None = None, *,
                  prompt: str | None = None) -> AnswerLayout:
     """The layout of a reply to these messages: whether it begins inside a `<think>` block is read off the
@@ -181,5 +211,10 @@ def _opening_prompts(tokenizer) -> tuple[str, ...]:
 def _generated(tokenizer, reasoning: str | None) -> str | None:
     """What training teaches a model to write for the probe answer (with the probe reasoning); None
     where the template cannot render it (no template, or one that writes no reasoning)."""
+    return trained_reply(tokenizer, _probe(reasoning), "the answer probe")
+
+
+def _probe(reasoning: str | None) -> list[dict]:
+    """A question and the probe answer (with the probe reasoning)."""
     answer = {"role": "assistant", "content": _ANSWER} | ({"reasoning_content": reasoning} if reasoning else {})
-    return trained_reply(tokenizer, [{"role": "user", "content": "Hi."}, answer], "the answer probe")
+    return [{"role": "user", "content": "Hi."}, answer]
