@@ -36,7 +36,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from sftlab.data.conversation import Conversation, Example
-from sftlab.data.tools import as_template_takes
+from sftlab.data.tools import REASONING_PROBE, as_template_takes
 from sftlab.errors import DataError, SftlabError
 
 IGNORE = -100
@@ -375,10 +375,10 @@ class _Template:
         """A template that ignores an answer's reasoning would train the answers without it. (apply_chat_template
         passes `reasoning_content` as `thinking` too, the name gpt-oss's template reads.)"""
         if self.writes_reasoning is None:
-            probe = "\ue000sftlab-reasoning\ue001"
             try:
-                self.writes_reasoning = probe in self.slow(
-                    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", "reasoning_content": probe}],
+                self.writes_reasoning = REASONING_PROBE in self.slow(
+                    [{"role": "user", "content": "Hi"},
+                     {"role": "assistant", "content": "Hello.", "reasoning_content": REASONING_PROBE}],
                     add_generation_prompt=False)
             except TemplateFailed:
                 self.writes_reasoning = False

@@ -12,7 +12,8 @@ What datasets hold, and what it becomes:
                                                                  {"name", "arguments": {...}}}, "id"?]
 Arguments are kept as objects: templates write them with `| tojson` (Qwen, Llama 3.1), so a JSON
 string would be written as one quoted string. A template that writes them as text instead (DeepSeek V3 and
-R1: `'```json\n' + tool['function']['arguments']`) gets them as JSON text (`as_template_takes`).
+R1: `'```json\n' + tool['function']['arguments']`) gets them as JSON text (`as_template_takes`), as a
+template that writes an answer's reasoning from a thinking block of its content gets it so.
 """
 
 from __future__ import annotations
@@ -264,9 +265,43 @@ def _text_arguments(call: dict) -> dict:
     return call | {"function": call["function"] | {"arguments": json.dumps(arguments, ensure_ascii=False)}}
 
 
+def takes_reasoning_as_block(tokenizer) -> bool:
+    """Whether the chat template writes an answer's reasoning only from a `{"type": "thinking"}` block of its
+    content, not from `reasoning_content` (Mistral's reasoning templates, Magistral's and Ministral 3's:
+    `[THINK]...[/THINK]` then the answer). Probed once per template."""
+    return isinstance(getattr(tokenizer, "chat_template", None), str) and _takes_reasoning_as_block(tokenizer)
+
+
+REASONING_PROBE = "\ue000sftlab-reasoning\ue001"  # reasoning no template writes itself (private-use characters)
+
+
+@per_tokenizer
+def _takes_reasoning_as_block(tokenizer) -> bool:
+    def rendered(answer: dict) -> str:
+        return _renders(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant"} | answer], None)
+
+    if REASONING_PROBE in rendered({"content": "Hello.", "reasoning_content": REASONING_PROBE}):
+        return False
+    # a template that writes a content list as it is writes its Python repr (or JSON), where the private-use
+    # characters of the probe come out escaped: not found
+    text = rendered(_reasoning_block({"content": "Hello.", "reasoning_content": REASONING_PROBE}))
+    return "Hello." in text.partition(REASONING_PROBE)[2]
+
+
+def _reasoning_block(message: dict) -> dict:
+    """MESSAGE with its reasoning as a thinking block before its content's text."""
+    content = message.get("content")
+    blocks = [{"type": "thinking", "thinking": message["reasoning_content"]}]
+    blocks += [{"type": "text", "text": content}] if content else []
+    return {k: v for k, v in message.items() if k != "reasoning_content"} | {"content": blocks}
+
+
 def as_template_takes(tokenizer, messages: list[dict]) -> list[dict]:
-    """`messages` in the form the chat template takes their calls: arguments as JSON text where it takes them
-    so (`takes_arguments_as_text`), call ids where it needs them (`call_ids_needed`)."""
+    """`messages` in the form the chat template takes them: an answer's reasoning as a thinking block where it
+    takes it so (`takes_reasoning_as_block`); calls' arguments as JSON text where it takes them so
+    (`takes_arguments_as_text`), call ids where it needs them (`call_ids_needed`)."""
+    if any(m.get("reasoning_content") for m in messages) and takes_reasoning_as_block(tokenizer):
+        messages = [_reasoning_block(m) if m.get("reasoning_content") else m for m in messages]
     if not any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
         return messages
     if needed := call_ids_needed(tokenizer):
