@@ -179,6 +179,9 @@ class ModelShape:
     # the stacked expert tensors, which PEFT wraps too): read off PEFT itself (`_all_linear_lora`)
     moe_lora_per_rank: int = 0
     expert_lora_per_rank: int = 0  # of which on the stacked expert tensors
+    # a linear layer PEFT refuses to adapt, and its reason (out_proj on Mamba-type models: Mamba-2, Falcon-H1,
+    # Nemotron-H): LoRA targets picking it are refused as `sftlab train` refuses them
+    lora_refused: tuple[str, str] = ()
     # a mixture of experts' layers without experts (DeepSeek's and GLM-4.5's first_k_dense_replace, Qwen-MoE's
     # mlp_only_layers and decoder_sparse_step): how many, one's linear layers and its parameters
     dense_layers: int = 0
@@ -233,7 +236,7 @@ def _refuse_default_shapes(config, config_file: Path) -> None:
 
     given = json.loads(config_file.read_text())
     given |= given.get("text_config") or {}
-    names = getattr(config, "attribute_map", {})
+    names = getattr(config, "attribute_map", {}) | getattr(config.get_text_config(), "attribute_map", {})
     missing = [k for k in SHAPE_KEYS if k not in given and names.get(k) not in given
                and not any(alias in given for alias in SHAPE_ALIASES.get(k, ()))]
     if missing:
@@ -245,7 +248,8 @@ def model_shape(config) -> ModelShape:
     """Instantiate the model on the meta device (no memory, no weights) and measure it."""
     import torch
 
-    from sftlab.models import lora_exclude_modules, missing_library, model_auto_class, outside_language_model
+    from sftlab.models import (in_parts, lora_exclude_modules, missing_library, model_auto_class,
+                               outside_language_model, text_refusal)
     from sftlab.train.loss import fused_head
 
     auto = model_auto_class(config)  # as sftlab train loads it: a vision-language model by AutoModelForImageTextToText
@@ -258,6 +262,8 @@ def model_shape(config) -> ModelShape:
         reason = str(e).split(" Model type should be one of")[0].strip().splitlines()[0]
         raise SftlabError(f"cannot build a causal LM ({auto.__name__}) from this "
                           f"'{getattr(config, 'model_type', '?')}' config: {reason}") from e
+    if refusal := text_refusal(model):
+        raise SftlabError(refusal)
     text = getattr(config, "get_text_config", lambda: config)()
     h = text.hidden_size
     n_heads = _widest(text, "num_attention_heads")
@@ -274,12 +280,12 @@ def model_shape(config) -> ModelShape:
         intermediate = max(intermediate)
     # a multimodal model's vision (audio) towers and projectors: weights that text never runs, frozen in full
     # fine-tuning and without adapters (train/trainer.py lora_exclusions); the formulas are the language model's
-    outside = tuple(p + "." for p in outside_language_model(model))
-    candidates = tuple(c for c in linear_layers(model) if not c[0].startswith(outside))
-    unwrappable = [n for n in unwrappable_linears(model) if not n.startswith(outside)]
+    outside = outside_language_model(model)
+    candidates = tuple(c for c in linear_layers(model) if not in_parts(c[0], outside))
+    unwrappable = [n for n in unwrappable_linears(model) if not in_parts(n, outside)]
     modules, params = dict(model.named_modules()), dict(model.named_parameters())
-    frozen = sum(p.numel() for n, p in params.items() if n.startswith(outside)) if outside else 0
-    params = {n: p for n, p in params.items() if not n.startswith(outside)} if outside else params
+    frozen = sum(p.numel() for n, p in params.items() if in_parts(n, outside))
+    params = {n: p for n, p in params.items() if not in_parts(n, outside)}
     untrained = sum(p.numel() for p in params.values() if not p.requires_grad)
     layers = _decoder_layers([n for n, _, _ in candidates], params)
     q_width, kv_width = n_heads * head_dim, n_kv * head_dim
@@ -292,8 +298,8 @@ def model_shape(config) -> ModelShape:
     experts = list(stacked.values())
     n_params = sum(p.numel() for p in model.parameters())
     norms = _norms(model, modules, layers[0], {"q": q_width, "k": kv_width})  # before PEFT wraps the MoE's layers
-    exclude = lora_exclude_modules([p[:-1] for p in outside], unwrappable)
-    lora_fields, left_out = _all_linear_lora(model, candidates, exclude)  # PEFT wraps the model: last
+    exclude = lora_exclude_modules(outside, unwrappable)
+    lora_fields, left_out, refused = _all_linear_lora(model, candidates, exclude)  # PEFT wraps the model: last
     moe = {**_experts(text, experts), "router_weights": _router_weights(modules, sparse, candidates),
            **lora_fields} if experts else {}
     return ModelShape(
@@ -318,6 +324,7 @@ def model_shape(config) -> ModelShape:
         untrained_params=untrained,
         fused_head=fused_head(model) is not None,
         norms=norms,
+        lora_refused=refused,
         **moe,
     )
 
@@ -349,11 +356,11 @@ def linear_layers(model) -> list[tuple[str, int, int]]:
 def language_model_linears(model) -> list[tuple[str, int, int]]:
     """`linear_layers` of the language model alone (not a multimodal model's towers: `outside_language_model`),
     named as in the base model, without the layers PEFT adds (base_layer, lora_*) when `model` is a PEFT model."""
-    from sftlab.models import outside_language_model
+    from sftlab.models import in_parts, outside_language_model
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    outside = tuple(p + "." for p in outside_language_model(base))
-    return [layer for layer in linear_layers(base) if not layer[0].startswith(outside)
+    outside = outside_language_model(base)
+    return [layer for layer in linear_layers(base) if not in_parts(layer[0], outside)
             and not any(p == "base_layer" or p.startswith("lora_") for p in layer[0].split("."))]
 
 
@@ -413,13 +420,14 @@ def _router_weights(modules: dict, layers: list[str], candidates) -> int:
                and getattr(m, "weight", None) is not None and m.weight.dim() == 2)
 
 
-def _all_linear_lora(model, candidates, exclude: list[str] | str) -> tuple[dict[str, int], set[str]]:
+def _all_linear_lora(model, candidates, exclude: list[str] | str) -> tuple[dict[str, int], set[str], tuple]:
     """PEFT's all-linear itself at rank 1 on the meta-device model, as sftlab train applies it (without the
     linear layers in `exclude`: those it cannot wrap, a multimodal model's vision tower): the LoRA parameters per
     unit of rank it adds beyond the linear layers (a mixture of experts' routers and stacked expert tensors, in
-    PEFT's own layout), of them those on the stacked experts, and the linear layers it leaves out. On the models PEFT maps from their transformers 4 names (Qwen3-MoE,
-    DeepSeek-V3, GLM-4.5, Qwen3-Next, ...) every gate_proj/up_proj/down_proj is taken for the experts', so the
-    dense layers' and shared experts' get no adapter."""
+    PEFT's own layout), of them those on the stacked experts, the linear layers it leaves out, and (name, PEFT's
+    reason) where PEFT refuses a layer all-linear picks, else (). On the models PEFT maps from their transformers 4
+    names (Qwen3-MoE, DeepSeek-V3, GLM-4.5, Qwen3-Next, ...) every gate_proj/up_proj/down_proj is taken for the
+    experts', so the dense layers' and shared experts' get no adapter."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.layer import ParamWrapper
 
@@ -428,8 +436,11 @@ def _all_linear_lora(model, candidates, exclude: list[str] | str) -> tuple[dict[
     quiet_fused_expert_pattern_warnings()
     try:
         adapted = get_peft_model(model, LoraConfig(r=1, target_modules="all-linear", exclude_modules=exclude or None))
-    except ValueError:  # PEFT refuses a layer all-linear picks (out_proj on Mamba-type models): training says which
-        return {}, set(exclude) if isinstance(exclude, list) else set()
+    except ValueError as e:  # PEFT refuses a layer all-linear picks (out_proj on Mamba-type models)
+        from sftlab.train.trainer import PEFT_REFUSED
+
+        refused = PEFT_REFUSED.search(str(e))
+        return {}, set(exclude) if isinstance(exclude, list) else set(), (refused[1], str(e)) if refused else ()
     total = sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n)
     # a ParamWrapper adapts one parameter (those of one module nest): its own lora_A and lora_B
     stacks = sum(p.numel() for m in adapted.modules() if isinstance(m, ParamWrapper) and m.get_param().dim() == 3
@@ -437,7 +448,7 @@ def _all_linear_lora(model, candidates, exclude: list[str] | str) -> tuple[dict[
     wrapped = {n.removeprefix("base_model.model.") for n, m in adapted.named_modules() if hasattr(m, "lora_A")}
     linear = sum(fin + fout for name, fin, fout in candidates if name in wrapped)
     return ({"moe_lora_per_rank": total - linear, "expert_lora_per_rank": stacks},
-            {name for name, _, _ in candidates if name not in wrapped})
+            {name for name, _, _ in candidates if name not in wrapped}, ())
 
 
 def _norms(model, modules: dict, prefix: str, widths: dict[str, int]) -> tuple[Norm, ...]:
@@ -835,6 +846,11 @@ def estimate_memory(
     notes: dict[str, str] = {}
 
     targets = _targets(shape.lora_candidates, target_modules) if method != "full" else []
+    if shape.lora_refused and any(n.rsplit(".", 1)[-1] == shape.lora_refused[0] for n, _, _ in targets):
+        from sftlab.train.trainer import incompatible_target_message
+
+        names = sorted({n.rsplit(".", 1)[-1] for n, _, _ in shape.lora_candidates})
+        raise SftlabError(incompatible_target_message(shape.architecture, names, target_modules, *shape.lora_refused))
     n_lora = sum(lora_r * (fin + fout) for _, fin, fout in targets)
     lora_on_experts = method != "full" and target_modules == "all-linear" and shape.moe_lora_per_rank > 0
     if lora_on_experts:

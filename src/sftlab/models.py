@@ -340,14 +340,20 @@ def model_auto_class(config):
     """The Auto class transformers 5 loads a checkpoint of `config` with for text generation:
     AutoModelForCausalLM where it maps the model type (Gemma 3 and Gemma 3n to their whole multimodal
     model, Llama 4 to its language model alone), else AutoModelForImageTextToText (Mistral 3,
-    Qwen2.5-VL, Qwen3-VL: vision-language models AutoModelForCausalLM refuses), as TRL loads them."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    Qwen2.5-VL, Qwen3-VL: vision-language models AutoModelForCausalLM refuses), as TRL loads them, else
+    AutoModelForMultimodalLM (audio-text models: Voxtral, Qwen2-Audio, Granite Speech)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+                                                        MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES)
 
     model_type = getattr(config, "model_type", None)
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         return AutoModelForImageTextToText
+    if model_type in MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES:
+        return AutoModelForMultimodalLM
     return AutoModelForCausalLM
 
 
@@ -360,15 +366,27 @@ def auto_model_from(path, **kwargs):
     return model_auto_class(config).from_pretrained(path, **kwargs)
 
 
+def is_multimodal(config) -> bool:
+    """A config of a model with parts besides its language model: a sub-config other than text_config (vision_config,
+    audio_config, ...), or a type transformers maps to its multimodal LM classes, image-text-to-text ones included
+    (Fuyu: its image patches enter through one linear layer, and its config has a text_config alone)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
+
+    sub_configs = getattr(config, "sub_configs", None) or {}
+    return bool(set(sub_configs) - {"text_config"}) or getattr(config, "model_type", None) in (
+        MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES)
+
+
 def outside_language_model(model) -> list[str]:
-    """The parts of a multimodal model that are not its language model (vision and audio towers, their
-    projectors), by module name: [] for a text-only model. The language model is `get_decoder()` and the
-    output head; the parts are the other children, holding parameters, of the modules on the way down to it
-    (Gemma 3: model.vision_tower, model.multi_modal_projector; Qwen2.5-VL: model.visual). sftlab trains
-    text: LoRA adapts none of their layers, full fine-tuning freezes them (`freeze_outside_language_model`)."""
+    """The parts of a multimodal model (`is_multimodal`) that are not its language model (vision and audio towers,
+    their projectors), by module or parameter name: [] for a text-only model. The language model is `get_decoder()`
+    and the output head; the parts are the other children holding parameters, and the parameters, of the modules on
+    the way down to it (Gemma 3: model.vision_tower, model.multi_modal_projector; Qwen2.5-VL: model.visual; LLaVA-NeXT:
+    model.image_newline too), and the models inside it built from a sub-config other than text_config (GIT's
+    decoder holds its image encoder). sftlab trains text: LoRA adapts none of their layers, full fine-tuning freezes
+    them (`freeze_outside_language_model`). `in_parts` tells whether a name is in one."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    sub_configs = getattr(base.config, "sub_configs", None) or {}
-    if "text_config" not in sub_configs or len(sub_configs) < 2 or not hasattr(base, "get_decoder"):
+    if not is_multimodal(base.config) or not hasattr(base, "get_decoder"):
         return []
     decoder = base.get_decoder()
     path = next((n for n, m in base.named_modules() if m is decoder), "")
@@ -377,11 +395,63 @@ def outside_language_model(model) -> list[str]:
     head = base.get_output_embeddings()
     parts, found = path.split("."), []
     for depth, step in enumerate(parts):
-        parent = base.get_submodule(".".join(parts[:depth]))
+        prefix = parts[:depth]
+        parent = base.get_submodule(".".join(prefix))
         for child_name, child in parent.named_children():
             if child_name != step and child is not head and next(child.parameters(), None) is not None:
-                found.append(".".join([*parts[:depth], child_name]))
+                found.append(".".join([*prefix, child_name]))
+        found += [".".join([*prefix, name]) for name, _ in parent.named_parameters(recurse=False)]
+    towers = [c for k in base.config.sub_configs or {} if k != "text_config" and (c := getattr(base.config, k, None))]
+    for name, module in decoder.named_modules(prefix=path):  # a module before those inside it
+        if name != path and getattr(module, "config", None) in towers and not in_parts(name, found):
+            found.append(name)
     return found
+
+
+def in_parts(name: str, parts) -> bool:
+    """Whether the module or parameter `name` is in one of `parts` (`outside_language_model`)."""
+    return any(name == p or name.startswith(p + ".") for p in parts)
+
+
+def part_parameters(model, part: str) -> list:
+    """The parameters of a part (`outside_language_model`): a module's, or the parameter it names."""
+    try:
+        return list(model.get_submodule(part).parameters())
+    except AttributeError:
+        return [model.get_parameter(part)]
+
+
+def text_refusal(model, run: bool = False) -> str | None:
+    """Why `model` cannot be fine-tuned on text alone, as a line sftlab refuses it with (None where it can): an
+    encoder-decoder (Florence-2, Pix2Struct: the text goes to its encoder, and a causal LM's loss means nothing
+    there), a forward that requires inputs besides the text (BLIP, BLIP-2, InstructBLIP: pixel_values), or, with
+    `run`, a multimodal model whose forward fails on a few tokens of text (IDEFICS, Kosmos-2: 'You have to
+    specify either pixel_values or image_embeds'), where its weights are all on this process (not ZeRO-3's
+    partitions, nor FSDP's meta weights on other ranks). Each trained or estimated, then failed at the first step."""
+    import inspect
+
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(base).__name__
+    if getattr(base.config, "is_encoder_decoder", False):
+        return f"model: {name} is an encoder-decoder model; sftlab trains decoder-only language models"
+    needed = [p.name for p in inspect.signature(base.forward).parameters.values() if p.default is p.empty
+              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "input_ids"]
+    if needed:
+        return f"model: {name} needs {', '.join(needed)} at every step besides the text; sftlab trains on text alone"
+    if not run or not is_multimodal(base.config):
+        return None
+    if any(p.is_meta or p.numel() == 0 for p in base.parameters()):  # sharded (ZeRO-3) or not loaded on this rank
+        return None
+    device = base.get_input_embeddings().weight.device
+    try:
+        with torch.no_grad():
+            base(input_ids=torch.arange(1, 5, device=device)[None], use_cache=False)
+    except Exception as e:  # noqa: BLE001  what the first training step would raise
+        first = " ".join(str(e).split()).split(". ")[0]
+        return f"model: {name} does not run on text alone ({type(e).__name__}: {first}); sftlab trains on text alone"
+    return None
 
 
 def parts_not_loaded(name_or_path: str, model) -> list[str]:
@@ -416,7 +486,7 @@ def freeze_outside_language_model(model) -> tuple[list[str], int]:
     parts = outside_language_model(model)
     frozen = 0
     for part in parts:
-        for p in model.get_submodule(part).parameters():
+        for p in part_parameters(model, part):
             if p.requires_grad:
                 p.requires_grad_(False)
                 frozen += p.numel()

@@ -105,7 +105,31 @@ def test_the_estimate_of_a_hybrid_takes_no_convolution_for_experts(model_type):
                                   **HYBRIDS[model_type])
     shape = model_shape(config)
     assert shape.n_experts == (4 if model_type == "qwen3_next" else 0)
-    assert estimate_memory(config, "lora", 64, 2).total > 0
+    method = "full" if shape.lora_refused else "lora"  # Falcon-H1: LoRA all-linear is refused, as train refuses it
+    assert estimate_memory(config, method, 64, 2).total > 0
+
+
+def test_the_estimate_refuses_the_lora_train_refuses_on_a_mamba_2_hybrid(tokenizer, tmp_path, capsys):
+    """PEFT refuses the out_proj of Falcon-H1's Mamba-2 layers, which all-linear picks: `sftlab train` refused the
+    default LoRA in one line, and `sftlab estimate` gave a number for it. The estimate refuses with the same line,
+    and estimates the layers that line names."""
+    from test_attention_archs import save_tiny
+
+    path = save_tiny("falcon_h1", tokenizer, tmp_path / "model", **HYBRIDS["falcon_h1"])
+    tokenizer.save_pretrained(path)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Say a", "output": "a"}) + "\n")
+    errors = []
+    for args in (["estimate", path, "--method", "lora"],
+                 ["train", "-", f"model.name_or_path={path}", f"data.train={data}", "data.packing=false",
+                  "training.max_steps=1", f"output_dir={tmp_path / 'run'}"]):
+        capsys.readouterr()
+        assert main(args) == 1
+        errors.append([x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")])
+    assert errors[0] == errors[1] and len(errors[0]) == 1
+    assert "'all-linear' picks 'out_proj', which PEFT cannot adapt on FalconH1ForCausalLM" in errors[0][0]
+    targets = errors[0][0].rsplit("lora.target_modules=", 1)[1].strip("[]")
+    assert main(["estimate", path, "--method", "lora", "--target-modules", targets]) == 0
 
 
 def test_a_fused_lora_layers_output_can_be_modified_in_place():

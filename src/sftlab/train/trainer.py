@@ -35,6 +35,7 @@ from sftlab.train.schedule import RatioWarmup
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+PEFT_REFUSED = re.compile(r"Module '([\w.]+)' is incompatible")  # PEFT refusing a layer: out_proj on Mamba-type models
 
 
 class SFTTrainer(AtomicCheckpoints, RatioWarmup, Trainer):
@@ -226,7 +227,8 @@ def prepare_4bit_base(model, gradient_checkpointing: bool):
 
 def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
     """Base model, with LoRA / DoRA / QLoRA applied through PEFT; embeddings fitted to `tokenizer`."""
-    from sftlab.models import fit_embeddings, freeze_outside_language_model, load_model, quiet_fused_expert_pattern_warnings
+    from sftlab.models import (fit_embeddings, freeze_outside_language_model, load_model,
+                               quiet_fused_expert_pattern_warnings, text_refusal)
 
     quant = quantization_config(config.method, use_bf16)
     m = config.model
@@ -239,6 +241,8 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
                        allow_pickle=m.allow_pickle or None)
     model.config.use_cache = False
     refuse_fixed_length_rows(model)
+    if refusal := text_refusal(model, run=True):
+        raise SftlabError(refusal)
     new_token_kwargs = fit_embeddings(model, tokenizer) if tokenizer is not None else {}
     if config.data.packing:
         text_positions_first(model)
@@ -273,8 +277,9 @@ def build_model(config: TrainConfig, use_bf16: bool, tokenizer=None):
                               f"({lora.target_modules}) picks: {str(e).splitlines()[0]} On a mixture-of-experts "
                               "model, target the attention projections, e.g. "
                               "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]") from None
-        if refused := re.search(r"Module '([\w.]+)' is incompatible", str(e)):  # PEFT: out_proj on Mamba-type models
-            raise SftlabError(incompatible_target_message(model, lora.target_modules, refused[1], str(e))) from None
+        if refused := PEFT_REFUSED.search(str(e)):  # PEFT: out_proj on Mamba-type models
+            raise SftlabError(incompatible_target_message(type(model).__name__, _linear_layer_names(model),
+                                                          lora.target_modules, refused[1], str(e))) from None
         raise
     check_tied_head_not_adapted(model, lora.target_modules)
     fuse_lora_layers(model)
@@ -419,11 +424,12 @@ def check_tied_head_not_adapted(model, targets) -> None:
                           "adapter (the merge would change the embeddings too); leave the lm_head out (all-linear does)")
 
 
-def incompatible_target_message(model, targets, refused: str, reason: str) -> str:
-    """PEFT refused a layer lora.target_modules picks: name the others to write instead."""
-    names = [n for n in _linear_layer_names(model) if n != refused]
+def incompatible_target_message(architecture: str, layer_names, targets, refused: str, reason: str) -> str:
+    """PEFT refused a layer lora.target_modules picks (`PEFT_REFUSED` in its `reason`): name the others of
+    `layer_names` (the linear layers' last name parts) to write instead. `sftlab estimate` refuses with it too."""
+    names = [n for n in layer_names if n != refused]
     return (f"lora.target_modules: {_written(targets)} picks '{refused}', which PEFT cannot adapt on "
-            f"{type(model).__name__} ({reason.splitlines()[0].split('] ', 1)[-1]}); name the layers to adapt "
+            f"{architecture} ({reason.splitlines()[0].split('] ', 1)[-1]}); name the layers to adapt "
             f"without it: lora.target_modules=[{','.join(names)}]")
 
 
@@ -702,9 +708,11 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
 def multimodal_message(model, config: TrainConfig, outside: list[str]) -> str:
     """What a run on a multimodal model trains: its language model; the parts `outside` it (`outside_language_model`)
     get no adapter (LoRA) or stay frozen (full fine-tuning)."""
+    from sftlab.models import part_parameters
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     parts = ", ".join(outside)
-    count = sum(p.numel() for part in outside for p in base.get_submodule(part).parameters())
+    count = sum(p.numel() for part in outside for p in part_parameters(base, part))
     what = f"{type(base).__name__} is multimodal and the data is text"
     if config.method == "full":
         return (f"method full: {what}: the language model trains; {parts} ({count:,} parameters) stay frozen, "
