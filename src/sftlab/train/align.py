@@ -223,7 +223,7 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
     from sftlab.train.guards import NonFiniteGuard
     from sftlab.train.preference import load_preferences
     from sftlab.train.run_dir import (checkpoint_state, discard_interrupted_saves, finished_run, last_good_checkpoint,
-                                      model_card, refuse_existing_run, resume_checkpoint, write_run_json)
+                                      model_card, refuse_existing_run, resume_point, write_run_json)
     from sftlab.train.preflight import preflight, wants_bf16
     from sftlab.train.trainer import base_weights_dtype, portable_model_name
 
@@ -252,9 +252,7 @@ def align(config: AlignConfig, *, resume: bool = False, log=print) -> dict:
         log(eval_stats.summary())
     state = checkpoint_state(config, {"train": rows_digest(train_rows),
                                       **({"validation": rows_digest(eval_rows)} if eval_rows else {})})
-    checkpoint, saved = resume_checkpoint(out, state) if resume else (None, {})
-    if resume and checkpoint is None:
-        log(f"--resume: no checkpoint saved yet in {out / 'checkpoints'}: starting from step 0")
+    checkpoint, saved = resume_point(out, state, resume, log)
     if (done := finished_run(out, saved, state, log)) is not None:
         return done
     use_bf16 = wants_bf16(config)

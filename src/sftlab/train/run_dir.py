@@ -170,6 +170,17 @@ def resume_checkpoint(run_dir: Path, state: dict) -> tuple[Path | None, dict]:
     return last, saved
 
 
+def resume_point(run_dir: Path, state: dict, resume: bool, log) -> tuple[Path | None, dict]:
+    """With `resume`, `resume_checkpoint` (`log` says where a run has none saved yet and starts from step 0);
+    without, (None, {})."""
+    if not resume:
+        return None, {}
+    checkpoint, saved = resume_checkpoint(run_dir, state)
+    if checkpoint is None:
+        log(f"--resume: no checkpoint saved yet in {run_dir / 'checkpoints'}: starting from step 0")
+    return checkpoint, saved
+
+
 def finished_run(run_dir: Path, saved: dict, state: dict, log) -> dict | None:
     """The run's run.json when `--resume` has nothing left to do (and `log` says so): the run finished at
     the checkpoint it would resume from, and how long it trains (max_steps, epochs) is unchanged.

@@ -545,7 +545,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     from sftlab.train.callbacks import IdleAdaptersCallback, MetricsJsonlCallback, OverfitWarningCallback
     from sftlab.train.dataset import make_rows, no_usable_examples, prepare_examples
     from sftlab.train.run_dir import (checkpoint_state, discard_interrupted_saves, finished_run, model_card,
-                                      refuse_existing_run, resume_checkpoint, write_run_json)
+                                      refuse_existing_run, resume_point, write_run_json)
 
     preflight(config)
     main = distributed.is_main_process()
@@ -583,9 +583,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
             raise SftlabError(f"{no_usable_examples(eval_stats, 'validation')}; or leave data.validation out")
     digests = {"train": train_stats.digest, **({"validation": eval_stats.digest} if eval_stats else {})}
     state = checkpoint_state(config, digests)
-    checkpoint, saved = resume_checkpoint(out, state) if resume else (None, {})
-    if resume and checkpoint is None:
-        log(f"--resume: no checkpoint saved yet in {out / 'checkpoints'}: starting from step 0")
+    checkpoint, saved = resume_point(out, state, resume, log)
     if (done := finished_run(out, saved, state, log)) is not None:
         return done
     use_bf16 = wants_bf16(config)
