@@ -13,6 +13,7 @@ import copy
 import pytest
 
 from conftest import tokenizer_for
+from test_reasoning_split_open_prompt import reasoning_and_content
 
 REASONING, ANSWER = "Two plus two: count on from two, three, four.", "The answer is 4."
 ASK = [{"role": "user", "content": "What is 2+2?"}]
@@ -79,13 +80,7 @@ def served(tok, reply: str, stream: bool) -> tuple[str, str]:
     try:
         client = openai.OpenAI(base_url="http://testserver/v1", api_key="none", max_retries=0,
                                http_client=TestClient(create_app(backend, "tiny")))
-        resp = client.chat.completions.create(model="tiny", messages=ASK, stream=stream)
-        if not stream:
-            message = resp.choices[0].message
-            return message.model_extra.get("reasoning_content") or "", message.content
-        deltas = [c.choices[0].delta for c in resp if c.choices]
-        return ("".join(d.model_extra.get("reasoning_content") or "" for d in deltas),
-                "".join(d.content or "" for d in deltas))
+        return reasoning_and_content(client.chat.completions.create(model="tiny", messages=ASK, stream=stream))
     finally:
         backend.close()
 

@@ -67,8 +67,12 @@ def serve(tok, reply: str, stream: bool, messages: list[dict] = ASK) -> tuple[st
     """(the reasoning_content, the content) the server sends for a planted reply to `messages` (streamed: the
     deltas of each joined)."""
     client, _ = client_for(tok, reply)
-    resp = client.chat.completions.create(model="tiny", messages=messages, stream=stream)
-    if not stream:
+    return reasoning_and_content(client.chat.completions.create(model="tiny", messages=messages, stream=stream))
+
+
+def reasoning_and_content(resp) -> tuple[str, str]:
+    """(the reasoning_content, the content) of a chat completion, or of a stream of chunks (the deltas joined)."""
+    if hasattr(resp, "choices"):
         message = resp.choices[0].message
         return message.model_extra.get("reasoning_content") or "", message.content
     deltas = [c.choices[0].delta for c in resp if c.choices]

@@ -14,6 +14,7 @@ from sftlab.data.render import render
 from sftlab.errors import SftlabError
 from test_data_render import trained_runs
 from test_real_template_quirks import installed
+from test_reasoning_split_open_prompt import reasoning_and_content
 
 THINKING_BLOCKS = (
     "{{ bos_token }}{%- for m in messages -%}"
@@ -56,11 +57,4 @@ def test_the_server_returns_the_reasoning_apart(tok, stream):
 
     client, _ = client_for(tok, "[THINK]Three and three.[/THINK]6")
     resp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "3+3?"}], stream=stream)
-    if stream:
-        deltas = [c.choices[0].delta for c in resp]
-        reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
-        content = "".join(d.content or "" for d in deltas)
-    else:
-        message = resp.choices[0].message
-        reasoning, content = message.reasoning_content, message.content
-    assert (reasoning, content) == ("Three and three.", "6")
+    assert reasoning_and_content(resp) == ("Three and three.", "6")
