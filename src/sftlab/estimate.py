@@ -420,6 +420,24 @@ def _router_weights(modules: dict, layers: list[str], candidates) -> int:
                and getattr(m, "weight", None) is not None and m.weight.dim() == 2)
 
 
+PEFT_REFUSED = re.compile(r"Module '([\w.]+)' is incompatible")  # PEFT refusing a layer: out_proj on Mamba-type models
+
+
+def written_targets(targets) -> str:
+    """lora.target_modules as a config writes it."""
+    return f"'{targets}'" if isinstance(targets, str) else f"[{', '.join(targets)}]"
+
+
+def incompatible_target_message(architecture: str, layer_names, targets, refused: str, reason: str) -> str:
+    """PEFT refused a layer lora.target_modules picks (`PEFT_REFUSED` in its `reason`): name the others of
+    `layer_names` (the linear layers' last name parts) to write instead; `sftlab train` and `sftlab estimate`
+    refuse with it."""
+    names = [n for n in layer_names if n != refused]
+    return (f"lora.target_modules: {written_targets(targets)} picks '{refused}', which PEFT cannot adapt on "
+            f"{architecture} ({reason.splitlines()[0].split('] ', 1)[-1]}); name the layers to adapt "
+            f"without it: lora.target_modules=[{','.join(names)}]")
+
+
 def _all_linear_lora(model, candidates, exclude: list[str] | str) -> tuple[dict[str, int], set[str], tuple]:
     """PEFT's all-linear itself at rank 1 on the meta-device model, as sftlab train applies it (without the
     linear layers in `exclude`: those it cannot wrap, a multimodal model's vision tower): the LoRA parameters per
@@ -437,8 +455,6 @@ def _all_linear_lora(model, candidates, exclude: list[str] | str) -> tuple[dict[
     try:
         adapted = get_peft_model(model, LoraConfig(r=1, target_modules="all-linear", exclude_modules=exclude or None))
     except ValueError as e:  # PEFT refuses a layer all-linear picks (out_proj on Mamba-type models)
-        from sftlab.train.trainer import PEFT_REFUSED
-
         refused = PEFT_REFUSED.search(str(e))
         return {}, set(exclude) if isinstance(exclude, list) else set(), (refused[1], str(e)) if refused else ()
     total = sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n)
@@ -847,8 +863,6 @@ def estimate_memory(
 
     targets = _targets(shape.lora_candidates, target_modules) if method != "full" else []
     if shape.lora_refused and any(n.rsplit(".", 1)[-1] == shape.lora_refused[0] for n, _, _ in targets):
-        from sftlab.train.trainer import incompatible_target_message
-
         names = sorted({n.rsplit(".", 1)[-1] for n, _, _ in shape.lora_candidates})
         raise SftlabError(incompatible_target_message(shape.architecture, names, target_modules, *shape.lora_refused))
     n_lora = sum(lora_r * (fin + fout) for _, fin, fout in targets)

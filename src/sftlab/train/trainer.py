@@ -7,7 +7,6 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -29,13 +28,13 @@ from sftlab.train.checkpointing import AtomicCheckpoints, explained_save_failure
 from sftlab.train.guards import TRAIN_RESUME, NonFiniteGuard, is_out_of_memory, out_of_memory_message
 from sftlab.train.lora_fused import fuse_lora_layers
 from sftlab.train.loss import router_aux_coefficient, selective_loss_sum
+from sftlab.estimate import PEFT_REFUSED, incompatible_target_message, written_targets
 from sftlab.train.preflight import device_type, preflight, wants_bf16
 from sftlab.train.run_dir import last_good_checkpoint
 from sftlab.train.schedule import RatioWarmup
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-PEFT_REFUSED = re.compile(r"Module '([\w.]+)' is incompatible")  # PEFT refusing a layer: out_proj on Mamba-type models
 
 
 class SFTTrainer(AtomicCheckpoints, RatioWarmup, Trainer):
@@ -373,7 +372,7 @@ def unwrappable_targets(model, targets) -> list[str] | None:
         picked = sorted({n.rsplit(".", 1)[-1] for n in unwrappable if any(n == t or n.endswith("." + t) for t in targets)})
         if picked:
             names = [n for n in _linear_layer_names(model) if n not in picked]
-            raise SftlabError(f"lora.target_modules: {_written(targets)} picks '{picked[0]}', which PEFT cannot adapt on "
+            raise SftlabError(f"lora.target_modules: {written_targets(targets)} picks '{picked[0]}', which PEFT cannot adapt on "
                               f"{type(model).__name__} (its forward is not x @ weight: it returns the routing with "
                               "the logits, or reads its input in groups); "
                               f"name the layers to adapt without it: lora.target_modules=[{','.join(names)}]")
@@ -400,16 +399,12 @@ def _linear_layer_names(model) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, _, _ in language_model_linears(model)})
 
 
-def _written(targets) -> str:
-    return f"'{targets}'" if isinstance(targets, str) else f"[{', '.join(targets)}]"
-
-
 def no_target_message(model, targets) -> str:
     """lora.target_modules matched no layer: say which names this model's linear layers have."""
     names = _linear_layer_names(model)
     example = ["q_proj", "v_proj"] if {"q_proj", "v_proj"} <= set(names) else names[:2]
     comma = " (a list is written [a,b]; one string is a regular expression)" if isinstance(targets, str) and "," in targets else ""
-    return (f"lora.target_modules: {_written(targets)} matches no layer of {type(model).__name__}{comma}; its linear "
+    return (f"lora.target_modules: {written_targets(targets)} matches no layer of {type(model).__name__}{comma}; its linear "
             f"layers are {', '.join(names)}: e.g. lora.target_modules=[{','.join(example)}], or all-linear")
 
 
@@ -422,15 +417,6 @@ def check_tied_head_not_adapted(model, targets) -> None:
         raise SftlabError(f"lora.target_modules ({targets}) adapts the lm_head, which shares its weight with the input "
                           f"embeddings in {type(base).__name__} (tie_word_embeddings): a merged model cannot hold that "
                           "adapter (the merge would change the embeddings too); leave the lm_head out (all-linear does)")
-
-
-def incompatible_target_message(architecture: str, layer_names, targets, refused: str, reason: str) -> str:
-    """PEFT refused a layer lora.target_modules picks (`PEFT_REFUSED` in its `reason`): name the others of
-    `layer_names` (the linear layers' last name parts) to write instead. `sftlab estimate` refuses with it too."""
-    names = [n for n in layer_names if n != refused]
-    return (f"lora.target_modules: {_written(targets)} picks '{refused}', which PEFT cannot adapt on "
-            f"{architecture} ({reason.splitlines()[0].split('] ', 1)[-1]}); name the layers to adapt "
-            f"without it: lora.target_modules=[{','.join(names)}]")
 
 
 def planned_tokens(pstats: dict, args) -> int:
