@@ -42,10 +42,12 @@ def test_the_reasoning_is_trained_in_the_thinking_block_before_the_answer(tok):
         f"[THINK]Two and two.[/THINK]4{tok.eos_token}", f"6{tok.eos_token}"]
 
 
-@pytest.mark.parametrize("template", [None, "{%- for m in messages -%}{{ m.role }}: {{ m.content }}\n{%- endfor -%}"])
+@pytest.mark.parametrize("template", [None, "{%- for m in messages -%}{{ m.role }}: {{ m.content }}\n{%- endfor -%}",
+                                      "{%- for m in messages -%}{{ m.role }}: {{ m.content | tojson }}\n{%- endfor -%}"])
 def test_a_template_without_reasoning_still_refuses_it(tokenizer, template):
     """SmolLM2's template fails on a list of blocks; one that writes `{{ m.content }}` as it is writes a list's
-    Python repr, probe and all: neither takes the reasoning so, and the record is refused as before."""
+    Python repr, or with `tojson` (LFM2's) its JSON, the reasoning in it: none takes the reasoning so, and the
+    record is refused as before."""
     tok = installed(tokenizer, template, []) if template else tokenizer
     with pytest.raises(SftlabError, match="does not write the reasoning"):
         render(to_conversation(copy.deepcopy(RECORD), "think.jsonl:1"), tok)

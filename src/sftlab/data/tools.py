@@ -282,10 +282,9 @@ def _takes_reasoning_as_block(tokenizer) -> bool:
 
     if REASONING_PROBE in rendered({"content": "Hello.", "reasoning_content": REASONING_PROBE}):
         return False
-    # a template that writes a content list as it is writes its Python repr (or JSON), where the private-use
-    # characters of the probe come out escaped: not found
+    # not a template that writes a content list as it is, as its Python repr or JSON (LFM2's `content | tojson`)
     text = rendered(_reasoning_block({"content": "Hello.", "reasoning_content": REASONING_PROBE}))
-    return "Hello." in text.partition(REASONING_PROBE)[2]
+    return "Hello." in text.partition(REASONING_PROBE)[2] and "'type'" not in text and '"type"' not in text
 
 
 def _reasoning_block(message: dict) -> dict:
