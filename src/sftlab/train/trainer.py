@@ -20,6 +20,7 @@ from transformers import Trainer
 from sftlab.config import TrainConfig
 from sftlab.data.conversation import Example
 from sftlab.data.render import IGNORE
+from sftlab.estimate import PEFT_REFUSED, incompatible_target_message, written_targets
 from sftlab.errors import SftlabError
 from sftlab.train import allocator, compiled_norms, kernels
 from sftlab.train.attention import NAME as VARLEN
@@ -28,7 +29,6 @@ from sftlab.train.checkpointing import AtomicCheckpoints, explained_save_failure
 from sftlab.train.guards import TRAIN_RESUME, NonFiniteGuard, is_out_of_memory, out_of_memory_message
 from sftlab.train.lora_fused import fuse_lora_layers
 from sftlab.train.loss import router_aux_coefficient, selective_loss_sum
-from sftlab.estimate import PEFT_REFUSED, incompatible_target_message, written_targets
 from sftlab.train.preflight import device_type, preflight, wants_bf16
 from sftlab.train.run_dir import last_good_checkpoint
 from sftlab.train.schedule import RatioWarmup
@@ -372,10 +372,9 @@ def unwrappable_targets(model, targets) -> list[str] | None:
         picked = sorted({n.rsplit(".", 1)[-1] for n in unwrappable if any(n == t or n.endswith("." + t) for t in targets)})
         if picked:
             names = [n for n in _linear_layer_names(model) if n not in picked]
-            raise SftlabError(f"lora.target_modules: {written_targets(targets)} picks '{picked[0]}', which PEFT cannot adapt on "
-                              f"{type(model).__name__} (its forward is not x @ weight: it returns the routing with "
-                              "the logits, or reads its input in groups); "
-                              f"name the layers to adapt without it: lora.target_modules=[{','.join(names)}]")
+            raise SftlabError(incompatible_target_message(
+                type(model).__name__, names, targets, picked[0],
+                "its forward is not x @ weight: it returns the routing with the logits, or reads its input in groups"))
     return unwrappable
 
 
